@@ -1,0 +1,12 @@
+//! dmclone: the library behind the per-hypervisor storage agent.
+//!
+//! Everything physical happens in the kernel: thin pools hold volumes, dm-clone
+//! presents a remote volume locally and copies it in the background, dm-era tracks
+//! changed blocks. This crate keeps the kernel boundary thin: [`dm::table`] and
+//! [`dm::status`] are pure text rendering and parsing, [`dm::kernel`] is the only
+//! module that performs device-mapper ioctls.
+
+pub mod dm;
+pub mod error;
+
+pub use error::{Error, ParseError};

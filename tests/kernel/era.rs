@@ -1,0 +1,107 @@
+use std::collections::BTreeSet;
+
+use dmclone::dm::{
+    status::EraStatus,
+    table::{Era, Target},
+};
+
+use crate::support::*;
+
+const ERA_BLOCK_SECTORS: u64 = 128;
+const ERA_BLOCK: u64 = ERA_BLOCK_SECTORS * SECTOR;
+
+/// Blocks written since `era`, read from a metadata snapshot with
+/// thin-provisioning-tools (the test's own cross-check; the library gets its
+/// own reader with changed-block tracking).
+#[allow(clippy::disallowed_types)]
+fn written_since(meta: &std::path::Path, era: u32) -> BTreeSet<u64> {
+    let output = std::process::Command::new("era_invalidate")
+        .args(["--metadata-snapshot", "--written-since", &era.to_string()])
+        .arg(meta)
+        .output()
+        .expect("era_invalidate from thin-provisioning-tools");
+    assert!(
+        output.status.success(),
+        "era_invalidate failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    parse_invalidate_xml(&String::from_utf8_lossy(&output.stdout))
+}
+
+/// Reads `<block block="b"/>` and `<range begin="b" end="e"/>` (end
+/// exclusive). Debian's tool writes `end = "e"`, so spaces around `=` are
+/// allowed.
+fn parse_invalidate_xml(xml: &str) -> BTreeSet<u64> {
+    let mut blocks = BTreeSet::new();
+    for line in xml.lines() {
+        if line.contains("<block ") {
+            blocks.insert(xml_attr(line, "block").expect("block attribute"));
+        } else if line.contains("<range ") {
+            let begin = xml_attr(line, "begin").expect("begin attribute");
+            let end = xml_attr(line, "end").expect("end attribute");
+            blocks.extend(begin..end);
+        }
+    }
+    blocks
+}
+
+fn xml_attr(line: &str, key: &str) -> Option<u64> {
+    let mut rest = line;
+    while let Some(at) = rest.find(key) {
+        let after = rest[at + key.len()..].trim_start();
+        if let Some(value) = after.strip_prefix('=') {
+            let value = value.trim_start().strip_prefix('"')?;
+            return value[..value.find('"')?].parse().ok();
+        }
+        rest = &rest[at + key.len()..];
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn era_reports_exactly_the_blocks_written_since_a_checkpoint() {
+    let dm = kernel();
+    let prefix = "dmct-era";
+    remove_all_with_prefix(&dm, prefix).await;
+    let origin = LoopDisk::new(16 * MIB);
+    let meta = LoopDisk::metadata(8 * MIB);
+    let name = name(prefix, "era");
+    let target = Target::Era(Era {
+        metadata: meta.dev,
+        origin: origin.dev,
+        block_sectors: ERA_BLOCK_SECTORS,
+    });
+    dm.create(&name, None, &table(origin.sectors(), target))
+        .await
+        .unwrap();
+    let start: EraStatus = dm.status_of(&name, 0).await.unwrap();
+
+    for block in [3u64, 10, 11] {
+        write_at(&name.mapper_path(), block * ERA_BLOCK + 512, &[0xAB; 4096]);
+    }
+    dm.message(&name, 0, "checkpoint").await.unwrap();
+    let after_checkpoint: EraStatus = dm.status_of(&name, 0).await.unwrap();
+    assert!(after_checkpoint.current_era > start.current_era);
+    write_at(&name.mapper_path(), 20 * ERA_BLOCK, &[0xCD; 4096]);
+
+    dm.message(&name, 0, "take_metadata_snap").await.unwrap();
+    let held: EraStatus = dm.status_of(&name, 0).await.unwrap();
+    assert!(held.held_root.is_some(), "{held:?}");
+    let since_start = written_since(meta.path(), start.current_era);
+    let since_checkpoint = written_since(meta.path(), after_checkpoint.current_era);
+    dm.message(&name, 0, "drop_metadata_snap").await.unwrap();
+
+    assert_eq!(since_start, BTreeSet::from([3, 10, 11, 20]));
+    assert_eq!(since_checkpoint, BTreeSet::from([20]));
+    let released: EraStatus = dm.status_of(&name, 0).await.unwrap();
+    assert_eq!(released.held_root, None);
+    remove_all_with_prefix(&dm, prefix).await;
+}
+
+#[test]
+fn invalidate_xml_parser_reads_blocks_and_ranges() {
+    let xml = "<blocks>\n  <block block=\"3\"/>\n  <range begin=\"10\" end=\"12\"/>\n</blocks>\n";
+    assert_eq!(parse_invalidate_xml(xml), BTreeSet::from([3, 10, 11]));
+    let debian = "<blocks>\n  <range begin=\"20\" end = \"22\"/>\n</blocks>\n";
+    assert_eq!(parse_invalidate_xml(debian), BTreeSet::from([20, 21]));
+}

@@ -1,0 +1,13 @@
+//! Real-kernel tier: every test here drives device-mapper in a booted Linux
+//! kernel with dm-clone, dm-era and dm-thin-pool. `tests/run-all` runs this
+//! binary inside a guest; on a host without device-mapper each test fails.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+mod clone;
+mod devices;
+mod era;
+mod errors;
+mod targets;
+mod thin;
