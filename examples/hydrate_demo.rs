@@ -61,7 +61,7 @@ async fn main() -> DemoResult<()> {
             low_water_blocks: 0,
             features: ThinPoolFeatures::default(),
         }),
-    );
+    )?;
     let pool_dev = dm.create(&pool, None, &pool_table).await?.device;
     println!(
         "thin pool /dev/mapper/{pool} on {} + {}",
@@ -96,7 +96,7 @@ async fn main() -> DemoResult<()> {
         hydration_batch_size: Some(256),
     });
     let presented = Instant::now();
-    dm.create(&public, None, &Table::single(size / SECTOR, clone))
+    dm.create(&public, None, &Table::single(size / SECTOR, clone)?)
         .await?;
     println!(
         "presented {} in {:?}; hydration deferred, reads come from the source",
@@ -125,7 +125,7 @@ async fn main() -> DemoResult<()> {
         device_id: 1,
         external_origin: None,
     });
-    dm.swap_table(&public, &Table::single(size / SECTOR, local))
+    dm.swap_table(&public, &Table::single(size / SECTOR, local)?)
         .await?;
     let swap = finalize.elapsed();
     dm.remove(&meta.0).await?;
@@ -213,7 +213,7 @@ async fn thin_volume(
         external_origin: None,
     });
     let state = dm
-        .create(&name, None, &Table::single(size / SECTOR, thin))
+        .create(&name, None, &Table::single(size / SECTOR, thin)?)
         .await?;
     Ok((name, state.device))
 }

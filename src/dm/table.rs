@@ -668,15 +668,13 @@ impl Table {
         Ok(Self { segments })
     }
 
-    /// A table of one segment covering `[0, len)`; `len` must be positive.
-    pub fn single(len: u64, target: Target) -> Self {
-        Self {
-            segments: vec![Segment {
-                start: 0,
-                len: len.max(1),
-                target,
-            }],
-        }
+    /// A table of one segment covering `[0, len)`.
+    pub fn single(len: u64, target: Target) -> Result<Self, Error> {
+        Self::new(vec![Segment {
+            start: 0,
+            len,
+            target,
+        }])
     }
 
     pub fn segments(&self) -> &[Segment] {

@@ -14,7 +14,7 @@ use std::{
 use dmclone::dm::{
     kernel::DeviceMapper,
     names::DeviceName,
-    table::{DevRef, Segment, Table, Target, ThinPool, ThinPoolFeatures},
+    table::{DevRef, Table, Target, ThinPool, ThinPoolFeatures},
 };
 use loopdev::{LoopControl, LoopDevice};
 use sha2::{Digest, Sha256};
@@ -255,7 +255,7 @@ impl PoolFixture {
         let meta = LoopDisk::metadata(16 * MIB);
         let data = LoopDisk::new(data_size);
         let name = name(prefix, "pool");
-        let table = Table::single(
+        let table = table(
             data.sectors(),
             Target::ThinPool(ThinPool {
                 metadata: meta.dev,
@@ -280,10 +280,5 @@ impl PoolFixture {
 
 /// A single-segment table.
 pub fn table(len: u64, target: Target) -> Table {
-    Table::new(vec![Segment {
-        start: 0,
-        len,
-        target,
-    }])
-    .expect("valid table")
+    Table::single(len, target).expect("valid table")
 }
