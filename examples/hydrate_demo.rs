@@ -149,6 +149,8 @@ async fn main() -> DemoResult<()> {
 }
 
 /// Prints progress twice a second (display only); completion is the event.
+/// `seen` was read before hydration was enabled, so an event that fires
+/// before the wait starts still ends it.
 async fn watch_hydration(
     dm: &DeviceMapper,
     events: &EventMonitor,
@@ -165,12 +167,6 @@ async fn watch_hydration(
             _ = ticker.tick() => {
                 let status: CloneStatus = dm.status_of(public, 0).await?;
                 print_progress(&status, started.elapsed());
-                if status.is_fully_hydrated() {
-                    // Already complete before the wait began: no event will come.
-                    if dm.info(public).await?.map(|s| s.event_nr) == Some(seen) {
-                        tokio::time::timeout(Duration::from_secs(3), &mut done).await.ok();
-                    }
-                }
             }
         }
     }
@@ -187,13 +183,17 @@ fn print_progress(status: &CloneStatus, elapsed: Duration) {
     let bytes = status.hydrated_regions * status.region_sectors * SECTOR;
     let rate = bytes as f64 / elapsed.as_secs_f64().max(1e-3);
     let left = (status.total_regions - status.hydrated_regions) * status.region_sectors * SECTOR;
+    let eta = if rate > 0.0 {
+        format!("{:.1}s", left as f64 / rate)
+    } else {
+        "-".to_owned()
+    };
     println!(
-        "  hydrating {:5.1}%  {}/{} regions  {:6.1} MB/s  ETA {:.1}s",
+        "  hydrating {:5.1}%  {}/{} regions  {:6.1} MB/s  ETA {eta}",
         done * 100.0,
         status.hydrated_regions,
         status.total_regions,
         rate / 1e6,
-        left as f64 / rate.max(1.0)
     );
 }
 
