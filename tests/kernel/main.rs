@@ -9,5 +9,6 @@ mod clone;
 mod devices;
 mod era;
 mod errors;
+mod events;
 mod targets;
 mod thin;
