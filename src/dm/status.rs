@@ -101,6 +101,39 @@ impl<'a> Fields<'a> {
     }
 }
 
+/// A status line that may instead be one of the single words the kernel
+/// prints when a target's metadata has failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Health<T> {
+    Running(T),
+    /// The target failed permanently.
+    Fail,
+    /// Reading the status itself failed.
+    Error,
+}
+
+impl<T: FromStr<Err = ParseError>> FromStr for Health<T> {
+    type Err = ParseError;
+
+    fn from_str(line: &str) -> Result<Self, ParseError> {
+        match line.trim() {
+            "Fail" => Ok(Health::Fail),
+            "Error" => Ok(Health::Error),
+            _ => line.parse().map(Health::Running),
+        }
+    }
+}
+
+impl<T: fmt::Display> fmt::Display for Health<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Health::Running(status) => status.fmt(f),
+            Health::Fail => f.write_str("Fail"),
+            Health::Error => f.write_str("Error"),
+        }
+    }
+}
+
 /// Metadata mode of a clone: writes need `rw`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CloneMode {
@@ -147,37 +180,9 @@ impl CloneStatus {
     }
 }
 
-/// A clone's whole status: running, or the single words of its failure modes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CloneHealth {
-    Running(CloneStatus),
-    /// Metadata failed permanently; every bio is killed.
-    Fail,
-    /// The metadata query itself failed.
-    Error,
-}
-
-impl FromStr for CloneHealth {
-    type Err = ParseError;
-
-    fn from_str(line: &str) -> Result<Self, ParseError> {
-        match line.trim() {
-            "Fail" => Ok(CloneHealth::Fail),
-            "Error" => Ok(CloneHealth::Error),
-            _ => line.parse().map(CloneHealth::Running),
-        }
-    }
-}
-
-impl fmt::Display for CloneHealth {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            CloneHealth::Running(status) => status.fmt(f),
-            CloneHealth::Fail => f.write_str("Fail"),
-            CloneHealth::Error => f.write_str("Error"),
-        }
-    }
-}
+/// A clone's whole status: running, `Fail` (metadata failed permanently,
+/// every bio is killed) or `Error` (the metadata query failed).
+pub type CloneHealth = Health<CloneStatus>;
 
 impl FromStr for CloneStatus {
     type Err = ParseError;
@@ -354,42 +359,15 @@ pub struct ThinPoolStatus {
     pub metadata_low_watermark: Option<u64>,
 }
 
-/// A pool's whole status: running, or the single words of its failure modes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ThinPoolHealth {
-    Running(ThinPoolStatus),
-    Fail,
-    Error,
-}
+/// A pool's whole status: running, `Fail` or `Error`.
+pub type ThinPoolHealth = Health<ThinPoolStatus>;
 
 impl ThinPoolHealth {
     /// Used data blocks, when the pool is running.
     pub fn used_data_blocks(&self) -> Option<u64> {
         match self {
-            ThinPoolHealth::Running(status) => Some(status.data.used),
+            Health::Running(status) => Some(status.data.used),
             _ => None,
-        }
-    }
-}
-
-impl FromStr for ThinPoolHealth {
-    type Err = ParseError;
-
-    fn from_str(line: &str) -> Result<Self, ParseError> {
-        match line.trim() {
-            "Fail" => Ok(ThinPoolHealth::Fail),
-            "Error" => Ok(ThinPoolHealth::Error),
-            _ => line.parse().map(ThinPoolHealth::Running),
-        }
-    }
-}
-
-impl fmt::Display for ThinPoolHealth {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ThinPoolHealth::Running(status) => status.fmt(f),
-            ThinPoolHealth::Fail => f.write_str("Fail"),
-            ThinPoolHealth::Error => f.write_str("Error"),
         }
     }
 }

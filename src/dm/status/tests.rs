@@ -41,8 +41,8 @@ fn clone_status_fully_hydrated_and_read_only() {
 
 #[test]
 fn clone_failure_words() {
-    assert_eq!("Fail".parse::<CloneHealth>().unwrap(), CloneHealth::Fail);
-    assert_eq!("Error".parse::<CloneHealth>().unwrap(), CloneHealth::Error);
+    assert_eq!("Fail".parse::<CloneHealth>().unwrap(), Health::Fail);
+    assert_eq!("Error".parse::<CloneHealth>().unwrap(), Health::Error);
     assert!("Fail".parse::<CloneStatus>().is_err());
 }
 
@@ -118,10 +118,7 @@ fn thin_pool_status_keeps_its_trailing_space() {
 
 #[test]
 fn thin_pool_failure_words_and_rejections() {
-    assert_eq!(
-        "Fail".parse::<ThinPoolHealth>().unwrap(),
-        ThinPoolHealth::Fail
-    );
+    assert_eq!("Fail".parse::<ThinPoolHealth>().unwrap(), Health::Fail);
     assert_eq!(
         "Error"
             .parse::<ThinPoolHealth>()
@@ -273,7 +270,7 @@ proptest! {
     #[test]
     fn clone_status_round_trips(status in clone_status()) {
         prop_assert_eq!(status.to_string().parse::<CloneStatus>(), Ok(status.clone()));
-        let health = CloneHealth::Running(status);
+        let health = Health::Running(status);
         prop_assert_eq!(health.to_string().parse::<CloneHealth>(), Ok(health));
     }
 
