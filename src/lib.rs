@@ -8,5 +8,6 @@
 
 pub mod dm;
 pub mod error;
+pub mod proto;
 
 pub use error::{Error, ParseError};
