@@ -39,20 +39,36 @@ pub fn name(prefix: &str, role: &str) -> DeviceName {
     DeviceName::new(&format!("{prefix}-{role}")).expect("test names are valid")
 }
 
-/// Removes every device whose name starts with `prefix`, newest first, so
-/// stacked devices go before the ones they sit on.
+/// Removes every device whose name starts with `prefix`, each once nothing
+/// holds it open, so stacked devices go before the ones they sit on (minor
+/// numbers are reused, so creation order cannot be read from them).
 pub async fn remove_all_with_prefix(dm: &DeviceMapper, prefix: &str) {
-    let mut ours: Vec<_> = dm
-        .list()
-        .await
-        .expect("list devices")
-        .into_iter()
-        .filter(|d| d.name.starts_with(&format!("{prefix}-")))
-        .collect();
-    ours.sort_by_key(|d| std::cmp::Reverse(d.device.minor));
-    for device in ours {
-        let name = DeviceName::new(&device.name).expect("listed names are valid");
-        dm.remove(&name).await.expect("remove test device");
+    loop {
+        let mut ours = Vec::new();
+        for device in dm.list().await.expect("list devices") {
+            if device.name.starts_with(&format!("{prefix}-")) {
+                ours.push(DeviceName::new(&device.name).expect("listed names are valid"));
+            }
+        }
+        if ours.is_empty() {
+            return;
+        }
+        let mut removed = false;
+        for name in &ours {
+            let open = dm
+                .info(name)
+                .await
+                .expect("device info")
+                .map(|s| s.open_count);
+            if open == Some(0) {
+                dm.remove(name).await.expect("remove test device");
+                removed = true;
+            }
+        }
+        assert!(
+            removed,
+            "test devices {ours:?} are all held open by something else"
+        );
     }
 }
 
