@@ -37,10 +37,18 @@ pub enum ErrorKind {
     InvalidArgument,
     /// The named object does not exist.
     NotFound,
+    /// An object with this id exists and differs from the request.
+    AlreadyExists,
+    /// The object's state forbids the call; change the state first.
+    FailedPrecondition,
+    /// No room: the pool is (nearly) full.
+    ResourceExhausted,
     /// The object is open or in use; retrying later may succeed.
     Busy,
     /// The environment lacks something (device-mapper, a target module).
     Unavailable,
+    /// The agent does not do this yet.
+    Unimplemented,
     /// Anything else: a kernel or I/O failure we did not expect.
     Internal,
 }
@@ -117,3 +125,83 @@ impl Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Errors of the agent: what the API reports to callers. Each variant is one
+/// class of [`ErrorKind`]; messages say what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("invalid {field}: {reason}")]
+    InvalidArgument { field: &'static str, reason: String },
+
+    #[error("{what} {id} does not exist")]
+    NotFound { what: &'static str, id: String },
+
+    #[error("{what} {id} already exists {detail}")]
+    AlreadyExists {
+        what: &'static str,
+        id: String,
+        detail: String,
+    },
+
+    #[error("{0}")]
+    FailedPrecondition(String),
+
+    /// The kernel has something other than what the store says; the agent
+    /// does not overwrite it on its own.
+    #[error("the kernel disagrees with the agent's state: {0}")]
+    Conflict(String),
+
+    #[error("{reason}")]
+    ResourceExhausted { reason: String },
+
+    #[error("{reason}")]
+    Unavailable { reason: String },
+
+    #[error("{0}")]
+    Unimplemented(String),
+
+    #[error("configuration: {option}: {reason}")]
+    Config { option: String, reason: String },
+
+    #[error("state store {path:?}: {reason}")]
+    Store { path: PathBuf, reason: String },
+
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: io::Error,
+    },
+
+    #[error(transparent)]
+    Dm(#[from] Error),
+
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl AgentError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            AgentError::InvalidArgument { .. } => ErrorKind::InvalidArgument,
+            AgentError::NotFound { .. } => ErrorKind::NotFound,
+            AgentError::AlreadyExists { .. } => ErrorKind::AlreadyExists,
+            AgentError::FailedPrecondition(_) | AgentError::Conflict(_) => {
+                ErrorKind::FailedPrecondition
+            }
+            AgentError::ResourceExhausted { .. } => ErrorKind::ResourceExhausted,
+            AgentError::Unavailable { .. } => ErrorKind::Unavailable,
+            AgentError::Unimplemented(_) => ErrorKind::Unimplemented,
+            // Below the API, a caller never hands us tables, names or
+            // devices: a dm error about them is ours, not the caller's.
+            AgentError::Dm(err) => match err.kind() {
+                ErrorKind::Unavailable | ErrorKind::Busy => ErrorKind::Unavailable,
+                _ => ErrorKind::Internal,
+            },
+            AgentError::Config { .. }
+            | AgentError::Store { .. }
+            | AgentError::Io { .. }
+            | AgentError::Internal(_) => ErrorKind::Internal,
+        }
+    }
+}

@@ -6,8 +6,19 @@
 //! [`dm::status`] are pure text rendering and parsing, [`dm::kernel`] is the only
 //! module that performs device-mapper ioctls.
 
+pub mod agent;
+pub mod api;
+pub mod client;
+pub mod config;
 pub mod dm;
 pub mod error;
+pub mod failpoint;
+pub mod ids;
+pub mod locks;
+pub mod pool;
 pub mod proto;
+mod reconcile;
+pub mod store;
+pub mod volume;
 
-pub use error::{Error, ParseError};
+pub use error::{AgentError, Error, ParseError};

@@ -3,7 +3,10 @@
 
 use std::{fmt, path::PathBuf};
 
-use crate::error::{Error, Result};
+use crate::{
+    error::{Error, Result},
+    ids::VolumeId,
+};
 
 /// The kernel's limit is 128 bytes including the terminating NUL.
 const MAX_NAME_LEN: usize = 127;
@@ -63,6 +66,89 @@ impl AsRef<str> for DeviceName {
     }
 }
 
+/// The agent's device names, all starting with its prefix (default
+/// `dmclone`), so that every device maps back to its role and volume without
+/// consulting anything else:
+///
+/// ```text
+/// <prefix>-<volume-id>        the public device of a volume
+/// <prefix>-thin-<volume-id>   the volume's thin device
+/// <prefix>-pool, <prefix>-pool-meta, <prefix>-pool-data
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Naming {
+    prefix: String,
+}
+
+/// What a device name of ours stands for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeviceRole {
+    Pool,
+    PoolMeta,
+    PoolData,
+    /// The public device of the volume with this id.
+    Public(String),
+    /// The thin device of the volume with this id.
+    Thin(String),
+    /// Our prefix, but a role this agent version does not know.
+    Other(String),
+}
+
+impl Naming {
+    pub fn new(prefix: &str) -> Result<Self> {
+        DeviceName::new(prefix)?;
+        Ok(Self {
+            prefix: prefix.to_owned(),
+        })
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    pub fn pool(&self) -> DeviceName {
+        self.name("pool")
+    }
+
+    pub fn pool_meta(&self) -> DeviceName {
+        self.name("pool-meta")
+    }
+
+    pub fn pool_data(&self) -> DeviceName {
+        self.name("pool-data")
+    }
+
+    pub fn public(&self, volume: &VolumeId) -> DeviceName {
+        self.name(volume.as_str())
+    }
+
+    pub fn thin(&self, volume: &VolumeId) -> DeviceName {
+        self.name(&format!("thin-{volume}"))
+    }
+
+    /// The role of a device name, or `None` if it is not ours.
+    pub fn parse(&self, name: &str) -> Option<DeviceRole> {
+        let rest = name.strip_prefix(&self.prefix)?.strip_prefix('-')?;
+        let is_id = |s: &str| VolumeId::parse(s).is_ok_and(|id| id.as_str() == s);
+        Some(match rest {
+            "pool" => DeviceRole::Pool,
+            "pool-meta" => DeviceRole::PoolMeta,
+            "pool-data" => DeviceRole::PoolData,
+            id if is_id(id) => DeviceRole::Public(id.to_owned()),
+            other => match other.strip_prefix("thin-") {
+                Some(id) if is_id(id) => DeviceRole::Thin(id.to_owned()),
+                _ => DeviceRole::Other(other.to_owned()),
+            },
+        })
+    }
+
+    fn name(&self, suffix: &str) -> DeviceName {
+        // The prefix is a valid name and the suffixes are ids and fixed
+        // words, so the result is valid and at most 24 + 42 bytes long.
+        DeviceName(format!("{}-{suffix}", self.prefix))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -102,5 +188,36 @@ mod tests {
                 prop_assert_eq!(path.parent(), Some(std::path::Path::new("/dev/mapper")));
             }
         }
+    }
+
+    #[test]
+    fn every_name_parses_back_to_its_role() {
+        let naming = Naming::new("dmclone").unwrap();
+        let id = VolumeId::parse("0b9d1c3e-5f1a-4f7e-9a57-3f0c2b8f6d11").unwrap();
+        let cases = [
+            (naming.pool(), DeviceRole::Pool),
+            (naming.pool_meta(), DeviceRole::PoolMeta),
+            (naming.pool_data(), DeviceRole::PoolData),
+            (naming.public(&id), DeviceRole::Public(id.to_string())),
+            (naming.thin(&id), DeviceRole::Thin(id.to_string())),
+        ];
+        for (name, role) in cases {
+            assert!(DeviceName::new(name.as_str()).is_ok(), "{name}");
+            assert_eq!(naming.parse(name.as_str()), Some(role), "{name}");
+        }
+        assert_eq!(naming.public(&id).as_str(), format!("dmclone-{id}"));
+        assert_eq!(
+            naming.parse("dmclone-clone-meta-x"),
+            Some(DeviceRole::Other("clone-meta-x".into()))
+        );
+        assert_eq!(naming.parse("dmclonex-pool"), None);
+        assert_eq!(naming.parse("other-pool"), None);
+        assert_eq!(
+            naming.parse("dmclone-0B9D1C3E-5F1A-4F7E-9A57-3F0C2B8F6D11"),
+            Some(DeviceRole::Other(
+                "0B9D1C3E-5F1A-4F7E-9A57-3F0C2B8F6D11".into()
+            )),
+            "ids in names are always lower-case"
+        );
     }
 }

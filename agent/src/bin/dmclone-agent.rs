@@ -3,47 +3,203 @@
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::Parser;
-use dmclone::dm::{kernel::DeviceMapper, missing_targets};
+use dmclone::{
+    agent::Agent,
+    api,
+    config::{Config, DEFAULT_CONFIG_PATH, LogFormat, Settings, parse_size},
+    dm::{kernel::DeviceMapper, missing_targets},
+    error::AgentError,
+};
+use tracing::error;
 
 /// Serves node-local volumes to OpenStack Cinder through device-mapper
-/// (dm-thin, dm-clone, dm-era).
+/// (dm-thin, dm-clone, dm-era). Every option overrides the same option of
+/// the config file (see the sample dmclone-agent.toml).
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
-    /// Directory for durable state, the embedded pool file and the API socket.
-    #[arg(long, value_name = "DIR", default_value = "/var/lib/dmclone")]
-    state_dir: PathBuf,
-
+    /// The TOML config file [default: /etc/dmclone/agent.toml if it exists].
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Durable state: store, embedded pool file, socket [config: state_dir].
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// The API's Unix socket [config: socket].
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// This agent's identity [config: node_id].
+    #[arg(long, value_name = "ID")]
+    node_id: Option<String>,
+    /// First word of the agent's device-mapper names [config: dm_prefix].
+    #[arg(long, value_name = "PREFIX")]
+    dm_prefix: Option<String>,
+    /// A block device for the pool, instead of the file [config: pool.device].
+    #[arg(long, value_name = "DEVICE", conflicts_with = "pool_file_size")]
+    pool_device: Option<PathBuf>,
+    /// Size of the embedded pool file [config: pool.file_size].
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pool_file_size: Option<u64>,
+    /// Thin-pool block size of a new pool [config: pool.block_size].
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pool_block_size: Option<u64>,
+    /// Thin-pool metadata size of a new pool [config: pool.metadata_size].
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pool_metadata_size: Option<u64>,
+    /// Refuse allocations from this pool use on [config: pool.low_space_percent].
+    #[arg(long, value_name = "PERCENT")]
+    low_space_percent: Option<u8>,
+    /// Volume bytes per pool byte [config: pool.max_oversubscription_ratio].
+    #[arg(long, value_name = "RATIO")]
+    max_oversubscription_ratio: Option<f64>,
+    /// Largest volume [config: volumes.max_size].
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    max_volume_size: Option<u64>,
+    /// Serve the API over TCP with mutual TLS here [config: tcp.listen].
+    #[arg(long, value_name = "ADDR:PORT")]
+    listen: Option<String>,
+    /// PEM certificate chain of the TCP API [config: tcp.tls_cert].
+    #[arg(long, value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// PEM key of the TCP API [config: tcp.tls_key].
+    #[arg(long, value_name = "FILE")]
+    tls_key: Option<PathBuf>,
+    /// PEM CA bundle client certificates must chain to [config: tcp.client_ca].
+    #[arg(long, value_name = "FILE")]
+    client_ca: Option<PathBuf>,
+    /// Tracing filter, e.g. info or dmclone=debug [config: log.level].
+    #[arg(long, value_name = "FILTER")]
+    log_level: Option<String>,
+    /// human or json [config: log.format].
+    #[arg(long, value_name = "FORMAT")]
+    log_format: Option<LogFormat>,
     /// Print the kernel's device-mapper interface and target versions, and exit
     /// non-zero if a target the agent needs is missing.
     #[arg(long)]
     check_kernel: bool,
+    /// Validate the configuration, print the settings in effect, and exit.
+    #[arg(long)]
+    check_config: bool,
+}
+
+impl Args {
+    /// The config file's options with every flag applied on top.
+    fn config(&self) -> Result<Config, AgentError> {
+        let mut config = match &self.config {
+            Some(path) => Config::load(path)?,
+            None if std::path::Path::new(DEFAULT_CONFIG_PATH).exists() => {
+                Config::load(std::path::Path::new(DEFAULT_CONFIG_PATH))?
+            }
+            None => Config::default(),
+        };
+        set(&mut config.state_dir, &self.state_dir);
+        set(&mut config.socket, &self.socket);
+        set(&mut config.node_id, &self.node_id);
+        set(&mut config.dm_prefix, &self.dm_prefix);
+        if self.pool_device.is_some() {
+            config.pool.file_size = None;
+            set(&mut config.pool.device, &self.pool_device);
+        }
+        if self.pool_file_size.is_some() {
+            config.pool.device = None;
+            set(&mut config.pool.file_size, &self.pool_file_size);
+        }
+        set(&mut config.pool.block_size, &self.pool_block_size);
+        set(&mut config.pool.metadata_size, &self.pool_metadata_size);
+        set(&mut config.pool.low_space_percent, &self.low_space_percent);
+        set(
+            &mut config.pool.max_oversubscription_ratio,
+            &self.max_oversubscription_ratio,
+        );
+        set(&mut config.volumes.max_size, &self.max_volume_size);
+        set(&mut config.tcp.listen, &self.listen);
+        set(&mut config.tcp.tls_cert, &self.tls_cert);
+        set(&mut config.tcp.tls_key, &self.tls_key);
+        set(&mut config.tcp.client_ca, &self.client_ca);
+        set(&mut config.log.level, &self.log_level);
+        set(&mut config.log.format, &self.log_format);
+        Ok(config)
+    }
+}
+
+fn set<T: Clone>(option: &mut Option<T>, flag: &Option<T>) {
+    if flag.is_some() {
+        option.clone_from(flag);
+    }
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_writer(std::io::stderr)
-        .init();
     let args = Args::parse();
     if args.check_kernel {
+        init_tracing("warn", LogFormat::Human);
         return check_kernel().await;
     }
-    eprintln!(
-        "dmclone-agent: the API server is not part of this build yet; \
-         only --check-kernel is available (state dir would be {})",
-        args.state_dir.display()
-    );
-    ExitCode::from(2)
+    let settings = match args.config().and_then(|config| config.validate()) {
+        Ok(settings) => settings,
+        Err(err) => {
+            eprintln!("dmclone-agent: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    if args.check_config {
+        println!("{settings:#?}");
+        return ExitCode::SUCCESS;
+    }
+    init_tracing(&settings.log_level, settings.log_format);
+    match run(settings).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            error!(error = %err, "dmclone-agent stopped");
+            eprintln!("dmclone-agent: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(settings: Settings) -> Result<(), AgentError> {
+    let agent = Agent::start(settings).await?;
+    api::serve(agent, shutdown_signal()).await
+}
+
+/// SIGTERM (systemd, kill) or SIGINT (a terminal) ends the agent cleanly.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        error!("cannot listen for SIGTERM/SIGINT; stop the agent with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+fn init_tracing(level: &str, format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .init(),
+    }
 }
 
 async fn check_kernel() -> ExitCode {
     let result = async {
         let dm = DeviceMapper::open()?;
-        let (major, minor, patch) = dm.version().await?;
+        let version = dm.version().await?;
         let targets = dm.target_versions().await?;
-        Ok::<_, dmclone::Error>(((major, minor, patch), targets))
+        Ok::<_, dmclone::Error>((version, targets))
     }
     .await;
     let ((major, minor, patch), mut targets) = match result {

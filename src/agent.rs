@@ -1,0 +1,247 @@
+//! The agent: owns the kernel handle, the store, the pool and the locks; the
+//! one facade the API layer and the tests call. Knows nothing of gRPC.
+
+use std::{path::Path, sync::Arc, time::Instant};
+
+use tracing::{info, warn};
+
+use crate::{
+    config::Settings,
+    dm::{
+        events::EventMonitor,
+        kernel::{DeviceMapper, TargetVersion},
+        missing_targets,
+        names::Naming,
+    },
+    error::AgentError,
+    failpoint,
+    locks::Locks,
+    pool::{Pool, PoolUsage},
+    reconcile::ReconcileReport,
+    store::Store,
+};
+
+/// Who this agent is and what its kernel offers.
+#[derive(Debug, Clone)]
+pub struct NodeInfo {
+    pub node_id: String,
+    pub hostname: String,
+    pub agent_version: &'static str,
+    pub api_version: &'static str,
+    pub kernel_release: String,
+    pub dm_ioctl_version: (u32, u32, u32),
+    pub targets: Vec<TargetVersion>,
+    pub pool: PoolUsage,
+    pub host_nqn: String,
+    /// Sum of the sizes of every volume.
+    pub provisioned_bytes: u64,
+    pub volume_count: usize,
+}
+
+#[derive(Debug)]
+pub struct Agent {
+    pub(crate) dm: DeviceMapper,
+    pub(crate) events: EventMonitor,
+    pub(crate) store: Store,
+    pub(crate) pool: Pool,
+    pub(crate) naming: Naming,
+    pub(crate) locks: Locks,
+    pub(crate) settings: Settings,
+    pub(crate) node_id: String,
+    pub(crate) reconcile: ReconcileReport,
+}
+
+impl Agent {
+    /// Opens device-mapper, the store and the pool, then reconciles the kernel
+    /// with the store. The agent serves requests only after this returns.
+    pub async fn start(settings: Settings) -> Result<Arc<Self>, AgentError> {
+        failpoint::check_configured().map_err(|reason| AgentError::Config {
+            option: failpoint::ENV.to_owned(),
+            reason,
+        })?;
+        let dm = DeviceMapper::open()?;
+        check_targets(&dm).await?;
+        prepare_state_dir(&settings.state_dir)?;
+        let store = {
+            let dir = settings.state_dir.clone();
+            blocking(move || Store::open(&dir)).await?
+        };
+        let node_id = match &settings.node_id {
+            Some(id) => id.clone(),
+            None => {
+                let store = store.clone();
+                blocking(move || store.node_id(generate_node_id)).await?
+            }
+        };
+        let naming = Naming::new(&settings.dm_prefix)?;
+        let pool = Pool::open(&dm, &naming, &settings.pool).await?;
+        let events = EventMonitor::start()?;
+        let mut agent = Self {
+            dm,
+            events,
+            store,
+            pool,
+            naming,
+            locks: Locks::default(),
+            settings,
+            node_id,
+            reconcile: ReconcileReport::default(),
+        };
+        let started = Instant::now();
+        agent.reconcile = agent.reconcile_all().await?;
+        agent.reconcile.duration = started.elapsed();
+        info!(
+            node_id = %agent.node_id,
+            volumes = agent.reconcile.volumes,
+            rebuilt = agent.reconcile.rebuilt,
+            finished = agent.reconcile.finished,
+            rolled_back = agent.reconcile.rolled_back,
+            quarantined = agent.reconcile.quarantined,
+            unknown_devices = agent.reconcile.unknown_devices.len(),
+            millis = agent.reconcile.duration.as_millis() as u64,
+            "reconciled the kernel with the store"
+        );
+        let agent = Arc::new(agent);
+        agent.watch_pool_events();
+        Ok(agent)
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// What the last start-up reconciliation did.
+    pub fn reconcile_report(&self) -> &ReconcileReport {
+        &self.reconcile
+    }
+
+    pub async fn node_info(&self) -> Result<NodeInfo, AgentError> {
+        let (major, minor, patch) = self.dm.version().await?;
+        let mut targets = self.dm.target_versions().await?;
+        targets.sort_by(|a, b| a.name.cmp(&b.name));
+        let volumes = self.store_call(|store| store.volumes()).await?;
+        Ok(NodeInfo {
+            node_id: self.node_id.clone(),
+            hostname: read_proc("/proc/sys/kernel/hostname"),
+            agent_version: env!("CARGO_PKG_VERSION"),
+            api_version: "dmclone.v1",
+            kernel_release: read_proc("/proc/sys/kernel/osrelease"),
+            dm_ioctl_version: (major, minor, patch),
+            targets,
+            pool: self.pool.usage().await?,
+            host_nqn: host_nqn(&self.node_id),
+            provisioned_bytes: volumes.iter().map(|v| v.size_bytes).sum(),
+            volume_count: volumes.len(),
+        })
+    }
+
+    /// Runs a store call on the blocking pool (commits fsync).
+    pub(crate) async fn store_call<T, F>(&self, call: F) -> Result<T, AgentError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Store) -> Result<T, AgentError> + Send + 'static,
+    {
+        let store = self.store.clone();
+        blocking(move || call(&store)).await
+    }
+
+    /// Logs the pool's low-water and mode-change events as they happen; the
+    /// allocation checks read the pool's status themselves.
+    fn watch_pool_events(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
+        let name = self.pool.name.clone();
+        tokio::spawn(async move {
+            let mut seen = match weak.upgrade().and_then(|a| a.events.counter(&name)) {
+                Some(seen) => seen,
+                None => return,
+            };
+            loop {
+                let Some(agent) = weak.upgrade() else { return };
+                match agent.events.wait_for_event(&name, seen).await {
+                    Ok(now) => seen = now,
+                    Err(err) => {
+                        warn!(pool = %name, error = %err, "stopped watching the pool's events");
+                        return;
+                    }
+                }
+                match agent.pool.usage().await {
+                    Ok(usage) if usage.low_space => warn!(
+                        pool = %name,
+                        health = usage.health.as_str(),
+                        data_used = usage.data_used_bytes,
+                        data_total = usage.data_total_bytes,
+                        metadata_used = usage.metadata_used_bytes,
+                        metadata_total = usage.metadata_total_bytes,
+                        "the thin pool reached its low-space mark: new allocations are refused"
+                    ),
+                    Ok(usage) => {
+                        info!(pool = %name, health = usage.health.as_str(), "thin pool event")
+                    }
+                    Err(err) => {
+                        warn!(pool = %name, error = %err, "cannot read the pool's status after an event")
+                    }
+                }
+            }
+        });
+    }
+}
+
+async fn check_targets(dm: &DeviceMapper) -> Result<(), AgentError> {
+    let targets = dm.target_versions().await?;
+    let missing = missing_targets(targets.iter().map(|t| t.name.as_str()));
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(AgentError::Unavailable {
+        reason: format!(
+            "the kernel lacks the device-mapper targets {}; load their modules (modprobe dm_clone dm_era dm_thin_pool)",
+            missing.join(", ")
+        ),
+    })
+}
+
+fn prepare_state_dir(dir: &Path) -> Result<(), AgentError> {
+    std::fs::create_dir_all(dir).map_err(|source| AgentError::Io {
+        context: format!("cannot create the state directory {}", dir.display()),
+        source,
+    })?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(|source| {
+        AgentError::Io {
+            context: format!("cannot restrict the state directory {}", dir.display()),
+            source,
+        }
+    })
+}
+
+/// A random UUID (v4) from the kernel's generator.
+fn generate_node_id() -> String {
+    read_proc("/proc/sys/kernel/random/uuid")
+}
+
+/// NVMe host NQN in the UUID form the spec reserves for hosts without one.
+fn host_nqn(node_id: &str) -> String {
+    if let Ok(nqn) = std::fs::read_to_string("/etc/nvme/hostnqn") {
+        let nqn = nqn.trim();
+        if !nqn.is_empty() {
+            return nqn.to_owned();
+        }
+    }
+    format!("nqn.2014-08.org.nvmexpress:uuid:{node_id}")
+}
+
+fn read_proc(path: &str) -> String {
+    std::fs::read_to_string(path)
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
+
+pub(crate) async fn blocking<T, F>(call: F) -> Result<T, AgentError>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T, AgentError> + Send + 'static,
+{
+    tokio::task::spawn_blocking(call)
+        .await
+        .map_err(|err| AgentError::Internal(format!("a blocking task failed: {err}")))?
+}

@@ -1,0 +1,72 @@
+//! Domain values to wire messages: the only code that knows both.
+
+use crate::{
+    agent::NodeInfo,
+    pool::PoolUsage,
+    proto::v1 as pb,
+    volume::{Volume, VolumeState},
+};
+
+pub fn volume(volume: Volume) -> pb::Volume {
+    let state = match &volume.state {
+        VolumeState::Creating => pb::VolumeState::Creating,
+        VolumeState::Available => pb::VolumeState::Available,
+        VolumeState::Deleting => pb::VolumeState::Deleting,
+        VolumeState::Quarantined(_) => pb::VolumeState::Quarantined,
+    };
+    pb::Volume {
+        volume_id: volume.id.to_string(),
+        size_bytes: volume.size_bytes,
+        state: state.into(),
+        device_path: volume
+            .device_path
+            .map(|p| p.display().to_string())
+            .unwrap_or_default(),
+        published: volume.published,
+        allocated_bytes: volume.allocated_bytes.unwrap_or(0),
+        source_snapshot_id: String::new(),
+        source_volume_id: String::new(),
+        change_tracking: false,
+        state_reason: match volume.state {
+            VolumeState::Quarantined(reason) => reason,
+            _ => String::new(),
+        },
+    }
+}
+
+pub fn node_info(info: NodeInfo) -> pb::NodeInfo {
+    let (major, minor, patch) = info.dm_ioctl_version;
+    pb::NodeInfo {
+        node_id: info.node_id,
+        hostname: info.hostname,
+        agent_version: info.agent_version.to_owned(),
+        api_version: info.api_version.to_owned(),
+        kernel_release: info.kernel_release,
+        dm_ioctl_version: format!("{major}.{minor}.{patch}"),
+        targets: info
+            .targets
+            .into_iter()
+            .map(|t| pb::TargetVersion {
+                name: t.name,
+                major: t.version.0,
+                minor: t.version.1,
+                patch: t.version.2,
+            })
+            .collect(),
+        pool: Some(pool(info.pool, info.provisioned_bytes, info.volume_count)),
+        host_nqn: info.host_nqn,
+    }
+}
+
+fn pool(usage: PoolUsage, provisioned_bytes: u64, volume_count: usize) -> pb::PoolUsage {
+    pb::PoolUsage {
+        data_total_bytes: usage.data_total_bytes,
+        data_used_bytes: usage.data_used_bytes,
+        metadata_total_bytes: usage.metadata_total_bytes,
+        metadata_used_bytes: usage.metadata_used_bytes,
+        low_space: usage.low_space,
+        health: usage.health.as_str().to_owned(),
+        provisioned_bytes,
+        volume_count: volume_count as u64,
+    }
+}

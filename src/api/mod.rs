@@ -1,0 +1,272 @@
+//! The gRPC face of the agent: one tonic service per resource over the same
+//! [`Agent`], served on the Unix socket and, when configured, on TCP with
+//! mutual TLS. Health (`grpc.health.v1`) and server reflection are served on
+//! both so that generic tools (grpcurl, grpc_health_probe) work.
+//!
+//! Handlers are thin: decode and validate the request, call the agent, encode
+//! the answer. Every call runs in a span carrying the method, the object id
+//! and the caller's `x-request-id`, so one id links a Cinder log line to ours.
+
+mod convert;
+mod node;
+mod snapshot;
+pub mod status;
+mod transfer;
+mod volume;
+
+use std::{
+    future::Future,
+    os::unix::fs::{FileTypeExt, PermissionsExt},
+    path::Path,
+    sync::Arc,
+    time::Instant,
+};
+
+use tokio::net::{TcpListener, UnixListener};
+use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tonic::{
+    Request, Response, Status,
+    metadata::MetadataMap,
+    service::Routes,
+    transport::{Certificate, Identity, Server, ServerTlsConfig},
+};
+use tracing::{Instrument, info, info_span, warn};
+
+use crate::{
+    agent::Agent,
+    config::TcpSettings,
+    error::AgentError,
+    proto::{
+        FILE_DESCRIPTOR_SET,
+        v1::{
+            node_server::NodeServer, snapshots_server::SnapshotsServer,
+            transfers_server::TransfersServer, volumes_server::VolumesServer,
+        },
+    },
+};
+
+/// The metadata key callers put their request id in.
+pub const REQUEST_ID_KEY: &str = "x-request-id";
+
+/// Serves the API until `shutdown` completes.
+pub async fn serve(
+    agent: Arc<Agent>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), AgentError> {
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let (health, health_service) = tonic_health::server::health_reporter();
+    let routes = routes(&agent, health_service)?;
+    let unix = bind_unix(&agent.settings().socket)?;
+    info!(socket = %agent.settings().socket.display(), "serving the API on the Unix socket");
+    let mut servers = tokio::task::JoinSet::new();
+    servers.spawn(
+        Server::builder()
+            .add_routes(routes.clone())
+            .serve_with_incoming_shutdown(UnixListenerStream::new(unix), stopped(stop_rx.clone())),
+    );
+    if let Some(tcp) = &agent.settings().tcp {
+        let (listener, tls) = bind_tcp(tcp).await?;
+        servers.spawn(
+            Server::builder()
+                .tls_config(tls)
+                .map_err(|err| tls_error(tcp, err))?
+                .add_routes(routes)
+                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopped(stop_rx)),
+        );
+    }
+    health
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
+    for service in [
+        "dmclone.v1.Node",
+        "dmclone.v1.Volumes",
+        "dmclone.v1.Snapshots",
+        "dmclone.v1.Transfers",
+    ] {
+        health
+            .set_service_status(service, tonic_health::ServingStatus::Serving)
+            .await;
+    }
+    tokio::select! {
+        () = shutdown => info!("shutting down"),
+        finished = servers.join_next() => warn!(?finished, "a server stopped on its own"),
+    }
+    health
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
+    let _ = stop_tx.send(true);
+    while let Some(result) = servers.join_next().await {
+        match result {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => warn!(error = %err, "server ended with an error"),
+            Err(err) => warn!(error = %err, "server task failed"),
+        }
+    }
+    let _ = std::fs::remove_file(&agent.settings().socket);
+    Ok(())
+}
+
+fn routes(
+    agent: &Arc<Agent>,
+    health: tonic_health::pb::health_server::HealthServer<
+        impl tonic_health::pb::health_server::Health,
+    >,
+) -> Result<Routes, AgentError> {
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|err| AgentError::Internal(format!("server reflection: {err}")))?;
+    Ok(Routes::new(health)
+        .add_service(reflection)
+        .add_service(NodeServer::new(node::NodeApi::new(agent.clone())))
+        .add_service(VolumesServer::new(volume::VolumesApi::new(agent.clone())))
+        .add_service(SnapshotsServer::new(snapshot::SnapshotsApi))
+        .add_service(TransfersServer::new(transfer::TransfersApi)))
+}
+
+async fn stopped(mut stop: tokio::sync::watch::Receiver<bool>) {
+    let _ = stop.wait_for(|stopped| *stopped).await;
+}
+
+/// Binds the socket with mode 0600. A stale socket file from a crashed agent
+/// is replaced; a live one (another agent answers) is an error.
+fn bind_unix(path: &Path) -> Result<UnixListener, AgentError> {
+    let io = |context: &str, source| AgentError::Io {
+        context: format!("{context} {}", path.display()),
+        source,
+    };
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(AgentError::Config {
+                option: "socket".into(),
+                reason: format!("{} exists and is not a socket", path.display()),
+            });
+        }
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(AgentError::Unavailable {
+                reason: format!("another agent is serving on {}", path.display()),
+            });
+        }
+        std::fs::remove_file(path).map_err(|e| io("cannot remove the stale socket", e))?;
+    }
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| io("cannot create the directory of", e))?;
+    }
+    // Nobody else may connect in the moment between bind and chmod.
+    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+    let bound = UnixListener::bind(path);
+    nix::sys::stat::umask(old);
+    let listener = bound.map_err(|e| io("cannot listen on", e))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| io("cannot restrict", e))?;
+    Ok(listener)
+}
+
+async fn bind_tcp(tcp: &TcpSettings) -> Result<(TcpListener, ServerTlsConfig), AgentError> {
+    let read = |option: &str, path: &Path| {
+        std::fs::read(path).map_err(|err| AgentError::Config {
+            option: option.to_owned(),
+            reason: format!("cannot read {}: {err}", path.display()),
+        })
+    };
+    let identity = Identity::from_pem(
+        read("tcp.tls_cert", &tcp.tls_cert)?,
+        read("tcp.tls_key", &tcp.tls_key)?,
+    );
+    let client_ca = Certificate::from_pem(read("tcp.client_ca", &tcp.client_ca)?);
+    // Without client_auth_optional, a client must present a certificate
+    // that chains to client_ca: mutual TLS.
+    let tls = ServerTlsConfig::new()
+        .identity(identity)
+        .client_ca_root(client_ca);
+    let listener = TcpListener::bind(tcp.listen)
+        .await
+        .map_err(|source| AgentError::Io {
+            context: format!("cannot listen on {} (tcp.listen)", tcp.listen),
+            source,
+        })?;
+    let local = listener
+        .local_addr()
+        .map_or_else(|_| tcp.listen.to_string(), |a| a.to_string());
+    info!(address = %local, "serving the API over TCP with mutual TLS");
+    Ok((listener, tls))
+}
+
+fn tls_error(tcp: &TcpSettings, err: impl std::fmt::Display) -> AgentError {
+    AgentError::Config {
+        option: "tcp.tls_cert".into(),
+        reason: format!(
+            "the TLS identity ({}, {}) or client CA ({}) is not usable: {err}",
+            tcp.tls_cert.display(),
+            tcp.tls_key.display(),
+            tcp.client_ca.display()
+        ),
+    }
+}
+
+/// Runs one RPC in a span with its method, object id and request id, logs
+/// its outcome and maps errors to statuses.
+pub(crate) async fn handle<T, F>(
+    method: &'static str,
+    metadata: &MetadataMap,
+    object_id: &str,
+    call: F,
+) -> Result<Response<T>, Status>
+where
+    F: Future<Output = Result<T, AgentError>>,
+{
+    let request_id = metadata
+        .get(REQUEST_ID_KEY)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let span = info_span!("rpc", method, id = object_id, request_id);
+    async move {
+        let started = Instant::now();
+        let result = call.await;
+        let millis = started.elapsed().as_millis() as u64;
+        match result {
+            Ok(reply) => {
+                info!(millis, "ok");
+                Ok(Response::new(reply))
+            }
+            Err(err) => {
+                let status = status::status_of(&err);
+                warn!(millis, code = ?status.code(), error = %err, "failed");
+                Err(status)
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// The object id a request names, for the span, cut short if a caller sent
+/// something huge.
+pub(crate) fn span_id(raw: &str) -> &str {
+    match raw.char_indices().nth(64) {
+        Some((end, _)) => &raw[..end],
+        None => raw,
+    }
+}
+
+/// Splits a request into metadata and message.
+pub(crate) fn parts<T>(request: Request<T>) -> (MetadataMap, T) {
+    let (metadata, _, message) = request.into_parts();
+    (metadata, message)
+}
+
+/// The answer of an RPC whose behaviour is still to come: UNIMPLEMENTED with
+/// what is missing, never a silent success.
+pub(crate) async fn not_yet<T>(
+    missing: &'static str,
+    method: &'static str,
+    metadata: MetadataMap,
+) -> Result<Response<T>, Status> {
+    handle(method, &metadata, "", async {
+        Err(AgentError::Unimplemented(format!(
+            "{method} is not implemented by this agent yet: {missing} still to come"
+        )))
+    })
+    .await
+}

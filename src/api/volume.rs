@@ -1,0 +1,126 @@
+//! dmclone.v1.Volumes
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use super::{convert, handle, parts, span_id};
+use crate::{agent::Agent, error::AgentError, ids::VolumeId, proto::v1 as pb};
+
+#[derive(Debug)]
+pub struct VolumesApi {
+    agent: Arc<Agent>,
+}
+
+impl VolumesApi {
+    pub fn new(agent: Arc<Agent>) -> Self {
+        Self { agent }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::volumes_server::Volumes for VolumesApi {
+    async fn create_volume(
+        &self,
+        request: Request<pb::CreateVolumeRequest>,
+    ) -> Result<Response<pb::Volume>, Status> {
+        let (metadata, req) = parts(request);
+        handle("CreateVolume", &metadata, span_id(&req.volume_id), async {
+            let id = VolumeId::parse(&req.volume_id)?;
+            if !req.source_snapshot_id.is_empty() || !req.source_volume_id.is_empty() {
+                return Err(AgentError::Unimplemented(
+                    "creating a volume from a snapshot or as a clone of a volume is not implemented yet: it arrives with thin snapshots".into(),
+                ));
+            }
+            let (volume, _) = self.agent.create_volume(&id, req.size_bytes).await?;
+            Ok(convert::volume(volume))
+        })
+        .await
+    }
+
+    async fn delete_volume(
+        &self,
+        request: Request<pb::DeleteVolumeRequest>,
+    ) -> Result<Response<pb::DeleteVolumeResponse>, Status> {
+        let (metadata, req) = parts(request);
+        handle("DeleteVolume", &metadata, span_id(&req.volume_id), async {
+            let id = VolumeId::parse(&req.volume_id)?;
+            self.agent.delete_volume(&id).await?;
+            Ok(pb::DeleteVolumeResponse {})
+        })
+        .await
+    }
+
+    async fn extend_volume(
+        &self,
+        request: Request<pb::ExtendVolumeRequest>,
+    ) -> Result<Response<pb::Volume>, Status> {
+        let (metadata, req) = parts(request);
+        handle("ExtendVolume", &metadata, span_id(&req.volume_id), async {
+            let id = VolumeId::parse(&req.volume_id)?;
+            Ok(convert::volume(
+                self.agent.extend_volume(&id, req.new_size_bytes).await?,
+            ))
+        })
+        .await
+    }
+
+    async fn get_volume(
+        &self,
+        request: Request<pb::GetVolumeRequest>,
+    ) -> Result<Response<pb::Volume>, Status> {
+        let (metadata, req) = parts(request);
+        handle("GetVolume", &metadata, span_id(&req.volume_id), async {
+            let id = VolumeId::parse(&req.volume_id)?;
+            Ok(convert::volume(self.agent.get_volume(&id).await?))
+        })
+        .await
+    }
+
+    async fn list_volumes(
+        &self,
+        request: Request<pb::ListVolumesRequest>,
+    ) -> Result<Response<pb::ListVolumesResponse>, Status> {
+        let (metadata, _) = parts(request);
+        handle("ListVolumes", &metadata, "", async {
+            let volumes = self.agent.list_volumes().await?;
+            Ok(pb::ListVolumesResponse {
+                volumes: volumes.into_iter().map(convert::volume).collect(),
+            })
+        })
+        .await
+    }
+
+    async fn publish_volume(
+        &self,
+        request: Request<pb::PublishVolumeRequest>,
+    ) -> Result<Response<pb::PublishVolumeResponse>, Status> {
+        let (metadata, req) = parts(request);
+        handle("PublishVolume", &metadata, span_id(&req.volume_id), async {
+            let id = VolumeId::parse(&req.volume_id)?;
+            let path = self.agent.publish_volume(&id).await?;
+            Ok(pb::PublishVolumeResponse {
+                device_path: path.display().to_string(),
+            })
+        })
+        .await
+    }
+
+    async fn unpublish_volume(
+        &self,
+        request: Request<pb::UnpublishVolumeRequest>,
+    ) -> Result<Response<pb::UnpublishVolumeResponse>, Status> {
+        let (metadata, req) = parts(request);
+        handle(
+            "UnpublishVolume",
+            &metadata,
+            span_id(&req.volume_id),
+            async {
+                let id = VolumeId::parse(&req.volume_id)?;
+                self.agent.unpublish_volume(&id).await?;
+                Ok(pb::UnpublishVolumeResponse {})
+            },
+        )
+        .await
+    }
+}

@@ -1,0 +1,493 @@
+//! The agent's configuration: a TOML file whose every option a command-line
+//! flag may override, validated as a whole before anything touches the host.
+//!
+//! `dmclone-agent --state-dir DIR` alone is a working agent (the embedded
+//! default): a sparse pool file under DIR on a loop device, the state store and
+//! the API socket in DIR. A production host names a block device instead.
+
+use std::{
+    fmt,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    str::FromStr,
+};
+
+use serde::{Deserialize, Deserializer};
+
+use crate::error::AgentError;
+
+pub const KIB: u64 = 1024;
+pub const MIB: u64 = 1024 * KIB;
+pub const GIB: u64 = 1024 * MIB;
+pub const TIB: u64 = 1024 * GIB;
+
+/// The file the agent reads when `--config` is not given and it exists.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/dmclone/agent.toml";
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/dmclone";
+pub const DEFAULT_DM_PREFIX: &str = "dmclone";
+const SOCKET_NAME: &str = "agent.sock";
+/// sun_path holds 108 bytes including the terminating NUL.
+const MAX_SOCKET_PATH: usize = 107;
+const MAX_PREFIX_LEN: usize = 24;
+
+/// The whole configuration, as read from TOML (every field optional there).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// This agent's identity; generated once and kept in the store if unset.
+    pub node_id: Option<String>,
+    /// Durable state: the store, the embedded pool file, the socket.
+    pub state_dir: Option<PathBuf>,
+    /// The Unix socket of the API (mode 0600). Default: `<state_dir>/agent.sock`.
+    pub socket: Option<PathBuf>,
+    /// First word of every device-mapper name the agent owns. Only change it
+    /// to run several agents on one host (tests do).
+    pub dm_prefix: Option<String>,
+    pub pool: PoolConfig,
+    pub volumes: VolumeConfig,
+    pub tcp: TcpConfig,
+    pub log: LogConfig,
+}
+
+/// Where the thin pool lives and how full it may get.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolConfig {
+    /// A block device given whole to the pool. Unset: the embedded file.
+    pub device: Option<PathBuf>,
+    /// Size of the embedded sparse pool file `<state_dir>/pool.img`.
+    #[serde(deserialize_with = "de_opt_size")]
+    pub file_size: Option<u64>,
+    /// Thin-pool data block size.
+    #[serde(deserialize_with = "de_opt_size")]
+    pub block_size: Option<u64>,
+    /// Thin-pool metadata size; derived from the data size when unset.
+    #[serde(deserialize_with = "de_opt_size")]
+    pub metadata_size: Option<u64>,
+    /// New allocations are refused once data or metadata use reaches this.
+    pub low_space_percent: Option<u8>,
+    /// Sum of volume sizes allowed per byte of pool data space.
+    pub max_oversubscription_ratio: Option<f64>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VolumeConfig {
+    /// The largest volume the agent creates or extends to.
+    #[serde(deserialize_with = "de_opt_size")]
+    pub max_size: Option<u64>,
+}
+
+/// The remote API: TCP with mutual TLS, off unless `listen` is set.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TcpConfig {
+    pub listen: Option<String>,
+    /// PEM certificate chain and key the agent presents.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA bundle that client certificates must chain to.
+    pub client_ca: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A tracing filter, e.g. `info` or `dmclone=debug,info`.
+    pub level: Option<String>,
+    pub format: Option<LogFormat>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Human,
+    Json,
+}
+
+impl FromStr for LogFormat {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "human" => Ok(LogFormat::Human),
+            "json" => Ok(LogFormat::Json),
+            other => Err(format!("{other:?} is not a log format (human or json)")),
+        }
+    }
+}
+
+/// The validated configuration the agent runs with: every default filled in.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    pub node_id: Option<String>,
+    pub state_dir: PathBuf,
+    pub socket: PathBuf,
+    pub dm_prefix: String,
+    pub pool: PoolSettings,
+    pub max_volume_size: u64,
+    pub tcp: Option<TcpSettings>,
+    pub log_level: String,
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PoolSettings {
+    pub backing: PoolBacking,
+    pub block_size: u64,
+    pub metadata_size: Option<u64>,
+    pub low_space_percent: u8,
+    pub max_oversubscription_ratio: f64,
+}
+
+/// What the pool sits on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PoolBacking {
+    /// A sparse file of this size under the state dir, on a loop device.
+    File { path: PathBuf, size: u64 },
+    /// A block device given whole to the pool.
+    Device(PathBuf),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TcpSettings {
+    pub listen: SocketAddr,
+    pub tls_cert: PathBuf,
+    pub tls_key: PathBuf,
+    pub client_ca: PathBuf,
+}
+
+pub const DEFAULT_POOL_FILE_SIZE: u64 = 8 * GIB;
+pub const MIN_POOL_FILE_SIZE: u64 = 64 * MIB;
+pub const DEFAULT_BLOCK_SIZE: u64 = 64 * KIB;
+pub const DEFAULT_LOW_SPACE_PERCENT: u8 = 90;
+/// No over-commit by default: a volume that moves here hydrates in full.
+pub const DEFAULT_OVERSUBSCRIPTION: f64 = 1.0;
+pub const DEFAULT_MAX_VOLUME_SIZE: u64 = 64 * TIB;
+const THIN_POOL_MAX_BLOCK: u64 = GIB;
+/// The kernel uses at most this much thin-pool metadata.
+pub const MAX_METADATA_SIZE: u64 = 16 * GIB;
+
+impl Config {
+    /// Parses TOML text; the error names the file, line and option.
+    pub fn from_toml(text: &str, origin: &Path) -> Result<Self, AgentError> {
+        toml::from_str(text).map_err(|err| AgentError::Config {
+            option: origin.display().to_string(),
+            reason: err.to_string(),
+        })
+    }
+
+    /// Reads and parses a config file.
+    pub fn load(path: &Path) -> Result<Self, AgentError> {
+        let text = std::fs::read_to_string(path).map_err(|err| AgentError::Config {
+            option: path.display().to_string(),
+            reason: format!("cannot read the config file: {err}"),
+        })?;
+        Self::from_toml(&text, path)
+    }
+
+    /// Checks every option and fills in the defaults.
+    pub fn validate(&self) -> Result<Settings, AgentError> {
+        let state_dir = self
+            .state_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+        require_absolute("state_dir", &state_dir)?;
+        let socket = self
+            .socket
+            .clone()
+            .unwrap_or_else(|| state_dir.join(SOCKET_NAME));
+        validate_socket(&socket)?;
+        let dm_prefix = self
+            .dm_prefix
+            .clone()
+            .unwrap_or_else(|| DEFAULT_DM_PREFIX.to_owned());
+        validate_prefix(&dm_prefix)?;
+        if let Some(node_id) = &self.node_id {
+            validate_node_id(node_id)?;
+        }
+        let max_volume_size = self.volumes.max_size.unwrap_or(DEFAULT_MAX_VOLUME_SIZE);
+        if max_volume_size < MIB {
+            return Err(invalid("volumes.max_size", "must be at least 1 MiB"));
+        }
+        let log_level = self.log.level.clone().unwrap_or_else(|| "info".to_owned());
+        if log_level.trim().is_empty() {
+            return Err(invalid("log.level", "is empty"));
+        }
+        Ok(Settings {
+            node_id: self.node_id.clone(),
+            pool: self.pool.validate(&state_dir)?,
+            tcp: self.tcp.validate()?,
+            state_dir,
+            socket,
+            dm_prefix,
+            max_volume_size,
+            log_level,
+            log_format: self.log.format.unwrap_or_default(),
+        })
+    }
+}
+
+impl PoolConfig {
+    fn validate(&self, state_dir: &Path) -> Result<PoolSettings, AgentError> {
+        let backing = match (&self.device, self.file_size) {
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "pool.device",
+                    "pool.device and pool.file_size exclude each other: a device is used whole",
+                ));
+            }
+            (Some(device), None) => {
+                require_absolute("pool.device", device)?;
+                PoolBacking::Device(device.clone())
+            }
+            (None, size) => {
+                let size = size.unwrap_or(DEFAULT_POOL_FILE_SIZE);
+                if size < MIN_POOL_FILE_SIZE {
+                    return Err(invalid(
+                        "pool.file_size",
+                        format!("{} is below the minimum of 64 MiB", Size(size)),
+                    ));
+                }
+                PoolBacking::File {
+                    path: state_dir.join("pool.img"),
+                    size,
+                }
+            }
+        };
+        let block_size = self.block_size.unwrap_or(DEFAULT_BLOCK_SIZE);
+        if !(DEFAULT_BLOCK_SIZE..=THIN_POOL_MAX_BLOCK).contains(&block_size)
+            || !block_size.is_multiple_of(DEFAULT_BLOCK_SIZE)
+        {
+            return Err(invalid(
+                "pool.block_size",
+                format!(
+                    "{} is not a multiple of 64 KiB between 64 KiB and 1 GiB",
+                    Size(block_size)
+                ),
+            ));
+        }
+        if let Some(size) = self.metadata_size
+            && !(2 * MIB..=MAX_METADATA_SIZE).contains(&size)
+        {
+            return Err(invalid(
+                "pool.metadata_size",
+                format!("{} is outside 2 MiB..16 GiB", Size(size)),
+            ));
+        }
+        let low_space_percent = self.low_space_percent.unwrap_or(DEFAULT_LOW_SPACE_PERCENT);
+        if !(1..=99).contains(&low_space_percent) {
+            return Err(invalid(
+                "pool.low_space_percent",
+                format!("{low_space_percent} is outside 1..=99"),
+            ));
+        }
+        let ratio = self
+            .max_oversubscription_ratio
+            .unwrap_or(DEFAULT_OVERSUBSCRIPTION);
+        if !ratio.is_finite() || !(0.1..=100.0).contains(&ratio) {
+            return Err(invalid(
+                "pool.max_oversubscription_ratio",
+                format!("{ratio} is outside 0.1..=100"),
+            ));
+        }
+        Ok(PoolSettings {
+            backing,
+            block_size,
+            metadata_size: self.metadata_size,
+            low_space_percent,
+            max_oversubscription_ratio: ratio,
+        })
+    }
+}
+
+impl TcpConfig {
+    fn validate(&self) -> Result<Option<TcpSettings>, AgentError> {
+        let Some(listen) = &self.listen else {
+            let stray = [
+                ("tcp.tls_cert", &self.tls_cert),
+                ("tcp.tls_key", &self.tls_key),
+                ("tcp.client_ca", &self.client_ca),
+            ]
+            .into_iter()
+            .find(|(_, value)| value.is_some());
+            if let Some((option, _)) = stray {
+                return Err(invalid(
+                    option,
+                    "is set but tcp.listen is not; set tcp.listen to serve the API over TCP",
+                ));
+            }
+            return Ok(None);
+        };
+        let listen: SocketAddr = listen.parse().map_err(|_| {
+            invalid(
+                "tcp.listen",
+                format!("{listen:?} is not an address:port such as 0.0.0.0:7443"),
+            )
+        })?;
+        let file = |option: &'static str, value: &Option<PathBuf>| {
+            value.clone().ok_or_else(|| {
+                invalid(
+                    option,
+                    "is required with tcp.listen: the TCP API only speaks mutual TLS",
+                )
+            })
+        };
+        Ok(Some(TcpSettings {
+            listen,
+            tls_cert: file("tcp.tls_cert", &self.tls_cert)?,
+            tls_key: file("tcp.tls_key", &self.tls_key)?,
+            client_ca: file("tcp.client_ca", &self.client_ca)?,
+        }))
+    }
+}
+
+fn invalid(option: &str, reason: impl Into<String>) -> AgentError {
+    AgentError::Config {
+        option: option.to_owned(),
+        reason: reason.into(),
+    }
+}
+
+fn require_absolute(option: &str, path: &Path) -> Result<(), AgentError> {
+    if path.is_absolute() {
+        Ok(())
+    } else {
+        Err(invalid(
+            option,
+            format!("{} is not an absolute path", path.display()),
+        ))
+    }
+}
+
+fn validate_socket(socket: &Path) -> Result<(), AgentError> {
+    require_absolute("socket", socket)?;
+    let len = socket.as_os_str().len();
+    if len > MAX_SOCKET_PATH {
+        return Err(invalid(
+            "socket",
+            format!(
+                "{} is {len} bytes; a Unix socket path has at most {MAX_SOCKET_PATH}",
+                socket.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn validate_prefix(prefix: &str) -> Result<(), AgentError> {
+    let ok = !prefix.is_empty()
+        && prefix.len() <= MAX_PREFIX_LEN
+        && prefix.starts_with(|c: char| c.is_ascii_lowercase())
+        && prefix
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(
+            "dm_prefix",
+            format!(
+                "{prefix:?} must be 1 to {MAX_PREFIX_LEN} lower-case letters and digits, starting with a letter"
+            ),
+        ))
+    }
+}
+
+fn validate_node_id(node_id: &str) -> Result<(), AgentError> {
+    let ok = !node_id.is_empty()
+        && node_id.len() <= 64
+        && node_id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(
+            "node_id",
+            format!("{node_id:?} must be 1 to 64 characters of A-Z a-z 0-9 . _ -"),
+        ))
+    }
+}
+
+/// A byte count as operators write it: `4096`, `64K`, `8G`, `1.5T` (binary
+/// units; a trailing `B`/`iB` is accepted).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let trimmed = text.trim();
+    let lower = trimmed.to_ascii_lowercase();
+    let number_end = lower
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(lower.len());
+    let (number, unit) = lower.split_at(number_end);
+    if number.is_empty() {
+        return Err(format!("{text:?} is not a size such as 512M or 8G"));
+    }
+    let multiplier = match unit.trim() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => KIB,
+        "m" | "mb" | "mib" => MIB,
+        "g" | "gb" | "gib" => GIB,
+        "t" | "tb" | "tib" => TIB,
+        other => {
+            return Err(format!(
+                "{text:?}: unknown unit {other:?} (use K, M, G or T)"
+            ));
+        }
+    };
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size such as 512M or 8G"))?;
+    let bytes = value * multiplier as f64;
+    if !bytes.is_finite() || bytes >= u64::MAX as f64 || bytes.fract() != 0.0 {
+        return Err(format!(
+            "{text:?} is not a whole number of bytes that fits 64 bits"
+        ));
+    }
+    Ok(bytes as u64)
+}
+
+fn de_opt_size<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<u64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Bytes(u64),
+        Text(String),
+    }
+    match Option::<Raw>::deserialize(deserializer)? {
+        None => Ok(None),
+        Some(Raw::Bytes(bytes)) => Ok(Some(bytes)),
+        Some(Raw::Text(text)) => parse_size(&text)
+            .map(Some)
+            .map_err(serde::de::Error::custom),
+    }
+}
+
+/// Formats a byte count with a binary unit, for messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Size(pub u64);
+
+impl fmt::Display for Size {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let units = [("TiB", TIB), ("GiB", GIB), ("MiB", MIB), ("KiB", KIB)];
+        for (name, unit) in units {
+            if self.0 >= unit && self.0.is_multiple_of(unit) {
+                return write!(f, "{} {name}", self.0 / unit);
+            }
+        }
+        for (name, unit) in units {
+            if self.0 >= unit {
+                return write!(
+                    f,
+                    "{:.1} {name} ({} bytes)",
+                    self.0 as f64 / unit as f64,
+                    self.0
+                );
+            }
+        }
+        write!(f, "{} bytes", self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests;

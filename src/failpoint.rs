@@ -1,0 +1,54 @@
+//! Test-only crash points. When `DMCLONE_FAILPOINT` names a point the agent
+//! reaches, the agent kills itself with SIGKILL right there, exactly like
+//! `kill -9` at that instant: the crash-recovery tests use this to stop
+//! create, extend and delete between any two of their steps. Unset in
+//! production, where every point is a no-op.
+
+use std::sync::OnceLock;
+
+use tracing::error;
+
+pub const ENV: &str = "DMCLONE_FAILPOINT";
+
+/// Every point, so tests can iterate over them and typos are caught.
+pub const POINTS: &[&str] = &[
+    "create.after_record",
+    "create.after_thin",
+    "create.after_device",
+    "extend.after_record",
+    "extend.after_thin_table",
+    "extend.after_public_table",
+    "delete.after_record",
+    "delete.after_devices",
+    "delete.after_thin",
+    "publish.after_record",
+    "unpublish.after_record",
+];
+
+fn armed() -> Option<&'static str> {
+    static ARMED: OnceLock<Option<String>> = OnceLock::new();
+    ARMED
+        .get_or_init(|| std::env::var(ENV).ok().filter(|v| !v.is_empty()))
+        .as_deref()
+}
+
+/// Dies here if `point` is armed.
+pub fn hit(point: &'static str) {
+    debug_assert!(POINTS.contains(&point), "unknown failpoint {point}");
+    if armed() == Some(point) {
+        error!(failpoint = point, "failpoint reached: killing the agent");
+        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+    }
+}
+
+/// Checks a configured failpoint name at start, so a typo in a test fails
+/// loudly instead of never firing.
+pub fn check_configured() -> Result<(), String> {
+    match armed() {
+        Some(point) if !POINTS.contains(&point) => Err(format!(
+            "{ENV}={point} is not a failpoint; known: {}",
+            POINTS.join(", ")
+        )),
+        _ => Ok(()),
+    }
+}

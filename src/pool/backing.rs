@@ -1,0 +1,216 @@
+//! The block device under the pool: an operator's device, or the embedded
+//! default's sparse file attached to a loop device.
+//!
+//! Loop devices are attached with autoclear: the kernel detaches one once its
+//! last user (our pool's linear devices) lets go, so nothing leaks when the
+//! pool is torn down, and an agent restart finds the same loop device still
+//! attached (matched by its backing file) instead of attaching a second one.
+
+use std::{
+    fs::{self, File, OpenOptions},
+    io::{self, Read, Seek, SeekFrom, Write},
+    os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use loopdev::{LoopControl, LoopDevice};
+use tracing::info;
+
+use crate::{dm::table::DevRef, error::AgentError};
+
+/// The device the pool sits on.
+#[derive(Debug)]
+pub struct Backing {
+    pub path: PathBuf,
+    pub dev: DevRef,
+    pub size_bytes: u64,
+    /// Keeps a freshly attached loop device until the pool holds it open.
+    _loop: Option<LoopDevice>,
+}
+
+impl Backing {
+    /// An operator-named block device, used whole.
+    pub fn device(path: &Path) -> Result<Self, AgentError> {
+        let (dev, size_bytes) = block_device(path, "pool.device")?;
+        Ok(Self {
+            path: path.to_owned(),
+            dev,
+            size_bytes,
+            _loop: None,
+        })
+    }
+
+    /// The embedded pool file, created sparse if missing, on a loop device.
+    /// Returns whether the file was created now.
+    pub fn file(file: &Path, size: u64) -> Result<(Self, bool), AgentError> {
+        let created = create_sparse(file, size)?;
+        let file = fs::canonicalize(file).map_err(|err| io_error("resolve", file, err))?;
+        if let Some(path) = attached_loop(&file)? {
+            let (dev, size_bytes) = block_device(&path, "pool.file_size")?;
+            info!(loop_device = %path.display(), file = %file.display(), "pool file already attached");
+            return Ok((
+                Self {
+                    path,
+                    dev,
+                    size_bytes,
+                    _loop: None,
+                },
+                created,
+            ));
+        }
+        let device = attach_loop(&file)?;
+        let path = device
+            .path()
+            .ok_or_else(|| AgentError::Internal("a loop device without a path".into()))?;
+        let (dev, size_bytes) = block_device(&path, "pool.file_size")?;
+        info!(loop_device = %path.display(), file = %file.display(), "pool file attached");
+        Ok((
+            Self {
+                path,
+                dev,
+                size_bytes,
+                _loop: Some(device),
+            },
+            created,
+        ))
+    }
+
+    pub fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>, AgentError> {
+        let mut file = OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::libc::O_DIRECT)
+            .open(&self.path)
+            .map_err(|err| io_error("open", &self.path, err))?;
+        let mut buf = AlignedBuf::new(len);
+        file.seek(SeekFrom::Start(offset))
+            .and_then(|_| file.read_exact(buf.as_mut()))
+            .map_err(|err| io_error("read", &self.path, err))?;
+        Ok(buf.as_mut().to_vec())
+    }
+
+    /// Writes and syncs, so the kernel targets that read the device next see it.
+    pub fn write(&self, offset: u64, data: &[u8]) -> Result<(), AgentError> {
+        let mut file = OpenOptions::new()
+            .write(true)
+            .open(&self.path)
+            .map_err(|err| io_error("open", &self.path, err))?;
+        file.seek(SeekFrom::Start(offset))
+            .and_then(|_| file.write_all(data))
+            .and_then(|()| file.sync_all())
+            .map_err(|err| io_error("write", &self.path, err))
+    }
+}
+
+fn create_sparse(file: &Path, size: u64) -> Result<bool, AgentError> {
+    match OpenOptions::new().write(true).create_new(true).open(file) {
+        Ok(created) => {
+            created
+                .set_len(size)
+                .and_then(|()| created.sync_all())
+                .map_err(|err| io_error("size", file, err))?;
+            info!(file = %file.display(), size, "created the sparse pool file");
+            Ok(true)
+        }
+        Err(err) if err.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+        Err(err) => Err(io_error("create", file, err)),
+    }
+}
+
+/// The loop device already attached to `file`, if any.
+fn attached_loop(file: &Path) -> Result<Option<PathBuf>, AgentError> {
+    let Ok(entries) = fs::read_dir("/sys/block") else {
+        return Ok(None);
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str().filter(|n| n.starts_with("loop")) else {
+            continue;
+        };
+        let backing = entry.path().join("loop/backing_file");
+        let Ok(text) = fs::read_to_string(&backing) else {
+            continue;
+        };
+        if Path::new(text.trim_end()) == file {
+            return Ok(Some(PathBuf::from("/dev").join(name)));
+        }
+    }
+    Ok(None)
+}
+
+fn attach_loop(file: &Path) -> Result<LoopDevice, AgentError> {
+    let control =
+        LoopControl::open().map_err(|err| io_error("open", Path::new("/dev/loop-control"), err))?;
+    // Another process may take the free device between lookup and attach.
+    for _ in 0..20 {
+        let device = control
+            .next_free()
+            .map_err(|err| io_error("find a free loop device for", file, err))?;
+        match device.with().autoclear(true).attach(file) {
+            Ok(()) => return Ok(device),
+            Err(err) if err.raw_os_error() == Some(nix::libc::EBUSY) => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(err) => return Err(io_error("attach a loop device to", file, err)),
+        }
+    }
+    Err(AgentError::Unavailable {
+        reason: format!(
+            "no loop device could be attached to {} after 20 tries",
+            file.display()
+        ),
+    })
+}
+
+/// Device number and size of a block device.
+fn block_device(path: &Path, option: &str) -> Result<(DevRef, u64), AgentError> {
+    let meta = fs::metadata(path).map_err(|err| AgentError::Config {
+        option: option.to_owned(),
+        reason: format!("{}: {err}", path.display()),
+    })?;
+    if !meta.file_type().is_block_device() {
+        return Err(AgentError::Config {
+            option: option.to_owned(),
+            reason: format!("{} is not a block device", path.display()),
+        });
+    }
+    let rdev = meta.rdev();
+    let dev = DevRef::from((
+        nix::sys::stat::major(rdev) as u32,
+        nix::sys::stat::minor(rdev) as u32,
+    ));
+    let size = File::open(path)
+        .and_then(|mut f| f.seek(SeekFrom::End(0)))
+        .map_err(|err| io_error("size", path, err))?;
+    Ok((dev, size))
+}
+
+fn io_error(op: &str, path: &Path, err: io::Error) -> AgentError {
+    AgentError::Io {
+        context: format!("cannot {op} {}", path.display()),
+        source: err,
+    }
+}
+
+/// A 4 KiB-aligned buffer for O_DIRECT reads, in safe code.
+struct AlignedBuf {
+    storage: Vec<u8>,
+    start: usize,
+    len: usize,
+}
+
+impl AlignedBuf {
+    fn new(len: usize) -> Self {
+        let storage = vec![0u8; len + 4096];
+        let start = storage.as_ptr().align_offset(4096);
+        Self {
+            storage,
+            start,
+            len,
+        }
+    }
+
+    fn as_mut(&mut self) -> &mut [u8] {
+        &mut self.storage[self.start..self.start + self.len]
+    }
+}

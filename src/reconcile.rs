@@ -1,0 +1,177 @@
+//! Start-up reconciliation: the store says what should be, the kernel what
+//! is. For every volume the agent finishes or rolls back the step that was in
+//! flight when it stopped, then rebuilds missing devices (after a reboot,
+//! all of them). Devices whose names are ours but which no record explains are
+//! reported and left alone: the agent never deletes what it cannot account
+//! for. A device whose table contradicts its record puts the volume in
+//! quarantine instead of being "repaired" over data.
+
+use std::time::Duration;
+
+use tracing::{info, warn};
+
+use crate::{
+    agent::Agent,
+    dm::names::DeviceRole,
+    error::AgentError,
+    store::{Pending, VolumeRecord},
+};
+
+/// What reconciliation found and did.
+#[derive(Debug, Clone, Default)]
+pub struct ReconcileReport {
+    pub volumes: usize,
+    /// Devices created because they were missing (e.g. after a reboot).
+    pub rebuilt: usize,
+    /// Interrupted deletes, extends, publishes and unpublishes completed.
+    pub finished: usize,
+    /// Interrupted creates undone.
+    pub rolled_back: usize,
+    pub quarantined: usize,
+    /// Devices with our prefix that no record explains, left in place.
+    pub unknown_devices: Vec<String>,
+    pub duration: Duration,
+}
+
+impl Agent {
+    pub(crate) async fn reconcile_all(&self) -> Result<ReconcileReport, AgentError> {
+        let mut report = ReconcileReport::default();
+        let before = self.our_device_names().await?;
+        let records = self.store_call(|store| store.volumes()).await?;
+        report.volumes = records.len();
+        for record in records {
+            self.reconcile_volume(record, &before, &mut report).await?;
+        }
+        let records = self.store_call(|store| store.volumes()).await?;
+        report.unknown_devices = self.unexplained_devices(&records).await?;
+        for name in &report.unknown_devices {
+            warn!(device = %name, "a device-mapper device with this agent's prefix matches no volume; left untouched for an operator");
+        }
+        report.volumes = records.len();
+        Ok(report)
+    }
+
+    async fn reconcile_volume(
+        &self,
+        record: VolumeRecord,
+        existing: &[String],
+        report: &mut ReconcileReport,
+    ) -> Result<(), AgentError> {
+        let id = record.id.clone();
+        let result = match record.pending.clone() {
+            Some(Pending::Create) => {
+                info!(volume = %id, "rolling back a create interrupted by a crash");
+                report.rolled_back += 1;
+                self.roll_back_interrupted_create(&record).await
+            }
+            Some(Pending::Delete) => {
+                info!(volume = %id, "finishing a delete interrupted by a crash");
+                report.finished += 1;
+                self.finish_delete(&record).await
+            }
+            Some(pending) => {
+                info!(volume = %id, step = ?pending, "finishing a step interrupted by a crash");
+                report.finished += 1;
+                self.converge(&record, existing, report).await
+            }
+            None if record.quarantine.is_some() => Ok(()),
+            None => self.converge(&record, existing, report).await,
+        };
+        match result {
+            Ok(()) => Ok(()),
+            Err(err @ (AgentError::Conflict(_) | AgentError::FailedPrecondition(_))) => {
+                report.quarantined += 1;
+                self.quarantine(record, err.to_string()).await
+            }
+            Err(err) => Err(err),
+        }
+    }
+
+    /// Brings the kernel to the record: the thin device always, the public
+    /// device while published, both at the record's size.
+    async fn converge(
+        &self,
+        record: &VolumeRecord,
+        existing: &[String],
+        report: &mut ReconcileReport,
+    ) -> Result<(), AgentError> {
+        let id = record.volume_id()?;
+        let thin = self.thin_name(record)?;
+        let public = self.naming.public(&id);
+        for name in [&thin, &public] {
+            let wanted = name == &thin || record.published;
+            if wanted && !existing.iter().any(|e| e == name.as_str()) {
+                report.rebuilt += 1;
+            }
+        }
+        self.ensure_thin_device(record).await?;
+        let mut record = record.clone();
+        if !record.published && self.open_count(&public).await?.is_some_and(|open| open > 0) {
+            // An unpublish that stopped before removing the device, which
+            // someone has opened since: the kernel's fact wins.
+            warn!(volume = %id, "unpublished volume's device is open; keeping it published");
+            record.published = true;
+            record.pending = Some(Pending::Publish);
+        }
+        if record.published {
+            self.ensure_public_device(&record).await?;
+        } else {
+            self.remove_device_if_present(&public).await?;
+        }
+        if record.pending.is_some() {
+            self.settle(record).await?;
+        }
+        Ok(())
+    }
+
+    async fn roll_back_interrupted_create(&self, record: &VolumeRecord) -> Result<(), AgentError> {
+        let id = record.volume_id()?;
+        self.remove_device_if_present(&self.naming.public(&id))
+            .await?;
+        self.remove_device_if_present(&self.thin_name(record)?)
+            .await?;
+        self.pool.delete_thin(record.thin_id).await?;
+        let key = record.id.clone();
+        self.store_call(move |store| store.remove_volume(&key))
+            .await
+    }
+
+    async fn quarantine(&self, mut record: VolumeRecord, reason: String) -> Result<(), AgentError> {
+        warn!(volume = %record.id, %reason, "volume quarantined: an operator must look");
+        record.quarantine = Some(reason);
+        self.store_call(move |store| store.put_volume(&record))
+            .await
+    }
+
+    async fn our_device_names(&self) -> Result<Vec<String>, AgentError> {
+        Ok(self
+            .dm
+            .list()
+            .await?
+            .into_iter()
+            .map(|d| d.name)
+            .filter(|name| self.naming.parse(name).is_some())
+            .collect())
+    }
+
+    async fn unexplained_devices(
+        &self,
+        records: &[VolumeRecord],
+    ) -> Result<Vec<String>, AgentError> {
+        let mut unknown = Vec::new();
+        for name in self.our_device_names().await? {
+            let explained = match self.naming.parse(&name) {
+                Some(DeviceRole::Pool | DeviceRole::PoolMeta | DeviceRole::PoolData) => true,
+                Some(DeviceRole::Thin(id) | DeviceRole::Public(id)) => {
+                    records.iter().any(|r| r.id == id)
+                }
+                Some(DeviceRole::Other(_)) | None => false,
+            };
+            if !explained {
+                unknown.push(name);
+            }
+        }
+        unknown.sort();
+        Ok(unknown)
+    }
+}

@@ -1,0 +1,385 @@
+//! The durable state: an embedded redb database in the state directory.
+//!
+//! The store holds what the agent *intends*; the kernel holds what *is*.
+//! Every multi-step operation first writes its intent (a [`Pending`] step on
+//! the volume's record, with any thin id it will use) in one transaction, then
+//! changes the kernel, then clears the intent. After a crash, reconciliation
+//! reads the intents and finishes or rolls back each step.
+//!
+//! redb takes an exclusive lock on the file, so a second agent on the same
+//! state directory fails to open the store instead of fighting the first.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+use crate::{error::AgentError, ids::VolumeId};
+
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const VOLUMES: TableDefinition<&str, &[u8]> = TableDefinition::new("volumes");
+
+const SCHEMA_VERSION: u32 = 1;
+const KEY_SCHEMA: &str = "schema_version";
+const KEY_NODE_ID: &str = "node_id";
+const KEY_NEXT_THIN_ID: &str = "next_thin_id";
+/// Thin ids are 24 bits; 0 is left unused so that "no id" is never valid.
+const FIRST_THIN_ID: u32 = 1;
+pub const MAX_THIN_ID: u32 = (1 << 24) - 1;
+/// redb's default cache is 1 GiB; our records are small and few.
+const CACHE_BYTES: usize = 4 << 20;
+pub const STORE_FILE: &str = "state.redb";
+
+/// One volume as the agent means it to be.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeRecord {
+    pub id: String,
+    pub size_bytes: u64,
+    /// The volume's thin device id in the pool.
+    pub thin_id: u32,
+    /// Whether the public device should exist.
+    pub published: bool,
+    pub created_unix: i64,
+    /// A multi-step change in progress; `None` when the volume is at rest.
+    #[serde(default)]
+    pub pending: Option<Pending>,
+    /// Set when reconciliation found the kernel disagreeing in a way the agent
+    /// must not repair on its own; the volume refuses changes until cleared.
+    #[serde(default)]
+    pub quarantine: Option<String>,
+}
+
+impl VolumeRecord {
+    pub fn volume_id(&self) -> Result<VolumeId, AgentError> {
+        VolumeId::parse(&self.id)
+    }
+}
+
+/// The intent of an operation that touches the kernel in several steps.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Pending {
+    /// The thin device may or may not exist yet; rolled back after a crash.
+    Create,
+    /// Devices and the thin device may be partly gone; finished after a crash.
+    Delete,
+    /// The record already has the new size; devices may still have the old.
+    Extend { from_bytes: u64 },
+    /// The record says published; the public device may not exist yet.
+    Publish,
+    /// The record says unpublished; the public device may still exist.
+    Unpublish,
+}
+
+/// Handle on the state database. Cheap to clone; every call blocks on disk
+/// I/O (commits fsync), so async callers run it on the blocking pool.
+#[derive(Debug, Clone)]
+pub struct Store {
+    db: Arc<Database>,
+    path: PathBuf,
+}
+
+impl Store {
+    /// Opens (or creates) `<state_dir>/state.redb`.
+    pub fn open(state_dir: &Path) -> Result<Self, AgentError> {
+        let path = state_dir.join(STORE_FILE);
+        let db = Database::builder()
+            .set_cache_size(CACHE_BYTES)
+            .create(&path)
+            .map_err(|err| match err {
+                redb::DatabaseError::DatabaseAlreadyOpen => AgentError::Unavailable {
+                    reason: format!(
+                        "the state store {} is in use by another process: another dmclone-agent runs with this state_dir",
+                        path.display()
+                    ),
+                },
+                other => store_error(&path, "open", other),
+            })?;
+        let store = Self {
+            db: Arc::new(db),
+            path,
+        };
+        store.check_schema()?;
+        Ok(store)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn check_schema(&self) -> Result<(), AgentError> {
+        let txn = self.write()?;
+        {
+            let mut meta = txn.open_table(META).map_err(|e| self.err("open meta", e))?;
+            let found = meta
+                .get(KEY_SCHEMA)
+                .map_err(|e| self.err("read schema", e))?
+                .map(|v| decode::<u32>(&self.path, v.value()))
+                .transpose()?;
+            match found {
+                None => {
+                    meta.insert(KEY_SCHEMA, encode(&SCHEMA_VERSION)?.as_slice())
+                        .map_err(|e| self.err("write schema", e))?;
+                }
+                Some(SCHEMA_VERSION) => {}
+                Some(other) => {
+                    return Err(AgentError::Unavailable {
+                        reason: format!(
+                            "the state store {} has schema version {other}; this agent knows version {SCHEMA_VERSION}: run the agent version that wrote it",
+                            self.path.display()
+                        ),
+                    });
+                }
+            }
+            txn.open_table(VOLUMES)
+                .map_err(|e| self.err("open volumes", e))?;
+        }
+        txn.commit().map_err(|e| self.err("commit", e))
+    }
+
+    /// The node id kept in the store, made from `generate` on first use.
+    pub fn node_id(&self, generate: impl FnOnce() -> String) -> Result<String, AgentError> {
+        if let Some(id) = self.meta::<String>(KEY_NODE_ID)? {
+            return Ok(id);
+        }
+        let id = generate();
+        self.put_meta(KEY_NODE_ID, &id)?;
+        Ok(id)
+    }
+
+    pub fn volume(&self, id: &VolumeId) -> Result<Option<VolumeRecord>, AgentError> {
+        let txn = self.db.begin_read().map_err(|e| self.err("read", e))?;
+        let table = txn
+            .open_table(VOLUMES)
+            .map_err(|e| self.err("open volumes", e))?;
+        table
+            .get(id.as_str())
+            .map_err(|e| self.err("read volume", e))?
+            .map(|v| decode(&self.path, v.value()))
+            .transpose()
+    }
+
+    /// Every volume, in id order.
+    pub fn volumes(&self) -> Result<Vec<VolumeRecord>, AgentError> {
+        let txn = self.db.begin_read().map_err(|e| self.err("read", e))?;
+        let table = txn
+            .open_table(VOLUMES)
+            .map_err(|e| self.err("open volumes", e))?;
+        let mut out = Vec::new();
+        for entry in table.iter().map_err(|e| self.err("list volumes", e))? {
+            let (_, value) = entry.map_err(|e| self.err("list volumes", e))?;
+            out.push(decode(&self.path, value.value())?);
+        }
+        Ok(out)
+    }
+
+    /// Writes a new volume record with a freshly allocated thin id, in one
+    /// transaction. Fails if the id exists.
+    pub fn insert_volume_with_new_thin_id(
+        &self,
+        mut record: VolumeRecord,
+    ) -> Result<VolumeRecord, AgentError> {
+        let txn = self.write()?;
+        {
+            let mut meta = txn.open_table(META).map_err(|e| self.err("open meta", e))?;
+            let next = meta
+                .get(KEY_NEXT_THIN_ID)
+                .map_err(|e| self.err("read thin id", e))?
+                .map(|v| decode::<u32>(&self.path, v.value()))
+                .transpose()?
+                .unwrap_or(FIRST_THIN_ID);
+            if next > MAX_THIN_ID {
+                return Err(AgentError::ResourceExhausted {
+                    reason: format!(
+                        "the pool's thin device ids are used up ({MAX_THIN_ID} were handed out)"
+                    ),
+                });
+            }
+            meta.insert(KEY_NEXT_THIN_ID, encode(&(next + 1))?.as_slice())
+                .map_err(|e| self.err("write thin id", e))?;
+            record.thin_id = next;
+            let mut volumes = txn
+                .open_table(VOLUMES)
+                .map_err(|e| self.err("open volumes", e))?;
+            if volumes
+                .get(record.id.as_str())
+                .map_err(|e| self.err("read volume", e))?
+                .is_some()
+            {
+                return Err(AgentError::Internal(format!(
+                    "volume {} is already in the store",
+                    record.id
+                )));
+            }
+            volumes
+                .insert(record.id.as_str(), encode(&record)?.as_slice())
+                .map_err(|e| self.err("write volume", e))?;
+        }
+        txn.commit().map_err(|e| self.err("commit", e))?;
+        Ok(record)
+    }
+
+    /// Replaces a volume's record.
+    pub fn put_volume(&self, record: &VolumeRecord) -> Result<(), AgentError> {
+        let txn = self.write()?;
+        {
+            let mut volumes = txn
+                .open_table(VOLUMES)
+                .map_err(|e| self.err("open volumes", e))?;
+            volumes
+                .insert(record.id.as_str(), encode(record)?.as_slice())
+                .map_err(|e| self.err("write volume", e))?;
+        }
+        txn.commit().map_err(|e| self.err("commit", e))
+    }
+
+    pub fn remove_volume(&self, id: &str) -> Result<(), AgentError> {
+        let txn = self.write()?;
+        {
+            let mut volumes = txn
+                .open_table(VOLUMES)
+                .map_err(|e| self.err("open volumes", e))?;
+            volumes
+                .remove(id)
+                .map_err(|e| self.err("remove volume", e))?;
+        }
+        txn.commit().map_err(|e| self.err("commit", e))
+    }
+
+    fn meta<T: for<'de> Deserialize<'de>>(&self, key: &str) -> Result<Option<T>, AgentError> {
+        let txn = self.db.begin_read().map_err(|e| self.err("read", e))?;
+        let table = txn.open_table(META).map_err(|e| self.err("open meta", e))?;
+        table
+            .get(key)
+            .map_err(|e| self.err("read meta", e))?
+            .map(|v| decode(&self.path, v.value()))
+            .transpose()
+    }
+
+    fn put_meta<T: Serialize>(&self, key: &str, value: &T) -> Result<(), AgentError> {
+        let txn = self.write()?;
+        {
+            let mut meta = txn.open_table(META).map_err(|e| self.err("open meta", e))?;
+            meta.insert(key, encode(value)?.as_slice())
+                .map_err(|e| self.err("write meta", e))?;
+        }
+        txn.commit().map_err(|e| self.err("commit", e))
+    }
+
+    fn write(&self) -> Result<redb::WriteTransaction, AgentError> {
+        self.db
+            .begin_write()
+            .map_err(|e| self.err("begin write", e))
+    }
+
+    fn err(&self, op: &str, err: impl std::fmt::Display) -> AgentError {
+        store_error(&self.path, op, err)
+    }
+}
+
+fn store_error(path: &Path, op: &str, err: impl std::fmt::Display) -> AgentError {
+    AgentError::Store {
+        path: path.to_owned(),
+        reason: format!("{op}: {err}"),
+    }
+}
+
+fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, AgentError> {
+    serde_json::to_vec(value).map_err(|err| AgentError::Internal(format!("encode record: {err}")))
+}
+
+/// A record that does not decode stops the agent: treating it as absent would
+/// forget a volume.
+fn decode<T: for<'de> Deserialize<'de>>(path: &Path, bytes: &[u8]) -> Result<T, AgentError> {
+    serde_json::from_slice(bytes).map_err(|err| AgentError::Store {
+        path: path.to_owned(),
+        reason: format!(
+            "a record does not decode ({err}): {}",
+            String::from_utf8_lossy(bytes)
+        ),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn record(id: &str) -> VolumeRecord {
+        VolumeRecord {
+            id: id.to_owned(),
+            size_bytes: 1 << 30,
+            thin_id: 0,
+            published: false,
+            created_unix: 1,
+            pending: Some(Pending::Create),
+            quarantine: None,
+        }
+    }
+
+    const A: &str = "0b9d1c3e-5f1a-4f7e-9a57-3f0c2b8f6d11";
+    const B: &str = "1b9d1c3e-5f1a-4f7e-9a57-3f0c2b8f6d11";
+
+    #[test]
+    fn records_and_thin_ids_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            let a = store.insert_volume_with_new_thin_id(record(A)).unwrap();
+            let b = store.insert_volume_with_new_thin_id(record(B)).unwrap();
+            assert_eq!((a.thin_id, b.thin_id), (1, 2));
+            let mut ready = a.clone();
+            ready.pending = None;
+            ready.published = true;
+            store.put_volume(&ready).unwrap();
+            store.remove_volume(B).unwrap();
+            assert_eq!(store.node_id(|| "n1".into()).unwrap(), "n1");
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let all = store.volumes().unwrap();
+        assert_eq!(all.len(), 1);
+        assert!(all[0].published && all[0].pending.is_none());
+        assert_eq!(store.node_id(|| "other".into()).unwrap(), "n1");
+        // Ids are never handed out twice, even after a removal.
+        let c = store
+            .insert_volume_with_new_thin_id(record("2b9d1c3e-5f1a-4f7e-9a57-3f0c2b8f6d11"))
+            .unwrap();
+        assert_eq!(c.thin_id, 3);
+    }
+
+    #[test]
+    fn a_second_agent_on_the_same_state_dir_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let _first = Store::open(dir.path()).unwrap();
+        let err = Store::open(dir.path()).unwrap_err();
+        assert!(err.to_string().contains("another dmclone-agent"), "{err}");
+    }
+
+    #[test]
+    fn inserting_an_existing_id_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store.insert_volume_with_new_thin_id(record(A)).unwrap();
+        assert!(store.insert_volume_with_new_thin_id(record(A)).is_err());
+        let next = store.insert_volume_with_new_thin_id(record(B)).unwrap();
+        assert_eq!(next.thin_id, 2, "the failed insert must not use up an id");
+    }
+
+    #[test]
+    fn pending_steps_round_trip_as_tagged_json() {
+        let mut r = record(A);
+        r.pending = Some(Pending::Extend { from_bytes: 5 });
+        let text = String::from_utf8(encode(&r).unwrap()).unwrap();
+        assert!(
+            text.contains(r#""pending":{"op":"extend","from_bytes":5}"#),
+            "{text}"
+        );
+        assert_eq!(
+            decode::<VolumeRecord>(Path::new("x"), text.as_bytes()).unwrap(),
+            r
+        );
+    }
+}

@@ -1,0 +1,515 @@
+//! Volumes: a thin device in the pool (`<prefix>-thin-<id>`, active while the
+//! volume exists) and, while published, a public device `<prefix>-<id>` whose
+//! table the agent owns. Today the public table is a linear map of the thin
+//! device; later states (hydrating, change tracking) swap it atomically
+//! without the path changing.
+//!
+//! Every call here takes the volume's lock, validates against the record,
+//! writes its intent, changes the kernel, then clears the intent.
+
+use std::path::PathBuf;
+
+use tracing::{info, warn};
+
+use crate::{
+    agent::Agent,
+    config::{MIB, Size},
+    dm::{
+        names::DeviceName,
+        status::ThinStatus,
+        table::{DevRef, Linear, Table, Target},
+    },
+    error::{AgentError, Error},
+    failpoint,
+    ids::VolumeId,
+    store::{Pending, VolumeRecord},
+};
+
+const SECTOR: u64 = 512;
+
+/// A volume as callers see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Volume {
+    pub id: VolumeId,
+    pub size_bytes: u64,
+    pub state: VolumeState,
+    pub published: bool,
+    pub device_path: Option<PathBuf>,
+    /// Bytes the pool has allocated for the volume; `None` if the kernel
+    /// could not say (the thin device is missing).
+    pub allocated_bytes: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VolumeState {
+    Creating,
+    Available,
+    Deleting,
+    /// The kernel disagrees with the store; refuses changes until an operator
+    /// looks. Holds the reason.
+    Quarantined(String),
+}
+
+/// Whether a create made the volume or found it made (a retried call).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Created,
+    Existed,
+}
+
+impl Agent {
+    /// The allocation unit: sizes are rounded up to whole pool blocks, and to
+    /// at least 1 MiB so that every later stack (clone regions, era blocks)
+    /// divides the volume evenly.
+    pub fn size_unit(&self) -> u64 {
+        self.pool.layout.block_bytes.max(MIB)
+    }
+
+    /// Validates a requested size and rounds it up to the allocation unit.
+    pub fn volume_size(&self, field: &'static str, requested: u64) -> Result<u64, AgentError> {
+        let max = self.settings.max_volume_size;
+        if requested == 0 {
+            return Err(AgentError::InvalidArgument {
+                field,
+                reason: "must be greater than zero".into(),
+            });
+        }
+        if requested > max {
+            return Err(AgentError::InvalidArgument {
+                field,
+                reason: format!(
+                    "{requested} bytes is more than the largest volume this agent makes ({}, volumes.max_size)",
+                    Size(max)
+                ),
+            });
+        }
+        let unit = self.size_unit();
+        Ok(requested.div_ceil(unit) * unit)
+    }
+
+    pub async fn create_volume(
+        &self,
+        id: &VolumeId,
+        requested_bytes: u64,
+    ) -> Result<(Volume, Outcome), AgentError> {
+        let size = self.volume_size("size_bytes", requested_bytes)?;
+        let _held = self.locks.lock(id.as_str()).await;
+        if let Some(existing) = self.record(id).await? {
+            return self.create_again(existing, size).await;
+        }
+        let usage = self.pool.usage().await?;
+        let provisioned = self.provisioned_bytes().await?;
+        self.pool.check_room(&usage, provisioned, size)?;
+        let record = VolumeRecord {
+            id: id.to_string(),
+            size_bytes: size,
+            thin_id: 0,
+            published: false,
+            created_unix: unix_now(),
+            pending: Some(Pending::Create),
+            quarantine: None,
+        };
+        let record = self
+            .store_call(move |store| store.insert_volume_with_new_thin_id(record))
+            .await?;
+        failpoint::hit("create.after_record");
+        match self.build_new_volume(&record).await {
+            Ok(()) => {}
+            Err(err) => {
+                self.roll_back_create(&record).await;
+                return Err(err);
+            }
+        }
+        let record = self.settle(record).await?;
+        info!(volume = %id, size, thin_id = record.thin_id, "created volume");
+        Ok((self.describe(&record).await?, Outcome::Created))
+    }
+
+    /// A create for an id that exists: the same size returns the volume
+    /// (Cinder retries), another size is a conflict.
+    async fn create_again(
+        &self,
+        existing: VolumeRecord,
+        size: u64,
+    ) -> Result<(Volume, Outcome), AgentError> {
+        if existing.size_bytes != size {
+            return Err(AgentError::AlreadyExists {
+                what: "volume",
+                id: existing.id.clone(),
+                detail: format!(
+                    "with size {} bytes, not the {size} bytes asked for",
+                    existing.size_bytes
+                ),
+            });
+        }
+        match existing.pending {
+            Some(Pending::Create) => {
+                // A create that failed half-way and could not be rolled back:
+                // the caller retries, so finish it.
+                self.build_new_volume(&existing).await?;
+                let record = self.settle(existing).await?;
+                Ok((self.describe(&record).await?, Outcome::Created))
+            }
+            Some(Pending::Delete) => Err(AgentError::FailedPrecondition(format!(
+                "volume {} is being deleted; repeat the delete to finish it",
+                existing.id
+            ))),
+            _ => Ok((self.describe(&existing).await?, Outcome::Existed)),
+        }
+    }
+
+    async fn build_new_volume(&self, record: &VolumeRecord) -> Result<(), AgentError> {
+        self.pool.create_thin(record.thin_id).await?;
+        failpoint::hit("create.after_thin");
+        self.ensure_thin_device(record).await?;
+        failpoint::hit("create.after_device");
+        Ok(())
+    }
+
+    /// Best effort: a failed create leaves nothing behind, or, if even that
+    /// fails, its intent for the next start (or the next retry) to finish.
+    async fn roll_back_create(&self, record: &VolumeRecord) {
+        let undone = async {
+            self.remove_device_if_present(&self.thin_name(record)?)
+                .await?;
+            self.pool.delete_thin(record.thin_id).await?;
+            let id = record.id.clone();
+            self.store_call(move |store| store.remove_volume(&id)).await
+        }
+        .await;
+        if let Err(err) = undone {
+            warn!(volume = %record.id, error = %err, "could not roll back a failed create; its intent stays for reconciliation");
+        }
+    }
+
+    pub async fn delete_volume(&self, id: &VolumeId) -> Result<(), AgentError> {
+        let _held = self.locks.lock(id.as_str()).await;
+        let Some(mut record) = self.record(id).await? else {
+            info!(volume = %id, "delete of an absent volume: nothing to do");
+            return Ok(());
+        };
+        if record.published {
+            return Err(AgentError::FailedPrecondition(format!(
+                "volume {id} is published at {}; unpublish it before deleting it",
+                self.naming.public(id).mapper_path().display()
+            )));
+        }
+        if let Some(open) = self.open_count(&self.thin_name(&record)?).await?
+            && open > 0
+        {
+            return Err(AgentError::FailedPrecondition(format!(
+                "volume {id}'s thin device {} is open ({open} users); close them before deleting it",
+                self.thin_name(&record)?
+            )));
+        }
+        record.pending = Some(Pending::Delete);
+        self.put(&record).await?;
+        failpoint::hit("delete.after_record");
+        self.finish_delete(&record).await?;
+        info!(volume = %id, thin_id = record.thin_id, "deleted volume");
+        Ok(())
+    }
+
+    /// The steps after the intent: remove devices, free the thin id's blocks,
+    /// forget the record. Each step is idempotent, so reconciliation repeats
+    /// them after a crash.
+    pub(crate) async fn finish_delete(&self, record: &VolumeRecord) -> Result<(), AgentError> {
+        let id = record.volume_id()?;
+        self.remove_device_if_present(&self.naming.public(&id))
+            .await?;
+        self.remove_device_if_present(&self.thin_name(record)?)
+            .await?;
+        failpoint::hit("delete.after_devices");
+        self.pool.delete_thin(record.thin_id).await?;
+        failpoint::hit("delete.after_thin");
+        let key = record.id.clone();
+        self.store_call(move |store| store.remove_volume(&key))
+            .await
+    }
+
+    pub async fn extend_volume(
+        &self,
+        id: &VolumeId,
+        requested_bytes: u64,
+    ) -> Result<Volume, AgentError> {
+        let new_size = self.volume_size("new_size_bytes", requested_bytes)?;
+        let _held = self.locks.lock(id.as_str()).await;
+        let mut record = self.ready_record(id, "extend").await?;
+        if new_size < record.size_bytes {
+            return Err(AgentError::InvalidArgument {
+                field: "new_size_bytes",
+                reason: format!(
+                    "{new_size} bytes is smaller than the volume's {} bytes; volumes never shrink",
+                    record.size_bytes
+                ),
+            });
+        }
+        if new_size == record.size_bytes {
+            return self.describe(&record).await;
+        }
+        let usage = self.pool.usage().await?;
+        let provisioned = self.provisioned_bytes().await?;
+        self.pool
+            .check_room(&usage, provisioned, new_size - record.size_bytes)?;
+        let from_bytes = record.size_bytes;
+        record.size_bytes = new_size;
+        record.pending = Some(Pending::Extend { from_bytes });
+        self.put(&record).await?;
+        failpoint::hit("extend.after_record");
+        self.apply_size(&record).await?;
+        let record = self.settle(record).await?;
+        info!(volume = %id, from_bytes, to_bytes = new_size, "extended volume");
+        self.describe(&record).await
+    }
+
+    /// Grows the thin device, then the public device on top of it.
+    pub(crate) async fn apply_size(&self, record: &VolumeRecord) -> Result<(), AgentError> {
+        self.ensure_thin_device(record).await?;
+        failpoint::hit("extend.after_thin_table");
+        if record.published {
+            self.ensure_public_device(record).await?;
+        }
+        failpoint::hit("extend.after_public_table");
+        Ok(())
+    }
+
+    pub async fn get_volume(&self, id: &VolumeId) -> Result<Volume, AgentError> {
+        let record = self.record(id).await?.ok_or_else(|| not_found(id))?;
+        self.describe(&record).await
+    }
+
+    pub async fn list_volumes(&self) -> Result<Vec<Volume>, AgentError> {
+        let records = self.store_call(|store| store.volumes()).await?;
+        let mut volumes = Vec::with_capacity(records.len());
+        for record in &records {
+            volumes.push(self.describe(record).await?);
+        }
+        Ok(volumes)
+    }
+
+    /// Makes the public device present and returns its stable path.
+    pub async fn publish_volume(&self, id: &VolumeId) -> Result<PathBuf, AgentError> {
+        let _held = self.locks.lock(id.as_str()).await;
+        let mut record = self.ready_record(id, "publish").await?;
+        if !record.published {
+            record.published = true;
+            record.pending = Some(Pending::Publish);
+            self.put(&record).await?;
+            failpoint::hit("publish.after_record");
+        }
+        self.ensure_thin_device(&record).await?;
+        self.ensure_public_device(&record).await?;
+        if record.pending.is_some() {
+            self.settle(record).await?;
+            info!(volume = %id, "published volume");
+        }
+        Ok(self.naming.public(id).mapper_path())
+    }
+
+    /// Removes the public device; refused while something holds it open.
+    pub async fn unpublish_volume(&self, id: &VolumeId) -> Result<(), AgentError> {
+        let _held = self.locks.lock(id.as_str()).await;
+        let mut record = self.ready_record(id, "unpublish").await?;
+        let public = self.naming.public(id);
+        if let Some(open) = self.open_count(&public).await?
+            && open > 0
+        {
+            return Err(AgentError::FailedPrecondition(format!(
+                "volume {id} is open at {} ({open} users, e.g. an attached instance); detach it first",
+                public.mapper_path().display()
+            )));
+        }
+        if record.published {
+            record.published = false;
+            record.pending = Some(Pending::Unpublish);
+            self.put(&record).await?;
+            failpoint::hit("unpublish.after_record");
+        }
+        if let Err(err) = self.remove_device_if_present(&public).await {
+            // Opened between the check and the removal: it stays published.
+            record.published = true;
+            self.settle(record).await?;
+            return Err(err);
+        }
+        if record.pending.is_some() {
+            self.settle(record).await?;
+            info!(volume = %id, "unpublished volume");
+        }
+        Ok(())
+    }
+
+    // ---- helpers shared with reconciliation ----------------------------
+
+    pub(crate) async fn record(&self, id: &VolumeId) -> Result<Option<VolumeRecord>, AgentError> {
+        let id = id.clone();
+        self.store_call(move |store| store.volume(&id)).await
+    }
+
+    /// The record of a volume that exists and is not in the middle of being
+    /// created, deleted or quarantined.
+    async fn ready_record(&self, id: &VolumeId, action: &str) -> Result<VolumeRecord, AgentError> {
+        let record = self.record(id).await?.ok_or_else(|| not_found(id))?;
+        if let Some(reason) = &record.quarantine {
+            return Err(AgentError::FailedPrecondition(format!(
+                "volume {id} is quarantined ({reason}); an operator must repair it before it can {action}"
+            )));
+        }
+        match record.pending {
+            Some(Pending::Create) => Err(AgentError::FailedPrecondition(format!(
+                "volume {id} is still being created; repeat the create first"
+            ))),
+            Some(Pending::Delete) => Err(AgentError::FailedPrecondition(format!(
+                "volume {id} is being deleted; it cannot {action}"
+            ))),
+            _ => Ok(record),
+        }
+    }
+
+    async fn put(&self, record: &VolumeRecord) -> Result<(), AgentError> {
+        let record = record.clone();
+        self.store_call(move |store| store.put_volume(&record))
+            .await
+    }
+
+    /// Clears the intent: the operation is complete.
+    pub(crate) async fn settle(
+        &self,
+        mut record: VolumeRecord,
+    ) -> Result<VolumeRecord, AgentError> {
+        record.pending = None;
+        self.put(&record).await?;
+        Ok(record)
+    }
+
+    async fn provisioned_bytes(&self) -> Result<u64, AgentError> {
+        let records = self.store_call(|store| store.volumes()).await?;
+        Ok(records.iter().map(|r| r.size_bytes).sum())
+    }
+
+    pub(crate) fn thin_name(&self, record: &VolumeRecord) -> Result<DeviceName, AgentError> {
+        Ok(self.naming.thin(&record.volume_id()?))
+    }
+
+    /// Creates the thin device, or brings a live one to the record's size.
+    pub(crate) async fn ensure_thin_device(
+        &self,
+        record: &VolumeRecord,
+    ) -> Result<DevRef, AgentError> {
+        let table = self.pool.thin_table(record.thin_id, record.size_bytes)?;
+        self.ensure_device(&self.thin_name(record)?, &table, |live| {
+            same_target_other_length(live, &table)
+        })
+        .await
+    }
+
+    /// Creates the public device over the thin device, or resizes it.
+    pub(crate) async fn ensure_public_device(
+        &self,
+        record: &VolumeRecord,
+    ) -> Result<DevRef, AgentError> {
+        let thin = self.ensure_thin_device(record).await?;
+        let table = Table::single(
+            record.size_bytes / SECTOR,
+            Target::Linear(Linear {
+                device: thin,
+                offset: 0,
+            }),
+        )?;
+        let public = self.naming.public(&record.volume_id()?);
+        self.ensure_device(&public, &table, |live| {
+            same_target_other_length(live, &table)
+        })
+        .await
+    }
+
+    /// Makes `name` carry `table`: creates it, adopts it when it already does,
+    /// swaps the table when `may_swap` allows it, and refuses otherwise.
+    async fn ensure_device(
+        &self,
+        name: &DeviceName,
+        table: &Table,
+        may_swap: impl Fn(&Table) -> bool,
+    ) -> Result<DevRef, AgentError> {
+        let Some(state) = self.dm.info(name).await? else {
+            return Ok(self.dm.create(name, None, table).await?.device);
+        };
+        let live = self.dm.table(name).await?;
+        if live == *table {
+            return Ok(state.device);
+        }
+        if may_swap(&live) {
+            return Ok(self.dm.swap_table(name, table).await?.device);
+        }
+        Err(AgentError::Conflict(format!(
+            "device-mapper device {name} has table \"{live}\", expected \"{table}\""
+        )))
+    }
+
+    pub(crate) async fn remove_device_if_present(
+        &self,
+        name: &DeviceName,
+    ) -> Result<(), AgentError> {
+        match self.dm.remove(name).await {
+            Ok(()) | Err(Error::NoSuchDevice { .. }) => Ok(()),
+            Err(Error::DeviceBusy { device, open_count }) => Err(AgentError::FailedPrecondition(
+                format!("device {device} is open ({open_count} users); close them and retry"),
+            )),
+            Err(err) => Err(err.into()),
+        }
+    }
+
+    pub(crate) async fn open_count(&self, name: &DeviceName) -> Result<Option<i32>, AgentError> {
+        Ok(self.dm.info(name).await?.map(|state| state.open_count))
+    }
+
+    /// The caller's view of a record plus what the kernel says now.
+    async fn describe(&self, record: &VolumeRecord) -> Result<Volume, AgentError> {
+        let id = record.volume_id()?;
+        let state = match (&record.quarantine, &record.pending) {
+            (Some(reason), _) => VolumeState::Quarantined(reason.clone()),
+            (None, Some(Pending::Create)) => VolumeState::Creating,
+            (None, Some(Pending::Delete)) => VolumeState::Deleting,
+            (None, _) => VolumeState::Available,
+        };
+        let allocated_bytes = self
+            .dm
+            .status_of::<ThinStatus>(&self.naming.thin(&id), 0)
+            .await
+            .ok()
+            .and_then(|s| s.mapped_sectors())
+            .map(|sectors| sectors * SECTOR);
+        Ok(Volume {
+            device_path: record
+                .published
+                .then(|| self.naming.public(&id).mapper_path()),
+            id,
+            size_bytes: record.size_bytes,
+            state,
+            published: record.published,
+            allocated_bytes,
+        })
+    }
+}
+
+/// A live table that differs from the wanted one only in length: a resize
+/// the agent may apply (grow after an interrupted extend).
+fn same_target_other_length(live: &Table, wanted: &Table) -> bool {
+    match (live.segments(), wanted.segments()) {
+        ([a], [b]) => a.target == b.target && a.start == b.start,
+        _ => false,
+    }
+}
+
+fn not_found(id: &VolumeId) -> AgentError {
+    AgentError::NotFound {
+        what: "volume",
+        id: id.to_string(),
+    }
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,10 @@
+//! The agent as a process: its gRPC API against the real kernel, crash
+//! recovery, mutual TLS.
+
+pub mod fixture;
+
+mod api;
+mod crash;
+mod reboot;
+mod scale;
+mod tls;
