@@ -1,0 +1,1 @@
+"""Cinder volume driver for node-local storage on dmclone agents."""

@@ -1,0 +1,418 @@
+#    Licensed under the Apache License, Version 2.0 (the "License"); you may
+#    not use this file except in compliance with the License. You may obtain
+#    a copy of the License at
+#
+#         http://www.apache.org/licenses/LICENSE-2.0
+#
+#    Unless required by applicable law or agreed to in writing, software
+#    distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+#    WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+#    License for the specific language governing permissions and limitations
+#    under the License.
+
+"""gRPC client of the dmclone agents.
+
+Only blocking unary calls, each with a deadline. How they run depends on
+the process's threading model:
+
+* Under eventlet monkey patching, grpcio's Python layer would take green
+  locks from its native helper threads (a hang) or block the hub for the
+  whole call. Every call therefore runs in eventlet's native thread pool
+  (tpool.execute) on a channel that is created and used only by that
+  native thread.
+* With native threads (OS_CINDER_DISABLE_EVENTLET_PATCHING) one channel
+  per agent is shared by all threads, as grpcio intends.
+
+Every gRPC status is turned into a Cinder exception in translate_error and
+nowhere else.
+"""
+
+import sys
+import threading
+
+from cinder import exception
+from cinder.i18n import _
+import grpc
+from oslo_context import context as oslo_context
+from oslo_log import log as logging
+
+from dmclone_cinder._proto.dmclone.v1 import node_pb2
+from dmclone_cinder._proto.dmclone.v1 import node_pb2_grpc
+from dmclone_cinder._proto.dmclone.v1 import snapshot_pb2
+from dmclone_cinder._proto.dmclone.v1 import snapshot_pb2_grpc
+from dmclone_cinder._proto.dmclone.v1 import transfer_pb2
+from dmclone_cinder._proto.dmclone.v1 import transfer_pb2_grpc
+from dmclone_cinder._proto.dmclone.v1 import volume_pb2
+from dmclone_cinder._proto.dmclone.v1 import volume_pb2_grpc
+
+LOG = logging.getLogger(__name__)
+
+REQUEST_ID_METADATA_KEY = 'x-request-id'
+USER_AGENT = 'dmclone-cinder'
+
+STUB_CLASSES = {
+    'Node': node_pb2_grpc.NodeStub,
+    'Volumes': volume_pb2_grpc.VolumesStub,
+    'Snapshots': snapshot_pb2_grpc.SnapshotsStub,
+    'Transfers': transfer_pb2_grpc.TransfersStub,
+}
+
+ACTIVE_TRANSFER_STATES = frozenset(
+    {
+        transfer_pb2.TRANSFER_STATE_CONNECTING,
+        transfer_pb2.TRANSFER_STATE_DEFERRED,
+        transfer_pb2.TRANSFER_STATE_HYDRATING,
+        transfer_pb2.TRANSFER_STATE_PAUSED,
+        transfer_pb2.TRANSFER_STATE_FINALIZING,
+        transfer_pb2.TRANSFER_STATE_DEGRADED,
+    }
+)
+
+
+class AgentNotFound(exception.NotFound):
+    message = _('Agent %(agent)s has no %(subject)s: %(detail)s')
+
+
+class AgentUnavailable(exception.VolumeBackendAPIException):
+    """The agent could not be reached or did not answer in time."""
+
+
+# Calls whose FAILED_PRECONDITION means "in use": Cinder's managers catch
+# these exceptions and put the resource back to available instead of
+# error.
+_BUSY_VOLUME_RPCS = frozenset({'DeleteVolume', 'UnpublishVolume'})
+_BUSY_SNAPSHOT_RPCS = frozenset({'DeleteSnapshot'})
+
+
+def translate_error(agent, rpc, subject, error):
+    """The Cinder exception for a failed agent call."""
+    code = error.code()
+    detail = error.details() or code.name
+    where = f'agent {agent} {rpc}({subject})'
+    if code == grpc.StatusCode.NOT_FOUND:
+        return AgentNotFound(agent=agent, subject=subject, detail=detail)
+    if code in (
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+    ):
+        return AgentUnavailable(data=f'{where}: {code.name}: {detail}')
+    if code == grpc.StatusCode.UNIMPLEMENTED:
+        return exception.NotSupportedOperation(
+            operation=f'{rpc}: agent {agent} does not implement it ({detail})'
+        )
+    if code == grpc.StatusCode.FAILED_PRECONDITION:
+        return _precondition_error(where, rpc, subject, detail)
+    if code in (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.OUT_OF_RANGE,
+    ):
+        return exception.InvalidInput(reason=f'{where}: {detail}')
+    # RESOURCE_EXHAUSTED lands here on purpose: VolumeBackendAPIException
+    # makes the create flow reschedule to another pool.
+    return exception.VolumeBackendAPIException(
+        data=f'{where}: {code.name}: {detail}'
+    )
+
+
+def _precondition_error(where, rpc, subject, detail):
+    message = f'{where}: {detail}'
+    if rpc in _BUSY_VOLUME_RPCS:
+        return exception.VolumeIsBusy(message=message, volume_name=subject)
+    if rpc in _BUSY_SNAPSHOT_RPCS:
+        return exception.SnapshotIsBusy(message=message, snapshot_name=subject)
+    return exception.InvalidVolume(reason=message)
+
+
+def current_request_id():
+    """The request id of the Cinder request this green/native thread runs.
+
+    cinder's RequestContext stores itself as the thread's current context
+    when the RPC layer rebuilds it, so the driver methods that get no
+    context argument still find it here.
+    """
+    context = oslo_context.get_current()
+    return getattr(context, 'request_id', None)
+
+
+def _call_metadata():
+    request_id = current_request_id()
+    if not request_id:
+        return ()
+    return ((REQUEST_ID_METADATA_KEY, request_id),)
+
+
+class _Connection:
+    """A channel and its stubs; used by one thread, or shared (threads)."""
+
+    def __init__(self, endpoint, tls):
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=tls.ca,
+            private_key=tls.key,
+            certificate_chain=tls.cert,
+        )
+        self.channel = grpc.secure_channel(
+            endpoint,
+            credentials,
+            options=[('grpc.primary_user_agent', USER_AGENT)],
+        )
+        self._stubs = {}
+
+    def stub(self, service):
+        if service not in self._stubs:
+            self._stubs[service] = STUB_CLASSES[service](self.channel)
+        return self._stubs[service]
+
+
+class Transport:
+    """Runs unary calls with a deadline, a concurrency cap and metadata."""
+
+    def __init__(self, tls, timeout, max_concurrent_calls):
+        self._tls = tls
+        self._timeout = timeout
+        # Created after monkey patching, so under eventlet this is a green
+        # semaphore: waiting for a slot parks a green thread, not the hub.
+        self._slots = threading.BoundedSemaphore(max_concurrent_calls)
+
+    def unary(self, endpoint, service, method, request):
+        metadata = _call_metadata()
+        with self._slots:
+            return self._run(
+                self._invoke, endpoint, service, method, request, metadata
+            )
+
+    def _invoke(self, endpoint, service, method, request, metadata):
+        stub = self._connection(endpoint).stub(service)
+        return getattr(stub, method)(
+            request, timeout=self._timeout, metadata=metadata
+        )
+
+    def _run(self, function, *args):
+        raise NotImplementedError
+
+    def _connection(self, endpoint):
+        raise NotImplementedError
+
+
+class SharedChannelTransport(Transport):
+    """Native threads: one channel per agent, shared by every thread."""
+
+    def __init__(self, tls, timeout, max_concurrent_calls):
+        super().__init__(tls, timeout, max_concurrent_calls)
+        self._connections = {}
+        self._lock = threading.Lock()
+
+    def _run(self, function, *args):
+        return function(*args)
+
+    def _connection(self, endpoint):
+        with self._lock:
+            if endpoint not in self._connections:
+                self._connections[endpoint] = _Connection(endpoint, self._tls)
+            return self._connections[endpoint]
+
+
+class PerThreadChannelTransport(Transport):
+    """Eventlet: each call runs in a tpool thread on that thread's channel.
+
+    The thread-local comes from the original (unpatched) threading module,
+    so it is keyed by the native tpool thread, not by a green thread.
+    """
+
+    def __init__(self, tls, timeout, max_concurrent_calls):
+        super().__init__(tls, timeout, max_concurrent_calls)
+        from eventlet import patcher
+        from eventlet import tpool
+
+        self._execute = tpool.execute
+        self._native_local = patcher.original('threading').local()
+
+    def _run(self, function, *args):
+        return self._execute(function, *args)
+
+    def _connection(self, endpoint):
+        connections = self._native_local.__dict__.setdefault('by_endpoint', {})
+        if endpoint not in connections:
+            connections[endpoint] = _Connection(endpoint, self._tls)
+        return connections[endpoint]
+
+
+def eventlet_patched():
+    """True when eventlet has monkey patched threads in this process."""
+    if 'eventlet' not in sys.modules:
+        return False
+    from eventlet import patcher
+
+    return patcher.is_monkey_patched('thread')
+
+
+def make_transport(tls, timeout, max_concurrent_calls):
+    if eventlet_patched():
+        cls = PerThreadChannelTransport
+    else:
+        cls = SharedChannelTransport
+    LOG.debug('dmclone agent calls use %s', cls.__name__)
+    return cls(tls, timeout, max_concurrent_calls)
+
+
+class AgentClient:
+    """The dmclone.v1 API of one agent, in Cinder terms."""
+
+    def __init__(self, name, endpoint, transport):
+        self.name = name
+        self.endpoint = endpoint
+        self._transport = transport
+
+    # Node
+    def get_node_info(self):
+        return self._call(
+            'Node', 'GetNodeInfo', node_pb2.GetNodeInfoRequest(), 'node info'
+        )
+
+    # Volumes
+    def create_volume(
+        self, volume_id, size_bytes, source_snapshot_id='', source_volume_id=''
+    ):
+        request = volume_pb2.CreateVolumeRequest(
+            volume_id=volume_id,
+            size_bytes=size_bytes,
+            source_snapshot_id=source_snapshot_id,
+            source_volume_id=source_volume_id,
+        )
+        return self._call('Volumes', 'CreateVolume', request, volume_id)
+
+    def delete_volume(self, volume_id):
+        request = volume_pb2.DeleteVolumeRequest(volume_id=volume_id)
+        self._call('Volumes', 'DeleteVolume', request, volume_id, True)
+
+    def extend_volume(self, volume_id, new_size_bytes):
+        request = volume_pb2.ExtendVolumeRequest(
+            volume_id=volume_id, new_size_bytes=new_size_bytes
+        )
+        return self._call('Volumes', 'ExtendVolume', request, volume_id)
+
+    def get_volume(self, volume_id):
+        request = volume_pb2.GetVolumeRequest(volume_id=volume_id)
+        return self._call('Volumes', 'GetVolume', request, volume_id)
+
+    def list_volumes(self):
+        request = volume_pb2.ListVolumesRequest()
+        reply = self._call('Volumes', 'ListVolumes', request, 'volume list')
+        return list(reply.volumes)
+
+    def publish_volume(self, volume_id):
+        request = volume_pb2.PublishVolumeRequest(volume_id=volume_id)
+        reply = self._call('Volumes', 'PublishVolume', request, volume_id)
+        return reply.device_path
+
+    def unpublish_volume(self, volume_id):
+        request = volume_pb2.UnpublishVolumeRequest(volume_id=volume_id)
+        self._call('Volumes', 'UnpublishVolume', request, volume_id, True)
+
+    # Snapshots
+    def create_snapshot(self, snapshot_id, volume_id):
+        request = snapshot_pb2.CreateSnapshotRequest(
+            snapshot_id=snapshot_id, volume_id=volume_id
+        )
+        return self._call('Snapshots', 'CreateSnapshot', request, snapshot_id)
+
+    def delete_snapshot(self, snapshot_id):
+        request = snapshot_pb2.DeleteSnapshotRequest(snapshot_id=snapshot_id)
+        self._call('Snapshots', 'DeleteSnapshot', request, snapshot_id, True)
+
+    def revert_volume(self, volume_id, snapshot_id):
+        request = snapshot_pb2.RevertVolumeRequest(
+            volume_id=volume_id, snapshot_id=snapshot_id
+        )
+        self._call('Snapshots', 'RevertVolume', request, volume_id)
+
+    # Transfers
+    def export_volume(self, volume_id, host_nqn):
+        request = transfer_pb2.ExportVolumeRequest(
+            volume_id=volume_id, host_nqn=host_nqn
+        )
+        return self._call('Transfers', 'ExportVolume', request, volume_id)
+
+    def unexport_volume(self, volume_id):
+        request = transfer_pb2.UnexportVolumeRequest(volume_id=volume_id)
+        self._call('Transfers', 'UnexportVolume', request, volume_id, True)
+
+    def start_transfer(
+        self, transfer_id, volume_id, size_bytes, source, deferred, knobs
+    ):
+        request = transfer_pb2.StartTransferRequest(
+            transfer_id=transfer_id,
+            volume_id=volume_id,
+            size_bytes=size_bytes,
+            nvme_tcp=source,
+            deferred=deferred,
+            knobs=knobs,
+        )
+        return self._call('Transfers', 'StartTransfer', request, volume_id)
+
+    def commit_transfer(self, transfer_id):
+        request = transfer_pb2.TransferRef(transfer_id=transfer_id)
+        return self._call('Transfers', 'CommitTransfer', request, transfer_id)
+
+    def abort_transfer(self, transfer_id):
+        request = transfer_pb2.TransferRef(transfer_id=transfer_id)
+        self._call('Transfers', 'AbortTransfer', request, transfer_id, True)
+
+    def list_transfers(self):
+        request = transfer_pb2.ListTransfersRequest()
+        reply = self._call('Transfers', 'ListTransfers', request, 'transfers')
+        return list(reply.transfers)
+
+    def active_transfers_of(self, volume_id):
+        """This agent's unfinished transfers that bring volume_id here."""
+        return [
+            transfer
+            for transfer in self.list_transfers()
+            if transfer.volume_id == volume_id
+            and transfer.state in ACTIVE_TRANSFER_STATES
+        ]
+
+    def _call(self, service, method, request, subject, missing_ok=False):
+        LOG.debug(
+            'dmclone agent %(agent)s: %(method)s(%(subject)s)',
+            {'agent': self.name, 'method': method, 'subject': subject},
+        )
+        try:
+            return self._transport.unary(
+                self.endpoint, service, method, request
+            )
+        except grpc.RpcError as error:
+            if missing_ok and error.code() == grpc.StatusCode.NOT_FOUND:
+                LOG.debug(
+                    'dmclone agent %(agent)s: %(subject)s already gone',
+                    {'agent': self.name, 'subject': subject},
+                )
+                return None
+            raise translate_error(self.name, method, subject, error) from None
+
+
+class Agents:
+    """The agents of one backend, by nova host name (= pool name)."""
+
+    def __init__(self, endpoints, transport):
+        self._clients = {
+            host: AgentClient(host, endpoint, transport)
+            for host, endpoint in endpoints.items()
+        }
+
+    def __contains__(self, host):
+        return host in self._clients
+
+    def __getitem__(self, host):
+        try:
+            return self._clients[host]
+        except KeyError:
+            raise exception.VolumeBackendAPIException(
+                data=_(
+                    'no dmclone agent is configured for host %(host)r '
+                    '(dmclone_agents has %(known)s)'
+                )
+                % {'host': host, 'known': ', '.join(sorted(self._clients))}
+            ) from None
+
+    def items(self):
+        return sorted(self._clients.items())

@@ -1,0 +1,769 @@
+#    Licensed under the Apache License, Version 2.0 (the "License"); you may
+#    not use this file except in compliance with the License. You may obtain
+#    a copy of the License at
+#
+#         http://www.apache.org/licenses/LICENSE-2.0
+#
+#    Unless required by applicable law or agreed to in writing, software
+#    distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+#    WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+#    License for the specific language governing permissions and limitations
+#    under the License.
+
+"""Cinder volume driver for node-local storage served by dmclone agents.
+
+One cinder-volume service runs this driver; every hypervisor runs an
+agent. Each agent is one pool, named after the hypervisor's nova host, and
+a volume's pool is the host that holds it (its "home"). Attaching on
+another hypervisor moves the volume there with dm-clone, and the pool
+follows the volume (see _set_home).
+"""
+
+import math
+import uuid
+
+from cinder import coordination
+from cinder import exception
+from cinder import interface
+from cinder.common import constants
+from cinder.i18n import _
+from cinder.objects import fields
+from cinder.volume import driver
+from cinder.volume import volume_utils
+from oslo_log import log as logging
+from oslo_utils import excutils
+from oslo_utils import units
+
+from dmclone_cinder import client
+from dmclone_cinder import options
+from dmclone_cinder._proto.dmclone.v1 import transfer_pb2
+
+LOG = logging.getLogger(__name__)
+
+options.register()
+
+# One lock per volume, shared by every method that may move it: Cinder
+# itself does not serialize initialize/terminate_connection of one volume
+# from two hosts, which is exactly the live-migration window.
+VOLUME_LOCK = 'dmclone-{volume.name_id}'
+SOURCE_LOCK = 'dmclone-{src_vref.name_id}'
+SNAPSHOT_VOLUME_LOCK = 'dmclone-{snapshot.volume.name_id}'
+
+SUPPORTED_API_PREFIX = 'dmclone.v'
+# PoolUsage.health values (node.proto) that matter here.
+HEALTHY = 'healthy'
+FAILED = 'failed'
+
+# Attachments in these states may still write through their host; a
+# failed detach may have left the instance connected.
+_HOLDING_STATES = frozenset(
+    {
+        fields.VolumeAttachStatus.ATTACHED,
+        fields.VolumeAttachStatus.ATTACHING,
+        fields.VolumeAttachStatus.ERROR_DETACHING,
+    }
+)
+_GONE_STATES = frozenset(
+    {
+        fields.VolumeAttachStatus.DETACHED,
+        fields.VolumeAttachStatus.DELETED,
+    }
+)
+
+
+def _gib_to_bytes(size_gb):
+    return int(size_gb) * units.Gi
+
+
+def _bytes_to_gib_rounded_up(size_bytes):
+    return math.ceil(size_bytes / units.Gi)
+
+
+def _attachment_host(attachment):
+    connector = attachment.connector or {}
+    return connector.get('host') or attachment.attached_host
+
+
+def _local_connection(agent, device_path):
+    if not device_path:
+        raise exception.VolumeBackendAPIException(
+            data=_('agent %s returned no device path') % agent.name
+        )
+    return {
+        'driver_volume_type': 'local',
+        'data': {'device_path': device_path},
+    }
+
+
+@interface.volumedriver
+class DMCloneDriver(driver.VolumeDriver):
+    """Node-local volumes on dmclone agents, moved on attach by dm-clone."""
+
+    VERSION = '0.1.0'
+    CI_WIKI_NAME = 'dmclone_CI'
+    # Locks are tooz locks of the configured coordination backend; the
+    # default file backend is node-local, so no Active-Active claim.
+    SUPPORTS_ACTIVE_ACTIVE = False
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.configuration.append_config_values(options.dmclone_opts)
+        self._agents = None
+        self._hydration = None
+
+    @staticmethod
+    def get_driver_options():
+        return options.dmclone_opts
+
+    # Setup
+
+    def do_setup(self, context):
+        conf = self.configuration
+        try:
+            endpoints = options.parse_agents(conf.dmclone_agents)
+            tls = options.read_tls_material(
+                conf.dmclone_tls_ca_file
+                or conf.safe_get('driver_ssl_cert_path'),
+                conf.dmclone_tls_cert_file,
+                conf.dmclone_tls_key_file,
+            )
+            self._hydration = options.hydration_defaults(
+                conf.dmclone_region_bytes,
+                conf.dmclone_hydration_threshold,
+                conf.dmclone_hydration_batch_size,
+                conf.dmclone_max_bytes_per_second,
+            )
+        except options.ConfigError as err:
+            message = _('[%(section)s] %(error)s') % {
+                'section': conf.config_group,
+                'error': err,
+            }
+            LOG.error('dmclone driver configuration: %s', message)
+            raise exception.InvalidConfigurationValue(message=message) from err
+        transport = client.make_transport(
+            tls, conf.dmclone_call_timeout, conf.dmclone_max_concurrent_calls
+        )
+        self._agents = client.Agents(endpoints, transport)
+
+    def check_for_setup_error(self):
+        # An unreachable hypervisor must not take the whole backend down:
+        # it is reported as a pool with backend_state 'down' instead.
+        for host, agent in self._agents.items():
+            try:
+                info = agent.get_node_info()
+            except client.AgentUnavailable as err:
+                LOG.warning(
+                    'dmclone agent %(host)s unreachable: %(err)s',
+                    {'host': host, 'err': err},
+                )
+                continue
+            self._check_api_version(host, info)
+            LOG.info(
+                'dmclone agent %(host)s: node %(node)s, agent %(version)s, '
+                'API %(api)s',
+                {
+                    'host': host,
+                    'node': info.node_id,
+                    'version': info.agent_version,
+                    'api': info.api_version,
+                },
+            )
+
+    @staticmethod
+    def _check_api_version(host, info):
+        api = info.api_version
+        if api.startswith(SUPPORTED_API_PREFIX):
+            major = api[len(SUPPORTED_API_PREFIX) :]
+            if major.isdigit() and int(major) >= 1:
+                return
+        raise exception.VolumeDriverException(
+            message=_(
+                'dmclone agent %(host)s serves API %(api)r; this driver '
+                'needs dmclone.v1'
+            )
+            % {'host': host, 'api': api}
+        )
+
+    # Stats
+
+    def _update_volume_stats(self):
+        pools = [
+            self._pool_stats(host, agent)
+            for host, agent in self._agents.items()
+        ]
+        any_up = any(pool['backend_state'] == 'up' for pool in pools)
+        backend_name = self.configuration.safe_get('volume_backend_name')
+        self._stats = {
+            'volume_backend_name': backend_name or self.__class__.__name__,
+            'vendor_name': 'dmclone',
+            'driver_version': self.VERSION,
+            # Hypervisors attach locally; everything that crosses hosts
+            # (moves, attaches from hosts without an agent) is NVMe/TCP.
+            'storage_protocol': constants.NVMEOF_TCP,
+            'backend_state': 'up' if any_up else 'down',
+            'pools': pools,
+        }
+
+    def _pool_stats(self, host, agent):
+        conf = self.configuration
+        stats = {
+            'pool_name': host,
+            'reserved_percentage': conf.reserved_percentage,
+            'max_over_subscription_ratio': (
+                volume_utils.get_max_over_subscription_ratio(
+                    conf.max_over_subscription_ratio, supports_auto=False
+                )
+            ),
+            'thin_provisioning_support': True,
+            'thick_provisioning_support': False,
+            'multiattach': False,
+            # nova's 'local' volume driver cannot grow an attached disk.
+            'online_extend_support': False,
+            'sparse_copy_volume': True,
+            'QoS_support': False,
+            'filter_function': self.get_filter_function(),
+            'goodness_function': self.get_goodness_function(),
+        }
+        try:
+            info = agent.get_node_info()
+        except exception.CinderException as err:
+            # One broken agent must not hide the other pools.
+            LOG.warning(
+                'dmclone pool %(host)s is down: %(err)s',
+                {'host': host, 'err': err},
+            )
+            stats.update(
+                total_capacity_gb=0, free_capacity_gb=0, backend_state='down'
+            )
+            return stats
+        stats.update(self._capacity(host, info.pool))
+        stats.update(self._provisioned(host, agent, info.pool))
+        return stats
+
+    @staticmethod
+    def _capacity(host, pool):
+        total = pool.data_total_bytes / units.Gi
+        free = max(pool.data_total_bytes - pool.data_used_bytes, 0) / units.Gi
+        health = pool.health or HEALTHY
+        if pool.low_space or health != HEALTHY:
+            # The agent refuses new allocations past its low-water mark,
+            # and a pool in trouble should get no new volumes either.
+            LOG.warning(
+                'dmclone pool %(host)s takes no new volumes: health '
+                '%(health)r, low space %(low)s',
+                {'host': host, 'health': health, 'low': pool.low_space},
+            )
+            free = 0
+        return {
+            'total_capacity_gb': round(total, 2),
+            'free_capacity_gb': round(free, 2),
+            'backend_state': 'down' if health == FAILED else 'up',
+        }
+
+    @staticmethod
+    def _provisioned(host, agent, pool):
+        """Provisioned capacity as the agent sees it, when it can say.
+
+        Cinder's own allocated_capacity_gb is counted per pool at create
+        and delete time, so it drifts when volumes move between pools;
+        the agent's numbers do not. Agents that leave the PoolUsage
+        fields at zero are asked for their volume list instead.
+        """
+        if pool.provisioned_bytes or pool.volume_count:
+            provisioned, count = pool.provisioned_bytes, pool.volume_count
+        else:
+            try:
+                volumes = agent.list_volumes()
+            except exception.CinderException as err:
+                LOG.debug(
+                    'dmclone pool %(host)s: no volume list (%(err)s)',
+                    {'host': host, 'err': err},
+                )
+                return {}
+            provisioned = sum(volume.size_bytes for volume in volumes)
+            count = len(volumes)
+        return {
+            'provisioned_capacity_gb': round(provisioned / units.Gi, 2),
+            'total_volumes': count,
+        }
+
+    # Where things live
+
+    @staticmethod
+    def _home(volume):
+        home = volume_utils.extract_host(volume.host, 'pool')
+        if not home:
+            raise exception.VolumeBackendAPIException(
+                data=_(
+                    'volume %(id)s has host %(host)r without a pool; '
+                    'dmclone volumes always live in a pool'
+                )
+                % {'id': volume.id, 'host': volume.host}
+            )
+        return home
+
+    def _home_agent(self, volume):
+        return self._agents[self._home(volume)]
+
+    def _snapshot_host(self, snapshot):
+        # Snapshots stay on the host where they were taken, even after the
+        # volume moved on; create_snapshot records that host.
+        return snapshot.provider_location or self._home(snapshot.volume)
+
+    @staticmethod
+    def _set_home(volume, host):
+        """Make the volume's pool the host that now holds its data.
+
+        Nothing in Cinder moves volume.host when a volume changes
+        hypervisor on attach, so the driver saves it itself. Only the pool
+        part changes: host@backend stays, so RPC routing, service_uuid and
+        cluster_name stay valid. See README "How the pool follows the
+        volume" for the manager code paths this relies on.
+        """
+        backend = volume_utils.extract_host(volume.host, 'backend')
+        new_host = volume_utils.append_host(backend, host)
+        if volume.host == new_host:
+            return
+        LOG.info(
+            'Volume %(id)s now lives on %(host)s: host %(old)s -> %(new)s',
+            {
+                'id': volume.id,
+                'host': host,
+                'old': volume.host,
+                'new': new_host,
+            },
+        )
+        volume.host = new_host
+        volume.save()
+
+    @staticmethod
+    def _relocation_update(volume, host):
+        """Model update for a new volume the agent created on another host.
+
+        The scheduler places volumes made from a snapshot in the pool of
+        the snapshot's volume, which may have moved away from the snapshot
+        since; the create flow saves this update.
+        """
+        backend = volume_utils.extract_host(volume.host, 'backend')
+        new_host = volume_utils.append_host(backend, host)
+        if volume.host == new_host:
+            return None
+        LOG.info(
+            'Volume %(id)s was created on %(host)s, not in pool of %(old)s',
+            {'id': volume.id, 'host': host, 'old': volume.host},
+        )
+        return {'host': new_host}
+
+    # Volumes
+
+    def create_volume(self, volume):
+        self._home_agent(volume).create_volume(
+            volume.name_id, _gib_to_bytes(volume.size)
+        )
+
+    @coordination.synchronized(VOLUME_LOCK)
+    def delete_volume(self, volume):
+        if volume.host is None:
+            self._delete_everywhere(volume)
+            return
+        self._home_agent(volume).delete_volume(volume.name_id)
+
+    def _delete_everywhere(self, volume):
+        # A failed create is rescheduled with host reset to None before
+        # the manager deletes it, so the agent that may hold a partial
+        # volume is unknown; ids are UUIDs, so asking all is safe.
+        for host, agent in self._agents.items():
+            try:
+                agent.delete_volume(volume.name_id)
+            except client.AgentUnavailable as err:
+                LOG.error(
+                    'Cannot make sure volume %(id)s is gone from '
+                    'unreachable agent %(host)s: %(err)s',
+                    {'id': volume.name_id, 'host': host, 'err': err},
+                )
+
+    @coordination.synchronized(VOLUME_LOCK)
+    def extend_volume(self, volume, new_size):
+        self._home_agent(volume).extend_volume(
+            volume.name_id, _gib_to_bytes(new_size)
+        )
+
+    def _create_from_source(self, volume, host, **source):
+        agent = self._agents[host]
+        wanted = _gib_to_bytes(volume.size)
+        created = agent.create_volume(volume.name_id, wanted, **source)
+        if created.size_bytes < wanted:
+            # The agent may create a copy at the source's size.
+            agent.extend_volume(volume.name_id, wanted)
+        return self._relocation_update(volume, host)
+
+    @coordination.synchronized(VOLUME_LOCK)
+    def create_volume_from_snapshot(self, volume, snapshot):
+        return self._create_from_source(
+            volume,
+            self._snapshot_host(snapshot),
+            source_snapshot_id=snapshot.id,
+        )
+
+    @coordination.synchronized(VOLUME_LOCK, SOURCE_LOCK)
+    def create_cloned_volume(self, volume, src_vref):
+        return self._create_from_source(
+            volume, self._home(src_vref), source_volume_id=src_vref.name_id
+        )
+
+    # Snapshots
+
+    @coordination.synchronized(SNAPSHOT_VOLUME_LOCK)
+    def create_snapshot(self, snapshot):
+        home = self._home(snapshot.volume)
+        self._agents[home].create_snapshot(
+            snapshot.id, snapshot.volume.name_id
+        )
+        return {'provider_location': home}
+
+    @coordination.synchronized(SNAPSHOT_VOLUME_LOCK)
+    def delete_snapshot(self, snapshot):
+        self._agents[self._snapshot_host(snapshot)].delete_snapshot(
+            snapshot.id
+        )
+
+    @coordination.synchronized(VOLUME_LOCK)
+    def revert_to_snapshot(self, context, volume, snapshot):
+        home = self._home(volume)
+        snapshot_host = self._snapshot_host(snapshot)
+        if snapshot_host != home:
+            # NotImplementedError makes the manager fall back to its
+            # generic revert: a temporary volume from the snapshot (made on
+            # the snapshot's host) copied over the volume.
+            raise NotImplementedError(
+                _(
+                    'snapshot %(snap)s is on %(snap_host)s but volume %(vol)s '
+                    'moved to %(home)s; the agents revert only in place'
+                )
+                % {
+                    'snap': snapshot.id,
+                    'snap_host': snapshot_host,
+                    'vol': volume.id,
+                    'home': home,
+                }
+            )
+        self._agents[home].revert_volume(volume.name_id, snapshot.id)
+
+    # Exports: the agents keep their own durable state; the attach work
+    # happens in initialize/terminate_connection, which know the host.
+
+    def create_export(self, context, volume, connector):
+        return None
+
+    def ensure_export(self, context, volume):
+        try:
+            self._home_agent(volume).get_volume(volume.name_id)
+        except client.AgentUnavailable as err:
+            # Raising here would set the in-use volume to error although
+            # it may be perfectly fine on an agent we cannot reach now.
+            LOG.warning(
+                'Cannot check volume %(id)s: %(err)s',
+                {'id': volume.id, 'err': err},
+            )
+
+    def remove_export(self, context, volume):
+        return None
+
+    # Attach and detach
+
+    def validate_connector(self, connector):
+        host = connector.get('host')
+        if not host:
+            raise exception.InvalidConnectorException(missing='host')
+        if host not in self._agents and not connector.get('nqn'):
+            raise exception.InvalidConnectorException(
+                missing=_(
+                    'nqn (host %s has no dmclone agent, so it '
+                    'attaches over NVMe/TCP)'
+                )
+                % host
+            )
+
+    @coordination.synchronized(VOLUME_LOCK)
+    def initialize_connection(
+        self, volume, connector, initiator_data=None, **kwargs
+    ):
+        target = connector['host']
+        home = self._home(volume)
+        if target == home:
+            agent = self._agents[home]
+            return _local_connection(
+                agent, agent.publish_volume(volume.name_id)
+            )
+        if target in self._agents:
+            return self._attach_by_moving(volume, home, target)
+        return self._attach_over_nvme(volume, home, connector)
+
+    def _attach_by_moving(self, volume, home, target):
+        destination = self._agents[target]
+        transfer = self._unfinished_transfer(destination, volume)
+        if transfer is None:
+            deferred = self._held_elsewhere(volume, target)
+            transfer = self._start_transfer(volume, home, target, deferred)
+        if transfer.state != transfer_pb2.TRANSFER_STATE_DEFERRED:
+            # Hydration runs: the destination holds the newest data now.
+            self._set_home(volume, target)
+        return _local_connection(destination, transfer.device_path)
+
+    @staticmethod
+    def _held_elsewhere(volume, target):
+        """Whether another host may still write (live migration)."""
+        return any(
+            attachment.attach_status in _HOLDING_STATES
+            and _attachment_host(attachment) not in (None, target)
+            for attachment in volume.volume_attachment
+        )
+
+    @staticmethod
+    def _unfinished_transfer(agent, volume):
+        transfers = agent.active_transfers_of(volume.name_id)
+        if len(transfers) > 1:
+            LOG.warning(
+                'Agent %(host)s has %(n)d transfers of volume '
+                '%(id)s; using %(tid)s',
+                {
+                    'host': agent.name,
+                    'n': len(transfers),
+                    'id': volume.name_id,
+                    'tid': transfers[0].transfer_id,
+                },
+            )
+        return transfers[0] if transfers else None
+
+    def _start_transfer(self, volume, home, target, deferred):
+        source = self._agents[home]
+        destination = self._agents[target]
+        host_nqn = destination.get_node_info().host_nqn
+        if not host_nqn:
+            raise exception.VolumeBackendAPIException(
+                data=_('agent %s reports no NVMe host NQN') % target
+            )
+        export = source.export_volume(volume.name_id, host_nqn)
+        try:
+            return destination.start_transfer(
+                transfer_id=str(uuid.uuid4()),
+                volume_id=volume.name_id,
+                size_bytes=_gib_to_bytes(volume.size),
+                source=transfer_pb2.NvmeTcpSource(
+                    subsystem_nqn=export.subsystem_nqn,
+                    transport_address=export.transport_address,
+                    transport_service_id=export.transport_service_id,
+                    source_agent_endpoint=source.endpoint,
+                ),
+                deferred=deferred,
+                knobs=self._knobs(),
+            )
+        except Exception:
+            with excutils.save_and_reraise_exception():
+                self._unexport_quietly(source, volume)
+
+    def _knobs(self):
+        return transfer_pb2.HydrationKnobs(
+            region_bytes=self._hydration.region_bytes,
+            hydration_threshold=self._hydration.hydration_threshold,
+            hydration_batch_size=self._hydration.hydration_batch_size,
+            max_bytes_per_second=self._hydration.max_bytes_per_second,
+        )
+
+    @staticmethod
+    def _unexport_quietly(agent, volume):
+        try:
+            agent.unexport_volume(volume.name_id)
+        except exception.CinderException as err:
+            LOG.warning(
+                'Could not withdraw export of %(id)s on %(host)s: %(err)s',
+                {'id': volume.name_id, 'host': agent.name, 'err': err},
+            )
+
+    def _attach_over_nvme(self, volume, home, connector):
+        export = self._agents[home].export_volume(
+            volume.name_id, connector['nqn']
+        )
+        # The new (v2) os-brick format; without a namespace id or UUID in
+        # the Export message os-brick finds the namespace that appears.
+        return {
+            'driver_volume_type': 'nvmeof',
+            'data': {
+                'target_nqn': export.subsystem_nqn,
+                'portals': [
+                    [
+                        export.transport_address,
+                        str(export.transport_service_id),
+                        'tcp',
+                    ]
+                ],
+                'host_nqn': connector['nqn'],
+            },
+        }
+
+    @coordination.synchronized(VOLUME_LOCK)
+    def terminate_connection(self, volume, connector, **kwargs):
+        if connector is None:
+            self._drop_all_connections(volume)
+            return False
+        host = connector.get('host')
+        if self._shares_host(volume, host):
+            return True
+        home = self._home(volume)
+        if host == home:
+            self._detach_at_home(volume, home)
+        elif host in self._agents:
+            self._detach_destination(volume, home, host)
+        else:
+            self._agents[home].unexport_volume(volume.name_id)
+        return False
+
+    @staticmethod
+    def _shares_host(volume, host):
+        # The attachment being deleted is still listed during the call.
+        on_host = [
+            attachment
+            for attachment in volume.volume_attachment
+            if _attachment_host(attachment) == host
+            and attachment.attach_status not in _GONE_STATES
+        ]
+        return len(on_host) > 1
+
+    def _detach_at_home(self, volume, home):
+        source = self._agents[home]
+        pending = self._deferred_transfer_elsewhere(volume, home)
+        # The instance left this host: nothing may write here any more.
+        source.unpublish_volume(volume.name_id)
+        if pending is None:
+            return
+        # Live migration committed: the destination may hydrate now.
+        target, transfer = pending
+        self._agents[target].commit_transfer(transfer.transfer_id)
+        self._set_home(volume, target)
+
+    def _deferred_transfer_elsewhere(self, volume, home):
+        hosts = {
+            _attachment_host(attachment)
+            for attachment in volume.volume_attachment
+        }
+        for host in sorted(h for h in hosts if h in self._agents):
+            if host == home:
+                continue
+            transfer = self._unfinished_transfer(self._agents[host], volume)
+            if transfer and transfer.state == (
+                transfer_pb2.TRANSFER_STATE_DEFERRED
+            ):
+                return host, transfer
+        return None
+
+    def _detach_destination(self, volume, home, host):
+        destination = self._agents[host]
+        transfer = self._unfinished_transfer(destination, volume)
+        if transfer is None:
+            LOG.info(
+                'Volume %(id)s has no transfer to %(host)s to tear down',
+                {'id': volume.id, 'host': host},
+            )
+            return
+        if transfer.state == transfer_pb2.TRANSFER_STATE_DEFERRED:
+            # Live migration aborted: the source never stopped serving.
+            destination.abort_transfer(transfer.transfer_id)
+            self._unexport_quietly(self._agents[home], volume)
+            return
+        # Hydration already started, so the destination has the newest
+        # data: it is the home, whatever the pool said.
+        LOG.warning(
+            'Volume %(id)s was hydrating on %(host)s while its pool '
+            'said %(home)s; moving the pool',
+            {'id': volume.id, 'host': host, 'home': home},
+        )
+        self._set_home(volume, host)
+        destination.unpublish_volume(volume.name_id)
+
+    def _drop_all_connections(self, volume):
+        # Force detach without a connector: withdraw every path we know.
+        home = self._home(volume)
+        pending = self._deferred_transfer_elsewhere(volume, home)
+        if pending is not None:
+            target, transfer = pending
+            self._agents[target].abort_transfer(transfer.transfer_id)
+        source = self._agents[home]
+        source.unpublish_volume(volume.name_id)
+        source.unexport_volume(volume.name_id)
+
+    # Migration within this backend: a move without an attachment.
+
+    @coordination.synchronized(VOLUME_LOCK)
+    def migrate_volume(self, context, volume, host):
+        target = self._pool_in_this_backend(volume, host['host'])
+        if target is None or target not in self._agents:
+            return False, None
+        home = self._home(volume)
+        if target != home:
+            self._start_transfer(volume, home, target, deferred=False)
+        # The manager itself sets volume.host to host['host'].
+        return True, None
+
+    @staticmethod
+    def _pool_in_this_backend(volume, destination):
+        same_backend = volume_utils.extract_host(
+            destination, 'backend'
+        ) == volume_utils.extract_host(volume.host, 'backend')
+        if not same_backend:
+            return None
+        return volume_utils.extract_host(destination, 'pool')
+
+    # Manage and unmanage: the agent volume id becomes the name id.
+
+    def manage_existing_get_size(self, volume, existing_ref):
+        existing = self._find_manageable(volume, existing_ref)
+        return _bytes_to_gib_rounded_up(existing.size_bytes)
+
+    @coordination.synchronized(VOLUME_LOCK)
+    def manage_existing(self, volume, existing_ref):
+        existing = self._find_manageable(volume, existing_ref)
+        size = _gib_to_bytes(_bytes_to_gib_rounded_up(existing.size_bytes))
+        if existing.size_bytes < size:
+            # Cinder records whole GiB; make the device match.
+            self._home_agent(volume).extend_volume(existing.volume_id, size)
+        if existing.volume_id == volume.name_id:
+            return None
+        return {'_name_id': existing.volume_id}
+
+    def _find_manageable(self, volume, existing_ref):
+        volume_id = self._referenced_id(existing_ref)
+        try:
+            existing = self._home_agent(volume).get_volume(volume_id)
+        except client.AgentNotFound as err:
+            raise exception.ManageExistingInvalidReference(
+                existing_ref=existing_ref, reason=str(err)
+            ) from err
+        if existing.published:
+            raise exception.ManageExistingInvalidReference(
+                existing_ref=existing_ref,
+                reason=_('volume %s is published (in use) on its host')
+                % volume_id,
+            )
+        return existing
+
+    @staticmethod
+    def _referenced_id(existing_ref):
+        reference = existing_ref.get('source-id') or existing_ref.get(
+            'source-name'
+        )
+        try:
+            return str(uuid.UUID(reference))
+        except (TypeError, ValueError):
+            raise exception.ManageExistingInvalidReference(
+                existing_ref=existing_ref,
+                reason=_(
+                    'source-id (or source-name) must be the agent volume UUID'
+                ),
+            ) from None
+
+    def unmanage(self, volume):
+        # The agent keeps the volume; Cinder just forgets it.
+        LOG.info(
+            'Volume %(id)s (agent volume %(name_id)s) unmanaged',
+            {'id': volume.id, 'name_id': volume.name_id},
+        )

@@ -1,0 +1,119 @@
+"""A fake dmclone agent: a real gRPC server with mutual TLS.
+
+Run as a child process of the tests (`python tests/fake_agent.py ...`),
+never imported by them: grpc's server threads cannot live in the tests'
+eventlet-patched interpreter (tried: the server never answers, because its
+polling thread becomes a green thread blocked in C). It prints
+"PORT <n>" once it listens and stops when its stdin closes.
+
+Behaviour, chosen for the tests:
+* every handler sleeps --delay seconds, so parallelism is measurable;
+* GetNodeInfo echoes the caller's x-request-id in NodeInfo.hostname;
+* GetVolume of a volume id "code-<STATUS_CODE>" fails with that code;
+* Snapshots and Transfers are not implemented (UNIMPLEMENTED).
+"""
+
+import argparse
+from concurrent import futures
+import sys
+import time
+
+import grpc
+
+from dmclone_cinder._proto.dmclone.v1 import node_pb2
+from dmclone_cinder._proto.dmclone.v1 import node_pb2_grpc
+from dmclone_cinder._proto.dmclone.v1 import volume_pb2
+from dmclone_cinder._proto.dmclone.v1 import volume_pb2_grpc
+
+GIB = 1 << 30
+REQUEST_ID_KEY = 'x-request-id'
+ERROR_PREFIX = 'code-'
+
+
+def _request_id(context):
+    return dict(context.invocation_metadata()).get(REQUEST_ID_KEY, '')
+
+
+class Node(node_pb2_grpc.NodeServicer):
+    def __init__(self, delay):
+        self._delay = delay
+
+    def GetNodeInfo(self, request, context):
+        time.sleep(self._delay)
+        return node_pb2.NodeInfo(
+            node_id='fake-node',
+            hostname=_request_id(context),
+            agent_version='fake',
+            api_version='dmclone.v1',
+            host_nqn='nqn.2014-08.org.nvmexpress:uuid:fake',
+            pool=node_pb2.PoolUsage(
+                data_total_bytes=100 * GIB, data_used_bytes=25 * GIB
+            ),
+        )
+
+
+class Volumes(volume_pb2_grpc.VolumesServicer):
+    def __init__(self, delay):
+        self._delay = delay
+
+    def GetVolume(self, request, context):
+        time.sleep(self._delay)
+        if request.volume_id.startswith(ERROR_PREFIX):
+            code = grpc.StatusCode[request.volume_id[len(ERROR_PREFIX) :]]
+            context.abort(code, f'fake agent says {code.name}')
+        return volume_pb2.Volume(
+            volume_id=request.volume_id,
+            size_bytes=GIB,
+            state=volume_pb2.VOLUME_STATE_AVAILABLE,
+        )
+
+    def ListVolumes(self, request, context):
+        time.sleep(self._delay)
+        return volume_pb2.ListVolumesResponse(
+            volumes=[
+                volume_pb2.Volume(volume_id='a', size_bytes=2 * GIB),
+                volume_pb2.Volume(volume_id='b', size_bytes=3 * GIB),
+            ]
+        )
+
+    def PublishVolume(self, request, context):
+        time.sleep(self._delay)
+        return volume_pb2.PublishVolumeResponse(
+            device_path=f'/dev/mapper/dmclone-{request.volume_id}'
+        )
+
+
+def _read(path):
+    with open(path, 'rb') as pem:
+        return pem.read()
+
+
+def serve(args):
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=32))
+    node_pb2_grpc.add_NodeServicer_to_server(Node(args.delay), server)
+    volume_pb2_grpc.add_VolumesServicer_to_server(Volumes(args.delay), server)
+    credentials = grpc.ssl_server_credentials(
+        [(_read(args.key), _read(args.cert))],
+        root_certificates=_read(args.ca),
+        require_client_auth=True,
+    )
+    port = server.add_secure_port('127.0.0.1:0', credentials)
+    server.start()
+    sys.stdout.write(f'PORT {port}\n')
+    sys.stdout.flush()
+    # The parent closes our stdin when it is done (or dies).
+    sys.stdin.read()
+    server.stop(grace=None)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--ca', required=True)
+    parser.add_argument('--cert', required=True)
+    parser.add_argument('--key', required=True)
+    parser.add_argument('--delay', type=float, default=0.0)
+    serve(parser.parse_args())
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,974 @@
+"""Unit tests of DMCloneDriver with the agents mocked."""
+
+from unittest import mock
+import uuid
+
+from cinder import exception
+from cinder.common import constants
+from cinder.objects import fields
+from cinder.volume import volume_utils
+import eventlet
+
+from dmclone_cinder import client
+from dmclone_cinder._proto.dmclone.v1 import transfer_pb2
+from dmclone_cinder._proto.dmclone.v1 import volume_pb2
+from tests import base
+
+ATTACHED = fields.VolumeAttachStatus.ATTACHED
+DEFERRED = transfer_pb2.TRANSFER_STATE_DEFERRED
+HYDRATING = transfer_pb2.TRANSFER_STATE_HYDRATING
+GIB = base.GIB
+
+
+def unavailable(host='hv2'):
+    return client.AgentUnavailable(data=f'agent {host}: UNAVAILABLE')
+
+
+def unimplemented(rpc):
+    return exception.NotSupportedOperation(operation=f'{rpc}: not yet')
+
+
+class SetupTestCase(base.DriverTestCase):
+    def _setup_with(self, **overrides):
+        self.flags(group='local', **overrides)
+        return self.driver.do_setup(self.ctxt)
+
+    def test_one_agent_client_per_configured_host(self):
+        for host in base.HOSTS:
+            client.AgentClient.assert_any_call(
+                host, base.endpoint_of(host), mock.ANY
+            )
+        self.assertEqual(3, client.AgentClient.call_count)
+
+    def test_bad_configuration_is_rejected_naming_the_option(self):
+        cases = {
+            'dmclone_agents': {'dmclone_agents': {}},
+            'ADDRESS:PORT': {'dmclone_agents': {'hv1': 'no-port'}},
+            'dmclone_tls_cert_file': {'dmclone_tls_cert_file': None},
+            'cannot read': {'dmclone_tls_key_file': '/nonexistent/key.pem'},
+            'dmclone_region_bytes': {'dmclone_region_bytes': 5000},
+        }
+        for expected, overrides in cases.items():
+            with self.subTest(expected=expected):
+                error = self.assertRaises(
+                    exception.InvalidConfigurationValue,
+                    self._setup_with,
+                    **overrides,
+                )
+                self.assertIn(expected, str(error))
+                self.assertIn('[local]', str(error))
+                self.flags(group='local', **self.backend_options())
+
+    def test_ca_file_falls_back_to_driver_ssl_cert_path(self):
+        self._setup_with(
+            dmclone_tls_ca_file=None,
+            driver_ssl_cert_path=self.pem_paths['ca'],
+        )
+        self.assertRaises(
+            exception.InvalidConfigurationValue,
+            self._setup_with,
+            driver_ssl_cert_path=None,
+        )
+
+    def test_backend_defaults_apply_to_the_backend_section(self):
+        self.flags(group='backend_defaults', dmclone_call_timeout=7.5)
+        self.assertEqual(7.5, self.driver.configuration.dmclone_call_timeout)
+
+    def test_driver_options_are_the_dmclone_options(self):
+        names = {opt.name for opt in self.driver.get_driver_options()}
+        self.assertIn('dmclone_agents', names)
+        self.assertTrue(all(name.startswith('dmclone_') for name in names))
+
+    def test_check_for_setup_error_tolerates_an_unreachable_agent(self):
+        self.agents['hv2'].get_node_info.side_effect = unavailable()
+        self.driver.check_for_setup_error()
+        for agent in self.agents.values():
+            agent.get_node_info.assert_called_once_with()
+
+    def test_check_for_setup_error_rejects_an_unknown_api(self):
+        self.agents['hv3'].get_node_info.return_value.api_version = 'x.v1'
+        error = self.assertRaises(
+            exception.VolumeDriverException,
+            self.driver.check_for_setup_error,
+        )
+        self.assertIn('hv3', str(error))
+
+    def test_check_for_setup_error_accepts_later_api_versions(self):
+        self.agents[
+            'hv1'
+        ].get_node_info.return_value.api_version = 'dmclone.v2'
+        self.driver.check_for_setup_error()
+
+    def test_check_for_setup_error_fails_on_agent_without_node_info(self):
+        self.agents['hv1'].get_node_info.side_effect = unimplemented(
+            'GetNodeInfo'
+        )
+        self.assertRaises(
+            exception.NotSupportedOperation,
+            self.driver.check_for_setup_error,
+        )
+
+
+class StatsTestCase(base.DriverTestCase):
+    def _pools(self):
+        stats = self.driver.get_volume_stats(refresh=True)
+        return stats, {pool['pool_name']: pool for pool in stats['pools']}
+
+    def test_backend_level_keys(self):
+        stats, _pools = self._pools()
+        self.assertEqual('local', stats['volume_backend_name'])
+        self.assertEqual('dmclone', stats['vendor_name'])
+        self.assertEqual(self.driver.VERSION, stats['driver_version'])
+        self.assertEqual(constants.NVMEOF_TCP, stats['storage_protocol'])
+        self.assertEqual('up', stats['backend_state'])
+
+    def test_one_pool_per_agent_with_its_capacity(self):
+        self.agents['hv2'].get_node_info.return_value = base.node_info(
+            'hv2', total_gib=200, used_gib=50
+        )
+        _stats, pools = self._pools()
+        self.assertEqual(set(base.HOSTS), set(pools))
+        self.assertEqual(100, pools['hv1']['total_capacity_gb'])
+        self.assertEqual(60, pools['hv1']['free_capacity_gb'])
+        self.assertEqual(200, pools['hv2']['total_capacity_gb'])
+        self.assertEqual(150, pools['hv2']['free_capacity_gb'])
+
+    def test_pool_capabilities(self):
+        self.flags(group='local', reserved_percentage=5)
+        _stats, pools = self._pools()
+        pool = pools['hv1']
+        self.assertTrue(pool['thin_provisioning_support'])
+        self.assertFalse(pool['thick_provisioning_support'])
+        self.assertFalse(pool['multiattach'])
+        self.assertFalse(pool['online_extend_support'])
+        self.assertEqual('up', pool['backend_state'])
+        self.assertEqual(5, pool['reserved_percentage'])
+        self.assertEqual(20.0, pool['max_over_subscription_ratio'])
+
+    def test_provisioned_capacity_comes_from_the_agent(self):
+        self.agents['hv1'].list_volumes.return_value = [
+            volume_pb2.Volume(volume_id='a', size_bytes=3 * GIB),
+            volume_pb2.Volume(volume_id='b', size_bytes=GIB // 2),
+        ]
+        _stats, pools = self._pools()
+        self.assertEqual(3.5, pools['hv1']['provisioned_capacity_gb'])
+        self.assertEqual(2, pools['hv1']['total_volumes'])
+
+    def test_provisioned_capacity_from_pool_usage_needs_no_list(self):
+        info = self.agents['hv1'].get_node_info.return_value
+        info.pool.provisioned_bytes = 250 * GIB
+        info.pool.volume_count = 7
+        _stats, pools = self._pools()
+        self.assertEqual(250, pools['hv1']['provisioned_capacity_gb'])
+        self.assertEqual(7, pools['hv1']['total_volumes'])
+        self.agents['hv1'].list_volumes.assert_not_called()
+
+    def test_unhealthy_pool_takes_no_new_volumes(self):
+        for health, state in (
+            ('read-only', 'up'),
+            ('needs check', 'up'),
+            ('failed', 'down'),
+        ):
+            with self.subTest(health=health):
+                info = self.agents['hv1'].get_node_info.return_value
+                info.pool.health = health
+                _stats, pools = self._pools()
+                self.assertEqual(0, pools['hv1']['free_capacity_gb'])
+                self.assertEqual(state, pools['hv1']['backend_state'])
+
+    def test_healthy_pool_keeps_its_free_capacity(self):
+        self.agents['hv1'].get_node_info.return_value.pool.health = 'healthy'
+        _stats, pools = self._pools()
+        self.assertEqual(60, pools['hv1']['free_capacity_gb'])
+
+    def test_provisioned_capacity_absent_when_agent_cannot_list(self):
+        self.agents['hv1'].list_volumes.side_effect = unimplemented(
+            'ListVolumes'
+        )
+        _stats, pools = self._pools()
+        self.assertNotIn('provisioned_capacity_gb', pools['hv1'])
+        self.assertEqual(100, pools['hv1']['total_capacity_gb'])
+
+    def test_low_space_pool_reports_no_free_capacity(self):
+        self.agents['hv1'].get_node_info.return_value = base.node_info(
+            'hv1', low_space=True
+        )
+        _stats, pools = self._pools()
+        self.assertEqual(0, pools['hv1']['free_capacity_gb'])
+        self.assertEqual(100, pools['hv1']['total_capacity_gb'])
+
+    def test_unreachable_agent_is_a_down_pool_not_an_error(self):
+        self.agents['hv2'].get_node_info.side_effect = unavailable()
+        self.agents['hv3'].get_node_info.side_effect = unimplemented(
+            'GetNodeInfo'
+        )
+        stats, pools = self._pools()
+        self.assertEqual('up', stats['backend_state'])
+        self.assertEqual('up', pools['hv1']['backend_state'])
+        for host in ('hv2', 'hv3'):
+            self.assertEqual('down', pools[host]['backend_state'])
+            self.assertEqual(0, pools[host]['free_capacity_gb'])
+            self.assertEqual(0, pools[host]['total_capacity_gb'])
+
+    def test_backend_is_down_when_every_agent_is(self):
+        for agent in self.agents.values():
+            agent.get_node_info.side_effect = unavailable()
+        stats, _pools = self._pools()
+        self.assertEqual('down', stats['backend_state'])
+
+
+class VolumeTestCase(base.DriverTestCase):
+    def test_create_volume_on_its_pool_by_name_id(self):
+        volume = self.volume(pool='hv2', size=3, _name_id=str(uuid.uuid4()))
+        self.assertIsNone(self.driver.create_volume(volume))
+        self.agents['hv2'].create_volume.assert_called_once_with(
+            volume.name_id, 3 * GIB
+        )
+        self.assertNotEqual(volume.id, volume.name_id)
+        self.assert_no_agent_changes('hv1', 'hv3')
+
+    def test_create_volume_full_pool_raises_for_reschedule(self):
+        self.agents[
+            'hv1'
+        ].create_volume.side_effect = exception.VolumeBackendAPIException(
+            data='RESOURCE_EXHAUSTED'
+        )
+        self.assertRaises(
+            exception.VolumeBackendAPIException,
+            self.driver.create_volume,
+            self.volume(),
+        )
+
+    def test_delete_volume_on_its_pool(self):
+        volume = self.volume(pool='hv3')
+        self.driver.delete_volume(volume)
+        self.agents['hv3'].delete_volume.assert_called_once_with(
+            volume.name_id
+        )
+        self.assert_no_agent_changes('hv1', 'hv2')
+
+    def test_delete_volume_without_host_asks_every_agent(self):
+        self.agents['hv2'].delete_volume.side_effect = unavailable()
+        volume = self.volume(pool=None)
+        self.driver.delete_volume(volume)
+        for agent in self.agents.values():
+            agent.delete_volume.assert_called_once_with(volume.name_id)
+
+    def test_delete_busy_volume_raises_volume_is_busy(self):
+        self.agents['hv1'].delete_volume.side_effect = exception.VolumeIsBusy(
+            volume_name='v'
+        )
+        self.assertRaises(
+            exception.VolumeIsBusy, self.driver.delete_volume, self.volume()
+        )
+
+    def test_extend_volume_in_bytes_on_its_pool(self):
+        volume = self.volume(pool='hv2')
+        self.driver.extend_volume(volume, 5)
+        self.agents['hv2'].extend_volume.assert_called_once_with(
+            volume.name_id, 5 * GIB
+        )
+
+    def test_volume_without_pool_is_an_error(self):
+        volume = self.volume()
+        volume.host = base.BACKEND
+        error = self.assertRaises(
+            exception.VolumeBackendAPIException,
+            self.driver.extend_volume,
+            volume,
+            2,
+        )
+        self.assertIn('without a pool', str(error))
+
+    def test_volume_in_unknown_pool_names_the_known_hosts(self):
+        error = self.assertRaises(
+            exception.VolumeBackendAPIException,
+            self.driver.create_volume,
+            self.volume(pool='hv9'),
+        )
+        self.assertIn("'hv9'", str(error))
+        self.assertIn('hv1, hv2, hv3', str(error))
+
+
+class SnapshotTestCase(base.DriverTestCase):
+    def test_create_snapshot_records_its_host(self):
+        volume = self.volume(pool='hv2')
+        snapshot = self.snapshot(volume)
+        update = self.driver.create_snapshot(snapshot)
+        self.assertEqual({'provider_location': 'hv2'}, update)
+        self.agents['hv2'].create_snapshot.assert_called_once_with(
+            snapshot.id, volume.name_id
+        )
+
+    def test_delete_snapshot_where_it_was_taken(self):
+        # The volume moved on to hv2; its snapshot stayed on hv1.
+        snapshot = self.snapshot(self.volume(pool='hv2'), location='hv1')
+        self.driver.delete_snapshot(snapshot)
+        self.agents['hv1'].delete_snapshot.assert_called_once_with(snapshot.id)
+        self.assert_no_agent_changes('hv2', 'hv3')
+
+    def test_delete_snapshot_without_location_uses_volume_pool(self):
+        snapshot = self.snapshot(self.volume(pool='hv3'))
+        self.driver.delete_snapshot(snapshot)
+        self.agents['hv3'].delete_snapshot.assert_called_once_with(snapshot.id)
+
+    def test_volume_from_snapshot_on_the_snapshot_host(self):
+        snapshot = self.snapshot(self.volume(pool='hv1'), location='hv1')
+        volume = self.volume(pool='hv1', size=1)
+        self.assertIsNone(
+            self.driver.create_volume_from_snapshot(volume, snapshot)
+        )
+        self.agents['hv1'].create_volume.assert_called_once_with(
+            volume.name_id, GIB, source_snapshot_id=snapshot.id
+        )
+        self.agents['hv1'].extend_volume.assert_not_called()
+
+    def test_volume_from_snapshot_grows_when_agent_kept_source_size(self):
+        snapshot = self.snapshot(self.volume(pool='hv1'), location='hv1')
+        volume = self.volume(pool='hv1', size=4)
+        self.agents['hv1'].create_volume.side_effect = None
+        self.agents['hv1'].create_volume.return_value = volume_pb2.Volume(
+            volume_id=volume.name_id, size_bytes=GIB
+        )
+        self.driver.create_volume_from_snapshot(volume, snapshot)
+        self.agents['hv1'].extend_volume.assert_called_once_with(
+            volume.name_id, 4 * GIB
+        )
+
+    def test_volume_from_snapshot_follows_a_snapshot_left_behind(self):
+        # The scheduler placed the new volume with the snapshot's volume
+        # (now on hv2), but the snapshot data is on hv1.
+        snapshot = self.snapshot(self.volume(pool='hv2'), location='hv1')
+        volume = self.volume(pool='hv2')
+        update = self.driver.create_volume_from_snapshot(volume, snapshot)
+        self.assertEqual({'host': f'{base.BACKEND}#hv1'}, update)
+        self.agents['hv1'].create_volume.assert_called_once()
+        self.assert_no_agent_changes('hv2', 'hv3')
+
+    def test_clone_on_the_source_host(self):
+        source = self.volume(pool='hv3', size=2)
+        volume = self.volume(pool='hv3', size=2)
+        self.assertIsNone(self.driver.create_cloned_volume(volume, source))
+        self.agents['hv3'].create_volume.assert_called_once_with(
+            volume.name_id, 2 * GIB, source_volume_id=source.name_id
+        )
+
+    def test_clone_follows_its_source_and_grows(self):
+        source = self.volume(pool='hv3', size=1)
+        volume = self.volume(pool='hv1', size=2)
+        self.agents['hv3'].create_volume.side_effect = None
+        self.agents['hv3'].create_volume.return_value = volume_pb2.Volume(
+            size_bytes=GIB
+        )
+        update = self.driver.create_cloned_volume(volume, source)
+        self.assertEqual({'host': f'{base.BACKEND}#hv3'}, update)
+        self.agents['hv3'].extend_volume.assert_called_once_with(
+            volume.name_id, 2 * GIB
+        )
+
+    def test_revert_in_place(self):
+        volume = self.volume(pool='hv1')
+        snapshot = self.snapshot(volume, location='hv1')
+        self.driver.revert_to_snapshot(self.ctxt, volume, snapshot)
+        self.agents['hv1'].revert_volume.assert_called_once_with(
+            volume.name_id, snapshot.id
+        )
+
+    def test_revert_across_hosts_leaves_it_to_the_generic_path(self):
+        volume = self.volume(pool='hv2')
+        snapshot = self.snapshot(volume, location='hv1')
+        self.assertRaises(
+            NotImplementedError,
+            self.driver.revert_to_snapshot,
+            self.ctxt,
+            volume,
+            snapshot,
+        )
+        self.assert_no_agent_changes(*base.HOSTS)
+
+    def test_unimplemented_revert_is_not_supported_not_generic(self):
+        # NotSupportedOperation is no NotImplementedError: the manager
+        # reports the failure instead of silently copying.
+        self.agents['hv1'].revert_volume.side_effect = unimplemented(
+            'RevertVolume'
+        )
+        volume = self.volume(pool='hv1')
+        error = self.assertRaises(
+            exception.NotSupportedOperation,
+            self.driver.revert_to_snapshot,
+            self.ctxt,
+            volume,
+            self.snapshot(volume, location='hv1'),
+        )
+        self.assertNotIsInstance(error, NotImplementedError)
+
+
+class ExportTestCase(base.DriverTestCase):
+    def test_create_and_remove_export_change_nothing(self):
+        volume = self.volume()
+        self.assertIsNone(
+            self.driver.create_export(self.ctxt, volume, {'host': 'hv2'})
+        )
+        self.assertIsNone(self.driver.remove_export(self.ctxt, volume))
+        self.assert_no_agent_changes(*base.HOSTS)
+
+    def test_ensure_export_checks_the_volume_on_its_host(self):
+        volume = self.volume(pool='hv2')
+        self.assertIsNone(self.driver.ensure_export(self.ctxt, volume))
+        self.agents['hv2'].get_volume.assert_called_once_with(volume.name_id)
+
+    def test_ensure_export_with_unreachable_agent_logs_and_returns(self):
+        self.agents['hv2'].get_volume.side_effect = unavailable()
+        self.assertIsNone(
+            self.driver.ensure_export(self.ctxt, self.volume(pool='hv2'))
+        )
+
+    def test_ensure_export_of_a_vanished_volume_raises(self):
+        self.agents['hv1'].get_volume.side_effect = client.AgentNotFound(
+            agent='hv1', subject='v', detail='no such volume'
+        )
+        self.assertRaises(
+            client.AgentNotFound,
+            self.driver.ensure_export,
+            self.ctxt,
+            self.volume(),
+        )
+
+
+class ValidateConnectorTestCase(base.DriverTestCase):
+    def test_host_is_required(self):
+        self.assertRaises(
+            exception.InvalidConnectorException,
+            self.driver.validate_connector,
+            {'nqn': 'nqn.x'},
+        )
+
+    def test_hypervisor_needs_no_nqn(self):
+        self.driver.validate_connector({'host': 'hv1'})
+
+    def test_other_host_needs_an_nqn(self):
+        error = self.assertRaises(
+            exception.InvalidConnectorException,
+            self.driver.validate_connector,
+            {'host': 'controller'},
+        )
+        self.assertIn('nqn', str(error))
+        self.driver.validate_connector({'host': 'controller', 'nqn': 'n'})
+
+
+class AttachTestCase(base.DriverTestCase):
+    def test_attach_at_home_publishes_the_local_device(self):
+        volume = self.volume(pool='hv1')
+        connection = self.driver.initialize_connection(volume, {'host': 'hv1'})
+        self.assertEqual(
+            {
+                'driver_volume_type': 'local',
+                'data': {
+                    'device_path': f'/dev/mapper/dmclone-{volume.name_id}@hv1'
+                },
+            },
+            connection,
+        )
+        self.assert_no_agent_changes('hv2', 'hv3')
+        volume.save.assert_not_called()
+
+    def test_attach_without_device_path_fails(self):
+        self.agents['hv1'].publish_volume.side_effect = None
+        self.agents['hv1'].publish_volume.return_value = ''
+        self.assertRaises(
+            exception.VolumeBackendAPIException,
+            self.driver.initialize_connection,
+            self.volume(),
+            {'host': 'hv1'},
+        )
+
+    def test_attach_elsewhere_moves_the_volume_and_its_pool(self):
+        volume = self.volume(pool='hv1', size=2)
+        connection = self.driver.initialize_connection(volume, {'host': 'hv2'})
+
+        source, destination = self.agents['hv1'], self.agents['hv2']
+        source.export_volume.assert_called_once_with(
+            volume.name_id, base.nqn_of('hv2')
+        )
+        request = destination.start_transfer.call_args.kwargs
+        export = base.export_of(volume.name_id, 'hv1')
+        self.assertEqual(volume.name_id, request['volume_id'])
+        self.assertEqual(2 * GIB, request['size_bytes'])
+        self.assertFalse(request['deferred'])
+        self.assertEqual(
+            transfer_pb2.NvmeTcpSource(
+                subsystem_nqn=export.subsystem_nqn,
+                transport_address=export.transport_address,
+                transport_service_id=export.transport_service_id,
+                source_agent_endpoint=base.endpoint_of('hv1'),
+            ),
+            request['source'],
+        )
+        self.assertEqual(
+            f'/dev/mapper/dmclone-{volume.name_id}@hv2',
+            connection['data']['device_path'],
+        )
+        self.assertEqual('local', connection['driver_volume_type'])
+        self.assertEqual(f'{base.BACKEND}#hv2', volume.host)
+        volume.save.assert_called_once_with()
+
+    def test_move_passes_the_configured_hydration_knobs(self):
+        self.flags(
+            group='local',
+            dmclone_region_bytes=64 * 1024,
+            dmclone_hydration_threshold=8,
+            dmclone_hydration_batch_size=16,
+            dmclone_max_bytes_per_second=100 * 1024 * 1024,
+        )
+        self.driver.do_setup(self.ctxt)
+        self.driver.initialize_connection(self.volume(), {'host': 'hv2'})
+        knobs = self.agents['hv2'].start_transfer.call_args.kwargs['knobs']
+        self.assertEqual(
+            transfer_pb2.HydrationKnobs(
+                region_bytes=64 * 1024,
+                hydration_threshold=8,
+                hydration_batch_size=16,
+                max_bytes_per_second=100 * 1024 * 1024,
+            ),
+            knobs,
+        )
+
+    def test_live_migration_attach_defers_hydration_and_keeps_pool(self):
+        volume = self.volume(pool='hv1', attachments=[('hv1', ATTACHED)])
+        connection = self.driver.initialize_connection(volume, {'host': 'hv2'})
+        request = self.agents['hv2'].start_transfer.call_args.kwargs
+        self.assertTrue(request['deferred'])
+        self.assertEqual(
+            f'/dev/mapper/dmclone-{volume.name_id}@hv2',
+            connection['data']['device_path'],
+        )
+        self.assertEqual(f'{base.BACKEND}#hv1', volume.host)
+        volume.save.assert_not_called()
+
+    def test_repeated_attach_reuses_the_unfinished_transfer(self):
+        volume = self.volume(pool='hv1', attachments=[('hv1', ATTACHED)])
+        pending = base.transfer(volume.name_id, DEFERRED)
+        self.agents['hv2'].active_transfers_of.return_value = [pending]
+        connection = self.driver.initialize_connection(volume, {'host': 'hv2'})
+        self.assertEqual(
+            pending.device_path, connection['data']['device_path']
+        )
+        self.agents['hv1'].export_volume.assert_not_called()
+        self.agents['hv2'].start_transfer.assert_not_called()
+        volume.save.assert_not_called()
+
+    def test_repeated_attach_during_hydration_settles_the_pool(self):
+        volume = self.volume(pool='hv1')
+        self.agents['hv2'].active_transfers_of.return_value = [
+            base.transfer(volume.name_id, HYDRATING)
+        ]
+        self.driver.initialize_connection(volume, {'host': 'hv2'})
+        self.agents['hv2'].start_transfer.assert_not_called()
+        self.assertEqual(f'{base.BACKEND}#hv2', volume.host)
+
+    def test_failed_transfer_start_withdraws_the_export(self):
+        self.agents[
+            'hv2'
+        ].start_transfer.side_effect = exception.VolumeBackendAPIException(
+            data='no space'
+        )
+        volume = self.volume(pool='hv1')
+        self.assertRaises(
+            exception.VolumeBackendAPIException,
+            self.driver.initialize_connection,
+            volume,
+            {'host': 'hv2'},
+        )
+        self.agents['hv1'].unexport_volume.assert_called_once_with(
+            volume.name_id
+        )
+        self.assertEqual(f'{base.BACKEND}#hv1', volume.host)
+
+    def test_destination_without_host_nqn_cannot_receive(self):
+        self.agents['hv2'].get_node_info.return_value.host_nqn = ''
+        self.assertRaises(
+            exception.VolumeBackendAPIException,
+            self.driver.initialize_connection,
+            self.volume(),
+            {'host': 'hv2'},
+        )
+        self.agents['hv1'].export_volume.assert_not_called()
+
+    def test_chained_move_refused_by_the_agent_is_reported(self):
+        self.agents['hv1'].export_volume.side_effect = exception.InvalidVolume(
+            reason='volume is still hydrating'
+        )
+        self.assertRaises(
+            exception.InvalidVolume,
+            self.driver.initialize_connection,
+            self.volume(),
+            {'host': 'hv2'},
+        )
+        self.agents['hv2'].start_transfer.assert_not_called()
+
+    def test_agent_without_transfers_makes_attach_fail_loudly(self):
+        self.agents['hv2'].active_transfers_of.side_effect = unimplemented(
+            'ListTransfers'
+        )
+        self.assertRaises(
+            exception.NotSupportedOperation,
+            self.driver.initialize_connection,
+            self.volume(),
+            {'host': 'hv2'},
+        )
+
+    def test_host_without_agent_gets_an_nvme_tcp_export(self):
+        volume = self.volume(pool='hv3')
+        connector = {'host': 'controller', 'nqn': 'nqn.controller'}
+        connection = self.driver.initialize_connection(volume, connector)
+
+        self.agents['hv3'].export_volume.assert_called_once_with(
+            volume.name_id, 'nqn.controller'
+        )
+        export = base.export_of(volume.name_id, 'hv3')
+        self.assertEqual(
+            {
+                'driver_volume_type': 'nvmeof',
+                'data': {
+                    'target_nqn': export.subsystem_nqn,
+                    'portals': [[export.transport_address, '4420', 'tcp']],
+                    'host_nqn': 'nqn.controller',
+                },
+            },
+            connection,
+        )
+        self.assertEqual(f'{base.BACKEND}#hv3', volume.host)
+
+    def test_nvme_connection_is_understood_by_os_brick(self):
+        from os_brick.initiator.connectors import nvmeof
+
+        connection = self.driver.initialize_connection(
+            self.volume(), {'host': 'controller', 'nqn': 'nqn.controller'}
+        )
+        properties = nvmeof.NVMeOFConnProps(connection['data'])
+        (target,) = properties.targets
+        self.assertEqual(connection['data']['target_nqn'], target.nqn)
+        (portal,) = target.portals
+        self.assertEqual('tcp', portal.transport)
+        self.assertEqual('4420', portal.port)
+
+
+class DetachTestCase(base.DriverTestCase):
+    def test_detach_at_home_unpublishes(self):
+        volume = self.volume(pool='hv1', attachments=[('hv1', ATTACHED)])
+        self.assertFalse(
+            self.driver.terminate_connection(volume, {'host': 'hv1'})
+        )
+        self.agents['hv1'].unpublish_volume.assert_called_once_with(
+            volume.name_id
+        )
+        volume.save.assert_not_called()
+
+    def test_second_attachment_on_the_host_keeps_the_device(self):
+        volume = self.volume(
+            pool='hv1', attachments=[('hv1', ATTACHED), ('hv1', ATTACHED)]
+        )
+        self.assertTrue(
+            self.driver.terminate_connection(volume, {'host': 'hv1'})
+        )
+        self.assert_no_agent_changes(*base.HOSTS)
+
+    def test_live_migration_commit_when_the_source_detaches(self):
+        volume = self.volume(
+            pool='hv1', attachments=[('hv1', ATTACHED), ('hv2', ATTACHED)]
+        )
+        pending = base.transfer(volume.name_id, DEFERRED)
+        self.agents['hv2'].active_transfers_of.return_value = [pending]
+        order = mock.Mock()
+        order.attach_mock(self.agents['hv1'].unpublish_volume, 'unpublish')
+        order.attach_mock(self.agents['hv2'].commit_transfer, 'commit')
+
+        self.assertFalse(
+            self.driver.terminate_connection(volume, {'host': 'hv1'})
+        )
+
+        self.assertEqual(
+            [
+                mock.call.unpublish(volume.name_id),
+                mock.call.commit(pending.transfer_id),
+            ],
+            order.mock_calls,
+        )
+        self.assertEqual(f'{base.BACKEND}#hv2', volume.host)
+        volume.save.assert_called_once_with()
+
+    def test_no_commit_while_the_source_device_is_busy(self):
+        volume = self.volume(
+            pool='hv1', attachments=[('hv1', ATTACHED), ('hv2', ATTACHED)]
+        )
+        self.agents['hv2'].active_transfers_of.return_value = [
+            base.transfer(volume.name_id, DEFERRED)
+        ]
+        self.agents[
+            'hv1'
+        ].unpublish_volume.side_effect = exception.VolumeIsBusy(
+            volume_name=volume.name_id
+        )
+        self.assertRaises(
+            exception.VolumeIsBusy,
+            self.driver.terminate_connection,
+            volume,
+            {'host': 'hv1'},
+        )
+        self.agents['hv2'].commit_transfer.assert_not_called()
+        self.assertEqual(f'{base.BACKEND}#hv1', volume.host)
+
+    def test_live_migration_abort_when_the_destination_detaches(self):
+        volume = self.volume(
+            pool='hv1', attachments=[('hv1', ATTACHED), ('hv2', ATTACHED)]
+        )
+        pending = base.transfer(volume.name_id, DEFERRED)
+        self.agents['hv2'].active_transfers_of.return_value = [pending]
+
+        self.assertFalse(
+            self.driver.terminate_connection(volume, {'host': 'hv2'})
+        )
+
+        self.agents['hv2'].abort_transfer.assert_called_once_with(
+            pending.transfer_id
+        )
+        self.agents['hv1'].unexport_volume.assert_called_once_with(
+            volume.name_id
+        )
+        self.agents['hv1'].unpublish_volume.assert_not_called()
+        self.assertEqual(f'{base.BACKEND}#hv1', volume.host)
+        volume.save.assert_not_called()
+
+    def test_destination_detach_without_transfer_changes_nothing(self):
+        volume = self.volume(pool='hv1', attachments=[('hv2', ATTACHED)])
+        self.driver.terminate_connection(volume, {'host': 'hv2'})
+        self.assert_no_agent_changes(*base.HOSTS)
+
+    def test_destination_already_hydrating_becomes_the_home(self):
+        volume = self.volume(pool='hv1', attachments=[('hv2', ATTACHED)])
+        self.agents['hv2'].active_transfers_of.return_value = [
+            base.transfer(volume.name_id, HYDRATING)
+        ]
+        self.driver.terminate_connection(volume, {'host': 'hv2'})
+        self.agents['hv2'].unpublish_volume.assert_called_once_with(
+            volume.name_id
+        )
+        self.agents['hv2'].abort_transfer.assert_not_called()
+        self.assertEqual(f'{base.BACKEND}#hv2', volume.host)
+
+    def test_detach_of_host_without_agent_withdraws_the_export(self):
+        volume = self.volume(pool='hv3')
+        connector = {'host': 'controller', 'nqn': 'nqn.controller'}
+        self.assertFalse(self.driver.terminate_connection(volume, connector))
+        self.agents['hv3'].unexport_volume.assert_called_once_with(
+            volume.name_id
+        )
+        self.agents['hv3'].unpublish_volume.assert_not_called()
+
+    def test_force_detach_without_connector_drops_every_path(self):
+        volume = self.volume(
+            pool='hv1', attachments=[('hv1', ATTACHED), ('hv2', ATTACHED)]
+        )
+        pending = base.transfer(volume.name_id, DEFERRED)
+        self.agents['hv2'].active_transfers_of.return_value = [pending]
+
+        self.assertFalse(
+            self.driver.terminate_connection(volume, None, force=True)
+        )
+
+        self.agents['hv2'].abort_transfer.assert_called_once_with(
+            pending.transfer_id
+        )
+        self.agents['hv1'].unpublish_volume.assert_called_once_with(
+            volume.name_id
+        )
+        self.agents['hv1'].unexport_volume.assert_called_once_with(
+            volume.name_id
+        )
+        self.assertEqual(f'{base.BACKEND}#hv1', volume.host)
+
+
+class MigrateTestCase(base.DriverTestCase):
+    def test_other_backend_uses_generic_migration(self):
+        moved = self.driver.migrate_volume(
+            self.ctxt, self.volume(), {'host': 'ctl@other#hv2'}
+        )
+        self.assertEqual((False, None), moved)
+        self.assert_no_agent_changes(*base.HOSTS)
+
+    def test_unknown_pool_uses_generic_migration(self):
+        moved = self.driver.migrate_volume(
+            self.ctxt, self.volume(), {'host': f'{base.BACKEND}#hv9'}
+        )
+        self.assertEqual((False, None), moved)
+
+    def test_pool_to_pool_is_an_agent_transfer(self):
+        volume = self.volume(pool='hv1')
+        moved = self.driver.migrate_volume(
+            self.ctxt, volume, {'host': f'{base.BACKEND}#hv3'}
+        )
+        self.assertEqual((True, None), moved)
+        request = self.agents['hv3'].start_transfer.call_args.kwargs
+        self.assertFalse(request['deferred'])
+        self.agents['hv1'].export_volume.assert_called_once()
+        # The manager writes the new host itself.
+        volume.save.assert_not_called()
+
+    def test_same_pool_needs_no_transfer(self):
+        moved = self.driver.migrate_volume(
+            self.ctxt, self.volume(), {'host': f'{base.BACKEND}#hv1'}
+        )
+        self.assertEqual((True, None), moved)
+        self.assert_no_agent_changes(*base.HOSTS)
+
+
+class ManageTestCase(base.DriverTestCase):
+    def setUp(self):
+        super().setUp()
+        self.existing_id = str(uuid.uuid4())
+        self.agents['hv2'].get_volume.return_value = volume_pb2.Volume(
+            volume_id=self.existing_id, size_bytes=GIB + GIB // 2
+        )
+
+    def test_size_is_rounded_up_to_whole_gib(self):
+        size = self.driver.manage_existing_get_size(
+            self.volume(pool='hv2'), {'source-name': self.existing_id}
+        )
+        self.assertEqual(2, size)
+        self.agents['hv2'].get_volume.assert_called_once_with(self.existing_id)
+
+    def test_manage_adopts_the_agent_id_and_fills_the_last_gib(self):
+        update = self.driver.manage_existing(
+            self.volume(pool='hv2'), {'source-id': self.existing_id}
+        )
+        self.assertEqual({'_name_id': self.existing_id}, update)
+        self.agents['hv2'].extend_volume.assert_called_once_with(
+            self.existing_id, 2 * GIB
+        )
+
+    def test_manage_volume_with_the_same_id_needs_no_update(self):
+        volume = self.volume(pool='hv2', id=self.existing_id)
+        self.agents['hv2'].get_volume.return_value.size_bytes = GIB
+        self.assertIsNone(
+            self.driver.manage_existing(
+                volume, {'source-name': self.existing_id}
+            )
+        )
+        self.agents['hv2'].extend_volume.assert_not_called()
+
+    def test_bad_references_are_invalid(self):
+        self.agents['hv2'].get_volume.side_effect = client.AgentNotFound(
+            agent='hv2', subject='x', detail='no such volume'
+        )
+        for reference in (
+            {},
+            {'source-name': 'not-a-uuid'},
+            {'source-id': str(uuid.uuid4())},
+        ):
+            with self.subTest(reference=reference):
+                self.assertRaises(
+                    exception.ManageExistingInvalidReference,
+                    self.driver.manage_existing,
+                    self.volume(pool='hv2'),
+                    reference,
+                )
+
+    def test_published_volume_is_not_managed(self):
+        self.agents['hv2'].get_volume.return_value.published = True
+        self.assertRaises(
+            exception.ManageExistingInvalidReference,
+            self.driver.manage_existing_get_size,
+            self.volume(pool='hv2'),
+            {'source-id': self.existing_id},
+        )
+
+    def test_unmanage_leaves_the_agent_volume(self):
+        self.driver.unmanage(self.volume())
+        self.assert_no_agent_changes(*base.HOSTS)
+
+
+class VolumeLockTestCase(base.DriverTestCase):
+    """Attach and detach of one volume never interleave."""
+
+    MOCK_TOOZ = False
+
+    def _record_slow_calls(self, agent_method, log, name):
+        def slow(*args, **kwargs):
+            log.append(('enter', name))
+            eventlet.sleep(0.1)
+            log.append(('exit', name))
+            return '/dev/fake'
+
+        agent_method.side_effect = slow
+
+    def _run_together(self, *calls):
+        threads = [eventlet.spawn(call) for call in calls]
+        for thread in threads:
+            thread.wait()
+
+    def test_same_volume_is_serialized(self):
+        log = []
+        agent = self.agents['hv1']
+        self._record_slow_calls(agent.publish_volume, log, 'attach')
+        self._record_slow_calls(agent.unpublish_volume, log, 'detach')
+        volume = self.volume(pool='hv1')
+        self._run_together(
+            lambda: self.driver.initialize_connection(volume, {'host': 'hv1'}),
+            lambda: self.driver.terminate_connection(volume, {'host': 'hv1'}),
+        )
+        self.assertEqual(log[0][0], 'enter')
+        self.assertEqual(log[1], ('exit', log[0][1]))
+
+    def test_different_volumes_run_concurrently(self):
+        log = []
+        agent = self.agents['hv1']
+        self._record_slow_calls(agent.publish_volume, log, 'attach')
+        self._record_slow_calls(agent.unpublish_volume, log, 'detach')
+        first, second = self.volume(pool='hv1'), self.volume(pool='hv1')
+        self._run_together(
+            lambda: self.driver.initialize_connection(first, {'host': 'hv1'}),
+            lambda: self.driver.terminate_connection(second, {'host': 'hv1'}),
+        )
+        self.assertEqual(['enter', 'enter'], [event for event, _ in log[:2]])
+
+
+class ImageCopyTestCase(base.DriverTestCase):
+    """cinder's default image copy attaches on the cinder-volume host."""
+
+    CONNECTOR = {'host': 'controller', 'nqn': 'nqn.controller'}
+
+    def setUp(self):
+        super().setUp()
+        self.mock_object(
+            volume_utils,
+            'brick_get_connector_properties',
+            return_value=dict(self.CONNECTOR),
+        )
+        self.brick = mock.Mock()
+        self.brick.connect_volume.return_value = {'path': '/dev/nvme1n1'}
+        self.brick.check_valid_device.return_value = True
+        self.get_connector = self.mock_object(
+            volume_utils, 'brick_get_connector', return_value=self.brick
+        )
+        self.upload = self.mock_object(volume_utils, 'upload_volume')
+
+    def test_volume_to_image_reads_an_nvme_tcp_export(self):
+        volume = self.volume(pool='hv2')
+        self.driver.copy_volume_to_image(
+            self.ctxt, volume, mock.sentinel.images, {'id': 'image'}
+        )
+
+        agent = self.agents['hv2']
+        agent.export_volume.assert_called_once_with(
+            volume.name_id, 'nqn.controller'
+        )
+        self.assertEqual('nvmeof', self.get_connector.call_args.args[0])
+        connected = self.brick.connect_volume.call_args.args[0]
+        self.assertEqual(
+            base.export_of(volume.name_id, 'hv2').subsystem_nqn,
+            connected['target_nqn'],
+        )
+        self.assertEqual('/dev/nvme1n1', self.upload.call_args.args[3])
+        agent.unexport_volume.assert_called_once_with(volume.name_id)
+        agent.publish_volume.assert_not_called()
+        self.assertEqual(f'{base.BACKEND}#hv2', volume.host)
