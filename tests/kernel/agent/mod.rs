@@ -4,6 +4,7 @@
 pub mod fixture;
 
 mod api;
+mod cli;
 mod crash;
 mod reboot;
 mod scale;

@@ -1,0 +1,170 @@
+//! `dmclonectl volume ...`
+
+use clap::Subcommand;
+use dmclone::{
+    config::parse_size,
+    proto::v1::{
+        CreateVolumeRequest, DeleteVolumeRequest, ExtendVolumeRequest, GetVolumeRequest,
+        ListVolumesRequest, PublishVolumeRequest, UnpublishVolumeRequest, Volume, VolumeState,
+        volumes_client::VolumesClient,
+    },
+};
+use serde_json::json;
+use tonic::transport::Channel;
+
+use crate::{Failure, output};
+
+#[derive(Debug, Subcommand)]
+pub enum VolumeCommand {
+    /// Every volume with its size, allocation and state.
+    List,
+    /// One volume.
+    Show { id: String },
+    /// Create an empty volume (SIZE like 10G; rounded up to whole MiB).
+    Create {
+        id: String,
+        #[arg(value_parser = parse_size)]
+        size: u64,
+    },
+    /// Delete a volume (refused while published).
+    Delete { id: String },
+    /// Grow a volume to SIZE.
+    Extend {
+        id: String,
+        #[arg(value_parser = parse_size)]
+        size: u64,
+    },
+    /// Make /dev/mapper/<prefix>-<id> present and print its path.
+    Publish { id: String },
+    /// Remove the public device (refused while it is open).
+    Unpublish { id: String },
+}
+
+pub async fn run(channel: Channel, command: VolumeCommand, as_json: bool) -> Result<(), Failure> {
+    let mut client = VolumesClient::new(channel);
+    match command {
+        VolumeCommand::List => {
+            let volumes = client
+                .list_volumes(ListVolumesRequest {})
+                .await?
+                .into_inner()
+                .volumes;
+            show(&volumes, as_json);
+        }
+        VolumeCommand::Show { id } => {
+            let volume = client
+                .get_volume(GetVolumeRequest { volume_id: id })
+                .await?
+                .into_inner();
+            show(&[volume], as_json);
+        }
+        VolumeCommand::Create { id, size } => {
+            let volume = client
+                .create_volume(CreateVolumeRequest {
+                    volume_id: id,
+                    size_bytes: size,
+                    ..Default::default()
+                })
+                .await?
+                .into_inner();
+            show(&[volume], as_json);
+        }
+        VolumeCommand::Delete { id } => {
+            client
+                .delete_volume(DeleteVolumeRequest {
+                    volume_id: id.clone(),
+                })
+                .await?;
+            done(as_json, "deleted", &id);
+        }
+        VolumeCommand::Extend { id, size } => {
+            let volume = client
+                .extend_volume(ExtendVolumeRequest {
+                    volume_id: id,
+                    new_size_bytes: size,
+                })
+                .await?
+                .into_inner();
+            show(&[volume], as_json);
+        }
+        VolumeCommand::Publish { id } => {
+            let path = client
+                .publish_volume(PublishVolumeRequest {
+                    volume_id: id.clone(),
+                })
+                .await?
+                .into_inner()
+                .device_path;
+            if as_json {
+                output::json(&json!({ "volume_id": id, "device_path": path }));
+            } else {
+                println!("{path}");
+            }
+        }
+        VolumeCommand::Unpublish { id } => {
+            client
+                .unpublish_volume(UnpublishVolumeRequest {
+                    volume_id: id.clone(),
+                })
+                .await?;
+            done(as_json, "unpublished", &id);
+        }
+    }
+    Ok(())
+}
+
+fn done(as_json: bool, what: &str, id: &str) {
+    if as_json {
+        output::json(&json!({ "volume_id": id, "result": what }));
+    } else {
+        println!("{what} {id}");
+    }
+}
+
+fn show(volumes: &[Volume], as_json: bool) {
+    if as_json {
+        output::json(&json!({ "volumes": volumes.iter().map(to_json).collect::<Vec<_>>() }));
+        return;
+    }
+    let rows: Vec<Vec<String>> = volumes
+        .iter()
+        .map(|v| {
+            vec![
+                v.volume_id.clone(),
+                output::size(v.size_bytes),
+                output::size(v.allocated_bytes),
+                state_name(v.state()).to_owned(),
+                if v.published {
+                    v.device_path.clone()
+                } else {
+                    "-".into()
+                },
+            ]
+        })
+        .collect();
+    output::table(&["VOLUME", "SIZE", "ALLOC", "STATE", "DEVICE"], &rows);
+}
+
+pub fn state_name(state: VolumeState) -> &'static str {
+    match state {
+        VolumeState::Unspecified => "unknown",
+        VolumeState::Creating => "creating",
+        VolumeState::Available => "available",
+        VolumeState::Hydrating => "hydrating",
+        VolumeState::Deleting => "deleting",
+        VolumeState::Quarantined => "quarantined",
+    }
+}
+
+/// The documented, stable JSON shape of one volume.
+pub fn to_json(volume: &Volume) -> serde_json::Value {
+    json!({
+        "volume_id": volume.volume_id,
+        "size_bytes": volume.size_bytes,
+        "allocated_bytes": volume.allocated_bytes,
+        "state": state_name(volume.state()),
+        "state_reason": volume.state_reason,
+        "published": volume.published,
+        "device_path": volume.device_path,
+    })
+}

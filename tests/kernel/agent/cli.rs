@@ -1,0 +1,128 @@
+//! dmclonectl against a real agent: each volume command, its JSON, and the
+//! exit statuses that tell usage errors, missing objects and an unreachable
+//! agent apart.
+
+use std::{path::PathBuf, process::Output};
+
+use super::{api::VOL_A, fixture::AgentProcess};
+use crate::support::MIB;
+
+fn dmclonectl() -> PathBuf {
+    let agent = super::fixture::agent_binary();
+    agent.with_file_name("dmclonectl")
+}
+
+#[allow(clippy::disallowed_types)] // the CLI under test is a process
+fn run(agent: &AgentProcess, args: &[&str]) -> Output {
+    std::process::Command::new(dmclonectl())
+        .arg("--socket")
+        .arg(agent.socket())
+        .args(args)
+        .output()
+        .expect("run dmclonectl")
+}
+
+fn json(agent: &AgentProcess, args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["--json"];
+    all.extend_from_slice(args);
+    let output = run(agent, &all);
+    assert!(
+        output.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap_or_else(|err| {
+        panic!(
+            "{args:?}: {err}: {}",
+            String::from_utf8_lossy(&output.stdout)
+        )
+    })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dmclonectl_drives_volumes_and_reports_with_exit_codes() {
+    let agent = AgentProcess::start("dmctcli").await;
+    let node = json(&agent, &["node"]);
+    assert_eq!(node["api_version"], "dmclone.v1");
+    assert_eq!(node["pool"]["health"], "healthy");
+    assert!(node["pool"]["data_total_bytes"].as_u64().unwrap() > 900 * MIB);
+    assert!(
+        node["targets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t["name"] == "clone")
+    );
+
+    let created = json(&agent, &["volume", "create", VOL_A, "48M"]);
+    assert_eq!(created["volumes"][0]["size_bytes"], 48 * MIB);
+    assert_eq!(created["volumes"][0]["state"], "available");
+    let published = json(&agent, &["volume", "publish", VOL_A]);
+    let path = published["device_path"].as_str().unwrap().to_owned();
+    assert!(
+        path.ends_with(VOL_A) && std::path::Path::new(&path).exists(),
+        "{published}"
+    );
+    let extended = json(&agent, &["volume", "extend", VOL_A, "64M"]);
+    assert_eq!(extended["volumes"][0]["size_bytes"], 64 * MIB);
+    let listed = json(&agent, &["volume", "list"]);
+    assert_eq!(listed["volumes"].as_array().unwrap().len(), 1);
+    assert_eq!(listed["volumes"][0]["published"], true);
+    assert_eq!(listed["volumes"][0]["device_path"], path.as_str());
+
+    let table = run(&agent, &["volume", "list"]);
+    let text = String::from_utf8(table.stdout).unwrap();
+    let mut lines = text.lines();
+    assert!(lines.next().unwrap().starts_with("VOLUME"), "{text}");
+    let row = lines.next().unwrap();
+    assert!(
+        row.contains(VOL_A) && row.contains("64.0MiB") && row.contains("available"),
+        "{text}"
+    );
+    let human_node = String::from_utf8(run(&agent, &["node"]).stdout).unwrap();
+    assert!(human_node.contains("pool       healthy"), "{human_node}");
+
+    // Exit statuses: 1 server refusal, 2 invalid, 3 not found, 4 unreachable.
+    let refused = run(&agent, &["volume", "delete", VOL_A]);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("unpublish it"));
+    assert_eq!(
+        run(&agent, &["volume", "show", "not-a-uuid"]).status.code(),
+        Some(2)
+    );
+    assert_eq!(
+        run(&agent, &["volume", "create", VOL_A, "lots"])
+            .status
+            .code(),
+        Some(2)
+    );
+    assert_eq!(
+        run(
+            &agent,
+            &["volume", "show", "9f9d1c3e-5f1a-4f7e-9a57-3f0c2b8f6d11"]
+        )
+        .status
+        .code(),
+        Some(3)
+    );
+    #[allow(clippy::disallowed_types)]
+    let unreachable = std::process::Command::new(dmclonectl())
+        .args(["--socket", "/nonexistent/agent.sock", "node"])
+        .output()
+        .unwrap();
+    assert_eq!(unreachable.status.code(), Some(4));
+
+    let unpublished = json(&agent, &["volume", "unpublish", VOL_A]);
+    assert_eq!(unpublished["result"], "unpublished");
+    let deleted = json(&agent, &["volume", "delete", VOL_A]);
+    assert_eq!(deleted["result"], "deleted");
+    assert!(
+        json(&agent, &["volume", "list"])["volumes"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+    let completions = run(&agent, &["completions", "bash"]);
+    assert!(String::from_utf8_lossy(&completions.stdout).contains("dmclonectl"));
+    agent.destroy().await;
+}
