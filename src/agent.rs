@@ -18,7 +18,8 @@ use crate::{
     locks::Locks,
     pool::{Pool, PoolUsage},
     reconcile::ReconcileReport,
-    store::Store,
+    store::{Store, TransferRecord},
+    transfer::Registry,
 };
 
 /// Who this agent is and what its kernel offers.
@@ -49,6 +50,7 @@ pub struct Agent {
     pub(crate) settings: Settings,
     pub(crate) node_id: String,
     pub(crate) reconcile: ReconcileReport,
+    pub(crate) transfers: Registry,
 }
 
 impl Agent {
@@ -86,6 +88,7 @@ impl Agent {
             settings,
             node_id,
             reconcile: ReconcileReport::default(),
+            transfers: Registry::default(),
         };
         let started = Instant::now();
         agent.reconcile = agent.reconcile_all().await?;
@@ -103,6 +106,10 @@ impl Agent {
         );
         let agent = Arc::new(agent);
         agent.watch_pool_events();
+        let transfers = agent
+            .store_call(|store| store.all::<TransferRecord>())
+            .await?;
+        agent.resume_monitors(&transfers);
         Ok(agent)
     }
 

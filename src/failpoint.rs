@@ -23,6 +23,11 @@ pub const POINTS: &[&str] = &[
     "delete.after_thin",
     "publish.after_record",
     "unpublish.after_record",
+    "transfer.after_record",
+    "transfer.after_metadata",
+    "finalize.after_record",
+    "finalize.after_swap",
+    "abort.after_record",
 ];
 
 fn armed() -> Option<&'static str> {

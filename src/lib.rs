@@ -15,10 +15,12 @@ pub mod error;
 pub mod failpoint;
 pub mod ids;
 pub mod locks;
+pub mod nvme;
 pub mod pool;
 pub mod proto;
 mod reconcile;
 pub mod store;
+pub mod transfer;
 pub mod volume;
 
 pub use error::{AgentError, Error, ParseError};

@@ -14,7 +14,7 @@ use crate::{
     agent::Agent,
     dm::names::DeviceRole,
     error::AgentError,
-    store::{Pending, VolumeRecord},
+    store::{Change, Pending, TransferPhase, TransferRecord, VolumeRecord},
 };
 
 /// What reconciliation found and did.
@@ -37,9 +37,19 @@ impl Agent {
     pub(crate) async fn reconcile_all(&self) -> Result<ReconcileReport, AgentError> {
         let mut report = ReconcileReport::default();
         let before = self.our_device_names().await?;
+        let transfers = self
+            .store_call(|store| store.all::<TransferRecord>())
+            .await?;
+        for transfer in &transfers {
+            self.reconcile_transfer(transfer, &before, &mut report)
+                .await?;
+        }
         let records = self.store_call(|store| store.volumes()).await?;
         report.volumes = records.len();
         for record in records {
+            if record.transfer.is_some() {
+                continue; // its transfer brought it to where it should be
+            }
             self.reconcile_volume(record, &before, &mut report).await?;
         }
         let records = self.store_call(|store| store.volumes()).await?;
@@ -124,6 +134,63 @@ impl Agent {
         Ok(())
     }
 
+    /// A transfer on this host after a restart: a start is rolled back, a
+    /// running one gets its stack back (hydration resumes from the clone's
+    /// persistent metadata), a finalize or abort is finished.
+    async fn reconcile_transfer(
+        &self,
+        transfer: &TransferRecord,
+        existing: &[String],
+        report: &mut ReconcileReport,
+    ) -> Result<(), AgentError> {
+        let volume_id = crate::ids::VolumeId::parse(&transfer.volume_id)?;
+        let volume = self.record(&volume_id).await?;
+        let public = self.naming.public(&volume_id);
+        let public_missing = !existing.iter().any(|name| name == public.as_str());
+        match (transfer.phase, volume) {
+            (TransferPhase::Starting, volume) => {
+                info!(transfer = %transfer.id, "rolling back a transfer start interrupted by a crash");
+                report.rolled_back += 1;
+                if let Some(volume) = &volume {
+                    self.tear_down(volume, transfer).await?;
+                }
+                let (v, t) = (transfer.volume_id.clone(), transfer.id.clone());
+                self.store_call(move |store| {
+                    store.commit(vec![
+                        Change::remove::<VolumeRecord>(&v),
+                        Change::remove::<TransferRecord>(&t),
+                    ])
+                })
+                .await
+            }
+            (TransferPhase::Aborted, Some(volume)) => {
+                report.finished += 1;
+                self.finish_abort(Some(volume), transfer).await
+            }
+            (
+                TransferPhase::Deferred | TransferPhase::Hydrating | TransferPhase::Paused,
+                Some(volume),
+            ) => {
+                if public_missing {
+                    report.rebuilt += 1;
+                }
+                self.rebuild_stack(&volume, transfer).await
+            }
+            (TransferPhase::Finalizing, Some(volume)) => {
+                report.finished += 1;
+                if transfer.switched_local {
+                    self.ensure_public_device(&volume).await.map(drop)
+                } else {
+                    self.rebuild_stack(&volume, transfer).await
+                }
+            }
+            (TransferPhase::Done, Some(volume)) if volume.transfer.is_some() => {
+                self.detach_finished(&volume).await
+            }
+            _ => Ok(()),
+        }
+    }
+
     async fn roll_back_interrupted_create(&self, record: &VolumeRecord) -> Result<(), AgentError> {
         let id = record.volume_id()?;
         self.remove_device_if_present(&self.naming.public(&id))
@@ -162,9 +229,9 @@ impl Agent {
         for name in self.our_device_names().await? {
             let explained = match self.naming.parse(&name) {
                 Some(DeviceRole::Pool | DeviceRole::PoolMeta | DeviceRole::PoolData) => true,
-                Some(DeviceRole::Thin(id) | DeviceRole::Public(id)) => {
-                    records.iter().any(|r| r.id == id)
-                }
+                Some(
+                    DeviceRole::Thin(id) | DeviceRole::Public(id) | DeviceRole::CloneMetadata(id),
+                ) => records.iter().any(|r| r.id == id),
                 Some(DeviceRole::Other(_)) | None => false,
             };
             if !explained {

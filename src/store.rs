@@ -21,6 +21,7 @@ use crate::{error::AgentError, ids::VolumeId};
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const VOLUMES: TableDefinition<&str, &[u8]> = TableDefinition::new("volumes");
+const TRANSFERS: TableDefinition<&str, &[u8]> = TableDefinition::new("transfers");
 
 const SCHEMA_VERSION: u32 = 1;
 const KEY_SCHEMA: &str = "schema_version";
@@ -50,6 +51,9 @@ pub struct VolumeRecord {
     /// must not repair on its own; the volume refuses changes until cleared.
     #[serde(default)]
     pub quarantine: Option<String>,
+    /// The transfer bringing this volume here, while it is not finished.
+    #[serde(default)]
+    pub transfer: Option<String>,
 }
 
 impl VolumeRecord {
@@ -72,6 +76,167 @@ pub enum Pending {
     Publish,
     /// The record says unpublished; the public device may still exist.
     Unpublish,
+}
+
+/// A transfer on its destination: the source, the clone stack's pieces and
+/// where it stands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransferRecord {
+    pub id: String,
+    pub volume_id: String,
+    pub source: SourceRecord,
+    pub phase: TransferPhase,
+    /// Length of the clone segment (the source's size when the move began).
+    pub clone_bytes: u64,
+    pub region_bytes: u64,
+    pub hydration_threshold: u32,
+    pub hydration_batch_size: u32,
+    /// 0: unlimited.
+    #[serde(default)]
+    pub max_bytes_per_second: u64,
+    /// Thin id of the clone's metadata device.
+    pub metadata_thin_id: u32,
+    pub metadata_bytes: u64,
+    pub created_unix: i64,
+    #[serde(default)]
+    pub finished_unix: Option<i64>,
+    /// Why the transfer failed or was aborted; how finalize went.
+    #[serde(default)]
+    pub message: String,
+    /// Measured when finalizing: how long I/O was held, and how long after
+    /// the kernel's completion the public device was switched.
+    #[serde(default)]
+    pub finalize_pause_micros: Option<u64>,
+    #[serde(default)]
+    pub done_to_finalized_micros: Option<u64>,
+    /// The source agent acknowledged releasing its copy.
+    #[serde(default)]
+    pub source_released: bool,
+    /// Finalizing has switched the public table to the local copy; the
+    /// clone's metadata may already be gone.
+    #[serde(default)]
+    pub switched_local: bool,
+}
+
+/// Where a transfer copies from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum SourceRecord {
+    /// A block device already present on this host.
+    Device { path: String },
+    /// Another agent's NVMe/TCP export.
+    NvmeTcp {
+        subsystem_nqn: String,
+        address: String,
+        port: u32,
+        agent_endpoint: String,
+    },
+}
+
+/// The persisted steps of a transfer. Degraded is not among them: it is
+/// observed at run time, never decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TransferPhase {
+    /// Records written, the stack not complete: rolled back after a crash.
+    Starting,
+    /// Presented with hydration off (live migration before commit).
+    Deferred,
+    Hydrating,
+    Paused,
+    /// Every region copied; the public table is being switched to local.
+    Finalizing,
+    Done,
+    /// Torn down on request; the source was never touched.
+    Aborted,
+    Failed,
+}
+
+impl TransferPhase {
+    pub fn is_finished(self) -> bool {
+        matches!(
+            self,
+            TransferPhase::Done | TransferPhase::Aborted | TransferPhase::Failed
+        )
+    }
+}
+
+impl Record for TransferRecord {
+    const TABLE: Table = TRANSFERS;
+    fn key(&self) -> &str {
+        &self.id
+    }
+}
+
+type Table = TableDefinition<'static, &'static str, &'static [u8]>;
+
+/// A kind of record kept in its own table, keyed by its id.
+pub trait Record: Serialize + for<'de> Deserialize<'de> {
+    const TABLE: Table;
+    fn key(&self) -> &str;
+}
+
+impl Record for VolumeRecord {
+    const TABLE: Table = VOLUMES;
+    fn key(&self) -> &str {
+        &self.id
+    }
+}
+
+/// One change of a transaction.
+pub enum Change {
+    /// Fails the whole transaction if the key exists.
+    Insert {
+        table: Table,
+        key: String,
+        bytes: Vec<u8>,
+    },
+    Put {
+        table: Table,
+        key: String,
+        bytes: Vec<u8>,
+    },
+    Remove {
+        table: Table,
+        key: String,
+    },
+}
+
+impl std::fmt::Debug for Change {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use redb::TableHandle;
+        let (op, table, key) = match self {
+            Change::Insert { table, key, .. } => ("insert", table, key),
+            Change::Put { table, key, .. } => ("put", table, key),
+            Change::Remove { table, key } => ("remove", table, key),
+        };
+        write!(f, "{op} {}/{key}", table.name())
+    }
+}
+
+impl Change {
+    pub fn insert<R: Record>(record: &R) -> Result<Self, AgentError> {
+        Ok(Change::Insert {
+            table: R::TABLE,
+            key: record.key().to_owned(),
+            bytes: encode(record)?,
+        })
+    }
+
+    pub fn put<R: Record>(record: &R) -> Result<Self, AgentError> {
+        Ok(Change::Put {
+            table: R::TABLE,
+            key: record.key().to_owned(),
+            bytes: encode(record)?,
+        })
+    }
+
+    pub fn remove<R: Record>(key: &str) -> Self {
+        Change::Remove {
+            table: R::TABLE,
+            key: key.to_owned(),
+        }
+    }
 }
 
 /// Handle on the state database. Cheap to clone; every call blocks on disk
@@ -134,8 +299,10 @@ impl Store {
                     });
                 }
             }
-            txn.open_table(VOLUMES)
-                .map_err(|e| self.err("open volumes", e))?;
+            for table in [VOLUMES, TRANSFERS] {
+                txn.open_table(table)
+                    .map_err(|e| self.err("open tables", e))?;
+            }
         }
         txn.commit().map_err(|e| self.err("commit", e))
     }
@@ -150,40 +317,56 @@ impl Store {
         Ok(id)
     }
 
-    pub fn volume(&self, id: &VolumeId) -> Result<Option<VolumeRecord>, AgentError> {
+    /// One record by key.
+    pub fn get<R: Record>(&self, key: &str) -> Result<Option<R>, AgentError> {
         let txn = self.db.begin_read().map_err(|e| self.err("read", e))?;
         let table = txn
-            .open_table(VOLUMES)
-            .map_err(|e| self.err("open volumes", e))?;
+            .open_table(R::TABLE)
+            .map_err(|e| self.err("open table", e))?;
         table
-            .get(id.as_str())
-            .map_err(|e| self.err("read volume", e))?
+            .get(key)
+            .map_err(|e| self.err("read record", e))?
             .map(|v| decode(&self.path, v.value()))
             .transpose()
     }
 
-    /// Every volume, in id order.
-    pub fn volumes(&self) -> Result<Vec<VolumeRecord>, AgentError> {
+    /// Every record of a kind, in key order.
+    pub fn all<R: Record>(&self) -> Result<Vec<R>, AgentError> {
         let txn = self.db.begin_read().map_err(|e| self.err("read", e))?;
         let table = txn
-            .open_table(VOLUMES)
-            .map_err(|e| self.err("open volumes", e))?;
+            .open_table(R::TABLE)
+            .map_err(|e| self.err("open table", e))?;
         let mut out = Vec::new();
-        for entry in table.iter().map_err(|e| self.err("list volumes", e))? {
-            let (_, value) = entry.map_err(|e| self.err("list volumes", e))?;
+        for entry in table.iter().map_err(|e| self.err("list records", e))? {
+            let (_, value) = entry.map_err(|e| self.err("list records", e))?;
             out.push(decode(&self.path, value.value())?);
         }
         Ok(out)
     }
 
-    /// Writes a new volume record with a freshly allocated thin id, in one
-    /// transaction. Fails if the id exists.
-    pub fn insert_volume_with_new_thin_id(
+    pub fn volume(&self, id: &VolumeId) -> Result<Option<VolumeRecord>, AgentError> {
+        self.get(id.as_str())
+    }
+
+    pub fn volumes(&self) -> Result<Vec<VolumeRecord>, AgentError> {
+        self.all()
+    }
+
+    /// Applies every change in one transaction: all or nothing.
+    pub fn commit(&self, changes: Vec<Change>) -> Result<(), AgentError> {
+        self.allocate_and_commit(0, |_| Ok(changes)).map(drop)
+    }
+
+    /// Hands out `count` fresh thin ids and applies the changes `build` makes
+    /// with them, in one transaction: an id is never handed out twice, and
+    /// never without the records that use it.
+    pub fn allocate_and_commit(
         &self,
-        mut record: VolumeRecord,
-    ) -> Result<VolumeRecord, AgentError> {
+        count: u32,
+        build: impl FnOnce(&[u32]) -> Result<Vec<Change>, AgentError>,
+    ) -> Result<Vec<u32>, AgentError> {
         let txn = self.write()?;
-        {
+        let ids = {
             let mut meta = txn.open_table(META).map_err(|e| self.err("open meta", e))?;
             let next = meta
                 .get(KEY_NEXT_THIN_ID)
@@ -191,62 +374,84 @@ impl Store {
                 .map(|v| decode::<u32>(&self.path, v.value()))
                 .transpose()?
                 .unwrap_or(FIRST_THIN_ID);
-            if next > MAX_THIN_ID {
+            if next.saturating_add(count) > MAX_THIN_ID + 1 {
                 return Err(AgentError::ResourceExhausted {
                     reason: format!(
                         "the pool's thin device ids are used up ({MAX_THIN_ID} were handed out)"
                     ),
                 });
             }
-            meta.insert(KEY_NEXT_THIN_ID, encode(&(next + 1))?.as_slice())
-                .map_err(|e| self.err("write thin id", e))?;
-            record.thin_id = next;
-            let mut volumes = txn
-                .open_table(VOLUMES)
-                .map_err(|e| self.err("open volumes", e))?;
-            if volumes
-                .get(record.id.as_str())
-                .map_err(|e| self.err("read volume", e))?
-                .is_some()
-            {
-                return Err(AgentError::Internal(format!(
-                    "volume {} is already in the store",
-                    record.id
-                )));
+            if count > 0 {
+                meta.insert(KEY_NEXT_THIN_ID, encode(&(next + count))?.as_slice())
+                    .map_err(|e| self.err("write thin id", e))?;
             }
-            volumes
-                .insert(record.id.as_str(), encode(&record)?.as_slice())
-                .map_err(|e| self.err("write volume", e))?;
+            (next..next + count).collect::<Vec<u32>>()
+        };
+        for change in build(&ids)? {
+            self.apply(&txn, change)?;
         }
         txn.commit().map_err(|e| self.err("commit", e))?;
+        Ok(ids)
+    }
+
+    fn apply(&self, txn: &redb::WriteTransaction, change: Change) -> Result<(), AgentError> {
+        let (definition, key) = match &change {
+            Change::Insert { table, key, .. }
+            | Change::Put { table, key, .. }
+            | Change::Remove { table, key } => (*table, key.clone()),
+        };
+        let mut table = txn
+            .open_table(definition)
+            .map_err(|e| self.err("open table", e))?;
+        match change {
+            Change::Insert { bytes, .. } => {
+                let exists = table
+                    .get(key.as_str())
+                    .map_err(|e| self.err("read record", e))?
+                    .is_some();
+                if exists {
+                    return Err(AgentError::Internal(format!(
+                        "record {key} is already in the store"
+                    )));
+                }
+                table
+                    .insert(key.as_str(), bytes.as_slice())
+                    .map_err(|e| self.err("write record", e))?;
+            }
+            Change::Put { bytes, .. } => {
+                table
+                    .insert(key.as_str(), bytes.as_slice())
+                    .map_err(|e| self.err("write record", e))?;
+            }
+            Change::Remove { .. } => {
+                table
+                    .remove(key.as_str())
+                    .map_err(|e| self.err("remove record", e))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes a new volume record with a freshly allocated thin id.
+    pub fn insert_volume_with_new_thin_id(
+        &self,
+        mut record: VolumeRecord,
+    ) -> Result<VolumeRecord, AgentError> {
+        let ids = self.allocate_and_commit(1, |ids| {
+            let mut with_id = record.clone();
+            with_id.thin_id = ids[0];
+            Ok(vec![Change::insert(&with_id)?])
+        })?;
+        record.thin_id = ids[0];
         Ok(record)
     }
 
-    /// Replaces a volume's record.
     pub fn put_volume(&self, record: &VolumeRecord) -> Result<(), AgentError> {
-        let txn = self.write()?;
-        {
-            let mut volumes = txn
-                .open_table(VOLUMES)
-                .map_err(|e| self.err("open volumes", e))?;
-            volumes
-                .insert(record.id.as_str(), encode(record)?.as_slice())
-                .map_err(|e| self.err("write volume", e))?;
-        }
-        txn.commit().map_err(|e| self.err("commit", e))
+        self.commit(vec![Change::put(record)?])
     }
 
     pub fn remove_volume(&self, id: &str) -> Result<(), AgentError> {
-        let txn = self.write()?;
-        {
-            let mut volumes = txn
-                .open_table(VOLUMES)
-                .map_err(|e| self.err("open volumes", e))?;
-            volumes
-                .remove(id)
-                .map_err(|e| self.err("remove volume", e))?;
-        }
-        txn.commit().map_err(|e| self.err("commit", e))
+        self.commit(vec![Change::remove::<VolumeRecord>(id)])
     }
 
     fn meta<T: for<'de> Deserialize<'de>>(&self, key: &str) -> Result<Option<T>, AgentError> {
@@ -317,6 +522,7 @@ mod tests {
             created_unix: 1,
             pending: Some(Pending::Create),
             quarantine: None,
+            transfer: None,
         }
     }
 

@@ -45,6 +45,8 @@ pub enum VolumeState {
     Creating,
     Available,
     Deleting,
+    /// Arriving from another host: presented, copying in the background.
+    Hydrating,
     /// The kernel disagrees with the store; refuses changes until an operator
     /// looks. Holds the reason.
     Quarantined(String),
@@ -108,6 +110,7 @@ impl Agent {
             created_unix: unix_now(),
             pending: Some(Pending::Create),
             quarantine: None,
+            transfer: None,
         };
         let record = self
             .store_call(move |store| store.insert_volume_with_new_thin_id(record))
@@ -188,6 +191,11 @@ impl Agent {
             info!(volume = %id, "delete of an absent volume: nothing to do");
             return Ok(());
         };
+        if let Some(transfer) = &record.transfer {
+            return Err(AgentError::FailedPrecondition(format!(
+                "volume {id} is still arriving by transfer {transfer}; abort the transfer to remove it"
+            )));
+        }
         if record.published {
             return Err(AgentError::FailedPrecondition(format!(
                 "volume {id} is published at {}; unpublish it before deleting it",
@@ -266,7 +274,9 @@ impl Agent {
     pub(crate) async fn apply_size(&self, record: &VolumeRecord) -> Result<(), AgentError> {
         self.ensure_thin_device(record).await?;
         failpoint::hit("extend.after_thin_table");
-        if record.published {
+        if let Some(transfer) = &record.transfer {
+            self.resize_arriving(record, transfer).await?;
+        } else if record.published {
             self.ensure_public_device(record).await?;
         }
         failpoint::hit("extend.after_public_table");
@@ -291,6 +301,10 @@ impl Agent {
     pub async fn publish_volume(&self, id: &VolumeId) -> Result<PathBuf, AgentError> {
         let _held = self.locks.lock(id.as_str()).await;
         let mut record = self.ready_record(id, "publish").await?;
+        if record.transfer.is_some() {
+            // Arriving volumes are presented from the start.
+            return Ok(self.naming.public(id).mapper_path());
+        }
         if !record.published {
             record.published = true;
             record.pending = Some(Pending::Publish);
@@ -310,6 +324,11 @@ impl Agent {
     pub async fn unpublish_volume(&self, id: &VolumeId) -> Result<(), AgentError> {
         let _held = self.locks.lock(id.as_str()).await;
         let mut record = self.ready_record(id, "unpublish").await?;
+        if let Some(transfer) = &record.transfer {
+            return Err(AgentError::FailedPrecondition(format!(
+                "volume {id} is arriving by transfer {transfer}: its device stays until the transfer finishes or is aborted"
+            )));
+        }
         let public = self.naming.public(id);
         if let Some(open) = self.open_count(&public).await?
             && open > 0
@@ -424,7 +443,7 @@ impl Agent {
 
     /// Makes `name` carry `table`: creates it, adopts it when it already does,
     /// swaps the table when `may_swap` allows it, and refuses otherwise.
-    async fn ensure_device(
+    pub(crate) async fn ensure_device(
         &self,
         name: &DeviceName,
         table: &Table,
@@ -469,6 +488,7 @@ impl Agent {
             (Some(reason), _) => VolumeState::Quarantined(reason.clone()),
             (None, Some(Pending::Create)) => VolumeState::Creating,
             (None, Some(Pending::Delete)) => VolumeState::Deleting,
+            (None, _) if record.transfer.is_some() => VolumeState::Hydrating,
             (None, _) => VolumeState::Available,
         };
         let allocated_bytes = self
@@ -507,7 +527,7 @@ fn not_found(id: &VolumeId) -> AgentError {
     }
 }
 
-fn unix_now() -> i64 {
+pub(crate) fn unix_now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)

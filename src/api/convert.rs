@@ -4,8 +4,45 @@ use crate::{
     agent::NodeInfo,
     pool::PoolUsage,
     proto::v1 as pb,
+    transfer::{TransferState, TransferView},
     volume::{Volume, VolumeState},
 };
+
+pub fn transfer(view: TransferView) -> pb::Transfer {
+    let state = match view.state {
+        TransferState::Connecting => pb::TransferState::Connecting,
+        TransferState::Deferred => pb::TransferState::Deferred,
+        TransferState::Hydrating => pb::TransferState::Hydrating,
+        TransferState::Paused => pb::TransferState::Paused,
+        TransferState::Finalizing => pb::TransferState::Finalizing,
+        TransferState::Done => pb::TransferState::Done,
+        TransferState::Degraded => pb::TransferState::Degraded,
+        TransferState::Failed => pb::TransferState::Failed,
+        TransferState::Aborted => pb::TransferState::Aborted,
+    };
+    pb::Transfer {
+        transfer_id: view.id,
+        volume_id: view.volume_id,
+        state: state.into(),
+        regions_hydrated: view.regions_hydrated,
+        regions_total: view.regions_total,
+        bytes_hydrated: view.bytes_hydrated,
+        bytes_total: view.bytes_total,
+        bytes_per_second: view.bytes_per_second,
+        eta_seconds: view.eta_seconds.unwrap_or(0),
+        knobs: Some(pb::HydrationKnobs {
+            region_bytes: u32::try_from(view.region_bytes).unwrap_or(u32::MAX),
+            hydration_threshold: view.hydration_threshold,
+            hydration_batch_size: view.hydration_batch_size,
+            max_bytes_per_second: view.max_bytes_per_second,
+        }),
+        device_path: view.device_path.display().to_string(),
+        message: view.message,
+        finalize_pause_micros: view.finalize_pause_micros.unwrap_or(0),
+        done_to_finalized_micros: view.done_to_finalized_micros.unwrap_or(0),
+        source_released: view.source_released,
+    }
+}
 
 pub fn volume(volume: Volume) -> pb::Volume {
     let state = match &volume.state {
@@ -13,6 +50,7 @@ pub fn volume(volume: Volume) -> pb::Volume {
         VolumeState::Available => pb::VolumeState::Available,
         VolumeState::Deleting => pb::VolumeState::Deleting,
         VolumeState::Quarantined(_) => pb::VolumeState::Quarantined,
+        VolumeState::Hydrating => pb::VolumeState::Hydrating,
     };
     pb::Volume {
         volume_id: volume.id.to_string(),

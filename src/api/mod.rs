@@ -122,7 +122,9 @@ fn routes(
         .add_service(NodeServer::new(node::NodeApi::new(agent.clone())))
         .add_service(VolumesServer::new(volume::VolumesApi::new(agent.clone())))
         .add_service(SnapshotsServer::new(snapshot::SnapshotsApi))
-        .add_service(TransfersServer::new(transfer::TransfersApi)))
+        .add_service(TransfersServer::new(transfer::TransfersApi::new(
+            agent.clone(),
+        ))))
 }
 
 async fn stopped(mut stop: tokio::sync::watch::Receiver<bool>) {

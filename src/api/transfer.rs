@@ -1,17 +1,79 @@
-//! dmclone.v1.Transfers: not implemented yet. Every call answers
-//! UNIMPLEMENTED and says what is missing, so a caller never mistakes it for
-//! success.
+//! dmclone.v1.Transfers: the destination side of a move (start, commit,
+//! pause, resume, throttle, abort, get, list, watch). Export and unexport on
+//! the source side answer UNIMPLEMENTED until NVMe/TCP export lands.
 
+use std::{path::PathBuf, sync::Arc};
+
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, codegen::BoxStream};
 
-use super::{not_yet, parts};
-use crate::proto::v1 as pb;
+use super::{convert, handle, not_yet, parts, span_id};
+use crate::{
+    agent::Agent,
+    error::AgentError,
+    ids::{TransferId, VolumeId},
+    proto::v1 as pb,
+    transfer::{KnobRequest, Source, StartRequest, TransferState},
+};
+
+const MISSING: &str = "exporting volumes over NVMe/TCP is";
 
 #[derive(Debug)]
-pub struct TransfersApi;
+pub struct TransfersApi {
+    agent: Arc<Agent>,
+}
 
-const MISSING: &str =
-    "moving volumes between hosts (NVMe/TCP export, dm-clone hydration, finalize) is";
+impl TransfersApi {
+    pub fn new(agent: Arc<Agent>) -> Self {
+        Self { agent }
+    }
+}
+
+fn knobs(knobs: Option<pb::HydrationKnobs>) -> KnobRequest {
+    let knobs = knobs.unwrap_or_default();
+    let set = |value: u32| (value != 0).then_some(value);
+    KnobRequest {
+        region_bytes: set(knobs.region_bytes).map(u64::from),
+        hydration_threshold: set(knobs.hydration_threshold),
+        hydration_batch_size: set(knobs.hydration_batch_size),
+        max_bytes_per_second: (knobs.max_bytes_per_second != 0)
+            .then_some(knobs.max_bytes_per_second),
+    }
+}
+
+fn start_request(req: pb::StartTransferRequest) -> Result<StartRequest, AgentError> {
+    let source = match req.source {
+        Some(pb::start_transfer_request::Source::DevicePath(path)) => {
+            if !path.starts_with('/') {
+                return Err(AgentError::InvalidArgument {
+                    field: "device_path",
+                    reason: format!("{} is not an absolute path", crate::ids::quoted(&path)),
+                });
+            }
+            Source::Device(PathBuf::from(path))
+        }
+        Some(pb::start_transfer_request::Source::NvmeTcp(nvme)) => Source::NvmeTcp {
+            subsystem_nqn: nvme.subsystem_nqn,
+            address: nvme.transport_address,
+            port: nvme.transport_service_id,
+            agent_endpoint: nvme.source_agent_endpoint,
+        },
+        None => {
+            return Err(AgentError::InvalidArgument {
+                field: "source",
+                reason: "name the source: nvme_tcp (another agent's export) or device_path".into(),
+            });
+        }
+    };
+    Ok(StartRequest {
+        transfer: TransferId::parse(&req.transfer_id)?,
+        volume: VolumeId::parse(&req.volume_id)?,
+        size_bytes: req.size_bytes,
+        source,
+        deferred: req.deferred,
+        knobs: knobs(req.knobs),
+    })
+}
 
 #[tonic::async_trait]
 impl pb::transfers_server::Transfers for TransfersApi {
@@ -33,56 +95,126 @@ impl pb::transfers_server::Transfers for TransfersApi {
         &self,
         request: Request<pb::StartTransferRequest>,
     ) -> Result<Response<pb::Transfer>, Status> {
-        not_yet(MISSING, "StartTransfer", parts(request).0).await
+        let (metadata, req) = parts(request);
+        let id = span_id(&req.transfer_id).to_owned();
+        handle("StartTransfer", &metadata, &id, async {
+            let request = start_request(req)?;
+            Ok(convert::transfer(self.agent.start_transfer(request).await?))
+        })
+        .await
     }
 
     async fn commit_transfer(
         &self,
         request: Request<pb::TransferRef>,
     ) -> Result<Response<pb::Transfer>, Status> {
-        not_yet(MISSING, "CommitTransfer", parts(request).0).await
+        let (metadata, req) = parts(request);
+        handle(
+            "CommitTransfer",
+            &metadata,
+            span_id(&req.transfer_id),
+            async {
+                let id = TransferId::parse(&req.transfer_id)?;
+                Ok(convert::transfer(self.agent.commit_transfer(&id).await?))
+            },
+        )
+        .await
     }
 
     async fn abort_transfer(
         &self,
         request: Request<pb::TransferRef>,
     ) -> Result<Response<pb::Transfer>, Status> {
-        not_yet(MISSING, "AbortTransfer", parts(request).0).await
+        let (metadata, req) = parts(request);
+        handle(
+            "AbortTransfer",
+            &metadata,
+            span_id(&req.transfer_id),
+            async {
+                let id = TransferId::parse(&req.transfer_id)?;
+                Ok(convert::transfer(self.agent.abort_transfer(&id).await?))
+            },
+        )
+        .await
     }
 
     async fn pause_transfer(
         &self,
         request: Request<pb::TransferRef>,
     ) -> Result<Response<pb::Transfer>, Status> {
-        not_yet(MISSING, "PauseTransfer", parts(request).0).await
+        let (metadata, req) = parts(request);
+        handle(
+            "PauseTransfer",
+            &metadata,
+            span_id(&req.transfer_id),
+            async {
+                let id = TransferId::parse(&req.transfer_id)?;
+                Ok(convert::transfer(self.agent.pause_transfer(&id).await?))
+            },
+        )
+        .await
     }
 
     async fn resume_transfer(
         &self,
         request: Request<pb::TransferRef>,
     ) -> Result<Response<pb::Transfer>, Status> {
-        not_yet(MISSING, "ResumeTransfer", parts(request).0).await
+        let (metadata, req) = parts(request);
+        handle(
+            "ResumeTransfer",
+            &metadata,
+            span_id(&req.transfer_id),
+            async {
+                let id = TransferId::parse(&req.transfer_id)?;
+                Ok(convert::transfer(self.agent.resume_transfer(&id).await?))
+            },
+        )
+        .await
     }
 
     async fn throttle_transfer(
         &self,
         request: Request<pb::ThrottleTransferRequest>,
     ) -> Result<Response<pb::Transfer>, Status> {
-        not_yet(MISSING, "ThrottleTransfer", parts(request).0).await
+        let (metadata, req) = parts(request);
+        handle(
+            "ThrottleTransfer",
+            &metadata,
+            span_id(&req.transfer_id),
+            async {
+                let id = TransferId::parse(&req.transfer_id)?;
+                Ok(convert::transfer(
+                    self.agent.throttle_transfer(&id, knobs(req.knobs)).await?,
+                ))
+            },
+        )
+        .await
     }
 
     async fn get_transfer(
         &self,
         request: Request<pb::TransferRef>,
     ) -> Result<Response<pb::Transfer>, Status> {
-        not_yet(MISSING, "GetTransfer", parts(request).0).await
+        let (metadata, req) = parts(request);
+        handle("GetTransfer", &metadata, span_id(&req.transfer_id), async {
+            let id = TransferId::parse(&req.transfer_id)?;
+            Ok(convert::transfer(self.agent.get_transfer(&id).await?))
+        })
+        .await
     }
 
     async fn list_transfers(
         &self,
         request: Request<pb::ListTransfersRequest>,
     ) -> Result<Response<pb::ListTransfersResponse>, Status> {
-        not_yet(MISSING, "ListTransfers", parts(request).0).await
+        let (metadata, _) = parts(request);
+        handle("ListTransfers", &metadata, "", async {
+            let transfers = self.agent.list_transfers().await?;
+            Ok(pb::ListTransfersResponse {
+                transfers: transfers.into_iter().map(convert::transfer).collect(),
+            })
+        })
+        .await
     }
 
     type WatchTransfersStream = BoxStream<pb::Transfer>;
@@ -91,6 +223,52 @@ impl pb::transfers_server::Transfers for TransfersApi {
         &self,
         request: Request<pb::WatchTransfersRequest>,
     ) -> Result<Response<Self::WatchTransfersStream>, Status> {
-        not_yet(MISSING, "WatchTransfers", parts(request).0).await
+        let (metadata, req) = parts(request);
+        let agent = self.agent.clone();
+        let id = span_id(&req.transfer_id).to_owned();
+        handle("WatchTransfers", &metadata, &id, async move {
+            let only = match req.transfer_id.as_str() {
+                "" => None,
+                raw => Some(TransferId::parse(raw)?),
+            };
+            // Subscribe before reading the current state, so nothing falls
+            // between the snapshot and the updates.
+            let mut updates = agent.watch_transfers();
+            let current = match &only {
+                Some(id) => vec![agent.get_transfer(id).await?],
+                None => agent.list_transfers().await?,
+            };
+            let (tx, rx) = tokio::sync::mpsc::channel(64);
+            tokio::spawn(async move {
+                let is_final = |state| {
+                    matches!(
+                        state,
+                        TransferState::Done | TransferState::Failed | TransferState::Aborted
+                    )
+                };
+                for view in current {
+                    let done = only.is_some() && is_final(view.state);
+                    if tx.send(Ok(convert::transfer(view))).await.is_err() || done {
+                        return;
+                    }
+                }
+                loop {
+                    let view = match updates.recv().await {
+                        Ok(view) => view,
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                    };
+                    if only.as_ref().is_some_and(|id| id.as_str() != view.id) {
+                        continue;
+                    }
+                    let done = only.is_some() && is_final(view.state);
+                    if tx.send(Ok(convert::transfer(view))).await.is_err() || done {
+                        return;
+                    }
+                }
+            });
+            Ok(Box::pin(ReceiverStream::new(rx)) as Self::WatchTransfersStream)
+        })
+        .await
     }
 }

@@ -101,6 +101,26 @@ fn every_bad_option_is_named_with_its_problem() {
             "0.1",
         ),
         ("[volumes]\nmax_size = 4096", "volumes.max_size", "1 MiB"),
+        (
+            "[transfer]\nregion_size = \"3M\"",
+            "transfer.region_size",
+            "power of two",
+        ),
+        (
+            "[transfer]\nregion_size = \"2K\"",
+            "transfer.region_size",
+            "4 KiB to 1 GiB",
+        ),
+        (
+            "[transfer]\nhydration_threshold = 0",
+            "transfer.hydration_threshold",
+            "at least 1",
+        ),
+        (
+            "[transfer]\nstall_seconds = 0",
+            "transfer.stall_seconds",
+            "at least 1",
+        ),
         ("[tcp]\nlisten = \"nowhere\"", "tcp.listen", "address:port"),
         (
             "[tcp]\nlisten = \"0.0.0.0:7443\"",
@@ -181,6 +201,11 @@ fn the_sample_config_is_valid_and_names_every_option() {
         "max_oversubscription_ratio",
         "[volumes]",
         "max_size",
+        "[transfer]",
+        "region_size",
+        "hydration_threshold",
+        "hydration_batch_size",
+        "stall_seconds",
         "[tcp]",
         "listen",
         "tls_cert",

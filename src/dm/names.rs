@@ -90,6 +90,8 @@ pub enum DeviceRole {
     Public(String),
     /// The thin device of the volume with this id.
     Thin(String),
+    /// The metadata device of the clone bringing this volume here.
+    CloneMetadata(String),
     /// Our prefix, but a role this agent version does not know.
     Other(String),
 }
@@ -126,6 +128,11 @@ impl Naming {
         self.name(&format!("thin-{volume}"))
     }
 
+    /// The metadata device of a clone bringing the volume here.
+    pub fn clone_metadata(&self, volume: &VolumeId) -> DeviceName {
+        self.name(&format!("cmeta-{volume}"))
+    }
+
     /// The role of a device name, or `None` if it is not ours.
     pub fn parse(&self, name: &str) -> Option<DeviceRole> {
         let rest = name.strip_prefix(&self.prefix)?.strip_prefix('-')?;
@@ -135,10 +142,16 @@ impl Naming {
             "pool-meta" => DeviceRole::PoolMeta,
             "pool-data" => DeviceRole::PoolData,
             id if is_id(id) => DeviceRole::Public(id.to_owned()),
-            other => match other.strip_prefix("thin-") {
-                Some(id) if is_id(id) => DeviceRole::Thin(id.to_owned()),
-                _ => DeviceRole::Other(other.to_owned()),
-            },
+            other => {
+                let with_id = |role: &str| other.strip_prefix(role).filter(|id| is_id(id));
+                if let Some(id) = with_id("thin-") {
+                    DeviceRole::Thin(id.to_owned())
+                } else if let Some(id) = with_id("cmeta-") {
+                    DeviceRole::CloneMetadata(id.to_owned())
+                } else {
+                    DeviceRole::Other(other.to_owned())
+                }
+            }
         })
     }
 
@@ -200,6 +213,10 @@ mod tests {
             (naming.pool_data(), DeviceRole::PoolData),
             (naming.public(&id), DeviceRole::Public(id.to_string())),
             (naming.thin(&id), DeviceRole::Thin(id.to_string())),
+            (
+                naming.clone_metadata(&id),
+                DeviceRole::CloneMetadata(id.to_string()),
+            ),
         ];
         for (name, role) in cases {
             assert!(DeviceName::new(name.as_str()).is_ok(), "{name}");

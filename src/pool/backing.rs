@@ -32,7 +32,7 @@ pub struct Backing {
 impl Backing {
     /// An operator-named block device, used whole.
     pub fn device(path: &Path) -> Result<Self, AgentError> {
-        let (dev, size_bytes) = block_device(path, "pool.device")?;
+        let (dev, size_bytes) = block_device_for(path, "pool.device")?;
         Ok(Self {
             path: path.to_owned(),
             dev,
@@ -47,7 +47,7 @@ impl Backing {
         let created = create_sparse(file, size)?;
         let file = fs::canonicalize(file).map_err(|err| io_error("resolve", file, err))?;
         if let Some(path) = attached_loop(&file)? {
-            let (dev, size_bytes) = block_device(&path, "pool.file_size")?;
+            let (dev, size_bytes) = block_device_for(&path, "pool.file_size")?;
             info!(loop_device = %path.display(), file = %file.display(), "pool file already attached");
             return Ok((
                 Self {
@@ -63,7 +63,7 @@ impl Backing {
         let path = device
             .path()
             .ok_or_else(|| AgentError::Internal("a loop device without a path".into()))?;
-        let (dev, size_bytes) = block_device(&path, "pool.file_size")?;
+        let (dev, size_bytes) = block_device_for(&path, "pool.file_size")?;
         info!(loop_device = %path.display(), file = %file.display(), "pool file attached");
         Ok((
             Self {
@@ -162,15 +162,21 @@ fn attach_loop(file: &Path) -> Result<LoopDevice, AgentError> {
     })
 }
 
-/// Device number and size of a block device.
-fn block_device(path: &Path, option: &str) -> Result<(DevRef, u64), AgentError> {
-    let meta = fs::metadata(path).map_err(|err| AgentError::Config {
+/// Device number and size of the block device at `path`, for a config
+/// option: errors name the option.
+fn block_device_for(path: &Path, option: &str) -> Result<(DevRef, u64), AgentError> {
+    block_device(path).map_err(|err| AgentError::Config {
         option: option.to_owned(),
-        reason: format!("{}: {err}", path.display()),
-    })?;
+        reason: err.to_string(),
+    })
+}
+
+/// Device number and size of the block device at `path`.
+pub(crate) fn block_device(path: &Path) -> Result<(DevRef, u64), AgentError> {
+    let meta = fs::metadata(path).map_err(|err| io_error("inspect", path, err))?;
     if !meta.file_type().is_block_device() {
-        return Err(AgentError::Config {
-            option: option.to_owned(),
+        return Err(AgentError::InvalidArgument {
+            field: "device",
             reason: format!("{} is not a block device", path.display()),
         });
     }

@@ -11,5 +11,6 @@ mod devices;
 mod era;
 mod errors;
 mod events;
+mod nvme;
 mod targets;
 mod thin;

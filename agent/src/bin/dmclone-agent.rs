@@ -54,6 +54,18 @@ struct Args {
     /// Largest volume [config: volumes.max_size].
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     max_volume_size: Option<u64>,
+    /// dm-clone region size of moves to this host [config: transfer.region_size].
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    transfer_region_size: Option<u64>,
+    /// Regions copied concurrently [config: transfer.hydration_threshold].
+    #[arg(long, value_name = "N")]
+    transfer_hydration_threshold: Option<u32>,
+    /// Adjacent regions per copy [config: transfer.hydration_batch_size].
+    #[arg(long, value_name = "N")]
+    transfer_hydration_batch_size: Option<u32>,
+    /// Seconds without progress before a transfer is degraded [config: transfer.stall_seconds].
+    #[arg(long, value_name = "SECONDS")]
+    transfer_stall_seconds: Option<u64>,
     /// Serve the API over TCP with mutual TLS here [config: tcp.listen].
     #[arg(long, value_name = "ADDR:PORT")]
     listen: Option<String>,
@@ -111,6 +123,19 @@ impl Args {
             &self.max_oversubscription_ratio,
         );
         set(&mut config.volumes.max_size, &self.max_volume_size);
+        set(&mut config.transfer.region_size, &self.transfer_region_size);
+        set(
+            &mut config.transfer.hydration_threshold,
+            &self.transfer_hydration_threshold,
+        );
+        set(
+            &mut config.transfer.hydration_batch_size,
+            &self.transfer_hydration_batch_size,
+        );
+        set(
+            &mut config.transfer.stall_seconds,
+            &self.transfer_stall_seconds,
+        );
         set(&mut config.tcp.listen, &self.listen);
         set(&mut config.tcp.tls_cert, &self.tls_cert);
         set(&mut config.tcp.tls_key, &self.tls_key);

@@ -382,12 +382,12 @@ async fn bad_input_gets_a_precise_code_and_changes_nothing() {
             Code::Unimplemented,
         ),
         (
-            "transfer",
+            "transfer without a source",
             TransfersClient::new(agent.channel().await)
                 .start_transfer(StartTransferRequest::default())
                 .await
                 .map(drop),
-            Code::Unimplemented,
+            Code::InvalidArgument,
         ),
     ];
     for (what, result, code) in cases {

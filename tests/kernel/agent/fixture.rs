@@ -237,6 +237,21 @@ impl AgentProcess {
 
 impl Drop for AgentProcess {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log = self.log();
+            // A panic's backtrace would push its message out of the tail.
+            let log = match log.find("panicked at") {
+                Some(at) => log[at..].lines().take(12).collect::<Vec<_>>().join("\n"),
+                None => log,
+            };
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            eprintln!(
+                "--- last lines of {} ({} agent):\n{}",
+                self.log_path().display(),
+                self.prefix,
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();

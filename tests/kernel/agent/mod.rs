@@ -9,3 +9,4 @@ mod crash;
 mod reboot;
 mod scale;
 mod tls;
+mod transfer;

@@ -1,0 +1,720 @@
+//! The calls on a destination's transfers: start, commit, pause, resume,
+//! throttle, abort, get, list; and the clone stack they build and tear down.
+
+use std::{path::Path, sync::Arc, time::Duration};
+
+use tracing::{info, warn};
+
+use super::{KnobRequest, Source, StartRequest, TransferView, clone_metadata_bytes, view};
+use crate::{
+    agent::Agent,
+    config::validate_region,
+    dm::{
+        names::DeviceName,
+        table::{CloneParams, DevRef, Linear, Segment, Table, Target},
+    },
+    error::AgentError,
+    failpoint,
+    ids::{TransferId, VolumeId},
+    pool::backing::block_device,
+    store::{Change, Pending, SourceRecord, TransferPhase, TransferRecord, VolumeRecord},
+};
+
+const SECTOR: u64 = 512;
+const METADATA_BLOCK: usize = 4096;
+
+/// The knobs a transfer starts with: the request's, else the defaults.
+#[derive(Debug, Clone, Copy)]
+struct Knobs {
+    region_bytes: u64,
+    hydration_threshold: u32,
+    hydration_batch_size: u32,
+    max_bytes_per_second: u64,
+}
+
+/// The three devices a clone stack stands on.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct StackDevices {
+    pub metadata: DevRef,
+    pub destination: DevRef,
+    pub source: DevRef,
+}
+
+impl Agent {
+    pub async fn start_transfer(
+        self: &Arc<Self>,
+        request: StartRequest,
+    ) -> Result<TransferView, AgentError> {
+        let size = self.volume_size("size_bytes", request.size_bytes)?;
+        let knobs = self.resolve_knobs(&request.knobs)?;
+        let _held = self.locks.lock(request.volume.as_str()).await;
+        if let Some(existing) = self.transfer_record(request.transfer.as_str()).await? {
+            return self.start_again(existing, &request).await;
+        }
+        if let Some(volume) = self.record(&request.volume).await? {
+            return Err(AgentError::AlreadyExists {
+                what: "volume",
+                id: volume.id.clone(),
+                detail: match &volume.transfer {
+                    Some(other) => format!("here, arriving by transfer {other}"),
+                    None => "on this host already; nothing to move".into(),
+                },
+            });
+        }
+        let source = source_record(&request.source);
+        let (source_dev, source_bytes) = self.attach_source(&source).await?;
+        if source_bytes < size {
+            self.detach_source(&source).await;
+            return Err(AgentError::InvalidArgument {
+                field: "size_bytes",
+                reason: format!("{size} bytes asked for, but the source holds only {source_bytes}"),
+            });
+        }
+        let metadata_bytes = clone_metadata_bytes(size, knobs.region_bytes);
+        if let Err(err) = self.check_room_for(size + metadata_bytes).await {
+            self.detach_source(&source).await;
+            return Err(err);
+        }
+        let (volume, transfer) = match self
+            .write_start_records(&request, size, source.clone(), knobs, metadata_bytes)
+            .await
+        {
+            Ok(records) => records,
+            Err(err) => {
+                self.detach_source(&source).await;
+                return Err(err);
+            }
+        };
+        failpoint::hit("transfer.after_record");
+        let hydrate = !request.deferred;
+        if let Err(err) = self
+            .build_new_stack(&volume, &transfer, source_dev, hydrate)
+            .await
+        {
+            warn!(transfer = %transfer.id, error = %err, "could not build the clone stack; rolling back");
+            if let Err(undo) = self.tear_down(&volume, &transfer).await {
+                warn!(transfer = %transfer.id, error = %undo, "rollback incomplete; reconciliation finishes it");
+                return Err(err);
+            }
+            self.store_call({
+                let (v, t) = (volume.id.clone(), transfer.id.clone());
+                move |store| {
+                    store.commit(vec![
+                        Change::remove::<VolumeRecord>(&v),
+                        Change::remove::<TransferRecord>(&t),
+                    ])
+                }
+            })
+            .await?;
+            return Err(err);
+        }
+        let mut volume = volume;
+        let mut transfer = transfer;
+        volume.pending = None;
+        transfer.phase = if hydrate {
+            TransferPhase::Hydrating
+        } else {
+            TransferPhase::Deferred
+        };
+        self.commit_pair(&volume, &transfer).await?;
+        info!(transfer = %transfer.id, volume = %volume.id, size, deferred = request.deferred, region = knobs.region_bytes, "transfer started: the volume is presented");
+        self.spawn_monitor(transfer.id.clone());
+        Ok(self.transfer_view(&transfer))
+    }
+
+    /// A start repeated with the same transfer id returns the transfer;
+    /// the same id for another volume is a conflict.
+    async fn start_again(
+        &self,
+        existing: TransferRecord,
+        request: &StartRequest,
+    ) -> Result<TransferView, AgentError> {
+        if existing.volume_id != request.volume.as_str() {
+            return Err(AgentError::AlreadyExists {
+                what: "transfer",
+                id: existing.id.clone(),
+                detail: format!("for volume {}, not {}", existing.volume_id, request.volume),
+            });
+        }
+        Ok(self.transfer_view(&existing))
+    }
+
+    /// Live migration: the source let go, so hydration may start.
+    pub async fn commit_transfer(&self, id: &TransferId) -> Result<TransferView, AgentError> {
+        let (mut transfer, _held) = self.locked_transfer(id).await?;
+        match transfer.phase {
+            TransferPhase::Deferred => {}
+            TransferPhase::Hydrating | TransferPhase::Finalizing | TransferPhase::Done => {
+                return Ok(self.transfer_view(&transfer));
+            }
+            other => return Err(wrong_phase(&transfer, "commit", other)),
+        }
+        self.message_clone(&transfer, "enable_hydration").await?;
+        transfer.phase = TransferPhase::Hydrating;
+        self.put_transfer(&transfer).await?;
+        self.transfers.wake(&transfer.id);
+        info!(transfer = %transfer.id, "committed: hydration enabled");
+        Ok(self.transfer_view(&transfer))
+    }
+
+    pub async fn pause_transfer(&self, id: &TransferId) -> Result<TransferView, AgentError> {
+        let (mut transfer, _held) = self.locked_transfer(id).await?;
+        match transfer.phase {
+            TransferPhase::Hydrating => {}
+            TransferPhase::Paused => return Ok(self.transfer_view(&transfer)),
+            other => return Err(wrong_phase(&transfer, "pause", other)),
+        }
+        // In-flight copies finish; writes still hydrate the regions they touch.
+        self.message_clone(&transfer, "disable_hydration").await?;
+        transfer.phase = TransferPhase::Paused;
+        self.put_transfer(&transfer).await?;
+        self.transfers.wake(&transfer.id);
+        info!(transfer = %transfer.id, "paused");
+        Ok(self.transfer_view(&transfer))
+    }
+
+    pub async fn resume_transfer(&self, id: &TransferId) -> Result<TransferView, AgentError> {
+        let (mut transfer, _held) = self.locked_transfer(id).await?;
+        match transfer.phase {
+            TransferPhase::Paused => {}
+            TransferPhase::Hydrating => return Ok(self.transfer_view(&transfer)),
+            other => return Err(wrong_phase(&transfer, "resume", other)),
+        }
+        self.message_clone(&transfer, "enable_hydration").await?;
+        transfer.phase = TransferPhase::Hydrating;
+        self.put_transfer(&transfer).await?;
+        self.transfers.wake(&transfer.id);
+        info!(transfer = %transfer.id, "resumed");
+        Ok(self.transfer_view(&transfer))
+    }
+
+    /// Changes the copy knobs of a running transfer. The region size is
+    /// fixed once the clone exists (its metadata records it).
+    pub async fn throttle_transfer(
+        &self,
+        id: &TransferId,
+        knobs: KnobRequest,
+    ) -> Result<TransferView, AgentError> {
+        let (mut transfer, _held) = self.locked_transfer(id).await?;
+        if transfer.phase.is_finished() || transfer.phase == TransferPhase::Finalizing {
+            return Err(wrong_phase(&transfer, "throttle", transfer.phase));
+        }
+        if let Some(region) = knobs.region_bytes
+            && region != transfer.region_bytes
+        {
+            return Err(AgentError::InvalidArgument {
+                field: "knobs.region_bytes",
+                reason: format!(
+                    "the region size of a running transfer is fixed at {} bytes; leave it 0",
+                    transfer.region_bytes
+                ),
+            });
+        }
+        if let Some(threshold) = knobs.hydration_threshold {
+            self.message_clone(&transfer, &format!("hydration_threshold {threshold}"))
+                .await?;
+            transfer.hydration_threshold = threshold;
+        }
+        if let Some(batch) = knobs.hydration_batch_size {
+            self.message_clone(&transfer, &format!("hydration_batch_size {batch}"))
+                .await?;
+            transfer.hydration_batch_size = batch;
+        }
+        if let Some(limit) = knobs.max_bytes_per_second {
+            transfer.max_bytes_per_second = limit;
+        }
+        self.put_transfer(&transfer).await?;
+        self.transfers.wake(&transfer.id);
+        info!(transfer = %transfer.id, threshold = transfer.hydration_threshold, batch = transfer.hydration_batch_size, limit = transfer.max_bytes_per_second, "throttled");
+        Ok(self.transfer_view(&transfer))
+    }
+
+    /// Tears the destination down; the source is never touched. Refused once
+    /// finalizing (the local copy is then the volume) and while something
+    /// holds the public device open.
+    pub async fn abort_transfer(&self, id: &TransferId) -> Result<TransferView, AgentError> {
+        let (mut transfer, _held) = self.locked_transfer(id).await?;
+        match transfer.phase {
+            TransferPhase::Aborted => return Ok(self.transfer_view(&transfer)),
+            TransferPhase::Finalizing | TransferPhase::Done | TransferPhase::Failed => {
+                return Err(wrong_phase(&transfer, "abort", transfer.phase));
+            }
+            _ => {}
+        }
+        let volume_id = VolumeId::parse(&transfer.volume_id)?;
+        if let Some(open) = self.open_count(&self.naming.public(&volume_id)).await?
+            && open > 0
+        {
+            return Err(AgentError::FailedPrecondition(format!(
+                "volume {volume_id} is open on this host ({open} users); detach it before aborting transfer {}",
+                transfer.id
+            )));
+        }
+        let volume = self.record(&volume_id).await?;
+        transfer.phase = TransferPhase::Aborted;
+        transfer.message = "aborted: the destination was torn down; the source is untouched".into();
+        transfer.finished_unix = Some(crate::volume::unix_now());
+        self.put_transfer(&transfer).await?;
+        failpoint::hit("abort.after_record");
+        self.finish_abort(volume, &transfer).await?;
+        self.transfers.wake(&transfer.id);
+        info!(transfer = %transfer.id, volume = %volume_id, "aborted");
+        Ok(self.transfer_view(&transfer))
+    }
+
+    /// The steps after an abort's record: idempotent, repeated at start.
+    pub(crate) async fn finish_abort(
+        &self,
+        volume: Option<VolumeRecord>,
+        transfer: &TransferRecord,
+    ) -> Result<(), AgentError> {
+        if let Some(volume) = volume {
+            self.tear_down(&volume, transfer).await?;
+            let key = volume.id.clone();
+            self.store_call(move |store| store.remove_volume(&key))
+                .await?;
+        }
+        let _ = self.transfers.updates.send(self.transfer_view(transfer));
+        Ok(())
+    }
+
+    pub async fn get_transfer(&self, id: &TransferId) -> Result<TransferView, AgentError> {
+        let record = self
+            .transfer_record(id.as_str())
+            .await?
+            .ok_or_else(|| not_found(id))?;
+        Ok(self.transfer_view(&record))
+    }
+
+    pub async fn list_transfers(&self) -> Result<Vec<TransferView>, AgentError> {
+        let records = self
+            .store_call(|store| store.all::<TransferRecord>())
+            .await?;
+        Ok(records.iter().map(|r| self.transfer_view(r)).collect())
+    }
+
+    /// Updates of every transfer (state changes and progress ticks).
+    pub fn watch_transfers(&self) -> tokio::sync::broadcast::Receiver<TransferView> {
+        self.transfers.updates.subscribe()
+    }
+
+    // ---- the clone stack ---------------------------------------------
+
+    pub(crate) fn transfer_view(&self, record: &TransferRecord) -> TransferView {
+        let device_path = VolumeId::parse(&record.volume_id)
+            .map(|id| self.naming.public(&id).mapper_path())
+            .unwrap_or_default();
+        let live = self
+            .transfers
+            .live
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        view(record, live.get(&record.id), device_path)
+    }
+
+    fn resolve_knobs(&self, knobs: &KnobRequest) -> Result<Knobs, AgentError> {
+        let defaults = self.settings.transfer;
+        let region_bytes = knobs.region_bytes.unwrap_or(defaults.region_bytes);
+        validate_region("knobs.region_bytes", region_bytes).map_err(|err| {
+            AgentError::InvalidArgument {
+                field: "knobs.region_bytes",
+                reason: err.to_string(),
+            }
+        })?;
+        Ok(Knobs {
+            region_bytes,
+            hydration_threshold: knobs
+                .hydration_threshold
+                .unwrap_or(defaults.hydration_threshold),
+            hydration_batch_size: knobs
+                .hydration_batch_size
+                .unwrap_or(defaults.hydration_batch_size),
+            max_bytes_per_second: knobs.max_bytes_per_second.unwrap_or(0),
+        })
+    }
+
+    async fn write_start_records(
+        &self,
+        request: &StartRequest,
+        size: u64,
+        source: SourceRecord,
+        knobs: Knobs,
+        metadata_bytes: u64,
+    ) -> Result<(VolumeRecord, TransferRecord), AgentError> {
+        let now = crate::volume::unix_now();
+        let mut volume = VolumeRecord {
+            id: request.volume.to_string(),
+            size_bytes: size,
+            thin_id: 0,
+            published: true,
+            created_unix: now,
+            pending: Some(Pending::Create),
+            quarantine: None,
+            transfer: Some(request.transfer.to_string()),
+        };
+        let mut transfer = TransferRecord {
+            id: request.transfer.to_string(),
+            volume_id: request.volume.to_string(),
+            source,
+            phase: TransferPhase::Starting,
+            clone_bytes: size,
+            region_bytes: knobs.region_bytes,
+            hydration_threshold: knobs.hydration_threshold,
+            hydration_batch_size: knobs.hydration_batch_size,
+            max_bytes_per_second: knobs.max_bytes_per_second,
+            metadata_thin_id: 0,
+            metadata_bytes,
+            created_unix: now,
+            finished_unix: None,
+            message: String::new(),
+            finalize_pause_micros: None,
+            done_to_finalized_micros: None,
+            source_released: false,
+            switched_local: false,
+        };
+        let ids = self
+            .store_call({
+                let (volume, transfer) = (volume.clone(), transfer.clone());
+                move |store| {
+                    store.allocate_and_commit(2, |ids| {
+                        let mut volume = volume;
+                        let mut transfer = transfer;
+                        volume.thin_id = ids[0];
+                        transfer.metadata_thin_id = ids[1];
+                        Ok(vec![Change::insert(&volume)?, Change::insert(&transfer)?])
+                    })
+                }
+            })
+            .await?;
+        volume.thin_id = ids[0];
+        transfer.metadata_thin_id = ids[1];
+        Ok((volume, transfer))
+    }
+
+    async fn build_new_stack(
+        &self,
+        volume: &VolumeRecord,
+        transfer: &TransferRecord,
+        source: DevRef,
+        hydrate: bool,
+    ) -> Result<(), AgentError> {
+        self.pool.create_thin(volume.thin_id).await?;
+        self.pool.create_thin(transfer.metadata_thin_id).await?;
+        let metadata = self.ensure_metadata_device(volume, transfer).await?;
+        // A fresh clone must start from zeroed metadata, or the kernel
+        // would adopt whatever an earlier user of these blocks left.
+        zero_first_block(&self.metadata_name(volume)?.mapper_path()).await?;
+        failpoint::hit("transfer.after_metadata");
+        let destination = self.ensure_thin_device(volume).await?;
+        let devices = StackDevices {
+            metadata,
+            destination,
+            source,
+        };
+        let table = self.clone_table(volume, transfer, devices, hydrate)?;
+        let public = self.naming.public(&volume.volume_id()?);
+        self.dm.create(&public, None, &table).await?;
+        Ok(())
+    }
+
+    /// Brings an existing transfer's stack back (after a restart or reboot):
+    /// adopts live devices, creates missing ones, never zeroes metadata.
+    pub(crate) async fn rebuild_stack(
+        &self,
+        volume: &VolumeRecord,
+        transfer: &TransferRecord,
+    ) -> Result<(), AgentError> {
+        let (source, _) = self.attach_source(&transfer.source).await?;
+        let metadata = self.ensure_metadata_device(volume, transfer).await?;
+        let destination = self.ensure_thin_device(volume).await?;
+        let hydrate = matches!(
+            transfer.phase,
+            TransferPhase::Hydrating | TransferPhase::Finalizing
+        );
+        let devices = StackDevices {
+            metadata,
+            destination,
+            source,
+        };
+        let table = self.clone_table(volume, transfer, devices, hydrate)?;
+        let public = self.naming.public(&volume.volume_id()?);
+        self.ensure_device(&public, &table, |_| false).await?;
+        Ok(())
+    }
+
+    /// After an extend of an arriving volume: the clone keeps its range, the
+    /// new range maps the local thin device (a second segment).
+    pub(crate) async fn resize_arriving(
+        &self,
+        volume: &VolumeRecord,
+        transfer_id: &str,
+    ) -> Result<(), AgentError> {
+        let transfer = self.transfer_record(transfer_id).await?.ok_or_else(|| {
+            AgentError::Internal(format!(
+                "volume {} names a missing transfer {transfer_id}",
+                volume.id
+            ))
+        })?;
+        let public = self.naming.public(&volume.volume_id()?);
+        if transfer.phase.is_finished() || !self.public_is_clone(volume).await? {
+            self.ensure_public_device(volume).await?;
+            return Ok(());
+        }
+        let (source, _) = self.attach_source(&transfer.source).await?;
+        let metadata = self.ensure_metadata_device(volume, &transfer).await?;
+        let destination = self.ensure_thin_device(volume).await?;
+        let hydrate = matches!(
+            transfer.phase,
+            TransferPhase::Hydrating | TransferPhase::Finalizing
+        );
+        let devices = StackDevices {
+            metadata,
+            destination,
+            source,
+        };
+        let table = self.clone_table(volume, &transfer, devices, hydrate)?;
+        if self.dm.table(&public).await? != table {
+            // swap_table suspends before loading: the clone's metadata stays
+            // consistent across the reload.
+            self.dm.swap_table(&public, &table).await?;
+        }
+        Ok(())
+    }
+
+    async fn ensure_metadata_device(
+        &self,
+        volume: &VolumeRecord,
+        transfer: &TransferRecord,
+    ) -> Result<DevRef, AgentError> {
+        let table = self
+            .pool
+            .thin_table(transfer.metadata_thin_id, transfer.metadata_bytes)?;
+        self.ensure_device(&self.metadata_name(volume)?, &table, |_| false)
+            .await
+    }
+
+    pub(crate) fn metadata_name(&self, volume: &VolumeRecord) -> Result<DeviceName, AgentError> {
+        Ok(self.naming.clone_metadata(&volume.volume_id()?))
+    }
+
+    /// The public table while hydrating: the clone over the source's range,
+    /// and the local thin device beyond it after an extend.
+    pub(crate) fn clone_table(
+        &self,
+        volume: &VolumeRecord,
+        transfer: &TransferRecord,
+        devices: StackDevices,
+        hydrate: bool,
+    ) -> Result<Table, AgentError> {
+        let clone_sectors = transfer.clone_bytes / SECTOR;
+        let mut segments = vec![Segment {
+            start: 0,
+            len: clone_sectors,
+            target: Target::Clone(CloneParams {
+                metadata: devices.metadata,
+                destination: devices.destination,
+                source: devices.source,
+                region_sectors: transfer.region_bytes / SECTOR,
+                hydration: hydrate,
+                discard_passdown: true,
+                hydration_threshold: Some(transfer.hydration_threshold),
+                hydration_batch_size: Some(transfer.hydration_batch_size),
+            }),
+        }];
+        let total = volume.size_bytes / SECTOR;
+        if total > clone_sectors {
+            segments.push(Segment {
+                start: clone_sectors,
+                len: total - clone_sectors,
+                target: Target::Linear(Linear {
+                    device: devices.destination,
+                    offset: clone_sectors,
+                }),
+            });
+        }
+        Ok(Table::new(segments)?)
+    }
+
+    /// Removes every device of the stack, frees both thin devices and lets go
+    /// of the source. Each step tolerates having been done already.
+    pub(crate) async fn tear_down(
+        &self,
+        volume: &VolumeRecord,
+        transfer: &TransferRecord,
+    ) -> Result<(), AgentError> {
+        let id = volume.volume_id()?;
+        self.remove_device_if_present(&self.naming.public(&id))
+            .await?;
+        self.remove_device_if_present(&self.metadata_name(volume)?)
+            .await?;
+        self.remove_device_if_present(&self.thin_name(volume)?)
+            .await?;
+        self.pool.delete_thin(transfer.metadata_thin_id).await?;
+        self.pool.delete_thin(volume.thin_id).await?;
+        self.detach_source(&transfer.source).await;
+        Ok(())
+    }
+
+    /// Sends a message to the clone segment of the volume's public device.
+    async fn message_clone(
+        &self,
+        transfer: &TransferRecord,
+        message: &str,
+    ) -> Result<(), AgentError> {
+        let public = self.naming.public(&VolumeId::parse(&transfer.volume_id)?);
+        self.dm.message(&public, 0, message).await?;
+        Ok(())
+    }
+
+    // ---- sources -------------------------------------------------------
+
+    /// The source's device number and size.
+    pub(crate) async fn attach_source(
+        &self,
+        source: &SourceRecord,
+    ) -> Result<(DevRef, u64), AgentError> {
+        match source {
+            SourceRecord::Device { path } => {
+                let path = path.clone();
+                crate::agent::blocking(move || {
+                    block_device(Path::new(&path)).map_err(|err| AgentError::InvalidArgument {
+                        field: "device_path",
+                        reason: err.to_string(),
+                    })
+                })
+                .await
+            }
+            SourceRecord::NvmeTcp { .. } => Err(AgentError::Unimplemented(
+                "NVMe/TCP sources are not connected by this agent yet; attach the source and pass its device_path".into(),
+            )),
+        }
+    }
+
+    /// Best effort: a source we cannot let go of is logged, not fatal.
+    pub(crate) async fn detach_source(&self, source: &SourceRecord) {
+        match source {
+            SourceRecord::Device { .. } => {}
+            SourceRecord::NvmeTcp { subsystem_nqn, .. } => {
+                warn!(%subsystem_nqn, "NVMe/TCP sources are not handled by this agent yet");
+            }
+        }
+    }
+
+    // ---- records -------------------------------------------------------
+
+    pub(crate) async fn transfer_record(
+        &self,
+        id: &str,
+    ) -> Result<Option<TransferRecord>, AgentError> {
+        let id = id.to_owned();
+        self.store_call(move |store| store.get::<TransferRecord>(&id))
+            .await
+    }
+
+    pub(crate) async fn put_transfer(&self, transfer: &TransferRecord) -> Result<(), AgentError> {
+        let record = transfer.clone();
+        self.store_call(move |store| store.commit(vec![Change::put(&record)?]))
+            .await?;
+        let _ = self.transfers.updates.send(self.transfer_view(transfer));
+        Ok(())
+    }
+
+    pub(crate) async fn commit_pair(
+        &self,
+        volume: &VolumeRecord,
+        transfer: &TransferRecord,
+    ) -> Result<(), AgentError> {
+        let (v, t) = (volume.clone(), transfer.clone());
+        self.store_call(move |store| store.commit(vec![Change::put(&v)?, Change::put(&t)?]))
+            .await?;
+        let _ = self.transfers.updates.send(self.transfer_view(transfer));
+        Ok(())
+    }
+
+    /// The record of a transfer, with its volume locked.
+    async fn locked_transfer(
+        &self,
+        id: &TransferId,
+    ) -> Result<(TransferRecord, crate::locks::Held), AgentError> {
+        let record = self
+            .transfer_record(id.as_str())
+            .await?
+            .ok_or_else(|| not_found(id))?;
+        let held = self.locks.lock(&record.volume_id).await;
+        // Read again under the lock: the monitor may have moved it on.
+        let record = self
+            .transfer_record(id.as_str())
+            .await?
+            .ok_or_else(|| not_found(id))?;
+        Ok((record, held))
+    }
+
+    pub(crate) async fn check_room_for(&self, bytes: u64) -> Result<(), AgentError> {
+        let usage = self.pool.usage().await?;
+        let provisioned: u64 = self
+            .store_call(|store| store.volumes())
+            .await?
+            .iter()
+            .map(|v| v.size_bytes)
+            .sum();
+        self.pool.check_room(&usage, provisioned, bytes)
+    }
+}
+
+fn source_record(source: &Source) -> SourceRecord {
+    match source {
+        Source::Device(path) => SourceRecord::Device {
+            path: path.display().to_string(),
+        },
+        Source::NvmeTcp {
+            subsystem_nqn,
+            address,
+            port,
+            agent_endpoint,
+        } => SourceRecord::NvmeTcp {
+            subsystem_nqn: subsystem_nqn.clone(),
+            address: address.clone(),
+            port: *port,
+            agent_endpoint: agent_endpoint.clone(),
+        },
+    }
+}
+
+fn wrong_phase(transfer: &TransferRecord, action: &str, phase: TransferPhase) -> AgentError {
+    AgentError::FailedPrecondition(format!(
+        "transfer {} is {phase:?}; it cannot {action} now",
+        transfer.id
+    ))
+}
+
+fn not_found(id: &TransferId) -> AgentError {
+    AgentError::NotFound {
+        what: "transfer",
+        id: id.to_string(),
+    }
+}
+
+/// Zeroes and syncs the first 4 KiB of a device.
+async fn zero_first_block(path: &Path) -> Result<(), AgentError> {
+    let path = path.to_owned();
+    crate::agent::blocking(move || {
+        use std::io::Write;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .map_err(|source| AgentError::Io {
+                context: format!("cannot open {}", path.display()),
+                source,
+            })?;
+        file.write_all(&[0u8; METADATA_BLOCK])
+            .and_then(|()| file.sync_all())
+            .map_err(|source| AgentError::Io {
+                context: format!("cannot zero the start of {}", path.display()),
+                source,
+            })
+    })
+    .await
+}
+
+/// How long a monitor sleeps between progress reads while hydrating.
+pub(crate) const TICK: Duration = Duration::from_millis(500);

@@ -1,0 +1,413 @@
+//! One task per running transfer: it sleeps on the clone device's dm event
+//! (with a short tick for progress), keeps the progress and rate, notices a
+//! stalled or failing clone, applies a bytes-per-second limit, and finalizes
+//! the moment the kernel reports every region hydrated.
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use tracing::{info, warn};
+
+use super::hydrate::TICK;
+use crate::{
+    agent::Agent,
+    dm::{
+        events::EventMonitor,
+        kernel::Flush,
+        status::{CloneMode, CloneStatus, Health},
+        table::{Linear, Table, Target},
+    },
+    error::AgentError,
+    failpoint,
+    ids::VolumeId,
+    store::{Change, TransferPhase, TransferRecord, VolumeRecord},
+};
+
+const SECTOR: u64 = 512;
+
+/// What the monitor does after one look at the clone.
+enum Next {
+    Wait,
+    Finalize,
+    Stop,
+}
+
+impl Agent {
+    pub(crate) fn spawn_monitor(self: &Arc<Self>, transfer_id: String) {
+        let agent = Arc::clone(self);
+        tokio::spawn(async move {
+            if let Err(err) = agent.monitor(&transfer_id).await {
+                warn!(transfer = %transfer_id, error = %err, "transfer monitor stopped");
+                agent.transfers.with_live(&transfer_id, |live| {
+                    live.degraded =
+                        Some(format!("the agent stopped watching this transfer: {err}"));
+                });
+            }
+        });
+    }
+
+    async fn monitor(self: &Arc<Self>, id: &str) -> Result<(), AgentError> {
+        let mut limiter = RateLimiter::default();
+        loop {
+            let Some(transfer) = self.transfer_record(id).await? else {
+                self.transfers.forget(id);
+                return Ok(());
+            };
+            let volume_id = VolumeId::parse(&transfer.volume_id)?;
+            let public = self.naming.public(&volume_id);
+            let seen = self.events.counter(&public).unwrap_or(0);
+            match self.look(&transfer, &mut limiter).await? {
+                Next::Stop => return Ok(()),
+                Next::Finalize => {
+                    if self.finalize(id).await? {
+                        return Ok(());
+                    }
+                }
+                Next::Wait => {}
+            }
+            let wake = self.transfers.with_live(id, |live| live.wake.clone());
+            // A byte budget needs a close look; otherwise the kernel's event
+            // wakes us and the tick only refreshes progress.
+            let tick = if transfer.max_bytes_per_second > 0 {
+                LIMITED_TICK
+            } else {
+                TICK
+            };
+            wait_for_change(&self.events, &public, seen, &wake, tick).await;
+        }
+    }
+
+    /// Reads the clone's status once and decides what comes next.
+    async fn look(
+        &self,
+        transfer: &TransferRecord,
+        limiter: &mut RateLimiter,
+    ) -> Result<Next, AgentError> {
+        match transfer.phase {
+            TransferPhase::Finalizing => return Ok(Next::Finalize),
+            phase if phase.is_finished() => return Ok(Next::Stop),
+            TransferPhase::Starting => return Ok(Next::Wait),
+            _ => {}
+        }
+        let public = self.naming.public(&VolumeId::parse(&transfer.volume_id)?);
+        let now = Instant::now();
+        let status = match self.dm.status_of::<Health<CloneStatus>>(&public, 0).await {
+            Ok(Health::Running(status)) => status,
+            Ok(other) => {
+                self.set_degraded(transfer, Some(format!(
+                    "the clone's metadata reports {other}: the kernel stopped this clone; an operator must repair its metadata"
+                )));
+                return Ok(Next::Wait);
+            }
+            Err(err) => {
+                self.set_degraded(
+                    transfer,
+                    Some(format!("cannot read the clone's status: {err}")),
+                );
+                return Ok(Next::Wait);
+            }
+        };
+        let stall_limit = Duration::from_secs(self.settings.transfer.stall_seconds);
+        let stalled = self.transfers.with_live(&transfer.id, |live| {
+            live.progress
+                .observe(now, status.hydrated_regions, status.total_regions);
+            if status.is_fully_hydrated() && live.completed_at.is_none() {
+                live.completed_at = Some(now);
+            }
+            live.progress.stalled_for(now)
+        });
+        let degraded = if status.mode == CloneMode::ReadOnly {
+            Some("the clone's metadata went read-only (a metadata write failed); hydrated regions still work, the rest needs repair".to_owned())
+        } else if transfer.phase == TransferPhase::Hydrating
+            && !status.is_fully_hydrated()
+            && stalled >= stall_limit
+        {
+            Some(format!(
+                "no region copied for {} s: the source may be unreachable or failing; hydration resumes by itself when it answers",
+                stalled.as_secs()
+            ))
+        } else {
+            None
+        };
+        self.set_degraded(transfer, degraded);
+        let _ = self.transfers.updates.send(self.transfer_view(transfer));
+        if status.is_fully_hydrated() && status.mode == CloneMode::ReadWrite {
+            return Ok(Next::Finalize);
+        }
+        if transfer.phase == TransferPhase::Hydrating {
+            self.apply_rate_limit(transfer, limiter, status.hydrated_regions)
+                .await;
+        }
+        Ok(Next::Wait)
+    }
+
+    fn set_degraded(&self, transfer: &TransferRecord, reason: Option<String>) {
+        let changed = self.transfers.with_live(&transfer.id, |live| {
+            let changed = live.degraded != reason;
+            live.degraded = reason.clone();
+            changed
+        });
+        if changed {
+            match &reason {
+                Some(reason) => warn!(transfer = %transfer.id, %reason, "transfer degraded"),
+                None => info!(transfer = %transfer.id, "transfer no longer degraded"),
+            }
+        }
+    }
+
+    /// dm-clone has no rate limit of its own: over one-second windows the
+    /// monitor stops background copies (threshold 0) once the window's bytes
+    /// reach the limit, and restores the threshold when the next window
+    /// begins. It looks every 20 ms, so a window overshoots by at most the
+    /// copies in flight plus 20 ms of copying. Writes still hydrate the
+    /// regions they touch.
+    async fn apply_rate_limit(
+        &self,
+        transfer: &TransferRecord,
+        limiter: &mut RateLimiter,
+        hydrated: u64,
+    ) {
+        let bytes = hydrated * transfer.region_bytes;
+        let action = limiter.step(Instant::now(), bytes, transfer.max_bytes_per_second);
+        let message = match action {
+            Some(true) => "hydration_threshold 0".to_owned(),
+            Some(false) => format!("hydration_threshold {}", transfer.hydration_threshold),
+            None => return,
+        };
+        if let Err(err) = self.message_public(transfer, &message).await {
+            warn!(transfer = %transfer.id, error = %err, "cannot apply the rate limit");
+        }
+    }
+
+    async fn message_public(
+        &self,
+        transfer: &TransferRecord,
+        message: &str,
+    ) -> Result<(), AgentError> {
+        let public = self.naming.public(&VolumeId::parse(&transfer.volume_id)?);
+        self.dm.message(&public, 0, message).await?;
+        Ok(())
+    }
+
+    /// Switches the public device from the clone to the local thin device,
+    /// with I/O held only for the swap. Returns whether the transfer is done;
+    /// `false` means hydration turned out incomplete and continues.
+    pub(crate) async fn finalize(self: &Arc<Self>, id: &str) -> Result<bool, AgentError> {
+        let Some(transfer) = self.transfer_record(id).await? else {
+            return Ok(true);
+        };
+        let _held = self.locks.lock(&transfer.volume_id).await;
+        // Read again under the lock: a call may have changed it meanwhile.
+        let Some(mut transfer) = self.transfer_record(id).await? else {
+            return Ok(true);
+        };
+        if transfer.phase.is_finished() {
+            return Ok(true);
+        }
+        let volume_id = VolumeId::parse(&transfer.volume_id)?;
+        let Some(mut volume) = self.record(&volume_id).await? else {
+            return Err(AgentError::Internal(format!(
+                "transfer {id} has no volume record"
+            )));
+        };
+        if transfer.phase != TransferPhase::Finalizing {
+            transfer.phase = TransferPhase::Finalizing;
+            self.put_transfer(&transfer).await?;
+        }
+        failpoint::hit("finalize.after_record");
+        let public = self.naming.public(&volume_id);
+        if !transfer.switched_local {
+            if self.public_is_clone(&volume).await?
+                && !self.swap_to_local(&volume, &mut transfer).await?
+            {
+                transfer.phase = TransferPhase::Hydrating;
+                self.put_transfer(&transfer).await?;
+                return Ok(false);
+            }
+            transfer.switched_local = true;
+            self.put_transfer(&transfer).await?;
+        }
+        failpoint::hit("finalize.after_swap");
+        self.remove_device_if_present(&self.metadata_name(&volume)?)
+            .await?;
+        self.pool.delete_thin(transfer.metadata_thin_id).await?;
+        self.detach_source(&transfer.source).await;
+        transfer.phase = TransferPhase::Done;
+        transfer.finished_unix = Some(crate::volume::unix_now());
+        if transfer.message.is_empty() {
+            transfer.message = "hydrated and switched to the local copy".into();
+        }
+        volume.transfer = None;
+        self.commit_pair(&volume, &transfer).await?;
+        self.transfers.forget(id);
+        info!(
+            transfer = %transfer.id,
+            volume = %volume_id,
+            device = %public,
+            pause_micros = transfer.finalize_pause_micros.unwrap_or(0),
+            done_to_finalized_micros = transfer.done_to_finalized_micros.unwrap_or(0),
+            "transfer finalized: the volume is local"
+        );
+        Ok(true)
+    }
+
+    pub(crate) async fn public_is_clone(&self, volume: &VolumeRecord) -> Result<bool, AgentError> {
+        let public = self.naming.public(&volume.volume_id()?);
+        let table = self.dm.table(&public).await?;
+        Ok(table
+            .segments()
+            .iter()
+            .any(|s| matches!(s.target, Target::Clone(_))))
+    }
+
+    /// Suspend with flush (the clone stops, drains and commits), check the
+    /// status while suspended, then load the local table and resume. If the
+    /// clone is somehow incomplete, resume it unchanged.
+    async fn swap_to_local(
+        &self,
+        volume: &VolumeRecord,
+        transfer: &mut TransferRecord,
+    ) -> Result<bool, AgentError> {
+        let public = self.naming.public(&volume.volume_id()?);
+        let destination = self.ensure_thin_device(volume).await?;
+        let local = Table::single(
+            volume.size_bytes / SECTOR,
+            Target::Linear(Linear {
+                device: destination,
+                offset: 0,
+            }),
+        )?;
+        let started = Instant::now();
+        self.dm.suspend(&public, Flush::Flush).await?;
+        let complete = matches!(
+            self.dm.status_of::<Health<CloneStatus>>(&public, 0).await,
+            Ok(Health::Running(status)) if status.is_fully_hydrated() && status.mode == CloneMode::ReadWrite
+        );
+        if !complete {
+            self.dm.resume(&public).await?;
+            warn!(transfer = %transfer.id, "finalize found regions still to copy; hydration continues");
+            return Ok(false);
+        }
+        let loaded = self.dm.load(&public, &local).await;
+        self.dm.resume(&public).await?;
+        loaded?;
+        let pause = started.elapsed();
+        let completed_at = self
+            .transfers
+            .with_live(&transfer.id, |live| live.completed_at);
+        transfer.finalize_pause_micros = Some(pause.as_micros() as u64);
+        transfer.done_to_finalized_micros = completed_at.map(|at| at.elapsed().as_micros() as u64);
+        Ok(true)
+    }
+
+    /// Restarts the monitors of unfinished transfers after reconciliation.
+    pub(crate) fn resume_monitors(self: &Arc<Self>, transfers: &[TransferRecord]) {
+        for transfer in transfers.iter().filter(|t| !t.phase.is_finished()) {
+            self.spawn_monitor(transfer.id.clone());
+        }
+    }
+
+    /// Clears a finished transfer from its volume (used by reconciliation).
+    pub(crate) async fn detach_finished(&self, volume: &VolumeRecord) -> Result<(), AgentError> {
+        let mut volume = volume.clone();
+        volume.transfer = None;
+        self.store_call(move |store| store.commit(vec![Change::put(&volume)?]))
+            .await
+    }
+}
+
+/// Sleeps until the device's event counter moves, a call wakes the monitor,
+/// or the progress tick passes.
+async fn wait_for_change(
+    events: &EventMonitor,
+    public: &crate::dm::names::DeviceName,
+    seen: u32,
+    wake: &tokio::sync::Notify,
+    tick: Duration,
+) {
+    tokio::select! {
+        _ = events.wait_for_event(public, seen) => {}
+        () = wake.notified() => {}
+        () = tokio::time::sleep(tick) => {}
+    }
+}
+
+/// How often a rate-limited transfer's bytes are checked: the overshoot of a
+/// one-second budget is what the copies in flight and those started in one
+/// such interval add.
+const LIMITED_TICK: Duration = Duration::from_millis(20);
+
+/// One-second windows of a bytes-per-second budget.
+#[derive(Debug, Default)]
+struct RateLimiter {
+    window_start: Option<(Instant, u64)>,
+    holding: bool,
+}
+
+impl RateLimiter {
+    /// `Some(true)`: stop copying; `Some(false)`: copy again; `None`: leave it.
+    fn step(&mut self, now: Instant, hydrated_bytes: u64, limit: u64) -> Option<bool> {
+        if limit == 0 {
+            return self.holding.then(|| {
+                self.holding = false;
+                false
+            });
+        }
+        let (start, start_bytes) = *self.window_start.get_or_insert((now, hydrated_bytes));
+        if now.duration_since(start) >= Duration::from_secs(1) {
+            self.window_start = Some((now, hydrated_bytes));
+            return self.holding.then(|| {
+                self.holding = false;
+                false
+            });
+        }
+        let spent = hydrated_bytes.saturating_sub(start_bytes);
+        (!self.holding && spent >= limit).then(|| {
+            self.holding = true;
+            true
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_limiter_holds_within_a_window_and_releases_at_the_next() {
+        let t0 = Instant::now();
+        let mut limiter = RateLimiter::default();
+        assert_eq!(limiter.step(t0, 0, 1000), None);
+        assert_eq!(
+            limiter.step(t0 + Duration::from_millis(300), 999, 1000),
+            None
+        );
+        assert_eq!(
+            limiter.step(t0 + Duration::from_millis(500), 1000, 1000),
+            Some(true)
+        );
+        assert_eq!(
+            limiter.step(t0 + Duration::from_millis(700), 1000, 1000),
+            None
+        );
+        assert_eq!(
+            limiter.step(t0 + Duration::from_millis(1000), 1000, 1000),
+            Some(false)
+        );
+        // Lifting the limit releases a hold.
+        assert_eq!(
+            limiter.step(t0 + Duration::from_millis(1200), 3000, 1000),
+            Some(true)
+        );
+        assert_eq!(
+            limiter.step(t0 + Duration::from_millis(1300), 3000, 0),
+            Some(false)
+        );
+        assert_eq!(
+            limiter.step(t0 + Duration::from_millis(1400), 3000, 0),
+            None
+        );
+    }
+}

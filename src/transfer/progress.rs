@@ -1,0 +1,133 @@
+//! Hydration progress: regions to bytes, the current rate and the time left.
+//! Pure: the monitor feeds it observations.
+
+use std::{
+    collections::VecDeque,
+    time::{Duration, Instant},
+};
+
+/// How far back the rate looks: long enough to smooth the kernel's bursts
+/// (a commit every second), short enough to follow a throttle change.
+const WINDOW: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone, Default)]
+pub struct Progress {
+    pub hydrated_regions: u64,
+    pub total_regions: u64,
+    samples: VecDeque<(Instant, u64)>,
+    /// When the hydrated count last moved.
+    last_change: Option<Instant>,
+}
+
+impl Progress {
+    /// Records the hydrated count seen at `now`.
+    pub fn observe(&mut self, now: Instant, hydrated: u64, total: u64) {
+        if hydrated != self.hydrated_regions || self.last_change.is_none() {
+            self.last_change = Some(now);
+        }
+        self.hydrated_regions = hydrated;
+        self.total_regions = total;
+        self.samples.push_back((now, hydrated));
+        while self
+            .samples
+            .front()
+            .is_some_and(|(at, _)| now.duration_since(*at) > WINDOW)
+            && self.samples.len() > 2
+        {
+            self.samples.pop_front();
+        }
+    }
+
+    /// Regions per second over the window; 0 until two samples exist.
+    pub fn regions_per_second(&self) -> f64 {
+        let (Some((t0, r0)), Some((t1, r1))) = (self.samples.front(), self.samples.back()) else {
+            return 0.0;
+        };
+        let seconds = t1.duration_since(*t0).as_secs_f64();
+        if seconds <= 0.0 || r1 < r0 {
+            return 0.0;
+        }
+        (r1 - r0) as f64 / seconds
+    }
+
+    /// Seconds left at the current rate; `None` when no rate is known.
+    pub fn eta_seconds(&self) -> Option<u64> {
+        let left = self.total_regions.saturating_sub(self.hydrated_regions);
+        if left == 0 {
+            return Some(0);
+        }
+        let rate = self.regions_per_second();
+        (rate > 0.0).then(|| (left as f64 / rate).ceil() as u64)
+    }
+
+    /// How long the count has not moved.
+    pub fn stalled_for(&self, now: Instant) -> Duration {
+        self.last_change
+            .map_or(Duration::ZERO, |at| now.duration_since(at))
+    }
+
+    pub fn is_complete(&self) -> bool {
+        self.total_regions > 0 && self.hydrated_regions == self.total_regions
+    }
+}
+
+/// Bytes of `regions` whole regions, the last one possibly partial.
+pub fn bytes_of(regions: u64, total_regions: u64, region_bytes: u64, total_bytes: u64) -> u64 {
+    if regions >= total_regions {
+        return total_bytes;
+    }
+    regions * region_bytes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_and_eta_follow_the_window() {
+        let start = Instant::now();
+        let mut p = Progress::default();
+        p.observe(start, 0, 1000);
+        assert_eq!(p.regions_per_second(), 0.0);
+        assert_eq!(p.eta_seconds(), None);
+        p.observe(start + Duration::from_secs(1), 100, 1000);
+        p.observe(start + Duration::from_secs(2), 200, 1000);
+        assert_eq!(p.regions_per_second(), 100.0);
+        assert_eq!(p.eta_seconds(), Some(8));
+        // Old samples fall out of the window: the rate follows a slowdown.
+        for s in 3..=10 {
+            p.observe(start + Duration::from_secs(s), 200 + (s - 2) * 10, 1000);
+        }
+        assert!(
+            (p.regions_per_second() - 10.0).abs() < 1e-9,
+            "{}",
+            p.regions_per_second()
+        );
+    }
+
+    #[test]
+    fn stalls_are_measured_from_the_last_change() {
+        let start = Instant::now();
+        let mut p = Progress::default();
+        p.observe(start, 5, 10);
+        p.observe(start + Duration::from_secs(3), 5, 10);
+        assert_eq!(
+            p.stalled_for(start + Duration::from_secs(4)),
+            Duration::from_secs(4)
+        );
+        p.observe(start + Duration::from_secs(5), 6, 10);
+        assert_eq!(
+            p.stalled_for(start + Duration::from_secs(6)),
+            Duration::from_secs(1)
+        );
+        p.observe(start + Duration::from_secs(7), 10, 10);
+        assert!(p.is_complete());
+        assert_eq!(p.eta_seconds(), Some(0));
+    }
+
+    #[test]
+    fn the_last_region_may_be_partial() {
+        assert_eq!(bytes_of(3, 4, 1 << 20, (3 << 20) + 4096), 3 << 20);
+        assert_eq!(bytes_of(4, 4, 1 << 20, (3 << 20) + 4096), (3 << 20) + 4096);
+    }
+}

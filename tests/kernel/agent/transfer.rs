@@ -1,0 +1,810 @@
+//! Moving a volume onto this host from a source block device: presented at
+//! once, hydrated in the background while written, finalized on the kernel's
+//! event; deferred start with commit or abort; pause, resume and throttle;
+//! extend while hydrating; crashes and a failing source along the way.
+
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use dmclone::{
+    dm::table::{Linear, Target},
+    proto::v1::{
+        HydrationKnobs, StartTransferRequest, ThrottleTransferRequest, Transfer, TransferRef,
+        TransferState, WatchTransfersRequest, start_transfer_request::Source,
+        transfers_client::TransfersClient,
+    },
+};
+use tonic::{Code, transport::Channel};
+
+use super::{
+    api::{delete, extend, get, pool_used, unpublish},
+    fixture::AgentProcess,
+};
+use crate::support::*;
+
+const TRANSFER: &str = "6b9d1c3e-5f1a-4f7e-9a57-3f0c2b8f6d01";
+const VOLUME: &str = "7b9d1c3e-5f1a-4f7e-9a57-3f0c2b8f6d02";
+
+fn knobs(region: u32, threshold: u32, batch: u32) -> Option<HydrationKnobs> {
+    Some(HydrationKnobs {
+        region_bytes: region,
+        hydration_threshold: threshold,
+        hydration_batch_size: batch,
+        max_bytes_per_second: 0,
+    })
+}
+
+async fn start(
+    client: &mut TransfersClient<Channel>,
+    source: &Path,
+    size: u64,
+    deferred: bool,
+    knobs: Option<HydrationKnobs>,
+) -> Result<Transfer, tonic::Status> {
+    start_as(client, TRANSFER, source, size, deferred, knobs).await
+}
+
+async fn start_as(
+    client: &mut TransfersClient<Channel>,
+    transfer: &str,
+    source: &Path,
+    size: u64,
+    deferred: bool,
+    knobs: Option<HydrationKnobs>,
+) -> Result<Transfer, tonic::Status> {
+    client
+        .start_transfer(StartTransferRequest {
+            transfer_id: transfer.into(),
+            volume_id: VOLUME.into(),
+            size_bytes: size,
+            source: Some(Source::DevicePath(source.display().to_string())),
+            deferred,
+            knobs,
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+fn reference() -> TransferRef {
+    TransferRef {
+        transfer_id: TRANSFER.into(),
+    }
+}
+
+async fn transfer(client: &mut TransfersClient<Channel>) -> Transfer {
+    client.get_transfer(reference()).await.unwrap().into_inner()
+}
+
+/// Follows the watch stream to the end (it ends at the final state) and
+/// returns every state seen, in order, without repeats.
+async fn watch_to_the_end(agent: &AgentProcess) -> (Vec<TransferState>, Transfer) {
+    watch_to_the_end_of(agent, TRANSFER).await
+}
+
+async fn watch_to_the_end_of(
+    agent: &AgentProcess,
+    transfer: &str,
+) -> (Vec<TransferState>, Transfer) {
+    let mut stream = TransfersClient::new(agent.channel().await)
+        .watch_transfers(WatchTransfersRequest {
+            transfer_id: transfer.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut states = Vec::new();
+    let mut last = None;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while let Some(update) = tokio::time::timeout_at(deadline.into(), stream.message())
+        .await
+        .expect("the transfer did not finish in 600 s")
+        .unwrap()
+    {
+        if states.last() != Some(&update.state()) {
+            states.push(update.state());
+        }
+        last = Some(update);
+    }
+    (states, last.expect("at least one update"))
+}
+
+fn public_path(agent: &AgentProcess) -> PathBuf {
+    PathBuf::from(format!("/dev/mapper/{}-{VOLUME}", agent.prefix))
+}
+
+async fn our_devices_named(prefix: &str, role: &str) -> Vec<String> {
+    kernel()
+        .list()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| d.name)
+        .filter(|n| n.starts_with(&format!("{prefix}-{role}")))
+        .collect()
+}
+
+/// The expected content after writes: the source pattern, overlaid.
+struct Expected {
+    seed: u64,
+    size: u64,
+    writes: Vec<(u64, Vec<u8>)>,
+}
+
+impl Expected {
+    fn sha256(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut hasher = Sha256::new();
+        for offset in (0..self.size).step_by(MIB as usize) {
+            let mut chunk = pattern(self.seed, offset, MIB as usize);
+            for (at, data) in &self.writes {
+                for (i, byte) in data.iter().enumerate() {
+                    let position = at + i as u64;
+                    if (offset..offset + MIB).contains(&position) {
+                        chunk[(position - offset) as usize] = *byte;
+                    }
+                }
+            }
+            hasher.update(&chunk);
+        }
+        hex(&hasher.finalize())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_volume_is_presented_at_once_hydrated_under_writes_and_finalized() {
+    let size = 96 * MIB;
+    let source = LoopDisk::with_pattern(size, 41);
+    let source_sha = sha256_of(source.path(), size);
+    let agent = AgentProcess::start("dmctxfer").await;
+    let mut client = TransfersClient::new(agent.channel().await);
+    // Slow enough that the writes below land while hydrating.
+    let started = start(
+        &mut client,
+        source.path(),
+        size,
+        false,
+        knobs(64 * 1024, 2, 1),
+    )
+    .await
+    .unwrap();
+    assert_eq!(started.regions_total, size / (64 * 1024));
+    let public = public_path(&agent);
+    assert_eq!(started.device_path, public.display().to_string());
+    // Usable the moment the call returns: reads come from the source.
+    assert_eq!(
+        read_at(&public, 50 * MIB, 4096),
+        pattern(41, 50 * MIB, 4096)
+    );
+    let volume = get(&mut agent.volumes().await, VOLUME).await.unwrap();
+    assert_eq!(volume.state(), dmclone::proto::v1::VolumeState::Hydrating);
+
+    let watcher = tokio::spawn({
+        let socket = agent.socket();
+        async move {
+            let mut stream =
+                TransfersClient::new(dmclone::client::connect_unix(&socket).await.unwrap())
+                    .watch_transfers(WatchTransfersRequest {
+                        transfer_id: TRANSFER.into(),
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner();
+            let mut states = Vec::new();
+            let mut last = None;
+            while let Some(update) = stream.message().await.unwrap() {
+                if states.last() != Some(&update.state()) {
+                    states.push(update.state());
+                }
+                last = Some(update);
+            }
+            (states, last.unwrap())
+        }
+    });
+    let mut expected = Expected {
+        seed: 41,
+        size,
+        writes: Vec::new(),
+    };
+    for (i, offset) in [3 * MIB + 512, 40 * MIB, 95 * MIB].into_iter().enumerate() {
+        let data = pattern(900 + i as u64, 0, 64 * 1024);
+        let aligned = offset / 4096 * 4096;
+        write_at(&public, aligned, &data);
+        expected.writes.push((aligned, data));
+    }
+    let (states, last) = tokio::time::timeout(Duration::from_secs(600), watcher)
+        .await
+        .expect("finished in time")
+        .unwrap();
+    assert_eq!(states.last(), Some(&TransferState::Done), "{states:?}");
+    assert!(states.contains(&TransferState::Hydrating), "{states:?}");
+    assert_eq!(last.regions_hydrated, last.regions_total);
+    assert_eq!(last.bytes_hydrated, size);
+    assert!(last.finalize_pause_micros > 0, "{last:?}");
+
+    assert_eq!(
+        sha256_of(&public, size),
+        expected.sha256(),
+        "the volume holds the source plus the writes"
+    );
+    assert_eq!(
+        sha256_of(source.path(), size),
+        source_sha,
+        "the source is untouched"
+    );
+    let volume = get(&mut agent.volumes().await, VOLUME).await.unwrap();
+    assert_eq!(volume.state(), dmclone::proto::v1::VolumeState::Available);
+    assert!(volume.published && volume.size_bytes == size);
+    assert!(
+        our_devices_named(&agent.prefix, "cmeta-").await.is_empty(),
+        "clone metadata left behind"
+    );
+    let table = kernel()
+        .table(&dmclone::dm::names::DeviceName::new(&format!("{}-{VOLUME}", agent.prefix)).unwrap())
+        .await
+        .unwrap();
+    assert!(
+        matches!(table.segments()[0].target, Target::Linear(_)),
+        "{table}"
+    );
+    // A finished volume is an ordinary one.
+    unpublish(&mut agent.volumes().await, VOLUME).await.unwrap();
+    delete(&mut agent.volumes().await, VOLUME).await.unwrap();
+    assert_eq!(transfer(&mut client).await.state(), TransferState::Done);
+    agent.destroy().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn deferred_transfers_wait_for_commit_and_abort_leaves_the_source_alone() {
+    let size = 32 * MIB;
+    let source = LoopDisk::with_pattern(size, 43);
+    let agent = AgentProcess::start("dmctdefer").await;
+    let mut client = TransfersClient::new(agent.channel().await);
+    let used_before = pool_used(&agent).await.0;
+
+    let deferred = start(&mut client, source.path(), size, true, None)
+        .await
+        .unwrap();
+    assert_eq!(deferred.state(), TransferState::Deferred);
+    // Repeating the start returns the same transfer.
+    assert_eq!(
+        start(&mut client, source.path(), size, true, None)
+            .await
+            .unwrap()
+            .state(),
+        TransferState::Deferred
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        transfer(&mut client).await.regions_hydrated,
+        0,
+        "nothing copies before commit"
+    );
+    assert_eq!(read_at(&public_path(&agent), 0, 4096), pattern(43, 0, 4096));
+    let refused = client.pause_transfer(reference()).await.unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition);
+
+    let aborted = client
+        .abort_transfer(reference())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(aborted.state(), TransferState::Aborted);
+    assert_eq!(
+        get(&mut agent.volumes().await, VOLUME)
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
+    assert!(!public_path(&agent).exists());
+    assert_eq!(pool_used(&agent).await.0, used_before);
+    assert_eq!(sha256_of(source.path(), size), {
+        let copy = LoopDisk::with_pattern(size, 43);
+        sha256_of(copy.path(), size)
+    });
+    assert_eq!(
+        client
+            .abort_transfer(reference())
+            .await
+            .unwrap()
+            .into_inner()
+            .state(),
+        TransferState::Aborted
+    );
+    agent.destroy().await;
+
+    // Deferred, then committed: hydration starts and finishes.
+    let agent = AgentProcess::start("dmctcommit").await;
+    let mut client = TransfersClient::new(agent.channel().await);
+    start(&mut client, source.path(), size, true, None)
+        .await
+        .unwrap();
+    let committed = client
+        .commit_transfer(reference())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        matches!(
+            committed.state(),
+            TransferState::Hydrating | TransferState::Done
+        ),
+        "{committed:?}"
+    );
+    let (states, _) = watch_to_the_end(&agent).await;
+    assert_eq!(states.last(), Some(&TransferState::Done));
+    assert_eq!(
+        sha256_of(&public_path(&agent), size),
+        sha256_of(source.path(), size)
+    );
+    let refused = client.abort_transfer(reference()).await.unwrap_err();
+    assert_eq!(
+        refused.code(),
+        Code::FailedPrecondition,
+        "a finished transfer cannot be aborted"
+    );
+    agent.destroy().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pause_resume_and_throttle_change_the_rate() {
+    let size = 128 * MIB;
+    let source = LoopDisk::with_pattern(size, 47);
+    let agent = AgentProcess::start("dmctthrottle").await;
+    let mut client = TransfersClient::new(agent.channel().await);
+    start(
+        &mut client,
+        source.path(),
+        size,
+        false,
+        knobs(64 * 1024, 1, 1),
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let paused = client
+        .pause_transfer(reference())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(paused.state(), TransferState::Paused);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let a = transfer(&mut client).await.regions_hydrated;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let b = transfer(&mut client).await.regions_hydrated;
+    assert_eq!(a, b, "paused: nothing is copied");
+    assert!(
+        b < size / (64 * 1024),
+        "finished before the pause could be seen"
+    );
+
+    // A byte budget: 2 MiB/s over one-second windows.
+    let limited = client
+        .throttle_transfer(ThrottleTransferRequest {
+            transfer_id: TRANSFER.into(),
+            knobs: Some(HydrationKnobs {
+                max_bytes_per_second: 2 * MIB,
+                hydration_threshold: 2,
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(limited.knobs.unwrap().hydration_threshold, 2);
+    client.resume_transfer(reference()).await.unwrap();
+    let from = transfer(&mut client).await.bytes_hydrated;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let limited_rate = (transfer(&mut client).await.bytes_hydrated - from) as f64 / 4.0;
+    assert!(limited_rate > 0.0, "resumed: copying again");
+    assert!(
+        limited_rate < 3.0 * MIB as f64,
+        "2 MiB/s limit, measured {limited_rate:.0} B/s"
+    );
+    let region_change = client
+        .throttle_transfer(ThrottleTransferRequest {
+            transfer_id: TRANSFER.into(),
+            knobs: Some(HydrationKnobs {
+                region_bytes: 1 << 20,
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(region_change.code(), Code::InvalidArgument);
+
+    // Lift the limit and open the throttle: the rest goes faster.
+    client
+        .throttle_transfer(ThrottleTransferRequest {
+            transfer_id: TRANSFER.into(),
+            knobs: Some(HydrationKnobs {
+                hydration_threshold: 256,
+                hydration_batch_size: 16,
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+    let mut limit_lifted = client.get_transfer(reference()).await.unwrap().into_inner();
+    assert_eq!(
+        limit_lifted.knobs.take().unwrap().max_bytes_per_second,
+        2 * MIB,
+        "0 keeps the limit"
+    );
+    client
+        .throttle_transfer(ThrottleTransferRequest {
+            transfer_id: TRANSFER.into(),
+            knobs: Some(HydrationKnobs {
+                max_bytes_per_second: u64::MAX,
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+    let (states, last) = watch_to_the_end(&agent).await;
+    assert_eq!(states.last(), Some(&TransferState::Done), "{states:?}");
+    assert_eq!(last.bytes_hydrated, size);
+    println!(
+        "MEASURED throttled at 2 MiB/s: {:.2} MiB/s",
+        limited_rate / MIB as f64
+    );
+    assert_eq!(
+        sha256_of(&public_path(&agent), size),
+        sha256_of(source.path(), size)
+    );
+    agent.destroy().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn extending_while_hydrating_maps_the_new_range_locally() {
+    let size = 32 * MIB;
+    let source = LoopDisk::with_pattern(size, 53);
+    let agent = AgentProcess::start("dmctgrow").await;
+    let mut client = TransfersClient::new(agent.channel().await);
+    start(&mut client, source.path(), size, true, None)
+        .await
+        .unwrap();
+    let grown = extend(&mut agent.volumes().await, VOLUME, 48 * MIB)
+        .await
+        .unwrap();
+    assert_eq!(grown.size_bytes, 48 * MIB);
+    let public = public_path(&agent);
+    assert_eq!(super::api::device_size(&public), 48 * MIB);
+    let tail = pattern(59, 0, 2 * MIB as usize);
+    write_at(&public, 46 * MIB, &tail);
+    assert_eq!(read_at(&public, 46 * MIB, tail.len()), tail);
+    assert_eq!(
+        read_at(&public, 31 * MIB, 4096),
+        pattern(53, 31 * MIB, 4096)
+    );
+    client.commit_transfer(reference()).await.unwrap();
+    let (states, _) = watch_to_the_end(&agent).await;
+    assert_eq!(states.last(), Some(&TransferState::Done));
+    assert_eq!(sha256_of(&public, size), sha256_of(source.path(), size));
+    assert_eq!(
+        read_at(&public, 46 * MIB, tail.len()),
+        tail,
+        "the extended range survives finalize"
+    );
+    assert_eq!(super::api::device_size(&public), 48 * MIB);
+    agent.destroy().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill9_during_hydration_resumes_from_the_clone_metadata() {
+    let size = 128 * MIB;
+    let source = LoopDisk::with_pattern(size, 61);
+    let mut agent = AgentProcess::start("dmctxkill").await;
+    let mut client = TransfersClient::new(agent.channel().await);
+    start(
+        &mut client,
+        source.path(),
+        size,
+        false,
+        knobs(64 * 1024, 1, 1),
+    )
+    .await
+    .unwrap();
+    let mut seen = Vec::new();
+    for round in 0..5u64 {
+        tokio::time::sleep(Duration::from_millis(300 + round * 170)).await;
+        agent.kill9().await;
+        agent.restart().await;
+        let now = TransfersClient::new(agent.channel().await)
+            .get_transfer(reference())
+            .await
+            .unwrap()
+            .into_inner();
+        seen.push((now.state(), now.regions_hydrated));
+        if now.state() == TransferState::Done {
+            break;
+        }
+    }
+    let hydrated: Vec<u64> = seen.iter().map(|(_, r)| *r).collect();
+    assert!(
+        hydrated.windows(2).all(|w| w[0] <= w[1]),
+        "progress survives each crash: {seen:?}"
+    );
+    client = TransfersClient::new(agent.channel().await);
+    client
+        .throttle_transfer(ThrottleTransferRequest {
+            transfer_id: TRANSFER.into(),
+            knobs: Some(HydrationKnobs {
+                hydration_threshold: 64,
+                hydration_batch_size: 16,
+                ..Default::default()
+            }),
+        })
+        .await
+        .ok();
+    let (states, _) = watch_to_the_end(&agent).await;
+    assert_eq!(states.last(), Some(&TransferState::Done), "{states:?}");
+    assert_eq!(
+        sha256_of(&public_path(&agent), size),
+        sha256_of(source.path(), size)
+    );
+    println!("MEASURED transfer state after each kill -9: {seen:?}");
+    agent.destroy().await;
+}
+
+/// The start and finalize of a transfer survive a crash between their steps.
+#[tokio::test(flavor = "multi_thread")]
+async fn kill9_inside_start_finalize_and_abort() {
+    let size = 16 * MIB;
+    let source = LoopDisk::with_pattern(size, 67);
+    let mut agent = AgentProcess::start("dmctxfp").await;
+    let used = pool_used(&agent).await.0;
+    for point in ["transfer.after_record", "transfer.after_metadata"] {
+        crash(&mut agent, point, |mut c| {
+            let path = source.path().to_owned();
+            async move { assert!(start(&mut c, &path, size, false, None).await.is_err()) }
+        })
+        .await;
+        let mut client = TransfersClient::new(agent.channel().await);
+        assert_eq!(
+            client.get_transfer(reference()).await.unwrap_err().code(),
+            Code::NotFound,
+            "{point}"
+        );
+        assert_eq!(
+            get(&mut agent.volumes().await, VOLUME)
+                .await
+                .unwrap_err()
+                .code(),
+            Code::NotFound,
+            "{point}"
+        );
+        assert_eq!(pool_used(&agent).await.0, used, "{point}");
+        assert!(
+            our_devices_named(&agent.prefix, "")
+                .await
+                .iter()
+                .all(|n| !n.contains(VOLUME)),
+            "{point}"
+        );
+    }
+    for (point, id) in [
+        (
+            "finalize.after_record",
+            "6b9d1c3e-5f1a-4f7e-9a57-3f0c2b8f6d0a",
+        ),
+        (
+            "finalize.after_swap",
+            "6b9d1c3e-5f1a-4f7e-9a57-3f0c2b8f6d0b",
+        ),
+    ] {
+        crash(&mut agent, point, |mut c| {
+            let path = source.path().to_owned();
+            async move {
+                start_as(&mut c, id, &path, size, false, None)
+                    .await
+                    .unwrap();
+            }
+        })
+        .await;
+        let (states, _) = watch_to_the_end_of(&agent, id).await;
+        assert_eq!(
+            states.last(),
+            Some(&TransferState::Done),
+            "{point}: {states:?}"
+        );
+        assert_eq!(
+            sha256_of(&public_path(&agent), size),
+            sha256_of(source.path(), size),
+            "{point}"
+        );
+        assert!(
+            our_devices_named(&agent.prefix, "cmeta-").await.is_empty(),
+            "{point}"
+        );
+        unpublish(&mut agent.volumes().await, VOLUME).await.unwrap();
+        delete(&mut agent.volumes().await, VOLUME).await.unwrap();
+    }
+    let mut client = TransfersClient::new(agent.channel().await);
+    start(&mut client, source.path(), size, true, None)
+        .await
+        .unwrap();
+    crash(&mut agent, "abort.after_record", |mut c| async move {
+        assert!(c.abort_transfer(reference()).await.is_err());
+    })
+    .await;
+    assert_eq!(
+        transfer(&mut TransfersClient::new(agent.channel().await))
+            .await
+            .state(),
+        TransferState::Aborted
+    );
+    assert_eq!(
+        get(&mut agent.volumes().await, VOLUME)
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
+    assert_eq!(pool_used(&agent).await.0, used);
+    agent.destroy().await;
+}
+
+async fn crash<F, Fut>(agent: &mut AgentProcess, point: &str, call: F)
+where
+    F: FnOnce(TransfersClient<Channel>) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    use std::os::unix::process::ExitStatusExt;
+    agent.kill9().await;
+    agent.set_failpoint(Some(point));
+    agent.restart().await;
+    call(TransfersClient::new(agent.channel().await)).await;
+    let status = agent.wait_exit().await;
+    assert_eq!(
+        status.signal(),
+        Some(9),
+        "{point}: {status}\n{}",
+        agent.log()
+    );
+    agent.set_failpoint(None);
+    agent.restart().await;
+}
+
+/// The source fails mid-hydration: the transfer shows degraded, and resumes
+/// by itself once the source answers again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failing_source_degrades_the_transfer_until_it_returns() {
+    let size = 64 * MIB;
+    let disk = LoopDisk::with_pattern(size, 71);
+    let dm = kernel();
+    remove_all_with_prefix(&dm, "dmctflaky").await;
+    let source_name = name("dmctflaky", "source");
+    let healthy = table(
+        size / SECTOR,
+        Target::Linear(Linear {
+            device: disk.dev,
+            offset: 0,
+        }),
+    );
+    dm.create(&source_name, None, &healthy).await.unwrap();
+    // Stall detection after 2 s instead of 30, for the test.
+    let agent = AgentProcess::start_with(
+        "dmctdegr",
+        &["--pool-file-size", "1G", "--transfer-stall-seconds", "2"],
+        &[],
+    )
+    .await;
+    let mut client = TransfersClient::new(agent.channel().await);
+    start(
+        &mut client,
+        &source_name.mapper_path(),
+        size,
+        false,
+        knobs(64 * 1024, 1, 1),
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    dm.swap_table(&source_name, &table(size / SECTOR, Target::Error))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let degraded = loop {
+        let now = transfer(&mut client).await;
+        if now.state() == TransferState::Degraded {
+            break now;
+        }
+        assert!(
+            now.state() != TransferState::Done,
+            "finished before the outage: {now:?}"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "never reported degraded: {now:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(degraded.message.contains("source"), "{degraded:?}");
+    dm.swap_table(&source_name, &healthy).await.unwrap();
+    let (states, _) = watch_to_the_end(&agent).await;
+    assert_eq!(states.last(), Some(&TransferState::Done), "{states:?}");
+    assert_eq!(
+        sha256_of(&public_path(&agent), size),
+        sha256_of(disk.path(), size)
+    );
+    agent.destroy().await;
+    remove_all_with_prefix(&dm, "dmctflaky").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_transfer_requests_get_precise_codes() {
+    let source = LoopDisk::with_pattern(16 * MIB, 73);
+    let agent = AgentProcess::start("dmctxbad").await;
+    let mut client = TransfersClient::new(agent.channel().await);
+    let request = |size: u64, path: &str| StartTransferRequest {
+        transfer_id: TRANSFER.into(),
+        volume_id: VOLUME.into(),
+        size_bytes: size,
+        source: Some(Source::DevicePath(path.into())),
+        deferred: true,
+        knobs: None,
+    };
+    let path = source.path().display().to_string();
+    let cases = [
+        (
+            "larger than the source",
+            request(32 * MIB, &path),
+            Code::InvalidArgument,
+        ),
+        (
+            "not a block device",
+            request(MIB, "/etc/hostname"),
+            Code::InvalidArgument,
+        ),
+        (
+            "relative path",
+            request(MIB, "dev/loop0"),
+            Code::InvalidArgument,
+        ),
+        (
+            "no source",
+            StartTransferRequest {
+                source: None,
+                ..request(MIB, &path)
+            },
+            Code::InvalidArgument,
+        ),
+        (
+            "bad region",
+            StartTransferRequest {
+                knobs: knobs(3000, 0, 0),
+                ..request(MIB, &path)
+            },
+            Code::InvalidArgument,
+        ),
+        (
+            "bad id",
+            StartTransferRequest {
+                transfer_id: "t1".into(),
+                ..request(MIB, &path)
+            },
+            Code::InvalidArgument,
+        ),
+    ];
+    for (what, req, code) in cases {
+        let status = client.start_transfer(req).await.unwrap_err();
+        assert_eq!(status.code(), code, "{what}: {status:?}");
+    }
+    assert_eq!(
+        client.get_transfer(reference()).await.unwrap_err().code(),
+        Code::NotFound
+    );
+    super::api::create(&mut agent.volumes().await, VOLUME, 16 * MIB)
+        .await
+        .unwrap();
+    let exists = client
+        .start_transfer(request(16 * MIB, &path))
+        .await
+        .unwrap_err();
+    assert_eq!(exists.code(), Code::AlreadyExists, "{exists:?}");
+    assert!(super::api::list(&mut agent.volumes().await).await.len() == 1);
+    agent.destroy().await;
+}
