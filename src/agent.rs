@@ -16,6 +16,7 @@ use crate::{
     error::AgentError,
     failpoint,
     locks::Locks,
+    nvme::{HostId, Nqn},
     pool::{Pool, PoolUsage},
     reconcile::ReconcileReport,
     store::{Store, TransferRecord},
@@ -51,6 +52,7 @@ pub struct Agent {
     pub(crate) node_id: String,
     pub(crate) reconcile: ReconcileReport,
     pub(crate) transfers: Registry,
+    pub(crate) nvme: NvmeIdentity,
 }
 
 impl Agent {
@@ -76,6 +78,7 @@ impl Agent {
             }
         };
         let naming = Naming::new(&settings.dm_prefix)?;
+        let nvme = nvme_identity(&settings, &store).await?;
         let pool = Pool::open(&dm, &naming, &settings.pool).await?;
         let events = EventMonitor::start()?;
         let mut agent = Self {
@@ -89,6 +92,7 @@ impl Agent {
             node_id,
             reconcile: ReconcileReport::default(),
             transfers: Registry::default(),
+            nvme,
         };
         let started = Instant::now();
         agent.reconcile = agent.reconcile_all().await?;
@@ -136,7 +140,7 @@ impl Agent {
             dm_ioctl_version: (major, minor, patch),
             targets,
             pool: self.pool.usage().await?,
-            host_nqn: host_nqn(&self.node_id),
+            host_nqn: self.nvme.host_nqn.to_string(),
             provisioned_bytes: volumes.iter().map(|v| v.size_bytes).sum(),
             volume_count: volumes.len(),
         })
@@ -227,14 +231,46 @@ fn generate_node_id() -> String {
 }
 
 /// NVMe host NQN in the UUID form the spec reserves for hosts without one.
-fn host_nqn(node_id: &str) -> String {
-    if let Ok(nqn) = std::fs::read_to_string("/etc/nvme/hostnqn") {
-        let nqn = nqn.trim();
-        if !nqn.is_empty() {
-            return nqn.to_owned();
+/// Who this host is on NVMe/TCP: the configured values, else the host's
+/// /etc/nvme files (so the agent matches nvme-cli), else a host id made once
+/// and kept in the store with the NQN the spec reserves for it.
+async fn nvme_identity(settings: &Settings, store: &Store) -> Result<NvmeIdentity, AgentError> {
+    let from_file = |path: &str| {
+        std::fs::read_to_string(path)
+            .ok()
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+    };
+    let host_id = match settings
+        .nvme
+        .host_id
+        .clone()
+        .or_else(|| from_file("/etc/nvme/hostid"))
+    {
+        Some(id) => id,
+        None => {
+            let store = store.clone();
+            blocking(move || store.host_id(generate_node_id)).await?
         }
-    }
-    format!("nqn.2014-08.org.nvmexpress:uuid:{node_id}")
+    };
+    let host_id = HostId::parse(&host_id)?;
+    let host_nqn = settings
+        .nvme
+        .host_nqn
+        .clone()
+        .or_else(|| from_file("/etc/nvme/hostnqn"))
+        .unwrap_or_else(|| format!("nqn.2014-08.org.nvmexpress:uuid:{}", host_id.as_str()));
+    Ok(NvmeIdentity {
+        host_nqn: Nqn::parse("nvme.host_nqn", &host_nqn)?,
+        host_id,
+    })
+}
+
+/// This agent on NVMe/TCP.
+#[derive(Debug, Clone)]
+pub struct NvmeIdentity {
+    pub host_nqn: Nqn,
+    pub host_id: HostId,
 }
 
 fn read_proc(path: &str) -> String {

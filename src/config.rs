@@ -46,8 +46,45 @@ pub struct Config {
     pub pool: PoolConfig,
     pub volumes: VolumeConfig,
     pub transfer: TransferConfig,
+    pub nvme: NvmeConfig,
+    pub peers: PeersConfig,
     pub tcp: TcpConfig,
     pub log: LogConfig,
+}
+
+/// NVMe/TCP: where this agent exports volumes that move away, and who it is
+/// when it connects to other agents' exports.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NvmeConfig {
+    /// The address other hosts reach this one's exports at (the storage
+    /// network). Unset: ExportVolume is refused.
+    pub export_address: Option<String>,
+    pub export_port: Option<u16>,
+    /// The nvmet configfs port id to create when none listens on the address.
+    pub export_port_id: Option<u16>,
+    /// This host's NQN. Default: /etc/nvme/hostnqn, else one made from host_id.
+    pub host_nqn: Option<String>,
+    /// This host's NVMe host id (a UUID). Default: /etc/nvme/hostid, else one
+    /// made once and kept in the store.
+    pub host_id: Option<String>,
+    /// Seconds without a connection to a source before the kernel gives up
+    /// on it (the transfer then waits, degraded, and reconnects).
+    pub ctrl_loss_timeout_seconds: Option<u32>,
+    /// Seconds after which I/O to an unreachable source fails instead of
+    /// waiting.
+    pub fast_io_fail_timeout_seconds: Option<u32>,
+}
+
+/// How this agent calls other agents (to release a source after a move):
+/// mutual TLS with this client identity.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PeersConfig {
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// CA bundle the other agents' server certificates chain to.
+    pub ca: Option<PathBuf>,
 }
 
 /// Defaults of the dm-clone knobs for moves to this host; a transfer may
@@ -143,6 +180,8 @@ pub struct Settings {
     pub pool: PoolSettings,
     pub max_volume_size: u64,
     pub transfer: TransferSettings,
+    pub nvme: NvmeSettings,
+    pub peers: Option<PeerTls>,
     pub tcp: Option<TcpSettings>,
     pub log_level: String,
     pub log_format: LogFormat,
@@ -164,6 +203,28 @@ pub enum PoolBacking {
     File { path: PathBuf, size: u64 },
     /// A block device given whole to the pool.
     Device(PathBuf),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NvmeSettings {
+    pub export: Option<std::net::SocketAddr>,
+    pub export_port_id: u16,
+    pub host_nqn: Option<String>,
+    pub host_id: Option<String>,
+    pub ctrl_loss_timeout_seconds: u32,
+    pub fast_io_fail_timeout_seconds: u32,
+}
+
+pub const DEFAULT_NVME_PORT: u16 = 4420;
+pub const DEFAULT_NVME_PORT_ID: u16 = 1;
+pub const DEFAULT_CTRL_LOSS_SECONDS: u32 = 60;
+pub const DEFAULT_FAST_IO_FAIL_SECONDS: u32 = 10;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerTls {
+    pub tls_cert: PathBuf,
+    pub tls_key: PathBuf,
+    pub ca: PathBuf,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -251,6 +312,8 @@ impl Config {
             node_id: self.node_id.clone(),
             pool: self.pool.validate(&state_dir)?,
             transfer: self.transfer.validate()?,
+            nvme: self.nvme.validate()?,
+            peers: self.peers.validate()?,
             tcp: self.tcp.validate()?,
             state_dir,
             socket,
@@ -376,6 +439,70 @@ pub fn validate_region(option: &str, bytes: u64) -> Result<(), AgentError> {
             option,
             format!("{} is not a power of two from 4 KiB to 1 GiB", Size(bytes)),
         ))
+    }
+}
+
+impl NvmeConfig {
+    fn validate(&self) -> Result<NvmeSettings, AgentError> {
+        let port = self.export_port.unwrap_or(DEFAULT_NVME_PORT);
+        if port == 0 {
+            return Err(invalid("nvme.export_port", "must not be 0"));
+        }
+        let export = match &self.export_address {
+            None => None,
+            Some(address) => {
+                let ip: std::net::IpAddr = address.parse().map_err(|_| {
+                    invalid(
+                        "nvme.export_address",
+                        format!("{address:?} is not an IP address (the storage network address of this host)"),
+                    )
+                })?;
+                if ip.is_unspecified() {
+                    return Err(invalid(
+                        "nvme.export_address",
+                        "must be the address other hosts connect to, not 0.0.0.0 or ::",
+                    ));
+                }
+                Some(std::net::SocketAddr::new(ip, port))
+            }
+        };
+        let ctrl_loss = self
+            .ctrl_loss_timeout_seconds
+            .unwrap_or(DEFAULT_CTRL_LOSS_SECONDS);
+        let fast_fail = self
+            .fast_io_fail_timeout_seconds
+            .unwrap_or(DEFAULT_FAST_IO_FAIL_SECONDS);
+        if ctrl_loss == 0 || fast_fail == 0 {
+            return Err(invalid(
+                "nvme.ctrl_loss_timeout_seconds",
+                "timeouts must be at least 1 second",
+            ));
+        }
+        Ok(NvmeSettings {
+            export,
+            export_port_id: self.export_port_id.unwrap_or(DEFAULT_NVME_PORT_ID),
+            host_nqn: self.host_nqn.clone(),
+            host_id: self.host_id.clone(),
+            ctrl_loss_timeout_seconds: ctrl_loss,
+            fast_io_fail_timeout_seconds: fast_fail,
+        })
+    }
+}
+
+impl PeersConfig {
+    fn validate(&self) -> Result<Option<PeerTls>, AgentError> {
+        match (&self.tls_cert, &self.tls_key, &self.ca) {
+            (None, None, None) => Ok(None),
+            (Some(cert), Some(key), Some(ca)) => Ok(Some(PeerTls {
+                tls_cert: cert.clone(),
+                tls_key: key.clone(),
+                ca: ca.clone(),
+            })),
+            _ => Err(invalid(
+                "peers.tls_cert",
+                "peers.tls_cert, peers.tls_key and peers.ca go together",
+            )),
+        }
     }
 }
 

@@ -52,6 +52,7 @@ impl Agent {
             }
             self.reconcile_volume(record, &before, &mut report).await?;
         }
+        self.reconcile_exports().await?;
         let records = self.store_call(|store| store.volumes()).await?;
         report.unknown_devices = self.unexplained_devices(&records).await?;
         for name in &report.unknown_devices {

@@ -26,6 +26,7 @@ const TRANSFERS: TableDefinition<&str, &[u8]> = TableDefinition::new("transfers"
 const SCHEMA_VERSION: u32 = 1;
 const KEY_SCHEMA: &str = "schema_version";
 const KEY_NODE_ID: &str = "node_id";
+const KEY_HOST_ID: &str = "nvme_host_id";
 const KEY_NEXT_THIN_ID: &str = "next_thin_id";
 /// Thin ids are 24 bits; 0 is left unused so that "no id" is never valid.
 const FIRST_THIN_ID: u32 = 1;
@@ -54,6 +55,16 @@ pub struct VolumeRecord {
     /// The transfer bringing this volume here, while it is not finished.
     #[serde(default)]
     pub transfer: Option<String>,
+    /// The NVMe/TCP export of this volume to another host, while it moves.
+    #[serde(default)]
+    pub export: Option<ExportRecord>,
+}
+
+/// A volume exported to the one host it moves to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExportRecord {
+    pub host_nqn: String,
+    pub subsystem_nqn: String,
 }
 
 impl VolumeRecord {
@@ -309,12 +320,25 @@ impl Store {
 
     /// The node id kept in the store, made from `generate` on first use.
     pub fn node_id(&self, generate: impl FnOnce() -> String) -> Result<String, AgentError> {
-        if let Some(id) = self.meta::<String>(KEY_NODE_ID)? {
-            return Ok(id);
+        self.meta_or_init(KEY_NODE_ID, generate)
+    }
+
+    /// The NVMe host id kept in the store, made from `generate` on first use.
+    pub fn host_id(&self, generate: impl FnOnce() -> String) -> Result<String, AgentError> {
+        self.meta_or_init(KEY_HOST_ID, generate)
+    }
+
+    fn meta_or_init(
+        &self,
+        key: &str,
+        generate: impl FnOnce() -> String,
+    ) -> Result<String, AgentError> {
+        if let Some(value) = self.meta::<String>(key)? {
+            return Ok(value);
         }
-        let id = generate();
-        self.put_meta(KEY_NODE_ID, &id)?;
-        Ok(id)
+        let value = generate();
+        self.put_meta(key, &value)?;
+        Ok(value)
     }
 
     /// One record by key.
@@ -523,6 +547,7 @@ mod tests {
             pending: Some(Pending::Create),
             quarantine: None,
             transfer: None,
+            export: None,
         }
     }
 

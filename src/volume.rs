@@ -111,6 +111,7 @@ impl Agent {
             pending: Some(Pending::Create),
             quarantine: None,
             transfer: None,
+            export: None,
         };
         let record = self
             .store_call(move |store| store.insert_volume_with_new_thin_id(record))
@@ -187,10 +188,25 @@ impl Agent {
 
     pub async fn delete_volume(&self, id: &VolumeId) -> Result<(), AgentError> {
         let _held = self.locks.lock(id.as_str()).await;
-        let Some(mut record) = self.record(id).await? else {
+        let Some(record) = self.record(id).await? else {
             info!(volume = %id, "delete of an absent volume: nothing to do");
             return Ok(());
         };
+        if let Some(export) = &record.export {
+            return Err(AgentError::FailedPrecondition(format!(
+                "volume {id} is exported to {} for a move; unexport it before deleting it",
+                export.host_nqn
+            )));
+        }
+        self.delete_locked(id, record).await
+    }
+
+    /// Deletes a volume whose lock the caller holds.
+    pub(crate) async fn delete_locked(
+        &self,
+        id: &VolumeId,
+        mut record: VolumeRecord,
+    ) -> Result<(), AgentError> {
         if let Some(transfer) = &record.transfer {
             return Err(AgentError::FailedPrecondition(format!(
                 "volume {id} is still arriving by transfer {transfer}; abort the transfer to remove it"
@@ -243,6 +259,12 @@ impl Agent {
         let new_size = self.volume_size("new_size_bytes", requested_bytes)?;
         let _held = self.locks.lock(id.as_str()).await;
         let mut record = self.ready_record(id, "extend").await?;
+        if let Some(export) = &record.export {
+            return Err(AgentError::FailedPrecondition(format!(
+                "volume {id} is exported to {} for a move; extend it on its new host",
+                export.host_nqn
+            )));
+        }
         if new_size < record.size_bytes {
             return Err(AgentError::InvalidArgument {
                 field: "new_size_bytes",
@@ -305,6 +327,15 @@ impl Agent {
             // Arriving volumes are presented from the start.
             return Ok(self.naming.public(id).mapper_path());
         }
+        if let Some(export) = &record.export
+            && !record.published
+        {
+            // Its copy is moving away: no new writer may appear here.
+            return Err(AgentError::FailedPrecondition(format!(
+                "volume {id} is exported to {} for a move; it cannot be published here again",
+                export.host_nqn
+            )));
+        }
         if !record.published {
             record.published = true;
             record.pending = Some(Pending::Publish);
@@ -366,7 +397,11 @@ impl Agent {
 
     /// The record of a volume that exists and is not in the middle of being
     /// created, deleted or quarantined.
-    async fn ready_record(&self, id: &VolumeId, action: &str) -> Result<VolumeRecord, AgentError> {
+    pub(crate) async fn ready_record(
+        &self,
+        id: &VolumeId,
+        action: &str,
+    ) -> Result<VolumeRecord, AgentError> {
         let record = self.record(id).await?.ok_or_else(|| not_found(id))?;
         if let Some(reason) = &record.quarantine {
             return Err(AgentError::FailedPrecondition(format!(
@@ -384,7 +419,7 @@ impl Agent {
         }
     }
 
-    async fn put(&self, record: &VolumeRecord) -> Result<(), AgentError> {
+    pub(crate) async fn put(&self, record: &VolumeRecord) -> Result<(), AgentError> {
         let record = record.clone();
         self.store_call(move |store| store.put_volume(&record))
             .await

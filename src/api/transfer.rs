@@ -1,13 +1,13 @@
-//! dmclone.v1.Transfers: the destination side of a move (start, commit,
-//! pause, resume, throttle, abort, get, list, watch). Export and unexport on
-//! the source side answer UNIMPLEMENTED until NVMe/TCP export lands.
+//! dmclone.v1.Transfers: the source side of a move (export, unexport,
+//! release) and the destination side (start, commit, pause, resume,
+//! throttle, abort, get, list, watch).
 
 use std::{path::PathBuf, sync::Arc};
 
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, codegen::BoxStream};
 
-use super::{convert, handle, not_yet, parts, span_id};
+use super::{convert, handle, parts, span_id};
 use crate::{
     agent::Agent,
     error::AgentError,
@@ -15,8 +15,6 @@ use crate::{
     proto::v1 as pb,
     transfer::{KnobRequest, Source, StartRequest, TransferState},
 };
-
-const MISSING: &str = "exporting volumes over NVMe/TCP is";
 
 #[derive(Debug)]
 pub struct TransfersApi {
@@ -81,14 +79,50 @@ impl pb::transfers_server::Transfers for TransfersApi {
         &self,
         request: Request<pb::ExportVolumeRequest>,
     ) -> Result<Response<pb::Export>, Status> {
-        not_yet(MISSING, "ExportVolume", parts(request).0).await
+        let (metadata, req) = parts(request);
+        handle("ExportVolume", &metadata, span_id(&req.volume_id), async {
+            let id = VolumeId::parse(&req.volume_id)?;
+            let export = self.agent.export_volume(&id, &req.host_nqn).await?;
+            Ok(pb::Export {
+                volume_id: export.volume_id,
+                subsystem_nqn: export.subsystem_nqn,
+                transport_address: export.address,
+                transport_service_id: u32::from(export.port),
+                allowed_host_nqn: export.host_nqn,
+            })
+        })
+        .await
     }
 
     async fn unexport_volume(
         &self,
         request: Request<pb::UnexportVolumeRequest>,
     ) -> Result<Response<pb::UnexportVolumeResponse>, Status> {
-        not_yet(MISSING, "UnexportVolume", parts(request).0).await
+        let (metadata, req) = parts(request);
+        handle(
+            "UnexportVolume",
+            &metadata,
+            span_id(&req.volume_id),
+            async {
+                let id = VolumeId::parse(&req.volume_id)?;
+                self.agent.unexport_volume(&id).await?;
+                Ok(pb::UnexportVolumeResponse {})
+            },
+        )
+        .await
+    }
+
+    async fn release_volume(
+        &self,
+        request: Request<pb::ReleaseVolumeRequest>,
+    ) -> Result<Response<pb::ReleaseVolumeResponse>, Status> {
+        let (metadata, req) = parts(request);
+        handle("ReleaseVolume", &metadata, span_id(&req.volume_id), async {
+            let id = VolumeId::parse(&req.volume_id)?;
+            self.agent.release_volume(&id, &req.host_nqn).await?;
+            Ok(pb::ReleaseVolumeResponse {})
+        })
+        .await
     }
 
     async fn start_transfer(

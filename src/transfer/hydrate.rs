@@ -62,7 +62,7 @@ impl Agent {
             });
         }
         let source = source_record(&request.source);
-        let (source_dev, source_bytes) = self.attach_source(&source).await?;
+        let (source_dev, source_bytes) = self.attach_source(&source, &request.volume).await?;
         if source_bytes < size {
             self.detach_source(&source).await;
             return Err(AgentError::InvalidArgument {
@@ -351,6 +351,7 @@ impl Agent {
             pending: Some(Pending::Create),
             quarantine: None,
             transfer: Some(request.transfer.to_string()),
+            export: None,
         };
         let mut transfer = TransferRecord {
             id: request.transfer.to_string(),
@@ -424,7 +425,9 @@ impl Agent {
         volume: &VolumeRecord,
         transfer: &TransferRecord,
     ) -> Result<(), AgentError> {
-        let (source, _) = self.attach_source(&transfer.source).await?;
+        let (source, _) = self
+            .attach_source(&transfer.source, &volume.volume_id()?)
+            .await?;
         let metadata = self.ensure_metadata_device(volume, transfer).await?;
         let destination = self.ensure_thin_device(volume).await?;
         let hydrate = matches!(
@@ -460,7 +463,9 @@ impl Agent {
             self.ensure_public_device(volume).await?;
             return Ok(());
         }
-        let (source, _) = self.attach_source(&transfer.source).await?;
+        let (source, _) = self
+            .attach_source(&transfer.source, &volume.volume_id()?)
+            .await?;
         let metadata = self.ensure_metadata_device(volume, &transfer).await?;
         let destination = self.ensure_thin_device(volume).await?;
         let hydrate = matches!(
@@ -572,6 +577,7 @@ impl Agent {
     pub(crate) async fn attach_source(
         &self,
         source: &SourceRecord,
+        volume: &VolumeId,
     ) -> Result<(DevRef, u64), AgentError> {
         match source {
             SourceRecord::Device { path } => {
@@ -584,9 +590,15 @@ impl Agent {
                 })
                 .await
             }
-            SourceRecord::NvmeTcp { .. } => Err(AgentError::Unimplemented(
-                "NVMe/TCP sources are not connected by this agent yet; attach the source and pass its device_path".into(),
-            )),
+            SourceRecord::NvmeTcp {
+                subsystem_nqn,
+                address,
+                port,
+                ..
+            } => {
+                self.connect_source(volume, subsystem_nqn, address, *port)
+                    .await
+            }
         }
     }
 
@@ -595,7 +607,9 @@ impl Agent {
         match source {
             SourceRecord::Device { .. } => {}
             SourceRecord::NvmeTcp { subsystem_nqn, .. } => {
-                warn!(%subsystem_nqn, "NVMe/TCP sources are not handled by this agent yet");
+                if let Err(err) = self.disconnect_source(subsystem_nqn).await {
+                    warn!(%subsystem_nqn, error = %err, "cannot disconnect from the source");
+                }
             }
         }
     }
@@ -632,7 +646,7 @@ impl Agent {
     }
 
     /// The record of a transfer, with its volume locked.
-    async fn locked_transfer(
+    pub(crate) async fn locked_transfer(
         &self,
         id: &TransferId,
     ) -> Result<(TransferRecord, crate::locks::Held), AgentError> {

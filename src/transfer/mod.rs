@@ -15,6 +15,7 @@
 //! finished:   <prefix>-<id>        linear <prefix>-thin-<id>
 //! ```
 
+pub mod export;
 mod hydrate;
 mod monitor;
 pub mod progress;

@@ -242,6 +242,7 @@ impl Agent {
         volume.transfer = None;
         self.commit_pair(&volume, &transfer).await?;
         self.transfers.forget(id);
+        self.spawn_release(&transfer);
         info!(
             transfer = %transfer.id,
             volume = %volume_id,
@@ -304,8 +305,12 @@ impl Agent {
 
     /// Restarts the monitors of unfinished transfers after reconciliation.
     pub(crate) fn resume_monitors(self: &Arc<Self>, transfers: &[TransferRecord]) {
-        for transfer in transfers.iter().filter(|t| !t.phase.is_finished()) {
-            self.spawn_monitor(transfer.id.clone());
+        for transfer in transfers {
+            if !transfer.phase.is_finished() {
+                self.spawn_monitor(transfer.id.clone());
+            } else if transfer.phase == TransferPhase::Done {
+                self.spawn_release(transfer);
+            }
         }
     }
 

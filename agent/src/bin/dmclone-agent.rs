@@ -66,6 +66,21 @@ struct Args {
     /// Seconds without progress before a transfer is degraded [config: transfer.stall_seconds].
     #[arg(long, value_name = "SECONDS")]
     transfer_stall_seconds: Option<u64>,
+    /// Address other hosts reach this one's NVMe/TCP exports at [config: nvme.export_address].
+    #[arg(long, value_name = "IP")]
+    nvme_export_address: Option<String>,
+    /// TCP port of the exports [config: nvme.export_port].
+    #[arg(long, value_name = "PORT")]
+    nvme_export_port: Option<u16>,
+    /// nvmet configfs port id [config: nvme.export_port_id].
+    #[arg(long, value_name = "ID")]
+    nvme_export_port_id: Option<u16>,
+    /// This host's NVMe host NQN [config: nvme.host_nqn].
+    #[arg(long, value_name = "NQN")]
+    nvme_host_nqn: Option<String>,
+    /// This host's NVMe host id, a UUID [config: nvme.host_id].
+    #[arg(long, value_name = "UUID")]
+    nvme_host_id: Option<String>,
     /// Serve the API over TCP with mutual TLS here [config: tcp.listen].
     #[arg(long, value_name = "ADDR:PORT")]
     listen: Option<String>,
@@ -136,6 +151,11 @@ impl Args {
             &mut config.transfer.stall_seconds,
             &self.transfer_stall_seconds,
         );
+        set(&mut config.nvme.export_address, &self.nvme_export_address);
+        set(&mut config.nvme.export_port, &self.nvme_export_port);
+        set(&mut config.nvme.export_port_id, &self.nvme_export_port_id);
+        set(&mut config.nvme.host_nqn, &self.nvme_host_nqn);
+        set(&mut config.nvme.host_id, &self.nvme_host_id);
         set(&mut config.tcp.listen, &self.listen);
         set(&mut config.tcp.tls_cert, &self.tls_cert);
         set(&mut config.tcp.tls_key, &self.tls_key);

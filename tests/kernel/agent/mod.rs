@@ -6,6 +6,7 @@ pub mod fixture;
 mod api;
 mod cli;
 mod crash;
+mod moves;
 mod reboot;
 mod scale;
 mod tls;

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x64mclone/v1/transfer.proto\x12\ndmclone.v1\"\x85\x01\n\x06\x45xport\x12\x11\n\tvolume_id\x18\x01 \x01(\t\x12\x15\n\rsubsystem_nqn\x18\x02 \x01(\t\x12\x19\n\x11transport_address\x18\x03 \x01(\t\x12\x1c\n\x14transport_service_id\x18\x04 \x01(\r\x12\x18\n\x10\x61llowed_host_nqn\x18\x05 \x01(\t\":\n\x13\x45xportVolumeRequest\x12\x11\n\tvolume_id\x18\x01 \x01(\t\x12\x10\n\x08host_nqn\x18\x02 \x01(\t\"*\n\x15UnexportVolumeRequest\x12\x11\n\tvolume_id\x18\x01 \x01(\t\"\x18\n\x16UnexportVolumeResponse\"~\n\rNvmeTcpSource\x12\x15\n\rsubsystem_nqn\x18\x01 \x01(\t\x12\x19\n\x11transport_address\x18\x02 \x01(\t\x12\x1c\n\x14transport_service_id\x18\x03 \x01(\r\x12\x1d\n\x15source_agent_endpoint\x18\x04 \x01(\t\"\xdf\x01\n\x14StartTransferRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x11\n\tvolume_id\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x04\x12-\n\x08nvme_tcp\x18\x04 \x01(\x0b\x32\x19.dmclone.v1.NvmeTcpSourceH\x00\x12\x15\n\x0b\x64\x65vice_path\x18\x05 \x01(\tH\x00\x12\x10\n\x08\x64\x65\x66\x65rred\x18\x06 \x01(\x08\x12)\n\x05knobs\x18\x07 \x01(\x0b\x32\x1a.dmclone.v1.HydrationKnobsB\x08\n\x06source\"\x7f\n\x0eHydrationKnobs\x12\x14\n\x0cregion_bytes\x18\x01 \x01(\r\x12\x1b\n\x13hydration_threshold\x18\x02 \x01(\r\x12\x1c\n\x14hydration_batch_size\x18\x03 \x01(\r\x12\x1c\n\x14max_bytes_per_second\x18\x04 \x01(\x04\"\"\n\x0bTransferRef\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\"Y\n\x17ThrottleTransferRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12)\n\x05knobs\x18\x02 \x01(\x0b\x32\x1a.dmclone.v1.HydrationKnobs\"\x94\x03\n\x08Transfer\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x11\n\tvolume_id\x18\x02 \x01(\t\x12(\n\x05state\x18\x03 \x01(\x0e\x32\x19.dmclone.v1.TransferState\x12\x18\n\x10regions_hydrated\x18\x04 \x01(\x04\x12\x15\n\rregions_total\x18\x05 \x01(\x04\x12\x16\n\x0e\x62ytes_hydrated\x18\x06 \x01(\x04\x12\x13\n\x0b\x62ytes_total\x18\x07 \x01(\x04\x12\x18\n\x10\x62ytes_per_second\x18\x08 \x01(\x01\x12\x13\n\x0b\x65ta_seconds\x18\t \x01(\x04\x12)\n\x05knobs\x18\n \x01(\x0b\x32\x1a.dmclone.v1.HydrationKnobs\x12\x13\n\x0b\x64\x65vice_path\x18\x0b \x01(\t\x12\x0f\n\x07message\x18\x0c \x01(\t\x12\x1d\n\x15\x66inalize_pause_micros\x18\r \x01(\x04\x12 \n\x18\x64one_to_finalized_micros\x18\x0e \x01(\x04\x12\x17\n\x0fsource_released\x18\x0f \x01(\x08\"\x16\n\x14ListTransfersRequest\"@\n\x15ListTransfersResponse\x12\'\n\ttransfers\x18\x01 \x03(\x0b\x32\x14.dmclone.v1.Transfer\",\n\x15WatchTransfersRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t*\xb0\x02\n\rTransferState\x12\x1e\n\x1aTRANSFER_STATE_UNSPECIFIED\x10\x00\x12\x1d\n\x19TRANSFER_STATE_CONNECTING\x10\x01\x12\x1b\n\x17TRANSFER_STATE_DEFERRED\x10\x02\x12\x1c\n\x18TRANSFER_STATE_HYDRATING\x10\x03\x12\x19\n\x15TRANSFER_STATE_PAUSED\x10\x04\x12\x1d\n\x19TRANSFER_STATE_FINALIZING\x10\x05\x12\x17\n\x13TRANSFER_STATE_DONE\x10\x06\x12\x1b\n\x17TRANSFER_STATE_DEGRADED\x10\x07\x12\x19\n\x15TRANSFER_STATE_FAILED\x10\x08\x12\x1a\n\x16TRANSFER_STATE_ABORTED\x10\t2\xa4\x06\n\tTransfers\x12\x43\n\x0c\x45xportVolume\x12\x1f.dmclone.v1.ExportVolumeRequest\x1a\x12.dmclone.v1.Export\x12W\n\x0eUnexportVolume\x12!.dmclone.v1.UnexportVolumeRequest\x1a\".dmclone.v1.UnexportVolumeResponse\x12G\n\rStartTransfer\x12 .dmclone.v1.StartTransferRequest\x1a\x14.dmclone.v1.Transfer\x12?\n\x0e\x43ommitTransfer\x12\x17.dmclone.v1.TransferRef\x1a\x14.dmclone.v1.Transfer\x12>\n\rAbortTransfer\x12\x17.dmclone.v1.TransferRef\x1a\x14.dmclone.v1.Transfer\x12>\n\rPauseTransfer\x12\x17.dmclone.v1.TransferRef\x1a\x14.dmclone.v1.Transfer\x12?\n\x0eResumeTransfer\x12\x17.dmclone.v1.TransferRef\x1a\x14.dmclone.v1.Transfer\x12M\n\x10ThrottleTransfer\x12#.dmclone.v1.ThrottleTransferRequest\x1a\x14.dmclone.v1.Transfer\x12<\n\x0bGetTransfer\x12\x17.dmclone.v1.TransferRef\x1a\x14.dmclone.v1.Transfer\x12T\n\rListTransfers\x12 .dmclone.v1.ListTransfersRequest\x1a!.dmclone.v1.ListTransfersResponse\x12K\n\x0eWatchTransfers\x12!.dmclone.v1.WatchTransfersRequest\x1a\x14.dmclone.v1.Transfer0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x64mclone/v1/transfer.proto\x12\ndmclone.v1\"\x85\x01\n\x06\x45xport\x12\x11\n\tvolume_id\x18\x01 \x01(\t\x12\x15\n\rsubsystem_nqn\x18\x02 \x01(\t\x12\x19\n\x11transport_address\x18\x03 \x01(\t\x12\x1c\n\x14transport_service_id\x18\x04 \x01(\r\x12\x18\n\x10\x61llowed_host_nqn\x18\x05 \x01(\t\":\n\x13\x45xportVolumeRequest\x12\x11\n\tvolume_id\x18\x01 \x01(\t\x12\x10\n\x08host_nqn\x18\x02 \x01(\t\"*\n\x15UnexportVolumeRequest\x12\x11\n\tvolume_id\x18\x01 \x01(\t\"\x18\n\x16UnexportVolumeResponse\";\n\x14ReleaseVolumeRequest\x12\x11\n\tvolume_id\x18\x01 \x01(\t\x12\x10\n\x08host_nqn\x18\x02 \x01(\t\"\x17\n\x15ReleaseVolumeResponse\"~\n\rNvmeTcpSource\x12\x15\n\rsubsystem_nqn\x18\x01 \x01(\t\x12\x19\n\x11transport_address\x18\x02 \x01(\t\x12\x1c\n\x14transport_service_id\x18\x03 \x01(\r\x12\x1d\n\x15source_agent_endpoint\x18\x04 \x01(\t\"\xdf\x01\n\x14StartTransferRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x11\n\tvolume_id\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x04\x12-\n\x08nvme_tcp\x18\x04 \x01(\x0b\x32\x19.dmclone.v1.NvmeTcpSourceH\x00\x12\x15\n\x0b\x64\x65vice_path\x18\x05 \x01(\tH\x00\x12\x10\n\x08\x64\x65\x66\x65rred\x18\x06 \x01(\x08\x12)\n\x05knobs\x18\x07 \x01(\x0b\x32\x1a.dmclone.v1.HydrationKnobsB\x08\n\x06source\"\x7f\n\x0eHydrationKnobs\x12\x14\n\x0cregion_bytes\x18\x01 \x01(\r\x12\x1b\n\x13hydration_threshold\x18\x02 \x01(\r\x12\x1c\n\x14hydration_batch_size\x18\x03 \x01(\r\x12\x1c\n\x14max_bytes_per_second\x18\x04 \x01(\x04\"\"\n\x0bTransferRef\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\"Y\n\x17ThrottleTransferRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12)\n\x05knobs\x18\x02 \x01(\x0b\x32\x1a.dmclone.v1.HydrationKnobs\"\x94\x03\n\x08Transfer\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x11\n\tvolume_id\x18\x02 \x01(\t\x12(\n\x05state\x18\x03 \x01(\x0e\x32\x19.dmclone.v1.TransferState\x12\x18\n\x10regions_hydrated\x18\x04 \x01(\x04\x12\x15\n\rregions_total\x18\x05 \x01(\x04\x12\x16\n\x0e\x62ytes_hydrated\x18\x06 \x01(\x04\x12\x13\n\x0b\x62ytes_total\x18\x07 \x01(\x04\x12\x18\n\x10\x62ytes_per_second\x18\x08 \x01(\x01\x12\x13\n\x0b\x65ta_seconds\x18\t \x01(\x04\x12)\n\x05knobs\x18\n \x01(\x0b\x32\x1a.dmclone.v1.HydrationKnobs\x12\x13\n\x0b\x64\x65vice_path\x18\x0b \x01(\t\x12\x0f\n\x07message\x18\x0c \x01(\t\x12\x1d\n\x15\x66inalize_pause_micros\x18\r \x01(\x04\x12 \n\x18\x64one_to_finalized_micros\x18\x0e \x01(\x04\x12\x17\n\x0fsource_released\x18\x0f \x01(\x08\"\x16\n\x14ListTransfersRequest\"@\n\x15ListTransfersResponse\x12\'\n\ttransfers\x18\x01 \x03(\x0b\x32\x14.dmclone.v1.Transfer\",\n\x15WatchTransfersRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t*\xb0\x02\n\rTransferState\x12\x1e\n\x1aTRANSFER_STATE_UNSPECIFIED\x10\x00\x12\x1d\n\x19TRANSFER_STATE_CONNECTING\x10\x01\x12\x1b\n\x17TRANSFER_STATE_DEFERRED\x10\x02\x12\x1c\n\x18TRANSFER_STATE_HYDRATING\x10\x03\x12\x19\n\x15TRANSFER_STATE_PAUSED\x10\x04\x12\x1d\n\x19TRANSFER_STATE_FINALIZING\x10\x05\x12\x17\n\x13TRANSFER_STATE_DONE\x10\x06\x12\x1b\n\x17TRANSFER_STATE_DEGRADED\x10\x07\x12\x19\n\x15TRANSFER_STATE_FAILED\x10\x08\x12\x1a\n\x16TRANSFER_STATE_ABORTED\x10\t2\xfa\x06\n\tTransfers\x12\x43\n\x0c\x45xportVolume\x12\x1f.dmclone.v1.ExportVolumeRequest\x1a\x12.dmclone.v1.Export\x12W\n\x0eUnexportVolume\x12!.dmclone.v1.UnexportVolumeRequest\x1a\".dmclone.v1.UnexportVolumeResponse\x12T\n\rReleaseVolume\x12 .dmclone.v1.ReleaseVolumeRequest\x1a!.dmclone.v1.ReleaseVolumeResponse\x12G\n\rStartTransfer\x12 .dmclone.v1.StartTransferRequest\x1a\x14.dmclone.v1.Transfer\x12?\n\x0e\x43ommitTransfer\x12\x17.dmclone.v1.TransferRef\x1a\x14.dmclone.v1.Transfer\x12>\n\rAbortTransfer\x12\x17.dmclone.v1.TransferRef\x1a\x14.dmclone.v1.Transfer\x12>\n\rPauseTransfer\x12\x17.dmclone.v1.TransferRef\x1a\x14.dmclone.v1.Transfer\x12?\n\x0eResumeTransfer\x12\x17.dmclone.v1.TransferRef\x1a\x14.dmclone.v1.Transfer\x12M\n\x10ThrottleTransfer\x12#.dmclone.v1.ThrottleTransferRequest\x1a\x14.dmclone.v1.Transfer\x12<\n\x0bGetTransfer\x12\x17.dmclone.v1.TransferRef\x1a\x14.dmclone.v1.Transfer\x12T\n\rListTransfers\x12 .dmclone.v1.ListTransfersRequest\x1a!.dmclone.v1.ListTransfersResponse\x12K\n\x0eWatchTransfers\x12!.dmclone.v1.WatchTransfersRequest\x1a\x14.dmclone.v1.Transfer0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dmclone_cinder._proto.dmclone.v1.transfer_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TRANSFERSTATE']._serialized_start=1461
-  _globals['_TRANSFERSTATE']._serialized_end=1765
+  _globals['_TRANSFERSTATE']._serialized_start=1547
+  _globals['_TRANSFERSTATE']._serialized_end=1851
   _globals['_EXPORT']._serialized_start=42
   _globals['_EXPORT']._serialized_end=175
   _globals['_EXPORTVOLUMEREQUEST']._serialized_start=177
@@ -41,24 +41,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_UNEXPORTVOLUMEREQUEST']._serialized_end=279
   _globals['_UNEXPORTVOLUMERESPONSE']._serialized_start=281
   _globals['_UNEXPORTVOLUMERESPONSE']._serialized_end=305
-  _globals['_NVMETCPSOURCE']._serialized_start=307
-  _globals['_NVMETCPSOURCE']._serialized_end=433
-  _globals['_STARTTRANSFERREQUEST']._serialized_start=436
-  _globals['_STARTTRANSFERREQUEST']._serialized_end=659
-  _globals['_HYDRATIONKNOBS']._serialized_start=661
-  _globals['_HYDRATIONKNOBS']._serialized_end=788
-  _globals['_TRANSFERREF']._serialized_start=790
-  _globals['_TRANSFERREF']._serialized_end=824
-  _globals['_THROTTLETRANSFERREQUEST']._serialized_start=826
-  _globals['_THROTTLETRANSFERREQUEST']._serialized_end=915
-  _globals['_TRANSFER']._serialized_start=918
-  _globals['_TRANSFER']._serialized_end=1322
-  _globals['_LISTTRANSFERSREQUEST']._serialized_start=1324
-  _globals['_LISTTRANSFERSREQUEST']._serialized_end=1346
-  _globals['_LISTTRANSFERSRESPONSE']._serialized_start=1348
-  _globals['_LISTTRANSFERSRESPONSE']._serialized_end=1412
-  _globals['_WATCHTRANSFERSREQUEST']._serialized_start=1414
-  _globals['_WATCHTRANSFERSREQUEST']._serialized_end=1458
-  _globals['_TRANSFERS']._serialized_start=1768
-  _globals['_TRANSFERS']._serialized_end=2572
+  _globals['_RELEASEVOLUMEREQUEST']._serialized_start=307
+  _globals['_RELEASEVOLUMEREQUEST']._serialized_end=366
+  _globals['_RELEASEVOLUMERESPONSE']._serialized_start=368
+  _globals['_RELEASEVOLUMERESPONSE']._serialized_end=391
+  _globals['_NVMETCPSOURCE']._serialized_start=393
+  _globals['_NVMETCPSOURCE']._serialized_end=519
+  _globals['_STARTTRANSFERREQUEST']._serialized_start=522
+  _globals['_STARTTRANSFERREQUEST']._serialized_end=745
+  _globals['_HYDRATIONKNOBS']._serialized_start=747
+  _globals['_HYDRATIONKNOBS']._serialized_end=874
+  _globals['_TRANSFERREF']._serialized_start=876
+  _globals['_TRANSFERREF']._serialized_end=910
+  _globals['_THROTTLETRANSFERREQUEST']._serialized_start=912
+  _globals['_THROTTLETRANSFERREQUEST']._serialized_end=1001
+  _globals['_TRANSFER']._serialized_start=1004
+  _globals['_TRANSFER']._serialized_end=1408
+  _globals['_LISTTRANSFERSREQUEST']._serialized_start=1410
+  _globals['_LISTTRANSFERSREQUEST']._serialized_end=1432
+  _globals['_LISTTRANSFERSRESPONSE']._serialized_start=1434
+  _globals['_LISTTRANSFERSRESPONSE']._serialized_end=1498
+  _globals['_WATCHTRANSFERSREQUEST']._serialized_start=1500
+  _globals['_WATCHTRANSFERSREQUEST']._serialized_end=1544
+  _globals['_TRANSFERS']._serialized_start=1854
+  _globals['_TRANSFERS']._serialized_end=2744
 # @@protoc_insertion_point(module_scope)

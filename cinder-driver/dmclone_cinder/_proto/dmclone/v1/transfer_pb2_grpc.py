@@ -44,6 +44,11 @@ class TransfersStub:
                 request_serializer=dmclone_dot_v1_dot_transfer__pb2.UnexportVolumeRequest.SerializeToString,
                 response_deserializer=dmclone_dot_v1_dot_transfer__pb2.UnexportVolumeResponse.FromString,
                 _registered_method=True)
+        self.ReleaseVolume = channel.unary_unary(
+                '/dmclone.v1.Transfers/ReleaseVolume',
+                request_serializer=dmclone_dot_v1_dot_transfer__pb2.ReleaseVolumeRequest.SerializeToString,
+                response_deserializer=dmclone_dot_v1_dot_transfer__pb2.ReleaseVolumeResponse.FromString,
+                _registered_method=True)
         self.StartTransfer = channel.unary_unary(
                 '/dmclone.v1.Transfers/StartTransfer',
                 request_serializer=dmclone_dot_v1_dot_transfer__pb2.StartTransferRequest.SerializeToString,
@@ -103,6 +108,15 @@ class TransfersServicer:
 
     def UnexportVolume(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleaseVolume(self, request, context):
+        """Source side, called by the destination once a move is done: unexport
+        and delete this host's copy. Refused while the copy is attached here or
+        exported to another host; an absent volume counts as released.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -177,6 +191,11 @@ def add_TransfersServicer_to_server(servicer, server):
                     servicer.UnexportVolume,
                     request_deserializer=dmclone_dot_v1_dot_transfer__pb2.UnexportVolumeRequest.FromString,
                     response_serializer=dmclone_dot_v1_dot_transfer__pb2.UnexportVolumeResponse.SerializeToString,
+            ),
+            'ReleaseVolume': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseVolume,
+                    request_deserializer=dmclone_dot_v1_dot_transfer__pb2.ReleaseVolumeRequest.FromString,
+                    response_serializer=dmclone_dot_v1_dot_transfer__pb2.ReleaseVolumeResponse.SerializeToString,
             ),
             'StartTransfer': grpc.unary_unary_rpc_method_handler(
                     servicer.StartTransfer,
@@ -278,6 +297,33 @@ class Transfers:
             '/dmclone.v1.Transfers/UnexportVolume',
             dmclone_dot_v1_dot_transfer__pb2.UnexportVolumeRequest.SerializeToString,
             dmclone_dot_v1_dot_transfer__pb2.UnexportVolumeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseVolume(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dmclone.v1.Transfers/ReleaseVolume',
+            dmclone_dot_v1_dot_transfer__pb2.ReleaseVolumeRequest.SerializeToString,
+            dmclone_dot_v1_dot_transfer__pb2.ReleaseVolumeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,430 @@
+//! Two agents in one guest, each with its own state, pool and prefix: a
+//! volume moves from A to B over NVMe/TCP loopback, while written, and A's
+//! copy is released; live migration's deferred start with commit and with
+//! abort; a source agent killed mid-move; an export other hosts cannot use.
+
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use dmclone::proto::v1::{
+    Export, ExportVolumeRequest, GetNodeInfoRequest, NvmeTcpSource, StartTransferRequest, Transfer,
+    TransferRef, TransferState, UnexportVolumeRequest, VolumeState, start_transfer_request::Source,
+    transfers_client::TransfersClient,
+};
+use tonic::{Code, transport::Channel};
+
+use super::{
+    api::{create, get, publish, unpublish},
+    fixture::AgentProcess,
+};
+use crate::support::*;
+
+const VOLUME: &str = "8c9d1c3e-5f1a-4f7e-9a57-3f0c2b8f6d01";
+const TRANSFER: &str = "9c9d1c3e-5f1a-4f7e-9a57-3f0c2b8f6d02";
+
+/// An agent that exports on 127.0.0.1:`port` (configfs port id = port).
+async fn agent(prefix: &str, port: u16, host_uuid: &str) -> AgentProcess {
+    let port_text = port.to_string();
+    let nqn = format!("nqn.2014-08.org.nvmexpress:uuid:{host_uuid}");
+    AgentProcess::start_with(
+        prefix,
+        &[
+            "--pool-file-size",
+            "1G",
+            "--nvme-export-address",
+            "127.0.0.1",
+            "--nvme-export-port",
+            &port_text,
+            "--nvme-export-port-id",
+            &port_text,
+            "--nvme-host-nqn",
+            &nqn,
+            "--nvme-host-id",
+            host_uuid,
+            "--transfer-stall-seconds",
+            "3",
+        ],
+        &[],
+    )
+    .await
+}
+
+async fn host_nqn(agent: &AgentProcess) -> String {
+    agent
+        .node()
+        .await
+        .get_node_info(GetNodeInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .host_nqn
+}
+
+async fn transfers(agent: &AgentProcess) -> TransfersClient<Channel> {
+    TransfersClient::new(agent.channel().await)
+}
+
+async fn export(source: &AgentProcess, to: &AgentProcess) -> Result<Export, tonic::Status> {
+    transfers(source)
+        .await
+        .export_volume(ExportVolumeRequest {
+            volume_id: VOLUME.into(),
+            host_nqn: host_nqn(to).await,
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+async fn start_move(
+    source: &AgentProcess,
+    export: &Export,
+    destination: &AgentProcess,
+    deferred: bool,
+) -> Result<Transfer, tonic::Status> {
+    transfers(destination)
+        .await
+        .start_transfer(StartTransferRequest {
+            transfer_id: TRANSFER.into(),
+            volume_id: VOLUME.into(),
+            size_bytes: 64 * MIB,
+            source: Some(Source::NvmeTcp(NvmeTcpSource {
+                subsystem_nqn: export.subsystem_nqn.clone(),
+                transport_address: export.transport_address.clone(),
+                transport_service_id: export.transport_service_id,
+                source_agent_endpoint: format!("unix:{}", source.socket().display()),
+            })),
+            deferred,
+            knobs: None,
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+async fn get_transfer(agent: &AgentProcess) -> Transfer {
+    transfers(agent)
+        .await
+        .get_transfer(TransferRef {
+            transfer_id: TRANSFER.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// Waits (event-driven on the agent's side; the test only looks) until the
+/// transfer is done and the source has released its copy.
+async fn wait_released(destination: &AgentProcess) -> Transfer {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let now = get_transfer(destination).await;
+        if now.state() == TransferState::Done && now.source_released {
+            return now;
+        }
+        assert!(
+            !matches!(now.state(), TransferState::Failed | TransferState::Aborted),
+            "{now:?}"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "not done and released in time: {now:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+fn public(agent: &AgentProcess) -> PathBuf {
+    PathBuf::from(format!("/dev/mapper/{}-{VOLUME}", agent.prefix))
+}
+
+fn configfs_has(subsystem: &str) -> bool {
+    Path::new("/sys/kernel/config/nvmet/subsystems")
+        .join(subsystem)
+        .exists()
+}
+
+fn nvme_controller_for(subsystem: &str) -> Option<String> {
+    std::fs::read_dir("/sys/class/nvme")
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let nqn = std::fs::read_to_string(entry.path().join("subsysnqn")).ok()?;
+            (nqn.trim() == subsystem).then(|| entry.file_name().to_string_lossy().into_owned())
+        })
+}
+
+fn fill(path: &Path, seed: u64, size: u64) {
+    for offset in (0..size).step_by(MIB as usize) {
+        write_at(path, offset, &pattern(seed, offset, MIB as usize));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_volume_moves_between_agents_and_the_source_copy_is_released() {
+    let a = agent("dmctmova", 4431, "0a000000-0000-4000-8000-000000000001").await;
+    let b = agent("dmctmovb", 4432, "0b000000-0000-4000-8000-000000000002").await;
+    let mut volumes_a = a.volumes().await;
+    create(&mut volumes_a, VOLUME, 64 * MIB).await.unwrap();
+    let path_a = publish(&mut volumes_a, VOLUME).await.unwrap();
+    fill(Path::new(&path_a), 81, 64 * MIB);
+    let source_sha = sha256_of(Path::new(&path_a), 64 * MIB);
+    unpublish(&mut volumes_a, VOLUME).await.unwrap();
+
+    let exported = export(&a, &b).await.unwrap();
+    assert_eq!(exported.allowed_host_nqn, host_nqn(&b).await);
+    assert_eq!(
+        (
+            exported.transport_address.as_str(),
+            exported.transport_service_id
+        ),
+        ("127.0.0.1", 4431)
+    );
+    assert!(configfs_has(&exported.subsystem_nqn));
+    assert_eq!(
+        export(&a, &b).await.unwrap(),
+        exported,
+        "exporting again is a no-op"
+    );
+    // Exported for a move: no new writer may appear at the source.
+    assert_eq!(
+        publish(&mut volumes_a, VOLUME).await.unwrap_err().code(),
+        Code::FailedPrecondition
+    );
+
+    let started = start_move(&a, &exported, &b, false).await.unwrap();
+    assert_eq!(started.device_path, public(&b).display().to_string());
+    assert_eq!(
+        read_at(&public(&b), 10 * MIB, 4096),
+        pattern(81, 10 * MIB, 4096),
+        "presented at once"
+    );
+    let write = pattern(82, 0, 256 * 1024);
+    write_at(&public(&b), 20 * MIB, &write);
+
+    let done = wait_released(&b).await;
+    assert_eq!(done.bytes_hydrated, 64 * MIB);
+    println!(
+        "MEASURED move over NVMe/TCP loopback: finalize I/O pause {} us, done->finalized {} us",
+        done.finalize_pause_micros, done.done_to_finalized_micros
+    );
+    let mut expected = Vec::new();
+    for offset in (0..64 * MIB).step_by(MIB as usize) {
+        let mut chunk = pattern(81, offset, MIB as usize);
+        if offset == 20 * MIB {
+            chunk[..write.len()].copy_from_slice(&write);
+        }
+        expected.push(chunk);
+    }
+    for (i, chunk) in expected.iter().enumerate() {
+        assert_eq!(
+            &read_at(&public(&b), i as u64 * MIB, MIB as usize),
+            chunk,
+            "MiB {i}"
+        );
+    }
+    assert_ne!(
+        sha256_of(&public(&b), 64 * MIB),
+        source_sha,
+        "the write is there"
+    );
+    assert_eq!(
+        get(&mut b.volumes().await, VOLUME).await.unwrap().state(),
+        VolumeState::Available
+    );
+    // The source let go: no copy, no export, no connection.
+    assert_eq!(
+        get(&mut volumes_a, VOLUME).await.unwrap_err().code(),
+        Code::NotFound
+    );
+    assert!(!configfs_has(&exported.subsystem_nqn), "the export is gone");
+    assert_eq!(
+        nvme_controller_for(&exported.subsystem_nqn),
+        None,
+        "the destination disconnected"
+    );
+    b.destroy().await;
+    a.destroy().await;
+}
+
+/// Live migration: the destination is prepared while the source is still
+/// attached and written; commit starts hydration; the result holds every
+/// write the source made before it let go.
+#[tokio::test(flavor = "multi_thread")]
+async fn live_migration_prepare_then_commit_or_abort() {
+    let a = agent("dmctlma", 4433, "0a000000-0000-4000-8000-000000000003").await;
+    let b = agent("dmctlmb", 4434, "0b000000-0000-4000-8000-000000000004").await;
+    let mut volumes_a = a.volumes().await;
+    create(&mut volumes_a, VOLUME, 64 * MIB).await.unwrap();
+    let path_a = PathBuf::from(publish(&mut volumes_a, VOLUME).await.unwrap());
+    fill(&path_a, 91, 64 * MIB);
+
+    // Abort first: B is torn down, A is untouched and can be unexported.
+    let exported = export(&a, &b).await.unwrap();
+    start_move(&a, &exported, &b, true).await.unwrap();
+    assert_eq!(get_transfer(&b).await.state(), TransferState::Deferred);
+    let aborted = transfers(&b)
+        .await
+        .abort_transfer(TransferRef {
+            transfer_id: TRANSFER.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(aborted.state(), TransferState::Aborted);
+    assert!(!public(&b).exists());
+    assert_eq!(nvme_controller_for(&exported.subsystem_nqn), None);
+    transfers(&a)
+        .await
+        .unexport_volume(UnexportVolumeRequest {
+            volume_id: VOLUME.into(),
+        })
+        .await
+        .unwrap();
+    assert!(!configfs_has(&exported.subsystem_nqn));
+    assert_eq!(
+        read_at(&path_a, 0, 4096),
+        pattern(91, 0, 4096),
+        "the source is untouched"
+    );
+    b.destroy().await;
+
+    // Then a migration that commits (a fresh destination: the aborted
+    // transfer keeps its id there).
+    let b = agent("dmctlmc", 4435, "0b000000-0000-4000-8000-000000000005").await;
+    let exported = export(&a, &b).await.unwrap();
+    start_move(&a, &exported, &b, true).await.unwrap();
+    // The source instance keeps writing; the destination sees it through.
+    let late = pattern(92, 0, MIB as usize);
+    write_at(&path_a, 5 * MIB, &late);
+    assert_eq!(read_at(&public(&b), 5 * MIB, MIB as usize), late);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        get_transfer(&b).await.regions_hydrated,
+        0,
+        "deferred: nothing copied yet"
+    );
+    // The source lets go, then the destination commits.
+    unpublish(&mut volumes_a, VOLUME).await.unwrap();
+    let committed = transfers(&b)
+        .await
+        .commit_transfer(TransferRef {
+            transfer_id: TRANSFER.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(matches!(
+        committed.state(),
+        TransferState::Hydrating | TransferState::Done
+    ));
+    wait_released(&b).await;
+    assert_eq!(read_at(&public(&b), 5 * MIB, MIB as usize), late);
+    assert_eq!(
+        read_at(&public(&b), 40 * MIB, MIB as usize),
+        pattern(91, 40 * MIB, MIB as usize)
+    );
+    assert_eq!(
+        get(&mut volumes_a, VOLUME).await.unwrap_err().code(),
+        Code::NotFound
+    );
+    b.destroy().await;
+    a.destroy().await;
+}
+
+/// The source agent dies mid-move: the kernel's export keeps serving, the
+/// destination finishes, and the release waits for the source to come back.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_source_agent_killed_mid_move_releases_when_it_returns() {
+    let mut a = agent("dmctska", 4436, "0a000000-0000-4000-8000-000000000006").await;
+    let b = agent("dmctskb", 4437, "0b000000-0000-4000-8000-000000000007").await;
+    let mut volumes_a = a.volumes().await;
+    create(&mut volumes_a, VOLUME, 64 * MIB).await.unwrap();
+    let path_a = publish(&mut volumes_a, VOLUME).await.unwrap();
+    fill(Path::new(&path_a), 95, 64 * MIB);
+    unpublish(&mut volumes_a, VOLUME).await.unwrap();
+    let exported = export(&a, &b).await.unwrap();
+    a.kill9().await;
+    start_move(&a, &exported, &b, false).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while get_transfer(&b).await.state() != TransferState::Done {
+        assert!(Instant::now() < deadline, "{:?}", get_transfer(&b).await);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(
+        !get_transfer(&b).await.source_released,
+        "the source is down: nobody acknowledged"
+    );
+    a.restart().await;
+    assert!(
+        configfs_has(&exported.subsystem_nqn) || get(&mut a.volumes().await, VOLUME).await.is_err()
+    );
+    wait_released(&b).await;
+    assert_eq!(
+        get(&mut a.volumes().await, VOLUME)
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
+    for offset in [0, 33 * MIB, 63 * MIB] {
+        assert_eq!(
+            read_at(&public(&b), offset, MIB as usize),
+            pattern(95, offset, MIB as usize)
+        );
+    }
+    b.destroy().await;
+    a.destroy().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_export_admits_only_the_host_it_names() {
+    let a = agent("dmctonea", 4438, "0a000000-0000-4000-8000-000000000008").await;
+    let b = agent("dmctoneb", 4439, "0b000000-0000-4000-8000-000000000009").await;
+    let c = agent("dmctonec", 4440, "0c000000-0000-4000-8000-00000000000a").await;
+    create(&mut a.volumes().await, VOLUME, 64 * MIB)
+        .await
+        .unwrap();
+    let exported = export(&a, &b).await.unwrap();
+    let other = export(&a, &c).await.unwrap_err();
+    assert_eq!(other.code(), Code::AlreadyExists, "{other:?}");
+    let refused = start_move(&a, &exported, &c, false).await.unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert_eq!(
+        get(&mut c.volumes().await, VOLUME)
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound,
+        "nothing left on C"
+    );
+    // A chained move is refused while B is still hydrating.
+    start_move(&a, &exported, &b, true).await.unwrap();
+    let chained = transfers(&b)
+        .await
+        .export_volume(ExportVolumeRequest {
+            volume_id: VOLUME.into(),
+            host_nqn: host_nqn(&c).await,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(chained.code(), Code::FailedPrecondition, "{chained:?}");
+    assert!(chained.message().contains("still arriving"), "{chained:?}");
+    transfers(&b)
+        .await
+        .abort_transfer(TransferRef {
+            transfer_id: TRANSFER.into(),
+        })
+        .await
+        .unwrap();
+    transfers(&a)
+        .await
+        .unexport_volume(UnexportVolumeRequest {
+            volume_id: VOLUME.into(),
+        })
+        .await
+        .unwrap();
+    c.destroy().await;
+    b.destroy().await;
+    a.destroy().await;
+}
