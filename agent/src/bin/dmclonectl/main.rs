@@ -5,6 +5,7 @@
 
 mod node;
 mod output;
+mod transfer;
 mod volume;
 
 use std::{path::PathBuf, process::ExitCode};
@@ -13,7 +14,7 @@ use clap::{CommandFactory, Parser, Subcommand};
 use dmclone::client::{ClientTls, connect_tls, connect_unix};
 use tonic::{Code, Status, transport::Channel};
 
-/// Inspect and steer a dmclone agent: node, volumes.
+/// Inspect and steer a dmclone agent: node, volumes, transfers.
 ///
 /// Exit status: 0 success; 2 usage error or a request the agent calls
 /// invalid; 3 the named object does not exist; 4 the agent cannot be
@@ -65,6 +66,9 @@ enum Command {
     /// Volumes of this agent.
     #[command(subcommand)]
     Volume(volume::VolumeCommand),
+    /// Moves of volumes to this agent.
+    #[command(subcommand)]
+    Transfer(transfer::TransferCommand),
     /// Print a shell completion script.
     Completions {
         #[arg(value_enum)]
@@ -134,6 +138,7 @@ async fn run(args: Args) -> Result<(), Failure> {
     match args.command {
         Command::Node => node::show(channel, args.json).await,
         Command::Volume(command) => volume::run(channel, command, args.json).await,
+        Command::Transfer(command) => transfer::run(channel, command, args.json).await,
         Command::Completions { .. } => Ok(()),
     }
 }

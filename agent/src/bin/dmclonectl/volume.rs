@@ -38,10 +38,19 @@ pub enum VolumeCommand {
     Publish { id: String },
     /// Remove the public device (refused while it is open).
     Unpublish { id: String },
+    /// Export over NVMe/TCP to the one host it moves to.
+    Export {
+        id: String,
+        /// The destination's host NQN (`dmclonectl node` there).
+        #[arg(long)]
+        host_nqn: String,
+    },
+    /// Remove the export.
+    Unexport { id: String },
 }
 
 pub async fn run(channel: Channel, command: VolumeCommand, as_json: bool) -> Result<(), Failure> {
-    let mut client = VolumesClient::new(channel);
+    let mut client = VolumesClient::new(channel.clone());
     match command {
         VolumeCommand::List => {
             let volumes = client
@@ -100,6 +109,12 @@ pub async fn run(channel: Channel, command: VolumeCommand, as_json: bool) -> Res
             } else {
                 println!("{path}");
             }
+        }
+        VolumeCommand::Export { id, host_nqn } => {
+            return crate::transfer::export(channel, id, host_nqn, as_json).await;
+        }
+        VolumeCommand::Unexport { id } => {
+            return crate::transfer::unexport(channel, id, as_json).await;
         }
         VolumeCommand::Unpublish { id } => {
             client
