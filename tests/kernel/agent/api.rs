@@ -522,3 +522,57 @@ pub async fn assert_kernel_matches(agent: &AgentProcess, volume: &Volume) {
         );
     }
 }
+
+/// Before the pool fills, new allocations are refused and the node reports
+/// low space; the pool's low-water event is logged when it fires.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pool_at_its_low_space_mark_refuses_new_allocations() {
+    let agent = AgentProcess::start_with(
+        "dmctlow",
+        &[
+            "--pool-file-size",
+            "256M",
+            "--low-space-percent",
+            "50",
+            "--max-oversubscription-ratio",
+            "4",
+        ],
+        &[],
+    )
+    .await;
+    let mut volumes = agent.volumes().await;
+    create(&mut volumes, VOL_A, 200 * MIB).await.unwrap();
+    let path = publish(&mut volumes, VOL_A).await.unwrap();
+    for offset in (0..150 * MIB).step_by(MIB as usize) {
+        write_at(Path::new(&path), offset, &pattern(5, offset, MIB as usize));
+    }
+    let info = agent
+        .node()
+        .await
+        .get_node_info(GetNodeInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let pool = info.pool.unwrap();
+    assert!(pool.low_space, "{pool:?}");
+    let refused = create(&mut volumes, VOL_B, 16 * MIB).await.unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(
+        refused.message().contains("low-space mark of 50%"),
+        "{refused:?}"
+    );
+    let refused = extend(&mut volumes, VOL_A, 300 * MIB).await.unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    // Writes to existing volumes still work: the mark keeps room for them.
+    write_at(Path::new(&path), 160 * MIB, &pattern(6, 0, MIB as usize));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !agent.log().contains("reached its low-space mark") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the low-water event was not logged:\n{}",
+            agent.log()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    agent.destroy().await;
+}
