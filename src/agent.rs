@@ -16,6 +16,7 @@ use crate::{
     error::AgentError,
     failpoint,
     locks::Locks,
+    metrics::Metrics,
     nvme::{HostId, Nqn},
     pool::{Pool, PoolUsage},
     reconcile::ReconcileReport,
@@ -53,6 +54,7 @@ pub struct Agent {
     pub(crate) reconcile: ReconcileReport,
     pub(crate) transfers: Registry,
     pub(crate) nvme: NvmeIdentity,
+    pub(crate) metrics: Metrics,
 }
 
 impl Agent {
@@ -93,10 +95,14 @@ impl Agent {
             reconcile: ReconcileReport::default(),
             transfers: Registry::default(),
             nvme,
+            metrics: Metrics::new(),
         };
         let started = Instant::now();
         agent.reconcile = agent.reconcile_all().await?;
         agent.reconcile.duration = started.elapsed();
+        agent
+            .metrics
+            .reconciled(agent.reconcile.duration.as_secs_f64());
         info!(
             node_id = %agent.node_id,
             volumes = agent.reconcile.volumes,
@@ -144,6 +150,69 @@ impl Agent {
             provisioned_bytes: volumes.iter().map(|v| v.size_bytes).sum(),
             volume_count: volumes.len(),
         })
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// The exposition text with the agent's current state.
+    pub async fn render_metrics(&self) -> Result<String, AgentError> {
+        use crate::{
+            metrics::{Snapshot, TransferFigures},
+            transfer::TransferState,
+            volume::VolumeState,
+        };
+        let usage = self.pool.usage().await?;
+        let volumes = self.store_call(|store| store.volumes()).await?;
+        let mut volume_states: std::collections::BTreeMap<&'static str, u64> = Default::default();
+        for record in &volumes {
+            let state = match self.volume_state(record) {
+                VolumeState::Creating => "creating",
+                VolumeState::Available => "available",
+                VolumeState::Deleting => "deleting",
+                VolumeState::Hydrating => "hydrating",
+                VolumeState::Quarantined(_) => "quarantined",
+            };
+            *volume_states.entry(state).or_default() += 1;
+        }
+        let transfers = self.list_transfers().await?;
+        let mut transfer_states: std::collections::BTreeMap<&'static str, u64> = Default::default();
+        for view in &transfers {
+            let state = match view.state {
+                TransferState::Connecting => "connecting",
+                TransferState::Deferred => "deferred",
+                TransferState::Hydrating => "hydrating",
+                TransferState::Paused => "paused",
+                TransferState::Finalizing => "finalizing",
+                TransferState::Done => "done",
+                TransferState::Degraded => "degraded",
+                TransferState::Failed => "failed",
+                TransferState::Aborted => "aborted",
+            };
+            *transfer_states.entry(state).or_default() += 1;
+        }
+        Ok(self.metrics.render(&Snapshot {
+            pool_data_size: usage.data_total_bytes,
+            pool_data_used: usage.data_used_bytes,
+            pool_metadata_size: usage.metadata_total_bytes,
+            pool_metadata_used: usage.metadata_used_bytes,
+            pool_low_space: usage.low_space,
+            volumes_by_state: volume_states.into_iter().collect(),
+            transfers_by_state: transfer_states.into_iter().collect(),
+            transfers: transfers
+                .iter()
+                .map(|v| TransferFigures {
+                    transfer: v.id.clone(),
+                    volume: v.volume_id.clone(),
+                    hydrated_bytes: v.bytes_hydrated,
+                    size_bytes: v.bytes_total,
+                    hydrated_regions: v.regions_hydrated,
+                    regions: v.regions_total,
+                    bytes_per_second: v.bytes_per_second,
+                })
+                .collect(),
+        }))
     }
 
     /// Runs a store call on the blocking pool (commits fsync).

@@ -49,7 +49,16 @@ pub struct Config {
     pub nvme: NvmeConfig,
     pub peers: PeersConfig,
     pub tcp: TcpConfig,
+    pub metrics: MetricsConfig,
     pub log: LogConfig,
+}
+
+/// The Prometheus endpoint: plain HTTP, off unless `listen` is set; keep it
+/// on localhost or a management network.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    pub listen: Option<String>,
 }
 
 /// NVMe/TCP: where this agent exports volumes that move away, and who it is
@@ -183,6 +192,7 @@ pub struct Settings {
     pub nvme: NvmeSettings,
     pub peers: Option<PeerTls>,
     pub tcp: Option<TcpSettings>,
+    pub metrics_listen: Option<SocketAddr>,
     pub log_level: String,
     pub log_format: LogFormat,
 }
@@ -315,6 +325,19 @@ impl Config {
             nvme: self.nvme.validate()?,
             peers: self.peers.validate()?,
             tcp: self.tcp.validate()?,
+            metrics_listen: self
+                .metrics
+                .listen
+                .as_deref()
+                .map(|listen| {
+                    listen.parse().map_err(|_| {
+                        invalid(
+                            "metrics.listen",
+                            format!("{listen:?} is not an address:port such as 127.0.0.1:9477"),
+                        )
+                    })
+                })
+                .transpose()?,
             state_dir,
             socket,
             dm_prefix,

@@ -15,6 +15,7 @@ pub mod error;
 pub mod failpoint;
 pub mod ids;
 pub mod locks;
+pub mod metrics;
 pub mod nvme;
 pub mod pool;
 pub mod proto;

@@ -516,16 +516,21 @@ impl Agent {
         Ok(self.dm.info(name).await?.map(|state| state.open_count))
     }
 
-    /// The caller's view of a record plus what the kernel says now.
-    async fn describe(&self, record: &VolumeRecord) -> Result<Volume, AgentError> {
-        let id = record.volume_id()?;
-        let state = match (&record.quarantine, &record.pending) {
+    /// A record's state as callers see it.
+    pub(crate) fn volume_state(&self, record: &VolumeRecord) -> VolumeState {
+        match (&record.quarantine, &record.pending) {
             (Some(reason), _) => VolumeState::Quarantined(reason.clone()),
             (None, Some(Pending::Create)) => VolumeState::Creating,
             (None, Some(Pending::Delete)) => VolumeState::Deleting,
             (None, _) if record.transfer.is_some() => VolumeState::Hydrating,
             (None, _) => VolumeState::Available,
-        };
+        }
+    }
+
+    /// The caller's view of a record plus what the kernel says now.
+    async fn describe(&self, record: &VolumeRecord) -> Result<Volume, AgentError> {
+        let id = record.volume_id()?;
+        let state = self.volume_state(record);
         let allocated_bytes = self
             .dm
             .status_of::<ThinStatus>(&self.naming.thin(&id), 0)

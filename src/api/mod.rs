@@ -59,20 +59,40 @@ pub async fn serve(
     let unix = bind_unix(&agent.settings().socket)?;
     info!(socket = %agent.settings().socket.display(), "serving the API on the Unix socket");
     let mut servers = tokio::task::JoinSet::new();
-    servers.spawn(
-        Server::builder()
-            .add_routes(routes.clone())
-            .serve_with_incoming_shutdown(UnixListenerStream::new(unix), stopped(stop_rx.clone())),
-    );
+    let socket_server = Server::builder()
+        .add_routes(routes.clone())
+        .serve_with_incoming_shutdown(UnixListenerStream::new(unix), stopped(stop_rx.clone()));
+    servers.spawn(async move { socket_server.await.map_err(|err| err.to_string()) });
     if let Some(tcp) = &agent.settings().tcp {
         let (listener, tls) = bind_tcp(tcp).await?;
-        servers.spawn(
-            Server::builder()
-                .tls_config(tls)
-                .map_err(|err| tls_error(tcp, err))?
-                .add_routes(routes)
-                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopped(stop_rx)),
-        );
+        let tcp_server = Server::builder()
+            .tls_config(tls)
+            .map_err(|err| tls_error(tcp, err))?
+            .add_routes(routes)
+            .serve_with_incoming_shutdown(
+                TcpListenerStream::new(listener),
+                stopped(stop_rx.clone()),
+            );
+        servers.spawn(async move { tcp_server.await.map_err(|err| err.to_string()) });
+    }
+    if let Some(address) = agent.settings().metrics_listen {
+        let listener = TcpListener::bind(address)
+            .await
+            .map_err(|source| AgentError::Io {
+                context: format!("cannot listen on {address} (metrics.listen)"),
+                source,
+            })?;
+        info!(%address, "serving Prometheus metrics at /metrics");
+        let app = axum::Router::new()
+            .route("/metrics", axum::routing::get(metrics_page))
+            .with_state(agent.clone());
+        let stop = stopped(stop_rx.clone());
+        servers.spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(stop)
+                .await
+                .map_err(|err| err.to_string())
+        });
     }
     health
         .set_service_status("", tonic_health::ServingStatus::Serving)
@@ -121,7 +141,9 @@ fn routes(
         .add_service(reflection)
         .add_service(NodeServer::new(node::NodeApi::new(agent.clone())))
         .add_service(VolumesServer::new(volume::VolumesApi::new(agent.clone())))
-        .add_service(SnapshotsServer::new(snapshot::SnapshotsApi))
+        .add_service(SnapshotsServer::new(snapshot::SnapshotsApi::new(
+            agent.clone(),
+        )))
         .add_service(TransfersServer::new(transfer::TransfersApi::new(
             agent.clone(),
         ))))
@@ -210,6 +232,7 @@ fn tls_error(tcp: &TcpSettings, err: impl std::fmt::Display) -> AgentError {
 /// Runs one RPC in a span with its method, object id and request id, logs
 /// its outcome and maps errors to statuses.
 pub(crate) async fn handle<T, F>(
+    agent: &Agent,
     method: &'static str,
     metadata: &MetadataMap,
     object_id: &str,
@@ -227,14 +250,17 @@ where
         let started = Instant::now();
         let result = call.await;
         let millis = started.elapsed().as_millis() as u64;
+        let seconds = started.elapsed().as_secs_f64();
         match result {
             Ok(reply) => {
                 info!(millis, "ok");
+                agent.metrics().rpc(method, tonic::Code::Ok, seconds);
                 Ok(Response::new(reply))
             }
             Err(err) => {
                 let status = status::status_of(&err);
                 warn!(millis, code = ?status.code(), error = %err, "failed");
+                agent.metrics().rpc(method, status.code(), seconds);
                 Err(status)
             }
         }
@@ -261,14 +287,40 @@ pub(crate) fn parts<T>(request: Request<T>) -> (MetadataMap, T) {
 /// The answer of an RPC whose behaviour is still to come: UNIMPLEMENTED with
 /// what is missing, never a silent success.
 pub(crate) async fn not_yet<T>(
+    agent: &Agent,
     missing: &'static str,
     method: &'static str,
     metadata: MetadataMap,
 ) -> Result<Response<T>, Status> {
-    handle(method, &metadata, "", async {
+    handle(agent, method, &metadata, "", async {
         Err(AgentError::Unimplemented(format!(
             "{method} is not implemented by this agent yet: {missing} still to come"
         )))
     })
     .await
+}
+
+async fn metrics_page(
+    axum::extract::State(agent): axum::extract::State<Arc<Agent>>,
+) -> (
+    axum::http::StatusCode,
+    [(axum::http::HeaderName, &'static str); 1],
+    String,
+) {
+    let content_type = axum::http::header::CONTENT_TYPE;
+    match agent.render_metrics().await {
+        Ok(text) => (
+            axum::http::StatusCode::OK,
+            [(
+                content_type,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            text,
+        ),
+        Err(err) => (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            [(content_type, "text/plain; charset=utf-8")],
+            format!("cannot read the agent's state: {err}\n"),
+        ),
+    }
 }

@@ -25,7 +25,7 @@ impl pb::node_server::Node for NodeApi {
         request: Request<pb::GetNodeInfoRequest>,
     ) -> Result<Response<pb::NodeInfo>, Status> {
         let (metadata, _) = parts(request);
-        handle("GetNodeInfo", &metadata, "", async {
+        handle(&self.agent, "GetNodeInfo", &metadata, "", async {
             Ok(convert::node_info(self.agent.node_info().await?))
         })
         .await

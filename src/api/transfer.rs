@@ -80,17 +80,23 @@ impl pb::transfers_server::Transfers for TransfersApi {
         request: Request<pb::ExportVolumeRequest>,
     ) -> Result<Response<pb::Export>, Status> {
         let (metadata, req) = parts(request);
-        handle("ExportVolume", &metadata, span_id(&req.volume_id), async {
-            let id = VolumeId::parse(&req.volume_id)?;
-            let export = self.agent.export_volume(&id, &req.host_nqn).await?;
-            Ok(pb::Export {
-                volume_id: export.volume_id,
-                subsystem_nqn: export.subsystem_nqn,
-                transport_address: export.address,
-                transport_service_id: u32::from(export.port),
-                allowed_host_nqn: export.host_nqn,
-            })
-        })
+        handle(
+            &self.agent,
+            "ExportVolume",
+            &metadata,
+            span_id(&req.volume_id),
+            async {
+                let id = VolumeId::parse(&req.volume_id)?;
+                let export = self.agent.export_volume(&id, &req.host_nqn).await?;
+                Ok(pb::Export {
+                    volume_id: export.volume_id,
+                    subsystem_nqn: export.subsystem_nqn,
+                    transport_address: export.address,
+                    transport_service_id: u32::from(export.port),
+                    allowed_host_nqn: export.host_nqn,
+                })
+            },
+        )
         .await
     }
 
@@ -100,6 +106,7 @@ impl pb::transfers_server::Transfers for TransfersApi {
     ) -> Result<Response<pb::UnexportVolumeResponse>, Status> {
         let (metadata, req) = parts(request);
         handle(
+            &self.agent,
             "UnexportVolume",
             &metadata,
             span_id(&req.volume_id),
@@ -117,11 +124,17 @@ impl pb::transfers_server::Transfers for TransfersApi {
         request: Request<pb::ReleaseVolumeRequest>,
     ) -> Result<Response<pb::ReleaseVolumeResponse>, Status> {
         let (metadata, req) = parts(request);
-        handle("ReleaseVolume", &metadata, span_id(&req.volume_id), async {
-            let id = VolumeId::parse(&req.volume_id)?;
-            self.agent.release_volume(&id, &req.host_nqn).await?;
-            Ok(pb::ReleaseVolumeResponse {})
-        })
+        handle(
+            &self.agent,
+            "ReleaseVolume",
+            &metadata,
+            span_id(&req.volume_id),
+            async {
+                let id = VolumeId::parse(&req.volume_id)?;
+                self.agent.release_volume(&id, &req.host_nqn).await?;
+                Ok(pb::ReleaseVolumeResponse {})
+            },
+        )
         .await
     }
 
@@ -131,7 +144,7 @@ impl pb::transfers_server::Transfers for TransfersApi {
     ) -> Result<Response<pb::Transfer>, Status> {
         let (metadata, req) = parts(request);
         let id = span_id(&req.transfer_id).to_owned();
-        handle("StartTransfer", &metadata, &id, async {
+        handle(&self.agent, "StartTransfer", &metadata, &id, async {
             let request = start_request(req)?;
             Ok(convert::transfer(self.agent.start_transfer(request).await?))
         })
@@ -144,6 +157,7 @@ impl pb::transfers_server::Transfers for TransfersApi {
     ) -> Result<Response<pb::Transfer>, Status> {
         let (metadata, req) = parts(request);
         handle(
+            &self.agent,
             "CommitTransfer",
             &metadata,
             span_id(&req.transfer_id),
@@ -161,6 +175,7 @@ impl pb::transfers_server::Transfers for TransfersApi {
     ) -> Result<Response<pb::Transfer>, Status> {
         let (metadata, req) = parts(request);
         handle(
+            &self.agent,
             "AbortTransfer",
             &metadata,
             span_id(&req.transfer_id),
@@ -178,6 +193,7 @@ impl pb::transfers_server::Transfers for TransfersApi {
     ) -> Result<Response<pb::Transfer>, Status> {
         let (metadata, req) = parts(request);
         handle(
+            &self.agent,
             "PauseTransfer",
             &metadata,
             span_id(&req.transfer_id),
@@ -195,6 +211,7 @@ impl pb::transfers_server::Transfers for TransfersApi {
     ) -> Result<Response<pb::Transfer>, Status> {
         let (metadata, req) = parts(request);
         handle(
+            &self.agent,
             "ResumeTransfer",
             &metadata,
             span_id(&req.transfer_id),
@@ -212,6 +229,7 @@ impl pb::transfers_server::Transfers for TransfersApi {
     ) -> Result<Response<pb::Transfer>, Status> {
         let (metadata, req) = parts(request);
         handle(
+            &self.agent,
             "ThrottleTransfer",
             &metadata,
             span_id(&req.transfer_id),
@@ -230,10 +248,16 @@ impl pb::transfers_server::Transfers for TransfersApi {
         request: Request<pb::TransferRef>,
     ) -> Result<Response<pb::Transfer>, Status> {
         let (metadata, req) = parts(request);
-        handle("GetTransfer", &metadata, span_id(&req.transfer_id), async {
-            let id = TransferId::parse(&req.transfer_id)?;
-            Ok(convert::transfer(self.agent.get_transfer(&id).await?))
-        })
+        handle(
+            &self.agent,
+            "GetTransfer",
+            &metadata,
+            span_id(&req.transfer_id),
+            async {
+                let id = TransferId::parse(&req.transfer_id)?;
+                Ok(convert::transfer(self.agent.get_transfer(&id).await?))
+            },
+        )
         .await
     }
 
@@ -242,7 +266,7 @@ impl pb::transfers_server::Transfers for TransfersApi {
         request: Request<pb::ListTransfersRequest>,
     ) -> Result<Response<pb::ListTransfersResponse>, Status> {
         let (metadata, _) = parts(request);
-        handle("ListTransfers", &metadata, "", async {
+        handle(&self.agent, "ListTransfers", &metadata, "", async {
             let transfers = self.agent.list_transfers().await?;
             Ok(pb::ListTransfersResponse {
                 transfers: transfers.into_iter().map(convert::transfer).collect(),
@@ -260,7 +284,7 @@ impl pb::transfers_server::Transfers for TransfersApi {
         let (metadata, req) = parts(request);
         let agent = self.agent.clone();
         let id = span_id(&req.transfer_id).to_owned();
-        handle("WatchTransfers", &metadata, &id, async move {
+        handle(&self.agent, "WatchTransfers", &metadata, &id, async move {
             let only = match req.transfer_id.as_str() {
                 "" => None,
                 raw => Some(TransferId::parse(raw)?),

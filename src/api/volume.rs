@@ -25,7 +25,7 @@ impl pb::volumes_server::Volumes for VolumesApi {
         request: Request<pb::CreateVolumeRequest>,
     ) -> Result<Response<pb::Volume>, Status> {
         let (metadata, req) = parts(request);
-        handle("CreateVolume", &metadata, span_id(&req.volume_id), async {
+        handle(&self.agent, "CreateVolume", &metadata, span_id(&req.volume_id), async {
             let id = VolumeId::parse(&req.volume_id)?;
             if !req.source_snapshot_id.is_empty() || !req.source_volume_id.is_empty() {
                 return Err(AgentError::Unimplemented(
@@ -43,11 +43,17 @@ impl pb::volumes_server::Volumes for VolumesApi {
         request: Request<pb::DeleteVolumeRequest>,
     ) -> Result<Response<pb::DeleteVolumeResponse>, Status> {
         let (metadata, req) = parts(request);
-        handle("DeleteVolume", &metadata, span_id(&req.volume_id), async {
-            let id = VolumeId::parse(&req.volume_id)?;
-            self.agent.delete_volume(&id).await?;
-            Ok(pb::DeleteVolumeResponse {})
-        })
+        handle(
+            &self.agent,
+            "DeleteVolume",
+            &metadata,
+            span_id(&req.volume_id),
+            async {
+                let id = VolumeId::parse(&req.volume_id)?;
+                self.agent.delete_volume(&id).await?;
+                Ok(pb::DeleteVolumeResponse {})
+            },
+        )
         .await
     }
 
@@ -56,12 +62,18 @@ impl pb::volumes_server::Volumes for VolumesApi {
         request: Request<pb::ExtendVolumeRequest>,
     ) -> Result<Response<pb::Volume>, Status> {
         let (metadata, req) = parts(request);
-        handle("ExtendVolume", &metadata, span_id(&req.volume_id), async {
-            let id = VolumeId::parse(&req.volume_id)?;
-            Ok(convert::volume(
-                self.agent.extend_volume(&id, req.new_size_bytes).await?,
-            ))
-        })
+        handle(
+            &self.agent,
+            "ExtendVolume",
+            &metadata,
+            span_id(&req.volume_id),
+            async {
+                let id = VolumeId::parse(&req.volume_id)?;
+                Ok(convert::volume(
+                    self.agent.extend_volume(&id, req.new_size_bytes).await?,
+                ))
+            },
+        )
         .await
     }
 
@@ -70,10 +82,16 @@ impl pb::volumes_server::Volumes for VolumesApi {
         request: Request<pb::GetVolumeRequest>,
     ) -> Result<Response<pb::Volume>, Status> {
         let (metadata, req) = parts(request);
-        handle("GetVolume", &metadata, span_id(&req.volume_id), async {
-            let id = VolumeId::parse(&req.volume_id)?;
-            Ok(convert::volume(self.agent.get_volume(&id).await?))
-        })
+        handle(
+            &self.agent,
+            "GetVolume",
+            &metadata,
+            span_id(&req.volume_id),
+            async {
+                let id = VolumeId::parse(&req.volume_id)?;
+                Ok(convert::volume(self.agent.get_volume(&id).await?))
+            },
+        )
         .await
     }
 
@@ -82,7 +100,7 @@ impl pb::volumes_server::Volumes for VolumesApi {
         request: Request<pb::ListVolumesRequest>,
     ) -> Result<Response<pb::ListVolumesResponse>, Status> {
         let (metadata, _) = parts(request);
-        handle("ListVolumes", &metadata, "", async {
+        handle(&self.agent, "ListVolumes", &metadata, "", async {
             let volumes = self.agent.list_volumes().await?;
             Ok(pb::ListVolumesResponse {
                 volumes: volumes.into_iter().map(convert::volume).collect(),
@@ -96,13 +114,19 @@ impl pb::volumes_server::Volumes for VolumesApi {
         request: Request<pb::PublishVolumeRequest>,
     ) -> Result<Response<pb::PublishVolumeResponse>, Status> {
         let (metadata, req) = parts(request);
-        handle("PublishVolume", &metadata, span_id(&req.volume_id), async {
-            let id = VolumeId::parse(&req.volume_id)?;
-            let path = self.agent.publish_volume(&id).await?;
-            Ok(pb::PublishVolumeResponse {
-                device_path: path.display().to_string(),
-            })
-        })
+        handle(
+            &self.agent,
+            "PublishVolume",
+            &metadata,
+            span_id(&req.volume_id),
+            async {
+                let id = VolumeId::parse(&req.volume_id)?;
+                let path = self.agent.publish_volume(&id).await?;
+                Ok(pb::PublishVolumeResponse {
+                    device_path: path.display().to_string(),
+                })
+            },
+        )
         .await
     }
 
@@ -112,6 +136,7 @@ impl pb::volumes_server::Volumes for VolumesApi {
     ) -> Result<Response<pb::UnpublishVolumeResponse>, Status> {
         let (metadata, req) = parts(request);
         handle(
+            &self.agent,
             "UnpublishVolume",
             &metadata,
             span_id(&req.volume_id),

@@ -135,6 +135,11 @@ fn every_bad_option_is_named_with_its_problem() {
         ("[peers]\nca = \"/ca.pem\"", "peers.tls_cert", "go together"),
         ("[tcp]\nlisten = \"nowhere\"", "tcp.listen", "address:port"),
         (
+            "[metrics]\nlisten = \"9477\"",
+            "metrics.listen",
+            "address:port",
+        ),
+        (
             "[tcp]\nlisten = \"0.0.0.0:7443\"",
             "tcp.tls_cert",
             "mutual TLS",
@@ -233,6 +238,7 @@ fn the_sample_config_is_valid_and_names_every_option() {
         "tls_cert",
         "tls_key",
         "client_ca",
+        "[metrics]",
         "[log]",
         "level",
         "format",

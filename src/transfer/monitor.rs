@@ -242,6 +242,11 @@ impl Agent {
         volume.transfer = None;
         self.commit_pair(&volume, &transfer).await?;
         self.transfers.forget(id);
+        let seconds = |micros: Option<u64>| micros.map(|m| m as f64 / 1e6);
+        self.metrics.finalized(
+            seconds(transfer.done_to_finalized_micros),
+            seconds(transfer.finalize_pause_micros),
+        );
         self.spawn_release(&transfer);
         info!(
             transfer = %transfer.id,

@@ -93,6 +93,9 @@ struct Args {
     /// PEM CA bundle client certificates must chain to [config: tcp.client_ca].
     #[arg(long, value_name = "FILE")]
     client_ca: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR:PORT/metrics [config: metrics.listen].
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics_listen: Option<String>,
     /// Tracing filter, e.g. info or dmclone=debug [config: log.level].
     #[arg(long, value_name = "FILTER")]
     log_level: Option<String>,
@@ -160,6 +163,7 @@ impl Args {
         set(&mut config.tcp.tls_cert, &self.tls_cert);
         set(&mut config.tcp.tls_key, &self.tls_key);
         set(&mut config.tcp.client_ca, &self.client_ca);
+        set(&mut config.metrics.listen, &self.metrics_listen);
         set(&mut config.log.level, &self.log_level);
         set(&mut config.log.format, &self.log_format);
         Ok(config)

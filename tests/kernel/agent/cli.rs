@@ -126,3 +126,118 @@ async fn dmclonectl_drives_volumes_and_reports_with_exit_codes() {
     assert!(String::from_utf8_lossy(&completions.stdout).contains("dmclonectl"));
     agent.destroy().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dmclonectl_starts_watches_and_steers_a_transfer() {
+    let size = 48 * MIB;
+    let source = crate::support::LoopDisk::with_pattern(size, 111);
+    let agent = AgentProcess::start("dmctclixfer").await;
+    let transfer = "3e9d1c3e-5f1a-4f7e-9a57-3f0c2b8f6d01";
+    let started = json(
+        &agent,
+        &[
+            "transfer",
+            "start",
+            "--volume",
+            VOL_A,
+            "--size",
+            "48M",
+            "--id",
+            transfer,
+            "--device",
+            &source.path().display().to_string(),
+            "--deferred",
+            "--region",
+            "64K",
+            "--threshold",
+            "1",
+            "--batch",
+            "1",
+        ],
+    );
+    assert_eq!(started["transfers"][0]["state"], "deferred");
+    assert_eq!(started["transfers"][0]["region_bytes"], 65536);
+    let listed = json(&agent, &["transfer", "list"]);
+    assert_eq!(listed["transfers"][0]["transfer_id"], transfer);
+    let throttled = json(
+        &agent,
+        &[
+            "transfer",
+            "throttle",
+            transfer,
+            "--threshold",
+            "2",
+            "--max-rate",
+            "16M",
+        ],
+    );
+    assert_eq!(throttled["transfers"][0]["hydration_threshold"], 2);
+    assert_eq!(throttled["transfers"][0]["max_bytes_per_second"], 16 * MIB);
+    assert_eq!(
+        json(&agent, &["transfer", "commit", transfer])["transfers"][0]["state"],
+        "hydrating"
+    );
+    assert_eq!(
+        json(&agent, &["transfer", "pause", transfer])["transfers"][0]["state"],
+        "paused"
+    );
+    assert_eq!(
+        json(&agent, &["transfer", "resume", transfer])["transfers"][0]["state"],
+        "hydrating"
+    );
+
+    // watch, not on a terminal: plain lines until the transfer ends.
+    let watched = run(&agent, &["transfer", "watch", transfer]);
+    assert!(
+        watched.status.success(),
+        "{}",
+        String::from_utf8_lossy(&watched.stderr)
+    );
+    let text = String::from_utf8(watched.stdout).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines.len() >= 2, "{text}");
+    assert!(
+        lines.iter().all(|l| l.starts_with(&transfer[..8])),
+        "{text}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("hydrating") && l.contains('%')),
+        "{text}"
+    );
+    let last = lines.last().unwrap();
+    assert!(
+        last.contains("done") && last.contains("(100%)") && last.contains("[===================="),
+        "{text}"
+    );
+    let shown = json(&agent, &["transfer", "show", transfer]);
+    assert_eq!(shown["transfers"][0]["state"], "done");
+    assert_eq!(shown["transfers"][0]["bytes_hydrated"], 48 * MIB);
+    assert!(
+        shown["transfers"][0]["finalize_pause_micros"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+    let table = String::from_utf8(run(&agent, &["transfer", "list"]).stdout).unwrap();
+    assert!(
+        table.starts_with("TRANSFER") && table.contains("done"),
+        "{table}"
+    );
+    assert_eq!(
+        run(&agent, &["transfer", "abort", transfer]).status.code(),
+        Some(1),
+        "a finished transfer cannot be aborted"
+    );
+    assert_eq!(
+        run(
+            &agent,
+            &["transfer", "show", "4e9d1c3e-5f1a-4f7e-9a57-3f0c2b8f6d01"]
+        )
+        .status
+        .code(),
+        Some(3)
+    );
+    agent.destroy().await;
+}

@@ -7,6 +7,7 @@ mod api;
 mod cli;
 mod crash;
 mod moves;
+mod observability;
 mod reboot;
 mod scale;
 mod tls;
