@@ -14,7 +14,7 @@ logs=7c1e2a4b-9d3f-4e5a-8b6c-1d2e3f4a5b6c
 
 step() { printf '\n== %s\n' "$*"; }
 start_agent() {
-    "$bin/dmclone-agent" --state-dir "$state" --pool-file-size 2G --log-level warn \
+    "$bin/dmclone-agent" --config /dev/null --state-dir "$state" --pool-file-size 2G --log-level warn \
         >>"$state.log" 2>&1 &
     agent=$!
     tries=0

@@ -13,7 +13,7 @@ step() { printf '\n== %s\n' "$*"; }
 start_agent() { # NAME PORT
     dir=/tmp/dmclone-$1
     rm -rf "$dir" "$dir.log"
-    "$bin/dmclone-agent" --state-dir "$dir" --dm-prefix "dmclone$1" --pool-file-size 2G \
+    "$bin/dmclone-agent" --config /dev/null --state-dir "$dir" --dm-prefix "dmclone$1" --pool-file-size 2G \
         --nvme-export-address 127.0.0.1 --nvme-export-port "$2" --nvme-export-port-id "$2" \
         --log-level warn >>"$dir.log" 2>&1 &
     echo $! >"$dir.pid"

@@ -48,10 +48,12 @@ use crate::{
 /// The metadata key callers put their request id in.
 pub const REQUEST_ID_KEY: &str = "x-request-id";
 
-/// Serves the API until `shutdown` completes.
+/// Serves the API until `shutdown` completes. `ready` runs once every
+/// listener is bound and health says SERVING (the daemon tells systemd).
 pub async fn serve(
     agent: Arc<Agent>,
     shutdown: impl Future<Output = ()> + Send + 'static,
+    ready: impl FnOnce(),
 ) -> Result<(), AgentError> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -107,6 +109,7 @@ pub async fn serve(
             .set_service_status(service, tonic_health::ServingStatus::Serving)
             .await;
     }
+    ready();
     tokio::select! {
         () = shutdown => info!("shutting down"),
         finished = servers.join_next() => warn!(?finished, "a server stopped on its own"),

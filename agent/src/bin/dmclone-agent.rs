@@ -207,7 +207,33 @@ async fn main() -> ExitCode {
 
 async fn run(settings: Settings) -> Result<(), AgentError> {
     let agent = Agent::start(settings).await?;
-    api::serve(agent, shutdown_signal()).await
+    api::serve(agent, shutdown_signal(), || notify_systemd("READY=1")).await?;
+    notify_systemd("STOPPING=1");
+    Ok(())
+}
+
+/// sd_notify(3) without libsystemd: one datagram to $NOTIFY_SOCKET, when
+/// systemd set one (Type=notify). Abstract sockets start with '@'.
+fn notify_systemd(state: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let socket = match std::os::unix::net::UnixDatagram::unbound() {
+        Ok(socket) => socket,
+        Err(err) => return error!(error = %err, "cannot notify systemd"),
+    };
+    let bytes = path.as_encoded_bytes();
+    let sent = match bytes.strip_prefix(b"@") {
+        Some(name) => {
+            use std::os::{linux::net::SocketAddrExt, unix::net::SocketAddr};
+            SocketAddr::from_abstract_name(name)
+                .and_then(|address| socket.send_to_addr(state.as_bytes(), &address))
+        }
+        None => socket.send_to(state.as_bytes(), &path),
+    };
+    if let Err(err) = sent {
+        error!(error = %err, "cannot notify systemd");
+    }
 }
 
 /// SIGTERM (systemd, kill) or SIGINT (a terminal) ends the agent cleanly.

@@ -122,6 +122,12 @@ async fn dmclonectl_drives_volumes_and_reports_with_exit_codes() {
             .unwrap()
             .is_empty()
     );
+    let snapshots = run(&agent, &["snapshot", "list"]);
+    assert_eq!(snapshots.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&snapshots.stderr).contains("Unimplemented"),
+        "{snapshots:?}"
+    );
     let completions = run(&agent, &["completions", "bash"]);
     assert!(String::from_utf8_lossy(&completions.stdout).contains("dmclonectl"));
     agent.destroy().await;

@@ -197,7 +197,7 @@ async fn an_unknown_failpoint_stops_the_agent_at_start() {
     let dir = tempfile::tempdir().unwrap();
     #[allow(clippy::disallowed_types)] // the agent under test is a process
     let output = std::process::Command::new(super::fixture::agent_binary())
-        .arg("--state-dir")
+        .args(["--config", "/dev/null", "--state-dir"])
         .arg(dir.path())
         .args(["--dm-prefix", "dmctfpname", "--pool-file-size", "256M"])
         .env("DMCLONE_FAILPOINT", "create.after_nothing")

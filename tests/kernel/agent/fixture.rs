@@ -129,7 +129,10 @@ impl AgentProcess {
             .open(self.log_path())
             .expect("agent log");
         let mut command = std::process::Command::new(agent_binary());
+        // An empty config: an agent installed on this host must not lend its
+        // /etc/dmclone/agent.toml (its pool device!) to a test.
         command
+            .args(["--config", "/dev/null"])
             .arg("--state-dir")
             .arg(&self.dir)
             .arg("--dm-prefix")

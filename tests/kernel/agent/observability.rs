@@ -188,3 +188,30 @@ async fn the_callers_request_id_is_in_the_agents_log() {
     );
     agent.destroy().await;
 }
+
+/// Type=notify: the agent tells systemd it is ready once it serves, and that
+/// it is stopping on SIGTERM.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_agent_notifies_systemd_when_ready_and_when_stopping() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket_path = dir.path().join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let notify = socket_path.display().to_string();
+    let mut agent = AgentProcess::start_with(
+        "dmctnotify",
+        &["--pool-file-size", "256M"],
+        &[("NOTIFY_SOCKET", &notify)],
+    )
+    .await;
+    let mut buf = [0u8; 64];
+    let n = socket.recv(&mut buf).expect("READY=1 from the agent");
+    assert_eq!(&buf[..n], b"READY=1");
+    let status = agent.stop().await;
+    assert!(status.success(), "{status}");
+    let n = socket.recv(&mut buf).expect("STOPPING=1 from the agent");
+    assert_eq!(&buf[..n], b"STOPPING=1");
+    agent.destroy().await;
+}

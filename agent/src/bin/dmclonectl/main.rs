@@ -5,6 +5,7 @@
 
 mod node;
 mod output;
+mod snapshot;
 mod transfer;
 mod volume;
 
@@ -66,6 +67,9 @@ enum Command {
     /// Volumes of this agent.
     #[command(subcommand)]
     Volume(volume::VolumeCommand),
+    /// Snapshots of volumes.
+    #[command(subcommand)]
+    Snapshot(snapshot::SnapshotCommand),
     /// Moves of volumes to this agent.
     #[command(subcommand)]
     Transfer(transfer::TransferCommand),
@@ -139,6 +143,7 @@ async fn run(args: Args) -> Result<(), Failure> {
         Command::Node => node::show(channel, args.json).await,
         Command::Volume(command) => volume::run(channel, command, args.json).await,
         Command::Transfer(command) => transfer::run(channel, command, args.json).await,
+        Command::Snapshot(command) => snapshot::run(channel, command, args.json).await,
         Command::Completions { .. } => Ok(()),
     }
 }
