@@ -187,6 +187,31 @@ async fn the_callers_request_id_is_in_the_agents_log() {
         "{line}"
     );
     agent.destroy().await;
+
+    // The same in JSON, one object per line, for log shippers.
+    let agent = AgentProcess::start_with(
+        "dmctreqjson",
+        &["--pool-file-size", "256M", "--log-format", "json"],
+        &[],
+    )
+    .await;
+    let mut request = Request::new(GetVolumeRequest {
+        volume_id: VOLUME.into(),
+    });
+    request
+        .metadata_mut()
+        .insert("x-request-id", request_id.parse().unwrap());
+    agent.volumes().await.get_volume(request).await.unwrap_err();
+    let log = agent.log();
+    let event = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|event| event["span"]["request_id"] == request_id)
+        .unwrap_or_else(|| panic!("no JSON event with request_id {request_id}:\n{log}"));
+    assert_eq!(event["span"]["method"], "GetVolume", "{event}");
+    assert_eq!(event["span"]["id"], VOLUME, "{event}");
+    assert_eq!(event["level"], "WARN", "{event}");
+    agent.destroy().await;
 }
 
 /// Type=notify: the agent tells systemd it is ready once it serves, and that
