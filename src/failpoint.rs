@@ -28,6 +28,10 @@ pub const POINTS: &[&str] = &[
     "finalize.after_record",
     "finalize.after_swap",
     "abort.after_record",
+    "snapshot.after_record",
+    "snapshot.delete_after_record",
+    "clone.after_record",
+    "revert.after_record",
 ];
 
 fn armed() -> Option<&'static str> {

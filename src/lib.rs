@@ -20,6 +20,7 @@ pub mod nvme;
 pub mod pool;
 pub mod proto;
 mod reconcile;
+pub mod snapshot;
 pub mod store;
 pub mod transfer;
 pub mod volume;

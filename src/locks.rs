@@ -30,6 +30,19 @@ impl Locks {
         }
     }
 
+    /// Waits for the locks of several ids, taken in sorted order so that two
+    /// calls naming the same ids can never wait for each other.
+    pub async fn lock_all(&self, ids: &[&str]) -> Vec<Held> {
+        let mut ids: Vec<&str> = ids.to_vec();
+        ids.sort_unstable();
+        ids.dedup();
+        let mut held = Vec::with_capacity(ids.len());
+        for id in ids {
+            held.push(self.lock(id).await);
+        }
+        held
+    }
+
     fn mutex_for(&self, id: &str) -> Arc<AsyncMutex<()>> {
         let mut entries = self
             .entries

@@ -14,7 +14,7 @@ use crate::{
     agent::Agent,
     dm::names::DeviceRole,
     error::AgentError,
-    store::{Change, Pending, TransferPhase, TransferRecord, VolumeRecord},
+    store::{Change, Pending, SnapshotRecord, TransferPhase, TransferRecord, VolumeRecord},
 };
 
 /// What reconciliation found and did.
@@ -37,6 +37,8 @@ impl Agent {
     pub(crate) async fn reconcile_all(&self) -> Result<ReconcileReport, AgentError> {
         let mut report = ReconcileReport::default();
         let before = self.our_device_names().await?;
+        self.resume_suspended(&before).await?;
+        self.reconcile_snapshots().await?;
         let transfers = self
             .store_call(|store| store.all::<TransferRecord>())
             .await?;
@@ -79,6 +81,11 @@ impl Agent {
                 info!(volume = %id, "finishing a delete interrupted by a crash");
                 report.finished += 1;
                 self.finish_delete(&record).await
+            }
+            Some(Pending::Revert { .. }) => {
+                info!(volume = %id, "finishing a revert interrupted by a crash");
+                report.finished += 1;
+                self.finish_revert(&record).await
             }
             Some(pending) => {
                 info!(volume = %id, step = ?pending, "finishing a step interrupted by a crash");
@@ -222,10 +229,56 @@ impl Agent {
             .collect())
     }
 
+    /// A crash between a suspend and its resume leaves a device holding all
+    /// I/O. Every step records its intent before suspending, so resuming
+    /// (and with it any table loaded meanwhile) is what the step wanted.
+    async fn resume_suspended(&self, names: &[String]) -> Result<(), AgentError> {
+        for name in names {
+            let name = crate::dm::names::DeviceName::new(name)?;
+            if self
+                .dm
+                .info(&name)
+                .await?
+                .is_some_and(|state| state.suspended)
+            {
+                warn!(device = %name, "resuming a device a crash left suspended");
+                self.dm.resume(&name).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Interrupted snapshot creates are rolled back, deletes finished, and
+    /// snapshot devices activated for a moment (to measure them) removed.
+    async fn reconcile_snapshots(&self) -> Result<(), AgentError> {
+        let snapshots = self
+            .store_call(|store| store.all::<SnapshotRecord>())
+            .await?;
+        for snapshot in snapshots {
+            self.remove_device_if_present(&self.snapshot_name(&snapshot)?)
+                .await?;
+            match snapshot.pending {
+                Some(Pending::Create) => {
+                    info!(snapshot = %snapshot.id, "rolling back a snapshot interrupted by a crash");
+                    self.finish_snapshot_delete(&snapshot).await?;
+                }
+                Some(_) => {
+                    info!(snapshot = %snapshot.id, "finishing a snapshot delete interrupted by a crash");
+                    self.finish_snapshot_delete(&snapshot).await?;
+                }
+                None => {}
+            }
+        }
+        Ok(())
+    }
+
     async fn unexplained_devices(
         &self,
         records: &[VolumeRecord],
     ) -> Result<Vec<String>, AgentError> {
+        let snapshots = self
+            .store_call(|store| store.all::<SnapshotRecord>())
+            .await?;
         let mut unknown = Vec::new();
         for name in self.our_device_names().await? {
             let explained = match self.naming.parse(&name) {
@@ -233,6 +286,7 @@ impl Agent {
                 Some(
                     DeviceRole::Thin(id) | DeviceRole::Public(id) | DeviceRole::CloneMetadata(id),
                 ) => records.iter().any(|r| r.id == id),
+                Some(DeviceRole::Snapshot(id)) => snapshots.iter().any(|s| s.id == id),
                 Some(DeviceRole::Other(_)) | None => false,
             };
             if !explained {

@@ -22,6 +22,7 @@ use crate::{error::AgentError, ids::VolumeId};
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const VOLUMES: TableDefinition<&str, &[u8]> = TableDefinition::new("volumes");
 const TRANSFERS: TableDefinition<&str, &[u8]> = TableDefinition::new("transfers");
+const SNAPSHOTS: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshots");
 
 const SCHEMA_VERSION: u32 = 1;
 const KEY_SCHEMA: &str = "schema_version";
@@ -58,6 +59,11 @@ pub struct VolumeRecord {
     /// The NVMe/TCP export of this volume to another host, while it moves.
     #[serde(default)]
     pub export: Option<ExportRecord>,
+    /// What the volume was made from, for callers; it does not depend on it.
+    #[serde(default)]
+    pub source_snapshot: Option<String>,
+    #[serde(default)]
+    pub source_volume: Option<String>,
 }
 
 /// A volume exported to the one host it moves to.
@@ -87,6 +93,30 @@ pub enum Pending {
     Publish,
     /// The record says unpublished; the public device may still exist.
     Unpublish,
+    /// The record already names the new thin device, a snapshot of
+    /// `snapshot_thin`; the old one may still exist. Finished after a crash.
+    Revert { old_thin: u32, snapshot_thin: u32 },
+}
+
+/// A thin snapshot of a volume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotRecord {
+    pub id: String,
+    pub volume_id: String,
+    pub thin_id: u32,
+    /// The volume's size when the snapshot was taken.
+    pub size_bytes: u64,
+    pub created_unix: i64,
+    /// `Create` (rolled back after a crash) or `Delete` (finished).
+    #[serde(default)]
+    pub pending: Option<Pending>,
+}
+
+impl Record for SnapshotRecord {
+    const TABLE: Table = SNAPSHOTS;
+    fn key(&self) -> &str {
+        &self.id
+    }
 }
 
 /// A transfer on its destination: the source, the clone stack's pieces and
@@ -310,7 +340,7 @@ impl Store {
                     });
                 }
             }
-            for table in [VOLUMES, TRANSFERS] {
+            for table in [VOLUMES, TRANSFERS, SNAPSHOTS] {
                 txn.open_table(table)
                     .map_err(|e| self.err("open tables", e))?;
             }
@@ -548,6 +578,8 @@ mod tests {
             quarantine: None,
             transfer: None,
             export: None,
+            source_snapshot: None,
+            source_volume: None,
         }
     }
 

@@ -38,6 +38,8 @@ pub struct Volume {
     /// Bytes the pool has allocated for the volume; `None` if the kernel
     /// could not say (the thin device is missing).
     pub allocated_bytes: Option<u64>,
+    pub source_snapshot: Option<String>,
+    pub source_volume: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,17 +104,7 @@ impl Agent {
         let usage = self.pool.usage().await?;
         let provisioned = self.provisioned_bytes().await?;
         self.pool.check_room(&usage, provisioned, size)?;
-        let record = VolumeRecord {
-            id: id.to_string(),
-            size_bytes: size,
-            thin_id: 0,
-            published: false,
-            created_unix: unix_now(),
-            pending: Some(Pending::Create),
-            quarantine: None,
-            transfer: None,
-            export: None,
-        };
+        let record = new_record(id, size);
         let record = self
             .store_call(move |store| store.insert_volume_with_new_thin_id(record))
             .await?;
@@ -172,7 +164,7 @@ impl Agent {
 
     /// Best effort: a failed create leaves nothing behind, or, if even that
     /// fails, its intent for the next start (or the next retry) to finish.
-    async fn roll_back_create(&self, record: &VolumeRecord) {
+    pub(crate) async fn roll_back_create(&self, record: &VolumeRecord) {
         let undone = async {
             self.remove_device_if_present(&self.thin_name(record)?)
                 .await?;
@@ -207,6 +199,18 @@ impl Agent {
         id: &VolumeId,
         mut record: VolumeRecord,
     ) -> Result<(), AgentError> {
+        let snapshots = self.snapshots_of(Some(id)).await?;
+        if !snapshots.is_empty() {
+            return Err(AgentError::FailedPrecondition(format!(
+                "volume {id} has {} snapshot(s) ({}); delete them first",
+                snapshots.len(),
+                snapshots
+                    .iter()
+                    .map(|s| s.id.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
         if let Some(transfer) = &record.transfer {
             return Err(AgentError::FailedPrecondition(format!(
                 "volume {id} is still arriving by transfer {transfer}; abort the transfer to remove it"
@@ -547,6 +551,8 @@ impl Agent {
             state,
             published: record.published,
             allocated_bytes,
+            source_snapshot: record.source_snapshot.clone(),
+            source_volume: record.source_volume.clone(),
         })
     }
 }
@@ -564,6 +570,23 @@ fn not_found(id: &VolumeId) -> AgentError {
     AgentError::NotFound {
         what: "volume",
         id: id.to_string(),
+    }
+}
+
+/// The record of a volume about to be created: thin id to be allocated.
+pub(crate) fn new_record(id: &VolumeId, size: u64) -> VolumeRecord {
+    VolumeRecord {
+        id: id.to_string(),
+        size_bytes: size,
+        thin_id: 0,
+        published: false,
+        created_unix: unix_now(),
+        pending: Some(Pending::Create),
+        quarantine: None,
+        transfer: None,
+        export: None,
+        source_snapshot: None,
+        source_volume: None,
     }
 }
 

@@ -62,8 +62,8 @@ pub fn volume(volume: Volume) -> pb::Volume {
             .unwrap_or_default(),
         published: volume.published,
         allocated_bytes: volume.allocated_bytes.unwrap_or(0),
-        source_snapshot_id: String::new(),
-        source_volume_id: String::new(),
+        source_snapshot_id: volume.source_snapshot.unwrap_or_default(),
+        source_volume_id: volume.source_volume.unwrap_or_default(),
         change_tracking: false,
         state_reason: match volume.state {
             VolumeState::Quarantined(reason) => reason,

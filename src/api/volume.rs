@@ -5,7 +5,12 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::{convert, handle, parts, span_id};
-use crate::{agent::Agent, error::AgentError, ids::VolumeId, proto::v1 as pb};
+use crate::{
+    agent::Agent,
+    error::AgentError,
+    ids::{SnapshotId, VolumeId},
+    proto::v1 as pb,
+};
 
 #[derive(Debug)]
 pub struct VolumesApi {
@@ -25,16 +30,40 @@ impl pb::volumes_server::Volumes for VolumesApi {
         request: Request<pb::CreateVolumeRequest>,
     ) -> Result<Response<pb::Volume>, Status> {
         let (metadata, req) = parts(request);
-        handle(&self.agent, "CreateVolume", &metadata, span_id(&req.volume_id), async {
-            let id = VolumeId::parse(&req.volume_id)?;
-            if !req.source_snapshot_id.is_empty() || !req.source_volume_id.is_empty() {
-                return Err(AgentError::Unimplemented(
-                    "creating a volume from a snapshot or as a clone of a volume is not implemented yet: it arrives with thin snapshots".into(),
-                ));
-            }
-            let (volume, _) = self.agent.create_volume(&id, req.size_bytes).await?;
-            Ok(convert::volume(volume))
-        })
+        handle(
+            &self.agent,
+            "CreateVolume",
+            &metadata,
+            span_id(&req.volume_id),
+            async {
+                let id = VolumeId::parse(&req.volume_id)?;
+                let (volume, _) = match (
+                    req.source_snapshot_id.as_str(),
+                    req.source_volume_id.as_str(),
+                ) {
+                    ("", "") => self.agent.create_volume(&id, req.size_bytes).await?,
+                    (snapshot, "") => {
+                        let snapshot = SnapshotId::parse(snapshot)?;
+                        self.agent
+                            .create_volume_from_snapshot(&id, req.size_bytes, &snapshot)
+                            .await?
+                    }
+                    ("", source) => {
+                        let source = VolumeId::parse(source)?;
+                        self.agent
+                            .clone_volume(&id, req.size_bytes, &source)
+                            .await?
+                    }
+                    _ => {
+                        return Err(AgentError::InvalidArgument {
+                            field: "source_snapshot_id",
+                            reason: "name a source snapshot or a source volume, not both".into(),
+                        });
+                    }
+                };
+                Ok(convert::volume(volume))
+            },
+        )
         .await
     }
 

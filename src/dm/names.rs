@@ -5,7 +5,7 @@ use std::{fmt, path::PathBuf};
 
 use crate::{
     error::{Error, Result},
-    ids::VolumeId,
+    ids::{SnapshotId, VolumeId},
 };
 
 /// The kernel's limit is 128 bytes including the terminating NUL.
@@ -92,6 +92,8 @@ pub enum DeviceRole {
     Thin(String),
     /// The metadata device of the clone bringing this volume here.
     CloneMetadata(String),
+    /// A snapshot with this id, activated for a moment.
+    Snapshot(String),
     /// Our prefix, but a role this agent version does not know.
     Other(String),
 }
@@ -133,6 +135,11 @@ impl Naming {
         self.name(&format!("cmeta-{volume}"))
     }
 
+    /// A snapshot, activated only for a moment.
+    pub fn snapshot(&self, snapshot: &SnapshotId) -> DeviceName {
+        self.name(&format!("snap-{snapshot}"))
+    }
+
     /// The role of a device name, or `None` if it is not ours.
     pub fn parse(&self, name: &str) -> Option<DeviceRole> {
         let rest = name.strip_prefix(&self.prefix)?.strip_prefix('-')?;
@@ -148,6 +155,8 @@ impl Naming {
                     DeviceRole::Thin(id.to_owned())
                 } else if let Some(id) = with_id("cmeta-") {
                     DeviceRole::CloneMetadata(id.to_owned())
+                } else if let Some(id) = with_id("snap-") {
+                    DeviceRole::Snapshot(id.to_owned())
                 } else {
                     DeviceRole::Other(other.to_owned())
                 }
@@ -216,6 +225,10 @@ mod tests {
             (
                 naming.clone_metadata(&id),
                 DeviceRole::CloneMetadata(id.to_string()),
+            ),
+            (
+                naming.snapshot(&SnapshotId::parse(id.as_str()).unwrap()),
+                DeviceRole::Snapshot(id.to_string()),
             ),
         ];
         for (name, role) in cases {

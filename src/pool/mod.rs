@@ -182,6 +182,23 @@ impl Pool {
         }
     }
 
+    /// Creates thin device `thin_id` as a snapshot of `origin` (suspend an
+    /// active origin around this); finding it there already is fine.
+    pub async fn snapshot(&self, thin_id: u32, origin: u32) -> Result<ThinCreated, AgentError> {
+        match self
+            .dm
+            .message(&self.name, 0, &format!("create_snap {thin_id} {origin}"))
+            .await
+        {
+            Ok(_) => Ok(ThinCreated::Created),
+            Err(Error::Ioctl {
+                errno: Errno::EEXIST,
+                ..
+            }) => Ok(ThinCreated::Existed),
+            Err(err) => Err(err.into()),
+        }
+    }
+
     /// Deletes thin device `thin_id` and frees its blocks; an id that is
     /// already gone is fine. Returns whether it existed.
     pub async fn delete_thin(&self, thin_id: u32) -> Result<bool, AgentError> {

@@ -352,6 +352,8 @@ impl Agent {
             quarantine: None,
             transfer: Some(request.transfer.to_string()),
             export: None,
+            source_snapshot: None,
+            source_volume: None,
         };
         let mut transfer = TransferRecord {
             id: request.transfer.to_string(),

@@ -4,8 +4,8 @@ use std::{collections::BTreeMap, os::unix::fs::FileTypeExt, path::Path, sync::Ar
 
 use dmclone::proto::v1::{
     CreateSnapshotRequest, CreateVolumeRequest, DeleteVolumeRequest, ExtendVolumeRequest,
-    GetNodeInfoRequest, GetVolumeRequest, ListVolumesRequest, PublishVolumeRequest,
-    StartTransferRequest, UnpublishVolumeRequest, Volume, VolumeState,
+    GetNodeInfoRequest, GetVolumeRequest, ListVolumesRequest, MarkCheckpointRequest,
+    PublishVolumeRequest, StartTransferRequest, UnpublishVolumeRequest, Volume, VolumeState,
     snapshots_client::SnapshotsClient, transfers_client::TransfersClient,
     volumes_client::VolumesClient,
 };
@@ -368,13 +368,36 @@ async fn bad_input_gets_a_precise_code_and_changes_nothing() {
                 })
                 .await
                 .map(drop),
-            Code::Unimplemented,
+            Code::NotFound,
         ),
         (
-            "snapshot",
+            "snapshot of an unknown volume",
             SnapshotsClient::new(agent.channel().await)
                 .create_snapshot(CreateSnapshotRequest {
                     snapshot_id: unknown.into(),
+                    volume_id: unknown.into(),
+                })
+                .await
+                .map(drop),
+            Code::NotFound,
+        ),
+        (
+            "both sources",
+            volumes
+                .create_volume(CreateVolumeRequest {
+                    volume_id: VOL_B.into(),
+                    size_bytes: MIB,
+                    source_snapshot_id: unknown.into(),
+                    source_volume_id: VOL_A.into(),
+                })
+                .await
+                .map(drop),
+            Code::InvalidArgument,
+        ),
+        (
+            "change tracking",
+            SnapshotsClient::new(agent.channel().await)
+                .mark_checkpoint(MarkCheckpointRequest {
                     volume_id: VOL_A.into(),
                 })
                 .await

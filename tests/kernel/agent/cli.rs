@@ -122,11 +122,29 @@ async fn dmclonectl_drives_volumes_and_reports_with_exit_codes() {
             .unwrap()
             .is_empty()
     );
-    let snapshots = run(&agent, &["snapshot", "list"]);
-    assert_eq!(snapshots.status.code(), Some(1));
+    json(&agent, &["volume", "create", VOL_A, "8M"]);
+    let snapshot = "5f9d1c3e-5f1a-4f7e-9a57-3f0c2b8f6d01";
+    let taken = json(&agent, &["snapshot", "create", snapshot, "--volume", VOL_A]);
+    assert_eq!(taken["snapshots"][0]["size_bytes"], 8 * MIB);
+    let listed = json(&agent, &["snapshot", "list", "--volume", VOL_A]);
+    assert_eq!(listed["snapshots"][0]["snapshot_id"], snapshot);
+    let table = String::from_utf8(run(&agent, &["snapshot", "list"]).stdout).unwrap();
     assert!(
-        String::from_utf8_lossy(&snapshots.stderr).contains("Unimplemented"),
-        "{snapshots:?}"
+        table.starts_with("SNAPSHOT") && table.contains(snapshot),
+        "{table}"
+    );
+    assert_eq!(
+        run(&agent, &["volume", "delete", VOL_A]).status.code(),
+        Some(1),
+        "snapshots block the delete"
+    );
+    assert_eq!(
+        json(&agent, &["snapshot", "delete", snapshot])["result"],
+        "deleted"
+    );
+    assert_eq!(
+        json(&agent, &["volume", "delete", VOL_A])["result"],
+        "deleted"
     );
     let completions = run(&agent, &["completions", "bash"]);
     assert!(String::from_utf8_lossy(&completions.stdout).contains("dmclonectl"));
@@ -174,11 +192,11 @@ async fn dmclonectl_starts_watches_and_steers_a_transfer() {
             "--threshold",
             "2",
             "--max-rate",
-            "16M",
+            "4M",
         ],
     );
     assert_eq!(throttled["transfers"][0]["hydration_threshold"], 2);
-    assert_eq!(throttled["transfers"][0]["max_bytes_per_second"], 16 * MIB);
+    assert_eq!(throttled["transfers"][0]["max_bytes_per_second"], 4 * MIB);
     assert_eq!(
         json(&agent, &["transfer", "commit", transfer])["transfers"][0]["state"],
         "hydrating"

@@ -10,5 +10,6 @@ mod moves;
 mod observability;
 mod reboot;
 mod scale;
+mod snapshots;
 mod tls;
 mod transfer;

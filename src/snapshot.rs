@@ -1,0 +1,540 @@
+//! Thin snapshots, volumes made from them, clones of volumes, and revert.
+//!
+//! A snapshot is a thin device made by the pool's `create_snap` from the
+//! volume's thin device: instant, copy-on-write, sharing every block until
+//! one side writes. It is not active; the agent activates it only for a
+//! moment to read how much it maps. Volumes made from a snapshot and clones
+//! of a volume are thin snapshots too, independent of their source from the
+//! start. The origin is suspended only around the `create_snap` message, as
+//! the kernel needs, so writes in flight cannot race the shared blocks.
+
+use std::time::Duration;
+
+use tracing::{info, warn};
+
+use crate::{
+    agent::Agent,
+    dm::{kernel::Flush, names::DeviceName, status::ThinStatus},
+    error::AgentError,
+    failpoint,
+    ids::{SnapshotId, VolumeId},
+    store::{Change, Pending, SnapshotRecord, VolumeRecord},
+    transfer::TransferState,
+    volume::{Outcome, Volume, new_record, unix_now},
+};
+
+const SECTOR: u64 = 512;
+/// How long a snapshot of an arriving volume waits for its hydration.
+const HYDRATION_WAIT: Duration = Duration::from_secs(600);
+
+/// A snapshot as callers see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotView {
+    pub id: String,
+    pub volume_id: String,
+    pub size_bytes: u64,
+    /// Bytes the snapshot maps (shared with the volume or not); `None` if
+    /// the kernel could not say.
+    pub allocated_bytes: Option<u64>,
+    pub created_unix: i64,
+}
+
+impl Agent {
+    /// Takes a snapshot. A volume still arriving is snapshotted once its
+    /// hydration is done (the call waits, up to 10 minutes); one that is not
+    /// hydrating (deferred, paused) is refused: waiting would be unbounded.
+    pub async fn create_snapshot(
+        &self,
+        id: &SnapshotId,
+        volume: &VolumeId,
+    ) -> Result<SnapshotView, AgentError> {
+        self.wait_until_local(volume).await?;
+        let _held = self.locks.lock(volume.as_str()).await;
+        if let Some(existing) = self.snapshot_record(id).await? {
+            if existing.volume_id != volume.as_str() {
+                return Err(AgentError::AlreadyExists {
+                    what: "snapshot",
+                    id: id.to_string(),
+                    detail: format!("of volume {}, not of {volume}", existing.volume_id),
+                });
+            }
+            return Ok(self.snapshot_view(&existing).await);
+        }
+        let origin = self.ready_record(volume, "be snapshotted").await?;
+        if origin.transfer.is_some() {
+            return Err(AgentError::FailedPrecondition(format!(
+                "volume {volume} is still arriving; snapshot it once its transfer is done"
+            )));
+        }
+        self.check_room_for(origin.size_bytes).await?;
+        let record = SnapshotRecord {
+            id: id.to_string(),
+            volume_id: volume.to_string(),
+            thin_id: 0,
+            size_bytes: origin.size_bytes,
+            created_unix: unix_now(),
+            pending: Some(Pending::Create),
+        };
+        let record = self.insert_snapshot(record).await?;
+        failpoint::hit("snapshot.after_record");
+        if let Err(err) = self.snapshot_thin(&origin, record.thin_id).await {
+            self.roll_back_snapshot(&record).await;
+            return Err(err);
+        }
+        let record = self.settle_snapshot(record).await?;
+        info!(snapshot = %id, volume = %volume, thin_id = record.thin_id, "snapshot taken");
+        Ok(self.snapshot_view(&record).await)
+    }
+
+    pub async fn delete_snapshot(&self, id: &SnapshotId) -> Result<(), AgentError> {
+        let Some(record) = self.snapshot_record(id).await? else {
+            return Ok(());
+        };
+        let _held = self.locks.lock(&record.volume_id).await;
+        let Some(mut record) = self.snapshot_record(id).await? else {
+            return Ok(());
+        };
+        record.pending = Some(Pending::Delete);
+        self.put_snapshot(&record).await?;
+        failpoint::hit("snapshot.delete_after_record");
+        self.finish_snapshot_delete(&record).await?;
+        info!(snapshot = %id, "snapshot deleted");
+        Ok(())
+    }
+
+    pub(crate) async fn finish_snapshot_delete(
+        &self,
+        record: &SnapshotRecord,
+    ) -> Result<(), AgentError> {
+        self.remove_device_if_present(&self.snapshot_name(record)?)
+            .await?;
+        self.pool.delete_thin(record.thin_id).await?;
+        let key = record.id.clone();
+        self.store_call(move |store| store.commit(vec![Change::remove::<SnapshotRecord>(&key)]))
+            .await
+    }
+
+    pub async fn get_snapshot(&self, id: &SnapshotId) -> Result<SnapshotView, AgentError> {
+        let record = self
+            .snapshot_record(id)
+            .await?
+            .ok_or_else(|| snapshot_not_found(id))?;
+        let _held = self.locks.lock(&record.volume_id).await;
+        Ok(self.snapshot_view(&record).await)
+    }
+
+    pub async fn list_snapshots(
+        &self,
+        volume: Option<&VolumeId>,
+    ) -> Result<Vec<SnapshotView>, AgentError> {
+        let records = self.snapshots_of(volume).await?;
+        let mut views = Vec::with_capacity(records.len());
+        for record in &records {
+            let _held = self.locks.lock(&record.volume_id).await;
+            views.push(self.snapshot_view(record).await);
+        }
+        Ok(views)
+    }
+
+    /// Makes a new volume equal to a snapshot; it may be larger.
+    pub async fn create_volume_from_snapshot(
+        &self,
+        id: &VolumeId,
+        requested_bytes: u64,
+        snapshot: &SnapshotId,
+    ) -> Result<(Volume, Outcome), AgentError> {
+        let size = self.volume_size("size_bytes", requested_bytes)?;
+        let source = self
+            .snapshot_record(snapshot)
+            .await?
+            .ok_or_else(|| snapshot_not_found(snapshot))?;
+        let _held = self.locks.lock_all(&[id.as_str(), &source.volume_id]).await;
+        let source = self
+            .snapshot_record(snapshot)
+            .await?
+            .ok_or_else(|| snapshot_not_found(snapshot))?;
+        if source.pending.is_some() {
+            return Err(AgentError::FailedPrecondition(format!(
+                "snapshot {snapshot} is being created or deleted"
+            )));
+        }
+        if size < source.size_bytes {
+            return Err(smaller_than_source(
+                "snapshot",
+                snapshot.as_str(),
+                size,
+                source.size_bytes,
+            ));
+        }
+        if let Some(existing) = self.record(id).await? {
+            return self
+                .made_already(existing, size, Some(snapshot.as_str()), None)
+                .await;
+        }
+        self.check_room_for(size).await?;
+        let mut record = new_record(id, size);
+        record.source_snapshot = Some(snapshot.to_string());
+        let record = self
+            .store_call(move |store| store.insert_volume_with_new_thin_id(record))
+            .await?;
+        failpoint::hit("clone.after_record");
+        let made = async {
+            self.remove_device_if_present(&self.snapshot_name(&source)?)
+                .await?;
+            self.pool.snapshot(record.thin_id, source.thin_id).await?;
+            self.ensure_thin_device(&record).await
+        }
+        .await;
+        self.finish_made(record, made, "volume made from snapshot")
+            .await
+    }
+
+    /// Makes a new volume equal to another volume now; it may be larger.
+    pub async fn clone_volume(
+        &self,
+        id: &VolumeId,
+        requested_bytes: u64,
+        source: &VolumeId,
+    ) -> Result<(Volume, Outcome), AgentError> {
+        let size = self.volume_size("size_bytes", requested_bytes)?;
+        self.wait_until_local(source).await?;
+        let _held = self.locks.lock_all(&[id.as_str(), source.as_str()]).await;
+        if let Some(existing) = self.record(id).await? {
+            return self
+                .made_already(existing, size, None, Some(source.as_str()))
+                .await;
+        }
+        let origin = self.ready_record(source, "be cloned").await?;
+        if origin.transfer.is_some() {
+            return Err(AgentError::FailedPrecondition(format!(
+                "volume {source} is still arriving; clone it once its transfer is done"
+            )));
+        }
+        if size < origin.size_bytes {
+            return Err(smaller_than_source(
+                "volume",
+                source.as_str(),
+                size,
+                origin.size_bytes,
+            ));
+        }
+        self.check_room_for(size).await?;
+        let mut record = new_record(id, size);
+        record.source_volume = Some(source.to_string());
+        let record = self
+            .store_call(move |store| store.insert_volume_with_new_thin_id(record))
+            .await?;
+        failpoint::hit("clone.after_record");
+        let made = async {
+            self.snapshot_thin(&origin, record.thin_id).await?;
+            self.ensure_thin_device(&record).await
+        }
+        .await;
+        self.finish_made(record, made, "volume cloned").await
+    }
+
+    /// Makes the volume's content equal to the snapshot's. The volume must
+    /// not be published: nobody may see its content change underneath.
+    pub async fn revert_volume(
+        &self,
+        volume: &VolumeId,
+        snapshot: &SnapshotId,
+    ) -> Result<(), AgentError> {
+        let _held = self.locks.lock(volume.as_str()).await;
+        let mut record = self.ready_record(volume, "be reverted").await?;
+        let source = self
+            .snapshot_record(snapshot)
+            .await?
+            .ok_or_else(|| snapshot_not_found(snapshot))?;
+        if source.volume_id != volume.as_str() {
+            return Err(AgentError::InvalidArgument {
+                field: "snapshot_id",
+                reason: format!(
+                    "snapshot {snapshot} is of volume {}, not of {volume}",
+                    source.volume_id
+                ),
+            });
+        }
+        if record.published {
+            return Err(AgentError::FailedPrecondition(format!(
+                "volume {volume} is published at {}; unpublish it before reverting it",
+                self.naming.public(volume).mapper_path().display()
+            )));
+        }
+        if record.transfer.is_some() || record.export.is_some() {
+            return Err(AgentError::FailedPrecondition(format!(
+                "volume {volume} is moving; revert it on its new host"
+            )));
+        }
+        let old_thin = record.thin_id;
+        let reverting = record.clone();
+        let ids = self
+            .store_call(move |store| {
+                store.allocate_and_commit(1, |ids| {
+                    let mut reverting = reverting;
+                    reverting.thin_id = ids[0];
+                    reverting.pending = Some(Pending::Revert {
+                        old_thin,
+                        snapshot_thin: source.thin_id,
+                    });
+                    Ok(vec![Change::put(&reverting)?])
+                })
+            })
+            .await?;
+        record.thin_id = ids[0];
+        record.pending = Some(Pending::Revert {
+            old_thin,
+            snapshot_thin: source.thin_id,
+        });
+        failpoint::hit("revert.after_record");
+        self.finish_revert(&record).await?;
+        info!(volume = %volume, snapshot = %snapshot, "reverted to the snapshot");
+        Ok(())
+    }
+
+    /// The steps after a revert's record, each tolerating having been done:
+    /// the new thin device as a snapshot of the snapshot, the volume's device
+    /// switched to it, the old one freed.
+    pub(crate) async fn finish_revert(&self, record: &VolumeRecord) -> Result<(), AgentError> {
+        let Some(Pending::Revert {
+            old_thin,
+            snapshot_thin,
+        }) = record.pending
+        else {
+            return Ok(());
+        };
+        self.pool.snapshot(record.thin_id, snapshot_thin).await?;
+        let thin = self.thin_name(record)?;
+        self.remove_device_if_present(&thin).await?;
+        self.ensure_thin_device(record).await?;
+        self.pool.delete_thin(old_thin).await?;
+        self.settle(record.clone()).await?;
+        Ok(())
+    }
+
+    // ---- helpers -------------------------------------------------------
+
+    /// Snapshots the volume's thin device into `new_thin`, suspending the
+    /// origin only around the message; the origin resumes whatever happens.
+    async fn snapshot_thin(&self, origin: &VolumeRecord, new_thin: u32) -> Result<(), AgentError> {
+        let thin = self.thin_name(origin)?;
+        self.dm.suspend(&thin, Flush::Flush).await?;
+        let made = self.pool.snapshot(new_thin, origin.thin_id).await;
+        let resumed = self.dm.resume(&thin).await;
+        made?;
+        resumed?;
+        Ok(())
+    }
+
+    /// A create-from for an id that exists: the same size and source return
+    /// it (Cinder retries), anything else is a conflict.
+    async fn made_already(
+        &self,
+        existing: VolumeRecord,
+        size: u64,
+        snapshot: Option<&str>,
+        volume: Option<&str>,
+    ) -> Result<(Volume, Outcome), AgentError> {
+        let same = existing.size_bytes == size
+            && existing.source_snapshot.as_deref() == snapshot
+            && existing.source_volume.as_deref() == volume
+            && existing.pending.is_none();
+        if !same {
+            return Err(AgentError::AlreadyExists {
+                what: "volume",
+                id: existing.id.clone(),
+                detail: format!(
+                    "with size {} bytes made from {}",
+                    existing.size_bytes,
+                    describe_source(&existing)
+                ),
+            });
+        }
+        Ok((
+            self.get_volume(&existing.volume_id()?).await?,
+            Outcome::Existed,
+        ))
+    }
+
+    async fn finish_made(
+        &self,
+        record: VolumeRecord,
+        made: Result<crate::dm::table::DevRef, AgentError>,
+        what: &str,
+    ) -> Result<(Volume, Outcome), AgentError> {
+        if let Err(err) = made {
+            self.roll_back_create(&record).await;
+            return Err(err);
+        }
+        let record = self.settle(record).await?;
+        info!(volume = %record.id, source = %describe_source(&record), "{what}");
+        Ok((
+            self.get_volume(&record.volume_id()?).await?,
+            Outcome::Created,
+        ))
+    }
+
+    /// Waits (without holding any lock) until the volume is not arriving any
+    /// more, if it is hydrating; refuses if it arrives but is not copying.
+    async fn wait_until_local(&self, volume: &VolumeId) -> Result<(), AgentError> {
+        let deadline = tokio::time::Instant::now() + HYDRATION_WAIT;
+        let mut updates = self.watch_transfers();
+        loop {
+            let Some(record) = self.record(volume).await? else {
+                return Ok(());
+            };
+            let Some(transfer) = &record.transfer else {
+                return Ok(());
+            };
+            let view = self
+                .get_transfer(&crate::ids::TransferId::parse(transfer)?)
+                .await?;
+            if !matches!(
+                view.state,
+                TransferState::Hydrating | TransferState::Finalizing | TransferState::Done
+            ) {
+                return Err(AgentError::FailedPrecondition(format!(
+                    "volume {volume} is arriving by transfer {transfer}, which is {:?}: it can be snapshotted or cloned once the transfer is done",
+                    view.state
+                )));
+            }
+            match tokio::time::timeout_at(deadline, updates.recv()).await {
+                Ok(_) => {}
+                Err(_) => {
+                    return Err(AgentError::Unavailable {
+                        reason: format!(
+                            "volume {volume} is still hydrating after 10 minutes; retry once transfer {transfer} is done"
+                        ),
+                    });
+                }
+            }
+        }
+    }
+
+    pub(crate) async fn snapshot_record(
+        &self,
+        id: &SnapshotId,
+    ) -> Result<Option<SnapshotRecord>, AgentError> {
+        let id = id.to_string();
+        self.store_call(move |store| store.get::<SnapshotRecord>(&id))
+            .await
+    }
+
+    pub(crate) async fn snapshots_of(
+        &self,
+        volume: Option<&VolumeId>,
+    ) -> Result<Vec<SnapshotRecord>, AgentError> {
+        let all = self
+            .store_call(|store| store.all::<SnapshotRecord>())
+            .await?;
+        Ok(all
+            .into_iter()
+            .filter(|s| volume.is_none_or(|v| s.volume_id == v.as_str()))
+            .collect())
+    }
+
+    async fn insert_snapshot(&self, record: SnapshotRecord) -> Result<SnapshotRecord, AgentError> {
+        let ids = self
+            .store_call({
+                let record = record.clone();
+                move |store| {
+                    store.allocate_and_commit(1, |ids| {
+                        let mut record = record;
+                        record.thin_id = ids[0];
+                        Ok(vec![Change::insert(&record)?])
+                    })
+                }
+            })
+            .await?;
+        Ok(SnapshotRecord {
+            thin_id: ids[0],
+            ..record
+        })
+    }
+
+    async fn put_snapshot(&self, record: &SnapshotRecord) -> Result<(), AgentError> {
+        let record = record.clone();
+        self.store_call(move |store| store.commit(vec![Change::put(&record)?]))
+            .await
+    }
+
+    async fn settle_snapshot(
+        &self,
+        mut record: SnapshotRecord,
+    ) -> Result<SnapshotRecord, AgentError> {
+        record.pending = None;
+        self.put_snapshot(&record).await?;
+        Ok(record)
+    }
+
+    /// Best effort; what fails stays recorded for reconciliation.
+    pub(crate) async fn roll_back_snapshot(&self, record: &SnapshotRecord) {
+        if let Err(err) = self.finish_snapshot_delete(record).await {
+            warn!(snapshot = %record.id, error = %err, "could not roll back a failed snapshot; reconciliation finishes it");
+        }
+    }
+
+    pub(crate) fn snapshot_name(&self, record: &SnapshotRecord) -> Result<DeviceName, AgentError> {
+        Ok(self.naming.snapshot(&SnapshotId::parse(&record.id)?))
+    }
+
+    /// Size and mapped bytes; the snapshot is activated for the moment it
+    /// takes to read that. Callers hold the volume's lock.
+    async fn snapshot_view(&self, record: &SnapshotRecord) -> SnapshotView {
+        SnapshotView {
+            id: record.id.clone(),
+            volume_id: record.volume_id.clone(),
+            size_bytes: record.size_bytes,
+            allocated_bytes: self.mapped_bytes(record).await,
+            created_unix: record.created_unix,
+        }
+    }
+
+    async fn mapped_bytes(&self, record: &SnapshotRecord) -> Option<u64> {
+        if record.pending.is_some() {
+            return None;
+        }
+        let name = self.snapshot_name(record).ok()?;
+        let table = self
+            .pool
+            .thin_table(record.thin_id, record.size_bytes)
+            .ok()?;
+        let measured = async {
+            self.dm.create(&name, None, &table).await?;
+            let status = self.dm.status_of::<ThinStatus>(&name, 0).await;
+            self.dm.remove(&name).await?;
+            Ok::<_, AgentError>(status?.mapped_sectors().map(|s| s * SECTOR))
+        }
+        .await;
+        match measured {
+            Ok(bytes) => bytes,
+            Err(err) => {
+                warn!(snapshot = %record.id, error = %err, "cannot read how much the snapshot maps");
+                let _ = self.remove_device_if_present(&name).await;
+                None
+            }
+        }
+    }
+}
+
+fn describe_source(record: &VolumeRecord) -> String {
+    match (&record.source_snapshot, &record.source_volume) {
+        (Some(snapshot), _) => format!("snapshot {snapshot}"),
+        (None, Some(volume)) => format!("volume {volume}"),
+        (None, None) => "nothing (empty)".into(),
+    }
+}
+
+fn smaller_than_source(what: &str, id: &str, size: u64, source: u64) -> AgentError {
+    AgentError::InvalidArgument {
+        field: "size_bytes",
+        reason: format!("{size} bytes is smaller than {what} {id} ({source} bytes)"),
+    }
+}
+
+fn snapshot_not_found(id: &SnapshotId) -> AgentError {
+    AgentError::NotFound {
+        what: "snapshot",
+        id: id.to_string(),
+    }
+}

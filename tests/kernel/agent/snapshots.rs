@@ -1,0 +1,387 @@
+//! Thin snapshots, volumes made from them, clones and revert, against the
+//! kernel: content equality by pattern, independence of both sides, what
+//! blocks what, idempotency, crashes between the steps.
+
+use std::{os::unix::process::ExitStatusExt, path::Path};
+
+use dmclone::proto::v1::{
+    CreateSnapshotRequest, CreateVolumeRequest, DeleteSnapshotRequest, GetSnapshotRequest,
+    HydrationKnobs, ListSnapshotsRequest, RevertVolumeRequest, Snapshot, StartTransferRequest,
+    TransferRef, Volume, snapshots_client::SnapshotsClient, start_transfer_request::Source,
+    transfers_client::TransfersClient, volumes_client::VolumesClient,
+};
+use tonic::{Code, transport::Channel};
+
+use super::{
+    api::{VOL_A, VOL_B, create, delete, device_size, extend, get, publish, unpublish},
+    fixture::AgentProcess,
+};
+use crate::support::*;
+
+const SNAP: &str = "6a9d1c3e-5f1a-4f7e-9a57-3f0c2b8f6d01";
+const SNAP2: &str = "6a9d1c3e-5f1a-4f7e-9a57-3f0c2b8f6d02";
+const VOL_C: &str = "6c9d1c3e-5f1a-4f7e-9a57-3f0c2b8f6d03";
+const VOL_D: &str = "6d9d1c3e-5f1a-4f7e-9a57-3f0c2b8f6d04";
+const SIZE: u64 = 32 * MIB;
+
+async fn snapshot(agent: &AgentProcess, id: &str, volume: &str) -> Result<Snapshot, tonic::Status> {
+    SnapshotsClient::new(agent.channel().await)
+        .create_snapshot(CreateSnapshotRequest {
+            snapshot_id: id.into(),
+            volume_id: volume.into(),
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+async fn from_snapshot(
+    client: &mut VolumesClient<Channel>,
+    id: &str,
+    size: u64,
+    snap: &str,
+) -> Result<Volume, tonic::Status> {
+    client
+        .create_volume(CreateVolumeRequest {
+            volume_id: id.into(),
+            size_bytes: size,
+            source_snapshot_id: snap.into(),
+            ..Default::default()
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+async fn clone_of(
+    client: &mut VolumesClient<Channel>,
+    id: &str,
+    size: u64,
+    source: &str,
+) -> Result<Volume, tonic::Status> {
+    client
+        .create_volume(CreateVolumeRequest {
+            volume_id: id.into(),
+            size_bytes: size,
+            source_volume_id: source.into(),
+            ..Default::default()
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+async fn revert(agent: &AgentProcess, volume: &str, snap: &str) -> Result<(), tonic::Status> {
+    SnapshotsClient::new(agent.channel().await)
+        .revert_volume(RevertVolumeRequest {
+            volume_id: volume.into(),
+            snapshot_id: snap.into(),
+        })
+        .await
+        .map(drop)
+}
+
+fn fill(path: &Path, seed: u64, size: u64) {
+    for offset in (0..size).step_by(MIB as usize) {
+        write_at(path, offset, &pattern(seed, offset, MIB as usize));
+    }
+}
+
+fn holds(path: &Path, seed: u64, size: u64) -> bool {
+    (0..size)
+        .step_by(MIB as usize)
+        .all(|offset| read_at(path, offset, MIB as usize) == pattern(seed, offset, MIB as usize))
+}
+
+/// Publishes, checks the content, unpublishes.
+async fn volume_holds(client: &mut VolumesClient<Channel>, id: &str, seed: u64, size: u64) -> bool {
+    let path = publish(client, id).await.unwrap();
+    let holds = holds(Path::new(&path), seed, size);
+    unpublish(client, id).await.unwrap();
+    holds
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn snapshots_clones_and_revert_keep_their_content() {
+    let agent = AgentProcess::start("dmctsnap").await;
+    let mut volumes = agent.volumes().await;
+    create(&mut volumes, VOL_A, SIZE).await.unwrap();
+    let path = publish(&mut volumes, VOL_A).await.unwrap();
+    fill(Path::new(&path), 1, SIZE);
+
+    // A snapshot of a published volume in use; then the volume changes.
+    let taken = snapshot(&agent, SNAP, VOL_A).await.unwrap();
+    assert_eq!((taken.size_bytes, taken.volume_id.as_str()), (SIZE, VOL_A));
+    assert_eq!(
+        taken.allocated_bytes, SIZE,
+        "the snapshot maps every block the volume had"
+    );
+    assert_eq!(
+        snapshot(&agent, SNAP, VOL_A).await.unwrap().snapshot_id,
+        SNAP,
+        "repeated: the same snapshot"
+    );
+    fill(Path::new(&path), 2, SIZE);
+
+    // A volume from the snapshot, larger than it: the snapshot's content,
+    // then zeros.
+    let made = from_snapshot(&mut volumes, VOL_B, SIZE + 8 * MIB, SNAP)
+        .await
+        .unwrap();
+    assert_eq!(made.source_snapshot_id, SNAP);
+    assert!(
+        volume_holds(&mut volumes, VOL_B, 1, SIZE).await,
+        "volume from snapshot equals the snapshot"
+    );
+    let b = publish(&mut volumes, VOL_B).await.unwrap();
+    assert_eq!(device_size(Path::new(&b)), SIZE + 8 * MIB);
+    assert_eq!(read_at(Path::new(&b), SIZE + MIB, 4096), vec![0u8; 4096]);
+    unpublish(&mut volumes, VOL_B).await.unwrap();
+    assert_eq!(
+        from_snapshot(&mut volumes, VOL_B, SIZE + 8 * MIB, SNAP)
+            .await
+            .unwrap()
+            .volume_id,
+        VOL_B,
+        "repeated: the same volume"
+    );
+    let smaller = from_snapshot(&mut volumes, VOL_D, SIZE - MIB, SNAP)
+        .await
+        .unwrap_err();
+    assert_eq!(smaller.code(), Code::InvalidArgument, "{smaller:?}");
+
+    // A clone of the volume as it is now; both sides stay independent.
+    let cloned = clone_of(&mut volumes, VOL_C, SIZE, VOL_A).await.unwrap();
+    assert_eq!(cloned.source_volume_id, VOL_A);
+    write_at(Path::new(&path), 0, &pattern(3, 0, MIB as usize));
+    let c = publish(&mut volumes, VOL_C).await.unwrap();
+    assert!(
+        holds(Path::new(&c), 2, SIZE),
+        "the clone does not see later writes to its source"
+    );
+    write_at(Path::new(&c), MIB, &pattern(4, 0, MIB as usize));
+    unpublish(&mut volumes, VOL_C).await.unwrap();
+    assert_eq!(
+        read_at(Path::new(&path), MIB, MIB as usize),
+        pattern(2, MIB, MIB as usize),
+        "the source does not see the clone's writes"
+    );
+
+    // The snapshot is unchanged by all of it.
+    let snap = SnapshotsClient::new(agent.channel().await)
+        .get_snapshot(GetSnapshotRequest {
+            snapshot_id: SNAP.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(snap.size_bytes, SIZE);
+
+    // Revert: refused while published, then the volume equals the snapshot.
+    let refused = revert(&agent, VOL_A, SNAP).await.unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(refused.message().contains("unpublish it"), "{refused:?}");
+    unpublish(&mut volumes, VOL_A).await.unwrap();
+    extend(&mut volumes, VOL_A, SIZE + 4 * MIB).await.unwrap();
+    revert(&agent, VOL_A, SNAP).await.unwrap();
+    assert_eq!(
+        get(&mut volumes, VOL_A).await.unwrap().size_bytes,
+        SIZE + 4 * MIB,
+        "revert keeps the size"
+    );
+    assert!(
+        volume_holds(&mut volumes, VOL_A, 1, SIZE).await,
+        "reverted to the snapshot"
+    );
+    let wrong = revert(&agent, VOL_C, SNAP).await.unwrap_err();
+    assert_eq!(
+        wrong.code(),
+        Code::InvalidArgument,
+        "a snapshot of another volume: {wrong:?}"
+    );
+
+    // Snapshots block deleting their volume; clones and volumes made from
+    // snapshots are independent of their sources.
+    let blocked = delete(&mut volumes, VOL_A).await.unwrap_err();
+    assert_eq!(blocked.code(), Code::FailedPrecondition);
+    assert!(blocked.message().contains(SNAP), "{blocked:?}");
+    let other = snapshot(&agent, SNAP, VOL_C).await.unwrap_err();
+    assert_eq!(
+        other.code(),
+        Code::AlreadyExists,
+        "the id names a snapshot of another volume"
+    );
+    let listed = SnapshotsClient::new(agent.channel().await)
+        .list_snapshots(ListSnapshotsRequest {
+            volume_id: VOL_A.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshots;
+    assert_eq!(listed.len(), 1);
+    SnapshotsClient::new(agent.channel().await)
+        .delete_snapshot(DeleteSnapshotRequest {
+            snapshot_id: SNAP.into(),
+        })
+        .await
+        .unwrap();
+    delete(&mut volumes, VOL_A).await.unwrap();
+    assert!(
+        volume_holds(&mut volumes, VOL_B, 1, SIZE).await,
+        "made from a deleted snapshot of a deleted volume"
+    );
+    let c = publish(&mut volumes, VOL_C).await.unwrap();
+    assert_eq!(
+        read_at(Path::new(&c), 2 * MIB, MIB as usize),
+        pattern(2, 2 * MIB, MIB as usize)
+    );
+    unpublish(&mut volumes, VOL_C).await.unwrap();
+    for id in [VOL_B, VOL_C] {
+        delete(&mut volumes, id).await.unwrap();
+    }
+    assert_eq!(
+        super::api::pool_used(&agent).await.0,
+        0,
+        "every block is freed"
+    );
+    agent.destroy().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill9_inside_snapshot_clone_and_revert() {
+    let mut agent = AgentProcess::start("dmctsnapkill").await;
+    let mut volumes = agent.volumes().await;
+    create(&mut volumes, VOL_A, SIZE).await.unwrap();
+    let path = publish(&mut volumes, VOL_A).await.unwrap();
+    fill(Path::new(&path), 11, SIZE);
+
+    crash(&mut agent, "snapshot.after_record", async |agent| {
+        assert!(snapshot(agent, SNAP, VOL_A).await.is_err());
+    })
+    .await;
+    let gone = SnapshotsClient::new(agent.channel().await)
+        .get_snapshot(GetSnapshotRequest {
+            snapshot_id: SNAP.into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        gone.code(),
+        Code::NotFound,
+        "the interrupted snapshot is rolled back"
+    );
+    // The origin was not left suspended: it still takes writes.
+    write_at(Path::new(&path), 0, &pattern(11, 0, MIB as usize));
+    snapshot(&agent, SNAP, VOL_A).await.unwrap();
+
+    crash(&mut agent, "clone.after_record", async |agent| {
+        assert!(
+            clone_of(&mut agent.volumes().await, VOL_C, SIZE, VOL_A)
+                .await
+                .is_err()
+        );
+    })
+    .await;
+    assert_eq!(
+        get(&mut agent.volumes().await, VOL_C)
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
+
+    fill(Path::new(&path), 12, SIZE);
+    unpublish(&mut agent.volumes().await, VOL_A).await.unwrap();
+    crash(&mut agent, "revert.after_record", async |agent| {
+        assert!(revert(agent, VOL_A, SNAP).await.is_err());
+    })
+    .await;
+    assert!(
+        volume_holds(&mut agent.volumes().await, VOL_A, 11, SIZE).await,
+        "the interrupted revert is finished"
+    );
+
+    crash(&mut agent, "snapshot.delete_after_record", async |agent| {
+        let deleted = SnapshotsClient::new(agent.channel().await)
+            .delete_snapshot(DeleteSnapshotRequest {
+                snapshot_id: SNAP.into(),
+            })
+            .await;
+        assert!(deleted.is_err());
+    })
+    .await;
+    delete(&mut agent.volumes().await, VOL_A)
+        .await
+        .expect("the snapshot delete was finished, so the volume can go");
+    assert_eq!(super::api::pool_used(&agent).await.0, 0);
+    agent.destroy().await;
+}
+
+async fn crash(agent: &mut AgentProcess, point: &str, call: impl AsyncFnOnce(&AgentProcess)) {
+    agent.kill9().await;
+    agent.set_failpoint(Some(point));
+    agent.restart().await;
+    call(agent).await;
+    let status = agent.wait_exit().await;
+    assert_eq!(
+        status.signal(),
+        Some(9),
+        "{point}: {status}\n{}",
+        agent.log()
+    );
+    agent.set_failpoint(None);
+    agent.restart().await;
+}
+
+/// A snapshot of a volume that is still arriving waits for its hydration
+/// (deferred ones are refused: nothing would ever finish).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_snapshot_of_an_arriving_volume_waits_for_hydration() {
+    let size = 48 * MIB;
+    let source = LoopDisk::with_pattern(size, 21);
+    let agent = AgentProcess::start("dmctsnapxfer").await;
+    let mut transfers = TransfersClient::new(agent.channel().await);
+    let start = |deferred: bool| StartTransferRequest {
+        transfer_id: SNAP2.into(),
+        volume_id: VOL_D.into(),
+        size_bytes: size,
+        source: Some(Source::DevicePath(source.path().display().to_string())),
+        deferred,
+        knobs: Some(HydrationKnobs {
+            region_bytes: 64 * 1024,
+            hydration_threshold: 1,
+            hydration_batch_size: 1,
+            max_bytes_per_second: 16 * MIB,
+        }),
+    };
+    transfers.start_transfer(start(true)).await.unwrap();
+    let refused = snapshot(&agent, SNAP, VOL_D).await.unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    transfers
+        .commit_transfer(TransferRef {
+            transfer_id: SNAP2.into(),
+        })
+        .await
+        .unwrap();
+    let taken = snapshot(&agent, SNAP, VOL_D).await.unwrap();
+    let transfer = transfers
+        .get_transfer(TransferRef {
+            transfer_id: SNAP2.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        transfer.state(),
+        dmclone::proto::v1::TransferState::Done,
+        "taken after the move finished"
+    );
+    assert_eq!(taken.size_bytes, size);
+    let mut volumes = agent.volumes().await;
+    from_snapshot(&mut volumes, VOL_C, size, SNAP)
+        .await
+        .unwrap();
+    assert!(
+        volume_holds(&mut volumes, VOL_C, 21, size).await,
+        "the snapshot holds the moved data"
+    );
+    agent.destroy().await;
+}
