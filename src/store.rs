@@ -568,19 +568,10 @@ mod tests {
     use super::*;
 
     fn record(id: &str) -> VolumeRecord {
-        VolumeRecord {
-            id: id.to_owned(),
-            size_bytes: 1 << 30,
-            thin_id: 0,
-            published: false,
-            created_unix: 1,
-            pending: Some(Pending::Create),
-            quarantine: None,
-            transfer: None,
-            export: None,
-            source_snapshot: None,
-            source_volume: None,
-        }
+        crate::volume::new_record(
+            &VolumeId::parse(id).unwrap_or_else(|e| panic!("{e}")),
+            1 << 30,
+        )
     }
 
     const A: &str = "0b9d1c3e-5f1a-4f7e-9a57-3f0c2b8f6d11";

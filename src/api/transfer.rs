@@ -13,7 +13,7 @@ use crate::{
     error::AgentError,
     ids::{TransferId, VolumeId},
     proto::v1 as pb,
-    transfer::{KnobRequest, Source, StartRequest, TransferState},
+    transfer::{KnobRequest, Source, StartRequest, TransferState, TransferView},
 };
 
 #[derive(Debug)]
@@ -24,6 +24,31 @@ pub struct TransfersApi {
 impl TransfersApi {
     pub fn new(agent: Arc<Agent>) -> Self {
         Self { agent }
+    }
+
+    /// A call that names one transfer and answers with it.
+    async fn on_transfer<'a, F, Fut>(
+        &'a self,
+        method: &'static str,
+        request: Request<pb::TransferRef>,
+        call: F,
+    ) -> Result<Response<pb::Transfer>, Status>
+    where
+        F: FnOnce(&'a Agent, TransferId) -> Fut,
+        Fut: std::future::Future<Output = Result<TransferView, AgentError>>,
+    {
+        let (metadata, req) = parts(request);
+        handle(
+            &self.agent,
+            method,
+            &metadata,
+            span_id(&req.transfer_id),
+            async {
+                let id = TransferId::parse(&req.transfer_id)?;
+                Ok(convert::transfer(call(&self.agent, id).await?))
+            },
+        )
+        .await
     }
 }
 
@@ -155,17 +180,9 @@ impl pb::transfers_server::Transfers for TransfersApi {
         &self,
         request: Request<pb::TransferRef>,
     ) -> Result<Response<pb::Transfer>, Status> {
-        let (metadata, req) = parts(request);
-        handle(
-            &self.agent,
-            "CommitTransfer",
-            &metadata,
-            span_id(&req.transfer_id),
-            async {
-                let id = TransferId::parse(&req.transfer_id)?;
-                Ok(convert::transfer(self.agent.commit_transfer(&id).await?))
-            },
-        )
+        self.on_transfer("CommitTransfer", request, |agent, id| async move {
+            agent.commit_transfer(&id).await
+        })
         .await
     }
 
@@ -173,17 +190,9 @@ impl pb::transfers_server::Transfers for TransfersApi {
         &self,
         request: Request<pb::TransferRef>,
     ) -> Result<Response<pb::Transfer>, Status> {
-        let (metadata, req) = parts(request);
-        handle(
-            &self.agent,
-            "AbortTransfer",
-            &metadata,
-            span_id(&req.transfer_id),
-            async {
-                let id = TransferId::parse(&req.transfer_id)?;
-                Ok(convert::transfer(self.agent.abort_transfer(&id).await?))
-            },
-        )
+        self.on_transfer("AbortTransfer", request, |agent, id| async move {
+            agent.abort_transfer(&id).await
+        })
         .await
     }
 
@@ -191,17 +200,9 @@ impl pb::transfers_server::Transfers for TransfersApi {
         &self,
         request: Request<pb::TransferRef>,
     ) -> Result<Response<pb::Transfer>, Status> {
-        let (metadata, req) = parts(request);
-        handle(
-            &self.agent,
-            "PauseTransfer",
-            &metadata,
-            span_id(&req.transfer_id),
-            async {
-                let id = TransferId::parse(&req.transfer_id)?;
-                Ok(convert::transfer(self.agent.pause_transfer(&id).await?))
-            },
-        )
+        self.on_transfer("PauseTransfer", request, |agent, id| async move {
+            agent.pause_transfer(&id).await
+        })
         .await
     }
 
@@ -209,17 +210,9 @@ impl pb::transfers_server::Transfers for TransfersApi {
         &self,
         request: Request<pb::TransferRef>,
     ) -> Result<Response<pb::Transfer>, Status> {
-        let (metadata, req) = parts(request);
-        handle(
-            &self.agent,
-            "ResumeTransfer",
-            &metadata,
-            span_id(&req.transfer_id),
-            async {
-                let id = TransferId::parse(&req.transfer_id)?;
-                Ok(convert::transfer(self.agent.resume_transfer(&id).await?))
-            },
-        )
+        self.on_transfer("ResumeTransfer", request, |agent, id| async move {
+            agent.resume_transfer(&id).await
+        })
         .await
     }
 
@@ -247,17 +240,9 @@ impl pb::transfers_server::Transfers for TransfersApi {
         &self,
         request: Request<pb::TransferRef>,
     ) -> Result<Response<pb::Transfer>, Status> {
-        let (metadata, req) = parts(request);
-        handle(
-            &self.agent,
-            "GetTransfer",
-            &metadata,
-            span_id(&req.transfer_id),
-            async {
-                let id = TransferId::parse(&req.transfer_id)?;
-                Ok(convert::transfer(self.agent.get_transfer(&id).await?))
-            },
-        )
+        self.on_transfer("GetTransfer", request, |agent, id| async move {
+            agent.get_transfer(&id).await
+        })
         .await
     }
 

@@ -168,28 +168,20 @@ impl Pool {
     /// Creates thin device `thin_id`; finding it there already is fine (a
     /// retried step after a crash).
     pub async fn create_thin(&self, thin_id: u32) -> Result<ThinCreated, AgentError> {
-        match self
-            .dm
-            .message(&self.name, 0, &format!("create_thin {thin_id}"))
-            .await
-        {
-            Ok(_) => Ok(ThinCreated::Created),
-            Err(Error::Ioctl {
-                errno: Errno::EEXIST,
-                ..
-            }) => Ok(ThinCreated::Existed),
-            Err(err) => Err(err.into()),
-        }
+        self.make_thin(&format!("create_thin {thin_id}")).await
     }
 
     /// Creates thin device `thin_id` as a snapshot of `origin` (suspend an
     /// active origin around this); finding it there already is fine.
     pub async fn snapshot(&self, thin_id: u32, origin: u32) -> Result<ThinCreated, AgentError> {
-        match self
-            .dm
-            .message(&self.name, 0, &format!("create_snap {thin_id} {origin}"))
+        self.make_thin(&format!("create_snap {thin_id} {origin}"))
             .await
-        {
+    }
+
+    /// Sends a pool message that makes a thin device; EEXIST means a retried
+    /// step finds it made.
+    async fn make_thin(&self, message: &str) -> Result<ThinCreated, AgentError> {
+        match self.dm.message(&self.name, 0, message).await {
             Ok(_) => Ok(ThinCreated::Created),
             Err(Error::Ioctl {
                 errno: Errno::EEXIST,

@@ -141,50 +141,69 @@ impl Agent {
 
     /// Live migration: the source let go, so hydration may start.
     pub async fn commit_transfer(&self, id: &TransferId) -> Result<TransferView, AgentError> {
-        let (mut transfer, _held) = self.locked_transfer(id).await?;
-        match transfer.phase {
-            TransferPhase::Deferred => {}
-            TransferPhase::Hydrating | TransferPhase::Finalizing | TransferPhase::Done => {
-                return Ok(self.transfer_view(&transfer));
-            }
-            other => return Err(wrong_phase(&transfer, "commit", other)),
-        }
-        self.message_clone(&transfer, "enable_hydration").await?;
-        transfer.phase = TransferPhase::Hydrating;
-        self.put_transfer(&transfer).await?;
-        self.transfers.wake(&transfer.id);
-        info!(transfer = %transfer.id, "committed: hydration enabled");
-        Ok(self.transfer_view(&transfer))
+        use TransferPhase::*;
+        self.switch_hydration(
+            id,
+            "commit",
+            Deferred,
+            &[Hydrating, Finalizing, Done],
+            Hydrating,
+            "enable_hydration",
+        )
+        .await
     }
 
+    /// In-flight copies finish; writes still hydrate the regions they touch.
     pub async fn pause_transfer(&self, id: &TransferId) -> Result<TransferView, AgentError> {
-        let (mut transfer, _held) = self.locked_transfer(id).await?;
-        match transfer.phase {
-            TransferPhase::Hydrating => {}
-            TransferPhase::Paused => return Ok(self.transfer_view(&transfer)),
-            other => return Err(wrong_phase(&transfer, "pause", other)),
-        }
-        // In-flight copies finish; writes still hydrate the regions they touch.
-        self.message_clone(&transfer, "disable_hydration").await?;
-        transfer.phase = TransferPhase::Paused;
-        self.put_transfer(&transfer).await?;
-        self.transfers.wake(&transfer.id);
-        info!(transfer = %transfer.id, "paused");
-        Ok(self.transfer_view(&transfer))
+        use TransferPhase::*;
+        self.switch_hydration(
+            id,
+            "pause",
+            Hydrating,
+            &[Paused],
+            Paused,
+            "disable_hydration",
+        )
+        .await
     }
 
     pub async fn resume_transfer(&self, id: &TransferId) -> Result<TransferView, AgentError> {
+        use TransferPhase::*;
+        self.switch_hydration(
+            id,
+            "resume",
+            Paused,
+            &[Hydrating],
+            Hydrating,
+            "enable_hydration",
+        )
+        .await
+    }
+
+    /// Moves a transfer from `from` to `to` by sending `message` to its
+    /// clone. One already in a phase of `arrived` answers as it is (a
+    /// repeated call); any other phase is refused.
+    async fn switch_hydration(
+        &self,
+        id: &TransferId,
+        action: &str,
+        from: TransferPhase,
+        arrived: &[TransferPhase],
+        to: TransferPhase,
+        message: &str,
+    ) -> Result<TransferView, AgentError> {
         let (mut transfer, _held) = self.locked_transfer(id).await?;
-        match transfer.phase {
-            TransferPhase::Paused => {}
-            TransferPhase::Hydrating => return Ok(self.transfer_view(&transfer)),
-            other => return Err(wrong_phase(&transfer, "resume", other)),
+        if arrived.contains(&transfer.phase) {
+            return Ok(self.transfer_view(&transfer));
         }
-        self.message_clone(&transfer, "enable_hydration").await?;
-        transfer.phase = TransferPhase::Hydrating;
+        if transfer.phase != from {
+            return Err(wrong_phase(&transfer, action, transfer.phase));
+        }
+        self.message_clone(&transfer, message).await?;
+        transfer.phase = to;
         self.put_transfer(&transfer).await?;
         self.transfers.wake(&transfer.id);
-        info!(transfer = %transfer.id, "resumed");
+        info!(transfer = %transfer.id, action, "hydration switched");
         Ok(self.transfer_view(&transfer))
     }
 
@@ -563,7 +582,7 @@ impl Agent {
     }
 
     /// Sends a message to the clone segment of the volume's public device.
-    async fn message_clone(
+    pub(crate) async fn message_clone(
         &self,
         transfer: &TransferRecord,
         message: &str,

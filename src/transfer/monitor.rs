@@ -176,19 +176,9 @@ impl Agent {
             Some(false) => format!("hydration_threshold {}", transfer.hydration_threshold),
             None => return,
         };
-        if let Err(err) = self.message_public(transfer, &message).await {
+        if let Err(err) = self.message_clone(transfer, &message).await {
             warn!(transfer = %transfer.id, error = %err, "cannot apply the rate limit");
         }
-    }
-
-    async fn message_public(
-        &self,
-        transfer: &TransferRecord,
-        message: &str,
-    ) -> Result<(), AgentError> {
-        let public = self.naming.public(&VolumeId::parse(&transfer.volume_id)?);
-        self.dm.message(&public, 0, message).await?;
-        Ok(())
     }
 
     /// Switches the public device from the clone to the local thin device,
