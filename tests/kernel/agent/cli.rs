@@ -41,7 +41,21 @@ fn json(agent: &AgentProcess, args: &[&str]) -> serde_json::Value {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn dmclonectl_drives_volumes_and_reports_with_exit_codes() {
-    let agent = AgentProcess::start("dmctcli").await;
+    let agent = AgentProcess::start_with(
+        "dmctcli",
+        &[
+            "--pool-file-size",
+            "1G",
+            "--nvme-export-address",
+            "127.0.0.1",
+            "--nvme-export-port",
+            "4450",
+            "--nvme-export-port-id",
+            "4450",
+        ],
+        &[],
+    )
+    .await;
     let node = json(&agent, &["node"]);
     assert_eq!(node["api_version"], "dmclone.v1");
     assert_eq!(node["pool"]["health"], "healthy");
@@ -123,6 +137,21 @@ async fn dmclonectl_drives_volumes_and_reports_with_exit_codes() {
             .is_empty()
     );
     json(&agent, &["volume", "create", VOL_A, "8M"]);
+    let host = "nqn.2014-08.org.nvmexpress:uuid:0c000000-0000-4000-8000-0000000000c1";
+    let exported = json(&agent, &["volume", "export", VOL_A, "--host-nqn", host]);
+    assert_eq!(exported["allowed_host_nqn"], host);
+    assert_eq!(
+        (exported["address"].as_str(), exported["port"].as_u64()),
+        (Some("127.0.0.1"), Some(4450))
+    );
+    assert!(
+        exported["subsystem_nqn"].as_str().unwrap().ends_with(VOL_A),
+        "{exported}"
+    );
+    assert_eq!(
+        json(&agent, &["volume", "unexport", VOL_A])["result"],
+        "unexported"
+    );
     let snapshot = "5f9d1c3e-5f1a-4f7e-9a57-3f0c2b8f6d01";
     let taken = json(&agent, &["snapshot", "create", snapshot, "--volume", VOL_A]);
     assert_eq!(taken["snapshots"][0]["size_bytes"], 8 * MIB);
