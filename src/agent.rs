@@ -36,7 +36,7 @@ pub struct NodeInfo {
     pub targets: Vec<TargetVersion>,
     pub pool: PoolUsage,
     pub host_nqn: String,
-    /// Sum of the sizes of every volume.
+    /// Sum of the sizes of every volume and snapshot.
     pub provisioned_bytes: u64,
     pub volume_count: usize,
 }
@@ -147,7 +147,7 @@ impl Agent {
             targets,
             pool: self.pool.usage().await?,
             host_nqn: self.nvme.host_nqn.to_string(),
-            provisioned_bytes: volumes.iter().map(|v| v.size_bytes).sum(),
+            provisioned_bytes: self.provisioned_bytes().await?,
             volume_count: volumes.len(),
         })
     }

@@ -101,9 +101,7 @@ impl Agent {
         if let Some(existing) = self.record(id).await? {
             return self.create_again(existing, size).await;
         }
-        let usage = self.pool.usage().await?;
-        let provisioned = self.provisioned_bytes().await?;
-        self.pool.check_room(&usage, provisioned, size)?;
+        self.check_room_for(size).await?;
         let record = new_record(id, size);
         let record = self
             .store_call(move |store| store.insert_volume_with_new_thin_id(record))
@@ -281,10 +279,7 @@ impl Agent {
         if new_size == record.size_bytes {
             return self.describe(&record).await;
         }
-        let usage = self.pool.usage().await?;
-        let provisioned = self.provisioned_bytes().await?;
-        self.pool
-            .check_room(&usage, provisioned, new_size - record.size_bytes)?;
+        self.check_room_for(new_size - record.size_bytes).await?;
         let from_bytes = record.size_bytes;
         record.size_bytes = new_size;
         record.pending = Some(Pending::Extend { from_bytes });
@@ -439,9 +434,26 @@ impl Agent {
         Ok(record)
     }
 
-    async fn provisioned_bytes(&self) -> Result<u64, AgentError> {
-        let records = self.store_call(|store| store.volumes()).await?;
-        Ok(records.iter().map(|r| r.size_bytes).sum())
+    /// What the pool has promised: every volume's and every snapshot's size
+    /// (a snapshot may come to hold a full copy once its volume is rewritten).
+    pub(crate) async fn provisioned_bytes(&self) -> Result<u64, AgentError> {
+        self.store_call(|store| {
+            let volumes: u64 = store.volumes()?.iter().map(|r| r.size_bytes).sum();
+            let snapshots: u64 = store
+                .all::<crate::store::SnapshotRecord>()?
+                .iter()
+                .map(|s| s.size_bytes)
+                .sum();
+            Ok(volumes + snapshots)
+        })
+        .await
+    }
+
+    /// Refuses `bytes` more of promised space when the pool cannot take it.
+    pub(crate) async fn check_room_for(&self, bytes: u64) -> Result<(), AgentError> {
+        let usage = self.pool.usage().await?;
+        let provisioned = self.provisioned_bytes().await?;
+        self.pool.check_room(&usage, provisioned, bytes)
     }
 
     pub(crate) fn thin_name(&self, record: &VolumeRecord) -> Result<DeviceName, AgentError> {

@@ -683,17 +683,6 @@ impl Agent {
             .ok_or_else(|| not_found(id))?;
         Ok((record, held))
     }
-
-    pub(crate) async fn check_room_for(&self, bytes: u64) -> Result<(), AgentError> {
-        let usage = self.pool.usage().await?;
-        let provisioned: u64 = self
-            .store_call(|store| store.volumes())
-            .await?
-            .iter()
-            .map(|v| v.size_bytes)
-            .sum();
-        self.pool.check_room(&usage, provisioned, bytes)
-    }
 }
 
 fn source_record(source: &Source) -> SourceRecord {
