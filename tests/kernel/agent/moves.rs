@@ -199,28 +199,52 @@ async fn a_volume_moves_between_agents_and_the_source_copy_is_released() {
         pattern(81, 10 * MIB, 4096),
         "presented at once"
     );
-    let write = pattern(82, 0, 256 * 1024);
-    write_at(&public(&b), 20 * MIB, &write);
+    // A writer keeps writing through the destination until the move is
+    // finalized and released: hydration, the finalize swap and the release
+    // all happen under its I/O, which must never fail.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = std::thread::spawn({
+        let (path, stop) = (public(&b), stop.clone());
+        move || {
+            let mut last_seed = std::collections::BTreeMap::new();
+            let mut round = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                // 64 KiB into a different MiB each time, seeds that differ per round.
+                let chunk = (round * 7) % 64;
+                let seed = 1000 + round;
+                write_at(
+                    &path,
+                    chunk * MIB + 128 * 1024,
+                    &pattern(seed, 0, 64 * 1024),
+                );
+                last_seed.insert(chunk, seed);
+                round += 1;
+            }
+            (round, last_seed)
+        }
+    });
 
     let done = wait_released(&b).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (writes, last_seed) = writer.join().expect("the writer never saw an I/O error");
+    assert!(
+        writes > 10,
+        "the writer ran through the move: {writes} writes"
+    );
     assert_eq!(done.bytes_hydrated, 64 * MIB);
     println!(
-        "MEASURED move over NVMe/TCP loopback: finalize I/O pause {} us, done->finalized {} us",
+        "MEASURED move over NVMe/TCP loopback under {writes} writes: finalize I/O pause {} us, done->finalized {} us",
         done.finalize_pause_micros, done.done_to_finalized_micros
     );
-    let mut expected = Vec::new();
-    for offset in (0..64 * MIB).step_by(MIB as usize) {
-        let mut chunk = pattern(81, offset, MIB as usize);
-        if offset == 20 * MIB {
-            chunk[..write.len()].copy_from_slice(&write);
+    for chunk in 0..64u64 {
+        let mut expected = pattern(81, chunk * MIB, MIB as usize);
+        if let Some(seed) = last_seed.get(&chunk) {
+            expected[128 * 1024..192 * 1024].copy_from_slice(&pattern(*seed, 0, 64 * 1024));
         }
-        expected.push(chunk);
-    }
-    for (i, chunk) in expected.iter().enumerate() {
         assert_eq!(
-            &read_at(&public(&b), i as u64 * MIB, MIB as usize),
-            chunk,
-            "MiB {i}"
+            read_at(&public(&b), chunk * MIB, MIB as usize),
+            expected,
+            "MiB {chunk}"
         );
     }
     assert_ne!(
