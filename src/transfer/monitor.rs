@@ -157,12 +157,10 @@ impl Agent {
         }
     }
 
-    /// dm-clone has no rate limit of its own: over one-second windows the
-    /// monitor stops background copies (threshold 0) once the window's bytes
-    /// reach the limit, and restores the threshold when the next window
-    /// begins. It looks every 20 ms, so a window overshoots by at most the
-    /// copies in flight plus 20 ms of copying. Writes still hydrate the
-    /// regions they touch.
+    /// dm-clone has no rate limit of its own: the monitor stops background
+    /// copies (threshold 0) while the transfer's byte budget is overdrawn and
+    /// restores the threshold once it has been repaid (see `RateLimiter`).
+    /// Writes still hydrate the regions they touch.
     async fn apply_rate_limit(
         &self,
         transfer: &TransferRecord,
@@ -334,15 +332,20 @@ async fn wait_for_change(
     }
 }
 
-/// How often a rate-limited transfer's bytes are checked: the overshoot of a
-/// one-second budget is what the copies in flight and those started in one
-/// such interval add.
+/// How often a rate-limited transfer's bytes are checked: what is copied
+/// between two looks past the budget becomes debt that the next pause repays.
 const LIMITED_TICK: Duration = Duration::from_millis(20);
 
-/// One-second windows of a bytes-per-second budget.
+/// A token bucket over the clone's hydrated bytes. Credit accrues at the
+/// limit and is capped at a quarter second of it (the largest burst); copies
+/// spend it, and may overdraw it because dm-clone cannot be stopped mid-copy.
+/// Copying stops while the balance is negative and starts again once it is
+/// back above half the cap, so an overshoot is repaid instead of forgiven and
+/// the long-run rate stays at the limit however slowly the monitor looks.
 #[derive(Debug, Default)]
 struct RateLimiter {
-    window_start: Option<(Instant, u64)>,
+    last: Option<(Instant, u64)>,
+    balance: f64,
     holding: bool,
 }
 
@@ -350,23 +353,31 @@ impl RateLimiter {
     /// `Some(true)`: stop copying; `Some(false)`: copy again; `None`: leave it.
     fn step(&mut self, now: Instant, hydrated_bytes: u64, limit: u64) -> Option<bool> {
         if limit == 0 {
-            return self.holding.then(|| {
-                self.holding = false;
-                false
-            });
+            self.last = None;
+            return self.set_holding(false);
         }
-        let (start, start_bytes) = *self.window_start.get_or_insert((now, hydrated_bytes));
-        if now.duration_since(start) >= Duration::from_secs(1) {
-            self.window_start = Some((now, hydrated_bytes));
-            return self.holding.then(|| {
-                self.holding = false;
-                false
-            });
+        let cap = limit as f64 / 4.0;
+        let (then, then_bytes) = self.last.unwrap_or((now, hydrated_bytes));
+        if self.last.is_none() {
+            self.balance = cap;
         }
-        let spent = hydrated_bytes.saturating_sub(start_bytes);
-        (!self.holding && spent >= limit).then(|| {
-            self.holding = true;
-            true
+        self.last = Some((now, hydrated_bytes));
+        let earned = now.duration_since(then).as_secs_f64() * limit as f64;
+        let spent = hydrated_bytes.saturating_sub(then_bytes) as f64;
+        self.balance = (self.balance + earned - spent).min(cap);
+        if self.balance < 0.0 {
+            self.set_holding(true)
+        } else if self.balance >= cap / 2.0 {
+            self.set_holding(false)
+        } else {
+            None
+        }
+    }
+
+    fn set_holding(&mut self, hold: bool) -> Option<bool> {
+        (self.holding != hold).then(|| {
+            self.holding = hold;
+            hold
         })
     }
 }
@@ -375,39 +386,66 @@ impl RateLimiter {
 mod tests {
     use super::*;
 
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
     #[test]
-    fn the_limiter_holds_within_a_window_and_releases_at_the_next() {
+    fn the_limiter_spends_a_quarter_second_burst_then_holds() {
         let t0 = Instant::now();
         let mut limiter = RateLimiter::default();
         assert_eq!(limiter.step(t0, 0, 1000), None);
+        assert_eq!(limiter.step(t0 + ms(100), 200, 1000), None);
+        assert_eq!(limiter.step(t0 + ms(200), 600, 1000), Some(true));
+        assert_eq!(limiter.step(t0 + ms(300), 600, 1000), None, "still in debt");
         assert_eq!(
-            limiter.step(t0 + Duration::from_millis(300), 999, 1000),
-            None
+            limiter.step(t0 + ms(400), 600, 1000),
+            None,
+            "below half the cap"
         );
-        assert_eq!(
-            limiter.step(t0 + Duration::from_millis(500), 1000, 1000),
-            Some(true)
-        );
-        assert_eq!(
-            limiter.step(t0 + Duration::from_millis(700), 1000, 1000),
-            None
-        );
-        assert_eq!(
-            limiter.step(t0 + Duration::from_millis(1000), 1000, 1000),
-            Some(false)
-        );
-        // Lifting the limit releases a hold.
-        assert_eq!(
-            limiter.step(t0 + Duration::from_millis(1200), 3000, 1000),
-            Some(true)
-        );
-        assert_eq!(
-            limiter.step(t0 + Duration::from_millis(1300), 3000, 0),
-            Some(false)
-        );
-        assert_eq!(
-            limiter.step(t0 + Duration::from_millis(1400), 3000, 0),
-            None
-        );
+        assert_eq!(limiter.step(t0 + ms(500), 600, 1000), Some(false));
+    }
+
+    #[test]
+    fn an_overshoot_is_repaid_before_copying_again() {
+        let t0 = Instant::now();
+        let mut limiter = RateLimiter::default();
+        limiter.step(t0, 0, 1000);
+        // A slow look finds 3 s worth copied after 1 s: 1.75 s of debt.
+        assert_eq!(limiter.step(t0 + ms(1000), 3000, 1000), Some(true));
+        assert_eq!(limiter.step(t0 + ms(2000), 3000, 1000), None);
+        assert_eq!(limiter.step(t0 + ms(2800), 3000, 1000), None);
+        assert_eq!(limiter.step(t0 + ms(2900), 3000, 1000), Some(false));
+    }
+
+    #[test]
+    fn the_long_run_rate_is_the_limit_whatever_the_copy_speed() {
+        for copy_speed in [2_000u64, 10_000, 100_000] {
+            let t0 = Instant::now();
+            let mut limiter = RateLimiter::default();
+            let (mut bytes, mut copying) = (0u64, true);
+            for tick in 0..=1000u64 {
+                if let Some(hold) = limiter.step(t0 + ms(tick * 20), bytes, 1000) {
+                    copying = !hold;
+                }
+                if copying {
+                    bytes += copy_speed * 20 / 1000;
+                }
+            }
+            // 20 s at 1000 B/s, plus at most the opening burst and one tick.
+            let most = 20_000 + 250 + copy_speed * 20 / 1000;
+            assert!(bytes <= most, "{copy_speed} B/s copied {bytes} > {most}");
+            assert!(bytes >= 19_000, "{copy_speed} B/s copied only {bytes}");
+        }
+    }
+
+    #[test]
+    fn lifting_the_limit_releases_a_hold() {
+        let t0 = Instant::now();
+        let mut limiter = RateLimiter::default();
+        limiter.step(t0, 0, 1000);
+        assert_eq!(limiter.step(t0 + ms(10), 5000, 1000), Some(true));
+        assert_eq!(limiter.step(t0 + ms(20), 5000, 0), Some(false));
+        assert_eq!(limiter.step(t0 + ms(30), 9000, 0), None);
     }
 }

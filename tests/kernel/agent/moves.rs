@@ -21,8 +21,18 @@ use super::{
 };
 use crate::support::*;
 
-const VOLUME: &str = "8c9d1c3e-5f1a-4f7e-9a57-3f0c2b8f6d01";
-const TRANSFER: &str = "9c9d1c3e-5f1a-4f7e-9a57-3f0c2b8f6d02";
+/// The volume and transfer one test moves. Every test has its own: these
+/// tests run side by side in one kernel, and its NVMe host ignores a
+/// namespace whose UUID (the volume id) another connected subsystem shows.
+#[derive(Clone, Copy)]
+struct Ids {
+    volume: &'static str,
+    transfer: &'static str,
+}
+
+const fn ids(volume: &'static str, transfer: &'static str) -> Ids {
+    Ids { volume, transfer }
+}
 
 /// An agent that exports on 127.0.0.1:`port` (configfs port id = port).
 async fn agent(prefix: &str, port: u16, host_uuid: &str) -> AgentProcess {
@@ -66,11 +76,15 @@ async fn transfers(agent: &AgentProcess) -> TransfersClient<Channel> {
     TransfersClient::new(agent.channel().await)
 }
 
-async fn export(source: &AgentProcess, to: &AgentProcess) -> Result<Export, tonic::Status> {
+async fn export(
+    ids: Ids,
+    source: &AgentProcess,
+    to: &AgentProcess,
+) -> Result<Export, tonic::Status> {
     transfers(source)
         .await
         .export_volume(ExportVolumeRequest {
-            volume_id: VOLUME.into(),
+            volume_id: ids.volume.into(),
             host_nqn: host_nqn(to).await,
         })
         .await
@@ -78,6 +92,7 @@ async fn export(source: &AgentProcess, to: &AgentProcess) -> Result<Export, toni
 }
 
 async fn start_move(
+    ids: Ids,
     source: &AgentProcess,
     export: &Export,
     destination: &AgentProcess,
@@ -86,8 +101,8 @@ async fn start_move(
     transfers(destination)
         .await
         .start_transfer(StartTransferRequest {
-            transfer_id: TRANSFER.into(),
-            volume_id: VOLUME.into(),
+            transfer_id: ids.transfer.into(),
+            volume_id: ids.volume.into(),
             size_bytes: 64 * MIB,
             source: Some(Source::NvmeTcp(NvmeTcpSource {
                 subsystem_nqn: export.subsystem_nqn.clone(),
@@ -102,11 +117,11 @@ async fn start_move(
         .map(|r| r.into_inner())
 }
 
-async fn get_transfer(agent: &AgentProcess) -> Transfer {
+async fn get_transfer(ids: Ids, agent: &AgentProcess) -> Transfer {
     transfers(agent)
         .await
         .get_transfer(TransferRef {
-            transfer_id: TRANSFER.into(),
+            transfer_id: ids.transfer.into(),
         })
         .await
         .unwrap()
@@ -115,10 +130,10 @@ async fn get_transfer(agent: &AgentProcess) -> Transfer {
 
 /// Waits (event-driven on the agent's side; the test only looks) until the
 /// transfer is done and the source has released its copy.
-async fn wait_released(destination: &AgentProcess) -> Transfer {
+async fn wait_released(ids: Ids, destination: &AgentProcess) -> Transfer {
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
-        let now = get_transfer(destination).await;
+        let now = get_transfer(ids, destination).await;
         if now.state() == TransferState::Done && now.source_released {
             return now;
         }
@@ -134,8 +149,8 @@ async fn wait_released(destination: &AgentProcess) -> Transfer {
     }
 }
 
-fn public(agent: &AgentProcess) -> PathBuf {
-    PathBuf::from(format!("/dev/mapper/{}-{VOLUME}", agent.prefix))
+fn public(ids: Ids, agent: &AgentProcess) -> PathBuf {
+    PathBuf::from(format!("/dev/mapper/{}-{}", agent.prefix, ids.volume))
 }
 
 fn configfs_has(subsystem: &str) -> bool {
@@ -162,16 +177,20 @@ fn fill(path: &Path, seed: u64, size: u64) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_volume_moves_between_agents_and_the_source_copy_is_released() {
+    let ids = ids(
+        "8c9d1c3e-5f1a-4f7e-9a57-3f0c2b8f6d10",
+        "9c9d1c3e-5f1a-4f7e-9a57-3f0c2b8f6d10",
+    );
     let a = agent("dmctmova", 4431, "0a000000-0000-4000-8000-000000000001").await;
     let b = agent("dmctmovb", 4432, "0b000000-0000-4000-8000-000000000002").await;
     let mut volumes_a = a.volumes().await;
-    create(&mut volumes_a, VOLUME, 64 * MIB).await.unwrap();
-    let path_a = publish(&mut volumes_a, VOLUME).await.unwrap();
+    create(&mut volumes_a, ids.volume, 64 * MIB).await.unwrap();
+    let path_a = publish(&mut volumes_a, ids.volume).await.unwrap();
     fill(Path::new(&path_a), 81, 64 * MIB);
     let source_sha = sha256_of(Path::new(&path_a), 64 * MIB);
-    unpublish(&mut volumes_a, VOLUME).await.unwrap();
+    unpublish(&mut volumes_a, ids.volume).await.unwrap();
 
-    let exported = export(&a, &b).await.unwrap();
+    let exported = export(ids, &a, &b).await.unwrap();
     assert_eq!(exported.allowed_host_nqn, host_nqn(&b).await);
     assert_eq!(
         (
@@ -182,20 +201,23 @@ async fn a_volume_moves_between_agents_and_the_source_copy_is_released() {
     );
     assert!(configfs_has(&exported.subsystem_nqn));
     assert_eq!(
-        export(&a, &b).await.unwrap(),
+        export(ids, &a, &b).await.unwrap(),
         exported,
         "exporting again is a no-op"
     );
     // Exported for a move: no new writer may appear at the source.
     assert_eq!(
-        publish(&mut volumes_a, VOLUME).await.unwrap_err().code(),
+        publish(&mut volumes_a, ids.volume)
+            .await
+            .unwrap_err()
+            .code(),
         Code::FailedPrecondition
     );
 
-    let started = start_move(&a, &exported, &b, false).await.unwrap();
-    assert_eq!(started.device_path, public(&b).display().to_string());
+    let started = start_move(ids, &a, &exported, &b, false).await.unwrap();
+    assert_eq!(started.device_path, public(ids, &b).display().to_string());
     assert_eq!(
-        read_at(&public(&b), 10 * MIB, 4096),
+        read_at(&public(ids, &b), 10 * MIB, 4096),
         pattern(81, 10 * MIB, 4096),
         "presented at once"
     );
@@ -204,7 +226,7 @@ async fn a_volume_moves_between_agents_and_the_source_copy_is_released() {
     // all happen under its I/O, which must never fail.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writer = std::thread::spawn({
-        let (path, stop) = (public(&b), stop.clone());
+        let (path, stop) = (public(ids, &b), stop.clone());
         move || {
             let mut last_seed = std::collections::BTreeMap::new();
             let mut round = 0u64;
@@ -224,7 +246,7 @@ async fn a_volume_moves_between_agents_and_the_source_copy_is_released() {
         }
     });
 
-    let done = wait_released(&b).await;
+    let done = wait_released(ids, &b).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (writes, last_seed) = writer.join().expect("the writer never saw an I/O error");
     assert!(
@@ -242,23 +264,26 @@ async fn a_volume_moves_between_agents_and_the_source_copy_is_released() {
             expected[128 * 1024..192 * 1024].copy_from_slice(&pattern(*seed, 0, 64 * 1024));
         }
         assert_eq!(
-            read_at(&public(&b), chunk * MIB, MIB as usize),
+            read_at(&public(ids, &b), chunk * MIB, MIB as usize),
             expected,
             "MiB {chunk}"
         );
     }
     assert_ne!(
-        sha256_of(&public(&b), 64 * MIB),
+        sha256_of(&public(ids, &b), 64 * MIB),
         source_sha,
         "the write is there"
     );
     assert_eq!(
-        get(&mut b.volumes().await, VOLUME).await.unwrap().state(),
+        get(&mut b.volumes().await, ids.volume)
+            .await
+            .unwrap()
+            .state(),
         VolumeState::Available
     );
     // The source let go: no copy, no export, no connection.
     assert_eq!(
-        get(&mut volumes_a, VOLUME).await.unwrap_err().code(),
+        get(&mut volumes_a, ids.volume).await.unwrap_err().code(),
         Code::NotFound
     );
     assert!(!configfs_has(&exported.subsystem_nqn), "the export is gone");
@@ -276,32 +301,36 @@ async fn a_volume_moves_between_agents_and_the_source_copy_is_released() {
 /// write the source made before it let go.
 #[tokio::test(flavor = "multi_thread")]
 async fn live_migration_prepare_then_commit_or_abort() {
+    let ids = ids(
+        "8c9d1c3e-5f1a-4f7e-9a57-3f0c2b8f6d11",
+        "9c9d1c3e-5f1a-4f7e-9a57-3f0c2b8f6d11",
+    );
     let a = agent("dmctlma", 4433, "0a000000-0000-4000-8000-000000000003").await;
     let b = agent("dmctlmb", 4434, "0b000000-0000-4000-8000-000000000004").await;
     let mut volumes_a = a.volumes().await;
-    create(&mut volumes_a, VOLUME, 64 * MIB).await.unwrap();
-    let path_a = PathBuf::from(publish(&mut volumes_a, VOLUME).await.unwrap());
+    create(&mut volumes_a, ids.volume, 64 * MIB).await.unwrap();
+    let path_a = PathBuf::from(publish(&mut volumes_a, ids.volume).await.unwrap());
     fill(&path_a, 91, 64 * MIB);
 
     // Abort first: B is torn down, A is untouched and can be unexported.
-    let exported = export(&a, &b).await.unwrap();
-    start_move(&a, &exported, &b, true).await.unwrap();
-    assert_eq!(get_transfer(&b).await.state(), TransferState::Deferred);
+    let exported = export(ids, &a, &b).await.unwrap();
+    start_move(ids, &a, &exported, &b, true).await.unwrap();
+    assert_eq!(get_transfer(ids, &b).await.state(), TransferState::Deferred);
     let aborted = transfers(&b)
         .await
         .abort_transfer(TransferRef {
-            transfer_id: TRANSFER.into(),
+            transfer_id: ids.transfer.into(),
         })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(aborted.state(), TransferState::Aborted);
-    assert!(!public(&b).exists());
+    assert!(!public(ids, &b).exists());
     assert_eq!(nvme_controller_for(&exported.subsystem_nqn), None);
     transfers(&a)
         .await
         .unexport_volume(UnexportVolumeRequest {
-            volume_id: VOLUME.into(),
+            volume_id: ids.volume.into(),
         })
         .await
         .unwrap();
@@ -316,24 +345,24 @@ async fn live_migration_prepare_then_commit_or_abort() {
     // Then a migration that commits (a fresh destination: the aborted
     // transfer keeps its id there).
     let b = agent("dmctlmc", 4435, "0b000000-0000-4000-8000-000000000005").await;
-    let exported = export(&a, &b).await.unwrap();
-    start_move(&a, &exported, &b, true).await.unwrap();
+    let exported = export(ids, &a, &b).await.unwrap();
+    start_move(ids, &a, &exported, &b, true).await.unwrap();
     // The source instance keeps writing; the destination sees it through.
     let late = pattern(92, 0, MIB as usize);
     write_at(&path_a, 5 * MIB, &late);
-    assert_eq!(read_at(&public(&b), 5 * MIB, MIB as usize), late);
+    assert_eq!(read_at(&public(ids, &b), 5 * MIB, MIB as usize), late);
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(
-        get_transfer(&b).await.regions_hydrated,
+        get_transfer(ids, &b).await.regions_hydrated,
         0,
         "deferred: nothing copied yet"
     );
     // The source lets go, then the destination commits.
-    unpublish(&mut volumes_a, VOLUME).await.unwrap();
+    unpublish(&mut volumes_a, ids.volume).await.unwrap();
     let committed = transfers(&b)
         .await
         .commit_transfer(TransferRef {
-            transfer_id: TRANSFER.into(),
+            transfer_id: ids.transfer.into(),
         })
         .await
         .unwrap()
@@ -342,14 +371,14 @@ async fn live_migration_prepare_then_commit_or_abort() {
         committed.state(),
         TransferState::Hydrating | TransferState::Done
     ));
-    wait_released(&b).await;
-    assert_eq!(read_at(&public(&b), 5 * MIB, MIB as usize), late);
+    wait_released(ids, &b).await;
+    assert_eq!(read_at(&public(ids, &b), 5 * MIB, MIB as usize), late);
     assert_eq!(
-        read_at(&public(&b), 40 * MIB, MIB as usize),
+        read_at(&public(ids, &b), 40 * MIB, MIB as usize),
         pattern(91, 40 * MIB, MIB as usize)
     );
     assert_eq!(
-        get(&mut volumes_a, VOLUME).await.unwrap_err().code(),
+        get(&mut volumes_a, ids.volume).await.unwrap_err().code(),
         Code::NotFound
     );
     b.destroy().await;
@@ -360,32 +389,41 @@ async fn live_migration_prepare_then_commit_or_abort() {
 /// destination finishes, and the release waits for the source to come back.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_source_agent_killed_mid_move_releases_when_it_returns() {
+    let ids = ids(
+        "8c9d1c3e-5f1a-4f7e-9a57-3f0c2b8f6d12",
+        "9c9d1c3e-5f1a-4f7e-9a57-3f0c2b8f6d12",
+    );
     let mut a = agent("dmctska", 4436, "0a000000-0000-4000-8000-000000000006").await;
     let b = agent("dmctskb", 4437, "0b000000-0000-4000-8000-000000000007").await;
     let mut volumes_a = a.volumes().await;
-    create(&mut volumes_a, VOLUME, 64 * MIB).await.unwrap();
-    let path_a = publish(&mut volumes_a, VOLUME).await.unwrap();
+    create(&mut volumes_a, ids.volume, 64 * MIB).await.unwrap();
+    let path_a = publish(&mut volumes_a, ids.volume).await.unwrap();
     fill(Path::new(&path_a), 95, 64 * MIB);
-    unpublish(&mut volumes_a, VOLUME).await.unwrap();
-    let exported = export(&a, &b).await.unwrap();
+    unpublish(&mut volumes_a, ids.volume).await.unwrap();
+    let exported = export(ids, &a, &b).await.unwrap();
     a.kill9().await;
-    start_move(&a, &exported, &b, false).await.unwrap();
+    start_move(ids, &a, &exported, &b, false).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(600);
-    while get_transfer(&b).await.state() != TransferState::Done {
-        assert!(Instant::now() < deadline, "{:?}", get_transfer(&b).await);
+    while get_transfer(ids, &b).await.state() != TransferState::Done {
+        assert!(
+            Instant::now() < deadline,
+            "{:?}",
+            get_transfer(ids, &b).await
+        );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     assert!(
-        !get_transfer(&b).await.source_released,
+        !get_transfer(ids, &b).await.source_released,
         "the source is down: nobody acknowledged"
     );
     a.restart().await;
     assert!(
-        configfs_has(&exported.subsystem_nqn) || get(&mut a.volumes().await, VOLUME).await.is_err()
+        configfs_has(&exported.subsystem_nqn)
+            || get(&mut a.volumes().await, ids.volume).await.is_err()
     );
-    wait_released(&b).await;
+    wait_released(ids, &b).await;
     assert_eq!(
-        get(&mut a.volumes().await, VOLUME)
+        get(&mut a.volumes().await, ids.volume)
             .await
             .unwrap_err()
             .code(),
@@ -393,7 +431,7 @@ async fn a_source_agent_killed_mid_move_releases_when_it_returns() {
     );
     for offset in [0, 33 * MIB, 63 * MIB] {
         assert_eq!(
-            read_at(&public(&b), offset, MIB as usize),
+            read_at(&public(ids, &b), offset, MIB as usize),
             pattern(95, offset, MIB as usize)
         );
     }
@@ -403,19 +441,23 @@ async fn a_source_agent_killed_mid_move_releases_when_it_returns() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_export_admits_only_the_host_it_names() {
+    let ids = ids(
+        "8c9d1c3e-5f1a-4f7e-9a57-3f0c2b8f6d13",
+        "9c9d1c3e-5f1a-4f7e-9a57-3f0c2b8f6d13",
+    );
     let a = agent("dmctonea", 4438, "0a000000-0000-4000-8000-000000000008").await;
     let b = agent("dmctoneb", 4439, "0b000000-0000-4000-8000-000000000009").await;
     let c = agent("dmctonec", 4440, "0c000000-0000-4000-8000-00000000000a").await;
-    create(&mut a.volumes().await, VOLUME, 64 * MIB)
+    create(&mut a.volumes().await, ids.volume, 64 * MIB)
         .await
         .unwrap();
-    let exported = export(&a, &b).await.unwrap();
-    let other = export(&a, &c).await.unwrap_err();
+    let exported = export(ids, &a, &b).await.unwrap();
+    let other = export(ids, &a, &c).await.unwrap_err();
     assert_eq!(other.code(), Code::AlreadyExists, "{other:?}");
-    let refused = start_move(&a, &exported, &c, false).await.unwrap_err();
+    let refused = start_move(ids, &a, &exported, &c, false).await.unwrap_err();
     assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
     assert_eq!(
-        get(&mut c.volumes().await, VOLUME)
+        get(&mut c.volumes().await, ids.volume)
             .await
             .unwrap_err()
             .code(),
@@ -423,11 +465,11 @@ async fn an_export_admits_only_the_host_it_names() {
         "nothing left on C"
     );
     // A chained move is refused while B is still hydrating.
-    start_move(&a, &exported, &b, true).await.unwrap();
+    start_move(ids, &a, &exported, &b, true).await.unwrap();
     let chained = transfers(&b)
         .await
         .export_volume(ExportVolumeRequest {
-            volume_id: VOLUME.into(),
+            volume_id: ids.volume.into(),
             host_nqn: host_nqn(&c).await,
         })
         .await
@@ -437,14 +479,14 @@ async fn an_export_admits_only_the_host_it_names() {
     transfers(&b)
         .await
         .abort_transfer(TransferRef {
-            transfer_id: TRANSFER.into(),
+            transfer_id: ids.transfer.into(),
         })
         .await
         .unwrap();
     transfers(&a)
         .await
         .unexport_volume(UnexportVolumeRequest {
-            volume_id: VOLUME.into(),
+            volume_id: ids.volume.into(),
         })
         .await
         .unwrap();
