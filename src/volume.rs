@@ -323,7 +323,13 @@ impl Agent {
         let _held = self.locks.lock(id.as_str()).await;
         let mut record = self.ready_record(id, "publish").await?;
         if record.transfer.is_some() {
-            // Arriving volumes are presented from the start.
+            // Arriving volumes are presented from the start; publishing
+            // keeps the device after the transfer finishes.
+            if !record.published {
+                record.published = true;
+                self.put(&record).await?;
+                info!(volume = %id, "published arriving volume");
+            }
             return Ok(self.naming.public(id).mapper_path());
         }
         if let Some(export) = &record.export
@@ -354,11 +360,6 @@ impl Agent {
     pub async fn unpublish_volume(&self, id: &VolumeId) -> Result<(), AgentError> {
         let _held = self.locks.lock(id.as_str()).await;
         let mut record = self.ready_record(id, "unpublish").await?;
-        if let Some(transfer) = &record.transfer {
-            return Err(AgentError::FailedPrecondition(format!(
-                "volume {id} is arriving by transfer {transfer}: its device stays until the transfer finishes or is aborted"
-            )));
-        }
         let public = self.naming.public(id);
         if let Some(open) = self.open_count(&public).await?
             && open > 0
@@ -367,6 +368,16 @@ impl Agent {
                 "volume {id} is open at {} ({open} users, e.g. an attached instance); detach it first",
                 public.mapper_path().display()
             )));
+        }
+        if let Some(transfer) = &record.transfer {
+            // Hydration runs through the public device: it goes when the
+            // transfer finishes (see `withdraw_unpublished`).
+            if record.published {
+                info!(volume = %id, %transfer, "unpublished arriving volume: its device goes when the transfer finishes");
+                record.published = false;
+                self.put(&record).await?;
+            }
+            return Ok(());
         }
         if record.published {
             record.published = false;
@@ -385,6 +396,32 @@ impl Agent {
             info!(volume = %id, "unpublished volume");
         }
         Ok(())
+    }
+
+    /// After a transfer finished: an arriving volume that was unpublished
+    /// meanwhile loses its public device, unless someone opened it since.
+    pub(crate) async fn withdraw_unpublished(
+        &self,
+        mut record: VolumeRecord,
+    ) -> Result<(), AgentError> {
+        if record.published || record.transfer.is_some() {
+            return Ok(());
+        }
+        let id = record.volume_id()?;
+        let public = self.naming.public(&id);
+        // The kernel refuses to remove an open device: busy means opened.
+        match self.remove_device_if_present(&public).await {
+            Ok(()) => {
+                info!(volume = %id, "unpublished volume");
+                Ok(())
+            }
+            Err(AgentError::FailedPrecondition(_)) => {
+                warn!(volume = %id, "unpublished volume's device is open; keeping it published");
+                record.published = true;
+                self.put(&record).await
+            }
+            Err(err) => Err(err),
+        }
     }
 
     // ---- helpers shared with reconciliation ----------------------------

@@ -57,7 +57,7 @@ impl Agent {
                 id: volume.id.clone(),
                 detail: match &volume.transfer {
                     Some(other) => format!("here, arriving by transfer {other}"),
-                    None => "on this host already; nothing to move".into(),
+                    None => "on this host, where a copy of it stays (e.g. one kept for its snapshots): a volume cannot move onto its own copy".into(),
                 },
             });
         }

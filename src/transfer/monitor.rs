@@ -230,6 +230,10 @@ impl Agent {
         volume.transfer = None;
         self.commit_pair(&volume, &transfer).await?;
         self.transfers.forget(id);
+        if let Err(err) = self.withdraw_unpublished(volume).await {
+            // The transfer is done; the next reconcile removes the device.
+            warn!(transfer = %transfer.id, error = %err, "cannot withdraw the unpublished device");
+        }
         let seconds = |micros: Option<u64>| micros.map(|m| m as f64 / 1e6);
         self.metrics.finalized(
             seconds(transfer.done_to_finalized_micros),

@@ -19,7 +19,7 @@ use dmclone::{
 use tonic::{Code, transport::Channel};
 
 use super::{
-    api::{delete, extend, get, pool_used, unpublish},
+    api::{delete, extend, get, pool_used, publish, unpublish},
     fixture::AgentProcess,
 };
 use crate::support::*;
@@ -489,6 +489,60 @@ async fn extending_while_hydrating_maps_the_new_range_locally() {
         "the extended range survives finalize"
     );
     assert_eq!(super::api::device_size(&public), 48 * MIB);
+    agent.destroy().await;
+}
+
+/// A volume moved without an attachment (Cinder's migrate) is unpublished
+/// while it arrives: the device hydration runs through stays until the
+/// transfer finishes, then goes, and the volume can be deleted.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_arriving_volume_unpublished_loses_its_device_when_finished() {
+    let size = 32 * MIB;
+    let source = LoopDisk::with_pattern(size, 61);
+    let agent = AgentProcess::start("dmctarrive").await;
+    let mut client = TransfersClient::new(agent.channel().await);
+    let mut volumes = agent.volumes().await;
+    start(&mut client, source.path(), size, true, None)
+        .await
+        .unwrap();
+    let public = public_path(&agent);
+    let holder = std::fs::File::open(&public).unwrap();
+    let busy = unpublish(&mut volumes, VOLUME).await.unwrap_err();
+    assert_eq!(busy.code(), Code::FailedPrecondition, "{busy:?}");
+    assert!(busy.message().contains("detach it first"), "{busy:?}");
+    drop(holder);
+
+    unpublish(&mut volumes, VOLUME).await.unwrap();
+    assert!(!get(&mut volumes, VOLUME).await.unwrap().published);
+    assert_eq!(
+        read_at(&public, 20 * MIB, 4096),
+        pattern(61, 20 * MIB, 4096),
+        "the device stays while the volume arrives"
+    );
+    publish(&mut volumes, VOLUME).await.unwrap();
+    assert!(get(&mut volumes, VOLUME).await.unwrap().published);
+    unpublish(&mut volumes, VOLUME).await.unwrap();
+
+    client.commit_transfer(reference()).await.unwrap();
+    let (states, _) = watch_to_the_end(&agent).await;
+    assert_eq!(states.last(), Some(&TransferState::Done));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while public.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "{} still there",
+            public.display()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!get(&mut volumes, VOLUME).await.unwrap().published);
+    let path = publish(&mut volumes, VOLUME).await.unwrap();
+    assert_eq!(
+        sha256_of(Path::new(&path), size),
+        sha256_of(source.path(), size)
+    );
+    unpublish(&mut volumes, VOLUME).await.unwrap();
+    delete(&mut volumes, VOLUME).await.unwrap();
     agent.destroy().await;
 }
 

@@ -112,7 +112,9 @@ class VolumesServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UnpublishVolume(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Removes the public device; refused while it is open. On a volume still
+        arriving by transfer the device stays until the transfer is done.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
