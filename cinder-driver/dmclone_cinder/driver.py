@@ -701,6 +701,9 @@ class DMCloneDriver(driver.VolumeDriver):
         home = self._home(volume)
         if target != home:
             self._start_transfer(volume, home, target, deferred=False)
+            # Nothing is attached: the agent removes the device it
+            # hydrates through once the volume has arrived.
+            self._agents[target].unpublish_volume(volume.name_id)
         # The manager itself sets volume.host to host['host'].
         return True, None
 

@@ -811,6 +811,10 @@ class MigrateTestCase(base.DriverTestCase):
         request = self.agents['hv3'].start_transfer.call_args.kwargs
         self.assertFalse(request['deferred'])
         self.agents['hv1'].export_volume.assert_called_once()
+        # Nothing is attached there: the device goes once it has arrived.
+        self.agents['hv3'].unpublish_volume.assert_called_once_with(
+            volume.name_id
+        )
         # The manager writes the new host itself.
         volume.save.assert_not_called()
 
