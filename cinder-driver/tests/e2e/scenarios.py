@@ -548,6 +548,49 @@ class DMCloneDriverE2E(DriverE2ETestCase):
         self.assertIn('RESOURCE_EXHAUSTED', str(err.exception))
         self.assertIsNone(self.hv['hv1'].volume(volume.name_id))
 
+    def test_1_an_agent_down_is_a_down_pool_and_a_clear_error(self):
+        hv2 = self.hv['hv2']
+        volume = self.create_volume('hv1')
+        self.addCleanup(self.delete_volume, volume)
+        hv2.stop()
+        self.addCleanup(lambda: hv2.running() or hv2.start())
+
+        stats = self.driver.get_volume_stats(refresh=True)
+        pools = {pool['pool_name']: pool for pool in stats['pools']}
+        self.assertEqual('up', stats['backend_state'])
+        self.assertEqual('up', pools['hv1']['backend_state'])
+        down = pools['hv2']
+        self.assertEqual(
+            ('down', 0, 0),
+            (
+                down['backend_state'],
+                down['total_capacity_gb'],
+                down['free_capacity_gb'],
+            ),
+        )
+        # Calls that need it fail with the reason, well before the
+        # configured 60 s deadline: no hang.
+        started = time.monotonic()
+        with self.assertRaises(exception.VolumeBackendAPIException) as err:
+            self.driver.create_volume(self.new_volume('hv2'))
+        took = time.monotonic() - started
+        say(f'create on hv2 while it is down ({took:.1f} s): {err.exception}')
+        self.assertIn('UNAVAILABLE', str(err.exception))
+        self.assertLess(took, 60)
+        with self.assertRaises(exception.VolumeBackendAPIException):
+            self.attach(volume, 'hv2')
+        self._drop_reserved_attachments(volume)
+        # The volume stays where it was, untouched.
+        self.assert_no_export(volume)
+        self.assertEqual('hv1', self.pool_of(volume))
+        self.assertFalse(self.hv['hv1'].volume(volume.name_id)['published'])
+
+        hv2.start()
+        stats = self.driver.get_volume_stats(refresh=True)
+        pools = {pool['pool_name']: pool for pool in stats['pools']}
+        self.assertEqual('up', pools['hv2']['backend_state'])
+        self.assertGreater(pools['hv2']['free_capacity_gb'], 3)
+
     def test_1_untrusted_client_certificate_gets_down_pools(self):
         untrusted = dmclone_driver.DMCloneDriver(
             configuration=configuration.Configuration(
