@@ -41,7 +41,6 @@
 
 use std::{
     collections::BTreeMap,
-    error::Error as StdError,
     fmt::Write as _,
     fs::{self, File, OpenOptions},
     io::{Read, Write},
@@ -76,7 +75,9 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use tempfile::TempDir;
 
-type BenchResult<T> = Result<T, Box<dyn StdError + Send + Sync>>;
+mod common;
+
+use common::BenchResult;
 
 const SECTOR: u64 = 512;
 const KIB: u64 = 1024;
@@ -812,27 +813,7 @@ fn nqn(name: &str) -> BenchResult<Nqn> {
 /// Removes every device with the bench's prefix, each once nothing holds it
 /// open (stacked devices go first).
 async fn remove_bench_devices(dm: &DeviceMapper) -> BenchResult<()> {
-    loop {
-        let mut ours = Vec::new();
-        for device in dm.list().await? {
-            if device.name.starts_with(&format!("{PREFIX}-")) {
-                ours.push(DeviceName::new(&device.name)?);
-            }
-        }
-        if ours.is_empty() {
-            return Ok(());
-        }
-        let mut removed = false;
-        for name in &ours {
-            if dm.info(name).await?.map(|s| s.open_count) == Some(0) {
-                dm.remove(name).await?;
-                removed = true;
-            }
-        }
-        if !removed {
-            return Err(format!("bench devices {ours:?} are held open by something else").into());
-        }
-    }
+    common::remove_devices_with_prefix(dm, PREFIX).await
 }
 
 /// Fails loudly, with what to do, when this kernel cannot run the bench.
