@@ -11,7 +11,7 @@
 //!    order every round: one `ListVolumes` RPC (size, state, device and usage
 //!    of each, from the store and the kernel), against the proof of
 //!    concept's way, one `dmsetup status` process per volume device run one
-//!    after the other. Under emulation one such process costs about 0.7 s,
+//!    after the other. Under emulation one such process costs 0.17-0.7 s,
 //!    so by default each round runs it for an evenly spread sample of 100
 //!    devices and scales the time to all N (each process does the same one
 //!    ioctl for one device); `--dmsetup-sample N` runs it for every device.
