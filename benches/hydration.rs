@@ -56,6 +56,7 @@ use std::{
 };
 
 use dmclone::{
+    aligned::AlignedBuf,
     dm::{
         events::EventMonitor,
         kernel::{DeviceMapper, Flush},
@@ -458,33 +459,6 @@ fn ms(d: Duration) -> f64 {
 // ---------------------------------------------------------------------------
 // Block-device helpers
 
-/// A 4 KiB-aligned buffer for O_DIRECT I/O, in safe code.
-struct AlignedBuf {
-    storage: Vec<u8>,
-    start: usize,
-    len: usize,
-}
-
-impl AlignedBuf {
-    fn new(len: usize) -> Self {
-        let storage = vec![0u8; len + 4096];
-        let start = storage.as_ptr().align_offset(4096);
-        Self {
-            storage,
-            start,
-            len,
-        }
-    }
-
-    fn as_mut(&mut self) -> &mut [u8] {
-        &mut self.storage[self.start..self.start + self.len]
-    }
-
-    fn as_ref(&self) -> &[u8] {
-        &self.storage[self.start..self.start + self.len]
-    }
-}
-
 /// Deterministic bytes for `[offset, offset+len)` of the stream `seed`
 /// (8-byte aligned offsets).
 fn pattern_into(seed: u64, offset: u64, out: &mut [u8]) {
@@ -512,11 +486,11 @@ fn open_direct(path: &Path, write: bool) -> BenchResult<File> {
 /// Writes `buf` over the first `len` bytes of `path`, 1 MiB at a time.
 fn overwrite(path: &Path, len: u64, buf: &AlignedBuf) -> BenchResult<()> {
     let mut file = open_direct(path, true)?;
-    let chunk = buf.as_ref().len() as u64;
+    let chunk = buf.as_slice().len() as u64;
     let mut done = 0;
     while done < len {
         let want = chunk.min(len - done) as usize;
-        file.write_all(&buf.as_ref()[..want])
+        file.write_all(&buf.as_slice()[..want])
             .map_err(|err| format!("write {}: {err}", path.display()))?;
         done += want as u64;
     }
@@ -533,9 +507,9 @@ fn sha256_of(path: &Path, len: u64) -> BenchResult<String> {
     let mut left = len;
     while left > 0 {
         let want = left.min(MIB) as usize;
-        file.read_exact(&mut buf.as_mut()[..want])
+        file.read_exact(&mut buf.as_mut_slice()[..want])
             .map_err(|err| format!("read {}: {err}", path.display()))?;
-        hasher.update(&buf.as_ref()[..want]);
+        hasher.update(&buf.as_slice()[..want]);
         left -= want as u64;
     }
     Ok(hasher
@@ -947,7 +921,7 @@ impl Rig {
         }
 
         let mut stale = AlignedBuf::new(MIB as usize);
-        pattern_into(STALE_SEED, 0, stale.as_mut());
+        pattern_into(STALE_SEED, 0, stale.as_mut_slice());
         let zeros = AlignedBuf::new(MIB as usize);
         let events = EventMonitor::start()?;
         let mut rig = Rig {
@@ -2118,7 +2092,7 @@ impl Reader {
                 let mut offset = 0;
                 while !flag.load(Ordering::Relaxed) {
                     let at = Instant::now();
-                    file.read_exact_at(buf.as_mut(), offset)
+                    file.read_exact_at(buf.as_mut_slice(), offset)
                         .map_err(|err| format!("read at {offset}: {err}"))?;
                     reads.push((at, at.elapsed()));
                     offset = (offset + 4096) % size;

@@ -7,6 +7,7 @@
 //! module that performs device-mapper ioctls.
 
 pub mod agent;
+pub mod aligned;
 pub mod api;
 pub mod client;
 pub mod config;

@@ -17,7 +17,7 @@ use std::{
 use loopdev::{LoopControl, LoopDevice};
 use tracing::info;
 
-use crate::{dm::table::DevRef, error::AgentError};
+use crate::{aligned::AlignedBuf, dm::table::DevRef, error::AgentError};
 
 /// The device the pool sits on.
 #[derive(Debug)]
@@ -84,9 +84,9 @@ impl Backing {
             .map_err(|err| io_error("open", &self.path, err))?;
         let mut buf = AlignedBuf::new(len);
         file.seek(SeekFrom::Start(offset))
-            .and_then(|_| file.read_exact(buf.as_mut()))
+            .and_then(|_| file.read_exact(buf.as_mut_slice()))
             .map_err(|err| io_error("read", &self.path, err))?;
-        Ok(buf.as_mut().to_vec())
+        Ok(buf.as_mut_slice().to_vec())
     }
 
     /// Writes and syncs, so the kernel targets that read the device next see it.
@@ -195,28 +195,5 @@ fn io_error(op: &str, path: &Path, err: io::Error) -> AgentError {
     AgentError::Io {
         context: format!("cannot {op} {}", path.display()),
         source: err,
-    }
-}
-
-/// A 4 KiB-aligned buffer for O_DIRECT reads, in safe code.
-struct AlignedBuf {
-    storage: Vec<u8>,
-    start: usize,
-    len: usize,
-}
-
-impl AlignedBuf {
-    fn new(len: usize) -> Self {
-        let storage = vec![0u8; len + 4096];
-        let start = storage.as_ptr().align_offset(4096);
-        Self {
-            storage,
-            start,
-            len,
-        }
-    }
-
-    fn as_mut(&mut self) -> &mut [u8] {
-        &mut self.storage[self.start..self.start + self.len]
     }
 }

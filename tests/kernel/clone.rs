@@ -186,10 +186,10 @@ impl Writer {
             let mut n: u64 = 0;
             while !flag.load(Ordering::Relaxed) {
                 let block = (n * 7919) % blocks;
-                buf.as_mut().copy_from_slice(&write_pattern(n));
+                buf.as_mut_slice().copy_from_slice(&write_pattern(n));
                 let started = Instant::now();
                 file.seek(SeekFrom::Start(block * BLOCK)).expect("seek");
-                file.write_all(buf.as_mut())
+                file.write_all(buf.as_mut_slice())
                     .unwrap_or_else(|err| panic!("write {n} at block {block} failed: {err}"));
                 slowest = slowest.max(started.elapsed());
                 last_write.insert(block, n);

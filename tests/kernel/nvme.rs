@@ -251,8 +251,8 @@ async fn read_block(path: PathBuf, offset: u64) -> std::io::Result<Vec<u8>> {
             .open(&path)?;
         let mut buf = AlignedBuf::new(4096);
         file.seek(SeekFrom::Start(offset))?;
-        file.read_exact(buf.as_mut())?;
-        Ok(buf.as_mut().to_vec())
+        file.read_exact(buf.as_mut_slice())?;
+        Ok(buf.as_mut_slice().to_vec())
     })
     .await
     .unwrap()

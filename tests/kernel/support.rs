@@ -203,8 +203,8 @@ pub fn read_at(path: &Path, offset: u64, len: usize) -> Vec<u8> {
         .expect("open for read");
     let mut buf = AlignedBuf::new(len);
     file.seek(SeekFrom::Start(offset)).expect("seek");
-    file.read_exact(buf.as_mut()).expect("read");
-    buf.as_mut().to_vec()
+    file.read_exact(buf.as_mut_slice()).expect("read");
+    buf.as_mut_slice().to_vec()
 }
 
 /// sha256 of the first `len` bytes of a block device, read with O_DIRECT so the
@@ -220,39 +220,27 @@ pub fn sha256_of(path: &Path, len: u64) -> String {
     let mut left = len;
     while left > 0 {
         let want = left.min(MIB) as usize;
-        file.read_exact(&mut buf.as_mut()[..want])
+        file.read_exact(&mut buf.as_mut_slice()[..want])
             .expect("read device");
-        hasher.update(&buf.as_mut()[..want]);
+        hasher.update(&buf.as_mut_slice()[..want]);
         left -= want as u64;
     }
     hex(&hasher.finalize())
 }
 
+pub use dmclone::aligned::AlignedBuf;
+
+/// A TCP port on 127.0.0.1 that nothing listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// A 4 KiB-aligned buffer for O_DIRECT I/O, in safe code.
-pub struct AlignedBuf {
-    storage: Vec<u8>,
-    start: usize,
-    len: usize,
-}
-
-impl AlignedBuf {
-    pub fn new(len: usize) -> Self {
-        let storage = vec![0u8; len + 4096];
-        let start = storage.as_ptr().align_offset(4096);
-        Self {
-            storage,
-            start,
-            len,
-        }
-    }
-
-    pub fn as_mut(&mut self) -> &mut [u8] {
-        &mut self.storage[self.start..self.start + self.len]
-    }
 }
 
 /// A thin pool on two loop disks: 64 KiB data blocks, no low-water mark.

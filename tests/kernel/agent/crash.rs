@@ -3,7 +3,7 @@
 //! gone, everything else is finished, and data written before reads back
 //! identical.
 
-use std::{os::unix::process::ExitStatusExt, path::Path};
+use std::path::Path;
 
 use super::{
     api::{
@@ -16,26 +16,15 @@ use crate::support::*;
 use dmclone::proto::v1::volumes_client::VolumesClient;
 use tonic::{Code, transport::Channel};
 
-/// Restarts the agent with `point` armed, runs `call`, which must kill it
-/// there, then restarts it disarmed.
+/// `AgentProcess::crash_inside` with a volumes client.
 async fn crash_at<F, Fut>(agent: &mut AgentProcess, point: &str, call: F)
 where
     F: FnOnce(VolumesClient<Channel>) -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
-    agent.kill9().await;
-    agent.set_failpoint(Some(point));
-    agent.restart().await;
-    call(agent.volumes().await).await;
-    let status = agent.wait_exit().await;
-    assert_eq!(
-        status.signal(),
-        Some(9),
-        "{point}: the agent should have died at the failpoint ({status})\n{}",
-        agent.log()
-    );
-    agent.set_failpoint(None);
-    agent.restart().await;
+    agent
+        .crash_inside(point, async move |agent| call(agent.volumes().await).await)
+        .await;
 }
 
 fn devices_named(names: &[String], id: &str) -> Vec<String> {

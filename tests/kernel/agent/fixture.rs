@@ -197,6 +197,25 @@ impl AgentProcess {
         }
     }
 
+    /// Restarts the agent with `point` armed, runs `call`, which must kill
+    /// it there, then restarts it disarmed.
+    pub async fn crash_inside(&mut self, point: &str, call: impl AsyncFnOnce(&AgentProcess)) {
+        use std::os::unix::process::ExitStatusExt;
+        self.kill9().await;
+        self.set_failpoint(Some(point));
+        self.restart().await;
+        call(self).await;
+        let status = self.wait_exit().await;
+        assert_eq!(
+            status.signal(),
+            Some(9),
+            "{point}: the agent should have died at the failpoint ({status})\n{}",
+            self.log()
+        );
+        self.set_failpoint(None);
+        self.restart().await;
+    }
+
     /// SIGTERM and wait: a clean stop.
     pub async fn stop(&mut self) -> std::process::ExitStatus {
         let child = self.child.as_ref().expect("agent running");

@@ -2,7 +2,7 @@
 //! kernel: content equality by pattern, independence of both sides, what
 //! blocks what, idempotency, crashes between the steps.
 
-use std::{os::unix::process::ExitStatusExt, path::Path};
+use std::path::Path;
 
 use dmclone::proto::v1::{
     CreateSnapshotRequest, CreateVolumeRequest, DeleteSnapshotRequest, GetSnapshotRequest,
@@ -253,10 +253,11 @@ async fn kill9_inside_snapshot_clone_and_revert() {
     let path = publish(&mut volumes, VOL_A).await.unwrap();
     fill(Path::new(&path), 11, SIZE);
 
-    crash(&mut agent, "snapshot.after_record", async |agent| {
-        assert!(snapshot(agent, SNAP, VOL_A).await.is_err());
-    })
-    .await;
+    agent
+        .crash_inside("snapshot.after_record", async |agent| {
+            assert!(snapshot(agent, SNAP, VOL_A).await.is_err());
+        })
+        .await;
     let gone = SnapshotsClient::new(agent.channel().await)
         .get_snapshot(GetSnapshotRequest {
             snapshot_id: SNAP.into(),
@@ -272,14 +273,15 @@ async fn kill9_inside_snapshot_clone_and_revert() {
     write_at(Path::new(&path), 0, &pattern(11, 0, MIB as usize));
     snapshot(&agent, SNAP, VOL_A).await.unwrap();
 
-    crash(&mut agent, "clone.after_record", async |agent| {
-        assert!(
-            clone_of(&mut agent.volumes().await, VOL_C, SIZE, VOL_A)
-                .await
-                .is_err()
-        );
-    })
-    .await;
+    agent
+        .crash_inside("clone.after_record", async |agent| {
+            assert!(
+                clone_of(&mut agent.volumes().await, VOL_C, SIZE, VOL_A)
+                    .await
+                    .is_err()
+            );
+        })
+        .await;
     assert_eq!(
         get(&mut agent.volumes().await, VOL_C)
             .await
@@ -290,45 +292,31 @@ async fn kill9_inside_snapshot_clone_and_revert() {
 
     fill(Path::new(&path), 12, SIZE);
     unpublish(&mut agent.volumes().await, VOL_A).await.unwrap();
-    crash(&mut agent, "revert.after_record", async |agent| {
-        assert!(revert(agent, VOL_A, SNAP).await.is_err());
-    })
-    .await;
+    agent
+        .crash_inside("revert.after_record", async |agent| {
+            assert!(revert(agent, VOL_A, SNAP).await.is_err());
+        })
+        .await;
     assert!(
         volume_holds(&mut agent.volumes().await, VOL_A, 11, SIZE).await,
         "the interrupted revert is finished"
     );
 
-    crash(&mut agent, "snapshot.delete_after_record", async |agent| {
-        let deleted = SnapshotsClient::new(agent.channel().await)
-            .delete_snapshot(DeleteSnapshotRequest {
-                snapshot_id: SNAP.into(),
-            })
-            .await;
-        assert!(deleted.is_err());
-    })
-    .await;
+    agent
+        .crash_inside("snapshot.delete_after_record", async |agent| {
+            let deleted = SnapshotsClient::new(agent.channel().await)
+                .delete_snapshot(DeleteSnapshotRequest {
+                    snapshot_id: SNAP.into(),
+                })
+                .await;
+            assert!(deleted.is_err());
+        })
+        .await;
     delete(&mut agent.volumes().await, VOL_A)
         .await
         .expect("the snapshot delete was finished, so the volume can go");
     assert_eq!(super::api::pool_used(&agent).await.0, 0);
     agent.destroy().await;
-}
-
-async fn crash(agent: &mut AgentProcess, point: &str, call: impl AsyncFnOnce(&AgentProcess)) {
-    agent.kill9().await;
-    agent.set_failpoint(Some(point));
-    agent.restart().await;
-    call(agent).await;
-    let status = agent.wait_exit().await;
-    assert_eq!(
-        status.signal(),
-        Some(9),
-        "{point}: {status}\n{}",
-        agent.log()
-    );
-    agent.set_failpoint(None);
-    agent.restart().await;
 }
 
 /// A snapshot of a volume that is still arriving waits for its hydration

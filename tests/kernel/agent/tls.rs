@@ -23,6 +23,8 @@ use tonic_reflection::pb::v1::{
     server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
 };
 
+use crate::support::free_port;
+
 use super::fixture::AgentProcess;
 
 struct Pem {
@@ -57,14 +59,6 @@ fn leaf(
         cert: cert.pem(),
         key: key.serialize_pem(),
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 async fn node_info_over(channel: Channel) -> Result<String, tonic::Status> {

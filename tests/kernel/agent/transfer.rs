@@ -710,20 +710,11 @@ where
     F: FnOnce(TransfersClient<Channel>) -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
-    use std::os::unix::process::ExitStatusExt;
-    agent.kill9().await;
-    agent.set_failpoint(Some(point));
-    agent.restart().await;
-    call(TransfersClient::new(agent.channel().await)).await;
-    let status = agent.wait_exit().await;
-    assert_eq!(
-        status.signal(),
-        Some(9),
-        "{point}: {status}\n{}",
-        agent.log()
-    );
-    agent.set_failpoint(None);
-    agent.restart().await;
+    agent
+        .crash_inside(point, async move |agent| {
+            call(TransfersClient::new(agent.channel().await)).await
+        })
+        .await;
 }
 
 /// The source fails mid-hydration: the transfer shows degraded, and resumes
