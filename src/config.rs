@@ -137,6 +137,11 @@ pub struct VolumeConfig {
     /// The largest volume the agent creates or extends to.
     #[serde(deserialize_with = "de_opt_size")]
     pub max_size: Option<u64>,
+    /// Whether new volumes get dm-era in their stack (changed-block tracking).
+    pub change_tracking: Option<bool>,
+    /// dm-era's block: the granularity of changed extents.
+    #[serde(deserialize_with = "de_opt_size")]
+    pub change_block_size: Option<u64>,
 }
 
 /// The remote API: TCP with mutual TLS, off unless `listen` is set.
@@ -188,6 +193,8 @@ pub struct Settings {
     pub dm_prefix: String,
     pub pool: PoolSettings,
     pub max_volume_size: u64,
+    /// dm-era's block size for new volumes; `None` when tracking is off.
+    pub change_block_bytes: Option<u64>,
     pub transfer: TransferSettings,
     pub nvme: NvmeSettings,
     pub peers: Option<PeerTls>,
@@ -272,6 +279,7 @@ pub const DEFAULT_LOW_SPACE_PERCENT: u8 = 90;
 /// No over-commit by default: a volume that moves here hydrates in full.
 pub const DEFAULT_OVERSUBSCRIPTION: f64 = 1.0;
 pub const DEFAULT_MAX_VOLUME_SIZE: u64 = 64 * TIB;
+pub const DEFAULT_CHANGE_BLOCK_BYTES: u64 = 64 * KIB;
 const THIN_POOL_MAX_BLOCK: u64 = GIB;
 /// The kernel uses at most this much thin-pool metadata.
 pub const MAX_METADATA_SIZE: u64 = 16 * GIB;
@@ -318,6 +326,7 @@ impl Config {
         if max_volume_size < MIB {
             return Err(invalid("volumes.max_size", "must be at least 1 MiB"));
         }
+        let change_block_bytes = self.volumes.change_block()?;
         let log_level = self.log.level.clone().unwrap_or_else(|| "info".to_owned());
         if log_level.trim().is_empty() {
             return Err(invalid("log.level", "is empty"));
@@ -346,6 +355,7 @@ impl Config {
             socket,
             dm_prefix,
             max_volume_size,
+            change_block_bytes,
             log_level,
             log_format: self.log.format.unwrap_or_default(),
         })
@@ -454,6 +464,21 @@ impl TransferConfig {
             )?,
             stall_seconds,
         })
+    }
+}
+
+impl VolumeConfig {
+    /// dm-era blocks: a power of two from 4 KiB to 1 MiB, so that they divide
+    /// every volume (sizes are whole MiB).
+    fn change_block(&self) -> Result<Option<u64>, AgentError> {
+        let bytes = self.change_block_size.unwrap_or(DEFAULT_CHANGE_BLOCK_BYTES);
+        if !(bytes.is_power_of_two() && (4 * KIB..=MIB).contains(&bytes)) {
+            return Err(invalid(
+                "volumes.change_block_size",
+                format!("{} is not a power of two from 4 KiB to 1 MiB", Size(bytes)),
+            ));
+        }
+        Ok(self.change_tracking.unwrap_or(true).then_some(bytes))
     }
 }
 

@@ -9,6 +9,7 @@
 pub mod agent;
 pub mod aligned;
 pub mod api;
+pub mod changes;
 pub mod client;
 pub mod config;
 pub mod dm;

@@ -123,6 +123,10 @@ impl Agent {
             }
         }
         self.ensure_thin_device(record).await?;
+        // A probe lives only inside one call; one found here outlived a crash.
+        self.remove_device_if_present(&self.naming.era_probe(&id))
+            .await?;
+        self.ensure_era_metadata(record).await?;
         let mut record = record.clone();
         if !record.published && self.open_count(&public).await?.is_some_and(|open| open > 0) {
             // An unpublish that stopped before removing the device, which
@@ -205,6 +209,7 @@ impl Agent {
             .await?;
         self.remove_device_if_present(&self.thin_name(record)?)
             .await?;
+        self.drop_era_metadata(record).await?;
         self.pool.delete_thin(record.thin_id).await?;
         let key = record.id.clone();
         self.store_call(move |store| store.remove_volume(&key))
@@ -284,7 +289,11 @@ impl Agent {
             let explained = match self.naming.parse(&name) {
                 Some(DeviceRole::Pool | DeviceRole::PoolMeta | DeviceRole::PoolData) => true,
                 Some(
-                    DeviceRole::Thin(id) | DeviceRole::Public(id) | DeviceRole::CloneMetadata(id),
+                    DeviceRole::Thin(id)
+                    | DeviceRole::Public(id)
+                    | DeviceRole::CloneMetadata(id)
+                    | DeviceRole::EraMetadata(id)
+                    | DeviceRole::EraProbe(id),
                 ) => records.iter().any(|r| r.id == id),
                 Some(DeviceRole::Snapshot(id)) => snapshots.iter().any(|s| s.id == id),
                 Some(DeviceRole::Other(_)) | None => false,

@@ -37,6 +37,8 @@ pub struct SnapshotView {
     /// the kernel could not say.
     pub allocated_bytes: Option<u64>,
     pub created_unix: i64,
+    /// The volume's first era after the snapshot, when it tracks changes.
+    pub era: Option<u32>,
 }
 
 impl Agent {
@@ -60,7 +62,7 @@ impl Agent {
             }
             return Ok(self.snapshot_view(&existing).await);
         }
-        let origin = self.ready_record(volume, "be snapshotted").await?;
+        let mut origin = self.ready_record(volume, "be snapshotted").await?;
         if origin.transfer.is_some() {
             return Err(AgentError::FailedPrecondition(format!(
                 "volume {volume} is still arriving; snapshot it once its transfer is done"
@@ -74,15 +76,25 @@ impl Agent {
             size_bytes: origin.size_bytes,
             created_unix: unix_now(),
             pending: Some(Pending::Create),
+            era: None,
         };
-        let record = self.insert_snapshot(record).await?;
+        let mut record = self.insert_snapshot(record).await?;
         failpoint::hit("snapshot.after_record");
-        if let Err(err) = self.snapshot_thin(&origin, record.thin_id).await {
-            self.roll_back_snapshot(&record).await;
-            return Err(err);
+        let thin_id = record.thin_id;
+        let taken = self
+            .snapshot_with_era(&mut origin, async |origin: &VolumeRecord| {
+                self.snapshot_thin(origin, thin_id).await
+            })
+            .await;
+        match taken {
+            Ok(era) => record.era = era,
+            Err(err) => {
+                self.roll_back_snapshot(&record).await;
+                return Err(err);
+            }
         }
         let record = self.settle_snapshot(record).await?;
-        info!(snapshot = %id, volume = %volume, thin_id = record.thin_id, "snapshot taken");
+        info!(snapshot = %id, volume = %volume, thin_id = record.thin_id, era = ?record.era, "snapshot taken");
         Ok(self.snapshot_view(&record).await)
     }
 
@@ -174,6 +186,7 @@ impl Agent {
         self.check_room_for(size).await?;
         let mut record = new_record(id, size);
         record.source_snapshot = Some(snapshot.to_string());
+        record.tracking = self.new_tracking(None);
         let record = self
             .store_call(move |store| store.insert_volume_with_new_thin_id(record))
             .await?;
@@ -182,6 +195,7 @@ impl Agent {
             self.remove_device_if_present(&self.snapshot_name(&source)?)
                 .await?;
             self.pool.snapshot(record.thin_id, source.thin_id).await?;
+            self.ensure_era_metadata(&record).await?;
             self.ensure_thin_device(&record).await
         }
         .await;
@@ -221,12 +235,14 @@ impl Agent {
         self.check_room_for(size).await?;
         let mut record = new_record(id, size);
         record.source_volume = Some(source.to_string());
+        record.tracking = self.new_tracking(None);
         let record = self
             .store_call(move |store| store.insert_volume_with_new_thin_id(record))
             .await?;
         failpoint::hit("clone.after_record");
         let made = async {
             self.snapshot_thin(&origin, record.thin_id).await?;
+            self.ensure_era_metadata(&record).await?;
             self.ensure_thin_device(&record).await
         }
         .await;
@@ -273,6 +289,7 @@ impl Agent {
                 store.allocate_and_commit(1, |ids| {
                     let mut reverting = reverting;
                     reverting.thin_id = ids[0];
+                    forget_history(&mut reverting);
                     reverting.pending = Some(Pending::Revert {
                         old_thin,
                         snapshot_thin: source.thin_id,
@@ -282,6 +299,7 @@ impl Agent {
             })
             .await?;
         record.thin_id = ids[0];
+        forget_history(&mut record);
         record.pending = Some(Pending::Revert {
             old_thin,
             snapshot_thin: source.thin_id,
@@ -487,6 +505,7 @@ impl Agent {
             size_bytes: record.size_bytes,
             allocated_bytes: self.mapped_bytes(record).await,
             created_unix: record.created_unix,
+            era: record.era,
         }
     }
 
@@ -514,6 +533,14 @@ impl Agent {
                 None
             }
         }
+    }
+}
+
+/// The content is replaced: what dm-era saw so far no longer describes it,
+/// so history starts again when dm-era next runs.
+fn forget_history(record: &mut VolumeRecord) {
+    if let Some(tracking) = record.tracking.as_mut() {
+        tracking.known_from_era = None;
     }
 }
 

@@ -64,6 +64,22 @@ pub struct VolumeRecord {
     pub source_snapshot: Option<String>,
     #[serde(default)]
     pub source_volume: Option<String>,
+    /// Changed-block tracking with dm-era; `None` for volumes made without.
+    #[serde(default)]
+    pub tracking: Option<ChangeTracking>,
+}
+
+/// A volume's dm-era: its metadata lives in a thin device of the pool.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChangeTracking {
+    pub metadata_thin_id: u32,
+    pub metadata_bytes: u64,
+    /// dm-era's block: the granularity of changed extents.
+    pub block_bytes: u64,
+    /// The first era whose writes dm-era saw: earlier changes are unknown
+    /// (the content came from a snapshot, a revert or another host). `None`
+    /// until dm-era next runs over the volume, which fixes it.
+    pub known_from_era: Option<u32>,
 }
 
 /// A volume exported to the one host it moves to.
@@ -110,6 +126,10 @@ pub struct SnapshotRecord {
     /// `Create` (rolled back after a crash) or `Delete` (finished).
     #[serde(default)]
     pub pending: Option<Pending>,
+    /// The volume's first era after the snapshot: what changed since the
+    /// snapshot is what was written in this era or later.
+    #[serde(default)]
+    pub era: Option<u32>,
 }
 
 impl Record for SnapshotRecord {
@@ -486,18 +506,17 @@ impl Store {
         Ok(())
     }
 
-    /// Writes a new volume record with a freshly allocated thin id.
+    /// Writes a new volume record with freshly allocated thin ids (the
+    /// volume's, and its era metadata's when it tracks changes).
     pub fn insert_volume_with_new_thin_id(
         &self,
-        mut record: VolumeRecord,
+        record: VolumeRecord,
     ) -> Result<VolumeRecord, AgentError> {
-        let ids = self.allocate_and_commit(1, |ids| {
-            let mut with_id = record.clone();
-            with_id.thin_id = ids[0];
-            Ok(vec![Change::insert(&with_id)?])
+        let count = 1 + u32::from(record.tracking.is_some());
+        let ids = self.allocate_and_commit(count, |ids| {
+            Ok(vec![Change::insert(&with_thin_ids(record.clone(), ids))?])
         })?;
-        record.thin_id = ids[0];
-        Ok(record)
+        Ok(with_thin_ids(record, &ids))
     }
 
     pub fn put_volume(&self, record: &VolumeRecord) -> Result<(), AgentError> {
@@ -537,6 +556,15 @@ impl Store {
     fn err(&self, op: &str, err: impl std::fmt::Display) -> AgentError {
         store_error(&self.path, op, err)
     }
+}
+
+/// Gives the volume `ids[0]` and its era metadata `ids[1]`.
+pub fn with_thin_ids(mut record: VolumeRecord, ids: &[u32]) -> VolumeRecord {
+    record.thin_id = ids[0];
+    if let (Some(tracking), Some(id)) = (record.tracking.as_mut(), ids.get(1)) {
+        tracking.metadata_thin_id = *id;
+    }
+    record
 }
 
 fn store_error(path: &Path, op: &str, err: impl std::fmt::Display) -> AgentError {

@@ -1,8 +1,9 @@
 //! Volumes: a thin device in the pool (`<prefix>-thin-<id>`, active while the
 //! volume exists) and, while published, a public device `<prefix>-<id>` whose
-//! table the agent owns. Today the public table is a linear map of the thin
-//! device; later states (hydrating, change tracking) swap it atomically
-//! without the path changing.
+//! table the agent owns: dm-era over the thin device when the volume tracks
+//! changes (see [`crate::changes`]), else a linear map of it; an arriving
+//! volume's is dm-clone until its transfer finishes. Tables are swapped
+//! atomically without the path changing.
 //!
 //! Every call here takes the volume's lock, validates against the record,
 //! writes its intent, changes the kernel, then clears the intent.
@@ -17,7 +18,7 @@ use crate::{
     dm::{
         names::DeviceName,
         status::ThinStatus,
-        table::{DevRef, Linear, Table, Target},
+        table::{DevRef, Table},
     },
     error::{AgentError, Error},
     failpoint,
@@ -40,6 +41,8 @@ pub struct Volume {
     pub allocated_bytes: Option<u64>,
     pub source_snapshot: Option<String>,
     pub source_volume: Option<String>,
+    /// Whether dm-era tracks the volume's changed blocks.
+    pub change_tracking: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,7 +105,8 @@ impl Agent {
             return self.create_again(existing, size).await;
         }
         self.check_room_for(size).await?;
-        let record = new_record(id, size);
+        let mut record = new_record(id, size);
+        record.tracking = self.new_tracking(Some(0));
         let record = self
             .store_call(move |store| store.insert_volume_with_new_thin_id(record))
             .await?;
@@ -156,6 +160,7 @@ impl Agent {
         self.pool.create_thin(record.thin_id).await?;
         failpoint::hit("create.after_thin");
         self.ensure_thin_device(record).await?;
+        self.ensure_era_metadata(record).await?;
         failpoint::hit("create.after_device");
         Ok(())
     }
@@ -166,6 +171,7 @@ impl Agent {
         let undone = async {
             self.remove_device_if_present(&self.thin_name(record)?)
                 .await?;
+            self.drop_era_metadata(record).await?;
             self.pool.delete_thin(record.thin_id).await?;
             let id = record.id.clone();
             self.store_call(move |store| store.remove_volume(&id)).await
@@ -245,6 +251,7 @@ impl Agent {
             .await?;
         self.remove_device_if_present(&self.thin_name(record)?)
             .await?;
+        self.drop_era_metadata(record).await?;
         failpoint::hit("delete.after_devices");
         self.pool.delete_thin(record.thin_id).await?;
         failpoint::hit("delete.after_thin");
@@ -349,6 +356,8 @@ impl Agent {
         }
         self.ensure_thin_device(&record).await?;
         self.ensure_public_device(&record).await?;
+        self.note_history_start(&mut record, &self.naming.public(id))
+            .await?;
         if record.pending.is_some() {
             self.settle(record).await?;
             info!(volume = %id, "published volume");
@@ -509,19 +518,14 @@ impl Agent {
         .await
     }
 
-    /// Creates the public device over the thin device, or resizes it.
+    /// Creates the public device over the thin device (through dm-era when
+    /// the volume tracks changes), or resizes it.
     pub(crate) async fn ensure_public_device(
         &self,
         record: &VolumeRecord,
     ) -> Result<DevRef, AgentError> {
         let thin = self.ensure_thin_device(record).await?;
-        let table = Table::single(
-            record.size_bytes / SECTOR,
-            Target::Linear(Linear {
-                device: thin,
-                offset: 0,
-            }),
-        )?;
+        let table = self.local_table(record, thin).await?;
         let public = self.naming.public(&record.volume_id()?);
         self.ensure_device(&public, &table, |live| {
             same_target_other_length(live, &table)
@@ -602,6 +606,7 @@ impl Agent {
             allocated_bytes,
             source_snapshot: record.source_snapshot.clone(),
             source_volume: record.source_volume.clone(),
+            change_tracking: record.tracking.is_some(),
         })
     }
 }
@@ -636,6 +641,7 @@ pub(crate) fn new_record(id: &VolumeId, size: u64) -> VolumeRecord {
         export: None,
         source_snapshot: None,
         source_volume: None,
+        tracking: None,
     }
 }
 

@@ -64,7 +64,7 @@ pub fn volume(volume: Volume) -> pb::Volume {
         allocated_bytes: volume.allocated_bytes.unwrap_or(0),
         source_snapshot_id: volume.source_snapshot.unwrap_or_default(),
         source_volume_id: volume.source_volume.unwrap_or_default(),
-        change_tracking: false,
+        change_tracking: volume.change_tracking,
         state_reason: match volume.state {
             VolumeState::Quarantined(reason) => reason,
             _ => String::new(),

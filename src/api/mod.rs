@@ -287,22 +287,6 @@ pub(crate) fn parts<T>(request: Request<T>) -> (MetadataMap, T) {
     (metadata, message)
 }
 
-/// The answer of an RPC whose behaviour is still to come: UNIMPLEMENTED with
-/// what is missing, never a silent success.
-pub(crate) async fn not_yet<T>(
-    agent: &Agent,
-    missing: &'static str,
-    method: &'static str,
-    metadata: MetadataMap,
-) -> Result<Response<T>, Status> {
-    handle(agent, method, &metadata, "", async {
-        Err(AgentError::Unimplemented(format!(
-            "{method} is not implemented by this agent yet: {missing} still to come"
-        )))
-    })
-    .await
-}
-
 async fn metrics_page(
     axum::extract::State(agent): axum::extract::State<Arc<Agent>>,
 ) -> (

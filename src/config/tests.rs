@@ -31,6 +31,15 @@ fn empty_config_is_the_embedded_default() {
     assert_eq!(s.pool.max_oversubscription_ratio, 1.0);
     assert_eq!(s.tcp, None);
     assert_eq!(s.log_format, LogFormat::Human);
+    assert_eq!(s.change_block_bytes, Some(64 * KIB));
+}
+
+#[test]
+fn change_tracking_can_be_switched_off_or_coarsened() {
+    let off = settings("[volumes]\nchange_tracking = false").unwrap();
+    assert_eq!(off.change_block_bytes, None);
+    let coarse = settings("[volumes]\nchange_block_size = \"1M\"").unwrap();
+    assert_eq!(coarse.change_block_bytes, Some(MIB));
 }
 
 #[test]
@@ -101,6 +110,16 @@ fn every_bad_option_is_named_with_its_problem() {
             "0.1",
         ),
         ("[volumes]\nmax_size = 4096", "volumes.max_size", "1 MiB"),
+        (
+            "[volumes]\nchange_block_size = \"2M\"",
+            "volumes.change_block_size",
+            "4 KiB to 1 MiB",
+        ),
+        (
+            "[volumes]\nchange_block_size = \"96K\"",
+            "volumes.change_block_size",
+            "power of two",
+        ),
         (
             "[transfer]\nregion_size = \"3M\"",
             "transfer.region_size",
@@ -218,6 +237,8 @@ fn the_sample_config_is_valid_and_names_every_option() {
         "max_oversubscription_ratio",
         "[volumes]",
         "max_size",
+        "change_tracking",
+        "change_block_size",
         "[transfer]",
         "region_size",
         "hydration_threshold",

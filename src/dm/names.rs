@@ -73,6 +73,8 @@ impl AsRef<str> for DeviceName {
 /// ```text
 /// <prefix>-<volume-id>        the public device of a volume
 /// <prefix>-thin-<volume-id>   the volume's thin device
+/// <prefix>-emeta-<volume-id>  the thin device holding its dm-era metadata
+/// <prefix>-era-<volume-id>    dm-era over an unpublished volume, for a moment
 /// <prefix>-pool, <prefix>-pool-meta, <prefix>-pool-data
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -94,6 +96,10 @@ pub enum DeviceRole {
     CloneMetadata(String),
     /// A snapshot with this id, activated for a moment.
     Snapshot(String),
+    /// The dm-era metadata device of the volume with this id.
+    EraMetadata(String),
+    /// dm-era over an unpublished volume, activated for a moment.
+    EraProbe(String),
     /// Our prefix, but a role this agent version does not know.
     Other(String),
 }
@@ -135,6 +141,16 @@ impl Naming {
         self.name(&format!("cmeta-{volume}"))
     }
 
+    /// The thin device holding the volume's dm-era metadata.
+    pub fn era_metadata(&self, volume: &VolumeId) -> DeviceName {
+        self.name(&format!("emeta-{volume}"))
+    }
+
+    /// dm-era over an unpublished volume, activated only for a moment.
+    pub fn era_probe(&self, volume: &VolumeId) -> DeviceName {
+        self.name(&format!("era-{volume}"))
+    }
+
     /// A snapshot, activated only for a moment.
     pub fn snapshot(&self, snapshot: &SnapshotId) -> DeviceName {
         self.name(&format!("snap-{snapshot}"))
@@ -157,6 +173,10 @@ impl Naming {
                     DeviceRole::CloneMetadata(id.to_owned())
                 } else if let Some(id) = with_id("snap-") {
                     DeviceRole::Snapshot(id.to_owned())
+                } else if let Some(id) = with_id("emeta-") {
+                    DeviceRole::EraMetadata(id.to_owned())
+                } else if let Some(id) = with_id("era-") {
+                    DeviceRole::EraProbe(id.to_owned())
                 } else {
                     DeviceRole::Other(other.to_owned())
                 }
@@ -226,6 +246,11 @@ mod tests {
                 naming.clone_metadata(&id),
                 DeviceRole::CloneMetadata(id.to_string()),
             ),
+            (
+                naming.era_metadata(&id),
+                DeviceRole::EraMetadata(id.to_string()),
+            ),
+            (naming.era_probe(&id), DeviceRole::EraProbe(id.to_string())),
             (
                 naming.snapshot(&SnapshotId::parse(id.as_str()).unwrap()),
                 DeviceRole::Snapshot(id.to_string()),

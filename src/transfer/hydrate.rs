@@ -361,7 +361,7 @@ impl Agent {
         metadata_bytes: u64,
     ) -> Result<(VolumeRecord, TransferRecord), AgentError> {
         let now = crate::volume::unix_now();
-        let mut volume = VolumeRecord {
+        let volume = VolumeRecord {
             id: request.volume.to_string(),
             size_bytes: size,
             thin_id: 0,
@@ -373,6 +373,7 @@ impl Agent {
             export: None,
             source_snapshot: None,
             source_volume: None,
+            tracking: self.new_tracking(None),
         };
         let mut transfer = TransferRecord {
             id: request.transfer.to_string(),
@@ -398,19 +399,18 @@ impl Agent {
             .store_call({
                 let (volume, transfer) = (volume.clone(), transfer.clone());
                 move |store| {
-                    store.allocate_and_commit(2, |ids| {
-                        let mut volume = volume;
+                    let count = 2 + u32::from(volume.tracking.is_some());
+                    store.allocate_and_commit(count, |ids| {
+                        let volume = arriving_ids(volume, ids);
                         let mut transfer = transfer;
-                        volume.thin_id = ids[0];
                         transfer.metadata_thin_id = ids[1];
                         Ok(vec![Change::insert(&volume)?, Change::insert(&transfer)?])
                     })
                 }
             })
             .await?;
-        volume.thin_id = ids[0];
         transfer.metadata_thin_id = ids[1];
-        Ok((volume, transfer))
+        Ok((arriving_ids(volume, &ids), transfer))
     }
 
     async fn build_new_stack(
@@ -422,6 +422,7 @@ impl Agent {
     ) -> Result<(), AgentError> {
         self.pool.create_thin(volume.thin_id).await?;
         self.pool.create_thin(transfer.metadata_thin_id).await?;
+        self.ensure_era_metadata(volume).await?;
         let metadata = self.ensure_metadata_device(volume, transfer).await?;
         // A fresh clone must start from zeroed metadata, or the kernel
         // would adopt whatever an earlier user of these blocks left.
@@ -561,7 +562,7 @@ impl Agent {
         Ok(Table::new(segments)?)
     }
 
-    /// Removes every device of the stack, frees both thin devices and lets go
+    /// Removes every device of the stack, frees its thin devices and lets go
     /// of the source. Each step tolerates having been done already.
     pub(crate) async fn tear_down(
         &self,
@@ -575,6 +576,7 @@ impl Agent {
             .await?;
         self.remove_device_if_present(&self.thin_name(volume)?)
             .await?;
+        self.drop_era_metadata(volume).await?;
         self.pool.delete_thin(transfer.metadata_thin_id).await?;
         self.pool.delete_thin(volume.thin_id).await?;
         self.detach_source(&transfer.source).await;
@@ -719,7 +721,18 @@ fn not_found(id: &TransferId) -> AgentError {
 }
 
 /// Zeroes and syncs the first 4 KiB of a device.
-async fn zero_first_block(path: &Path) -> Result<(), AgentError> {
+/// The arriving volume's thin ids: its own first, the clone metadata's
+/// second, then its era metadata's.
+fn arriving_ids(volume: VolumeRecord, ids: &[u32]) -> VolumeRecord {
+    let era = ids.get(2).copied();
+    let mut volume = crate::store::with_thin_ids(volume, &[ids[0]]);
+    if let (Some(tracking), Some(id)) = (volume.tracking.as_mut(), era) {
+        tracking.metadata_thin_id = id;
+    }
+    volume
+}
+
+pub(crate) async fn zero_first_block(path: &Path) -> Result<(), AgentError> {
     let path = path.to_owned();
     crate::agent::blocking(move || {
         use std::io::Write;

@@ -17,6 +17,7 @@
 
 pub mod export;
 mod hydrate;
+pub(crate) use hydrate::zero_first_block;
 mod monitor;
 pub mod progress;
 

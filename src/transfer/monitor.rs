@@ -17,15 +17,13 @@ use crate::{
         events::EventMonitor,
         kernel::Flush,
         status::{CloneMode, CloneStatus, Health},
-        table::{Linear, Table, Target},
+        table::Target,
     },
     error::AgentError,
     failpoint,
     ids::VolumeId,
     store::{Change, TransferPhase, TransferRecord, VolumeRecord},
 };
-
-const SECTOR: u64 = 512;
 
 /// What the monitor does after one look at the clone.
 enum Next {
@@ -218,6 +216,7 @@ impl Agent {
             self.put_transfer(&transfer).await?;
         }
         failpoint::hit("finalize.after_swap");
+        self.note_history_start(&mut volume, &public).await?;
         self.remove_device_if_present(&self.metadata_name(&volume)?)
             .await?;
         self.pool.delete_thin(transfer.metadata_thin_id).await?;
@@ -270,13 +269,7 @@ impl Agent {
     ) -> Result<bool, AgentError> {
         let public = self.naming.public(&volume.volume_id()?);
         let destination = self.ensure_thin_device(volume).await?;
-        let local = Table::single(
-            volume.size_bytes / SECTOR,
-            Target::Linear(Linear {
-                device: destination,
-                offset: 0,
-            }),
-        )?;
+        let local = self.local_table(volume, destination).await?;
         let started = Instant::now();
         self.dm.suspend(&public, Flush::Flush).await?;
         let complete = matches!(

@@ -105,3 +105,67 @@ fn invalidate_xml_parser_reads_blocks_and_ranges() {
     let debian = "<blocks>\n  <range begin=\"20\" end = \"22\"/>\n</blocks>\n";
     assert_eq!(parse_invalidate_xml(debian), BTreeSet::from([20, 21]));
 }
+
+/// The agent's own reader of dm-era metadata against era_invalidate and
+/// against the writes themselves, after many eras (the kernel digests older
+/// writesets into the era array meanwhile) on an origin of 300,000 blocks,
+/// so the trees have inner nodes.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_metadata_reader_agrees_with_era_invalidate_and_with_the_writes() {
+    use dmclone::changes::era_metadata::{DeviceBlocks, written_since as read_since};
+    const SMALL_BLOCK: u64 = 4096;
+    let dm = kernel();
+    let prefix = "dmct-erard";
+    remove_all_with_prefix(&dm, prefix).await;
+    let origin = LoopDisk::new(1200 * MIB);
+    let meta = LoopDisk::metadata(32 * MIB);
+    let name = name(prefix, "era");
+    let target = Target::Era(Era {
+        metadata: meta.dev,
+        origin: origin.dev,
+        block_sectors: SMALL_BLOCK / SECTOR,
+    });
+    dm.create(&name, None, &table(origin.sectors(), target))
+        .await
+        .unwrap();
+    let blocks = origin.sectors() * SECTOR / SMALL_BLOCK;
+    let start: EraStatus = dm.status_of(&name, 0).await.unwrap();
+    let mut points = vec![(start.current_era, BTreeSet::new())];
+    for round in 0..24u64 {
+        for i in 0..6 {
+            let block = pattern(round, i, 8)
+                .iter()
+                .fold(0u64, |n, b| n << 8 | u64::from(*b))
+                % blocks;
+            write_at(
+                &name.mapper_path(),
+                block * SMALL_BLOCK,
+                &[round as u8; 4096],
+            );
+            for (_, written) in &mut points {
+                written.insert(block);
+            }
+        }
+        dm.message(&name, 0, "checkpoint").await.unwrap();
+        let now: EraStatus = dm.status_of(&name, 0).await.unwrap();
+        points.push((now.current_era, BTreeSet::new()));
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    dm.message(&name, 0, "take_metadata_snap").await.unwrap();
+    for (era, expected) in &points {
+        let mut device = DeviceBlocks::open(meta.path()).unwrap();
+        let ours: BTreeSet<u64> = read_since(&mut device, *era)
+            .unwrap()
+            .into_iter()
+            .flatten()
+            .collect();
+        assert_eq!(&ours, expected, "the agent's reader, since era {era}");
+        assert_eq!(
+            &written_since(meta.path(), *era),
+            expected,
+            "era_invalidate, since era {era}"
+        );
+    }
+    dm.message(&name, 0, "drop_metadata_snap").await.unwrap();
+    remove_all_with_prefix(&dm, prefix).await;
+}

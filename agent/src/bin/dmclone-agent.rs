@@ -54,6 +54,12 @@ struct Args {
     /// Largest volume [config: volumes.max_size].
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     max_volume_size: Option<u64>,
+    /// dm-era in new volumes' stacks: true or false [config: volumes.change_tracking].
+    #[arg(long, value_name = "BOOL")]
+    change_tracking: Option<bool>,
+    /// Granularity of changed extents [config: volumes.change_block_size].
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    change_block_size: Option<u64>,
     /// dm-clone region size of moves to this host [config: transfer.region_size].
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     transfer_region_size: Option<u64>,
@@ -141,6 +147,11 @@ impl Args {
             &self.max_oversubscription_ratio,
         );
         set(&mut config.volumes.max_size, &self.max_volume_size);
+        set(&mut config.volumes.change_tracking, &self.change_tracking);
+        set(
+            &mut config.volumes.change_block_size,
+            &self.change_block_size,
+        );
         set(&mut config.transfer.region_size, &self.transfer_region_size);
         set(
             &mut config.transfer.hydration_threshold,

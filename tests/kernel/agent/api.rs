@@ -4,9 +4,9 @@ use std::{collections::BTreeMap, os::unix::fs::FileTypeExt, path::Path, sync::Ar
 
 use dmclone::proto::v1::{
     CreateSnapshotRequest, CreateVolumeRequest, DeleteVolumeRequest, ExtendVolumeRequest,
-    GetNodeInfoRequest, GetVolumeRequest, ListVolumesRequest, MarkCheckpointRequest,
-    PublishVolumeRequest, StartTransferRequest, UnpublishVolumeRequest, Volume, VolumeState,
-    snapshots_client::SnapshotsClient, transfers_client::TransfersClient,
+    GetChangedBlocksRequest, GetNodeInfoRequest, GetVolumeRequest, ListVolumesRequest,
+    MarkCheckpointRequest, PublishVolumeRequest, StartTransferRequest, UnpublishVolumeRequest,
+    Volume, VolumeState, snapshots_client::SnapshotsClient, transfers_client::TransfersClient,
     volumes_client::VolumesClient,
 };
 use tonic::{Code, transport::Channel};
@@ -395,14 +395,25 @@ async fn bad_input_gets_a_precise_code_and_changes_nothing() {
             Code::InvalidArgument,
         ),
         (
-            "change tracking",
+            "checkpoint of an unknown volume",
             SnapshotsClient::new(agent.channel().await)
                 .mark_checkpoint(MarkCheckpointRequest {
-                    volume_id: VOL_A.into(),
+                    volume_id: unknown.into(),
                 })
                 .await
                 .map(drop),
-            Code::Unimplemented,
+            Code::NotFound,
+        ),
+        (
+            "changed blocks since nothing",
+            SnapshotsClient::new(agent.channel().await)
+                .get_changed_blocks(GetChangedBlocksRequest {
+                    volume_id: VOL_A.into(),
+                    since: None,
+                })
+                .await
+                .map(drop),
+            Code::InvalidArgument,
         ),
         (
             "transfer without a source",

@@ -5,7 +5,7 @@
 use std::{path::PathBuf, process::Output};
 
 use super::{api::VOL_A, fixture::AgentProcess};
-use crate::support::MIB;
+use crate::support::{MIB, pattern, write_at};
 
 fn dmclonectl() -> PathBuf {
     let agent = super::fixture::agent_binary();
@@ -291,6 +291,73 @@ async fn dmclonectl_starts_watches_and_steers_a_transfer() {
         .status
         .code(),
         Some(3)
+    );
+    agent.destroy().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dmclonectl_checkpoints_and_reports_changed_blocks() {
+    let agent = AgentProcess::start("dmctclicbt").await;
+    json(&agent, &["volume", "create", VOL_A, "16M"]);
+    let published = json(&agent, &["volume", "publish", VOL_A]);
+    let device = PathBuf::from(published["device_path"].as_str().unwrap());
+    let shown = json(&agent, &["volume", "show", VOL_A]);
+    assert_eq!(shown["volumes"][0]["change_tracking"], true, "{shown}");
+    let era = json(&agent, &["volume", "checkpoint", VOL_A])["era"]
+        .as_u64()
+        .unwrap();
+
+    // 4 KiB inside the 64 KiB block at 1 MiB + 128 KiB.
+    let block = MIB + 128 * 1024;
+    write_at(&device, block + 12 * 1024, &pattern(7, 0, 4096));
+    let since = era.to_string();
+    let changes = json(&agent, &["volume", "changes", VOL_A, "--since-era", &since]);
+    assert_eq!(
+        changes["extents"],
+        serde_json::json!([{ "offset_bytes": block, "length_bytes": 65536 }]),
+        "{changes}"
+    );
+    assert_eq!(
+        (&changes["since_era"], &changes["block_bytes"]),
+        (&serde_json::json!(era), &serde_json::json!(65536)),
+        "{changes}"
+    );
+    assert_eq!(changes["changed_bytes"], 65536, "{changes}");
+    let table = run(&agent, &["volume", "changes", VOL_A, "--since-era", &since]);
+    let text = String::from_utf8(table.stdout).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines[0].starts_with("OFFSET"), "{text}");
+    assert!(
+        lines[1].starts_with(&block.to_string()) && lines[1].contains("64.0KiB"),
+        "{text}"
+    );
+    assert!(
+        lines[2].starts_with("1 extent, 64.0KiB (65536 bytes) changed since era"),
+        "{text}"
+    );
+    // Shown with --nocapture: the output of record.
+    print!("$ dmclonectl volume changes {VOL_A} --since-era {since}\n{text}");
+    println!("$ dmclonectl --json volume changes ...\n{changes:#}");
+
+    // Human checkpoint: the era alone; later eras are part of "since".
+    let next = String::from_utf8(run(&agent, &["volume", "checkpoint", VOL_A]).stdout).unwrap();
+    println!("$ dmclonectl volume checkpoint {VOL_A}\n{next}");
+    assert!(next.trim().parse::<u64>().unwrap() > era, "{next}");
+    let snapshot = "5f9d1c3e-5f1a-4f7e-9a57-3f0c2b8f6d02";
+    json(&agent, &["snapshot", "create", snapshot, "--volume", VOL_A]);
+    let shown = json(&agent, &["snapshot", "show", snapshot]);
+    assert!(
+        shown["snapshots"][0]["era"].as_u64().unwrap() > era,
+        "{shown}"
+    );
+    let after = json(
+        &agent,
+        &["volume", "changes", VOL_A, "--since-snapshot", snapshot],
+    );
+    assert_eq!(after["extent_count"], 0, "{after}");
+    assert_eq!(
+        json(&agent, &["volume", "changes", VOL_A, "--since-era", &since])["extents"],
+        changes["extents"]
     );
     agent.destroy().await;
 }

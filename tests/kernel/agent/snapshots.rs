@@ -24,7 +24,11 @@ const VOL_C: &str = "6c9d1c3e-5f1a-4f7e-9a57-3f0c2b8f6d03";
 const VOL_D: &str = "6d9d1c3e-5f1a-4f7e-9a57-3f0c2b8f6d04";
 const SIZE: u64 = 32 * MIB;
 
-async fn snapshot(agent: &AgentProcess, id: &str, volume: &str) -> Result<Snapshot, tonic::Status> {
+pub async fn snapshot(
+    agent: &AgentProcess,
+    id: &str,
+    volume: &str,
+) -> Result<Snapshot, tonic::Status> {
     SnapshotsClient::new(agent.channel().await)
         .create_snapshot(CreateSnapshotRequest {
             snapshot_id: id.into(),
@@ -34,7 +38,7 @@ async fn snapshot(agent: &AgentProcess, id: &str, volume: &str) -> Result<Snapsh
         .map(|r| r.into_inner())
 }
 
-async fn from_snapshot(
+pub async fn from_snapshot(
     client: &mut VolumesClient<Channel>,
     id: &str,
     size: u64,
@@ -68,7 +72,7 @@ async fn clone_of(
         .map(|r| r.into_inner())
 }
 
-async fn revert(agent: &AgentProcess, volume: &str, snap: &str) -> Result<(), tonic::Status> {
+pub async fn revert(agent: &AgentProcess, volume: &str, snap: &str) -> Result<(), tonic::Status> {
     SnapshotsClient::new(agent.channel().await)
         .revert_volume(RevertVolumeRequest {
             volume_id: volume.into(),

@@ -12,14 +12,15 @@ use dmclone::{
     dm::table::{Linear, Target},
     proto::v1::{
         HydrationKnobs, StartTransferRequest, ThrottleTransferRequest, Transfer, TransferRef,
-        TransferState, WatchTransfersRequest, start_transfer_request::Source,
-        transfers_client::TransfersClient,
+        TransferState, WatchTransfersRequest, get_changed_blocks_request::Since,
+        start_transfer_request::Source, transfers_client::TransfersClient,
     },
 };
 use tonic::{Code, transport::Channel};
 
 use super::{
     api::{delete, extend, get, pool_used, publish, unpublish},
+    changes::{BLOCK, changed, checkpoint},
     fixture::AgentProcess,
 };
 use crate::support::*;
@@ -245,8 +246,8 @@ async fn a_volume_is_presented_at_once_hydrated_under_writes_and_finalized() {
         .await
         .unwrap();
     assert!(
-        matches!(table.segments()[0].target, Target::Linear(_)),
-        "{table}"
+        matches!(table.segments()[0].target, Target::Era(_)),
+        "finished: dm-era over the thin device (change tracking is on by default): {table}"
     );
     // A finished volume is an ordinary one.
     unpublish(&mut agent.volumes().await, VOLUME).await.unwrap();
@@ -499,6 +500,40 @@ async fn extending_while_hydrating_maps_the_new_range_locally() {
 /// A volume moved without an attachment (Cinder's migrate) is unpublished
 /// while it arrives: the device hydration runs through stays until the
 /// transfer finishes, then goes, and the volume can be deleted.
+/// dm-clone sits where dm-era goes while the volume arrives: tracking is
+/// refused until the transfer finishes, then starts with the local copy.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_arriving_volume_tracks_changes_once_it_is_local() {
+    let size = 32 * MIB;
+    let source = LoopDisk::with_pattern(size, 67);
+    let agent = AgentProcess::start("dmctarrcbt").await;
+    let mut client = TransfersClient::new(agent.channel().await);
+    start(&mut client, source.path(), size, true, None)
+        .await
+        .unwrap();
+    let refused = checkpoint(&agent, VOLUME).await.unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(refused.message().contains("still arriving"), "{refused:?}");
+
+    client.commit_transfer(reference()).await.unwrap();
+    let (states, _) = watch_to_the_end(&agent).await;
+    assert_eq!(states.last(), Some(&TransferState::Done));
+    let unknown = changed(&agent, VOLUME, Since::Era(0)).await.unwrap_err();
+    assert_eq!(unknown.code(), Code::FailedPrecondition, "{unknown:?}");
+    let era = checkpoint(&agent, VOLUME).await.unwrap();
+    let public = public_path(&agent);
+    write_at(&public, 3 * BLOCK + 4096, &[0x5A; 4096]);
+    write_at(&public, 17 * BLOCK - 4096, &[0x5A; 8192]);
+    assert_eq!(
+        changed(&agent, VOLUME, Since::Era(era)).await.unwrap(),
+        [3, 16, 17].into()
+    );
+    let mut volumes = agent.volumes().await;
+    unpublish(&mut volumes, VOLUME).await.unwrap();
+    delete(&mut volumes, VOLUME).await.unwrap();
+    agent.destroy().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn an_arriving_volume_unpublished_loses_its_device_when_finished() {
     let size = 32 * MIB;

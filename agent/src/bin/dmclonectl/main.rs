@@ -3,6 +3,7 @@
 //! Talks gRPC to the agent over its Unix socket (the default) or over TCP
 //! with mutual TLS. Human tables by default, `--json` for scripts.
 
+mod changes;
 mod node;
 mod output;
 mod snapshot;

@@ -2,8 +2,8 @@
 
 use clap::Subcommand;
 use dmclone::proto::v1::{
-    CreateSnapshotRequest, DeleteSnapshotRequest, ListSnapshotsRequest, Snapshot,
-    snapshots_client::SnapshotsClient,
+    CreateSnapshotRequest, DeleteSnapshotRequest, GetSnapshotRequest, ListSnapshotsRequest,
+    Snapshot, snapshots_client::SnapshotsClient,
 };
 use serde_json::json;
 use tonic::transport::Channel;
@@ -16,6 +16,10 @@ pub enum SnapshotCommand {
     List {
         #[arg(long)]
         volume: Option<String>,
+    },
+    /// One snapshot.
+    Show {
+        id: String,
     },
     /// Take a snapshot of a volume.
     Create {
@@ -41,6 +45,13 @@ pub async fn run(channel: Channel, command: SnapshotCommand, as_json: bool) -> R
                 .into_inner()
                 .snapshots;
             show(&snapshots, as_json);
+        }
+        SnapshotCommand::Show { id } => {
+            let snapshot = client
+                .get_snapshot(GetSnapshotRequest { snapshot_id: id })
+                .await?
+                .into_inner();
+            show(&[snapshot], as_json);
         }
         SnapshotCommand::Create { id, volume } => {
             let snapshot = client
@@ -78,7 +89,8 @@ fn show(snapshots: &[Snapshot], as_json: bool) {
                     "volume_id": s.volume_id,
                     "size_bytes": s.size_bytes,
                     "allocated_bytes": s.allocated_bytes,
-                    "era": s.era,
+                    // null when the volume did not track changes.
+                    "era": s.has_era.then_some(s.era),
                     "created_unix_seconds": s.created_unix_seconds,
                 })
             })
@@ -94,7 +106,11 @@ fn show(snapshots: &[Snapshot], as_json: bool) {
                 s.volume_id.clone(),
                 output::size(s.size_bytes),
                 output::size(s.allocated_bytes),
-                s.era.to_string(),
+                if s.has_era {
+                    s.era.to_string()
+                } else {
+                    "-".into()
+                },
             ]
         })
         .collect();

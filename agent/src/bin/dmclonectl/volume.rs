@@ -1,12 +1,12 @@
 //! `dmclonectl volume ...`
 
-use clap::Subcommand;
+use clap::{ArgGroup, Subcommand};
 use dmclone::{
     config::parse_size,
     proto::v1::{
         CreateVolumeRequest, DeleteVolumeRequest, ExtendVolumeRequest, GetVolumeRequest,
         ListVolumesRequest, PublishVolumeRequest, UnpublishVolumeRequest, Volume, VolumeState,
-        volumes_client::VolumesClient,
+        get_changed_blocks_request::Since, volumes_client::VolumesClient,
     },
 };
 use serde_json::json;
@@ -47,6 +47,19 @@ pub enum VolumeCommand {
     },
     /// Remove the export.
     Unexport { id: String },
+    /// Mark a point in the volume's change history; print its era.
+    Checkpoint { id: String },
+    /// Extents written since a checkpoint's era or a snapshot.
+    #[command(group(ArgGroup::new("since").required(true)))]
+    Changes {
+        id: String,
+        /// An era from `volume checkpoint`.
+        #[arg(long, value_name = "ERA", group = "since")]
+        since_era: Option<u32>,
+        /// A snapshot of the volume.
+        #[arg(long, value_name = "SNAPSHOT_ID", group = "since")]
+        since_snapshot: Option<String>,
+    },
 }
 
 pub async fn run(channel: Channel, command: VolumeCommand, as_json: bool) -> Result<(), Failure> {
@@ -116,6 +129,25 @@ pub async fn run(channel: Channel, command: VolumeCommand, as_json: bool) -> Res
         VolumeCommand::Unexport { id } => {
             return crate::transfer::unexport(channel, id, as_json).await;
         }
+        VolumeCommand::Checkpoint { id } => {
+            return crate::changes::checkpoint(channel, id, as_json).await;
+        }
+        VolumeCommand::Changes {
+            id,
+            since_era,
+            since_snapshot,
+        } => {
+            let since = match (since_era, since_snapshot) {
+                (Some(era), _) => Since::Era(era),
+                (None, Some(snapshot)) => Since::SnapshotId(snapshot),
+                (None, None) => {
+                    return Err(Failure::Usage(
+                        "name the start: --since-era ERA or --since-snapshot SNAPSHOT_ID".into(),
+                    ));
+                }
+            };
+            return crate::changes::changes(channel, id, since, as_json).await;
+        }
         VolumeCommand::Unpublish { id } => {
             client
                 .unpublish_volume(UnpublishVolumeRequest {
@@ -181,5 +213,6 @@ pub fn to_json(volume: &Volume) -> serde_json::Value {
         "state_reason": volume.state_reason,
         "published": volume.published,
         "device_path": volume.device_path,
+        "change_tracking": volume.change_tracking,
     })
 }

@@ -107,14 +107,20 @@ class SnapshotsServicer:
         raise NotImplementedError('Method not implemented!')
 
     def MarkCheckpoint(self, request, context):
-        """Marks a point in the volume's change history and returns its era.
+        """Marks a point in the volume's change history and returns its era: what
+        is written after the call lands in this era or later. FAILED_PRECONDITION
+        while the volume is still arriving, or when it does not track changes.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetChangedBlocks(self, request, context):
-        """Extents written since a checkpoint or snapshot, streamed.
+        """Extents written since a checkpoint (its era) or a snapshot, until now,
+        at the volume's change-block granularity; streamed in batches, in
+        offset order. INVALID_ARGUMENT for an era that has not begun;
+        FAILED_PRECONDITION for one before the volume's known history (its
+        content came from a snapshot, clone, revert or another host).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -1,0 +1,490 @@
+//! Changed-block tracking with dm-era.
+//!
+//! A tracked volume's public device is `era(<prefix>-emeta-<id>, thin)`
+//! instead of a linear map of the thin device: the same depth, so tracking
+//! costs dm-era's bookkeeping and no extra remapping. Its metadata lives in a
+//! thin device of the pool, active while the volume exists. An unpublished
+//! volume has no public device; a call that needs dm-era then activates it
+//! for a moment under a private name (a probe): nothing writes to an
+//! unpublished volume, so its history cannot miss a write.
+//!
+//! Eras: dm-era counts up on `checkpoint` and on every resume. A write lands
+//! in the era current at the time; "changed since era N" is every block
+//! written in era N or later, read from a metadata snapshot by the agent's
+//! own reader of dm-era's on-disk format ([`era_metadata`]). Snapshots
+//! record the first era after them.
+//!
+//! History has a start: a volume made empty knows every write (from era 0);
+//! one whose content came from elsewhere (a snapshot, a clone, a revert,
+//! another host) knows writes from the first era dm-era ran over it, and a
+//! question about an earlier era is refused rather than answered wrongly.
+//! While a volume is still arriving, dm-clone sits where dm-era would, so
+//! tracking starts when its transfer finishes.
+
+pub mod era_metadata;
+
+use std::ops::Range;
+
+use tracing::{info, warn};
+
+use crate::{
+    agent::Agent,
+    config::MIB,
+    dm::{
+        kernel::Flush,
+        names::DeviceName,
+        status::EraStatus,
+        table::{DevRef, Era, Linear, Table, Target},
+    },
+    error::AgentError,
+    ids::{SnapshotId, VolumeId},
+    pool::ThinCreated,
+    store::{ChangeTracking, VolumeRecord},
+};
+
+const SECTOR: u64 = 512;
+/// dm-era's era array holds 0 for blocks never written, so "since era 0"
+/// would name every block. No write ever lands in era 0: fresh
+/// metadata starts there and every activation begins a new era before any
+/// I/O. So "since 0" is asked as "since 1", which means the same.
+const FIRST_WRITABLE_ERA: u32 = 1;
+
+/// Bytes of a volume, from `offset_bytes`, written since the asked-for era.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    pub offset_bytes: u64,
+    pub length_bytes: u64,
+}
+
+/// What a changed-blocks query answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChangedBlocks {
+    pub since_era: u32,
+    /// The era begun as the answer was read: it covers every earlier era,
+    /// so asking since this one next time reports exactly what is new.
+    pub next_era: u32,
+    pub block_bytes: u64,
+    pub extents: Vec<Extent>,
+}
+
+/// The point a changed-blocks query starts from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Since {
+    Era(u32),
+    Snapshot(SnapshotId),
+}
+
+/// The dm-era device a call works through.
+struct EraDevice {
+    name: DeviceName,
+    /// Activated for this call (the volume is not published).
+    probe: bool,
+}
+
+impl Agent {
+    /// Tracking for a new volume, per the configuration; `known_from_era` is
+    /// `Some(0)` for an empty volume, `None` when its content comes from
+    /// elsewhere.
+    pub(crate) fn new_tracking(&self, known_from_era: Option<u32>) -> Option<ChangeTracking> {
+        let block_bytes = self.settings.change_block_bytes?;
+        Some(ChangeTracking {
+            metadata_thin_id: 0,
+            metadata_bytes: era_metadata_bytes(self.settings.max_volume_size, block_bytes),
+            block_bytes,
+            known_from_era,
+        })
+    }
+
+    /// Makes the era metadata's thin device exist and be active. A thin id
+    /// made here and now starts zeroed, so dm-era formats it; one found made
+    /// is never touched (it holds the history).
+    pub(crate) async fn ensure_era_metadata(
+        &self,
+        record: &VolumeRecord,
+    ) -> Result<Option<DevRef>, AgentError> {
+        let Some(tracking) = &record.tracking else {
+            return Ok(None);
+        };
+        let name = self.naming.era_metadata(&record.volume_id()?);
+        let table = self
+            .pool
+            .thin_table(tracking.metadata_thin_id, tracking.metadata_bytes)?;
+        if self.dm.info(&name).await?.is_none() {
+            let created = self.pool.create_thin(tracking.metadata_thin_id).await?;
+            let device = self.dm.create(&name, None, &table).await?.device;
+            if created == ThinCreated::Created {
+                crate::transfer::zero_first_block(&name.mapper_path()).await?;
+            }
+            return Ok(Some(device));
+        }
+        Ok(Some(self.ensure_device(&name, &table, |_| false).await?))
+    }
+
+    /// Removes dm-era's devices and frees its metadata (the volume goes).
+    pub(crate) async fn drop_era_metadata(&self, record: &VolumeRecord) -> Result<(), AgentError> {
+        let Some(tracking) = &record.tracking else {
+            return Ok(());
+        };
+        let id = record.volume_id()?;
+        self.remove_device_if_present(&self.naming.era_probe(&id))
+            .await?;
+        self.remove_device_if_present(&self.naming.era_metadata(&id))
+            .await?;
+        self.pool.delete_thin(tracking.metadata_thin_id).await?;
+        Ok(())
+    }
+
+    /// What the public device maps once the volume is local: dm-era over
+    /// the thin device when the volume tracks changes, else a linear map.
+    pub(crate) async fn local_table(
+        &self,
+        record: &VolumeRecord,
+        thin: DevRef,
+    ) -> Result<Table, AgentError> {
+        let target = match (&record.tracking, self.ensure_era_metadata(record).await?) {
+            (Some(tracking), Some(metadata)) => Target::Era(Era {
+                metadata,
+                origin: thin,
+                block_sectors: tracking.block_bytes / SECTOR,
+            }),
+            _ => Target::Linear(Linear {
+                device: thin,
+                offset: 0,
+            }),
+        };
+        Ok(Table::single(record.size_bytes / SECTOR, target)?)
+    }
+
+    /// After dm-era came up over the volume: a history without a start gets
+    /// the era now current (writes from here on are all seen).
+    pub(crate) async fn note_history_start(
+        &self,
+        record: &mut VolumeRecord,
+        era_device: &DeviceName,
+    ) -> Result<(), AgentError> {
+        let Some(tracking) = record.tracking.as_mut() else {
+            return Ok(());
+        };
+        if tracking.known_from_era.is_some() {
+            return Ok(());
+        }
+        let status: EraStatus = self.dm.status_of(era_device, 0).await?;
+        tracking.known_from_era = Some(status.current_era);
+        info!(volume = %record.id, era = status.current_era, "changed-block tracking starts");
+        self.put(record).await
+    }
+
+    /// Marks a point in the volume's history and returns its era: blocks
+    /// written after this call are in this era or later.
+    pub async fn mark_checkpoint(&self, id: &VolumeId) -> Result<u32, AgentError> {
+        let _held = self.locks.lock(id.as_str()).await;
+        let mut record = self.ready_record(id, "mark a checkpoint").await?;
+        let era = self.era_device(&mut record).await?;
+        let result = async {
+            if !era.probe {
+                // A probe's activation already began a new era.
+                self.dm.message(&era.name, 0, "checkpoint").await?;
+            }
+            Ok::<_, AgentError>(
+                self.dm
+                    .status_of::<EraStatus>(&era.name, 0)
+                    .await?
+                    .current_era,
+            )
+        }
+        .await;
+        self.release(era).await;
+        let current = result?;
+        info!(volume = %id, era = current, "checkpoint");
+        Ok(current)
+    }
+
+    /// Every extent of the volume written since `since`, at the volume's era
+    /// block granularity, read from a metadata snapshot.
+    pub async fn changed_blocks(
+        &self,
+        id: &VolumeId,
+        since: &Since,
+    ) -> Result<ChangedBlocks, AgentError> {
+        let _held = self.locks.lock(id.as_str()).await;
+        let mut record = self.ready_record(id, "report changed blocks").await?;
+        let since_era = self.era_of(id, since).await?;
+        let era = self.era_device(&mut record).await?;
+        let result = self.read_changes(&record, &era, since_era).await;
+        self.release(era).await;
+        result
+    }
+
+    /// The era a snapshot began, checked against the history we have.
+    async fn era_of(&self, id: &VolumeId, since: &Since) -> Result<u32, AgentError> {
+        match since {
+            Since::Era(era) => Ok(*era),
+            Since::Snapshot(snapshot) => {
+                let record =
+                    self.snapshot_record(snapshot)
+                        .await?
+                        .ok_or_else(|| AgentError::NotFound {
+                            what: "snapshot",
+                            id: snapshot.to_string(),
+                        })?;
+                if record.volume_id != id.as_str() {
+                    return Err(AgentError::InvalidArgument {
+                        field: "snapshot_id",
+                        reason: format!(
+                            "snapshot {snapshot} is of volume {}, not of {id}",
+                            record.volume_id
+                        ),
+                    });
+                }
+                record.era.ok_or_else(|| {
+                    AgentError::FailedPrecondition(format!(
+                        "snapshot {snapshot} was taken while volume {id} did not track changes; read the whole volume instead"
+                    ))
+                })
+            }
+        }
+    }
+
+    async fn read_changes(
+        &self,
+        record: &VolumeRecord,
+        era: &EraDevice,
+        since_era: u32,
+    ) -> Result<ChangedBlocks, AgentError> {
+        let id = record.volume_id()?;
+        let tracking = tracking_of(record)?;
+        let status: EraStatus = self.dm.status_of(&era.name, 0).await?;
+        check_answerable(&id, tracking, since_era, status.current_era)?;
+        if status.held_root.is_some() {
+            // Left by a call that died half-way; only the agent takes one.
+            warn!(volume = %id, "dropping a metadata snapshot left from an interrupted call");
+            self.dm.message(&era.name, 0, "drop_metadata_snap").await?;
+        }
+        self.dm.message(&era.name, 0, "take_metadata_snap").await?;
+        // Taking the metadata snapshot began a new era: the answer covers
+        // every era before it, so it is where the caller asks from next.
+        let next: Result<EraStatus, _> = self.dm.status_of(&era.name, 0).await;
+        let metadata = self.naming.era_metadata(&id).mapper_path();
+        let asked = since_era.max(FIRST_WRITABLE_ERA);
+        let blocks = crate::agent::blocking(move || {
+            let mut device =
+                era_metadata::DeviceBlocks::open(&metadata).map_err(|source| AgentError::Io {
+                    context: format!("cannot open {}", metadata.display()),
+                    source,
+                })?;
+            era_metadata::written_since(&mut device, asked)
+        })
+        .await;
+        let dropped = self.dm.message(&era.name, 0, "drop_metadata_snap").await;
+        let blocks = blocks?;
+        dropped?;
+        Ok(ChangedBlocks {
+            since_era,
+            next_era: next?.current_era,
+            block_bytes: tracking.block_bytes,
+            extents: extents(&blocks, tracking.block_bytes, record.size_bytes),
+        })
+    }
+
+    /// Takes a thin snapshot through `take` and returns the era it starts, or
+    /// `None` when the volume does not track changes. A published volume's
+    /// dm-era is suspended around the snapshot, so its resume begins the new
+    /// era exactly at the snapshot; a probe begins it on activation.
+    pub(crate) async fn snapshot_with_era<F>(
+        &self,
+        record: &mut VolumeRecord,
+        take: F,
+    ) -> Result<Option<u32>, AgentError>
+    where
+        F: AsyncFnOnce(&VolumeRecord) -> Result<(), AgentError>,
+    {
+        if record.tracking.is_none() {
+            take(record).await?;
+            return Ok(None);
+        }
+        let era = self.era_device(record).await?;
+        let result = async {
+            if era.probe {
+                take(record).await?;
+            } else {
+                self.dm.suspend(&era.name, Flush::Flush).await?;
+                let taken = take(record).await;
+                let resumed = self.dm.resume(&era.name).await;
+                taken?;
+                resumed?;
+            }
+            Ok::<_, AgentError>(
+                self.dm
+                    .status_of::<EraStatus>(&era.name, 0)
+                    .await?
+                    .current_era,
+            )
+        }
+        .await;
+        self.release(era).await;
+        result.map(Some)
+    }
+
+    /// The volume's dm-era: its public device, or a probe when unpublished.
+    async fn era_device(&self, record: &mut VolumeRecord) -> Result<EraDevice, AgentError> {
+        let id = record.volume_id()?;
+        tracking_of(record)?;
+        if let Some(transfer) = &record.transfer {
+            return Err(AgentError::FailedPrecondition(format!(
+                "volume {id} is still arriving (transfer {transfer}); changed-block tracking starts when the transfer finishes"
+            )));
+        }
+        let era = if record.published {
+            self.ensure_public_device(record).await?;
+            EraDevice {
+                name: self.naming.public(&id),
+                probe: false,
+            }
+        } else {
+            let name = self.naming.era_probe(&id);
+            self.remove_device_if_present(&name).await?;
+            let thin = self.ensure_thin_device(record).await?;
+            let table = self.local_table(record, thin).await?;
+            self.dm.create(&name, None, &table).await?;
+            EraDevice { name, probe: true }
+        };
+        if let Err(err) = self.note_history_start(record, &era.name).await {
+            self.release(era).await;
+            return Err(err);
+        }
+        Ok(era)
+    }
+
+    async fn release(&self, era: EraDevice) {
+        if era.probe
+            && let Err(err) = self.remove_device_if_present(&era.name).await
+        {
+            warn!(device = %era.name, error = %err, "cannot remove the dm-era probe; the next start removes it");
+        }
+    }
+}
+
+fn tracking_of(record: &VolumeRecord) -> Result<&ChangeTracking, AgentError> {
+    record.tracking.as_ref().ok_or_else(|| {
+        AgentError::FailedPrecondition(format!(
+            "volume {} does not track changed blocks (it was made while volumes.change_tracking was off, or by an agent without it)",
+            record.id
+        ))
+    })
+}
+
+/// Refuses a question the history cannot answer.
+fn check_answerable(
+    id: &VolumeId,
+    tracking: &ChangeTracking,
+    since_era: u32,
+    current_era: u32,
+) -> Result<(), AgentError> {
+    if since_era > current_era {
+        return Err(AgentError::InvalidArgument {
+            field: "era",
+            reason: format!(
+                "era {since_era} has not begun; volume {id}'s current era is {current_era}"
+            ),
+        });
+    }
+    match tracking.known_from_era {
+        Some(start) if since_era >= start => Ok(()),
+        start => Err(AgentError::FailedPrecondition(format!(
+            "volume {id}'s changes are known from era {} on (its content came from a snapshot, a clone, a revert or another host); changes since era {since_era} are not, so read the whole volume",
+            start.map_or_else(|| "<not yet started>".to_owned(), |s| s.to_string())
+        ))),
+    }
+}
+
+/// Block ranges as byte extents, the last one cut at the volume's end.
+pub fn extents(blocks: &[Range<u64>], block_bytes: u64, volume_bytes: u64) -> Vec<Extent> {
+    blocks
+        .iter()
+        .filter_map(|range| {
+            let start = range.start.saturating_mul(block_bytes);
+            let end = range.end.saturating_mul(block_bytes).min(volume_bytes);
+            (start < end).then(|| Extent {
+                offset_bytes: start,
+                length_bytes: end - start,
+            })
+        })
+        .collect()
+}
+
+/// Room for dm-era's metadata of a volume as large as volumes may grow: the
+/// era array (4 bytes a block), four writesets' bits, and btree and
+/// space-map overhead. A thin device, so only what dm-era writes takes space.
+pub fn era_metadata_bytes(max_volume_bytes: u64, block_bytes: u64) -> u64 {
+    let blocks = max_volume_bytes.div_ceil(block_bytes);
+    let bytes = blocks * 4 + blocks.div_ceil(8) * 4 + 16 * MIB;
+    bytes.div_ceil(MIB) * MIB
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn tracking(known_from_era: Option<u32>) -> ChangeTracking {
+        ChangeTracking {
+            metadata_thin_id: 2,
+            metadata_bytes: 32 * MIB,
+            block_bytes: 64 << 10,
+            known_from_era,
+        }
+    }
+
+    #[test]
+    fn extents_are_bytes_cut_at_the_volume_end() {
+        let block = 64 << 10;
+        let got = extents(&[0..2, 5..6, 15..16], block, 15 * block + 4096);
+        assert_eq!(
+            got,
+            vec![
+                Extent {
+                    offset_bytes: 0,
+                    length_bytes: 2 * block
+                },
+                Extent {
+                    offset_bytes: 5 * block,
+                    length_bytes: block
+                },
+                Extent {
+                    offset_bytes: 15 * block,
+                    length_bytes: 4096
+                },
+            ]
+        );
+        assert_eq!(extents(&[20..21, 30..32], block, 15 * block), vec![]);
+    }
+
+    #[test]
+    fn questions_before_the_history_or_after_now_are_refused() {
+        let id = VolumeId::parse("0b9d1c3e-5f1a-4f7e-9a57-3f0c2b8f6d11").unwrap();
+        assert!(check_answerable(&id, &tracking(Some(0)), 0, 5).is_ok());
+        assert!(check_answerable(&id, &tracking(Some(3)), 3, 5).is_ok());
+        let early = check_answerable(&id, &tracking(Some(3)), 2, 5).unwrap_err();
+        assert!(
+            matches!(early, AgentError::FailedPrecondition(_)),
+            "{early}"
+        );
+        assert!(early.to_string().contains("known from era 3"), "{early}");
+        let unknown = check_answerable(&id, &tracking(None), 0, 5).unwrap_err();
+        assert!(unknown.to_string().contains("not yet started"), "{unknown}");
+        let future = check_answerable(&id, &tracking(Some(0)), 6, 5).unwrap_err();
+        assert!(
+            matches!(future, AgentError::InvalidArgument { field: "era", .. }),
+            "{future}"
+        );
+    }
+
+    #[test]
+    fn metadata_room_grows_with_the_largest_volume() {
+        let small = era_metadata_bytes(1 << 30, 64 << 10);
+        assert_eq!(small, 17 * MIB);
+        let largest = era_metadata_bytes(64 << 40, 64 << 10);
+        assert_eq!(largest, (4 << 30) + (512 << 20) + 16 * MIB);
+        assert_eq!(largest % MIB, 0);
+    }
+}
