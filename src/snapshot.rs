@@ -38,7 +38,7 @@ pub struct SnapshotView {
     pub allocated_bytes: Option<u64>,
     pub created_unix: i64,
     /// The volume's first era after the snapshot, when it tracks changes.
-    pub era: Option<u32>,
+    pub era: Option<u64>,
 }
 
 impl Agent {
@@ -283,27 +283,22 @@ impl Agent {
             )));
         }
         let old_thin = record.thin_id;
+        crate::changes::restart_history(&mut record);
+        record.pending = Some(Pending::Revert {
+            old_thin,
+            snapshot_thin: source.thin_id,
+        });
         let reverting = record.clone();
         let ids = self
             .store_call(move |store| {
                 store.allocate_and_commit(1, |ids| {
                     let mut reverting = reverting;
                     reverting.thin_id = ids[0];
-                    forget_history(&mut reverting);
-                    reverting.pending = Some(Pending::Revert {
-                        old_thin,
-                        snapshot_thin: source.thin_id,
-                    });
                     Ok(vec![Change::put(&reverting)?])
                 })
             })
             .await?;
         record.thin_id = ids[0];
-        forget_history(&mut record);
-        record.pending = Some(Pending::Revert {
-            old_thin,
-            snapshot_thin: source.thin_id,
-        });
         failpoint::hit("revert.after_record");
         self.finish_revert(&record).await?;
         info!(volume = %volume, snapshot = %snapshot, "reverted to the snapshot");
@@ -533,14 +528,6 @@ impl Agent {
                 None
             }
         }
-    }
-}
-
-/// The content is replaced: what dm-era saw so far no longer describes it,
-/// so history starts again when dm-era next runs.
-fn forget_history(record: &mut VolumeRecord) {
-    if let Some(tracking) = record.tracking.as_mut() {
-        tracking.known_from_era = None;
     }
 }
 

@@ -72,6 +72,10 @@ pub struct VolumeRecord {
 /// A volume's dm-era: its metadata lives in a thin device of the pool.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChangeTracking {
+    /// The tag of the current history: the high half of every era callers
+    /// see, new whenever history starts again.
+    #[serde(default)]
+    pub history: u32,
     pub metadata_thin_id: u32,
     pub metadata_bytes: u64,
     /// dm-era's block: the granularity of changed extents.
@@ -126,10 +130,10 @@ pub struct SnapshotRecord {
     /// `Create` (rolled back after a crash) or `Delete` (finished).
     #[serde(default)]
     pub pending: Option<Pending>,
-    /// The volume's first era after the snapshot: what changed since the
-    /// snapshot is what was written in this era or later.
+    /// The volume's first era after the snapshot, as callers see eras:
+    /// what changed since the snapshot is what was written in it or later.
     #[serde(default)]
-    pub era: Option<u32>,
+    pub era: Option<u64>,
 }
 
 impl Record for SnapshotRecord {

@@ -224,6 +224,21 @@ pub fn written_since<S: BlockSource>(
     Ok(ranges(&written))
 }
 
+/// The eras whose writesets the kernel has not yet digested into the era
+/// array, in the held metadata snapshot (for diagnostics and tests).
+pub fn undigested_eras<S: BlockSource>(source: &mut S) -> Result<Vec<u64>, AgentError> {
+    let mut reader = Reader { source };
+    let superblock = reader.read(0, SUPERBLOCK_CSUM_XOR, "superblock")?;
+    let held = reader.read(
+        superblock.u64(216),
+        SUPERBLOCK_CSUM_XOR,
+        "metadata snapshot",
+    )?;
+    let mut writesets = Vec::new();
+    reader.btree_entries(held.u64(200), 12, &mut writesets, 0)?;
+    Ok(writesets.into_iter().map(|(era, _)| era).collect())
+}
+
 /// Runs of `true` as ranges of indices.
 fn ranges(flags: &[bool]) -> Vec<Range<u64>> {
     let mut out: Vec<Range<u64>> = Vec::new();

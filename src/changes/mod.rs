@@ -14,6 +14,13 @@
 //! own reader of dm-era's on-disk format ([`era_metadata`]). Snapshots
 //! record the first era after them.
 //!
+//! Eras as callers see them are 64 bits: a history tag above dm-era's own
+//! 32-bit era. Each history (a volume made, copied from elsewhere, reverted,
+//! or arrived on this host) gets a fresh random tag, so an era from another
+//! history, another host's included, is refused instead of being answered
+//! with this history's unrelated blocks. Era 0 means "since the volume was
+//! made".
+//!
 //! History has a start: a volume made empty knows every write (from era 0);
 //! one whose content came from elsewhere (a snapshot, a clone, a revert,
 //! another host) knows writes from the first era dm-era ran over it, and a
@@ -59,10 +66,10 @@ pub struct Extent {
 /// What a changed-blocks query answers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChangedBlocks {
-    pub since_era: u32,
+    pub since_era: u64,
     /// The era begun as the answer was read: it covers every earlier era,
     /// so asking since this one next time reports exactly what is new.
-    pub next_era: u32,
+    pub next_era: u64,
     pub block_bytes: u64,
     pub extents: Vec<Extent>,
 }
@@ -70,7 +77,7 @@ pub struct ChangedBlocks {
 /// The point a changed-blocks query starts from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Since {
-    Era(u32),
+    Era(u64),
     Snapshot(SnapshotId),
 }
 
@@ -88,6 +95,7 @@ impl Agent {
     pub(crate) fn new_tracking(&self, known_from_era: Option<u32>) -> Option<ChangeTracking> {
         let block_bytes = self.settings.change_block_bytes?;
         Some(ChangeTracking {
+            history: new_history_tag(None),
             metadata_thin_id: 0,
             metadata_bytes: era_metadata_bytes(self.settings.max_volume_size, block_bytes),
             block_bytes,
@@ -176,7 +184,7 @@ impl Agent {
 
     /// Marks a point in the volume's history and returns its era: blocks
     /// written after this call are in this era or later.
-    pub async fn mark_checkpoint(&self, id: &VolumeId) -> Result<u32, AgentError> {
+    pub async fn mark_checkpoint(&self, id: &VolumeId) -> Result<u64, AgentError> {
         let _held = self.locks.lock(id.as_str()).await;
         let mut record = self.ready_record(id, "mark a checkpoint").await?;
         let era = self.era_device(&mut record).await?;
@@ -194,7 +202,7 @@ impl Agent {
         }
         .await;
         self.release(era).await;
-        let current = result?;
+        let current = public_era(tracking_of(&record)?, result?);
         info!(volume = %id, era = current, "checkpoint");
         Ok(current)
     }
@@ -216,7 +224,7 @@ impl Agent {
     }
 
     /// The era a snapshot began, checked against the history we have.
-    async fn era_of(&self, id: &VolumeId, since: &Since) -> Result<u32, AgentError> {
+    async fn era_of(&self, id: &VolumeId, since: &Since) -> Result<u64, AgentError> {
         match since {
             Since::Era(era) => Ok(*era),
             Since::Snapshot(snapshot) => {
@@ -249,12 +257,13 @@ impl Agent {
         &self,
         record: &VolumeRecord,
         era: &EraDevice,
-        since_era: u32,
+        since_era: u64,
     ) -> Result<ChangedBlocks, AgentError> {
         let id = record.volume_id()?;
         let tracking = tracking_of(record)?;
         let status: EraStatus = self.dm.status_of(&era.name, 0).await?;
-        check_answerable(&id, tracking, since_era, status.current_era)?;
+        let since_kernel = kernel_era(&id, tracking, since_era)?;
+        check_answerable(&id, tracking, since_kernel, status.current_era)?;
         if status.held_root.is_some() {
             // Left by a call that died half-way; only the agent takes one.
             warn!(volume = %id, "dropping a metadata snapshot left from an interrupted call");
@@ -265,7 +274,7 @@ impl Agent {
         // every era before it, so it is where the caller asks from next.
         let next: Result<EraStatus, _> = self.dm.status_of(&era.name, 0).await;
         let metadata = self.naming.era_metadata(&id).mapper_path();
-        let asked = since_era.max(FIRST_WRITABLE_ERA);
+        let asked = since_kernel.max(FIRST_WRITABLE_ERA);
         let blocks = crate::agent::blocking(move || {
             let mut device =
                 era_metadata::DeviceBlocks::open(&metadata).map_err(|source| AgentError::Io {
@@ -280,7 +289,7 @@ impl Agent {
         dropped?;
         Ok(ChangedBlocks {
             since_era,
-            next_era: next?.current_era,
+            next_era: public_era(tracking, next?.current_era),
             block_bytes: tracking.block_bytes,
             extents: extents(&blocks, tracking.block_bytes, record.size_bytes),
         })
@@ -294,7 +303,7 @@ impl Agent {
         &self,
         record: &mut VolumeRecord,
         take: F,
-    ) -> Result<Option<u32>, AgentError>
+    ) -> Result<Option<u64>, AgentError>
     where
         F: AsyncFnOnce(&VolumeRecord) -> Result<(), AgentError>,
     {
@@ -322,7 +331,7 @@ impl Agent {
         }
         .await;
         self.release(era).await;
-        result.map(Some)
+        Ok(Some(public_era(tracking_of(record)?, result?)))
     }
 
     /// The volume's dm-era: its public device, or a probe when unpublished.
@@ -384,16 +393,68 @@ fn check_answerable(
         return Err(AgentError::InvalidArgument {
             field: "era",
             reason: format!(
-                "era {since_era} has not begun; volume {id}'s current era is {current_era}"
+                "era {} has not begun; volume {id}'s current era is {}",
+                public_era(tracking, since_era),
+                public_era(tracking, current_era)
             ),
         });
     }
     match tracking.known_from_era {
         Some(start) if since_era >= start => Ok(()),
         start => Err(AgentError::FailedPrecondition(format!(
-            "volume {id}'s changes are known from era {} on (its content came from a snapshot, a clone, a revert or another host); changes since era {since_era} are not, so read the whole volume",
-            start.map_or_else(|| "<not yet started>".to_owned(), |s| s.to_string())
+            "volume {id}'s changes are known from era {} on (its content came from a snapshot, a clone, a revert or another host); changes since era {} are not, so read the whole volume",
+            start.map_or_else(
+                || "<not yet started>".to_owned(),
+                |s| public_era(tracking, s).to_string()
+            ),
+            public_era(tracking, since_era),
         ))),
+    }
+}
+
+/// An era as callers see it: the history's tag above dm-era's era.
+pub fn public_era(tracking: &ChangeTracking, kernel_era: u32) -> u64 {
+    u64::from(tracking.history) << 32 | u64::from(kernel_era)
+}
+
+/// dm-era's era for one a caller names; 0 stays 0 ("since the volume was
+/// made", answerable only for a volume made empty).
+fn kernel_era(id: &VolumeId, tracking: &ChangeTracking, era: u64) -> Result<u32, AgentError> {
+    if era == 0 {
+        return Ok(0);
+    }
+    if era >> 32 != u64::from(tracking.history) {
+        return Err(AgentError::FailedPrecondition(format!(
+            "era {era} is not from volume {id}'s history on this host (it predates a move here, a revert, or belongs to another volume); ask since a checkpoint or snapshot taken since, or read the whole volume"
+        )));
+    }
+    Ok(era as u32)
+}
+
+/// A fresh history tag from the kernel's random generator: never 0 (era 0
+/// is special) and never the tag it replaces.
+pub(crate) fn new_history_tag(replacing: Option<u32>) -> u32 {
+    loop {
+        let tag = std::fs::read_to_string("/proc/sys/kernel/random/uuid")
+            .ok()
+            .and_then(|uuid| u32::from_str_radix(uuid.get(..8)?, 16).ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(1, |d| d.subsec_nanos() ^ d.as_secs() as u32)
+            });
+        if tag != 0 && Some(tag) != replacing {
+            return tag;
+        }
+    }
+}
+
+/// The content is replaced (a revert): what dm-era saw so far no longer
+/// describes it, so a new history starts when dm-era next runs.
+pub(crate) fn restart_history(record: &mut VolumeRecord) {
+    if let Some(tracking) = record.tracking.as_mut() {
+        tracking.history = new_history_tag(Some(tracking.history));
+        tracking.known_from_era = None;
     }
 }
 
@@ -428,6 +489,7 @@ mod tests {
 
     fn tracking(known_from_era: Option<u32>) -> ChangeTracking {
         ChangeTracking {
+            history: 7,
             metadata_thin_id: 2,
             metadata_bytes: 32 * MIB,
             block_bytes: 64 << 10,
@@ -469,7 +531,12 @@ mod tests {
             matches!(early, AgentError::FailedPrecondition(_)),
             "{early}"
         );
-        assert!(early.to_string().contains("known from era 3"), "{early}");
+        assert!(
+            early
+                .to_string()
+                .contains(&format!("known from era {}", 7u64 << 32 | 3)),
+            "{early}"
+        );
         let unknown = check_answerable(&id, &tracking(None), 0, 5).unwrap_err();
         assert!(unknown.to_string().contains("not yet started"), "{unknown}");
         let future = check_answerable(&id, &tracking(Some(0)), 6, 5).unwrap_err();
@@ -477,6 +544,41 @@ mod tests {
             matches!(future, AgentError::InvalidArgument { field: "era", .. }),
             "{future}"
         );
+    }
+
+    #[test]
+    fn eras_carry_their_history_and_other_histories_are_refused() {
+        let id = VolumeId::parse("0b9d1c3e-5f1a-4f7e-9a57-3f0c2b8f6d11").unwrap();
+        let ours = tracking(Some(1));
+        let era = public_era(&ours, 5);
+        assert_eq!(era, 7 << 32 | 5);
+        assert_eq!(kernel_era(&id, &ours, era).unwrap(), 5);
+        assert_eq!(kernel_era(&id, &ours, 0).unwrap(), 0);
+        let foreign = kernel_era(&id, &ours, 8 << 32 | 5).unwrap_err();
+        assert!(
+            matches!(foreign, AgentError::FailedPrecondition(_)),
+            "{foreign}"
+        );
+        assert!(foreign.to_string().contains("not from volume"), "{foreign}");
+        let bare = kernel_era(&id, &ours, 5).unwrap_err();
+        assert!(bare.to_string().contains("not from volume"), "{bare}");
+    }
+
+    #[test]
+    fn a_new_history_has_a_new_nonzero_tag() {
+        for _ in 0..100 {
+            let tag = new_history_tag(Some(7));
+            assert!(tag != 0 && tag != 7);
+        }
+        let mut record = crate::volume::new_record(
+            &VolumeId::parse("0b9d1c3e-5f1a-4f7e-9a57-3f0c2b8f6d11").unwrap(),
+            1 << 20,
+        );
+        record.tracking = Some(tracking(Some(3)));
+        restart_history(&mut record);
+        let restarted = record.tracking.unwrap();
+        assert_ne!(restarted.history, 7);
+        assert_eq!(restarted.known_from_era, None);
     }
 
     #[test]

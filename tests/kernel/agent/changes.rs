@@ -27,7 +27,7 @@ const SIZE: u64 = 64 * MIB;
 const S1: &str = "5a9d1c3e-5f1a-4f7e-9a57-3f0c2b8f6d01";
 const S2: &str = "5a9d1c3e-5f1a-4f7e-9a57-3f0c2b8f6d02";
 
-pub async fn checkpoint(agent: &AgentProcess, volume: &str) -> Result<u32, tonic::Status> {
+pub async fn checkpoint(agent: &AgentProcess, volume: &str) -> Result<u64, tonic::Status> {
     SnapshotsClient::new(agent.channel().await)
         .mark_checkpoint(MarkCheckpointRequest {
             volume_id: volume.into(),
@@ -109,7 +109,7 @@ fn step() -> impl Strategy<Value = Step> {
 /// Every point so far (era 0 for the empty volume, then each checkpoint)
 /// with the blocks written since it.
 struct Model {
-    points: Vec<(u32, BTreeSet<u64>)>,
+    points: Vec<(u64, BTreeSet<u64>)>,
 }
 
 impl Model {
@@ -119,7 +119,7 @@ impl Model {
         }
     }
 
-    fn mark(&mut self, era: u32) -> Result<(), TestCaseError> {
+    fn mark(&mut self, era: u64) -> Result<(), TestCaseError> {
         let last = self.points.last().map_or(0, |(e, _)| *e);
         prop_assert!(era > last, "checkpoint era {era} after era {last}");
         self.points.push((era, BTreeSet::new()));
@@ -292,10 +292,25 @@ async fn history_starts_again_when_content_comes_from_elsewhere() {
         .await
         .unwrap_err();
     assert_eq!(other.code(), Code::InvalidArgument, "{other:?}");
+    // Eras carry their history: one of VOL_A's, or a bare dm-era number,
+    // means nothing for VOL_B and is refused, not answered.
+    let era_of_a = checkpoint(&agent, VOL_A).await.unwrap();
+    for foreign in [era_of_a, start & 0xffff_ffff] {
+        let refused = changed(&agent, VOL_B, Since::Era(foreign))
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+        assert!(refused.message().contains("not from volume"), "{refused:?}");
+    }
     unpublish(&mut volumes, VOL_B).await.unwrap();
 
     // A revert replaces the content: questions about before it are refused.
+    let before_revert = checkpoint(&agent, VOL_A).await.unwrap();
     revert(&agent, VOL_A, S1).await.unwrap();
+    let stale = changed(&agent, VOL_A, Since::Era(before_revert))
+        .await
+        .unwrap_err();
+    assert_eq!(stale.code(), Code::FailedPrecondition, "{stale:?}");
     let reverted = changed(&agent, VOL_A, Since::SnapshotId(S1.into()))
         .await
         .unwrap_err();

@@ -70,8 +70,8 @@ pub async fn changes(
 #[derive(Debug, Default)]
 struct Changed {
     extents: Vec<Extent>,
-    since_era: u32,
-    next_era: u32,
+    since_era: u64,
+    next_era: u64,
     block_bytes: u64,
 }
 

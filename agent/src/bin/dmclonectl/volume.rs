@@ -55,7 +55,7 @@ pub enum VolumeCommand {
         id: String,
         /// An era from `volume checkpoint`.
         #[arg(long, value_name = "ERA", group = "since")]
-        since_era: Option<u32>,
+        since_era: Option<u64>,
         /// A snapshot of the volume.
         #[arg(long, value_name = "SNAPSHOT_ID", group = "since")]
         since_snapshot: Option<String>,
