@@ -394,7 +394,7 @@ fn check_answerable(
             field: "era",
             reason: format!(
                 "era {} has not begun; volume {id}'s current era is {}",
-                public_era(tracking, since_era),
+                shown_era(tracking, since_era),
                 public_era(tracking, current_era)
             ),
         });
@@ -407,7 +407,7 @@ fn check_answerable(
                 || "<not yet started>".to_owned(),
                 |s| public_era(tracking, s).to_string()
             ),
-            public_era(tracking, since_era),
+            shown_era(tracking, since_era),
         ))),
     }
 }
@@ -415,6 +415,15 @@ fn check_answerable(
 /// An era as callers see it: the history's tag above dm-era's era.
 pub fn public_era(tracking: &ChangeTracking, kernel_era: u32) -> u64 {
     u64::from(tracking.history) << 32 | u64::from(kernel_era)
+}
+
+/// An era for a message: 0 as the caller wrote it.
+fn shown_era(tracking: &ChangeTracking, kernel_era: u32) -> u64 {
+    if kernel_era == 0 {
+        0
+    } else {
+        public_era(tracking, kernel_era)
+    }
 }
 
 /// dm-era's era for one a caller names; 0 stays 0 ("since the volume was

@@ -13,7 +13,7 @@ use dmclone::proto::v1::{
 use tonic::{Code, transport::Channel};
 
 use super::{
-    api::{VOL_A, VOL_B, create, delete, device_size, extend, get, publish, unpublish},
+    api::{VOL_A, VOL_B, create, delete, device_size, extend, get, pool_used, publish, unpublish},
     fixture::AgentProcess,
 };
 use crate::support::*;
@@ -375,5 +375,40 @@ async fn a_snapshot_of_an_arriving_volume_waits_for_hydration() {
         volume_holds(&mut volumes, VOL_C, 21, size).await,
         "the snapshot holds the moved data"
     );
+    agent.destroy().await;
+}
+
+/// A snapshot of a 1 GiB volume shares every block: taking it allocates no
+/// data (at most a block of dm-era metadata, whose era it records), and
+/// space is spent only when one side is written.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_snapshot_costs_no_data_until_written() {
+    const GIB: u64 = 1024 * MIB;
+    let agent = AgentProcess::start_with("dmctsnapspace", &["--pool-file-size", "3G"], &[]).await;
+    let mut volumes = agent.volumes().await;
+    create(&mut volumes, VOL_A, GIB).await.unwrap();
+    let path = publish(&mut volumes, VOL_A).await.unwrap();
+    fill(Path::new(&path), 9, 4 * MIB);
+    let (before, _) = pool_used(&agent).await;
+    let taken = snapshot(&agent, SNAP, VOL_A).await.unwrap();
+    let (after, _) = pool_used(&agent).await;
+    println!(
+        "1 GiB volume with 4 MiB written: the snapshot maps {} bytes; pool data {before} -> {after} bytes",
+        taken.allocated_bytes
+    );
+    assert_eq!(taken.allocated_bytes, 4 * MIB, "shares the volume's blocks");
+    assert!(
+        after - before <= 64 * 1024,
+        "a snapshot allocates no data: {before} -> {after}"
+    );
+    // Overwriting a shared block copies it; a new block is just written.
+    write_at(Path::new(&path), 0, &pattern(10, 0, MIB as usize));
+    write_at(Path::new(&path), 512 * MIB, &pattern(10, 0, MIB as usize));
+    let (written, _) = pool_used(&agent).await;
+    assert!(
+        written - after >= 2 * MIB,
+        "2 MiB written after the snapshot take 2 MiB: {after} -> {written}"
+    );
+    unpublish(&mut volumes, VOL_A).await.unwrap();
     agent.destroy().await;
 }
