@@ -3,7 +3,7 @@
 # (or on an opted-in host): start dmclone-agent with nothing but a state
 # directory, create volumes, write and read them through their public devices,
 # list them with their state and the pool's usage, extend one while it is in
-# use, survive a restart, and clean up.
+# use, survive a restart, report what changed since a snapshot, and clean up.
 set -eu
 bin=${DMCLONE_BIN:-target/debug}
 state=${DMCLONE_DEMO_STATE:-/tmp/dmclone-demo}
@@ -27,7 +27,7 @@ start_agent() {
 }
 stop_agent() { kill -TERM $agent; wait $agent; }
 
-rm -rf "$state" "$state.log"
+rm -rf "$state" "$state.log" "$state.changes"
 mkdir -p "$state"
 step "starting: dmclone-agent --state-dir $state (embedded default: sparse pool file on a loop device)"
 start_agent
@@ -67,6 +67,16 @@ $ctl volume list
 got=$(dd if="$db_dev" bs=1M iflag=direct status=none | sha256sum | cut -c1-64)
 [ "$want" = "$got" ] || { echo "data changed across the restart" >&2; exit 1; }
 echo "db volume still reads sha256 $got"
+
+step "changed-block tracking: a snapshot, three small writes, what changed since the snapshot"
+snap=5a9d1c3e-5f1a-4f7e-9a57-3f0c2b8f6d99
+$ctl snapshot create $snap --volume $db
+for offset_kib in 0 64 40960; do
+    dd if=/dev/urandom of="$db_dev" bs=4K count=1 seek=$((offset_kib / 4)) oflag=direct status=none
+done
+$ctl volume changes $db --since-snapshot $snap | tee "$state.changes"
+grep -q '^2 extents, 192.0KiB' "$state.changes" || { echo "expected blocks 0-1 and 640 of 64 KiB" >&2; exit 1; }
+$ctl snapshot delete $snap
 
 step "unpublishing and deleting the logs volume; a published volume refuses deletion"
 if $ctl volume delete $db; then echo "deleting a published volume must fail" >&2; exit 1; fi

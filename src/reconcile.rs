@@ -247,6 +247,10 @@ impl Agent {
                 .is_some_and(|state| state.suspended)
             {
                 warn!(device = %name, "resuming a device a crash left suspended");
+                // A table a crashed call loaded but did not check (finalize
+                // loads before it checks) must not go live here; the step
+                // that loaded it is redone by reconciliation.
+                self.dm.clear_inactive(&name).await?;
                 self.dm.resume(&name).await?;
             }
         }

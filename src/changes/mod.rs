@@ -128,6 +128,24 @@ impl Agent {
         Ok(Some(self.ensure_device(&name, &table, |_| false).await?))
     }
 
+    /// Lets dm-era format its metadata now, over the arriving volume's thin
+    /// device, so that the finalize swap later only opens it: formatting
+    /// writes the whole space map, which would lengthen the I/O pause.
+    pub(crate) async fn format_era_metadata(
+        &self,
+        record: &VolumeRecord,
+        thin: DevRef,
+    ) -> Result<(), AgentError> {
+        if record.tracking.is_none() {
+            return Ok(());
+        }
+        let probe = self.naming.era_probe(&record.volume_id()?);
+        self.remove_device_if_present(&probe).await?;
+        let table = self.local_table(record, thin).await?;
+        self.dm.create(&probe, None, &table).await?;
+        self.remove_device_if_present(&probe).await
+    }
+
     /// Removes dm-era's devices and frees its metadata (the volume goes).
     pub(crate) async fn drop_era_metadata(&self, record: &VolumeRecord) -> Result<(), AgentError> {
         let Some(tracking) = &record.tracking else {

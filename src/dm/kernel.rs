@@ -214,6 +214,19 @@ impl DeviceMapper {
             .await
     }
 
+    /// Drops a table loaded into the inactive slot (none loaded is fine), so
+    /// that the next resume keeps the live one.
+    pub async fn clear_inactive(&self, name: &DeviceName) -> Result<()> {
+        let name = name.clone();
+        self.blocking(move |dm| {
+            debug!(device = %name, "clear inactive table");
+            dm.table_clear(&dev_id(&name)?)
+                .map(drop)
+                .map_err(|err| ioctl_error("table clear", name.as_str(), err))
+        })
+        .await
+    }
+
     /// Resumes the device, swapping in the inactive table if one is loaded.
     pub async fn resume(&self, name: &DeviceName) -> Result<DeviceState> {
         let name = name.clone();

@@ -422,13 +422,13 @@ impl Agent {
     ) -> Result<(), AgentError> {
         self.pool.create_thin(volume.thin_id).await?;
         self.pool.create_thin(transfer.metadata_thin_id).await?;
-        self.ensure_era_metadata(volume).await?;
         let metadata = self.ensure_metadata_device(volume, transfer).await?;
         // A fresh clone must start from zeroed metadata, or the kernel
         // would adopt whatever an earlier user of these blocks left.
         zero_first_block(&self.metadata_name(volume)?.mapper_path()).await?;
         failpoint::hit("transfer.after_metadata");
         let destination = self.ensure_thin_device(volume).await?;
+        self.format_era_metadata(volume, destination).await?;
         let devices = StackDevices {
             metadata,
             destination,

@@ -259,9 +259,12 @@ impl Agent {
             .any(|s| matches!(s.target, Target::Clone(_))))
     }
 
-    /// Suspend with flush (the clone stops, drains and commits), check the
-    /// status while suspended, then load the local table and resume. If the
-    /// clone is somehow incomplete, resume it unchanged.
+    /// Load the local table beside the live clone (dm-era's constructor
+    /// opens its metadata outside the pause; no other dm-era instance uses
+    /// it), suspend with flush (the clone stops, drains and commits), check
+    /// the status while suspended, then resume onto the local table. If the
+    /// clone is somehow incomplete, drop the loaded table and resume the
+    /// clone unchanged.
     async fn swap_to_local(
         &self,
         volume: &VolumeRecord,
@@ -270,20 +273,24 @@ impl Agent {
         let public = self.naming.public(&volume.volume_id()?);
         let destination = self.ensure_thin_device(volume).await?;
         let local = self.local_table(volume, destination).await?;
+        self.dm.load(&public, &local).await?;
         let started = Instant::now();
-        self.dm.suspend(&public, Flush::Flush).await?;
+        if let Err(err) = self.dm.suspend(&public, Flush::Flush).await {
+            self.dm.clear_inactive(&public).await?;
+            return Err(err.into());
+        }
         let complete = matches!(
             self.dm.status_of::<Health<CloneStatus>>(&public, 0).await,
             Ok(Health::Running(status)) if status.is_fully_hydrated() && status.mode == CloneMode::ReadWrite
         );
         if !complete {
+            let cleared = self.dm.clear_inactive(&public).await;
             self.dm.resume(&public).await?;
+            cleared?;
             warn!(transfer = %transfer.id, "finalize found regions still to copy; hydration continues");
             return Ok(false);
         }
-        let loaded = self.dm.load(&public, &local).await;
         self.dm.resume(&public).await?;
-        loaded?;
         let pause = started.elapsed();
         let completed_at = self
             .transfers
