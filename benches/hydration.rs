@@ -2,7 +2,7 @@
 //! measures what a move costs the volume's user.
 //!
 //! One run, against a real kernel (the guest test bed, or a host with dm-clone
-//! via `benches/run --host`), measures four things:
+//! via `benches/run --host`), measures five things:
 //!
 //! 1. Hydration throughput over NVMe/TCP loopback. The source is a loop device
 //!    on tmpfs filled with a deterministic pattern, exported by nvmet on
@@ -25,14 +25,23 @@
 //!    is still the event) and candidates are ranked by that copy phase, with
 //!    both figures and their ratios printed.
 //! 2. 4 KiB random-read IOPS through the public device during hydration (a
-//!    slow knob set) and after finalize (linear over the thin device), each
+//!    slow knob set) and after finalize (dm-era over the thin device, the
+//!    agent's stack for a change-tracking volume), each
 //!    against the raw thin device in the same run.
-//! 3. The I/O pause of the finalize swap (suspend with flush, status check,
-//!    load linear, resume, as the agent does it; alternating with a variant
-//!    that loads the linear table before the suspend) seen by a reader issuing
+//! 3. The I/O pause of the finalize swap (the local dm-era table loaded
+//!    beside the clone, then suspend with flush, status check, resume, as the
+//!    agent does it; alternating with a variant that loads inside the pause)
+//!    seen by a reader issuing
 //!    4 KiB O_DIRECT reads back to back on the public device.
 //! 4. done→finalized: completion event received → resume returned, over the
 //!    dm-clone runs of section 1, next to the proof of concept's 10 s polling.
+//! 5. 4 KiB random-write IOPS through dm-era over the (pre-filled, so fully
+//!    provisioned) thin device, as a change-tracking volume's public device
+//!    maps it (the agent's era block; metadata on a thin device of the same
+//!    pool), against a linear map of the same thin device, alternating:
+//!    steady state within one era (every era block already written in it),
+//!    and right after a checkpoint (each first write to a block in the new
+//!    era waits for a metadata commit).
 //!
 //! Run it with `benches/run` (see `benches/run --help`). Under `cargo test
 //! --benches` (no `--bench` argument) it only checks its argument parsing and
@@ -42,10 +51,10 @@
 use std::{
     collections::BTreeMap,
     fmt::Write as _,
-    fs::{self, File, OpenOptions},
+    fs::{self, File},
     io::{Read, Write},
     net::{IpAddr, Ipv4Addr},
-    os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt},
+    os::unix::fs::{FileTypeExt, MetadataExt},
     path::{Path, PathBuf},
     sync::{
         Arc,
@@ -61,8 +70,8 @@ use dmclone::{
         events::EventMonitor,
         kernel::{DeviceMapper, Flush},
         names::DeviceName,
-        status::{CloneMode, CloneStatus, Health},
-        table::{CloneParams, DevRef, Linear, Table, Target as DmTarget, Thin, ThinPool},
+        status::{CloneMode, CloneStatus, EraStatus, Health},
+        table::{CloneParams, DevRef, Era, Linear, Table, Target as DmTarget, Thin, ThinPool},
     },
     error::Error as DmError,
     ids::VolumeId,
@@ -78,7 +87,7 @@ use tempfile::TempDir;
 
 mod common;
 
-use common::BenchResult;
+use common::{BenchResult, FioJob, fio, open_direct, run_tool};
 
 const SECTOR: u64 = 512;
 const KIB: u64 = 1024;
@@ -213,6 +222,22 @@ struct Sections {
     hydration: bool,
     iops: bool,
     pause: bool,
+    era: bool,
+}
+
+impl Sections {
+    const ALL: Sections = Sections {
+        hydration: true,
+        iops: true,
+        pause: true,
+        era: true,
+    };
+    const NONE: Sections = Sections {
+        hydration: false,
+        iops: false,
+        pause: false,
+        era: false,
+    };
 }
 
 #[derive(Debug, Clone)]
@@ -239,9 +264,9 @@ usage: hydration --bench [--size-mib N] [--reps N] [--candidates LIST] [--fio-se
   --candidates LIST   comma-separated REGION/THRESHOLD/BATCH, e.g. 1M/16/8
                       (default 64K/64/16,256K/32/8,1M/16/8,1M/4/2,4M/4/1,4K/1024/256;
                       DMCLONE_BENCH_CANDIDATES)
-  --fio-seconds N     length of each 4 KiB random-read run (default 4; DMCLONE_BENCH_FIO_SECONDS)
+  --fio-seconds N     length of each 4 KiB random-read or -write run (default 4; DMCLONE_BENCH_FIO_SECONDS)
   --port N            NVMe/TCP port on 127.0.0.1 (default 14900; DMCLONE_BENCH_PORT)
-  --sections LIST     any of hydration,iops,pause (default all; DMCLONE_BENCH_SECTIONS)
+  --sections LIST     any of hydration,iops,pause,era (default all; DMCLONE_BENCH_SECTIONS)
   --json PATH         JSON result (default /tmp/dmclone-hydration-bench.json, or
                       DIR/hydration.json with --results-dir; DMCLONE_BENCH_JSON)
   --results-dir DIR   also write hydration.json and hydration.txt there (DMCLONE_BENCH_RESULTS)
@@ -338,36 +363,26 @@ impl Params {
             return Err("--fio-seconds must be from 1 to 600".into());
         }
         let port = u16::try_from(number("port", 14900)?).map_err(|_| "--port must fit u16")?;
-        let mut sections = Sections {
-            hydration: true,
-            iops: true,
-            pause: true,
-        };
+        let mut sections = Sections::ALL;
         if let Some(list) = values.get("sections") {
-            sections = Sections {
-                hydration: false,
-                iops: false,
-                pause: false,
-            };
+            sections = Sections::NONE;
             for name in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
                 match name {
                     "hydration" => sections.hydration = true,
                     "iops" => sections.iops = true,
                     "pause" => sections.pause = true,
-                    "all" => {
-                        sections = Sections {
-                            hydration: true,
-                            iops: true,
-                            pause: true,
-                        }
-                    }
+                    "era" => sections.era = true,
+                    "all" => sections = Sections::ALL,
                     other => {
                         return Err(format!(
-                            "--sections: unknown section {other:?} (hydration, iops, pause)"
+                            "--sections: unknown section {other:?} (hydration, iops, pause, era)"
                         )
                         .into());
                     }
                 }
+            }
+            if sections == Sections::NONE {
+                return Err("--sections names no section".into());
             }
         }
         let results_dir = values.get("results-dir").map(PathBuf::from);
@@ -472,15 +487,6 @@ fn splitmix(mut x: u64) -> u64 {
     x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     x ^ (x >> 31)
-}
-
-fn open_direct(path: &Path, write: bool) -> BenchResult<File> {
-    OpenOptions::new()
-        .read(true)
-        .write(write)
-        .custom_flags(nix::libc::O_DIRECT)
-        .open(path)
-        .map_err(|err| format!("open {} (O_DIRECT): {err}", path.display()).into())
 }
 
 /// Writes `buf` over the first `len` bytes of `path`, 1 MiB at a time.
@@ -647,24 +653,24 @@ fn sectors_written(path: &Path) -> BenchResult<u64> {
 // ---------------------------------------------------------------------------
 // dd and fio: the contenders and probes that are processes
 
-/// Runs a tool to completion and returns its stdout.
-#[allow(clippy::disallowed_types)] // dd and fio are the bench's contenders and probes, not device-mapper control
-fn run_tool(program: &str, args: &[String]) -> BenchResult<String> {
-    let output = std::process::Command::new(program)
-        .args(args)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .map_err(|err| format!("cannot start {program}: {err}"))?;
-    if !output.status.success() {
-        return Err(format!(
-            "{program} {} failed ({}): {}",
-            args.join(" "),
-            output.status,
-            String::from_utf8_lossy(&output.stderr).trim()
-        )
-        .into());
+const SEQ_READ: FioJob = FioJob {
+    rw: "read",
+    block_bytes: MIB,
+    seconds: None,
+};
+const SEQ_WRITE: FioJob = FioJob {
+    rw: "write",
+    block_bytes: MIB,
+    seconds: None,
+};
+
+/// 4 KiB at random offsets (`randread` or `randwrite`) for `seconds`.
+fn random_4k(rw: &'static str, seconds: u64) -> FioJob {
+    FioJob {
+        rw,
+        block_bytes: 4 * KIB,
+        seconds: Some(seconds),
     }
-    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
 fn dd_copy(from: &Path, to: &Path, size: u64) -> BenchResult<()> {
@@ -683,71 +689,6 @@ fn dd_copy(from: &Path, to: &Path, size: u64) -> BenchResult<()> {
     Ok(())
 }
 
-#[derive(Debug, Clone, Copy)]
-enum FioJob {
-    SeqRead,
-    SeqWrite,
-    RandRead { seconds: u64 },
-}
-
-/// Runs one fio job on `path` and returns (bytes/s, IOPS) of its direction.
-fn fio(path: &Path, job: FioJob, size: u64) -> BenchResult<(f64, f64)> {
-    let mut args = vec![
-        "--name=bench".to_owned(),
-        format!("--filename={}", path.display()),
-        "--ioengine=libaio".into(),
-        "--direct=1".into(),
-        "--iodepth=32".into(),
-        format!("--size={size}"),
-        // Under emulation fio's latency bookkeeping costs more than the I/O:
-        // clock calls per I/O, and percentiles that took ~20 s to print.
-        "--gtod_reduce=1".into(),
-        "--output-format=json".into(),
-    ];
-    let direction = match job {
-        FioJob::SeqRead => {
-            args.extend(["--rw=read".into(), "--bs=1M".into()]);
-            "read"
-        }
-        FioJob::SeqWrite => {
-            args.extend(["--rw=write".into(), "--bs=1M".into()]);
-            "write"
-        }
-        FioJob::RandRead { seconds } => {
-            args.extend([
-                "--rw=randread".into(),
-                "--bs=4k".into(),
-                "--time_based=1".into(),
-                format!("--runtime={seconds}"),
-                "--norandommap=1".into(),
-                "--randrepeat=0".into(),
-            ]);
-            "read"
-        }
-    };
-    let stdout = run_tool("fio", &args)?;
-    let start = stdout
-        .find('{')
-        .ok_or_else(|| format!("fio printed no JSON: {stdout}"))?;
-    let report: Value = serde_json::from_str(&stdout[start..])
-        .map_err(|err| format!("fio JSON: {err}: {stdout}"))?;
-    let side = &report["jobs"][0][direction];
-    let errors = report["jobs"][0]["error"].as_i64().unwrap_or(0);
-    if errors != 0 {
-        return Err(format!("fio on {} reported error {errors}", path.display()).into());
-    }
-    let bw = side["bw_bytes"]
-        .as_f64()
-        .ok_or_else(|| format!("fio JSON lacks {direction}.bw_bytes"))?;
-    let iops = side["iops"]
-        .as_f64()
-        .ok_or_else(|| format!("fio JSON lacks {direction}.iops"))?;
-    if bw <= 0.0 {
-        return Err(format!("fio on {} moved no data", path.display()).into());
-    }
-    Ok((bw, iops))
-}
-
 // ---------------------------------------------------------------------------
 // The rig: source, NVMe/TCP, thin pool and destination
 
@@ -762,6 +703,10 @@ struct Rig {
     size: u64,
     dest: DeviceName,
     dest_dev: DevRef,
+    pool_dev: DevRef,
+    /// dm-era's metadata for the finalized public device, as the agent
+    /// stacks a tracked volume: a thin device of the pool, formatted once.
+    local_meta: DevRef,
     public: DeviceName,
     clone_meta: LoopFile,
     source: LoopFile,
@@ -774,6 +719,44 @@ struct Rig {
     _pool_meta: LoopFile,
     _pool_data: LoopFile,
     _dir: TempDir,
+}
+
+/// The public device of a finalized, tracked volume, as the agent maps it:
+/// dm-era over the destination thin device.
+fn local_table(size: u64, metadata: DevRef, destination: DevRef) -> BenchResult<Table> {
+    Ok(Table::single(
+        size / SECTOR,
+        DmTarget::Era(Era {
+            metadata,
+            origin: destination,
+            block_sectors: ERA_BLOCK_BYTES / SECTOR,
+        }),
+    )?)
+}
+
+/// A new thin device of the pool for dm-era's metadata, sized as the agent
+/// sizes it (a fresh thin device reads as zeros, so dm-era formats it).
+async fn era_metadata_device(
+    dm: &DeviceMapper,
+    pool_dev: DevRef,
+    thin_id: u32,
+    role: &str,
+) -> BenchResult<DevRef> {
+    dm.message(&dm_name("pool")?, 0, &format!("create_thin {thin_id}"))
+        .await?;
+    let bytes = dmclone::changes::era_metadata_bytes(
+        dmclone::config::DEFAULT_MAX_VOLUME_SIZE,
+        ERA_BLOCK_BYTES,
+    );
+    let table = Table::single(
+        bytes / SECTOR,
+        DmTarget::Thin(Thin {
+            pool: pool_dev,
+            device_id: thin_id,
+            external_origin: None,
+        }),
+    )?;
+    Ok(dm.create(&dm_name(role)?, None, &table).await?.device)
 }
 
 fn dm_name(role: &str) -> BenchResult<DeviceName> {
@@ -804,10 +787,12 @@ async fn preflight() -> BenchResult<(DeviceMapper, NvmeTarget, Host, String)> {
         .into_iter()
         .map(|t| format!("{} {}.{}.{}", t.name, t.version.0, t.version.1, t.version.2))
         .collect();
-    for needed in ["clone", "thin-pool", "thin", "linear"] {
+    // era: every rig finalizes onto dm-era, as the agent does.
+    let needed = ["clone", "thin-pool", "thin", "linear", "era"];
+    for needed in &needed {
         if !loaded.iter().any(|t| t.split(' ').next() == Some(needed)) {
             return Err(format!(
-                "the kernel has no {needed} target (loaded: {}); modprobe dm_clone dm_thin_pool",
+                "the kernel has no {needed} target (loaded: {}); modprobe dm_clone dm_thin_pool dm_era",
                 loaded.join(", ")
             )
             .into());
@@ -819,9 +804,7 @@ async fn preflight() -> BenchResult<(DeviceMapper, NvmeTarget, Host, String)> {
     run_tool("dd", &["--version".into()]).map_err(|err| format!("dd is needed: {err}"))?;
     let targets = loaded
         .iter()
-        .filter(|t| {
-            ["clone", "thin-pool", "thin", "linear"].contains(&t.split(' ').next().unwrap_or(""))
-        })
+        .filter(|t| needed.contains(&t.split(' ').next().unwrap_or("")))
         .cloned()
         .collect::<Vec<_>>()
         .join(", ");
@@ -857,8 +840,9 @@ impl Rig {
             Some(&|offset, chunk: &mut [u8]| pattern_into(PATTERN_SEED, offset, chunk)),
         )?;
         let pool_meta = LoopFile::create(dir.path(), "pool-meta.img", POOL_META_BYTES, None)?;
-        // Room for the whole volume and the pool's rounding.
-        let pool_data_bytes = size + 64 * MIB;
+        // Room for the whole volume, dm-era's metadata (section 5) and the
+        // pool's rounding; sparse on tmpfs, so unused room costs nothing.
+        let pool_data_bytes = size + 128 * MIB;
         let pool_data = LoopFile::create(dir.path(), "pool-data.img", pool_data_bytes, None)?;
         let clone_meta = LoopFile::create(dir.path(), "clone-meta.img", CLONE_META_BYTES, None)?;
 
@@ -885,6 +869,13 @@ impl Rig {
             }),
         )?;
         let dest_dev = dm.create(&dest, None, &dest_table).await?.device;
+        let local_meta =
+            era_metadata_device(&dm, pool_dev, LOCAL_ERA_META_THIN_ID, "local-meta").await?;
+        // Formatted now, as the agent formats an arriving volume's at start.
+        let probe = dm_name("era-probe")?;
+        dm.create(&probe, None, &local_table(size, local_meta, dest_dev)?)
+            .await?;
+        dm.remove(&probe).await?;
 
         let port = PortSpec {
             id: PORT_ID,
@@ -934,6 +925,8 @@ impl Rig {
             namespace: connection.namespace,
             size,
             dest_dev,
+            pool_dev,
+            local_meta,
             public: dm_name("public")?,
             dest,
             clone_meta,
@@ -955,7 +948,7 @@ impl Rig {
         rig.source_sha = sha256_of(&rig.source.path, size)?;
         let hashing = step.elapsed();
         // Warm the NVMe/TCP path once (untimed).
-        fio(&rig.namespace.path, FioJob::SeqRead, size)?;
+        fio(&rig.namespace.path, SEQ_READ, size)?;
         eprintln!(
             "[bench] ready: destination pre-filled in {:.1} s, source sha256 {} in {:.1} s",
             prefill.as_secs_f64(),
@@ -1102,31 +1095,59 @@ impl Rig {
         }
     }
 
-    /// The agent's finalize: suspend with flush, check the status while
-    /// suspended, load the linear table, resume.
+    /// The agent's finalize: the local table (dm-era over the destination)
+    /// loaded beside the live clone, then suspend with flush, status check
+    /// while suspended, resume (which swaps the tables); an incomplete clone
+    /// gets its loaded table dropped and resumes unchanged.
     async fn finalize(&self) -> BenchResult<Swap> {
-        let linear = self.linear_table()?;
+        let local = local_table(self.size, self.local_meta, self.dest_dev)?;
+        let preload_started = Instant::now();
+        self.dm.load(&self.public, &local).await?;
+        let preload = preload_started.elapsed();
         let started = Instant::now();
         self.dm.suspend(&self.public, Flush::Flush).await?;
         let suspended = Instant::now();
-        let complete = matches!(
-            self.dm.status_of::<Health<CloneStatus>>(&self.public, 0).await,
-            Ok(Health::Running(s)) if s.is_fully_hydrated() && s.mode == CloneMode::ReadWrite
-        );
+        let complete = self.clone_complete().await;
+        let checked = Instant::now();
+        if !complete {
+            self.dm.clear_inactive(&self.public).await?;
+            self.dm.resume(&self.public).await?;
+            return Err("the clone was not complete when suspended for the swap".into());
+        }
+        self.dm.resume(&self.public).await?;
+        let resumed = Instant::now();
+        self.check_local().await?;
+        Ok(Swap {
+            started,
+            resumed,
+            preload: Some(preload),
+            suspend: suspended - started,
+            status: checked - suspended,
+            load: None,
+            resume: resumed - checked,
+        })
+    }
+
+    /// Section 3's variant, the agent's order before dm-era joined the
+    /// stack: suspend with flush, status check, load the local table (dm-era
+    /// opens its metadata inside the pause), resume.
+    async fn finalize_loading_in_pause(&self) -> BenchResult<Swap> {
+        let local = local_table(self.size, self.local_meta, self.dest_dev)?;
+        let started = Instant::now();
+        self.dm.suspend(&self.public, Flush::Flush).await?;
+        let suspended = Instant::now();
+        let complete = self.clone_complete().await;
         let checked = Instant::now();
         if !complete {
             self.dm.resume(&self.public).await?;
             return Err("the clone was not complete when suspended for the swap".into());
         }
-        let loaded = self.dm.load(&self.public, &linear).await;
+        let loaded = self.dm.load(&self.public, &local).await;
         let load_done = Instant::now();
         self.dm.resume(&self.public).await?;
         let resumed = Instant::now();
         loaded?;
-        let live = self.dm.table(&self.public).await?;
-        if live.segments()[0].target.type_name() != "linear" {
-            return Err(format!("after the swap the public table is {live}").into());
-        }
+        self.check_local().await?;
         Ok(Swap {
             started,
             resumed,
@@ -1138,42 +1159,19 @@ impl Rig {
         })
     }
 
-    /// Section 3's variant: the linear table is loaded into the inactive slot
-    /// while the clone still serves, then suspend with flush, status check,
-    /// resume (which swaps the tables).
-    async fn finalize_preloaded(&self) -> BenchResult<Swap> {
-        let linear = self.linear_table()?;
-        let preload_started = Instant::now();
-        self.dm.load(&self.public, &linear).await?;
-        let preload = preload_started.elapsed();
-        let started = Instant::now();
-        self.dm.suspend(&self.public, Flush::Flush).await?;
-        let suspended = Instant::now();
-        let complete = matches!(
+    async fn clone_complete(&self) -> bool {
+        matches!(
             self.dm.status_of::<Health<CloneStatus>>(&self.public, 0).await,
             Ok(Health::Running(s)) if s.is_fully_hydrated() && s.mode == CloneMode::ReadWrite
-        );
-        let checked = Instant::now();
-        self.dm.resume(&self.public).await?;
-        let resumed = Instant::now();
-        if !complete {
-            // The library has no table clear, so the resume above swapped in
-            // the linear table anyway: this run is void.
-            return Err("the clone was not complete when suspended for the swap".into());
-        }
+        )
+    }
+
+    async fn check_local(&self) -> BenchResult<()> {
         let live = self.dm.table(&self.public).await?;
-        if live.segments()[0].target.type_name() != "linear" {
+        if live.segments()[0].target.type_name() != "era" {
             return Err(format!("after the swap the public table is {live}").into());
         }
-        Ok(Swap {
-            started,
-            resumed,
-            preload: Some(preload),
-            suspend: suspended - started,
-            status: checked - suspended,
-            load: None,
-            resume: resumed - checked,
-        })
+        Ok(())
     }
 
     async fn teardown(&self) -> BenchResult<()> {
@@ -1348,7 +1346,7 @@ async fn run_contender(rig: &mut Rig, contender: &Contender, verify: bool) -> Be
     let throughput = |secs: f64| size as f64 / secs / MB;
     match contender.kind {
         Kind::FioRead => {
-            let (bw, _) = fio(&rig.namespace.path, FioJob::SeqRead, size)?;
+            let (bw, _) = fio(&rig.namespace.path, SEQ_READ, size)?;
             Ok(Sample {
                 secs: size as f64 / bw,
                 mbps: bw / MB,
@@ -1357,7 +1355,7 @@ async fn run_contender(rig: &mut Rig, contender: &Contender, verify: bool) -> Be
             })
         }
         Kind::FioWrite => {
-            let (bw, _) = fio(&rig.dest_path(), FioJob::SeqWrite, size)?;
+            let (bw, _) = fio(&rig.dest_path(), SEQ_WRITE, size)?;
             Ok(Sample {
                 secs: size as f64 / bw,
                 mbps: bw / MB,
@@ -1917,9 +1915,7 @@ fn contender_json(c: &Contender, size: u64, event: &Bases, copy: &Bases) -> Valu
 // Section 2: random-read IOPS during hydration and after finalize
 
 async fn section_iops(rig: &mut Rig, params: &Params, report: &mut Report) -> BenchResult<Value> {
-    let job = FioJob::RandRead {
-        seconds: params.fio_seconds,
-    };
+    let job = random_4k("randread", params.fio_seconds);
     let size = rig.size;
     let mut raw_thin = Vec::new();
     let mut raw_ns = Vec::new();
@@ -1927,7 +1923,7 @@ async fn section_iops(rig: &mut Rig, params: &Params, report: &mut Report) -> Be
     let mut after = Vec::new();
     let mut hydrated = Vec::new();
     // Warm-up (untimed): emulation translates code paths on first use.
-    fio(&rig.dest_path(), FioJob::RandRead { seconds: 1 }, size)?;
+    fio(&rig.dest_path(), random_4k("randread", 1), size)?;
     for rep in 0..params.reps {
         let mut steps = Steps::default();
         let (_, iops) = fio(&rig.dest_path(), job, size)?;
@@ -1966,7 +1962,7 @@ async fn section_iops(rig: &mut Rig, params: &Params, report: &mut Report) -> Be
         rig.dm.remove(&rig.public).await?;
         steps.mark("fio thin");
         eprintln!(
-            "[bench] iops run {}/{}: raw thin {:.0}, namespace {:.0}, clone during hydration {:.0} (hydrated {:.1}% -> {:.1}%), linear after finalize {:.0}; {}",
+            "[bench] iops run {}/{}: raw thin {:.0}, namespace {:.0}, clone during hydration {:.0} (hydrated {:.1}% -> {:.1}%), era after finalize {:.0}; {}",
             rep + 1,
             params.reps,
             raw_thin[raw_thin.len() - 2],
@@ -1999,7 +1995,7 @@ async fn section_iops(rig: &mut Rig, params: &Params, report: &mut Report) -> Be
         ("raw thin device (destination)", &raw_thin),
         ("raw namespace (NVMe/TCP source)", &raw_ns),
         ("public = clone during hydration (4K/1/1)", &during),
-        ("public = linear over thin after finalize", &after),
+        ("public = era over thin after finalize", &after),
     ];
     for (label, values) in rows {
         let s = stats(values).ok_or("no samples")?;
@@ -2113,20 +2109,19 @@ impl Reader {
 /// How the finalize swap is ordered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum SwapOrder {
-    /// What the agent does: suspend (flush), status check, load, resume.
+    /// What the agent does: the local table loaded beside the live clone,
+    /// then suspend (flush), status check, resume.
     Agent,
-    /// The linear table loaded into the inactive slot while the clone still
-    /// serves (a linear ctr does not read the clone's metadata), then suspend
-    /// (flush), status check, resume: the load leaves the pause window. An
-    /// agent doing this needs a table clear to back out of an incomplete clone.
-    Preloaded,
+    /// The load inside the pause: suspend (flush), status check, load,
+    /// resume; dm-era's constructor then runs while I/O waits.
+    LoadInPause,
 }
 
 impl SwapOrder {
     fn name(self) -> &'static str {
         match self {
             SwapOrder::Agent => "agent",
-            SwapOrder::Preloaded => "preload",
+            SwapOrder::LoadInPause => "in-pause",
         }
     }
 }
@@ -2145,15 +2140,15 @@ async fn section_pause(
     );
     out!(
         report,
-        "   on the public device from 300 ms before to 300 ms after the swap. order agent: suspend (flush), status check,"
+        "   on the public device from 300 ms before to 300 ms after the swap. order agent: load era(meta, thin) beside the clone,"
     );
     out!(
         report,
-        "   load linear, resume (the agent's finalize); preload: load linear into the inactive slot first, then suspend,"
+        "   then suspend (flush), status check, resume (the agent's finalize); in-pause: suspend (flush), status check, load,"
     );
     out!(
         report,
-        "   status check, resume. pause = the longest read overlapping the swap; swap = suspend call -> resume returned."
+        "   resume. pause = the longest read overlapping the swap; swap = suspend call -> resume returned."
     );
     out!(
         report,
@@ -2174,7 +2169,7 @@ async fn section_pause(
     let mut runs = Vec::new();
     let mut pauses: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
     let mut swaps: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
-    let orders = [SwapOrder::Agent, SwapOrder::Preloaded];
+    let orders = [SwapOrder::Agent, SwapOrder::LoadInPause];
     for rep in 0..params.reps {
         for k in 0..orders.len() {
             let order = orders[(k + rep) % orders.len()];
@@ -2184,7 +2179,7 @@ async fn section_pause(
             tokio::time::sleep(Duration::from_millis(300)).await;
             let swap = match order {
                 SwapOrder::Agent => rig.finalize().await,
-                SwapOrder::Preloaded => rig.finalize_preloaded().await,
+                SwapOrder::LoadInPause => rig.finalize_loading_in_pause().await,
             };
             tokio::time::sleep(Duration::from_millis(300)).await;
             let reads = reader.finish()?;
@@ -2345,6 +2340,268 @@ fn section_done_to_finalized(contenders: &[Contender], report: &mut Report) -> V
 }
 
 // ---------------------------------------------------------------------------
+// Section 5: 4 KiB random writes with dm-era in the stack
+
+/// The era block of a change-tracking volume (the agent's default).
+const ERA_BLOCK_BYTES: u64 = dmclone::config::DEFAULT_CHANGE_BLOCK_BYTES;
+/// The thin id of dm-era's metadata in the rig's pool (the destination is 1).
+const ERA_META_THIN_ID: u32 = 2;
+const LOCAL_ERA_META_THIN_ID: u32 = 3;
+/// The target for era steady-state IOPS over linear.
+const ERA_TARGET: f64 = 0.9;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WriteRun {
+    /// linear over the thin device, as an untracked volume's public device.
+    Linear,
+    /// dm-era over the thin device, every era block already written in the
+    /// current era.
+    EraSteady,
+    /// dm-era right after a `checkpoint` message: a new era, so each first
+    /// write to a block waits for a metadata commit.
+    EraAfterCheckpoint,
+}
+
+impl WriteRun {
+    const ALL: [WriteRun; 3] = [
+        WriteRun::Linear,
+        WriteRun::EraAfterCheckpoint,
+        WriteRun::EraSteady,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            WriteRun::Linear => "linear over thin (baseline)",
+            WriteRun::EraSteady => "era over thin, steady within one era",
+            WriteRun::EraAfterCheckpoint => "era over thin, right after a checkpoint",
+        }
+    }
+}
+
+/// The devices of section 5, all over the rig's destination thin device.
+struct EraRig {
+    linear: DeviceName,
+    era: DeviceName,
+}
+
+impl EraRig {
+    /// dm-era's metadata on a new thin device of the rig's pool, sized and
+    /// formatted as the agent does it (a fresh thin device reads as zeros,
+    /// so dm-era formats it), then era(meta, dest) and linear(dest) side by
+    /// side: both map the same provisioned blocks.
+    async fn build(rig: &Rig) -> BenchResult<Self> {
+        let meta = era_metadata_device(&rig.dm, rig.pool_dev, ERA_META_THIN_ID, "era-meta").await?;
+        let era = dm_name("era")?;
+        let era_table = Table::single(
+            rig.size / SECTOR,
+            DmTarget::Era(Era {
+                metadata: meta,
+                origin: rig.dest_dev,
+                block_sectors: ERA_BLOCK_BYTES / SECTOR,
+            }),
+        )?;
+        rig.dm.create(&era, None, &era_table).await?;
+        let linear = dm_name("linear")?;
+        rig.dm.create(&linear, None, &rig.linear_table()?).await?;
+        Ok(Self { linear, era })
+    }
+
+    async fn era_status(&self, rig: &Rig) -> BenchResult<EraStatus> {
+        Ok(rig.dm.status_of::<EraStatus>(&self.era, 0).await?)
+    }
+
+    /// One timed run of `kind`, the checkpoint run after a `checkpoint`
+    /// message. Linear keeps no state: every block of the thin device was
+    /// provisioned at setup. Returns the IOPS.
+    async fn run(&self, rig: &Rig, kind: WriteRun, seconds: u64) -> BenchResult<f64> {
+        let path = match kind {
+            WriteRun::Linear => self.linear.mapper_path(),
+            WriteRun::EraSteady | WriteRun::EraAfterCheckpoint => self.era.mapper_path(),
+        };
+        if kind == WriteRun::EraAfterCheckpoint {
+            rig.dm.message(&self.era, 0, "checkpoint").await?;
+        }
+        let (_, iops) = fio(&path, random_4k("randwrite", seconds), rig.size)?;
+        Ok(iops)
+    }
+
+    /// Writes the whole range once through dm-era, untimed (1 MiB
+    /// sequential): every era block is then marked in the current era. Slow
+    /// where it marks blocks: each first write to an era block waits for a
+    /// dm-era commit, which flushes its metadata thin device, which commits
+    /// the pool's metadata.
+    fn mark_all(&self, rig: &Rig) -> BenchResult<()> {
+        fio(&self.era.mapper_path(), SEQ_WRITE, rig.size)?;
+        Ok(())
+    }
+
+    /// Removes the devices; the thin id goes with the pool at teardown.
+    async fn remove(self, rig: &Rig) -> BenchResult<()> {
+        rig.dm.remove(&self.era).await?;
+        rig.dm.remove(&self.linear).await?;
+        rig.dm.remove(&dm_name("era-meta")?).await?;
+        Ok(())
+    }
+}
+
+async fn section_era(rig: &mut Rig, params: &Params, report: &mut Report) -> BenchResult<Value> {
+    let era_rig = EraRig::build(rig).await?;
+    let measured = era_runs(rig, &era_rig, params).await;
+    let removed = era_rig.remove(rig).await;
+    let samples = measured?;
+    removed?;
+    let values = |kind: WriteRun| samples.iops[&(kind as usize)].clone();
+    let ratios = |kind: WriteRun| samples.ratios[&(kind as usize)].clone();
+    out!(report);
+    out!(
+        report,
+        "5. 4 KiB random-write IOPS, dm-era (block {}) vs linear over the same pre-filled thin device (fio randwrite bs=4k",
+        size_label(ERA_BLOCK_BYTES)
+    );
+    out!(
+        report,
+        "   iodepth=32 libaio direct gtod_reduce, {} s each, {} rounds). A round: a `checkpoint` message and the checkpoint",
+        params.fio_seconds,
+        params.reps
+    );
+    out!(
+        report,
+        "   run (all {} era blocks start unwritten in the new era); an untimed 1M sequential write of the whole range",
+        rig.size / ERA_BLOCK_BYTES
+    );
+    out!(
+        report,
+        "   through dm-era (every block marked); then steady and linear runs back to back, A B B A, A and B swapped"
+    );
+    out!(
+        report,
+        "   every round. ×linear: each round's mean over the same round's linear mean, median over rounds (min, max)"
+    );
+    out!(
+        report,
+        "{:<48} {:>9} {:>9} {:>9} | {:>9} {:>15}",
+        "device",
+        "min",
+        "median",
+        "max",
+        "×linear",
+        "(min, max)"
+    );
+    for kind in WriteRun::ALL {
+        let s = stats(&values(kind)).ok_or("no samples")?;
+        let r = stats(&ratios(kind)).ok_or("no samples")?;
+        out!(
+            report,
+            "{:<48} {:9.0} {:9.0} {:9.0} | {:9.2} {:>15}",
+            kind.label(),
+            s.min,
+            s.median,
+            s.max,
+            r.median,
+            format!("({:.2}, {:.2})", r.min, r.max)
+        );
+    }
+    let median_ratio = |kind: WriteRun| stats(&ratios(kind)).map(|s| s.median);
+    let steady = median_ratio(WriteRun::EraSteady).ok_or("no era samples")?;
+    let after = median_ratio(WriteRun::EraAfterCheckpoint).ok_or("no era samples")?;
+    out!(
+        report,
+        "era steady state / linear = {steady:.2}× (target >= {ERA_TARGET}×) {}; right after a checkpoint {after:.2}×",
+        if steady >= ERA_TARGET {
+            "pass"
+        } else {
+            "MISSED"
+        },
+    );
+    Ok(json!({
+        "fio": {"rw": "randwrite", "bs": 4096, "iodepth": 32, "ioengine": "libaio", "direct": true, "gtod_reduce": true, "seconds": params.fio_seconds},
+        "era_block_bytes": ERA_BLOCK_BYTES,
+        "era_blocks": rig.size / ERA_BLOCK_BYTES,
+        "size_bytes": rig.size,
+        "era_metadata": "a thin device of the same pool, sized as the agent sizes it",
+        "linear_iops": stats_json(&values(WriteRun::Linear)),
+        "era_steady_iops": stats_json(&values(WriteRun::EraSteady)),
+        "era_after_checkpoint_iops": stats_json(&values(WriteRun::EraAfterCheckpoint)),
+        "steady_vs_linear_per_round": stats_json(&ratios(WriteRun::EraSteady)),
+        "after_checkpoint_vs_linear_per_round": stats_json(&ratios(WriteRun::EraAfterCheckpoint)),
+        "steady_vs_linear": steady,
+        "after_checkpoint_vs_linear": after,
+        "ratio_basis": "each round's mean era IOPS over the same round's mean linear IOPS (two runs each, A B B A), median over rounds",
+        "target": ERA_TARGET,
+        "pass": steady >= ERA_TARGET,
+        "era_status_per_round": samples.statuses,
+    }))
+}
+
+/// Per `WriteRun` (as usize): IOPS of every run, and each round's mean over
+/// that round's linear mean.
+struct EraSamples {
+    iops: BTreeMap<usize, Vec<f64>>,
+    ratios: BTreeMap<usize, Vec<f64>>,
+    statuses: Vec<String>,
+}
+
+async fn era_runs(rig: &Rig, era_rig: &EraRig, params: &Params) -> BenchResult<EraSamples> {
+    // Warm-up (untimed): emulation translates code paths on first use.
+    for path in [era_rig.linear.mapper_path(), era_rig.era.mapper_path()] {
+        fio(&path, random_4k("randwrite", 1), rig.size)?;
+    }
+    let mut samples: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
+    let mut ratios: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
+    let mut statuses = Vec::new();
+    for round in 0..params.reps {
+        let mut steps = Steps::default();
+        let after = era_rig
+            .run(rig, WriteRun::EraAfterCheckpoint, params.fio_seconds)
+            .await?;
+        steps.mark(&format!("after checkpoint {after:.0} IOPS"));
+        era_rig.mark_all(rig)?;
+        steps.mark("marking every block");
+        // The steady runs and their baseline back to back, A B B A with A
+        // and B swapped every round, so that a drift of the machine's speed
+        // within the round weighs on both alike (linear writes do not pass
+        // through dm-era, so the era stays fully marked).
+        let (a, b) = if round % 2 == 0 {
+            (WriteRun::Linear, WriteRun::EraSteady)
+        } else {
+            (WriteRun::EraSteady, WriteRun::Linear)
+        };
+        let mut iops: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
+        iops.insert(WriteRun::EraAfterCheckpoint as usize, vec![after]);
+        for kind in [a, b, b, a] {
+            let value = era_rig.run(rig, kind, params.fio_seconds).await?;
+            steps.mark(&format!("{kind:?} {value:.0} IOPS"));
+            iops.entry(kind as usize).or_default().push(value);
+        }
+        let mean = |values: &[f64]| values.iter().sum::<f64>() / values.len() as f64;
+        let linear = mean(&iops[&(WriteRun::Linear as usize)]);
+        for (kind, values) in iops {
+            ratios.entry(kind).or_default().push(mean(&values) / linear);
+            samples.entry(kind).or_default().extend(values);
+        }
+        let status = era_rig.era_status(rig).await?;
+        eprintln!(
+            "[bench] era run {}/{}: {}; era {} metadata {}/{}",
+            round + 1,
+            params.reps,
+            steps.text,
+            status.current_era,
+            status.metadata.used,
+            status.metadata.total
+        );
+        statuses.push(format!(
+            "era {} metadata {}/{}",
+            status.current_era, status.metadata.used, status.metadata.total
+        ));
+    }
+    Ok(EraSamples {
+        iops: samples,
+        ratios,
+        statuses,
+    })
+}
+
+// ---------------------------------------------------------------------------
 // Main
 
 fn read_trimmed(path: &str) -> Option<String> {
@@ -2405,6 +2662,11 @@ async fn measure(
     }
     if params.sections.hydration {
         json["done_to_finalized"] = section_done_to_finalized(&contenders, report);
+    }
+    if params.sections.era {
+        let step = Instant::now();
+        json["era"] = section_era(rig, params, report).await?;
+        timings.push(("5 era", step.elapsed().as_secs_f64()));
     }
     json["winner_knobs"] = winner_knobs.map_or(Value::Null, |k| k.json());
     json["event_monitor_retries"] = json!(rig.event_retries);
@@ -2518,6 +2780,10 @@ fn main() -> std::process::ExitCode {
     };
     if !params.measure {
         // `cargo test --benches` runs bench targets without --bench.
+        if let Err(err) = self_check() {
+            eprintln!("hydration bench: self-check failed: {err}");
+            return std::process::ExitCode::FAILURE;
+        }
         let mut check = String::new();
         let _ = write!(
             check,
@@ -2553,4 +2819,31 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// Checks the section selection (under `cargo test --benches`).
+fn self_check() -> Result<(), String> {
+    let sections = |list: &str| {
+        Params::parse(&["--sections".to_owned(), list.to_owned()])
+            .map(|p| p.sections)
+            .map_err(|err| err.to_string())
+    };
+    let era_only = Sections {
+        era: true,
+        ..Sections::NONE
+    };
+    if sections("era")? != era_only || sections("all")? != Sections::ALL {
+        return Err("--sections selects wrongly".into());
+    }
+    for (list, reason) in [("frob", "unknown section"), (",", "names no section")] {
+        match sections(list) {
+            Err(err) if err.contains(reason) => {}
+            other => {
+                return Err(format!(
+                    "--sections {list:?} should fail with {reason:?}: {other:?}"
+                ));
+            }
+        }
+    }
+    Ok(())
 }

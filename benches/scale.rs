@@ -20,51 +20,88 @@
 //!    restart on the same state, the reconcile time the agent logs for it,
 //!    and the resident memory again once it serves.
 //!
-//! Writes `scale.json` and `scale.txt` to `--results-dir`. Under `cargo test
-//! --benches` (no `--bench`) it only checks its argument parsing. Without
-//! device-mapper, `dmsetup` or the agent binary it fails and prints no
-//! figures.
+//! 4. Changed blocks (`--parts changes`, a second agent on a pool file big
+//!    enough for the volume): a 10 GiB volume (`--changes-gib`), published
+//!    (dm-era over its thin device), a `MarkCheckpoint`, then 4 KiB written
+//!    at every 64th era block (`--changes-stride`) across the whole volume;
+//!    `GetChangedBlocks` since that checkpoint's era, R times, each answer
+//!    checked extent by extent against what was written (a wrong answer
+//!    fails the bench), alternating with what a backup without changed-block
+//!    tracking must do instead: read the whole volume (fio, 1 MiB sequential
+//!    reads at queue depth 32 through the public device). Reads of the
+//!    volume's unwritten blocks cost the thin device no data I/O, so the
+//!    full read is faster than it would be on a written volume and the ratio
+//!    understates what the changed blocks save.
+//!
+//! Writes `scale.json` and `scale.txt`, `changes.json` and `changes.txt` to
+//! `--results-dir`. Under `cargo test --benches` (no `--bench`) it only checks
+//! its argument parsing. Without device-mapper, `dmsetup` or the agent
+//! binary it fails and prints no figures.
 
 use std::{
     fmt::Write as _,
     fs,
+    os::unix::fs::FileExt,
     path::{Path, PathBuf},
     process::{Child, Stdio},
     time::{Duration, Instant},
 };
 
 use dmclone::{
+    aligned::AlignedBuf,
     client::connect_unix,
+    config::DEFAULT_CHANGE_BLOCK_BYTES,
     dm::kernel::DeviceMapper,
-    proto::v1::{CreateVolumeRequest, ListVolumesRequest, volumes_client::VolumesClient},
+    proto::v1::{
+        CreateVolumeRequest, GetChangedBlocksRequest, ListVolumesRequest, MarkCheckpointRequest,
+        PublishVolumeRequest, get_changed_blocks_request::Since, snapshots_client::SnapshotsClient,
+        volumes_client::VolumesClient,
+    },
 };
 use serde_json::{Value, json};
 use tonic::transport::Channel;
 
 mod common;
 
-use common::BenchResult;
+use common::{BenchResult, FioJob, fio, open_direct, run_tool};
 
 const PREFIX: &str = "dmbenchscale";
 const LIST_TARGET: f64 = 50.0;
 const RSS_TARGET_MIB: f64 = 64.0;
 const RECONCILE_TARGET_MS: f64 = 3000.0;
+const GIB: u64 = 1 << 30;
+/// The agent's default dm-era block: the granularity of changed extents.
+const ERA_BLOCK: u64 = DEFAULT_CHANGE_BLOCK_BYTES;
+const WRITE_BYTES: usize = 4096;
+/// Threads writing the changed blocks (each first write to an era block
+/// waits for a dm-era metadata commit; several in flight share commits).
+const WRITERS: u64 = 8;
 const USAGE: &str = "\
-usage: scale --bench [--agent PATH] [--volumes N] [--reps N] [--results-dir DIR]
+usage: scale --bench [--agent PATH] [--parts LIST] [--volumes N] [--reps N] [--results-dir DIR]
+                     [--changes-gib N] [--changes-stride N]
   --agent PATH       the dmclone-agent binary (or DMCLONE_BENCH_AGENT)
+  --parts LIST       scale,changes or one of them (both, or DMCLONE_BENCH_SCALE_PARTS)
   --volumes N        volumes to create (1000, or DMCLONE_BENCH_VOLUMES)
-  --reps N           rounds of the status comparison (3, or DMCLONE_BENCH_REPS)
+  --reps N           rounds of the status comparison and of the changed-blocks
+                     comparison (3, or DMCLONE_BENCH_REPS)
   --dmsetup-sample N devices run through dmsetup per round, scaled to all
                      (100, or DMCLONE_BENCH_DMSETUP_SAMPLE)
-  --results-dir DIR  where scale.json and scale.txt go (default: .)";
+  --changes-gib N    size of the changed-blocks volume (10, or DMCLONE_BENCH_CHANGES_GIB)
+  --changes-stride N 4 KiB written at every Nth era block, N >= 2 (64, or
+                     DMCLONE_BENCH_CHANGES_STRIDE)
+  --results-dir DIR  where scale.json, scale.txt, changes.json and changes.txt go (default: .)";
 
 #[derive(Debug, PartialEq)]
 struct Params {
     measure: bool,
     agent: PathBuf,
+    scale: bool,
+    changes: bool,
     volumes: usize,
     reps: usize,
     sample: usize,
+    changes_gib: u64,
+    changes_stride: u64,
     results: PathBuf,
 }
 
@@ -73,6 +110,8 @@ impl Params {
         let mut params = Params {
             measure: false,
             agent: PathBuf::from(env("DMCLONE_BENCH_AGENT").unwrap_or_default()),
+            scale: true,
+            changes: true,
             volumes: number(env("DMCLONE_BENCH_VOLUMES").as_deref(), 1000, "volumes")?,
             reps: number(env("DMCLONE_BENCH_REPS").as_deref(), 3, "reps")?,
             sample: number(
@@ -80,8 +119,21 @@ impl Params {
                 100,
                 "dmsetup-sample",
             )?,
+            changes_gib: number(
+                env("DMCLONE_BENCH_CHANGES_GIB").as_deref(),
+                10,
+                "changes-gib",
+            )? as u64,
+            changes_stride: number(
+                env("DMCLONE_BENCH_CHANGES_STRIDE").as_deref(),
+                64,
+                "changes-stride",
+            )? as u64,
             results: PathBuf::from("."),
         };
+        if let Some(parts) = env("DMCLONE_BENCH_SCALE_PARTS").filter(|p| !p.is_empty()) {
+            params.parts(&parts)?;
+        }
         let mut args = args.iter();
         while let Some(arg) = args.next() {
             let mut value = || {
@@ -95,6 +147,13 @@ impl Params {
                 "--volumes" => params.volumes = number(Some(&value()?), 0, "volumes")?,
                 "--reps" => params.reps = number(Some(&value()?), 0, "reps")?,
                 "--dmsetup-sample" => params.sample = number(Some(&value()?), 0, "dmsetup-sample")?,
+                "--parts" => params.parts(&value()?)?,
+                "--changes-gib" => {
+                    params.changes_gib = number(Some(&value()?), 0, "changes-gib")? as u64;
+                }
+                "--changes-stride" => {
+                    params.changes_stride = number(Some(&value()?), 0, "changes-stride")? as u64;
+                }
                 "--results-dir" => params.results = PathBuf::from(value()?),
                 other => return Err(format!("unknown argument {other}\n{USAGE}").into()),
             }
@@ -105,7 +164,31 @@ impl Params {
             )
             .into());
         }
+        if !(1..=1024).contains(&params.changes_gib) {
+            return Err(format!("--changes-gib must be from 1 to 1024\n{USAGE}").into());
+        }
+        // A stride of 1 writes neighbouring blocks, which come back merged.
+        if params.changes_stride < 2 {
+            return Err(format!("--changes-stride must be at least 2\n{USAGE}").into());
+        }
         Ok(params)
+    }
+
+    fn parts(&mut self, list: &str) -> BenchResult<()> {
+        (self.scale, self.changes) = (false, false);
+        for part in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            match part {
+                "scale" => self.scale = true,
+                "changes" => self.changes = true,
+                other => {
+                    return Err(format!("--parts: unknown part {other:?}\n{USAGE}").into());
+                }
+            }
+        }
+        if !(self.scale || self.changes) {
+            return Err(format!("--parts names no part\n{USAGE}").into());
+        }
+        Ok(())
     }
 }
 
@@ -140,14 +223,17 @@ fn spread_json(values: &[f64]) -> Value {
 
 struct Agent {
     binary: PathBuf,
+    /// `--pool-file-size`: a sparse file, so only what is written takes room.
+    pool_file_size: String,
     dir: tempfile::TempDir,
     child: Option<Child>,
 }
 
 impl Agent {
-    async fn start(binary: &Path) -> BenchResult<Self> {
+    async fn start(binary: &Path, pool_file_size: &str) -> BenchResult<Self> {
         let mut agent = Agent {
             binary: binary.to_owned(),
+            pool_file_size: pool_file_size.to_owned(),
             dir: tempfile::tempdir()?,
             child: None,
         };
@@ -168,7 +254,12 @@ impl Agent {
         let child = std::process::Command::new(&self.binary)
             .args(["--config", "/dev/null", "--state-dir"])
             .arg(self.dir.path())
-            .args(["--dm-prefix", PREFIX, "--pool-file-size", "4G"])
+            .args([
+                "--dm-prefix",
+                PREFIX,
+                "--pool-file-size",
+                &self.pool_file_size,
+            ])
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -200,10 +291,12 @@ impl Agent {
         Err("the agent did not serve within 300 s".into())
     }
 
+    async fn channel(&self) -> BenchResult<Channel> {
+        Ok(connect_unix(&self.dir.path().join("agent.sock")).await?)
+    }
+
     async fn client(&self) -> BenchResult<VolumesClient<Channel>> {
-        Ok(VolumesClient::new(
-            connect_unix(&self.dir.path().join("agent.sock")).await?,
-        ))
+        Ok(VolumesClient::new(self.channel().await?))
     }
 
     fn rss_mib(&self) -> BenchResult<f64> {
@@ -243,23 +336,6 @@ impl Agent {
         self.kill9();
         common::remove_devices_with_prefix(dm, PREFIX).await
     }
-}
-
-#[allow(clippy::disallowed_types)] // dmsetup is the baseline: the proof of concept's way
-fn run(program: &str, args: &[String]) -> BenchResult<String> {
-    let output = std::process::Command::new(program)
-        .args(args)
-        .output()
-        .map_err(|err| format!("cannot run {program}: {err}"))?;
-    if !output.status.success() {
-        return Err(format!(
-            "{program} {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&output.stderr).trim()
-        )
-        .into());
-    }
-    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
 async fn create_volumes(agent: &Agent, count: usize) -> BenchResult<f64> {
@@ -310,7 +386,7 @@ async fn list_once(agent: &Agent, count: usize) -> BenchResult<f64> {
 fn dmsetup_once(devices: &[String]) -> BenchResult<f64> {
     let started = Instant::now();
     for device in devices {
-        let status = run("dmsetup", &["status".to_owned(), device.clone()])?;
+        let status = run_tool("dmsetup", &["status".to_owned(), device.clone()])?;
         if !status.contains(" thin ") {
             return Err(format!("dmsetup status {device}: {status:?} is no thin status").into());
         }
@@ -333,10 +409,11 @@ fn verdict(pass: bool) -> &'static str {
     if pass { "pass" } else { "MISSED" }
 }
 
-async fn measure(params: &Params) -> BenchResult<(Value, String)> {
+/// What `preflight` found: this kernel's device-mapper, and the agent binary.
+fn preflight(params: &Params) -> BenchResult<DeviceMapper> {
     let dm = DeviceMapper::open()
         .map_err(|err| format!("this kernel offers no device-mapper: {err}"))?;
-    run("dmsetup", &["version".to_owned()])?;
+    run_tool("dmsetup", &["version".to_owned()])?;
     if !params.agent.is_file() {
         return Err(format!(
             "no agent binary at {:?} (--agent or DMCLONE_BENCH_AGENT)",
@@ -344,9 +421,258 @@ async fn measure(params: &Params) -> BenchResult<(Value, String)> {
         )
         .into());
     }
+    Ok(dm)
+}
+
+/// The byte offsets of the 4 KiB writes: one in every `stride`th era block,
+/// at a 4 KiB-aligned place inside it that varies from block to block.
+fn changed_offsets(size: u64, stride: u64) -> Vec<u64> {
+    let pages = ERA_BLOCK / WRITE_BYTES as u64;
+    (0..size / ERA_BLOCK)
+        .step_by(stride as usize)
+        .map(|block| block * ERA_BLOCK + (block / stride % pages) * WRITE_BYTES as u64)
+        .collect()
+}
+
+/// The extents a correct answer holds for writes at `offsets`: each written
+/// era block whole, none merged (the stride leaves gaps), in offset order.
+fn expected_extents(offsets: &[u64], size: u64) -> Vec<(u64, u64)> {
+    offsets
+        .iter()
+        .map(|offset| {
+            let start = offset / ERA_BLOCK * ERA_BLOCK;
+            (start, ERA_BLOCK.min(size - start))
+        })
+        .collect()
+}
+
+/// Writes 4 KiB of non-zero bytes at every offset with O_DIRECT, from
+/// `WRITERS` threads; returns the seconds it took.
+fn write_changes(device: &Path, offsets: &[u64]) -> BenchResult<f64> {
+    let file = open_direct(device, true)?;
+    let started = Instant::now();
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..WRITERS as usize)
+            .map(|worker| {
+                let file = &file;
+                scope.spawn(move || -> BenchResult<()> {
+                    let mut buf = AlignedBuf::new(WRITE_BYTES);
+                    for &offset in offsets.iter().skip(worker).step_by(WRITERS as usize) {
+                        buf.as_mut_slice().fill((offset / ERA_BLOCK) as u8 | 1);
+                        file.write_all_at(buf.as_slice(), offset)
+                            .map_err(|err| format!("write at {offset}: {err}"))?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        workers.into_iter().try_for_each(|worker| {
+            worker
+                .join()
+                .map_err(|_| -> Box<dyn std::error::Error + Send + Sync> {
+                    "a writer thread panicked".into()
+                })?
+        })
+    })?;
+    file.sync_all()?;
+    Ok(started.elapsed().as_secs_f64())
+}
+
+/// One timed `GetChangedBlocks` since `era`, its whole stream; the answer
+/// is checked against `expected` after the clock stops.
+async fn changed_blocks_once(
+    client: &mut SnapshotsClient<Channel>,
+    volume: &str,
+    era: u64,
+    expected: &[(u64, u64)],
+) -> BenchResult<(f64, usize)> {
+    let started = Instant::now();
+    let mut stream = client
+        .get_changed_blocks(GetChangedBlocksRequest {
+            volume_id: volume.to_owned(),
+            since: Some(Since::Era(era)),
+        })
+        .await?
+        .into_inner();
+    let mut extents = Vec::with_capacity(expected.len());
+    let mut messages = Vec::new();
+    while let Some(message) = stream.message().await? {
+        extents.extend(
+            message
+                .extents
+                .iter()
+                .map(|e| (e.offset_bytes, e.length_bytes)),
+        );
+        messages.push((message.since_era, message.next_era, message.block_bytes));
+    }
+    let took = started.elapsed().as_secs_f64();
+    if let Some(&(since, next, block)) = messages
+        .iter()
+        .find(|(since, next, block)| *since != era || next <= since || *block != ERA_BLOCK)
+    {
+        return Err(format!(
+            "GetChangedBlocks since era {era} answered since_era {since}, next_era {next}, block_bytes {block} (expected since {era}, a later next era, blocks of {ERA_BLOCK})"
+        )
+        .into());
+    }
+    if extents != expected {
+        let first = extents
+            .iter()
+            .zip(expected)
+            .position(|(got, want)| got != want)
+            .unwrap_or(extents.len().min(expected.len()));
+        let bytes = |list: &[(u64, u64)]| list.iter().map(|(_, len)| len).sum::<u64>();
+        return Err(format!(
+            "GetChangedBlocks since era {era} is WRONG: {} extents, {} bytes; {} were written, {} bytes at era-block granularity; first difference at index {first}: got {:?}, expected {:?}",
+            extents.len(),
+            bytes(&extents),
+            expected.len(),
+            bytes(expected),
+            extents.get(first),
+            expected.get(first)
+        )
+        .into());
+    }
+    Ok((took, messages.len()))
+}
+
+/// What a backup without changed-block tracking does: read the whole
+/// volume. Seconds at fio's own rate (its start-up is not counted).
+fn full_read(device: &Path, size: u64) -> BenchResult<f64> {
+    let job = FioJob {
+        rw: "read",
+        block_bytes: 1 << 20,
+        seconds: None,
+    };
+    let (bytes_per_s, _) = fio(device, job, size)?;
+    Ok(size as f64 / bytes_per_s)
+}
+
+async fn measure_changes(params: &Params) -> BenchResult<(Value, String)> {
+    let dm = preflight(params)?;
+    common::remove_devices_with_prefix(&dm, PREFIX).await?;
+    // The default max_oversubscription_ratio is 1: the pool's data must hold
+    // the whole volume. Sparse, so only what is written takes room.
+    let agent = Agent::start(&params.agent, &format!("{}G", params.changes_gib + 2)).await?;
+    let measured = changes_on(&agent, params).await;
+    agent.remove(&dm).await?;
+    measured
+}
+
+async fn changes_on(agent: &Agent, params: &Params) -> BenchResult<(Value, String)> {
+    let size = params.changes_gib * GIB;
+    let volume = volume_id(0xc0de);
+    let mut volumes = agent.client().await?;
+    volumes
+        .create_volume(CreateVolumeRequest {
+            volume_id: volume.clone(),
+            size_bytes: size,
+            ..Default::default()
+        })
+        .await?;
+    let device = PathBuf::from(
+        volumes
+            .publish_volume(PublishVolumeRequest {
+                volume_id: volume.clone(),
+            })
+            .await?
+            .into_inner()
+            .device_path,
+    );
+    let mut snapshots = SnapshotsClient::new(agent.channel().await?);
+    let era = snapshots
+        .mark_checkpoint(MarkCheckpointRequest {
+            volume_id: volume.clone(),
+        })
+        .await?
+        .into_inner()
+        .era;
+    let offsets = changed_offsets(size, params.changes_stride);
+    let expected = expected_extents(&offsets, size);
+    let write_s = {
+        let (device, offsets) = (device.clone(), offsets.clone());
+        tokio::task::spawn_blocking(move || write_changes(&device, &offsets)).await??
+    };
+    eprintln!(
+        "[bench] changes: {} writes of 4 KiB into {} GiB in {write_s:.1} s, since era {era}",
+        offsets.len(),
+        params.changes_gib
+    );
+    // Untimed and checked: the first answer warms the agent's path.
+    let (warm_s, messages) = changed_blocks_once(&mut snapshots, &volume, era, &expected).await?;
+    let (mut rpc, mut reads, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..params.reps {
+        let (rpc_s, read_s) = if round % 2 == 0 {
+            let (rpc_s, _) = changed_blocks_once(&mut snapshots, &volume, era, &expected).await?;
+            (rpc_s, full_read(&device, size)?)
+        } else {
+            let read_s = full_read(&device, size)?;
+            let (rpc_s, _) = changed_blocks_once(&mut snapshots, &volume, era, &expected).await?;
+            (rpc_s, read_s)
+        };
+        eprintln!(
+            "[bench] changes round {}/{}: GetChangedBlocks {:.1} ms, full read {:.1} s",
+            round + 1,
+            params.reps,
+            rpc_s * 1e3,
+            read_s
+        );
+        rpc.push(rpc_s * 1e3);
+        reads.push(read_s * 1e3);
+        ratios.push(read_s / rpc_s);
+    }
+    let changed_bytes: u64 = expected.iter().map(|(_, len)| len).sum();
+    let (rpc_min, rpc_med, rpc_max) = spread(&rpc);
+    let (_, read_med, _) = spread(&reads);
+    let (ratio_min, ratio, ratio_max) = spread(&ratios);
+    let report = json!({
+        "volume_bytes": size,
+        "era_block_bytes": ERA_BLOCK,
+        "stride_blocks": params.changes_stride,
+        "writes": offsets.len(),
+        "write_bytes": offsets.len() * WRITE_BYTES,
+        "write_seconds": write_s,
+        "since_era": era,
+        "extents": expected.len(),
+        "changed_bytes": changed_bytes,
+        "verified": true,
+        "messages": messages,
+        "reps": params.reps,
+        "warm_up_ms": warm_s * 1e3,
+        "get_changed_blocks_ms": spread_json(&rpc),
+        "full_read_ms": spread_json(&reads),
+        "full_read_over_changed_blocks": spread_json(&ratios),
+    });
+    let mut text = String::new();
+    writeln!(
+        text,
+        "changed blocks: {} GiB volume (dm-era block {} KiB), 4 KiB written at every {}th era block: {} writes in {write_s:.1} s",
+        params.changes_gib,
+        ERA_BLOCK >> 10,
+        params.changes_stride,
+        offsets.len()
+    )?;
+    writeln!(
+        text,
+        "GetChangedBlocks since the checkpoint: {} extents, {} MiB, as written (checked every run); \
+         {rpc_min:.1} / {rpc_med:.1} / {rpc_max:.1} ms (min / median / max, {} runs)",
+        expected.len(),
+        changed_bytes >> 20,
+        params.reps
+    )?;
+    writeln!(
+        text,
+        "against reading the whole volume (fio 1 MiB sequential, qd32): {read_med:.0} ms median; \
+         {ratio:.0}x faster (min {ratio_min:.0}x, max {ratio_max:.0}x), reported"
+    )?;
+    Ok((report, text))
+}
+
+async fn measure_scale(params: &Params) -> BenchResult<(Value, String)> {
+    let dm = preflight(params)?;
     let n = params.volumes;
     common::remove_devices_with_prefix(&dm, PREFIX).await?;
-    let mut agent = Agent::start(&params.agent).await?;
+    let mut agent = Agent::start(&params.agent, "4G").await?;
     let create_s = create_volumes(&agent, n).await?;
     let devices = thin_devices(&dm).await?;
     if devices.len() != n {
@@ -452,29 +778,44 @@ fn main() {
         return;
     }
     let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
-    match runtime.block_on(measure(&params)) {
-        Ok((report, text)) => {
-            print!("{text}");
-            let written = fs::create_dir_all(&params.results)
-                .and_then(|()| fs::write(params.results.join("scale.txt"), &text))
-                .and_then(|()| {
-                    fs::write(
-                        params.results.join("scale.json"),
-                        serde_json::to_string_pretty(&report).unwrap_or_default(),
-                    )
-                });
-            if let Err(err) = written {
-                eprintln!(
-                    "scale: cannot write results to {}: {err}",
-                    params.results.display()
-                );
-                std::process::exit(1);
+    let mut failed = false;
+    for (part, wanted) in [("scale", params.scale), ("changes", params.changes)] {
+        if !wanted {
+            continue;
+        }
+        let measured = runtime.block_on(async {
+            match part {
+                "scale" => measure_scale(&params).await,
+                _ => measure_changes(&params).await,
+            }
+        });
+        match measured {
+            Ok((report, text)) => {
+                print!("{text}");
+                let written = fs::create_dir_all(&params.results)
+                    .and_then(|()| fs::write(params.results.join(format!("{part}.txt")), &text))
+                    .and_then(|()| {
+                        fs::write(
+                            params.results.join(format!("{part}.json")),
+                            serde_json::to_string_pretty(&report).unwrap_or_default(),
+                        )
+                    });
+                if let Err(err) = written {
+                    eprintln!(
+                        "scale: cannot write results to {}: {err}",
+                        params.results.display()
+                    );
+                    failed = true;
+                }
+            }
+            Err(err) => {
+                eprintln!("scale: {part}: could not measure: {err}");
+                failed = true;
             }
         }
-        Err(err) => {
-            eprintln!("scale: could not measure: {err}");
-            std::process::exit(1);
-        }
+    }
+    if failed {
+        std::process::exit(1);
     }
 }
 
@@ -504,6 +845,52 @@ fn self_check() -> Result<(), String> {
     }
     if spread(&[3.0, 1.0, 2.0]) != (1.0, 2.0, 3.0) {
         return Err("spread is not min, median, max".into());
+    }
+    let parts =
+        |list: &str| Params::parse(&args(&["--parts", list]), none).map(|p| (p.scale, p.changes));
+    if parts("changes").ok() != Some((false, true))
+        || parts("scale,changes").ok() != Some((true, true))
+    {
+        return Err("--parts selects wrongly".into());
+    }
+    for (given, reason) in [
+        (&["--parts", "era"][..], "unknown part"),
+        (&["--parts", ","][..], "names no part"),
+        (&["--changes-stride", "1"][..], "at least 2"),
+        (&["--changes-gib", "0"][..], "from 1 to 1024"),
+    ] {
+        match Params::parse(&args(given), none) {
+            Err(err) if err.to_string().contains(reason) => {}
+            other => return Err(format!("{given:?} should fail with {reason:?}: {other:?}")),
+        }
+    }
+    // The changed-blocks workload: one write in each of 2,560 distinct,
+    // non-adjacent era blocks of 10 GiB, so a correct answer is 2,560 whole
+    // blocks, none merged.
+    let size = 10 * GIB;
+    let offsets = changed_offsets(size, 64);
+    let extents = expected_extents(&offsets, size);
+    if offsets.len() != 2560
+        || offsets
+            .iter()
+            .any(|o| o % WRITE_BYTES as u64 != 0 || o + WRITE_BYTES as u64 > size)
+        || offsets
+            .iter()
+            .zip(&extents)
+            .any(|(o, (start, len))| !(*start..start + len).contains(o) || *len != ERA_BLOCK)
+        || extents.windows(2).any(|w| w[0].0 + w[0].1 >= w[1].0)
+        || offsets
+            .iter()
+            .map(|o| o % ERA_BLOCK)
+            .collect::<std::collections::BTreeSet<_>>()
+            .len()
+            < 2
+    {
+        return Err(format!(
+            "the changed-blocks workload is wrong: {} offsets, first {:?}",
+            offsets.len(),
+            &offsets[..offsets.len().min(3)]
+        ));
     }
     Ok(())
 }

@@ -124,8 +124,10 @@ impl Agent {
         }
         self.ensure_thin_device(record).await?;
         // A probe lives only inside one call; one found here outlived a crash.
-        self.remove_device_if_present(&self.naming.era_probe(&id))
-            .await?;
+        let probe = self.naming.era_probe(&id);
+        if existing.iter().any(|e| e == probe.as_str()) {
+            self.remove_device_if_present(&probe).await?;
+        }
         self.ensure_era_metadata(record).await?;
         let mut record = record.clone();
         if !record.published && self.open_count(&public).await?.is_some_and(|open| open > 0) {

@@ -1,8 +1,14 @@
 //! What the benchmarks share.
 
-use std::error::Error as StdError;
+use std::{
+    error::Error as StdError,
+    fs::{File, OpenOptions},
+    os::unix::fs::OpenOptionsExt,
+    path::Path,
+};
 
 use dmclone::dm::{kernel::DeviceMapper, names::DeviceName};
+use serde_json::Value;
 
 pub type BenchResult<T> = Result<T, Box<dyn StdError + Send + Sync>>;
 
@@ -30,4 +36,97 @@ pub async fn remove_devices_with_prefix(dm: &DeviceMapper, prefix: &str) -> Benc
             return Err(format!("bench devices {ours:?} are held open by something else").into());
         }
     }
+}
+
+/// Runs a tool to completion and returns its stdout.
+#[allow(clippy::disallowed_types)] // dd, fio and dmsetup are contenders and probes, not device-mapper control
+pub fn run_tool(program: &str, args: &[String]) -> BenchResult<String> {
+    let output = std::process::Command::new(program)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|err| format!("cannot start {program}: {err}"))?;
+    if !output.status.success() {
+        return Err(format!(
+            "{program} {} failed ({}): {}",
+            args.join(" "),
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        )
+        .into());
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+pub fn open_direct(path: &Path, write: bool) -> BenchResult<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(write)
+        .custom_flags(nix::libc::O_DIRECT)
+        .open(path)
+        .map_err(|err| format!("open {} (O_DIRECT): {err}", path.display()).into())
+}
+
+/// One fio job: libaio, O_DIRECT, queue depth 32.
+#[derive(Debug, Clone, Copy)]
+pub struct FioJob {
+    /// fio's `--rw`: read, write, randread or randwrite.
+    pub rw: &'static str,
+    pub block_bytes: u64,
+    /// Time-based for this long, at random offsets that may repeat; `None`
+    /// is one pass over the size.
+    pub seconds: Option<u64>,
+}
+
+/// Runs one fio job over the first `size` bytes of `path` and returns
+/// (bytes/s, IOPS) of its direction.
+pub fn fio(path: &Path, job: FioJob, size: u64) -> BenchResult<(f64, f64)> {
+    let mut args = vec![
+        "--name=bench".to_owned(),
+        format!("--filename={}", path.display()),
+        "--ioengine=libaio".into(),
+        "--direct=1".into(),
+        "--iodepth=32".into(),
+        format!("--size={size}"),
+        // Under emulation fio's latency bookkeeping costs more than the I/O:
+        // clock calls per I/O, and percentiles that took ~20 s to print.
+        "--gtod_reduce=1".into(),
+        "--output-format=json".into(),
+        format!("--rw={}", job.rw),
+        format!("--bs={}", job.block_bytes),
+    ];
+    if let Some(seconds) = job.seconds {
+        args.extend([
+            "--time_based=1".into(),
+            format!("--runtime={seconds}"),
+            "--norandommap=1".into(),
+            "--randrepeat=0".into(),
+        ]);
+    }
+    let direction = if job.rw.contains("write") {
+        "write"
+    } else {
+        "read"
+    };
+    let stdout = run_tool("fio", &args)?;
+    let start = stdout
+        .find('{')
+        .ok_or_else(|| format!("fio printed no JSON: {stdout}"))?;
+    let report: Value = serde_json::from_str(&stdout[start..])
+        .map_err(|err| format!("fio JSON: {err}: {stdout}"))?;
+    let side = &report["jobs"][0][direction];
+    let errors = report["jobs"][0]["error"].as_i64().unwrap_or(0);
+    if errors != 0 {
+        return Err(format!("fio on {} reported error {errors}", path.display()).into());
+    }
+    let bw = side["bw_bytes"]
+        .as_f64()
+        .ok_or_else(|| format!("fio JSON lacks {direction}.bw_bytes"))?;
+    let iops = side["iops"]
+        .as_f64()
+        .ok_or_else(|| format!("fio JSON lacks {direction}.iops"))?;
+    if bw <= 0.0 {
+        return Err(format!("fio on {} moved no data", path.display()).into());
+    }
+    Ok((bw, iops))
 }
