@@ -105,8 +105,9 @@ impl Agent {
         }
     }
 
-    /// Brings the kernel to the record: the thin device always, the public
-    /// device while published, both at the record's size.
+    /// Brings the kernel to the record: the thin device and dm-era's
+    /// metadata always, the public device while published, at the record's
+    /// size.
     async fn converge(
         &self,
         record: &VolumeRecord,
@@ -122,13 +123,11 @@ impl Agent {
                 report.rebuilt += 1;
             }
         }
-        self.ensure_thin_device(record).await?;
         // A probe lives only inside one call; one found here outlived a crash.
         let probe = self.naming.era_probe(&id);
         if existing.iter().any(|e| e == probe.as_str()) {
             self.remove_device_if_present(&probe).await?;
         }
-        self.ensure_era_metadata(record).await?;
         let mut record = record.clone();
         if !record.published && self.open_count(&public).await?.is_some_and(|open| open > 0) {
             // An unpublish that stopped before removing the device, which
@@ -138,8 +137,11 @@ impl Agent {
             record.pending = Some(Pending::Publish);
         }
         if record.published {
+            // The thin device and dm-era's metadata beneath it too.
             self.ensure_public_device(&record).await?;
         } else {
+            self.ensure_thin_device(&record).await?;
+            self.ensure_era_metadata(&record).await?;
             self.remove_device_if_present(&public).await?;
         }
         if record.pending.is_some() {

@@ -637,6 +637,27 @@ mod tests {
     }
 
     #[test]
+    fn a_tracked_volume_gets_a_second_thin_id_for_its_era_metadata() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut tracked = record(A);
+        tracked.tracking = Some(ChangeTracking {
+            history: 9,
+            metadata_thin_id: 0,
+            metadata_bytes: 17 << 20,
+            block_bytes: 64 << 10,
+            known_from_era: Some(0),
+        });
+        let a = store.insert_volume_with_new_thin_id(tracked).unwrap();
+        let b = store.insert_volume_with_new_thin_id(record(B)).unwrap();
+        assert_eq!(a.thin_id, 1);
+        assert_eq!(a.tracking.as_ref().unwrap().metadata_thin_id, 2);
+        assert_eq!(b.thin_id, 3);
+        let stored = store.volume(&VolumeId::parse(A).unwrap()).unwrap().unwrap();
+        assert_eq!(stored, a, "the store holds the ids it handed out");
+    }
+
+    #[test]
     fn a_second_agent_on_the_same_state_dir_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let _first = Store::open(dir.path()).unwrap();
