@@ -194,9 +194,9 @@ impl Agent {
         if tracking.known_from_era.is_some() {
             return Ok(());
         }
-        let status: EraStatus = self.dm.status_of(era_device, 0).await?;
-        tracking.known_from_era = Some(status.current_era);
-        info!(volume = %record.id, era = status.current_era, "changed-block tracking starts");
+        let current = self.current_era(era_device).await?;
+        tracking.known_from_era = Some(current);
+        info!(volume = %record.id, era = current, "changed-block tracking starts");
         self.put(record).await
     }
 
@@ -211,12 +211,7 @@ impl Agent {
                 // A probe's activation already began a new era.
                 self.dm.message(&era.name, 0, "checkpoint").await?;
             }
-            Ok::<_, AgentError>(
-                self.dm
-                    .status_of::<EraStatus>(&era.name, 0)
-                    .await?
-                    .current_era,
-            )
+            self.current_era(&era.name).await
         }
         .await;
         self.release(era).await;
@@ -290,7 +285,7 @@ impl Agent {
         self.dm.message(&era.name, 0, "take_metadata_snap").await?;
         // Taking the metadata snapshot began a new era: the answer covers
         // every era before it, so it is where the caller asks from next.
-        let next: Result<EraStatus, _> = self.dm.status_of(&era.name, 0).await;
+        let next = self.current_era(&era.name).await;
         let metadata = self.naming.era_metadata(&id).mapper_path();
         let asked = since_kernel.max(FIRST_WRITABLE_ERA);
         let blocks = crate::agent::blocking(move || {
@@ -307,7 +302,7 @@ impl Agent {
         dropped?;
         Ok(ChangedBlocks {
             since_era,
-            next_era: public_era(tracking, next?.current_era),
+            next_era: public_era(tracking, next?),
             block_bytes: tracking.block_bytes,
             extents: extents(&blocks, tracking.block_bytes, record.size_bytes),
         })
@@ -340,16 +335,19 @@ impl Agent {
                 taken?;
                 resumed?;
             }
-            Ok::<_, AgentError>(
-                self.dm
-                    .status_of::<EraStatus>(&era.name, 0)
-                    .await?
-                    .current_era,
-            )
+            self.current_era(&era.name).await
         }
         .await;
         self.release(era).await;
         Ok(Some(public_era(tracking_of(record)?, result?)))
+    }
+
+    async fn current_era(&self, era_device: &DeviceName) -> Result<u32, AgentError> {
+        Ok(self
+            .dm
+            .status_of::<EraStatus>(era_device, 0)
+            .await?
+            .current_era)
     }
 
     /// The volume's dm-era: its public device, or a probe when unpublished.

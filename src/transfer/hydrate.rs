@@ -720,18 +720,14 @@ fn not_found(id: &TransferId) -> AgentError {
     }
 }
 
-/// Zeroes and syncs the first 4 KiB of a device.
-/// The arriving volume's thin ids: its own first, the clone metadata's
-/// second, then its era metadata's.
+/// The arriving volume's thin ids come as its own, the clone metadata's,
+/// then its era metadata's: the volume keeps the first and the third.
 fn arriving_ids(volume: VolumeRecord, ids: &[u32]) -> VolumeRecord {
-    let era = ids.get(2).copied();
-    let mut volume = crate::store::with_thin_ids(volume, &[ids[0]]);
-    if let (Some(tracking), Some(id)) = (volume.tracking.as_mut(), era) {
-        tracking.metadata_thin_id = id;
-    }
-    volume
+    let own: Vec<u32> = ids.iter().copied().step_by(2).collect();
+    crate::store::with_thin_ids(volume, &own)
 }
 
+/// Zeroes and syncs the first 4 KiB of a device.
 pub(crate) async fn zero_first_block(path: &Path) -> Result<(), AgentError> {
     let path = path.to_owned();
     crate::agent::blocking(move || {
