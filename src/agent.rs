@@ -7,18 +7,13 @@ use tracing::{info, warn};
 
 use crate::{
     config::Settings,
-    dm::{
-        events::EventMonitor,
-        kernel::{DeviceMapper, TargetVersion},
-        missing_targets,
-        names::Naming,
-    },
+    dm::{Kernel, LiveKernel, kernel::TargetVersion, missing_targets, names::Naming},
     error::AgentError,
     failpoint,
     locks::Locks,
     metrics::Metrics,
     nvme::{HostId, Nqn},
-    pool::{Pool, PoolUsage},
+    pool::{Pool, PoolUsage, backing::Backing},
     reconcile::ReconcileReport,
     store::{Store, TransferRecord},
     transfer::Registry,
@@ -43,8 +38,7 @@ pub struct NodeInfo {
 
 #[derive(Debug)]
 pub struct Agent {
-    pub(crate) dm: DeviceMapper,
-    pub(crate) events: EventMonitor,
+    pub(crate) dm: Arc<dyn Kernel>,
     pub(crate) store: Store,
     pub(crate) pool: Pool,
     pub(crate) naming: Naming,
@@ -65,8 +59,21 @@ impl Agent {
             option: failpoint::ENV.to_owned(),
             reason,
         })?;
-        let dm = DeviceMapper::open()?;
-        check_targets(&dm).await?;
+        let dm: Arc<dyn Kernel> = Arc::new(LiveKernel::open()?);
+        check_targets(dm.as_ref()).await?;
+        let backing = Backing::open(&settings.pool.backing).await?;
+        Self::start_on(settings, dm, backing).await
+    }
+
+    /// Starts over `dm` with the pool on `backing`: the whole start but for
+    /// opening the host's kernel and the configured device (tests hand in an
+    /// in-memory kernel).
+    pub async fn start_on(
+        settings: Settings,
+        dm: Arc<dyn Kernel>,
+        backing: Backing,
+    ) -> Result<Arc<Self>, AgentError> {
+        check_targets(dm.as_ref()).await?;
         prepare_state_dir(&settings.state_dir)?;
         let store = {
             let dir = settings.state_dir.clone();
@@ -81,11 +88,9 @@ impl Agent {
         };
         let naming = Naming::new(&settings.dm_prefix)?;
         let nvme = nvme_identity(&settings, &store).await?;
-        let pool = Pool::open(&dm, &naming, &settings.pool).await?;
-        let events = EventMonitor::start()?;
+        let pool = Pool::open(&dm, &naming, &settings.pool, backing).await?;
         let mut agent = Self {
             dm,
-            events,
             store,
             pool,
             naming,
@@ -228,22 +233,23 @@ impl Agent {
     /// Logs the pool's low-water and mode-change events as they happen; the
     /// allocation checks read the pool's status themselves.
     fn watch_pool_events(self: &Arc<Self>) {
+        // Holds the kernel, not the agent, while it waits: the agent may go.
         let weak = Arc::downgrade(self);
+        let dm = Arc::clone(&self.dm);
         let name = self.pool.name.clone();
         tokio::spawn(async move {
-            let mut seen = match weak.upgrade().and_then(|a| a.events.counter(&name)) {
-                Some(seen) => seen,
-                None => return,
+            let Some(mut seen) = dm.event_counter(&name) else {
+                return;
             };
             loop {
-                let Some(agent) = weak.upgrade() else { return };
-                match agent.events.wait_for_event(&name, seen).await {
+                match dm.wait_for_event(&name, seen).await {
                     Ok(now) => seen = now,
                     Err(err) => {
                         warn!(pool = %name, error = %err, "stopped watching the pool's events");
                         return;
                     }
                 }
+                let Some(agent) = weak.upgrade() else { return };
                 match agent.pool.usage().await {
                     Ok(usage) if usage.low_space => warn!(
                         pool = %name,
@@ -266,7 +272,7 @@ impl Agent {
     }
 }
 
-async fn check_targets(dm: &DeviceMapper) -> Result<(), AgentError> {
+async fn check_targets(dm: &dyn Kernel) -> Result<(), AgentError> {
     let targets = dm.target_versions().await?;
     let missing = missing_targets(targets.iter().map(|t| t.name.as_str()));
     if missing.is_empty() {

@@ -41,9 +41,30 @@ fn armed() -> Option<&'static str> {
         .as_deref()
 }
 
+#[cfg(test)]
+tokio::task_local! {
+    static ARMED_IN_TASK: &'static str;
+}
+
+/// Runs `future` with `point` armed for it alone: reaching the point panics,
+/// which ends the task right there as a kill ends the process. Unit tests
+/// replay crashes with it against the in-memory kernel.
+#[cfg(test)]
+pub async fn crash_at<F: std::future::Future>(point: &'static str, future: F) -> F::Output {
+    assert!(POINTS.contains(&point), "unknown failpoint {point}");
+    ARMED_IN_TASK.scope(point, future).await
+}
+
 /// Dies here if `point` is armed.
 pub fn hit(point: &'static str) {
     debug_assert!(POINTS.contains(&point), "unknown failpoint {point}");
+    #[cfg(test)]
+    if ARMED_IN_TASK
+        .try_with(|armed| *armed == point)
+        .unwrap_or(false)
+    {
+        panic!("failpoint {point} reached");
+    }
     if armed() == Some(point) {
         error!(failpoint = point, "failpoint reached: killing the agent");
         let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);

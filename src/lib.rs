@@ -23,8 +23,12 @@ pub mod pool;
 pub mod proto;
 mod reconcile;
 pub mod snapshot;
+pub mod stack;
 pub mod store;
+#[cfg(test)]
+mod testing;
 pub mod transfer;
+pub mod units;
 pub mod volume;
 
 pub use error::{AgentError, Error, ParseError};

@@ -75,7 +75,7 @@ impl Agent {
             Some(Pending::Create) => {
                 info!(volume = %id, "rolling back a create interrupted by a crash");
                 report.rolled_back += 1;
-                self.roll_back_interrupted_create(&record).await
+                self.undo_create(&record).await
             }
             Some(Pending::Delete) => {
                 info!(volume = %id, "finishing a delete interrupted by a crash");
@@ -205,19 +205,6 @@ impl Agent {
             }
             _ => Ok(()),
         }
-    }
-
-    async fn roll_back_interrupted_create(&self, record: &VolumeRecord) -> Result<(), AgentError> {
-        let id = record.volume_id()?;
-        self.remove_device_if_present(&self.naming.public(&id))
-            .await?;
-        self.remove_device_if_present(&self.thin_name(record)?)
-            .await?;
-        self.drop_era_metadata(record).await?;
-        self.pool.delete_thin(record.thin_id).await?;
-        let key = record.id.clone();
-        self.store_call(move |store| store.remove_volume(&key))
-            .await
     }
 
     async fn quarantine(&self, mut record: VolumeRecord, reason: String) -> Result<(), AgentError> {

@@ -23,7 +23,7 @@ use crate::{
     volume::{Outcome, Volume, new_record, unix_now},
 };
 
-const SECTOR: u64 = 512;
+use crate::units::SECTOR;
 /// How long a snapshot of an arriving volume waits for its hydration.
 const HYDRATION_WAIT: Duration = Duration::from_secs(600);
 

@@ -97,6 +97,14 @@ impl VolumeRecord {
     pub fn volume_id(&self) -> Result<VolumeId, AgentError> {
         VolumeId::parse(&self.id)
     }
+
+    /// The pool's thin ids this volume owns: its own, and its era
+    /// metadata's when it tracks changes.
+    pub fn owned_thin_ids(&self) -> Vec<u32> {
+        std::iter::once(self.thin_id)
+            .chain(self.tracking.as_ref().map(|t| t.metadata_thin_id))
+            .collect()
+    }
 }
 
 /// The intent of an operation that touches the kernel in several steps.

@@ -20,13 +20,14 @@ use crate::{
         status::ThinStatus,
         table::{DevRef, Table},
     },
-    error::{AgentError, Error},
+    error::AgentError,
     failpoint,
     ids::VolumeId,
+    stack,
     store::{Pending, VolumeRecord},
 };
 
-const SECTOR: u64 = 512;
+use crate::units::SECTOR;
 
 /// A volume as callers see it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -168,16 +169,7 @@ impl Agent {
     /// Best effort: a failed create leaves nothing behind, or, if even that
     /// fails, its intent for the next start (or the next retry) to finish.
     pub(crate) async fn roll_back_create(&self, record: &VolumeRecord) {
-        let undone = async {
-            self.remove_device_if_present(&self.thin_name(record)?)
-                .await?;
-            self.drop_era_metadata(record).await?;
-            self.pool.delete_thin(record.thin_id).await?;
-            let id = record.id.clone();
-            self.store_call(move |store| store.remove_volume(&id)).await
-        }
-        .await;
-        if let Err(err) = undone {
+        if let Err(err) = self.undo_create(record).await {
             warn!(volume = %record.id, error = %err, "could not roll back a failed create; its intent stays for reconciliation");
         }
     }
@@ -242,21 +234,32 @@ impl Agent {
         Ok(())
     }
 
-    /// The steps after the intent: remove devices, free the thin id's blocks,
-    /// forget the record. Each step is idempotent, so reconciliation repeats
-    /// them after a crash.
+    /// Undoes a create that stopped half-way: whatever of its stack exists
+    /// goes, then its record. Reconciliation does the same after a crash.
+    pub(crate) async fn undo_create(&self, record: &VolumeRecord) -> Result<(), AgentError> {
+        let id = record.volume_id()?;
+        stack::tear_down(
+            self.dm.as_ref(),
+            &self.pool,
+            &self.naming,
+            &id,
+            &record.owned_thin_ids(),
+        )
+        .await?;
+        self.store_call(move |store| store.remove_volume(id.as_str()))
+            .await
+    }
+
+    /// The steps after the intent: remove devices, free the thin ids'
+    /// blocks, forget the record. Each step is idempotent, so
+    /// reconciliation repeats them after a crash.
     pub(crate) async fn finish_delete(&self, record: &VolumeRecord) -> Result<(), AgentError> {
         let id = record.volume_id()?;
-        self.remove_device_if_present(&self.naming.public(&id))
-            .await?;
-        self.remove_device_if_present(&self.thin_name(record)?)
-            .await?;
-        self.drop_era_metadata(record).await?;
+        stack::remove_volume_devices(self.dm.as_ref(), &self.naming, &id).await?;
         failpoint::hit("delete.after_devices");
-        self.pool.delete_thin(record.thin_id).await?;
+        stack::free_thin_ids(&self.pool, &record.owned_thin_ids()).await?;
         failpoint::hit("delete.after_thin");
-        let key = record.id.clone();
-        self.store_call(move |store| store.remove_volume(&key))
+        self.store_call(move |store| store.remove_volume(id.as_str()))
             .await
     }
 
@@ -513,7 +516,7 @@ impl Agent {
     ) -> Result<DevRef, AgentError> {
         let table = self.pool.thin_table(record.thin_id, record.size_bytes)?;
         self.ensure_device(&self.thin_name(record)?, &table, |live| {
-            same_target_other_length(live, &table)
+            stack::is_resize_of(live, &table)
         })
         .await
     }
@@ -527,46 +530,25 @@ impl Agent {
         let thin = self.ensure_thin_device(record).await?;
         let table = self.local_table(record, thin).await?;
         let public = self.naming.public(&record.volume_id()?);
-        self.ensure_device(&public, &table, |live| {
-            same_target_other_length(live, &table)
-        })
-        .await
+        self.ensure_device(&public, &table, |live| stack::is_resize_of(live, &table))
+            .await
     }
 
-    /// Makes `name` carry `table`: creates it, adopts it when it already does,
-    /// swaps the table when `may_swap` allows it, and refuses otherwise.
+    /// Makes `name` carry `table` (see [`stack::ensure_device`]).
     pub(crate) async fn ensure_device(
         &self,
         name: &DeviceName,
         table: &Table,
         may_swap: impl Fn(&Table) -> bool,
     ) -> Result<DevRef, AgentError> {
-        let Some(state) = self.dm.info(name).await? else {
-            return Ok(self.dm.create(name, None, table).await?.device);
-        };
-        let live = self.dm.table(name).await?;
-        if live == *table {
-            return Ok(state.device);
-        }
-        if may_swap(&live) {
-            return Ok(self.dm.swap_table(name, table).await?.device);
-        }
-        Err(AgentError::Conflict(format!(
-            "device-mapper device {name} has table \"{live}\", expected \"{table}\""
-        )))
+        stack::ensure_device(self.dm.as_ref(), name, table, may_swap).await
     }
 
     pub(crate) async fn remove_device_if_present(
         &self,
         name: &DeviceName,
     ) -> Result<(), AgentError> {
-        match self.dm.remove(name).await {
-            Ok(()) | Err(Error::NoSuchDevice { .. }) => Ok(()),
-            Err(Error::DeviceBusy { device, open_count }) => Err(AgentError::FailedPrecondition(
-                format!("device {device} is open ({open_count} users); close them and retry"),
-            )),
-            Err(err) => Err(err.into()),
-        }
+        stack::remove_if_present(self.dm.as_ref(), name).await
     }
 
     pub(crate) async fn open_count(&self, name: &DeviceName) -> Result<Option<i32>, AgentError> {
@@ -611,15 +593,6 @@ impl Agent {
     }
 }
 
-/// A live table that differs from the wanted one only in length: a resize
-/// the agent may apply (grow after an interrupted extend).
-fn same_target_other_length(live: &Table, wanted: &Table) -> bool {
-    match (live.segments(), wanted.segments()) {
-        ([a], [b]) => a.target == b.target && a.start == b.start,
-        _ => false,
-    }
-}
-
 fn not_found(id: &VolumeId) -> AgentError {
     AgentError::NotFound {
         what: "volume",
@@ -651,3 +624,6 @@ pub(crate) fn unix_now() -> i64 {
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0)
 }
+
+#[cfg(test)]
+mod tests;

@@ -41,15 +41,15 @@ use crate::{
         kernel::Flush,
         names::DeviceName,
         status::EraStatus,
-        table::{DevRef, Era, Linear, Table, Target},
+        table::{DevRef, Table},
     },
     error::AgentError,
     ids::{SnapshotId, VolumeId},
     pool::ThinCreated,
+    stack::{self, EraLayer},
     store::{ChangeTracking, VolumeRecord},
 };
 
-const SECTOR: u64 = 512;
 /// dm-era's era array holds 0 for blocks never written, so "since era 0"
 /// would name every block. No write ever lands in era 0: fresh
 /// metadata starts there and every activation begins a new era before any
@@ -121,7 +121,7 @@ impl Agent {
             let created = self.pool.create_thin(tracking.metadata_thin_id).await?;
             let device = self.dm.create(&name, None, &table).await?.device;
             if created == ThinCreated::Created {
-                crate::transfer::zero_first_block(&name.mapper_path()).await?;
+                self.dm.zero_first_block(&name).await?;
             }
             return Ok(Some(device));
         }
@@ -146,20 +146,6 @@ impl Agent {
         self.remove_device_if_present(&probe).await
     }
 
-    /// Removes dm-era's devices and frees its metadata (the volume goes).
-    pub(crate) async fn drop_era_metadata(&self, record: &VolumeRecord) -> Result<(), AgentError> {
-        let Some(tracking) = &record.tracking else {
-            return Ok(());
-        };
-        let id = record.volume_id()?;
-        self.remove_device_if_present(&self.naming.era_probe(&id))
-            .await?;
-        self.remove_device_if_present(&self.naming.era_metadata(&id))
-            .await?;
-        self.pool.delete_thin(tracking.metadata_thin_id).await?;
-        Ok(())
-    }
-
     /// What the public device maps once the volume is local: dm-era over
     /// the thin device when the volume tracks changes, else a linear map.
     pub(crate) async fn local_table(
@@ -167,18 +153,14 @@ impl Agent {
         record: &VolumeRecord,
         thin: DevRef,
     ) -> Result<Table, AgentError> {
-        let target = match (&record.tracking, self.ensure_era_metadata(record).await?) {
-            (Some(tracking), Some(metadata)) => Target::Era(Era {
+        let era = match (&record.tracking, self.ensure_era_metadata(record).await?) {
+            (Some(tracking), Some(metadata)) => Some(EraLayer {
                 metadata,
-                origin: thin,
-                block_sectors: tracking.block_bytes / SECTOR,
+                block_bytes: tracking.block_bytes,
             }),
-            _ => Target::Linear(Linear {
-                device: thin,
-                offset: 0,
-            }),
+            _ => None,
         };
-        Ok(Table::single(record.size_bytes / SECTOR, target)?)
+        stack::local_table(record.size_bytes, thin, era)
     }
 
     /// After dm-era came up over the volume: a history without a start gets

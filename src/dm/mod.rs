@@ -1,10 +1,15 @@
 //! Device-mapper: typed tables and status (pure), names, and the ioctl boundary.
 
 pub mod events;
+#[cfg(any(test, feature = "kernel-fake"))]
+pub mod fake;
 pub mod kernel;
 pub mod names;
+pub mod seam;
 pub mod status;
 pub mod table;
+
+pub use seam::{Kernel, LiveKernel};
 
 /// Target types the agent cannot work without.
 pub const REQUIRED_TARGETS: [&str; 5] = ["clone", "era", "thin-pool", "thin", "linear"];

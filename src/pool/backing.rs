@@ -17,7 +17,7 @@ use std::{
 use loopdev::{LoopControl, LoopDevice};
 use tracing::info;
 
-use crate::{aligned::AlignedBuf, dm::table::DevRef, error::AgentError};
+use crate::{aligned::AlignedBuf, config::PoolBacking, dm::table::DevRef, error::AgentError};
 
 /// The device the pool sits on.
 #[derive(Debug)]
@@ -30,6 +30,18 @@ pub struct Backing {
 }
 
 impl Backing {
+    /// The device `settings` name: an operator's device, or the embedded
+    /// pool file on a loop device.
+    pub async fn open(settings: &PoolBacking) -> Result<Self, AgentError> {
+        let settings = settings.clone();
+        tokio::task::spawn_blocking(move || match settings {
+            PoolBacking::File { path, size } => Self::file(&path, size).map(|(backing, _)| backing),
+            PoolBacking::Device(path) => Self::device(&path),
+        })
+        .await
+        .map_err(|err| AgentError::Internal(format!("pool setup task failed: {err}")))?
+    }
+
     /// An operator-named block device, used whole.
     pub fn device(path: &Path) -> Result<Self, AgentError> {
         let (dev, size_bytes) = block_device_for(path, "pool.device")?;
@@ -74,6 +86,19 @@ impl Backing {
             },
             created,
         ))
+    }
+
+    /// A plain file standing in for a block device, for tests over an
+    /// in-memory kernel: `dev` is the number that kernel gave it.
+    #[cfg(any(test, feature = "kernel-fake"))]
+    pub fn plain_file(file: &Path, size: u64, dev: DevRef) -> Result<Self, AgentError> {
+        create_sparse(file, size)?;
+        Ok(Self {
+            path: file.to_owned(),
+            dev,
+            size_bytes: size,
+            _loop: None,
+        })
     }
 
     pub fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>, AgentError> {

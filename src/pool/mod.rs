@@ -27,15 +27,15 @@ use self::{
 use crate::{
     config::{PoolBacking, PoolSettings, Size},
     dm::{
-        kernel::DeviceMapper,
+        Kernel,
         names::{DeviceName, Naming},
         status::{Health, PoolMode, ThinPoolStatus},
-        table::{DevRef, Linear, Table, Target, Thin, ThinPool, ThinPoolFeatures},
+        table::{DevRef, Linear, Table, Target, ThinPool, ThinPoolFeatures},
     },
     error::{AgentError, Error},
 };
 
-const SECTOR: u64 = 512;
+use crate::units::SECTOR;
 const METADATA_BLOCK: u64 = 4096;
 
 /// The pool's space, as the kernel reports it now.
@@ -84,7 +84,7 @@ pub enum ThinCreated {
 /// The running pool.
 #[derive(Debug)]
 pub struct Pool {
-    dm: DeviceMapper,
+    dm: std::sync::Arc<dyn Kernel>,
     pub name: DeviceName,
     pub dev: DevRef,
     pub layout: PoolLayout,
@@ -95,24 +95,13 @@ pub struct Pool {
 }
 
 impl Pool {
-    /// Adopts or builds the pool described by `settings`.
+    /// Adopts or builds the pool described by `settings` on `backing`.
     pub async fn open(
-        dm: &DeviceMapper,
+        dm: &std::sync::Arc<dyn Kernel>,
         naming: &Naming,
         settings: &PoolSettings,
+        backing: Backing,
     ) -> Result<Self, AgentError> {
-        let backing = match &settings.backing {
-            PoolBacking::File { path, size } => {
-                blocking(path_owned(path), {
-                    let size = *size;
-                    move |path| Backing::file(&path, size).map(|(backing, _)| backing)
-                })
-                .await?
-            }
-            PoolBacking::Device(path) => {
-                blocking(path_owned(path), |path| Backing::device(&path)).await?
-            }
-        };
         let (backing, layout) = tokio::task::spawn_blocking({
             let settings = settings.clone();
             move || {
@@ -124,7 +113,7 @@ impl Pool {
         .map_err(|err| AgentError::Internal(format!("pool setup task failed: {err}")))??;
 
         let meta = ensure_linear(
-            dm,
+            dm.as_ref(),
             &naming.pool_meta(),
             backing.dev,
             layout.metadata_offset,
@@ -132,7 +121,7 @@ impl Pool {
         )
         .await?;
         let data = ensure_linear(
-            dm,
+            dm.as_ref(),
             &naming.pool_data(),
             backing.dev,
             layout.data_offset,
@@ -141,10 +130,10 @@ impl Pool {
         .await?;
         let name = naming.pool();
         let table = pool_table(meta, data, &layout, settings.low_space_percent)?;
-        let dev = ensure_pool(dm, &name, &table).await?;
+        let dev = ensure_pool(dm.as_ref(), &name, &table).await?;
         info!(pool = %name, device = %backing.path.display(), data = %Size(layout.data_bytes), metadata = %Size(layout.metadata_bytes), block = %Size(layout.block_bytes), "thin pool ready");
         Ok(Self {
-            dm: dm.clone(),
+            dm: std::sync::Arc::clone(dm),
             name,
             dev,
             backing_path: backing.path.clone(),
@@ -157,12 +146,7 @@ impl Pool {
 
     /// The table of a volume's thin device.
     pub fn thin_table(&self, thin_id: u32, size_bytes: u64) -> Result<Table, AgentError> {
-        let target = Target::Thin(Thin {
-            pool: self.dev,
-            device_id: thin_id,
-            external_origin: None,
-        });
-        Ok(Table::single(size_bytes / SECTOR, target)?)
+        crate::stack::thin_table(self.dev, thin_id, size_bytes)
     }
 
     /// Creates thin device `thin_id`; finding it there already is fine (a
@@ -296,19 +280,6 @@ impl Pool {
     }
 }
 
-fn path_owned(path: &std::path::Path) -> std::path::PathBuf {
-    path.to_owned()
-}
-
-async fn blocking<T: Send + 'static>(
-    path: std::path::PathBuf,
-    call: impl FnOnce(std::path::PathBuf) -> Result<T, AgentError> + Send + 'static,
-) -> Result<T, AgentError> {
-    tokio::task::spawn_blocking(move || call(path))
-        .await
-        .map_err(|err| AgentError::Internal(format!("pool setup task failed: {err}")))?
-}
-
 /// Reads the label, or writes one on a blank device. A device that is neither
 /// labelled nor blank is refused untouched.
 fn read_or_write_label(
@@ -391,7 +362,7 @@ fn pool_table(
 }
 
 async fn ensure_linear(
-    dm: &DeviceMapper,
+    dm: &dyn Kernel,
     name: &DeviceName,
     device: DevRef,
     offset: u64,
@@ -421,7 +392,7 @@ async fn ensure_linear(
 /// Adopts the pool device, reloading it when only its arguments changed (a
 /// thin-pool reload is safe: the new table shares the live pool object).
 async fn ensure_pool(
-    dm: &DeviceMapper,
+    dm: &dyn Kernel,
     name: &DeviceName,
     table: &Table,
 ) -> Result<DevRef, AgentError> {

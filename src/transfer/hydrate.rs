@@ -11,17 +11,15 @@ use crate::{
     config::validate_region,
     dm::{
         names::DeviceName,
-        table::{CloneParams, DevRef, Linear, Segment, Table, Target},
+        table::{DevRef, Table},
     },
     error::AgentError,
     failpoint,
     ids::{TransferId, VolumeId},
     pool::backing::block_device,
+    stack::{self, CloneDevices, CloneLayer},
     store::{Change, Pending, SourceRecord, TransferPhase, TransferRecord, VolumeRecord},
 };
-
-const SECTOR: u64 = 512;
-const METADATA_BLOCK: usize = 4096;
 
 /// The knobs a transfer starts with: the request's, else the defaults.
 #[derive(Debug, Clone, Copy)]
@@ -30,14 +28,6 @@ struct Knobs {
     hydration_threshold: u32,
     hydration_batch_size: u32,
     max_bytes_per_second: u64,
-}
-
-/// The three devices a clone stack stands on.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct StackDevices {
-    pub metadata: DevRef,
-    pub destination: DevRef,
-    pub source: DevRef,
 }
 
 impl Agent {
@@ -425,11 +415,13 @@ impl Agent {
         let metadata = self.ensure_metadata_device(volume, transfer).await?;
         // A fresh clone must start from zeroed metadata, or the kernel
         // would adopt whatever an earlier user of these blocks left.
-        zero_first_block(&self.metadata_name(volume)?.mapper_path()).await?;
+        self.dm
+            .zero_first_block(&self.metadata_name(volume)?)
+            .await?;
         failpoint::hit("transfer.after_metadata");
         let destination = self.ensure_thin_device(volume).await?;
         self.format_era_metadata(volume, destination).await?;
-        let devices = StackDevices {
+        let devices = CloneDevices {
             metadata,
             destination,
             source,
@@ -456,7 +448,7 @@ impl Agent {
             transfer.phase,
             TransferPhase::Hydrating | TransferPhase::Finalizing
         );
-        let devices = StackDevices {
+        let devices = CloneDevices {
             metadata,
             destination,
             source,
@@ -494,7 +486,7 @@ impl Agent {
             transfer.phase,
             TransferPhase::Hydrating | TransferPhase::Finalizing
         );
-        let devices = StackDevices {
+        let devices = CloneDevices {
             metadata,
             destination,
             source,
@@ -524,42 +516,22 @@ impl Agent {
         Ok(self.naming.clone_metadata(&volume.volume_id()?))
     }
 
-    /// The public table while hydrating: the clone over the source's range,
-    /// and the local thin device beyond it after an extend.
+    /// The public table while hydrating (see [`stack::clone_table`]).
     pub(crate) fn clone_table(
         &self,
         volume: &VolumeRecord,
         transfer: &TransferRecord,
-        devices: StackDevices,
+        devices: CloneDevices,
         hydrate: bool,
     ) -> Result<Table, AgentError> {
-        let clone_sectors = transfer.clone_bytes / SECTOR;
-        let mut segments = vec![Segment {
-            start: 0,
-            len: clone_sectors,
-            target: Target::Clone(CloneParams {
-                metadata: devices.metadata,
-                destination: devices.destination,
-                source: devices.source,
-                region_sectors: transfer.region_bytes / SECTOR,
-                hydration: hydrate,
-                discard_passdown: true,
-                hydration_threshold: Some(transfer.hydration_threshold),
-                hydration_batch_size: Some(transfer.hydration_batch_size),
-            }),
-        }];
-        let total = volume.size_bytes / SECTOR;
-        if total > clone_sectors {
-            segments.push(Segment {
-                start: clone_sectors,
-                len: total - clone_sectors,
-                target: Target::Linear(Linear {
-                    device: devices.destination,
-                    offset: clone_sectors,
-                }),
-            });
-        }
-        Ok(Table::new(segments)?)
+        let layer = CloneLayer {
+            clone_bytes: transfer.clone_bytes,
+            region_bytes: transfer.region_bytes,
+            hydration_threshold: transfer.hydration_threshold,
+            hydration_batch_size: transfer.hydration_batch_size,
+            hydrate,
+        };
+        stack::clone_table(volume.size_bytes, &layer, devices)
     }
 
     /// Removes every device of the stack, frees its thin devices and lets go
@@ -569,16 +541,16 @@ impl Agent {
         volume: &VolumeRecord,
         transfer: &TransferRecord,
     ) -> Result<(), AgentError> {
-        let id = volume.volume_id()?;
-        self.remove_device_if_present(&self.naming.public(&id))
-            .await?;
-        self.remove_device_if_present(&self.metadata_name(volume)?)
-            .await?;
-        self.remove_device_if_present(&self.thin_name(volume)?)
-            .await?;
-        self.drop_era_metadata(volume).await?;
-        self.pool.delete_thin(transfer.metadata_thin_id).await?;
-        self.pool.delete_thin(volume.thin_id).await?;
+        let mut thin_ids = volume.owned_thin_ids();
+        thin_ids.push(transfer.metadata_thin_id);
+        stack::tear_down(
+            self.dm.as_ref(),
+            &self.pool,
+            &self.naming,
+            &volume.volume_id()?,
+            &thin_ids,
+        )
+        .await?;
         self.detach_source(&transfer.source).await;
         Ok(())
     }
@@ -725,28 +697,6 @@ fn not_found(id: &TransferId) -> AgentError {
 fn arriving_ids(volume: VolumeRecord, ids: &[u32]) -> VolumeRecord {
     let own: Vec<u32> = ids.iter().copied().step_by(2).collect();
     crate::store::with_thin_ids(volume, &own)
-}
-
-/// Zeroes and syncs the first 4 KiB of a device.
-pub(crate) async fn zero_first_block(path: &Path) -> Result<(), AgentError> {
-    let path = path.to_owned();
-    crate::agent::blocking(move || {
-        use std::io::Write;
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .open(&path)
-            .map_err(|source| AgentError::Io {
-                context: format!("cannot open {}", path.display()),
-                source,
-            })?;
-        file.write_all(&[0u8; METADATA_BLOCK])
-            .and_then(|()| file.sync_all())
-            .map_err(|source| AgentError::Io {
-                context: format!("cannot zero the start of {}", path.display()),
-                source,
-            })
-    })
-    .await
 }
 
 /// How long a monitor sleeps between progress reads while hydrating.

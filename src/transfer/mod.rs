@@ -17,7 +17,6 @@
 
 pub mod export;
 mod hydrate;
-pub(crate) use hydrate::zero_first_block;
 mod monitor;
 pub mod progress;
 

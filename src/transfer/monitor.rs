@@ -14,14 +14,13 @@ use super::hydrate::TICK;
 use crate::{
     agent::Agent,
     dm::{
-        events::EventMonitor,
-        kernel::Flush,
+        Kernel,
         status::{CloneMode, CloneStatus, Health},
-        table::Target,
     },
     error::AgentError,
     failpoint,
     ids::VolumeId,
+    stack::{self, SwapOutcome},
     store::{Change, TransferPhase, TransferRecord, VolumeRecord},
 };
 
@@ -55,7 +54,7 @@ impl Agent {
             };
             let volume_id = VolumeId::parse(&transfer.volume_id)?;
             let public = self.naming.public(&volume_id);
-            let seen = self.events.counter(&public).unwrap_or(0);
+            let seen = self.dm.event_counter(&public).unwrap_or(0);
             match self.look(&transfer, &mut limiter).await? {
                 Next::Stop => return Ok(()),
                 Next::Finalize => {
@@ -73,7 +72,7 @@ impl Agent {
             } else {
                 TICK
             };
-            wait_for_change(&self.events, &public, seen, &wake, tick).await;
+            wait_for_change(self.dm.as_ref(), &public, seen, &wake, tick).await;
         }
     }
 
@@ -251,20 +250,14 @@ impl Agent {
     }
 
     pub(crate) async fn public_is_clone(&self, volume: &VolumeRecord) -> Result<bool, AgentError> {
-        let public = self.naming.public(&volume.volume_id()?);
-        let table = self.dm.table(&public).await?;
-        Ok(table
-            .segments()
-            .iter()
-            .any(|s| matches!(s.target, Target::Clone(_))))
+        stack::is_clone(self.dm.as_ref(), &self.naming.public(&volume.volume_id()?)).await
     }
 
-    /// Load the local table beside the live clone (dm-era's constructor
-    /// opens its metadata outside the pause; no other dm-era instance uses
-    /// it), suspend with flush (the clone stops, drains and commits), check
-    /// the status while suspended, then resume onto the local table. If the
-    /// clone is somehow incomplete, drop the loaded table and resume the
-    /// clone unchanged.
+    /// Switches the public device to the local table while the clone is
+    /// complete, through the one swap routine (see [`stack::swap_under_io`]):
+    /// the local table (its dm-era opens its metadata outside the pause) is
+    /// loaded beside the clone, and the clone's completeness is checked
+    /// while suspended. An incomplete clone resumes unchanged.
     async fn swap_to_local(
         &self,
         volume: &VolumeRecord,
@@ -273,29 +266,18 @@ impl Agent {
         let public = self.naming.public(&volume.volume_id()?);
         let destination = self.ensure_thin_device(volume).await?;
         let local = self.local_table(volume, destination).await?;
-        self.dm.load(&public, &local).await?;
-        let started = Instant::now();
-        if let Err(err) = self.dm.suspend(&public, Flush::Flush).await {
-            self.dm.clear_inactive(&public).await?;
-            return Err(err.into());
-        }
-        let complete = matches!(
-            self.dm.status_of::<Health<CloneStatus>>(&public, 0).await,
-            Ok(Health::Running(status)) if status.is_fully_hydrated() && status.mode == CloneMode::ReadWrite
-        );
-        if !complete {
-            let cleared = self.dm.clear_inactive(&public).await;
-            self.dm.resume(&public).await?;
-            cleared?;
+        let outcome = stack::swap_under_io(self.dm.as_ref(), &public, &local, |dm, name| {
+            Box::pin(stack::clone_complete(dm, name))
+        })
+        .await?;
+        let SwapOutcome::Swapped(timings) = outcome else {
             warn!(transfer = %transfer.id, "finalize found regions still to copy; hydration continues");
             return Ok(false);
-        }
-        self.dm.resume(&public).await?;
-        let pause = started.elapsed();
+        };
         let completed_at = self
             .transfers
             .with_live(&transfer.id, |live| live.completed_at);
-        transfer.finalize_pause_micros = Some(pause.as_micros() as u64);
+        transfer.finalize_pause_micros = Some(timings.pause().as_micros() as u64);
         transfer.done_to_finalized_micros = completed_at.map(|at| at.elapsed().as_micros() as u64);
         Ok(true)
     }
@@ -323,7 +305,7 @@ impl Agent {
 /// Sleeps until the device's event counter moves, a call wakes the monitor,
 /// or the progress tick passes.
 async fn wait_for_change(
-    events: &EventMonitor,
+    events: &dyn Kernel,
     public: &crate::dm::names::DeviceName,
     seen: u32,
     wake: &tokio::sync::Notify,

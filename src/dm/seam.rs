@@ -1,0 +1,207 @@
+//! The seam between the agent's logic and the kernel: what the services need
+//! from device-mapper, as one narrow trait. [`LiveKernel`] is the real thing
+//! (ioctls through [`DeviceMapper`], events through [`EventMonitor`]); the
+//! in-memory fake in [`super::fake`] lets host tests drive every state
+//! transition of the domain in seconds. The real-kernel tests stay the proof.
+
+use std::{fmt, path::Path, str::FromStr};
+
+use async_trait::async_trait;
+
+use crate::{
+    dm::{
+        events::EventMonitor,
+        kernel::{DeviceMapper, DeviceState, Flush, ListedDevice, SegmentStatus, TargetVersion},
+        names::DeviceName,
+        table::Table,
+    },
+    error::{Error, ParseError, Result},
+};
+
+/// Everything the agent asks of device-mapper. Method semantics are those
+/// of [`DeviceMapper`] (and [`EventMonitor`] for the two event calls).
+#[async_trait]
+pub trait Kernel: Send + Sync + fmt::Debug {
+    /// The ioctl interface version, e.g. (4, 47, 0).
+    async fn version(&self) -> Result<(u32, u32, u32)>;
+    /// Every loaded target type with its version.
+    async fn target_versions(&self) -> Result<Vec<TargetVersion>>;
+    /// Creates, loads and activates a device; a rejected table leaves nothing.
+    async fn create(
+        &self,
+        name: &DeviceName,
+        uuid: Option<&str>,
+        table: &Table,
+    ) -> Result<DeviceState>;
+    /// Loads `table` into the inactive slot.
+    async fn load(&self, name: &DeviceName, table: &Table) -> Result<()>;
+    async fn suspend(&self, name: &DeviceName, flush: Flush) -> Result<()>;
+    /// Drops an inactive table, so the next resume keeps the live one.
+    async fn clear_inactive(&self, name: &DeviceName) -> Result<()>;
+    /// Resumes, swapping in the inactive table if one is loaded.
+    async fn resume(&self, name: &DeviceName) -> Result<DeviceState>;
+    /// Suspend (flush), load, resume; the old table keeps serving on failure.
+    async fn swap_table(&self, name: &DeviceName, table: &Table) -> Result<DeviceState>;
+    /// INFO status of every segment (read without flushing).
+    async fn status(&self, name: &DeviceName) -> Result<Vec<SegmentStatus>>;
+    /// The live table, parsed.
+    async fn table(&self, name: &DeviceName) -> Result<Table>;
+    /// Sends a target message to the segment covering `sector`.
+    async fn message(
+        &self,
+        name: &DeviceName,
+        sector: u64,
+        message: &str,
+    ) -> Result<Option<String>>;
+    /// Removes the device; [`Error::DeviceBusy`] while it is open.
+    async fn remove(&self, name: &DeviceName) -> Result<()>;
+    /// The device's state, or `None` if it does not exist.
+    async fn info(&self, name: &DeviceName) -> Result<Option<DeviceState>>;
+    /// Every device-mapper device of the host.
+    async fn list(&self) -> Result<Vec<ListedDevice>>;
+    /// Overwrites the device's first 4 KiB with zeros, so that a target
+    /// formats fresh metadata there instead of adopting old blocks.
+    async fn zero_first_block(&self, name: &DeviceName) -> Result<()>;
+    /// The device's event counter as last seen by the event watcher.
+    fn event_counter(&self, name: &DeviceName) -> Option<u32>;
+    /// Waits until the device's event counter differs from `seen`.
+    async fn wait_for_event(&self, name: &DeviceName, seen: u32) -> Result<u32>;
+}
+
+impl dyn Kernel + '_ {
+    /// Parses the INFO status of the segment at `index`.
+    pub async fn status_of<T>(&self, name: &DeviceName, index: usize) -> Result<T>
+    where
+        T: FromStr<Err = ParseError>,
+    {
+        let segments = self.status(name).await?;
+        let segment = segments.get(index).ok_or_else(|| {
+            Error::Other(format!(
+                "device {name} has {} segments, no segment {index}",
+                segments.len()
+            ))
+        })?;
+        Ok(segment.text.parse::<T>()?)
+    }
+}
+
+/// The host's device-mapper: the ioctl handle and the event watcher.
+#[derive(Debug)]
+pub struct LiveKernel {
+    dm: DeviceMapper,
+    events: EventMonitor,
+}
+
+impl LiveKernel {
+    /// Opens `/dev/mapper/control` and starts watching device events.
+    pub fn open() -> Result<Self> {
+        Ok(Self {
+            dm: DeviceMapper::open()?,
+            events: EventMonitor::start()?,
+        })
+    }
+}
+
+#[async_trait]
+impl Kernel for LiveKernel {
+    async fn version(&self) -> Result<(u32, u32, u32)> {
+        self.dm.version().await
+    }
+
+    async fn target_versions(&self) -> Result<Vec<TargetVersion>> {
+        self.dm.target_versions().await
+    }
+
+    async fn create(
+        &self,
+        name: &DeviceName,
+        uuid: Option<&str>,
+        table: &Table,
+    ) -> Result<DeviceState> {
+        self.dm.create(name, uuid, table).await
+    }
+
+    async fn load(&self, name: &DeviceName, table: &Table) -> Result<()> {
+        self.dm.load(name, table).await
+    }
+
+    async fn suspend(&self, name: &DeviceName, flush: Flush) -> Result<()> {
+        self.dm.suspend(name, flush).await
+    }
+
+    async fn clear_inactive(&self, name: &DeviceName) -> Result<()> {
+        self.dm.clear_inactive(name).await
+    }
+
+    async fn resume(&self, name: &DeviceName) -> Result<DeviceState> {
+        self.dm.resume(name).await
+    }
+
+    async fn swap_table(&self, name: &DeviceName, table: &Table) -> Result<DeviceState> {
+        self.dm.swap_table(name, table).await
+    }
+
+    async fn status(&self, name: &DeviceName) -> Result<Vec<SegmentStatus>> {
+        self.dm.status(name).await
+    }
+
+    async fn table(&self, name: &DeviceName) -> Result<Table> {
+        self.dm.table(name).await
+    }
+
+    async fn message(
+        &self,
+        name: &DeviceName,
+        sector: u64,
+        message: &str,
+    ) -> Result<Option<String>> {
+        self.dm.message(name, sector, message).await
+    }
+
+    async fn remove(&self, name: &DeviceName) -> Result<()> {
+        self.dm.remove(name).await
+    }
+
+    async fn info(&self, name: &DeviceName) -> Result<Option<DeviceState>> {
+        self.dm.info(name).await
+    }
+
+    async fn list(&self) -> Result<Vec<ListedDevice>> {
+        self.dm.list().await
+    }
+
+    async fn zero_first_block(&self, name: &DeviceName) -> Result<()> {
+        let path = name.mapper_path();
+        tokio::task::spawn_blocking(move || zero_head(&path))
+            .await
+            .map_err(|err| Error::Other(format!("zeroing worker failed: {err}")))?
+    }
+
+    fn event_counter(&self, name: &DeviceName) -> Option<u32> {
+        self.events.counter(name)
+    }
+
+    async fn wait_for_event(&self, name: &DeviceName, seen: u32) -> Result<u32> {
+        self.events.wait_for_event(name, seen).await
+    }
+}
+
+/// Writes zeros over the first 4 KiB and syncs them to the device.
+fn zero_head(path: &Path) -> Result<()> {
+    use std::io::Write;
+    let io_error = |context: &'static str| {
+        let path = path.to_owned();
+        move |source| Error::Io {
+            context,
+            path,
+            source,
+        }
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(io_error("cannot open for zeroing"))?;
+    file.write_all(&[0u8; 4096])
+        .and_then(|()| file.sync_all())
+        .map_err(io_error("cannot zero the first block of"))
+}

@@ -1,0 +1,325 @@
+//! The devices that make up a volume, and the one routine for each thing
+//! done to them: build, tear down, swap under I/O.
+//!
+//! A volume's stack in each stage of its life (`<p>` is the dm prefix):
+//!
+//! ```text
+//! local, untracked   <p>-<id>        linear(thin)
+//! local, tracked     <p>-<id>        era(<p>-emeta-<id>, thin)
+//! arriving           <p>-<id>        clone(<p>-cmeta-<id>, thin, source) [+ linear(thin) past the clone]
+//! unpublished, asked <p>-era-<id>    era(emeta, thin), for the length of one call
+//! always             <p>-thin-<id>   thin(pool, thin id);  <p>-emeta-<id> thin(pool, era metadata id)
+//! snapshot view      <p>-snap-<sid>  thin(pool, snapshot thin id), for the length of one read
+//! ```
+//!
+//! Tables are pure functions of the records and the device numbers of the
+//! layers beneath ([`thin_table`], [`local_table`], [`clone_table`]); the
+//! routines below them talk to the kernel only through [`Kernel`].
+
+use std::{
+    future::Future,
+    pin::Pin,
+    time::{Duration, Instant},
+};
+
+use tracing::warn;
+
+use crate::{
+    dm::{
+        Kernel,
+        kernel::Flush,
+        names::{DeviceName, Naming},
+        status::{CloneMode, CloneStatus, Health},
+        table::{CloneParams, DevRef, Era, Linear, Segment, Table, Target, Thin},
+    },
+    error::{AgentError, Error},
+    ids::VolumeId,
+    pool::Pool,
+    units::SECTOR,
+};
+
+/// The table of a thin device of the pool.
+pub fn thin_table(pool: DevRef, thin_id: u32, size_bytes: u64) -> Result<Table, AgentError> {
+    let target = Target::Thin(Thin {
+        pool,
+        device_id: thin_id,
+        external_origin: None,
+    });
+    Ok(Table::single(size_bytes / SECTOR, target)?)
+}
+
+/// dm-era's place in a tracked volume's stack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EraLayer {
+    /// The era metadata's thin device.
+    pub metadata: DevRef,
+    pub block_bytes: u64,
+}
+
+/// The public table of a local volume: dm-era over the thin device when it
+/// tracks changes, else a linear map of it.
+pub fn local_table(
+    size_bytes: u64,
+    thin: DevRef,
+    era: Option<EraLayer>,
+) -> Result<Table, AgentError> {
+    let target = match era {
+        Some(era) => Target::Era(Era {
+            metadata: era.metadata,
+            origin: thin,
+            block_sectors: era.block_bytes / SECTOR,
+        }),
+        None => Target::Linear(Linear {
+            device: thin,
+            offset: 0,
+        }),
+    };
+    Ok(Table::single(size_bytes / SECTOR, target)?)
+}
+
+/// How an arriving volume's dm-clone is set up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CloneLayer {
+    /// The range the clone covers: the source's size.
+    pub clone_bytes: u64,
+    pub region_bytes: u64,
+    pub hydration_threshold: u32,
+    pub hydration_batch_size: u32,
+    /// Background hydration on (off while a move is deferred or paused).
+    pub hydrate: bool,
+}
+
+/// The devices dm-clone stacks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CloneDevices {
+    pub metadata: DevRef,
+    pub destination: DevRef,
+    pub source: DevRef,
+}
+
+/// The public table while hydrating: the clone over the source's range, and
+/// the local thin device beyond it after an extend.
+pub fn clone_table(
+    size_bytes: u64,
+    layer: &CloneLayer,
+    devices: CloneDevices,
+) -> Result<Table, AgentError> {
+    let clone_sectors = layer.clone_bytes / SECTOR;
+    let mut segments = vec![Segment {
+        start: 0,
+        len: clone_sectors,
+        target: Target::Clone(CloneParams {
+            metadata: devices.metadata,
+            destination: devices.destination,
+            source: devices.source,
+            region_sectors: layer.region_bytes / SECTOR,
+            hydration: layer.hydrate,
+            discard_passdown: true,
+            hydration_threshold: Some(layer.hydration_threshold),
+            hydration_batch_size: Some(layer.hydration_batch_size),
+        }),
+    }];
+    let total = size_bytes / SECTOR;
+    if total > clone_sectors {
+        segments.push(Segment {
+            start: clone_sectors,
+            len: total - clone_sectors,
+            target: Target::Linear(Linear {
+                device: devices.destination,
+                offset: clone_sectors,
+            }),
+        });
+    }
+    Ok(Table::new(segments)?)
+}
+
+/// Whether a live table may be replaced by `wanted` on the agent's own
+/// authority: only a resize (same single target, other length), as an
+/// interrupted extend leaves it.
+pub fn is_resize_of(live: &Table, wanted: &Table) -> bool {
+    match (live.segments(), wanted.segments()) {
+        ([a], [b]) => a.target == b.target && a.start == b.start,
+        _ => false,
+    }
+}
+
+/// Every device a volume may have, in the order tear-down removes them (a
+/// device goes before the devices it maps).
+pub fn volume_devices(naming: &Naming, id: &VolumeId) -> [DeviceName; 5] {
+    [
+        naming.public(id),
+        naming.era_probe(id),
+        naming.clone_metadata(id),
+        naming.thin(id),
+        naming.era_metadata(id),
+    ]
+}
+
+/// Makes `name` carry `table`: creates it, adopts it when it already does,
+/// swaps the table when `may_swap` allows it, and refuses otherwise.
+pub async fn ensure_device(
+    dm: &dyn Kernel,
+    name: &DeviceName,
+    table: &Table,
+    may_swap: impl Fn(&Table) -> bool,
+) -> Result<DevRef, AgentError> {
+    let Some(state) = dm.info(name).await? else {
+        return Ok(dm.create(name, None, table).await?.device);
+    };
+    let live = dm.table(name).await?;
+    if live == *table {
+        return Ok(state.device);
+    }
+    if may_swap(&live) {
+        return Ok(dm.swap_table(name, table).await?.device);
+    }
+    Err(AgentError::Conflict(format!(
+        "device-mapper device {name} has table \"{live}\", expected \"{table}\""
+    )))
+}
+
+/// Removes a device; one already gone is fine, an open one is refused.
+pub async fn remove_if_present(dm: &dyn Kernel, name: &DeviceName) -> Result<(), AgentError> {
+    match dm.remove(name).await {
+        Ok(()) | Err(Error::NoSuchDevice { .. }) => Ok(()),
+        Err(Error::DeviceBusy { device, open_count }) => Err(AgentError::FailedPrecondition(
+            format!("device {device} is open ({open_count} users); close them and retry"),
+        )),
+        Err(err) => Err(err.into()),
+    }
+}
+
+/// Removes every device of the volume that exists, top first.
+pub async fn remove_volume_devices(
+    dm: &dyn Kernel,
+    naming: &Naming,
+    id: &VolumeId,
+) -> Result<(), AgentError> {
+    for name in volume_devices(naming, id) {
+        remove_if_present(dm, &name).await?;
+    }
+    Ok(())
+}
+
+/// Frees thin ids of the pool; ids already gone are fine.
+pub async fn free_thin_ids(pool: &Pool, ids: &[u32]) -> Result<(), AgentError> {
+    for id in ids {
+        pool.delete_thin(*id).await?;
+    }
+    Ok(())
+}
+
+/// Tears a volume's stack down completely: every device, then every thin id
+/// it owns. Each step tolerates having been done, so a crash anywhere is
+/// finished by doing it again.
+pub async fn tear_down(
+    dm: &dyn Kernel,
+    pool: &Pool,
+    naming: &Naming,
+    id: &VolumeId,
+    thin_ids: &[u32],
+) -> Result<(), AgentError> {
+    remove_volume_devices(dm, naming, id).await?;
+    free_thin_ids(pool, thin_ids).await
+}
+
+/// The question a swap asks while the device is suspended.
+pub type ReadyCheck<'a> = Pin<Box<dyn Future<Output = bool> + Send + 'a>>;
+
+/// How a swap under I/O went, timed.
+#[derive(Debug, Clone, Copy)]
+pub struct SwapTimings {
+    /// Loading the new table beside the live one (outside the pause).
+    pub preload: Duration,
+    /// When I/O stopped being served (the suspend began).
+    pub started: Instant,
+    /// When the new table served I/O.
+    pub resumed: Instant,
+    pub suspend: Duration,
+    pub check: Duration,
+    pub resume: Duration,
+}
+
+impl SwapTimings {
+    /// How long I/O was held.
+    pub fn pause(&self) -> Duration {
+        self.resumed - self.started
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub enum SwapOutcome {
+    Swapped(SwapTimings),
+    /// The check failed while suspended: the old table serves again.
+    Kept,
+}
+
+/// Replaces the live table of `name` with `table`, holding I/O only for
+/// the swap: load beside the live table (constructors run outside the
+/// pause), suspend with flush (the old target drains and commits), ask
+/// `ready` while suspended, then resume onto the new table, or drop it and
+/// resume the old one when `ready` says no.
+pub async fn swap_under_io<'a>(
+    dm: &'a dyn Kernel,
+    name: &'a DeviceName,
+    table: &Table,
+    ready: impl FnOnce(&'a dyn Kernel, &'a DeviceName) -> ReadyCheck<'a>,
+) -> Result<SwapOutcome, AgentError> {
+    let preload_started = Instant::now();
+    dm.load(name, table).await?;
+    let preload = preload_started.elapsed();
+    let started = Instant::now();
+    if let Err(err) = dm.suspend(name, Flush::Flush).await {
+        dm.clear_inactive(name).await?;
+        return Err(err.into());
+    }
+    let suspended = Instant::now();
+    let go = ready(dm, name).await;
+    let checked = Instant::now();
+    if !go {
+        let cleared = dm.clear_inactive(name).await;
+        dm.resume(name).await?;
+        cleared?;
+        return Ok(SwapOutcome::Kept);
+    }
+    dm.resume(name).await?;
+    let resumed = Instant::now();
+    Ok(SwapOutcome::Swapped(SwapTimings {
+        preload,
+        started,
+        resumed,
+        suspend: suspended - started,
+        check: checked - suspended,
+        resume: resumed - checked,
+    }))
+}
+
+/// Whether the clone at the top of `name` has copied every region and its
+/// metadata is writable: the condition for switching to the local copy.
+pub async fn clone_complete(dm: &dyn Kernel, name: &DeviceName) -> bool {
+    match dm.status_of::<Health<CloneStatus>>(name, 0).await {
+        Ok(Health::Running(status)) => {
+            status.is_fully_hydrated() && status.mode == CloneMode::ReadWrite
+        }
+        Ok(other) => {
+            warn!(device = %name, status = %other, "the clone is not running");
+            false
+        }
+        Err(err) => {
+            warn!(device = %name, error = %err, "cannot read the clone's status");
+            false
+        }
+    }
+}
+
+/// Whether the live table of `name` has a dm-clone segment.
+pub async fn is_clone(dm: &dyn Kernel, name: &DeviceName) -> Result<bool, AgentError> {
+    let table = dm.table(name).await?;
+    Ok(table
+        .segments()
+        .iter()
+        .any(|s| matches!(s.target, Target::Clone(_))))
+}
+
+#[cfg(test)]
+mod tests;

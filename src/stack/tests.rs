@@ -1,0 +1,202 @@
+#![allow(clippy::unwrap_used)]
+
+use super::*;
+use crate::dm::fake::FakeKernel;
+
+const MIB: u64 = 1 << 20;
+
+fn dev(minor: u32) -> DevRef {
+    DevRef::from((253, minor))
+}
+
+#[test]
+fn a_tracked_local_volume_is_era_over_its_thin_device() {
+    let era = EraLayer {
+        metadata: dev(2),
+        block_bytes: 64 << 10,
+    };
+    let table = local_table(8 * MIB, dev(1), Some(era)).unwrap();
+    assert_eq!(table.to_string(), "0 16384 era 253:2 253:1 128");
+    let untracked = local_table(8 * MIB, dev(1), None).unwrap();
+    assert_eq!(untracked.to_string(), "0 16384 linear 253:1 0");
+}
+
+#[test]
+fn an_extended_arriving_volume_maps_its_new_range_to_the_thin_device() {
+    let layer = CloneLayer {
+        clone_bytes: 4 * MIB,
+        region_bytes: MIB,
+        hydration_threshold: 16,
+        hydration_batch_size: 8,
+        hydrate: false,
+    };
+    let devices = CloneDevices {
+        metadata: dev(3),
+        destination: dev(1),
+        source: DevRef::from((259, 0)),
+    };
+    let table = clone_table(6 * MIB, &layer, devices).unwrap();
+    let segments = table.segments();
+    assert_eq!(segments.len(), 2);
+    assert_eq!((segments[0].start, segments[0].len), (0, 8192));
+    assert!(
+        matches!(&segments[0].target, Target::Clone(c) if !c.hydration && c.region_sectors == 2048)
+    );
+    assert_eq!((segments[1].start, segments[1].len), (8192, 4096));
+    assert!(
+        matches!(&segments[1].target, Target::Linear(l) if l.device == dev(1) && l.offset == 8192)
+    );
+    let same_size = clone_table(4 * MIB, &layer, devices).unwrap();
+    assert_eq!(same_size.segments().len(), 1);
+}
+
+#[test]
+fn only_a_change_of_length_counts_as_a_resize() {
+    let small = local_table(MIB, dev(1), None).unwrap();
+    let big = local_table(2 * MIB, dev(1), None).unwrap();
+    let other = local_table(2 * MIB, dev(9), None).unwrap();
+    assert!(is_resize_of(&small, &big));
+    assert!(!is_resize_of(&small, &other));
+}
+
+fn name(text: &str) -> DeviceName {
+    DeviceName::new(text).unwrap()
+}
+
+#[tokio::test]
+async fn ensure_device_creates_adopts_resizes_and_refuses_a_stranger() {
+    let fake = FakeKernel::new();
+    let disk = fake.add_block_device(1 << 20);
+    let dm: &dyn Kernel = &fake;
+    let linear = |len: u64, offset: u64| {
+        Table::single(
+            len,
+            Target::Linear(Linear {
+                device: disk,
+                offset,
+            }),
+        )
+        .unwrap()
+    };
+    let device = name("t-a");
+    let made = ensure_device(dm, &device, &linear(100, 0), |_| false)
+        .await
+        .unwrap();
+    let adopted = ensure_device(dm, &device, &linear(100, 0), |_| false)
+        .await
+        .unwrap();
+    assert_eq!(made, adopted);
+    let grow = linear(200, 0);
+    ensure_device(dm, &device, &grow, |live| is_resize_of(live, &grow))
+        .await
+        .unwrap();
+    assert_eq!(dm.table(&device).await.unwrap(), grow);
+    let stranger = linear(200, 50);
+    let refused = ensure_device(dm, &device, &stranger, |live| is_resize_of(live, &stranger)).await;
+    assert!(
+        matches!(refused, Err(AgentError::Conflict(_))),
+        "{refused:?}"
+    );
+    assert_eq!(
+        dm.table(&device).await.unwrap(),
+        grow,
+        "a refusal changes nothing"
+    );
+}
+
+#[tokio::test]
+async fn remove_if_present_tolerates_absence_and_refuses_an_open_device() {
+    let fake = FakeKernel::new();
+    let disk = fake.add_block_device(1 << 20);
+    let dm: &dyn Kernel = &fake;
+    let table = Table::single(
+        8,
+        Target::Linear(Linear {
+            device: disk,
+            offset: 0,
+        }),
+    )
+    .unwrap();
+    let device = name("t-b");
+    remove_if_present(dm, &device).await.unwrap();
+    dm.create(&device, None, &table).await.unwrap();
+    fake.open_device("t-b");
+    assert!(remove_if_present(dm, &device).await.is_err());
+    assert!(fake.device_names().contains(&"t-b".to_owned()));
+    fake.close_device("t-b");
+    remove_if_present(dm, &device).await.unwrap();
+    assert!(fake.device_names().is_empty());
+}
+
+/// A device that swaps only when the check says yes.
+async fn swap_fixture(fake: &FakeKernel) -> (DeviceName, Table, Table) {
+    let disk = fake.add_block_device(1 << 20);
+    let old = Table::single(
+        8,
+        Target::Linear(Linear {
+            device: disk,
+            offset: 0,
+        }),
+    )
+    .unwrap();
+    let new = Table::single(
+        8,
+        Target::Linear(Linear {
+            device: disk,
+            offset: 8,
+        }),
+    )
+    .unwrap();
+    let device = name("t-swap");
+    (fake as &dyn Kernel)
+        .create(&device, None, &old)
+        .await
+        .unwrap();
+    (device, old, new)
+}
+
+#[tokio::test]
+async fn a_swap_loads_before_the_pause_and_resumes_onto_the_new_table() {
+    let fake = FakeKernel::new();
+    let (device, _, new) = swap_fixture(&fake).await;
+    let dm: &dyn Kernel = &fake;
+    let outcome = swap_under_io(dm, &device, &new, |dm, name| {
+        Box::pin(async move { dm.info(name).await.unwrap().is_some_and(|s| s.suspended) })
+    })
+    .await
+    .unwrap();
+    assert!(matches!(outcome, SwapOutcome::Swapped(_)));
+    assert_eq!(dm.table(&device).await.unwrap(), new);
+    assert_eq!(fake.is_suspended("t-swap"), Some(false));
+    let journal = fake.journal();
+    assert_eq!(
+        &journal[journal.len() - 3..],
+        ["load t-swap", "suspend t-swap", "resume t-swap"]
+    );
+}
+
+#[tokio::test]
+async fn a_swap_whose_check_fails_keeps_the_old_table_serving() {
+    let fake = FakeKernel::new();
+    let (device, old, new) = swap_fixture(&fake).await;
+    let dm: &dyn Kernel = &fake;
+    let outcome = swap_under_io(dm, &device, &new, |_, _| Box::pin(async { false }))
+        .await
+        .unwrap();
+    assert!(matches!(outcome, SwapOutcome::Kept));
+    assert_eq!(dm.table(&device).await.unwrap(), old);
+    let state = dm.info(&device).await.unwrap().unwrap();
+    assert!(!state.suspended && !state.inactive_table);
+}
+
+#[tokio::test]
+async fn a_failed_suspend_drops_the_loaded_table() {
+    let fake = FakeKernel::new();
+    let (device, old, new) = swap_fixture(&fake).await;
+    fake.fail_next("suspend", "t-swap", nix::errno::Errno::EIO);
+    let dm: &dyn Kernel = &fake;
+    let result = swap_under_io(dm, &device, &new, |_, _| Box::pin(async { true })).await;
+    assert!(result.is_err());
+    assert_eq!(dm.table(&device).await.unwrap(), old);
+    assert!(!dm.info(&device).await.unwrap().unwrap().inactive_table);
+}

@@ -1,0 +1,97 @@
+//! A host for unit tests of the domain: an agent over the in-memory kernel,
+//! its state directory and pool file in a temporary directory. Restarting
+//! keeps the kernel and the directory, as a crash of the agent process does.
+
+use std::{path::Path, sync::Arc};
+
+use crate::{
+    agent::Agent,
+    config::{Config, Settings},
+    dm::{fake::FakeKernel, table::DevRef},
+    error::AgentError,
+    ids::VolumeId,
+    pool::backing::Backing,
+};
+
+pub const MIB: u64 = 1 << 20;
+const POOL_FILE_BYTES: u64 = 256 * MIB;
+
+#[derive(Debug)]
+pub struct TestHost {
+    pub kernel: Arc<FakeKernel>,
+    pub dir: tempfile::TempDir,
+    backing_dev: DevRef,
+    settings: Settings,
+}
+
+impl TestHost {
+    pub fn new() -> Self {
+        Self::with_config("")
+    }
+
+    /// A host whose config has `extra` TOML after the test's own lines.
+    pub fn with_config(extra: &str) -> Self {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let text = format!(
+            "state_dir = {:?}\ndm_prefix = \"dmt\"\n{extra}\n[pool]\nfile_size = \"256MiB\"\n[nvme]\nhost_id = \"4f1c2d3e-5a6b-4c7d-8e9f-0a1b2c3d4e5f\"\nhost_nqn = \"nqn.2014-08.org.nvmexpress:uuid:4f1c2d3e-5a6b-4c7d-8e9f-0a1b2c3d4e5f\"\n",
+            dir.path()
+        );
+        let settings = Config::from_toml(&text, Path::new("test.toml"))
+            .and_then(|config| config.validate())
+            .expect("valid test settings");
+        let kernel = Arc::new(FakeKernel::new());
+        let backing_dev = kernel.add_block_device(POOL_FILE_BYTES / 512);
+        Self {
+            kernel,
+            dir,
+            backing_dev,
+            settings,
+        }
+    }
+
+    /// Starts an agent, reconciling what the kernel and the store hold.
+    pub async fn start(&self) -> Result<Arc<Agent>, AgentError> {
+        let backing = Backing::plain_file(
+            &self.dir.path().join("pool.img"),
+            POOL_FILE_BYTES,
+            self.backing_dev,
+        )?;
+        let kernel: Arc<dyn crate::dm::Kernel> = self.kernel.clone();
+        Agent::start_on(self.settings.clone(), kernel, backing).await
+    }
+
+    /// Stops `agent` as a crash would (nothing is cleaned up) and starts a
+    /// new one on the same kernel and state.
+    pub async fn restart(&self, agent: Arc<Agent>) -> Result<Arc<Agent>, AgentError> {
+        wait_until_dropped(agent).await;
+        self.start().await
+    }
+
+    pub fn devices(&self) -> Vec<String> {
+        self.kernel.device_names()
+    }
+}
+
+impl Default for TestHost {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Drops the last reference; tasks that held one briefly let go first.
+async fn wait_until_dropped(agent: Arc<Agent>) {
+    let weak = Arc::downgrade(&agent);
+    drop(agent);
+    for _ in 0..200 {
+        if weak.strong_count() == 0 {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    panic!("the agent is still referenced: its store cannot be opened again");
+}
+
+/// A volume id made from a small number, readable in failures.
+pub fn volume_id(n: u32) -> VolumeId {
+    VolumeId::parse(&format!("00000000-0000-4000-8000-{n:012}")).expect("a valid id")
+}
