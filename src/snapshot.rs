@@ -552,3 +552,6 @@ fn snapshot_not_found(id: &SnapshotId) -> AgentError {
         id: id.to_string(),
     }
 }
+
+#[cfg(test)]
+mod tests;

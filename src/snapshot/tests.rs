@@ -1,0 +1,193 @@
+//! Snapshots, clones, volumes from snapshots and revert against the
+//! in-memory kernel: what each does to the pool and the stack, the order
+//! of suspend and snapshot, refusals, and crashes at their failpoints.
+
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+
+use super::*;
+use crate::{
+    failpoint,
+    ids::VolumeId,
+    testing::{MIB, TestHost, volume_id},
+};
+
+fn snapshot_id(n: u32) -> SnapshotId {
+    SnapshotId::parse(&format!("10000000-0000-4000-8000-{n:012}")).unwrap()
+}
+
+fn thin_ids(host: &TestHost) -> Vec<u32> {
+    host.kernel.thin_ids("dmt-pool")
+}
+
+async fn published_volume(host: &TestHost) -> (Arc<Agent>, VolumeId) {
+    let agent = host.start().await.unwrap();
+    let id = volume_id(1);
+    agent.create_volume(&id, 4 * MIB).await.unwrap();
+    agent.publish_volume(&id).await.unwrap();
+    (agent, id)
+}
+
+#[tokio::test]
+async fn a_snapshot_is_taken_with_its_origin_suspended_and_starts_an_era() {
+    let host = TestHost::new();
+    let (agent, id) = published_volume(&host).await;
+    let before = host.kernel.journal().len();
+    let snapshot = agent.create_snapshot(&snapshot_id(1), &id).await.unwrap();
+    assert!(
+        snapshot.era.is_some(),
+        "a tracked volume's snapshot records its era"
+    );
+    let journal = host.kernel.journal()[before..].to_vec();
+    let at = |what: &str| journal.iter().position(|e| e == what).unwrap();
+    let snap = journal
+        .iter()
+        .position(|e| e.starts_with("message dmt-pool create_snap"))
+        .unwrap();
+    assert!(at(&format!("suspend dmt-{id}")) < at(&format!("suspend dmt-thin-{id}")));
+    assert!(at(&format!("suspend dmt-thin-{id}")) < snap);
+    assert!(snap < at(&format!("resume dmt-thin-{id}")));
+    assert!(at(&format!("resume dmt-thin-{id}")) < at(&format!("resume dmt-{id}")));
+    assert_eq!(host.kernel.is_suspended(&format!("dmt-{id}")), Some(false));
+    assert_eq!(thin_ids(&host).len(), 3);
+    let again = agent.create_snapshot(&snapshot_id(1), &id).await.unwrap();
+    assert_eq!(
+        again.era, snapshot.era,
+        "a retried create returns the same snapshot"
+    );
+    assert_eq!(thin_ids(&host).len(), 3);
+}
+
+#[tokio::test]
+async fn a_volume_with_snapshots_is_not_deleted_until_they_are() {
+    let host = TestHost::new();
+    let (agent, id) = published_volume(&host).await;
+    agent.create_snapshot(&snapshot_id(1), &id).await.unwrap();
+    agent.unpublish_volume(&id).await.unwrap();
+    let refused = agent.delete_volume(&id).await;
+    assert!(
+        matches!(refused, Err(AgentError::FailedPrecondition(_))),
+        "{refused:?}"
+    );
+    agent.delete_snapshot(&snapshot_id(1)).await.unwrap();
+    agent.delete_snapshot(&snapshot_id(1)).await.unwrap();
+    agent.delete_volume(&id).await.unwrap();
+    assert!(thin_ids(&host).is_empty());
+}
+
+#[tokio::test]
+async fn volumes_from_a_snapshot_and_clones_are_thin_snapshots_in_the_pool() {
+    let host = TestHost::new();
+    let (agent, id) = published_volume(&host).await;
+    host.kernel.write(&format!("dmt-thin-{id}"), 2048);
+    agent.create_snapshot(&snapshot_id(1), &id).await.unwrap();
+    let (from_snapshot, _) = agent
+        .create_volume_from_snapshot(&volume_id(2), 8 * MIB, &snapshot_id(1))
+        .await
+        .unwrap();
+    assert_eq!(
+        from_snapshot.source_snapshot.as_deref(),
+        Some(snapshot_id(1).as_str())
+    );
+    assert_eq!(
+        from_snapshot.allocated_bytes,
+        Some(2048 * 512),
+        "shares the snapshot's blocks"
+    );
+    let (cloned, _) = agent
+        .clone_volume(&volume_id(3), 4 * MIB, &id)
+        .await
+        .unwrap();
+    assert_eq!(cloned.allocated_bytes, Some(2048 * 512));
+    let smaller = agent.clone_volume(&volume_id(4), 2 * MIB, &id).await;
+    assert!(
+        matches!(smaller, Err(AgentError::InvalidArgument { .. })),
+        "{smaller:?}"
+    );
+    let missing = agent
+        .create_volume_from_snapshot(&volume_id(5), 4 * MIB, &snapshot_id(9))
+        .await;
+    assert!(
+        matches!(missing, Err(AgentError::NotFound { .. })),
+        "{missing:?}"
+    );
+}
+
+#[tokio::test]
+async fn revert_is_refused_while_published_and_swaps_the_thin_device_after() {
+    let host = TestHost::new();
+    let (agent, id) = published_volume(&host).await;
+    agent.create_snapshot(&snapshot_id(1), &id).await.unwrap();
+    let refused = agent.revert_volume(&id, &snapshot_id(1)).await;
+    assert!(
+        matches!(refused, Err(AgentError::FailedPrecondition(_))),
+        "{refused:?}"
+    );
+    agent.unpublish_volume(&id).await.unwrap();
+    let ids_before = thin_ids(&host);
+    agent.revert_volume(&id, &snapshot_id(1)).await.unwrap();
+    let ids_after = thin_ids(&host);
+    assert_eq!(
+        ids_before.len(),
+        ids_after.len(),
+        "the old thin id is freed"
+    );
+    assert_ne!(ids_before, ids_after);
+    let other = agent.revert_volume(&volume_id(2), &snapshot_id(1)).await;
+    assert!(other.is_err());
+}
+
+#[tokio::test]
+async fn a_snapshot_cut_after_its_record_is_rolled_back_and_a_delete_finished() {
+    let host = TestHost::new();
+    let (agent, id) = published_volume(&host).await;
+    let caller = Arc::clone(&agent);
+    let volume = id.clone();
+    let died = tokio::spawn(failpoint::crash_at("snapshot.after_record", async move {
+        caller.create_snapshot(&snapshot_id(1), &volume).await
+    }))
+    .await;
+    assert!(died.is_err_and(|err| err.is_panic()));
+    let agent = host.restart(agent).await.unwrap();
+    assert!(agent.list_snapshots(None).await.unwrap().is_empty());
+    assert_eq!(thin_ids(&host).len(), 2);
+
+    agent.create_snapshot(&snapshot_id(2), &id).await.unwrap();
+    let caller = Arc::clone(&agent);
+    let died = tokio::spawn(failpoint::crash_at(
+        "snapshot.delete_after_record",
+        async move { caller.delete_snapshot(&snapshot_id(2)).await },
+    ))
+    .await;
+    assert!(died.is_err_and(|err| err.is_panic()));
+    let agent = host.restart(agent).await.unwrap();
+    assert!(agent.list_snapshots(None).await.unwrap().is_empty());
+    assert_eq!(thin_ids(&host).len(), 2);
+}
+
+#[tokio::test]
+async fn a_revert_cut_after_its_record_is_finished_at_the_next_start() {
+    let host = TestHost::new();
+    let (agent, id) = published_volume(&host).await;
+    agent.create_snapshot(&snapshot_id(1), &id).await.unwrap();
+    agent.unpublish_volume(&id).await.unwrap();
+    let caller = Arc::clone(&agent);
+    let volume = id.clone();
+    let died = tokio::spawn(failpoint::crash_at("revert.after_record", async move {
+        caller.revert_volume(&volume, &snapshot_id(1)).await
+    }))
+    .await;
+    assert!(died.is_err_and(|err| err.is_panic()));
+    let agent = host.restart(agent).await.unwrap();
+    assert_eq!(agent.reconcile_report().finished, 1);
+    assert_eq!(
+        agent.get_volume(&id).await.unwrap().state,
+        crate::volume::VolumeState::Available
+    );
+    assert_eq!(
+        thin_ids(&host).len(),
+        3,
+        "volume, its era metadata, the snapshot"
+    );
+}
