@@ -49,6 +49,28 @@ pub struct Agent {
     pub(crate) transfers: Registry,
     pub(crate) nvme: NvmeIdentity,
     pub(crate) metrics: Metrics,
+    pub(crate) background: Background,
+}
+
+/// The agent's own tasks (transfer monitors, source releases, the pool
+/// watcher), kept so that stopping the agent stops them.
+#[derive(Debug, Default)]
+pub(crate) struct Background(std::sync::Mutex<Vec<tokio::task::AbortHandle>>);
+
+impl Background {
+    pub(crate) fn spawn(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        let handle = tokio::spawn(task).abort_handle();
+        let mut tasks = self.0.lock().unwrap_or_else(|poison| poison.into_inner());
+        tasks.retain(|task| !task.is_finished());
+        tasks.push(handle);
+    }
+
+    fn stop(&self) {
+        let mut tasks = self.0.lock().unwrap_or_else(|poison| poison.into_inner());
+        for task in tasks.drain(..) {
+            task.abort();
+        }
+    }
 }
 
 impl Agent {
@@ -101,6 +123,7 @@ impl Agent {
             transfers: Registry::default(),
             nvme,
             metrics: Metrics::new(),
+            background: Background::default(),
         };
         let started = Instant::now();
         agent.reconcile = agent.reconcile_all().await?;
@@ -126,6 +149,13 @@ impl Agent {
             .await?;
         agent.resume_monitors(&transfers);
         Ok(agent)
+    }
+
+    /// Stops the agent's background work (monitors, releases, watchers)
+    /// where it stands; every piece of it resumes from the store at the next
+    /// start, as after a crash.
+    pub fn stop_background(&self) {
+        self.background.stop();
     }
 
     pub fn settings(&self) -> &Settings {
@@ -237,7 +267,7 @@ impl Agent {
         let weak = Arc::downgrade(self);
         let dm = Arc::clone(&self.dm);
         let name = self.pool.name.clone();
-        tokio::spawn(async move {
+        self.background.spawn(async move {
             let Some(mut seen) = dm.event_counter(&name) else {
                 return;
             };

@@ -63,6 +63,7 @@ impl TestHost {
     /// Stops `agent` as a crash would (nothing is cleaned up) and starts a
     /// new one on the same kernel and state.
     pub async fn restart(&self, agent: Arc<Agent>) -> Result<Arc<Agent>, AgentError> {
+        agent.stop_background();
         wait_until_dropped(agent).await;
         self.start().await
     }

@@ -56,6 +56,8 @@ struct State {
     next_external: u32,
     /// Thin ids of every pool, with what they hold.
     thins: BTreeMap<ThinKey, ThinContent>,
+    /// Paths of block devices outside device-mapper.
+    paths: BTreeMap<std::path::PathBuf, DevRef>,
     /// One-shot failures: (operation, device) -> errno.
     faults: Vec<(&'static str, String, Errno)>,
     /// Every call that changed something, for order checks.
@@ -105,6 +107,13 @@ impl FakeKernel {
         state.next_external += 1;
         let dev = DevRef::from((EXTERNAL_MAJOR, state.next_external));
         state.external.insert(dev, sectors);
+        dev
+    }
+
+    /// A block device outside device-mapper at `path` (a transfer's source).
+    pub fn add_block_device_at(&self, path: &std::path::Path, sectors: u64) -> DevRef {
+        let dev = self.add_block_device(sectors);
+        self.state().paths.insert(path.to_owned(), dev);
         dev
     }
 
@@ -719,6 +728,20 @@ impl Kernel for FakeKernel {
             state.journal.push(format!("zero {name}"));
             Ok(())
         })
+    }
+
+    async fn block_device(
+        &self,
+        path: &std::path::Path,
+    ) -> std::result::Result<(DevRef, u64), crate::error::AgentError> {
+        let state = self.state();
+        let dev = state.paths.get(path).copied().ok_or_else(|| {
+            crate::error::AgentError::InvalidArgument {
+                field: "device",
+                reason: format!("{} is not a block device", path.display()),
+            }
+        })?;
+        Ok((dev, state.external.get(&dev).copied().unwrap_or(0) * 512))
     }
 
     fn event_counter(&self, name: &DeviceName) -> Option<u32> {

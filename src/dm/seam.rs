@@ -13,9 +13,9 @@ use crate::{
         events::EventMonitor,
         kernel::{DeviceMapper, DeviceState, Flush, ListedDevice, SegmentStatus, TargetVersion},
         names::DeviceName,
-        table::Table,
+        table::{DevRef, Table},
     },
-    error::{Error, ParseError, Result},
+    error::{AgentError, Error, ParseError, Result},
 };
 
 /// Everything the agent asks of device-mapper. Method semantics are those
@@ -62,6 +62,9 @@ pub trait Kernel: Send + Sync + fmt::Debug {
     /// Overwrites the device's first 4 KiB with zeros, so that a target
     /// formats fresh metadata there instead of adopting old blocks.
     async fn zero_first_block(&self, name: &DeviceName) -> Result<()>;
+    /// The number and size in bytes of the block device at `path` (a
+    /// transfer's local source).
+    async fn block_device(&self, path: &Path) -> Result<(DevRef, u64), AgentError>;
     /// The device's event counter as last seen by the event watcher.
     fn event_counter(&self, name: &DeviceName) -> Option<u32>;
     /// Waits until the device's event counter differs from `seen`.
@@ -175,6 +178,13 @@ impl Kernel for LiveKernel {
         tokio::task::spawn_blocking(move || zero_head(&path))
             .await
             .map_err(|err| Error::Other(format!("zeroing worker failed: {err}")))?
+    }
+
+    async fn block_device(&self, path: &Path) -> Result<(DevRef, u64), AgentError> {
+        let path = path.to_owned();
+        tokio::task::spawn_blocking(move || crate::pool::backing::block_device(&path))
+            .await
+            .map_err(|err| AgentError::Internal(format!("block device worker failed: {err}")))?
     }
 
     fn event_counter(&self, name: &DeviceName) -> Option<u32> {

@@ -279,7 +279,7 @@ impl Agent {
             transfer.volume_id.clone(),
             agent_endpoint.clone(),
         );
-        tokio::spawn(async move {
+        self.background.spawn(async move {
             let mut backoff = Duration::from_secs(1);
             loop {
                 match agent.ask_source_to_release(&endpoint, &volume).await {

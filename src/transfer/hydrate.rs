@@ -16,7 +16,6 @@ use crate::{
     error::AgentError,
     failpoint,
     ids::{TransferId, VolumeId},
-    pool::backing::block_device,
     stack::{self, CloneDevices, CloneLayer},
     store::{Change, Pending, SourceRecord, TransferPhase, TransferRecord, VolumeRecord},
 };
@@ -576,14 +575,12 @@ impl Agent {
     ) -> Result<(DevRef, u64), AgentError> {
         match source {
             SourceRecord::Device { path } => {
-                let path = path.clone();
-                crate::agent::blocking(move || {
-                    block_device(Path::new(&path)).map_err(|err| AgentError::InvalidArgument {
+                self.dm.block_device(Path::new(path)).await.map_err(|err| {
+                    AgentError::InvalidArgument {
                         field: "device_path",
                         reason: err.to_string(),
-                    })
+                    }
                 })
-                .await
             }
             SourceRecord::NvmeTcp {
                 subsystem_nqn,

@@ -246,3 +246,6 @@ mod tests {
         assert_eq!(big % MIB, 0);
     }
 }
+
+#[cfg(test)]
+mod lifecycle_tests;

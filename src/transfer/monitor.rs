@@ -34,7 +34,7 @@ enum Next {
 impl Agent {
     pub(crate) fn spawn_monitor(self: &Arc<Self>, transfer_id: String) {
         let agent = Arc::clone(self);
-        tokio::spawn(async move {
+        self.background.spawn(async move {
             if let Err(err) = agent.monitor(&transfer_id).await {
                 warn!(transfer = %transfer_id, error = %err, "transfer monitor stopped");
                 agent.transfers.with_live(&transfer_id, |live| {

@@ -1,0 +1,350 @@
+//! Transfers on the destination against the in-memory kernel, with a local
+//! block device as the source: the clone stack, deferred starts and
+//! commits, pause/resume/throttle as dm-clone messages, abort, the
+//! event-driven finalize, retries, refusals, and crashes at every transfer
+//! failpoint followed by a restart.
+
+#![allow(clippy::unwrap_used)]
+
+use std::{path::PathBuf, sync::Arc, time::Duration};
+
+use super::*;
+use crate::{
+    agent::Agent,
+    error::AgentError,
+    failpoint,
+    ids::{TransferId, VolumeId},
+    testing::{MIB, TestHost, volume_id},
+};
+
+const SOURCE: &str = "/dev/fake-source";
+
+fn transfer_id(n: u32) -> TransferId {
+    TransferId::parse(&format!("20000000-0000-4000-8000-{n:012}")).unwrap()
+}
+
+fn request(n: u32, volume: &VolumeId, deferred: bool) -> StartRequest {
+    StartRequest {
+        transfer: transfer_id(n),
+        volume: volume.clone(),
+        size_bytes: 8 * MIB,
+        source: Source::Device(PathBuf::from(SOURCE)),
+        deferred,
+        knobs: KnobRequest::default(),
+    }
+}
+
+/// A host with an 8 MiB source device.
+fn host() -> TestHost {
+    let host = TestHost::new();
+    host.kernel
+        .add_block_device_at(std::path::Path::new(SOURCE), 8 * MIB / 512);
+    host
+}
+
+fn public(id: &VolumeId) -> String {
+    format!("dmt-{id}")
+}
+
+/// Waits (bounded) until the transfer reaches `state`.
+async fn wait_for(agent: &Agent, id: &TransferId, state: TransferState) -> TransferView {
+    for _ in 0..400 {
+        let view = agent.get_transfer(id).await.unwrap();
+        if view.state == state {
+            return view;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!(
+        "transfer {id} did not reach {state:?}: {:?}",
+        agent.get_transfer(id).await
+    );
+}
+
+fn journal_has(host: &TestHost, entry: &str) -> bool {
+    host.kernel.journal().iter().any(|e| e == entry)
+}
+
+#[tokio::test]
+async fn a_started_transfer_presents_the_volume_through_dm_clone() {
+    let host = host();
+    let agent = host.start().await.unwrap();
+    let id = volume_id(1);
+    let view = agent.start_transfer(request(1, &id, false)).await.unwrap();
+    assert_eq!(view.state, TransferState::Hydrating);
+    assert_eq!(
+        view.device_path,
+        PathBuf::from(format!("/dev/mapper/{}", public(&id)))
+    );
+    let table = host.kernel.table_text(&public(&id)).unwrap();
+    assert!(table.starts_with("0 16384 clone "), "{table}");
+    assert!(!table.contains("no_hydration"), "{table}");
+    let volume = agent.get_volume(&id).await.unwrap();
+    assert_eq!(volume.state, crate::volume::VolumeState::Hydrating);
+    assert!(
+        journal_has(&host, &format!("zero dmt-cmeta-{id}")),
+        "fresh clone metadata"
+    );
+}
+
+#[tokio::test]
+async fn hydration_complete_raises_the_event_and_the_monitor_finalizes_onto_dm_era() {
+    let host = host();
+    let agent = host.start().await.unwrap();
+    let id = volume_id(1);
+    agent.start_transfer(request(1, &id, false)).await.unwrap();
+    let ids_while_arriving = host.kernel.thin_ids("dmt-pool").len();
+    host.kernel.hydrate(&public(&id));
+    let done = wait_for(&agent, &transfer_id(1), TransferState::Done).await;
+    assert!(done.finalize_pause_micros.is_some());
+    let table = host.kernel.table_text(&public(&id)).unwrap();
+    assert!(table.starts_with("0 16384 era "), "{table}");
+    assert!(!host.devices().contains(&format!("dmt-cmeta-{id}")));
+    assert_eq!(
+        host.kernel.thin_ids("dmt-pool").len(),
+        ids_while_arriving - 1,
+        "the clone metadata's thin id is freed"
+    );
+    let volume = agent.get_volume(&id).await.unwrap();
+    assert_eq!(volume.state, crate::volume::VolumeState::Available);
+    agent.mark_checkpoint(&id).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_deferred_transfer_copies_nothing_until_committed() {
+    let host = host();
+    let agent = host.start().await.unwrap();
+    let id = volume_id(1);
+    let view = agent.start_transfer(request(1, &id, true)).await.unwrap();
+    assert_eq!(view.state, TransferState::Deferred);
+    assert!(
+        host.kernel
+            .table_text(&public(&id))
+            .unwrap()
+            .contains("no_hydration")
+    );
+    let view = agent.commit_transfer(&transfer_id(1)).await.unwrap();
+    assert_eq!(view.state, TransferState::Hydrating);
+    assert!(journal_has(
+        &host,
+        &format!("message {} enable_hydration", public(&id))
+    ));
+}
+
+#[tokio::test]
+async fn pause_resume_and_throttle_are_clone_messages() {
+    let host = host();
+    let agent = host.start().await.unwrap();
+    let id = volume_id(1);
+    agent.start_transfer(request(1, &id, false)).await.unwrap();
+    let paused = agent.pause_transfer(&transfer_id(1)).await.unwrap();
+    assert_eq!(paused.state, TransferState::Paused);
+    assert!(journal_has(
+        &host,
+        &format!("message {} disable_hydration", public(&id))
+    ));
+    let resumed = agent.resume_transfer(&transfer_id(1)).await.unwrap();
+    assert_eq!(resumed.state, TransferState::Hydrating);
+    let knobs = KnobRequest {
+        hydration_threshold: Some(4),
+        hydration_batch_size: Some(2),
+        ..KnobRequest::default()
+    };
+    let throttled = agent
+        .throttle_transfer(&transfer_id(1), knobs)
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            throttled.hydration_threshold,
+            throttled.hydration_batch_size
+        ),
+        (4, 2)
+    );
+    assert!(journal_has(
+        &host,
+        &format!("message {} hydration_threshold 4", public(&id))
+    ));
+}
+
+#[tokio::test]
+async fn an_abort_removes_the_arriving_volume_and_frees_its_thin_ids() {
+    let host = host();
+    let agent = host.start().await.unwrap();
+    let id = volume_id(1);
+    agent.start_transfer(request(1, &id, false)).await.unwrap();
+    let view = agent.abort_transfer(&transfer_id(1)).await.unwrap();
+    assert_eq!(view.state, TransferState::Aborted);
+    assert!(
+        host.devices().iter().all(|d| !d.contains(id.as_str())),
+        "{:?}",
+        host.devices()
+    );
+    assert!(host.kernel.thin_ids("dmt-pool").is_empty());
+    let missing = agent.get_volume(&id).await;
+    assert!(
+        matches!(missing, Err(AgentError::NotFound { .. })),
+        "{missing:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_retried_start_returns_the_transfer_and_conflicting_ones_are_refused() {
+    let host = host();
+    let agent = host.start().await.unwrap();
+    let id = volume_id(1);
+    agent.start_transfer(request(1, &id, false)).await.unwrap();
+    let again = agent.start_transfer(request(1, &id, false)).await.unwrap();
+    assert_eq!(again.id, transfer_id(1).to_string());
+    let other_volume = agent.start_transfer(request(1, &volume_id(2), false)).await;
+    assert!(
+        matches!(other_volume, Err(AgentError::AlreadyExists { .. })),
+        "{other_volume:?}"
+    );
+    let onto_itself = agent.start_transfer(request(2, &id, false)).await;
+    assert!(
+        matches!(onto_itself, Err(AgentError::AlreadyExists { .. })),
+        "{onto_itself:?}"
+    );
+    agent.create_volume(&volume_id(3), 4 * MIB).await.unwrap();
+    let existing = agent.start_transfer(request(3, &volume_id(3), false)).await;
+    assert!(
+        matches!(existing, Err(AgentError::AlreadyExists { .. })),
+        "{existing:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_source_smaller_than_the_volume_or_no_block_device_is_refused_untouched() {
+    let host = host();
+    let agent = host.start().await.unwrap();
+    let mut big = request(1, &volume_id(1), false);
+    big.size_bytes = 16 * MIB;
+    let refused = agent.start_transfer(big).await;
+    assert!(
+        matches!(
+            refused,
+            Err(AgentError::InvalidArgument {
+                field: "size_bytes",
+                ..
+            })
+        ),
+        "{refused:?}"
+    );
+    let mut nowhere = request(2, &volume_id(2), false);
+    nowhere.source = Source::Device(PathBuf::from("/dev/nothing-here"));
+    let refused = agent.start_transfer(nowhere).await;
+    assert!(
+        matches!(
+            refused,
+            Err(AgentError::InvalidArgument {
+                field: "device_path",
+                ..
+            })
+        ),
+        "{refused:?}"
+    );
+    assert!(agent.list_transfers().await.unwrap().is_empty());
+    assert!(host.kernel.thin_ids("dmt-pool").is_empty());
+}
+
+async fn crash<F, T>(point: &'static str, call: F)
+where
+    F: std::future::Future<Output = T> + Send + 'static,
+    T: Send + 'static,
+{
+    let died = tokio::spawn(failpoint::crash_at(point, call)).await;
+    assert!(
+        died.is_err_and(|err| err.is_panic()),
+        "{point} was not reached"
+    );
+}
+
+#[tokio::test]
+async fn a_start_cut_anywhere_is_rolled_back_at_the_next_start() {
+    for point in ["transfer.after_record", "transfer.after_metadata"] {
+        let host = host();
+        let agent = host.start().await.unwrap();
+        let caller = Arc::clone(&agent);
+        crash(point, async move {
+            caller
+                .start_transfer(request(1, &volume_id(1), false))
+                .await
+        })
+        .await;
+        let agent = host.restart(agent).await.unwrap();
+        assert!(agent.list_transfers().await.unwrap().is_empty(), "{point}");
+        assert!(agent.list_volumes().await.unwrap().is_empty(), "{point}");
+        assert!(host.kernel.thin_ids("dmt-pool").is_empty(), "{point}");
+        assert_eq!(
+            host.devices().len(),
+            3,
+            "{point}: only the pool's: {:?}",
+            host.devices()
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_running_transfer_gets_its_clone_back_after_a_reboot_and_finishes() {
+    let host = host();
+    let agent = host.start().await.unwrap();
+    let id = volume_id(1);
+    agent.start_transfer(request(1, &id, false)).await.unwrap();
+    host.kernel.reboot();
+    let agent = host.restart(agent).await.unwrap();
+    assert!(
+        host.kernel
+            .table_text(&public(&id))
+            .unwrap()
+            .contains(" clone ")
+    );
+    host.kernel.hydrate(&public(&id));
+    wait_for(&agent, &transfer_id(1), TransferState::Done).await;
+}
+
+#[tokio::test]
+async fn a_finalize_cut_anywhere_is_finished_at_the_next_start() {
+    for point in ["finalize.after_record", "finalize.after_swap"] {
+        let host = host();
+        let agent = host.start().await.unwrap();
+        let id = volume_id(1);
+        agent.start_transfer(request(1, &id, false)).await.unwrap();
+        // The finalize runs here, in the test's task, where the point is armed.
+        agent.stop_background();
+        host.kernel.hydrate(&public(&id));
+        let caller = Arc::clone(&agent);
+        crash(point, async move {
+            caller.finalize(transfer_id(1).as_str()).await
+        })
+        .await;
+        let agent = host.restart(agent).await.unwrap();
+        wait_for(&agent, &transfer_id(1), TransferState::Done).await;
+        let table = host.kernel.table_text(&public(&id)).unwrap();
+        assert!(table.starts_with("0 16384 era "), "{point}: {table}");
+        assert!(
+            !host.devices().contains(&format!("dmt-cmeta-{id}")),
+            "{point}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_abort_cut_after_its_record_is_finished_at_the_next_start() {
+    let host = host();
+    let agent = host.start().await.unwrap();
+    let id = volume_id(1);
+    agent.start_transfer(request(1, &id, false)).await.unwrap();
+    let caller = Arc::clone(&agent);
+    crash("abort.after_record", async move {
+        caller.abort_transfer(&transfer_id(1)).await
+    })
+    .await;
+    let agent = host.restart(agent).await.unwrap();
+    assert_eq!(
+        agent.get_transfer(&transfer_id(1)).await.unwrap().state,
+        TransferState::Aborted
+    );
+    assert!(agent.get_volume(&id).await.is_err());
+    assert!(host.kernel.thin_ids("dmt-pool").is_empty());
+}
