@@ -22,9 +22,11 @@ pub mod nvme;
 pub mod pool;
 pub mod proto;
 mod reconcile;
+pub mod refusal;
 pub mod snapshot;
 pub mod store;
 pub mod transfer;
 pub mod volume;
 
 pub use error::{AgentError, Error, ParseError};
+pub use refusal::Refusal;

@@ -17,6 +17,7 @@ use crate::{
     failpoint,
     ids::{TransferId, VolumeId},
     pool::backing::block_device,
+    refusal::Refusal,
     store::{Change, Pending, SourceRecord, TransferPhase, TransferRecord, VolumeRecord},
 };
 
@@ -186,7 +187,7 @@ impl Agent {
     async fn switch_hydration(
         &self,
         id: &TransferId,
-        action: &str,
+        action: &'static str,
         from: TransferPhase,
         arrived: &[TransferPhase],
         to: TransferPhase,
@@ -264,10 +265,18 @@ impl Agent {
         if let Some(open) = self.open_count(&self.naming.public(&volume_id)).await?
             && open > 0
         {
-            return Err(AgentError::FailedPrecondition(format!(
-                "volume {volume_id} is open on this host ({open} users); detach it before aborting transfer {}",
-                transfer.id
-            )));
+            return Err(Refusal::VolumeInUse {
+                device: self
+                    .naming
+                    .public(&volume_id)
+                    .mapper_path()
+                    .display()
+                    .to_string(),
+                volume: volume_id,
+                open_count: open,
+                hint: "detach it before aborting its transfer",
+            }
+            .into());
         }
         let volume = self.record(&volume_id).await?;
         transfer.phase = TransferPhase::Aborted;
@@ -706,11 +715,17 @@ fn source_record(source: &Source) -> SourceRecord {
     }
 }
 
-fn wrong_phase(transfer: &TransferRecord, action: &str, phase: TransferPhase) -> AgentError {
-    AgentError::FailedPrecondition(format!(
-        "transfer {} is {phase:?}; it cannot {action} now",
-        transfer.id
-    ))
+fn wrong_phase(
+    transfer: &TransferRecord,
+    action: &'static str,
+    phase: TransferPhase,
+) -> AgentError {
+    Refusal::TransferWrongState {
+        transfer: transfer.id.clone(),
+        phase,
+        action,
+    }
+    .into()
 }
 
 fn not_found(id: &TransferId) -> AgentError {
