@@ -5,6 +5,8 @@ use std::{io, path::PathBuf};
 
 use nix::errno::Errno;
 
+pub use crate::refusal::Refusal;
+
 /// A line of kernel or user text that does not have the expected shape.
 ///
 /// The message quotes the input so that an operator can see exactly what the
@@ -143,8 +145,10 @@ pub enum AgentError {
         detail: String,
     },
 
-    #[error("{0}")]
-    FailedPrecondition(String),
+    /// The object's state forbids the call; the refusal says which state
+    /// and carries a stable reason code.
+    #[error(transparent)]
+    Refused(#[from] Refusal),
 
     /// The kernel has something other than what the store says; the agent
     /// does not overwrite it on its own.
@@ -186,9 +190,7 @@ impl AgentError {
             AgentError::InvalidArgument { .. } => ErrorKind::InvalidArgument,
             AgentError::NotFound { .. } => ErrorKind::NotFound,
             AgentError::AlreadyExists { .. } => ErrorKind::AlreadyExists,
-            AgentError::FailedPrecondition(_) | AgentError::Conflict(_) => {
-                ErrorKind::FailedPrecondition
-            }
+            AgentError::Refused(_) | AgentError::Conflict(_) => ErrorKind::FailedPrecondition,
             AgentError::ResourceExhausted { .. } => ErrorKind::ResourceExhausted,
             AgentError::Unavailable { .. } => ErrorKind::Unavailable,
             AgentError::Unimplemented(_) => ErrorKind::Unimplemented,

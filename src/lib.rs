@@ -22,6 +22,7 @@ pub mod nvme;
 pub mod pool;
 pub mod proto;
 mod reconcile;
+pub mod refusal;
 pub mod snapshot;
 pub mod stack;
 pub mod store;
@@ -32,3 +33,4 @@ pub mod units;
 pub mod volume;
 
 pub use error::{AgentError, Error, ParseError};
+pub use refusal::Refusal;

@@ -97,7 +97,7 @@ impl Agent {
         };
         match result {
             Ok(()) => Ok(()),
-            Err(err @ (AgentError::Conflict(_) | AgentError::FailedPrecondition(_))) => {
+            Err(err @ (AgentError::Conflict(_) | AgentError::Refused(_))) => {
                 report.quarantined += 1;
                 self.quarantine(record, err.to_string()).await
             }

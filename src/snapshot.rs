@@ -18,6 +18,7 @@ use crate::{
     error::AgentError,
     failpoint,
     ids::{SnapshotId, VolumeId},
+    refusal::Refusal,
     store::{Change, Pending, SnapshotRecord, VolumeRecord},
     transfer::TransferState,
     volume::{Outcome, Volume, new_record, unix_now},
@@ -63,10 +64,13 @@ impl Agent {
             return Ok(self.snapshot_view(&existing).await);
         }
         let mut origin = self.ready_record(volume, "be snapshotted").await?;
-        if origin.transfer.is_some() {
-            return Err(AgentError::FailedPrecondition(format!(
-                "volume {volume} is still arriving; snapshot it once its transfer is done"
-            )));
+        if let Some(transfer) = &origin.transfer {
+            return Err(Refusal::VolumeArriving {
+                volume: volume.clone(),
+                transfer: transfer.clone(),
+                hint: "snapshot it once its transfer is done",
+            }
+            .into());
         }
         self.check_room_for(origin.size_bytes).await?;
         let record = SnapshotRecord {
@@ -166,9 +170,10 @@ impl Agent {
             .await?
             .ok_or_else(|| snapshot_not_found(snapshot))?;
         if source.pending.is_some() {
-            return Err(AgentError::FailedPrecondition(format!(
-                "snapshot {snapshot} is being created or deleted"
-            )));
+            return Err(Refusal::SnapshotPending {
+                snapshot: snapshot.clone(),
+            }
+            .into());
         }
         if size < source.size_bytes {
             return Err(smaller_than_source(
@@ -219,10 +224,13 @@ impl Agent {
                 .await;
         }
         let origin = self.ready_record(source, "be cloned").await?;
-        if origin.transfer.is_some() {
-            return Err(AgentError::FailedPrecondition(format!(
-                "volume {source} is still arriving; clone it once its transfer is done"
-            )));
+        if let Some(transfer) = &origin.transfer {
+            return Err(Refusal::VolumeArriving {
+                volume: source.clone(),
+                transfer: transfer.clone(),
+                hint: "clone it once its transfer is done",
+            }
+            .into());
         }
         if size < origin.size_bytes {
             return Err(smaller_than_source(
@@ -272,15 +280,28 @@ impl Agent {
             });
         }
         if record.published {
-            return Err(AgentError::FailedPrecondition(format!(
-                "volume {volume} is published at {}; unpublish it before reverting it",
-                self.naming.public(volume).mapper_path().display()
-            )));
+            return Err(Refusal::VolumePublished {
+                volume: volume.clone(),
+                device: self.naming.public(volume).mapper_path(),
+                hint: "unpublish it before reverting it",
+            }
+            .into());
         }
-        if record.transfer.is_some() || record.export.is_some() {
-            return Err(AgentError::FailedPrecondition(format!(
-                "volume {volume} is moving; revert it on its new host"
-            )));
+        if let Some(transfer) = &record.transfer {
+            return Err(Refusal::VolumeArriving {
+                volume: volume.clone(),
+                transfer: transfer.clone(),
+                hint: "revert it once its transfer is done",
+            }
+            .into());
+        }
+        if let Some(export) = &record.export {
+            return Err(Refusal::VolumeExported {
+                volume: volume.clone(),
+                host_nqn: export.host_nqn.clone(),
+                hint: "revert it on its new host",
+            }
+            .into());
         }
         let old_thin = record.thin_id;
         crate::changes::restart_history(&mut record);
@@ -406,10 +427,12 @@ impl Agent {
                 view.state,
                 TransferState::Hydrating | TransferState::Finalizing | TransferState::Done
             ) {
-                return Err(AgentError::FailedPrecondition(format!(
-                    "volume {volume} is arriving by transfer {transfer}, which is {:?}: it can be snapshotted or cloned once the transfer is done",
-                    view.state
-                )));
+                return Err(Refusal::VolumeArriving {
+                    volume: volume.clone(),
+                    transfer: transfer.clone(),
+                    hint: "it is not copying now (deferred, paused or degraded); it can be snapshotted or cloned once the transfer is done",
+                }
+                .into());
             }
             match tokio::time::timeout_at(deadline, updates.recv()).await {
                 Ok(_) => {}

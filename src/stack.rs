@@ -35,6 +35,7 @@ use crate::{
     error::{AgentError, Error},
     ids::VolumeId,
     pool::Pool,
+    refusal::Refusal,
     units::SECTOR,
 };
 
@@ -182,9 +183,9 @@ pub async fn ensure_device(
 pub async fn remove_if_present(dm: &dyn Kernel, name: &DeviceName) -> Result<(), AgentError> {
     match dm.remove(name).await {
         Ok(()) | Err(Error::NoSuchDevice { .. }) => Ok(()),
-        Err(Error::DeviceBusy { device, open_count }) => Err(AgentError::FailedPrecondition(
-            format!("device {device} is open ({open_count} users); close them and retry"),
-        )),
+        Err(Error::DeviceBusy { device, open_count }) => {
+            Err(Refusal::DeviceInUse { device, open_count }.into())
+        }
         Err(err) => Err(err.into()),
     }
 }

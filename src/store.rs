@@ -232,6 +232,21 @@ impl TransferPhase {
             TransferPhase::Done | TransferPhase::Aborted | TransferPhase::Failed
         )
     }
+
+    /// The phase as the store spells it (snake_case), for messages and
+    /// error metadata.
+    pub fn name(self) -> &'static str {
+        match self {
+            TransferPhase::Starting => "starting",
+            TransferPhase::Deferred => "deferred",
+            TransferPhase::Hydrating => "hydrating",
+            TransferPhase::Paused => "paused",
+            TransferPhase::Finalizing => "finalizing",
+            TransferPhase::Done => "done",
+            TransferPhase::Aborted => "aborted",
+            TransferPhase::Failed => "failed",
+        }
+    }
 }
 
 impl Record for TransferRecord {

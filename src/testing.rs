@@ -96,3 +96,11 @@ async fn wait_until_dropped(agent: Arc<Agent>) {
 pub fn volume_id(n: u32) -> VolumeId {
     VolumeId::parse(&format!("00000000-0000-4000-8000-{n:012}")).expect("a valid id")
 }
+
+/// The reason code of a refusal, or `None` for success or another error.
+pub fn refusal<T>(result: &Result<T, AgentError>) -> Option<&'static str> {
+    match result {
+        Err(AgentError::Refused(refusal)) => Some(refusal.reason()),
+        _ => None,
+    }
+}

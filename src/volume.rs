@@ -23,6 +23,7 @@ use crate::{
     error::AgentError,
     failpoint,
     ids::VolumeId,
+    refusal::Refusal,
     stack,
     store::{Pending, VolumeRecord},
 };
@@ -149,10 +150,11 @@ impl Agent {
                 let record = self.settle(existing).await?;
                 Ok((self.describe(&record).await?, Outcome::Created))
             }
-            Some(Pending::Delete) => Err(AgentError::FailedPrecondition(format!(
-                "volume {} is being deleted; repeat the delete to finish it",
-                existing.id
-            ))),
+            Some(Pending::Delete) => Err(Refusal::VolumeBeingDeleted {
+                volume: existing.volume_id()?,
+                action: "be created again",
+            }
+            .into()),
             _ => Ok((self.describe(&existing).await?, Outcome::Existed)),
         }
     }
@@ -181,10 +183,12 @@ impl Agent {
             return Ok(());
         };
         if let Some(export) = &record.export {
-            return Err(AgentError::FailedPrecondition(format!(
-                "volume {id} is exported to {} for a move; unexport it before deleting it",
-                export.host_nqn
-            )));
+            return Err(Refusal::VolumeExported {
+                volume: id.clone(),
+                host_nqn: export.host_nqn.clone(),
+                hint: "unexport it before deleting it",
+            }
+            .into());
         }
         self.delete_locked(id, record).await
     }
@@ -197,34 +201,38 @@ impl Agent {
     ) -> Result<(), AgentError> {
         let snapshots = self.snapshots_of(Some(id)).await?;
         if !snapshots.is_empty() {
-            return Err(AgentError::FailedPrecondition(format!(
-                "volume {id} has {} snapshot(s) ({}); delete them first",
-                snapshots.len(),
-                snapshots
-                    .iter()
-                    .map(|s| s.id.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )));
+            return Err(Refusal::VolumeHasSnapshots {
+                volume: id.clone(),
+                snapshots: snapshots.into_iter().map(|s| s.id).collect(),
+            }
+            .into());
         }
         if let Some(transfer) = &record.transfer {
-            return Err(AgentError::FailedPrecondition(format!(
-                "volume {id} is still arriving by transfer {transfer}; abort the transfer to remove it"
-            )));
+            return Err(Refusal::VolumeArriving {
+                volume: id.clone(),
+                transfer: transfer.clone(),
+                hint: "abort the transfer to remove it",
+            }
+            .into());
         }
         if record.published {
-            return Err(AgentError::FailedPrecondition(format!(
-                "volume {id} is published at {}; unpublish it before deleting it",
-                self.naming.public(id).mapper_path().display()
-            )));
+            return Err(Refusal::VolumePublished {
+                volume: id.clone(),
+                device: self.naming.public(id).mapper_path(),
+                hint: "unpublish it before deleting it",
+            }
+            .into());
         }
         if let Some(open) = self.open_count(&self.thin_name(&record)?).await?
             && open > 0
         {
-            return Err(AgentError::FailedPrecondition(format!(
-                "volume {id}'s thin device {} is open ({open} users); close them before deleting it",
-                self.thin_name(&record)?
-            )));
+            return Err(Refusal::VolumeInUse {
+                volume: id.clone(),
+                device: self.thin_name(&record)?.to_string(),
+                open_count: open,
+                hint: "close them before deleting it",
+            }
+            .into());
         }
         record.pending = Some(Pending::Delete);
         self.put(&record).await?;
@@ -272,10 +280,12 @@ impl Agent {
         let _held = self.locks.lock(id.as_str()).await;
         let mut record = self.ready_record(id, "extend").await?;
         if let Some(export) = &record.export {
-            return Err(AgentError::FailedPrecondition(format!(
-                "volume {id} is exported to {} for a move; extend it on its new host",
-                export.host_nqn
-            )));
+            return Err(Refusal::VolumeExported {
+                volume: id.clone(),
+                host_nqn: export.host_nqn.clone(),
+                hint: "extend it on its new host",
+            }
+            .into());
         }
         if new_size < record.size_bytes {
             return Err(AgentError::InvalidArgument {
@@ -346,10 +356,12 @@ impl Agent {
             && !record.published
         {
             // Its copy is moving away: no new writer may appear here.
-            return Err(AgentError::FailedPrecondition(format!(
-                "volume {id} is exported to {} for a move; it cannot be published here again",
-                export.host_nqn
-            )));
+            return Err(Refusal::VolumeExported {
+                volume: id.clone(),
+                host_nqn: export.host_nqn.clone(),
+                hint: "it cannot be published here again",
+            }
+            .into());
         }
         if !record.published {
             record.published = true;
@@ -376,10 +388,13 @@ impl Agent {
         if let Some(open) = self.open_count(&public).await?
             && open > 0
         {
-            return Err(AgentError::FailedPrecondition(format!(
-                "volume {id} is open at {} ({open} users, e.g. an attached instance); detach it first",
-                public.mapper_path().display()
-            )));
+            return Err(Refusal::VolumeInUse {
+                volume: id.clone(),
+                device: public.mapper_path().display().to_string(),
+                open_count: open,
+                hint: "detach it first (an attached instance holds it open, for example)",
+            }
+            .into());
         }
         if let Some(transfer) = &record.transfer {
             // Hydration runs through the public device: it goes when the
@@ -427,7 +442,7 @@ impl Agent {
                 info!(volume = %id, "unpublished volume");
                 Ok(())
             }
-            Err(AgentError::FailedPrecondition(_)) => {
+            Err(AgentError::Refused(Refusal::DeviceInUse { .. })) => {
                 warn!(volume = %id, "unpublished volume's device is open; keeping it published");
                 record.published = true;
                 self.put(&record).await
@@ -448,21 +463,24 @@ impl Agent {
     pub(crate) async fn ready_record(
         &self,
         id: &VolumeId,
-        action: &str,
+        action: &'static str,
     ) -> Result<VolumeRecord, AgentError> {
         let record = self.record(id).await?.ok_or_else(|| not_found(id))?;
-        if let Some(reason) = &record.quarantine {
-            return Err(AgentError::FailedPrecondition(format!(
-                "volume {id} is quarantined ({reason}); an operator must repair it before it can {action}"
-            )));
+        if let Some(why) = &record.quarantine {
+            return Err(Refusal::VolumeQuarantined {
+                volume: id.clone(),
+                why: why.clone(),
+                action,
+            }
+            .into());
         }
         match record.pending {
-            Some(Pending::Create) => Err(AgentError::FailedPrecondition(format!(
-                "volume {id} is still being created; repeat the create first"
-            ))),
-            Some(Pending::Delete) => Err(AgentError::FailedPrecondition(format!(
-                "volume {id} is being deleted; it cannot {action}"
-            ))),
+            Some(Pending::Create) => Err(Refusal::VolumeBeingCreated { volume: id.clone() }.into()),
+            Some(Pending::Delete) => Err(Refusal::VolumeBeingDeleted {
+                volume: id.clone(),
+                action,
+            }
+            .into()),
             _ => Ok(record),
         }
     }

@@ -24,14 +24,20 @@ the process's threading model:
   per agent is shared by all threads, as grpcio intends.
 
 Every gRPC status is turned into a Cinder exception in translate_error and
-nowhere else.
+nowhere else. A refusal (FAILED_PRECONDITION) names its reason in a
+google.rpc.ErrorInfo (see proto/dmclone/v1/common.proto); the driver
+decides on that reason, never on the message.
 """
 
+import collections
 import sys
 import threading
 
 from cinder import exception
 from cinder.i18n import _
+from google.protobuf import message as protobuf_message
+from google.rpc import error_details_pb2
+from google.rpc import status_pb2
 import grpc
 from oslo_context import context as oslo_context
 from oslo_log import log as logging
@@ -77,16 +83,72 @@ class AgentUnavailable(exception.VolumeBackendAPIException):
     """The agent could not be reached or did not answer in time."""
 
 
-# Calls whose FAILED_PRECONDITION means "in use": Cinder's managers catch
-# these exceptions and put the resource back to available instead of
-# error.
+# Calls whose "in use" refusal Cinder's managers catch (VolumeIsBusy,
+# SnapshotIsBusy) to put the resource back to available instead of error.
 _BUSY_VOLUME_RPCS = frozenset({'DeleteVolume', 'UnpublishVolume'})
 _BUSY_SNAPSHOT_RPCS = frozenset({'DeleteSnapshot'})
 
+# The ErrorInfo domain and the refusal reasons that mean "in use or on its
+# way somewhere: retry once that is over". Every other reason (quarantined,
+# half-created, wrong transfer state, ...) needs someone to act: the
+# resource goes to error instead.
+ERROR_DOMAIN = 'dmclone.v1'
+BUSY_REASONS = frozenset(
+    {
+        'VOLUME_PUBLISHED',
+        'VOLUME_HAS_SNAPSHOTS',
+        'VOLUME_EXPORTED',
+        'VOLUME_ARRIVING',
+        'VOLUME_IN_USE',
+        'DEVICE_IN_USE',
+        'NVME_NAMESPACE_IN_USE',
+        'SNAPSHOT_PENDING',
+    }
+)
+STATUS_DETAILS_KEY = 'grpc-status-details-bin'
+
+Refusal = collections.namedtuple('Refusal', 'reason metadata')
+
+
+def refusal_of(error):
+    """The agent's Refusal(reason, metadata) carried by a failed call.
+
+    It travels as a google.rpc.Status with an ErrorInfo in the
+    grpc-status-details-bin trailer. None when the status has none (other
+    codes, or an agent older than refusal reasons).
+    """
+    trailing = getattr(error, 'trailing_metadata', None)
+    for key, value in (trailing() if trailing else None) or ():
+        if key != STATUS_DETAILS_KEY:
+            continue
+        try:
+            status = status_pb2.Status.FromString(value)
+        except protobuf_message.DecodeError:
+            LOG.warning('undecodable %s trailer ignored', STATUS_DETAILS_KEY)
+            return None
+        for detail in status.details:
+            info = error_details_pb2.ErrorInfo()
+            if detail.Unpack(info) and info.domain == ERROR_DOMAIN:
+                return Refusal(info.reason, dict(info.metadata))
+    return None
+
 
 def translate_error(agent, rpc, subject, error):
-    """The Cinder exception for a failed agent call."""
+    """The Cinder exception for a failed agent call.
+
+    The exception's refusal_reason is the agent's reason code for a
+    refusal, None otherwise.
+    """
     code = error.code()
+    refusal = None
+    if code == grpc.StatusCode.FAILED_PRECONDITION:
+        refusal = refusal_of(error)
+    translated = _translate(agent, rpc, subject, error, code, refusal)
+    translated.refusal_reason = refusal.reason if refusal else None
+    return translated
+
+
+def _translate(agent, rpc, subject, error, code, refusal):
     detail = error.details() or code.name
     where = f'agent {agent} {rpc}({subject})'
     if code == grpc.StatusCode.NOT_FOUND:
@@ -101,7 +163,7 @@ def translate_error(agent, rpc, subject, error):
             operation=f'{rpc}: agent {agent} does not implement it ({detail})'
         )
     if code == grpc.StatusCode.FAILED_PRECONDITION:
-        return _precondition_error(where, rpc, subject, detail)
+        return _precondition_error(where, rpc, subject, detail, refusal)
     if code in (
         grpc.StatusCode.INVALID_ARGUMENT,
         grpc.StatusCode.OUT_OF_RANGE,
@@ -114,11 +176,18 @@ def translate_error(agent, rpc, subject, error):
     )
 
 
-def _precondition_error(where, rpc, subject, detail):
-    message = f'{where}: {detail}'
-    if rpc in _BUSY_VOLUME_RPCS:
+def _precondition_error(where, rpc, subject, detail, refusal):
+    if refusal is None:
+        # An agent before refusal reasons: every refusal of these calls
+        # counts as "in use", as it did then.
+        message = f'{where}: {detail}'
+        busy = True
+    else:
+        message = f'{where}: {refusal.reason}: {detail}'
+        busy = refusal.reason in BUSY_REASONS
+    if busy and rpc in _BUSY_VOLUME_RPCS:
         return exception.VolumeIsBusy(message=message, volume_name=subject)
-    if rpc in _BUSY_SNAPSHOT_RPCS:
+    if busy and rpc in _BUSY_SNAPSHOT_RPCS:
         return exception.SnapshotIsBusy(message=message, snapshot_name=subject)
     return exception.InvalidVolume(reason=message)
 

@@ -9,7 +9,11 @@ polling thread becomes a green thread blocked in C). It prints
 Behaviour, chosen for the tests:
 * every handler sleeps --delay seconds, so parallelism is measurable;
 * GetNodeInfo echoes the caller's x-request-id in NodeInfo.hostname;
-* GetVolume of a volume id "code-<STATUS_CODE>" fails with that code;
+* GetVolume of a volume id "code-<STATUS_CODE>" fails with that code, as
+  does DeleteVolume (no status details: an agent before refusal reasons);
+* GetVolume and DeleteVolume of a volume id "refused-<REASON>" fail with
+  FAILED_PRECONDITION and a google.rpc.ErrorInfo of that reason in the
+  grpc-status-details-bin trailer, as the real agent refuses;
 * Snapshots and Transfers are not implemented (UNIMPLEMENTED).
 """
 
@@ -18,6 +22,10 @@ from concurrent import futures
 import sys
 import time
 
+from google.protobuf import any_pb2
+from google.rpc import code_pb2
+from google.rpc import error_details_pb2
+from google.rpc import status_pb2
 import grpc
 
 from dmclone_cinder._proto.dmclone.v1 import node_pb2
@@ -28,6 +36,8 @@ from dmclone_cinder._proto.dmclone.v1 import volume_pb2_grpc
 GIB = 1 << 30
 REQUEST_ID_KEY = 'x-request-id'
 ERROR_PREFIX = 'code-'
+REFUSAL_PREFIX = 'refused-'
+STATUS_DETAILS_KEY = 'grpc-status-details-bin'
 
 
 def _request_id(context):
@@ -52,20 +62,49 @@ class Node(node_pb2_grpc.NodeServicer):
         )
 
 
+def _fail_as_asked(volume_id, context):
+    """Aborts the call when the volume id asks for a failure."""
+    if volume_id.startswith(ERROR_PREFIX):
+        code = grpc.StatusCode[volume_id[len(ERROR_PREFIX) :]]
+        context.abort(code, f'fake agent says {code.name}')
+    if volume_id.startswith(REFUSAL_PREFIX):
+        reason = volume_id[len(REFUSAL_PREFIX) :]
+        message = f'fake agent refuses: {reason}'
+        info = error_details_pb2.ErrorInfo(
+            reason=reason,
+            domain='dmclone.v1',
+            metadata={'volume_id': volume_id},
+        )
+        detail = any_pb2.Any()
+        detail.Pack(info)
+        status = status_pb2.Status(
+            code=code_pb2.FAILED_PRECONDITION,
+            message=message,
+            details=[detail],
+        )
+        context.set_trailing_metadata(
+            ((STATUS_DETAILS_KEY, status.SerializeToString()),)
+        )
+        context.abort(grpc.StatusCode.FAILED_PRECONDITION, message)
+
+
 class Volumes(volume_pb2_grpc.VolumesServicer):
     def __init__(self, delay):
         self._delay = delay
 
     def GetVolume(self, request, context):
         time.sleep(self._delay)
-        if request.volume_id.startswith(ERROR_PREFIX):
-            code = grpc.StatusCode[request.volume_id[len(ERROR_PREFIX) :]]
-            context.abort(code, f'fake agent says {code.name}')
+        _fail_as_asked(request.volume_id, context)
         return volume_pb2.Volume(
             volume_id=request.volume_id,
             size_bytes=GIB,
             state=volume_pb2.VOLUME_STATE_AVAILABLE,
         )
+
+    def DeleteVolume(self, request, context):
+        time.sleep(self._delay)
+        _fail_as_asked(request.volume_id, context)
+        return volume_pb2.DeleteVolumeResponse()
 
     def ListVolumes(self, request, context):
         time.sleep(self._delay)

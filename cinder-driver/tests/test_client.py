@@ -6,6 +6,10 @@ from unittest import mock
 from cinder import context
 from cinder import exception
 from eventlet import tpool
+from google.protobuf import any_pb2
+from google.rpc import code_pb2
+from google.rpc import error_details_pb2
+from google.rpc import status_pb2
 import grpc
 
 from dmclone_cinder import client
@@ -23,16 +27,49 @@ Code = grpc.StatusCode
 class FakeRpcError(grpc.RpcError):
     """What a failed blocking call raises: an RpcError that is a Call."""
 
-    def __init__(self, code, details='agent detail'):
+    def __init__(self, code, details='agent detail', trailing=()):
         super().__init__(details)
         self._code = code
         self._details = details
+        self._trailing = trailing
 
     def code(self):
         return self._code
 
     def details(self):
         return self._details
+
+    def trailing_metadata(self):
+        return self._trailing
+
+
+def status_trailer(reason, domain='dmclone.v1', **metadata):
+    """The grpc-status-details-bin trailer of a refusal, as the agent
+    (tonic-types) encodes it: a google.rpc.Status with one ErrorInfo."""
+    detail = any_pb2.Any()
+    detail.Pack(
+        error_details_pb2.ErrorInfo(
+            reason=reason, domain=domain, metadata=metadata
+        )
+    )
+    status = status_pb2.Status(
+        code=code_pb2.FAILED_PRECONDITION,
+        message='refused',
+        details=[detail],
+    )
+    return (
+        ('content-type', 'application/grpc'),
+        ('grpc-status-details-bin', status.SerializeToString()),
+    )
+
+
+def refused(reason, rpc, **metadata):
+    error = FakeRpcError(
+        Code.FAILED_PRECONDITION,
+        f'the {reason} message',
+        status_trailer(reason, **metadata),
+    )
+    return client.translate_error('hv1', rpc, 'vol-1', error)
 
 
 def translated(code, rpc='CreateVolume', details='agent detail'):
@@ -84,6 +121,77 @@ class TranslateErrorTestCase(base.TestCase):
                 error = translated(Code.FAILED_PRECONDITION, rpc, 'hydrating')
                 self.assertIsInstance(error, exception.InvalidVolume)
                 self.assertIn('hydrating', str(error))
+
+    def test_without_a_reason_failed_precondition_has_none(self):
+        error = translated(Code.FAILED_PRECONDITION, 'DeleteVolume')
+        self.assertIsNone(error.refusal_reason)
+        self.assertIsNone(translated(Code.INTERNAL).refusal_reason)
+
+    def test_refusal_of_reads_the_error_info(self):
+        error = FakeRpcError(
+            Code.FAILED_PRECONDITION,
+            trailing=status_trailer(
+                'VOLUME_ARRIVING', volume_id='v', transfer_id='t'
+            ),
+        )
+        self.assertEqual(
+            client.Refusal(
+                'VOLUME_ARRIVING', {'volume_id': 'v', 'transfer_id': 't'}
+            ),
+            client.refusal_of(error),
+        )
+
+    def test_refusal_of_ignores_other_domains_and_garbage(self):
+        cases = {
+            'another domain': status_trailer('X', domain='example.com'),
+            'undecodable': (('grpc-status-details-bin', b'\xff\xff'),),
+            'no trailer': (),
+            'no trailers at all': None,
+        }
+        for name, trailing in cases.items():
+            with self.subTest(name):
+                error = FakeRpcError(Code.FAILED_PRECONDITION, 'x', trailing)
+                self.assertIsNone(client.refusal_of(error))
+        self.assertIsNone(client.refusal_of(grpc.RpcError()))
+
+    def test_in_use_reasons_make_deletes_busy(self):
+        for reason in sorted(client.BUSY_REASONS):
+            for rpc in ('DeleteVolume', 'UnpublishVolume'):
+                with self.subTest(reason=reason, rpc=rpc):
+                    error = refused(reason, rpc, volume_id='vol-1')
+                    self.assertIsInstance(error, exception.VolumeIsBusy)
+                    self.assertEqual(reason, error.refusal_reason)
+                    self.assertIn(reason, str(error))
+                    self.assertIn(f'the {reason} message', str(error))
+            with self.subTest(reason=reason, rpc='DeleteSnapshot'):
+                error = refused(reason, 'DeleteSnapshot')
+                self.assertIsInstance(error, exception.SnapshotIsBusy)
+
+    def test_other_reasons_make_deletes_fail(self):
+        for reason in (
+            'VOLUME_QUARANTINED',
+            'VOLUME_BEING_CREATED',
+            'TRANSFER_WRONG_STATE',
+            'A_REASON_OF_A_NEWER_AGENT',
+        ):
+            for rpc in ('DeleteVolume', 'UnpublishVolume', 'DeleteSnapshot'):
+                with self.subTest(reason=reason, rpc=rpc):
+                    error = refused(reason, rpc)
+                    self.assertIs(type(error), exception.InvalidVolume)
+                    self.assertEqual(reason, error.refusal_reason)
+                    self.assertIn(reason, str(error))
+
+    def test_refusals_of_other_calls_stay_invalid_volume(self):
+        for reason in (
+            'VOLUME_ARRIVING',
+            'VOLUME_PUBLISHED',
+            'ERA_BEFORE_HISTORY',
+        ):
+            for rpc in ('ExportVolume', 'CreateSnapshot', 'MarkCheckpoint'):
+                with self.subTest(reason=reason, rpc=rpc):
+                    error = refused(reason, rpc)
+                    self.assertIs(type(error), exception.InvalidVolume)
+                    self.assertEqual(reason, error.refusal_reason)
 
     def test_bad_arguments_are_invalid_input(self):
         for code in (Code.INVALID_ARGUMENT, Code.OUT_OF_RANGE):

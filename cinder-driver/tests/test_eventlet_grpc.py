@@ -149,6 +149,38 @@ class EventletClientTestCase(_AgentServerTestCase):
             'code-FAILED_PRECONDITION',
         )
 
+    def test_refusal_reason_from_the_status_details_decides(self):
+        agent = self.agent_client()
+        busy = self.assertRaises(
+            exception.VolumeIsBusy,
+            agent.delete_volume,
+            'refused-VOLUME_PUBLISHED',
+        )
+        self.assertEqual('VOLUME_PUBLISHED', busy.refusal_reason)
+        self.assertIn('fake agent refuses: VOLUME_PUBLISHED', str(busy))
+        # Not "in use": someone has to act, the delete goes to error.
+        quarantined = self.assertRaises(
+            exception.InvalidVolume,
+            agent.delete_volume,
+            'refused-VOLUME_QUARANTINED',
+        )
+        self.assertEqual('VOLUME_QUARANTINED', quarantined.refusal_reason)
+        elsewhere = self.assertRaises(
+            exception.InvalidVolume,
+            agent.get_volume,
+            'refused-VOLUME_ARRIVING',
+        )
+        self.assertEqual('VOLUME_ARRIVING', elsewhere.refusal_reason)
+
+    def test_refusal_without_details_falls_back_to_the_call(self):
+        error = self.assertRaises(
+            exception.VolumeIsBusy,
+            self.agent_client().delete_volume,
+            'code-FAILED_PRECONDITION',
+        )
+        self.assertIsNone(error.refusal_reason)
+        self.assertIn('fake agent says FAILED_PRECONDITION', str(error))
+
     def test_unimplemented_rpc_is_not_supported_operation(self):
         error = self.assertRaises(
             exception.NotSupportedOperation,

@@ -5,13 +5,49 @@
 //! state first (FAILED_PRECONDITION), wait for space (RESOURCE_EXHAUSTED) or
 //! retry later (UNAVAILABLE). Anything unexpected is INTERNAL, never a
 //! caller's mistake.
+//!
+//! A refusal (FAILED_PRECONDITION because of an object's state) also carries
+//! a `google.rpc.ErrorInfo` in the standard `grpc-status-details-bin`
+//! trailer: `reason` is the refusal's stable code, `domain` is
+//! [`ERROR_DOMAIN`], `metadata` names the ids involved. Programs act on the
+//! reason, never on the message.
+
+use std::collections::HashMap;
 
 use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
 
-use crate::error::{AgentError, ErrorKind};
+use crate::error::{AgentError, ErrorKind, Refusal};
+
+/// The `ErrorInfo.domain` of every reason this agent sends.
+pub const ERROR_DOMAIN: &str = "dmclone.v1";
 
 pub fn status_of(err: &AgentError) -> Status {
-    Status::new(code_of(err.kind()), err.to_string())
+    let code = code_of(err.kind());
+    match err {
+        AgentError::Refused(refusal) => {
+            Status::with_error_details(code, err.to_string(), error_details_of(refusal))
+        }
+        _ => Status::new(code, err.to_string()),
+    }
+}
+
+fn error_details_of(refusal: &Refusal) -> ErrorDetails {
+    let metadata: HashMap<String, String> = refusal
+        .metadata()
+        .into_iter()
+        .map(|(key, value)| (key.to_owned(), value))
+        .collect();
+    ErrorDetails::with_error_info(refusal.reason(), ERROR_DOMAIN, metadata)
+}
+
+/// The refusal reason a status carries: `ErrorInfo.reason` of our domain, if
+/// the status has one (agents before reasons sent none).
+pub fn reason_of(status: &Status) -> Option<String> {
+    status
+        .get_details_error_info()
+        .filter(|info| info.domain == ERROR_DOMAIN)
+        .map(|info| info.reason)
 }
 
 pub fn code_of(kind: ErrorKind) -> Code {
@@ -29,7 +65,15 @@ pub fn code_of(kind: ErrorKind) -> Code {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
+    use crate::ids::VolumeId;
+
+    const VOLUME: &str = "0b9d1c3e-5f1a-4f7e-9a57-3f0c2b8f6d11";
+
+    fn volume() -> VolumeId {
+        VolumeId::parse(VOLUME).unwrap()
+    }
 
     #[test]
     fn each_error_class_has_its_own_code() {
@@ -57,7 +101,7 @@ mod tests {
                 Code::AlreadyExists,
             ),
             (
-                AgentError::FailedPrecondition("published".into()),
+                AgentError::Refused(Refusal::VolumeBeingCreated { volume: volume() }),
                 Code::FailedPrecondition,
             ),
             (
@@ -87,5 +131,66 @@ mod tests {
             assert_eq!(status.code(), code, "{err}");
             assert_eq!(status.message(), err.to_string());
         }
+    }
+
+    #[test]
+    fn a_refusal_carries_its_reason_and_ids_as_error_info() {
+        let refusal = Refusal::VolumeArriving {
+            volume: volume(),
+            transfer: "7c0e4a52-1d3b-4c1e-8f00-2b6a7f1d9e01".into(),
+            hint: "abort the transfer to remove it",
+        };
+        let err = AgentError::from(refusal.clone());
+        let status = status_of(&err);
+        assert_eq!(status.code(), Code::FailedPrecondition);
+        assert_eq!(status.message(), refusal.to_string());
+
+        // What a client gets: the status decoded from its wire form.
+        let received = Status::from_header_map(status.clone().into_http::<()>().headers())
+            .expect("a status in the headers");
+        assert_eq!(received.code(), Code::FailedPrecondition);
+        let info = received
+            .get_details_error_info()
+            .expect("an ErrorInfo detail");
+        assert_eq!(info.reason, "VOLUME_ARRIVING");
+        assert_eq!(info.domain, "dmclone.v1");
+        assert_eq!(
+            info.metadata,
+            HashMap::from([
+                ("volume_id".to_owned(), VOLUME.to_owned()),
+                (
+                    "transfer_id".to_owned(),
+                    "7c0e4a52-1d3b-4c1e-8f00-2b6a7f1d9e01".to_owned()
+                ),
+            ])
+        );
+        assert_eq!(reason_of(&received).as_deref(), Some("VOLUME_ARRIVING"));
+    }
+
+    #[test]
+    fn other_errors_carry_no_details() {
+        for err in [
+            AgentError::Conflict("table".into()),
+            AgentError::NotFound {
+                what: "volume",
+                id: VOLUME.into(),
+            },
+            AgentError::Internal("bug".into()),
+        ] {
+            let status = status_of(&err);
+            assert!(status.details().is_empty(), "{err}");
+            assert!(status.get_details_error_info().is_none(), "{err}");
+            assert_eq!(reason_of(&status), None, "{err}");
+        }
+    }
+
+    #[test]
+    fn reasons_of_another_domain_are_not_ours() {
+        let status = Status::with_error_details(
+            Code::FailedPrecondition,
+            "someone else's",
+            ErrorDetails::with_error_info("VOLUME_PUBLISHED", "example.com", HashMap::new()),
+        );
+        assert_eq!(reason_of(&status), None);
     }
 }

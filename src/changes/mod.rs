@@ -46,6 +46,7 @@ use crate::{
     error::AgentError,
     ids::{SnapshotId, VolumeId},
     pool::ThinCreated,
+    refusal::Refusal,
     stack::{self, EraLayer},
     store::{ChangeTracking, VolumeRecord},
 };
@@ -240,9 +241,11 @@ impl Agent {
                     });
                 }
                 record.era.ok_or_else(|| {
-                    AgentError::FailedPrecondition(format!(
-                        "snapshot {snapshot} was taken while volume {id} did not track changes; read the whole volume instead"
-                    ))
+                    Refusal::SnapshotNotTracked {
+                        snapshot: snapshot.clone(),
+                        volume: id.clone(),
+                    }
+                    .into()
                 })
             }
         }
@@ -337,9 +340,12 @@ impl Agent {
         let id = record.volume_id()?;
         tracking_of(record)?;
         if let Some(transfer) = &record.transfer {
-            return Err(AgentError::FailedPrecondition(format!(
-                "volume {id} is still arriving (transfer {transfer}); changed-block tracking starts when the transfer finishes"
-            )));
+            return Err(Refusal::VolumeArriving {
+                volume: id,
+                transfer: transfer.clone(),
+                hint: "changed-block tracking starts when the transfer finishes",
+            }
+            .into());
         }
         let era = if record.published {
             self.ensure_public_device(record).await?;
@@ -372,12 +378,13 @@ impl Agent {
 }
 
 fn tracking_of(record: &VolumeRecord) -> Result<&ChangeTracking, AgentError> {
-    record.tracking.as_ref().ok_or_else(|| {
-        AgentError::FailedPrecondition(format!(
-            "volume {} does not track changed blocks (it was made while volumes.change_tracking was off, or by an agent without it)",
-            record.id
-        ))
-    })
+    match &record.tracking {
+        Some(tracking) => Ok(tracking),
+        None => Err(Refusal::VolumeNotTracked {
+            volume: record.volume_id()?,
+        }
+        .into()),
+    }
 }
 
 /// Refuses a question the history cannot answer.
@@ -399,14 +406,12 @@ fn check_answerable(
     }
     match tracking.known_from_era {
         Some(start) if since_era >= start => Ok(()),
-        start => Err(AgentError::FailedPrecondition(format!(
-            "volume {id}'s changes are known from era {} on (its content came from a snapshot, a clone, a revert or another host); changes since era {} are not, so read the whole volume",
-            start.map_or_else(
-                || "<not yet started>".to_owned(),
-                |s| public_era(tracking, s).to_string()
-            ),
-            shown_era(tracking, since_era),
-        ))),
+        start => Err(Refusal::EraBeforeHistory {
+            volume: id.clone(),
+            known_from_era: start.map(|s| public_era(tracking, s)),
+            since_era: shown_era(tracking, since_era),
+        }
+        .into()),
     }
 }
 
@@ -431,9 +436,11 @@ fn kernel_era(id: &VolumeId, tracking: &ChangeTracking, era: u64) -> Result<u32,
         return Ok(0);
     }
     if era >> 32 != u64::from(tracking.history) {
-        return Err(AgentError::FailedPrecondition(format!(
-            "era {era} is not from volume {id}'s history on this host (it predates a move here, a revert, or belongs to another volume); ask since a checkpoint or snapshot taken since, or read the whole volume"
-        )));
+        return Err(Refusal::EraOtherHistory {
+            volume: id.clone(),
+            era,
+        }
+        .into());
     }
     Ok(era as u32)
 }
@@ -535,7 +542,7 @@ mod tests {
         assert!(check_answerable(&id, &tracking(Some(3)), 3, 5).is_ok());
         let early = check_answerable(&id, &tracking(Some(3)), 2, 5).unwrap_err();
         assert!(
-            matches!(early, AgentError::FailedPrecondition(_)),
+            matches!(early, AgentError::Refused(Refusal::EraBeforeHistory { .. })),
             "{early}"
         );
         assert!(
@@ -563,7 +570,10 @@ mod tests {
         assert_eq!(kernel_era(&id, &ours, 0).unwrap(), 0);
         let foreign = kernel_era(&id, &ours, 8 << 32 | 5).unwrap_err();
         assert!(
-            matches!(foreign, AgentError::FailedPrecondition(_)),
+            matches!(
+                foreign,
+                AgentError::Refused(Refusal::EraOtherHistory { .. })
+            ),
             "{foreign}"
         );
         assert!(foreign.to_string().contains("not from volume"), "{foreign}");

@@ -35,6 +35,7 @@ use crate::{
         nqn::Nqn,
         target::EXPORT_NSID,
     },
+    refusal::Refusal,
 };
 
 pub const FABRICS_DEVICE: &str = "/dev/nvme-fabrics";
@@ -509,13 +510,13 @@ impl Host {
         for (dir, name) in self.namespace_disks(&controller.name)? {
             let holders = entry_names(&dir.join("holders"))?;
             if !holders.is_empty() {
-                return Err(AgentError::FailedPrecondition(format!(
-                    "controller {} for {} serves /dev/{name}, which {} still use; remove \
-                     those devices before disconnecting",
-                    controller.name,
-                    controller.subsystem_nqn,
-                    holders.join(", ")
-                )));
+                return Err(Refusal::NamespaceInUse {
+                    controller: controller.name.clone(),
+                    subsystem_nqn: controller.subsystem_nqn.to_string(),
+                    disk: name,
+                    holders,
+                }
+                .into());
             }
         }
         Ok(())
@@ -624,12 +625,12 @@ fn connect_error(err: io::Error, options: &ConnectOptions, text: &str) -> AgentE
                 ),
             }
         }
-        Some(Errno::EIO) => AgentError::FailedPrecondition(format!(
-            "the target at {address} refused host {} for {nqn} (EIO): the subsystem is not \
-             exported on that port or does not allow this host NQN; the kernel log has the \
-             NVMe status",
-            options.host_nqn
-        )),
+        Some(Errno::EIO) => Refusal::HostRejected {
+            address: address.to_string(),
+            host_nqn: options.host_nqn.to_string(),
+            subsystem_nqn: nqn.to_string(),
+        }
+        .into(),
         _ => AgentError::Io {
             context: format!(
                 "connecting with {text:?} through {FABRICS_DEVICE} failed with {}; the kernel \
@@ -702,7 +703,10 @@ mod tests {
         host.refuse_if_held(&controller).unwrap();
         fs::create_dir_all(subsys.join("nvme1n2/holders/dm-3")).unwrap();
         let err = host.refuse_if_held(&controller).unwrap_err();
-        assert!(matches!(err, AgentError::FailedPrecondition(_)), "{err:?}");
+        assert!(
+            matches!(err, AgentError::Refused(Refusal::NamespaceInUse { .. })),
+            "{err:?}"
+        );
         assert!(
             err.to_string()
                 .contains("/dev/nvme1n2, which dm-3 still use"),

@@ -10,7 +10,7 @@ use super::*;
 use crate::{
     failpoint,
     ids::VolumeId,
-    testing::{MIB, TestHost, volume_id},
+    testing::{MIB, TestHost, refusal, volume_id},
 };
 
 fn snapshot_id(n: u32) -> SnapshotId {
@@ -66,8 +66,9 @@ async fn a_volume_with_snapshots_is_not_deleted_until_they_are() {
     agent.create_snapshot(&snapshot_id(1), &id).await.unwrap();
     agent.unpublish_volume(&id).await.unwrap();
     let refused = agent.delete_volume(&id).await;
-    assert!(
-        matches!(refused, Err(AgentError::FailedPrecondition(_))),
+    assert_eq!(
+        refusal(&refused),
+        Some("VOLUME_HAS_SNAPSHOTS"),
         "{refused:?}"
     );
     agent.delete_snapshot(&snapshot_id(1)).await.unwrap();
@@ -120,10 +121,7 @@ async fn revert_is_refused_while_published_and_swaps_the_thin_device_after() {
     let (agent, id) = published_volume(&host).await;
     agent.create_snapshot(&snapshot_id(1), &id).await.unwrap();
     let refused = agent.revert_volume(&id, &snapshot_id(1)).await;
-    assert!(
-        matches!(refused, Err(AgentError::FailedPrecondition(_))),
-        "{refused:?}"
-    );
+    assert_eq!(refusal(&refused), Some("VOLUME_PUBLISHED"), "{refused:?}");
     agent.unpublish_volume(&id).await.unwrap();
     let ids_before = thin_ids(&host);
     agent.revert_volume(&id, &snapshot_id(1)).await.unwrap();

@@ -20,6 +20,7 @@ use crate::{
         volume_of_subsystem,
     },
     proto::v1::{ReleaseVolumeRequest, transfers_client::TransfersClient},
+    refusal::Refusal,
     store::{ExportRecord, SourceRecord, TransferRecord},
 };
 
@@ -52,16 +53,20 @@ impl Agent {
     ) -> Result<ExportView, AgentError> {
         let host = Nqn::parse("host_nqn", host_nqn)?;
         let address = self.settings.nvme.export.ok_or_else(|| {
-            AgentError::FailedPrecondition(
-                "this agent exports nothing: set nvme.export_address (the storage network address other hosts reach it at)".into(),
-            )
+            Refusal::NotConfigured {
+                setting: "nvme.export_address",
+                explanation: "this agent exports nothing until it knows the storage network address other hosts reach it at".into(),
+            }
         })?;
         let _held = self.locks.lock(id.as_str()).await;
         let mut record = self.ready_record(id, "be exported").await?;
         if let Some(transfer) = &record.transfer {
-            return Err(AgentError::FailedPrecondition(format!(
-                "volume {id} is still arriving by transfer {transfer}; it can move on once that transfer is done"
-            )));
+            return Err(Refusal::VolumeArriving {
+                volume: id.clone(),
+                transfer: transfer.clone(),
+                hint: "it can move on once that transfer is done",
+            }
+            .into());
         }
         let subsystem = subsystem_nqn(&self.export_prefix(), id)?;
         match &record.export {
@@ -139,22 +144,30 @@ impl Agent {
             return Ok(());
         };
         if let Some(transfer) = &record.transfer {
-            return Err(AgentError::FailedPrecondition(format!(
-                "volume {id} is itself arriving by transfer {transfer}; it is nobody's source yet"
-            )));
+            return Err(Refusal::VolumeArriving {
+                volume: id.clone(),
+                transfer: transfer.clone(),
+                hint: "it is nobody's source yet",
+            }
+            .into());
         }
         if let Some(export) = &record.export
             && export.host_nqn != host.as_str()
         {
-            return Err(AgentError::FailedPrecondition(format!(
-                "volume {id} is exported to {}, not to {host}; the copy stays",
-                export.host_nqn
-            )));
+            return Err(Refusal::VolumeExportedElsewhere {
+                volume: id.clone(),
+                host_nqn: export.host_nqn.clone(),
+                requester: host.to_string(),
+            }
+            .into());
         }
         if record.published {
-            return Err(AgentError::FailedPrecondition(format!(
-                "volume {id} is still published here (attached); the copy stays until it is unpublished"
-            )));
+            return Err(Refusal::VolumePublished {
+                volume: id.clone(),
+                device: self.naming.public(id).mapper_path(),
+                hint: "the copy stays until it is unpublished here (detached)",
+            }
+            .into());
         }
         self.remove_export(id).await?;
         let mut record = record;
@@ -320,11 +333,14 @@ impl Agent {
     }
 
     fn peer_tls(&self, endpoint: &str) -> Result<ClientTls, AgentError> {
-        let peers = self.settings.peers.as_ref().ok_or_else(|| {
-            AgentError::FailedPrecondition(format!(
-                "the source agent {endpoint} is reached over mutual TLS: set peers.tls_cert, peers.tls_key and peers.ca"
-            ))
-        })?;
+        let peers = self
+            .settings
+            .peers
+            .as_ref()
+            .ok_or_else(|| Refusal::NotConfigured {
+                setting: "peers.tls_cert, peers.tls_key and peers.ca",
+                explanation: format!("the source agent {endpoint} is reached over mutual TLS"),
+            })?;
         let read = |path: &std::path::Path| {
             std::fs::read(path).map_err(|source| AgentError::Io {
                 context: format!("cannot read {}", path.display()),

@@ -16,6 +16,7 @@ use crate::{
     error::AgentError,
     failpoint,
     ids::{TransferId, VolumeId},
+    refusal::Refusal,
     stack::{self, CloneDevices, CloneLayer},
     store::{Change, Pending, SourceRecord, TransferPhase, TransferRecord, VolumeRecord},
 };
@@ -175,7 +176,7 @@ impl Agent {
     async fn switch_hydration(
         &self,
         id: &TransferId,
-        action: &str,
+        action: &'static str,
         from: TransferPhase,
         arrived: &[TransferPhase],
         to: TransferPhase,
@@ -253,10 +254,18 @@ impl Agent {
         if let Some(open) = self.open_count(&self.naming.public(&volume_id)).await?
             && open > 0
         {
-            return Err(AgentError::FailedPrecondition(format!(
-                "volume {volume_id} is open on this host ({open} users); detach it before aborting transfer {}",
-                transfer.id
-            )));
+            return Err(Refusal::VolumeInUse {
+                device: self
+                    .naming
+                    .public(&volume_id)
+                    .mapper_path()
+                    .display()
+                    .to_string(),
+                volume: volume_id,
+                open_count: open,
+                hint: "detach it before aborting its transfer",
+            }
+            .into());
         }
         let volume = self.record(&volume_id).await?;
         transfer.phase = TransferPhase::Aborted;
@@ -675,11 +684,17 @@ fn source_record(source: &Source) -> SourceRecord {
     }
 }
 
-fn wrong_phase(transfer: &TransferRecord, action: &str, phase: TransferPhase) -> AgentError {
-    AgentError::FailedPrecondition(format!(
-        "transfer {} is {phase:?}; it cannot {action} now",
-        transfer.id
-    ))
+fn wrong_phase(
+    transfer: &TransferRecord,
+    action: &'static str,
+    phase: TransferPhase,
+) -> AgentError {
+    Refusal::TransferWrongState {
+        transfer: transfer.id.clone(),
+        phase,
+        action,
+    }
+    .into()
 }
 
 fn not_found(id: &TransferId) -> AgentError {

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use super::*;
 use crate::{
     failpoint,
-    testing::{MIB, TestHost, volume_id},
+    testing::{MIB, TestHost, refusal, volume_id},
 };
 
 /// The devices of volume `n` that exist, by role ("thin", "public", ...).
@@ -147,15 +147,9 @@ async fn an_open_volume_is_neither_unpublished_nor_deleted() {
     agent.publish_volume(&id).await.unwrap();
     host.kernel.open_device(&format!("dmt-{id}"));
     let refused = agent.unpublish_volume(&id).await;
-    assert!(
-        matches!(refused, Err(AgentError::FailedPrecondition(_))),
-        "{refused:?}"
-    );
+    assert_eq!(refusal(&refused), Some("VOLUME_IN_USE"), "{refused:?}");
     let refused = agent.delete_volume(&id).await;
-    assert!(
-        matches!(refused, Err(AgentError::FailedPrecondition(_))),
-        "{refused:?}"
-    );
+    assert_eq!(refusal(&refused), Some("VOLUME_PUBLISHED"), "{refused:?}");
     assert_eq!(roles(&host, 1), ["public", "thin", "emeta"]);
     assert!(agent.get_volume(&id).await.unwrap().published);
     host.kernel.close_device(&format!("dmt-{id}"));
@@ -193,8 +187,9 @@ async fn delete_removes_every_device_and_thin_id_and_absent_volumes_delete_fine(
     agent.create_volume(&id, 4 * MIB).await.unwrap();
     agent.publish_volume(&id).await.unwrap();
     let refused = agent.delete_volume(&id).await;
-    assert!(
-        matches!(refused, Err(AgentError::FailedPrecondition(_))),
+    assert_eq!(
+        refusal(&refused),
+        Some("VOLUME_PUBLISHED"),
         "published: {refused:?}"
     );
     agent.unpublish_volume(&id).await.unwrap();
@@ -420,10 +415,7 @@ async fn a_device_that_contradicts_its_record_quarantines_the_volume() {
         "{volume:?}"
     );
     let refused = agent.extend_volume(&id, 8 * MIB).await;
-    assert!(
-        matches!(refused, Err(AgentError::FailedPrecondition(_))),
-        "{refused:?}"
-    );
+    assert_eq!(refusal(&refused), Some("VOLUME_QUARANTINED"), "{refused:?}");
     assert!(
         host.kernel
             .table_text(&format!("dmt-{id}"))

@@ -19,7 +19,7 @@ use dmclone::{
         status::CloneStatus,
         table::{CloneParams, Target as DmTarget},
     },
-    error::AgentError,
+    error::{AgentError, Refusal},
     ids::VolumeId,
     nvme::{
         ConnectOptions, ConnectRequest, ConnectTimeouts, Connection, Controller, ExportRequest,
@@ -391,8 +391,11 @@ async fn a_host_that_is_not_allowed_is_refused_and_nothing_stays_connected() {
     stranger.options.host_id = names.other_host_id.clone();
     let err = host.connect(&stranger).await.unwrap_err();
     eprintln!("connect as a host that is not allowed: {err}");
-    assert!(matches!(err, AgentError::FailedPrecondition(_)), "{err:?}");
     assert!(err.to_string().contains(names.other_host.as_str()), "{err}");
+    let AgentError::Refused(refusal) = &err else {
+        panic!("not a refusal: {err:?}");
+    };
+    assert_eq!(refusal.reason(), "NVME_HOST_REJECTED", "{err:?}");
     assert_eq!(host.find_connection(&names.subsystem).await.unwrap(), None);
 
     target.unexport(&names.subsystem).await.unwrap();
@@ -555,7 +558,10 @@ async fn dm_clone_hydrates_from_an_nvme_namespace() {
 
     // The clone holds the namespace: disconnecting now would break it.
     let err = host.disconnect(&connection.controller).await.unwrap_err();
-    assert!(matches!(err, AgentError::FailedPrecondition(_)), "{err:?}");
+    assert!(
+        matches!(err, AgentError::Refused(Refusal::NamespaceInUse { .. })),
+        "{err:?}"
+    );
     let holder = format!("dm-{}", state.device.minor);
     assert!(err.to_string().contains(&holder), "{err}");
 

@@ -286,3 +286,8 @@ impl PoolFixture {
 pub fn table(len: u64, target: Target) -> Table {
     Table::single(len, target).expect("valid table")
 }
+
+/// The refusal reason a status carries (its `google.rpc.ErrorInfo.reason`).
+pub fn refusal_reason(status: &tonic::Status) -> Option<String> {
+    dmclone::api::status::reason_of(status)
+}

@@ -810,11 +810,15 @@ class DMCloneDriverE2E(DriverE2ETestCase):
                 self.ctxt, self.reload(volume), snapshot
             )
         say(f'revert while attached: {caught.exception}')
+        self.assertEqual('VOLUME_PUBLISHED', caught.exception.refusal_reason)
         self.detach(attachment)
 
         # The agent keeps a volume that has snapshots: busy, not error.
-        with self.assertRaises(exception.VolumeIsBusy):
+        with self.assertRaises(exception.VolumeIsBusy) as caught:
             self.driver.delete_volume(self.reload(volume))
+        self.assertEqual(
+            'VOLUME_HAS_SNAPSHOTS', caught.exception.refusal_reason
+        )
         self.driver.delete_snapshot(snapshot)
         self.assertNotIn(
             snapshot.id, {s['snapshot_id'] for s in hv1.snapshots()}
@@ -1070,7 +1074,11 @@ class DMCloneDriverE2E(DriverE2ETestCase):
         self.driver.create_cloned_volume(clone, self.reload(volume))
         clone = self.available(clone)
         self.assert_changes_refused(
-            grpc.StatusCode.FAILED_PRECONDITION, 'hv1', clone.name_id, era=0
+            grpc.StatusCode.FAILED_PRECONDITION,
+            'hv1',
+            clone.name_id,
+            reason='ERA_BEFORE_HISTORY',
+            era=0,
         )
         clone_era = self.mark_checkpoint('hv1', clone)
         self.assertEqual(
@@ -1095,7 +1103,11 @@ class DMCloneDriverE2E(DriverE2ETestCase):
         transfer, took = self.wait_transfer(hv2, name)
         say(f'moved hv1 -> hv2 and released in {took:.1f} s')
         self.assert_changes_refused(
-            grpc.StatusCode.FAILED_PRECONDITION, 'hv2', name, era=0
+            grpc.StatusCode.FAILED_PRECONDITION,
+            'hv2',
+            name,
+            reason='ERA_BEFORE_HISTORY',
+            era=0,
         )
         moved = self.mark_checkpoint('hv2', volume)
         there = [(MIDDLE + 4 * KIB, 4 * KIB)]
@@ -1106,7 +1118,11 @@ class DMCloneDriverE2E(DriverE2ETestCase):
         # Eras carry their history: one from hv1 (`first`) names nothing
         # in hv2's history and is refused, never answered with hv2's blocks.
         self.assert_changes_refused(
-            grpc.StatusCode.FAILED_PRECONDITION, 'hv2', name, era=first
+            grpc.StatusCode.FAILED_PRECONDITION,
+            'hv2',
+            name,
+            reason='ERA_OTHER_HISTORY',
+            era=first,
         )
 
         # Still arriving: the destination of a live migration back to hv1
@@ -1119,8 +1135,14 @@ class DMCloneDriverE2E(DriverE2ETestCase):
             self.mark_checkpoint('hv1', volume)
         say(f'MarkCheckpoint on the arriving copy: {caught.exception}')
         self.assertIn('still arriving', str(caught.exception))
+        # The reason code, read by the client from the agent's ErrorInfo.
+        self.assertEqual('VOLUME_ARRIVING', caught.exception.refusal_reason)
         self.assert_changes_refused(
-            grpc.StatusCode.FAILED_PRECONDITION, 'hv1', name, era=0
+            grpc.StatusCode.FAILED_PRECONDITION,
+            'hv1',
+            name,
+            reason='VOLUME_ARRIVING',
+            era=0,
         )
         self.detach(target)  # nova's rollback: the transfer is aborted
         self.assertIsNone(hv1.volume(name))
@@ -1153,7 +1175,7 @@ class DMCloneDriverE2E(DriverE2ETestCase):
         return reply.era
 
     def changed_blocks(self, host, volume_id, **since):
-        """GetChangedBlocks: (status code, details, messages)."""
+        """GetChangedBlocks: (status code, details, messages, refusal)."""
         request = snapshot_pb2.GetChangedBlocksRequest(
             volume_id=volume_id, **since
         )
@@ -1165,7 +1187,9 @@ class DMCloneDriverE2E(DriverE2ETestCase):
         """The blocks GetChangedBlocks reports, checking the stream's form:
         every message names the same eras and the 64 KiB block, extents
         are whole blocks, in offset order, not overlapping."""
-        code, details, messages = self.changed_blocks(host, volume_id, **since)
+        code, details, messages, _ = self.changed_blocks(
+            host, volume_id, **since
+        )
         self.assertEqual(grpc.StatusCode.OK, code, details)
         self.assertNotEqual([], messages, 'an empty stream')
         head = messages[0]
@@ -1197,10 +1221,22 @@ class DMCloneDriverE2E(DriverE2ETestCase):
         )
         return Changes(head.since_era, head.next_era, blocks)
 
-    def assert_changes_refused(self, code, host, volume_id, **since):
-        got, details, _ = self.changed_blocks(host, volume_id, **since)
-        say(f'GetChangedBlocks since {since} on {host}: {got.name}: {details}')
+    def assert_changes_refused(
+        self, code, host, volume_id, reason=None, **since
+    ):
+        """The call fails with code and, when given, the refusal reason
+        the agent's ErrorInfo names."""
+        got, details, _, refusal = self.changed_blocks(
+            host, volume_id, **since
+        )
+        say(
+            f'GetChangedBlocks since {since} on {host}: {got.name}: '
+            f'{refusal.reason if refusal else "-"}: {details}'
+        )
         self.assertEqual(code, got, details)
+        if reason is not None:
+            self.assertIsNotNone(refusal, f'no ErrorInfo: {details}')
+            self.assertEqual(reason, refusal.reason, details)
 
     def _drop_snapshot(self, snapshot):
         """Cleanup: delete the snapshot on its agent (gone already: fine)."""
@@ -1229,7 +1265,8 @@ def blocks_of(extents):
 
 def _changed_blocks(endpoint, bed, request):
     """GetChangedBlocks, server streaming: on a channel of its own in a
-    native thread (see client.py); (status code, details, messages).
+    native thread (see client.py); (status code, details, messages,
+    client.Refusal or None).
 
     The channel reads the stream in the calling thread
     (SingleThreadedUnaryStream): grpc's default unary-stream iterator
@@ -1254,8 +1291,8 @@ def _changed_blocks(endpoint, bed, request):
         try:
             messages = list(stub.GetChangedBlocks(request, timeout=60))
         except grpc.RpcError as err:
-            return err.code(), err.details(), []
-    return grpc.StatusCode.OK, '', messages
+            return err.code(), err.details(), [], client.refusal_of(err)
+    return grpc.StatusCode.OK, '', messages, None
 
 
 _DISK = re.compile(r'^nvme\d+n\d+$')

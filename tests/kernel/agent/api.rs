@@ -178,6 +178,10 @@ async fn every_volume_rpc_round_trips_against_the_kernel() {
     let refused = delete(&mut volumes, VOL_A).await.unwrap_err();
     assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
     assert!(refused.message().contains("unpublish it"), "{refused:?}");
+    assert_eq!(
+        refusal_reason(&refused).as_deref(),
+        Some("VOLUME_PUBLISHED")
+    );
 
     unpublish(&mut volumes, VOL_A).await.unwrap();
     assert!(!Path::new(&path).exists());
@@ -438,6 +442,7 @@ async fn bad_input_gets_a_precise_code_and_changes_nothing() {
     let busy = unpublish(&mut volumes, VOL_A).await.unwrap_err();
     assert_eq!(busy.code(), Code::FailedPrecondition, "{busy:?}");
     assert!(busy.message().contains("open"), "{busy:?}");
+    assert_eq!(refusal_reason(&busy).as_deref(), Some("VOLUME_IN_USE"));
     drop(holder);
 
     let after = (list(&mut volumes).await, pool_used(&agent).await);

@@ -281,6 +281,10 @@ async fn history_starts_again_when_content_comes_from_elsewhere() {
     let unknown = changed(&agent, VOL_B, Since::Era(0)).await.unwrap_err();
     assert_eq!(unknown.code(), Code::FailedPrecondition, "{unknown:?}");
     assert!(unknown.message().contains("known from era"), "{unknown:?}");
+    assert_eq!(
+        refusal_reason(&unknown).as_deref(),
+        Some("ERA_BEFORE_HISTORY")
+    );
     let start = checkpoint(&agent, VOL_B).await.unwrap();
     let copy = publish(&mut volumes, VOL_B).await.unwrap();
     write_blocks(Path::new(&copy), &[7], 3);
@@ -301,6 +305,10 @@ async fn history_starts_again_when_content_comes_from_elsewhere() {
             .unwrap_err();
         assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
         assert!(refused.message().contains("not from volume"), "{refused:?}");
+        assert_eq!(
+            refusal_reason(&refused).as_deref(),
+            Some("ERA_OTHER_HISTORY")
+        );
     }
     unpublish(&mut volumes, VOL_B).await.unwrap();
 
@@ -361,6 +369,10 @@ async fn volumes_made_without_tracking_say_so() {
     assert!(
         refused.message().contains("does not track changed blocks"),
         "{refused:?}"
+    );
+    assert_eq!(
+        refusal_reason(&refused).as_deref(),
+        Some("VOLUME_NOT_TRACKED")
     );
     let snap = snapshot(&agent, S1, VOL_A).await.unwrap();
     assert!(!snap.has_era, "{snap:?}");

@@ -99,7 +99,9 @@ async fn dmclonectl_drives_volumes_and_reports_with_exit_codes() {
     // Exit statuses: 1 server refusal, 2 invalid, 3 not found, 4 unreachable.
     let refused = run(&agent, &["volume", "delete", VOL_A]);
     assert_eq!(refused.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&refused.stderr).contains("unpublish it"));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("unpublish it"), "{stderr}");
+    assert!(stderr.contains("[VOLUME_PUBLISHED]"), "{stderr}");
     assert_eq!(
         run(&agent, &["volume", "show", "not-a-uuid"]).status.code(),
         Some(2)

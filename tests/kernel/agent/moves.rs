@@ -476,6 +476,7 @@ async fn an_export_admits_only_the_host_it_names() {
         .unwrap_err();
     assert_eq!(chained.code(), Code::FailedPrecondition, "{chained:?}");
     assert!(chained.message().contains("still arriving"), "{chained:?}");
+    assert_eq!(refusal_reason(&chained).as_deref(), Some("VOLUME_ARRIVING"));
     transfers(&b)
         .await
         .abort_transfer(TransferRef {

@@ -182,6 +182,10 @@ async fn snapshots_clones_and_revert_keep_their_content() {
     let refused = revert(&agent, VOL_A, SNAP).await.unwrap_err();
     assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
     assert!(refused.message().contains("unpublish it"), "{refused:?}");
+    assert_eq!(
+        refusal_reason(&refused).as_deref(),
+        Some("VOLUME_PUBLISHED")
+    );
     unpublish(&mut volumes, VOL_A).await.unwrap();
     extend(&mut volumes, VOL_A, SIZE + 4 * MIB).await.unwrap();
     revert(&agent, VOL_A, SNAP).await.unwrap();
@@ -206,6 +210,10 @@ async fn snapshots_clones_and_revert_keep_their_content() {
     let blocked = delete(&mut volumes, VOL_A).await.unwrap_err();
     assert_eq!(blocked.code(), Code::FailedPrecondition);
     assert!(blocked.message().contains(SNAP), "{blocked:?}");
+    assert_eq!(
+        refusal_reason(&blocked).as_deref(),
+        Some("VOLUME_HAS_SNAPSHOTS")
+    );
     let other = snapshot(&agent, SNAP, VOL_C).await.unwrap_err();
     assert_eq!(
         other.code(),
@@ -347,6 +355,7 @@ async fn a_snapshot_of_an_arriving_volume_waits_for_hydration() {
     transfers.start_transfer(start(true)).await.unwrap();
     let refused = snapshot(&agent, SNAP, VOL_D).await.unwrap_err();
     assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert_eq!(refusal_reason(&refused).as_deref(), Some("VOLUME_ARRIVING"));
     transfers
         .commit_transfer(TransferRef {
             transfer_id: SNAP2.into(),

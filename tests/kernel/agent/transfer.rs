@@ -346,6 +346,10 @@ async fn deferred_transfers_wait_for_commit_and_abort_leaves_the_source_alone() 
         Code::FailedPrecondition,
         "a finished transfer cannot be aborted"
     );
+    assert_eq!(
+        refusal_reason(&refused).as_deref(),
+        Some("TRANSFER_WRONG_STATE")
+    );
     agent.destroy().await;
 }
 
@@ -514,6 +518,7 @@ async fn an_arriving_volume_tracks_changes_once_it_is_local() {
     let refused = checkpoint(&agent, VOLUME).await.unwrap_err();
     assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
     assert!(refused.message().contains("still arriving"), "{refused:?}");
+    assert_eq!(refusal_reason(&refused).as_deref(), Some("VOLUME_ARRIVING"));
 
     client.commit_transfer(reference()).await.unwrap();
     let (states, _) = watch_to_the_end(&agent).await;
@@ -549,6 +554,7 @@ async fn an_arriving_volume_unpublished_loses_its_device_when_finished() {
     let busy = unpublish(&mut volumes, VOLUME).await.unwrap_err();
     assert_eq!(busy.code(), Code::FailedPrecondition, "{busy:?}");
     assert!(busy.message().contains("detach it first"), "{busy:?}");
+    assert_eq!(refusal_reason(&busy).as_deref(), Some("VOLUME_IN_USE"));
     drop(holder);
 
     unpublish(&mut volumes, VOLUME).await.unwrap();

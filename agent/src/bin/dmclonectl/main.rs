@@ -13,7 +13,10 @@ mod volume;
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::{CommandFactory, Parser, Subcommand};
-use dmclone::client::{ClientTls, connect_tls, connect_unix};
+use dmclone::{
+    api::status::reason_of,
+    client::{ClientTls, connect_tls, connect_unix},
+};
 use tonic::{Code, Status, transport::Channel};
 
 /// Inspect and steer a dmclone agent: node, volumes, transfers.
@@ -106,7 +109,11 @@ impl Failure {
     fn message(&self) -> String {
         match self {
             Failure::Usage(message) | Failure::Unreachable(message) => message.clone(),
-            Failure::Rpc(status) => format!("{:?}: {}", status.code(), status.message()),
+            Failure::Rpc(status) => match reason_of(status) {
+                // The reason code is what scripts match on; the message may change.
+                Some(reason) => format!("{:?} [{reason}]: {}", status.code(), status.message()),
+                None => format!("{:?}: {}", status.code(), status.message()),
+            },
         }
     }
 }
@@ -177,4 +184,33 @@ async fn connect(args: &Args) -> Result<Channel, Failure> {
     connect_tls(endpoint, &tls)
         .await
         .map_err(|err| Failure::Unreachable(err.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use dmclone::{AgentError, Refusal, api::status::status_of, ids::VolumeId};
+
+    use super::*;
+
+    #[test]
+    fn a_refusal_prints_its_reason_code() {
+        let volume = VolumeId::parse("0b9d1c3e-5f1a-4f7e-9a57-3f0c2b8f6d11").expect("a UUID");
+        let refusal = Refusal::VolumePublished {
+            volume,
+            device: PathBuf::from("/dev/mapper/dmclone-0b9d1c3e-5f1a-4f7e-9a57-3f0c2b8f6d11"),
+            hint: "unpublish it before deleting it",
+        };
+        let failure = Failure::Rpc(status_of(&AgentError::from(refusal.clone())));
+        assert_eq!(
+            failure.message(),
+            format!("FailedPrecondition [VOLUME_PUBLISHED]: {refusal}")
+        );
+        assert_eq!(failure.exit_code(), ExitCode::from(1));
+    }
+
+    #[test]
+    fn a_status_without_reason_prints_code_and_message() {
+        let failure = Failure::Rpc(Status::failed_precondition("older agent"));
+        assert_eq!(failure.message(), "FailedPrecondition: older agent");
+    }
 }
