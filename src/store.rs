@@ -713,3 +713,6 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod compat_tests;

@@ -165,6 +165,15 @@ impl FakeKernel {
         state.journal.push("reboot".to_owned());
     }
 
+    /// The pool named `pool` holds `ids` in its on-disk metadata (a store
+    /// and a pool from an earlier run, brought to this host).
+    pub fn restore_thin_ids(&self, pool: &str, ids: impl IntoIterator<Item = u32>) {
+        let mut state = self.state();
+        for id in ids {
+            state.thins.entry((pool.to_owned(), id)).or_default();
+        }
+    }
+
     /// A device-mapper device the agent did not make (an operator's), with
     /// a linear table over a fresh block device.
     pub fn add_foreign_device(&self, name: &str) {
