@@ -238,8 +238,8 @@ impl Agent {
             transfers: transfers
                 .iter()
                 .map(|v| TransferFigures {
-                    transfer: v.id.clone(),
-                    volume: v.volume_id.clone(),
+                    transfer: v.id.to_string(),
+                    volume: v.volume_id.to_string(),
                     hydrated_bytes: v.bytes_hydrated,
                     size_bytes: v.bytes_total,
                     hydrated_regions: v.regions_hydrated,

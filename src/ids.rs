@@ -15,8 +15,49 @@ const HYPHENS: [usize; 4] = [8, 13, 18, 23];
 macro_rules! uuid_id {
     ($(#[$doc:meta])* $name:ident, $what:literal, $field:literal) => {
         $(#[$doc])*
-        #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+        #[serde(try_from = "String", into = "String")]
         pub struct $name(String);
+
+        // Stored as the plain string it always was; a stored id that is not
+        // a UUID fails the store's decoding instead of going on unchecked.
+        impl TryFrom<String> for $name {
+            type Error = AgentError;
+
+            fn try_from(raw: String) -> Result<Self, AgentError> {
+                Self::parse(&raw)
+            }
+        }
+
+        impl From<$name> for String {
+            fn from(id: $name) -> String {
+                id.0
+            }
+        }
+
+        impl PartialEq<str> for $name {
+            fn eq(&self, other: &str) -> bool {
+                self.0 == other
+            }
+        }
+
+        impl PartialEq<&str> for $name {
+            fn eq(&self, other: &&str) -> bool {
+                self.0 == *other
+            }
+        }
+
+        impl PartialEq<String> for $name {
+            fn eq(&self, other: &String) -> bool {
+                &self.0 == other
+            }
+        }
+
+        impl AsRef<str> for $name {
+            fn as_ref(&self) -> &str {
+                &self.0
+            }
+        }
 
         impl $name {
             /// What this id names, for messages.
@@ -61,6 +102,20 @@ uuid_id!(
     "transfer",
     "transfer_id"
 );
+
+/// A thin device's id in the pool, handed out by the store (never reused
+/// while a record holds it).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(transparent)]
+pub struct ThinId(pub u32);
+
+impl fmt::Display for ThinId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
 
 /// The lower-case canonical form of a hyphenated UUID, or why `raw` is not one.
 fn canonical_uuid(raw: &str) -> Result<String, String> {

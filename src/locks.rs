@@ -23,8 +23,8 @@ pub struct Held {
 
 impl Locks {
     /// Waits for the lock of `id`.
-    pub async fn lock(&self, id: &str) -> Held {
-        let mutex = self.mutex_for(id);
+    pub async fn lock(&self, id: impl AsRef<str>) -> Held {
+        let mutex = self.mutex_for(id.as_ref());
         Held {
             _guard: mutex.lock_owned().await,
         }

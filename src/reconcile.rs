@@ -114,7 +114,7 @@ impl Agent {
         existing: &[String],
         report: &mut ReconcileReport,
     ) -> Result<(), AgentError> {
-        let id = record.volume_id()?;
+        let id = record.id.clone();
         let thin = self.thin_name(record)?;
         let public = self.naming.public(&id);
         for name in [&thin, &public] {
@@ -159,7 +159,7 @@ impl Agent {
         existing: &[String],
         report: &mut ReconcileReport,
     ) -> Result<(), AgentError> {
-        let volume_id = crate::ids::VolumeId::parse(&transfer.volume_id)?;
+        let volume_id = transfer.volume_id.clone();
         let volume = self.record(&volume_id).await?;
         let public = self.naming.public(&volume_id);
         let public_missing = !existing.iter().any(|name| name == public.as_str());

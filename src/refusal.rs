@@ -9,7 +9,7 @@
 use std::path::PathBuf;
 
 use crate::{
-    ids::{SnapshotId, VolumeId},
+    ids::{SnapshotId, TransferId, VolumeId},
     store::TransferPhase,
 };
 
@@ -29,11 +29,11 @@ pub enum Refusal {
     #[error(
         "volume {volume} has {} snapshot(s) ({}); delete them first",
         snapshots.len(),
-        snapshots.join(", ")
+        joined(snapshots, ", ")
     )]
     VolumeHasSnapshots {
         volume: VolumeId,
-        snapshots: Vec<String>,
+        snapshots: Vec<SnapshotId>,
     },
 
     /// The volume is exported over NVMe/TCP to the host it moves to.
@@ -56,7 +56,7 @@ pub enum Refusal {
     #[error("volume {volume} is still arriving by transfer {transfer}; {hint}")]
     VolumeArriving {
         volume: VolumeId,
-        transfer: String,
+        transfer: TransferId,
         hint: &'static str,
     },
 
@@ -128,7 +128,7 @@ pub enum Refusal {
     /// The transfer's phase does not allow the action.
     #[error("transfer {transfer} is {phase:?}; it cannot {action} now")]
     TransferWrongState {
-        transfer: String,
+        transfer: TransferId,
         phase: TransferPhase,
         action: &'static str,
     },
@@ -245,7 +245,7 @@ impl Refusal {
             Refusal::VolumeHasSnapshots {
                 volume: id,
                 snapshots,
-            } => vec![volume(id), ("snapshot_ids", snapshots.join(","))],
+            } => vec![volume(id), ("snapshot_ids", joined(snapshots, ","))],
             Refusal::VolumeExported {
                 volume: id,
                 host_nqn,
@@ -264,7 +264,7 @@ impl Refusal {
                 volume: id,
                 transfer,
                 ..
-            } => vec![volume(id), ("transfer_id", transfer.clone())],
+            } => vec![volume(id), ("transfer_id", transfer.to_string())],
             Refusal::VolumeInUse {
                 volume: id,
                 device,
@@ -309,7 +309,7 @@ impl Refusal {
             Refusal::TransferWrongState {
                 transfer, phase, ..
             } => vec![
-                ("transfer_id", transfer.clone()),
+                ("transfer_id", transfer.to_string()),
                 ("transfer_phase", phase.name().to_owned()),
             ],
             Refusal::SnapshotNotTracked {
@@ -335,6 +335,13 @@ impl Refusal {
     }
 }
 
+fn joined(ids: &[SnapshotId], separator: &str) -> String {
+    ids.iter()
+        .map(SnapshotId::as_str)
+        .collect::<Vec<_>>()
+        .join(separator)
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -347,6 +354,10 @@ mod tests {
         VolumeId::parse(VOLUME).unwrap()
     }
 
+    fn transfer() -> TransferId {
+        TransferId::parse("2b9d1c3e-5f1a-4f7e-9a57-3f0c2b8f6d11").unwrap()
+    }
+
     fn one_of_each() -> Vec<Refusal> {
         let snapshot = SnapshotId::parse(SNAPSHOT).unwrap();
         vec![
@@ -357,7 +368,10 @@ mod tests {
             },
             Refusal::VolumeHasSnapshots {
                 volume: volume(),
-                snapshots: vec![SNAPSHOT.into(), "s2".into()],
+                snapshots: vec![
+                    snapshot.clone(),
+                    SnapshotId::parse("3b9d1c3e-5f1a-4f7e-9a57-3f0c2b8f6d11").unwrap(),
+                ],
             },
             Refusal::VolumeExported {
                 volume: volume(),
@@ -371,7 +385,7 @@ mod tests {
             },
             Refusal::VolumeArriving {
                 volume: volume(),
-                transfer: "t".into(),
+                transfer: transfer(),
                 hint: "abort the transfer to remove it",
             },
             Refusal::VolumeInUse {
@@ -409,7 +423,7 @@ mod tests {
                 snapshot: snapshot.clone(),
             },
             Refusal::TransferWrongState {
-                transfer: "t".into(),
+                transfer: transfer(),
                 phase: TransferPhase::Done,
                 action: "abort",
             },
@@ -496,7 +510,7 @@ mod tests {
         );
         assert_eq!(
             message("TRANSFER_WRONG_STATE"),
-            "transfer t is Done; it cannot abort now"
+            "transfer 2b9d1c3e-5f1a-4f7e-9a57-3f0c2b8f6d11 is Done; it cannot abort now"
         );
     }
 }

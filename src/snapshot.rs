@@ -17,7 +17,7 @@ use crate::{
     dm::{kernel::Flush, names::DeviceName, status::ThinStatus},
     error::AgentError,
     failpoint,
-    ids::{SnapshotId, VolumeId},
+    ids::{SnapshotId, ThinId, VolumeId},
     refusal::Refusal,
     store::{Change, Pending, SnapshotRecord, VolumeRecord},
     transfer::TransferState,
@@ -31,8 +31,8 @@ const HYDRATION_WAIT: Duration = Duration::from_secs(600);
 /// A snapshot as callers see it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SnapshotView {
-    pub id: String,
-    pub volume_id: String,
+    pub id: SnapshotId,
+    pub volume_id: VolumeId,
     pub size_bytes: u64,
     /// Bytes the snapshot maps (shared with the volume or not); `None` if
     /// the kernel could not say.
@@ -74,9 +74,9 @@ impl Agent {
         }
         self.check_room_for(origin.size_bytes).await?;
         let record = SnapshotRecord {
-            id: id.to_string(),
-            volume_id: volume.to_string(),
-            thin_id: 0,
+            id: id.clone(),
+            volume_id: volume.clone(),
+            thin_id: ThinId(0),
             size_bytes: origin.size_bytes,
             created_unix: unix_now(),
             pending: Some(Pending::Create),
@@ -98,7 +98,7 @@ impl Agent {
             }
         }
         let record = self.settle_snapshot(record).await?;
-        info!(snapshot = %id, volume = %volume, thin_id = record.thin_id, era = ?record.era, "snapshot taken");
+        info!(snapshot = %id, volume = %volume, thin_id = %record.thin_id, era = ?record.era, "snapshot taken");
         Ok(self.snapshot_view(&record).await)
     }
 
@@ -164,7 +164,10 @@ impl Agent {
             .snapshot_record(snapshot)
             .await?
             .ok_or_else(|| snapshot_not_found(snapshot))?;
-        let _held = self.locks.lock_all(&[id.as_str(), &source.volume_id]).await;
+        let _held = self
+            .locks
+            .lock_all(&[id.as_str(), source.volume_id.as_str()])
+            .await;
         let source = self
             .snapshot_record(snapshot)
             .await?
@@ -185,12 +188,12 @@ impl Agent {
         }
         if let Some(existing) = self.record(id).await? {
             return self
-                .made_already(existing, size, Some(snapshot.as_str()), None)
+                .made_already(existing, size, Some(snapshot), None)
                 .await;
         }
         self.check_room_for(size).await?;
         let mut record = new_record(id, size);
-        record.source_snapshot = Some(snapshot.to_string());
+        record.source_snapshot = Some(snapshot.clone());
         record.tracking = self.new_tracking(None);
         let record = self
             .store_call(move |store| store.insert_volume_with_new_thin_id(record))
@@ -219,9 +222,7 @@ impl Agent {
         self.wait_until_local(source).await?;
         let _held = self.locks.lock_all(&[id.as_str(), source.as_str()]).await;
         if let Some(existing) = self.record(id).await? {
-            return self
-                .made_already(existing, size, None, Some(source.as_str()))
-                .await;
+            return self.made_already(existing, size, None, Some(source)).await;
         }
         let origin = self.ready_record(source, "be cloned").await?;
         if let Some(transfer) = &origin.transfer {
@@ -242,7 +243,7 @@ impl Agent {
         }
         self.check_room_for(size).await?;
         let mut record = new_record(id, size);
-        record.source_volume = Some(source.to_string());
+        record.source_volume = Some(source.clone());
         record.tracking = self.new_tracking(None);
         let record = self
             .store_call(move |store| store.insert_volume_with_new_thin_id(record))
@@ -310,16 +311,15 @@ impl Agent {
             snapshot_thin: source.thin_id,
         });
         let reverting = record.clone();
-        let ids = self
+        record.thin_id = self
             .store_call(move |store| {
-                store.allocate_and_commit(1, |ids| {
+                store.allocate_one_and_commit(|thin_id| {
                     let mut reverting = reverting;
-                    reverting.thin_id = ids[0];
+                    reverting.thin_id = thin_id;
                     Ok(vec![Change::put(&reverting)?])
                 })
             })
             .await?;
-        record.thin_id = ids[0];
         failpoint::hit("revert.after_record");
         self.finish_revert(&record).await?;
         info!(volume = %volume, snapshot = %snapshot, "reverted to the snapshot");
@@ -350,7 +350,11 @@ impl Agent {
 
     /// Snapshots the volume's thin device into `new_thin`, suspending the
     /// origin only around the message; the origin resumes whatever happens.
-    async fn snapshot_thin(&self, origin: &VolumeRecord, new_thin: u32) -> Result<(), AgentError> {
+    async fn snapshot_thin(
+        &self,
+        origin: &VolumeRecord,
+        new_thin: ThinId,
+    ) -> Result<(), AgentError> {
         let thin = self.thin_name(origin)?;
         self.dm.suspend(&thin, Flush::Flush).await?;
         let made = self.pool.snapshot(new_thin, origin.thin_id).await;
@@ -366,17 +370,17 @@ impl Agent {
         &self,
         existing: VolumeRecord,
         size: u64,
-        snapshot: Option<&str>,
-        volume: Option<&str>,
+        snapshot: Option<&SnapshotId>,
+        volume: Option<&VolumeId>,
     ) -> Result<(Volume, Outcome), AgentError> {
         let same = existing.size_bytes == size
-            && existing.source_snapshot.as_deref() == snapshot
-            && existing.source_volume.as_deref() == volume
+            && existing.source_snapshot.as_ref() == snapshot
+            && existing.source_volume.as_ref() == volume
             && existing.pending.is_none();
         if !same {
             return Err(AgentError::AlreadyExists {
                 what: "volume",
-                id: existing.id.clone(),
+                id: existing.id.to_string(),
                 detail: format!(
                     "with size {} bytes made from {}",
                     existing.size_bytes,
@@ -384,10 +388,7 @@ impl Agent {
                 ),
             });
         }
-        Ok((
-            self.get_volume(&existing.volume_id()?).await?,
-            Outcome::Existed,
-        ))
+        Ok((self.get_volume(&existing.id).await?, Outcome::Existed))
     }
 
     async fn finish_made(
@@ -402,10 +403,7 @@ impl Agent {
         }
         let record = self.settle(record).await?;
         info!(volume = %record.id, source = %describe_source(&record), "{what}");
-        Ok((
-            self.get_volume(&record.volume_id()?).await?,
-            Outcome::Created,
-        ))
+        Ok((self.get_volume(&record.id).await?, Outcome::Created))
     }
 
     /// Waits (without holding any lock) until the volume is not arriving any
@@ -420,9 +418,7 @@ impl Agent {
             let Some(transfer) = &record.transfer else {
                 return Ok(());
             };
-            let view = self
-                .get_transfer(&crate::ids::TransferId::parse(transfer)?)
-                .await?;
+            let view = self.get_transfer(transfer).await?;
             if !matches!(
                 view.state,
                 TransferState::Hydrating | TransferState::Finalizing | TransferState::Done
@@ -470,22 +466,19 @@ impl Agent {
     }
 
     async fn insert_snapshot(&self, record: SnapshotRecord) -> Result<SnapshotRecord, AgentError> {
-        let ids = self
+        let thin_id = self
             .store_call({
                 let record = record.clone();
                 move |store| {
-                    store.allocate_and_commit(1, |ids| {
+                    store.allocate_one_and_commit(|thin_id| {
                         let mut record = record;
-                        record.thin_id = ids[0];
+                        record.thin_id = thin_id;
                         Ok(vec![Change::insert(&record)?])
                     })
                 }
             })
             .await?;
-        Ok(SnapshotRecord {
-            thin_id: ids[0],
-            ..record
-        })
+        Ok(SnapshotRecord { thin_id, ..record })
     }
 
     async fn put_snapshot(&self, record: &SnapshotRecord) -> Result<(), AgentError> {
@@ -511,7 +504,7 @@ impl Agent {
     }
 
     pub(crate) fn snapshot_name(&self, record: &SnapshotRecord) -> Result<DeviceName, AgentError> {
-        Ok(self.naming.snapshot(&SnapshotId::parse(&record.id)?))
+        Ok(self.naming.snapshot(&record.id))
     }
 
     /// Size and mapped bytes; the snapshot is activated for the moment it

@@ -33,17 +33,17 @@ use crate::{
         table::{CloneParams, DevRef, Era, Linear, Segment, Table, Target, Thin},
     },
     error::{AgentError, Error},
-    ids::VolumeId,
+    ids::{ThinId, VolumeId},
     pool::Pool,
     refusal::Refusal,
     units::SECTOR,
 };
 
 /// The table of a thin device of the pool.
-pub fn thin_table(pool: DevRef, thin_id: u32, size_bytes: u64) -> Result<Table, AgentError> {
+pub fn thin_table(pool: DevRef, thin_id: ThinId, size_bytes: u64) -> Result<Table, AgentError> {
     let target = Target::Thin(Thin {
         pool,
-        device_id: thin_id,
+        device_id: thin_id.0,
         external_origin: None,
     });
     Ok(Table::single(size_bytes / SECTOR, target)?)
@@ -203,7 +203,7 @@ pub async fn remove_volume_devices(
 }
 
 /// Frees thin ids of the pool; ids already gone are fine.
-pub async fn free_thin_ids(pool: &Pool, ids: &[u32]) -> Result<(), AgentError> {
+pub async fn free_thin_ids(pool: &Pool, ids: &[ThinId]) -> Result<(), AgentError> {
     for id in ids {
         pool.delete_thin(*id).await?;
     }
@@ -218,7 +218,7 @@ pub async fn tear_down(
     pool: &Pool,
     naming: &Naming,
     id: &VolumeId,
-    thin_ids: &[u32],
+    thin_ids: &[ThinId],
 ) -> Result<(), AgentError> {
     remove_volume_devices(dm, naming, id).await?;
     free_thin_ids(pool, thin_ids).await

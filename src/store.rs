@@ -17,7 +17,10 @@ use std::{
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
-use crate::{error::AgentError, ids::VolumeId};
+use crate::{
+    error::AgentError,
+    ids::{SnapshotId, ThinId, TransferId, VolumeId},
+};
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const VOLUMES: TableDefinition<&str, &[u8]> = TableDefinition::new("volumes");
@@ -39,10 +42,10 @@ pub const STORE_FILE: &str = "state.redb";
 /// One volume as the agent means it to be.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VolumeRecord {
-    pub id: String,
+    pub id: VolumeId,
     pub size_bytes: u64,
     /// The volume's thin device id in the pool.
-    pub thin_id: u32,
+    pub thin_id: ThinId,
     /// Whether the public device should exist.
     pub published: bool,
     pub created_unix: i64,
@@ -55,15 +58,15 @@ pub struct VolumeRecord {
     pub quarantine: Option<String>,
     /// The transfer bringing this volume here, while it is not finished.
     #[serde(default)]
-    pub transfer: Option<String>,
+    pub transfer: Option<TransferId>,
     /// The NVMe/TCP export of this volume to another host, while it moves.
     #[serde(default)]
     pub export: Option<ExportRecord>,
     /// What the volume was made from, for callers; it does not depend on it.
     #[serde(default)]
-    pub source_snapshot: Option<String>,
+    pub source_snapshot: Option<SnapshotId>,
     #[serde(default)]
-    pub source_volume: Option<String>,
+    pub source_volume: Option<VolumeId>,
     /// Changed-block tracking with dm-era; `None` for volumes made without.
     #[serde(default)]
     pub tracking: Option<ChangeTracking>,
@@ -76,7 +79,7 @@ pub struct ChangeTracking {
     /// see, new whenever history starts again.
     #[serde(default)]
     pub history: u32,
-    pub metadata_thin_id: u32,
+    pub metadata_thin_id: ThinId,
     pub metadata_bytes: u64,
     /// dm-era's block: the granularity of changed extents.
     pub block_bytes: u64,
@@ -94,13 +97,28 @@ pub struct ExportRecord {
 }
 
 impl VolumeRecord {
-    pub fn volume_id(&self) -> Result<VolumeId, AgentError> {
-        VolumeId::parse(&self.id)
+    /// How many fresh thin ids the volume needs: its own, and one for its
+    /// era metadata when it tracks changes.
+    pub fn thin_ids_needed(&self) -> u32 {
+        1 + u32::from(self.tracking.is_some())
+    }
+
+    /// Takes the volume's thin id, then its era metadata's, from `ids`
+    /// (fresh ids from [`Store::allocate_and_commit`]).
+    pub fn take_thin_ids(&mut self, ids: &mut impl Iterator<Item = ThinId>) {
+        let mut next = || {
+            ids.next()
+                .expect("allocated as many ids as thin_ids_needed")
+        };
+        self.thin_id = next();
+        if let Some(tracking) = self.tracking.as_mut() {
+            tracking.metadata_thin_id = next();
+        }
     }
 
     /// The pool's thin ids this volume owns: its own, and its era
     /// metadata's when it tracks changes.
-    pub fn owned_thin_ids(&self) -> Vec<u32> {
+    pub fn owned_thin_ids(&self) -> Vec<ThinId> {
         std::iter::once(self.thin_id)
             .chain(self.tracking.as_ref().map(|t| t.metadata_thin_id))
             .collect()
@@ -123,15 +141,18 @@ pub enum Pending {
     Unpublish,
     /// The record already names the new thin device, a snapshot of
     /// `snapshot_thin`; the old one may still exist. Finished after a crash.
-    Revert { old_thin: u32, snapshot_thin: u32 },
+    Revert {
+        old_thin: ThinId,
+        snapshot_thin: ThinId,
+    },
 }
 
 /// A thin snapshot of a volume.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SnapshotRecord {
-    pub id: String,
-    pub volume_id: String,
-    pub thin_id: u32,
+    pub id: SnapshotId,
+    pub volume_id: VolumeId,
+    pub thin_id: ThinId,
     /// The volume's size when the snapshot was taken.
     pub size_bytes: u64,
     pub created_unix: i64,
@@ -147,7 +168,7 @@ pub struct SnapshotRecord {
 impl Record for SnapshotRecord {
     const TABLE: Table = SNAPSHOTS;
     fn key(&self) -> &str {
-        &self.id
+        self.id.as_str()
     }
 }
 
@@ -155,8 +176,8 @@ impl Record for SnapshotRecord {
 /// where it stands.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TransferRecord {
-    pub id: String,
-    pub volume_id: String,
+    pub id: TransferId,
+    pub volume_id: VolumeId,
     pub source: SourceRecord,
     pub phase: TransferPhase,
     /// Length of the clone segment (the source's size when the move began).
@@ -168,7 +189,7 @@ pub struct TransferRecord {
     #[serde(default)]
     pub max_bytes_per_second: u64,
     /// Thin id of the clone's metadata device.
-    pub metadata_thin_id: u32,
+    pub metadata_thin_id: ThinId,
     pub metadata_bytes: u64,
     pub created_unix: i64,
     #[serde(default)]
@@ -252,7 +273,7 @@ impl TransferPhase {
 impl Record for TransferRecord {
     const TABLE: Table = TRANSFERS;
     fn key(&self) -> &str {
-        &self.id
+        self.id.as_str()
     }
 }
 
@@ -267,7 +288,7 @@ pub trait Record: Serialize + for<'de> Deserialize<'de> {
 impl Record for VolumeRecord {
     const TABLE: Table = VOLUMES;
     fn key(&self) -> &str {
-        &self.id
+        self.id.as_str()
     }
 }
 
@@ -319,7 +340,8 @@ impl Change {
         })
     }
 
-    pub fn remove<R: Record>(key: &str) -> Self {
+    pub fn remove<R: Record>(key: impl AsRef<str>) -> Self {
+        let key = key.as_ref();
         Change::Remove {
             table: R::TABLE,
             key: key.to_owned(),
@@ -464,8 +486,8 @@ impl Store {
     pub fn allocate_and_commit(
         &self,
         count: u32,
-        build: impl FnOnce(&[u32]) -> Result<Vec<Change>, AgentError>,
-    ) -> Result<Vec<u32>, AgentError> {
+        build: impl FnOnce(&[ThinId]) -> Result<Vec<Change>, AgentError>,
+    ) -> Result<Vec<ThinId>, AgentError> {
         let txn = self.write()?;
         let ids = {
             let mut meta = txn.open_table(META).map_err(|e| self.err("open meta", e))?;
@@ -486,13 +508,22 @@ impl Store {
                 meta.insert(KEY_NEXT_THIN_ID, encode(&(next + count))?.as_slice())
                     .map_err(|e| self.err("write thin id", e))?;
             }
-            (next..next + count).collect::<Vec<u32>>()
+            (next..next + count).map(ThinId).collect::<Vec<_>>()
         };
         for change in build(&ids)? {
             self.apply(&txn, change)?;
         }
         txn.commit().map_err(|e| self.err("commit", e))?;
         Ok(ids)
+    }
+
+    /// [`Store::allocate_and_commit`] for one fresh thin id.
+    pub fn allocate_one_and_commit(
+        &self,
+        build: impl FnOnce(ThinId) -> Result<Vec<Change>, AgentError>,
+    ) -> Result<ThinId, AgentError> {
+        let ids = self.allocate_and_commit(1, |ids| build(ids[0]))?;
+        Ok(ids[0])
     }
 
     fn apply(&self, txn: &redb::WriteTransaction, change: Change) -> Result<(), AgentError> {
@@ -539,19 +570,22 @@ impl Store {
         &self,
         record: VolumeRecord,
     ) -> Result<VolumeRecord, AgentError> {
-        let count = 1 + u32::from(record.tracking.is_some());
-        let ids = self.allocate_and_commit(count, |ids| {
-            Ok(vec![Change::insert(&with_thin_ids(record.clone(), ids))?])
+        let ids = self.allocate_and_commit(record.thin_ids_needed(), |ids| {
+            let mut record = record.clone();
+            record.take_thin_ids(&mut ids.iter().copied());
+            Ok(vec![Change::insert(&record)?])
         })?;
-        Ok(with_thin_ids(record, &ids))
+        let mut record = record;
+        record.take_thin_ids(&mut ids.into_iter());
+        Ok(record)
     }
 
     pub fn put_volume(&self, record: &VolumeRecord) -> Result<(), AgentError> {
         self.commit(vec![Change::put(record)?])
     }
 
-    pub fn remove_volume(&self, id: &str) -> Result<(), AgentError> {
-        self.commit(vec![Change::remove::<VolumeRecord>(id)])
+    pub fn remove_volume(&self, id: &VolumeId) -> Result<(), AgentError> {
+        self.commit(vec![Change::remove::<VolumeRecord>(id.as_str())])
     }
 
     fn meta<T: for<'de> Deserialize<'de>>(&self, key: &str) -> Result<Option<T>, AgentError> {
@@ -583,15 +617,6 @@ impl Store {
     fn err(&self, op: &str, err: impl std::fmt::Display) -> AgentError {
         store_error(&self.path, op, err)
     }
-}
-
-/// Gives the volume `ids[0]` and its era metadata `ids[1]`.
-pub fn with_thin_ids(mut record: VolumeRecord, ids: &[u32]) -> VolumeRecord {
-    record.thin_id = ids[0];
-    if let (Some(tracking), Some(id)) = (record.tracking.as_mut(), ids.get(1)) {
-        tracking.metadata_thin_id = *id;
-    }
-    record
 }
 
 fn store_error(path: &Path, op: &str, err: impl std::fmt::Display) -> AgentError {
@@ -639,12 +664,12 @@ mod tests {
             let store = Store::open(dir.path()).unwrap();
             let a = store.insert_volume_with_new_thin_id(record(A)).unwrap();
             let b = store.insert_volume_with_new_thin_id(record(B)).unwrap();
-            assert_eq!((a.thin_id, b.thin_id), (1, 2));
+            assert_eq!((a.thin_id, b.thin_id), (ThinId(1), ThinId(2)));
             let mut ready = a.clone();
             ready.pending = None;
             ready.published = true;
             store.put_volume(&ready).unwrap();
-            store.remove_volume(B).unwrap();
+            store.remove_volume(&b.id).unwrap();
             assert_eq!(store.node_id(|| "n1".into()).unwrap(), "n1");
         }
         let store = Store::open(dir.path()).unwrap();
@@ -656,7 +681,7 @@ mod tests {
         let c = store
             .insert_volume_with_new_thin_id(record("2b9d1c3e-5f1a-4f7e-9a57-3f0c2b8f6d11"))
             .unwrap();
-        assert_eq!(c.thin_id, 3);
+        assert_eq!(c.thin_id, ThinId(3));
     }
 
     #[test]
@@ -666,16 +691,16 @@ mod tests {
         let mut tracked = record(A);
         tracked.tracking = Some(ChangeTracking {
             history: 9,
-            metadata_thin_id: 0,
+            metadata_thin_id: ThinId(0),
             metadata_bytes: 17 << 20,
             block_bytes: 64 << 10,
             known_from_era: Some(0),
         });
         let a = store.insert_volume_with_new_thin_id(tracked).unwrap();
         let b = store.insert_volume_with_new_thin_id(record(B)).unwrap();
-        assert_eq!(a.thin_id, 1);
-        assert_eq!(a.tracking.as_ref().unwrap().metadata_thin_id, 2);
-        assert_eq!(b.thin_id, 3);
+        assert_eq!(a.thin_id, ThinId(1));
+        assert_eq!(a.tracking.as_ref().unwrap().metadata_thin_id, ThinId(2));
+        assert_eq!(b.thin_id, ThinId(3));
         let stored = store.volume(&VolumeId::parse(A).unwrap()).unwrap().unwrap();
         assert_eq!(stored, a, "the store holds the ids it handed out");
     }
@@ -695,7 +720,11 @@ mod tests {
         store.insert_volume_with_new_thin_id(record(A)).unwrap();
         assert!(store.insert_volume_with_new_thin_id(record(A)).is_err());
         let next = store.insert_volume_with_new_thin_id(record(B)).unwrap();
-        assert_eq!(next.thin_id, 2, "the failed insert must not use up an id");
+        assert_eq!(
+            next.thin_id,
+            ThinId(2),
+            "the failed insert must not use up an id"
+        );
     }
 
     #[test]

@@ -22,7 +22,7 @@ use crate::{
     },
     error::AgentError,
     failpoint,
-    ids::VolumeId,
+    ids::{SnapshotId, ThinId, VolumeId},
     refusal::Refusal,
     stack,
     store::{Pending, VolumeRecord},
@@ -41,8 +41,8 @@ pub struct Volume {
     /// Bytes the pool has allocated for the volume; `None` if the kernel
     /// could not say (the thin device is missing).
     pub allocated_bytes: Option<u64>,
-    pub source_snapshot: Option<String>,
-    pub source_volume: Option<String>,
+    pub source_snapshot: Option<SnapshotId>,
+    pub source_volume: Option<VolumeId>,
     /// Whether dm-era tracks the volume's changed blocks.
     pub change_tracking: bool,
 }
@@ -121,7 +121,7 @@ impl Agent {
             }
         }
         let record = self.settle(record).await?;
-        info!(volume = %id, size, thin_id = record.thin_id, "created volume");
+        info!(volume = %id, size, thin_id = %record.thin_id, "created volume");
         Ok((self.describe(&record).await?, Outcome::Created))
     }
 
@@ -135,7 +135,7 @@ impl Agent {
         if existing.size_bytes != size {
             return Err(AgentError::AlreadyExists {
                 what: "volume",
-                id: existing.id.clone(),
+                id: existing.id.to_string(),
                 detail: format!(
                     "with size {} bytes, not the {size} bytes asked for",
                     existing.size_bytes
@@ -151,7 +151,7 @@ impl Agent {
                 Ok((self.describe(&record).await?, Outcome::Created))
             }
             Some(Pending::Delete) => Err(Refusal::VolumeBeingDeleted {
-                volume: existing.volume_id()?,
+                volume: existing.id.clone(),
                 action: "be created again",
             }
             .into()),
@@ -238,14 +238,14 @@ impl Agent {
         self.put(&record).await?;
         failpoint::hit("delete.after_record");
         self.finish_delete(&record).await?;
-        info!(volume = %id, thin_id = record.thin_id, "deleted volume");
+        info!(volume = %id, thin_id = %record.thin_id, "deleted volume");
         Ok(())
     }
 
     /// Undoes a create that stopped half-way: whatever of its stack exists
     /// goes, then its record. Reconciliation does the same after a crash.
     pub(crate) async fn undo_create(&self, record: &VolumeRecord) -> Result<(), AgentError> {
-        let id = record.volume_id()?;
+        let id = record.id.clone();
         stack::tear_down(
             self.dm.as_ref(),
             &self.pool,
@@ -254,21 +254,19 @@ impl Agent {
             &record.owned_thin_ids(),
         )
         .await?;
-        self.store_call(move |store| store.remove_volume(id.as_str()))
-            .await
+        self.store_call(move |store| store.remove_volume(&id)).await
     }
 
     /// The steps after the intent: remove devices, free the thin ids'
     /// blocks, forget the record. Each step is idempotent, so
     /// reconciliation repeats them after a crash.
     pub(crate) async fn finish_delete(&self, record: &VolumeRecord) -> Result<(), AgentError> {
-        let id = record.volume_id()?;
+        let id = record.id.clone();
         stack::remove_volume_devices(self.dm.as_ref(), &self.naming, &id).await?;
         failpoint::hit("delete.after_devices");
         stack::free_thin_ids(&self.pool, &record.owned_thin_ids()).await?;
         failpoint::hit("delete.after_thin");
-        self.store_call(move |store| store.remove_volume(id.as_str()))
-            .await
+        self.store_call(move |store| store.remove_volume(&id)).await
     }
 
     pub async fn extend_volume(
@@ -434,7 +432,7 @@ impl Agent {
         if record.published || record.transfer.is_some() {
             return Ok(());
         }
-        let id = record.volume_id()?;
+        let id = record.id.clone();
         let public = self.naming.public(&id);
         // The kernel refuses to remove an open device: busy means opened.
         match self.remove_device_if_present(&public).await {
@@ -524,7 +522,7 @@ impl Agent {
     }
 
     pub(crate) fn thin_name(&self, record: &VolumeRecord) -> Result<DeviceName, AgentError> {
-        Ok(self.naming.thin(&record.volume_id()?))
+        Ok(self.naming.thin(&record.id))
     }
 
     /// Creates the thin device, or brings a live one to the record's size.
@@ -547,7 +545,7 @@ impl Agent {
     ) -> Result<DevRef, AgentError> {
         let thin = self.ensure_thin_device(record).await?;
         let table = self.local_table(record, thin).await?;
-        let public = self.naming.public(&record.volume_id()?);
+        let public = self.naming.public(&record.id);
         self.ensure_device(&public, &table, |live| stack::is_resize_of(live, &table))
             .await
     }
@@ -586,7 +584,7 @@ impl Agent {
 
     /// The caller's view of a record plus what the kernel says now.
     async fn describe(&self, record: &VolumeRecord) -> Result<Volume, AgentError> {
-        let id = record.volume_id()?;
+        let id = record.id.clone();
         let state = self.volume_state(record);
         let allocated_bytes = self
             .dm
@@ -621,9 +619,9 @@ fn not_found(id: &VolumeId) -> AgentError {
 /// The record of a volume about to be created: thin id to be allocated.
 pub(crate) fn new_record(id: &VolumeId, size: u64) -> VolumeRecord {
     VolumeRecord {
-        id: id.to_string(),
+        id: id.clone(),
         size_bytes: size,
-        thin_id: 0,
+        thin_id: ThinId(0),
         published: false,
         created_unix: unix_now(),
         pending: Some(Pending::Create),

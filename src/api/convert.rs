@@ -21,8 +21,8 @@ pub fn transfer(view: TransferView) -> pb::Transfer {
         TransferState::Aborted => pb::TransferState::Aborted,
     };
     pb::Transfer {
-        transfer_id: view.id,
-        volume_id: view.volume_id,
+        transfer_id: view.id.to_string(),
+        volume_id: view.volume_id.to_string(),
         state: state.into(),
         regions_hydrated: view.regions_hydrated,
         regions_total: view.regions_total,
@@ -62,8 +62,8 @@ pub fn volume(volume: Volume) -> pb::Volume {
             .unwrap_or_default(),
         published: volume.published,
         allocated_bytes: volume.allocated_bytes.unwrap_or(0),
-        source_snapshot_id: volume.source_snapshot.unwrap_or_default(),
-        source_volume_id: volume.source_volume.unwrap_or_default(),
+        source_snapshot_id: volume.source_snapshot.map(String::from).unwrap_or_default(),
+        source_volume_id: volume.source_volume.map(String::from).unwrap_or_default(),
         change_tracking: volume.change_tracking,
         state_reason: match volume.state {
             VolumeState::Quarantined(reason) => reason,

@@ -33,8 +33,8 @@ impl SnapshotsApi {
 
 fn snapshot(view: SnapshotView) -> pb::Snapshot {
     pb::Snapshot {
-        snapshot_id: view.id,
-        volume_id: view.volume_id,
+        snapshot_id: view.id.to_string(),
+        volume_id: view.volume_id.to_string(),
         size_bytes: view.size_bytes,
         allocated_bytes: view.allocated_bytes.unwrap_or(0),
         era: view.era.unwrap_or(0),

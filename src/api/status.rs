@@ -137,7 +137,8 @@ mod tests {
     fn a_refusal_carries_its_reason_and_ids_as_error_info() {
         let refusal = Refusal::VolumeArriving {
             volume: volume(),
-            transfer: "7c0e4a52-1d3b-4c1e-8f00-2b6a7f1d9e01".into(),
+            transfer: crate::ids::TransferId::parse("7c0e4a52-1d3b-4c1e-8f00-2b6a7f1d9e01")
+                .unwrap(),
             hint: "abort the transfer to remove it",
         };
         let err = AgentError::from(refusal.clone());

@@ -301,7 +301,7 @@ impl pb::transfers_server::Transfers for TransfersApi {
                         Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
                         Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
                     };
-                    if only.as_ref().is_some_and(|id| id.as_str() != view.id) {
+                    if only.as_ref().is_some_and(|id| view.id != id.as_str()) {
                         continue;
                     }
                     let done = only.is_some() && is_final(view.state);

@@ -44,7 +44,7 @@ use crate::{
         table::{DevRef, Table},
     },
     error::AgentError,
-    ids::{SnapshotId, VolumeId},
+    ids::{SnapshotId, ThinId, VolumeId},
     pool::ThinCreated,
     refusal::Refusal,
     stack::{self, EraLayer},
@@ -97,7 +97,7 @@ impl Agent {
         let block_bytes = self.settings.change_block_bytes?;
         Some(ChangeTracking {
             history: new_history_tag(None),
-            metadata_thin_id: 0,
+            metadata_thin_id: ThinId(0),
             metadata_bytes: era_metadata_bytes(self.settings.max_volume_size, block_bytes),
             block_bytes,
             known_from_era,
@@ -114,7 +114,7 @@ impl Agent {
         let Some(tracking) = &record.tracking else {
             return Ok(None);
         };
-        let name = self.naming.era_metadata(&record.volume_id()?);
+        let name = self.naming.era_metadata(&record.id);
         let table = self
             .pool
             .thin_table(tracking.metadata_thin_id, tracking.metadata_bytes)?;
@@ -140,7 +140,7 @@ impl Agent {
         if record.tracking.is_none() {
             return Ok(());
         }
-        let probe = self.naming.era_probe(&record.volume_id()?);
+        let probe = self.naming.era_probe(&record.id);
         self.remove_device_if_present(&probe).await?;
         let table = self.local_table(record, thin).await?;
         self.dm.create(&probe, None, &table).await?;
@@ -257,7 +257,7 @@ impl Agent {
         era: &EraDevice,
         since_era: u64,
     ) -> Result<ChangedBlocks, AgentError> {
-        let id = record.volume_id()?;
+        let id = record.id.clone();
         let tracking = tracking_of(record)?;
         let status: EraStatus = self.dm.status_of(&era.name, 0).await?;
         let since_kernel = kernel_era(&id, tracking, since_era)?;
@@ -337,7 +337,7 @@ impl Agent {
 
     /// The volume's dm-era: its public device, or a probe when unpublished.
     async fn era_device(&self, record: &mut VolumeRecord) -> Result<EraDevice, AgentError> {
-        let id = record.volume_id()?;
+        let id = record.id.clone();
         tracking_of(record)?;
         if let Some(transfer) = &record.transfer {
             return Err(Refusal::VolumeArriving {
@@ -381,7 +381,7 @@ fn tracking_of(record: &VolumeRecord) -> Result<&ChangeTracking, AgentError> {
     match &record.tracking {
         Some(tracking) => Ok(tracking),
         None => Err(Refusal::VolumeNotTracked {
-            volume: record.volume_id()?,
+            volume: record.id.clone(),
         }
         .into()),
     }
@@ -504,7 +504,7 @@ mod tests {
     fn tracking(known_from_era: Option<u32>) -> ChangeTracking {
         ChangeTracking {
             history: 7,
-            metadata_thin_id: 2,
+            metadata_thin_id: ThinId(2),
             metadata_bytes: 32 * MIB,
             block_bytes: 64 << 10,
             known_from_era,

@@ -33,6 +33,7 @@ use crate::{
         table::{DevRef, Linear, Table, Target, ThinPool, ThinPoolFeatures},
     },
     error::{AgentError, Error},
+    ids::ThinId,
 };
 
 use crate::units::SECTOR;
@@ -145,19 +146,23 @@ impl Pool {
     }
 
     /// The table of a volume's thin device.
-    pub fn thin_table(&self, thin_id: u32, size_bytes: u64) -> Result<Table, AgentError> {
+    pub fn thin_table(&self, thin_id: ThinId, size_bytes: u64) -> Result<Table, AgentError> {
         crate::stack::thin_table(self.dev, thin_id, size_bytes)
     }
 
     /// Creates thin device `thin_id`; finding it there already is fine (a
     /// retried step after a crash).
-    pub async fn create_thin(&self, thin_id: u32) -> Result<ThinCreated, AgentError> {
+    pub async fn create_thin(&self, thin_id: ThinId) -> Result<ThinCreated, AgentError> {
         self.make_thin(&format!("create_thin {thin_id}")).await
     }
 
     /// Creates thin device `thin_id` as a snapshot of `origin` (suspend an
     /// active origin around this); finding it there already is fine.
-    pub async fn snapshot(&self, thin_id: u32, origin: u32) -> Result<ThinCreated, AgentError> {
+    pub async fn snapshot(
+        &self,
+        thin_id: ThinId,
+        origin: ThinId,
+    ) -> Result<ThinCreated, AgentError> {
         self.make_thin(&format!("create_snap {thin_id} {origin}"))
             .await
     }
@@ -177,7 +182,7 @@ impl Pool {
 
     /// Deletes thin device `thin_id` and frees its blocks; an id that is
     /// already gone is fine. Returns whether it existed.
-    pub async fn delete_thin(&self, thin_id: u32) -> Result<bool, AgentError> {
+    pub async fn delete_thin(&self, thin_id: ThinId) -> Result<bool, AgentError> {
         match self
             .dm
             .message(&self.name, 0, &format!("delete {thin_id}"))

@@ -87,10 +87,7 @@ async fn volumes_from_a_snapshot_and_clones_are_thin_snapshots_in_the_pool() {
         .create_volume_from_snapshot(&volume_id(2), 8 * MIB, &snapshot_id(1))
         .await
         .unwrap();
-    assert_eq!(
-        from_snapshot.source_snapshot.as_deref(),
-        Some(snapshot_id(1).as_str())
-    );
+    assert_eq!(from_snapshot.source_snapshot, Some(snapshot_id(1)));
     assert_eq!(
         from_snapshot.allocated_bytes,
         Some(2048 * 512),

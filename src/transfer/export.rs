@@ -11,7 +11,7 @@ use crate::{
     client::{ClientTls, connect_tls, connect_unix},
     dm::table::DevRef,
     error::AgentError,
-    ids::VolumeId,
+    ids::{TransferId, VolumeId},
     nvme::{
         ConnectRequest, ConnectTimeouts, Host, Nqn, Target, TcpAddress,
         fabrics::{ConnectOptions, namespace_ids},
@@ -207,7 +207,7 @@ impl Agent {
         }
         for record in records {
             if let Some(export) = &record.export {
-                let id = record.volume_id()?;
+                let id = record.id.clone();
                 if let Err(err) = self.export_volume(&id, &export.host_nqn).await {
                     warn!(volume = %id, error = %err, "cannot restore an export");
                 }
@@ -310,13 +310,17 @@ impl Agent {
         });
     }
 
-    async fn ask_source_to_release(&self, endpoint: &str, volume: &str) -> Result<(), AgentError> {
+    async fn ask_source_to_release(
+        &self,
+        endpoint: &str,
+        volume: &VolumeId,
+    ) -> Result<(), AgentError> {
         let channel = match endpoint.strip_prefix("unix:") {
             Some(path) => connect_unix(std::path::Path::new(path)).await?,
             None => connect_tls(endpoint, &self.peer_tls(endpoint)?).await?,
         };
         let request = ReleaseVolumeRequest {
-            volume_id: volume.to_owned(),
+            volume_id: volume.to_string(),
             host_nqn: self.nvme.host_nqn.to_string(),
         };
         TransfersClient::new(channel)
@@ -356,10 +360,8 @@ impl Agent {
         })
     }
 
-    async fn mark_released(&self, id: &str) -> Result<(), AgentError> {
-        let (mut record, _held) = self
-            .locked_transfer(&crate::ids::TransferId::parse(id)?)
-            .await?;
+    async fn mark_released(&self, id: &TransferId) -> Result<(), AgentError> {
+        let (mut record, _held) = self.locked_transfer(id).await?;
         record.source_released = true;
         self.put_transfer(&record).await?;
         info!(transfer = %id, "the source released its copy");

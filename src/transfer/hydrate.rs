@@ -15,7 +15,7 @@ use crate::{
     },
     error::AgentError,
     failpoint,
-    ids::{TransferId, VolumeId},
+    ids::{ThinId, TransferId, VolumeId},
     refusal::Refusal,
     stack::{self, CloneDevices, CloneLayer},
     store::{Change, Pending, SourceRecord, TransferPhase, TransferRecord, VolumeRecord},
@@ -38,13 +38,13 @@ impl Agent {
         let size = self.volume_size("size_bytes", request.size_bytes)?;
         let knobs = self.resolve_knobs(&request.knobs)?;
         let _held = self.locks.lock(request.volume.as_str()).await;
-        if let Some(existing) = self.transfer_record(request.transfer.as_str()).await? {
+        if let Some(existing) = self.transfer_record(&request.transfer).await? {
             return self.start_again(existing, &request).await;
         }
         if let Some(volume) = self.record(&request.volume).await? {
             return Err(AgentError::AlreadyExists {
                 what: "volume",
-                id: volume.id.clone(),
+                id: volume.id.to_string(),
                 detail: match &volume.transfer {
                     Some(other) => format!("here, arriving by transfer {other}"),
                     None => "on this host, where a copy of it stays (e.g. one kept for its snapshots): a volume cannot move onto its own copy".into(),
@@ -122,7 +122,7 @@ impl Agent {
         if existing.volume_id != request.volume.as_str() {
             return Err(AgentError::AlreadyExists {
                 what: "transfer",
-                id: existing.id.clone(),
+                id: existing.id.to_string(),
                 detail: format!("for volume {}, not {}", existing.volume_id, request.volume),
             });
         }
@@ -250,7 +250,7 @@ impl Agent {
             }
             _ => {}
         }
-        let volume_id = VolumeId::parse(&transfer.volume_id)?;
+        let volume_id = transfer.volume_id.clone();
         if let Some(open) = self.open_count(&self.naming.public(&volume_id)).await?
             && open > 0
         {
@@ -297,7 +297,7 @@ impl Agent {
 
     pub async fn get_transfer(&self, id: &TransferId) -> Result<TransferView, AgentError> {
         let record = self
-            .transfer_record(id.as_str())
+            .transfer_record(id)
             .await?
             .ok_or_else(|| not_found(id))?;
         Ok(self.transfer_view(&record))
@@ -318,9 +318,7 @@ impl Agent {
     // ---- the clone stack ---------------------------------------------
 
     pub(crate) fn transfer_view(&self, record: &TransferRecord) -> TransferView {
-        let device_path = VolumeId::parse(&record.volume_id)
-            .map(|id| self.naming.public(&id).mapper_path())
-            .unwrap_or_default();
+        let device_path = self.naming.public(&record.volume_id).mapper_path();
         let live = self
             .transfers
             .live
@@ -360,22 +358,22 @@ impl Agent {
     ) -> Result<(VolumeRecord, TransferRecord), AgentError> {
         let now = crate::volume::unix_now();
         let volume = VolumeRecord {
-            id: request.volume.to_string(),
+            id: request.volume.clone(),
             size_bytes: size,
-            thin_id: 0,
+            thin_id: ThinId(0),
             published: true,
             created_unix: now,
             pending: Some(Pending::Create),
             quarantine: None,
-            transfer: Some(request.transfer.to_string()),
+            transfer: Some(request.transfer.clone()),
             export: None,
             source_snapshot: None,
             source_volume: None,
             tracking: self.new_tracking(None),
         };
-        let mut transfer = TransferRecord {
-            id: request.transfer.to_string(),
-            volume_id: request.volume.to_string(),
+        let transfer = TransferRecord {
+            id: request.transfer.clone(),
+            volume_id: request.volume.clone(),
             source,
             phase: TransferPhase::Starting,
             clone_bytes: size,
@@ -383,7 +381,7 @@ impl Agent {
             hydration_threshold: knobs.hydration_threshold,
             hydration_batch_size: knobs.hydration_batch_size,
             max_bytes_per_second: knobs.max_bytes_per_second,
-            metadata_thin_id: 0,
+            metadata_thin_id: ThinId(0),
             metadata_bytes,
             created_unix: now,
             finished_unix: None,
@@ -397,18 +395,15 @@ impl Agent {
             .store_call({
                 let (volume, transfer) = (volume.clone(), transfer.clone());
                 move |store| {
-                    let count = 2 + u32::from(volume.tracking.is_some());
+                    let count = volume.thin_ids_needed() + 1;
                     store.allocate_and_commit(count, |ids| {
-                        let volume = arriving_ids(volume, ids);
-                        let mut transfer = transfer;
-                        transfer.metadata_thin_id = ids[1];
+                        let (volume, transfer) = arriving_ids(volume, transfer, ids);
                         Ok(vec![Change::insert(&volume)?, Change::insert(&transfer)?])
                     })
                 }
             })
             .await?;
-        transfer.metadata_thin_id = ids[1];
-        Ok((arriving_ids(volume, &ids), transfer))
+        Ok(arriving_ids(volume, transfer, &ids))
     }
 
     async fn build_new_stack(
@@ -435,7 +430,7 @@ impl Agent {
             source,
         };
         let table = self.clone_table(volume, transfer, devices, hydrate)?;
-        let public = self.naming.public(&volume.volume_id()?);
+        let public = self.naming.public(&volume.id);
         self.dm.create(&public, None, &table).await?;
         Ok(())
     }
@@ -447,9 +442,7 @@ impl Agent {
         volume: &VolumeRecord,
         transfer: &TransferRecord,
     ) -> Result<(), AgentError> {
-        let (source, _) = self
-            .attach_source(&transfer.source, &volume.volume_id()?)
-            .await?;
+        let (source, _) = self.attach_source(&transfer.source, &volume.id).await?;
         let metadata = self.ensure_metadata_device(volume, transfer).await?;
         let destination = self.ensure_thin_device(volume).await?;
         let hydrate = matches!(
@@ -462,7 +455,7 @@ impl Agent {
             source,
         };
         let table = self.clone_table(volume, transfer, devices, hydrate)?;
-        let public = self.naming.public(&volume.volume_id()?);
+        let public = self.naming.public(&volume.id);
         self.ensure_device(&public, &table, |_| false).await?;
         Ok(())
     }
@@ -472,7 +465,7 @@ impl Agent {
     pub(crate) async fn resize_arriving(
         &self,
         volume: &VolumeRecord,
-        transfer_id: &str,
+        transfer_id: &TransferId,
     ) -> Result<(), AgentError> {
         let transfer = self.transfer_record(transfer_id).await?.ok_or_else(|| {
             AgentError::Internal(format!(
@@ -480,14 +473,12 @@ impl Agent {
                 volume.id
             ))
         })?;
-        let public = self.naming.public(&volume.volume_id()?);
+        let public = self.naming.public(&volume.id);
         if transfer.phase.is_finished() || !self.public_is_clone(volume).await? {
             self.ensure_public_device(volume).await?;
             return Ok(());
         }
-        let (source, _) = self
-            .attach_source(&transfer.source, &volume.volume_id()?)
-            .await?;
+        let (source, _) = self.attach_source(&transfer.source, &volume.id).await?;
         let metadata = self.ensure_metadata_device(volume, &transfer).await?;
         let destination = self.ensure_thin_device(volume).await?;
         let hydrate = matches!(
@@ -521,7 +512,7 @@ impl Agent {
     }
 
     pub(crate) fn metadata_name(&self, volume: &VolumeRecord) -> Result<DeviceName, AgentError> {
-        Ok(self.naming.clone_metadata(&volume.volume_id()?))
+        Ok(self.naming.clone_metadata(&volume.id))
     }
 
     /// The public table while hydrating (see [`stack::clone_table`]).
@@ -555,7 +546,7 @@ impl Agent {
             self.dm.as_ref(),
             &self.pool,
             &self.naming,
-            &volume.volume_id()?,
+            &volume.id.clone(),
             &thin_ids,
         )
         .await?;
@@ -569,7 +560,7 @@ impl Agent {
         transfer: &TransferRecord,
         message: &str,
     ) -> Result<(), AgentError> {
-        let public = self.naming.public(&VolumeId::parse(&transfer.volume_id)?);
+        let public = self.naming.public(&transfer.volume_id);
         self.dm.message(&public, 0, message).await?;
         Ok(())
     }
@@ -619,10 +610,10 @@ impl Agent {
 
     pub(crate) async fn transfer_record(
         &self,
-        id: &str,
+        id: &TransferId,
     ) -> Result<Option<TransferRecord>, AgentError> {
-        let id = id.to_owned();
-        self.store_call(move |store| store.get::<TransferRecord>(&id))
+        let id = id.clone();
+        self.store_call(move |store| store.get::<TransferRecord>(id.as_str()))
             .await
     }
 
@@ -652,13 +643,13 @@ impl Agent {
         id: &TransferId,
     ) -> Result<(TransferRecord, crate::locks::Held), AgentError> {
         let record = self
-            .transfer_record(id.as_str())
+            .transfer_record(id)
             .await?
             .ok_or_else(|| not_found(id))?;
         let held = self.locks.lock(&record.volume_id).await;
         // Read again under the lock: the monitor may have moved it on.
         let record = self
-            .transfer_record(id.as_str())
+            .transfer_record(id)
             .await?
             .ok_or_else(|| not_found(id))?;
         Ok((record, held))
@@ -704,11 +695,17 @@ fn not_found(id: &TransferId) -> AgentError {
     }
 }
 
-/// The arriving volume's thin ids come as its own, the clone metadata's,
-/// then its era metadata's: the volume keeps the first and the third.
-fn arriving_ids(volume: VolumeRecord, ids: &[u32]) -> VolumeRecord {
-    let own: Vec<u32> = ids.iter().copied().step_by(2).collect();
-    crate::store::with_thin_ids(volume, &own)
+/// Hands fresh thin ids to an arriving volume (its own, its era
+/// metadata's) and then to its transfer's clone metadata.
+fn arriving_ids(
+    mut volume: VolumeRecord,
+    mut transfer: TransferRecord,
+    ids: &[ThinId],
+) -> (VolumeRecord, TransferRecord) {
+    let mut ids = ids.iter().copied();
+    volume.take_thin_ids(&mut ids);
+    transfer.metadata_thin_id = ids.next().expect("one id allocated for the clone metadata");
+    (volume, transfer)
 }
 
 /// How long a monitor sleeps between progress reads while hydrating.

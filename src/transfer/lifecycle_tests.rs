@@ -314,10 +314,7 @@ async fn a_finalize_cut_anywhere_is_finished_at_the_next_start() {
         agent.stop_background();
         host.kernel.hydrate(&public(&id));
         let caller = Arc::clone(&agent);
-        crash(point, async move {
-            caller.finalize(transfer_id(1).as_str()).await
-        })
-        .await;
+        crash(point, async move { caller.finalize(&transfer_id(1)).await }).await;
         let agent = host.restart(agent).await.unwrap();
         wait_for(&agent, &transfer_id(1), TransferState::Done).await;
         let table = host.kernel.table_text(&public(&id)).unwrap();

@@ -87,8 +87,8 @@ pub struct KnobRequest {
 /// A snapshot of one transfer for callers and watchers.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TransferView {
-    pub id: String,
-    pub volume_id: String,
+    pub id: TransferId,
+    pub volume_id: VolumeId,
     pub state: TransferState,
     pub regions_hydrated: u64,
     pub regions_total: u64,
@@ -121,7 +121,7 @@ pub(crate) struct Live {
 /// The running transfers and the stream of their updates.
 #[derive(Debug)]
 pub(crate) struct Registry {
-    pub live: Mutex<HashMap<String, Live>>,
+    pub live: Mutex<HashMap<TransferId, Live>>,
     pub updates: broadcast::Sender<TransferView>,
 }
 
@@ -135,22 +135,22 @@ impl Default for Registry {
 }
 
 impl Registry {
-    pub fn with_live<T>(&self, id: &str, f: impl FnOnce(&mut Live) -> T) -> T {
+    pub fn with_live<T>(&self, id: &TransferId, f: impl FnOnce(&mut Live) -> T) -> T {
         let mut live = self
             .live
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        f(live.entry(id.to_owned()).or_default())
+        f(live.entry(id.clone()).or_default())
     }
 
-    pub fn forget(&self, id: &str) {
+    pub fn forget(&self, id: &TransferId) {
         self.live
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .remove(id);
     }
 
-    pub fn wake(&self, id: &str) {
+    pub fn wake(&self, id: &TransferId) {
         let notify = self.with_live(id, |live| live.wake.clone());
         notify.notify_one();
     }

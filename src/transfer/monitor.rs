@@ -19,7 +19,7 @@ use crate::{
     },
     error::AgentError,
     failpoint,
-    ids::VolumeId,
+    ids::TransferId,
     stack::{self, SwapOutcome},
     store::{Change, TransferPhase, TransferRecord, VolumeRecord},
 };
@@ -32,7 +32,7 @@ enum Next {
 }
 
 impl Agent {
-    pub(crate) fn spawn_monitor(self: &Arc<Self>, transfer_id: String) {
+    pub(crate) fn spawn_monitor(self: &Arc<Self>, transfer_id: TransferId) {
         let agent = Arc::clone(self);
         self.background.spawn(async move {
             if let Err(err) = agent.monitor(&transfer_id).await {
@@ -45,14 +45,14 @@ impl Agent {
         });
     }
 
-    async fn monitor(self: &Arc<Self>, id: &str) -> Result<(), AgentError> {
+    async fn monitor(self: &Arc<Self>, id: &TransferId) -> Result<(), AgentError> {
         let mut limiter = RateLimiter::default();
         loop {
             let Some(transfer) = self.transfer_record(id).await? else {
                 self.transfers.forget(id);
                 return Ok(());
             };
-            let volume_id = VolumeId::parse(&transfer.volume_id)?;
+            let volume_id = transfer.volume_id.clone();
             let public = self.naming.public(&volume_id);
             let seen = self.dm.event_counter(&public).unwrap_or(0);
             match self.look(&transfer, &mut limiter).await? {
@@ -88,7 +88,7 @@ impl Agent {
             TransferPhase::Starting => return Ok(Next::Wait),
             _ => {}
         }
-        let public = self.naming.public(&VolumeId::parse(&transfer.volume_id)?);
+        let public = self.naming.public(&transfer.volume_id);
         let now = Instant::now();
         let status = match self.dm.status_of::<Health<CloneStatus>>(&public, 0).await {
             Ok(Health::Running(status)) => status,
@@ -179,7 +179,7 @@ impl Agent {
     /// Switches the public device from the clone to the local thin device,
     /// with I/O held only for the swap. Returns whether the transfer is done;
     /// `false` means hydration turned out incomplete and continues.
-    pub(crate) async fn finalize(self: &Arc<Self>, id: &str) -> Result<bool, AgentError> {
+    pub(crate) async fn finalize(self: &Arc<Self>, id: &TransferId) -> Result<bool, AgentError> {
         let Some(transfer) = self.transfer_record(id).await? else {
             return Ok(true);
         };
@@ -191,7 +191,7 @@ impl Agent {
         if transfer.phase.is_finished() {
             return Ok(true);
         }
-        let volume_id = VolumeId::parse(&transfer.volume_id)?;
+        let volume_id = transfer.volume_id.clone();
         let Some(mut volume) = self.record(&volume_id).await? else {
             return Err(AgentError::Internal(format!(
                 "transfer {id} has no volume record"
@@ -250,7 +250,7 @@ impl Agent {
     }
 
     pub(crate) async fn public_is_clone(&self, volume: &VolumeRecord) -> Result<bool, AgentError> {
-        stack::is_clone(self.dm.as_ref(), &self.naming.public(&volume.volume_id()?)).await
+        stack::is_clone(self.dm.as_ref(), &self.naming.public(&volume.id)).await
     }
 
     /// Switches the public device to the local table while the clone is
@@ -263,7 +263,7 @@ impl Agent {
         volume: &VolumeRecord,
         transfer: &mut TransferRecord,
     ) -> Result<bool, AgentError> {
-        let public = self.naming.public(&volume.volume_id()?);
+        let public = self.naming.public(&volume.id);
         let destination = self.ensure_thin_device(volume).await?;
         let local = self.local_table(volume, destination).await?;
         let outcome = stack::swap_under_io(self.dm.as_ref(), &public, &local, |dm, name| {
