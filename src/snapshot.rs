@@ -24,7 +24,7 @@ use crate::{
     volume::{Outcome, Volume, new_record, unix_now},
 };
 
-use crate::units::SECTOR;
+use crate::units::bytes;
 /// How long a snapshot of an arriving volume waits for its hydration.
 const HYDRATION_WAIT: Duration = Duration::from_secs(600);
 
@@ -533,7 +533,7 @@ impl Agent {
             self.dm.create(&name, None, &table).await?;
             let status = self.dm.status_of::<ThinStatus>(&name, 0).await;
             self.dm.remove(&name).await?;
-            Ok::<_, AgentError>(status?.mapped_sectors().map(|s| s * SECTOR))
+            Ok::<_, AgentError>(status?.mapped_sectors().map(bytes))
         }
         .await;
         match measured {

@@ -36,7 +36,7 @@ use crate::{
     ids::{ThinId, VolumeId},
     pool::Pool,
     refusal::Refusal,
-    units::SECTOR,
+    units::sectors,
 };
 
 /// The table of a thin device of the pool.
@@ -46,7 +46,7 @@ pub fn thin_table(pool: DevRef, thin_id: ThinId, size_bytes: u64) -> Result<Tabl
         device_id: thin_id.0,
         external_origin: None,
     });
-    Ok(Table::single(size_bytes / SECTOR, target)?)
+    Ok(Table::single(sectors(size_bytes), target)?)
 }
 
 /// dm-era's place in a tracked volume's stack.
@@ -68,14 +68,14 @@ pub fn local_table(
         Some(era) => Target::Era(Era {
             metadata: era.metadata,
             origin: thin,
-            block_sectors: era.block_bytes / SECTOR,
+            block_sectors: sectors(era.block_bytes),
         }),
         None => Target::Linear(Linear {
             device: thin,
             offset: 0,
         }),
     };
-    Ok(Table::single(size_bytes / SECTOR, target)?)
+    Ok(Table::single(sectors(size_bytes), target)?)
 }
 
 /// How an arriving volume's dm-clone is set up.
@@ -105,7 +105,7 @@ pub fn clone_table(
     layer: &CloneLayer,
     devices: CloneDevices,
 ) -> Result<Table, AgentError> {
-    let clone_sectors = layer.clone_bytes / SECTOR;
+    let clone_sectors = sectors(layer.clone_bytes);
     let mut segments = vec![Segment {
         start: 0,
         len: clone_sectors,
@@ -113,14 +113,14 @@ pub fn clone_table(
             metadata: devices.metadata,
             destination: devices.destination,
             source: devices.source,
-            region_sectors: layer.region_bytes / SECTOR,
+            region_sectors: sectors(layer.region_bytes),
             hydration: layer.hydrate,
             discard_passdown: true,
             hydration_threshold: Some(layer.hydration_threshold),
             hydration_batch_size: Some(layer.hydration_batch_size),
         }),
     }];
-    let total = size_bytes / SECTOR;
+    let total = sectors(size_bytes);
     if total > clone_sectors {
         segments.push(Segment {
             start: clone_sectors,

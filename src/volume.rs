@@ -28,7 +28,7 @@ use crate::{
     store::{Pending, VolumeRecord},
 };
 
-use crate::units::SECTOR;
+use crate::units::bytes;
 
 /// A volume as callers see it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -592,7 +592,7 @@ impl Agent {
             .await
             .ok()
             .and_then(|s| s.mapped_sectors())
-            .map(|sectors| sectors * SECTOR);
+            .map(bytes);
         Ok(Volume {
             device_path: record
                 .published

@@ -36,7 +36,7 @@ use crate::{
     ids::ThinId,
 };
 
-use crate::units::SECTOR;
+use crate::units::sectors;
 const METADATA_BLOCK: u64 = 4096;
 
 /// The pool's space, as the kernel reports it now.
@@ -359,11 +359,11 @@ fn pool_table(
     let target = Target::ThinPool(ThinPool {
         metadata: meta,
         data,
-        data_block_sectors: layout.block_bytes / SECTOR,
+        data_block_sectors: sectors(layout.block_bytes),
         low_water_blocks: blocks * (100 - u64::from(low_space_percent)) / 100,
         features: ThinPoolFeatures::default(),
     });
-    Ok(Table::single(layout.data_bytes / SECTOR, target)?)
+    Ok(Table::single(sectors(layout.data_bytes), target)?)
 }
 
 async fn ensure_linear(
@@ -374,10 +374,10 @@ async fn ensure_linear(
     len: u64,
 ) -> Result<DevRef, AgentError> {
     let table = Table::single(
-        len / SECTOR,
+        sectors(len),
         Target::Linear(Linear {
             device,
-            offset: offset / SECTOR,
+            offset: sectors(offset),
         }),
     )?;
     if let Some(state) = dm.info(name).await? {
