@@ -104,3 +104,17 @@ pub fn refusal<T>(result: &Result<T, AgentError>) -> Option<&'static str> {
         _ => None,
     }
 }
+
+/// Runs `call` with the failpoint `point` armed; the call must die there,
+/// as the agent process would under `kill -9`.
+pub async fn crash<F, T>(point: &'static str, call: F)
+where
+    F: std::future::Future<Output = T> + Send + 'static,
+    T: Send + 'static,
+{
+    let died = tokio::spawn(crate::failpoint::crash_at(point, call)).await;
+    assert!(
+        died.is_err_and(|err| err.is_panic()),
+        "{point} was not reached"
+    );
+}

@@ -275,14 +275,7 @@ impl DeviceMapper {
     where
         T: std::str::FromStr<Err = ParseError>,
     {
-        let segments = self.status(name).await?;
-        let segment = segments.get(index).ok_or_else(|| {
-            Error::Other(format!(
-                "device {name} has {} segments, no segment {index}",
-                segments.len()
-            ))
-        })?;
-        Ok(segment.text.parse::<T>()?)
+        parse_segment(name, &self.status(name).await?, index)
     }
 
     /// The live table, read back from the kernel and parsed.
@@ -371,6 +364,24 @@ impl DeviceMapper {
     pub async fn list(&self) -> Result<Vec<ListedDevice>> {
         self.blocking(list_devices).await
     }
+}
+
+/// Parses the INFO status text of the segment at `index`.
+pub(crate) fn parse_segment<T>(
+    name: &DeviceName,
+    segments: &[SegmentStatus],
+    index: usize,
+) -> Result<T>
+where
+    T: std::str::FromStr<Err = ParseError>,
+{
+    let segment = segments.get(index).ok_or_else(|| {
+        Error::Other(format!(
+            "device {name} has {} segments, no segment {index}",
+            segments.len()
+        ))
+    })?;
+    Ok(segment.text.parse::<T>()?)
 }
 
 /// `DM_LIST_DEVICES`, shared with the event monitor.

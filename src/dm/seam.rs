@@ -77,14 +77,7 @@ impl dyn Kernel + '_ {
     where
         T: FromStr<Err = ParseError>,
     {
-        let segments = self.status(name).await?;
-        let segment = segments.get(index).ok_or_else(|| {
-            Error::Other(format!(
-                "device {name} has {} segments, no segment {index}",
-                segments.len()
-            ))
-        })?;
-        Ok(segment.text.parse::<T>()?)
+        crate::dm::kernel::parse_segment(name, &self.status(name).await?, index)
     }
 }
 

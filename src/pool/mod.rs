@@ -380,18 +380,7 @@ async fn ensure_linear(
             offset: sectors(offset),
         }),
     )?;
-    if let Some(state) = dm.info(name).await? {
-        let live = dm.table(name).await?;
-        if live != table {
-            return Err(AgentError::Unavailable {
-                reason: format!(
-                    "device-mapper device {name} exists with table \"{live}\" but the pool label asks for \"{table}\"; another pool or agent owns it"
-                ),
-            });
-        }
-        return Ok(state.device);
-    }
-    Ok(dm.create(name, None, &table).await?.device)
+    adopt(dm, name, &table, |_| false, "but the pool label asks for").await
 }
 
 /// Adopts the pool device, reloading it when only its arguments changed (a
@@ -401,29 +390,50 @@ async fn ensure_pool(
     name: &DeviceName,
     table: &Table,
 ) -> Result<DevRef, AgentError> {
-    let Some(state) = dm.info(name).await? else {
-        return Ok(dm.create(name, None, table).await?.device);
-    };
-    let live = dm.table(name).await?;
-    if live == *table {
-        return Ok(state.device);
-    }
-    let same_devices = match (live.segments().first(), table.segments().first()) {
-        (Some(a), Some(b)) => match (&a.target, &b.target) {
-            (Target::ThinPool(a), Target::ThinPool(b)) => {
-                a.metadata == b.metadata && a.data == b.data
-            }
+    let same_devices = |live: &Table| {
+        let same = match (live.segments().first(), table.segments().first()) {
+            (Some(a), Some(b)) => match (&a.target, &b.target) {
+                (Target::ThinPool(a), Target::ThinPool(b)) => {
+                    a.metadata == b.metadata && a.data == b.data
+                }
+                _ => false,
+            },
             _ => false,
-        },
-        _ => false,
+        };
+        if same {
+            info!(pool = %name, from = %live, to = %table, "reloading the pool with the configured arguments");
+        }
+        same
     };
-    if !same_devices {
-        return Err(AgentError::Unavailable {
-            reason: format!(
-                "device-mapper device {name} exists with table \"{live}\", not a thin pool on this agent's devices (\"{table}\")"
-            ),
-        });
+    adopt(
+        dm,
+        name,
+        table,
+        same_devices,
+        "and is not a thin pool on this agent's devices",
+    )
+    .await
+}
+
+/// Adopts or creates one of the pool's devices through the stack's one
+/// routine. A device of that name whose table may not be swapped belongs
+/// to another pool or agent: the agent leaves it alone and does not start.
+async fn adopt(
+    dm: &dyn Kernel,
+    name: &DeviceName,
+    table: &Table,
+    may_swap: impl Fn(&Table) -> bool,
+    mismatch: &str,
+) -> Result<DevRef, AgentError> {
+    match crate::stack::ensure_device(dm, name, table, may_swap).await {
+        Err(AgentError::Conflict(_)) => {
+            let live = dm.table(name).await?;
+            Err(AgentError::Unavailable {
+                reason: format!(
+                    "device-mapper device {name} exists with table \"{live}\" {mismatch} \"{table}\"; another pool or agent owns it"
+                ),
+            })
+        }
+        adopted => adopted,
     }
-    info!(pool = %name, from = %live, to = %table, "reloading the pool with the configured arguments");
-    Ok(dm.swap_table(name, table).await?.device)
 }

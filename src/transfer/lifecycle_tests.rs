@@ -12,9 +12,8 @@ use super::*;
 use crate::{
     agent::Agent,
     error::AgentError,
-    failpoint,
     ids::{TransferId, VolumeId},
-    testing::{MIB, TestHost, volume_id},
+    testing::{MIB, TestHost, crash, volume_id},
 };
 
 const SOURCE: &str = "/dev/fake-source";
@@ -246,18 +245,6 @@ async fn a_source_smaller_than_the_volume_or_no_block_device_is_refused_untouche
     );
     assert!(agent.list_transfers().await.unwrap().is_empty());
     assert!(host.kernel.thin_ids("dmt-pool").is_empty());
-}
-
-async fn crash<F, T>(point: &'static str, call: F)
-where
-    F: std::future::Future<Output = T> + Send + 'static,
-    T: Send + 'static,
-{
-    let died = tokio::spawn(failpoint::crash_at(point, call)).await;
-    assert!(
-        died.is_err_and(|err| err.is_panic()),
-        "{point} was not reached"
-    );
 }
 
 #[tokio::test]

@@ -7,10 +7,7 @@
 use std::sync::Arc;
 
 use super::*;
-use crate::{
-    failpoint,
-    testing::{MIB, TestHost, refusal, volume_id},
-};
+use crate::testing::{MIB, TestHost, crash, refusal, volume_id};
 
 /// The devices of volume `n` that exist, by role ("thin", "public", ...).
 fn roles(host: &TestHost, n: u32) -> Vec<&'static str> {
@@ -216,19 +213,6 @@ async fn a_create_the_kernel_rejects_leaves_nothing_behind() {
     assert!(thin_ids(&host).is_empty());
     assert!(agent.list_volumes().await.unwrap().is_empty());
     agent.create_volume(&id, 4 * MIB).await.unwrap();
-}
-
-/// Runs `call` with `point` armed; the call must die there.
-async fn crash<F, T>(point: &'static str, call: F)
-where
-    F: std::future::Future<Output = T> + Send + 'static,
-    T: Send + 'static,
-{
-    let died = tokio::spawn(failpoint::crash_at(point, call)).await;
-    assert!(
-        died.is_err_and(|err| err.is_panic()),
-        "{point} was not reached"
-    );
 }
 
 #[tokio::test]
