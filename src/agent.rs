@@ -158,39 +158,18 @@ impl Agent {
 
     /// The exposition text with the agent's current state.
     pub async fn render_metrics(&self) -> Result<String, AgentError> {
-        use crate::{
-            metrics::{Snapshot, TransferFigures},
-            transfer::TransferState,
-            volume::VolumeState,
-        };
+        use crate::metrics::{Snapshot, TransferFigures};
         let usage = self.pool.usage().await?;
         let volumes = self.store_call(|store| store.volumes()).await?;
         let mut volume_states: std::collections::BTreeMap<&'static str, u64> = Default::default();
         for record in &volumes {
-            let state = match self.volume_state(record) {
-                VolumeState::Creating => "creating",
-                VolumeState::Available => "available",
-                VolumeState::Deleting => "deleting",
-                VolumeState::Hydrating => "hydrating",
-                VolumeState::Quarantined(_) => "quarantined",
-            };
+            let state = self.volume_state(record).as_str();
             *volume_states.entry(state).or_default() += 1;
         }
         let transfers = self.list_transfers().await?;
         let mut transfer_states: std::collections::BTreeMap<&'static str, u64> = Default::default();
         for view in &transfers {
-            let state = match view.state {
-                TransferState::Connecting => "connecting",
-                TransferState::Deferred => "deferred",
-                TransferState::Hydrating => "hydrating",
-                TransferState::Paused => "paused",
-                TransferState::Finalizing => "finalizing",
-                TransferState::Done => "done",
-                TransferState::Degraded => "degraded",
-                TransferState::Failed => "failed",
-                TransferState::Aborted => "aborted",
-            };
-            *transfer_states.entry(state).or_default() += 1;
+            *transfer_states.entry(view.state.as_str()).or_default() += 1;
         }
         Ok(self.metrics.render(&Snapshot {
             pool_data_size: usage.data_total_bytes,

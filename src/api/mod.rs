@@ -14,6 +14,9 @@ pub mod status;
 mod transfer;
 mod volume;
 
+/// What clients print for the states they receive: the domain's names.
+pub use convert::{transfer_state_name, volume_state_name};
+
 use std::{
     future::Future,
     os::unix::fs::{FileTypeExt, PermissionsExt},

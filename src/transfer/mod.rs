@@ -53,6 +53,23 @@ pub enum TransferState {
     Aborted,
 }
 
+impl TransferState {
+    /// The state's name wherever people read it: metrics labels, the CLI.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TransferState::Connecting => "connecting",
+            TransferState::Deferred => "deferred",
+            TransferState::Hydrating => "hydrating",
+            TransferState::Paused => "paused",
+            TransferState::Finalizing => "finalizing",
+            TransferState::Done => "done",
+            TransferState::Degraded => "degraded",
+            TransferState::Failed => "failed",
+            TransferState::Aborted => "aborted",
+        }
+    }
+}
+
 /// What a start request asks for, validated.
 #[derive(Debug, Clone)]
 pub struct StartRequest {
