@@ -260,13 +260,17 @@ where
         match result {
             Ok(reply) => {
                 info!(millis, "ok");
-                agent.metrics().rpc(method, tonic::Code::Ok, seconds);
+                agent
+                    .metrics()
+                    .rpc(method, status::code_label(tonic::Code::Ok), seconds);
                 Ok(Response::new(reply))
             }
             Err(err) => {
                 let status = status::status_of(&err);
                 warn!(millis, code = ?status.code(), error = %err, "failed");
-                agent.metrics().rpc(method, status.code(), seconds);
+                agent
+                    .metrics()
+                    .rpc(method, status::code_label(status.code()), seconds);
                 Err(status)
             }
         }
