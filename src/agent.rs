@@ -21,7 +21,7 @@ use crate::{
     pool::{Pool, PoolUsage},
     reconcile::ReconcileReport,
     store::{Store, TransferRecord},
-    transfer::Registry,
+    transfer::{Registry, release::SourceReleaser},
 };
 
 /// Who this agent is and what its kernel offers.
@@ -55,12 +55,18 @@ pub struct Agent {
     pub(crate) transfers: Registry,
     pub(crate) nvme: NvmeIdentity,
     pub(crate) metrics: Metrics,
+    /// Asks source agents to drop their copies once a move here is done.
+    pub(crate) source_releaser: Arc<dyn SourceReleaser>,
 }
 
 impl Agent {
     /// Opens device-mapper, the store and the pool, then reconciles the kernel
     /// with the store. The agent serves requests only after this returns.
-    pub async fn start(settings: Settings) -> Result<Arc<Self>, AgentError> {
+    /// `source_releaser` reaches other agents (the API layer provides it).
+    pub async fn start(
+        settings: Settings,
+        source_releaser: Arc<dyn SourceReleaser>,
+    ) -> Result<Arc<Self>, AgentError> {
         failpoint::check_configured().map_err(|reason| AgentError::Config {
             option: failpoint::ENV.to_owned(),
             reason,
@@ -96,6 +102,7 @@ impl Agent {
             transfers: Registry::default(),
             nvme,
             metrics: Metrics::new(),
+            source_releaser,
         };
         let started = Instant::now();
         agent.reconcile = agent.reconcile_all().await?;

@@ -2,8 +2,8 @@
 
 use crate::{
     agent::NodeInfo,
+    api::proto::v1 as pb,
     pool::PoolUsage,
-    proto::v1 as pb,
     transfer::{TransferState, TransferView},
     volume::{Volume, VolumeState},
 };

@@ -9,6 +9,8 @@
 
 mod convert;
 mod node;
+pub mod proto;
+mod release;
 mod snapshot;
 pub mod status;
 mod transfer;
@@ -16,6 +18,7 @@ mod volume;
 
 /// What clients print for the states they receive: the domain's names.
 pub use convert::{transfer_state_name, volume_state_name};
+pub use release::GrpcSourceReleaser;
 
 use std::{
     future::Future,
@@ -37,15 +40,15 @@ use tracing::{Instrument, info, info_span, warn};
 
 use crate::{
     agent::Agent,
-    config::TcpSettings,
-    error::AgentError,
-    proto::{
+    api::proto::{
         FILE_DESCRIPTOR_SET,
         v1::{
             node_server::NodeServer, snapshots_server::SnapshotsServer,
             transfers_server::TransfersServer, volumes_server::VolumesServer,
         },
     },
+    config::TcpSettings,
+    error::AgentError,
 };
 
 /// The metadata key callers put their request id in.

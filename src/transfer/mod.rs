@@ -20,6 +20,7 @@ mod hydrate;
 pub(crate) use hydrate::zero_first_block;
 mod monitor;
 pub mod progress;
+pub mod release;
 
 use std::{
     collections::HashMap,

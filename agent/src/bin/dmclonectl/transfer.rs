@@ -5,14 +5,14 @@ use std::{collections::HashMap, io::IsTerminal, path::PathBuf, time::Instant};
 
 use clap::{Args, Subcommand};
 use dmclone::{
-    api::transfer_state_name,
-    config::parse_size,
-    proto::v1::{
+    api::proto::v1::{
         ExportVolumeRequest, HydrationKnobs, ListTransfersRequest, NvmeTcpSource,
         StartTransferRequest, ThrottleTransferRequest, Transfer, TransferRef, TransferState,
         UnexportVolumeRequest, WatchTransfersRequest, start_transfer_request::Source,
         transfers_client::TransfersClient,
     },
+    api::transfer_state_name,
+    config::parse_size,
 };
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use serde_json::json;

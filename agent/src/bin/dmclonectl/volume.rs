@@ -2,13 +2,13 @@
 
 use clap::{ArgGroup, Subcommand};
 use dmclone::{
-    api::volume_state_name,
-    config::parse_size,
-    proto::v1::{
+    api::proto::v1::{
         CreateVolumeRequest, DeleteVolumeRequest, ExtendVolumeRequest, GetVolumeRequest,
         ListVolumesRequest, PublishVolumeRequest, UnpublishVolumeRequest, Volume,
         get_changed_blocks_request::Since, volumes_client::VolumesClient,
     },
+    api::volume_state_name,
+    config::parse_size,
 };
 use serde_json::json;
 use tonic::transport::Channel;
