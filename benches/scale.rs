@@ -38,6 +38,10 @@
 //! its argument parsing. Without device-mapper, `dmsetup` or the agent
 //! binary it fails and prints no figures.
 
+// Drives the agent over gRPC: tonic and the generated clients are its
+// vocabulary (clippy.toml keeps them out of the library's domain).
+#![allow(clippy::disallowed_types)]
+
 use std::{
     fmt::Write as _,
     fs,
@@ -49,21 +53,21 @@ use std::{
 
 use dmclone::{
     aligned::AlignedBuf,
-    client::connect_unix,
-    config::DEFAULT_CHANGE_BLOCK_BYTES,
-    dm::kernel::DeviceMapper,
-    proto::v1::{
+    api::proto::v1::{
         CreateVolumeRequest, GetChangedBlocksRequest, ListVolumesRequest, MarkCheckpointRequest,
         PublishVolumeRequest, get_changed_blocks_request::Since, snapshots_client::SnapshotsClient,
         volumes_client::VolumesClient,
     },
+    client::connect_unix,
+    config::DEFAULT_CHANGE_BLOCK_BYTES,
+    dm::kernel::DeviceMapper,
 };
 use serde_json::{Value, json};
 use tonic::transport::Channel;
 
 mod common;
 
-use common::{BenchResult, FioJob, fio, open_direct, run_tool};
+use common::{BenchResult, FioJob, Stats, fio, open_direct, run_tool, stats, stats_json};
 
 const PREFIX: &str = "dmbenchscale";
 const LIST_TARGET: f64 = 50.0;
@@ -205,20 +209,9 @@ fn volume_id(i: usize) -> String {
     format!("5c000000-0000-4000-8000-{i:012x}")
 }
 
-/// min, median, max.
-fn spread(values: &[f64]) -> (f64, f64, f64) {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    (
-        sorted[0],
-        sorted[sorted.len() / 2],
-        sorted[sorted.len() - 1],
-    )
-}
-
-fn spread_json(values: &[f64]) -> Value {
-    let (min, median, max) = spread(values);
-    json!({ "min": min, "median": median, "max": max, "values": values })
+/// The summary of at least one round (`--reps` is at least 1).
+fn summary(values: &[f64]) -> BenchResult<Stats> {
+    stats(values).ok_or_else(|| "no rounds were measured".into())
 }
 
 struct Agent {
@@ -622,9 +615,12 @@ async fn changes_on(agent: &Agent, params: &Params) -> BenchResult<(Value, Strin
         ratios.push(read_s / rpc_s);
     }
     let changed_bytes: u64 = expected.iter().map(|(_, len)| len).sum();
-    let (rpc_min, rpc_med, rpc_max) = spread(&rpc);
-    let (_, read_med, _) = spread(&reads);
-    let (ratio_min, ratio, ratio_max) = spread(&ratios);
+    let rpc_summary = summary(&rpc)?;
+    let (rpc_min, rpc_med, rpc_max) = (rpc_summary.min, rpc_summary.median, rpc_summary.max);
+    let read_med = summary(&reads)?.median;
+    let ratio_summary = summary(&ratios)?;
+    let (ratio_min, ratio, ratio_max) =
+        (ratio_summary.min, ratio_summary.median, ratio_summary.max);
     let report = json!({
         "volume_bytes": size,
         "era_block_bytes": ERA_BLOCK,
@@ -639,9 +635,9 @@ async fn changes_on(agent: &Agent, params: &Params) -> BenchResult<(Value, Strin
         "messages": messages,
         "reps": params.reps,
         "warm_up_ms": warm_s * 1e3,
-        "get_changed_blocks_ms": spread_json(&rpc),
-        "full_read_ms": spread_json(&reads),
-        "full_read_over_changed_blocks": spread_json(&ratios),
+        "get_changed_blocks_ms": stats_json(&rpc),
+        "full_read_ms": stats_json(&reads),
+        "full_read_over_changed_blocks": stats_json(&ratios),
     });
     let mut text = String::new();
     writeln!(
@@ -705,16 +701,17 @@ async fn measure_scale(params: &Params) -> BenchResult<(Value, String)> {
     let rss_restarted = agent.rss_mib()?;
     agent.remove(&dm).await?;
 
-    let (_, ratio, _) = spread(&ratios);
+    let speedup = summary(&ratios)?;
+    let ratio = speedup.median;
     let rss = rss_serving.max(rss_restarted);
     let report = json!({
         "volumes": n,
         "reps": params.reps,
         "create_seconds": create_s,
-        "list_rpc_ms": spread_json(&rpc),
-        "dmsetup_all_devices_ms": spread_json(&procs),
+        "list_rpc_ms": stats_json(&rpc),
+        "dmsetup_all_devices_ms": stats_json(&procs),
         "dmsetup_sampled_devices": sample,
-        "list_speedup": spread_json(&ratios),
+        "list_speedup": stats_json(&ratios),
         "list_target": LIST_TARGET,
         "list_pass": ratio >= LIST_TARGET,
         "rss_mib_serving": rss_serving,
@@ -725,9 +722,9 @@ async fn measure_scale(params: &Params) -> BenchResult<(Value, String)> {
         "reconcile_target_ms": RECONCILE_TARGET_MS,
         "reconcile_pass": reconcile_ms < RECONCILE_TARGET_MS,
     });
-    let (min, med, max) = spread(&ratios);
-    let (_, rpc_med, _) = spread(&rpc);
-    let (_, procs_med, _) = spread(&procs);
+    let (min, med, max) = (speedup.min, speedup.median, speedup.max);
+    let rpc_med = summary(&rpc)?.median;
+    let procs_med = summary(&procs)?.median;
     let scaled = if sample < n {
         format!(" (timed on {sample}, scaled to {n})")
     } else {
@@ -843,9 +840,7 @@ fn self_check() -> Result<(), String> {
             other => return Err(format!("{given:?} should fail with {reason:?}: {other:?}")),
         }
     }
-    if spread(&[3.0, 1.0, 2.0]) != (1.0, 2.0, 3.0) {
-        return Err("spread is not min, median, max".into());
-    }
+    common::stats::self_check()?;
     let parts =
         |list: &str| Params::parse(&args(&["--parts", list]), none).map(|p| (p.scale, p.changes));
     if parts("changes").ok() != Some((false, true))

@@ -16,7 +16,7 @@ use crate::{
     pool::{Pool, PoolUsage, backing::Backing},
     reconcile::ReconcileReport,
     store::{Store, TransferRecord},
-    transfer::Registry,
+    transfer::{Registry, release::SourceReleaser},
 };
 
 /// Who this agent is and what its kernel offers.
@@ -49,6 +49,8 @@ pub struct Agent {
     pub(crate) transfers: Registry,
     pub(crate) nvme: NvmeIdentity,
     pub(crate) metrics: Metrics,
+    /// Asks source agents to drop their copies once a move here is done.
+    pub(crate) source_releaser: Arc<dyn SourceReleaser>,
     pub(crate) background: Background,
 }
 
@@ -76,7 +78,11 @@ impl Background {
 impl Agent {
     /// Opens device-mapper, the store and the pool, then reconciles the kernel
     /// with the store. The agent serves requests only after this returns.
-    pub async fn start(settings: Settings) -> Result<Arc<Self>, AgentError> {
+    /// `source_releaser` reaches other agents (the API layer provides it).
+    pub async fn start(
+        settings: Settings,
+        source_releaser: Arc<dyn SourceReleaser>,
+    ) -> Result<Arc<Self>, AgentError> {
         failpoint::check_configured().map_err(|reason| AgentError::Config {
             option: failpoint::ENV.to_owned(),
             reason,
@@ -84,7 +90,7 @@ impl Agent {
         let dm: Arc<dyn Kernel> = Arc::new(LiveKernel::open()?);
         check_targets(dm.as_ref()).await?;
         let backing = Backing::open(&settings.pool.backing).await?;
-        Self::start_on(settings, dm, backing).await
+        Self::start_on(settings, dm, backing, source_releaser).await
     }
 
     /// Starts over `dm` with the pool on `backing`: the whole start but for
@@ -94,6 +100,7 @@ impl Agent {
         settings: Settings,
         dm: Arc<dyn Kernel>,
         backing: Backing,
+        source_releaser: Arc<dyn SourceReleaser>,
     ) -> Result<Arc<Self>, AgentError> {
         check_targets(dm.as_ref()).await?;
         prepare_state_dir(&settings.state_dir)?;
@@ -123,6 +130,7 @@ impl Agent {
             transfers: Registry::default(),
             nvme,
             metrics: Metrics::new(),
+            source_releaser,
             background: Background::default(),
         };
         let started = Instant::now();
@@ -193,39 +201,18 @@ impl Agent {
 
     /// The exposition text with the agent's current state.
     pub async fn render_metrics(&self) -> Result<String, AgentError> {
-        use crate::{
-            metrics::{Snapshot, TransferFigures},
-            transfer::TransferState,
-            volume::VolumeState,
-        };
+        use crate::metrics::{Snapshot, TransferFigures};
         let usage = self.pool.usage().await?;
         let volumes = self.store_call(|store| store.volumes()).await?;
         let mut volume_states: std::collections::BTreeMap<&'static str, u64> = Default::default();
         for record in &volumes {
-            let state = match self.volume_state(record) {
-                VolumeState::Creating => "creating",
-                VolumeState::Available => "available",
-                VolumeState::Deleting => "deleting",
-                VolumeState::Hydrating => "hydrating",
-                VolumeState::Quarantined(_) => "quarantined",
-            };
+            let state = self.volume_state(record).as_str();
             *volume_states.entry(state).or_default() += 1;
         }
         let transfers = self.list_transfers().await?;
         let mut transfer_states: std::collections::BTreeMap<&'static str, u64> = Default::default();
         for view in &transfers {
-            let state = match view.state {
-                TransferState::Connecting => "connecting",
-                TransferState::Deferred => "deferred",
-                TransferState::Hydrating => "hydrating",
-                TransferState::Paused => "paused",
-                TransferState::Finalizing => "finalizing",
-                TransferState::Done => "done",
-                TransferState::Degraded => "degraded",
-                TransferState::Failed => "failed",
-                TransferState::Aborted => "aborted",
-            };
-            *transfer_states.entry(state).or_default() += 1;
+            *transfer_states.entry(view.state.as_str()).or_default() += 1;
         }
         Ok(self.metrics.render(&Snapshot {
             pool_data_size: usage.data_total_bytes,

@@ -225,11 +225,13 @@ impl Metrics {
         }
     }
 
-    pub fn rpc(&self, method: &str, code: tonic::Code, seconds: f64) {
+    /// One finished call. `code` names its outcome as the API layer reports
+    /// it (`Ok`, `AlreadyExists`, ...); this module does not know the wire.
+    pub fn rpc(&self, method: &str, code: &str, seconds: f64) {
         self.rpc_requests
             .get_or_create(&RpcLabels {
                 method: method.to_owned(),
-                code: format!("{code:?}"),
+                code: code.to_owned(),
             })
             .inc();
         self.rpc_duration
@@ -319,8 +321,8 @@ mod tests {
     #[test]
     fn names_follow_prometheus_conventions() {
         let metrics = Metrics::new();
-        metrics.rpc("CreateVolume", tonic::Code::Ok, 0.002);
-        metrics.rpc("CreateVolume", tonic::Code::AlreadyExists, 0.001);
+        metrics.rpc("CreateVolume", "Ok", 0.002);
+        metrics.rpc("CreateVolume", "AlreadyExists", 0.001);
         metrics.finalized(Some(0.04), Some(0.02));
         metrics.reconciled(1.5);
         let text = metrics.render(&Snapshot {

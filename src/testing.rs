@@ -11,6 +11,7 @@ use crate::{
     error::AgentError,
     ids::VolumeId,
     pool::backing::Backing,
+    transfer::release::{ReleaseFuture, ReleaseRequest, SourceReleaser},
 };
 
 pub const MIB: u64 = 1 << 20;
@@ -57,7 +58,8 @@ impl TestHost {
             self.backing_dev,
         )?;
         let kernel: Arc<dyn crate::dm::Kernel> = self.kernel.clone();
-        Agent::start_on(self.settings.clone(), kernel, backing).await
+        let releaser = Arc::new(NoSourceAgents);
+        Agent::start_on(self.settings.clone(), kernel, backing, releaser).await
     }
 
     /// Stops `agent` as a crash would (nothing is cleaned up) and starts a
@@ -76,6 +78,22 @@ impl TestHost {
 impl Default for TestHost {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// Source agents that never answer: the host tests' transfers copy from
+/// local devices, which need no release.
+#[derive(Debug)]
+struct NoSourceAgents;
+
+impl SourceReleaser for NoSourceAgents {
+    fn release<'a>(&'a self, request: &'a ReleaseRequest) -> ReleaseFuture<'a> {
+        let volume = request.volume_id.clone();
+        Box::pin(async move {
+            Err(AgentError::Unavailable {
+                reason: format!("no source agent in host tests (release of {volume})"),
+            })
+        })
     }
 }
 

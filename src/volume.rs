@@ -59,6 +59,19 @@ pub enum VolumeState {
     Quarantined(String),
 }
 
+impl VolumeState {
+    /// The state's name wherever people read it: metrics labels, the CLI.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            VolumeState::Creating => "creating",
+            VolumeState::Available => "available",
+            VolumeState::Deleting => "deleting",
+            VolumeState::Hydrating => "hydrating",
+            VolumeState::Quarantined(_) => "quarantined",
+        }
+    }
+}
+
 /// Whether a create made the volume or found it made (a retried call).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {

@@ -10,6 +10,10 @@ use std::{
 use dmclone::dm::{kernel::DeviceMapper, names::DeviceName};
 use serde_json::Value;
 
+pub mod stats;
+
+pub use stats::{Stats, stats, stats_json};
+
 pub type BenchResult<T> = Result<T, Box<dyn StdError + Send + Sync>>;
 
 /// Removes every device named `<prefix>-…`, those stacked on others first

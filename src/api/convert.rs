@@ -2,14 +2,18 @@
 
 use crate::{
     agent::NodeInfo,
+    api::proto::v1 as pb,
     pool::PoolUsage,
-    proto::v1 as pb,
     transfer::{TransferState, TransferView},
     volume::{Volume, VolumeState},
 };
 
-pub fn transfer(view: TransferView) -> pb::Transfer {
-    let state = match view.state {
+/// What a client shows for a wire state the agent never sends (the unset
+/// zero value, or one from a newer agent).
+const UNKNOWN_STATE: &str = "unknown";
+
+fn transfer_state(state: TransferState) -> pb::TransferState {
+    match state {
         TransferState::Connecting => pb::TransferState::Connecting,
         TransferState::Deferred => pb::TransferState::Deferred,
         TransferState::Hydrating => pb::TransferState::Hydrating,
@@ -19,11 +23,58 @@ pub fn transfer(view: TransferView) -> pb::Transfer {
         TransferState::Degraded => pb::TransferState::Degraded,
         TransferState::Failed => pb::TransferState::Failed,
         TransferState::Aborted => pb::TransferState::Aborted,
+    }
+}
+
+fn transfer_state_from_wire(state: pb::TransferState) -> Option<TransferState> {
+    Some(match state {
+        pb::TransferState::Unspecified => return None,
+        pb::TransferState::Connecting => TransferState::Connecting,
+        pb::TransferState::Deferred => TransferState::Deferred,
+        pb::TransferState::Hydrating => TransferState::Hydrating,
+        pb::TransferState::Paused => TransferState::Paused,
+        pb::TransferState::Finalizing => TransferState::Finalizing,
+        pb::TransferState::Done => TransferState::Done,
+        pb::TransferState::Degraded => TransferState::Degraded,
+        pb::TransferState::Failed => TransferState::Failed,
+        pb::TransferState::Aborted => TransferState::Aborted,
+    })
+}
+
+/// The domain's name of a transfer state received over the wire.
+pub fn transfer_state_name(state: pb::TransferState) -> &'static str {
+    transfer_state_from_wire(state).map_or(UNKNOWN_STATE, TransferState::as_str)
+}
+
+fn volume_state(state: &VolumeState) -> pb::VolumeState {
+    match state {
+        VolumeState::Creating => pb::VolumeState::Creating,
+        VolumeState::Available => pb::VolumeState::Available,
+        VolumeState::Deleting => pb::VolumeState::Deleting,
+        VolumeState::Quarantined(_) => pb::VolumeState::Quarantined,
+        VolumeState::Hydrating => pb::VolumeState::Hydrating,
+    }
+}
+
+/// The domain's name of a volume state received over the wire.
+pub fn volume_state_name(state: pb::VolumeState) -> &'static str {
+    let state = match state {
+        pb::VolumeState::Unspecified => return UNKNOWN_STATE,
+        pb::VolumeState::Creating => VolumeState::Creating,
+        pb::VolumeState::Available => VolumeState::Available,
+        pb::VolumeState::Deleting => VolumeState::Deleting,
+        // The reason travels in its own field; the name does not need it.
+        pb::VolumeState::Quarantined => VolumeState::Quarantined(String::new()),
+        pb::VolumeState::Hydrating => VolumeState::Hydrating,
     };
+    state.as_str()
+}
+
+pub fn transfer(view: TransferView) -> pb::Transfer {
     pb::Transfer {
         transfer_id: view.id.to_string(),
         volume_id: view.volume_id.to_string(),
-        state: state.into(),
+        state: transfer_state(view.state).into(),
         regions_hydrated: view.regions_hydrated,
         regions_total: view.regions_total,
         bytes_hydrated: view.bytes_hydrated,
@@ -45,17 +96,10 @@ pub fn transfer(view: TransferView) -> pb::Transfer {
 }
 
 pub fn volume(volume: Volume) -> pb::Volume {
-    let state = match &volume.state {
-        VolumeState::Creating => pb::VolumeState::Creating,
-        VolumeState::Available => pb::VolumeState::Available,
-        VolumeState::Deleting => pb::VolumeState::Deleting,
-        VolumeState::Quarantined(_) => pb::VolumeState::Quarantined,
-        VolumeState::Hydrating => pb::VolumeState::Hydrating,
-    };
     pb::Volume {
         volume_id: volume.id.to_string(),
         size_bytes: volume.size_bytes,
-        state: state.into(),
+        state: volume_state(&volume.state).into(),
         device_path: volume
             .device_path
             .map(|p| p.display().to_string())
@@ -106,5 +150,41 @@ fn pool(usage: PoolUsage, provisioned_bytes: u64, volume_count: usize) -> pb::Po
         health: usage.health.as_str().to_owned(),
         provisioned_bytes,
         volume_count: volume_count as u64,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_states_carry_the_domain_names() {
+        for state in [
+            VolumeState::Creating,
+            VolumeState::Available,
+            VolumeState::Deleting,
+            VolumeState::Hydrating,
+            VolumeState::Quarantined("metadata differs".into()),
+        ] {
+            assert_eq!(volume_state_name(volume_state(&state)), state.as_str());
+        }
+        for state in [
+            TransferState::Connecting,
+            TransferState::Deferred,
+            TransferState::Hydrating,
+            TransferState::Paused,
+            TransferState::Finalizing,
+            TransferState::Done,
+            TransferState::Degraded,
+            TransferState::Failed,
+            TransferState::Aborted,
+        ] {
+            assert_eq!(transfer_state_name(transfer_state(state)), state.as_str());
+        }
+        assert_eq!(volume_state_name(pb::VolumeState::Unspecified), "unknown");
+        assert_eq!(
+            transfer_state_name(pb::TransferState::Unspecified),
+            "unknown"
+        );
     }
 }

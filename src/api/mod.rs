@@ -9,10 +9,16 @@
 
 mod convert;
 mod node;
+pub mod proto;
+mod release;
 mod snapshot;
 pub mod status;
 mod transfer;
 mod volume;
+
+/// What clients print for the states they receive: the domain's names.
+pub use convert::{transfer_state_name, volume_state_name};
+pub use release::GrpcSourceReleaser;
 
 use std::{
     future::Future,
@@ -34,15 +40,15 @@ use tracing::{Instrument, info, info_span, warn};
 
 use crate::{
     agent::Agent,
-    config::TcpSettings,
-    error::AgentError,
-    proto::{
+    api::proto::{
         FILE_DESCRIPTOR_SET,
         v1::{
             node_server::NodeServer, snapshots_server::SnapshotsServer,
             transfers_server::TransfersServer, volumes_server::VolumesServer,
         },
     },
+    config::TcpSettings,
+    error::AgentError,
 };
 
 /// The metadata key callers put their request id in.
@@ -257,13 +263,17 @@ where
         match result {
             Ok(reply) => {
                 info!(millis, "ok");
-                agent.metrics().rpc(method, tonic::Code::Ok, seconds);
+                agent
+                    .metrics()
+                    .rpc(method, status::code_label(tonic::Code::Ok), seconds);
                 Ok(Response::new(reply))
             }
             Err(err) => {
                 let status = status::status_of(&err);
                 warn!(millis, code = ?status.code(), error = %err, "failed");
-                agent.metrics().rpc(method, status.code(), seconds);
+                agent
+                    .metrics()
+                    .rpc(method, status::code_label(status.code()), seconds);
                 Err(status)
             }
         }

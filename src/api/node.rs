@@ -5,7 +5,7 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::{convert, handle, parts};
-use crate::{agent::Agent, proto::v1 as pb};
+use crate::{agent::Agent, api::proto::v1 as pb};
 
 #[derive(Debug)]
 pub struct NodeApi {

@@ -9,10 +9,10 @@ use tonic::{Request, Response, Status, codegen::BoxStream};
 use super::{handle, parts, span_id};
 use crate::{
     agent::Agent,
+    api::proto::v1 as pb,
     changes::{ChangedBlocks, Since},
     error::AgentError,
     ids::{SnapshotId, VolumeId},
-    proto::v1 as pb,
     snapshot::SnapshotView,
 };
 

@@ -10,9 +10,9 @@ use tonic::{Request, Response, Status, codegen::BoxStream};
 use super::{convert, handle, parts, span_id};
 use crate::{
     agent::Agent,
+    api::proto::v1 as pb,
     error::AgentError,
     ids::{TransferId, VolumeId},
-    proto::v1 as pb,
     transfer::{KnobRequest, Source, StartRequest, TransferState, TransferView},
 };
 

@@ -7,9 +7,9 @@ use tonic::{Request, Response, Status};
 use super::{convert, handle, parts, span_id};
 use crate::{
     agent::Agent,
+    api::proto::v1 as pb,
     error::AgentError,
     ids::{SnapshotId, VolumeId},
-    proto::v1 as pb,
 };
 
 #[derive(Debug)]

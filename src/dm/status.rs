@@ -1,7 +1,10 @@
 //! INFO status lines of the targets we drive, parsed into structs and
 //! rendered back exactly (the rendering exists so that property tests can
 //! round-trip). Pure code: no I/O. Parsers never panic and reject any line that
-//! does not have the kernel's exact shape, quoting it.
+//! lacks a documented field or has one of the wrong shape, quoting it. Words
+//! after the documented fields are ignored: newer kernels append fields to
+//! status lines (thin-pool gained its metadata low watermark that way), and an
+//! agent must keep working on them.
 //!
 //! linear and flakey report an empty INFO status on 6.1, so they have no type.
 
@@ -93,12 +96,8 @@ impl<'a> Fields<'a> {
         self.words.next()
     }
 
-    fn end(&mut self) -> Result<(), ParseError> {
-        match self.words.next() {
-            None => Ok(()),
-            Some(extra) => Err(self.error(format!("unexpected extra field {extra:?}"))),
-        }
-    }
+    /// Skips whatever a newer kernel appended after the fields we know.
+    fn ignore_newer_fields(self) {}
 }
 
 /// A status line that may instead be one of the single words the kernel
@@ -205,7 +204,7 @@ impl FromStr for CloneStatus {
             "ro" => CloneMode::ReadOnly,
             other => return Err(fields.error(format!("unknown metadata mode {other:?}"))),
         };
-        fields.end()?;
+        fields.ignore_newer_fields();
         Ok(CloneStatus {
             metadata_block_sectors,
             metadata,
@@ -297,7 +296,7 @@ impl FromStr for EraStatus {
             current_era: fields.number("current era")?,
             held_root: fields.optional_number("held root")?,
         };
-        fields.end()?;
+        fields.ignore_newer_fields();
         Ok(status)
     }
 }
@@ -409,7 +408,7 @@ impl FromStr for ThinPoolStatus {
                 fields.error(format!("metadata low watermark {word:?} is not a number"))
             })?),
         };
-        fields.end()?;
+        fields.ignore_newer_fields();
         Ok(ThinPoolStatus {
             transaction_id,
             metadata,
@@ -491,7 +490,7 @@ impl FromStr for ThinStatus {
             mapped_sectors: fields.number("mapped sectors")?,
             highest_mapped_sector: fields.optional_number("highest mapped sector")?,
         };
-        fields.end()?;
+        fields.ignore_newer_fields();
         Ok(status)
     }
 }
@@ -532,7 +531,7 @@ impl FromStr for DelayStatus {
                     .map_err(|_| fields.error(format!("held flushes {word:?} is not a number")))?,
             ),
         };
-        fields.end()?;
+        fields.ignore_newer_fields();
         Ok(DelayStatus {
             reads,
             writes,

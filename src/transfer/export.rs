@@ -8,7 +8,7 @@ use tracing::{info, warn};
 
 use crate::{
     agent::Agent,
-    client::{ClientTls, connect_tls, connect_unix},
+    client::ClientTls,
     dm::table::DevRef,
     error::AgentError,
     ids::{TransferId, VolumeId},
@@ -19,9 +19,9 @@ use crate::{
         target::{ExportRequest, PortSpec},
         volume_of_subsystem,
     },
-    proto::v1::{ReleaseVolumeRequest, transfers_client::TransfersClient},
     refusal::Refusal,
     store::{ExportRecord, SourceRecord, TransferRecord},
+    transfer::release::{ReleaseRequest, SourceAgent},
 };
 
 /// An export, as the source reports it to the destination.
@@ -315,25 +315,19 @@ impl Agent {
         endpoint: &str,
         volume: &VolumeId,
     ) -> Result<(), AgentError> {
-        let channel = match endpoint.strip_prefix("unix:") {
-            Some(path) => connect_unix(std::path::Path::new(path)).await?,
-            None => connect_tls(endpoint, &self.peer_tls(endpoint)?).await?,
+        let source = match endpoint.strip_prefix("unix:") {
+            Some(path) => SourceAgent::Unix(path.into()),
+            None => SourceAgent::Tls {
+                address: endpoint.to_owned(),
+                tls: self.peer_tls(endpoint)?,
+            },
         };
-        let request = ReleaseVolumeRequest {
+        let request = ReleaseRequest {
+            source,
             volume_id: volume.to_string(),
             host_nqn: self.nvme.host_nqn.to_string(),
         };
-        TransfersClient::new(channel)
-            .release_volume(request)
-            .await
-            .map(drop)
-            .map_err(|status| AgentError::Unavailable {
-                reason: format!(
-                    "{endpoint} answered {:?}: {}",
-                    status.code(),
-                    status.message()
-                ),
-            })
+        self.source_releaser.release(&request).await
     }
 
     fn peer_tls(&self, endpoint: &str) -> Result<ClientTls, AgentError> {

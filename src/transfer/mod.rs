@@ -19,6 +19,7 @@ pub mod export;
 mod hydrate;
 mod monitor;
 pub mod progress;
+pub mod release;
 
 use std::{
     collections::HashMap,
@@ -50,6 +51,23 @@ pub enum TransferState {
     Degraded,
     Failed,
     Aborted,
+}
+
+impl TransferState {
+    /// The state's name wherever people read it: metrics labels, the CLI.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TransferState::Connecting => "connecting",
+            TransferState::Deferred => "deferred",
+            TransferState::Hydrating => "hydrating",
+            TransferState::Paused => "paused",
+            TransferState::Finalizing => "finalizing",
+            TransferState::Done => "done",
+            TransferState::Degraded => "degraded",
+            TransferState::Failed => "failed",
+            TransferState::Aborted => "aborted",
+        }
+    }
 }
 
 /// What a start request asks for, validated.

@@ -288,6 +288,7 @@ pub fn table(len: u64, target: Target) -> Table {
 }
 
 /// The refusal reason a status carries (its `google.rpc.ErrorInfo.reason`).
+#[allow(clippy::disallowed_types)] // the tests are gRPC clients
 pub fn refusal_reason(status: &tonic::Status) -> Option<String> {
     dmclone::api::status::reason_of(status)
 }

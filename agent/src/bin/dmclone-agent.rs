@@ -1,6 +1,6 @@
 //! dmclone-agent: the per-hypervisor storage daemon.
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{path::PathBuf, process::ExitCode, sync::Arc};
 
 use clap::Parser;
 use dmclone::{
@@ -217,7 +217,7 @@ async fn main() -> ExitCode {
 }
 
 async fn run(settings: Settings) -> Result<(), AgentError> {
-    let agent = Agent::start(settings).await?;
+    let agent = Agent::start(settings, Arc::new(api::GrpcSourceReleaser)).await?;
     api::serve(agent, shutdown_signal(), || notify_systemd("READY=1")).await?;
     notify_systemd("STOPPING=1");
     Ok(())

@@ -55,7 +55,6 @@ fn clone_status_rejects_malformed_lines_quoting_them() {
         "8 5000/4096 8 0/2048 0 0 4 hydration_threshold 1 hydration_batch_size 1 rw",
         "8 27/4096 8 0/2048 0 1 turbo 4 hydration_threshold 1 hydration_batch_size 1 rw",
         "8 27/4096 8 0/2048 0 0 2 hydration_threshold 1 rw",
-        "8 27/4096 8 0/2048 0 0 4 hydration_threshold 1 hydration_batch_size 1 rw extra",
         "8 27-4096 8 0/2048 0 0 4 hydration_threshold 1 hydration_batch_size 1 rw",
         "8 27/4096 8 0/2048 0 0 4 hydration_threshold 1 hydration_batch_size 1 Fail",
     ] {
@@ -130,7 +129,6 @@ fn thin_pool_failure_words_and_rejections() {
         "0 141/4096 2/4096 - rw discard_passdown queue_if_no_space",
         "0 141/4096 2/4096 - xx discard_passdown queue_if_no_space - 1024",
         "0 141/4096 9/4 - rw discard_passdown queue_if_no_space - 1024",
-        "0 141/4096 2/4096 - rw discard_passdown queue_if_no_space - 1024 7",
         "0 141/4096 2/4096 - rw discard_passdown queue_if_no_space maybe 1024",
         "0 141/4096 2/4096 - rw discard_passdown queue_if_full - 1024",
     ] {
@@ -159,7 +157,85 @@ fn thin_and_delay_status() {
     let delay: DelayStatus = "1 2 3".parse().unwrap();
     assert_eq!((delay.reads, delay.writes, delay.flushes), (1, 2, Some(3)));
     assert_eq!("4 5".parse::<DelayStatus>().unwrap().flushes, None);
-    assert!("4 5 6 7".parse::<DelayStatus>().is_err());
+    assert!("4".parse::<DelayStatus>().is_err());
+}
+
+/// Words a newer kernel might append after the documented fields.
+const NEWER_FIELDS: &str = " 7 future_flag -";
+
+/// Parses `line` as it is and with `NEWER_FIELDS` appended, expects the same
+/// value, and expects the line cut short by whole words to be rejected once
+/// it lacks more than its `optional_words` (documented fields that older
+/// kernels omit).
+fn accepts_appended_fields_rejects_truncation<T>(line: &str, optional_words: usize)
+where
+    T: FromStr<Err = ParseError> + PartialEq + fmt::Debug,
+{
+    let documented: T = line.parse().expect(line);
+    let extended = format!("{}{NEWER_FIELDS}", line.trim_end());
+    assert_eq!(extended.parse::<T>().expect(&extended), documented);
+
+    let words: Vec<&str> = line.split_whitespace().collect();
+    for kept in 0..words.len() - optional_words {
+        let truncated = words[..kept].join(" ");
+        let err = truncated.parse::<T>().expect_err(&truncated);
+        assert_eq!(err.input, truncated);
+    }
+}
+
+#[test]
+fn clone_status_accepts_newer_fields_and_rejects_truncation() {
+    accepts_appended_fields_rejects_truncation::<CloneStatus>(
+        "8 27/4096 8 0/2048 0 2 no_hydration no_discard_passdown 4 hydration_threshold 1 hydration_batch_size 1 rw",
+        0,
+    );
+    accepts_appended_fields_rejects_truncation::<CloneStatus>(
+        "8 140/4096 1024 65536/65536 0 0 4 hydration_threshold 1024 hydration_batch_size 256 ro",
+        0,
+    );
+    let health: CloneHealth = format!(
+        "8 27/4096 8 0/2048 0 0 4 hydration_threshold 1 hydration_batch_size 1 rw{NEWER_FIELDS}"
+    )
+    .parse()
+    .unwrap();
+    assert!(matches!(health, Health::Running(_)));
+}
+
+#[test]
+fn era_status_accepts_newer_fields_and_rejects_truncation() {
+    accepts_appended_fields_rejects_truncation::<EraStatus>("8 30/2048 5 -", 0);
+    accepts_appended_fields_rejects_truncation::<EraStatus>("8 31/2048 6 17", 0);
+}
+
+#[test]
+fn thin_pool_status_accepts_newer_fields_and_rejects_truncation() {
+    // The watermark is optional (older kernels), so the line is complete
+    // after the needs_check flag.
+    let line = "0 141/4096 2/4096 - rw discard_passdown queue_if_no_space - 1024 ";
+    accepts_appended_fields_rejects_truncation::<ThinPoolStatus>(line, 1);
+    let extended: ThinPoolStatus = format!("{}{NEWER_FIELDS}", line.trim_end())
+        .parse()
+        .unwrap();
+    assert_eq!(extended.metadata_low_watermark, Some(1024));
+    let health: ThinPoolHealth = format!("{line}{NEWER_FIELDS}").parse().unwrap();
+    assert_eq!(health.used_data_blocks(), Some(2));
+}
+
+#[test]
+fn thin_status_accepts_newer_fields_and_rejects_truncation() {
+    accepts_appended_fields_rejects_truncation::<ThinStatus>("2048 4095", 0);
+    assert_eq!(
+        "0 - 9 extra".parse::<ThinStatus>().unwrap(),
+        ThinStatus::Active {
+            mapped_sectors: 0,
+            highest_mapped_sector: None
+        }
+    );
+}
+
+#[test]
+fn delay_status_accepts_newer_fields_and_rejects_truncation() {
+    accepts_appended_fields_rejects_truncation::<DelayStatus>("1 2 3", 1);
 }
 
 fn usage() -> impl Strategy<Value = Usage> {

@@ -2,7 +2,7 @@
 
 use std::{collections::BTreeMap, os::unix::fs::FileTypeExt, path::Path, sync::Arc};
 
-use dmclone::proto::v1::{
+use dmclone::api::proto::v1::{
     CreateSnapshotRequest, CreateVolumeRequest, DeleteVolumeRequest, ExtendVolumeRequest,
     GetChangedBlocksRequest, GetNodeInfoRequest, GetVolumeRequest, ListVolumesRequest,
     MarkCheckpointRequest, PublishVolumeRequest, StartTransferRequest, UnpublishVolumeRequest,

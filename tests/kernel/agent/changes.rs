@@ -4,7 +4,7 @@
 
 use std::{collections::BTreeSet, path::Path};
 
-use dmclone::proto::v1::{
+use dmclone::api::proto::v1::{
     GetChangedBlocksRequest, MarkCheckpointRequest, get_changed_blocks_request::Since,
     snapshots_client::SnapshotsClient,
 };

@@ -13,7 +13,7 @@ use super::{
     fixture::AgentProcess,
 };
 use crate::support::*;
-use dmclone::proto::v1::volumes_client::VolumesClient;
+use dmclone::api::proto::v1::volumes_client::VolumesClient;
 use tonic::{Code, transport::Channel};
 
 /// `AgentProcess::crash_inside` with a volumes client.

@@ -10,9 +10,9 @@ use std::{
 };
 
 use dmclone::{
+    api::proto::v1::{node_client::NodeClient, volumes_client::VolumesClient},
     client::connect_unix,
     dm::kernel::DeviceMapper,
-    proto::v1::{node_client::NodeClient, volumes_client::VolumesClient},
 };
 use tempfile::TempDir;
 use tonic::transport::Channel;
@@ -165,7 +165,7 @@ impl AgentProcess {
             if self.socket().exists()
                 && let Ok(channel) = connect_unix(&self.socket()).await
                 && NodeClient::new(channel)
-                    .get_node_info(dmclone::proto::v1::GetNodeInfoRequest {})
+                    .get_node_info(dmclone::api::proto::v1::GetNodeInfoRequest {})
                     .await
                     .is_ok()
             {

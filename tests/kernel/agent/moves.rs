@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use dmclone::proto::v1::{
+use dmclone::api::proto::v1::{
     Export, ExportVolumeRequest, GetNodeInfoRequest, NvmeTcpSource, StartTransferRequest, Transfer,
     TransferRef, TransferState, UnexportVolumeRequest, VolumeState, start_transfer_request::Source,
     transfers_client::TransfersClient,

@@ -7,7 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use dmclone::proto::v1::{
+use dmclone::api::proto::v1::{
     GetVolumeRequest, HydrationKnobs, StartTransferRequest, TransferRef, TransferState,
     start_transfer_request::Source, transfers_client::TransfersClient,
 };

@@ -12,7 +12,7 @@
 
 use std::path::{Path, PathBuf};
 
-use dmclone::proto::v1::{
+use dmclone::api::proto::v1::{
     HydrationKnobs, StartTransferRequest, TransferRef, TransferState,
     start_transfer_request::Source, transfers_client::TransfersClient,
 };
@@ -186,7 +186,7 @@ async fn second_boot_rebuilds_every_volume_with_its_data() {
         "{resumed:?} vs {before} before the reboot"
     );
     transfers
-        .throttle_transfer(dmclone::proto::v1::ThrottleTransferRequest {
+        .throttle_transfer(dmclone::api::proto::v1::ThrottleTransferRequest {
             transfer_id: TRANSFER.into(),
             knobs: Some(HydrationKnobs {
                 hydration_threshold: 64,

@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use dmclone::proto::v1::volumes_client::VolumesClient;
+use dmclone::api::proto::v1::volumes_client::VolumesClient;
 
 use super::{
     api::{create, list},

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use dmclone::proto::v1::{
+use dmclone::api::proto::v1::{
     CreateSnapshotRequest, CreateVolumeRequest, DeleteSnapshotRequest, GetSnapshotRequest,
     HydrationKnobs, ListSnapshotsRequest, RevertVolumeRequest, Snapshot, StartTransferRequest,
     TransferRef, Volume, snapshots_client::SnapshotsClient, start_transfer_request::Source,
@@ -372,7 +372,7 @@ async fn a_snapshot_of_an_arriving_volume_waits_for_hydration() {
         .into_inner();
     assert_eq!(
         transfer.state(),
-        dmclone::proto::v1::TransferState::Done,
+        dmclone::api::proto::v1::TransferState::Done,
         "taken after the move finished"
     );
     assert_eq!(taken.size_bytes, size);

@@ -7,8 +7,8 @@ use std::{
 };
 
 use dmclone::{
+    api::proto::v1::{GetNodeInfoRequest, node_client::NodeClient},
     client::{ClientTls, connect_tls},
-    proto::v1::{GetNodeInfoRequest, node_client::NodeClient},
 };
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,

@@ -9,12 +9,12 @@ use std::{
 };
 
 use dmclone::{
-    dm::table::{Linear, Target},
-    proto::v1::{
+    api::proto::v1::{
         HydrationKnobs, StartTransferRequest, ThrottleTransferRequest, Transfer, TransferRef,
         TransferState, WatchTransfersRequest, get_changed_blocks_request::Since,
         start_transfer_request::Source, transfers_client::TransfersClient,
     },
+    dm::table::{Linear, Target},
 };
 use tonic::{Code, transport::Channel};
 
@@ -179,7 +179,10 @@ async fn a_volume_is_presented_at_once_hydrated_under_writes_and_finalized() {
         pattern(41, 50 * MIB, 4096)
     );
     let volume = get(&mut agent.volumes().await, VOLUME).await.unwrap();
-    assert_eq!(volume.state(), dmclone::proto::v1::VolumeState::Hydrating);
+    assert_eq!(
+        volume.state(),
+        dmclone::api::proto::v1::VolumeState::Hydrating
+    );
 
     let watcher = tokio::spawn({
         let socket = agent.socket();
@@ -235,7 +238,10 @@ async fn a_volume_is_presented_at_once_hydrated_under_writes_and_finalized() {
         "the source is untouched"
     );
     let volume = get(&mut agent.volumes().await, VOLUME).await.unwrap();
-    assert_eq!(volume.state(), dmclone::proto::v1::VolumeState::Available);
+    assert_eq!(
+        volume.state(),
+        dmclone::api::proto::v1::VolumeState::Available
+    );
     assert!(volume.published && volume.size_bytes == size);
     assert!(
         our_devices_named(&agent.prefix, "cmeta-").await.is_empty(),

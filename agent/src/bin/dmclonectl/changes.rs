@@ -1,7 +1,7 @@
 //! `dmclonectl volume checkpoint` and `volume changes`: changed-block
 //! tracking with dm-era.
 
-use dmclone::proto::v1::{
+use dmclone::api::proto::v1::{
     Extent, GetChangedBlocksRequest, MarkCheckpointRequest, get_changed_blocks_request::Since,
     snapshots_client::SnapshotsClient,
 };

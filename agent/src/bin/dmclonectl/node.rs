@@ -1,6 +1,6 @@
 //! `dmclonectl node`
 
-use dmclone::proto::v1::{GetNodeInfoRequest, NodeInfo, node_client::NodeClient};
+use dmclone::api::proto::v1::{GetNodeInfoRequest, NodeInfo, node_client::NodeClient};
 use serde_json::json;
 use tonic::transport::Channel;
 

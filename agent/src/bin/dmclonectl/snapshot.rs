@@ -1,7 +1,7 @@
 //! `dmclonectl snapshot ...`
 
 use clap::Subcommand;
-use dmclone::proto::v1::{
+use dmclone::api::proto::v1::{
     CreateSnapshotRequest, DeleteSnapshotRequest, GetSnapshotRequest, ListSnapshotsRequest,
     Snapshot, snapshots_client::SnapshotsClient,
 };

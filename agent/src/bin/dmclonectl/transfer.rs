@@ -5,13 +5,14 @@ use std::{collections::HashMap, io::IsTerminal, path::PathBuf, time::Instant};
 
 use clap::{Args, Subcommand};
 use dmclone::{
-    config::parse_size,
-    proto::v1::{
+    api::proto::v1::{
         ExportVolumeRequest, HydrationKnobs, ListTransfersRequest, NvmeTcpSource,
         StartTransferRequest, ThrottleTransferRequest, Transfer, TransferRef, TransferState,
         UnexportVolumeRequest, WatchTransfersRequest, start_transfer_request::Source,
         transfers_client::TransfersClient,
     },
+    api::transfer_state_name,
+    config::parse_size,
 };
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use serde_json::json;
@@ -300,7 +301,11 @@ impl Bars {
         });
         bar.set_length(update.bytes_total.max(1));
         bar.set_position(update.bytes_hydrated);
-        let message = format!("{} {}", state_name(update.state()), rate_and_eta(update));
+        let message = format!(
+            "{} {}",
+            transfer_state_name(update.state()),
+            rate_and_eta(update)
+        );
         if is_final(update.state()) {
             bar.finish_with_message(message);
         } else {
@@ -336,7 +341,7 @@ fn one_line(t: &Transfer) -> String {
         "{} {} {:<10} {} {}/{} ({}) {}",
         short(&t.transfer_id),
         short(&t.volume_id),
-        state_name(t.state()),
+        transfer_state_name(t.state()),
         text_bar(t.bytes_hydrated, t.bytes_total),
         output::size(t.bytes_hydrated),
         output::size(t.bytes_total),
@@ -367,7 +372,7 @@ fn show(transfers: &[Transfer], as_json: bool) {
             vec![
                 t.transfer_id.clone(),
                 t.volume_id.clone(),
-                state_name(t.state()).to_owned(),
+                transfer_state_name(t.state()).to_owned(),
                 output::percent(t.bytes_hydrated, t.bytes_total),
                 format!(
                     "{}/{}",
@@ -392,28 +397,13 @@ fn show(transfers: &[Transfer], as_json: bool) {
     );
 }
 
-pub fn state_name(state: TransferState) -> &'static str {
-    match state {
-        TransferState::Unspecified => "unknown",
-        TransferState::Connecting => "connecting",
-        TransferState::Deferred => "deferred",
-        TransferState::Hydrating => "hydrating",
-        TransferState::Paused => "paused",
-        TransferState::Finalizing => "finalizing",
-        TransferState::Done => "done",
-        TransferState::Degraded => "degraded",
-        TransferState::Failed => "failed",
-        TransferState::Aborted => "aborted",
-    }
-}
-
 /// The documented, stable JSON shape of one transfer.
 pub fn to_json(t: &Transfer) -> serde_json::Value {
     let knobs = t.knobs.unwrap_or_default();
     json!({
         "transfer_id": t.transfer_id,
         "volume_id": t.volume_id,
-        "state": state_name(t.state()),
+        "state": transfer_state_name(t.state()),
         "regions_hydrated": t.regions_hydrated,
         "regions_total": t.regions_total,
         "bytes_hydrated": t.bytes_hydrated,

@@ -2,12 +2,13 @@
 
 use clap::{ArgGroup, Subcommand};
 use dmclone::{
-    config::parse_size,
-    proto::v1::{
+    api::proto::v1::{
         CreateVolumeRequest, DeleteVolumeRequest, ExtendVolumeRequest, GetVolumeRequest,
-        ListVolumesRequest, PublishVolumeRequest, UnpublishVolumeRequest, Volume, VolumeState,
+        ListVolumesRequest, PublishVolumeRequest, UnpublishVolumeRequest, Volume,
         get_changed_blocks_request::Since, volumes_client::VolumesClient,
     },
+    api::volume_state_name,
+    config::parse_size,
 };
 use serde_json::json;
 use tonic::transport::Channel;
@@ -180,7 +181,7 @@ fn show(volumes: &[Volume], as_json: bool) {
                 v.volume_id.clone(),
                 output::size(v.size_bytes),
                 output::size(v.allocated_bytes),
-                state_name(v.state()).to_owned(),
+                volume_state_name(v.state()).to_owned(),
                 if v.published {
                     v.device_path.clone()
                 } else {
@@ -192,24 +193,13 @@ fn show(volumes: &[Volume], as_json: bool) {
     output::table(&["VOLUME", "SIZE", "ALLOC", "STATE", "DEVICE"], &rows);
 }
 
-pub fn state_name(state: VolumeState) -> &'static str {
-    match state {
-        VolumeState::Unspecified => "unknown",
-        VolumeState::Creating => "creating",
-        VolumeState::Available => "available",
-        VolumeState::Hydrating => "hydrating",
-        VolumeState::Deleting => "deleting",
-        VolumeState::Quarantined => "quarantined",
-    }
-}
-
 /// The documented, stable JSON shape of one volume.
 pub fn to_json(volume: &Volume) -> serde_json::Value {
     json!({
         "volume_id": volume.volume_id,
         "size_bytes": volume.size_bytes,
         "allocated_bytes": volume.allocated_bytes,
-        "state": state_name(volume.state()),
+        "state": volume_state_name(volume.state()),
         "state_reason": volume.state_reason,
         "published": volume.published,
         "device_path": volume.device_path,

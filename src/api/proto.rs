@@ -1,5 +1,6 @@
-//! The generated dmclone.v1 API types and services. Only the API layer uses
-//! them; nothing below it knows about gRPC.
+//! The generated dmclone.v1 messages, services and clients. Only the API
+//! layer, and the binaries and tests that talk to an agent, name them; the
+//! domain below the API knows nothing of the wire.
 
 #[allow(
     clippy::all,

@@ -1,0 +1,140 @@
+//! Section 2: random-read IOPS during hydration and after finalize.
+
+use serde_json::{Value, json};
+
+use crate::{
+    common::{BenchResult, fio, stats, stats_json},
+    params::{Knobs, Params},
+    pause::Steps,
+    report::Report,
+    rig::Rig,
+    tools::random_4k,
+};
+
+pub(crate) async fn section_iops(
+    rig: &mut Rig,
+    params: &Params,
+    report: &mut Report,
+) -> BenchResult<Value> {
+    let job = random_4k("randread", params.fio_seconds);
+    let size = rig.size;
+    let mut raw_thin = Vec::new();
+    let mut raw_ns = Vec::new();
+    let mut during = Vec::new();
+    let mut after = Vec::new();
+    let mut hydrated = Vec::new();
+    // Warm-up (untimed): emulation translates code paths on first use.
+    fio(&rig.dest_path(), random_4k("randread", 1), size)?;
+    for rep in 0..params.reps {
+        let mut steps = Steps::default();
+        let (_, iops) = fio(&rig.dest_path(), job, size)?;
+        raw_thin.push(iops);
+        steps.mark("fio thin");
+        let (_, iops) = fio(&rig.namespace.path, job, size)?;
+        raw_ns.push(iops);
+        steps.mark("fio namespace");
+
+        let started = rig
+            .start_clone(&Knobs::KERNEL_DEFAULTS, false, false)
+            .await?;
+        let before = rig.clone_status().await?;
+        steps.mark("clone");
+        let (_, iops) = fio(&rig.public.mapper_path(), job, size)?;
+        let later = rig.clone_status().await?;
+        during.push(iops);
+        hydrated.push((before.hydrated_fraction(), later.hydrated_fraction()));
+        steps.mark("fio during");
+
+        // Finish quickly, then finalize as the agent does.
+        rig.dm
+            .message(&rig.public, 0, "hydration_threshold 1024")
+            .await?;
+        rig.dm
+            .message(&rig.public, 0, "hydration_batch_size 256")
+            .await?;
+        rig.wait_hydrated(started.seen).await?;
+        steps.mark("rest of hydration");
+        rig.finalize().await?;
+        let (_, iops) = fio(&rig.public.mapper_path(), job, size)?;
+        after.push(iops);
+        steps.mark("finalize + fio after");
+        let (_, iops) = fio(&rig.dest_path(), job, size)?;
+        raw_thin.push(iops);
+        rig.dm.remove(&rig.public).await?;
+        steps.mark("fio thin");
+        eprintln!(
+            "[bench] iops run {}/{}: raw thin {:.0}, namespace {:.0}, clone during hydration {:.0} (hydrated {:.1}% -> {:.1}%), era after finalize {:.0}; {}",
+            rep + 1,
+            params.reps,
+            raw_thin[raw_thin.len() - 2],
+            raw_ns[rep],
+            during[rep],
+            before.hydrated_fraction() * 100.0,
+            later.hydrated_fraction() * 100.0,
+            after[rep],
+            steps.text
+        );
+    }
+    let thin = stats(&raw_thin).ok_or("no raw thin samples")?;
+    out!(report);
+    out!(
+        report,
+        "2. 4 KiB random-read IOPS through the public device (fio randread bs=4k iodepth=32 libaio direct gtod_reduce, {} s each, {} runs)",
+        params.fio_seconds,
+        params.reps
+    );
+    out!(
+        report,
+        "{:<48} {:>9} {:>9} {:>9} | {:>9}",
+        "device",
+        "min",
+        "median",
+        "max",
+        "×raw thin"
+    );
+    let rows: [(&str, &Vec<f64>); 4] = [
+        ("raw thin device (destination)", &raw_thin),
+        ("raw namespace (NVMe/TCP source)", &raw_ns),
+        ("public = clone during hydration (4K/1/1)", &during),
+        ("public = era over thin after finalize", &after),
+    ];
+    for (label, values) in rows {
+        let s = stats(values).ok_or("no samples")?;
+        out!(
+            report,
+            "{label:<48} {:9.0} {:9.0} {:9.0} | {:9.2}",
+            s.min,
+            s.median,
+            s.max,
+            s.median / thin.median
+        );
+    }
+    let fractions: Vec<String> = hydrated
+        .iter()
+        .map(|(a, b)| format!("{:.1}%→{:.1}%", a * 100.0, b * 100.0))
+        .collect();
+    let finished_during = hydrated.iter().filter(|(_, b)| *b >= 1.0).count();
+    out!(
+        report,
+        "hydrated share before→after each during-hydration fio run: {}{}",
+        fractions.join(", "),
+        if finished_during > 0 {
+            format!("; WARNING: {finished_during} run(s) finished hydrating during fio")
+        } else {
+            "; hydration still running at the end of every run".to_owned()
+        }
+    );
+    let ratio = |v: &[f64]| stats(v).map(|s| s.median / thin.median);
+    Ok(json!({
+        "fio": {"rw": "randread", "bs": 4096, "iodepth": 32, "ioengine": "libaio", "direct": true, "gtod_reduce": true, "seconds": params.fio_seconds},
+        "raw_thin_iops": stats_json(&raw_thin),
+        "raw_namespace_iops": stats_json(&raw_ns),
+        "clone_during_hydration_iops": stats_json(&during),
+        "linear_after_finalize_iops": stats_json(&after),
+        "during_vs_raw_thin": ratio(&during),
+        "after_vs_raw_thin": ratio(&after),
+        "namespace_vs_raw_thin": ratio(&raw_ns),
+        "hydrated_fraction_before_after": hydrated,
+        "slow_knobs": Knobs::KERNEL_DEFAULTS.json(),
+    }))
+}

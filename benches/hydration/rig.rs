@@ -1,0 +1,577 @@
+//! The rig: source, NVMe/TCP, thin pool and destination.
+
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use dmclone::{
+    aligned::AlignedBuf,
+    dm::{
+        events::EventMonitor,
+        kernel::{DeviceMapper, Flush},
+        names::DeviceName,
+        status::{CloneMode, CloneStatus, Health},
+        table::{CloneParams, DevRef, Era, Linear, Table, Target as DmTarget, Thin, ThinPool},
+    },
+    error::Error as DmError,
+    ids::VolumeId,
+    nvme::{
+        ConnectOptions, ConnectRequest, ConnectTimeouts, Controller, ExportRequest, Host, HostId,
+        NamespaceDevice, Nqn, PortSpec, Target as NvmeTarget, TcpAddress, namespace_ids,
+    },
+};
+use serde_json::{Value, json};
+use tempfile::TempDir;
+
+use crate::{
+    CLONE_META_BYTES, HOST_ID, MIB, NQN_BASE, PATTERN_SEED, POOL_BLOCK_SECTORS, POOL_META_BYTES,
+    PORT_ID, PREFIX, SECTOR, STALE_SEED, VOLUME,
+    blockdev::{LoopFile, WriteWatcher, overwrite, pattern_into, sha256_of},
+    common::{BenchResult, fio, run_tool},
+    era_writes::{ERA_BLOCK_BYTES, LOCAL_ERA_META_THIN_ID},
+    params::{Knobs, Params},
+    report::ms,
+    tools::SEQ_READ,
+};
+
+pub(crate) struct Rig {
+    pub(crate) dm: DeviceMapper,
+    pub(crate) events: EventMonitor,
+    pub(crate) nvme_target: NvmeTarget,
+    pub(crate) nvme_host: Host,
+    pub(crate) subsystem: Nqn,
+    pub(crate) controller: Controller,
+    pub(crate) namespace: NamespaceDevice,
+    pub(crate) size: u64,
+    pub(crate) dest: DeviceName,
+    pub(crate) dest_dev: DevRef,
+    pub(crate) pool_dev: DevRef,
+    /// dm-era's metadata for the finalized public device, as the agent
+    /// stacks a tracked volume: a thin device of the pool, formatted once.
+    pub(crate) local_meta: DevRef,
+    pub(crate) public: DeviceName,
+    pub(crate) clone_meta: LoopFile,
+    pub(crate) source: LoopFile,
+    pub(crate) source_sha: String,
+    pub(crate) stale: AlignedBuf,
+    pub(crate) zeros: AlignedBuf,
+    pub(crate) event_retries: u32,
+    pub(crate) hydration_timeout: Duration,
+    // Dropped last: the loop devices' backing files.
+    pub(crate) _pool_meta: LoopFile,
+    pub(crate) _pool_data: LoopFile,
+    pub(crate) _dir: TempDir,
+}
+
+/// The public device of a finalized, tracked volume, as the agent maps it:
+/// dm-era over the destination thin device.
+pub(crate) fn local_table(size: u64, metadata: DevRef, destination: DevRef) -> BenchResult<Table> {
+    Ok(Table::single(
+        size / SECTOR,
+        DmTarget::Era(Era {
+            metadata,
+            origin: destination,
+            block_sectors: ERA_BLOCK_BYTES / SECTOR,
+        }),
+    )?)
+}
+
+/// A new thin device of the pool for dm-era's metadata, sized as the agent
+/// sizes it (a fresh thin device reads as zeros, so dm-era formats it).
+pub(crate) async fn era_metadata_device(
+    dm: &DeviceMapper,
+    pool_dev: DevRef,
+    thin_id: u32,
+    role: &str,
+) -> BenchResult<DevRef> {
+    dm.message(&dm_name("pool")?, 0, &format!("create_thin {thin_id}"))
+        .await?;
+    let bytes = dmclone::changes::era_metadata_bytes(
+        dmclone::config::DEFAULT_MAX_VOLUME_SIZE,
+        ERA_BLOCK_BYTES,
+    );
+    let table = Table::single(
+        bytes / SECTOR,
+        DmTarget::Thin(Thin {
+            pool: pool_dev,
+            device_id: thin_id,
+            external_origin: None,
+        }),
+    )?;
+    Ok(dm.create(&dm_name(role)?, None, &table).await?.device)
+}
+
+pub(crate) fn dm_name(role: &str) -> BenchResult<DeviceName> {
+    Ok(DeviceName::new(&format!("{PREFIX}-{role}"))?)
+}
+
+pub(crate) fn nqn(name: &str) -> BenchResult<Nqn> {
+    Ok(Nqn::parse("bench", &format!("{NQN_BASE}:{name}"))?)
+}
+
+/// Removes every device with the bench's prefix, each once nothing holds it
+/// open (stacked devices go first).
+pub(crate) async fn remove_bench_devices(dm: &DeviceMapper) -> BenchResult<()> {
+    crate::common::remove_devices_with_prefix(dm, PREFIX).await
+}
+
+/// Fails loudly, with what to do, when this kernel cannot run the bench.
+pub(crate) async fn preflight() -> BenchResult<(DeviceMapper, NvmeTarget, Host, String)> {
+    let dm = DeviceMapper::open().map_err(|err| {
+        format!(
+            "no device-mapper here ({err}). Run the bench with benches/run, which boots a guest \
+             kernel, or benches/run --host on a host with dm-clone, dm-thin-pool and NVMe/TCP"
+        )
+    })?;
+    let loaded: Vec<String> = dm
+        .target_versions()
+        .await?
+        .into_iter()
+        .map(|t| format!("{} {}.{}.{}", t.name, t.version.0, t.version.1, t.version.2))
+        .collect();
+    // era: every rig finalizes onto dm-era, as the agent does.
+    let needed = ["clone", "thin-pool", "thin", "linear", "era"];
+    for needed in &needed {
+        if !loaded.iter().any(|t| t.split(' ').next() == Some(needed)) {
+            return Err(format!(
+                "the kernel has no {needed} target (loaded: {}); modprobe dm_clone dm_thin_pool dm_era",
+                loaded.join(", ")
+            )
+            .into());
+        }
+    }
+    let nvme_target = NvmeTarget::open().map_err(|err| format!("NVMe target: {err}"))?;
+    let nvme_host = Host::open().map_err(|err| format!("NVMe/TCP host: {err}"))?;
+    run_tool("fio", &["--version".into()]).map_err(|err| format!("fio is needed: {err}"))?;
+    run_tool("dd", &["--version".into()]).map_err(|err| format!("dd is needed: {err}"))?;
+    let targets = loaded
+        .iter()
+        .filter(|t| needed.contains(&t.split(' ').next().unwrap_or("")))
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ");
+    Ok((dm, nvme_target, nvme_host, targets))
+}
+
+impl Rig {
+    pub(crate) async fn build(
+        params: &Params,
+        dm: DeviceMapper,
+        nvme_target: NvmeTarget,
+        nvme_host: Host,
+    ) -> BenchResult<Self> {
+        let size = params.size;
+        let subsystem = nqn("source")?;
+        let host_nqn = nqn("host")?;
+        let volume = VolumeId::parse(VOLUME)?;
+
+        // Leftovers of an interrupted run on an opted-in host.
+        remove_bench_devices(&dm).await?;
+        if let Some(controller) = nvme_host.find_connection(&subsystem).await? {
+            nvme_host.disconnect(&controller).await?;
+        }
+        nvme_target.unexport(&subsystem).await?;
+
+        let dir = tempfile::Builder::new()
+            .prefix("dmclone-hydration-bench.")
+            .tempdir_in(std::env::temp_dir())?;
+        let source = LoopFile::create(
+            dir.path(),
+            "source.img",
+            size,
+            Some(&|offset, chunk: &mut [u8]| pattern_into(PATTERN_SEED, offset, chunk)),
+        )?;
+        let pool_meta = LoopFile::create(dir.path(), "pool-meta.img", POOL_META_BYTES, None)?;
+        // Room for the whole volume, dm-era's metadata (section 5) and the
+        // pool's rounding; sparse on tmpfs, so unused room costs nothing.
+        let pool_data_bytes = size + 128 * MIB;
+        let pool_data = LoopFile::create(dir.path(), "pool-data.img", pool_data_bytes, None)?;
+        let clone_meta = LoopFile::create(dir.path(), "clone-meta.img", CLONE_META_BYTES, None)?;
+
+        let pool = dm_name("pool")?;
+        let pool_table = Table::single(
+            pool_data_bytes / SECTOR,
+            DmTarget::ThinPool(ThinPool {
+                metadata: pool_meta.dev,
+                data: pool_data.dev,
+                data_block_sectors: POOL_BLOCK_SECTORS,
+                low_water_blocks: 0,
+                features: Default::default(),
+            }),
+        )?;
+        let pool_dev = dm.create(&pool, None, &pool_table).await?.device;
+        dm.message(&pool, 0, "create_thin 1").await?;
+        let dest = dm_name("dest")?;
+        let dest_table = Table::single(
+            size / SECTOR,
+            DmTarget::Thin(Thin {
+                pool: pool_dev,
+                device_id: 1,
+                external_origin: None,
+            }),
+        )?;
+        let dest_dev = dm.create(&dest, None, &dest_table).await?.device;
+        let local_meta =
+            era_metadata_device(&dm, pool_dev, LOCAL_ERA_META_THIN_ID, "local-meta").await?;
+        // Formatted now, as the agent formats an arriving volume's at start.
+        let probe = dm_name("era-probe")?;
+        dm.create(&probe, None, &local_table(size, local_meta, dest_dev)?)
+            .await?;
+        dm.remove(&probe).await?;
+
+        let port = PortSpec {
+            id: PORT_ID,
+            address: TcpAddress::new(IpAddr::V4(Ipv4Addr::LOCALHOST), params.port),
+        };
+        nvme_target
+            .export(&ExportRequest {
+                subsystem_nqn: subsystem.clone(),
+                device_path: source.path.clone(),
+                namespace: namespace_ids(&volume),
+                host_nqn: host_nqn.clone(),
+                port,
+            })
+            .await?;
+        let connection = nvme_host
+            .connect(&ConnectRequest {
+                options: ConnectOptions {
+                    address: port.address,
+                    subsystem_nqn: subsystem.clone(),
+                    host_nqn,
+                    host_id: HostId::parse(HOST_ID)?,
+                    timeouts: ConnectTimeouts::default(),
+                },
+                expected_namespace: Some(namespace_ids(&volume)),
+                namespace_timeout: Duration::from_secs(60),
+            })
+            .await?;
+        if connection.namespace.size_bytes != size {
+            return Err(format!(
+                "the namespace has {} bytes, the source {size}",
+                connection.namespace.size_bytes
+            )
+            .into());
+        }
+
+        let mut stale = AlignedBuf::new(MIB as usize);
+        pattern_into(STALE_SEED, 0, stale.as_mut_slice());
+        let zeros = AlignedBuf::new(MIB as usize);
+        let events = EventMonitor::start()?;
+        let mut rig = Rig {
+            dm,
+            events,
+            nvme_target,
+            nvme_host,
+            subsystem,
+            controller: connection.controller,
+            namespace: connection.namespace,
+            size,
+            dest_dev,
+            pool_dev,
+            local_meta,
+            public: dm_name("public")?,
+            dest,
+            clone_meta,
+            source_sha: String::new(),
+            source,
+            stale,
+            zeros,
+            event_retries: 0,
+            hydration_timeout: params.hydration_timeout,
+            _pool_meta: pool_meta,
+            _pool_data: pool_data,
+            _dir: dir,
+        };
+        // Pre-fill: every block of the destination is allocated now, once.
+        let step = Instant::now();
+        rig.stale_dest()?;
+        let prefill = step.elapsed();
+        let step = Instant::now();
+        rig.source_sha = sha256_of(&rig.source.path, size)?;
+        let hashing = step.elapsed();
+        // Warm the NVMe/TCP path once (untimed).
+        fio(&rig.namespace.path, SEQ_READ, size)?;
+        eprintln!(
+            "[bench] ready: destination pre-filled in {:.1} s, source sha256 {} in {:.1} s",
+            prefill.as_secs_f64(),
+            &rig.source_sha[..16],
+            hashing.as_secs_f64()
+        );
+        Ok(rig)
+    }
+
+    pub(crate) fn dest_path(&self) -> PathBuf {
+        self.dest.mapper_path()
+    }
+
+    /// Overwrites the whole destination with bytes that differ from the
+    /// source, so a verified copy proves itself; nothing allocates (every
+    /// block was written at setup).
+    pub(crate) fn stale_dest(&self) -> BenchResult<()> {
+        overwrite(&self.dest_path(), self.size, &self.stale)
+    }
+
+    pub(crate) fn zero_clone_meta(&self) -> BenchResult<()> {
+        overwrite(&self.clone_meta.path, CLONE_META_BYTES, &self.zeros)
+    }
+
+    pub(crate) fn verify_dest(&self) -> BenchResult<bool> {
+        Ok(sha256_of(&self.dest_path(), self.size)? == self.source_sha)
+    }
+
+    pub(crate) fn clone_table(&self, knobs: &Knobs) -> BenchResult<Table> {
+        Ok(Table::single(
+            self.size / SECTOR,
+            DmTarget::Clone(CloneParams {
+                metadata: self.clone_meta.dev,
+                destination: self.dest_dev,
+                source: self.namespace.device,
+                region_sectors: knobs.region_bytes / SECTOR,
+                hydration: true,
+                discard_passdown: true,
+                hydration_threshold: knobs.threshold,
+                hydration_batch_size: knobs.batch,
+            }),
+        )?)
+    }
+
+    pub(crate) fn linear_table(&self) -> BenchResult<Table> {
+        Ok(Table::single(
+            self.size / SECTOR,
+            DmTarget::Linear(Linear {
+                device: self.dest_dev,
+                offset: 0,
+            }),
+        )?)
+    }
+
+    /// Fresh metadata, then the clone is created with hydration on; the clock
+    /// starts just before the create call. With `stale`, the destination is
+    /// overwritten with bytes unlike the source first (for a verified run:
+    /// a clone with fresh metadata copies every region whatever the
+    /// destination holds, so other runs skip it). With `watch`, the
+    /// destination's writes are sampled from just before the create.
+    pub(crate) async fn start_clone(
+        &self,
+        knobs: &Knobs,
+        stale: bool,
+        watch: bool,
+    ) -> BenchResult<Started> {
+        self.zero_clone_meta()?;
+        if stale {
+            self.stale_dest()?;
+        }
+        let table = self.clone_table(knobs)?;
+        let watcher = if watch {
+            Some(WriteWatcher::start(self.dest_dev)?)
+        } else {
+            None
+        };
+        let at = Instant::now();
+        let state = self.dm.create(&self.public, None, &table).await?;
+        Ok(Started {
+            at,
+            seen: state.event_nr,
+            watcher,
+        })
+    }
+
+    pub(crate) async fn clone_status(&self) -> BenchResult<CloneStatus> {
+        match self
+            .dm
+            .status_of::<Health<CloneStatus>>(&self.public, 0)
+            .await?
+        {
+            Health::Running(status) => Ok(status),
+            other => Err(format!("the clone reports {other}").into()),
+        }
+    }
+
+    /// Waits for the clone's completion event (after one status read: a clone
+    /// complete before the wait starts raises nothing we could still see).
+    pub(crate) async fn wait_hydrated(&mut self, seen: u32) -> BenchResult<Completion> {
+        let status = self.clone_status().await?;
+        if status.is_fully_hydrated() {
+            return Ok(Completion {
+                received: Instant::now(),
+                status,
+                via_event: false,
+                other_events: 0,
+            });
+        }
+        let deadline = Instant::now() + self.hydration_timeout;
+        let mut seen = seen;
+        let mut other_events = 0;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let waited = tokio::time::timeout(left, self.events.wait_for_event(&self.public, seen))
+                .await
+                .map_err(|_| {
+                    format!(
+                        "no completion event from {} within {:?}",
+                        self.public, self.hydration_timeout
+                    )
+                })?;
+            let received = Instant::now();
+            match waited {
+                Ok(counter) => {
+                    let status = self.clone_status().await?;
+                    if status.is_fully_hydrated() {
+                        return Ok(Completion {
+                            received,
+                            status,
+                            via_event: true,
+                            other_events,
+                        });
+                    }
+                    if status.mode != CloneMode::ReadWrite {
+                        return Err(format!("the clone's metadata went {:?}", status.mode).into());
+                    }
+                    other_events += 1;
+                    seen = counter;
+                }
+                // The monitor has not listed the just-created device yet.
+                Err(DmError::NoSuchDevice { .. })
+                    if self.dm.info(&self.public).await?.is_some() =>
+                {
+                    self.event_retries += 1;
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                Err(err) => return Err(err.into()),
+            }
+        }
+    }
+
+    /// The agent's finalize: the local table (dm-era over the destination)
+    /// loaded beside the live clone, then suspend with flush, status check
+    /// while suspended, resume (which swaps the tables); an incomplete clone
+    /// gets its loaded table dropped and resumes unchanged.
+    pub(crate) async fn finalize(&self) -> BenchResult<Swap> {
+        let local = local_table(self.size, self.local_meta, self.dest_dev)?;
+        let preload_started = Instant::now();
+        self.dm.load(&self.public, &local).await?;
+        let preload = preload_started.elapsed();
+        let started = Instant::now();
+        self.dm.suspend(&self.public, Flush::Flush).await?;
+        let suspended = Instant::now();
+        let complete = self.clone_complete().await;
+        let checked = Instant::now();
+        if !complete {
+            self.dm.clear_inactive(&self.public).await?;
+            self.dm.resume(&self.public).await?;
+            return Err("the clone was not complete when suspended for the swap".into());
+        }
+        self.dm.resume(&self.public).await?;
+        let resumed = Instant::now();
+        self.check_local().await?;
+        Ok(Swap {
+            started,
+            resumed,
+            preload: Some(preload),
+            suspend: suspended - started,
+            status: checked - suspended,
+            load: None,
+            resume: resumed - checked,
+        })
+    }
+
+    /// Section 3's variant, the agent's order before dm-era joined the
+    /// stack: suspend with flush, status check, load the local table (dm-era
+    /// opens its metadata inside the pause), resume.
+    pub(crate) async fn finalize_loading_in_pause(&self) -> BenchResult<Swap> {
+        let local = local_table(self.size, self.local_meta, self.dest_dev)?;
+        let started = Instant::now();
+        self.dm.suspend(&self.public, Flush::Flush).await?;
+        let suspended = Instant::now();
+        let complete = self.clone_complete().await;
+        let checked = Instant::now();
+        if !complete {
+            self.dm.resume(&self.public).await?;
+            return Err("the clone was not complete when suspended for the swap".into());
+        }
+        let loaded = self.dm.load(&self.public, &local).await;
+        let load_done = Instant::now();
+        self.dm.resume(&self.public).await?;
+        let resumed = Instant::now();
+        loaded?;
+        self.check_local().await?;
+        Ok(Swap {
+            started,
+            resumed,
+            preload: None,
+            suspend: suspended - started,
+            status: checked - suspended,
+            load: Some(load_done - checked),
+            resume: resumed - load_done,
+        })
+    }
+
+    pub(crate) async fn clone_complete(&self) -> bool {
+        matches!(
+            self.dm.status_of::<Health<CloneStatus>>(&self.public, 0).await,
+            Ok(Health::Running(s)) if s.is_fully_hydrated() && s.mode == CloneMode::ReadWrite
+        )
+    }
+
+    pub(crate) async fn check_local(&self) -> BenchResult<()> {
+        let live = self.dm.table(&self.public).await?;
+        if live.segments()[0].target.type_name() != "era" {
+            return Err(format!("after the swap the public table is {live}").into());
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn teardown(&self) -> BenchResult<()> {
+        remove_bench_devices(&self.dm).await?;
+        self.nvme_host.disconnect(&self.controller).await?;
+        self.nvme_target.unexport(&self.subsystem).await?;
+        Ok(())
+    }
+}
+
+pub(crate) struct Started {
+    pub(crate) at: Instant,
+    pub(crate) seen: u32,
+    pub(crate) watcher: Option<WriteWatcher>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Completion {
+    pub(crate) received: Instant,
+    pub(crate) status: CloneStatus,
+    pub(crate) via_event: bool,
+    pub(crate) other_events: u32,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Swap {
+    /// The suspend call.
+    pub(crate) started: Instant,
+    pub(crate) resumed: Instant,
+    /// A load before the suspend, outside the pause window.
+    pub(crate) preload: Option<Duration>,
+    pub(crate) suspend: Duration,
+    pub(crate) status: Duration,
+    /// A load inside the pause window.
+    pub(crate) load: Option<Duration>,
+    pub(crate) resume: Duration,
+}
+
+impl Swap {
+    pub(crate) fn total(&self) -> Duration {
+        self.resumed - self.started
+    }
+
+    pub(crate) fn json(&self) -> Value {
+        json!({
+            "total_ms": ms(self.total()),
+            "preload_ms": self.preload.map(ms),
+            "suspend_ms": ms(self.suspend),
+            "status_ms": ms(self.status),
+            "load_ms": self.load.map(ms),
+            "resume_ms": ms(self.resume),
+        })
+    }
+}
