@@ -84,8 +84,10 @@ pub struct CloneLayer {
     /// The range the clone covers: the source's size.
     pub clone_bytes: u64,
     pub region_bytes: u64,
-    pub hydration_threshold: u32,
-    pub hydration_batch_size: u32,
+    /// `None` leaves the kernel's default (1), as the benches' baseline
+    /// runs it; the agent always sets both.
+    pub hydration_threshold: Option<u32>,
+    pub hydration_batch_size: Option<u32>,
     /// Background hydration on (off while a move is deferred or paused).
     pub hydrate: bool,
 }
@@ -116,8 +118,8 @@ pub fn clone_table(
             region_sectors: sectors(layer.region_bytes),
             hydration: layer.hydrate,
             discard_passdown: true,
-            hydration_threshold: Some(layer.hydration_threshold),
-            hydration_batch_size: Some(layer.hydration_batch_size),
+            hydration_threshold: layer.hydration_threshold,
+            hydration_batch_size: layer.hydration_batch_size,
         }),
     }];
     let total = sectors(size_bytes);

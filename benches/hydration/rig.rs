@@ -9,11 +9,12 @@ use std::{
 use dmclone::{
     aligned::AlignedBuf,
     dm::{
+        Kernel, LiveKernel,
         events::EventMonitor,
         kernel::{DeviceMapper, Flush},
         names::DeviceName,
         status::{CloneMode, CloneStatus, Health},
-        table::{CloneParams, DevRef, Era, Linear, Table, Target as DmTarget, Thin, ThinPool},
+        table::{DevRef, Table, Target as DmTarget, Thin, ThinPool},
     },
     error::Error as DmError,
     ids::VolumeId,
@@ -21,6 +22,7 @@ use dmclone::{
         ConnectOptions, ConnectRequest, ConnectTimeouts, Controller, ExportRequest, Host, HostId,
         NamespaceDevice, Nqn, PortSpec, Target as NvmeTarget, TcpAddress, namespace_ids,
     },
+    stack::{self, CloneDevices, CloneLayer, EraLayer, SwapOutcome},
 };
 use serde_json::{Value, json};
 use tempfile::TempDir;
@@ -38,7 +40,9 @@ use crate::{
 
 pub(crate) struct Rig {
     pub(crate) dm: DeviceMapper,
-    pub(crate) events: EventMonitor,
+    /// The same device-mapper behind the agent's kernel seam, with the
+    /// event watcher: what the agent's stack routines run on.
+    pub(crate) kernel: LiveKernel,
     pub(crate) nvme_target: NvmeTarget,
     pub(crate) nvme_host: Host,
     pub(crate) subsystem: Nqn,
@@ -65,17 +69,14 @@ pub(crate) struct Rig {
     pub(crate) _dir: TempDir,
 }
 
-/// The public device of a finalized, tracked volume, as the agent maps it:
-/// dm-era over the destination thin device.
+/// The public device of a finalized, tracked volume, as the agent maps it
+/// (the agent's own table builder): dm-era over the destination thin device.
 pub(crate) fn local_table(size: u64, metadata: DevRef, destination: DevRef) -> BenchResult<Table> {
-    Ok(Table::single(
-        size / SECTOR,
-        DmTarget::Era(Era {
-            metadata,
-            origin: destination,
-            block_sectors: ERA_BLOCK_BYTES / SECTOR,
-        }),
-    )?)
+    let era = EraLayer {
+        metadata,
+        block_bytes: ERA_BLOCK_BYTES,
+    };
+    Ok(stack::local_table(size, destination, Some(era))?)
 }
 
 /// A new thin device of the pool for dm-era's metadata, sized as the agent
@@ -258,10 +259,10 @@ impl Rig {
         let mut stale = AlignedBuf::new(MIB as usize);
         pattern_into(STALE_SEED, 0, stale.as_mut_slice());
         let zeros = AlignedBuf::new(MIB as usize);
-        let events = EventMonitor::start()?;
+        let kernel = LiveKernel::from_parts(dm.clone(), EventMonitor::start()?);
         let mut rig = Rig {
             dm,
-            events,
+            kernel,
             nvme_target,
             nvme_host,
             subsystem,
@@ -321,30 +322,26 @@ impl Rig {
         Ok(sha256_of(&self.dest_path(), self.size)? == self.source_sha)
     }
 
+    /// The agent's clone table for an arriving volume, with these knobs.
     pub(crate) fn clone_table(&self, knobs: &Knobs) -> BenchResult<Table> {
-        Ok(Table::single(
-            self.size / SECTOR,
-            DmTarget::Clone(CloneParams {
-                metadata: self.clone_meta.dev,
-                destination: self.dest_dev,
-                source: self.namespace.device,
-                region_sectors: knobs.region_bytes / SECTOR,
-                hydration: true,
-                discard_passdown: true,
-                hydration_threshold: knobs.threshold,
-                hydration_batch_size: knobs.batch,
-            }),
-        )?)
+        let layer = CloneLayer {
+            clone_bytes: self.size,
+            region_bytes: knobs.region_bytes,
+            hydration_threshold: knobs.threshold,
+            hydration_batch_size: knobs.batch,
+            hydrate: true,
+        };
+        let devices = CloneDevices {
+            metadata: self.clone_meta.dev,
+            destination: self.dest_dev,
+            source: self.namespace.device,
+        };
+        Ok(stack::clone_table(self.size, &layer, devices)?)
     }
 
+    /// The agent's table for an untracked local volume.
     pub(crate) fn linear_table(&self) -> BenchResult<Table> {
-        Ok(Table::single(
-            self.size / SECTOR,
-            DmTarget::Linear(Linear {
-                device: self.dest_dev,
-                offset: 0,
-            }),
-        )?)
+        Ok(stack::local_table(self.size, self.dest_dev, None)?)
     }
 
     /// Fresh metadata, then the clone is created with hydration on; the clock
@@ -406,7 +403,7 @@ impl Rig {
         let mut other_events = 0;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            let waited = tokio::time::timeout(left, self.events.wait_for_event(&self.public, seen))
+            let waited = tokio::time::timeout(left, self.kernel.wait_for_event(&self.public, seen))
                 .await
                 .map_err(|_| {
                     format!(
@@ -444,42 +441,36 @@ impl Rig {
         }
     }
 
-    /// The agent's finalize: the local table (dm-era over the destination)
-    /// loaded beside the live clone, then suspend with flush, status check
-    /// while suspended, resume (which swaps the tables); an incomplete clone
-    /// gets its loaded table dropped and resumes unchanged.
+    /// The agent's finalize, through the agent's own swap routine
+    /// (stack::swap_under_io): the local table (dm-era over the
+    /// destination) loaded beside the live clone, then suspend with flush,
+    /// the clone's completeness checked while suspended, resume (which
+    /// swaps the tables); an incomplete clone resumes unchanged.
     pub(crate) async fn finalize(&self) -> BenchResult<Swap> {
         let local = local_table(self.size, self.local_meta, self.dest_dev)?;
-        let preload_started = Instant::now();
-        self.dm.load(&self.public, &local).await?;
-        let preload = preload_started.elapsed();
-        let started = Instant::now();
-        self.dm.suspend(&self.public, Flush::Flush).await?;
-        let suspended = Instant::now();
-        let complete = self.clone_complete().await;
-        let checked = Instant::now();
-        if !complete {
-            self.dm.clear_inactive(&self.public).await?;
-            self.dm.resume(&self.public).await?;
+        let outcome = stack::swap_under_io(&self.kernel, &self.public, &local, |dm, name| {
+            Box::pin(stack::clone_complete(dm, name))
+        })
+        .await?;
+        let SwapOutcome::Swapped(timings) = outcome else {
             return Err("the clone was not complete when suspended for the swap".into());
-        }
-        self.dm.resume(&self.public).await?;
-        let resumed = Instant::now();
+        };
         self.check_local().await?;
         Ok(Swap {
-            started,
-            resumed,
-            preload: Some(preload),
-            suspend: suspended - started,
-            status: checked - suspended,
+            started: timings.started,
+            resumed: timings.resumed,
+            preload: Some(timings.preload),
+            suspend: timings.suspend,
+            status: timings.check,
             load: None,
-            resume: resumed - checked,
+            resume: timings.resume,
         })
     }
 
     /// Section 3's variant, the agent's order before dm-era joined the
     /// stack: suspend with flush, status check, load the local table (dm-era
-    /// opens its metadata inside the pause), resume.
+    /// opens its metadata inside the pause), resume. Kept as the baseline
+    /// the agent's order is measured against; it is not the agent's code.
     pub(crate) async fn finalize_loading_in_pause(&self) -> BenchResult<Swap> {
         let local = local_table(self.size, self.local_meta, self.dest_dev)?;
         let started = Instant::now();
@@ -509,10 +500,7 @@ impl Rig {
     }
 
     pub(crate) async fn clone_complete(&self) -> bool {
-        matches!(
-            self.dm.status_of::<Health<CloneStatus>>(&self.public, 0).await,
-            Ok(Health::Running(s)) if s.is_fully_hydrated() && s.mode == CloneMode::ReadWrite
-        )
+        stack::clone_complete(&self.kernel, &self.public).await
     }
 
     pub(crate) async fn check_local(&self) -> BenchResult<()> {

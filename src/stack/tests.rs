@@ -26,8 +26,8 @@ fn an_extended_arriving_volume_maps_its_new_range_to_the_thin_device() {
     let layer = CloneLayer {
         clone_bytes: 4 * MIB,
         region_bytes: MIB,
-        hydration_threshold: 16,
-        hydration_batch_size: 8,
+        hydration_threshold: Some(16),
+        hydration_batch_size: Some(8),
         hydrate: false,
     };
     let devices = CloneDevices {

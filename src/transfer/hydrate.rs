@@ -526,8 +526,8 @@ impl Agent {
         let layer = CloneLayer {
             clone_bytes: transfer.clone_bytes,
             region_bytes: transfer.region_bytes,
-            hydration_threshold: transfer.hydration_threshold,
-            hydration_batch_size: transfer.hydration_batch_size,
+            hydration_threshold: Some(transfer.hydration_threshold),
+            hydration_batch_size: Some(transfer.hydration_batch_size),
             hydrate,
         };
         stack::clone_table(volume.size_bytes, &layer, devices)
