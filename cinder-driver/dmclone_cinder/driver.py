@@ -143,7 +143,8 @@ class DMCloneDriver(driver.VolumeDriver):
         transport = client.make_transport(
             tls, conf.dmclone_call_timeout, conf.dmclone_max_concurrent_calls
         )
-        self._agents = client.Agents(endpoints, transport)
+        retry = client.RetryPolicy(total_seconds=conf.dmclone_retry_timeout)
+        self._agents = client.Agents(endpoints, transport, retry)
 
     def check_for_setup_error(self):
         # An unreachable hypervisor must not take the whole backend down:

@@ -36,9 +36,17 @@ class SetupTestCase(base.DriverTestCase):
     def test_one_agent_client_per_configured_host(self):
         for host in base.HOSTS:
             client.AgentClient.assert_any_call(
-                host, base.endpoint_of(host), mock.ANY
+                host, base.endpoint_of(host), mock.ANY, mock.ANY
             )
         self.assertEqual(3, client.AgentClient.call_count)
+
+    def test_agent_calls_are_retried_for_the_configured_time(self):
+        retry = client.AgentClient.call_args.args[3]
+        self.assertEqual(10.0, retry.total_seconds)
+        client.AgentClient.reset_mock()
+        self._setup_with(dmclone_retry_timeout=0)
+        for call in client.AgentClient.call_args_list:
+            self.assertEqual(0.0, call.args[3].total_seconds)
 
     def test_bad_configuration_is_rejected_naming_the_option(self):
         cases = {
