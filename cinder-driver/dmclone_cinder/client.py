@@ -181,6 +181,35 @@ class RetryPolicy:
 
 NO_RETRY = RetryPolicy(total_seconds=0.0)
 
+
+class Deadline:
+    """One point in time shared by several calls (a stats poll)."""
+
+    def __init__(self, seconds, clock=_monotonic):
+        self._clock = clock
+        self._end = clock() + seconds
+
+    def remaining(self):
+        return max(0.0, self._end - self._clock())
+
+
+class _DeadlinePassed(grpc.RpcError):
+    """A call that could not start before its deadline, as grpc says it."""
+
+    def __init__(self, details):
+        super().__init__(details)
+        self._details = details
+
+    def code(self):
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+
+    def details(self):
+        return self._details
+
+    def trailing_metadata(self):
+        return ()
+
+
 Refusal = collections.namedtuple('Refusal', 'reason metadata')
 
 
@@ -316,17 +345,42 @@ class Transport:
         # semaphore: waiting for a slot parks a green thread, not the hub.
         self._slots = threading.BoundedSemaphore(max_concurrent_calls)
 
-    def unary(self, endpoint, service, method, request):
+    def unary(self, endpoint, service, method, request, deadline=None):
+        """The call's answer; with a deadline, it ends by that deadline."""
         metadata = _call_metadata()
-        with self._slots:
+        if deadline is None:
+            with self._slots:
+                return self._run(
+                    self._invoke,
+                    endpoint,
+                    service,
+                    method,
+                    request,
+                    metadata,
+                    self._timeout,
+                )
+        if not self._slots.acquire(timeout=deadline.remaining()):
+            raise _DeadlinePassed('no free call slot before the deadline')
+        try:
+            timeout = min(self._timeout, deadline.remaining())
+            if timeout <= 0:
+                raise _DeadlinePassed('the deadline passed before the call')
             return self._run(
-                self._invoke, endpoint, service, method, request, metadata
+                self._invoke,
+                endpoint,
+                service,
+                method,
+                request,
+                metadata,
+                timeout,
             )
+        finally:
+            self._slots.release()
 
-    def _invoke(self, endpoint, service, method, request, metadata):
+    def _invoke(self, endpoint, service, method, request, metadata, timeout):
         stub = self._connection(endpoint).stub(service)
         return getattr(stub, method)(
-            request, timeout=self._timeout, metadata=metadata
+            request, timeout=timeout, metadata=metadata
         )
 
     def _run(self, function, *args):
@@ -407,9 +461,13 @@ class AgentClient:
         self._retry = retry
 
     # Node
-    def get_node_info(self):
+    def get_node_info(self, deadline=None):
         return self._call(
-            'Node', 'GetNodeInfo', node_pb2.GetNodeInfoRequest(), 'node info'
+            'Node',
+            'GetNodeInfo',
+            node_pb2.GetNodeInfoRequest(),
+            'node info',
+            deadline=deadline,
         )
 
     # Volumes
@@ -438,9 +496,11 @@ class AgentClient:
         request = volume_pb2.GetVolumeRequest(volume_id=volume_id)
         return self._call('Volumes', 'GetVolume', request, volume_id)
 
-    def list_volumes(self):
+    def list_volumes(self, deadline=None):
         request = volume_pb2.ListVolumesRequest()
-        reply = self._call('Volumes', 'ListVolumes', request, 'volume list')
+        reply = self._call(
+            'Volumes', 'ListVolumes', request, 'volume list', deadline=deadline
+        )
         return list(reply.volumes)
 
     def publish_volume(self, volume_id):
@@ -515,7 +575,15 @@ class AgentClient:
             and transfer.state in ACTIVE_TRANSFER_STATES
         ]
 
-    def _call(self, service, method, request, subject, missing_ok=False):
+    def _call(
+        self,
+        service,
+        method,
+        request,
+        subject,
+        missing_ok=False,
+        deadline=None,
+    ):
         LOG.debug(
             'dmclone agent %(agent)s: %(method)s(%(subject)s)',
             {'agent': self.name, 'method': method, 'subject': subject},
@@ -524,8 +592,12 @@ class AgentClient:
         attempt = 0
         while True:
             try:
+                if deadline is None:
+                    return self._transport.unary(
+                        self.endpoint, service, method, request
+                    )
                 return self._transport.unary(
-                    self.endpoint, service, method, request
+                    self.endpoint, service, method, request, deadline
                 )
             except grpc.RpcError as error:
                 if missing_ok and error.code() == grpc.StatusCode.NOT_FOUND:
@@ -534,7 +606,9 @@ class AgentClient:
                         {'agent': self.name, 'subject': subject},
                     )
                     return None
-                wait = self._retry_wait(method, error, attempt, started)
+                wait = self._retry_wait(
+                    method, error, attempt, started, deadline
+                )
                 if wait is None:
                     raise translate_error(
                         self.name, method, subject, error
@@ -556,7 +630,7 @@ class AgentClient:
             )
             self._retry.sleep(wait)
 
-    def _retry_wait(self, method, error, attempt, started):
+    def _retry_wait(self, method, error, attempt, started, deadline):
         """Seconds to wait before repeating the call, None to give up."""
         if method not in REPEATABLE_RPCS:
             return None
@@ -565,6 +639,8 @@ class AgentClient:
         wait = self._retry.delay(attempt)
         elapsed = self._retry.clock() - started
         if elapsed + wait > self._retry.total_seconds:
+            return None
+        if deadline is not None and wait >= deadline.remaining():
             return None
         return wait
 

@@ -58,6 +58,16 @@ dmclone_opts = [
         help='Deadline in seconds of every call to an agent.',
     ),
     cfg.FloatOpt(
+        'dmclone_stats_timeout',
+        default=20.0,
+        min=1.0,
+        help='Deadline in seconds of one stats poll (and of the start-up '
+        'check): every agent is asked at once, and an agent that has not '
+        'answered by then is reported as a pool that is down. Keep it '
+        'below half of backend_stats_polling_interval, past which cinder '
+        'warns about slow stats.',
+    ),
+    cfg.FloatOpt(
         'dmclone_retry_timeout',
         default=10.0,
         min=0.0,

@@ -463,6 +463,63 @@ class TransportTestCase(base.TestCase):
             metadata=(('x-request-id', request_context.request_id),),
         )
 
+    def test_a_deadline_shortens_the_call(self):
+        transport = client.SharedChannelTransport(TLS, 12.5, 4)
+        stub_class = mock.Mock()
+        self.mock_object(client, 'STUB_CLASSES', {'Node': stub_class})
+        now = [0.0]
+        deadline = client.Deadline(3.0, clock=lambda: now[0])
+        now[0] = 1.0
+
+        transport.unary('hv1:7443', 'Node', 'GetNodeInfo', 'r', deadline)
+
+        _args, kwargs = stub_class.return_value.GetNodeInfo.call_args
+        self.assertEqual(2.0, kwargs['timeout'])
+
+    def test_a_passed_deadline_fails_without_a_call(self):
+        transport = client.SharedChannelTransport(TLS, 12.5, 4)
+        stub_class = mock.Mock()
+        self.mock_object(client, 'STUB_CLASSES', {'Node': stub_class})
+        agent = client.AgentClient('hv1', 'hv1:7443', transport)
+        deadline = client.Deadline(0.0)
+
+        self.assertRaises(
+            client.AgentUnavailable, agent.get_node_info, deadline=deadline
+        )
+        stub_class.return_value.GetNodeInfo.assert_not_called()
+
+    def test_no_call_slot_before_the_deadline_fails(self):
+        transport = client.SharedChannelTransport(TLS, 12.5, 1)
+        self.mock_object(client, 'STUB_CLASSES', {'Node': mock.Mock()})
+        agent = client.AgentClient('hv1', 'hv1:7443', transport)
+        transport._slots.acquire()
+        self.addCleanup(transport._slots.release)
+
+        error = self.assertRaises(
+            client.AgentUnavailable,
+            agent.get_node_info,
+            deadline=client.Deadline(0.2),
+        )
+        self.assertIn('slot', str(error))
+
+    def test_retries_stop_at_the_deadline(self):
+        transport = mock.Mock(spec=client.Transport)
+        transport.unary.side_effect = FakeRpcError(Code.UNAVAILABLE)
+        clock = FakeTime()
+        retry = client.RetryPolicy(
+            total_seconds=60.0,
+            sleep=clock.sleep,
+            clock=clock.monotonic,
+            uniform=lambda low, high: high,
+        )
+        agent = client.AgentClient('hv1', 'hv1:7443', transport, retry)
+        deadline = client.Deadline(2.0, clock=clock.monotonic)
+        self.assertRaises(
+            client.AgentUnavailable, agent.get_node_info, deadline=deadline
+        )
+        # 0.5 + 1.0; the next 2 s wait would end past the deadline.
+        self.assertEqual([0.5, 1.0], clock.sleeps)
+
     def test_shared_transport_reuses_one_channel_per_endpoint(self):
         transport = client.SharedChannelTransport(TLS, 30, 4)
         for endpoint in ('hv1:1', 'hv1:1', 'hv2:1', 'hv1:1'):
