@@ -30,8 +30,11 @@ decides on that reason, never on the message.
 """
 
 import collections
+import dataclasses
+import random
 import sys
 import threading
+import time
 
 from cinder import exception
 from cinder.i18n import _
@@ -106,6 +109,106 @@ BUSY_REASONS = frozenset(
     }
 )
 STATUS_DETAILS_KEY = 'grpc-status-details-bin'
+
+# Calls repeated when the agent is UNAVAILABLE: a repetition cannot do
+# more than the first call did, whether or not that one reached the agent.
+# UNAVAILABLE may come after the agent got the request (a connection cut
+# mid-call), so nothing else may be repeated.
+REPEATABLE_RPCS = frozenset(
+    {
+        # Reads.
+        'GetNodeInfo',
+        'GetVolume',
+        'ListVolumes',
+        'GetSnapshot',
+        'ListSnapshots',
+        'GetTransfer',
+        'ListTransfers',
+        # volume.proto: "Every mutating call is idempotent on its id";
+        # CreateVolume with the same id and size returns the volume,
+        # DeleteVolume of an absent volume succeeds, ExtendVolume takes
+        # the absolute size.
+        'CreateVolume',
+        'DeleteVolume',
+        'ExtendVolume',
+        'PublishVolume',
+        'UnpublishVolume',
+        # Removals: a repetition finds the object gone, which this client
+        # counts as done (NOT_FOUND is success for them, see _call).
+        'DeleteSnapshot',
+        'UnexportVolume',
+        'AbortTransfer',
+    }
+)
+# Not repeated, because the API does not promise their repetition is
+# harmless: CreateSnapshot, RevertVolume, ExportVolume, StartTransfer,
+# CommitTransfer, ReleaseVolume, Pause/Resume/ThrottleTransfer,
+# MarkCheckpoint.
+
+
+def _green_sleep(seconds):
+    # Looked up at call time: under eventlet time.sleep is the patched,
+    # green one, so a waiting call parks its green thread only.
+    time.sleep(seconds)
+
+
+def _monotonic():
+    return time.monotonic()
+
+
+@dataclasses.dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with jitter for REPEATABLE_RPCS on UNAVAILABLE.
+
+    The n-th wait is drawn from the upper half of
+    min(first_delay * 2**n, max_delay). No attempt starts once a wait
+    would end more than total_seconds after the first attempt began, so
+    a call takes at most total_seconds plus one call deadline. 0 turns
+    retries off.
+    """
+
+    total_seconds: float
+    first_delay: float = 0.5
+    max_delay: float = 8.0
+    sleep: object = _green_sleep
+    clock: object = _monotonic
+    uniform: object = random.uniform  # noqa: S311 - jitter, not secrets
+
+    def delay(self, attempt):
+        step = min(self.first_delay * (2**attempt), self.max_delay)
+        return self.uniform(step / 2, step)
+
+
+NO_RETRY = RetryPolicy(total_seconds=0.0)
+
+
+class Deadline:
+    """One point in time shared by several calls (a stats poll)."""
+
+    def __init__(self, seconds, clock=_monotonic):
+        self._clock = clock
+        self._end = clock() + seconds
+
+    def remaining(self):
+        return max(0.0, self._end - self._clock())
+
+
+class _DeadlinePassed(grpc.RpcError):
+    """A call that could not start before its deadline, as grpc says it."""
+
+    def __init__(self, details):
+        super().__init__(details)
+        self._details = details
+
+    def code(self):
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+
+    def details(self):
+        return self._details
+
+    def trailing_metadata(self):
+        return ()
+
 
 Refusal = collections.namedtuple('Refusal', 'reason metadata')
 
@@ -242,17 +345,42 @@ class Transport:
         # semaphore: waiting for a slot parks a green thread, not the hub.
         self._slots = threading.BoundedSemaphore(max_concurrent_calls)
 
-    def unary(self, endpoint, service, method, request):
+    def unary(self, endpoint, service, method, request, deadline=None):
+        """The call's answer; with a deadline, it ends by that deadline."""
         metadata = _call_metadata()
-        with self._slots:
+        if deadline is None:
+            with self._slots:
+                return self._run(
+                    self._invoke,
+                    endpoint,
+                    service,
+                    method,
+                    request,
+                    metadata,
+                    self._timeout,
+                )
+        if not self._slots.acquire(timeout=deadline.remaining()):
+            raise _DeadlinePassed('no free call slot before the deadline')
+        try:
+            timeout = min(self._timeout, deadline.remaining())
+            if timeout <= 0:
+                raise _DeadlinePassed('the deadline passed before the call')
             return self._run(
-                self._invoke, endpoint, service, method, request, metadata
+                self._invoke,
+                endpoint,
+                service,
+                method,
+                request,
+                metadata,
+                timeout,
             )
+        finally:
+            self._slots.release()
 
-    def _invoke(self, endpoint, service, method, request, metadata):
+    def _invoke(self, endpoint, service, method, request, metadata, timeout):
         stub = self._connection(endpoint).stub(service)
         return getattr(stub, method)(
-            request, timeout=self._timeout, metadata=metadata
+            request, timeout=timeout, metadata=metadata
         )
 
     def _run(self, function, *args):
@@ -326,15 +454,20 @@ def make_transport(tls, timeout, max_concurrent_calls):
 class AgentClient:
     """The dmclone.v1 API of one agent, in Cinder terms."""
 
-    def __init__(self, name, endpoint, transport):
+    def __init__(self, name, endpoint, transport, retry=NO_RETRY):
         self.name = name
         self.endpoint = endpoint
         self._transport = transport
+        self._retry = retry
 
     # Node
-    def get_node_info(self):
+    def get_node_info(self, deadline=None):
         return self._call(
-            'Node', 'GetNodeInfo', node_pb2.GetNodeInfoRequest(), 'node info'
+            'Node',
+            'GetNodeInfo',
+            node_pb2.GetNodeInfoRequest(),
+            'node info',
+            deadline=deadline,
         )
 
     # Volumes
@@ -363,9 +496,11 @@ class AgentClient:
         request = volume_pb2.GetVolumeRequest(volume_id=volume_id)
         return self._call('Volumes', 'GetVolume', request, volume_id)
 
-    def list_volumes(self):
+    def list_volumes(self, deadline=None):
         request = volume_pb2.ListVolumesRequest()
-        reply = self._call('Volumes', 'ListVolumes', request, 'volume list')
+        reply = self._call(
+            'Volumes', 'ListVolumes', request, 'volume list', deadline=deadline
+        )
         return list(reply.volumes)
 
     def publish_volume(self, volume_id):
@@ -440,31 +575,82 @@ class AgentClient:
             and transfer.state in ACTIVE_TRANSFER_STATES
         ]
 
-    def _call(self, service, method, request, subject, missing_ok=False):
+    def _call(
+        self,
+        service,
+        method,
+        request,
+        subject,
+        missing_ok=False,
+        deadline=None,
+    ):
         LOG.debug(
             'dmclone agent %(agent)s: %(method)s(%(subject)s)',
             {'agent': self.name, 'method': method, 'subject': subject},
         )
-        try:
-            return self._transport.unary(
-                self.endpoint, service, method, request
-            )
-        except grpc.RpcError as error:
-            if missing_ok and error.code() == grpc.StatusCode.NOT_FOUND:
-                LOG.debug(
-                    'dmclone agent %(agent)s: %(subject)s already gone',
-                    {'agent': self.name, 'subject': subject},
+        started = self._retry.clock()
+        attempt = 0
+        while True:
+            try:
+                if deadline is None:
+                    return self._transport.unary(
+                        self.endpoint, service, method, request
+                    )
+                return self._transport.unary(
+                    self.endpoint, service, method, request, deadline
                 )
-                return None
-            raise translate_error(self.name, method, subject, error) from None
+            except grpc.RpcError as error:
+                if missing_ok and error.code() == grpc.StatusCode.NOT_FOUND:
+                    LOG.debug(
+                        'dmclone agent %(agent)s: %(subject)s already gone',
+                        {'agent': self.name, 'subject': subject},
+                    )
+                    return None
+                wait = self._retry_wait(
+                    method, error, attempt, started, deadline
+                )
+                if wait is None:
+                    raise translate_error(
+                        self.name, method, subject, error
+                    ) from None
+                detail = error.details()
+            attempt += 1
+            LOG.warning(
+                'dmclone agent %(agent)s unavailable for %(method)s'
+                '(%(subject)s): %(detail)s; attempt %(attempt)d in '
+                '%(wait).1f s',
+                {
+                    'agent': self.name,
+                    'method': method,
+                    'subject': subject,
+                    'detail': detail,
+                    'attempt': attempt + 1,
+                    'wait': wait,
+                },
+            )
+            self._retry.sleep(wait)
+
+    def _retry_wait(self, method, error, attempt, started, deadline):
+        """Seconds to wait before repeating the call, None to give up."""
+        if method not in REPEATABLE_RPCS:
+            return None
+        if error.code() != grpc.StatusCode.UNAVAILABLE:
+            return None
+        wait = self._retry.delay(attempt)
+        elapsed = self._retry.clock() - started
+        if elapsed + wait > self._retry.total_seconds:
+            return None
+        if deadline is not None and wait >= deadline.remaining():
+            return None
+        return wait
 
 
 class Agents:
     """The agents of one backend, by nova host name (= pool name)."""
 
-    def __init__(self, endpoints, transport):
+    def __init__(self, endpoints, transport, retry=NO_RETRY):
         self._clients = {
-            host: AgentClient(host, endpoint, transport)
+            host: AgentClient(host, endpoint, transport, retry)
             for host, endpoint in endpoints.items()
         }
 

@@ -20,6 +20,7 @@ follows the volume (see _set_home).
 """
 
 import math
+import threading
 import uuid
 
 from cinder import coordination
@@ -28,6 +29,7 @@ from cinder import interface
 from cinder.common import constants
 from cinder.i18n import _
 from cinder.objects import fields
+from cinder.scheduler import sched_utils
 from cinder.volume import driver
 from cinder.volume import volume_utils
 from oslo_log import log as logging
@@ -53,6 +55,8 @@ SUPPORTED_API_PREFIX = 'dmclone.v'
 # PoolUsage.health values (node.proto) that matter here.
 HEALTHY = 'healthy'
 FAILED = 'failed'
+UP = 'up'
+DOWN = 'down'
 
 # Attachments in these states may still write through their host; a
 # failed detach may have left the instance connected.
@@ -133,6 +137,9 @@ class DMCloneDriver(driver.VolumeDriver):
                 conf.dmclone_hydration_batch_size,
                 conf.dmclone_max_bytes_per_second,
             )
+            self._check_over_subscription_ratio(
+                conf.max_over_subscription_ratio
+            )
         except options.ConfigError as err:
             message = _('[%(section)s] %(error)s') % {
                 'section': conf.config_group,
@@ -143,15 +150,39 @@ class DMCloneDriver(driver.VolumeDriver):
         transport = client.make_transport(
             tls, conf.dmclone_call_timeout, conf.dmclone_max_concurrent_calls
         )
-        self._agents = client.Agents(endpoints, transport)
+        retry = client.RetryPolicy(total_seconds=conf.dmclone_retry_timeout)
+        self._agents = client.Agents(endpoints, transport, retry)
+
+    @staticmethod
+    def _check_over_subscription_ratio(value):
+        """'auto' or a number of at least 1, as cinder's helper wants.
+
+        Refused here rather than in every stats poll, where it would
+        leave the backend without pools.
+        """
+        try:
+            volume_utils.get_max_over_subscription_ratio(
+                value, supports_auto=True
+            )
+        except (exception.CinderException, ValueError) as err:
+            raise options.ConfigError(
+                'max_over_subscription_ratio',
+                f'{value!r} is neither "auto" nor a number of at least 1 '
+                f'({err})',
+            ) from None
 
     def check_for_setup_error(self):
         # An unreachable hypervisor must not take the whole backend down:
-        # it is reported as a pool with backend_state 'down' instead.
-        for host, agent in self._agents.items():
-            try:
-                info = agent.get_node_info()
-            except client.AgentUnavailable as err:
+        # it is reported as a pool that is down instead.
+        answers = self._ask_every_agent(
+            lambda agent, deadline: agent.get_node_info(deadline=deadline)
+        )
+        for host, (info, err) in sorted(answers.items()):
+            if err is not None and not isinstance(
+                err, client.AgentUnavailable
+            ):
+                raise err
+            if err is not None:
                 LOG.warning(
                     'dmclone agent %(host)s unreachable: %(err)s',
                     {'host': host, 'err': err},
@@ -186,12 +217,66 @@ class DMCloneDriver(driver.VolumeDriver):
 
     # Stats
 
-    def _update_volume_stats(self):
-        pools = [
-            self._pool_stats(host, agent)
+    def _ask_every_agent(self, ask):
+        """{host: (answer, None) or (None, error)} of ask(agent, deadline).
+
+        Every agent is asked at once, in its own thread (a green thread
+        under eventlet, whose calls then run in tpool as every call does),
+        and nobody waits past one deadline, dmclone_stats_timeout: an
+        agent that has not answered by then gets an AgentUnavailable
+        error here, and its thread ends by the deadline too, since its
+        calls carry it (a late answer is dropped).
+        """
+        timeout = self.configuration.dmclone_stats_timeout
+        deadline = client.Deadline(timeout)
+        answers = {}
+
+        def run(host, agent):
+            try:
+                answers[host] = (ask(agent, deadline), None)
+            except Exception as err:  # reported per agent
+                answers[host] = (None, err)
+
+        threads = [
+            threading.Thread(
+                target=run, args=(host, agent), name=f'dmclone-{host}'
+            )
             for host, agent in self._agents.items()
         ]
-        any_up = any(pool['backend_state'] == 'up' for pool in pools)
+        for thread in threads:
+            thread.daemon = True
+            thread.start()
+        for thread in threads:
+            thread.join(deadline.remaining())
+        late = client.AgentUnavailable(
+            data=_('no answer within dmclone_stats_timeout (%s s)') % timeout
+        )
+        return {
+            host: answers.get(host, (None, late))
+            for host, _agent in self._agents.items()
+        }
+
+    def _update_volume_stats(self):
+        polled = self._ask_every_agent(self._poll_pool)
+        pools = []
+        for host, (pool, err) in polled.items():
+            if err is not None:
+                # One broken agent must not hide the other pools.
+                LOG.warning(
+                    'dmclone pool %(host)s is down: %(err)s',
+                    {'host': host, 'err': err},
+                )
+                pool = self._down_pool(host)
+            pools.append(pool)
+        any_up = any(pool['agent_state'] == UP for pool in pools)
+        backend_state = UP if any_up else DOWN
+        for pool in pools:
+            # cinder's services API reads backend_state from each pool of
+            # a backend, the last pool read wins (api/v3/services.py);
+            # the scheduler does not read it at all. So every pool carries
+            # the backend's state, and agent_state says which agent is
+            # down; a down pool has no capacity, so nothing lands there.
+            pool['backend_state'] = backend_state
         backend_name = self.configuration.safe_get('volume_backend_name')
         self._stats = {
             'volume_backend_name': backend_name or self.__class__.__name__,
@@ -200,20 +285,19 @@ class DMCloneDriver(driver.VolumeDriver):
             # Hypervisors attach locally; everything that crosses hosts
             # (moves, attaches from hosts without an agent) is NVMe/TCP.
             'storage_protocol': constants.NVMEOF_TCP,
-            'backend_state': 'up' if any_up else 'down',
+            'backend_state': backend_state,
+            # The volume manager reads it from the backend's capabilities
+            # when it copies a volume (generic migration, retype), not
+            # from a pool: a thin volume's holes stay holes.
+            'sparse_copy_volume': True,
             'pools': pools,
         }
 
-    def _pool_stats(self, host, agent):
+    def _pool_capabilities(self, host):
         conf = self.configuration
-        stats = {
+        return {
             'pool_name': host,
             'reserved_percentage': conf.reserved_percentage,
-            'max_over_subscription_ratio': (
-                volume_utils.get_max_over_subscription_ratio(
-                    conf.max_over_subscription_ratio, supports_auto=False
-                )
-            ),
             'thin_provisioning_support': True,
             'thick_provisioning_support': False,
             'multiattach': False,
@@ -224,21 +308,35 @@ class DMCloneDriver(driver.VolumeDriver):
             'filter_function': self.get_filter_function(),
             'goodness_function': self.get_goodness_function(),
         }
-        try:
-            info = agent.get_node_info()
-        except exception.CinderException as err:
-            # One broken agent must not hide the other pools.
-            LOG.warning(
-                'dmclone pool %(host)s is down: %(err)s',
-                {'host': host, 'err': err},
-            )
-            stats.update(
-                total_capacity_gb=0, free_capacity_gb=0, backend_state='down'
-            )
-            return stats
-        stats.update(self._capacity(host, info.pool))
-        stats.update(self._provisioned(host, agent, info.pool))
+
+    def _down_pool(self, host):
+        stats = self._pool_capabilities(host)
+        stats.update(total_capacity_gb=0, free_capacity_gb=0, agent_state=DOWN)
+        stats['max_over_subscription_ratio'] = self._over_subscription(stats)
         return stats
+
+    def _poll_pool(self, agent, deadline):
+        host = agent.name
+        info = agent.get_node_info(deadline=deadline)
+        stats = self._pool_capabilities(host)
+        stats.update(self._capacity(host, info.pool))
+        stats.update(self._provisioned(host, agent, info.pool, deadline))
+        stats['max_over_subscription_ratio'] = self._over_subscription(stats)
+        return stats
+
+    def _over_subscription(self, pool_stats):
+        """The pool's ratio; 'auto' computed as cinder's scheduler does."""
+        ratio = volume_utils.get_max_over_subscription_ratio(
+            self.configuration.max_over_subscription_ratio,
+            supports_auto=True,
+        )
+        if ratio != 'auto':
+            return ratio
+        # 1 + provisioned / (used + 1), or the initial 20 while nothing
+        # is provisioned: cinder's own helper, on this pool's numbers.
+        return sched_utils.calculate_max_over_subscription_ratio(
+            dict(pool_stats, max_over_subscription_ratio='auto'), 'auto'
+        )
 
     @staticmethod
     def _capacity(host, pool):
@@ -257,11 +355,11 @@ class DMCloneDriver(driver.VolumeDriver):
         return {
             'total_capacity_gb': round(total, 2),
             'free_capacity_gb': round(free, 2),
-            'backend_state': 'down' if health == FAILED else 'up',
+            'agent_state': DOWN if health == FAILED else UP,
         }
 
     @staticmethod
-    def _provisioned(host, agent, pool):
+    def _provisioned(host, agent, pool, deadline):
         """Provisioned capacity as the agent sees it, when it can say.
 
         Cinder's own allocated_capacity_gb is counted per pool at create
@@ -273,7 +371,7 @@ class DMCloneDriver(driver.VolumeDriver):
             provisioned, count = pool.provisioned_bytes, pool.volume_count
         else:
             try:
-                volumes = agent.list_volumes()
+                volumes = agent.list_volumes(deadline=deadline)
             except exception.CinderException as err:
                 LOG.debug(
                     'dmclone pool %(host)s: no volume list (%(err)s)',

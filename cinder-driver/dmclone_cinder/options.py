@@ -57,6 +57,29 @@ dmclone_opts = [
         min=1.0,
         help='Deadline in seconds of every call to an agent.',
     ),
+    cfg.FloatOpt(
+        'dmclone_stats_timeout',
+        default=20.0,
+        min=1.0,
+        help='Deadline in seconds of one stats poll (and of the start-up '
+        'check): every agent is asked at once, and an agent that has not '
+        'answered by then is reported as a pool that is down. Keep it '
+        'below half of backend_stats_polling_interval, past which cinder '
+        'warns about slow stats.',
+    ),
+    cfg.FloatOpt(
+        'dmclone_retry_timeout',
+        default=10.0,
+        min=0.0,
+        help='How long in seconds a call that found its agent UNAVAILABLE '
+        'is repeated, waiting 0.5 s, then twice as long each time (up to '
+        '8 s, with random jitter). Only calls that are safe to repeat are: '
+        'reads, the volume calls (idempotent on the volume id) and '
+        'removals; never CreateSnapshot, RevertVolume, ExportVolume or '
+        'the transfer calls that start or commit a move. A call takes at '
+        'most this long plus one dmclone_call_timeout. 0 turns retries '
+        'off.',
+    ),
     cfg.IntOpt(
         'dmclone_max_concurrent_calls',
         default=10,

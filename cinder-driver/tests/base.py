@@ -118,7 +118,7 @@ class DriverTestCase(TestCase):
         self.mock_object(
             client,
             'AgentClient',
-            side_effect=lambda name, endpoint, transport: self.agents[name],
+            side_effect=lambda name, endpoint, *args: self.agents[name],
         )
         self.pem_paths = self._write_pems()
         self.configuration = configuration.Configuration(

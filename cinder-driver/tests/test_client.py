@@ -463,6 +463,63 @@ class TransportTestCase(base.TestCase):
             metadata=(('x-request-id', request_context.request_id),),
         )
 
+    def test_a_deadline_shortens_the_call(self):
+        transport = client.SharedChannelTransport(TLS, 12.5, 4)
+        stub_class = mock.Mock()
+        self.mock_object(client, 'STUB_CLASSES', {'Node': stub_class})
+        now = [0.0]
+        deadline = client.Deadline(3.0, clock=lambda: now[0])
+        now[0] = 1.0
+
+        transport.unary('hv1:7443', 'Node', 'GetNodeInfo', 'r', deadline)
+
+        _args, kwargs = stub_class.return_value.GetNodeInfo.call_args
+        self.assertEqual(2.0, kwargs['timeout'])
+
+    def test_a_passed_deadline_fails_without_a_call(self):
+        transport = client.SharedChannelTransport(TLS, 12.5, 4)
+        stub_class = mock.Mock()
+        self.mock_object(client, 'STUB_CLASSES', {'Node': stub_class})
+        agent = client.AgentClient('hv1', 'hv1:7443', transport)
+        deadline = client.Deadline(0.0)
+
+        self.assertRaises(
+            client.AgentUnavailable, agent.get_node_info, deadline=deadline
+        )
+        stub_class.return_value.GetNodeInfo.assert_not_called()
+
+    def test_no_call_slot_before_the_deadline_fails(self):
+        transport = client.SharedChannelTransport(TLS, 12.5, 1)
+        self.mock_object(client, 'STUB_CLASSES', {'Node': mock.Mock()})
+        agent = client.AgentClient('hv1', 'hv1:7443', transport)
+        transport._slots.acquire()
+        self.addCleanup(transport._slots.release)
+
+        error = self.assertRaises(
+            client.AgentUnavailable,
+            agent.get_node_info,
+            deadline=client.Deadline(0.2),
+        )
+        self.assertIn('slot', str(error))
+
+    def test_retries_stop_at_the_deadline(self):
+        transport = mock.Mock(spec=client.Transport)
+        transport.unary.side_effect = FakeRpcError(Code.UNAVAILABLE)
+        clock = FakeTime()
+        retry = client.RetryPolicy(
+            total_seconds=60.0,
+            sleep=clock.sleep,
+            clock=clock.monotonic,
+            uniform=lambda low, high: high,
+        )
+        agent = client.AgentClient('hv1', 'hv1:7443', transport, retry)
+        deadline = client.Deadline(2.0, clock=clock.monotonic)
+        self.assertRaises(
+            client.AgentUnavailable, agent.get_node_info, deadline=deadline
+        )
+        # 0.5 + 1.0; the next 2 s wait would end past the deadline.
+        self.assertEqual([0.5, 1.0], clock.sleeps)
+
     def test_shared_transport_reuses_one_channel_per_endpoint(self):
         transport = client.SharedChannelTransport(TLS, 30, 4)
         for endpoint in ('hv1:1', 'hv1:1', 'hv2:1', 'hv1:1'):
@@ -535,3 +592,179 @@ class TransportTestCase(base.TestCase):
             thread.join()
         self.assertEqual(2, max(peak))
         self.assertEqual(5, stub_class.return_value.GetNodeInfo.call_count)
+
+
+class FakeTime:
+    """A clock that advances only when the client sleeps."""
+
+    def __init__(self):
+        self.now = 100.0
+        self.sleeps = []
+
+    def monotonic(self):
+        return self.now
+
+    def sleep(self, seconds):
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+def unavailable():
+    return FakeRpcError(Code.UNAVAILABLE, 'connection refused')
+
+
+class RetryTestCase(base.TestCase):
+    def setUp(self):
+        super().setUp()
+        self.time = FakeTime()
+        self.transport = mock.Mock(spec=client.Transport)
+        self.agent = self.agent_with(total_seconds=10.0)
+
+    def agent_with(self, total_seconds, uniform=None):
+        retry = client.RetryPolicy(
+            total_seconds=total_seconds,
+            first_delay=0.5,
+            max_delay=4.0,
+            sleep=self.time.sleep,
+            clock=self.time.monotonic,
+            uniform=uniform or (lambda low, high: high),
+        )
+        return client.AgentClient('hv1', 'hv1:7443', self.transport, retry)
+
+    # Every call the agent documents as safe to repeat, with what it takes.
+    REPEATABLE = {
+        'GetNodeInfo': lambda a: a.get_node_info(),
+        'GetVolume': lambda a: a.get_volume('v'),
+        'ListVolumes': lambda a: a.list_volumes(),
+        'ListTransfers': lambda a: a.list_transfers(),
+        'CreateVolume': lambda a: a.create_volume('v', 5),
+        'DeleteVolume': lambda a: a.delete_volume('v'),
+        'ExtendVolume': lambda a: a.extend_volume('v', 9),
+        'PublishVolume': lambda a: a.publish_volume('v'),
+        'UnpublishVolume': lambda a: a.unpublish_volume('v'),
+        'DeleteSnapshot': lambda a: a.delete_snapshot('s'),
+        'UnexportVolume': lambda a: a.unexport_volume('v'),
+        'AbortTransfer': lambda a: a.abort_transfer('t'),
+    }
+    # Mutating calls whose repetition the agent API does not promise.
+    NOT_REPEATABLE = {
+        'CreateSnapshot': lambda a: a.create_snapshot('s', 'v'),
+        'RevertVolume': lambda a: a.revert_volume('v', 's'),
+        'ExportVolume': lambda a: a.export_volume('v', 'nqn'),
+        'StartTransfer': lambda a: a.start_transfer(
+            't', 'v', 1, transfer_pb2.NvmeTcpSource(), False, None
+        ),
+        'CommitTransfer': lambda a: a.commit_transfer('t'),
+    }
+
+    def test_idempotent_calls_are_repeated_on_unavailable(self):
+        for method, call in self.REPEATABLE.items():
+            with self.subTest(method=method):
+                self.transport.reset_mock()
+                self.transport.unary.side_effect = [
+                    unavailable(),
+                    unavailable(),
+                    mock.MagicMock(),
+                ]
+                call(self.agent)
+                self.assertEqual(3, self.transport.unary.call_count)
+                self.assertEqual(
+                    {method},
+                    {c.args[2] for c in self.transport.unary.call_args_list},
+                )
+
+    def test_other_mutating_calls_are_never_repeated(self):
+        for method, call in self.NOT_REPEATABLE.items():
+            with self.subTest(method=method):
+                self.transport.reset_mock()
+                self.transport.unary.side_effect = [
+                    unavailable(),
+                    mock.MagicMock(),
+                ]
+                self.assertRaises(client.AgentUnavailable, call, self.agent)
+                self.assertEqual(1, self.transport.unary.call_count)
+        self.assertEqual([], self.time.sleeps)
+
+    def test_only_unavailable_is_repeated(self):
+        for code in (
+            Code.DEADLINE_EXCEEDED,
+            Code.INTERNAL,
+            Code.RESOURCE_EXHAUSTED,
+            Code.FAILED_PRECONDITION,
+        ):
+            with self.subTest(code=code):
+                self.transport.reset_mock()
+                self.transport.unary.side_effect = FakeRpcError(code)
+                self.assertRaises(
+                    exception.CinderException, self.agent.get_volume, 'v'
+                )
+                self.assertEqual(1, self.transport.unary.call_count)
+        self.assertEqual([], self.time.sleeps)
+
+    def test_backoff_doubles_up_to_the_cap(self):
+        agent = self.agent_with(total_seconds=30.0)
+        self.transport.unary.side_effect = [unavailable()] * 6 + ['info']
+        self.assertEqual('info', agent.get_node_info())
+        self.assertEqual([0.5, 1.0, 2.0, 4.0, 4.0, 4.0], self.time.sleeps)
+
+    def test_jitter_draws_from_the_upper_half_of_each_step(self):
+        drawn = []
+
+        def uniform(low, high):
+            drawn.append((low, high))
+            return low
+
+        agent = self.agent_with(10.0, uniform)
+        self.transport.unary.side_effect = [unavailable()] * 3 + ['info']
+        agent.get_node_info()
+        self.assertEqual([(0.25, 0.5), (0.5, 1.0), (1.0, 2.0)], drawn)
+        self.assertEqual([0.25, 0.5, 1.0], self.time.sleeps)
+
+    def test_total_time_is_bounded(self):
+        self.transport.unary.side_effect = unavailable()
+        started = self.time.now
+        error = self.assertRaises(
+            client.AgentUnavailable, self.agent.get_node_info
+        )
+        self.assertLessEqual(self.time.now - started, 10.0)
+        # 0.5 + 1 + 2 + 4 = 7.5; another 4 s would pass the 10 s bound.
+        self.assertEqual([0.5, 1.0, 2.0, 4.0], self.time.sleeps)
+        self.assertEqual(5, self.transport.unary.call_count)
+        self.assertIn('UNAVAILABLE', str(error))
+
+    def test_zero_total_time_turns_retries_off(self):
+        agent = self.agent_with(0.0)
+        self.transport.unary.side_effect = [unavailable(), 'info']
+        self.assertRaises(client.AgentUnavailable, agent.get_node_info)
+        self.assertEqual(1, self.transport.unary.call_count)
+
+    def test_a_repeated_removal_that_finds_it_gone_succeeds(self):
+        self.transport.unary.side_effect = [
+            unavailable(),
+            FakeRpcError(Code.NOT_FOUND),
+        ]
+        self.assertIsNone(self.agent.delete_volume('v'))
+        self.assertEqual(2, self.transport.unary.call_count)
+
+    def test_without_a_policy_nothing_is_repeated(self):
+        agent = client.AgentClient('hv1', 'hv1:7443', self.transport)
+        self.transport.unary.side_effect = [unavailable(), 'info']
+        self.assertRaises(client.AgentUnavailable, agent.get_node_info)
+        self.assertEqual(1, self.transport.unary.call_count)
+
+    def test_repeated_calls_name_real_rpcs(self):
+        from dmclone_cinder._proto.dmclone.v1 import node_pb2 as n
+        from dmclone_cinder._proto.dmclone.v1 import snapshot_pb2 as s
+        from dmclone_cinder._proto.dmclone.v1 import transfer_pb2 as t
+        from dmclone_cinder._proto.dmclone.v1 import volume_pb2 as v
+
+        rpcs = {
+            method.name
+            for module in (n, s, t, v)
+            for service in module.DESCRIPTOR.services_by_name.values()
+            for method in service.methods
+        }
+        self.assertEqual(set(), client.REPEATABLE_RPCS - rpcs)
+        self.assertEqual(
+            set(), set(self.NOT_REPEATABLE) & client.REPEATABLE_RPCS
+        )

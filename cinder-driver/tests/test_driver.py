@@ -1,5 +1,6 @@
 """Unit tests of DMCloneDriver with the agents mocked."""
 
+import time
 from unittest import mock
 import uuid
 
@@ -36,9 +37,17 @@ class SetupTestCase(base.DriverTestCase):
     def test_one_agent_client_per_configured_host(self):
         for host in base.HOSTS:
             client.AgentClient.assert_any_call(
-                host, base.endpoint_of(host), mock.ANY
+                host, base.endpoint_of(host), mock.ANY, mock.ANY
             )
         self.assertEqual(3, client.AgentClient.call_count)
+
+    def test_agent_calls_are_retried_for_the_configured_time(self):
+        retry = client.AgentClient.call_args.args[3]
+        self.assertEqual(10.0, retry.total_seconds)
+        client.AgentClient.reset_mock()
+        self._setup_with(dmclone_retry_timeout=0)
+        for call in client.AgentClient.call_args_list:
+            self.assertEqual(0.0, call.args[3].total_seconds)
 
     def test_bad_configuration_is_rejected_naming_the_option(self):
         cases = {
@@ -70,6 +79,18 @@ class SetupTestCase(base.DriverTestCase):
             driver_ssl_cert_path=None,
         )
 
+    def test_over_subscription_ratio_below_one_is_refused(self):
+        error = self.assertRaises(
+            exception.InvalidConfigurationValue,
+            self._setup_with,
+            max_over_subscription_ratio='0.5',
+        )
+        self.assertIn('max_over_subscription_ratio', str(error))
+        self.assertIn('[local]', str(error))
+
+    def test_auto_over_subscription_ratio_is_accepted(self):
+        self.assertIsNone(self._setup_with(max_over_subscription_ratio='auto'))
+
     def test_backend_defaults_apply_to_the_backend_section(self):
         self.flags(group='backend_defaults', dmclone_call_timeout=7.5)
         self.assertEqual(7.5, self.driver.configuration.dmclone_call_timeout)
@@ -83,7 +104,21 @@ class SetupTestCase(base.DriverTestCase):
         self.agents['hv2'].get_node_info.side_effect = unavailable()
         self.driver.check_for_setup_error()
         for agent in self.agents.values():
-            agent.get_node_info.assert_called_once_with()
+            agent.get_node_info.assert_called_once_with(deadline=mock.ANY)
+
+    def test_check_for_setup_error_asks_every_agent_at_once(self):
+        def slow(host):
+            def answer(**kwargs):
+                eventlet.sleep(0.5)
+                return base.node_info(host)
+
+            return answer
+
+        for host, agent in self.agents.items():
+            agent.get_node_info.side_effect = slow(host)
+        started = time.monotonic()
+        self.driver.check_for_setup_error()
+        self.assertLess(time.monotonic() - started, 1.0)
 
     def test_check_for_setup_error_rejects_an_unknown_api(self):
         self.agents['hv3'].get_node_info.return_value.api_version = 'x.v1'
@@ -141,7 +176,7 @@ class StatsTestCase(base.DriverTestCase):
         self.assertFalse(pool['thick_provisioning_support'])
         self.assertFalse(pool['multiattach'])
         self.assertFalse(pool['online_extend_support'])
-        self.assertEqual('up', pool['backend_state'])
+        self.assertEqual('up', pool['agent_state'])
         self.assertEqual(5, pool['reserved_percentage'])
         self.assertEqual(20.0, pool['max_over_subscription_ratio'])
 
@@ -174,7 +209,7 @@ class StatsTestCase(base.DriverTestCase):
                 info.pool.health = health
                 _stats, pools = self._pools()
                 self.assertEqual(0, pools['hv1']['free_capacity_gb'])
-                self.assertEqual(state, pools['hv1']['backend_state'])
+                self.assertEqual(state, pools['hv1']['agent_state'])
 
     def test_healthy_pool_keeps_its_free_capacity(self):
         self.agents['hv1'].get_node_info.return_value.pool.health = 'healthy'
@@ -204,17 +239,131 @@ class StatsTestCase(base.DriverTestCase):
         )
         stats, pools = self._pools()
         self.assertEqual('up', stats['backend_state'])
-        self.assertEqual('up', pools['hv1']['backend_state'])
+        self.assertEqual('up', pools['hv1']['agent_state'])
         for host in ('hv2', 'hv3'):
-            self.assertEqual('down', pools[host]['backend_state'])
+            self.assertEqual('down', pools[host]['agent_state'])
             self.assertEqual(0, pools[host]['free_capacity_gb'])
             self.assertEqual(0, pools[host]['total_capacity_gb'])
 
     def test_backend_is_down_when_every_agent_is(self):
         for agent in self.agents.values():
             agent.get_node_info.side_effect = unavailable()
-        stats, _pools = self._pools()
+        stats, pools = self._pools()
         self.assertEqual('down', stats['backend_state'])
+        self.assertEqual(
+            {'down'}, {pool['backend_state'] for pool in pools.values()}
+        )
+
+    def test_every_pool_reports_the_backend_state(self):
+        # cinder's services API (api/v3/services.py) takes backend_state
+        # from each pool of a backend, the last one read wins: a pool
+        # must not say "down" while the backend serves.
+        self.agents['hv3'].get_node_info.side_effect = unavailable('hv3')
+        stats, pools = self._pools()
+        self.assertEqual('up', stats['backend_state'])
+        self.assertEqual(
+            {'up'}, {pool['backend_state'] for pool in pools.values()}
+        )
+        self.assertEqual('down', pools['hv3']['agent_state'])
+
+    def test_service_list_shows_the_backend_up_with_one_agent_down(self):
+        from cinder.scheduler import host_manager
+
+        self.agents['hv3'].get_node_info.side_effect = unavailable('hv3')
+        stats = self.driver.get_volume_stats(refresh=True)
+        state = host_manager.BackendState(base.BACKEND, None)
+        state.update_from_volume_capability(
+            dict(stats, timestamp=None), service=None
+        )
+        # What api/v3/services.py reads for the backend of each pool.
+        states = {
+            pool.pool_name: pool.capabilities.get('backend_state', 'up')
+            for pool in state.pools.values()
+        }
+        self.assertEqual({'up'}, set(states.values()))
+        self.assertEqual(set(base.HOSTS), set(states))
+
+    def test_sparse_copy_volume_at_the_top_level(self):
+        # The volume manager reads it from the backend's capabilities
+        # (manager.py, _copy_volume_data), not from a pool.
+        stats, _pools = self._pools()
+        self.assertIs(True, stats['sparse_copy_volume'])
+
+    def test_auto_over_subscription_is_computed_per_pool(self):
+        from cinder.scheduler import sched_utils
+
+        self.flags(group='local', max_over_subscription_ratio='auto')
+        self.agents['hv1'].list_volumes.return_value = [
+            volume_pb2.Volume(volume_id='a', size_bytes=82 * GIB),
+        ]
+        self.agents['hv2'].get_node_info.side_effect = unavailable()
+        _stats, pools = self._pools()
+        # hv1: 40 GiB used, 82 GiB provisioned: 1 + 82 / (40 + 1).
+        self.assertEqual(3.0, pools['hv1']['max_over_subscription_ratio'])
+        # Nothing provisioned yet: cinder's initial ratio.
+        self.assertEqual(
+            sched_utils.INITIAL_AUTO_MOSR,
+            pools['hv3']['max_over_subscription_ratio'],
+        )
+        self.assertEqual(
+            sched_utils.INITIAL_AUTO_MOSR,
+            pools['hv2']['max_over_subscription_ratio'],
+        )
+        self.assertEqual('up', pools['hv1']['agent_state'])
+
+    def test_fixed_over_subscription_ratio_is_reported_as_a_number(self):
+        self.flags(group='local', max_over_subscription_ratio='1.5')
+        _stats, pools = self._pools()
+        self.assertEqual(1.5, pools['hv2']['max_over_subscription_ratio'])
+
+    def test_agents_are_polled_at_once(self):
+        def slow(host):
+            def answer(**kwargs):
+                eventlet.sleep(0.5)
+                return base.node_info(host)
+
+            return answer
+
+        for host, agent in self.agents.items():
+            agent.get_node_info.side_effect = slow(host)
+        started = time.monotonic()
+        stats, pools = self._pools()
+        elapsed = time.monotonic() - started
+        self.assertLess(elapsed, 1.0)
+        self.assertEqual(
+            {'up'}, {pool['agent_state'] for pool in pools.values()}
+        )
+
+    def test_one_deadline_for_the_whole_poll(self):
+        self.flags(group='local', dmclone_stats_timeout=1.0)
+
+        def hang(**kwargs):
+            eventlet.sleep(5)
+            return base.node_info('hv2')
+
+        self.agents['hv2'].get_node_info.side_effect = hang
+        started = time.monotonic()
+        stats, pools = self._pools()
+        elapsed = time.monotonic() - started
+        self.assertLess(elapsed, 2.5)
+        self.assertEqual('down', pools['hv2']['agent_state'])
+        self.assertEqual(0, pools['hv2']['total_capacity_gb'])
+        self.assertEqual('up', pools['hv1']['agent_state'])
+        self.assertEqual('up', stats['backend_state'])
+
+    def test_agent_calls_of_a_poll_get_its_deadline(self):
+        self._pools()
+        _args, kwargs = self.agents['hv1'].get_node_info.call_args
+        self.assertIsInstance(kwargs['deadline'], client.Deadline)
+        self.assertLessEqual(kwargs['deadline'].remaining(), 20.0)
+        _args, kwargs = self.agents['hv1'].list_volumes.call_args
+        self.assertIsInstance(kwargs['deadline'], client.Deadline)
+
+    def test_a_pool_that_fails_unexpectedly_is_down_not_the_poll(self):
+        self.agents['hv2'].get_node_info.side_effect = RuntimeError('bug')
+        stats, pools = self._pools()
+        self.assertEqual('down', pools['hv2']['agent_state'])
+        self.assertEqual('up', pools['hv1']['agent_state'])
 
 
 class VolumeTestCase(base.DriverTestCase):

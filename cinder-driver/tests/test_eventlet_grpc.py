@@ -202,6 +202,25 @@ class EventletClientTestCase(_AgentServerTestCase):
         agent = self.agent_client(endpoint='127.0.0.1:1', timeout=5)
         self.assertRaises(client.AgentUnavailable, agent.get_node_info)
 
+    def test_retries_of_a_closed_port_wait_green_and_stop_in_time(self):
+        transport = client.make_transport(self.tls_material(), 5, 2)
+        retry = client.RetryPolicy(
+            total_seconds=1.5, first_delay=0.2, max_delay=0.4
+        )
+        agent = client.AgentClient('hv1', '127.0.0.1:1', transport, retry)
+        ticker = _HubTicker()
+        started = time.monotonic()
+        self.assertRaises(client.AgentUnavailable, agent.get_node_info)
+        elapsed = time.monotonic() - started
+        ticker.stop()
+
+        # Waits of at least 0.1 + 0.2 + 0.2 + 0.2 happened, and no wait
+        # began that would end after 1.5 s.
+        self.assertGreaterEqual(elapsed, 0.7)
+        self.assertLess(elapsed, 1.5 + 1.0)
+        # The waits were green sleeps: the hub kept running.
+        self.assertLess(ticker.longest_gap, MAX_HUB_GAP)
+
 
 class EventletDriverTestCase(_AgentServerTestCase):
     """The driver end to end against the agent, as cinder-volume runs it."""
