@@ -347,33 +347,17 @@ class Transport:
 
     def unary(self, endpoint, service, method, request, deadline=None):
         """The call's answer; with a deadline, it ends by that deadline."""
-        metadata = _call_metadata()
+        call = (endpoint, service, method, request, _call_metadata())
         if deadline is None:
             with self._slots:
-                return self._run(
-                    self._invoke,
-                    endpoint,
-                    service,
-                    method,
-                    request,
-                    metadata,
-                    self._timeout,
-                )
+                return self._run(self._invoke, *call, self._timeout)
         if not self._slots.acquire(timeout=deadline.remaining()):
             raise _DeadlinePassed('no free call slot before the deadline')
         try:
             timeout = min(self._timeout, deadline.remaining())
             if timeout <= 0:
                 raise _DeadlinePassed('the deadline passed before the call')
-            return self._run(
-                self._invoke,
-                endpoint,
-                service,
-                method,
-                request,
-                metadata,
-                timeout,
-            )
+            return self._run(self._invoke, *call, timeout)
         finally:
             self._slots.release()
 

@@ -29,6 +29,16 @@ def unimplemented(rpc):
     return exception.NotSupportedOperation(operation=f'{rpc}: not yet')
 
 
+def _slow_node_info(host):
+    """An agent that answers GetNodeInfo after half a second."""
+
+    def answer(**kwargs):
+        eventlet.sleep(0.5)
+        return base.node_info(host)
+
+    return answer
+
+
 class SetupTestCase(base.DriverTestCase):
     def _setup_with(self, **overrides):
         self.flags(group='local', **overrides)
@@ -107,15 +117,8 @@ class SetupTestCase(base.DriverTestCase):
             agent.get_node_info.assert_called_once_with(deadline=mock.ANY)
 
     def test_check_for_setup_error_asks_every_agent_at_once(self):
-        def slow(host):
-            def answer(**kwargs):
-                eventlet.sleep(0.5)
-                return base.node_info(host)
-
-            return answer
-
         for host, agent in self.agents.items():
-            agent.get_node_info.side_effect = slow(host)
+            agent.get_node_info.side_effect = _slow_node_info(host)
         started = time.monotonic()
         self.driver.check_for_setup_error()
         self.assertLess(time.monotonic() - started, 1.0)
@@ -317,15 +320,8 @@ class StatsTestCase(base.DriverTestCase):
         self.assertEqual(1.5, pools['hv2']['max_over_subscription_ratio'])
 
     def test_agents_are_polled_at_once(self):
-        def slow(host):
-            def answer(**kwargs):
-                eventlet.sleep(0.5)
-                return base.node_info(host)
-
-            return answer
-
         for host, agent in self.agents.items():
-            agent.get_node_info.side_effect = slow(host)
+            agent.get_node_info.side_effect = _slow_node_info(host)
         started = time.monotonic()
         stats, pools = self._pools()
         elapsed = time.monotonic() - started
