@@ -497,6 +497,9 @@ pub fn era_metadata_bytes(max_volume_bytes: u64, block_bytes: u64) -> u64 {
 }
 
 #[cfg(test)]
+mod agent_tests;
+
+#[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
