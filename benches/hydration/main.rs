@@ -80,7 +80,7 @@ use report::Report;
 use rig::{Rig, preflight};
 use throughput::section_hydration;
 
-const SECTOR: u64 = 512;
+use dmclone::units::SECTOR;
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
 const MB: f64 = 1e6;

@@ -20,7 +20,7 @@ use loopdev::{LoopControl, LoopDevice};
 use sha2::{Digest, Sha256};
 use tempfile::TempDir;
 
-pub const SECTOR: u64 = 512;
+pub use dmclone::units::SECTOR;
 pub const MIB: u64 = 1024 * 1024;
 
 /// Opens device-mapper or fails the test with instructions: a real-kernel
