@@ -230,8 +230,13 @@ class DMCloneDriver(driver.VolumeDriver):
         timeout = self.configuration.dmclone_stats_timeout
         deadline = client.Deadline(timeout)
         answers = {}
+        # The request's context is per thread: each asking thread takes the
+        # caller's, so the agents log the request id of the Cinder request.
+        context = client.oslo_context.get_current()
 
         def run(host, agent):
+            if context is not None:
+                context.update_store()
             try:
                 answers[host] = (ask(agent, deadline), None)
             except Exception as err:  # reported per agent

@@ -4,6 +4,7 @@ import time
 from unittest import mock
 import uuid
 
+from cinder import context
 from cinder import exception
 from cinder.common import constants
 from cinder.objects import fields
@@ -329,6 +330,25 @@ class StatsTestCase(base.DriverTestCase):
         self.assertEqual(
             {'up'}, {pool['agent_state'] for pool in pools.values()}
         )
+
+    def test_every_polling_thread_carries_the_callers_request_id(self):
+        seen = {}
+
+        def record(host):
+            def answer(**kwargs):
+                seen[host] = client.current_request_id()
+                return base.node_info(host)
+
+            return answer
+
+        for host, agent in self.agents.items():
+            agent.get_node_info.side_effect = record(host)
+        caller = context.RequestContext(
+            'user', 'project', request_id='req-poll-1'
+        )
+        caller.update_store()
+        self._pools()
+        self.assertEqual({host: 'req-poll-1' for host in self.agents}, seen)
 
     def test_one_deadline_for_the_whole_poll(self):
         self.flags(group='local', dmclone_stats_timeout=1.0)
