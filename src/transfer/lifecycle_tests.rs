@@ -332,3 +332,46 @@ async fn an_abort_cut_after_its_record_is_finished_at_the_next_start() {
     assert!(agent.get_volume(&id).await.is_err());
     assert!(host.kernel.thin_ids("dmt-pool").is_empty());
 }
+
+#[tokio::test]
+async fn extending_an_arriving_volume_keeps_the_clone_and_maps_the_rest_locally() {
+    let host = host();
+    let agent = host.start().await.unwrap();
+    let id = volume_id(1);
+    agent.start_transfer(request(1, &id, false)).await.unwrap();
+    let grown = agent.extend_volume(&id, 12 * MIB).await.unwrap();
+    assert_eq!(grown.size_bytes, 12 * MIB);
+    let table = host.kernel.table_text(&public(&id)).unwrap();
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines.len(), 2, "{table}");
+    assert!(lines[0].starts_with("0 16384 clone "), "{table}");
+    assert!(lines[1].starts_with("16384 8192 linear "), "{table}");
+    host.kernel.hydrate(&public(&id));
+    wait_for(&agent, &transfer_id(1), TransferState::Done).await;
+    let table = host.kernel.table_text(&public(&id)).unwrap();
+    assert!(table.starts_with("0 24576 era "), "{table}");
+}
+
+#[tokio::test]
+async fn an_arriving_volume_unpublished_loses_its_device_once_the_transfer_is_done() {
+    let host = host();
+    let agent = host.start().await.unwrap();
+    let id = volume_id(1);
+    agent.start_transfer(request(1, &id, false)).await.unwrap();
+    agent.unpublish_volume(&id).await.unwrap();
+    assert!(
+        host.devices().contains(&public(&id)),
+        "hydration runs through the public device"
+    );
+    host.kernel.hydrate(&public(&id));
+    wait_for(&agent, &transfer_id(1), TransferState::Done).await;
+    // The device goes right after the transfer is recorded done.
+    for _ in 0..400 {
+        if !host.devices().contains(&public(&id)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(!host.devices().contains(&public(&id)));
+    assert!(!agent.get_volume(&id).await.unwrap().published);
+}
