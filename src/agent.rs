@@ -88,9 +88,10 @@ impl Agent {
             reason,
         })?;
         let dm: Arc<dyn Kernel> = Arc::new(LiveKernel::open()?);
+        // Before the pool's device is touched (a loop device attached).
         check_targets(dm.as_ref()).await?;
         let backing = Backing::open(&settings.pool.backing).await?;
-        Self::start_on(settings, dm, backing, source_releaser).await
+        Self::assemble(settings, dm, backing, source_releaser).await
     }
 
     /// Starts over `dm` with the pool on `backing`: the whole start but for
@@ -103,6 +104,16 @@ impl Agent {
         source_releaser: Arc<dyn SourceReleaser>,
     ) -> Result<Arc<Self>, AgentError> {
         check_targets(dm.as_ref()).await?;
+        Self::assemble(settings, dm, backing, source_releaser).await
+    }
+
+    /// The start after the kernel's targets were checked.
+    async fn assemble(
+        settings: Settings,
+        dm: Arc<dyn Kernel>,
+        backing: Backing,
+        source_releaser: Arc<dyn SourceReleaser>,
+    ) -> Result<Arc<Self>, AgentError> {
         prepare_state_dir(&settings.state_dir)?;
         let store = {
             let dir = settings.state_dir.clone();

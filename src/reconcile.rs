@@ -115,7 +115,7 @@ impl Agent {
         report: &mut ReconcileReport,
     ) -> Result<(), AgentError> {
         let id = record.id.clone();
-        let thin = self.thin_name(record)?;
+        let thin = self.thin_name(record);
         let public = self.naming.public(&id);
         for name in [&thin, &public] {
             let wanted = name == &thin || record.published;
@@ -255,7 +255,7 @@ impl Agent {
             .store_call(|store| store.all::<SnapshotRecord>())
             .await?;
         for snapshot in snapshots {
-            self.remove_device_if_present(&self.snapshot_name(&snapshot)?)
+            self.remove_device_if_present(&self.snapshot_name(&snapshot))
                 .await?;
             match snapshot.pending {
                 Some(Pending::Create) => {

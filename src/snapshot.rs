@@ -122,7 +122,7 @@ impl Agent {
         &self,
         record: &SnapshotRecord,
     ) -> Result<(), AgentError> {
-        self.remove_device_if_present(&self.snapshot_name(record)?)
+        self.remove_device_if_present(&self.snapshot_name(record))
             .await?;
         self.pool.delete_thin(record.thin_id).await?;
         let key = record.id.clone();
@@ -200,7 +200,7 @@ impl Agent {
             .await?;
         failpoint::hit("clone.after_record");
         let made = async {
-            self.remove_device_if_present(&self.snapshot_name(&source)?)
+            self.remove_device_if_present(&self.snapshot_name(&source))
                 .await?;
             self.pool.snapshot(record.thin_id, source.thin_id).await?;
             self.ensure_era_metadata(&record).await?;
@@ -338,7 +338,7 @@ impl Agent {
             return Ok(());
         };
         self.pool.snapshot(record.thin_id, snapshot_thin).await?;
-        let thin = self.thin_name(record)?;
+        let thin = self.thin_name(record);
         self.remove_device_if_present(&thin).await?;
         self.ensure_thin_device(record).await?;
         self.pool.delete_thin(old_thin).await?;
@@ -355,7 +355,7 @@ impl Agent {
         origin: &VolumeRecord,
         new_thin: ThinId,
     ) -> Result<(), AgentError> {
-        let thin = self.thin_name(origin)?;
+        let thin = self.thin_name(origin);
         self.dm.suspend(&thin, Flush::Flush).await?;
         let made = self.pool.snapshot(new_thin, origin.thin_id).await;
         let resumed = self.dm.resume(&thin).await;
@@ -503,8 +503,8 @@ impl Agent {
         }
     }
 
-    pub(crate) fn snapshot_name(&self, record: &SnapshotRecord) -> Result<DeviceName, AgentError> {
-        Ok(self.naming.snapshot(&record.id))
+    pub(crate) fn snapshot_name(&self, record: &SnapshotRecord) -> DeviceName {
+        self.naming.snapshot(&record.id)
     }
 
     /// Size and mapped bytes; the snapshot is activated for the moment it
@@ -524,7 +524,7 @@ impl Agent {
         if record.pending.is_some() {
             return None;
         }
-        let name = self.snapshot_name(record).ok()?;
+        let name = self.snapshot_name(record);
         let table = self
             .pool
             .thin_table(record.thin_id, record.size_bytes)

@@ -136,3 +136,22 @@ where
         "{point} was not reached"
     );
 }
+
+/// Waits (at most 4 s) until the transfer reaches `state`.
+pub async fn transfer_reaches(
+    agent: &Agent,
+    id: &crate::ids::TransferId,
+    state: crate::transfer::TransferState,
+) -> crate::transfer::TransferView {
+    for _ in 0..400 {
+        let view = agent.get_transfer(id).await.expect("the transfer exists");
+        if view.state == state {
+            return view;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!(
+        "transfer {id} did not reach {state:?}: {:?}",
+        agent.get_transfer(id).await
+    );
+}

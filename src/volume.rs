@@ -236,12 +236,12 @@ impl Agent {
             }
             .into());
         }
-        if let Some(open) = self.open_count(&self.thin_name(&record)?).await?
+        if let Some(open) = self.open_count(&self.thin_name(&record)).await?
             && open > 0
         {
             return Err(Refusal::VolumeInUse {
                 volume: id.clone(),
-                device: self.thin_name(&record)?.to_string(),
+                device: self.thin_name(&record).to_string(),
                 open_count: open,
                 hint: "close them before deleting it",
             }
@@ -534,8 +534,8 @@ impl Agent {
         self.pool.check_room(&usage, provisioned, bytes)
     }
 
-    pub(crate) fn thin_name(&self, record: &VolumeRecord) -> Result<DeviceName, AgentError> {
-        Ok(self.naming.thin(&record.id))
+    pub(crate) fn thin_name(&self, record: &VolumeRecord) -> DeviceName {
+        self.naming.thin(&record.id)
     }
 
     /// Creates the thin device, or brings a live one to the record's size.
@@ -544,7 +544,7 @@ impl Agent {
         record: &VolumeRecord,
     ) -> Result<DevRef, AgentError> {
         let table = self.pool.thin_table(record.thin_id, record.size_bytes)?;
-        self.ensure_device(&self.thin_name(record)?, &table, |live| {
+        self.ensure_device(&self.thin_name(record), &table, |live| {
             stack::is_resize_of(live, &table)
         })
         .await

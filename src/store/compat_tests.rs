@@ -6,11 +6,11 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::{path::Path, time::Duration};
+use std::path::Path;
 
 use crate::{
     ids::{SnapshotId, TransferId},
-    testing::{MIB, TestHost, volume_id},
+    testing::{MIB, TestHost, transfer_reaches, volume_id},
     transfer::TransferState,
 };
 
@@ -57,16 +57,7 @@ async fn a_store_from_release_0_1_0_opens_reconciles_and_serves() {
     // It serves: the transfer finishes, a snapshot and a volume go, one is made.
     agent.commit_transfer(&transfer).await.unwrap();
     host.kernel.hydrate(&format!("dmt-{}", volume_id(3)));
-    for _ in 0..400 {
-        if agent.get_transfer(&transfer).await.unwrap().state == TransferState::Done {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert_eq!(
-        agent.get_transfer(&transfer).await.unwrap().state,
-        TransferState::Done
-    );
+    transfer_reaches(&agent, &transfer, TransferState::Done).await;
     agent.delete_snapshot(&snapshot).await.unwrap();
     agent.delete_volume(&volume_id(2)).await.unwrap();
     let (made, _) = agent.create_volume(&volume_id(4), 4 * MIB).await.unwrap();

@@ -91,7 +91,7 @@ impl Agent {
         }
         let request = ExportRequest {
             subsystem_nqn: subsystem.clone(),
-            device_path: self.thin_name(&record)?.mapper_path(),
+            device_path: self.thin_name(&record).mapper_path(),
             namespace: namespace_ids(id),
             host_nqn: host.clone(),
             port: PortSpec {

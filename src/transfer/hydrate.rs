@@ -419,7 +419,7 @@ impl Agent {
         // A fresh clone must start from zeroed metadata, or the kernel
         // would adopt whatever an earlier user of these blocks left.
         self.dm
-            .zero_first_block(&self.metadata_name(volume)?)
+            .zero_first_block(&self.metadata_name(volume))
             .await?;
         failpoint::hit("transfer.after_metadata");
         let destination = self.ensure_thin_device(volume).await?;
@@ -507,12 +507,12 @@ impl Agent {
         let table = self
             .pool
             .thin_table(transfer.metadata_thin_id, transfer.metadata_bytes)?;
-        self.ensure_device(&self.metadata_name(volume)?, &table, |_| false)
+        self.ensure_device(&self.metadata_name(volume), &table, |_| false)
             .await
     }
 
-    pub(crate) fn metadata_name(&self, volume: &VolumeRecord) -> Result<DeviceName, AgentError> {
-        Ok(self.naming.clone_metadata(&volume.id))
+    pub(crate) fn metadata_name(&self, volume: &VolumeRecord) -> DeviceName {
+        self.naming.clone_metadata(&volume.id)
     }
 
     /// The public table while hydrating (see [`stack::clone_table`]).

@@ -10,10 +10,9 @@ use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use super::*;
 use crate::{
-    agent::Agent,
     error::AgentError,
     ids::{TransferId, VolumeId},
-    testing::{MIB, TestHost, crash, volume_id},
+    testing::{MIB, TestHost, crash, transfer_reaches, volume_id},
 };
 
 const SOURCE: &str = "/dev/fake-source";
@@ -43,21 +42,6 @@ fn host() -> TestHost {
 
 fn public(id: &VolumeId) -> String {
     format!("dmt-{id}")
-}
-
-/// Waits (bounded) until the transfer reaches `state`.
-async fn wait_for(agent: &Agent, id: &TransferId, state: TransferState) -> TransferView {
-    for _ in 0..400 {
-        let view = agent.get_transfer(id).await.unwrap();
-        if view.state == state {
-            return view;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!(
-        "transfer {id} did not reach {state:?}: {:?}",
-        agent.get_transfer(id).await
-    );
 }
 
 fn journal_has(host: &TestHost, entry: &str) -> bool {
@@ -94,7 +78,7 @@ async fn hydration_complete_raises_the_event_and_the_monitor_finalizes_onto_dm_e
     agent.start_transfer(request(1, &id, false)).await.unwrap();
     let ids_while_arriving = host.kernel.thin_ids("dmt-pool").len();
     host.kernel.hydrate(&public(&id));
-    let done = wait_for(&agent, &transfer_id(1), TransferState::Done).await;
+    let done = transfer_reaches(&agent, &transfer_id(1), TransferState::Done).await;
     assert!(done.finalize_pause_micros.is_some());
     let table = host.kernel.table_text(&public(&id)).unwrap();
     assert!(table.starts_with("0 16384 era "), "{table}");
@@ -287,7 +271,7 @@ async fn a_running_transfer_gets_its_clone_back_after_a_reboot_and_finishes() {
             .contains(" clone ")
     );
     host.kernel.hydrate(&public(&id));
-    wait_for(&agent, &transfer_id(1), TransferState::Done).await;
+    transfer_reaches(&agent, &transfer_id(1), TransferState::Done).await;
 }
 
 #[tokio::test]
@@ -303,7 +287,7 @@ async fn a_finalize_cut_anywhere_is_finished_at_the_next_start() {
         let caller = Arc::clone(&agent);
         crash(point, async move { caller.finalize(&transfer_id(1)).await }).await;
         let agent = host.restart(agent).await.unwrap();
-        wait_for(&agent, &transfer_id(1), TransferState::Done).await;
+        transfer_reaches(&agent, &transfer_id(1), TransferState::Done).await;
         let table = host.kernel.table_text(&public(&id)).unwrap();
         assert!(table.starts_with("0 16384 era "), "{point}: {table}");
         assert!(
@@ -347,7 +331,7 @@ async fn extending_an_arriving_volume_keeps_the_clone_and_maps_the_rest_locally(
     assert!(lines[0].starts_with("0 16384 clone "), "{table}");
     assert!(lines[1].starts_with("16384 8192 linear "), "{table}");
     host.kernel.hydrate(&public(&id));
-    wait_for(&agent, &transfer_id(1), TransferState::Done).await;
+    transfer_reaches(&agent, &transfer_id(1), TransferState::Done).await;
     let table = host.kernel.table_text(&public(&id)).unwrap();
     assert!(table.starts_with("0 24576 era "), "{table}");
 }
@@ -364,7 +348,7 @@ async fn an_arriving_volume_unpublished_loses_its_device_once_the_transfer_is_do
         "hydration runs through the public device"
     );
     host.kernel.hydrate(&public(&id));
-    wait_for(&agent, &transfer_id(1), TransferState::Done).await;
+    transfer_reaches(&agent, &transfer_id(1), TransferState::Done).await;
     // The device goes right after the transfer is recorded done.
     for _ in 0..400 {
         if !host.devices().contains(&public(&id)) {

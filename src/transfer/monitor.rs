@@ -216,7 +216,7 @@ impl Agent {
         }
         failpoint::hit("finalize.after_swap");
         self.note_history_start(&mut volume, &public).await?;
-        self.remove_device_if_present(&self.metadata_name(&volume)?)
+        self.remove_device_if_present(&self.metadata_name(&volume))
             .await?;
         self.pool.delete_thin(transfer.metadata_thin_id).await?;
         self.detach_source(&transfer.source).await;
