@@ -181,14 +181,23 @@ pub async fn ensure_device(
     )))
 }
 
-/// Removes a device; one already gone is fine, an open one is refused.
+/// Removes a device; one already gone is fine, an open one is refused once
+/// transient openers (see [`Kernel::settled_open_count`]) had their moment.
 pub async fn remove_if_present(dm: &dyn Kernel, name: &DeviceName) -> Result<(), AgentError> {
-    match dm.remove(name).await {
-        Ok(()) | Err(Error::NoSuchDevice { .. }) => Ok(()),
+    let busy = match dm.remove(name).await {
+        Ok(()) | Err(Error::NoSuchDevice { .. }) => return Ok(()),
         Err(Error::DeviceBusy { device, open_count }) => {
-            Err(Refusal::DeviceInUse { device, open_count }.into())
+            Refusal::DeviceInUse { device, open_count }
         }
-        Err(err) => Err(err.into()),
+        Err(err) => return Err(err.into()),
+    };
+    match dm.settled_open_count(name).await? {
+        None => Ok(()),
+        Some(0) => match dm.remove(name).await {
+            Ok(()) | Err(Error::NoSuchDevice { .. }) => Ok(()),
+            Err(err) => Err(err.into()),
+        },
+        Some(_) => Err(busy.into()),
     }
 }
 

@@ -580,8 +580,10 @@ impl Agent {
         stack::remove_if_present(self.dm.as_ref(), name).await
     }
 
+    /// Who holds the device open, not counting openers that let go by
+    /// themselves in a moment.
     pub(crate) async fn open_count(&self, name: &DeviceName) -> Result<Option<i32>, AgentError> {
-        Ok(self.dm.info(name).await?.map(|state| state.open_count))
+        Ok(self.dm.settled_open_count(name).await?)
     }
 
     /// A record's state as callers see it.

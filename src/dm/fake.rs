@@ -72,6 +72,9 @@ struct Device {
     suspended: bool,
     /// Opens from outside device-mapper (an attached instance).
     external_opens: i32,
+    /// Opens that end by themselves (a forked process, a udev probe): they
+    /// count until someone waits for the device to settle.
+    transient_opens: i32,
     event_nr: u32,
 }
 
@@ -124,6 +127,11 @@ impl FakeKernel {
 
     pub fn close_device(&self, name: &str) {
         self.device_mut(name, |device| device.external_opens -= 1);
+    }
+
+    /// Something holds the device open for a moment (a udev probe).
+    pub fn open_briefly(&self, name: &str) {
+        self.device_mut(name, |device| device.transient_opens += 1);
     }
 
     /// Writes `sectors` more sectors to a thin device (allocates them).
@@ -194,6 +202,7 @@ impl FakeKernel {
             inactive: None,
             suspended: false,
             external_opens: 0,
+            transient_opens: 0,
             event_nr: 0,
         };
         state.devices.insert(name.to_owned(), device);
@@ -290,7 +299,9 @@ impl State {
             .flat_map(|segment| devices_of(&segment.target))
             .filter(|held| *held == dev)
             .count() as i32;
-        let external = self.by_dev(dev).map_or(0, |(_, d)| d.external_opens);
+        let external = self
+            .by_dev(dev)
+            .map_or(0, |(_, d)| d.external_opens + d.transient_opens);
         holders + external
     }
 
@@ -579,6 +590,7 @@ impl Kernel for FakeKernel {
                 inactive: Some(table.clone()),
                 suspended: false,
                 external_opens: 0,
+                transient_opens: 0,
                 event_nr: 0,
             };
             state.devices.insert(name.to_string(), device);
@@ -709,6 +721,17 @@ impl Kernel for FakeKernel {
             Ok(info) => Ok(Some(info)),
             Err(Error::NoSuchDevice { .. }) => Ok(None),
             Err(err) => Err(err),
+        })
+    }
+
+    async fn settled_open_count(&self, name: &DeviceName) -> Result<Option<i32>> {
+        self.with("info", name, |state| {
+            let Ok(device) = state.device_mut(name) else {
+                return Ok(None);
+            };
+            device.transient_opens = 0;
+            let dev = device.dev;
+            Ok(Some(state.open_count(dev)))
         })
     }
 

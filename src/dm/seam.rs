@@ -18,6 +18,11 @@ use crate::{
     error::{AgentError, Error, ParseError, Result},
 };
 
+/// How long an open that is not a user's may last: see
+/// [`Kernel::settled_open_count`]. dmsetup retries a busy removal for 5 s.
+const TRANSIENT_OPEN: std::time::Duration = std::time::Duration::from_secs(3);
+const TRANSIENT_OPEN_POLL: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// Everything the agent asks of device-mapper. Method semantics are those
 /// of [`DeviceMapper`] (and [`EventMonitor`] for the two event calls).
 #[async_trait]
@@ -57,6 +62,12 @@ pub trait Kernel: Send + Sync + fmt::Debug {
     async fn remove(&self, name: &DeviceName) -> Result<()>;
     /// The device's state, or `None` if it does not exist.
     async fn info(&self, name: &DeviceName) -> Result<Option<DeviceState>>;
+    /// The device's open count once transient openers had time to let go,
+    /// or `None` if it does not exist. A process forked while a caller held
+    /// the device keeps a descriptor until it execs, and udev probes a
+    /// device after each close of a write: both hold it open for moments
+    /// after its user closed it (the reason `dmsetup remove --retry` exists).
+    async fn settled_open_count(&self, name: &DeviceName) -> Result<Option<i32>>;
     /// Every device-mapper device of the host.
     async fn list(&self) -> Result<Vec<ListedDevice>>;
     /// Overwrites the device's first 4 KiB with zeros, so that a target
@@ -166,6 +177,17 @@ impl Kernel for LiveKernel {
 
     async fn info(&self, name: &DeviceName) -> Result<Option<DeviceState>> {
         self.dm.info(name).await
+    }
+
+    async fn settled_open_count(&self, name: &DeviceName) -> Result<Option<i32>> {
+        let deadline = tokio::time::Instant::now() + TRANSIENT_OPEN;
+        loop {
+            let open = self.dm.info(name).await?.map(|state| state.open_count);
+            if open.is_none_or(|count| count == 0) || tokio::time::Instant::now() >= deadline {
+                return Ok(open);
+            }
+            tokio::time::sleep(TRANSIENT_OPEN_POLL).await;
+        }
     }
 
     async fn list(&self) -> Result<Vec<ListedDevice>> {

@@ -128,6 +128,26 @@ async fn remove_if_present_tolerates_absence_and_refuses_an_open_device() {
     assert!(fake.device_names().is_empty());
 }
 
+#[tokio::test]
+async fn remove_if_present_outwaits_an_opener_that_lets_go_by_itself() {
+    let fake = FakeKernel::new();
+    let disk = fake.add_block_device(1 << 20);
+    let dm: &dyn Kernel = &fake;
+    let table = Table::single(
+        8,
+        Target::Linear(Linear {
+            device: disk,
+            offset: 0,
+        }),
+    )
+    .unwrap();
+    let device = name("t-c");
+    dm.create(&device, None, &table).await.unwrap();
+    fake.open_briefly("t-c");
+    remove_if_present(dm, &device).await.unwrap();
+    assert!(fake.device_names().is_empty());
+}
+
 /// A device that swaps only when the check says yes.
 async fn swap_fixture(fake: &FakeKernel) -> (DeviceName, Table, Table) {
     let disk = fake.add_block_device(1 << 20);

@@ -155,6 +155,23 @@ async fn an_open_volume_is_neither_unpublished_nor_deleted() {
     assert!(roles(&host, 1).is_empty());
 }
 
+/// A process forked while the device was open, or a udev probe after a
+/// write, holds it for a moment after the instance let go: not a refusal.
+#[tokio::test]
+async fn unpublish_outwaits_a_brief_opener() {
+    let host = TestHost::new();
+    let agent = host.start().await.unwrap();
+    let id = volume_id(1);
+    agent.create_volume(&id, 4 * MIB).await.unwrap();
+    agent.publish_volume(&id).await.unwrap();
+    host.kernel.open_briefly(&format!("dmt-{id}"));
+    agent.unpublish_volume(&id).await.unwrap();
+    assert_eq!(roles(&host, 1), ["thin", "emeta"]);
+    host.kernel.open_briefly(&format!("dmt-thin-{id}"));
+    agent.delete_volume(&id).await.unwrap();
+    assert!(roles(&host, 1).is_empty());
+}
+
 #[tokio::test]
 async fn extend_grows_every_layer_and_never_shrinks() {
     let host = TestHost::new();

@@ -272,6 +272,50 @@ async fn repeated_calls_are_idempotent() {
     agent.destroy().await;
 }
 
+/// A process forked while a device was open keeps it open until it execs
+/// or exits, after the opener closed it (a udev probe does the same): the
+/// agent waits for such an opener instead of refusing the unpublish.
+#[tokio::test(flavor = "multi_thread")]
+async fn unpublish_outwaits_a_process_that_inherited_the_device() {
+    let agent = AgentProcess::start("dmctbrief").await;
+    let mut volumes = agent.volumes().await;
+    create(&mut volumes, VOL_A, 16 * MIB).await.unwrap();
+    let path = publish(&mut volumes, VOL_A).await.unwrap();
+    let device = std::fs::File::open(&path).unwrap();
+    // The child inherits the descriptor, as one forked by a busy host would.
+    nix::fcntl::fcntl(
+        &device,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+    )
+    .unwrap();
+    #[allow(clippy::disallowed_types)] // the brief opener is a process
+    let mut child = std::process::Command::new("sleep")
+        .arg("1")
+        .spawn()
+        .unwrap();
+    drop(device);
+    let held = kernel()
+        .info(&name("dmctbrief", VOL_A))
+        .await
+        .unwrap()
+        .unwrap()
+        .open_count;
+    assert_eq!(
+        held, 1,
+        "the child holds the device after the parent closed it"
+    );
+    let started = std::time::Instant::now();
+    unpublish(&mut volumes, VOL_A).await.unwrap();
+    println!(
+        "MEASURED unpublish waited {:?} for the brief opener",
+        started.elapsed()
+    );
+    assert!(child.try_wait().unwrap().is_some(), "the child had let go");
+    assert!(!Path::new(&path).exists());
+    delete(&mut volumes, VOL_A).await.unwrap();
+    agent.destroy().await;
+}
+
 /// Each malformed or impossible call gets its documented code and leaves the
 /// volume list and the pool exactly as they were.
 #[tokio::test(flavor = "multi_thread")]
