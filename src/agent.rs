@@ -1,12 +1,15 @@
-//! The agent: owns the kernel handle, the store, the pool and the locks; the
-//! one facade the API layer and the tests call. Knows nothing of gRPC.
+//! The agent: starts the context (kernel handle, store, pool, locks), runs
+//! the reconciliation, and holds the services the API layer and the tests
+//! call. Knows nothing of gRPC.
 
 use std::{path::Path, sync::Arc, time::Instant};
 
 use tracing::{info, warn};
 
 use crate::{
+    changes::Changes,
     config::Settings,
+    context::{Background, Context, NvmeIdentity, blocking},
     dm::{Kernel, LiveKernel, kernel::TargetVersion, missing_targets, names::Naming},
     error::AgentError,
     failpoint,
@@ -14,9 +17,11 @@ use crate::{
     metrics::Metrics,
     nvme::{HostId, Nqn},
     pool::{Pool, PoolUsage, backing::Backing},
-    reconcile::ReconcileReport,
+    reconcile::{ReconcileReport, Reconciler},
+    snapshot::Snapshots,
     store::{Store, TransferRecord},
-    transfer::{Registry, release::SourceReleaser},
+    transfer::{Exports, Registry, Transfers, release::SourceReleaser},
+    volume::Volumes,
 };
 
 /// Who this agent is and what its kernel offers.
@@ -36,43 +41,17 @@ pub struct NodeInfo {
     pub volume_count: usize,
 }
 
+/// The agent: one context and the services over it, in the order they may
+/// call each other (a service names only those above it in this list).
 #[derive(Debug)]
 pub struct Agent {
-    pub(crate) dm: Arc<dyn Kernel>,
-    pub(crate) store: Store,
-    pub(crate) pool: Pool,
-    pub(crate) naming: Naming,
-    pub(crate) locks: Locks,
-    pub(crate) settings: Settings,
-    pub(crate) node_id: String,
-    pub(crate) reconcile: ReconcileReport,
-    pub(crate) transfers: Registry,
-    pub(crate) nvme: NvmeIdentity,
-    pub(crate) metrics: Metrics,
-    /// Asks source agents to drop their copies once a move here is done.
-    pub(crate) source_releaser: Arc<dyn SourceReleaser>,
-    pub(crate) background: Background,
-}
-
-/// The agent's own tasks (transfer monitors, source releases, the pool
-/// watcher), kept so that stopping the agent stops them.
-#[derive(Debug, Default)]
-pub(crate) struct Background(std::sync::Mutex<Vec<tokio::task::AbortHandle>>);
-
-impl Background {
-    pub(crate) fn spawn(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
-        let handle = tokio::spawn(task).abort_handle();
-        let mut tasks = self.0.lock().unwrap_or_else(|poison| poison.into_inner());
-        tasks.retain(|task| !task.is_finished());
-        tasks.push(handle);
-    }
-
-    fn stop(&self) {
-        let mut tasks = self.0.lock().unwrap_or_else(|poison| poison.into_inner());
-        for task in tasks.drain(..) {
-            task.abort();
-        }
-    }
+    pub(crate) ctx: Arc<Context>,
+    pub volumes: Volumes,
+    pub snapshots: Snapshots,
+    pub changes: Changes,
+    pub transfers: Transfers,
+    pub exports: Exports,
+    reconcile: ReconcileReport,
 }
 
 impl Agent {
@@ -129,7 +108,7 @@ impl Agent {
         let naming = Naming::new(&settings.dm_prefix)?;
         let nvme = nvme_identity(&settings, &store).await?;
         let pool = Pool::open(&dm, &naming, &settings.pool, backing).await?;
-        let mut agent = Self {
+        let ctx = Arc::new(Context {
             dm,
             store,
             pool,
@@ -137,21 +116,40 @@ impl Agent {
             locks: Locks::default(),
             settings,
             node_id,
-            reconcile: ReconcileReport::default(),
-            transfers: Registry::default(),
+            registry: Registry::default(),
             nvme,
             metrics: Metrics::new(),
             source_releaser,
             background: Background::default(),
+        });
+        let volumes = Volumes::new(ctx.clone());
+        let transfers = Transfers::new(ctx.clone());
+        let exports = Exports::new(ctx.clone(), volumes.clone());
+        let mut agent = Self {
+            volumes,
+            snapshots: Snapshots::new(ctx.clone()),
+            changes: Changes::new(ctx.clone()),
+            exports,
+            reconcile: ReconcileReport::default(),
+            transfers,
+            ctx,
         };
         let started = Instant::now();
-        agent.reconcile = agent.reconcile_all().await?;
+        agent.reconcile = Reconciler::new(
+            agent.ctx.clone(),
+            agent.snapshots.clone(),
+            agent.transfers.clone(),
+            agent.exports.clone(),
+        )
+        .reconcile_all()
+        .await?;
         agent.reconcile.duration = started.elapsed();
         agent
+            .ctx
             .metrics
             .reconciled(agent.reconcile.duration.as_secs_f64());
         info!(
-            node_id = %agent.node_id,
+            node_id = %agent.ctx.node_id,
             volumes = agent.reconcile.volumes,
             rebuilt = agent.reconcile.rebuilt,
             finished = agent.reconcile.finished,
@@ -161,24 +159,24 @@ impl Agent {
             millis = agent.reconcile.duration.as_millis() as u64,
             "reconciled the kernel with the store"
         );
-        let agent = Arc::new(agent);
-        agent.watch_pool_events();
+        watch_pool_events(&agent.ctx);
         let transfers = agent
+            .ctx
             .store_call(|store| store.all::<TransferRecord>())
             .await?;
-        agent.resume_monitors(&transfers);
-        Ok(agent)
+        agent.transfers.resume_monitors(&transfers);
+        Ok(Arc::new(agent))
     }
 
     /// Stops the agent's background work (monitors, releases, watchers)
     /// where it stands; every piece of it resumes from the store at the next
     /// start, as after a crash.
     pub fn stop_background(&self) {
-        self.background.stop();
+        self.ctx.background.stop();
     }
 
     pub fn settings(&self) -> &Settings {
-        &self.settings
+        &self.ctx.settings
     }
 
     /// What the last start-up reconciliation did.
@@ -187,45 +185,45 @@ impl Agent {
     }
 
     pub async fn node_info(&self) -> Result<NodeInfo, AgentError> {
-        let (major, minor, patch) = self.dm.version().await?;
-        let mut targets = self.dm.target_versions().await?;
+        let (major, minor, patch) = self.ctx.dm.version().await?;
+        let mut targets = self.ctx.dm.target_versions().await?;
         targets.sort_by(|a, b| a.name.cmp(&b.name));
-        let volumes = self.store_call(|store| store.volumes()).await?;
+        let volumes = self.ctx.store_call(|store| store.volumes()).await?;
         Ok(NodeInfo {
-            node_id: self.node_id.clone(),
+            node_id: self.ctx.node_id.clone(),
             hostname: read_proc("/proc/sys/kernel/hostname"),
             agent_version: env!("CARGO_PKG_VERSION"),
             api_version: "dmclone.v1",
             kernel_release: read_proc("/proc/sys/kernel/osrelease"),
             dm_ioctl_version: (major, minor, patch),
             targets,
-            pool: self.pool.usage().await?,
-            host_nqn: self.nvme.host_nqn.to_string(),
-            provisioned_bytes: self.provisioned_bytes().await?,
+            pool: self.ctx.pool.usage().await?,
+            host_nqn: self.ctx.nvme.host_nqn.to_string(),
+            provisioned_bytes: self.ctx.provisioned_bytes().await?,
             volume_count: volumes.len(),
         })
     }
 
     pub fn metrics(&self) -> &Metrics {
-        &self.metrics
+        &self.ctx.metrics
     }
 
     /// The exposition text with the agent's current state.
     pub async fn render_metrics(&self) -> Result<String, AgentError> {
         use crate::metrics::{Snapshot, TransferFigures};
-        let usage = self.pool.usage().await?;
-        let volumes = self.store_call(|store| store.volumes()).await?;
+        let usage = self.ctx.pool.usage().await?;
+        let volumes = self.ctx.store_call(|store| store.volumes()).await?;
         let mut volume_states: std::collections::BTreeMap<&'static str, u64> = Default::default();
         for record in &volumes {
-            let state = self.volume_state(record).as_str();
+            let state = self.ctx.volume_state(record).as_str();
             *volume_states.entry(state).or_default() += 1;
         }
-        let transfers = self.list_transfers().await?;
+        let transfers = self.ctx.list_transfers().await?;
         let mut transfer_states: std::collections::BTreeMap<&'static str, u64> = Default::default();
         for view in &transfers {
             *transfer_states.entry(view.state.as_str()).or_default() += 1;
         }
-        Ok(self.metrics.render(&Snapshot {
+        Ok(self.ctx.metrics.render(&Snapshot {
             pool_data_size: usage.data_total_bytes,
             pool_data_used: usage.data_used_bytes,
             pool_metadata_size: usage.metadata_total_bytes,
@@ -247,25 +245,16 @@ impl Agent {
                 .collect(),
         }))
     }
+}
 
-    /// Runs a store call on the blocking pool (commits fsync).
-    pub(crate) async fn store_call<T, F>(&self, call: F) -> Result<T, AgentError>
-    where
-        T: Send + 'static,
-        F: FnOnce(&Store) -> Result<T, AgentError> + Send + 'static,
-    {
-        let store = self.store.clone();
-        blocking(move || call(&store)).await
-    }
-
-    /// Logs the pool's low-water and mode-change events as they happen; the
-    /// allocation checks read the pool's status themselves.
-    fn watch_pool_events(self: &Arc<Self>) {
-        // Holds the kernel, not the agent, while it waits: the agent may go.
-        let weak = Arc::downgrade(self);
-        let dm = Arc::clone(&self.dm);
-        let name = self.pool.name.clone();
-        self.background.spawn(async move {
+/// Logs the pool's low-water and mode-change events as they happen; the
+/// allocation checks read the pool's status themselves.
+fn watch_pool_events(ctx: &Arc<Context>) {
+    // Holds the kernel, not the context, while it waits: the agent may go.
+    let weak = Arc::downgrade(ctx);
+    let dm = Arc::clone(&ctx.dm);
+    let name = ctx.pool.name.clone();
+    ctx.background.spawn(async move {
             let Some(mut seen) = dm.event_counter(&name) else {
                 return;
             };
@@ -277,8 +266,8 @@ impl Agent {
                         return;
                     }
                 }
-                let Some(agent) = weak.upgrade() else { return };
-                match agent.pool.usage().await {
+                let Some(ctx) = weak.upgrade() else { return };
+                match ctx.pool.usage().await {
                     Ok(usage) if usage.low_space => warn!(
                         pool = %name,
                         health = usage.health.as_str(),
@@ -297,7 +286,6 @@ impl Agent {
                 }
             }
         });
-    }
 }
 
 async fn check_targets(dm: &dyn Kernel) -> Result<(), AgentError> {
@@ -369,25 +357,8 @@ async fn nvme_identity(settings: &Settings, store: &Store) -> Result<NvmeIdentit
     })
 }
 
-/// This agent on NVMe/TCP.
-#[derive(Debug, Clone)]
-pub struct NvmeIdentity {
-    pub host_nqn: Nqn,
-    pub host_id: HostId,
-}
-
 fn read_proc(path: &str) -> String {
     std::fs::read_to_string(path)
         .map(|s| s.trim().to_owned())
         .unwrap_or_default()
-}
-
-pub(crate) async fn blocking<T, F>(call: F) -> Result<T, AgentError>
-where
-    T: Send + 'static,
-    F: FnOnce() -> Result<T, AgentError> + Send + 'static,
-{
-    tokio::task::spawn_blocking(call)
-        .await
-        .map_err(|err| AgentError::Internal(format!("a blocking task failed: {err}")))?
 }

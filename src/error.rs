@@ -128,6 +128,15 @@ impl Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+impl From<crate::ids::InvalidId> for AgentError {
+    fn from(err: crate::ids::InvalidId) -> Self {
+        AgentError::InvalidArgument {
+            field: err.field,
+            reason: err.reason,
+        }
+    }
+}
+
 /// Errors of the agent: what the API reports to callers. Each variant is one
 /// class of [`ErrorKind`]; messages say what to do about it.
 #[derive(Debug, thiserror::Error)]

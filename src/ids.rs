@@ -7,7 +7,14 @@
 
 use std::fmt;
 
-use crate::error::AgentError;
+/// A request field that does not hold a valid id; the API reports it as an
+/// invalid argument (see `AgentError::InvalidArgument`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid {field}: {reason}")]
+pub struct InvalidId {
+    pub field: &'static str,
+    pub reason: String,
+}
 
 const UUID_LEN: usize = 36;
 const HYPHENS: [usize; 4] = [8, 13, 18, 23];
@@ -22,9 +29,9 @@ macro_rules! uuid_id {
         // Stored as the plain string it always was; a stored id that is not
         // a UUID fails the store's decoding instead of going on unchecked.
         impl TryFrom<String> for $name {
-            type Error = AgentError;
+            type Error = InvalidId;
 
-            fn try_from(raw: String) -> Result<Self, AgentError> {
+            fn try_from(raw: String) -> Result<Self, InvalidId> {
                 Self::parse(&raw)
             }
         }
@@ -64,8 +71,8 @@ macro_rules! uuid_id {
             pub const WHAT: &'static str = $what;
 
             /// Validates `raw` as a UUID; the error names the request field.
-            pub fn parse(raw: &str) -> Result<Self, AgentError> {
-                canonical_uuid(raw).map(Self).map_err(|reason| AgentError::InvalidArgument {
+            pub fn parse(raw: &str) -> Result<Self, InvalidId> {
+                canonical_uuid(raw).map(Self).map_err(|reason| InvalidId {
                     field: $field,
                     reason: format!("{} id {}: {reason}", $what, quoted(raw)),
                 })
@@ -185,9 +192,7 @@ mod tests {
         ];
         for (raw, expected) in cases {
             let err = VolumeId::parse(raw).unwrap_err();
-            let AgentError::InvalidArgument { field, reason } = &err else {
-                panic!("{raw:?}: {err:?}");
-            };
+            let InvalidId { field, reason } = &err;
             assert_eq!(*field, "volume_id");
             assert!(reason.contains(expected), "{raw:?}: {reason}");
         }

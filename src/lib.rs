@@ -16,6 +16,7 @@ pub mod changes;
 #[allow(clippy::disallowed_types)] // connections to agents: tonic's transport
 pub mod client;
 pub mod config;
+pub mod context;
 pub mod dm;
 pub mod error;
 pub mod failpoint;
@@ -25,6 +26,7 @@ pub mod metrics;
 pub mod nvme;
 pub mod pool;
 mod reconcile;
+mod records;
 pub mod refusal;
 pub mod snapshot;
 pub mod stack;

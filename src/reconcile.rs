@@ -6,15 +6,17 @@
 //! for. A device whose table contradicts its record puts the volume in
 //! quarantine instead of being "repaired" over data.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use tracing::{info, warn};
 
 use crate::{
-    agent::Agent,
+    context::Context,
     dm::names::DeviceRole,
     error::AgentError,
+    snapshot::Snapshots,
     store::{Change, Pending, SnapshotRecord, TransferPhase, TransferRecord, VolumeRecord},
+    transfer::{Exports, Transfers},
 };
 
 /// What reconciliation found and did.
@@ -33,20 +35,45 @@ pub struct ReconcileReport {
     pub duration: Duration,
 }
 
-impl Agent {
+/// Brings the kernel in line with the store at start.
+#[derive(Debug, Clone)]
+pub struct Reconciler {
+    ctx: Arc<Context>,
+    /// Interrupted calls are finished or rolled back by their own services.
+    snapshots: Snapshots,
+    transfers: Transfers,
+    exports: Exports,
+}
+
+impl Reconciler {
+    pub(crate) fn new(
+        ctx: Arc<Context>,
+        snapshots: Snapshots,
+        transfers: Transfers,
+        exports: Exports,
+    ) -> Self {
+        Self {
+            ctx,
+            snapshots,
+            transfers,
+            exports,
+        }
+    }
+
     pub(crate) async fn reconcile_all(&self) -> Result<ReconcileReport, AgentError> {
         let mut report = ReconcileReport::default();
         let before = self.our_device_names().await?;
         self.resume_suspended(&before).await?;
         self.reconcile_snapshots().await?;
         let transfers = self
+            .ctx
             .store_call(|store| store.all::<TransferRecord>())
             .await?;
         for transfer in &transfers {
             self.reconcile_transfer(transfer, &before, &mut report)
                 .await?;
         }
-        let records = self.store_call(|store| store.volumes()).await?;
+        let records = self.ctx.store_call(|store| store.volumes()).await?;
         report.volumes = records.len();
         for record in records {
             if record.transfer.is_some() {
@@ -54,8 +81,8 @@ impl Agent {
             }
             self.reconcile_volume(record, &before, &mut report).await?;
         }
-        self.reconcile_exports().await?;
-        let records = self.store_call(|store| store.volumes()).await?;
+        self.exports.reconcile_exports().await?;
+        let records = self.ctx.store_call(|store| store.volumes()).await?;
         report.unknown_devices = self.unexplained_devices(&records).await?;
         for name in &report.unknown_devices {
             warn!(device = %name, "a device-mapper device with this agent's prefix matches no volume; left untouched for an operator");
@@ -75,17 +102,17 @@ impl Agent {
             Some(Pending::Create) => {
                 info!(volume = %id, "rolling back a create interrupted by a crash");
                 report.rolled_back += 1;
-                self.undo_create(&record).await
+                self.ctx.undo_create(&record).await
             }
             Some(Pending::Delete) => {
                 info!(volume = %id, "finishing a delete interrupted by a crash");
                 report.finished += 1;
-                self.finish_delete(&record).await
+                self.ctx.finish_delete(&record).await
             }
             Some(Pending::Revert { .. }) => {
                 info!(volume = %id, "finishing a revert interrupted by a crash");
                 report.finished += 1;
-                self.finish_revert(&record).await
+                self.snapshots.finish_revert(&record).await
             }
             Some(pending) => {
                 info!(volume = %id, step = ?pending, "finishing a step interrupted by a crash");
@@ -115,8 +142,8 @@ impl Agent {
         report: &mut ReconcileReport,
     ) -> Result<(), AgentError> {
         let id = record.id.clone();
-        let thin = self.thin_name(record);
-        let public = self.naming.public(&id);
+        let thin = self.ctx.thin_name(record);
+        let public = self.ctx.naming.public(&id);
         for name in [&thin, &public] {
             let wanted = name == &thin || record.published;
             if wanted && !existing.iter().any(|e| e == name.as_str()) {
@@ -124,12 +151,18 @@ impl Agent {
             }
         }
         // A probe lives only inside one call; one found here outlived a crash.
-        let probe = self.naming.era_probe(&id);
+        let probe = self.ctx.naming.era_probe(&id);
         if existing.iter().any(|e| e == probe.as_str()) {
-            self.remove_device_if_present(&probe).await?;
+            self.ctx.remove_device_if_present(&probe).await?;
         }
         let mut record = record.clone();
-        if !record.published && self.open_count(&public).await?.is_some_and(|open| open > 0) {
+        if !record.published
+            && self
+                .ctx
+                .open_count(&public)
+                .await?
+                .is_some_and(|open| open > 0)
+        {
             // An unpublish that stopped before removing the device, which
             // someone has opened since: the kernel's fact wins.
             warn!(volume = %id, "unpublished volume's device is open; keeping it published");
@@ -138,14 +171,14 @@ impl Agent {
         }
         if record.published {
             // The thin device and dm-era's metadata beneath it too.
-            self.ensure_public_device(&record).await?;
+            self.ctx.ensure_public_device(&record).await?;
         } else {
-            self.ensure_thin_device(&record).await?;
-            self.ensure_era_metadata(&record).await?;
-            self.remove_device_if_present(&public).await?;
+            self.ctx.ensure_thin_device(&record).await?;
+            self.ctx.ensure_era_metadata(&record).await?;
+            self.ctx.remove_device_if_present(&public).await?;
         }
         if record.pending.is_some() {
-            self.settle(record).await?;
+            self.ctx.settle(record).await?;
         }
         Ok(())
     }
@@ -160,28 +193,29 @@ impl Agent {
         report: &mut ReconcileReport,
     ) -> Result<(), AgentError> {
         let volume_id = transfer.volume_id.clone();
-        let volume = self.record(&volume_id).await?;
-        let public = self.naming.public(&volume_id);
+        let volume = self.ctx.record(&volume_id).await?;
+        let public = self.ctx.naming.public(&volume_id);
         let public_missing = !existing.iter().any(|name| name == public.as_str());
         match (transfer.phase, volume) {
             (TransferPhase::Starting, volume) => {
                 info!(transfer = %transfer.id, "rolling back a transfer start interrupted by a crash");
                 report.rolled_back += 1;
                 if let Some(volume) = &volume {
-                    self.tear_down(volume, transfer).await?;
+                    self.ctx.tear_down(volume, transfer).await?;
                 }
                 let (v, t) = (transfer.volume_id.clone(), transfer.id.clone());
-                self.store_call(move |store| {
-                    store.commit(vec![
-                        Change::remove::<VolumeRecord>(&v),
-                        Change::remove::<TransferRecord>(&t),
-                    ])
-                })
-                .await
+                self.ctx
+                    .store_call(move |store| {
+                        store.commit(vec![
+                            Change::remove::<VolumeRecord>(&v),
+                            Change::remove::<TransferRecord>(&t),
+                        ])
+                    })
+                    .await
             }
             (TransferPhase::Aborted, Some(volume)) => {
                 report.finished += 1;
-                self.finish_abort(Some(volume), transfer).await
+                self.transfers.finish_abort(Some(volume), transfer).await
             }
             (
                 TransferPhase::Deferred | TransferPhase::Hydrating | TransferPhase::Paused,
@@ -190,18 +224,18 @@ impl Agent {
                 if public_missing {
                     report.rebuilt += 1;
                 }
-                self.rebuild_stack(&volume, transfer).await
+                self.ctx.rebuild_stack(&volume, transfer).await
             }
             (TransferPhase::Finalizing, Some(volume)) => {
                 report.finished += 1;
                 if transfer.switched_local {
-                    self.ensure_public_device(&volume).await.map(drop)
+                    self.ctx.ensure_public_device(&volume).await.map(drop)
                 } else {
-                    self.rebuild_stack(&volume, transfer).await
+                    self.ctx.rebuild_stack(&volume, transfer).await
                 }
             }
             (TransferPhase::Done, Some(volume)) if volume.transfer.is_some() => {
-                self.detach_finished(&volume).await
+                self.transfers.detach_finished(&volume).await
             }
             _ => Ok(()),
         }
@@ -210,18 +244,20 @@ impl Agent {
     async fn quarantine(&self, mut record: VolumeRecord, reason: String) -> Result<(), AgentError> {
         warn!(volume = %record.id, %reason, "volume quarantined: an operator must look");
         record.quarantine = Some(reason);
-        self.store_call(move |store| store.put_volume(&record))
+        self.ctx
+            .store_call(move |store| store.put_volume(&record))
             .await
     }
 
     async fn our_device_names(&self) -> Result<Vec<String>, AgentError> {
         Ok(self
+            .ctx
             .dm
             .list()
             .await?
             .into_iter()
             .map(|d| d.name)
-            .filter(|name| self.naming.parse(name).is_some())
+            .filter(|name| self.ctx.naming.parse(name).is_some())
             .collect())
     }
 
@@ -232,6 +268,7 @@ impl Agent {
         for name in names {
             let name = crate::dm::names::DeviceName::new(name)?;
             if self
+                .ctx
                 .dm
                 .info(&name)
                 .await?
@@ -241,8 +278,8 @@ impl Agent {
                 // A table a crashed call loaded but did not check (finalize
                 // loads before it checks) must not go live here; the step
                 // that loaded it is redone by reconciliation.
-                self.dm.clear_inactive(&name).await?;
-                self.dm.resume(&name).await?;
+                self.ctx.dm.clear_inactive(&name).await?;
+                self.ctx.dm.resume(&name).await?;
             }
         }
         Ok(())
@@ -252,19 +289,21 @@ impl Agent {
     /// snapshot devices activated for a moment (to measure them) removed.
     async fn reconcile_snapshots(&self) -> Result<(), AgentError> {
         let snapshots = self
+            .ctx
             .store_call(|store| store.all::<SnapshotRecord>())
             .await?;
         for snapshot in snapshots {
-            self.remove_device_if_present(&self.snapshot_name(&snapshot))
+            self.ctx
+                .remove_device_if_present(&self.ctx.snapshot_name(&snapshot))
                 .await?;
             match snapshot.pending {
                 Some(Pending::Create) => {
                     info!(snapshot = %snapshot.id, "rolling back a snapshot interrupted by a crash");
-                    self.finish_snapshot_delete(&snapshot).await?;
+                    self.snapshots.finish_snapshot_delete(&snapshot).await?;
                 }
                 Some(_) => {
                     info!(snapshot = %snapshot.id, "finishing a snapshot delete interrupted by a crash");
-                    self.finish_snapshot_delete(&snapshot).await?;
+                    self.snapshots.finish_snapshot_delete(&snapshot).await?;
                 }
                 None => {}
             }
@@ -277,11 +316,12 @@ impl Agent {
         records: &[VolumeRecord],
     ) -> Result<Vec<String>, AgentError> {
         let snapshots = self
+            .ctx
             .store_call(|store| store.all::<SnapshotRecord>())
             .await?;
         let mut unknown = Vec::new();
         for name in self.our_device_names().await? {
-            let explained = match self.naming.parse(&name) {
+            let explained = match self.ctx.naming.parse(&name) {
                 Some(DeviceRole::Pool | DeviceRole::PoolMeta | DeviceRole::PoolData) => true,
                 Some(
                     DeviceRole::Thin(id)

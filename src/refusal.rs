@@ -10,7 +10,7 @@ use std::path::PathBuf;
 
 use crate::{
     ids::{SnapshotId, TransferId, VolumeId},
-    store::TransferPhase,
+    transfer::phase::TransferPhase,
 };
 
 /// Why a call is refused. The caller has to change the state first (unpublish,

@@ -8,23 +8,24 @@
 //! start. The origin is suspended only around the `create_snap` message, as
 //! the kernel needs, so writes in flight cannot race the shared blocks.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use tracing::{info, warn};
 
 use crate::{
-    agent::Agent,
-    dm::{kernel::Flush, names::DeviceName, status::ThinStatus},
+    context::Context,
+    dm::{kernel::Flush, status::ThinStatus},
     error::AgentError,
     failpoint,
     ids::{SnapshotId, ThinId, VolumeId},
+    records::{new_record, unix_now},
     refusal::Refusal,
     store::{Change, Pending, SnapshotRecord, VolumeRecord},
     transfer::TransferState,
-    volume::{Outcome, Volume, new_record, unix_now},
+    units::bytes,
+    volume::{Outcome, Volume},
 };
 
-use crate::units::bytes;
 /// How long a snapshot of an arriving volume waits for its hydration.
 const HYDRATION_WAIT: Duration = Duration::from_secs(600);
 
@@ -42,7 +43,17 @@ pub struct SnapshotView {
     pub era: Option<u64>,
 }
 
-impl Agent {
+/// Snapshots, volumes made from them, clones and revert.
+#[derive(Debug, Clone)]
+pub struct Snapshots {
+    ctx: Arc<Context>,
+}
+
+impl Snapshots {
+    pub(crate) fn new(ctx: Arc<Context>) -> Self {
+        Self { ctx }
+    }
+
     /// Takes a snapshot. A volume still arriving is snapshotted once its
     /// hydration is done (the call waits, up to 10 minutes); one that is not
     /// hydrating (deferred, paused) is refused: waiting would be unbounded.
@@ -52,8 +63,8 @@ impl Agent {
         volume: &VolumeId,
     ) -> Result<SnapshotView, AgentError> {
         self.wait_until_local(volume).await?;
-        let _held = self.locks.lock(volume.as_str()).await;
-        if let Some(existing) = self.snapshot_record(id).await? {
+        let _held = self.ctx.locks.lock(volume.as_str()).await;
+        if let Some(existing) = self.ctx.snapshot_record(id).await? {
             if existing.volume_id != volume.as_str() {
                 return Err(AgentError::AlreadyExists {
                     what: "snapshot",
@@ -63,7 +74,7 @@ impl Agent {
             }
             return Ok(self.snapshot_view(&existing).await);
         }
-        let mut origin = self.ready_record(volume, "be snapshotted").await?;
+        let mut origin = self.ctx.ready_record(volume, "be snapshotted").await?;
         if let Some(transfer) = &origin.transfer {
             return Err(Refusal::VolumeArriving {
                 volume: volume.clone(),
@@ -72,7 +83,7 @@ impl Agent {
             }
             .into());
         }
-        self.check_room_for(origin.size_bytes).await?;
+        self.ctx.check_room_for(origin.size_bytes).await?;
         let record = SnapshotRecord {
             id: id.clone(),
             volume_id: volume.clone(),
@@ -86,6 +97,7 @@ impl Agent {
         failpoint::hit("snapshot.after_record");
         let thin_id = record.thin_id;
         let taken = self
+            .ctx
             .snapshot_with_era(&mut origin, async |origin: &VolumeRecord| {
                 self.snapshot_thin(origin, thin_id).await
             })
@@ -103,11 +115,11 @@ impl Agent {
     }
 
     pub async fn delete_snapshot(&self, id: &SnapshotId) -> Result<(), AgentError> {
-        let Some(record) = self.snapshot_record(id).await? else {
+        let Some(record) = self.ctx.snapshot_record(id).await? else {
             return Ok(());
         };
-        let _held = self.locks.lock(&record.volume_id).await;
-        let Some(mut record) = self.snapshot_record(id).await? else {
+        let _held = self.ctx.locks.lock(&record.volume_id).await;
+        let Some(mut record) = self.ctx.snapshot_record(id).await? else {
             return Ok(());
         };
         record.pending = Some(Pending::Delete);
@@ -122,20 +134,23 @@ impl Agent {
         &self,
         record: &SnapshotRecord,
     ) -> Result<(), AgentError> {
-        self.remove_device_if_present(&self.snapshot_name(record))
+        self.ctx
+            .remove_device_if_present(&self.ctx.snapshot_name(record))
             .await?;
-        self.pool.delete_thin(record.thin_id).await?;
+        self.ctx.pool.delete_thin(record.thin_id).await?;
         let key = record.id.clone();
-        self.store_call(move |store| store.commit(vec![Change::remove::<SnapshotRecord>(&key)]))
+        self.ctx
+            .store_call(move |store| store.commit(vec![Change::remove::<SnapshotRecord>(&key)]))
             .await
     }
 
     pub async fn get_snapshot(&self, id: &SnapshotId) -> Result<SnapshotView, AgentError> {
         let record = self
+            .ctx
             .snapshot_record(id)
             .await?
             .ok_or_else(|| snapshot_not_found(id))?;
-        let _held = self.locks.lock(&record.volume_id).await;
+        let _held = self.ctx.locks.lock(&record.volume_id).await;
         Ok(self.snapshot_view(&record).await)
     }
 
@@ -143,10 +158,10 @@ impl Agent {
         &self,
         volume: Option<&VolumeId>,
     ) -> Result<Vec<SnapshotView>, AgentError> {
-        let records = self.snapshots_of(volume).await?;
+        let records = self.ctx.snapshots_of(volume).await?;
         let mut views = Vec::with_capacity(records.len());
         for record in &records {
-            let _held = self.locks.lock(&record.volume_id).await;
+            let _held = self.ctx.locks.lock(&record.volume_id).await;
             views.push(self.snapshot_view(record).await);
         }
         Ok(views)
@@ -159,16 +174,19 @@ impl Agent {
         requested_bytes: u64,
         snapshot: &SnapshotId,
     ) -> Result<(Volume, Outcome), AgentError> {
-        let size = self.volume_size("size_bytes", requested_bytes)?;
+        let size = self.ctx.volume_size("size_bytes", requested_bytes)?;
         let source = self
+            .ctx
             .snapshot_record(snapshot)
             .await?
             .ok_or_else(|| snapshot_not_found(snapshot))?;
         let _held = self
+            .ctx
             .locks
             .lock_all(&[id.as_str(), source.volume_id.as_str()])
             .await;
         let source = self
+            .ctx
             .snapshot_record(snapshot)
             .await?
             .ok_or_else(|| snapshot_not_found(snapshot))?;
@@ -186,25 +204,30 @@ impl Agent {
                 source.size_bytes,
             ));
         }
-        if let Some(existing) = self.record(id).await? {
+        if let Some(existing) = self.ctx.record(id).await? {
             return self
                 .made_already(existing, size, Some(snapshot), None)
                 .await;
         }
-        self.check_room_for(size).await?;
+        self.ctx.check_room_for(size).await?;
         let mut record = new_record(id, size);
         record.source_snapshot = Some(snapshot.clone());
-        record.tracking = self.new_tracking(None);
+        record.tracking = self.ctx.new_tracking(None);
         let record = self
+            .ctx
             .store_call(move |store| store.insert_volume_with_new_thin_id(record))
             .await?;
         failpoint::hit("clone.after_record");
         let made = async {
-            self.remove_device_if_present(&self.snapshot_name(&source))
+            self.ctx
+                .remove_device_if_present(&self.ctx.snapshot_name(&source))
                 .await?;
-            self.pool.snapshot(record.thin_id, source.thin_id).await?;
-            self.ensure_era_metadata(&record).await?;
-            self.ensure_thin_device(&record).await
+            self.ctx
+                .pool
+                .snapshot(record.thin_id, source.thin_id)
+                .await?;
+            self.ctx.ensure_era_metadata(&record).await?;
+            self.ctx.ensure_thin_device(&record).await
         }
         .await;
         self.finish_made(record, made, "volume made from snapshot")
@@ -218,13 +241,17 @@ impl Agent {
         requested_bytes: u64,
         source: &VolumeId,
     ) -> Result<(Volume, Outcome), AgentError> {
-        let size = self.volume_size("size_bytes", requested_bytes)?;
+        let size = self.ctx.volume_size("size_bytes", requested_bytes)?;
         self.wait_until_local(source).await?;
-        let _held = self.locks.lock_all(&[id.as_str(), source.as_str()]).await;
-        if let Some(existing) = self.record(id).await? {
+        let _held = self
+            .ctx
+            .locks
+            .lock_all(&[id.as_str(), source.as_str()])
+            .await;
+        if let Some(existing) = self.ctx.record(id).await? {
             return self.made_already(existing, size, None, Some(source)).await;
         }
-        let origin = self.ready_record(source, "be cloned").await?;
+        let origin = self.ctx.ready_record(source, "be cloned").await?;
         if let Some(transfer) = &origin.transfer {
             return Err(Refusal::VolumeArriving {
                 volume: source.clone(),
@@ -241,18 +268,19 @@ impl Agent {
                 origin.size_bytes,
             ));
         }
-        self.check_room_for(size).await?;
+        self.ctx.check_room_for(size).await?;
         let mut record = new_record(id, size);
         record.source_volume = Some(source.clone());
-        record.tracking = self.new_tracking(None);
+        record.tracking = self.ctx.new_tracking(None);
         let record = self
+            .ctx
             .store_call(move |store| store.insert_volume_with_new_thin_id(record))
             .await?;
         failpoint::hit("clone.after_record");
         let made = async {
             self.snapshot_thin(&origin, record.thin_id).await?;
-            self.ensure_era_metadata(&record).await?;
-            self.ensure_thin_device(&record).await
+            self.ctx.ensure_era_metadata(&record).await?;
+            self.ctx.ensure_thin_device(&record).await
         }
         .await;
         self.finish_made(record, made, "volume cloned").await
@@ -265,9 +293,10 @@ impl Agent {
         volume: &VolumeId,
         snapshot: &SnapshotId,
     ) -> Result<(), AgentError> {
-        let _held = self.locks.lock(volume.as_str()).await;
-        let mut record = self.ready_record(volume, "be reverted").await?;
+        let _held = self.ctx.locks.lock(volume.as_str()).await;
+        let mut record = self.ctx.ready_record(volume, "be reverted").await?;
         let source = self
+            .ctx
             .snapshot_record(snapshot)
             .await?
             .ok_or_else(|| snapshot_not_found(snapshot))?;
@@ -283,7 +312,7 @@ impl Agent {
         if record.published {
             return Err(Refusal::VolumePublished {
                 volume: volume.clone(),
-                device: self.naming.public(volume).mapper_path(),
+                device: self.ctx.naming.public(volume).mapper_path(),
                 hint: "unpublish it before reverting it",
             }
             .into());
@@ -312,6 +341,7 @@ impl Agent {
         });
         let reverting = record.clone();
         record.thin_id = self
+            .ctx
             .store_call(move |store| {
                 store.allocate_one_and_commit(|thin_id| {
                     let mut reverting = reverting;
@@ -337,12 +367,15 @@ impl Agent {
         else {
             return Ok(());
         };
-        self.pool.snapshot(record.thin_id, snapshot_thin).await?;
-        let thin = self.thin_name(record);
-        self.remove_device_if_present(&thin).await?;
-        self.ensure_thin_device(record).await?;
-        self.pool.delete_thin(old_thin).await?;
-        self.settle(record.clone()).await?;
+        self.ctx
+            .pool
+            .snapshot(record.thin_id, snapshot_thin)
+            .await?;
+        let thin = self.ctx.thin_name(record);
+        self.ctx.remove_device_if_present(&thin).await?;
+        self.ctx.ensure_thin_device(record).await?;
+        self.ctx.pool.delete_thin(old_thin).await?;
+        self.ctx.settle(record.clone()).await?;
         Ok(())
     }
 
@@ -355,10 +388,10 @@ impl Agent {
         origin: &VolumeRecord,
         new_thin: ThinId,
     ) -> Result<(), AgentError> {
-        let thin = self.thin_name(origin);
-        self.dm.suspend(&thin, Flush::Flush).await?;
-        let made = self.pool.snapshot(new_thin, origin.thin_id).await;
-        let resumed = self.dm.resume(&thin).await;
+        let thin = self.ctx.thin_name(origin);
+        self.ctx.dm.suspend(&thin, Flush::Flush).await?;
+        let made = self.ctx.pool.snapshot(new_thin, origin.thin_id).await;
+        let resumed = self.ctx.dm.resume(&thin).await;
         made?;
         resumed?;
         Ok(())
@@ -388,7 +421,7 @@ impl Agent {
                 ),
             });
         }
-        Ok((self.get_volume(&existing.id).await?, Outcome::Existed))
+        Ok((self.ctx.describe(&existing).await?, Outcome::Existed))
     }
 
     async fn finish_made(
@@ -398,27 +431,27 @@ impl Agent {
         what: &str,
     ) -> Result<(Volume, Outcome), AgentError> {
         if let Err(err) = made {
-            self.roll_back_create(&record).await;
+            self.ctx.roll_back_create(&record).await;
             return Err(err);
         }
-        let record = self.settle(record).await?;
+        let record = self.ctx.settle(record).await?;
         info!(volume = %record.id, source = %describe_source(&record), "{what}");
-        Ok((self.get_volume(&record.id).await?, Outcome::Created))
+        Ok((self.ctx.describe(&record).await?, Outcome::Created))
     }
 
     /// Waits (without holding any lock) until the volume is not arriving any
     /// more, if it is hydrating; refuses if it arrives but is not copying.
     async fn wait_until_local(&self, volume: &VolumeId) -> Result<(), AgentError> {
         let deadline = tokio::time::Instant::now() + HYDRATION_WAIT;
-        let mut updates = self.watch_transfers();
+        let mut updates = self.ctx.watch_transfers();
         loop {
-            let Some(record) = self.record(volume).await? else {
+            let Some(record) = self.ctx.record(volume).await? else {
                 return Ok(());
             };
             let Some(transfer) = &record.transfer else {
                 return Ok(());
             };
-            let view = self.get_transfer(transfer).await?;
+            let view = self.ctx.get_transfer(transfer).await?;
             if !matches!(
                 view.state,
                 TransferState::Hydrating | TransferState::Finalizing | TransferState::Done
@@ -443,30 +476,9 @@ impl Agent {
         }
     }
 
-    pub(crate) async fn snapshot_record(
-        &self,
-        id: &SnapshotId,
-    ) -> Result<Option<SnapshotRecord>, AgentError> {
-        let id = id.to_string();
-        self.store_call(move |store| store.get::<SnapshotRecord>(&id))
-            .await
-    }
-
-    pub(crate) async fn snapshots_of(
-        &self,
-        volume: Option<&VolumeId>,
-    ) -> Result<Vec<SnapshotRecord>, AgentError> {
-        let all = self
-            .store_call(|store| store.all::<SnapshotRecord>())
-            .await?;
-        Ok(all
-            .into_iter()
-            .filter(|s| volume.is_none_or(|v| s.volume_id == v.as_str()))
-            .collect())
-    }
-
     async fn insert_snapshot(&self, record: SnapshotRecord) -> Result<SnapshotRecord, AgentError> {
         let thin_id = self
+            .ctx
             .store_call({
                 let record = record.clone();
                 move |store| {
@@ -483,7 +495,8 @@ impl Agent {
 
     async fn put_snapshot(&self, record: &SnapshotRecord) -> Result<(), AgentError> {
         let record = record.clone();
-        self.store_call(move |store| store.commit(vec![Change::put(&record)?]))
+        self.ctx
+            .store_call(move |store| store.commit(vec![Change::put(&record)?]))
             .await
     }
 
@@ -503,10 +516,6 @@ impl Agent {
         }
     }
 
-    pub(crate) fn snapshot_name(&self, record: &SnapshotRecord) -> DeviceName {
-        self.naming.snapshot(&record.id)
-    }
-
     /// Size and mapped bytes; the snapshot is activated for the moment it
     /// takes to read that. Callers hold the volume's lock.
     async fn snapshot_view(&self, record: &SnapshotRecord) -> SnapshotView {
@@ -524,15 +533,16 @@ impl Agent {
         if record.pending.is_some() {
             return None;
         }
-        let name = self.snapshot_name(record);
+        let name = self.ctx.snapshot_name(record);
         let table = self
+            .ctx
             .pool
             .thin_table(record.thin_id, record.size_bytes)
             .ok()?;
         let measured = async {
-            self.dm.create(&name, None, &table).await?;
-            let status = self.dm.status_of::<ThinStatus>(&name, 0).await;
-            self.dm.remove(&name).await?;
+            self.ctx.dm.create(&name, None, &table).await?;
+            let status = self.ctx.dm.status_of::<ThinStatus>(&name, 0).await;
+            self.ctx.dm.remove(&name).await?;
             Ok::<_, AgentError>(status?.mapped_sectors().map(bytes))
         }
         .await;
@@ -540,7 +550,7 @@ impl Agent {
             Ok(bytes) => bytes,
             Err(err) => {
                 warn!(snapshot = %record.id, error = %err, "cannot read how much the snapshot maps");
-                let _ = self.remove_device_if_present(&name).await;
+                let _ = self.ctx.remove_device_if_present(&name).await;
                 None
             }
         }

@@ -30,7 +30,7 @@ use crate::{
         kernel::Flush,
         names::{DeviceName, Naming},
         status::{CloneMode, CloneStatus, Health},
-        table::{CloneParams, DevRef, Era, Linear, Segment, Table, Target, Thin},
+        table::{CloneParams, DevRef, Era, Linear, Segment, Table, Target},
     },
     error::{AgentError, Error},
     ids::{ThinId, VolumeId},
@@ -39,15 +39,7 @@ use crate::{
     units::sectors,
 };
 
-/// The table of a thin device of the pool.
-pub fn thin_table(pool: DevRef, thin_id: ThinId, size_bytes: u64) -> Result<Table, AgentError> {
-    let target = Target::Thin(Thin {
-        pool,
-        device_id: thin_id.0,
-        external_origin: None,
-    });
-    Ok(Table::single(sectors(size_bytes), target)?)
-}
+pub use crate::{dm::ensure_device, pool::thin_table};
 
 /// dm-era's place in a tracked volume's stack.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -156,29 +148,6 @@ pub fn volume_devices(naming: &Naming, id: &VolumeId) -> [DeviceName; 5] {
         naming.thin(id),
         naming.era_metadata(id),
     ]
-}
-
-/// Makes `name` carry `table`: creates it, adopts it when it already does,
-/// swaps the table when `may_swap` allows it, and refuses otherwise.
-pub async fn ensure_device(
-    dm: &dyn Kernel,
-    name: &DeviceName,
-    table: &Table,
-    may_swap: impl Fn(&Table) -> bool,
-) -> Result<DevRef, AgentError> {
-    let Some(state) = dm.info(name).await? else {
-        return Ok(dm.create(name, None, table).await?.device);
-    };
-    let live = dm.table(name).await?;
-    if live == *table {
-        return Ok(state.device);
-    }
-    if may_swap(&live) {
-        return Ok(dm.swap_table(name, table).await?.device);
-    }
-    Err(AgentError::Conflict(format!(
-        "device-mapper device {name} has table \"{live}\", expected \"{table}\""
-    )))
 }
 
 /// Removes a device; one already gone is fine, an open one is refused once
@@ -333,5 +302,6 @@ pub async fn is_clone(dm: &dyn Kernel, name: &DeviceName) -> Result<bool, AgentE
         .any(|s| matches!(s.target, Target::Clone(_))))
 }
 
+pub(crate) mod steps;
 #[cfg(test)]
 mod tests;

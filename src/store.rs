@@ -14,6 +14,7 @@ use std::{
     sync::Arc,
 };
 
+pub use crate::transfer::phase::TransferPhase;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
@@ -225,49 +226,6 @@ pub enum SourceRecord {
         port: u32,
         agent_endpoint: String,
     },
-}
-
-/// The persisted steps of a transfer. Degraded is not among them: it is
-/// observed at run time, never decided.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum TransferPhase {
-    /// Records written, the stack not complete: rolled back after a crash.
-    Starting,
-    /// Presented with hydration off (live migration before commit).
-    Deferred,
-    Hydrating,
-    Paused,
-    /// Every region copied; the public table is being switched to local.
-    Finalizing,
-    Done,
-    /// Torn down on request; the source was never touched.
-    Aborted,
-    Failed,
-}
-
-impl TransferPhase {
-    pub fn is_finished(self) -> bool {
-        matches!(
-            self,
-            TransferPhase::Done | TransferPhase::Aborted | TransferPhase::Failed
-        )
-    }
-
-    /// The phase as the store spells it (snake_case), for messages and
-    /// error metadata.
-    pub fn name(self) -> &'static str {
-        match self {
-            TransferPhase::Starting => "starting",
-            TransferPhase::Deferred => "deferred",
-            TransferPhase::Hydrating => "hydrating",
-            TransferPhase::Paused => "paused",
-            TransferPhase::Finalizing => "finalizing",
-            TransferPhase::Done => "done",
-            TransferPhase::Aborted => "aborted",
-            TransferPhase::Failed => "failed",
-        }
-    }
 }
 
 impl Record for TransferRecord {
@@ -648,7 +606,7 @@ mod tests {
     use super::*;
 
     fn record(id: &str) -> VolumeRecord {
-        crate::volume::new_record(
+        crate::records::new_record(
             &VolumeId::parse(id).unwrap_or_else(|e| panic!("{e}")),
             1 << 30,
         )

@@ -97,9 +97,10 @@ impl SourceReleaser for NoSourceAgents {
     }
 }
 
-/// Drops the last reference; tasks that held one briefly let go first.
+/// Drops the agent and waits until its context, which holds the store, is
+/// gone: the services and the background tasks being aborted hold it too.
 async fn wait_until_dropped(agent: Arc<Agent>) {
-    let weak = Arc::downgrade(&agent);
+    let weak = Arc::downgrade(&agent.ctx);
     drop(agent);
     for _ in 0..200 {
         if weak.strong_count() == 0 {
@@ -144,7 +145,11 @@ pub async fn transfer_reaches(
     state: crate::transfer::TransferState,
 ) -> crate::transfer::TransferView {
     for _ in 0..400 {
-        let view = agent.get_transfer(id).await.expect("the transfer exists");
+        let view = agent
+            .transfers
+            .get_transfer(id)
+            .await
+            .expect("the transfer exists");
         if view.state == state {
             return view;
         }
@@ -152,6 +157,6 @@ pub async fn transfer_reaches(
     }
     panic!(
         "transfer {id} did not reach {state:?}: {:?}",
-        agent.get_transfer(id).await
+        agent.transfers.get_transfer(id).await
     );
 }

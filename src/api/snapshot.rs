@@ -96,7 +96,9 @@ impl pb::snapshots_server::Snapshots for SnapshotsApi {
             async {
                 let id = SnapshotId::parse(&req.snapshot_id)?;
                 let volume = VolumeId::parse(&req.volume_id)?;
-                Ok(snapshot(self.agent.create_snapshot(&id, &volume).await?))
+                Ok(snapshot(
+                    self.agent.snapshots.create_snapshot(&id, &volume).await?,
+                ))
             },
         )
         .await
@@ -114,7 +116,7 @@ impl pb::snapshots_server::Snapshots for SnapshotsApi {
             span_id(&req.snapshot_id),
             async {
                 let id = SnapshotId::parse(&req.snapshot_id)?;
-                self.agent.delete_snapshot(&id).await?;
+                self.agent.snapshots.delete_snapshot(&id).await?;
                 Ok(pb::DeleteSnapshotResponse {})
             },
         )
@@ -133,7 +135,7 @@ impl pb::snapshots_server::Snapshots for SnapshotsApi {
             span_id(&req.snapshot_id),
             async {
                 let id = SnapshotId::parse(&req.snapshot_id)?;
-                Ok(snapshot(self.agent.get_snapshot(&id).await?))
+                Ok(snapshot(self.agent.snapshots.get_snapshot(&id).await?))
             },
         )
         .await
@@ -154,7 +156,7 @@ impl pb::snapshots_server::Snapshots for SnapshotsApi {
                     "" => None,
                     raw => Some(VolumeId::parse(raw)?),
                 };
-                let views = self.agent.list_snapshots(volume.as_ref()).await?;
+                let views = self.agent.snapshots.list_snapshots(volume.as_ref()).await?;
                 Ok(pb::ListSnapshotsResponse {
                     snapshots: views.into_iter().map(snapshot).collect(),
                 })
@@ -176,7 +178,7 @@ impl pb::snapshots_server::Snapshots for SnapshotsApi {
             async {
                 let volume = VolumeId::parse(&req.volume_id)?;
                 let id = SnapshotId::parse(&req.snapshot_id)?;
-                self.agent.revert_volume(&volume, &id).await?;
+                self.agent.snapshots.revert_volume(&volume, &id).await?;
                 Ok(pb::RevertVolumeResponse {})
             },
         )
@@ -195,7 +197,7 @@ impl pb::snapshots_server::Snapshots for SnapshotsApi {
             span_id(&req.volume_id),
             async {
                 let volume = VolumeId::parse(&req.volume_id)?;
-                let era = self.agent.mark_checkpoint(&volume).await?;
+                let era = self.agent.changes.mark_checkpoint(&volume).await?;
                 Ok(pb::Checkpoint {
                     volume_id: volume.to_string(),
                     era,
@@ -219,7 +221,11 @@ impl pb::snapshots_server::Snapshots for SnapshotsApi {
             span_id(&req.volume_id),
             async {
                 let volume = VolumeId::parse(&req.volume_id)?;
-                let changes = self.agent.changed_blocks(&volume, &since(&req)?).await?;
+                let changes = self
+                    .agent
+                    .changes
+                    .changed_blocks(&volume, &since(&req)?)
+                    .await?;
                 let messages = batches(changes);
                 let (tx, rx) = tokio::sync::mpsc::channel(4);
                 tokio::spawn(async move {

@@ -112,7 +112,7 @@ impl pb::transfers_server::Transfers for TransfersApi {
             span_id(&req.volume_id),
             async {
                 let id = VolumeId::parse(&req.volume_id)?;
-                let export = self.agent.export_volume(&id, &req.host_nqn).await?;
+                let export = self.agent.exports.export_volume(&id, &req.host_nqn).await?;
                 Ok(pb::Export {
                     volume_id: export.volume_id,
                     subsystem_nqn: export.subsystem_nqn,
@@ -137,7 +137,7 @@ impl pb::transfers_server::Transfers for TransfersApi {
             span_id(&req.volume_id),
             async {
                 let id = VolumeId::parse(&req.volume_id)?;
-                self.agent.unexport_volume(&id).await?;
+                self.agent.exports.unexport_volume(&id).await?;
                 Ok(pb::UnexportVolumeResponse {})
             },
         )
@@ -156,7 +156,10 @@ impl pb::transfers_server::Transfers for TransfersApi {
             span_id(&req.volume_id),
             async {
                 let id = VolumeId::parse(&req.volume_id)?;
-                self.agent.release_volume(&id, &req.host_nqn).await?;
+                self.agent
+                    .exports
+                    .release_volume(&id, &req.host_nqn)
+                    .await?;
                 Ok(pb::ReleaseVolumeResponse {})
             },
         )
@@ -171,7 +174,9 @@ impl pb::transfers_server::Transfers for TransfersApi {
         let id = span_id(&req.transfer_id).to_owned();
         handle(&self.agent, "StartTransfer", &metadata, &id, async {
             let request = start_request(req)?;
-            Ok(convert::transfer(self.agent.start_transfer(request).await?))
+            Ok(convert::transfer(
+                self.agent.transfers.start_transfer(request).await?,
+            ))
         })
         .await
     }
@@ -181,7 +186,7 @@ impl pb::transfers_server::Transfers for TransfersApi {
         request: Request<pb::TransferRef>,
     ) -> Result<Response<pb::Transfer>, Status> {
         self.on_transfer("CommitTransfer", request, |agent, id| async move {
-            agent.commit_transfer(&id).await
+            agent.transfers.commit_transfer(&id).await
         })
         .await
     }
@@ -191,7 +196,7 @@ impl pb::transfers_server::Transfers for TransfersApi {
         request: Request<pb::TransferRef>,
     ) -> Result<Response<pb::Transfer>, Status> {
         self.on_transfer("AbortTransfer", request, |agent, id| async move {
-            agent.abort_transfer(&id).await
+            agent.transfers.abort_transfer(&id).await
         })
         .await
     }
@@ -201,7 +206,7 @@ impl pb::transfers_server::Transfers for TransfersApi {
         request: Request<pb::TransferRef>,
     ) -> Result<Response<pb::Transfer>, Status> {
         self.on_transfer("PauseTransfer", request, |agent, id| async move {
-            agent.pause_transfer(&id).await
+            agent.transfers.pause_transfer(&id).await
         })
         .await
     }
@@ -211,7 +216,7 @@ impl pb::transfers_server::Transfers for TransfersApi {
         request: Request<pb::TransferRef>,
     ) -> Result<Response<pb::Transfer>, Status> {
         self.on_transfer("ResumeTransfer", request, |agent, id| async move {
-            agent.resume_transfer(&id).await
+            agent.transfers.resume_transfer(&id).await
         })
         .await
     }
@@ -229,7 +234,10 @@ impl pb::transfers_server::Transfers for TransfersApi {
             async {
                 let id = TransferId::parse(&req.transfer_id)?;
                 Ok(convert::transfer(
-                    self.agent.throttle_transfer(&id, knobs(req.knobs)).await?,
+                    self.agent
+                        .transfers
+                        .throttle_transfer(&id, knobs(req.knobs))
+                        .await?,
                 ))
             },
         )
@@ -241,7 +249,7 @@ impl pb::transfers_server::Transfers for TransfersApi {
         request: Request<pb::TransferRef>,
     ) -> Result<Response<pb::Transfer>, Status> {
         self.on_transfer("GetTransfer", request, |agent, id| async move {
-            agent.get_transfer(&id).await
+            agent.transfers.get_transfer(&id).await
         })
         .await
     }
@@ -252,7 +260,7 @@ impl pb::transfers_server::Transfers for TransfersApi {
     ) -> Result<Response<pb::ListTransfersResponse>, Status> {
         let (metadata, _) = parts(request);
         handle(&self.agent, "ListTransfers", &metadata, "", async {
-            let transfers = self.agent.list_transfers().await?;
+            let transfers = self.agent.transfers.list_transfers().await?;
             Ok(pb::ListTransfersResponse {
                 transfers: transfers.into_iter().map(convert::transfer).collect(),
             })
@@ -276,10 +284,10 @@ impl pb::transfers_server::Transfers for TransfersApi {
             };
             // Subscribe before reading the current state, so nothing falls
             // between the snapshot and the updates.
-            let mut updates = agent.watch_transfers();
+            let mut updates = agent.transfers.watch_transfers();
             let current = match &only {
-                Some(id) => vec![agent.get_transfer(id).await?],
-                None => agent.list_transfers().await?,
+                Some(id) => vec![agent.transfers.get_transfer(id).await?],
+                None => agent.transfers.list_transfers().await?,
             };
             let (tx, rx) = tokio::sync::mpsc::channel(64);
             tokio::spawn(async move {

@@ -41,16 +41,23 @@ impl pb::volumes_server::Volumes for VolumesApi {
                     req.source_snapshot_id.as_str(),
                     req.source_volume_id.as_str(),
                 ) {
-                    ("", "") => self.agent.create_volume(&id, req.size_bytes).await?,
+                    ("", "") => {
+                        self.agent
+                            .volumes
+                            .create_volume(&id, req.size_bytes)
+                            .await?
+                    }
                     (snapshot, "") => {
                         let snapshot = SnapshotId::parse(snapshot)?;
                         self.agent
+                            .snapshots
                             .create_volume_from_snapshot(&id, req.size_bytes, &snapshot)
                             .await?
                     }
                     ("", source) => {
                         let source = VolumeId::parse(source)?;
                         self.agent
+                            .snapshots
                             .clone_volume(&id, req.size_bytes, &source)
                             .await?
                     }
@@ -79,7 +86,7 @@ impl pb::volumes_server::Volumes for VolumesApi {
             span_id(&req.volume_id),
             async {
                 let id = VolumeId::parse(&req.volume_id)?;
-                self.agent.delete_volume(&id).await?;
+                self.agent.volumes.delete_volume(&id).await?;
                 Ok(pb::DeleteVolumeResponse {})
             },
         )
@@ -99,7 +106,10 @@ impl pb::volumes_server::Volumes for VolumesApi {
             async {
                 let id = VolumeId::parse(&req.volume_id)?;
                 Ok(convert::volume(
-                    self.agent.extend_volume(&id, req.new_size_bytes).await?,
+                    self.agent
+                        .volumes
+                        .extend_volume(&id, req.new_size_bytes)
+                        .await?,
                 ))
             },
         )
@@ -118,7 +128,7 @@ impl pb::volumes_server::Volumes for VolumesApi {
             span_id(&req.volume_id),
             async {
                 let id = VolumeId::parse(&req.volume_id)?;
-                Ok(convert::volume(self.agent.get_volume(&id).await?))
+                Ok(convert::volume(self.agent.volumes.get_volume(&id).await?))
             },
         )
         .await
@@ -130,7 +140,7 @@ impl pb::volumes_server::Volumes for VolumesApi {
     ) -> Result<Response<pb::ListVolumesResponse>, Status> {
         let (metadata, _) = parts(request);
         handle(&self.agent, "ListVolumes", &metadata, "", async {
-            let volumes = self.agent.list_volumes().await?;
+            let volumes = self.agent.volumes.list_volumes().await?;
             Ok(pb::ListVolumesResponse {
                 volumes: volumes.into_iter().map(convert::volume).collect(),
             })
@@ -150,7 +160,7 @@ impl pb::volumes_server::Volumes for VolumesApi {
             span_id(&req.volume_id),
             async {
                 let id = VolumeId::parse(&req.volume_id)?;
-                let path = self.agent.publish_volume(&id).await?;
+                let path = self.agent.volumes.publish_volume(&id).await?;
                 Ok(pb::PublishVolumeResponse {
                     device_path: path.display().to_string(),
                 })
@@ -171,7 +181,7 @@ impl pb::volumes_server::Volumes for VolumesApi {
             span_id(&req.volume_id),
             async {
                 let id = VolumeId::parse(&req.volume_id)?;
-                self.agent.unpublish_volume(&id).await?;
+                self.agent.volumes.unpublish_volume(&id).await?;
                 Ok(pb::UnpublishVolumeResponse {})
             },
         )

@@ -22,10 +22,10 @@ async fn checkpoints_of_a_published_volume_are_new_eras_of_one_history() {
     let host = TestHost::new();
     let agent = host.start().await.unwrap();
     let id = volume_id(1);
-    agent.create_volume(&id, 4 * MIB).await.unwrap();
-    agent.publish_volume(&id).await.unwrap();
-    let first = agent.mark_checkpoint(&id).await.unwrap();
-    let second = agent.mark_checkpoint(&id).await.unwrap();
+    agent.volumes.create_volume(&id, 4 * MIB).await.unwrap();
+    agent.volumes.publish_volume(&id).await.unwrap();
+    let first = agent.changes.mark_checkpoint(&id).await.unwrap();
+    let second = agent.changes.mark_checkpoint(&id).await.unwrap();
     assert_eq!(second, first + 1);
     assert_eq!(history_of(first), history_of(second));
     assert_ne!(history_of(first), 0, "eras carry a nonzero history tag");
@@ -43,9 +43,9 @@ async fn an_unpublished_volume_is_asked_through_a_probe_that_goes_again() {
     let host = TestHost::new();
     let agent = host.start().await.unwrap();
     let id = volume_id(1);
-    agent.create_volume(&id, 4 * MIB).await.unwrap();
-    let first = agent.mark_checkpoint(&id).await.unwrap();
-    let second = agent.mark_checkpoint(&id).await.unwrap();
+    agent.volumes.create_volume(&id, 4 * MIB).await.unwrap();
+    let first = agent.changes.mark_checkpoint(&id).await.unwrap();
+    let second = agent.changes.mark_checkpoint(&id).await.unwrap();
     assert!(second > first, "each probe's activation begins an era");
     let probe = format!("dmt-era-{id}");
     assert!(host.kernel.journal().contains(&format!("create {probe}")));
@@ -57,7 +57,7 @@ async fn a_probe_left_by_a_crash_is_removed_at_start() {
     let host = TestHost::new();
     let agent = host.start().await.unwrap();
     let id = volume_id(1);
-    agent.create_volume(&id, 4 * MIB).await.unwrap();
+    agent.volumes.create_volume(&id, 4 * MIB).await.unwrap();
     host.kernel.add_foreign_device(&format!("dmt-era-{id}"));
     let agent = host.restart(agent).await.unwrap();
     assert!(!host.devices().contains(&format!("dmt-era-{id}")));
@@ -69,12 +69,12 @@ async fn with_tracking_off_a_volume_is_linear_and_refuses_checkpoints() {
     let host = TestHost::with_config("[volumes]\nchange_tracking = false");
     let agent = host.start().await.unwrap();
     let id = volume_id(1);
-    let (volume, _) = agent.create_volume(&id, 4 * MIB).await.unwrap();
+    let (volume, _) = agent.volumes.create_volume(&id, 4 * MIB).await.unwrap();
     assert!(!volume.change_tracking);
-    agent.publish_volume(&id).await.unwrap();
+    agent.volumes.publish_volume(&id).await.unwrap();
     let table = host.kernel.table_text(&format!("dmt-{id}")).unwrap();
     assert!(table.contains(" linear "), "{table}");
-    let refused = agent.mark_checkpoint(&id).await;
+    let refused = agent.changes.mark_checkpoint(&id).await;
     assert_eq!(refusal(&refused), Some("VOLUME_NOT_TRACKED"), "{refused:?}");
     assert_eq!(host.kernel.thin_ids("dmt-pool").len(), 1, "no era metadata");
 }
@@ -94,8 +94,8 @@ async fn an_arriving_volume_refuses_checkpoints_until_it_is_local() {
         deferred: true,
         knobs: KnobRequest::default(),
     };
-    agent.start_transfer(request).await.unwrap();
-    let refused = agent.mark_checkpoint(&id).await;
+    agent.transfers.start_transfer(request).await.unwrap();
+    let refused = agent.changes.mark_checkpoint(&id).await;
     assert_eq!(refusal(&refused), Some("VOLUME_ARRIVING"), "{refused:?}");
 }
 
@@ -104,11 +104,14 @@ async fn questions_the_history_cannot_answer_are_refused_before_any_reading() {
     let host = TestHost::new();
     let agent = host.start().await.unwrap();
     let id = volume_id(1);
-    agent.create_volume(&id, 4 * MIB).await.unwrap();
-    agent.publish_volume(&id).await.unwrap();
-    let now = agent.mark_checkpoint(&id).await.unwrap();
+    agent.volumes.create_volume(&id, 4 * MIB).await.unwrap();
+    agent.volumes.publish_volume(&id).await.unwrap();
+    let now = agent.changes.mark_checkpoint(&id).await.unwrap();
 
-    let not_begun = agent.changed_blocks(&id, &Since::Era(now + 5)).await;
+    let not_begun = agent
+        .changes
+        .changed_blocks(&id, &Since::Era(now + 5))
+        .await;
     assert!(
         matches!(
             not_begun,
@@ -117,6 +120,7 @@ async fn questions_the_history_cannot_answer_are_refused_before_any_reading() {
         "{not_begun:?}"
     );
     let other_history = agent
+        .changes
         .changed_blocks(&id, &Since::Era((history_of(now) ^ 1) << 32 | 1))
         .await;
     assert_eq!(
@@ -127,14 +131,23 @@ async fn questions_the_history_cannot_answer_are_refused_before_any_reading() {
 
     // A clone's history starts when it is made: nothing before is known.
     let clone = volume_id(2);
-    agent.clone_volume(&clone, 4 * MIB, &id).await.unwrap();
-    agent.publish_volume(&clone).await.unwrap();
-    let before = agent.changed_blocks(&clone, &Since::Era(0)).await;
+    agent
+        .snapshots
+        .clone_volume(&clone, 4 * MIB, &id)
+        .await
+        .unwrap();
+    agent.volumes.publish_volume(&clone).await.unwrap();
+    let before = agent.changes.changed_blocks(&clone, &Since::Era(0)).await;
     assert_eq!(refusal(&before), Some("ERA_BEFORE_HISTORY"), "{before:?}");
 
     let snapshot = SnapshotId::parse("10000000-0000-4000-8000-000000000001").unwrap();
-    agent.create_snapshot(&snapshot, &id).await.unwrap();
+    agent
+        .snapshots
+        .create_snapshot(&snapshot, &id)
+        .await
+        .unwrap();
     let wrong_volume = agent
+        .changes
         .changed_blocks(&clone, &Since::Snapshot(snapshot))
         .await;
     assert!(

@@ -29,25 +29,19 @@
 //! tracking starts when its transfer finishes.
 
 pub mod era_metadata;
+mod steps;
 
-use std::ops::Range;
+use std::{ops::Range, sync::Arc};
 
 use tracing::{info, warn};
 
 use crate::{
-    agent::Agent,
     config::MIB,
-    dm::{
-        kernel::Flush,
-        names::DeviceName,
-        status::EraStatus,
-        table::{DevRef, Table},
-    },
+    context::Context,
+    dm::{names::DeviceName, status::EraStatus},
     error::AgentError,
-    ids::{SnapshotId, ThinId, VolumeId},
-    pool::ThinCreated,
+    ids::{SnapshotId, VolumeId},
     refusal::Refusal,
-    stack::{self, EraLayer},
     store::{ChangeTracking, VolumeRecord},
 };
 
@@ -83,121 +77,38 @@ pub enum Since {
 }
 
 /// The dm-era device a call works through.
-struct EraDevice {
-    name: DeviceName,
+pub(crate) struct EraDevice {
+    pub(crate) name: DeviceName,
     /// Activated for this call (the volume is not published).
-    probe: bool,
+    pub(crate) probe: bool,
 }
 
-impl Agent {
-    /// Tracking for a new volume, per the configuration; `known_from_era` is
-    /// `Some(0)` for an empty volume, `None` when its content comes from
-    /// elsewhere.
-    pub(crate) fn new_tracking(&self, known_from_era: Option<u32>) -> Option<ChangeTracking> {
-        let block_bytes = self.settings.change_block_bytes?;
-        Some(ChangeTracking {
-            history: new_history_tag(None),
-            metadata_thin_id: ThinId(0),
-            metadata_bytes: era_metadata_bytes(self.settings.max_volume_size, block_bytes),
-            block_bytes,
-            known_from_era,
-        })
-    }
+/// Checkpoints and changed blocks of tracked volumes.
+#[derive(Debug, Clone)]
+pub struct Changes {
+    ctx: Arc<Context>,
+}
 
-    /// Makes the era metadata's thin device exist and be active. A thin id
-    /// made here and now starts zeroed, so dm-era formats it; one found made
-    /// is never touched (it holds the history).
-    pub(crate) async fn ensure_era_metadata(
-        &self,
-        record: &VolumeRecord,
-    ) -> Result<Option<DevRef>, AgentError> {
-        let Some(tracking) = &record.tracking else {
-            return Ok(None);
-        };
-        let name = self.naming.era_metadata(&record.id);
-        let table = self
-            .pool
-            .thin_table(tracking.metadata_thin_id, tracking.metadata_bytes)?;
-        if self.dm.info(&name).await?.is_none() {
-            let created = self.pool.create_thin(tracking.metadata_thin_id).await?;
-            let device = self.dm.create(&name, None, &table).await?.device;
-            if created == ThinCreated::Created {
-                self.dm.zero_first_block(&name).await?;
-            }
-            return Ok(Some(device));
-        }
-        Ok(Some(self.ensure_device(&name, &table, |_| false).await?))
-    }
-
-    /// Lets dm-era format its metadata now, over the arriving volume's thin
-    /// device, so that the finalize swap later only opens it: formatting
-    /// writes the whole space map, which would lengthen the I/O pause.
-    pub(crate) async fn format_era_metadata(
-        &self,
-        record: &VolumeRecord,
-        thin: DevRef,
-    ) -> Result<(), AgentError> {
-        if record.tracking.is_none() {
-            return Ok(());
-        }
-        let probe = self.naming.era_probe(&record.id);
-        self.remove_device_if_present(&probe).await?;
-        let table = self.local_table(record, thin).await?;
-        self.dm.create(&probe, None, &table).await?;
-        self.remove_device_if_present(&probe).await
-    }
-
-    /// What the public device maps once the volume is local: dm-era over
-    /// the thin device when the volume tracks changes, else a linear map.
-    pub(crate) async fn local_table(
-        &self,
-        record: &VolumeRecord,
-        thin: DevRef,
-    ) -> Result<Table, AgentError> {
-        let era = match (&record.tracking, self.ensure_era_metadata(record).await?) {
-            (Some(tracking), Some(metadata)) => Some(EraLayer {
-                metadata,
-                block_bytes: tracking.block_bytes,
-            }),
-            _ => None,
-        };
-        stack::local_table(record.size_bytes, thin, era)
-    }
-
-    /// After dm-era came up over the volume: a history without a start gets
-    /// the era now current (writes from here on are all seen).
-    pub(crate) async fn note_history_start(
-        &self,
-        record: &mut VolumeRecord,
-        era_device: &DeviceName,
-    ) -> Result<(), AgentError> {
-        let Some(tracking) = record.tracking.as_mut() else {
-            return Ok(());
-        };
-        if tracking.known_from_era.is_some() {
-            return Ok(());
-        }
-        let current = self.current_era(era_device).await?;
-        tracking.known_from_era = Some(current);
-        info!(volume = %record.id, era = current, "changed-block tracking starts");
-        self.put(record).await
+impl Changes {
+    pub(crate) fn new(ctx: Arc<Context>) -> Self {
+        Self { ctx }
     }
 
     /// Marks a point in the volume's history and returns its era: blocks
     /// written after this call are in this era or later.
     pub async fn mark_checkpoint(&self, id: &VolumeId) -> Result<u64, AgentError> {
-        let _held = self.locks.lock(id.as_str()).await;
-        let mut record = self.ready_record(id, "mark a checkpoint").await?;
-        let era = self.era_device(&mut record).await?;
+        let _held = self.ctx.locks.lock(id.as_str()).await;
+        let mut record = self.ctx.ready_record(id, "mark a checkpoint").await?;
+        let era = self.ctx.era_device(&mut record).await?;
         let result = async {
             if !era.probe {
                 // A probe's activation already began a new era.
-                self.dm.message(&era.name, 0, "checkpoint").await?;
+                self.ctx.dm.message(&era.name, 0, "checkpoint").await?;
             }
-            self.current_era(&era.name).await
+            self.ctx.current_era(&era.name).await
         }
         .await;
-        self.release(era).await;
+        self.ctx.release_era_device(era).await;
         let current = public_era(tracking_of(&record)?, result?);
         info!(volume = %id, era = current, "checkpoint");
         Ok(current)
@@ -210,12 +121,12 @@ impl Agent {
         id: &VolumeId,
         since: &Since,
     ) -> Result<ChangedBlocks, AgentError> {
-        let _held = self.locks.lock(id.as_str()).await;
-        let mut record = self.ready_record(id, "report changed blocks").await?;
+        let _held = self.ctx.locks.lock(id.as_str()).await;
+        let mut record = self.ctx.ready_record(id, "report changed blocks").await?;
         let since_era = self.era_of(id, since).await?;
-        let era = self.era_device(&mut record).await?;
+        let era = self.ctx.era_device(&mut record).await?;
         let result = self.read_changes(&record, &era, since_era).await;
-        self.release(era).await;
+        self.ctx.release_era_device(era).await;
         result
     }
 
@@ -224,13 +135,12 @@ impl Agent {
         match since {
             Since::Era(era) => Ok(*era),
             Since::Snapshot(snapshot) => {
-                let record =
-                    self.snapshot_record(snapshot)
-                        .await?
-                        .ok_or_else(|| AgentError::NotFound {
-                            what: "snapshot",
-                            id: snapshot.to_string(),
-                        })?;
+                let record = self.ctx.snapshot_record(snapshot).await?.ok_or_else(|| {
+                    AgentError::NotFound {
+                        what: "snapshot",
+                        id: snapshot.to_string(),
+                    }
+                })?;
                 if record.volume_id != id.as_str() {
                     return Err(AgentError::InvalidArgument {
                         field: "snapshot_id",
@@ -259,21 +169,27 @@ impl Agent {
     ) -> Result<ChangedBlocks, AgentError> {
         let id = record.id.clone();
         let tracking = tracking_of(record)?;
-        let status: EraStatus = self.dm.status_of(&era.name, 0).await?;
+        let status: EraStatus = self.ctx.dm.status_of(&era.name, 0).await?;
         let since_kernel = kernel_era(&id, tracking, since_era)?;
         check_answerable(&id, tracking, since_kernel, status.current_era)?;
         if status.held_root.is_some() {
             // Left by a call that died half-way; only the agent takes one.
             warn!(volume = %id, "dropping a metadata snapshot left from an interrupted call");
-            self.dm.message(&era.name, 0, "drop_metadata_snap").await?;
+            self.ctx
+                .dm
+                .message(&era.name, 0, "drop_metadata_snap")
+                .await?;
         }
-        self.dm.message(&era.name, 0, "take_metadata_snap").await?;
+        self.ctx
+            .dm
+            .message(&era.name, 0, "take_metadata_snap")
+            .await?;
         // Taking the metadata snapshot began a new era: the answer covers
         // every era before it, so it is where the caller asks from next.
-        let next = self.current_era(&era.name).await;
-        let metadata = self.naming.era_metadata(&id).mapper_path();
+        let next = self.ctx.current_era(&era.name).await;
+        let metadata = self.ctx.naming.era_metadata(&id).mapper_path();
         let asked = since_kernel.max(FIRST_WRITABLE_ERA);
-        let blocks = crate::agent::blocking(move || {
+        let blocks = crate::context::blocking(move || {
             let mut device =
                 era_metadata::DeviceBlocks::open(&metadata).map_err(|source| AgentError::Io {
                     context: format!("cannot open {}", metadata.display()),
@@ -282,7 +198,11 @@ impl Agent {
             era_metadata::written_since(&mut device, asked)
         })
         .await;
-        let dropped = self.dm.message(&era.name, 0, "drop_metadata_snap").await;
+        let dropped = self
+            .ctx
+            .dm
+            .message(&era.name, 0, "drop_metadata_snap")
+            .await;
         let blocks = blocks?;
         dropped?;
         Ok(ChangedBlocks {
@@ -291,89 +211,6 @@ impl Agent {
             block_bytes: tracking.block_bytes,
             extents: extents(&blocks, tracking.block_bytes, record.size_bytes),
         })
-    }
-
-    /// Takes a thin snapshot through `take` and returns the era it starts, or
-    /// `None` when the volume does not track changes. A published volume's
-    /// dm-era is suspended around the snapshot, so its resume begins the new
-    /// era exactly at the snapshot; a probe begins it on activation.
-    pub(crate) async fn snapshot_with_era<F>(
-        &self,
-        record: &mut VolumeRecord,
-        take: F,
-    ) -> Result<Option<u64>, AgentError>
-    where
-        F: AsyncFnOnce(&VolumeRecord) -> Result<(), AgentError>,
-    {
-        if record.tracking.is_none() {
-            take(record).await?;
-            return Ok(None);
-        }
-        let era = self.era_device(record).await?;
-        let result = async {
-            if era.probe {
-                take(record).await?;
-            } else {
-                self.dm.suspend(&era.name, Flush::Flush).await?;
-                let taken = take(record).await;
-                let resumed = self.dm.resume(&era.name).await;
-                taken?;
-                resumed?;
-            }
-            self.current_era(&era.name).await
-        }
-        .await;
-        self.release(era).await;
-        Ok(Some(public_era(tracking_of(record)?, result?)))
-    }
-
-    async fn current_era(&self, era_device: &DeviceName) -> Result<u32, AgentError> {
-        Ok(self
-            .dm
-            .status_of::<EraStatus>(era_device, 0)
-            .await?
-            .current_era)
-    }
-
-    /// The volume's dm-era: its public device, or a probe when unpublished.
-    async fn era_device(&self, record: &mut VolumeRecord) -> Result<EraDevice, AgentError> {
-        let id = record.id.clone();
-        tracking_of(record)?;
-        if let Some(transfer) = &record.transfer {
-            return Err(Refusal::VolumeArriving {
-                volume: id,
-                transfer: transfer.clone(),
-                hint: "changed-block tracking starts when the transfer finishes",
-            }
-            .into());
-        }
-        let era = if record.published {
-            self.ensure_public_device(record).await?;
-            EraDevice {
-                name: self.naming.public(&id),
-                probe: false,
-            }
-        } else {
-            let name = self.naming.era_probe(&id);
-            self.remove_device_if_present(&name).await?;
-            let thin = self.ensure_thin_device(record).await?;
-            let table = self.local_table(record, thin).await?;
-            self.dm.create(&name, None, &table).await?;
-            EraDevice { name, probe: true }
-        };
-        if let Err(err) = self.note_history_start(record, &era.name).await {
-            self.release(era).await;
-            return Err(err);
-        }
-        Ok(era)
-    }
-
-    async fn release(&self, era: EraDevice) {
-        if era.probe
-            && let Err(err) = self.remove_device_if_present(&era.name).await
-        {
-            warn!(device = %era.name, error = %err, "cannot remove the dm-era probe; the next start removes it");
-        }
     }
 }
 
@@ -503,6 +340,7 @@ mod agent_tests;
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use crate::ids::ThinId;
 
     fn tracking(known_from_era: Option<u32>) -> ChangeTracking {
         ChangeTracking {
@@ -590,7 +428,7 @@ mod tests {
             let tag = new_history_tag(Some(7));
             assert!(tag != 0 && tag != 7);
         }
-        let mut record = crate::volume::new_record(
+        let mut record = crate::records::new_record(
             &VolumeId::parse("0b9d1c3e-5f1a-4f7e-9a57-3f0c2b8f6d11").unwrap(),
             1 << 20,
         );

@@ -9,7 +9,8 @@ pub mod seam;
 pub mod status;
 pub mod table;
 
-pub use seam::{Kernel, LiveKernel};
+pub(crate) use seam::block_device;
+pub use seam::{Kernel, LiveKernel, ensure_device};
 
 /// Target types the agent cannot work without.
 pub const REQUIRED_TARGETS: [&str; 5] = ["clone", "era", "thin-pool", "thin", "linear"];

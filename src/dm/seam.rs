@@ -203,7 +203,7 @@ impl Kernel for LiveKernel {
 
     async fn block_device(&self, path: &Path) -> Result<(DevRef, u64), AgentError> {
         let path = path.to_owned();
-        tokio::task::spawn_blocking(move || crate::pool::backing::block_device(&path))
+        tokio::task::spawn_blocking(move || block_device(&path))
             .await
             .map_err(|err| AgentError::Internal(format!("block device worker failed: {err}")))?
     }
@@ -235,4 +235,57 @@ fn zero_head(path: &Path) -> Result<()> {
     file.write_all(&[0u8; 4096])
         .and_then(|()| file.sync_all())
         .map_err(io_error("cannot zero the first block of"))
+}
+
+/// Device number and size of the block device at `path`.
+pub(crate) fn block_device(path: &Path) -> Result<(DevRef, u64), AgentError> {
+    use std::{
+        io::Seek,
+        os::unix::fs::{FileTypeExt, MetadataExt},
+    };
+    let meta = std::fs::metadata(path).map_err(|source| AgentError::Io {
+        context: format!("cannot inspect {}", path.display()),
+        source,
+    })?;
+    if !meta.file_type().is_block_device() {
+        return Err(AgentError::InvalidArgument {
+            field: "device",
+            reason: format!("{} is not a block device", path.display()),
+        });
+    }
+    let rdev = meta.rdev();
+    let dev = DevRef::from((
+        nix::sys::stat::major(rdev) as u32,
+        nix::sys::stat::minor(rdev) as u32,
+    ));
+    let size = std::fs::File::open(path)
+        .and_then(|mut f| f.seek(std::io::SeekFrom::End(0)))
+        .map_err(|source| AgentError::Io {
+            context: format!("cannot size {}", path.display()),
+            source,
+        })?;
+    Ok((dev, size))
+}
+
+/// Makes `name` carry `table`: creates it, adopts it when it already does,
+/// swaps the table when `may_swap` allows it, and refuses otherwise.
+pub async fn ensure_device(
+    dm: &dyn Kernel,
+    name: &DeviceName,
+    table: &Table,
+    may_swap: impl Fn(&Table) -> bool,
+) -> Result<DevRef, AgentError> {
+    let Some(state) = dm.info(name).await? else {
+        return Ok(dm.create(name, None, table).await?.device);
+    };
+    let live = dm.table(name).await?;
+    if live == *table {
+        return Ok(state.device);
+    }
+    if may_swap(&live) {
+        return Ok(dm.swap_table(name, table).await?.device);
+    }
+    Err(AgentError::Conflict(format!(
+        "device-mapper device {name} has table \"{live}\", expected \"{table}\""
+    )))
 }

@@ -7,9 +7,9 @@
 //! attached (matched by its backing file) instead of attaching a second one.
 
 use std::{
-    fs::{self, File, OpenOptions},
+    fs::{self, OpenOptions},
     io::{self, Read, Seek, SeekFrom, Write},
-    os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt},
+    os::unix::fs::OpenOptionsExt,
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -190,30 +190,10 @@ fn attach_loop(file: &Path) -> Result<LoopDevice, AgentError> {
 /// Device number and size of the block device at `path`, for a config
 /// option: errors name the option.
 fn block_device_for(path: &Path, option: &str) -> Result<(DevRef, u64), AgentError> {
-    block_device(path).map_err(|err| AgentError::Config {
+    crate::dm::block_device(path).map_err(|err| AgentError::Config {
         option: option.to_owned(),
         reason: err.to_string(),
     })
-}
-
-/// Device number and size of the block device at `path`.
-pub(crate) fn block_device(path: &Path) -> Result<(DevRef, u64), AgentError> {
-    let meta = fs::metadata(path).map_err(|err| io_error("inspect", path, err))?;
-    if !meta.file_type().is_block_device() {
-        return Err(AgentError::InvalidArgument {
-            field: "device",
-            reason: format!("{} is not a block device", path.display()),
-        });
-    }
-    let rdev = meta.rdev();
-    let dev = DevRef::from((
-        nix::sys::stat::major(rdev) as u32,
-        nix::sys::stat::minor(rdev) as u32,
-    ));
-    let size = File::open(path)
-        .and_then(|mut f| f.seek(SeekFrom::End(0)))
-        .map_err(|err| io_error("size", path, err))?;
-    Ok((dev, size))
 }
 
 fn io_error(op: &str, path: &Path, err: io::Error) -> AgentError {

@@ -147,7 +147,7 @@ impl Pool {
 
     /// The table of a volume's thin device.
     pub fn thin_table(&self, thin_id: ThinId, size_bytes: u64) -> Result<Table, AgentError> {
-        crate::stack::thin_table(self.dev, thin_id, size_bytes)
+        thin_table(self.dev, thin_id, size_bytes)
     }
 
     /// Creates thin device `thin_id`; finding it there already is fine (a
@@ -425,7 +425,7 @@ async fn adopt(
     may_swap: impl Fn(&Table) -> bool,
     mismatch: &str,
 ) -> Result<DevRef, AgentError> {
-    match crate::stack::ensure_device(dm, name, table, may_swap).await {
+    match crate::dm::ensure_device(dm, name, table, may_swap).await {
         Err(AgentError::Conflict(_)) => {
             let live = dm.table(name).await?;
             Err(AgentError::Unavailable {
@@ -436,4 +436,14 @@ async fn adopt(
         }
         adopted => adopted,
     }
+}
+
+/// The table of a thin device of the pool.
+pub fn thin_table(pool: DevRef, thin_id: ThinId, size_bytes: u64) -> Result<Table, AgentError> {
+    let target = Target::Thin(crate::dm::table::Thin {
+        pool,
+        device_id: thin_id.0,
+        external_origin: None,
+    });
+    Ok(Table::single(sectors(size_bytes), target)?)
 }

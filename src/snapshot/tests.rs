@@ -7,6 +7,7 @@
 use std::sync::Arc;
 
 use super::*;
+use crate::agent::Agent;
 use crate::{
     ids::VolumeId,
     testing::{MIB, TestHost, crash, refusal, volume_id},
@@ -23,8 +24,8 @@ fn thin_ids(host: &TestHost) -> Vec<u32> {
 async fn published_volume(host: &TestHost) -> (Arc<Agent>, VolumeId) {
     let agent = host.start().await.unwrap();
     let id = volume_id(1);
-    agent.create_volume(&id, 4 * MIB).await.unwrap();
-    agent.publish_volume(&id).await.unwrap();
+    agent.volumes.create_volume(&id, 4 * MIB).await.unwrap();
+    agent.volumes.publish_volume(&id).await.unwrap();
     (agent, id)
 }
 
@@ -33,7 +34,11 @@ async fn a_snapshot_is_taken_with_its_origin_suspended_and_starts_an_era() {
     let host = TestHost::new();
     let (agent, id) = published_volume(&host).await;
     let before = host.kernel.journal().len();
-    let snapshot = agent.create_snapshot(&snapshot_id(1), &id).await.unwrap();
+    let snapshot = agent
+        .snapshots
+        .create_snapshot(&snapshot_id(1), &id)
+        .await
+        .unwrap();
     assert!(
         snapshot.era.is_some(),
         "a tracked volume's snapshot records its era"
@@ -50,7 +55,11 @@ async fn a_snapshot_is_taken_with_its_origin_suspended_and_starts_an_era() {
     assert!(at(&format!("resume dmt-thin-{id}")) < at(&format!("resume dmt-{id}")));
     assert_eq!(host.kernel.is_suspended(&format!("dmt-{id}")), Some(false));
     assert_eq!(thin_ids(&host).len(), 3);
-    let again = agent.create_snapshot(&snapshot_id(1), &id).await.unwrap();
+    let again = agent
+        .snapshots
+        .create_snapshot(&snapshot_id(1), &id)
+        .await
+        .unwrap();
     assert_eq!(
         again.era, snapshot.era,
         "a retried create returns the same snapshot"
@@ -62,17 +71,29 @@ async fn a_snapshot_is_taken_with_its_origin_suspended_and_starts_an_era() {
 async fn a_volume_with_snapshots_is_not_deleted_until_they_are() {
     let host = TestHost::new();
     let (agent, id) = published_volume(&host).await;
-    agent.create_snapshot(&snapshot_id(1), &id).await.unwrap();
-    agent.unpublish_volume(&id).await.unwrap();
-    let refused = agent.delete_volume(&id).await;
+    agent
+        .snapshots
+        .create_snapshot(&snapshot_id(1), &id)
+        .await
+        .unwrap();
+    agent.volumes.unpublish_volume(&id).await.unwrap();
+    let refused = agent.volumes.delete_volume(&id).await;
     assert_eq!(
         refusal(&refused),
         Some("VOLUME_HAS_SNAPSHOTS"),
         "{refused:?}"
     );
-    agent.delete_snapshot(&snapshot_id(1)).await.unwrap();
-    agent.delete_snapshot(&snapshot_id(1)).await.unwrap();
-    agent.delete_volume(&id).await.unwrap();
+    agent
+        .snapshots
+        .delete_snapshot(&snapshot_id(1))
+        .await
+        .unwrap();
+    agent
+        .snapshots
+        .delete_snapshot(&snapshot_id(1))
+        .await
+        .unwrap();
+    agent.volumes.delete_volume(&id).await.unwrap();
     assert!(thin_ids(&host).is_empty());
 }
 
@@ -81,8 +102,13 @@ async fn volumes_from_a_snapshot_and_clones_are_thin_snapshots_in_the_pool() {
     let host = TestHost::new();
     let (agent, id) = published_volume(&host).await;
     host.kernel.write(&format!("dmt-thin-{id}"), 2048);
-    agent.create_snapshot(&snapshot_id(1), &id).await.unwrap();
+    agent
+        .snapshots
+        .create_snapshot(&snapshot_id(1), &id)
+        .await
+        .unwrap();
     let (from_snapshot, _) = agent
+        .snapshots
         .create_volume_from_snapshot(&volume_id(2), 8 * MIB, &snapshot_id(1))
         .await
         .unwrap();
@@ -93,16 +119,21 @@ async fn volumes_from_a_snapshot_and_clones_are_thin_snapshots_in_the_pool() {
         "shares the snapshot's blocks"
     );
     let (cloned, _) = agent
+        .snapshots
         .clone_volume(&volume_id(3), 4 * MIB, &id)
         .await
         .unwrap();
     assert_eq!(cloned.allocated_bytes, Some(2048 * 512));
-    let smaller = agent.clone_volume(&volume_id(4), 2 * MIB, &id).await;
+    let smaller = agent
+        .snapshots
+        .clone_volume(&volume_id(4), 2 * MIB, &id)
+        .await;
     assert!(
         matches!(smaller, Err(AgentError::InvalidArgument { .. })),
         "{smaller:?}"
     );
     let missing = agent
+        .snapshots
         .create_volume_from_snapshot(&volume_id(5), 4 * MIB, &snapshot_id(9))
         .await;
     assert!(
@@ -115,12 +146,20 @@ async fn volumes_from_a_snapshot_and_clones_are_thin_snapshots_in_the_pool() {
 async fn revert_is_refused_while_published_and_swaps_the_thin_device_after() {
     let host = TestHost::new();
     let (agent, id) = published_volume(&host).await;
-    agent.create_snapshot(&snapshot_id(1), &id).await.unwrap();
-    let refused = agent.revert_volume(&id, &snapshot_id(1)).await;
+    agent
+        .snapshots
+        .create_snapshot(&snapshot_id(1), &id)
+        .await
+        .unwrap();
+    let refused = agent.snapshots.revert_volume(&id, &snapshot_id(1)).await;
     assert_eq!(refusal(&refused), Some("VOLUME_PUBLISHED"), "{refused:?}");
-    agent.unpublish_volume(&id).await.unwrap();
+    agent.volumes.unpublish_volume(&id).await.unwrap();
     let ids_before = thin_ids(&host);
-    agent.revert_volume(&id, &snapshot_id(1)).await.unwrap();
+    agent
+        .snapshots
+        .revert_volume(&id, &snapshot_id(1))
+        .await
+        .unwrap();
     let ids_after = thin_ids(&host);
     assert_eq!(
         ids_before.len(),
@@ -128,7 +167,10 @@ async fn revert_is_refused_while_published_and_swaps_the_thin_device_after() {
         "the old thin id is freed"
     );
     assert_ne!(ids_before, ids_after);
-    let other = agent.revert_volume(&volume_id(2), &snapshot_id(1)).await;
+    let other = agent
+        .snapshots
+        .revert_volume(&volume_id(2), &snapshot_id(1))
+        .await;
     assert!(other.is_err());
 }
 
@@ -139,21 +181,42 @@ async fn a_snapshot_cut_after_its_record_is_rolled_back_and_a_delete_finished() 
     let caller = Arc::clone(&agent);
     let volume = id.clone();
     crash("snapshot.after_record", async move {
-        caller.create_snapshot(&snapshot_id(1), &volume).await
+        caller
+            .snapshots
+            .create_snapshot(&snapshot_id(1), &volume)
+            .await
     })
     .await;
     let agent = host.restart(agent).await.unwrap();
-    assert!(agent.list_snapshots(None).await.unwrap().is_empty());
+    assert!(
+        agent
+            .snapshots
+            .list_snapshots(None)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     assert_eq!(thin_ids(&host).len(), 2);
 
-    agent.create_snapshot(&snapshot_id(2), &id).await.unwrap();
+    agent
+        .snapshots
+        .create_snapshot(&snapshot_id(2), &id)
+        .await
+        .unwrap();
     let caller = Arc::clone(&agent);
     crash("snapshot.delete_after_record", async move {
-        caller.delete_snapshot(&snapshot_id(2)).await
+        caller.snapshots.delete_snapshot(&snapshot_id(2)).await
     })
     .await;
     let agent = host.restart(agent).await.unwrap();
-    assert!(agent.list_snapshots(None).await.unwrap().is_empty());
+    assert!(
+        agent
+            .snapshots
+            .list_snapshots(None)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     assert_eq!(thin_ids(&host).len(), 2);
 }
 
@@ -161,18 +224,25 @@ async fn a_snapshot_cut_after_its_record_is_rolled_back_and_a_delete_finished() 
 async fn a_revert_cut_after_its_record_is_finished_at_the_next_start() {
     let host = TestHost::new();
     let (agent, id) = published_volume(&host).await;
-    agent.create_snapshot(&snapshot_id(1), &id).await.unwrap();
-    agent.unpublish_volume(&id).await.unwrap();
+    agent
+        .snapshots
+        .create_snapshot(&snapshot_id(1), &id)
+        .await
+        .unwrap();
+    agent.volumes.unpublish_volume(&id).await.unwrap();
     let caller = Arc::clone(&agent);
     let volume = id.clone();
     crash("revert.after_record", async move {
-        caller.revert_volume(&volume, &snapshot_id(1)).await
+        caller
+            .snapshots
+            .revert_volume(&volume, &snapshot_id(1))
+            .await
     })
     .await;
     let agent = host.restart(agent).await.unwrap();
     assert_eq!(agent.reconcile_report().finished, 1);
     assert_eq!(
-        agent.get_volume(&id).await.unwrap().state,
+        agent.volumes.get_volume(&id).await.unwrap().state,
         crate::volume::VolumeState::Available
     );
     assert_eq!(

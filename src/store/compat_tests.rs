@@ -28,21 +28,31 @@ async fn a_store_from_release_0_1_0_opens_reconciles_and_serves() {
     let report = agent.reconcile_report();
     assert_eq!(report.volumes, 3);
     assert!(report.unknown_devices.is_empty());
-    let published = agent.get_volume(&volume_id(1)).await.unwrap();
+    let published = agent.volumes.get_volume(&volume_id(1)).await.unwrap();
     assert!(published.published && published.change_tracking);
     assert_eq!(published.size_bytes, 4 * MIB);
     assert_eq!(
-        agent.get_volume(&volume_id(2)).await.unwrap().size_bytes,
+        agent
+            .volumes
+            .get_volume(&volume_id(2))
+            .await
+            .unwrap()
+            .size_bytes,
         8 * MIB
     );
     let snapshot = SnapshotId::parse("10000000-0000-4000-8000-000000000001").unwrap();
     assert_eq!(
-        agent.get_snapshot(&snapshot).await.unwrap().volume_id,
+        agent
+            .snapshots
+            .get_snapshot(&snapshot)
+            .await
+            .unwrap()
+            .volume_id,
         volume_id(1).to_string()
     );
     let transfer = TransferId::parse("20000000-0000-4000-8000-000000000001").unwrap();
     assert_eq!(
-        agent.get_transfer(&transfer).await.unwrap().state,
+        agent.transfers.get_transfer(&transfer).await.unwrap().state,
         TransferState::Deferred
     );
     let table = host
@@ -55,12 +65,16 @@ async fn a_store_from_release_0_1_0_opens_reconciles_and_serves() {
     );
 
     // It serves: the transfer finishes, a snapshot and a volume go, one is made.
-    agent.commit_transfer(&transfer).await.unwrap();
+    agent.transfers.commit_transfer(&transfer).await.unwrap();
     host.kernel.hydrate(&format!("dmt-{}", volume_id(3)));
     transfer_reaches(&agent, &transfer, TransferState::Done).await;
-    agent.delete_snapshot(&snapshot).await.unwrap();
-    agent.delete_volume(&volume_id(2)).await.unwrap();
-    let (made, _) = agent.create_volume(&volume_id(4), 4 * MIB).await.unwrap();
+    agent.snapshots.delete_snapshot(&snapshot).await.unwrap();
+    agent.volumes.delete_volume(&volume_id(2)).await.unwrap();
+    let (made, _) = agent
+        .volumes
+        .create_volume(&volume_id(4), 4 * MIB)
+        .await
+        .unwrap();
     assert_eq!(made.size_bytes, 4 * MIB);
     assert!(
         !host.kernel.thin_ids("dmt-pool").contains(&4),

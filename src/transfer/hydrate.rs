@@ -1,23 +1,21 @@
 //! The calls on a destination's transfers: start, commit, pause, resume,
 //! throttle, abort, get, list; and the clone stack they build and tear down.
 
-use std::{path::Path, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use tracing::{info, warn};
 
-use super::{KnobRequest, Source, StartRequest, TransferView, clone_metadata_bytes, view};
+use super::{KnobRequest, Source, StartRequest, TransferView, clone_metadata_bytes};
+
 use crate::{
-    agent::Agent,
     config::validate_region,
-    dm::{
-        names::DeviceName,
-        table::{DevRef, Table},
-    },
+    context::Context,
+    dm::table::DevRef,
     error::AgentError,
     failpoint,
-    ids::{ThinId, TransferId, VolumeId},
+    ids::{ThinId, TransferId},
     refusal::Refusal,
-    stack::{self, CloneDevices, CloneLayer},
+    stack::CloneDevices,
     store::{Change, Pending, SourceRecord, TransferPhase, TransferRecord, VolumeRecord},
 };
 
@@ -30,18 +28,38 @@ struct Knobs {
     max_bytes_per_second: u64,
 }
 
-impl Agent {
-    pub async fn start_transfer(
-        self: &Arc<Self>,
-        request: StartRequest,
-    ) -> Result<TransferView, AgentError> {
-        let size = self.volume_size("size_bytes", request.size_bytes)?;
+/// The destination side of a move: starting, steering, finalizing.
+#[derive(Debug, Clone)]
+pub struct Transfers {
+    pub(crate) ctx: Arc<Context>,
+}
+
+impl Transfers {
+    pub(crate) fn new(ctx: Arc<Context>) -> Self {
+        Self { ctx }
+    }
+
+    pub async fn get_transfer(&self, id: &TransferId) -> Result<TransferView, AgentError> {
+        self.ctx.get_transfer(id).await
+    }
+
+    pub async fn list_transfers(&self) -> Result<Vec<TransferView>, AgentError> {
+        self.ctx.list_transfers().await
+    }
+
+    /// Every change of a transfer's view, as it happens.
+    pub fn watch_transfers(&self) -> tokio::sync::broadcast::Receiver<TransferView> {
+        self.ctx.watch_transfers()
+    }
+
+    pub async fn start_transfer(&self, request: StartRequest) -> Result<TransferView, AgentError> {
+        let size = self.ctx.volume_size("size_bytes", request.size_bytes)?;
         let knobs = self.resolve_knobs(&request.knobs)?;
-        let _held = self.locks.lock(request.volume.as_str()).await;
-        if let Some(existing) = self.transfer_record(&request.transfer).await? {
+        let _held = self.ctx.locks.lock(request.volume.as_str()).await;
+        if let Some(existing) = self.ctx.transfer_record(&request.transfer).await? {
             return self.start_again(existing, &request).await;
         }
-        if let Some(volume) = self.record(&request.volume).await? {
+        if let Some(volume) = self.ctx.record(&request.volume).await? {
             return Err(AgentError::AlreadyExists {
                 what: "volume",
                 id: volume.id.to_string(),
@@ -52,17 +70,17 @@ impl Agent {
             });
         }
         let source = source_record(&request.source);
-        let (source_dev, source_bytes) = self.attach_source(&source, &request.volume).await?;
+        let (source_dev, source_bytes) = self.ctx.attach_source(&source, &request.volume).await?;
         if source_bytes < size {
-            self.detach_source(&source).await;
+            self.ctx.detach_source(&source).await;
             return Err(AgentError::InvalidArgument {
                 field: "size_bytes",
                 reason: format!("{size} bytes asked for, but the source holds only {source_bytes}"),
             });
         }
         let metadata_bytes = clone_metadata_bytes(size, knobs.region_bytes);
-        if let Err(err) = self.check_room_for(size + metadata_bytes).await {
-            self.detach_source(&source).await;
+        if let Err(err) = self.ctx.check_room_for(size + metadata_bytes).await {
+            self.ctx.detach_source(&source).await;
             return Err(err);
         }
         let (volume, transfer) = match self
@@ -71,7 +89,7 @@ impl Agent {
         {
             Ok(records) => records,
             Err(err) => {
-                self.detach_source(&source).await;
+                self.ctx.detach_source(&source).await;
                 return Err(err);
             }
         };
@@ -82,20 +100,21 @@ impl Agent {
             .await
         {
             warn!(transfer = %transfer.id, error = %err, "could not build the clone stack; rolling back");
-            if let Err(undo) = self.tear_down(&volume, &transfer).await {
+            if let Err(undo) = self.ctx.tear_down(&volume, &transfer).await {
                 warn!(transfer = %transfer.id, error = %undo, "rollback incomplete; reconciliation finishes it");
                 return Err(err);
             }
-            self.store_call({
-                let (v, t) = (volume.id.clone(), transfer.id.clone());
-                move |store| {
-                    store.commit(vec![
-                        Change::remove::<VolumeRecord>(&v),
-                        Change::remove::<TransferRecord>(&t),
-                    ])
-                }
-            })
-            .await?;
+            self.ctx
+                .store_call({
+                    let (v, t) = (volume.id.clone(), transfer.id.clone());
+                    move |store| {
+                        store.commit(vec![
+                            Change::remove::<VolumeRecord>(&v),
+                            Change::remove::<TransferRecord>(&t),
+                        ])
+                    }
+                })
+                .await?;
             return Err(err);
         }
         let mut volume = volume;
@@ -106,10 +125,10 @@ impl Agent {
         } else {
             TransferPhase::Deferred
         };
-        self.commit_pair(&volume, &transfer).await?;
+        self.ctx.commit_pair(&volume, &transfer).await?;
         info!(transfer = %transfer.id, volume = %volume.id, size, deferred = request.deferred, region = knobs.region_bytes, "transfer started: the volume is presented");
         self.spawn_monitor(transfer.id.clone());
-        Ok(self.transfer_view(&transfer))
+        Ok(self.ctx.transfer_view(&transfer))
     }
 
     /// A start repeated with the same transfer id returns the transfer;
@@ -126,7 +145,7 @@ impl Agent {
                 detail: format!("for volume {}, not {}", existing.volume_id, request.volume),
             });
         }
-        Ok(self.transfer_view(&existing))
+        Ok(self.ctx.transfer_view(&existing))
     }
 
     /// Live migration: the source let go, so hydration may start.
@@ -182,19 +201,19 @@ impl Agent {
         to: TransferPhase,
         message: &str,
     ) -> Result<TransferView, AgentError> {
-        let (mut transfer, _held) = self.locked_transfer(id).await?;
+        let (mut transfer, _held) = self.ctx.locked_transfer(id).await?;
         if arrived.contains(&transfer.phase) {
-            return Ok(self.transfer_view(&transfer));
+            return Ok(self.ctx.transfer_view(&transfer));
         }
         if transfer.phase != from {
             return Err(wrong_phase(&transfer, action, transfer.phase));
         }
-        self.message_clone(&transfer, message).await?;
+        self.ctx.message_clone(&transfer, message).await?;
         transfer.phase = to;
-        self.put_transfer(&transfer).await?;
-        self.transfers.wake(&transfer.id);
+        self.ctx.put_transfer(&transfer).await?;
+        self.ctx.registry.wake(&transfer.id);
         info!(transfer = %transfer.id, action, "hydration switched");
-        Ok(self.transfer_view(&transfer))
+        Ok(self.ctx.transfer_view(&transfer))
     }
 
     /// Changes the copy knobs of a running transfer. The region size is
@@ -204,7 +223,7 @@ impl Agent {
         id: &TransferId,
         knobs: KnobRequest,
     ) -> Result<TransferView, AgentError> {
-        let (mut transfer, _held) = self.locked_transfer(id).await?;
+        let (mut transfer, _held) = self.ctx.locked_transfer(id).await?;
         if transfer.phase.is_finished() || transfer.phase == TransferPhase::Finalizing {
             return Err(wrong_phase(&transfer, "throttle", transfer.phase));
         }
@@ -220,42 +239,48 @@ impl Agent {
             });
         }
         if let Some(threshold) = knobs.hydration_threshold {
-            self.message_clone(&transfer, &format!("hydration_threshold {threshold}"))
+            self.ctx
+                .message_clone(&transfer, &format!("hydration_threshold {threshold}"))
                 .await?;
             transfer.hydration_threshold = threshold;
         }
         if let Some(batch) = knobs.hydration_batch_size {
-            self.message_clone(&transfer, &format!("hydration_batch_size {batch}"))
+            self.ctx
+                .message_clone(&transfer, &format!("hydration_batch_size {batch}"))
                 .await?;
             transfer.hydration_batch_size = batch;
         }
         if let Some(limit) = knobs.max_bytes_per_second {
             transfer.max_bytes_per_second = limit;
         }
-        self.put_transfer(&transfer).await?;
-        self.transfers.wake(&transfer.id);
+        self.ctx.put_transfer(&transfer).await?;
+        self.ctx.registry.wake(&transfer.id);
         info!(transfer = %transfer.id, threshold = transfer.hydration_threshold, batch = transfer.hydration_batch_size, limit = transfer.max_bytes_per_second, "throttled");
-        Ok(self.transfer_view(&transfer))
+        Ok(self.ctx.transfer_view(&transfer))
     }
 
     /// Tears the destination down; the source is never touched. Refused once
     /// finalizing (the local copy is then the volume) and while something
     /// holds the public device open.
     pub async fn abort_transfer(&self, id: &TransferId) -> Result<TransferView, AgentError> {
-        let (mut transfer, _held) = self.locked_transfer(id).await?;
+        let (mut transfer, _held) = self.ctx.locked_transfer(id).await?;
         match transfer.phase {
-            TransferPhase::Aborted => return Ok(self.transfer_view(&transfer)),
+            TransferPhase::Aborted => return Ok(self.ctx.transfer_view(&transfer)),
             TransferPhase::Finalizing | TransferPhase::Done | TransferPhase::Failed => {
                 return Err(wrong_phase(&transfer, "abort", transfer.phase));
             }
             _ => {}
         }
         let volume_id = transfer.volume_id.clone();
-        if let Some(open) = self.open_count(&self.naming.public(&volume_id)).await?
+        if let Some(open) = self
+            .ctx
+            .open_count(&self.ctx.naming.public(&volume_id))
+            .await?
             && open > 0
         {
             return Err(Refusal::VolumeInUse {
                 device: self
+                    .ctx
                     .naming
                     .public(&volume_id)
                     .mapper_path()
@@ -267,16 +292,16 @@ impl Agent {
             }
             .into());
         }
-        let volume = self.record(&volume_id).await?;
+        let volume = self.ctx.record(&volume_id).await?;
         transfer.phase = TransferPhase::Aborted;
         transfer.message = "aborted: the destination was torn down; the source is untouched".into();
-        transfer.finished_unix = Some(crate::volume::unix_now());
-        self.put_transfer(&transfer).await?;
+        transfer.finished_unix = Some(crate::records::unix_now());
+        self.ctx.put_transfer(&transfer).await?;
         failpoint::hit("abort.after_record");
         self.finish_abort(volume, &transfer).await?;
-        self.transfers.wake(&transfer.id);
+        self.ctx.registry.wake(&transfer.id);
         info!(transfer = %transfer.id, volume = %volume_id, "aborted");
-        Ok(self.transfer_view(&transfer))
+        Ok(self.ctx.transfer_view(&transfer))
     }
 
     /// The steps after an abort's record: idempotent, repeated at start.
@@ -286,49 +311,24 @@ impl Agent {
         transfer: &TransferRecord,
     ) -> Result<(), AgentError> {
         if let Some(volume) = volume {
-            self.tear_down(&volume, transfer).await?;
+            self.ctx.tear_down(&volume, transfer).await?;
             let key = volume.id.clone();
-            self.store_call(move |store| store.remove_volume(&key))
+            self.ctx
+                .store_call(move |store| store.remove_volume(&key))
                 .await?;
         }
-        let _ = self.transfers.updates.send(self.transfer_view(transfer));
+        let _ = self
+            .ctx
+            .registry
+            .updates
+            .send(self.ctx.transfer_view(transfer));
         Ok(())
-    }
-
-    pub async fn get_transfer(&self, id: &TransferId) -> Result<TransferView, AgentError> {
-        let record = self
-            .transfer_record(id)
-            .await?
-            .ok_or_else(|| not_found(id))?;
-        Ok(self.transfer_view(&record))
-    }
-
-    pub async fn list_transfers(&self) -> Result<Vec<TransferView>, AgentError> {
-        let records = self
-            .store_call(|store| store.all::<TransferRecord>())
-            .await?;
-        Ok(records.iter().map(|r| self.transfer_view(r)).collect())
-    }
-
-    /// Updates of every transfer (state changes and progress ticks).
-    pub fn watch_transfers(&self) -> tokio::sync::broadcast::Receiver<TransferView> {
-        self.transfers.updates.subscribe()
     }
 
     // ---- the clone stack ---------------------------------------------
 
-    pub(crate) fn transfer_view(&self, record: &TransferRecord) -> TransferView {
-        let device_path = self.naming.public(&record.volume_id).mapper_path();
-        let live = self
-            .transfers
-            .live
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        view(record, live.get(&record.id), device_path)
-    }
-
     fn resolve_knobs(&self, knobs: &KnobRequest) -> Result<Knobs, AgentError> {
-        let defaults = self.settings.transfer;
+        let defaults = self.ctx.settings.transfer;
         let region_bytes = knobs.region_bytes.unwrap_or(defaults.region_bytes);
         validate_region("knobs.region_bytes", region_bytes).map_err(|err| {
             AgentError::InvalidArgument {
@@ -356,7 +356,7 @@ impl Agent {
         knobs: Knobs,
         metadata_bytes: u64,
     ) -> Result<(VolumeRecord, TransferRecord), AgentError> {
-        let now = crate::volume::unix_now();
+        let now = crate::records::unix_now();
         let volume = VolumeRecord {
             id: request.volume.clone(),
             size_bytes: size,
@@ -369,7 +369,7 @@ impl Agent {
             export: None,
             source_snapshot: None,
             source_volume: None,
-            tracking: self.new_tracking(None),
+            tracking: self.ctx.new_tracking(None),
         };
         let transfer = TransferRecord {
             id: request.transfer.clone(),
@@ -392,6 +392,7 @@ impl Agent {
             switched_local: false,
         };
         let ids = self
+            .ctx
             .store_call({
                 let (volume, transfer) = (volume.clone(), transfer.clone());
                 move |store| {
@@ -413,247 +414,32 @@ impl Agent {
         source: DevRef,
         hydrate: bool,
     ) -> Result<(), AgentError> {
-        self.pool.create_thin(volume.thin_id).await?;
-        self.pool.create_thin(transfer.metadata_thin_id).await?;
-        let metadata = self.ensure_metadata_device(volume, transfer).await?;
+        self.ctx.pool.create_thin(volume.thin_id).await?;
+        self.ctx.pool.create_thin(transfer.metadata_thin_id).await?;
+        let metadata = self.ctx.ensure_metadata_device(volume, transfer).await?;
         // A fresh clone must start from zeroed metadata, or the kernel
         // would adopt whatever an earlier user of these blocks left.
-        self.dm
-            .zero_first_block(&self.metadata_name(volume))
+        self.ctx
+            .dm
+            .zero_first_block(&self.ctx.metadata_name(volume))
             .await?;
         failpoint::hit("transfer.after_metadata");
-        let destination = self.ensure_thin_device(volume).await?;
-        self.format_era_metadata(volume, destination).await?;
+        let destination = self.ctx.ensure_thin_device(volume).await?;
+        self.ctx.format_era_metadata(volume, destination).await?;
         let devices = CloneDevices {
             metadata,
             destination,
             source,
         };
-        let table = self.clone_table(volume, transfer, devices, hydrate)?;
-        let public = self.naming.public(&volume.id);
-        self.dm.create(&public, None, &table).await?;
-        Ok(())
-    }
-
-    /// Brings an existing transfer's stack back (after a restart or reboot):
-    /// adopts live devices, creates missing ones, never zeroes metadata.
-    pub(crate) async fn rebuild_stack(
-        &self,
-        volume: &VolumeRecord,
-        transfer: &TransferRecord,
-    ) -> Result<(), AgentError> {
-        let (source, _) = self.attach_source(&transfer.source, &volume.id).await?;
-        let metadata = self.ensure_metadata_device(volume, transfer).await?;
-        let destination = self.ensure_thin_device(volume).await?;
-        let hydrate = matches!(
-            transfer.phase,
-            TransferPhase::Hydrating | TransferPhase::Finalizing
-        );
-        let devices = CloneDevices {
-            metadata,
-            destination,
-            source,
-        };
-        let table = self.clone_table(volume, transfer, devices, hydrate)?;
-        let public = self.naming.public(&volume.id);
-        self.ensure_device(&public, &table, |_| false).await?;
-        Ok(())
-    }
-
-    /// After an extend of an arriving volume: the clone keeps its range, the
-    /// new range maps the local thin device (a second segment).
-    pub(crate) async fn resize_arriving(
-        &self,
-        volume: &VolumeRecord,
-        transfer_id: &TransferId,
-    ) -> Result<(), AgentError> {
-        let transfer = self.transfer_record(transfer_id).await?.ok_or_else(|| {
-            AgentError::Internal(format!(
-                "volume {} names a missing transfer {transfer_id}",
-                volume.id
-            ))
-        })?;
-        let public = self.naming.public(&volume.id);
-        if transfer.phase.is_finished() || !self.public_is_clone(volume).await? {
-            self.ensure_public_device(volume).await?;
-            return Ok(());
-        }
-        let (source, _) = self.attach_source(&transfer.source, &volume.id).await?;
-        let metadata = self.ensure_metadata_device(volume, &transfer).await?;
-        let destination = self.ensure_thin_device(volume).await?;
-        let hydrate = matches!(
-            transfer.phase,
-            TransferPhase::Hydrating | TransferPhase::Finalizing
-        );
-        let devices = CloneDevices {
-            metadata,
-            destination,
-            source,
-        };
-        let table = self.clone_table(volume, &transfer, devices, hydrate)?;
-        if self.dm.table(&public).await? != table {
-            // swap_table suspends before loading: the clone's metadata stays
-            // consistent across the reload.
-            self.dm.swap_table(&public, &table).await?;
-        }
-        Ok(())
-    }
-
-    async fn ensure_metadata_device(
-        &self,
-        volume: &VolumeRecord,
-        transfer: &TransferRecord,
-    ) -> Result<DevRef, AgentError> {
-        let table = self
-            .pool
-            .thin_table(transfer.metadata_thin_id, transfer.metadata_bytes)?;
-        self.ensure_device(&self.metadata_name(volume), &table, |_| false)
-            .await
-    }
-
-    pub(crate) fn metadata_name(&self, volume: &VolumeRecord) -> DeviceName {
-        self.naming.clone_metadata(&volume.id)
-    }
-
-    /// The public table while hydrating (see [`stack::clone_table`]).
-    pub(crate) fn clone_table(
-        &self,
-        volume: &VolumeRecord,
-        transfer: &TransferRecord,
-        devices: CloneDevices,
-        hydrate: bool,
-    ) -> Result<Table, AgentError> {
-        let layer = CloneLayer {
-            clone_bytes: transfer.clone_bytes,
-            region_bytes: transfer.region_bytes,
-            hydration_threshold: Some(transfer.hydration_threshold),
-            hydration_batch_size: Some(transfer.hydration_batch_size),
-            hydrate,
-        };
-        stack::clone_table(volume.size_bytes, &layer, devices)
-    }
-
-    /// Removes every device of the stack, frees its thin devices and lets go
-    /// of the source. Each step tolerates having been done already.
-    pub(crate) async fn tear_down(
-        &self,
-        volume: &VolumeRecord,
-        transfer: &TransferRecord,
-    ) -> Result<(), AgentError> {
-        let mut thin_ids = volume.owned_thin_ids();
-        thin_ids.push(transfer.metadata_thin_id);
-        stack::tear_down(
-            self.dm.as_ref(),
-            &self.pool,
-            &self.naming,
-            &volume.id.clone(),
-            &thin_ids,
-        )
-        .await?;
-        self.detach_source(&transfer.source).await;
-        Ok(())
-    }
-
-    /// Sends a message to the clone segment of the volume's public device.
-    pub(crate) async fn message_clone(
-        &self,
-        transfer: &TransferRecord,
-        message: &str,
-    ) -> Result<(), AgentError> {
-        let public = self.naming.public(&transfer.volume_id);
-        self.dm.message(&public, 0, message).await?;
+        let table = self.ctx.clone_table(volume, transfer, devices, hydrate)?;
+        let public = self.ctx.naming.public(&volume.id);
+        self.ctx.dm.create(&public, None, &table).await?;
         Ok(())
     }
 
     // ---- sources -------------------------------------------------------
 
-    /// The source's device number and size.
-    pub(crate) async fn attach_source(
-        &self,
-        source: &SourceRecord,
-        volume: &VolumeId,
-    ) -> Result<(DevRef, u64), AgentError> {
-        match source {
-            SourceRecord::Device { path } => {
-                self.dm.block_device(Path::new(path)).await.map_err(|err| {
-                    AgentError::InvalidArgument {
-                        field: "device_path",
-                        reason: err.to_string(),
-                    }
-                })
-            }
-            SourceRecord::NvmeTcp {
-                subsystem_nqn,
-                address,
-                port,
-                ..
-            } => {
-                self.connect_source(volume, subsystem_nqn, address, *port)
-                    .await
-            }
-        }
-    }
-
-    /// Best effort: a source we cannot let go of is logged, not fatal.
-    pub(crate) async fn detach_source(&self, source: &SourceRecord) {
-        match source {
-            SourceRecord::Device { .. } => {}
-            SourceRecord::NvmeTcp { subsystem_nqn, .. } => {
-                if let Err(err) = self.disconnect_source(subsystem_nqn).await {
-                    warn!(%subsystem_nqn, error = %err, "cannot disconnect from the source");
-                }
-            }
-        }
-    }
-
     // ---- records -------------------------------------------------------
-
-    pub(crate) async fn transfer_record(
-        &self,
-        id: &TransferId,
-    ) -> Result<Option<TransferRecord>, AgentError> {
-        let id = id.clone();
-        self.store_call(move |store| store.get::<TransferRecord>(id.as_str()))
-            .await
-    }
-
-    pub(crate) async fn put_transfer(&self, transfer: &TransferRecord) -> Result<(), AgentError> {
-        let record = transfer.clone();
-        self.store_call(move |store| store.commit(vec![Change::put(&record)?]))
-            .await?;
-        let _ = self.transfers.updates.send(self.transfer_view(transfer));
-        Ok(())
-    }
-
-    pub(crate) async fn commit_pair(
-        &self,
-        volume: &VolumeRecord,
-        transfer: &TransferRecord,
-    ) -> Result<(), AgentError> {
-        let (v, t) = (volume.clone(), transfer.clone());
-        self.store_call(move |store| store.commit(vec![Change::put(&v)?, Change::put(&t)?]))
-            .await?;
-        let _ = self.transfers.updates.send(self.transfer_view(transfer));
-        Ok(())
-    }
-
-    /// The record of a transfer, with its volume locked.
-    pub(crate) async fn locked_transfer(
-        &self,
-        id: &TransferId,
-    ) -> Result<(TransferRecord, crate::locks::Held), AgentError> {
-        let record = self
-            .transfer_record(id)
-            .await?
-            .ok_or_else(|| not_found(id))?;
-        let held = self.locks.lock(&record.volume_id).await;
-        // Read again under the lock: the monitor may have moved it on.
-        let record = self
-            .transfer_record(id)
-            .await?
-            .ok_or_else(|| not_found(id))?;
-        Ok((record, held))
-    }
 }
 
 fn source_record(source: &Source) -> SourceRecord {
@@ -686,13 +472,6 @@ fn wrong_phase(
         action,
     }
     .into()
-}
-
-fn not_found(id: &TransferId) -> AgentError {
-    AgentError::NotFound {
-        what: "transfer",
-        id: id.to_string(),
-    }
 }
 
 /// Hands fresh thin ids to an arriving volume (its own, its era

@@ -53,7 +53,11 @@ async fn a_started_transfer_presents_the_volume_through_dm_clone() {
     let host = host();
     let agent = host.start().await.unwrap();
     let id = volume_id(1);
-    let view = agent.start_transfer(request(1, &id, false)).await.unwrap();
+    let view = agent
+        .transfers
+        .start_transfer(request(1, &id, false))
+        .await
+        .unwrap();
     assert_eq!(view.state, TransferState::Hydrating);
     assert_eq!(
         view.device_path,
@@ -62,7 +66,7 @@ async fn a_started_transfer_presents_the_volume_through_dm_clone() {
     let table = host.kernel.table_text(&public(&id)).unwrap();
     assert!(table.starts_with("0 16384 clone "), "{table}");
     assert!(!table.contains("no_hydration"), "{table}");
-    let volume = agent.get_volume(&id).await.unwrap();
+    let volume = agent.volumes.get_volume(&id).await.unwrap();
     assert_eq!(volume.state, crate::volume::VolumeState::Hydrating);
     assert!(
         journal_has(&host, &format!("zero dmt-cmeta-{id}")),
@@ -75,7 +79,11 @@ async fn hydration_complete_raises_the_event_and_the_monitor_finalizes_onto_dm_e
     let host = host();
     let agent = host.start().await.unwrap();
     let id = volume_id(1);
-    agent.start_transfer(request(1, &id, false)).await.unwrap();
+    agent
+        .transfers
+        .start_transfer(request(1, &id, false))
+        .await
+        .unwrap();
     let ids_while_arriving = host.kernel.thin_ids("dmt-pool").len();
     host.kernel.hydrate(&public(&id));
     let done = transfer_reaches(&agent, &transfer_id(1), TransferState::Done).await;
@@ -88,9 +96,9 @@ async fn hydration_complete_raises_the_event_and_the_monitor_finalizes_onto_dm_e
         ids_while_arriving - 1,
         "the clone metadata's thin id is freed"
     );
-    let volume = agent.get_volume(&id).await.unwrap();
+    let volume = agent.volumes.get_volume(&id).await.unwrap();
     assert_eq!(volume.state, crate::volume::VolumeState::Available);
-    agent.mark_checkpoint(&id).await.unwrap();
+    agent.changes.mark_checkpoint(&id).await.unwrap();
 }
 
 #[tokio::test]
@@ -98,7 +106,11 @@ async fn a_deferred_transfer_copies_nothing_until_committed() {
     let host = host();
     let agent = host.start().await.unwrap();
     let id = volume_id(1);
-    let view = agent.start_transfer(request(1, &id, true)).await.unwrap();
+    let view = agent
+        .transfers
+        .start_transfer(request(1, &id, true))
+        .await
+        .unwrap();
     assert_eq!(view.state, TransferState::Deferred);
     assert!(
         host.kernel
@@ -106,7 +118,11 @@ async fn a_deferred_transfer_copies_nothing_until_committed() {
             .unwrap()
             .contains("no_hydration")
     );
-    let view = agent.commit_transfer(&transfer_id(1)).await.unwrap();
+    let view = agent
+        .transfers
+        .commit_transfer(&transfer_id(1))
+        .await
+        .unwrap();
     assert_eq!(view.state, TransferState::Hydrating);
     assert!(journal_has(
         &host,
@@ -119,14 +135,26 @@ async fn pause_resume_and_throttle_are_clone_messages() {
     let host = host();
     let agent = host.start().await.unwrap();
     let id = volume_id(1);
-    agent.start_transfer(request(1, &id, false)).await.unwrap();
-    let paused = agent.pause_transfer(&transfer_id(1)).await.unwrap();
+    agent
+        .transfers
+        .start_transfer(request(1, &id, false))
+        .await
+        .unwrap();
+    let paused = agent
+        .transfers
+        .pause_transfer(&transfer_id(1))
+        .await
+        .unwrap();
     assert_eq!(paused.state, TransferState::Paused);
     assert!(journal_has(
         &host,
         &format!("message {} disable_hydration", public(&id))
     ));
-    let resumed = agent.resume_transfer(&transfer_id(1)).await.unwrap();
+    let resumed = agent
+        .transfers
+        .resume_transfer(&transfer_id(1))
+        .await
+        .unwrap();
     assert_eq!(resumed.state, TransferState::Hydrating);
     let knobs = KnobRequest {
         hydration_threshold: Some(4),
@@ -134,6 +162,7 @@ async fn pause_resume_and_throttle_are_clone_messages() {
         ..KnobRequest::default()
     };
     let throttled = agent
+        .transfers
         .throttle_transfer(&transfer_id(1), knobs)
         .await
         .unwrap();
@@ -155,8 +184,16 @@ async fn an_abort_removes_the_arriving_volume_and_frees_its_thin_ids() {
     let host = host();
     let agent = host.start().await.unwrap();
     let id = volume_id(1);
-    agent.start_transfer(request(1, &id, false)).await.unwrap();
-    let view = agent.abort_transfer(&transfer_id(1)).await.unwrap();
+    agent
+        .transfers
+        .start_transfer(request(1, &id, false))
+        .await
+        .unwrap();
+    let view = agent
+        .transfers
+        .abort_transfer(&transfer_id(1))
+        .await
+        .unwrap();
     assert_eq!(view.state, TransferState::Aborted);
     assert!(
         host.devices().iter().all(|d| !d.contains(id.as_str())),
@@ -164,7 +201,7 @@ async fn an_abort_removes_the_arriving_volume_and_frees_its_thin_ids() {
         host.devices()
     );
     assert!(host.kernel.thin_ids("dmt-pool").is_empty());
-    let missing = agent.get_volume(&id).await;
+    let missing = agent.volumes.get_volume(&id).await;
     assert!(
         matches!(missing, Err(AgentError::NotFound { .. })),
         "{missing:?}"
@@ -176,21 +213,39 @@ async fn a_retried_start_returns_the_transfer_and_conflicting_ones_are_refused()
     let host = host();
     let agent = host.start().await.unwrap();
     let id = volume_id(1);
-    agent.start_transfer(request(1, &id, false)).await.unwrap();
-    let again = agent.start_transfer(request(1, &id, false)).await.unwrap();
+    agent
+        .transfers
+        .start_transfer(request(1, &id, false))
+        .await
+        .unwrap();
+    let again = agent
+        .transfers
+        .start_transfer(request(1, &id, false))
+        .await
+        .unwrap();
     assert_eq!(again.id, transfer_id(1).to_string());
-    let other_volume = agent.start_transfer(request(1, &volume_id(2), false)).await;
+    let other_volume = agent
+        .transfers
+        .start_transfer(request(1, &volume_id(2), false))
+        .await;
     assert!(
         matches!(other_volume, Err(AgentError::AlreadyExists { .. })),
         "{other_volume:?}"
     );
-    let onto_itself = agent.start_transfer(request(2, &id, false)).await;
+    let onto_itself = agent.transfers.start_transfer(request(2, &id, false)).await;
     assert!(
         matches!(onto_itself, Err(AgentError::AlreadyExists { .. })),
         "{onto_itself:?}"
     );
-    agent.create_volume(&volume_id(3), 4 * MIB).await.unwrap();
-    let existing = agent.start_transfer(request(3, &volume_id(3), false)).await;
+    agent
+        .volumes
+        .create_volume(&volume_id(3), 4 * MIB)
+        .await
+        .unwrap();
+    let existing = agent
+        .transfers
+        .start_transfer(request(3, &volume_id(3), false))
+        .await;
     assert!(
         matches!(existing, Err(AgentError::AlreadyExists { .. })),
         "{existing:?}"
@@ -203,7 +258,7 @@ async fn a_source_smaller_than_the_volume_or_no_block_device_is_refused_untouche
     let agent = host.start().await.unwrap();
     let mut big = request(1, &volume_id(1), false);
     big.size_bytes = 16 * MIB;
-    let refused = agent.start_transfer(big).await;
+    let refused = agent.transfers.start_transfer(big).await;
     assert!(
         matches!(
             refused,
@@ -216,7 +271,7 @@ async fn a_source_smaller_than_the_volume_or_no_block_device_is_refused_untouche
     );
     let mut nowhere = request(2, &volume_id(2), false);
     nowhere.source = Source::Device(PathBuf::from("/dev/nothing-here"));
-    let refused = agent.start_transfer(nowhere).await;
+    let refused = agent.transfers.start_transfer(nowhere).await;
     assert!(
         matches!(
             refused,
@@ -227,7 +282,7 @@ async fn a_source_smaller_than_the_volume_or_no_block_device_is_refused_untouche
         ),
         "{refused:?}"
     );
-    assert!(agent.list_transfers().await.unwrap().is_empty());
+    assert!(agent.transfers.list_transfers().await.unwrap().is_empty());
     assert!(host.kernel.thin_ids("dmt-pool").is_empty());
 }
 
@@ -239,13 +294,20 @@ async fn a_start_cut_anywhere_is_rolled_back_at_the_next_start() {
         let caller = Arc::clone(&agent);
         crash(point, async move {
             caller
+                .transfers
                 .start_transfer(request(1, &volume_id(1), false))
                 .await
         })
         .await;
         let agent = host.restart(agent).await.unwrap();
-        assert!(agent.list_transfers().await.unwrap().is_empty(), "{point}");
-        assert!(agent.list_volumes().await.unwrap().is_empty(), "{point}");
+        assert!(
+            agent.transfers.list_transfers().await.unwrap().is_empty(),
+            "{point}"
+        );
+        assert!(
+            agent.volumes.list_volumes().await.unwrap().is_empty(),
+            "{point}"
+        );
         assert!(host.kernel.thin_ids("dmt-pool").is_empty(), "{point}");
         assert_eq!(
             host.devices().len(),
@@ -261,7 +323,11 @@ async fn a_running_transfer_gets_its_clone_back_after_a_reboot_and_finishes() {
     let host = host();
     let agent = host.start().await.unwrap();
     let id = volume_id(1);
-    agent.start_transfer(request(1, &id, false)).await.unwrap();
+    agent
+        .transfers
+        .start_transfer(request(1, &id, false))
+        .await
+        .unwrap();
     host.kernel.reboot();
     let agent = host.restart(agent).await.unwrap();
     assert!(
@@ -280,12 +346,19 @@ async fn a_finalize_cut_anywhere_is_finished_at_the_next_start() {
         let host = host();
         let agent = host.start().await.unwrap();
         let id = volume_id(1);
-        agent.start_transfer(request(1, &id, false)).await.unwrap();
+        agent
+            .transfers
+            .start_transfer(request(1, &id, false))
+            .await
+            .unwrap();
         // The finalize runs here, in the test's task, where the point is armed.
         agent.stop_background();
         host.kernel.hydrate(&public(&id));
         let caller = Arc::clone(&agent);
-        crash(point, async move { caller.finalize(&transfer_id(1)).await }).await;
+        crash(point, async move {
+            caller.transfers.finalize(&transfer_id(1)).await
+        })
+        .await;
         let agent = host.restart(agent).await.unwrap();
         transfer_reaches(&agent, &transfer_id(1), TransferState::Done).await;
         let table = host.kernel.table_text(&public(&id)).unwrap();
@@ -302,18 +375,27 @@ async fn an_abort_cut_after_its_record_is_finished_at_the_next_start() {
     let host = host();
     let agent = host.start().await.unwrap();
     let id = volume_id(1);
-    agent.start_transfer(request(1, &id, false)).await.unwrap();
+    agent
+        .transfers
+        .start_transfer(request(1, &id, false))
+        .await
+        .unwrap();
     let caller = Arc::clone(&agent);
     crash("abort.after_record", async move {
-        caller.abort_transfer(&transfer_id(1)).await
+        caller.transfers.abort_transfer(&transfer_id(1)).await
     })
     .await;
     let agent = host.restart(agent).await.unwrap();
     assert_eq!(
-        agent.get_transfer(&transfer_id(1)).await.unwrap().state,
+        agent
+            .transfers
+            .get_transfer(&transfer_id(1))
+            .await
+            .unwrap()
+            .state,
         TransferState::Aborted
     );
-    assert!(agent.get_volume(&id).await.is_err());
+    assert!(agent.volumes.get_volume(&id).await.is_err());
     assert!(host.kernel.thin_ids("dmt-pool").is_empty());
 }
 
@@ -322,8 +404,12 @@ async fn extending_an_arriving_volume_keeps_the_clone_and_maps_the_rest_locally(
     let host = host();
     let agent = host.start().await.unwrap();
     let id = volume_id(1);
-    agent.start_transfer(request(1, &id, false)).await.unwrap();
-    let grown = agent.extend_volume(&id, 12 * MIB).await.unwrap();
+    agent
+        .transfers
+        .start_transfer(request(1, &id, false))
+        .await
+        .unwrap();
+    let grown = agent.volumes.extend_volume(&id, 12 * MIB).await.unwrap();
     assert_eq!(grown.size_bytes, 12 * MIB);
     let table = host.kernel.table_text(&public(&id)).unwrap();
     let lines: Vec<&str> = table.lines().collect();
@@ -341,8 +427,12 @@ async fn an_arriving_volume_unpublished_loses_its_device_once_the_transfer_is_do
     let host = host();
     let agent = host.start().await.unwrap();
     let id = volume_id(1);
-    agent.start_transfer(request(1, &id, false)).await.unwrap();
-    agent.unpublish_volume(&id).await.unwrap();
+    agent
+        .transfers
+        .start_transfer(request(1, &id, false))
+        .await
+        .unwrap();
+    agent.volumes.unpublish_volume(&id).await.unwrap();
     assert!(
         host.devices().contains(&public(&id)),
         "hydration runs through the public device"
@@ -357,5 +447,5 @@ async fn an_arriving_volume_unpublished_loses_its_device_once_the_transfer_is_do
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert!(!host.devices().contains(&public(&id)));
-    assert!(!agent.get_volume(&id).await.unwrap().published);
+    assert!(!agent.volumes.get_volume(&id).await.unwrap().published);
 }

@@ -18,8 +18,10 @@
 pub mod export;
 mod hydrate;
 mod monitor;
+pub mod phase;
 pub mod progress;
 pub mod release;
+mod releasing;
 
 use std::{
     collections::HashMap,
@@ -36,7 +38,7 @@ use crate::{
     store::TransferRecord,
 };
 
-pub use self::progress::Progress;
+pub use self::{export::Exports, hydrate::Transfers, progress::Progress};
 
 /// A transfer's state as callers see it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -3,16 +3,13 @@
 //! stalled or failing clone, applies a bytes-per-second limit, and finalizes
 //! the moment the kernel reports every region hydrated.
 
-use std::{
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 
-use super::hydrate::TICK;
+use super::hydrate::{TICK, Transfers};
+
 use crate::{
-    agent::Agent,
     dm::{
         Kernel,
         status::{CloneMode, CloneStatus, Health},
@@ -31,13 +28,13 @@ enum Next {
     Stop,
 }
 
-impl Agent {
-    pub(crate) fn spawn_monitor(self: &Arc<Self>, transfer_id: TransferId) {
-        let agent = Arc::clone(self);
-        self.background.spawn(async move {
-            if let Err(err) = agent.monitor(&transfer_id).await {
+impl Transfers {
+    pub(crate) fn spawn_monitor(&self, transfer_id: TransferId) {
+        let transfers = self.clone();
+        self.ctx.background.spawn(async move {
+            if let Err(err) = transfers.monitor(&transfer_id).await {
                 warn!(transfer = %transfer_id, error = %err, "transfer monitor stopped");
-                agent.transfers.with_live(&transfer_id, |live| {
+                transfers.ctx.registry.with_live(&transfer_id, |live| {
                     live.degraded =
                         Some(format!("the agent stopped watching this transfer: {err}"));
                 });
@@ -45,16 +42,16 @@ impl Agent {
         });
     }
 
-    async fn monitor(self: &Arc<Self>, id: &TransferId) -> Result<(), AgentError> {
+    async fn monitor(&self, id: &TransferId) -> Result<(), AgentError> {
         let mut limiter = RateLimiter::default();
         loop {
-            let Some(transfer) = self.transfer_record(id).await? else {
-                self.transfers.forget(id);
+            let Some(transfer) = self.ctx.transfer_record(id).await? else {
+                self.ctx.registry.forget(id);
                 return Ok(());
             };
             let volume_id = transfer.volume_id.clone();
-            let public = self.naming.public(&volume_id);
-            let seen = self.dm.event_counter(&public).unwrap_or(0);
+            let public = self.ctx.naming.public(&volume_id);
+            let seen = self.ctx.dm.event_counter(&public).unwrap_or(0);
             match self.look(&transfer, &mut limiter).await? {
                 Next::Stop => return Ok(()),
                 Next::Finalize => {
@@ -64,7 +61,7 @@ impl Agent {
                 }
                 Next::Wait => {}
             }
-            let wake = self.transfers.with_live(id, |live| live.wake.clone());
+            let wake = self.ctx.registry.with_live(id, |live| live.wake.clone());
             // A byte budget needs a close look; otherwise the kernel's event
             // wakes us and the tick only refreshes progress.
             let tick = if transfer.max_bytes_per_second > 0 {
@@ -72,7 +69,7 @@ impl Agent {
             } else {
                 TICK
             };
-            wait_for_change(self.dm.as_ref(), &public, seen, &wake, tick).await;
+            wait_for_change(self.ctx.dm.as_ref(), &public, seen, &wake, tick).await;
         }
     }
 
@@ -88,9 +85,14 @@ impl Agent {
             TransferPhase::Starting => return Ok(Next::Wait),
             _ => {}
         }
-        let public = self.naming.public(&transfer.volume_id);
+        let public = self.ctx.naming.public(&transfer.volume_id);
         let now = Instant::now();
-        let status = match self.dm.status_of::<Health<CloneStatus>>(&public, 0).await {
+        let status = match self
+            .ctx
+            .dm
+            .status_of::<Health<CloneStatus>>(&public, 0)
+            .await
+        {
             Ok(Health::Running(status)) => status,
             Ok(other) => {
                 self.set_degraded(transfer, Some(format!(
@@ -106,8 +108,8 @@ impl Agent {
                 return Ok(Next::Wait);
             }
         };
-        let stall_limit = Duration::from_secs(self.settings.transfer.stall_seconds);
-        let stalled = self.transfers.with_live(&transfer.id, |live| {
+        let stall_limit = Duration::from_secs(self.ctx.settings.transfer.stall_seconds);
+        let stalled = self.ctx.registry.with_live(&transfer.id, |live| {
             live.progress
                 .observe(now, status.hydrated_regions, status.total_regions);
             if status.is_fully_hydrated() && live.completed_at.is_none() {
@@ -129,7 +131,11 @@ impl Agent {
             None
         };
         self.set_degraded(transfer, degraded);
-        let _ = self.transfers.updates.send(self.transfer_view(transfer));
+        let _ = self
+            .ctx
+            .registry
+            .updates
+            .send(self.ctx.transfer_view(transfer));
         if status.is_fully_hydrated() && status.mode == CloneMode::ReadWrite {
             return Ok(Next::Finalize);
         }
@@ -141,7 +147,7 @@ impl Agent {
     }
 
     fn set_degraded(&self, transfer: &TransferRecord, reason: Option<String>) {
-        let changed = self.transfers.with_live(&transfer.id, |live| {
+        let changed = self.ctx.registry.with_live(&transfer.id, |live| {
             let changed = live.degraded != reason;
             live.degraded = reason.clone();
             changed
@@ -171,7 +177,7 @@ impl Agent {
             Some(false) => format!("hydration_threshold {}", transfer.hydration_threshold),
             None => return,
         };
-        if let Err(err) = self.message_clone(transfer, &message).await {
+        if let Err(err) = self.ctx.message_clone(transfer, &message).await {
             warn!(transfer = %transfer.id, error = %err, "cannot apply the rate limit");
         }
     }
@@ -179,61 +185,62 @@ impl Agent {
     /// Switches the public device from the clone to the local thin device,
     /// with I/O held only for the swap. Returns whether the transfer is done;
     /// `false` means hydration turned out incomplete and continues.
-    pub(crate) async fn finalize(self: &Arc<Self>, id: &TransferId) -> Result<bool, AgentError> {
-        let Some(transfer) = self.transfer_record(id).await? else {
+    pub(crate) async fn finalize(&self, id: &TransferId) -> Result<bool, AgentError> {
+        let Some(transfer) = self.ctx.transfer_record(id).await? else {
             return Ok(true);
         };
-        let _held = self.locks.lock(&transfer.volume_id).await;
+        let _held = self.ctx.locks.lock(&transfer.volume_id).await;
         // Read again under the lock: a call may have changed it meanwhile.
-        let Some(mut transfer) = self.transfer_record(id).await? else {
+        let Some(mut transfer) = self.ctx.transfer_record(id).await? else {
             return Ok(true);
         };
         if transfer.phase.is_finished() {
             return Ok(true);
         }
         let volume_id = transfer.volume_id.clone();
-        let Some(mut volume) = self.record(&volume_id).await? else {
+        let Some(mut volume) = self.ctx.record(&volume_id).await? else {
             return Err(AgentError::Internal(format!(
                 "transfer {id} has no volume record"
             )));
         };
         if transfer.phase != TransferPhase::Finalizing {
             transfer.phase = TransferPhase::Finalizing;
-            self.put_transfer(&transfer).await?;
+            self.ctx.put_transfer(&transfer).await?;
         }
         failpoint::hit("finalize.after_record");
-        let public = self.naming.public(&volume_id);
+        let public = self.ctx.naming.public(&volume_id);
         if !transfer.switched_local {
-            if self.public_is_clone(&volume).await?
+            if self.ctx.public_is_clone(&volume).await?
                 && !self.swap_to_local(&volume, &mut transfer).await?
             {
                 transfer.phase = TransferPhase::Hydrating;
-                self.put_transfer(&transfer).await?;
+                self.ctx.put_transfer(&transfer).await?;
                 return Ok(false);
             }
             transfer.switched_local = true;
-            self.put_transfer(&transfer).await?;
+            self.ctx.put_transfer(&transfer).await?;
         }
         failpoint::hit("finalize.after_swap");
-        self.note_history_start(&mut volume, &public).await?;
-        self.remove_device_if_present(&self.metadata_name(&volume))
+        self.ctx.note_history_start(&mut volume, &public).await?;
+        self.ctx
+            .remove_device_if_present(&self.ctx.metadata_name(&volume))
             .await?;
-        self.pool.delete_thin(transfer.metadata_thin_id).await?;
-        self.detach_source(&transfer.source).await;
+        self.ctx.pool.delete_thin(transfer.metadata_thin_id).await?;
+        self.ctx.detach_source(&transfer.source).await;
         transfer.phase = TransferPhase::Done;
-        transfer.finished_unix = Some(crate::volume::unix_now());
+        transfer.finished_unix = Some(crate::records::unix_now());
         if transfer.message.is_empty() {
             transfer.message = "hydrated and switched to the local copy".into();
         }
         volume.transfer = None;
-        self.commit_pair(&volume, &transfer).await?;
-        self.transfers.forget(id);
-        if let Err(err) = self.withdraw_unpublished(volume).await {
+        self.ctx.commit_pair(&volume, &transfer).await?;
+        self.ctx.registry.forget(id);
+        if let Err(err) = self.ctx.withdraw_unpublished(volume).await {
             // The transfer is done; the next reconcile removes the device.
             warn!(transfer = %transfer.id, error = %err, "cannot withdraw the unpublished device");
         }
         let seconds = |micros: Option<u64>| micros.map(|m| m as f64 / 1e6);
-        self.metrics.finalized(
+        self.ctx.metrics.finalized(
             seconds(transfer.done_to_finalized_micros),
             seconds(transfer.finalize_pause_micros),
         );
@@ -249,10 +256,6 @@ impl Agent {
         Ok(true)
     }
 
-    pub(crate) async fn public_is_clone(&self, volume: &VolumeRecord) -> Result<bool, AgentError> {
-        stack::is_clone(self.dm.as_ref(), &self.naming.public(&volume.id)).await
-    }
-
     /// Switches the public device to the local table while the clone is
     /// complete, through the one swap routine (see [`stack::swap_under_io`]):
     /// the local table (its dm-era opens its metadata outside the pause) is
@@ -263,10 +266,10 @@ impl Agent {
         volume: &VolumeRecord,
         transfer: &mut TransferRecord,
     ) -> Result<bool, AgentError> {
-        let public = self.naming.public(&volume.id);
-        let destination = self.ensure_thin_device(volume).await?;
-        let local = self.local_table(volume, destination).await?;
-        let outcome = stack::swap_under_io(self.dm.as_ref(), &public, &local, |dm, name| {
+        let public = self.ctx.naming.public(&volume.id);
+        let destination = self.ctx.ensure_thin_device(volume).await?;
+        let local = self.ctx.local_table(volume, destination).await?;
+        let outcome = stack::swap_under_io(self.ctx.dm.as_ref(), &public, &local, |dm, name| {
             Box::pin(stack::clone_complete(dm, name))
         })
         .await?;
@@ -275,7 +278,8 @@ impl Agent {
             return Ok(false);
         };
         let completed_at = self
-            .transfers
+            .ctx
+            .registry
             .with_live(&transfer.id, |live| live.completed_at);
         transfer.finalize_pause_micros = Some(timings.pause().as_micros() as u64);
         transfer.done_to_finalized_micros = completed_at.map(|at| at.elapsed().as_micros() as u64);
@@ -283,7 +287,7 @@ impl Agent {
     }
 
     /// Restarts the monitors of unfinished transfers after reconciliation.
-    pub(crate) fn resume_monitors(self: &Arc<Self>, transfers: &[TransferRecord]) {
+    pub(crate) fn resume_monitors(&self, transfers: &[TransferRecord]) {
         for transfer in transfers {
             if !transfer.phase.is_finished() {
                 self.spawn_monitor(transfer.id.clone());
@@ -297,7 +301,8 @@ impl Agent {
     pub(crate) async fn detach_finished(&self, volume: &VolumeRecord) -> Result<(), AgentError> {
         let mut volume = volume.clone();
         volume.transfer = None;
-        self.store_call(move |store| store.commit(vec![Change::put(&volume)?]))
+        self.ctx
+            .store_call(move |store| store.commit(vec![Change::put(&volume)?]))
             .await
     }
 }

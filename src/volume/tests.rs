@@ -36,6 +36,7 @@ async fn a_new_volume_has_its_thin_device_and_era_metadata_and_no_public_device(
     let host = TestHost::new();
     let agent = host.start().await.unwrap();
     let (volume, outcome) = agent
+        .volumes
         .create_volume(&volume_id(1), 3 * MIB + 1)
         .await
         .unwrap();
@@ -59,10 +60,18 @@ async fn a_new_volume_has_its_thin_device_and_era_metadata_and_no_public_device(
 async fn a_retried_create_returns_the_volume_and_another_size_is_a_conflict() {
     let host = TestHost::new();
     let agent = host.start().await.unwrap();
-    agent.create_volume(&volume_id(1), 4 * MIB).await.unwrap();
-    let (_, outcome) = agent.create_volume(&volume_id(1), 4 * MIB).await.unwrap();
+    agent
+        .volumes
+        .create_volume(&volume_id(1), 4 * MIB)
+        .await
+        .unwrap();
+    let (_, outcome) = agent
+        .volumes
+        .create_volume(&volume_id(1), 4 * MIB)
+        .await
+        .unwrap();
     assert_eq!(outcome, Outcome::Existed);
-    let other = agent.create_volume(&volume_id(1), 8 * MIB).await;
+    let other = agent.volumes.create_volume(&volume_id(1), 8 * MIB).await;
     assert!(
         matches!(other, Err(AgentError::AlreadyExists { .. })),
         "{other:?}"
@@ -77,7 +86,7 @@ async fn concurrent_creates_of_one_id_make_it_once() {
     let calls: Vec<_> = (0..6)
         .map(|_| {
             let agent = Arc::clone(&agent);
-            tokio::spawn(async move { agent.create_volume(&volume_id(7), 4 * MIB).await })
+            tokio::spawn(async move { agent.volumes.create_volume(&volume_id(7), 4 * MIB).await })
         })
         .collect();
     let mut created = 0;
@@ -95,7 +104,7 @@ async fn bad_sizes_are_refused_and_change_nothing() {
     let host = TestHost::new();
     let agent = host.start().await.unwrap();
     for size in [0, u64::MAX] {
-        let refused = agent.create_volume(&volume_id(1), size).await;
+        let refused = agent.volumes.create_volume(&volume_id(1), size).await;
         assert!(
             matches!(
                 refused,
@@ -107,7 +116,7 @@ async fn bad_sizes_are_refused_and_change_nothing() {
             "{size}: {refused:?}"
         );
     }
-    assert!(agent.list_volumes().await.unwrap().is_empty());
+    assert!(agent.volumes.list_volumes().await.unwrap().is_empty());
     assert!(thin_ids(&host).is_empty());
 }
 
@@ -116,22 +125,22 @@ async fn publishing_puts_dm_era_over_the_thin_device_and_unpublishing_removes_it
     let host = TestHost::new();
     let agent = host.start().await.unwrap();
     let id = volume_id(1);
-    agent.create_volume(&id, 4 * MIB).await.unwrap();
-    let path = agent.publish_volume(&id).await.unwrap();
+    agent.volumes.create_volume(&id, 4 * MIB).await.unwrap();
+    let path = agent.volumes.publish_volume(&id).await.unwrap();
     assert_eq!(
         path,
         std::path::PathBuf::from(format!("/dev/mapper/dmt-{id}"))
     );
     assert_eq!(
-        agent.publish_volume(&id).await.unwrap(),
+        agent.volumes.publish_volume(&id).await.unwrap(),
         path,
         "publish is idempotent"
     );
     let table = host.kernel.table_text(&format!("dmt-{id}")).unwrap();
     assert!(table.starts_with("0 8192 era "), "{table}");
-    assert!(agent.get_volume(&id).await.unwrap().published);
-    agent.unpublish_volume(&id).await.unwrap();
-    agent.unpublish_volume(&id).await.unwrap();
+    assert!(agent.volumes.get_volume(&id).await.unwrap().published);
+    agent.volumes.unpublish_volume(&id).await.unwrap();
+    agent.volumes.unpublish_volume(&id).await.unwrap();
     assert_eq!(roles(&host, 1), ["thin", "emeta"]);
 }
 
@@ -140,18 +149,18 @@ async fn an_open_volume_is_neither_unpublished_nor_deleted() {
     let host = TestHost::new();
     let agent = host.start().await.unwrap();
     let id = volume_id(1);
-    agent.create_volume(&id, 4 * MIB).await.unwrap();
-    agent.publish_volume(&id).await.unwrap();
+    agent.volumes.create_volume(&id, 4 * MIB).await.unwrap();
+    agent.volumes.publish_volume(&id).await.unwrap();
     host.kernel.open_device(&format!("dmt-{id}"));
-    let refused = agent.unpublish_volume(&id).await;
+    let refused = agent.volumes.unpublish_volume(&id).await;
     assert_eq!(refusal(&refused), Some("VOLUME_IN_USE"), "{refused:?}");
-    let refused = agent.delete_volume(&id).await;
+    let refused = agent.volumes.delete_volume(&id).await;
     assert_eq!(refusal(&refused), Some("VOLUME_PUBLISHED"), "{refused:?}");
     assert_eq!(roles(&host, 1), ["public", "thin", "emeta"]);
-    assert!(agent.get_volume(&id).await.unwrap().published);
+    assert!(agent.volumes.get_volume(&id).await.unwrap().published);
     host.kernel.close_device(&format!("dmt-{id}"));
-    agent.unpublish_volume(&id).await.unwrap();
-    agent.delete_volume(&id).await.unwrap();
+    agent.volumes.unpublish_volume(&id).await.unwrap();
+    agent.volumes.delete_volume(&id).await.unwrap();
     assert!(roles(&host, 1).is_empty());
 }
 
@@ -162,13 +171,13 @@ async fn unpublish_outwaits_a_brief_opener() {
     let host = TestHost::new();
     let agent = host.start().await.unwrap();
     let id = volume_id(1);
-    agent.create_volume(&id, 4 * MIB).await.unwrap();
-    agent.publish_volume(&id).await.unwrap();
+    agent.volumes.create_volume(&id, 4 * MIB).await.unwrap();
+    agent.volumes.publish_volume(&id).await.unwrap();
     host.kernel.open_briefly(&format!("dmt-{id}"));
-    agent.unpublish_volume(&id).await.unwrap();
+    agent.volumes.unpublish_volume(&id).await.unwrap();
     assert_eq!(roles(&host, 1), ["thin", "emeta"]);
     host.kernel.open_briefly(&format!("dmt-thin-{id}"));
-    agent.delete_volume(&id).await.unwrap();
+    agent.volumes.delete_volume(&id).await.unwrap();
     assert!(roles(&host, 1).is_empty());
 }
 
@@ -177,20 +186,23 @@ async fn extend_grows_every_layer_and_never_shrinks() {
     let host = TestHost::new();
     let agent = host.start().await.unwrap();
     let id = volume_id(1);
-    agent.create_volume(&id, 4 * MIB).await.unwrap();
-    agent.publish_volume(&id).await.unwrap();
-    let grown = agent.extend_volume(&id, 6 * MIB).await.unwrap();
+    agent.volumes.create_volume(&id, 4 * MIB).await.unwrap();
+    agent.volumes.publish_volume(&id).await.unwrap();
+    let grown = agent.volumes.extend_volume(&id, 6 * MIB).await.unwrap();
     assert_eq!(grown.size_bytes, 6 * MIB);
     for name in [format!("dmt-{id}"), format!("dmt-thin-{id}")] {
         let table = host.kernel.table_text(&name).unwrap();
         assert!(table.starts_with("0 12288 "), "{name}: {table}");
     }
-    let smaller = agent.extend_volume(&id, 4 * MIB).await;
+    let smaller = agent.volumes.extend_volume(&id, 4 * MIB).await;
     assert!(
         matches!(smaller, Err(AgentError::InvalidArgument { .. })),
         "{smaller:?}"
     );
-    assert_eq!(agent.get_volume(&id).await.unwrap().size_bytes, 6 * MIB);
+    assert_eq!(
+        agent.volumes.get_volume(&id).await.unwrap().size_bytes,
+        6 * MIB
+    );
 }
 
 #[tokio::test]
@@ -198,20 +210,20 @@ async fn delete_removes_every_device_and_thin_id_and_absent_volumes_delete_fine(
     let host = TestHost::new();
     let agent = host.start().await.unwrap();
     let id = volume_id(1);
-    agent.create_volume(&id, 4 * MIB).await.unwrap();
-    agent.publish_volume(&id).await.unwrap();
-    let refused = agent.delete_volume(&id).await;
+    agent.volumes.create_volume(&id, 4 * MIB).await.unwrap();
+    agent.volumes.publish_volume(&id).await.unwrap();
+    let refused = agent.volumes.delete_volume(&id).await;
     assert_eq!(
         refusal(&refused),
         Some("VOLUME_PUBLISHED"),
         "published: {refused:?}"
     );
-    agent.unpublish_volume(&id).await.unwrap();
-    agent.delete_volume(&id).await.unwrap();
+    agent.volumes.unpublish_volume(&id).await.unwrap();
+    agent.volumes.delete_volume(&id).await.unwrap();
     assert!(roles(&host, 1).is_empty());
     assert!(thin_ids(&host).is_empty());
-    agent.delete_volume(&id).await.unwrap();
-    let missing = agent.get_volume(&id).await;
+    agent.volumes.delete_volume(&id).await.unwrap();
+    let missing = agent.volumes.get_volume(&id).await;
     assert!(
         matches!(missing, Err(AgentError::NotFound { .. })),
         "{missing:?}"
@@ -225,11 +237,11 @@ async fn a_create_the_kernel_rejects_leaves_nothing_behind() {
     let id = volume_id(1);
     host.kernel
         .fail_next("create", &format!("dmt-emeta-{id}"), nix::errno::Errno::EIO);
-    assert!(agent.create_volume(&id, 4 * MIB).await.is_err());
+    assert!(agent.volumes.create_volume(&id, 4 * MIB).await.is_err());
     assert!(roles(&host, 1).is_empty());
     assert!(thin_ids(&host).is_empty());
-    assert!(agent.list_volumes().await.unwrap().is_empty());
-    agent.create_volume(&id, 4 * MIB).await.unwrap();
+    assert!(agent.volumes.list_volumes().await.unwrap().is_empty());
+    agent.volumes.create_volume(&id, 4 * MIB).await.unwrap();
 }
 
 #[tokio::test]
@@ -243,14 +255,16 @@ async fn a_create_cut_anywhere_is_rolled_back_at_the_next_start() {
         let agent = host.start().await.unwrap();
         let id = volume_id(1);
         let caller = Arc::clone(&agent);
-        crash(
-            point,
-            async move { caller.create_volume(&id, 4 * MIB).await },
-        )
+        crash(point, async move {
+            caller.volumes.create_volume(&id, 4 * MIB).await
+        })
         .await;
         let agent = host.restart(agent).await.unwrap();
         assert_eq!(agent.reconcile_report().rolled_back, 1, "{point}");
-        assert!(agent.list_volumes().await.unwrap().is_empty(), "{point}");
+        assert!(
+            agent.volumes.list_volumes().await.unwrap().is_empty(),
+            "{point}"
+        );
         assert!(roles(&host, 1).is_empty(), "{point}: {:?}", host.devices());
         assert!(thin_ids(&host).is_empty(), "{point}");
     }
@@ -266,12 +280,19 @@ async fn a_delete_cut_anywhere_is_finished_at_the_next_start() {
         let host = TestHost::new();
         let agent = host.start().await.unwrap();
         let id = volume_id(1);
-        agent.create_volume(&id, 4 * MIB).await.unwrap();
+        agent.volumes.create_volume(&id, 4 * MIB).await.unwrap();
         let caller = Arc::clone(&agent);
-        crash(point, async move { caller.delete_volume(&id).await }).await;
+        crash(
+            point,
+            async move { caller.volumes.delete_volume(&id).await },
+        )
+        .await;
         let agent = host.restart(agent).await.unwrap();
         assert_eq!(agent.reconcile_report().finished, 1, "{point}");
-        assert!(agent.list_volumes().await.unwrap().is_empty(), "{point}");
+        assert!(
+            agent.volumes.list_volumes().await.unwrap().is_empty(),
+            "{point}"
+        );
         assert!(roles(&host, 1).is_empty(), "{point}");
         assert!(thin_ids(&host).is_empty(), "{point}");
     }
@@ -287,16 +308,16 @@ async fn an_extend_cut_anywhere_is_finished_at_the_next_start() {
         let host = TestHost::new();
         let agent = host.start().await.unwrap();
         let id = volume_id(1);
-        agent.create_volume(&id, 4 * MIB).await.unwrap();
-        agent.publish_volume(&id).await.unwrap();
+        agent.volumes.create_volume(&id, 4 * MIB).await.unwrap();
+        agent.volumes.publish_volume(&id).await.unwrap();
         let caller = Arc::clone(&agent);
         let target = id.clone();
         crash(point, async move {
-            caller.extend_volume(&target, 8 * MIB).await
+            caller.volumes.extend_volume(&target, 8 * MIB).await
         })
         .await;
         let agent = host.restart(agent).await.unwrap();
-        let volume = agent.get_volume(&id).await.unwrap();
+        let volume = agent.volumes.get_volume(&id).await.unwrap();
         assert_eq!(
             (volume.size_bytes, &volume.state),
             (8 * MIB, &VolumeState::Available)
@@ -315,23 +336,23 @@ async fn a_publish_or_unpublish_cut_after_its_record_is_finished_at_the_next_sta
         let host = TestHost::new();
         let agent = host.start().await.unwrap();
         let id = volume_id(1);
-        agent.create_volume(&id, 4 * MIB).await.unwrap();
+        agent.volumes.create_volume(&id, 4 * MIB).await.unwrap();
         if !published {
-            agent.publish_volume(&id).await.unwrap();
+            agent.volumes.publish_volume(&id).await.unwrap();
         }
         let caller = Arc::clone(&agent);
         let target = id.clone();
         crash(point, async move {
             if published {
-                caller.publish_volume(&target).await.map(drop)
+                caller.volumes.publish_volume(&target).await.map(drop)
             } else {
-                caller.unpublish_volume(&target).await
+                caller.volumes.unpublish_volume(&target).await
             }
         })
         .await;
         let agent = host.restart(agent).await.unwrap();
         assert_eq!(
-            agent.get_volume(&id).await.unwrap().published,
+            agent.volumes.get_volume(&id).await.unwrap().published,
             published,
             "{point}"
         );
@@ -344,9 +365,13 @@ async fn after_a_reboot_every_volume_gets_its_devices_back() {
     let host = TestHost::new();
     let agent = host.start().await.unwrap();
     for n in 1..=3 {
-        agent.create_volume(&volume_id(n), 4 * MIB).await.unwrap();
+        agent
+            .volumes
+            .create_volume(&volume_id(n), 4 * MIB)
+            .await
+            .unwrap();
     }
-    agent.publish_volume(&volume_id(2)).await.unwrap();
+    agent.volumes.publish_volume(&volume_id(2)).await.unwrap();
     let before = host.devices();
     host.kernel.reboot();
     let agent = host.restart(agent).await.unwrap();
@@ -357,7 +382,14 @@ async fn after_a_reboot_every_volume_gets_its_devices_back() {
         4,
         "3 thin devices and 1 public device"
     );
-    assert!(agent.get_volume(&volume_id(2)).await.unwrap().published);
+    assert!(
+        agent
+            .volumes
+            .get_volume(&volume_id(2))
+            .await
+            .unwrap()
+            .published
+    );
 }
 
 #[tokio::test]
@@ -365,17 +397,18 @@ async fn a_device_left_suspended_is_resumed_at_start() {
     let host = TestHost::new();
     let agent = host.start().await.unwrap();
     let id = volume_id(1);
-    agent.create_volume(&id, 4 * MIB).await.unwrap();
-    agent.publish_volume(&id).await.unwrap();
-    let public = agent.naming.public(&id);
+    agent.volumes.create_volume(&id, 4 * MIB).await.unwrap();
+    agent.volumes.publish_volume(&id).await.unwrap();
+    let public = agent.ctx.naming.public(&id);
     agent
+        .ctx
         .dm
         .suspend(&public, crate::dm::kernel::Flush::Flush)
         .await
         .unwrap();
     let agent = host.restart(agent).await.unwrap();
     assert_eq!(host.kernel.is_suspended(public.as_str()), Some(false));
-    assert!(agent.get_volume(&id).await.unwrap().published);
+    assert!(agent.volumes.get_volume(&id).await.unwrap().published);
 }
 
 #[tokio::test]
@@ -402,20 +435,20 @@ async fn a_device_that_contradicts_its_record_quarantines_the_volume() {
     let host = TestHost::new();
     let agent = host.start().await.unwrap();
     let id = volume_id(1);
-    agent.create_volume(&id, 4 * MIB).await.unwrap();
-    agent.publish_volume(&id).await.unwrap();
-    agent.unpublish_volume(&id).await.unwrap();
+    agent.volumes.create_volume(&id, 4 * MIB).await.unwrap();
+    agent.volumes.publish_volume(&id).await.unwrap();
+    agent.volumes.unpublish_volume(&id).await.unwrap();
     // Someone else's device under the volume's public name.
     host.kernel.add_foreign_device(&format!("dmt-{id}"));
     host.kernel.open_device(&format!("dmt-{id}"));
     let agent = host.restart(agent).await.unwrap();
     assert_eq!(agent.reconcile_report().quarantined, 1);
-    let volume = agent.get_volume(&id).await.unwrap();
+    let volume = agent.volumes.get_volume(&id).await.unwrap();
     assert!(
         matches!(volume.state, VolumeState::Quarantined(_)),
         "{volume:?}"
     );
-    let refused = agent.extend_volume(&id, 8 * MIB).await;
+    let refused = agent.volumes.extend_volume(&id, 8 * MIB).await;
     assert_eq!(refusal(&refused), Some("VOLUME_QUARANTINED"), "{refused:?}");
     assert!(
         host.kernel

@@ -1,0 +1,203 @@
+//! Change-tracking steps other services take while building a volume's
+//! stack: choosing a new volume's tracking, formatting and adopting dm-era's
+//! metadata, the local table with or without dm-era, and noting where a
+//! volume's history starts.
+
+use tracing::{info, warn};
+
+use crate::{
+    AgentError, Refusal,
+    changes::{EraDevice, era_metadata_bytes, new_history_tag, public_era, tracking_of},
+    context::Context,
+    dm::{
+        kernel::Flush,
+        names::DeviceName,
+        status::EraStatus,
+        table::{DevRef, Table},
+    },
+    ids::ThinId,
+    pool::ThinCreated,
+    stack::{self, EraLayer},
+    store::{ChangeTracking, VolumeRecord},
+};
+
+impl Context {
+    /// Tracking for a new volume, per the configuration; `known_from_era` is
+    /// `Some(0)` for an empty volume, `None` when its content comes from
+    /// elsewhere.
+    pub(crate) fn new_tracking(&self, known_from_era: Option<u32>) -> Option<ChangeTracking> {
+        let block_bytes = self.settings.change_block_bytes?;
+        Some(ChangeTracking {
+            history: new_history_tag(None),
+            metadata_thin_id: ThinId(0),
+            metadata_bytes: era_metadata_bytes(self.settings.max_volume_size, block_bytes),
+            block_bytes,
+            known_from_era,
+        })
+    }
+
+    /// Makes the era metadata's thin device exist and be active. A thin id
+    /// made here and now starts zeroed, so dm-era formats it; one found made
+    /// is never touched (it holds the history).
+    pub(crate) async fn ensure_era_metadata(
+        &self,
+        record: &VolumeRecord,
+    ) -> Result<Option<DevRef>, AgentError> {
+        let Some(tracking) = &record.tracking else {
+            return Ok(None);
+        };
+        let name = self.naming.era_metadata(&record.id);
+        let table = self
+            .pool
+            .thin_table(tracking.metadata_thin_id, tracking.metadata_bytes)?;
+        if self.dm.info(&name).await?.is_none() {
+            let created = self.pool.create_thin(tracking.metadata_thin_id).await?;
+            let device = self.dm.create(&name, None, &table).await?.device;
+            if created == ThinCreated::Created {
+                self.dm.zero_first_block(&name).await?;
+            }
+            return Ok(Some(device));
+        }
+        Ok(Some(self.ensure_device(&name, &table, |_| false).await?))
+    }
+
+    /// Lets dm-era format its metadata now, over the arriving volume's thin
+    /// device, so that the finalize swap later only opens it: formatting
+    /// writes the whole space map, which would lengthen the I/O pause.
+    pub(crate) async fn format_era_metadata(
+        &self,
+        record: &VolumeRecord,
+        thin: DevRef,
+    ) -> Result<(), AgentError> {
+        if record.tracking.is_none() {
+            return Ok(());
+        }
+        let probe = self.naming.era_probe(&record.id);
+        self.remove_device_if_present(&probe).await?;
+        let table = self.local_table(record, thin).await?;
+        self.dm.create(&probe, None, &table).await?;
+        self.remove_device_if_present(&probe).await
+    }
+
+    /// What the public device maps once the volume is local: dm-era over
+    /// the thin device when the volume tracks changes, else a linear map.
+    pub(crate) async fn local_table(
+        &self,
+        record: &VolumeRecord,
+        thin: DevRef,
+    ) -> Result<Table, AgentError> {
+        let era = match (&record.tracking, self.ensure_era_metadata(record).await?) {
+            (Some(tracking), Some(metadata)) => Some(EraLayer {
+                metadata,
+                block_bytes: tracking.block_bytes,
+            }),
+            _ => None,
+        };
+        stack::local_table(record.size_bytes, thin, era)
+    }
+
+    /// After dm-era came up over the volume: a history without a start gets
+    /// the era now current (writes from here on are all seen).
+    pub(crate) async fn note_history_start(
+        &self,
+        record: &mut VolumeRecord,
+        era_device: &DeviceName,
+    ) -> Result<(), AgentError> {
+        let Some(tracking) = record.tracking.as_mut() else {
+            return Ok(());
+        };
+        if tracking.known_from_era.is_some() {
+            return Ok(());
+        }
+        let current = self.current_era(era_device).await?;
+        tracking.known_from_era = Some(current);
+        info!(volume = %record.id, era = current, "changed-block tracking starts");
+        self.put(record).await
+    }
+
+    /// Takes a thin snapshot through `take` and returns the era it starts, or
+    /// `None` when the volume does not track changes. A published volume's
+    /// dm-era is suspended around the snapshot, so its resume begins the new
+    /// era exactly at the snapshot; a probe begins it on activation.
+    pub(crate) async fn snapshot_with_era<F>(
+        &self,
+        record: &mut VolumeRecord,
+        take: F,
+    ) -> Result<Option<u64>, AgentError>
+    where
+        F: AsyncFnOnce(&VolumeRecord) -> Result<(), AgentError>,
+    {
+        if record.tracking.is_none() {
+            take(record).await?;
+            return Ok(None);
+        }
+        let era = self.era_device(record).await?;
+        let result = async {
+            if era.probe {
+                take(record).await?;
+            } else {
+                self.dm.suspend(&era.name, Flush::Flush).await?;
+                let taken = take(record).await;
+                let resumed = self.dm.resume(&era.name).await;
+                taken?;
+                resumed?;
+            }
+            self.current_era(&era.name).await
+        }
+        .await;
+        self.release_era_device(era).await;
+        Ok(Some(public_era(tracking_of(record)?, result?)))
+    }
+
+    pub(crate) async fn current_era(&self, era_device: &DeviceName) -> Result<u32, AgentError> {
+        Ok(self
+            .dm
+            .status_of::<EraStatus>(era_device, 0)
+            .await?
+            .current_era)
+    }
+
+    /// The volume's dm-era: its public device, or a probe when unpublished.
+    pub(crate) async fn era_device(
+        &self,
+        record: &mut VolumeRecord,
+    ) -> Result<EraDevice, AgentError> {
+        let id = record.id.clone();
+        tracking_of(record)?;
+        if let Some(transfer) = &record.transfer {
+            return Err(Refusal::VolumeArriving {
+                volume: id,
+                transfer: transfer.clone(),
+                hint: "changed-block tracking starts when the transfer finishes",
+            }
+            .into());
+        }
+        let era = if record.published {
+            self.ensure_public_device(record).await?;
+            EraDevice {
+                name: self.naming.public(&id),
+                probe: false,
+            }
+        } else {
+            let name = self.naming.era_probe(&id);
+            self.remove_device_if_present(&name).await?;
+            let thin = self.ensure_thin_device(record).await?;
+            let table = self.local_table(record, thin).await?;
+            self.dm.create(&name, None, &table).await?;
+            EraDevice { name, probe: true }
+        };
+        if let Err(err) = self.note_history_start(record, &era.name).await {
+            self.release_era_device(era).await;
+            return Err(err);
+        }
+        Ok(era)
+    }
+
+    pub(crate) async fn release_era_device(&self, era: EraDevice) {
+        if era.probe
+            && let Err(err) = self.remove_device_if_present(&era.name).await
+        {
+            warn!(device = %era.name, error = %err, "cannot remove the dm-era probe; the next start removes it");
+        }
+    }
+}

@@ -1,0 +1,89 @@
+//! What every service of the agent shares: the kernel handle, the store, the
+//! pool, the device names, the per-object locks, the settings, the metrics,
+//! the live transfers and the background tasks. Services hold an `Arc` of
+//! one [`Context`] and call downward only: the steps two services need live
+//! here (record steps in [`crate::records`], stack steps in
+//! [`crate::stack::steps`], change-tracking steps in
+//! [`crate::changes::steps`]), never in one of the services.
+
+use std::sync::Arc;
+
+use crate::{
+    config::Settings,
+    dm::{Kernel, names::Naming},
+    error::AgentError,
+    locks::Locks,
+    metrics::Metrics,
+    nvme::{HostId, Nqn},
+    pool::Pool,
+    store::Store,
+    transfer::{Registry, release::SourceReleaser},
+};
+
+#[derive(Debug)]
+pub struct Context {
+    pub(crate) dm: Arc<dyn Kernel>,
+    pub(crate) store: Store,
+    pub(crate) pool: Pool,
+    pub(crate) naming: Naming,
+    pub(crate) locks: Locks,
+    pub(crate) settings: Settings,
+    pub(crate) node_id: String,
+    /// What the monitors know of each unfinished transfer.
+    pub(crate) registry: Registry,
+    pub(crate) nvme: NvmeIdentity,
+    pub(crate) metrics: Metrics,
+    /// Asks source agents to drop their copies once a move here is done.
+    pub(crate) source_releaser: Arc<dyn SourceReleaser>,
+    pub(crate) background: Background,
+}
+
+/// This agent on NVMe/TCP.
+#[derive(Debug, Clone)]
+pub struct NvmeIdentity {
+    pub host_nqn: Nqn,
+    pub host_id: HostId,
+}
+
+/// The agent's own tasks (transfer monitors, source releases, the pool
+/// watcher), kept so that stopping the agent stops them.
+#[derive(Debug, Default)]
+pub(crate) struct Background(std::sync::Mutex<Vec<tokio::task::AbortHandle>>);
+
+impl Background {
+    pub(crate) fn spawn(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        let handle = tokio::spawn(task).abort_handle();
+        let mut tasks = self.0.lock().unwrap_or_else(|poison| poison.into_inner());
+        tasks.retain(|task| !task.is_finished());
+        tasks.push(handle);
+    }
+
+    pub(crate) fn stop(&self) {
+        let mut tasks = self.0.lock().unwrap_or_else(|poison| poison.into_inner());
+        for task in tasks.drain(..) {
+            task.abort();
+        }
+    }
+}
+
+impl Context {
+    /// Runs a store call on the blocking pool (commits fsync).
+    pub(crate) async fn store_call<T, F>(&self, call: F) -> Result<T, AgentError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Store) -> Result<T, AgentError> + Send + 'static,
+    {
+        let store = self.store.clone();
+        blocking(move || call(&store)).await
+    }
+}
+
+pub(crate) async fn blocking<T, F>(call: F) -> Result<T, AgentError>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T, AgentError> + Send + 'static,
+{
+    tokio::task::spawn_blocking(call)
+        .await
+        .map_err(|err| AgentError::Internal(format!("a blocking task failed: {err}")))?
+}

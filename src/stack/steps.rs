@@ -1,0 +1,376 @@
+//! The stack steps services share, over the context: adopting a volume's
+//! thin and public devices from its record, removing devices, rolling back
+//! or finishing a create or delete, and the arriving stack of a transfer
+//! (its clone table, metadata device and source).
+
+use std::{net::IpAddr, path::Path, time::Duration};
+
+use tracing::{info, warn};
+
+use crate::{
+    AgentError, Refusal,
+    context::Context,
+    dm::{
+        names::DeviceName,
+        table::{DevRef, Table},
+    },
+    failpoint,
+    ids::{TransferId, VolumeId},
+    nvme::{ConnectOptions, ConnectRequest, ConnectTimeouts, Host, Nqn, TcpAddress, namespace_ids},
+    stack::{self, CloneDevices, CloneLayer},
+    store::{SnapshotRecord, SourceRecord, TransferPhase, TransferRecord, VolumeRecord},
+};
+
+/// How long a destination waits for the source's namespace to appear.
+const NAMESPACE_TIMEOUT: Duration = Duration::from_secs(30);
+const RECONNECT_DELAY_SECONDS: u32 = 2;
+
+impl Context {
+    pub(crate) fn thin_name(&self, record: &VolumeRecord) -> DeviceName {
+        self.naming.thin(&record.id)
+    }
+
+    /// Creates the thin device, or brings a live one to the record's size.
+    pub(crate) async fn ensure_thin_device(
+        &self,
+        record: &VolumeRecord,
+    ) -> Result<DevRef, AgentError> {
+        let table = self.pool.thin_table(record.thin_id, record.size_bytes)?;
+        self.ensure_device(&self.thin_name(record), &table, |live| {
+            stack::is_resize_of(live, &table)
+        })
+        .await
+    }
+
+    /// Creates the public device over the thin device (through dm-era when
+    /// the volume tracks changes), or resizes it.
+    pub(crate) async fn ensure_public_device(
+        &self,
+        record: &VolumeRecord,
+    ) -> Result<DevRef, AgentError> {
+        let thin = self.ensure_thin_device(record).await?;
+        let table = self.local_table(record, thin).await?;
+        let public = self.naming.public(&record.id);
+        self.ensure_device(&public, &table, |live| stack::is_resize_of(live, &table))
+            .await
+    }
+
+    /// Makes `name` carry `table` (see [`stack::ensure_device`]).
+    pub(crate) async fn ensure_device(
+        &self,
+        name: &DeviceName,
+        table: &Table,
+        may_swap: impl Fn(&Table) -> bool,
+    ) -> Result<DevRef, AgentError> {
+        stack::ensure_device(self.dm.as_ref(), name, table, may_swap).await
+    }
+
+    pub(crate) async fn remove_device_if_present(
+        &self,
+        name: &DeviceName,
+    ) -> Result<(), AgentError> {
+        stack::remove_if_present(self.dm.as_ref(), name).await
+    }
+
+    /// Who holds the device open, not counting openers that let go by
+    /// themselves in a moment.
+    pub(crate) async fn open_count(&self, name: &DeviceName) -> Result<Option<i32>, AgentError> {
+        Ok(self.dm.settled_open_count(name).await?)
+    }
+
+    /// Best effort: a failed create leaves nothing behind, or, if even that
+    /// fails, its intent for the next start (or the next retry) to finish.
+    pub(crate) async fn roll_back_create(&self, record: &VolumeRecord) {
+        if let Err(err) = self.undo_create(record).await {
+            warn!(volume = %record.id, error = %err, "could not roll back a failed create; its intent stays for reconciliation");
+        }
+    }
+
+    /// Undoes a create that stopped half-way: whatever of its stack exists
+    /// goes, then its record. Reconciliation does the same after a crash.
+    pub(crate) async fn undo_create(&self, record: &VolumeRecord) -> Result<(), AgentError> {
+        let id = record.id.clone();
+        stack::tear_down(
+            self.dm.as_ref(),
+            &self.pool,
+            &self.naming,
+            &id,
+            &record.owned_thin_ids(),
+        )
+        .await?;
+        self.store_call(move |store| store.remove_volume(&id)).await
+    }
+
+    /// The steps after the intent: remove devices, free the thin ids'
+    /// blocks, forget the record. Each step is idempotent, so
+    /// reconciliation repeats them after a crash.
+    pub(crate) async fn finish_delete(&self, record: &VolumeRecord) -> Result<(), AgentError> {
+        let id = record.id.clone();
+        stack::remove_volume_devices(self.dm.as_ref(), &self.naming, &id).await?;
+        failpoint::hit("delete.after_devices");
+        stack::free_thin_ids(&self.pool, &record.owned_thin_ids()).await?;
+        failpoint::hit("delete.after_thin");
+        self.store_call(move |store| store.remove_volume(&id)).await
+    }
+
+    /// After a transfer finished: an arriving volume that was unpublished
+    /// meanwhile loses its public device, unless someone opened it since.
+    pub(crate) async fn withdraw_unpublished(
+        &self,
+        mut record: VolumeRecord,
+    ) -> Result<(), AgentError> {
+        if record.published || record.transfer.is_some() {
+            return Ok(());
+        }
+        let id = record.id.clone();
+        let public = self.naming.public(&id);
+        // The kernel refuses to remove an open device: busy means opened.
+        match self.remove_device_if_present(&public).await {
+            Ok(()) => {
+                info!(volume = %id, "unpublished volume");
+                Ok(())
+            }
+            Err(AgentError::Refused(Refusal::DeviceInUse { .. })) => {
+                warn!(volume = %id, "unpublished volume's device is open; keeping it published");
+                record.published = true;
+                self.put(&record).await
+            }
+            Err(err) => Err(err),
+        }
+    }
+
+    pub(crate) fn snapshot_name(&self, record: &SnapshotRecord) -> DeviceName {
+        self.naming.snapshot(&record.id)
+    }
+
+    /// After an extend of an arriving volume: the clone keeps its range, the
+    /// new range maps the local thin device (a second segment).
+    pub(crate) async fn resize_arriving(
+        &self,
+        volume: &VolumeRecord,
+        transfer_id: &TransferId,
+    ) -> Result<(), AgentError> {
+        let transfer = self.transfer_record(transfer_id).await?.ok_or_else(|| {
+            AgentError::Internal(format!(
+                "volume {} names a missing transfer {transfer_id}",
+                volume.id
+            ))
+        })?;
+        let public = self.naming.public(&volume.id);
+        if transfer.phase.is_finished() || !self.public_is_clone(volume).await? {
+            self.ensure_public_device(volume).await?;
+            return Ok(());
+        }
+        let (source, _) = self.attach_source(&transfer.source, &volume.id).await?;
+        let metadata = self.ensure_metadata_device(volume, &transfer).await?;
+        let destination = self.ensure_thin_device(volume).await?;
+        let hydrate = matches!(
+            transfer.phase,
+            TransferPhase::Hydrating | TransferPhase::Finalizing
+        );
+        let devices = CloneDevices {
+            metadata,
+            destination,
+            source,
+        };
+        let table = self.clone_table(volume, &transfer, devices, hydrate)?;
+        if self.dm.table(&public).await? != table {
+            // swap_table suspends before loading: the clone's metadata stays
+            // consistent across the reload.
+            self.dm.swap_table(&public, &table).await?;
+        }
+        Ok(())
+    }
+
+    /// Brings an existing transfer's stack back (after a restart or reboot):
+    /// adopts live devices, creates missing ones, never zeroes metadata.
+    pub(crate) async fn rebuild_stack(
+        &self,
+        volume: &VolumeRecord,
+        transfer: &TransferRecord,
+    ) -> Result<(), AgentError> {
+        let (source, _) = self.attach_source(&transfer.source, &volume.id).await?;
+        let metadata = self.ensure_metadata_device(volume, transfer).await?;
+        let destination = self.ensure_thin_device(volume).await?;
+        let hydrate = matches!(
+            transfer.phase,
+            TransferPhase::Hydrating | TransferPhase::Finalizing
+        );
+        let devices = CloneDevices {
+            metadata,
+            destination,
+            source,
+        };
+        let table = self.clone_table(volume, transfer, devices, hydrate)?;
+        let public = self.naming.public(&volume.id);
+        self.ensure_device(&public, &table, |_| false).await?;
+        Ok(())
+    }
+
+    pub(crate) async fn ensure_metadata_device(
+        &self,
+        volume: &VolumeRecord,
+        transfer: &TransferRecord,
+    ) -> Result<DevRef, AgentError> {
+        let table = self
+            .pool
+            .thin_table(transfer.metadata_thin_id, transfer.metadata_bytes)?;
+        self.ensure_device(&self.metadata_name(volume), &table, |_| false)
+            .await
+    }
+
+    pub(crate) fn metadata_name(&self, volume: &VolumeRecord) -> DeviceName {
+        self.naming.clone_metadata(&volume.id)
+    }
+
+    /// The public table while hydrating (see [`stack::clone_table`]).
+    pub(crate) fn clone_table(
+        &self,
+        volume: &VolumeRecord,
+        transfer: &TransferRecord,
+        devices: CloneDevices,
+        hydrate: bool,
+    ) -> Result<Table, AgentError> {
+        let layer = CloneLayer {
+            clone_bytes: transfer.clone_bytes,
+            region_bytes: transfer.region_bytes,
+            hydration_threshold: Some(transfer.hydration_threshold),
+            hydration_batch_size: Some(transfer.hydration_batch_size),
+            hydrate,
+        };
+        stack::clone_table(volume.size_bytes, &layer, devices)
+    }
+
+    /// Removes every device of the stack, frees its thin devices and lets go
+    /// of the source. Each step tolerates having been done already.
+    pub(crate) async fn tear_down(
+        &self,
+        volume: &VolumeRecord,
+        transfer: &TransferRecord,
+    ) -> Result<(), AgentError> {
+        let mut thin_ids = volume.owned_thin_ids();
+        thin_ids.push(transfer.metadata_thin_id);
+        stack::tear_down(
+            self.dm.as_ref(),
+            &self.pool,
+            &self.naming,
+            &volume.id.clone(),
+            &thin_ids,
+        )
+        .await?;
+        self.detach_source(&transfer.source).await;
+        Ok(())
+    }
+
+    /// Sends a message to the clone segment of the volume's public device.
+    pub(crate) async fn message_clone(
+        &self,
+        transfer: &TransferRecord,
+        message: &str,
+    ) -> Result<(), AgentError> {
+        let public = self.naming.public(&transfer.volume_id);
+        self.dm.message(&public, 0, message).await?;
+        Ok(())
+    }
+
+    /// The source's device number and size.
+    pub(crate) async fn attach_source(
+        &self,
+        source: &SourceRecord,
+        volume: &VolumeId,
+    ) -> Result<(DevRef, u64), AgentError> {
+        match source {
+            SourceRecord::Device { path } => {
+                self.dm.block_device(Path::new(path)).await.map_err(|err| {
+                    AgentError::InvalidArgument {
+                        field: "device_path",
+                        reason: err.to_string(),
+                    }
+                })
+            }
+            SourceRecord::NvmeTcp {
+                subsystem_nqn,
+                address,
+                port,
+                ..
+            } => {
+                self.connect_source(volume, subsystem_nqn, address, *port)
+                    .await
+            }
+        }
+    }
+
+    /// Best effort: a source we cannot let go of is logged, not fatal.
+    pub(crate) async fn detach_source(&self, source: &SourceRecord) {
+        match source {
+            SourceRecord::Device { .. } => {}
+            SourceRecord::NvmeTcp { subsystem_nqn, .. } => {
+                if let Err(err) = self.disconnect_source(subsystem_nqn).await {
+                    warn!(%subsystem_nqn, error = %err, "cannot disconnect from the source");
+                }
+            }
+        }
+    }
+
+    /// Connects to another agent's export of `volume` (or adopts the
+    /// connection that is already there) and returns the namespace.
+    pub(crate) async fn connect_source(
+        &self,
+        volume: &VolumeId,
+        subsystem: &str,
+        address: &str,
+        port: u32,
+    ) -> Result<(DevRef, u64), AgentError> {
+        let ip: IpAddr = address.parse().map_err(|_| AgentError::InvalidArgument {
+            field: "nvme_tcp.transport_address",
+            reason: format!("{} is not an IP address", crate::ids::quoted(address)),
+        })?;
+        let port = u16::try_from(port)
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| AgentError::InvalidArgument {
+                field: "nvme_tcp.transport_service_id",
+                reason: format!("{port} is not a TCP port"),
+            })?;
+        let options = ConnectOptions {
+            address: TcpAddress::new(ip, port),
+            subsystem_nqn: Nqn::parse("nvme_tcp.subsystem_nqn", subsystem)?,
+            host_nqn: self.nvme.host_nqn.clone(),
+            host_id: self.nvme.host_id.clone(),
+            timeouts: ConnectTimeouts {
+                ctrl_loss_tmo_secs: self.settings.nvme.ctrl_loss_timeout_seconds,
+                reconnect_delay_secs: RECONNECT_DELAY_SECONDS,
+                fast_io_fail_tmo_secs: self.settings.nvme.fast_io_fail_timeout_seconds,
+            },
+        };
+        let connection = Host::open()?
+            .connect(&ConnectRequest {
+                options,
+                expected_namespace: Some(namespace_ids(volume)),
+                namespace_timeout: NAMESPACE_TIMEOUT,
+            })
+            .await?;
+        info!(
+            volume = %volume,
+            controller = %connection.controller.name,
+            device = %connection.namespace.path.display(),
+            adopted = connection.adopted,
+            "connected to the source"
+        );
+        Ok((connection.namespace.device, connection.namespace.size_bytes))
+    }
+
+    pub(crate) async fn disconnect_source(&self, subsystem: &str) -> Result<(), AgentError> {
+        let host = Host::open()?;
+        let nqn = Nqn::parse("subsystem_nqn", subsystem)?;
+        if let Some(controller) = host.find_connection(&nqn).await? {
+            host.disconnect(&controller).await?;
+            info!(%subsystem, controller = %controller.name, "disconnected from the source");
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn public_is_clone(&self, volume: &VolumeRecord) -> Result<bool, AgentError> {
+        stack::is_clone(self.dm.as_ref(), &self.naming.public(&volume.id)).await
+    }
+}
