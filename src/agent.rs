@@ -15,7 +15,7 @@ use crate::{
     failpoint,
     locks::Locks,
     metrics::Metrics,
-    nvme::{HostId, Nqn},
+    nvme::{Fabric, HostId, LiveFabric, Nqn},
     pool::{Pool, PoolUsage, backing::Backing},
     reconcile::{ReconcileReport, Reconciler},
     snapshot::Snapshots,
@@ -54,6 +54,19 @@ pub struct Agent {
     reconcile: ReconcileReport,
 }
 
+/// What an agent works through besides its state directory.
+#[derive(Debug)]
+pub struct Surroundings {
+    /// Device-mapper.
+    pub dm: Arc<dyn Kernel>,
+    /// The kernel's NVMe/TCP target and host.
+    pub fabric: Arc<dyn Fabric>,
+    /// The pool's device.
+    pub backing: Backing,
+    /// Reaches source agents once a move here is done (the API layer's).
+    pub source_releaser: Arc<dyn SourceReleaser>,
+}
+
 impl Agent {
     /// Opens device-mapper, the store and the pool, then reconciles the kernel
     /// with the store. The agent serves requests only after this returns.
@@ -70,29 +83,36 @@ impl Agent {
         // Before the pool's device is touched (a loop device attached).
         check_targets(dm.as_ref()).await?;
         let backing = Backing::open(&settings.pool.backing).await?;
-        Self::assemble(settings, dm, backing, source_releaser).await
+        let surroundings = Surroundings {
+            dm,
+            fabric: Arc::new(LiveFabric),
+            backing,
+            source_releaser,
+        };
+        Self::assemble(settings, surroundings).await
     }
 
-    /// Starts over `dm` with the pool on `backing`: the whole start but for
-    /// opening the host's kernel and the configured device (tests hand in an
-    /// in-memory kernel).
+    /// Starts in `surroundings`: the whole start but for opening the host's
+    /// kernel and the configured device (tests hand in in-memory ones).
     pub async fn start_on(
         settings: Settings,
-        dm: Arc<dyn Kernel>,
-        backing: Backing,
-        source_releaser: Arc<dyn SourceReleaser>,
+        surroundings: Surroundings,
     ) -> Result<Arc<Self>, AgentError> {
-        check_targets(dm.as_ref()).await?;
-        Self::assemble(settings, dm, backing, source_releaser).await
+        check_targets(surroundings.dm.as_ref()).await?;
+        Self::assemble(settings, surroundings).await
     }
 
     /// The start after the kernel's targets were checked.
     async fn assemble(
         settings: Settings,
-        dm: Arc<dyn Kernel>,
-        backing: Backing,
-        source_releaser: Arc<dyn SourceReleaser>,
+        surroundings: Surroundings,
     ) -> Result<Arc<Self>, AgentError> {
+        let Surroundings {
+            dm,
+            fabric,
+            backing,
+            source_releaser,
+        } = surroundings;
         prepare_state_dir(&settings.state_dir)?;
         let store = {
             let dir = settings.state_dir.clone();
@@ -118,6 +138,7 @@ impl Agent {
             node_id,
             registry: Registry::default(),
             nvme,
+            fabric,
             metrics: Metrics::new(),
             source_releaser,
             background: Background::default(),

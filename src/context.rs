@@ -14,7 +14,7 @@ use crate::{
     error::AgentError,
     locks::Locks,
     metrics::Metrics,
-    nvme::{HostId, Nqn},
+    nvme::{Fabric, HostId, Nqn},
     pool::Pool,
     store::Store,
     transfer::{Registry, release::SourceReleaser},
@@ -32,6 +32,8 @@ pub struct Context {
     /// What the monitors know of each unfinished transfer.
     pub(crate) registry: Registry,
     pub(crate) nvme: NvmeIdentity,
+    /// The kernel's NVMe/TCP target (exports) and host (sources).
+    pub(crate) fabric: Arc<dyn Fabric>,
     pub(crate) metrics: Metrics,
     /// Asks source agents to drop their copies once a move here is done.
     pub(crate) source_releaser: Arc<dyn SourceReleaser>,

@@ -5,11 +5,12 @@
 use std::{path::Path, sync::Arc};
 
 use crate::{
-    agent::Agent,
+    agent::{Agent, Surroundings},
     config::{Config, Settings},
     dm::{fake::FakeKernel, table::DevRef},
     error::AgentError,
     ids::VolumeId,
+    nvme::fake::FakeFabric,
     pool::backing::Backing,
     transfer::release::{ReleaseFuture, ReleaseRequest, SourceReleaser},
 };
@@ -20,6 +21,9 @@ const POOL_FILE_BYTES: u64 = 256 * MIB;
 #[derive(Debug)]
 pub struct TestHost {
     pub kernel: Arc<FakeKernel>,
+    pub fabric: Arc<FakeFabric>,
+    /// What the agent asked source agents to release.
+    pub releases: Arc<SourceAgents>,
     pub dir: tempfile::TempDir,
     backing_dev: DevRef,
     settings: Settings,
@@ -43,11 +47,19 @@ impl TestHost {
         let kernel = Arc::new(FakeKernel::new());
         let backing_dev = kernel.add_block_device(POOL_FILE_BYTES / 512);
         Self {
+            fabric: Arc::new(FakeFabric::new(kernel.clone())),
+            releases: Arc::new(SourceAgents::default()),
             kernel,
             dir,
             backing_dev,
             settings,
         }
+    }
+
+    /// The host exports volumes at `address` (nvme.export_address).
+    pub fn with_export_address(mut self, address: &str) -> Self {
+        self.settings.nvme.export = Some(address.parse().expect("an address"));
+        self
     }
 
     /// Starts an agent, reconciling what the kernel and the store hold.
@@ -57,9 +69,13 @@ impl TestHost {
             POOL_FILE_BYTES,
             self.backing_dev,
         )?;
-        let kernel: Arc<dyn crate::dm::Kernel> = self.kernel.clone();
-        let releaser = Arc::new(NoSourceAgents);
-        Agent::start_on(self.settings.clone(), kernel, backing, releaser).await
+        let surroundings = Surroundings {
+            dm: self.kernel.clone(),
+            fabric: self.fabric.clone(),
+            backing,
+            source_releaser: self.releases.clone(),
+        };
+        Agent::start_on(self.settings.clone(), surroundings).await
     }
 
     /// Stops `agent` as a crash would (nothing is cleaned up) and starts a
@@ -81,17 +97,42 @@ impl Default for TestHost {
     }
 }
 
-/// Source agents that never answer: the host tests' transfers copy from
-/// local devices, which need no release.
-#[derive(Debug)]
-struct NoSourceAgents;
+/// Source agents as the host tests see them: every release asked for is
+/// noted; they answer once a test lets them.
+#[derive(Debug, Default)]
+pub struct SourceAgents {
+    asked: std::sync::Mutex<Vec<ReleaseRequest>>,
+    answering: std::sync::atomic::AtomicBool,
+}
 
-impl SourceReleaser for NoSourceAgents {
+impl SourceAgents {
+    /// Source agents answer from now on.
+    pub fn answer(&self) {
+        self.answering
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// The volumes whose release was asked for, in order, repeats included.
+    pub fn asked(&self) -> Vec<String> {
+        let asked = self.asked.lock().unwrap_or_else(|p| p.into_inner());
+        asked.iter().map(|r| r.volume_id.clone()).collect()
+    }
+}
+
+impl SourceReleaser for SourceAgents {
     fn release<'a>(&'a self, request: &'a ReleaseRequest) -> ReleaseFuture<'a> {
+        self.asked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(request.clone());
+        let answering = self.answering.load(std::sync::atomic::Ordering::SeqCst);
         let volume = request.volume_id.clone();
         Box::pin(async move {
+            if answering {
+                return Ok(());
+            }
             Err(AgentError::Unavailable {
-                reason: format!("no source agent in host tests (release of {volume})"),
+                reason: format!("the source agent does not answer yet (release of {volume})"),
             })
         })
     }

@@ -9,9 +9,12 @@
 //! by pure, unit-tested code ([`nqn`], [`fabrics`]).
 
 pub mod fabrics;
+#[cfg(any(test, feature = "kernel-fake"))]
+pub mod fake;
 pub mod host;
 mod kfs;
 pub mod nqn;
+pub mod seam;
 pub mod target;
 
 pub use fabrics::{
@@ -20,4 +23,5 @@ pub use fabrics::{
 };
 pub use host::{ConnectRequest, Connection, Controller, Host, NamespaceDevice};
 pub use nqn::{HostId, Nqn, subsystem_nqn, volume_of_subsystem};
+pub use seam::{Fabric, LiveFabric};
 pub use target::{EXPORT_NSID, Export, ExportRequest, PortSpec, Target};

@@ -16,7 +16,7 @@ use crate::{
     },
     failpoint,
     ids::{TransferId, VolumeId},
-    nvme::{ConnectOptions, ConnectRequest, ConnectTimeouts, Host, Nqn, TcpAddress, namespace_ids},
+    nvme::{ConnectOptions, ConnectRequest, ConnectTimeouts, Nqn, TcpAddress, namespace_ids},
     stack::{self, CloneDevices, CloneLayer},
     store::{SnapshotRecord, SourceRecord, TransferPhase, TransferRecord, VolumeRecord},
 };
@@ -343,7 +343,8 @@ impl Context {
                 fast_io_fail_tmo_secs: self.settings.nvme.fast_io_fail_timeout_seconds,
             },
         };
-        let connection = Host::open()?
+        let connection = self
+            .fabric
             .connect(&ConnectRequest {
                 options,
                 expected_namespace: Some(namespace_ids(volume)),
@@ -361,11 +362,9 @@ impl Context {
     }
 
     pub(crate) async fn disconnect_source(&self, subsystem: &str) -> Result<(), AgentError> {
-        let host = Host::open()?;
         let nqn = Nqn::parse("subsystem_nqn", subsystem)?;
-        if let Some(controller) = host.find_connection(&nqn).await? {
-            host.disconnect(&controller).await?;
-            info!(%subsystem, controller = %controller.name, "disconnected from the source");
+        if let Some(controller) = self.fabric.disconnect(&nqn).await? {
+            info!(%subsystem, %controller, "disconnected from the source");
         }
         Ok(())
     }

@@ -11,7 +11,7 @@ use crate::{
     error::AgentError,
     ids::VolumeId,
     nvme::{
-        Nqn, Target, TcpAddress,
+        Nqn, TcpAddress,
         fabrics::namespace_ids,
         subsystem_nqn,
         target::{ExportRequest, PortSpec},
@@ -103,7 +103,7 @@ impl Exports {
                 address: TcpAddress::new(address.ip(), address.port()),
             },
         };
-        Target::open()?.export(&request).await?;
+        self.ctx.fabric.export(&request).await?;
         info!(volume = %id, host = %host, subsystem = %subsystem, %address, "exported");
         Ok(ExportView {
             volume_id: id.to_string(),
@@ -134,12 +134,7 @@ impl Exports {
 
     async fn remove_export(&self, id: &VolumeId) -> Result<(), AgentError> {
         let subsystem = subsystem_nqn(&self.export_prefix(), id)?;
-        match Target::open() {
-            Ok(target) => target.unexport(&subsystem).await,
-            // No nvmet in this kernel: nothing can be exported either.
-            Err(AgentError::Unavailable { .. }) => Ok(()),
-            Err(err) => Err(err),
-        }
+        self.ctx.fabric.unexport(&subsystem).await
     }
 
     /// The destination has every region: drop this host's copy, unless it
@@ -189,8 +184,8 @@ impl Exports {
     /// After a restart: every recorded export is in place, and exports of
     /// ours that no record names (an unexport cut short) are removed.
     pub(crate) async fn reconcile_exports(&self) -> Result<(), AgentError> {
-        let target = match Target::open() {
-            Ok(target) => target,
+        let exported = match self.ctx.fabric.exported_subsystems().await {
+            Ok(exported) => exported,
             Err(AgentError::Unavailable { reason }) => {
                 warn!(%reason, "no NVMe/TCP target in this kernel: exports are unavailable");
                 return Ok(());
@@ -199,17 +194,18 @@ impl Exports {
         };
         let records = self.ctx.store_call(|store| store.volumes()).await?;
         let prefix = self.export_prefix();
-        for export in target.list_exports().await? {
-            let Some(volume) = volume_of_subsystem(&prefix, &export.subsystem_nqn) else {
+        for subsystem in exported {
+            let Some(volume) = volume_of_subsystem(&prefix, &subsystem) else {
                 continue;
             };
             if !records
                 .iter()
                 .any(|r| r.id == volume.as_str() && r.export.is_some())
             {
-                info!(subsystem = %export.subsystem_nqn, "removing an export no record names");
-                target
-                    .unexport(&Nqn::parse("subsystem_nqn", &export.subsystem_nqn)?)
+                info!(%subsystem, "removing an export no record names");
+                self.ctx
+                    .fabric
+                    .unexport(&Nqn::parse("subsystem_nqn", &subsystem)?)
                     .await?;
             }
         }

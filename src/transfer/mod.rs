@@ -269,3 +269,5 @@ mod tests {
 
 #[cfg(test)]
 mod lifecycle_tests;
+#[cfg(test)]
+mod move_tests;

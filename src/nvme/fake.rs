@@ -1,0 +1,186 @@
+//! An in-memory NVMe/TCP target and host for host tests: exports as
+//! requested, remote subsystems a test offers, and connections whose
+//! namespaces are block devices of a [`FakeKernel`] (so dm-clone tables over
+//! them load). It checks what the kernel would: an export's device exists,
+//! a connect reaches an offered subsystem. No bytes move.
+
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex, MutexGuard},
+};
+
+use async_trait::async_trait;
+
+use super::{
+    ConnectRequest, Connection, Controller, EXPORT_NSID, ExportRequest, Fabric, NamespaceDevice,
+    Nqn,
+};
+use crate::{dm::fake::FakeKernel, error::AgentError};
+
+#[derive(Debug)]
+pub struct FakeFabric {
+    kernel: Arc<FakeKernel>,
+    state: Mutex<State>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// Whether nvmet is loaded.
+    target_missing: bool,
+    exports: BTreeMap<String, ExportRequest>,
+    /// Subsystems of other hosts a connect reaches, with their size.
+    offered: BTreeMap<String, u64>,
+    /// Connected subsystems and their namespaces.
+    connections: BTreeMap<String, NamespaceDevice>,
+    next_controller: u32,
+}
+
+impl FakeFabric {
+    pub fn new(kernel: Arc<FakeKernel>) -> Self {
+        Self {
+            kernel,
+            state: Mutex::default(),
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+    }
+
+    /// This kernel has no nvmet (exports are unavailable).
+    pub fn remove_target(&self) {
+        self.state().target_missing = true;
+    }
+
+    /// Another host exports `subsystem` with `size_bytes`.
+    pub fn offer(&self, subsystem: &str, size_bytes: u64) {
+        self.state()
+            .offered
+            .insert(subsystem.to_owned(), size_bytes);
+    }
+
+    /// Exports by subsystem NQN: (allowed host, exported device path).
+    pub fn exports(&self) -> BTreeMap<String, (String, String)> {
+        self.state()
+            .exports
+            .iter()
+            .map(|(nqn, request)| {
+                let device = request.device_path.display().to_string();
+                (nqn.clone(), (request.host_nqn.to_string(), device))
+            })
+            .collect()
+    }
+
+    /// Subsystems this host is connected to.
+    pub fn connections(&self) -> Vec<String> {
+        self.state().connections.keys().cloned().collect()
+    }
+
+    fn target_loaded(&self) -> Result<(), AgentError> {
+        if self.state().target_missing {
+            return Err(AgentError::Unavailable {
+                reason: "the fake NVMe target is not loaded".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Fabric for FakeFabric {
+    async fn export(&self, request: &ExportRequest) -> Result<(), AgentError> {
+        self.target_loaded()?;
+        let device = request
+            .device_path
+            .file_name()
+            .map(|name| name.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if !self.kernel.device_names().contains(&device) {
+            return Err(AgentError::NotFound {
+                what: "block device",
+                id: request.device_path.display().to_string(),
+            });
+        }
+        let mut state = self.state();
+        let nqn = request.subsystem_nqn.to_string();
+        if let Some(existing) = state.exports.get(&nqn)
+            && existing != request
+        {
+            return Err(AgentError::AlreadyExists {
+                what: "NVMe subsystem",
+                id: nqn,
+                detail: format!("allowing {}", existing.host_nqn),
+            });
+        }
+        state.exports.insert(nqn, request.clone());
+        Ok(())
+    }
+
+    async fn unexport(&self, subsystem: &Nqn) -> Result<(), AgentError> {
+        let mut state = self.state();
+        if !state.target_missing {
+            state.exports.remove(subsystem.as_str());
+        }
+        Ok(())
+    }
+
+    async fn exported_subsystems(&self) -> Result<Vec<String>, AgentError> {
+        self.target_loaded()?;
+        Ok(self.state().exports.keys().cloned().collect())
+    }
+
+    async fn connect(&self, request: &ConnectRequest) -> Result<Connection, AgentError> {
+        let nqn = request.options.subsystem_nqn.to_string();
+        let (size, adopted) = {
+            let state = self.state();
+            let Some(&size) = state.offered.get(&nqn) else {
+                return Err(AgentError::Unavailable {
+                    reason: format!("nothing exports {nqn} (fake fabric)"),
+                });
+            };
+            (size, state.connections.get(&nqn).cloned())
+        };
+        let mut state = self.state();
+        state.next_controller += 1;
+        let instance = state.next_controller;
+        let namespace = match adopted.clone() {
+            Some(namespace) => namespace,
+            None => {
+                let device = self.kernel.add_block_device(size / 512);
+                NamespaceDevice {
+                    name: format!("nvme{instance}n1"),
+                    path: format!("/dev/nvme{instance}n1").into(),
+                    device,
+                    nsid: EXPORT_NSID,
+                    uuid: request
+                        .expected_namespace
+                        .as_ref()
+                        .map(|ids| ids.uuid.clone()),
+                    size_bytes: size,
+                }
+            }
+        };
+        state.connections.insert(nqn.clone(), namespace.clone());
+        Ok(Connection {
+            controller: Controller {
+                name: format!("nvme{instance}"),
+                instance,
+                cntlid: 1,
+                subsystem_nqn: nqn,
+                host_nqn: request.options.host_nqn.to_string(),
+                address: Some(request.options.address),
+                transport: "tcp".into(),
+                state: "live".into(),
+            },
+            namespace,
+            adopted: adopted.is_some(),
+        })
+    }
+
+    async fn disconnect(&self, subsystem: &Nqn) -> Result<Option<String>, AgentError> {
+        let removed = self.state().connections.remove(subsystem.as_str());
+        Ok(removed.map(|namespace| namespace.name))
+    }
+}

@@ -1,0 +1,272 @@
+//! Both ends of a move against the in-memory kernel and NVMe/TCP fabric:
+//! the source's exports (one host each), its release of the copy, its
+//! restart with exports lost or left over; the destination's connect to
+//! the source, its disconnect once the volume is local, and its request
+//! that the source let go.
+
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use super::*;
+use crate::{
+    error::AgentError,
+    ids::{TransferId, VolumeId},
+    nvme::{Fabric, Nqn, PortSpec, TcpAddress, namespace_ids, subsystem_nqn},
+    testing::{MIB, TestHost, refusal, transfer_reaches, volume_id},
+};
+
+const HOST_A: &str = "nqn.2014-08.org.nvmexpress:uuid:aaaaaaaa-0000-4000-8000-000000000001";
+const HOST_B: &str = "nqn.2014-08.org.nvmexpress:uuid:bbbbbbbb-0000-4000-8000-000000000002";
+const SOURCE_SUBSYSTEM: &str =
+    "nqn.2014-08.io.dmclone:node-src:00000000-0000-4000-8000-000000000001";
+
+fn exporting_host() -> TestHost {
+    TestHost::new().with_export_address("192.0.2.1:4420")
+}
+
+async fn subsystem_of(agent: &crate::agent::Agent, id: &VolumeId) -> String {
+    let node = agent.node_info().await.unwrap().node_id;
+    subsystem_nqn(&format!("nqn.2014-08.io.dmclone:{node}"), id)
+        .unwrap()
+        .to_string()
+}
+
+#[tokio::test]
+async fn an_export_admits_one_host_and_unexport_leaves_nothing() {
+    let host = exporting_host();
+    let agent = host.start().await.unwrap();
+    let id = volume_id(1);
+    agent.volumes.create_volume(&id, 8 * MIB).await.unwrap();
+    let view = agent.exports.export_volume(&id, HOST_A).await.unwrap();
+    let subsystem = subsystem_of(&agent, &id).await;
+    assert_eq!(view.subsystem_nqn, subsystem);
+    assert_eq!((view.address.as_str(), view.port), ("192.0.2.1", 4420));
+    let exported = host.fabric.exports();
+    assert_eq!(
+        exported[&subsystem],
+        (HOST_A.to_owned(), format!("/dev/mapper/dmt-thin-{id}"))
+    );
+    // A retry is the same export; another host is a conflict.
+    assert_eq!(
+        agent.exports.export_volume(&id, HOST_A).await.unwrap(),
+        view
+    );
+    let other = agent.exports.export_volume(&id, HOST_B).await;
+    assert!(
+        matches!(other, Err(AgentError::AlreadyExists { .. })),
+        "{other:?}"
+    );
+    assert_eq!(host.fabric.exports(), exported, "a refusal changes nothing");
+    let delete = agent.volumes.delete_volume(&id).await;
+    assert_eq!(refusal(&delete), Some("VOLUME_EXPORTED"), "{delete:?}");
+    let extend = agent.volumes.extend_volume(&id, 16 * MIB).await;
+    assert_eq!(refusal(&extend), Some("VOLUME_EXPORTED"), "{extend:?}");
+
+    agent.exports.unexport_volume(&id).await.unwrap();
+    agent.exports.unexport_volume(&id).await.unwrap();
+    assert!(host.fabric.exports().is_empty());
+    agent.volumes.delete_volume(&id).await.unwrap();
+}
+
+#[tokio::test]
+async fn an_agent_without_an_export_address_exports_nothing() {
+    let host = TestHost::new();
+    let agent = host.start().await.unwrap();
+    let id = volume_id(1);
+    agent.volumes.create_volume(&id, 8 * MIB).await.unwrap();
+    let refused = agent.exports.export_volume(&id, HOST_A).await;
+    assert_eq!(
+        refusal(&refused),
+        Some("AGENT_NOT_CONFIGURED"),
+        "{refused:?}"
+    );
+    assert!(host.fabric.exports().is_empty());
+    agent.volumes.delete_volume(&id).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_release_from_the_exported_host_deletes_the_source_copy() {
+    let host = exporting_host();
+    let agent = host.start().await.unwrap();
+    let thin_ids_before = host.kernel.thin_ids("dmt-pool").len();
+    let id = volume_id(1);
+    agent.volumes.create_volume(&id, 8 * MIB).await.unwrap();
+    // Published while the instance still runs here (a live migration).
+    agent.volumes.publish_volume(&id).await.unwrap();
+    agent.exports.export_volume(&id, HOST_A).await.unwrap();
+    let again = agent.volumes.publish_volume(&id).await;
+    assert!(again.is_ok(), "publishing stays idempotent: {again:?}");
+
+    let elsewhere = agent.exports.release_volume(&id, HOST_B).await;
+    assert_eq!(
+        refusal(&elsewhere),
+        Some("VOLUME_EXPORTED_ELSEWHERE"),
+        "{elsewhere:?}"
+    );
+    let published = agent.exports.release_volume(&id, HOST_A).await;
+    assert_eq!(
+        refusal(&published),
+        Some("VOLUME_PUBLISHED"),
+        "{published:?}"
+    );
+    assert_eq!(host.fabric.exports().len(), 1, "refusals change nothing");
+    agent.volumes.unpublish_volume(&id).await.unwrap();
+
+    agent.exports.release_volume(&id, HOST_A).await.unwrap();
+    assert!(host.fabric.exports().is_empty());
+    assert!(agent.volumes.get_volume(&id).await.is_err());
+    assert!(!host.devices().iter().any(|d| d.contains(id.as_str())));
+    assert_eq!(host.kernel.thin_ids("dmt-pool").len(), thin_ids_before);
+    // The destination asks until it hears back: a second ask is fine.
+    agent.exports.release_volume(&id, HOST_A).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_restart_restores_recorded_exports_and_removes_stray_ones() {
+    let host = exporting_host();
+    let agent = host.start().await.unwrap();
+    let (kept, stray) = (volume_id(1), volume_id(2));
+    agent.volumes.create_volume(&kept, 8 * MIB).await.unwrap();
+    agent.exports.export_volume(&kept, HOST_A).await.unwrap();
+    let kept_subsystem = subsystem_of(&agent, &kept).await;
+    let stray_subsystem = subsystem_of(&agent, &stray).await;
+    // The recorded export is lost (a reboot); an unrecorded one of ours is
+    // left over (an unexport cut short).
+    host.fabric
+        .unexport(&Nqn::parse("nqn", &kept_subsystem).unwrap())
+        .await
+        .unwrap();
+    host.fabric
+        .export(&crate::nvme::ExportRequest {
+            subsystem_nqn: Nqn::parse("nqn", &stray_subsystem).unwrap(),
+            device_path: format!("/dev/mapper/dmt-thin-{kept}").into(),
+            namespace: namespace_ids(&stray),
+            host_nqn: Nqn::parse("nqn", HOST_B).unwrap(),
+            port: PortSpec {
+                id: 1,
+                address: TcpAddress::new("192.0.2.1".parse().unwrap(), 4420),
+            },
+        })
+        .await
+        .unwrap();
+
+    let agent = host.restart(agent).await.unwrap();
+    let exported = host.fabric.exports();
+    assert_eq!(exported.keys().collect::<Vec<_>>(), [&kept_subsystem]);
+    assert_eq!(exported[&kept_subsystem].0, HOST_A);
+
+    // A kernel without the NVMe target: the agent starts, exports refuse.
+    host.fabric.remove_target();
+    let agent = host.restart(agent).await.unwrap();
+    let unavailable = agent.exports.export_volume(&kept, HOST_A).await;
+    assert!(
+        matches!(unavailable, Err(AgentError::Unavailable { .. })),
+        "{unavailable:?}"
+    );
+}
+
+fn nvme_request(n: u32, volume: &VolumeId, endpoint: &str) -> StartRequest {
+    StartRequest {
+        transfer: TransferId::parse(&format!("30000000-0000-4000-8000-{n:012}")).unwrap(),
+        volume: volume.clone(),
+        size_bytes: 8 * MIB,
+        source: Source::NvmeTcp {
+            subsystem_nqn: SOURCE_SUBSYSTEM.into(),
+            address: "192.0.2.7".into(),
+            port: 4420,
+            agent_endpoint: endpoint.into(),
+        },
+        deferred: false,
+        knobs: KnobRequest::default(),
+    }
+}
+
+#[tokio::test]
+async fn a_move_over_nvme_connects_then_lets_go_and_asks_the_source_to_release() {
+    let host = TestHost::new();
+    host.fabric.offer(SOURCE_SUBSYSTEM, 8 * MIB);
+    let agent = host.start().await.unwrap();
+    let id = volume_id(1);
+    let request = nvme_request(1, &id, "unix:/run/source-agent.sock");
+    let transfer = request.transfer.clone();
+    agent.transfers.start_transfer(request).await.unwrap();
+    assert_eq!(host.fabric.connections(), [SOURCE_SUBSYSTEM]);
+    let table = host.kernel.table_text(&format!("dmt-{id}")).unwrap();
+    assert!(table.starts_with("0 16384 clone "), "{table}");
+
+    host.kernel.hydrate(&format!("dmt-{id}"));
+    transfer_reaches(&agent, &transfer, TransferState::Done).await;
+    assert!(host.fabric.connections().is_empty(), "the source is let go");
+    // The source does not answer at first; the destination asks again.
+    wait_until(|| !host.releases.asked().is_empty()).await;
+    host.releases.answer();
+    wait_until(|| host.releases.asked().len() >= 2).await;
+    assert!(host.releases.asked().iter().all(|v| v == id.as_str()));
+    wait_until_async(async || {
+        agent
+            .ctx
+            .transfer_record(&transfer)
+            .await
+            .unwrap()
+            .is_some_and(|t| t.source_released)
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_move_from_a_source_nobody_exports_leaves_nothing() {
+    let host = TestHost::new();
+    let agent = host.start().await.unwrap();
+    let id = volume_id(1);
+    let failed = agent
+        .transfers
+        .start_transfer(nvme_request(1, &id, ""))
+        .await;
+    assert!(
+        matches!(failed, Err(AgentError::Unavailable { .. })),
+        "{failed:?}"
+    );
+    assert!(agent.volumes.get_volume(&id).await.is_err());
+    assert!(!host.devices().iter().any(|d| d.contains(id.as_str())));
+    assert!(host.fabric.connections().is_empty());
+}
+
+#[tokio::test]
+async fn an_aborted_move_disconnects_and_asks_no_release() {
+    let host = TestHost::new();
+    host.fabric.offer(SOURCE_SUBSYSTEM, 8 * MIB);
+    let agent = host.start().await.unwrap();
+    let id = volume_id(1);
+    let request = nvme_request(1, &id, "unix:/run/source-agent.sock");
+    let transfer = request.transfer.clone();
+    agent.transfers.start_transfer(request).await.unwrap();
+    agent.transfers.abort_transfer(&transfer).await.unwrap();
+    assert!(host.fabric.connections().is_empty());
+    assert!(!host.devices().iter().any(|d| d.contains(id.as_str())));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(
+        host.releases.asked().is_empty(),
+        "the source keeps its copy"
+    );
+}
+
+async fn wait_until(done: impl Fn() -> bool) {
+    for _ in 0..500 {
+        if done() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("not reached in 5 s");
+}
+
+async fn wait_until_async(done: impl AsyncFn() -> bool) {
+    for _ in 0..500 {
+        if done().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("not reached in 5 s");
+}
