@@ -1,6 +1,7 @@
 //! The pure text layer sits on every status poll and table swap; these keep
 //! an eye on its cost (compare runs of the same machine, not absolute times).
 
+use dmclone::units::Sectors;
 use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
@@ -14,12 +15,12 @@ const POOL_STATUS: &str = "5 141/4096 2/4096 - rw discard_passdown queue_if_no_s
 
 fn clone_table() -> Table {
     Table::single(
-        1 << 21,
+        Sectors(1 << 21),
         Target::Clone(CloneParams {
             metadata: DevRef::from((253, 1)),
             destination: DevRef::from((253, 2)),
             source: DevRef::from((259, 0)),
-            region_sectors: 8,
+            region_sectors: Sectors(8),
             hydration: false,
             discard_passdown: true,
             hydration_threshold: Some(1024),

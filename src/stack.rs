@@ -36,7 +36,7 @@ use crate::{
     ids::{ThinId, VolumeId},
     pool::Pool,
     refusal::Refusal,
-    units::sectors,
+    units::{Sectors, sectors},
 };
 
 pub use crate::{dm::ensure_device, pool::thin_table};
@@ -64,7 +64,7 @@ pub fn local_table(
         }),
         None => Target::Linear(Linear {
             device: thin,
-            offset: 0,
+            offset: Sectors::ZERO,
         }),
     };
     Ok(Table::single(sectors(size_bytes), target)?)
@@ -101,7 +101,7 @@ pub fn clone_table(
 ) -> Result<Table, AgentError> {
     let clone_sectors = sectors(layer.clone_bytes);
     let mut segments = vec![Segment {
-        start: 0,
+        start: Sectors::ZERO,
         len: clone_sectors,
         target: Target::Clone(CloneParams {
             metadata: devices.metadata,

@@ -1,5 +1,6 @@
 //! Section 5: 4 KiB random writes with dm-era in the stack.
 
+use dmclone::units::sectors;
 use std::collections::BTreeMap;
 
 use dmclone::dm::{
@@ -10,7 +11,6 @@ use dmclone::dm::{
 use serde_json::{Value, json};
 
 use crate::{
-    SECTOR,
     common::{BenchResult, fio, stats, stats_json},
     params::{Params, size_label},
     pause::Steps,
@@ -70,11 +70,11 @@ impl EraRig {
         let meta = era_metadata_device(&rig.dm, rig.pool_dev, ERA_META_THIN_ID, "era-meta").await?;
         let era = dm_name("era")?;
         let era_table = Table::single(
-            rig.size / SECTOR,
+            sectors(rig.size),
             DmTarget::Era(Era {
                 metadata: meta,
                 origin: rig.dest_dev,
-                block_sectors: ERA_BLOCK_BYTES / SECTOR,
+                block_sectors: sectors(ERA_BLOCK_BYTES),
             }),
         )?;
         rig.dm.create(&era, None, &era_table).await?;

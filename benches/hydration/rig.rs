@@ -1,5 +1,6 @@
 //! The rig: source, NVMe/TCP, thin pool and destination.
 
+use dmclone::units::{Sectors, sectors};
 use std::{
     net::{IpAddr, Ipv4Addr},
     path::PathBuf,
@@ -29,7 +30,7 @@ use tempfile::TempDir;
 
 use crate::{
     CLONE_META_BYTES, HOST_ID, MIB, NQN_BASE, PATTERN_SEED, POOL_BLOCK_SECTORS, POOL_META_BYTES,
-    PORT_ID, PREFIX, SECTOR, STALE_SEED, VOLUME,
+    PORT_ID, PREFIX, STALE_SEED, VOLUME,
     blockdev::{LoopFile, WriteWatcher, overwrite, pattern_into, sha256_of},
     common::{BenchResult, fio, run_tool},
     era_writes::{ERA_BLOCK_BYTES, LOCAL_ERA_META_THIN_ID},
@@ -94,7 +95,7 @@ pub(crate) async fn era_metadata_device(
         ERA_BLOCK_BYTES,
     );
     let table = Table::single(
-        bytes / SECTOR,
+        sectors(bytes),
         DmTarget::Thin(Thin {
             pool: pool_dev,
             device_id: thin_id,
@@ -193,11 +194,11 @@ impl Rig {
 
         let pool = dm_name("pool")?;
         let pool_table = Table::single(
-            pool_data_bytes / SECTOR,
+            sectors(pool_data_bytes),
             DmTarget::ThinPool(ThinPool {
                 metadata: pool_meta.dev,
                 data: pool_data.dev,
-                data_block_sectors: POOL_BLOCK_SECTORS,
+                data_block_sectors: Sectors(POOL_BLOCK_SECTORS),
                 low_water_blocks: 0,
                 features: Default::default(),
             }),
@@ -206,7 +207,7 @@ impl Rig {
         dm.message(&pool, 0, "create_thin 1").await?;
         let dest = dm_name("dest")?;
         let dest_table = Table::single(
-            size / SECTOR,
+            sectors(size),
             DmTarget::Thin(Thin {
                 pool: pool_dev,
                 device_id: 1,

@@ -9,7 +9,7 @@ use dmclone::dm::status::CloneStatus;
 use serde_json::{Value, json};
 
 use crate::{
-    MB, MIB, SECTOR, WRITE_SAMPLE,
+    MB, MIB, WRITE_SAMPLE,
     blockdev::WriteWatcher,
     common::{BenchResult, Stats, fio, stats, stats_json},
     params::{Knobs, Params, size_label},
@@ -179,7 +179,7 @@ pub(crate) async fn run_contender(
             let status = &completion.status;
             if status.hydration_threshold != knobs.threshold()
                 || status.hydration_batch_size != knobs.batch()
-                || status.region_sectors * SECTOR != knobs.region_bytes
+                || status.region_sectors.bytes() != knobs.region_bytes
             {
                 return Err(format!(
                     "{}: the clone reports region {} sectors, threshold {}, batch {}",

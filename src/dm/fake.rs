@@ -13,6 +13,7 @@
 //! Test-only: compiled for unit tests and the `kernel-fake` feature, never a
 //! runtime mode of the agent.
 
+use crate::units::Sectors;
 use std::{
     collections::BTreeMap,
     sync::{Mutex, MutexGuard},
@@ -147,7 +148,7 @@ impl FakeKernel {
         {
             let mut state = self.state();
             let (clone, len) = state.clone_of(name).expect("a clone device");
-            let regions = len.div_ceil(clone.region_sectors);
+            let regions = len.0.div_ceil(clone.region_sectors.0);
             let key = state
                 .thin_behind(clone.metadata)
                 .expect("clone metadata on a thin device");
@@ -187,10 +188,10 @@ impl FakeKernel {
     pub fn add_foreign_device(&self, name: &str) {
         let disk = self.add_block_device(8);
         let table = Table::single(
-            8,
+            Sectors(8),
             Target::Linear(crate::dm::table::Linear {
                 device: disk,
-                offset: 0,
+                offset: Sectors(0),
             }),
         )
         .expect("a valid table");
@@ -392,7 +393,7 @@ impl State {
     }
 
     /// The clone segment's parameters and length.
-    fn clone_of(&self, name: &str) -> Option<(crate::dm::table::CloneParams, u64)> {
+    fn clone_of(&self, name: &str) -> Option<(crate::dm::table::CloneParams, Sectors)> {
         let table = self.devices.get(name)?.live.as_ref()?;
         table.segments().iter().find_map(|s| match &s.target {
             Target::Clone(clone) => Some((clone.clone(), s.len)),
@@ -400,7 +401,7 @@ impl State {
         })
     }
 
-    fn segment_status(&self, name: &DeviceName, target: &Target, len: u64) -> Result<String> {
+    fn segment_status(&self, name: &DeviceName, target: &Target, len: Sectors) -> Result<String> {
         let device = self.device(name)?;
         Ok(match target {
             Target::ThinPool(pool) => self.pool_status(name.as_str(), pool, len),
@@ -424,7 +425,7 @@ impl State {
                     .and_then(|key| self.thins.get(&key).cloned())
                     .unwrap_or_default();
                 EraStatus {
-                    metadata_block_sectors: 8,
+                    metadata_block_sectors: Sectors(8),
                     metadata: Usage {
                         used: 8,
                         total: 1024,
@@ -441,14 +442,14 @@ impl State {
                     .and_then(|c| c.hydrated_regions)
                     .unwrap_or(0);
                 CloneStatus {
-                    metadata_block_sectors: 8,
+                    metadata_block_sectors: Sectors(8),
                     metadata: Usage {
                         used: 8,
                         total: 1024,
                     },
                     region_sectors: clone.region_sectors,
                     hydrated_regions: hydrated,
-                    total_regions: len.div_ceil(clone.region_sectors),
+                    total_regions: len.0.div_ceil(clone.region_sectors.0),
                     hydrating_regions: 0,
                     features: CloneFeatures {
                         no_hydration: !clone.hydration,
@@ -464,7 +465,7 @@ impl State {
         })
     }
 
-    fn pool_status(&self, pool: &str, table: &crate::dm::table::ThinPool, len: u64) -> String {
+    fn pool_status(&self, pool: &str, table: &crate::dm::table::ThinPool, len: Sectors) -> String {
         let used_sectors: u64 = self
             .thins
             .iter()
@@ -474,8 +475,8 @@ impl State {
         let block = table.data_block_sectors;
         format!(
             "1 20/4096 {}/{} - rw discard_passdown queue_if_no_space - 1024 ",
-            used_sectors.div_ceil(block),
-            len / block
+            used_sectors.div_ceil(block.0),
+            len.0 / block.0
         )
     }
 
@@ -652,8 +653,8 @@ impl Kernel for FakeKernel {
                 .flat_map(|t| t.segments())
                 .map(|segment| {
                     Ok(SegmentStatus {
-                        start: segment.start,
-                        len: segment.len,
+                        start: segment.start.0,
+                        len: segment.len.0,
                         target_type: segment.target.type_name().to_owned(),
                         text: state.segment_status(name, &segment.target, segment.len)?,
                     })
@@ -687,7 +688,7 @@ impl Kernel for FakeKernel {
             let segment = table
                 .segments()
                 .iter()
-                .find(|s| s.start <= sector && sector < s.start + s.len)
+                .find(|s| s.start <= Sectors(sector) && Sectors(sector) < s.start + s.len)
                 .ok_or_else(|| ioctl("message", name.as_str(), Errno::EINVAL))?;
             match &segment.target {
                 Target::ThinPool(_) => state.pool_message(name, message)?,

@@ -10,7 +10,7 @@
 
 use std::{fmt, str::FromStr};
 
-use crate::error::ParseError;
+use crate::{error::ParseError, units::Sectors};
 
 /// Metadata space in 4 KiB blocks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,7 +82,7 @@ impl<'a> Fields<'a> {
     }
 
     /// A number or `-`.
-    fn optional_number(&mut self, name: &str) -> Result<Option<u64>, ParseError> {
+    fn optional_number<T: FromStr>(&mut self, name: &str) -> Result<Option<T>, ParseError> {
         match self.word(name)? {
             "-" => Ok(None),
             word => word
@@ -145,9 +145,9 @@ pub enum CloneMode {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CloneStatus {
     /// Metadata block size in sectors; always 8.
-    pub metadata_block_sectors: u64,
+    pub metadata_block_sectors: Sectors,
     pub metadata: Usage,
-    pub region_sectors: u64,
+    pub region_sectors: Sectors,
     pub hydrated_regions: u64,
     pub total_regions: u64,
     /// Region copies in flight.
@@ -278,7 +278,7 @@ impl fmt::Display for CloneStatus {
 /// `8 <used>/<total> <current_era> <held_root|->`
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EraStatus {
-    pub metadata_block_sectors: u64,
+    pub metadata_block_sectors: Sectors,
     pub metadata: Usage,
     pub current_era: u32,
     /// Metadata block of the held metadata snapshot, if one is held.
@@ -314,7 +314,7 @@ impl fmt::Display for EraStatus {
     }
 }
 
-fn dash_or(value: Option<u64>) -> String {
+fn dash_or<T: fmt::Display>(value: Option<T>) -> String {
     value.map_or_else(|| "-".to_owned(), |v| v.to_string())
 }
 
@@ -460,15 +460,15 @@ impl fmt::Display for ThinPoolStatus {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ThinStatus {
     Active {
-        mapped_sectors: u64,
-        highest_mapped_sector: Option<u64>,
+        mapped_sectors: Sectors,
+        highest_mapped_sector: Option<Sectors>,
     },
     NotOpen,
     Fail,
 }
 
 impl ThinStatus {
-    pub fn mapped_sectors(&self) -> Option<u64> {
+    pub fn mapped_sectors(&self) -> Option<Sectors> {
         match self {
             ThinStatus::Active { mapped_sectors, .. } => Some(*mapped_sectors),
             _ => None,

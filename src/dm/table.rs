@@ -7,7 +7,10 @@
 
 use std::{fmt, str::FromStr};
 
-use crate::error::{Error, ParseError};
+use crate::{
+    error::{Error, ParseError},
+    units::Sectors,
+};
 
 /// A block device by number.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -45,7 +48,7 @@ impl FromStr for DevRef {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Linear {
     pub device: DevRef,
-    pub offset: u64,
+    pub offset: Sectors,
 }
 
 /// Features of a thin pool; the kernel accepts at most four on one line.
@@ -64,7 +67,7 @@ pub struct ThinPool {
     pub metadata: DevRef,
     pub data: DevRef,
     /// 128..=2,097,152 sectors, a multiple of 128.
-    pub data_block_sectors: u64,
+    pub data_block_sectors: Sectors,
     /// In data blocks; crossing it raises a dm event.
     pub low_water_blocks: u64,
     pub features: ThinPoolFeatures,
@@ -86,7 +89,7 @@ pub struct CloneParams {
     pub destination: DevRef,
     pub source: DevRef,
     /// A power of two in 8..=2,097,152 sectors.
-    pub region_sectors: u64,
+    pub region_sectors: Sectors,
     /// Background hydration; `false` renders `no_hydration` (deferred start).
     pub hydration: bool,
     /// `false` renders `no_discard_passdown`.
@@ -103,7 +106,7 @@ pub struct Era {
     pub metadata: DevRef,
     pub origin: DevRef,
     /// Positive and a multiple of 8 sectors.
-    pub block_sectors: u64,
+    pub block_sectors: Sectors,
 }
 
 /// Direction selector of flakey's `corrupt_bio_byte`.
@@ -133,7 +136,7 @@ pub enum FlakeyFeature {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Flakey {
     pub device: DevRef,
-    pub offset: u64,
+    pub offset: Sectors,
     pub up_seconds: u32,
     pub down_seconds: u32,
     pub features: Vec<FlakeyFeature>,
@@ -143,7 +146,7 @@ pub struct Flakey {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DelayLeg {
     pub device: DevRef,
-    pub offset: u64,
+    pub offset: Sectors,
     pub delay_ms: u32,
 }
 
@@ -324,8 +327,10 @@ fn push_counted(line: &mut String, words: &[&str]) {
 fn parse_thin_pool(words: &mut Words<'_>) -> Result<ThinPool, ParseError> {
     let metadata = words.dev()?;
     let data = words.dev()?;
-    let data_block_sectors: u64 = words.number()?;
-    if !(128..=2_097_152).contains(&data_block_sectors) || !data_block_sectors.is_multiple_of(128) {
+    let data_block_sectors: Sectors = words.number()?;
+    if !(128..=2_097_152).contains(&data_block_sectors.0)
+        || !data_block_sectors.0.is_multiple_of(128)
+    {
         return Err(words.error(format!(
             "data block size {data_block_sectors} is not a multiple of 128 in 128..=2097152 sectors"
         )));
@@ -418,8 +423,8 @@ fn parse_clone(words: &mut Words<'_>) -> Result<CloneParams, ParseError> {
     let metadata = words.dev()?;
     let destination = words.dev()?;
     let source = words.dev()?;
-    let region_sectors: u64 = words.number()?;
-    if !region_sectors.is_power_of_two() || !(8..=2_097_152).contains(&region_sectors) {
+    let region_sectors: Sectors = words.number()?;
+    if !region_sectors.0.is_power_of_two() || !(8..=2_097_152).contains(&region_sectors.0) {
         return Err(words.error(format!(
             "region size {region_sectors} is not a power of two in 8..=2097152 sectors"
         )));
@@ -487,8 +492,8 @@ fn parse_clone_core_args(words: &mut Words<'_>, clone: &mut CloneParams) -> Resu
 fn parse_era(words: &mut Words<'_>) -> Result<Era, ParseError> {
     let metadata = words.dev()?;
     let origin = words.dev()?;
-    let block_sectors: u64 = words.number()?;
-    if block_sectors == 0 || !block_sectors.is_multiple_of(8) {
+    let block_sectors: Sectors = words.number()?;
+    if block_sectors == Sectors::ZERO || !block_sectors.0.is_multiple_of(8) {
         return Err(words.error(format!(
             "era block size {block_sectors} is not a positive multiple of 8 sectors"
         )));
@@ -632,8 +637,8 @@ fn parse_delay(words: &mut Words<'_>) -> Result<Delay, ParseError> {
 /// One segment of a table: `len` sectors from `start`, mapped by `target`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Segment {
-    pub start: u64,
-    pub len: u64,
+    pub start: Sectors,
+    pub len: Sectors,
     pub target: Target,
 }
 
@@ -650,9 +655,9 @@ impl Table {
                 "a table needs at least one segment".into(),
             ));
         }
-        let mut next = 0u64;
+        let mut next = Sectors::ZERO;
         for (index, segment) in segments.iter().enumerate() {
-            if segment.len == 0 {
+            if segment.len == Sectors::ZERO {
                 return Err(Error::InvalidTable(format!("segment {index} has length 0")));
             }
             if segment.start != next {
@@ -669,9 +674,9 @@ impl Table {
     }
 
     /// A table of one segment covering `[0, len)`.
-    pub fn single(len: u64, target: Target) -> Result<Self, Error> {
+    pub fn single(len: Sectors, target: Target) -> Result<Self, Error> {
         Self::new(vec![Segment {
-            start: 0,
+            start: Sectors::ZERO,
             len,
             target,
         }])
@@ -682,7 +687,7 @@ impl Table {
     }
 
     /// Total length in sectors.
-    pub fn len_sectors(&self) -> u64 {
+    pub fn len_sectors(&self) -> Sectors {
         self.segments.iter().map(|s| s.len).sum()
     }
 
@@ -692,8 +697,8 @@ impl Table {
             .iter()
             .map(|s| {
                 (
-                    s.start,
-                    s.len,
+                    s.start.0,
+                    s.len.0,
                     s.target.type_name().to_owned(),
                     s.target.params(),
                 )
@@ -707,8 +712,8 @@ impl Table {
             .iter()
             .map(|(start, len, kind, params)| {
                 Ok(Segment {
-                    start: *start,
-                    len: *len,
+                    start: Sectors(*start),
+                    len: Sectors(*len),
                     target: Target::parse(kind, params)?,
                 })
             })

@@ -2,6 +2,7 @@
 
 use super::*;
 use crate::dm::fake::FakeKernel;
+use crate::units::Sectors;
 
 const MIB: u64 = 1 << 20;
 
@@ -38,13 +39,19 @@ fn an_extended_arriving_volume_maps_its_new_range_to_the_thin_device() {
     let table = clone_table(6 * MIB, &layer, devices).unwrap();
     let segments = table.segments();
     assert_eq!(segments.len(), 2);
-    assert_eq!((segments[0].start, segments[0].len), (0, 8192));
-    assert!(
-        matches!(&segments[0].target, Target::Clone(c) if !c.hydration && c.region_sectors == 2048)
+    assert_eq!(
+        (segments[0].start, segments[0].len),
+        (Sectors(0), Sectors(8192))
     );
-    assert_eq!((segments[1].start, segments[1].len), (8192, 4096));
     assert!(
-        matches!(&segments[1].target, Target::Linear(l) if l.device == dev(1) && l.offset == 8192)
+        matches!(&segments[0].target, Target::Clone(c) if !c.hydration && c.region_sectors == Sectors(2048))
+    );
+    assert_eq!(
+        (segments[1].start, segments[1].len),
+        (Sectors(8192), Sectors(4096))
+    );
+    assert!(
+        matches!(&segments[1].target, Target::Linear(l) if l.device == dev(1) && l.offset == Sectors(8192))
     );
     let same_size = clone_table(4 * MIB, &layer, devices).unwrap();
     assert_eq!(same_size.segments().len(), 1);
@@ -70,10 +77,10 @@ async fn ensure_device_creates_adopts_resizes_and_refuses_a_stranger() {
     let dm: &dyn Kernel = &fake;
     let linear = |len: u64, offset: u64| {
         Table::single(
-            len,
+            Sectors(len),
             Target::Linear(Linear {
                 device: disk,
-                offset,
+                offset: Sectors(offset),
             }),
         )
         .unwrap()
@@ -110,10 +117,10 @@ async fn remove_if_present_tolerates_absence_and_refuses_an_open_device() {
     let disk = fake.add_block_device(1 << 20);
     let dm: &dyn Kernel = &fake;
     let table = Table::single(
-        8,
+        Sectors(8),
         Target::Linear(Linear {
             device: disk,
-            offset: 0,
+            offset: Sectors(0),
         }),
     )
     .unwrap();
@@ -134,10 +141,10 @@ async fn remove_if_present_outwaits_an_opener_that_lets_go_by_itself() {
     let disk = fake.add_block_device(1 << 20);
     let dm: &dyn Kernel = &fake;
     let table = Table::single(
-        8,
+        Sectors(8),
         Target::Linear(Linear {
             device: disk,
-            offset: 0,
+            offset: Sectors(0),
         }),
     )
     .unwrap();
@@ -152,18 +159,18 @@ async fn remove_if_present_outwaits_an_opener_that_lets_go_by_itself() {
 async fn swap_fixture(fake: &FakeKernel) -> (DeviceName, Table, Table) {
     let disk = fake.add_block_device(1 << 20);
     let old = Table::single(
-        8,
+        Sectors(8),
         Target::Linear(Linear {
             device: disk,
-            offset: 0,
+            offset: Sectors(0),
         }),
     )
     .unwrap();
     let new = Table::single(
-        8,
+        Sectors(8),
         Target::Linear(Linear {
             device: disk,
-            offset: 8,
+            offset: Sectors(8),
         }),
     )
     .unwrap();

@@ -1,3 +1,4 @@
+use dmclone::units::Sectors;
 use std::{
     collections::HashMap,
     fs::OpenOptions,
@@ -48,7 +49,7 @@ impl CloneFixture {
             metadata: meta.dev,
             destination: dest.dev,
             source: source.dev,
-            region_sectors: REGION_SECTORS,
+            region_sectors: Sectors(REGION_SECTORS),
             hydration,
             discard_passdown: true,
             hydration_threshold: Some(THRESHOLD),
@@ -243,7 +244,7 @@ async fn finished_clone_swaps_to_linear_under_io_without_loss() {
 
     let linear = Target::Linear(Linear {
         device: fixture.dest.dev,
-        offset: 0,
+        offset: Sectors(0),
     });
     let swap_started = Instant::now();
     dm.swap_table(&fixture.name, &table(fixture.source.sectors(), linear))

@@ -1,3 +1,4 @@
+use dmclone::units::Sectors;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 
 use dmclone::dm::table::{Linear, Segment, Table, Target};
@@ -13,7 +14,7 @@ async fn mapper_node_follows_the_device_without_udev() {
     let name = name(prefix, "lin");
     let linear = Target::Linear(Linear {
         device: disk.dev,
-        offset: 0,
+        offset: Sectors(0),
     });
     let state = dm
         .create(
@@ -62,19 +63,19 @@ async fn multi_segment_table_maps_each_range_and_reads_back() {
     let name = name(prefix, "joined");
     let table = Table::new(vec![
         Segment {
-            start: 0,
-            len: first.sectors(),
+            start: Sectors(0),
+            len: Sectors(first.sectors()),
             target: Target::Linear(Linear {
                 device: first.dev,
-                offset: 0,
+                offset: Sectors(0),
             }),
         },
         Segment {
-            start: first.sectors(),
-            len: second.sectors(),
+            start: Sectors(first.sectors()),
+            len: Sectors(second.sectors()),
             target: Target::Linear(Linear {
                 device: second.dev,
-                offset: 0,
+                offset: Sectors(0),
             }),
         },
     ])

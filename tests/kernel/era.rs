@@ -69,7 +69,7 @@ async fn era_reports_exactly_the_blocks_written_since_a_checkpoint() {
     let target = Target::Era(Era {
         metadata: meta.dev,
         origin: origin.dev,
-        block_sectors: ERA_BLOCK_SECTORS,
+        block_sectors: Sectors(ERA_BLOCK_SECTORS),
     });
     dm.create(&name, None, &table(origin.sectors(), target))
         .await
@@ -125,7 +125,7 @@ async fn the_metadata_reader_agrees_with_era_invalidate_and_with_the_writes() {
     let target = Target::Era(Era {
         metadata: meta.dev,
         origin: origin.dev,
-        block_sectors: SMALL_BLOCK / SECTOR,
+        block_sectors: sectors(SMALL_BLOCK),
     });
     dm.create(&name, None, &table(origin.sectors(), target))
         .await

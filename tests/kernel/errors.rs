@@ -1,3 +1,4 @@
+use dmclone::units::Sectors;
 use dmclone::{
     Error,
     dm::table::{CloneParams, DevRef, Linear, Target},
@@ -21,7 +22,7 @@ async fn malformed_table_is_a_typed_error_naming_device_and_line() {
         metadata: meta.dev,
         destination: dest.dev,
         source: source.dev,
-        region_sectors: 8,
+        region_sectors: Sectors(8),
         hydration: true,
         discard_passdown: true,
         hydration_threshold: None,
@@ -62,7 +63,7 @@ async fn rejected_replacement_keeps_the_old_table_serving() {
     let name = name(prefix, "lin");
     let good = Target::Linear(Linear {
         device: disk.dev,
-        offset: 0,
+        offset: Sectors(0),
     });
     dm.create(&name, None, &table(disk.sectors(), good.clone()))
         .await
@@ -73,11 +74,11 @@ async fn rejected_replacement_keeps_the_old_table_serving() {
     // the old table must come back and keep serving.
     let missing_device = Target::Linear(Linear {
         device: DevRef::from((4095, 0)),
-        offset: 0,
+        offset: Sectors(0),
     });
     let beyond_the_end = Target::Linear(Linear {
         device: disk.dev,
-        offset: disk.sectors() * 4,
+        offset: Sectors(disk.sectors() * 4),
     });
     for bad in [missing_device, beyond_the_end] {
         let bad = table(disk.sectors(), bad);
@@ -120,7 +121,7 @@ async fn unknown_and_busy_devices_have_their_own_errors() {
     let name = name(prefix, "open");
     let linear = Target::Linear(Linear {
         device: disk.dev,
-        offset: 0,
+        offset: Sectors(0),
     });
     dm.create(&name, None, &table(disk.sectors(), linear))
         .await

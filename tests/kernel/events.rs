@@ -1,3 +1,4 @@
+use dmclone::units::Sectors;
 use std::time::Duration;
 
 use dmclone::{
@@ -26,7 +27,7 @@ async fn pool_low_water_event_reaches_the_waiter() {
     let pool_target = Target::ThinPool(ThinPool {
         metadata: meta.dev,
         data: data.dev,
-        data_block_sectors: POOL_BLOCK_SECTORS,
+        data_block_sectors: Sectors(POOL_BLOCK_SECTORS),
         // Two free blocks short of full: the first allocation crosses it.
         low_water_blocks: total_blocks - 2,
         features: ThinPoolFeatures::default(),
@@ -76,7 +77,7 @@ async fn waiting_on_a_removed_device_ends_with_not_found() {
     let name = name(prefix, "lin");
     let linear = Target::Linear(dmclone::dm::table::Linear {
         device: disk.dev,
-        offset: 0,
+        offset: Sectors(0),
     });
     let state = dm
         .create(&name, None, &table(disk.sectors(), linear))

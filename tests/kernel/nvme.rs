@@ -4,6 +4,7 @@
 //! TCP port, so the tests run in parallel; each checks that nvmet's configfs
 //! tree ends as it found it.
 
+use dmclone::units::Sectors;
 use std::{
     fs::{self, OpenOptions},
     io::{Read, Seek, SeekFrom, Write},
@@ -523,7 +524,7 @@ async fn dm_clone_hydrates_from_an_nvme_namespace() {
         metadata: meta.dev,
         destination: dest.dev,
         source: connection.namespace.device,
-        region_sectors: 8,
+        region_sectors: Sectors(8),
         hydration: true,
         discard_passdown: true,
         hydration_threshold: Some(1024),

@@ -20,7 +20,7 @@ use loopdev::{LoopControl, LoopDevice};
 use sha2::{Digest, Sha256};
 use tempfile::TempDir;
 
-pub use dmclone::units::SECTOR;
+pub use dmclone::units::{SECTOR, Sectors, sectors};
 pub const MIB: u64 = 1024 * 1024;
 
 /// Opens device-mapper or fails the test with instructions: a real-kernel
@@ -264,7 +264,7 @@ impl PoolFixture {
             Target::ThinPool(ThinPool {
                 metadata: meta.dev,
                 data: data.dev,
-                data_block_sectors: POOL_BLOCK_SECTORS,
+                data_block_sectors: Sectors(POOL_BLOCK_SECTORS),
                 low_water_blocks: 0,
                 features: ThinPoolFeatures::default(),
             }),
@@ -284,7 +284,7 @@ impl PoolFixture {
 
 /// A single-segment table.
 pub fn table(len: u64, target: Target) -> Table {
-    Table::single(len, target).expect("valid table")
+    Table::single(Sectors(len), target).expect("valid table")
 }
 
 /// The refusal reason a status carries (its `google.rpc.ErrorInfo.reason`).

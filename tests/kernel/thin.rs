@@ -32,7 +32,7 @@ async fn thin_pool_serves_independent_thin_volumes() {
 
     // Fresh thin volumes read as zeros and map nothing.
     let fresh: ThinStatus = dm.status_of(&volumes[0], 0).await.unwrap();
-    assert_eq!(fresh.mapped_sectors(), Some(0), "{fresh:?}");
+    assert_eq!(fresh.mapped_sectors(), Some(Sectors(0)), "{fresh:?}");
     assert_eq!(read_at(&volumes[0].mapper_path(), 0, 4096), vec![0u8; 4096]);
 
     let data = pattern(7, 0, MIB as usize);
@@ -48,7 +48,7 @@ async fn thin_pool_serves_independent_thin_volumes() {
     );
 
     let written: ThinStatus = dm.status_of(&volumes[0], 0).await.unwrap();
-    assert_eq!(written.mapped_sectors(), Some(MIB / SECTOR), "{written:?}");
+    assert_eq!(written.mapped_sectors(), Some(sectors(MIB)), "{written:?}");
     let pool_status: ThinPoolHealth = dm.status_of(&pool.name, 0).await.unwrap();
     let used = pool_status.used_data_blocks().expect("pool is healthy");
     assert_eq!(used, MIB / SECTOR / POOL_BLOCK_SECTORS, "{pool_status:?}");

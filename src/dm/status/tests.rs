@@ -1,5 +1,6 @@
 #![allow(clippy::unwrap_used)]
 
+use crate::units::Sectors;
 use proptest::prelude::*;
 
 use super::*;
@@ -16,7 +17,7 @@ fn clone_status_from_dm_facts() {
             total: 4096
         }
     );
-    assert_eq!(status.region_sectors, 8);
+    assert_eq!(status.region_sectors, Sectors(8));
     assert_eq!((status.hydrated_regions, status.total_regions), (0, 2048));
     assert_eq!(status.hydrating_regions, 0);
     assert!(status.features.no_hydration);
@@ -142,13 +143,13 @@ fn thin_and_delay_status() {
     assert_eq!(
         "2048 4095".parse::<ThinStatus>().unwrap(),
         ThinStatus::Active {
-            mapped_sectors: 2048,
-            highest_mapped_sector: Some(4095)
+            mapped_sectors: Sectors(2048),
+            highest_mapped_sector: Some(Sectors(4095))
         }
     );
     assert_eq!(
         "0 -".parse::<ThinStatus>().unwrap().mapped_sectors(),
-        Some(0)
+        Some(Sectors(0))
     );
     assert_eq!("-".parse::<ThinStatus>().unwrap(), ThinStatus::NotOpen);
     assert_eq!("Fail".parse::<ThinStatus>().unwrap(), ThinStatus::Fail);
@@ -227,7 +228,7 @@ fn thin_status_accepts_newer_fields_and_rejects_truncation() {
     assert_eq!(
         "0 - 9 extra".parse::<ThinStatus>().unwrap(),
         ThinStatus::Active {
-            mapped_sectors: 0,
+            mapped_sectors: Sectors(0),
             highest_mapped_sector: None
         }
     );
@@ -254,9 +255,9 @@ fn clone_status() -> impl Strategy<Value = CloneStatus> {
     )
         .prop_map(
             |((block, metadata, region, regions, hydrating), (nh, nd), (t, b), ro)| CloneStatus {
-                metadata_block_sectors: block,
+                metadata_block_sectors: Sectors(block),
                 metadata,
-                region_sectors: region,
+                region_sectors: Sectors(region),
                 hydrated_regions: regions.used,
                 total_regions: regions.total,
                 hydrating_regions: hydrating,
@@ -354,7 +355,7 @@ proptest! {
     fn era_status_round_trips(
         block in any::<u64>(), metadata in usage(), era in any::<u32>(), held in any::<Option<u64>>()
     ) {
-        let status = EraStatus { metadata_block_sectors: block, metadata, current_era: era, held_root: held };
+        let status = EraStatus { metadata_block_sectors: Sectors(block), metadata, current_era: era, held_root: held };
         prop_assert_eq!(status.to_string().parse::<EraStatus>(), Ok(status));
     }
 
@@ -370,7 +371,7 @@ proptest! {
         mapped in any::<u64>(), highest in any::<Option<u64>>(),
         held in any::<(u64, u64, Option<u64>)>()
     ) {
-        let thin = ThinStatus::Active { mapped_sectors: mapped, highest_mapped_sector: highest };
+        let thin = ThinStatus::Active { mapped_sectors: Sectors(mapped), highest_mapped_sector: highest.map(Sectors) };
         prop_assert_eq!(thin.to_string().parse::<ThinStatus>(), Ok(thin));
         let delay = DelayStatus { reads: held.0, writes: held.1, flushes: held.2 };
         prop_assert_eq!(delay.to_string().parse::<DelayStatus>(), Ok(delay));

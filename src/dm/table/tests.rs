@@ -1,5 +1,6 @@
 #![allow(clippy::unwrap_used)]
 
+use crate::units::Sectors;
 use proptest::prelude::*;
 
 use super::*;
@@ -40,7 +41,7 @@ fn clone_line_from_dm_facts_round_trips() {
     assert_eq!(clone.metadata, dev(253, 1));
     assert_eq!(clone.destination, dev(253, 2));
     assert_eq!(clone.source, dev(253, 3));
-    assert_eq!(clone.region_sectors, 8);
+    assert_eq!(clone.region_sectors, Sectors(8));
     assert!(!clone.hydration);
     assert!(clone.discard_passdown);
     assert_eq!(clone.hydration_threshold, Some(256));
@@ -54,7 +55,7 @@ fn clone_renders_minimal_lines() {
         metadata: dev(8, 1),
         destination: dev(8, 2),
         source: dev(8, 3),
-        region_sectors: 8,
+        region_sectors: Sectors(8),
         hydration: true,
         discard_passdown: true,
         hydration_threshold: None,
@@ -127,7 +128,7 @@ fn thin_pool_and_thin_lines() {
     let pool = ThinPool {
         metadata: dev(7, 0),
         data: dev(7, 1),
-        data_block_sectors: 128,
+        data_block_sectors: Sectors(128),
         low_water_blocks: 32,
         features: ThinPoolFeatures {
             skip_block_zeroing: true,
@@ -143,7 +144,7 @@ fn thin_pool_and_thin_lines() {
         Target::ThinPool(ThinPool {
             metadata: dev(7, 0),
             data: dev(7, 1),
-            data_block_sectors: 256,
+            data_block_sectors: Sectors(256),
             low_water_blocks: 0,
             features: ThinPoolFeatures {
                 ignore_discard: true,
@@ -175,7 +176,7 @@ fn era_flakey_delay_and_linear_lines() {
         Target::Era(Era {
             metadata: dev(8, 1),
             origin: dev(8, 2),
-            block_sectors: 128
+            block_sectors: Sectors(128)
         })
     );
     // era does not need a power of two, only a multiple of 8.
@@ -185,7 +186,7 @@ fn era_flakey_delay_and_linear_lines() {
 
     let flakey = Flakey {
         device: dev(7, 3),
-        offset: 0,
+        offset: Sectors(0),
         up_seconds: 5,
         down_seconds: 1,
         features: vec![
@@ -210,12 +211,12 @@ fn era_flakey_delay_and_linear_lines() {
         Target::Delay(Delay {
             read: DelayLeg {
                 device: dev(7, 1),
-                offset: 0,
+                offset: Sectors(0),
                 delay_ms: 0
             },
             write: Some(DelayLeg {
                 device: dev(7, 2),
-                offset: 8,
+                offset: Sectors(8),
                 delay_ms: 400
             }),
             flush: None,
@@ -235,8 +236,8 @@ fn era_flakey_delay_and_linear_lines() {
 #[test]
 fn tables_must_be_contiguous_from_zero() {
     let lin = |start, len| Segment {
-        start,
-        len,
+        start: Sectors(start),
+        len: Sectors(len),
         target: Target::Error,
     };
     assert!(Table::new(vec![]).is_err());
@@ -246,7 +247,7 @@ fn tables_must_be_contiguous_from_zero() {
     assert!(Table::new(vec![lin(0, 8), lin(4, 8)]).is_err());
     assert!(Table::new(vec![lin(0, u64::MAX), lin(u64::MAX, 1)]).is_err());
     let table = Table::new(vec![lin(0, 8), lin(8, 16)]).unwrap();
-    assert_eq!(table.len_sectors(), 24);
+    assert_eq!(table.len_sectors(), Sectors(24));
     assert_eq!(table.to_string(), "0 8 error\n8 16 error");
 }
 
@@ -254,13 +255,13 @@ fn tables_must_be_contiguous_from_zero() {
 fn multi_segment_table_renders_ioctl_targets() {
     let table = Table::new(vec![
         Segment {
-            start: 0,
-            len: 2048,
+            start: Sectors(0),
+            len: Sectors(2048),
             target: parse("clone", "253:5 253:6 259:0 8 1 no_hydration"),
         },
         Segment {
-            start: 2048,
-            len: 1024,
+            start: Sectors(2048),
+            len: Sectors(1024),
             target: parse("thin", "253:0 4"),
         },
     ])
@@ -299,7 +300,7 @@ fn thin_pool() -> impl Strategy<Value = ThinPool> {
         .prop_map(|(metadata, data, blocks, low_water_blocks, f)| ThinPool {
             metadata,
             data,
-            data_block_sectors: blocks * 128,
+            data_block_sectors: Sectors(blocks * 128),
             low_water_blocks,
             features: ThinPoolFeatures {
                 skip_block_zeroing: f[0],
@@ -323,7 +324,7 @@ fn clone_params() -> impl Strategy<Value = CloneParams> {
                 metadata,
                 destination,
                 source,
-                region_sectors: 1 << shift,
+                region_sectors: Sectors(1 << shift),
                 hydration,
                 discard_passdown: discard,
                 hydration_threshold: t,
@@ -355,15 +356,17 @@ fn flakey_feature() -> impl Strategy<Value = FlakeyFeature> {
 fn delay_leg() -> impl Strategy<Value = DelayLeg> {
     (dev_ref(), any::<u64>(), any::<u32>()).prop_map(|(device, offset, delay_ms)| DelayLeg {
         device,
-        offset,
+        offset: Sectors(offset),
         delay_ms,
     })
 }
 
 fn target() -> impl Strategy<Value = Target> {
     prop_oneof![
-        (dev_ref(), any::<u64>())
-            .prop_map(|(device, offset)| Target::Linear(Linear { device, offset })),
+        (dev_ref(), any::<u64>()).prop_map(|(device, offset)| Target::Linear(Linear {
+            device,
+            offset: Sectors(offset)
+        })),
         thin_pool().prop_map(Target::ThinPool),
         (dev_ref(), 0u32..(1 << 24), prop::option::of(dev_ref())).prop_map(
             |(pool, device_id, external_origin)| Target::Thin(Thin {
@@ -377,7 +380,7 @@ fn target() -> impl Strategy<Value = Target> {
             Target::Era(Era {
                 metadata,
                 origin,
-                block_sectors: blocks * 8,
+                block_sectors: Sectors(blocks * 8),
             })
         }),
         (
@@ -389,7 +392,7 @@ fn target() -> impl Strategy<Value = Target> {
             .prop_map(|(device, offset, (up, down), features)| {
                 Target::Flakey(Flakey {
                     device,
-                    offset,
+                    offset: Sectors(offset),
                     up_seconds: up,
                     down_seconds: down,
                     features,
@@ -444,7 +447,7 @@ proptest! {
         let segments: Vec<Segment> = parts
             .into_iter()
             .map(|(len, target)| {
-                let segment = Segment { start, len, target };
+                let segment = Segment { start: Sectors(start), len: Sectors(len), target };
                 start += len;
                 segment
             })
@@ -470,8 +473,8 @@ proptest! {
     fn gaps_and_overlaps_are_rejected(len in 1u64..1000, shift in 1u64..1000, overlap in any::<bool>()) {
         let second_start = if overlap { shift % len } else { len + shift };
         let segments = vec![
-            Segment { start: 0, len, target: Target::Error },
-            Segment { start: second_start, len: 8, target: Target::Error },
+            Segment { start: Sectors(0), len: Sectors(len), target: Target::Error },
+            Segment { start: Sectors(second_start), len: Sectors(8), target: Target::Error },
         ];
         prop_assert!(Table::new(segments).is_err());
     }

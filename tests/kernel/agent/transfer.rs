@@ -3,6 +3,7 @@
 //! event; deferred start with commit or abort; pause, resume and throttle;
 //! extend while hydrating; crashes and a failing source along the way.
 
+use dmclone::units::Sectors;
 use std::{
     path::{Path, PathBuf},
     time::{Duration, Instant},
@@ -777,7 +778,7 @@ async fn a_failing_source_degrades_the_transfer_until_it_returns() {
         size / SECTOR,
         Target::Linear(Linear {
             device: disk.dev,
-            offset: 0,
+            offset: Sectors(0),
         }),
     );
     dm.create(&source_name, None, &healthy).await.unwrap();
