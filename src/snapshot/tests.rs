@@ -188,15 +188,7 @@ async fn a_snapshot_cut_after_its_record_is_rolled_back_and_a_delete_finished() 
     })
     .await;
     let agent = host.restart(agent).await.unwrap();
-    assert!(
-        agent
-            .snapshots
-            .list_snapshots(None)
-            .await
-            .unwrap()
-            .is_empty()
-    );
-    assert_eq!(thin_ids(&host).len(), 2);
+    assert_no_snapshots_left(&agent, &host).await;
 
     agent
         .snapshots
@@ -209,15 +201,7 @@ async fn a_snapshot_cut_after_its_record_is_rolled_back_and_a_delete_finished() 
     })
     .await;
     let agent = host.restart(agent).await.unwrap();
-    assert!(
-        agent
-            .snapshots
-            .list_snapshots(None)
-            .await
-            .unwrap()
-            .is_empty()
-    );
-    assert_eq!(thin_ids(&host).len(), 2);
+    assert_no_snapshots_left(&agent, &host).await;
 }
 
 #[tokio::test]
@@ -250,4 +234,11 @@ async fn a_revert_cut_after_its_record_is_finished_at_the_next_start() {
         3,
         "volume, its era metadata, the snapshot"
     );
+}
+
+/// No snapshot is listed, and the pool holds only the volume's thin ids.
+async fn assert_no_snapshots_left(agent: &Agent, host: &TestHost) {
+    let listed = agent.snapshots.list_snapshots(None).await.unwrap();
+    assert!(listed.is_empty(), "{listed:?}");
+    assert_eq!(thin_ids(host).len(), 2);
 }

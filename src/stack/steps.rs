@@ -161,19 +161,7 @@ impl Context {
             self.ensure_public_device(volume).await?;
             return Ok(());
         }
-        let (source, _) = self.attach_source(&transfer.source, &volume.id).await?;
-        let metadata = self.ensure_metadata_device(volume, &transfer).await?;
-        let destination = self.ensure_thin_device(volume).await?;
-        let hydrate = matches!(
-            transfer.phase,
-            TransferPhase::Hydrating | TransferPhase::Finalizing
-        );
-        let devices = CloneDevices {
-            metadata,
-            destination,
-            source,
-        };
-        let table = self.clone_table(volume, &transfer, devices, hydrate)?;
+        let table = self.arriving_table(volume, &transfer).await?;
         if self.dm.table(&public).await? != table {
             // swap_table suspends before loading: the clone's metadata stays
             // consistent across the reload.
@@ -189,6 +177,19 @@ impl Context {
         volume: &VolumeRecord,
         transfer: &TransferRecord,
     ) -> Result<(), AgentError> {
+        let table = self.arriving_table(volume, transfer).await?;
+        let public = self.naming.public(&volume.id);
+        self.ensure_device(&public, &table, |_| false).await?;
+        Ok(())
+    }
+
+    /// The clone table of an arriving volume, over its source, clone
+    /// metadata and thin device (each adopted, or made when missing).
+    async fn arriving_table(
+        &self,
+        volume: &VolumeRecord,
+        transfer: &TransferRecord,
+    ) -> Result<Table, AgentError> {
         let (source, _) = self.attach_source(&transfer.source, &volume.id).await?;
         let metadata = self.ensure_metadata_device(volume, transfer).await?;
         let destination = self.ensure_thin_device(volume).await?;
@@ -201,10 +202,7 @@ impl Context {
             destination,
             source,
         };
-        let table = self.clone_table(volume, transfer, devices, hydrate)?;
-        let public = self.naming.public(&volume.id);
-        self.ensure_device(&public, &table, |_| false).await?;
-        Ok(())
+        self.clone_table(volume, transfer, devices, hydrate)
     }
 
     pub(crate) async fn ensure_metadata_device(

@@ -111,19 +111,24 @@ async fn ensure_device_creates_adopts_resizes_and_refuses_a_stranger() {
     );
 }
 
-#[tokio::test]
-async fn remove_if_present_tolerates_absence_and_refuses_an_open_device() {
-    let fake = FakeKernel::new();
+/// An 8-sector linear table over a new disk of `fake`.
+fn small_linear(fake: &FakeKernel) -> Table {
     let disk = fake.add_block_device(1 << 20);
-    let dm: &dyn Kernel = &fake;
-    let table = Table::single(
+    Table::single(
         Sectors(8),
         Target::Linear(Linear {
             device: disk,
             offset: Sectors(0),
         }),
     )
-    .unwrap();
+    .unwrap()
+}
+
+#[tokio::test]
+async fn remove_if_present_tolerates_absence_and_refuses_an_open_device() {
+    let fake = FakeKernel::new();
+    let table = small_linear(&fake);
+    let dm: &dyn Kernel = &fake;
     let device = name("t-b");
     remove_if_present(dm, &device).await.unwrap();
     dm.create(&device, None, &table).await.unwrap();
@@ -138,16 +143,8 @@ async fn remove_if_present_tolerates_absence_and_refuses_an_open_device() {
 #[tokio::test]
 async fn remove_if_present_outwaits_an_opener_that_lets_go_by_itself() {
     let fake = FakeKernel::new();
-    let disk = fake.add_block_device(1 << 20);
+    let table = small_linear(&fake);
     let dm: &dyn Kernel = &fake;
-    let table = Table::single(
-        Sectors(8),
-        Target::Linear(Linear {
-            device: disk,
-            offset: Sectors(0),
-        }),
-    )
-    .unwrap();
     let device = name("t-c");
     dm.create(&device, None, &table).await.unwrap();
     fake.open_briefly("t-c");

@@ -182,15 +182,23 @@ fn nvme_request(n: u32, volume: &VolumeId, endpoint: &str) -> StartRequest {
     }
 }
 
-#[tokio::test]
-async fn a_move_over_nvme_connects_then_lets_go_and_asks_the_source_to_release() {
-    let host = TestHost::new();
+/// A destination with volume 1 arriving over NVMe/TCP from another agent.
+async fn arriving_over_nvme(
+    host: &TestHost,
+) -> (std::sync::Arc<crate::agent::Agent>, VolumeId, TransferId) {
     host.fabric.offer(SOURCE_SUBSYSTEM, 8 * MIB);
     let agent = host.start().await.unwrap();
     let id = volume_id(1);
     let request = nvme_request(1, &id, "unix:/run/source-agent.sock");
     let transfer = request.transfer.clone();
     agent.transfers.start_transfer(request).await.unwrap();
+    (agent, id, transfer)
+}
+
+#[tokio::test]
+async fn a_move_over_nvme_connects_then_lets_go_and_asks_the_source_to_release() {
+    let host = TestHost::new();
+    let (agent, id, transfer) = arriving_over_nvme(&host).await;
     assert_eq!(host.fabric.connections(), [SOURCE_SUBSYSTEM]);
     let table = host.kernel.table_text(&format!("dmt-{id}")).unwrap();
     assert!(table.starts_with("0 16384 clone "), "{table}");
@@ -199,11 +207,11 @@ async fn a_move_over_nvme_connects_then_lets_go_and_asks_the_source_to_release()
     transfer_reaches(&agent, &transfer, TransferState::Done).await;
     assert!(host.fabric.connections().is_empty(), "the source is let go");
     // The source does not answer at first; the destination asks again.
-    wait_until(|| !host.releases.asked().is_empty()).await;
+    wait_until(async || !host.releases.asked().is_empty()).await;
     host.releases.answer();
-    wait_until(|| host.releases.asked().len() >= 2).await;
+    wait_until(async || host.releases.asked().len() >= 2).await;
     assert!(host.releases.asked().iter().all(|v| v == id.as_str()));
-    wait_until_async(async || {
+    wait_until(async || {
         agent
             .ctx
             .transfer_record(&transfer)
@@ -235,12 +243,7 @@ async fn a_move_from_a_source_nobody_exports_leaves_nothing() {
 #[tokio::test]
 async fn an_aborted_move_disconnects_and_asks_no_release() {
     let host = TestHost::new();
-    host.fabric.offer(SOURCE_SUBSYSTEM, 8 * MIB);
-    let agent = host.start().await.unwrap();
-    let id = volume_id(1);
-    let request = nvme_request(1, &id, "unix:/run/source-agent.sock");
-    let transfer = request.transfer.clone();
-    agent.transfers.start_transfer(request).await.unwrap();
+    let (agent, id, transfer) = arriving_over_nvme(&host).await;
     agent.transfers.abort_transfer(&transfer).await.unwrap();
     assert!(host.fabric.connections().is_empty());
     assert!(!host.devices().iter().any(|d| d.contains(id.as_str())));
@@ -251,17 +254,7 @@ async fn an_aborted_move_disconnects_and_asks_no_release() {
     );
 }
 
-async fn wait_until(done: impl Fn() -> bool) {
-    for _ in 0..500 {
-        if done() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("not reached in 5 s");
-}
-
-async fn wait_until_async(done: impl AsyncFn() -> bool) {
+async fn wait_until(done: impl AsyncFn() -> bool) {
     for _ in 0..500 {
         if done().await {
             return;
