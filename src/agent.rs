@@ -176,6 +176,7 @@ impl Agent {
             finished = agent.reconcile.finished,
             rolled_back = agent.reconcile.rolled_back,
             quarantined = agent.reconcile.quarantined,
+            degraded = agent.reconcile.degraded,
             unknown_devices = agent.reconcile.unknown_devices.len(),
             millis = agent.reconcile.duration.as_millis() as u64,
             "reconciled the kernel with the store"

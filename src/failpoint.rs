@@ -37,6 +37,7 @@ pub const POINTS: &[&str] = &[
     "transfer.after_record",
     "transfer.after_metadata",
     "finalize.after_record",
+    "finalize.after_resume",
     "finalize.after_swap",
     "abort.after_record",
     "snapshot.after_record",

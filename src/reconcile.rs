@@ -30,6 +30,9 @@ pub struct ReconcileReport {
     /// Interrupted creates undone.
     pub rolled_back: usize,
     pub quarantined: usize,
+    /// Transfers whose devices could not be brought back at start; their
+    /// monitors keep trying.
+    pub degraded: usize,
     /// Devices with our prefix that no record explains, left in place.
     pub unknown_devices: Vec<String>,
     pub duration: Duration,
@@ -70,8 +73,19 @@ impl Reconciler {
             .store_call(|store| store.all::<TransferRecord>())
             .await?;
         for transfer in &transfers {
-            self.reconcile_transfer(transfer, &before, &mut report)
-                .await?;
+            // One transfer (say, whose source is unreachable after a reboot)
+            // must not keep every other volume of the host down.
+            if let Err(err) = self
+                .reconcile_transfer(transfer, &before, &mut report)
+                .await
+            {
+                report.degraded += 1;
+                let reason = format!("its devices did not come back at start: {err}; retrying");
+                warn!(transfer = %transfer.id, %reason, "transfer degraded");
+                self.ctx
+                    .registry
+                    .with_live(&transfer.id, |live| live.degraded = Some(reason));
+            }
         }
         let records = self.ctx.store_call(|store| store.volumes()).await?;
         report.volumes = records.len();
@@ -228,7 +242,11 @@ impl Reconciler {
             }
             (TransferPhase::Finalizing, Some(volume)) => {
                 report.finished += 1;
-                if transfer.switched_local {
+                // A crash between the swap and its record: the live local
+                // table says the switch happened.
+                let switched = transfer.switched_local
+                    || (!public_missing && !self.ctx.public_is_clone(&volume).await?);
+                if switched {
                     self.ctx.ensure_public_device(&volume).await.map(drop)
                 } else {
                     self.ctx.rebuild_stack(&volume, transfer).await
@@ -293,22 +311,30 @@ impl Reconciler {
             .store_call(|store| store.all::<SnapshotRecord>())
             .await?;
         for snapshot in snapshots {
-            self.ctx
-                .remove_device_if_present(&self.ctx.snapshot_name(&snapshot))
-                .await?;
-            match snapshot.pending {
-                Some(Pending::Create) => {
-                    info!(snapshot = %snapshot.id, "rolling back a snapshot interrupted by a crash");
-                    self.snapshots.finish_snapshot_delete(&snapshot).await?;
-                }
-                Some(_) => {
-                    info!(snapshot = %snapshot.id, "finishing a snapshot delete interrupted by a crash");
-                    self.snapshots.finish_snapshot_delete(&snapshot).await?;
-                }
-                None => {}
+            if let Err(err) = self.reconcile_snapshot(&snapshot).await {
+                // Its intent stays: the next start (or a retried delete)
+                // finishes it.
+                warn!(snapshot = %snapshot.id, error = %err, "cannot finish a snapshot step interrupted by a crash");
             }
         }
         Ok(())
+    }
+
+    async fn reconcile_snapshot(&self, snapshot: &SnapshotRecord) -> Result<(), AgentError> {
+        self.ctx
+            .remove_device_if_present(&self.ctx.snapshot_name(snapshot))
+            .await?;
+        match snapshot.pending {
+            Some(Pending::Create) => {
+                info!(snapshot = %snapshot.id, "rolling back a snapshot interrupted by a crash");
+                self.snapshots.finish_snapshot_delete(snapshot).await
+            }
+            Some(_) => {
+                info!(snapshot = %snapshot.id, "finishing a snapshot delete interrupted by a crash");
+                self.snapshots.finish_snapshot_delete(snapshot).await
+            }
+            None => Ok(()),
+        }
     }
 
     async fn unexplained_devices(

@@ -61,6 +61,18 @@ impl FakeFabric {
             .insert(subsystem.to_owned(), size_bytes);
     }
 
+    /// Another host stops exporting `subsystem` (or cannot be reached).
+    pub fn withdraw(&self, subsystem: &str) {
+        self.state().offered.remove(subsystem);
+    }
+
+    /// The host rebooted: no export and no connection survives.
+    pub fn reboot(&self) {
+        let mut state = self.state();
+        state.exports.clear();
+        state.connections.clear();
+    }
+
     /// Exports by subsystem NQN: (allowed host, exported device path).
     pub fn exports(&self) -> BTreeMap<String, (String, String)> {
         self.state()

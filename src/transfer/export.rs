@@ -203,10 +203,13 @@ impl Exports {
                 .any(|r| r.id == volume.as_str() && r.export.is_some())
             {
                 info!(%subsystem, "removing an export no record names");
-                self.ctx
-                    .fabric
-                    .unexport(&Nqn::parse("subsystem_nqn", &subsystem)?)
-                    .await?;
+                let removed = match Nqn::parse("subsystem_nqn", &subsystem) {
+                    Ok(nqn) => self.ctx.fabric.unexport(&nqn).await,
+                    Err(err) => Err(err),
+                };
+                if let Err(err) = removed {
+                    warn!(%subsystem, error = %err, "cannot remove an export no record names");
+                }
             }
         }
         for record in records {

@@ -342,7 +342,11 @@ async fn a_running_transfer_gets_its_clone_back_after_a_reboot_and_finishes() {
 
 #[tokio::test]
 async fn a_finalize_cut_anywhere_is_finished_at_the_next_start() {
-    for point in ["finalize.after_record", "finalize.after_swap"] {
+    for point in [
+        "finalize.after_record",
+        "finalize.after_resume",
+        "finalize.after_swap",
+    ] {
         let host = host();
         let agent = host.start().await.unwrap();
         let id = volume_id(1);
@@ -360,6 +364,7 @@ async fn a_finalize_cut_anywhere_is_finished_at_the_next_start() {
         })
         .await;
         let agent = host.restart(agent).await.unwrap();
+        assert_eq!(agent.reconcile_report().degraded, 0, "{point}");
         transfer_reaches(&agent, &transfer_id(1), TransferState::Done).await;
         let table = host.kernel.table_text(&public(&id)).unwrap();
         assert!(table.starts_with("0 16384 era "), "{point}: {table}");

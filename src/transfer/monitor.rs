@@ -101,10 +101,15 @@ impl Transfers {
                 return Ok(Next::Wait);
             }
             Err(err) => {
-                self.set_degraded(
-                    transfer,
-                    Some(format!("cannot read the clone's status: {err}")),
-                );
+                // After a reboot the stack may not have come back (its source
+                // was unreachable at start): build it again until it does.
+                let reason = match self.rebuild(transfer).await {
+                    Ok(()) => None,
+                    Err(rebuild) => Some(format!(
+                        "cannot read the clone's status ({err}) nor bring its devices back ({rebuild}); retrying"
+                    )),
+                };
+                self.set_degraded(transfer, reason);
                 return Ok(Next::Wait);
             }
         };
@@ -144,6 +149,15 @@ impl Transfers {
                 .await;
         }
         Ok(Next::Wait)
+    }
+
+    /// Builds a transfer's stack again, under its volume's lock.
+    async fn rebuild(&self, transfer: &TransferRecord) -> Result<(), AgentError> {
+        let _held = self.ctx.locks.lock(&transfer.volume_id).await;
+        let Some(volume) = self.ctx.record(&transfer.volume_id).await? else {
+            return Ok(());
+        };
+        self.ctx.rebuild_stack(&volume, transfer).await
     }
 
     fn set_degraded(&self, transfer: &TransferRecord, reason: Option<String>) {
@@ -217,6 +231,8 @@ impl Transfers {
                 self.ctx.put_transfer(&transfer).await?;
                 return Ok(false);
             }
+            // The public device is local from here, recorded or not.
+            failpoint::hit("finalize.after_resume");
             transfer.switched_local = true;
             self.ctx.put_transfer(&transfer).await?;
         }

@@ -222,6 +222,44 @@ async fn a_move_over_nvme_connects_then_lets_go_and_asks_the_source_to_release()
     .await;
 }
 
+/// After a reboot the source cannot be reached: the transfer degrades and
+/// keeps trying while every other volume of the host comes back, and it
+/// goes on once the source is back.
+#[tokio::test]
+async fn a_source_unreachable_after_a_reboot_degrades_only_its_transfer() {
+    let host = TestHost::new();
+    let (agent, id, transfer) = arriving_over_nvme(&host).await;
+    let other = volume_id(2);
+    agent.volumes.create_volume(&other, 8 * MIB).await.unwrap();
+    agent.volumes.publish_volume(&other).await.unwrap();
+    host.kernel.reboot();
+    host.fabric.reboot();
+    host.fabric.withdraw(SOURCE_SUBSYSTEM);
+
+    let agent = host.restart(agent).await.unwrap();
+    assert_eq!(agent.reconcile_report().degraded, 1);
+    assert!(
+        host.devices().contains(&format!("dmt-{other}")),
+        "the other volume is back"
+    );
+    let view = agent.transfers.get_transfer(&transfer).await.unwrap();
+    assert_eq!(view.state, TransferState::Degraded);
+    assert!(view.message.contains("retrying"), "{}", view.message);
+
+    host.fabric.offer(SOURCE_SUBSYSTEM, 8 * MIB);
+    wait_until(async || {
+        let view = agent.transfers.get_transfer(&transfer).await.unwrap();
+        view.state == TransferState::Hydrating
+            && host
+                .kernel
+                .table_text(&format!("dmt-{id}"))
+                .is_some_and(|t| t.contains(" clone "))
+    })
+    .await;
+    host.kernel.hydrate(&format!("dmt-{id}"));
+    transfer_reaches(&agent, &transfer, TransferState::Done).await;
+}
+
 #[tokio::test]
 async fn a_move_from_a_source_nobody_exports_leaves_nothing() {
     let host = TestHost::new();

@@ -697,6 +697,10 @@ async fn kill9_inside_start_finalize_and_abort() {
             "6b9d1c3e-5f1a-4f7e-9a57-3f0c2b8f6d0a",
         ),
         (
+            "finalize.after_resume",
+            "6b9d1c3e-5f1a-4f7e-9a57-3f0c2b8f6d0c",
+        ),
+        (
             "finalize.after_swap",
             "6b9d1c3e-5f1a-4f7e-9a57-3f0c2b8f6d0b",
         ),
