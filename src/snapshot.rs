@@ -72,7 +72,22 @@ impl Snapshots {
                     detail: format!("of volume {}, not of {volume}", existing.volume_id),
                 });
             }
-            return Ok(self.snapshot_view(&existing).await);
+            match existing.pending {
+                None => return Ok(self.snapshot_view(&existing).await),
+                // The call that began it went away half-way (its caller gave
+                // up): a success now would name a snapshot the next start
+                // rolls back. Undo it and take it again.
+                Some(Pending::Create) => {
+                    info!(snapshot = %id, "a create of this snapshot stopped half-way: taking it again");
+                    self.finish_snapshot_delete(&existing).await?;
+                }
+                Some(_) => {
+                    return Err(Refusal::SnapshotPending {
+                        snapshot: id.clone(),
+                    }
+                    .into());
+                }
+            }
         }
         let mut origin = self.ctx.ready_record(volume, "be snapshotted").await?;
         if let Some(transfer) = &origin.transfer {

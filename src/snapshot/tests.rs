@@ -204,6 +204,33 @@ async fn a_snapshot_cut_after_its_record_is_rolled_back_and_a_delete_finished() 
     assert_no_snapshots_left(&agent, &host).await;
 }
 
+/// A caller that gave up half-way retries: the retry answers with a
+/// snapshot that exists in truth, one the next start keeps.
+#[tokio::test]
+async fn a_retried_create_finishes_what_a_cut_one_began() {
+    let host = TestHost::new();
+    let (agent, id) = published_volume(&host).await;
+    let caller = Arc::clone(&agent);
+    let volume = id.clone();
+    crash("snapshot.after_record", async move {
+        caller
+            .snapshots
+            .create_snapshot(&snapshot_id(1), &volume)
+            .await
+    })
+    .await;
+    let taken = agent
+        .snapshots
+        .create_snapshot(&snapshot_id(1), &id)
+        .await
+        .unwrap();
+    assert_eq!(taken.id, snapshot_id(1));
+    assert_eq!(thin_ids(&host).len(), 3, "one thin id for the snapshot");
+    let agent = host.restart(agent).await.unwrap();
+    let listed = agent.snapshots.list_snapshots(None).await.unwrap();
+    assert_eq!(listed, [taken], "the next start keeps it");
+}
+
 #[tokio::test]
 async fn a_revert_cut_after_its_record_is_finished_at_the_next_start() {
     let host = TestHost::new();
