@@ -169,3 +169,36 @@ async fn questions_the_history_cannot_answer_are_refused_before_any_reading() {
         "no refused question took a metadata snapshot"
     );
 }
+
+/// A snapshot recorded without an era (taken by an agent that did not track
+/// changes yet) cannot anchor a changed-block question.
+#[tokio::test]
+async fn a_snapshot_without_an_era_is_refused_as_a_starting_point() {
+    let host = TestHost::new();
+    let agent = host.start().await.unwrap();
+    let id = volume_id(1);
+    agent.volumes.create_volume(&id, 4 * MIB).await.unwrap();
+    agent.volumes.publish_volume(&id).await.unwrap();
+    let snapshot = SnapshotId::parse("10000000-0000-4000-8000-000000000001").unwrap();
+    agent
+        .snapshots
+        .create_snapshot(&snapshot, &id)
+        .await
+        .unwrap();
+    let mut record = agent.ctx.snapshot_record(&snapshot).await.unwrap().unwrap();
+    record.era = None;
+    agent
+        .ctx
+        .store_call(move |store| store.commit(vec![crate::store::Change::put(&record)?]))
+        .await
+        .unwrap();
+    let refused = agent
+        .changes
+        .changed_blocks(&id, &Since::Snapshot(snapshot))
+        .await;
+    assert_eq!(
+        refusal(&refused),
+        Some("SNAPSHOT_NOT_TRACKED"),
+        "{refused:?}"
+    );
+}

@@ -269,3 +269,27 @@ async fn assert_no_snapshots_left(agent: &Agent, host: &TestHost) {
     assert!(listed.is_empty(), "{listed:?}");
     assert_eq!(thin_ids(host).len(), 2);
 }
+
+#[tokio::test]
+async fn a_snapshot_being_deleted_is_not_taken_again_until_the_delete_ends() {
+    let host = TestHost::new();
+    let (agent, id) = published_volume(&host).await;
+    agent
+        .snapshots
+        .create_snapshot(&snapshot_id(1), &id)
+        .await
+        .unwrap();
+    let caller = Arc::clone(&agent);
+    crash("snapshot.delete_after_record", async move {
+        caller.snapshots.delete_snapshot(&snapshot_id(1)).await
+    })
+    .await;
+    let refused = agent.snapshots.create_snapshot(&snapshot_id(1), &id).await;
+    assert_eq!(refusal(&refused), Some("SNAPSHOT_PENDING"), "{refused:?}");
+    agent
+        .snapshots
+        .delete_snapshot(&snapshot_id(1))
+        .await
+        .unwrap();
+    assert_no_snapshots_left(&agent, &host).await;
+}

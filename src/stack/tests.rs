@@ -133,7 +133,12 @@ async fn remove_if_present_tolerates_absence_and_refuses_an_open_device() {
     remove_if_present(dm, &device).await.unwrap();
     dm.create(&device, None, &table).await.unwrap();
     fake.open_device("t-b");
-    assert!(remove_if_present(dm, &device).await.is_err());
+    let refused = remove_if_present(dm, &device).await;
+    assert_eq!(
+        crate::testing::refusal(&refused),
+        Some("DEVICE_IN_USE"),
+        "{refused:?}"
+    );
     assert!(fake.device_names().contains(&"t-b".to_owned()));
     fake.close_device("t-b");
     remove_if_present(dm, &device).await.unwrap();

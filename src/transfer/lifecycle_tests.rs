@@ -12,7 +12,7 @@ use super::*;
 use crate::{
     error::AgentError,
     ids::{TransferId, VolumeId},
-    testing::{MIB, TestHost, crash, transfer_reaches, volume_id},
+    testing::{MIB, TestHost, crash, refusal, transfer_reaches, volume_id},
 };
 
 const SOURCE: &str = "/dev/fake-source";
@@ -453,4 +453,23 @@ async fn an_arriving_volume_unpublished_loses_its_device_once_the_transfer_is_do
     }
     assert!(!host.devices().contains(&public(&id)));
     assert!(!agent.volumes.get_volume(&id).await.unwrap().published);
+}
+
+#[tokio::test]
+async fn a_finished_transfer_cannot_be_aborted_or_paused() {
+    let host = host();
+    let agent = host.start().await.unwrap();
+    let id = volume_id(1);
+    agent
+        .transfers
+        .start_transfer(request(1, &id, false))
+        .await
+        .unwrap();
+    host.kernel.hydrate(&public(&id));
+    transfer_reaches(&agent, &transfer_id(1), TransferState::Done).await;
+    let abort = agent.transfers.abort_transfer(&transfer_id(1)).await;
+    assert_eq!(refusal(&abort), Some("TRANSFER_WRONG_STATE"), "{abort:?}");
+    let pause = agent.transfers.pause_transfer(&transfer_id(1)).await;
+    assert_eq!(refusal(&pause), Some("TRANSFER_WRONG_STATE"), "{pause:?}");
+    assert!(host.devices().contains(&public(&id)), "nothing changed");
 }

@@ -457,3 +457,47 @@ async fn a_device_that_contradicts_its_record_quarantines_the_volume() {
             .contains("linear")
     );
 }
+
+/// A call whose caller went away half-way leaves its intent; until a retry
+/// or the next start finishes it, other calls are refused with its reason.
+#[tokio::test]
+async fn a_volume_in_the_middle_of_a_create_or_delete_refuses_other_calls() {
+    let host = TestHost::new();
+    let agent = host.start().await.unwrap();
+    let id = volume_id(1);
+    let (caller, volume) = (Arc::clone(&agent), id.clone());
+    crash("create.after_thin", async move {
+        caller.volumes.create_volume(&volume, 4 * MIB).await
+    })
+    .await;
+    let refused = agent.volumes.publish_volume(&id).await;
+    assert_eq!(
+        refusal(&refused),
+        Some("VOLUME_BEING_CREATED"),
+        "{refused:?}"
+    );
+    // The retry Cinder makes finishes the create.
+    agent.volumes.create_volume(&id, 4 * MIB).await.unwrap();
+    agent.volumes.publish_volume(&id).await.unwrap();
+    agent.volumes.unpublish_volume(&id).await.unwrap();
+
+    let (caller, volume) = (Arc::clone(&agent), id.clone());
+    crash("delete.after_record", async move {
+        caller.volumes.delete_volume(&volume).await
+    })
+    .await;
+    let refused = agent.volumes.publish_volume(&id).await;
+    assert_eq!(
+        refusal(&refused),
+        Some("VOLUME_BEING_DELETED"),
+        "{refused:?}"
+    );
+    let refused = agent.volumes.create_volume(&id, 4 * MIB).await;
+    assert_eq!(
+        refusal(&refused),
+        Some("VOLUME_BEING_DELETED"),
+        "{refused:?}"
+    );
+    agent.volumes.delete_volume(&id).await.unwrap();
+    assert!(roles(&host, 1).is_empty());
+}
