@@ -240,22 +240,32 @@ fn tls_error(tcp: &TcpSettings, err: impl std::fmt::Display) -> AgentError {
 
 /// Runs one RPC in a span with its method, object id and request id, logs
 /// its outcome and maps errors to statuses.
-pub(crate) async fn handle<T, F>(
-    agent: &Agent,
+///
+/// The call runs in a task of its own: tonic drops a handler when its
+/// client gives up (a deadline, a closed connection), and a call dropped
+/// between two kernel steps would leave them half done (a device left
+/// suspended, a transfer without its monitor). The task finishes what it
+/// began, logs how it ended, and a retry finds the result.
+pub(crate) async fn handle<T, C, F>(
+    agent: &Arc<Agent>,
     method: &'static str,
     metadata: &MetadataMap,
-    object_id: &str,
-    call: F,
+    object_id: impl AsRef<str>,
+    call: C,
 ) -> Result<Response<T>, Status>
 where
-    F: Future<Output = Result<T, AgentError>>,
+    T: Send + 'static,
+    C: FnOnce(Arc<Agent>) -> F,
+    F: Future<Output = Result<T, AgentError>> + Send + 'static,
 {
     let request_id = metadata
         .get(REQUEST_ID_KEY)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
-    let span = info_span!("rpc", method, id = object_id, request_id);
-    async move {
+    let span = info_span!("rpc", method, id = object_id.as_ref(), request_id);
+    let call = call(Arc::clone(agent));
+    let agent = Arc::clone(agent);
+    let work = async move {
         let started = Instant::now();
         let result = call.await;
         let millis = started.elapsed().as_millis() as u64;
@@ -278,16 +288,20 @@ where
             }
         }
     }
-    .instrument(span)
-    .await
+    .instrument(span);
+    tokio::spawn(work).await.unwrap_or_else(|err| {
+        Err(Status::internal(format!(
+            "the agent's task for {method} ended abnormally: {err}"
+        )))
+    })
 }
 
 /// The object id a request names, for the span, cut short if a caller sent
 /// something huge.
-pub(crate) fn span_id(raw: &str) -> &str {
+pub(crate) fn span_id(raw: &str) -> String {
     match raw.char_indices().nth(64) {
-        Some((end, _)) => &raw[..end],
-        None => raw,
+        Some((end, _)) => raw[..end].to_owned(),
+        None => raw.to_owned(),
     }
 }
 

@@ -25,9 +25,13 @@ impl pb::node_server::Node for NodeApi {
         request: Request<pb::GetNodeInfoRequest>,
     ) -> Result<Response<pb::NodeInfo>, Status> {
         let (metadata, _) = parts(request);
-        handle(&self.agent, "GetNodeInfo", &metadata, "", async {
-            Ok(convert::node_info(self.agent.node_info().await?))
-        })
+        handle(
+            &self.agent,
+            "GetNodeInfo",
+            &metadata,
+            "",
+            |agent| async move { Ok(convert::node_info(agent.node_info().await?)) },
+        )
         .await
     }
 }

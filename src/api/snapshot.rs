@@ -93,11 +93,11 @@ impl pb::snapshots_server::Snapshots for SnapshotsApi {
             "CreateSnapshot",
             &metadata,
             span_id(&req.snapshot_id),
-            async {
+            |agent| async move {
                 let id = SnapshotId::parse(&req.snapshot_id)?;
                 let volume = VolumeId::parse(&req.volume_id)?;
                 Ok(snapshot(
-                    self.agent.snapshots.create_snapshot(&id, &volume).await?,
+                    agent.snapshots.create_snapshot(&id, &volume).await?,
                 ))
             },
         )
@@ -114,9 +114,9 @@ impl pb::snapshots_server::Snapshots for SnapshotsApi {
             "DeleteSnapshot",
             &metadata,
             span_id(&req.snapshot_id),
-            async {
+            |agent| async move {
                 let id = SnapshotId::parse(&req.snapshot_id)?;
-                self.agent.snapshots.delete_snapshot(&id).await?;
+                agent.snapshots.delete_snapshot(&id).await?;
                 Ok(pb::DeleteSnapshotResponse {})
             },
         )
@@ -133,9 +133,9 @@ impl pb::snapshots_server::Snapshots for SnapshotsApi {
             "GetSnapshot",
             &metadata,
             span_id(&req.snapshot_id),
-            async {
+            |agent| async move {
                 let id = SnapshotId::parse(&req.snapshot_id)?;
-                Ok(snapshot(self.agent.snapshots.get_snapshot(&id).await?))
+                Ok(snapshot(agent.snapshots.get_snapshot(&id).await?))
             },
         )
         .await
@@ -151,12 +151,12 @@ impl pb::snapshots_server::Snapshots for SnapshotsApi {
             "ListSnapshots",
             &metadata,
             span_id(&req.volume_id),
-            async {
+            |agent| async move {
                 let volume = match req.volume_id.as_str() {
                     "" => None,
                     raw => Some(VolumeId::parse(raw)?),
                 };
-                let views = self.agent.snapshots.list_snapshots(volume.as_ref()).await?;
+                let views = agent.snapshots.list_snapshots(volume.as_ref()).await?;
                 Ok(pb::ListSnapshotsResponse {
                     snapshots: views.into_iter().map(snapshot).collect(),
                 })
@@ -175,10 +175,10 @@ impl pb::snapshots_server::Snapshots for SnapshotsApi {
             "RevertVolume",
             &metadata,
             span_id(&req.volume_id),
-            async {
+            |agent| async move {
                 let volume = VolumeId::parse(&req.volume_id)?;
                 let id = SnapshotId::parse(&req.snapshot_id)?;
-                self.agent.snapshots.revert_volume(&volume, &id).await?;
+                agent.snapshots.revert_volume(&volume, &id).await?;
                 Ok(pb::RevertVolumeResponse {})
             },
         )
@@ -195,9 +195,9 @@ impl pb::snapshots_server::Snapshots for SnapshotsApi {
             "MarkCheckpoint",
             &metadata,
             span_id(&req.volume_id),
-            async {
+            |agent| async move {
                 let volume = VolumeId::parse(&req.volume_id)?;
-                let era = self.agent.changes.mark_checkpoint(&volume).await?;
+                let era = agent.changes.mark_checkpoint(&volume).await?;
                 Ok(pb::Checkpoint {
                     volume_id: volume.to_string(),
                     era,
@@ -219,13 +219,9 @@ impl pb::snapshots_server::Snapshots for SnapshotsApi {
             "GetChangedBlocks",
             &metadata,
             span_id(&req.volume_id),
-            async {
+            |agent| async move {
                 let volume = VolumeId::parse(&req.volume_id)?;
-                let changes = self
-                    .agent
-                    .changes
-                    .changed_blocks(&volume, &since(&req)?)
-                    .await?;
+                let changes = agent.changes.changed_blocks(&volume, &since(&req)?).await?;
                 let messages = batches(changes);
                 let (tx, rx) = tokio::sync::mpsc::channel(4);
                 tokio::spawn(async move {

@@ -27,15 +27,15 @@ impl TransfersApi {
     }
 
     /// A call that names one transfer and answers with it.
-    async fn on_transfer<'a, F, Fut>(
-        &'a self,
+    async fn on_transfer<F, Fut>(
+        &self,
         method: &'static str,
         request: Request<pb::TransferRef>,
         call: F,
     ) -> Result<Response<pb::Transfer>, Status>
     where
-        F: FnOnce(&'a Agent, TransferId) -> Fut,
-        Fut: std::future::Future<Output = Result<TransferView, AgentError>>,
+        F: FnOnce(Arc<Agent>, TransferId) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Result<TransferView, AgentError>> + Send,
     {
         let (metadata, req) = parts(request);
         handle(
@@ -43,9 +43,9 @@ impl TransfersApi {
             method,
             &metadata,
             span_id(&req.transfer_id),
-            async {
+            |agent| async move {
                 let id = TransferId::parse(&req.transfer_id)?;
-                Ok(convert::transfer(call(&self.agent, id).await?))
+                Ok(convert::transfer(call(agent, id).await?))
             },
         )
         .await
@@ -110,9 +110,9 @@ impl pb::transfers_server::Transfers for TransfersApi {
             "ExportVolume",
             &metadata,
             span_id(&req.volume_id),
-            async {
+            |agent| async move {
                 let id = VolumeId::parse(&req.volume_id)?;
-                let export = self.agent.exports.export_volume(&id, &req.host_nqn).await?;
+                let export = agent.exports.export_volume(&id, &req.host_nqn).await?;
                 Ok(pb::Export {
                     volume_id: export.volume_id,
                     subsystem_nqn: export.subsystem_nqn,
@@ -135,9 +135,9 @@ impl pb::transfers_server::Transfers for TransfersApi {
             "UnexportVolume",
             &metadata,
             span_id(&req.volume_id),
-            async {
+            |agent| async move {
                 let id = VolumeId::parse(&req.volume_id)?;
-                self.agent.exports.unexport_volume(&id).await?;
+                agent.exports.unexport_volume(&id).await?;
                 Ok(pb::UnexportVolumeResponse {})
             },
         )
@@ -154,12 +154,9 @@ impl pb::transfers_server::Transfers for TransfersApi {
             "ReleaseVolume",
             &metadata,
             span_id(&req.volume_id),
-            async {
+            |agent| async move {
                 let id = VolumeId::parse(&req.volume_id)?;
-                self.agent
-                    .exports
-                    .release_volume(&id, &req.host_nqn)
-                    .await?;
+                agent.exports.release_volume(&id, &req.host_nqn).await?;
                 Ok(pb::ReleaseVolumeResponse {})
             },
         )
@@ -171,13 +168,18 @@ impl pb::transfers_server::Transfers for TransfersApi {
         request: Request<pb::StartTransferRequest>,
     ) -> Result<Response<pb::Transfer>, Status> {
         let (metadata, req) = parts(request);
-        let id = span_id(&req.transfer_id).to_owned();
-        handle(&self.agent, "StartTransfer", &metadata, &id, async {
-            let request = start_request(req)?;
-            Ok(convert::transfer(
-                self.agent.transfers.start_transfer(request).await?,
-            ))
-        })
+        handle(
+            &self.agent,
+            "StartTransfer",
+            &metadata,
+            span_id(&req.transfer_id),
+            |agent| async move {
+                let request = start_request(req)?;
+                Ok(convert::transfer(
+                    agent.transfers.start_transfer(request).await?,
+                ))
+            },
+        )
         .await
     }
 
@@ -231,10 +233,10 @@ impl pb::transfers_server::Transfers for TransfersApi {
             "ThrottleTransfer",
             &metadata,
             span_id(&req.transfer_id),
-            async {
+            |agent| async move {
                 let id = TransferId::parse(&req.transfer_id)?;
                 Ok(convert::transfer(
-                    self.agent
+                    agent
                         .transfers
                         .throttle_transfer(&id, knobs(req.knobs))
                         .await?,
@@ -259,12 +261,18 @@ impl pb::transfers_server::Transfers for TransfersApi {
         request: Request<pb::ListTransfersRequest>,
     ) -> Result<Response<pb::ListTransfersResponse>, Status> {
         let (metadata, _) = parts(request);
-        handle(&self.agent, "ListTransfers", &metadata, "", async {
-            let transfers = self.agent.transfers.list_transfers().await?;
-            Ok(pb::ListTransfersResponse {
-                transfers: transfers.into_iter().map(convert::transfer).collect(),
-            })
-        })
+        handle(
+            &self.agent,
+            "ListTransfers",
+            &metadata,
+            "",
+            |agent| async move {
+                let transfers = agent.transfers.list_transfers().await?;
+                Ok(pb::ListTransfersResponse {
+                    transfers: transfers.into_iter().map(convert::transfer).collect(),
+                })
+            },
+        )
         .await
     }
 
@@ -275,51 +283,55 @@ impl pb::transfers_server::Transfers for TransfersApi {
         request: Request<pb::WatchTransfersRequest>,
     ) -> Result<Response<Self::WatchTransfersStream>, Status> {
         let (metadata, req) = parts(request);
-        let agent = self.agent.clone();
-        let id = span_id(&req.transfer_id).to_owned();
-        handle(&self.agent, "WatchTransfers", &metadata, &id, async move {
-            let only = match req.transfer_id.as_str() {
-                "" => None,
-                raw => Some(TransferId::parse(raw)?),
-            };
-            // Subscribe before reading the current state, so nothing falls
-            // between the snapshot and the updates.
-            let mut updates = agent.transfers.watch_transfers();
-            let current = match &only {
-                Some(id) => vec![agent.transfers.get_transfer(id).await?],
-                None => agent.transfers.list_transfers().await?,
-            };
-            let (tx, rx) = tokio::sync::mpsc::channel(64);
-            tokio::spawn(async move {
-                let is_final = |state| {
-                    matches!(
-                        state,
-                        TransferState::Done | TransferState::Failed | TransferState::Aborted
-                    )
+        handle(
+            &self.agent,
+            "WatchTransfers",
+            &metadata,
+            span_id(&req.transfer_id),
+            |agent| async move {
+                let only = match req.transfer_id.as_str() {
+                    "" => None,
+                    raw => Some(TransferId::parse(raw)?),
                 };
-                for view in current {
-                    let done = only.is_some() && is_final(view.state);
-                    if tx.send(Ok(convert::transfer(view))).await.is_err() || done {
-                        return;
-                    }
-                }
-                loop {
-                    let view = match updates.recv().await {
-                        Ok(view) => view,
-                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
-                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                // Subscribe before reading the current state, so nothing falls
+                // between the snapshot and the updates.
+                let mut updates = agent.transfers.watch_transfers();
+                let current = match &only {
+                    Some(id) => vec![agent.transfers.get_transfer(id).await?],
+                    None => agent.transfers.list_transfers().await?,
+                };
+                let (tx, rx) = tokio::sync::mpsc::channel(64);
+                tokio::spawn(async move {
+                    let is_final = |state| {
+                        matches!(
+                            state,
+                            TransferState::Done | TransferState::Failed | TransferState::Aborted
+                        )
                     };
-                    if only.as_ref().is_some_and(|id| view.id != id.as_str()) {
-                        continue;
+                    for view in current {
+                        let done = only.is_some() && is_final(view.state);
+                        if tx.send(Ok(convert::transfer(view))).await.is_err() || done {
+                            return;
+                        }
                     }
-                    let done = only.is_some() && is_final(view.state);
-                    if tx.send(Ok(convert::transfer(view))).await.is_err() || done {
-                        return;
+                    loop {
+                        let view = match updates.recv().await {
+                            Ok(view) => view,
+                            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                        };
+                        if only.as_ref().is_some_and(|id| view.id != id.as_str()) {
+                            continue;
+                        }
+                        let done = only.is_some() && is_final(view.state);
+                        if tx.send(Ok(convert::transfer(view))).await.is_err() || done {
+                            return;
+                        }
                     }
-                }
-            });
-            Ok(Box::pin(ReceiverStream::new(rx)) as Self::WatchTransfersStream)
-        })
+                });
+                Ok(Box::pin(ReceiverStream::new(rx)) as Self::WatchTransfersStream)
+            },
+        )
         .await
     }
 }

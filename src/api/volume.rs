@@ -35,28 +35,23 @@ impl pb::volumes_server::Volumes for VolumesApi {
             "CreateVolume",
             &metadata,
             span_id(&req.volume_id),
-            async {
+            |agent| async move {
                 let id = VolumeId::parse(&req.volume_id)?;
                 let (volume, _) = match (
                     req.source_snapshot_id.as_str(),
                     req.source_volume_id.as_str(),
                 ) {
-                    ("", "") => {
-                        self.agent
-                            .volumes
-                            .create_volume(&id, req.size_bytes)
-                            .await?
-                    }
+                    ("", "") => agent.volumes.create_volume(&id, req.size_bytes).await?,
                     (snapshot, "") => {
                         let snapshot = SnapshotId::parse(snapshot)?;
-                        self.agent
+                        agent
                             .snapshots
                             .create_volume_from_snapshot(&id, req.size_bytes, &snapshot)
                             .await?
                     }
                     ("", source) => {
                         let source = VolumeId::parse(source)?;
-                        self.agent
+                        agent
                             .snapshots
                             .clone_volume(&id, req.size_bytes, &source)
                             .await?
@@ -84,9 +79,9 @@ impl pb::volumes_server::Volumes for VolumesApi {
             "DeleteVolume",
             &metadata,
             span_id(&req.volume_id),
-            async {
+            |agent| async move {
                 let id = VolumeId::parse(&req.volume_id)?;
-                self.agent.volumes.delete_volume(&id).await?;
+                agent.volumes.delete_volume(&id).await?;
                 Ok(pb::DeleteVolumeResponse {})
             },
         )
@@ -103,13 +98,10 @@ impl pb::volumes_server::Volumes for VolumesApi {
             "ExtendVolume",
             &metadata,
             span_id(&req.volume_id),
-            async {
+            |agent| async move {
                 let id = VolumeId::parse(&req.volume_id)?;
                 Ok(convert::volume(
-                    self.agent
-                        .volumes
-                        .extend_volume(&id, req.new_size_bytes)
-                        .await?,
+                    agent.volumes.extend_volume(&id, req.new_size_bytes).await?,
                 ))
             },
         )
@@ -126,9 +118,9 @@ impl pb::volumes_server::Volumes for VolumesApi {
             "GetVolume",
             &metadata,
             span_id(&req.volume_id),
-            async {
+            |agent| async move {
                 let id = VolumeId::parse(&req.volume_id)?;
-                Ok(convert::volume(self.agent.volumes.get_volume(&id).await?))
+                Ok(convert::volume(agent.volumes.get_volume(&id).await?))
             },
         )
         .await
@@ -139,12 +131,18 @@ impl pb::volumes_server::Volumes for VolumesApi {
         request: Request<pb::ListVolumesRequest>,
     ) -> Result<Response<pb::ListVolumesResponse>, Status> {
         let (metadata, _) = parts(request);
-        handle(&self.agent, "ListVolumes", &metadata, "", async {
-            let volumes = self.agent.volumes.list_volumes().await?;
-            Ok(pb::ListVolumesResponse {
-                volumes: volumes.into_iter().map(convert::volume).collect(),
-            })
-        })
+        handle(
+            &self.agent,
+            "ListVolumes",
+            &metadata,
+            "",
+            |agent| async move {
+                let volumes = agent.volumes.list_volumes().await?;
+                Ok(pb::ListVolumesResponse {
+                    volumes: volumes.into_iter().map(convert::volume).collect(),
+                })
+            },
+        )
         .await
     }
 
@@ -158,9 +156,9 @@ impl pb::volumes_server::Volumes for VolumesApi {
             "PublishVolume",
             &metadata,
             span_id(&req.volume_id),
-            async {
+            |agent| async move {
                 let id = VolumeId::parse(&req.volume_id)?;
-                let path = self.agent.volumes.publish_volume(&id).await?;
+                let path = agent.volumes.publish_volume(&id).await?;
                 Ok(pb::PublishVolumeResponse {
                     device_path: path.display().to_string(),
                 })
@@ -179,9 +177,9 @@ impl pb::volumes_server::Volumes for VolumesApi {
             "UnpublishVolume",
             &metadata,
             span_id(&req.volume_id),
-            async {
+            |agent| async move {
                 let id = VolumeId::parse(&req.volume_id)?;
-                self.agent.volumes.unpublish_volume(&id).await?;
+                agent.volumes.unpublish_volume(&id).await?;
                 Ok(pb::UnpublishVolumeResponse {})
             },
         )

@@ -4,6 +4,7 @@
 pub mod fixture;
 
 mod api;
+mod cancel;
 mod changes;
 mod cli;
 mod crash;
