@@ -178,15 +178,7 @@ async fn revert_is_refused_while_published_and_swaps_the_thin_device_after() {
 async fn a_snapshot_cut_after_its_record_is_rolled_back_and_a_delete_finished() {
     let host = TestHost::new();
     let (agent, id) = published_volume(&host).await;
-    let caller = Arc::clone(&agent);
-    let volume = id.clone();
-    crash("snapshot.after_record", async move {
-        caller
-            .snapshots
-            .create_snapshot(&snapshot_id(1), &volume)
-            .await
-    })
-    .await;
+    cut_first_snapshot(&agent, &id).await;
     let agent = host.restart(agent).await.unwrap();
     assert_no_snapshots_left(&agent, &host).await;
 
@@ -210,15 +202,7 @@ async fn a_snapshot_cut_after_its_record_is_rolled_back_and_a_delete_finished() 
 async fn a_retried_create_finishes_what_a_cut_one_began() {
     let host = TestHost::new();
     let (agent, id) = published_volume(&host).await;
-    let caller = Arc::clone(&agent);
-    let volume = id.clone();
-    crash("snapshot.after_record", async move {
-        caller
-            .snapshots
-            .create_snapshot(&snapshot_id(1), &volume)
-            .await
-    })
-    .await;
+    cut_first_snapshot(&agent, &id).await;
     let taken = agent
         .snapshots
         .create_snapshot(&snapshot_id(1), &id)
@@ -292,4 +276,16 @@ async fn a_snapshot_being_deleted_is_not_taken_again_until_the_delete_ends() {
         .await
         .unwrap();
     assert_no_snapshots_left(&agent, &host).await;
+}
+
+/// Snapshot 1 of `volume`, its call cut right after its record.
+async fn cut_first_snapshot(agent: &Arc<Agent>, volume: &VolumeId) {
+    let (caller, volume) = (Arc::clone(agent), volume.clone());
+    crash("snapshot.after_record", async move {
+        caller
+            .snapshots
+            .create_snapshot(&snapshot_id(1), &volume)
+            .await
+    })
+    .await;
 }

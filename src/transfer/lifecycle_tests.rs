@@ -40,6 +40,18 @@ fn host() -> TestHost {
     host
 }
 
+/// An agent on `host` with volume 1 arriving (transfer 1, hydrating).
+async fn arriving(host: &TestHost) -> (Arc<crate::agent::Agent>, VolumeId) {
+    let agent = host.start().await.unwrap();
+    let id = volume_id(1);
+    agent
+        .transfers
+        .start_transfer(request(1, &id, false))
+        .await
+        .unwrap();
+    (agent, id)
+}
+
 fn public(id: &VolumeId) -> String {
     format!("dmt-{id}")
 }
@@ -77,13 +89,7 @@ async fn a_started_transfer_presents_the_volume_through_dm_clone() {
 #[tokio::test]
 async fn hydration_complete_raises_the_event_and_the_monitor_finalizes_onto_dm_era() {
     let host = host();
-    let agent = host.start().await.unwrap();
-    let id = volume_id(1);
-    agent
-        .transfers
-        .start_transfer(request(1, &id, false))
-        .await
-        .unwrap();
+    let (agent, id) = arriving(&host).await;
     let ids_while_arriving = host.kernel.thin_ids("dmt-pool").len();
     host.kernel.hydrate(&public(&id));
     let done = transfer_reaches(&agent, &transfer_id(1), TransferState::Done).await;
@@ -133,13 +139,7 @@ async fn a_deferred_transfer_copies_nothing_until_committed() {
 #[tokio::test]
 async fn pause_resume_and_throttle_are_clone_messages() {
     let host = host();
-    let agent = host.start().await.unwrap();
-    let id = volume_id(1);
-    agent
-        .transfers
-        .start_transfer(request(1, &id, false))
-        .await
-        .unwrap();
+    let (agent, id) = arriving(&host).await;
     let paused = agent
         .transfers
         .pause_transfer(&transfer_id(1))
@@ -182,13 +182,7 @@ async fn pause_resume_and_throttle_are_clone_messages() {
 #[tokio::test]
 async fn an_abort_removes_the_arriving_volume_and_frees_its_thin_ids() {
     let host = host();
-    let agent = host.start().await.unwrap();
-    let id = volume_id(1);
-    agent
-        .transfers
-        .start_transfer(request(1, &id, false))
-        .await
-        .unwrap();
+    let (agent, id) = arriving(&host).await;
     let view = agent
         .transfers
         .abort_transfer(&transfer_id(1))
@@ -211,13 +205,7 @@ async fn an_abort_removes_the_arriving_volume_and_frees_its_thin_ids() {
 #[tokio::test]
 async fn a_retried_start_returns_the_transfer_and_conflicting_ones_are_refused() {
     let host = host();
-    let agent = host.start().await.unwrap();
-    let id = volume_id(1);
-    agent
-        .transfers
-        .start_transfer(request(1, &id, false))
-        .await
-        .unwrap();
+    let (agent, id) = arriving(&host).await;
     let again = agent
         .transfers
         .start_transfer(request(1, &id, false))
@@ -321,13 +309,7 @@ async fn a_start_cut_anywhere_is_rolled_back_at_the_next_start() {
 #[tokio::test]
 async fn a_running_transfer_gets_its_clone_back_after_a_reboot_and_finishes() {
     let host = host();
-    let agent = host.start().await.unwrap();
-    let id = volume_id(1);
-    agent
-        .transfers
-        .start_transfer(request(1, &id, false))
-        .await
-        .unwrap();
+    let (agent, id) = arriving(&host).await;
     host.kernel.reboot();
     let agent = host.restart(agent).await.unwrap();
     assert!(
@@ -378,13 +360,7 @@ async fn a_finalize_cut_anywhere_is_finished_at_the_next_start() {
 #[tokio::test]
 async fn an_abort_cut_after_its_record_is_finished_at_the_next_start() {
     let host = host();
-    let agent = host.start().await.unwrap();
-    let id = volume_id(1);
-    agent
-        .transfers
-        .start_transfer(request(1, &id, false))
-        .await
-        .unwrap();
+    let (agent, id) = arriving(&host).await;
     let caller = Arc::clone(&agent);
     crash("abort.after_record", async move {
         caller.transfers.abort_transfer(&transfer_id(1)).await
@@ -407,13 +383,7 @@ async fn an_abort_cut_after_its_record_is_finished_at_the_next_start() {
 #[tokio::test]
 async fn extending_an_arriving_volume_keeps_the_clone_and_maps_the_rest_locally() {
     let host = host();
-    let agent = host.start().await.unwrap();
-    let id = volume_id(1);
-    agent
-        .transfers
-        .start_transfer(request(1, &id, false))
-        .await
-        .unwrap();
+    let (agent, id) = arriving(&host).await;
     let grown = agent.volumes.extend_volume(&id, 12 * MIB).await.unwrap();
     assert_eq!(grown.size_bytes, 12 * MIB);
     let table = host.kernel.table_text(&public(&id)).unwrap();
@@ -430,13 +400,7 @@ async fn extending_an_arriving_volume_keeps_the_clone_and_maps_the_rest_locally(
 #[tokio::test]
 async fn an_arriving_volume_unpublished_loses_its_device_once_the_transfer_is_done() {
     let host = host();
-    let agent = host.start().await.unwrap();
-    let id = volume_id(1);
-    agent
-        .transfers
-        .start_transfer(request(1, &id, false))
-        .await
-        .unwrap();
+    let (agent, id) = arriving(&host).await;
     agent.volumes.unpublish_volume(&id).await.unwrap();
     assert!(
         host.devices().contains(&public(&id)),
@@ -458,13 +422,7 @@ async fn an_arriving_volume_unpublished_loses_its_device_once_the_transfer_is_do
 #[tokio::test]
 async fn a_finished_transfer_cannot_be_aborted_or_paused() {
     let host = host();
-    let agent = host.start().await.unwrap();
-    let id = volume_id(1);
-    agent
-        .transfers
-        .start_transfer(request(1, &id, false))
-        .await
-        .unwrap();
+    let (agent, id) = arriving(&host).await;
     host.kernel.hydrate(&public(&id));
     transfer_reaches(&agent, &transfer_id(1), TransferState::Done).await;
     let abort = agent.transfers.abort_transfer(&transfer_id(1)).await;
