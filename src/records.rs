@@ -1,7 +1,7 @@
 //! Record steps over the store that more than one service takes: reading a
 //! volume, snapshot or transfer record, checking it is ready for a call,
-//! writing it and clearing its intent, and the room checks before an
-//! allocation.
+//! writing it and clearing its intent, the room checks before an
+//! allocation, and the views callers get of volumes and transfers.
 
 use std::path::PathBuf;
 
@@ -15,6 +15,55 @@ use crate::{
     transfer::{TransferView, view},
     units::bytes,
 };
+
+/// A volume as callers see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Volume {
+    pub id: VolumeId,
+    pub size_bytes: u64,
+    pub state: VolumeState,
+    pub published: bool,
+    pub device_path: Option<PathBuf>,
+    /// Bytes the pool has allocated for the volume; `None` if the kernel
+    /// could not say (the thin device is missing).
+    pub allocated_bytes: Option<u64>,
+    pub source_snapshot: Option<SnapshotId>,
+    pub source_volume: Option<VolumeId>,
+    /// Whether dm-era tracks the volume's changed blocks.
+    pub change_tracking: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VolumeState {
+    Creating,
+    Available,
+    Deleting,
+    /// Arriving from another host: presented, copying in the background.
+    Hydrating,
+    /// The kernel disagrees with the store; refuses changes until an operator
+    /// looks. Holds the reason.
+    Quarantined(String),
+}
+
+impl VolumeState {
+    /// The state's name wherever people read it: metrics labels, the CLI.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            VolumeState::Creating => "creating",
+            VolumeState::Available => "available",
+            VolumeState::Deleting => "deleting",
+            VolumeState::Hydrating => "hydrating",
+            VolumeState::Quarantined(_) => "quarantined",
+        }
+    }
+}
+
+/// Whether a create made the volume or found it made (a retried call).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Created,
+    Existed,
+}
 
 impl Context {
     /// The allocation unit: sizes are rounded up to whole pool blocks, and to
@@ -265,55 +314,6 @@ pub(crate) fn transfer_not_found(id: &TransferId) -> AgentError {
         what: "transfer",
         id: id.to_string(),
     }
-}
-
-/// A volume as callers see it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Volume {
-    pub id: VolumeId,
-    pub size_bytes: u64,
-    pub state: VolumeState,
-    pub published: bool,
-    pub device_path: Option<PathBuf>,
-    /// Bytes the pool has allocated for the volume; `None` if the kernel
-    /// could not say (the thin device is missing).
-    pub allocated_bytes: Option<u64>,
-    pub source_snapshot: Option<SnapshotId>,
-    pub source_volume: Option<VolumeId>,
-    /// Whether dm-era tracks the volume's changed blocks.
-    pub change_tracking: bool,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum VolumeState {
-    Creating,
-    Available,
-    Deleting,
-    /// Arriving from another host: presented, copying in the background.
-    Hydrating,
-    /// The kernel disagrees with the store; refuses changes until an operator
-    /// looks. Holds the reason.
-    Quarantined(String),
-}
-
-impl VolumeState {
-    /// The state's name wherever people read it: metrics labels, the CLI.
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            VolumeState::Creating => "creating",
-            VolumeState::Available => "available",
-            VolumeState::Deleting => "deleting",
-            VolumeState::Hydrating => "hydrating",
-            VolumeState::Quarantined(_) => "quarantined",
-        }
-    }
-}
-
-/// Whether a create made the volume or found it made (a retried call).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    Created,
-    Existed,
 }
 
 /// The record of a volume about to be created: thin id to be allocated.
