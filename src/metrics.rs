@@ -48,6 +48,9 @@ fn rpc_histogram() -> Histogram {
 /// Every metric the agent exports.
 pub struct Metrics {
     registry: Registry,
+    /// A scrape refills the state-like families and encodes them; two at
+    /// once would clear each other's series half-way.
+    scrape: std::sync::Mutex<()>,
     rpc_requests: Family<RpcLabels, Counter>,
     rpc_duration: Family<MethodLabel, Histogram, fn() -> Histogram>,
     finalize_latency: Histogram,
@@ -126,6 +129,7 @@ impl Metrics {
             transfer_regions: Family::default(),
             transfer_rate: Family::default(),
             registry: Registry::default(),
+            scrape: std::sync::Mutex::default(),
         };
         let r = &mut registry;
         r.register(
@@ -256,6 +260,12 @@ impl Metrics {
 
     /// The text exposition after taking in the agent's current state.
     pub fn render(&self, snapshot: &Snapshot) -> String {
+        // Each scrape refills everything it shows: one that panicked leaves
+        // nothing for the next to distrust.
+        let _one_scrape = self
+            .scrape
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let as_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
         self.pool_data_size.set(as_i64(snapshot.pool_data_size));
         self.pool_data_used.set(as_i64(snapshot.pool_data_used));
@@ -354,5 +364,50 @@ mod tests {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }
         assert!(text.ends_with("# EOF\n"));
+    }
+
+    fn with_transfers(names: &[&str]) -> Snapshot {
+        Snapshot {
+            transfers: names
+                .iter()
+                .map(|name| TransferFigures {
+                    transfer: (*name).into(),
+                    volume: (*name).into(),
+                    hydrated_bytes: 1,
+                    size_bytes: 2,
+                    hydrated_regions: 1,
+                    regions: 2,
+                    bytes_per_second: 1.0,
+                })
+                .collect(),
+            ..Snapshot::default()
+        }
+    }
+
+    fn series_of(text: &str) -> usize {
+        text.lines()
+            .filter(|line| line.starts_with("dmclone_transfer_rate_bytes_per_second{"))
+            .count()
+    }
+
+    #[test]
+    fn concurrent_scrapes_each_see_every_series_of_their_state() {
+        let metrics = std::sync::Arc::new(Metrics::new());
+        let scrapers: Vec<_> = [&["a", "b", "c"][..], &["d", "e"][..]]
+            .into_iter()
+            .map(|names| {
+                let metrics = std::sync::Arc::clone(&metrics);
+                let state = with_transfers(names);
+                std::thread::spawn(move || {
+                    (0..2000)
+                        .map(|_| series_of(&metrics.render(&state)))
+                        .filter(|seen| *seen != state.transfers.len())
+                        .count()
+                })
+            })
+            .collect();
+        for scraper in scrapers {
+            assert_eq!(scraper.join().unwrap(), 0, "scrapes that lost or mixed series");
+        }
     }
 }
