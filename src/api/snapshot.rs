@@ -10,15 +10,11 @@ use super::{handle, parts, span_id};
 use crate::{
     agent::Agent,
     api::proto::v1 as pb,
-    changes::{ChangedBlocks, Since},
+    changes::{ChangedBlocks, EXTENTS_PER_MESSAGE, Extent, Since},
     error::AgentError,
     ids::{SnapshotId, VolumeId},
     snapshot::SnapshotView,
 };
-
-/// Extents per streamed message: 16 bytes each on the wire, so a batch stays
-/// far below gRPC's 4 MiB message limit.
-const EXTENTS_PER_MESSAGE: usize = 16 * 1024;
 
 #[derive(Debug)]
 pub struct SnapshotsApi {
@@ -43,12 +39,11 @@ fn snapshot(view: SnapshotView) -> pb::Snapshot {
     }
 }
 
-/// The answer in batches; an empty answer is one message with no extents,
-/// so the caller always learns the eras.
-fn batches(changes: ChangedBlocks) -> Vec<pb::ChangedBlocks> {
-    let message = |extents: &[crate::changes::Extent]| pb::ChangedBlocks {
+/// One message of the answer: a batch of its extents with the eras.
+fn message(changes: &ChangedBlocks, extents: Vec<Extent>) -> pb::ChangedBlocks {
+    pb::ChangedBlocks {
         extents: extents
-            .iter()
+            .into_iter()
             .map(|e| pb::Extent {
                 offset_bytes: e.offset_bytes,
                 length_bytes: e.length_bytes,
@@ -57,15 +52,22 @@ fn batches(changes: ChangedBlocks) -> Vec<pb::ChangedBlocks> {
         since_era: changes.since_era,
         next_era: changes.next_era,
         block_bytes: changes.block_bytes,
-    };
-    if changes.extents.is_empty() {
-        return vec![message(&[])];
     }
-    changes
-        .extents
-        .chunks(EXTENTS_PER_MESSAGE)
-        .map(message)
-        .collect()
+}
+
+/// The answer's messages, made one at a time as the stream takes them (an
+/// empty answer is one message with no extents, so the caller always learns
+/// the eras). The stream's channel holds a few, so however many extents the
+/// answer has, only those messages are ever in memory.
+async fn send_messages(
+    changes: ChangedBlocks,
+    tx: tokio::sync::mpsc::Sender<Result<pb::ChangedBlocks, Status>>,
+) {
+    for batch in changes.extent_batches(EXTENTS_PER_MESSAGE) {
+        if tx.send(Ok(message(&changes, batch))).await.is_err() {
+            return;
+        }
+    }
 }
 
 fn since(request: &pb::GetChangedBlocksRequest) -> Result<Since, AgentError> {
@@ -222,18 +224,62 @@ impl pb::snapshots_server::Snapshots for SnapshotsApi {
             |agent| async move {
                 let volume = VolumeId::parse(&req.volume_id)?;
                 let changes = agent.changes.changed_blocks(&volume, &since(&req)?).await?;
-                let messages = batches(changes);
                 let (tx, rx) = tokio::sync::mpsc::channel(4);
-                tokio::spawn(async move {
-                    for message in messages {
-                        if tx.send(Ok(message)).await.is_err() {
-                            return;
-                        }
-                    }
-                });
+                tokio::spawn(send_messages(changes, tx));
                 Ok(Box::pin(ReceiverStream::new(rx)) as Self::GetChangedBlocksStream)
             },
         )
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::changes::era_metadata::WrittenBlocks;
+
+    fn answer(blocks: u64, written: impl IntoIterator<Item = u64>) -> ChangedBlocks {
+        let mut bits = WrittenBlocks::new(blocks);
+        written.into_iter().for_each(|block| bits.set(block));
+        ChangedBlocks {
+            since_era: 7 << 32 | 3,
+            next_era: 7 << 32 | 9,
+            block_bytes: 4096,
+            volume_bytes: blocks * 4096,
+            written: bits,
+        }
+    }
+
+    async fn sent(changes: ChangedBlocks) -> Vec<pb::ChangedBlocks> {
+        let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(send_messages(changes, tx));
+        let mut messages = Vec::new();
+        while let Some(message) = rx.recv().await {
+            messages.push(message.unwrap());
+        }
+        messages
+    }
+
+    #[tokio::test]
+    async fn an_answer_streams_in_messages_of_at_most_the_batch_size() {
+        let blocks = 2 * EXTENTS_PER_MESSAGE as u64 + 10;
+        let messages = sent(answer(2 * blocks, (0..2 * blocks).step_by(2))).await;
+        let sizes: Vec<usize> = messages.iter().map(|m| m.extents.len()).collect();
+        assert_eq!(sizes, vec![EXTENTS_PER_MESSAGE, EXTENTS_PER_MESSAGE, 10]);
+        assert!(messages.iter().all(|m| m.next_era == 7 << 32 | 9));
+        let last = messages[2].extents.last().unwrap();
+        assert_eq!(
+            (last.offset_bytes, last.length_bytes),
+            ((2 * blocks - 2) * 4096, 4096)
+        );
+    }
+
+    #[tokio::test]
+    async fn an_empty_answer_is_one_message_with_the_eras() {
+        let messages = sent(answer(100, [])).await;
+        assert_eq!(messages.len(), 1);
+        assert!(messages[0].extents.is_empty());
+        assert_eq!(messages[0].since_era, 7 << 32 | 3);
     }
 }

@@ -29,6 +29,8 @@
 //! tracking starts when its transfer finishes.
 
 pub mod era_metadata;
+#[doc(hidden)]
+pub mod era_synthetic;
 mod steps;
 
 use std::{ops::Range, sync::Arc};
@@ -58,7 +60,13 @@ pub struct Extent {
     pub length_bytes: u64,
 }
 
-/// What a changed-blocks query answers.
+/// Extents per streamed message of an answer: 16 bytes each on the wire,
+/// so a message stays far below gRPC's 4 MiB limit.
+pub const EXTENTS_PER_MESSAGE: usize = 16 * 1024;
+
+/// What a changed-blocks query answers: one bit per era block of the
+/// volume, turned into extents only as they are sent, so an answer costs
+/// memory in proportion to the volume's size however scattered its writes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChangedBlocks {
     pub since_era: u64,
@@ -66,7 +74,26 @@ pub struct ChangedBlocks {
     /// so asking since this one next time reports exactly what is new.
     pub next_era: u64,
     pub block_bytes: u64,
-    pub extents: Vec<Extent>,
+    pub volume_bytes: u64,
+    pub written: era_metadata::WrittenBlocks,
+}
+
+impl ChangedBlocks {
+    /// The written bytes of the volume, in order.
+    pub fn extents(&self) -> Extents<era_metadata::Runs<'_>> {
+        extents(self.written.runs(), self.block_bytes, self.volume_bytes)
+    }
+
+    /// The extents in batches of at most `max_extents`, made as they are
+    /// asked for. An answer without extents is one empty batch, so that a
+    /// caller always learns the eras.
+    pub fn extent_batches(&self, max_extents: usize) -> ExtentBatches<era_metadata::Runs<'_>> {
+        ExtentBatches {
+            extents: self.extents(),
+            max_extents,
+            started: false,
+        }
+    }
 }
 
 /// The point a changed-blocks query starts from.
@@ -189,13 +216,14 @@ impl Changes {
         let next = self.ctx.current_era(&era.name).await;
         let metadata = self.ctx.naming.era_metadata(&id).mapper_path();
         let asked = since_kernel.max(FIRST_WRITABLE_ERA);
-        let blocks = crate::context::blocking(move || {
+        let volume_blocks = era_blocks(record.size_bytes, tracking.block_bytes);
+        let written = crate::context::blocking(move || {
             let mut device =
                 era_metadata::DeviceBlocks::open(&metadata).map_err(|source| AgentError::Io {
                     context: format!("cannot open {}", metadata.display()),
                     source,
                 })?;
-            era_metadata::written_since(&mut device, asked)
+            era_metadata::written_since(&mut device, asked, volume_blocks)
         })
         .await;
         let dropped = self
@@ -203,13 +231,14 @@ impl Changes {
             .dm
             .message(&era.name, 0, "drop_metadata_snap")
             .await;
-        let blocks = blocks?;
+        let written = written?;
         dropped?;
         Ok(ChangedBlocks {
             since_era,
             next_era: public_era(tracking, next?),
             block_bytes: tracking.block_bytes,
-            extents: extents(&blocks, tracking.block_bytes, record.size_bytes),
+            volume_bytes: record.size_bytes,
+            written,
         })
     }
 }
@@ -309,11 +338,39 @@ pub(crate) fn restart_history(record: &mut VolumeRecord) {
     }
 }
 
-/// Block ranges as byte extents, the last one cut at the volume's end.
-pub fn extents(blocks: &[Range<u64>], block_bytes: u64, volume_bytes: u64) -> Vec<Extent> {
-    blocks
-        .iter()
-        .filter_map(|range| {
+/// Era blocks of a volume: the last one may be partial.
+fn era_blocks(volume_bytes: u64, block_bytes: u64) -> u64 {
+    // The configuration never allows a zero block; `max` keeps this total.
+    volume_bytes.div_ceil(block_bytes.max(1))
+}
+
+/// Block ranges as byte extents, the last one cut at the volume's end;
+/// blocks past the end are dropped.
+pub fn extents<I>(blocks: I, block_bytes: u64, volume_bytes: u64) -> Extents<I>
+where
+    I: Iterator<Item = Range<u64>>,
+{
+    Extents {
+        blocks,
+        block_bytes,
+        volume_bytes,
+    }
+}
+
+/// See [`extents`].
+#[derive(Debug, Clone)]
+pub struct Extents<I> {
+    blocks: I,
+    block_bytes: u64,
+    volume_bytes: u64,
+}
+
+impl<I: Iterator<Item = Range<u64>>> Iterator for Extents<I> {
+    type Item = Extent;
+
+    fn next(&mut self) -> Option<Extent> {
+        let (block_bytes, volume_bytes) = (self.block_bytes, self.volume_bytes);
+        self.blocks.find_map(|range| {
             let start = range.start.saturating_mul(block_bytes);
             let end = range.end.saturating_mul(block_bytes).min(volume_bytes);
             (start < end).then(|| Extent {
@@ -321,7 +378,25 @@ pub fn extents(blocks: &[Range<u64>], block_bytes: u64, volume_bytes: u64) -> Ve
                 length_bytes: end - start,
             })
         })
-        .collect()
+    }
+}
+
+/// See [`ChangedBlocks::extent_batches`].
+#[derive(Debug, Clone)]
+pub struct ExtentBatches<I> {
+    extents: Extents<I>,
+    max_extents: usize,
+    started: bool,
+}
+
+impl<I: Iterator<Item = Range<u64>>> Iterator for ExtentBatches<I> {
+    type Item = Vec<Extent>;
+
+    fn next(&mut self) -> Option<Vec<Extent>> {
+        let batch: Vec<Extent> = self.extents.by_ref().take(self.max_extents).collect();
+        let first = !std::mem::replace(&mut self.started, true);
+        (first || !batch.is_empty()).then_some(batch)
+    }
 }
 
 /// Room for dm-era's metadata of a volume as large as volumes may grow: the
@@ -352,10 +427,27 @@ mod tests {
         }
     }
 
+    fn written(blocks: u64, set: impl IntoIterator<Item = u64>) -> era_metadata::WrittenBlocks {
+        let mut written = era_metadata::WrittenBlocks::new(blocks);
+        set.into_iter().for_each(|block| written.set(block));
+        written
+    }
+
+    fn answer(volume_blocks: u64, set: impl IntoIterator<Item = u64>) -> ChangedBlocks {
+        ChangedBlocks {
+            since_era: 1,
+            next_era: 2,
+            block_bytes: 4096,
+            volume_bytes: volume_blocks * 4096,
+            written: written(volume_blocks, set),
+        }
+    }
+
     #[test]
     fn extents_are_bytes_cut_at_the_volume_end() {
         let block = 64 << 10;
-        let got = extents(&[0..2, 5..6, 15..16], block, 15 * block + 4096);
+        let runs = written(16, [0, 1, 5, 15]);
+        let got: Vec<_> = extents(runs.runs(), block, 15 * block + 4096).collect();
         assert_eq!(
             got,
             vec![
@@ -373,7 +465,32 @@ mod tests {
                 },
             ]
         );
-        assert_eq!(extents(&[20..21, 30..32], block, 15 * block), vec![]);
+        let past_the_end = written(32, [20, 30, 31]);
+        assert_eq!(extents(past_the_end.runs(), block, 15 * block).count(), 0);
+    }
+
+    #[test]
+    fn extents_come_in_batches_and_an_empty_answer_is_one_empty_batch() {
+        let scattered = answer(100, (0..100).step_by(3));
+        let batches: Vec<Vec<Extent>> = scattered.extent_batches(16).collect();
+        assert_eq!(
+            batches.iter().map(Vec::len).collect::<Vec<_>>(),
+            vec![16, 16, 2]
+        );
+        assert_eq!(batches.concat(), scattered.extents().collect::<Vec<_>>());
+        assert_eq!(batches[2][1].offset_bytes, 99 * 4096);
+
+        let exact = answer(64, (0..64).step_by(2));
+        assert_eq!(exact.extent_batches(16).count(), 2);
+        let empty: Vec<_> = answer(64, []).extent_batches(16).collect();
+        assert_eq!(empty, vec![Vec::<Extent>::new()]);
+    }
+
+    #[test]
+    fn a_volume_of_a_partial_last_block_has_one_more_era_block() {
+        assert_eq!(era_blocks(15 * 65536 + 4096, 65536), 16);
+        assert_eq!(era_blocks(16 * 65536, 65536), 16);
+        assert_eq!(era_blocks(0, 65536), 0);
     }
 
     #[test]

@@ -180,9 +180,9 @@ async fn the_metadata_reader_agrees_with_era_invalidate_and_with_the_writes() {
     );
     for (era, expected) in &points {
         let mut device = DeviceBlocks::open(meta.path()).unwrap();
-        let ours: BTreeSet<u64> = read_since(&mut device, *era)
+        let ours: BTreeSet<u64> = read_since(&mut device, *era, blocks)
             .unwrap()
-            .into_iter()
+            .runs()
             .flatten()
             .collect();
         assert_eq!(&ours, expected, "the agent's reader, since era {era}");
