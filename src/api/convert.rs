@@ -26,7 +26,7 @@ fn transfer_state(state: TransferState) -> pb::TransferState {
     }
 }
 
-fn transfer_state_from_wire(state: pb::TransferState) -> Option<TransferState> {
+pub fn transfer_state_from_wire(state: pb::TransferState) -> Option<TransferState> {
     Some(match state {
         pb::TransferState::Unspecified => return None,
         pb::TransferState::Connecting => TransferState::Connecting,
