@@ -182,6 +182,7 @@ impl Agent {
             "reconciled the kernel with the store"
         );
         watch_pool_events(&agent.ctx);
+        agent.transfers.spawn_forgetting();
         let transfers = agent
             .ctx
             .store_call(|store| store.all::<TransferRecord>())

@@ -108,6 +108,10 @@ pub struct TransferConfig {
     /// A hydrating transfer whose count does not move for this long is
     /// reported degraded (the source may be gone).
     pub stall_seconds: Option<u64>,
+    /// Finished transfers are forgotten this long after they finished...
+    pub keep_finished_seconds: Option<u64>,
+    /// ...or when this many newer ones finished.
+    pub keep_finished: Option<u32>,
 }
 
 /// Where the thin pool lives and how full it may get.
@@ -250,6 +254,8 @@ pub struct TransferSettings {
     pub hydration_threshold: u32,
     pub hydration_batch_size: u32,
     pub stall_seconds: u64,
+    pub keep_finished_seconds: u64,
+    pub keep_finished: u32,
 }
 
 /// Measured by benches/run in the guest, 256 MiB over NVMe/TCP loopback, side
@@ -263,6 +269,10 @@ pub const DEFAULT_REGION_BYTES: u64 = MIB;
 pub const DEFAULT_HYDRATION_THRESHOLD: u32 = 16;
 pub const DEFAULT_HYDRATION_BATCH_SIZE: u32 = 8;
 pub const DEFAULT_STALL_SECONDS: u64 = 30;
+/// A week of finished transfers, and no more than a page of them: enough
+/// for an operator to look back, bounded for the store and for listings.
+pub const DEFAULT_KEEP_FINISHED_SECONDS: u64 = 7 * 24 * 3600;
+pub const DEFAULT_KEEP_FINISHED: u32 = 1000;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TcpSettings {
@@ -463,6 +473,10 @@ impl TransferConfig {
                     .unwrap_or(DEFAULT_HYDRATION_BATCH_SIZE),
             )?,
             stall_seconds,
+            keep_finished_seconds: self
+                .keep_finished_seconds
+                .unwrap_or(DEFAULT_KEEP_FINISHED_SECONDS),
+            keep_finished: self.keep_finished.unwrap_or(DEFAULT_KEEP_FINISHED),
         })
     }
 }

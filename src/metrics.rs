@@ -407,7 +407,11 @@ mod tests {
             })
             .collect();
         for scraper in scrapers {
-            assert_eq!(scraper.join().unwrap(), 0, "scrapes that lost or mixed series");
+            assert_eq!(
+                scraper.join().expect("a scraper that did not panic"),
+                0,
+                "scrapes that lost or mixed series"
+            );
         }
     }
 }

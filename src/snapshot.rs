@@ -41,6 +41,34 @@ pub struct SnapshotView {
     pub created_unix: i64,
     /// The volume's first era after the snapshot, when it tracks changes.
     pub era: Option<u64>,
+    pub state: SnapshotState,
+}
+
+/// Where a snapshot stands, as its record's pending step says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SnapshotState {
+    Creating,
+    Available,
+    Deleting,
+}
+
+impl SnapshotState {
+    pub fn of(record: &SnapshotRecord) -> Self {
+        match record.pending {
+            None => SnapshotState::Available,
+            Some(Pending::Delete) => SnapshotState::Deleting,
+            // A snapshot has no other steps; anything unfinished is unusable.
+            Some(_) => SnapshotState::Creating,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SnapshotState::Creating => "creating",
+            SnapshotState::Available => "available",
+            SnapshotState::Deleting => "deleting",
+        }
+    }
 }
 
 /// Snapshots, volumes made from them, clones and revert.
@@ -541,6 +569,7 @@ impl Snapshots {
             allocated_bytes: self.mapped_bytes(record).await,
             created_unix: record.created_unix,
             era: record.era,
+            state: SnapshotState::of(record),
         }
     }
 

@@ -522,6 +522,47 @@ impl Store {
         Ok(())
     }
 
+    /// Removes each of `ids` whose record `removable` still judges so, given
+    /// the volume record it names, in one transaction: a record changed since
+    /// the caller chose it is judged as it is now. Returns how many went.
+    pub fn remove_transfers_if(
+        &self,
+        ids: &[TransferId],
+        removable: impl Fn(&TransferRecord, Option<&VolumeRecord>) -> bool,
+    ) -> Result<usize, AgentError> {
+        let txn = self.write()?;
+        let mut removed = 0;
+        {
+            let mut transfers = txn
+                .open_table(TRANSFERS)
+                .map_err(|e| self.err("open table", e))?;
+            let volumes = txn
+                .open_table(VOLUMES)
+                .map_err(|e| self.err("open table", e))?;
+            for id in ids {
+                let transfer: Option<TransferRecord> = transfers
+                    .get(id.as_str())
+                    .map_err(|e| self.err("read record", e))?
+                    .map(|v| decode(&self.path, v.value()))
+                    .transpose()?;
+                let Some(transfer) = transfer else { continue };
+                let volume: Option<VolumeRecord> = volumes
+                    .get(transfer.volume_id.as_str())
+                    .map_err(|e| self.err("read record", e))?
+                    .map(|v| decode(&self.path, v.value()))
+                    .transpose()?;
+                if removable(&transfer, volume.as_ref()) {
+                    transfers
+                        .remove(id.as_str())
+                        .map_err(|e| self.err("remove record", e))?;
+                    removed += 1;
+                }
+            }
+        }
+        txn.commit().map_err(|e| self.err("commit", e))?;
+        Ok(removed)
+    }
+
     /// Writes a new volume record with freshly allocated thin ids (the
     /// volume's, and its era metadata's when it tracks changes).
     pub fn insert_volume_with_new_thin_id(

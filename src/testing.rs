@@ -62,6 +62,10 @@ impl TestHost {
         self
     }
 
+    pub fn state_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
     /// Starts an agent, reconciling what the kernel and the store hold.
     pub async fn start(&self) -> Result<Arc<Agent>, AgentError> {
         let backing = Backing::plain_file(
@@ -139,12 +143,15 @@ impl SourceReleaser for SourceAgents {
 }
 
 /// Drops the agent and waits until its context, which holds the store, is
-/// gone: the services and the background tasks being aborted hold it too.
+/// gone (the services and the background tasks being aborted hold it too),
+/// and until the store opens again: a store call cut off by the stop may
+/// still be closing the database on a blocking thread.
 async fn wait_until_dropped(agent: Arc<Agent>) {
     let weak = Arc::downgrade(&agent.ctx);
+    let state_dir = agent.ctx.settings.state_dir.clone();
     drop(agent);
     for _ in 0..200 {
-        if weak.strong_count() == 0 {
+        if weak.strong_count() == 0 && crate::store::Store::open(&state_dir).is_ok() {
             return;
         }
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;

@@ -545,16 +545,30 @@ class AgentClient:
         request = transfer_pb2.TransferRef(transfer_id=transfer_id)
         self._call('Transfers', 'AbortTransfer', request, transfer_id, True)
 
-    def list_transfers(self):
-        request = transfer_pb2.ListTransfersRequest()
-        reply = self._call('Transfers', 'ListTransfers', request, 'transfers')
-        return list(reply.transfers)
+    def list_transfers(self, volume_id='', states=()):
+        """Every transfer the filters admit, following the agent's pages."""
+        request = transfer_pb2.ListTransfersRequest(
+            volume_id=volume_id, states=sorted(states)
+        )
+        transfers = []
+        while True:
+            reply = self._call(
+                'Transfers', 'ListTransfers', request, volume_id or 'transfers'
+            )
+            transfers.extend(reply.transfers)
+            if not reply.next_page_token:
+                return transfers
+            request.page_token = reply.next_page_token
 
     def active_transfers_of(self, volume_id):
         """This agent's unfinished transfers that bring volume_id here."""
+        # The agent filters; checking again keeps an older agent, which
+        # ignores the filters, from answering with every transfer.
         return [
             transfer
-            for transfer in self.list_transfers()
+            for transfer in self.list_transfers(
+                volume_id, ACTIVE_TRANSFER_STATES
+            )
             if transfer.volume_id == volume_id
             and transfer.state in ACTIVE_TRANSFER_STATES
         ]

@@ -385,6 +385,32 @@ class AgentClientTestCase(base.TestCase):
             ['1', '5'],
             [x.transfer_id for x in self.agent.active_transfers_of('v')],
         )
+        request = self.transport.unary.call_args[0][3]
+        self.assertEqual('v', request.volume_id)
+        self.assertEqual(
+            sorted(client.ACTIVE_TRANSFER_STATES), list(request.states)
+        )
+
+    def test_listing_follows_every_page(self):
+        pages = [
+            transfer_pb2.ListTransfersResponse(
+                transfers=[transfer_pb2.Transfer(transfer_id='1')],
+                next_page_token='1',
+            ),
+            transfer_pb2.ListTransfersResponse(
+                transfers=[transfer_pb2.Transfer(transfer_id='2')]
+            ),
+        ]
+        tokens = []
+
+        def answer(endpoint, service, method, request, *args):
+            tokens.append(request.page_token)
+            return pages[len(tokens) - 1]
+
+        self.transport.unary.side_effect = answer
+        listed = self.agent.list_transfers()
+        self.assertEqual(['1', '2'], [t.transfer_id for t in listed])
+        self.assertEqual(['', '1'], tokens)
 
 
 class AgentsTestCase(base.TestCase):
@@ -664,7 +690,8 @@ class RetryTestCase(base.TestCase):
                 self.transport.unary.side_effect = [
                     unavailable(),
                     unavailable(),
-                    mock.MagicMock(),
+                    # One page: a listing would follow a token.
+                    mock.MagicMock(next_page_token=''),
                 ]
                 call(self.agent)
                 self.assertEqual(3, self.transport.unary.call_count)

@@ -4,6 +4,7 @@ use crate::{
     agent::NodeInfo,
     api::proto::v1 as pb,
     pool::PoolUsage,
+    snapshot::SnapshotState,
     transfer::{TransferState, TransferView},
     volume::{Volume, VolumeState},
 };
@@ -26,7 +27,7 @@ fn transfer_state(state: TransferState) -> pb::TransferState {
     }
 }
 
-fn transfer_state_from_wire(state: pb::TransferState) -> Option<TransferState> {
+pub fn transfer_state_from_wire(state: pb::TransferState) -> Option<TransferState> {
     Some(match state {
         pb::TransferState::Unspecified => return None,
         pb::TransferState::Connecting => TransferState::Connecting,
@@ -44,6 +45,25 @@ fn transfer_state_from_wire(state: pb::TransferState) -> Option<TransferState> {
 /// The domain's name of a transfer state received over the wire.
 pub fn transfer_state_name(state: pb::TransferState) -> &'static str {
     transfer_state_from_wire(state).map_or(UNKNOWN_STATE, TransferState::as_str)
+}
+
+pub fn snapshot_state(state: SnapshotState) -> pb::SnapshotState {
+    match state {
+        SnapshotState::Creating => pb::SnapshotState::Creating,
+        SnapshotState::Available => pb::SnapshotState::Available,
+        SnapshotState::Deleting => pb::SnapshotState::Deleting,
+    }
+}
+
+/// The domain's name of a snapshot state received over the wire.
+pub fn snapshot_state_name(state: pb::SnapshotState) -> &'static str {
+    let state = match state {
+        pb::SnapshotState::Unspecified => return UNKNOWN_STATE,
+        pb::SnapshotState::Creating => SnapshotState::Creating,
+        pb::SnapshotState::Available => SnapshotState::Available,
+        pb::SnapshotState::Deleting => SnapshotState::Deleting,
+    };
+    state.as_str()
 }
 
 fn volume_state(state: &VolumeState) -> pb::VolumeState {
@@ -181,6 +201,17 @@ mod tests {
         ] {
             assert_eq!(transfer_state_name(transfer_state(state)), state.as_str());
         }
+        for state in [
+            SnapshotState::Creating,
+            SnapshotState::Available,
+            SnapshotState::Deleting,
+        ] {
+            assert_eq!(snapshot_state_name(snapshot_state(state)), state.as_str());
+        }
+        assert_eq!(
+            snapshot_state_name(pb::SnapshotState::Unspecified),
+            "unknown"
+        );
         assert_eq!(volume_state_name(pb::VolumeState::Unspecified), "unknown");
         assert_eq!(
             transfer_state_name(pb::TransferState::Unspecified),

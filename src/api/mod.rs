@@ -17,7 +17,7 @@ mod transfer;
 mod volume;
 
 /// What clients print for the states they receive: the domain's names.
-pub use convert::{transfer_state_name, volume_state_name};
+pub use convert::{snapshot_state_name, transfer_state_name, volume_state_name};
 pub use release::GrpcSourceReleaser;
 
 use std::{

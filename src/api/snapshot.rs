@@ -6,7 +6,7 @@ use std::sync::Arc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, codegen::BoxStream};
 
-use super::{handle, parts, span_id};
+use super::{convert, handle, parts, span_id};
 use crate::{
     agent::Agent,
     api::proto::v1 as pb,
@@ -36,6 +36,7 @@ fn snapshot(view: SnapshotView) -> pb::Snapshot {
         era: view.era.unwrap_or(0),
         has_era: view.era.is_some(),
         created_unix_seconds: view.created_unix,
+        state: convert::snapshot_state(view.state).into(),
     }
 }
 

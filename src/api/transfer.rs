@@ -13,7 +13,10 @@ use crate::{
     api::proto::v1 as pb,
     error::AgentError,
     ids::{TransferId, VolumeId},
-    transfer::{KnobRequest, Source, StartRequest, TransferState, TransferView},
+    transfer::{
+        KnobRequest, Source, StartRequest, TransferQuery, TransferState, TransferView,
+        history::MAX_PAGE,
+    },
 };
 
 #[derive(Debug)]
@@ -260,16 +263,17 @@ impl pb::transfers_server::Transfers for TransfersApi {
         &self,
         request: Request<pb::ListTransfersRequest>,
     ) -> Result<Response<pb::ListTransfersResponse>, Status> {
-        let (metadata, _) = parts(request);
+        let (metadata, req) = parts(request);
         handle(
             &self.agent,
             "ListTransfers",
             &metadata,
-            "",
+            span_id(&req.volume_id),
             |agent| async move {
-                let transfers = agent.transfers.list_transfers().await?;
+                let page = agent.transfers.list_page(&transfer_query(&req)?).await?;
                 Ok(pb::ListTransfersResponse {
-                    transfers: transfers.into_iter().map(convert::transfer).collect(),
+                    transfers: page.transfers.into_iter().map(convert::transfer).collect(),
+                    next_page_token: page.next.map(|id| id.to_string()).unwrap_or_default(),
                 })
             },
         )
@@ -333,5 +337,98 @@ impl pb::transfers_server::Transfers for TransfersApi {
             },
         )
         .await
+    }
+}
+
+/// What a ListTransfers request asks for, checked.
+fn transfer_query(req: &pb::ListTransfersRequest) -> Result<TransferQuery, AgentError> {
+    let states = req
+        .states
+        .iter()
+        .map(|raw| {
+            pb::TransferState::try_from(*raw)
+                .ok()
+                .and_then(convert::transfer_state_from_wire)
+                .ok_or_else(|| AgentError::InvalidArgument {
+                    field: "states",
+                    reason: format!("{raw} is not a transfer state"),
+                })
+        })
+        .collect::<Result<_, _>>()?;
+    let page_size = usize::try_from(req.page_size).unwrap_or(usize::MAX);
+    if page_size > MAX_PAGE {
+        return Err(AgentError::InvalidArgument {
+            field: "page_size",
+            reason: format!("{page_size} is more than a page holds ({MAX_PAGE}); ask for less"),
+        });
+    }
+    Ok(TransferQuery {
+        volume: non_empty(&req.volume_id).map(VolumeId::parse).transpose()?,
+        states,
+        after: non_empty(&req.page_token)
+            .map(|token| {
+                TransferId::parse(token).map_err(|_| AgentError::InvalidArgument {
+                    field: "page_token",
+                    reason: format!("{token:?} is not a token this agent gave out"),
+                })
+            })
+            .transpose()?,
+        page_size,
+    })
+}
+
+fn non_empty(raw: &str) -> Option<&str> {
+    (!raw.is_empty()).then_some(raw)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    const VOLUME: &str = "00000000-0000-4000-8000-000000000001";
+
+    fn refused_field(req: pb::ListTransfersRequest) -> &'static str {
+        match transfer_query(&req) {
+            Err(AgentError::InvalidArgument { field, .. }) => field,
+            other => panic!("expected InvalidArgument, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_list_request_becomes_a_query() {
+        let query = transfer_query(&pb::ListTransfersRequest {
+            volume_id: VOLUME.into(),
+            states: vec![
+                pb::TransferState::Done.into(),
+                pb::TransferState::Failed.into(),
+            ],
+            page_size: 10,
+            page_token: "30000000-0000-4000-8000-000000000007".into(),
+        })
+        .unwrap();
+        assert_eq!(query.volume.unwrap().as_str(), VOLUME);
+        assert_eq!(query.states, [TransferState::Done, TransferState::Failed]);
+        assert_eq!(query.page_size, 10);
+        assert!(query.after.is_some());
+        assert_eq!(
+            transfer_query(&pb::ListTransfersRequest::default()).unwrap(),
+            TransferQuery::default()
+        );
+    }
+
+    #[test]
+    fn bad_list_requests_name_the_field() {
+        let bad = |edit: fn(&mut pb::ListTransfersRequest)| {
+            let mut req = pb::ListTransfersRequest::default();
+            edit(&mut req);
+            refused_field(req)
+        };
+        assert_eq!(bad(|r| r.volume_id = "not-a-uuid".into()), "volume_id");
+        assert_eq!(bad(|r| r.states = vec![0]), "states");
+        assert_eq!(bad(|r| r.states = vec![42]), "states");
+        assert_eq!(bad(|r| r.page_size = 1001), "page_size");
+        assert_eq!(bad(|r| r.page_token = "../../etc".into()), "page_token");
     }
 }

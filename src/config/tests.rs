@@ -244,6 +244,8 @@ fn the_sample_config_is_valid_and_names_every_option() {
         "hydration_threshold",
         "hydration_batch_size",
         "stall_seconds",
+        "keep_finished_seconds",
+        "keep_finished",
         "[nvme]",
         "export_address",
         "export_port",

@@ -63,6 +63,10 @@ struct State {
     faults: Vec<(&'static str, String, Errno)>,
     /// Every call that changed something, for order checks.
     journal: Vec<String>,
+    /// Status reads, to tell polling from waiting.
+    status_reads: u64,
+    /// The event monitor failed: every wait for an event fails at once.
+    events_failed: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -244,6 +248,16 @@ impl FakeKernel {
     fn device_mut(&self, name: &str, change: impl FnOnce(&mut Device)) {
         let mut state = self.state();
         change(state.devices.get_mut(name).expect("an existing device"));
+    }
+
+    pub fn status_reads(&self) -> u64 {
+        self.state().status_reads
+    }
+
+    /// The event monitor fails, as when its thread hits an error.
+    pub fn fail_events(&self) {
+        self.state().events_failed = true;
+        self.publish_event();
     }
 
     fn publish_event(&self) {
@@ -647,6 +661,7 @@ impl Kernel for FakeKernel {
 
     async fn status(&self, name: &DeviceName) -> Result<Vec<SegmentStatus>> {
         self.with("status", name, |state| {
+            state.status_reads += 1;
             let table = state.device(name)?.live.clone();
             table
                 .iter()
@@ -787,6 +802,9 @@ impl Kernel for FakeKernel {
         };
         let mut generations = events.subscribe();
         loop {
+            if self.state().events_failed {
+                return Err(Error::Other("the fake's event monitor failed".into()));
+            }
             match self.event_counter(name) {
                 None => return Err(no_such(name)),
                 Some(now) if now != seen => return Ok(now),

@@ -203,12 +203,17 @@ async fn a_retried_create_finishes_what_a_cut_one_began() {
     let host = TestHost::new();
     let (agent, id) = published_volume(&host).await;
     cut_first_snapshot(&agent, &id).await;
+    let half_made = agent.snapshots.get_snapshot(&snapshot_id(1)).await.unwrap();
+    assert_eq!(half_made.state, SnapshotState::Creating, "{half_made:?}");
     let taken = agent
         .snapshots
         .create_snapshot(&snapshot_id(1), &id)
         .await
         .unwrap();
-    assert_eq!(taken.id, snapshot_id(1));
+    assert_eq!(
+        (&taken.id, taken.state),
+        (&snapshot_id(1), SnapshotState::Available)
+    );
     assert_eq!(thin_ids(&host).len(), 3, "one thin id for the snapshot");
     let agent = host.restart(agent).await.unwrap();
     let listed = agent.snapshots.list_snapshots(None).await.unwrap();
@@ -268,6 +273,8 @@ async fn a_snapshot_being_deleted_is_not_taken_again_until_the_delete_ends() {
         caller.snapshots.delete_snapshot(&snapshot_id(1)).await
     })
     .await;
+    let listed = agent.snapshots.list_snapshots(Some(&id)).await.unwrap();
+    assert_eq!(listed[0].state, SnapshotState::Deleting, "{listed:?}");
     let refused = agent.snapshots.create_snapshot(&snapshot_id(1), &id).await;
     assert_eq!(refusal(&refused), Some("SNAPSHOT_PENDING"), "{refused:?}");
     agent

@@ -431,3 +431,39 @@ async fn a_finished_transfer_cannot_be_aborted_or_paused() {
     assert_eq!(refusal(&pause), Some("TRANSFER_WRONG_STATE"), "{pause:?}");
     assert!(host.devices().contains(&public(&id)), "nothing changed");
 }
+
+/// When device-mapper events stop reaching the agent, each wait fails at
+/// once: the monitor must pause between looks instead of spinning, say why
+/// the transfer is degraded, and still see the end of hydration.
+#[tokio::test]
+async fn a_monitor_without_events_backs_off_and_still_finishes() {
+    let host = host();
+    let (agent, id) = arriving(&host).await;
+    host.kernel.fail_events();
+    let reads_before = host.kernel.status_reads();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let reads = host.kernel.status_reads() - reads_before;
+    // Pauses of 0.5, 1 s...: a handful of looks, where a spin makes thousands.
+    assert!(reads <= 6, "{reads} status reads in 1.2 s without events");
+    let view = agent.transfers.get_transfer(&transfer_id(1)).await.unwrap();
+    assert_eq!(view.state, TransferState::Degraded, "{view:?}");
+    assert!(
+        view.message
+            .contains("device-mapper events do not reach the agent"),
+        "{view:?}"
+    );
+
+    host.kernel.hydrate(&public(&id));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let view = agent.transfers.get_transfer(&transfer_id(1)).await.unwrap();
+        if view.state == TransferState::Done {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never finished: {view:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -16,6 +16,7 @@
 //! ```
 
 pub mod export;
+pub mod history;
 mod hydrate;
 mod monitor;
 pub mod phase;
@@ -38,7 +39,12 @@ use crate::{
     store::TransferRecord,
 };
 
-pub use self::{export::Exports, hydrate::Transfers, progress::Progress};
+pub use self::{
+    export::Exports,
+    history::{TransferPage, TransferQuery},
+    hydrate::Transfers,
+    progress::Progress,
+};
 
 /// A transfer's state as callers see it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -44,6 +44,7 @@ impl Transfers {
 
     async fn monitor(&self, id: &TransferId) -> Result<(), AgentError> {
         let mut limiter = RateLimiter::default();
+        let mut events = EventSource::default();
         loop {
             let Some(transfer) = self.ctx.transfer_record(id).await? else {
                 self.ctx.registry.forget(id);
@@ -52,7 +53,7 @@ impl Transfers {
             let volume_id = transfer.volume_id.clone();
             let public = self.ctx.naming.public(&volume_id);
             let seen = self.ctx.dm.event_counter(&public).unwrap_or(0);
-            match self.look(&transfer, &mut limiter).await? {
+            match self.look(&transfer, &mut limiter, &events).await? {
                 Next::Stop => return Ok(()),
                 Next::Finalize => {
                     if self.finalize(id).await? {
@@ -69,7 +70,14 @@ impl Transfers {
             } else {
                 TICK
             };
-            wait_for_change(self.ctx.dm.as_ref(), &public, seen, &wake, tick).await;
+            let waited = wait_for_change(self.ctx.dm.as_ref(), &public, seen, &wake, tick).await;
+            if let Some(pause) = events.after_wait(waited, tick) {
+                // The wait ended at once: look again only after a pause.
+                tokio::select! {
+                    () = wake.notified() => {}
+                    () = tokio::time::sleep(pause) => {}
+                }
+            }
         }
     }
 
@@ -78,6 +86,7 @@ impl Transfers {
         &self,
         transfer: &TransferRecord,
         limiter: &mut RateLimiter,
+        events: &EventSource,
     ) -> Result<Next, AgentError> {
         match transfer.phase {
             TransferPhase::Finalizing => return Ok(Next::Finalize),
@@ -133,7 +142,12 @@ impl Transfers {
                 stalled.as_secs()
             ))
         } else {
-            None
+            events.failure.as_ref().map(|failure| {
+                format!(
+                    "device-mapper events do not reach the agent ({failure}): the transfer is looked at every {} ms instead, so its end may be seen late",
+                    events.pause.as_millis()
+                )
+            })
         };
         self.set_degraded(transfer, degraded);
         let _ = self
@@ -324,18 +338,55 @@ impl Transfers {
 }
 
 /// Sleeps until the device's event counter moves, a call wakes the monitor,
-/// or the progress tick passes.
+/// or the progress tick passes. An error means the wait could not begin.
 async fn wait_for_change(
     events: &dyn Kernel,
     public: &crate::dm::names::DeviceName,
     seen: u32,
     wake: &tokio::sync::Notify,
     tick: Duration,
-) {
+) -> Result<(), crate::Error> {
     tokio::select! {
-        _ = events.wait_for_event(public, seen) => {}
-        () = wake.notified() => {}
-        () = tokio::time::sleep(tick) => {}
+        waited = events.wait_for_event(public, seen) => waited.map(drop),
+        () = wake.notified() => Ok(()),
+        () = tokio::time::sleep(tick) => Ok(()),
+    }
+}
+
+/// Whether the kernel's events reach the monitor. A wait that fails returns
+/// at once, so the monitor would spin; it pauses instead, longer each time
+/// up to [`MAX_EVENTLESS_PAUSE`], and says why while the failure lasts.
+#[derive(Debug, Default)]
+struct EventSource {
+    failure: Option<String>,
+    pause: Duration,
+}
+
+/// The longest a monitor without events waits between two looks: the delay
+/// with which it may see a transfer's end.
+const MAX_EVENTLESS_PAUSE: Duration = Duration::from_secs(5);
+
+impl EventSource {
+    /// Takes in how the last wait ended; returns the pause before the next
+    /// look when the wait failed.
+    fn after_wait(&mut self, waited: Result<(), crate::Error>, tick: Duration) -> Option<Duration> {
+        match waited {
+            Ok(()) => {
+                self.failure = None;
+                self.pause = Duration::ZERO;
+                None
+            }
+            Err(err) => {
+                // A device that is gone is a rebuild's business (the look
+                // reports it); only a failing event source is this one's.
+                self.failure = match err {
+                    crate::Error::NoSuchDevice { .. } => None,
+                    other => Some(other.to_string()),
+                };
+                self.pause = (self.pause * 2).clamp(tick, MAX_EVENTLESS_PAUSE);
+                Some(self.pause)
+            }
+        }
     }
 }
 

@@ -214,6 +214,16 @@ async fn dmclonectl_starts_watches_and_steers_a_transfer() {
     assert_eq!(started["transfers"][0]["region_bytes"], 65536);
     let listed = json(&agent, &["transfer", "list"]);
     assert_eq!(listed["transfers"][0]["transfer_id"], transfer);
+    let of_volume = json(
+        &agent,
+        &["transfer", "list", "--volume", VOL_A, "--state", "deferred"],
+    );
+    assert_eq!(of_volume["transfers"][0]["transfer_id"], transfer);
+    let finished = json(
+        &agent,
+        &["transfer", "list", "--state", "done", "--state", "failed"],
+    );
+    assert_eq!(finished["transfers"].as_array().map(Vec::len), Some(0));
     let throttled = json(
         &agent,
         &[

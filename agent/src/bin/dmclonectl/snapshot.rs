@@ -1,9 +1,12 @@
 //! `dmclonectl snapshot ...`
 
 use clap::Subcommand;
-use dmclone::api::proto::v1::{
-    CreateSnapshotRequest, DeleteSnapshotRequest, GetSnapshotRequest, ListSnapshotsRequest,
-    Snapshot, snapshots_client::SnapshotsClient,
+use dmclone::api::{
+    proto::v1::{
+        CreateSnapshotRequest, DeleteSnapshotRequest, GetSnapshotRequest, ListSnapshotsRequest,
+        Snapshot, snapshots_client::SnapshotsClient,
+    },
+    snapshot_state_name,
 };
 use serde_json::json;
 use tonic::transport::Channel;
@@ -92,6 +95,7 @@ fn show(snapshots: &[Snapshot], as_json: bool) {
                     // null when the volume did not track changes.
                     "era": s.has_era.then_some(s.era),
                     "created_unix_seconds": s.created_unix_seconds,
+                    "state": snapshot_state_name(s.state()),
                 })
             })
             .collect();
@@ -104,6 +108,7 @@ fn show(snapshots: &[Snapshot], as_json: bool) {
             vec![
                 s.snapshot_id.clone(),
                 s.volume_id.clone(),
+                snapshot_state_name(s.state()).to_owned(),
                 output::size(s.size_bytes),
                 output::size(s.allocated_bytes),
                 if s.has_era {
@@ -114,5 +119,8 @@ fn show(snapshots: &[Snapshot], as_json: bool) {
             ]
         })
         .collect();
-    output::table(&["SNAPSHOT", "VOLUME", "SIZE", "ALLOC", "ERA"], &rows);
+    output::table(
+        &["SNAPSHOT", "VOLUME", "STATE", "SIZE", "ALLOC", "ERA"],
+        &rows,
+    );
 }

@@ -22,8 +22,16 @@ use crate::{Failure, output};
 
 #[derive(Debug, Subcommand)]
 pub enum TransferCommand {
-    /// Every transfer with its state and progress.
-    List,
+    /// Transfers with their state and progress (finished ones for as long as
+    /// the agent keeps them).
+    List {
+        /// Only the transfers of this volume.
+        #[arg(long)]
+        volume: Option<String>,
+        /// Only transfers in this state (hydrating, done, ...); repeatable.
+        #[arg(long = "state", value_parser = parse_state)]
+        states: Vec<TransferState>,
+    },
     /// One transfer.
     Show {
         id: String,
@@ -99,16 +107,42 @@ pub struct StartArgs {
     batch: Option<u32>,
 }
 
+/// Every transfer the filters admit, page after page.
+async fn list_every_page(
+    client: &mut TransfersClient<Channel>,
+    volume: Option<String>,
+    states: Vec<TransferState>,
+) -> Result<Vec<Transfer>, Failure> {
+    let mut request = ListTransfersRequest {
+        volume_id: volume.unwrap_or_default(),
+        states: states.into_iter().map(i32::from).collect(),
+        ..ListTransfersRequest::default()
+    };
+    let mut transfers = Vec::new();
+    loop {
+        let page = client.list_transfers(request.clone()).await?.into_inner();
+        transfers.extend(page.transfers);
+        if page.next_page_token.is_empty() {
+            return Ok(transfers);
+        }
+        request.page_token = page.next_page_token;
+    }
+}
+
+/// A state as `transfer list` prints it, back to the wire.
+fn parse_state(name: &str) -> Result<TransferState, String> {
+    (1..)
+        .map_while(|n| TransferState::try_from(n).ok())
+        .find(|state| transfer_state_name(*state) == name)
+        .ok_or_else(|| format!("{name:?} is not a transfer state (hydrating, done, failed, ...)"))
+}
+
 pub async fn run(channel: Channel, command: TransferCommand, as_json: bool) -> Result<(), Failure> {
     let mut client = TransfersClient::new(channel);
     let reference = |id: String| TransferRef { transfer_id: id };
     let transfer = match command {
-        TransferCommand::List => {
-            let transfers = client
-                .list_transfers(ListTransfersRequest {})
-                .await?
-                .into_inner()
-                .transfers;
+        TransferCommand::List { volume, states } => {
+            let transfers = list_every_page(&mut client, volume, states).await?;
             show(&transfers, as_json);
             return Ok(());
         }

@@ -25,39 +25,41 @@ _sym_db = _symbol_database.Default()
 from dmclone_cinder._proto.dmclone.v1 import common_pb2 as dmclone_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x64mclone/v1/snapshot.proto\x12\ndmclone.v1\x1a\x17\x64mclone/v1/common.proto\"\x9b\x01\n\x08Snapshot\x12\x13\n\x0bsnapshot_id\x18\x01 \x01(\t\x12\x11\n\tvolume_id\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x04\x12\x17\n\x0f\x61llocated_bytes\x18\x04 \x01(\x04\x12\x0b\n\x03\x65ra\x18\x05 \x01(\x04\x12\x1c\n\x14\x63reated_unix_seconds\x18\x06 \x01(\x03\x12\x0f\n\x07has_era\x18\x07 \x01(\x08\"?\n\x15\x43reateSnapshotRequest\x12\x13\n\x0bsnapshot_id\x18\x01 \x01(\t\x12\x11\n\tvolume_id\x18\x02 \x01(\t\",\n\x15\x44\x65leteSnapshotRequest\x12\x13\n\x0bsnapshot_id\x18\x01 \x01(\t\"\x18\n\x16\x44\x65leteSnapshotResponse\")\n\x12GetSnapshotRequest\x12\x13\n\x0bsnapshot_id\x18\x01 \x01(\t\")\n\x14ListSnapshotsRequest\x12\x11\n\tvolume_id\x18\x01 \x01(\t\"@\n\x15ListSnapshotsResponse\x12\'\n\tsnapshots\x18\x01 \x03(\x0b\x32\x14.dmclone.v1.Snapshot\"=\n\x13RevertVolumeRequest\x12\x11\n\tvolume_id\x18\x01 \x01(\t\x12\x13\n\x0bsnapshot_id\x18\x02 \x01(\t\"\x16\n\x14RevertVolumeResponse\"*\n\x15MarkCheckpointRequest\x12\x11\n\tvolume_id\x18\x01 \x01(\t\",\n\nCheckpoint\x12\x11\n\tvolume_id\x18\x01 \x01(\t\x12\x0b\n\x03\x65ra\x18\x02 \x01(\x04\"[\n\x17GetChangedBlocksRequest\x12\x11\n\tvolume_id\x18\x01 \x01(\t\x12\r\n\x03\x65ra\x18\x02 \x01(\x04H\x00\x12\x15\n\x0bsnapshot_id\x18\x03 \x01(\tH\x00\x42\x07\n\x05since\"n\n\rChangedBlocks\x12#\n\x07\x65xtents\x18\x01 \x03(\x0b\x32\x12.dmclone.v1.Extent\x12\x11\n\tsince_era\x18\x02 \x01(\x04\x12\x10\n\x08next_era\x18\x03 \x01(\x04\x12\x13\n\x0b\x62lock_bytes\x18\x04 \x01(\x04\x32\xc0\x04\n\tSnapshots\x12I\n\x0e\x43reateSnapshot\x12!.dmclone.v1.CreateSnapshotRequest\x1a\x14.dmclone.v1.Snapshot\x12W\n\x0e\x44\x65leteSnapshot\x12!.dmclone.v1.DeleteSnapshotRequest\x1a\".dmclone.v1.DeleteSnapshotResponse\x12\x43\n\x0bGetSnapshot\x12\x1e.dmclone.v1.GetSnapshotRequest\x1a\x14.dmclone.v1.Snapshot\x12T\n\rListSnapshots\x12 .dmclone.v1.ListSnapshotsRequest\x1a!.dmclone.v1.ListSnapshotsResponse\x12Q\n\x0cRevertVolume\x12\x1f.dmclone.v1.RevertVolumeRequest\x1a .dmclone.v1.RevertVolumeResponse\x12K\n\x0eMarkCheckpoint\x12!.dmclone.v1.MarkCheckpointRequest\x1a\x16.dmclone.v1.Checkpoint\x12T\n\x10GetChangedBlocks\x12#.dmclone.v1.GetChangedBlocksRequest\x1a\x19.dmclone.v1.ChangedBlocks0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x64mclone/v1/snapshot.proto\x12\ndmclone.v1\x1a\x17\x64mclone/v1/common.proto\"\xc5\x01\n\x08Snapshot\x12\x13\n\x0bsnapshot_id\x18\x01 \x01(\t\x12\x11\n\tvolume_id\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x04\x12\x17\n\x0f\x61llocated_bytes\x18\x04 \x01(\x04\x12\x0b\n\x03\x65ra\x18\x05 \x01(\x04\x12\x1c\n\x14\x63reated_unix_seconds\x18\x06 \x01(\x03\x12\x0f\n\x07has_era\x18\x07 \x01(\x08\x12(\n\x05state\x18\x08 \x01(\x0e\x32\x19.dmclone.v1.SnapshotState\"?\n\x15\x43reateSnapshotRequest\x12\x13\n\x0bsnapshot_id\x18\x01 \x01(\t\x12\x11\n\tvolume_id\x18\x02 \x01(\t\",\n\x15\x44\x65leteSnapshotRequest\x12\x13\n\x0bsnapshot_id\x18\x01 \x01(\t\"\x18\n\x16\x44\x65leteSnapshotResponse\")\n\x12GetSnapshotRequest\x12\x13\n\x0bsnapshot_id\x18\x01 \x01(\t\")\n\x14ListSnapshotsRequest\x12\x11\n\tvolume_id\x18\x01 \x01(\t\"@\n\x15ListSnapshotsResponse\x12\'\n\tsnapshots\x18\x01 \x03(\x0b\x32\x14.dmclone.v1.Snapshot\"=\n\x13RevertVolumeRequest\x12\x11\n\tvolume_id\x18\x01 \x01(\t\x12\x13\n\x0bsnapshot_id\x18\x02 \x01(\t\"\x16\n\x14RevertVolumeResponse\"*\n\x15MarkCheckpointRequest\x12\x11\n\tvolume_id\x18\x01 \x01(\t\",\n\nCheckpoint\x12\x11\n\tvolume_id\x18\x01 \x01(\t\x12\x0b\n\x03\x65ra\x18\x02 \x01(\x04\"[\n\x17GetChangedBlocksRequest\x12\x11\n\tvolume_id\x18\x01 \x01(\t\x12\r\n\x03\x65ra\x18\x02 \x01(\x04H\x00\x12\x15\n\x0bsnapshot_id\x18\x03 \x01(\tH\x00\x42\x07\n\x05since\"n\n\rChangedBlocks\x12#\n\x07\x65xtents\x18\x01 \x03(\x0b\x32\x12.dmclone.v1.Extent\x12\x11\n\tsince_era\x18\x02 \x01(\x04\x12\x10\n\x08next_era\x18\x03 \x01(\x04\x12\x13\n\x0b\x62lock_bytes\x18\x04 \x01(\x04*\x87\x01\n\rSnapshotState\x12\x1e\n\x1aSNAPSHOT_STATE_UNSPECIFIED\x10\x00\x12\x1b\n\x17SNAPSHOT_STATE_CREATING\x10\x01\x12\x1c\n\x18SNAPSHOT_STATE_AVAILABLE\x10\x02\x12\x1b\n\x17SNAPSHOT_STATE_DELETING\x10\x03\x32\xc0\x04\n\tSnapshots\x12I\n\x0e\x43reateSnapshot\x12!.dmclone.v1.CreateSnapshotRequest\x1a\x14.dmclone.v1.Snapshot\x12W\n\x0e\x44\x65leteSnapshot\x12!.dmclone.v1.DeleteSnapshotRequest\x1a\".dmclone.v1.DeleteSnapshotResponse\x12\x43\n\x0bGetSnapshot\x12\x1e.dmclone.v1.GetSnapshotRequest\x1a\x14.dmclone.v1.Snapshot\x12T\n\rListSnapshots\x12 .dmclone.v1.ListSnapshotsRequest\x1a!.dmclone.v1.ListSnapshotsResponse\x12Q\n\x0cRevertVolume\x12\x1f.dmclone.v1.RevertVolumeRequest\x1a .dmclone.v1.RevertVolumeResponse\x12K\n\x0eMarkCheckpoint\x12!.dmclone.v1.MarkCheckpointRequest\x1a\x16.dmclone.v1.Checkpoint\x12T\n\x10GetChangedBlocks\x12#.dmclone.v1.GetChangedBlocksRequest\x1a\x19.dmclone.v1.ChangedBlocks0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dmclone_cinder._proto.dmclone.v1.snapshot_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_SNAPSHOTSTATE']._serialized_start=938
+  _globals['_SNAPSHOTSTATE']._serialized_end=1073
   _globals['_SNAPSHOT']._serialized_start=67
-  _globals['_SNAPSHOT']._serialized_end=222
-  _globals['_CREATESNAPSHOTREQUEST']._serialized_start=224
-  _globals['_CREATESNAPSHOTREQUEST']._serialized_end=287
-  _globals['_DELETESNAPSHOTREQUEST']._serialized_start=289
-  _globals['_DELETESNAPSHOTREQUEST']._serialized_end=333
-  _globals['_DELETESNAPSHOTRESPONSE']._serialized_start=335
-  _globals['_DELETESNAPSHOTRESPONSE']._serialized_end=359
-  _globals['_GETSNAPSHOTREQUEST']._serialized_start=361
-  _globals['_GETSNAPSHOTREQUEST']._serialized_end=402
-  _globals['_LISTSNAPSHOTSREQUEST']._serialized_start=404
-  _globals['_LISTSNAPSHOTSREQUEST']._serialized_end=445
-  _globals['_LISTSNAPSHOTSRESPONSE']._serialized_start=447
-  _globals['_LISTSNAPSHOTSRESPONSE']._serialized_end=511
-  _globals['_REVERTVOLUMEREQUEST']._serialized_start=513
-  _globals['_REVERTVOLUMEREQUEST']._serialized_end=574
-  _globals['_REVERTVOLUMERESPONSE']._serialized_start=576
-  _globals['_REVERTVOLUMERESPONSE']._serialized_end=598
-  _globals['_MARKCHECKPOINTREQUEST']._serialized_start=600
-  _globals['_MARKCHECKPOINTREQUEST']._serialized_end=642
-  _globals['_CHECKPOINT']._serialized_start=644
-  _globals['_CHECKPOINT']._serialized_end=688
-  _globals['_GETCHANGEDBLOCKSREQUEST']._serialized_start=690
-  _globals['_GETCHANGEDBLOCKSREQUEST']._serialized_end=781
-  _globals['_CHANGEDBLOCKS']._serialized_start=783
-  _globals['_CHANGEDBLOCKS']._serialized_end=893
-  _globals['_SNAPSHOTS']._serialized_start=896
-  _globals['_SNAPSHOTS']._serialized_end=1472
+  _globals['_SNAPSHOT']._serialized_end=264
+  _globals['_CREATESNAPSHOTREQUEST']._serialized_start=266
+  _globals['_CREATESNAPSHOTREQUEST']._serialized_end=329
+  _globals['_DELETESNAPSHOTREQUEST']._serialized_start=331
+  _globals['_DELETESNAPSHOTREQUEST']._serialized_end=375
+  _globals['_DELETESNAPSHOTRESPONSE']._serialized_start=377
+  _globals['_DELETESNAPSHOTRESPONSE']._serialized_end=401
+  _globals['_GETSNAPSHOTREQUEST']._serialized_start=403
+  _globals['_GETSNAPSHOTREQUEST']._serialized_end=444
+  _globals['_LISTSNAPSHOTSREQUEST']._serialized_start=446
+  _globals['_LISTSNAPSHOTSREQUEST']._serialized_end=487
+  _globals['_LISTSNAPSHOTSRESPONSE']._serialized_start=489
+  _globals['_LISTSNAPSHOTSRESPONSE']._serialized_end=553
+  _globals['_REVERTVOLUMEREQUEST']._serialized_start=555
+  _globals['_REVERTVOLUMEREQUEST']._serialized_end=616
+  _globals['_REVERTVOLUMERESPONSE']._serialized_start=618
+  _globals['_REVERTVOLUMERESPONSE']._serialized_end=640
+  _globals['_MARKCHECKPOINTREQUEST']._serialized_start=642
+  _globals['_MARKCHECKPOINTREQUEST']._serialized_end=684
+  _globals['_CHECKPOINT']._serialized_start=686
+  _globals['_CHECKPOINT']._serialized_end=730
+  _globals['_GETCHANGEDBLOCKSREQUEST']._serialized_start=732
+  _globals['_GETCHANGEDBLOCKSREQUEST']._serialized_end=823
+  _globals['_CHANGEDBLOCKS']._serialized_start=825
+  _globals['_CHANGEDBLOCKS']._serialized_end=935
+  _globals['_SNAPSHOTS']._serialized_start=1076
+  _globals['_SNAPSHOTS']._serialized_end=1652
 # @@protoc_insertion_point(module_scope)
