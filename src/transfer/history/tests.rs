@@ -178,21 +178,6 @@ fn a_page_never_holds_more_than_the_most() {
     assert_eq!(first.next, Some(transfer_id(MAX_PAGE as u32 - 1)));
 }
 
-/// Records written by a running agent, as its calls would.
-async fn put_all(agent: &crate::agent::Agent, records: Vec<TransferRecord>) {
-    agent
-        .ctx
-        .store_call(move |store| {
-            let changes = records
-                .iter()
-                .map(Change::put)
-                .collect::<Result<Vec<_>, _>>()?;
-            store.commit(changes)
-        })
-        .await
-        .unwrap();
-}
-
 async fn all_pages(agent: &crate::agent::Agent) -> (Vec<TransferView>, usize) {
     let (mut seen, mut pages) = (Vec::new(), 0);
     let mut query = TransferQuery::default();
@@ -263,14 +248,17 @@ async fn a_transfer_its_volume_still_names_is_not_forgotten() {
     let mut volume = crate::records::new_record(&volume_id(9), 1 << 20);
     volume.pending = None;
     volume.transfer = Some(aborting.id.clone());
-    put_all(
-        &agent,
-        vec![aborting, record(2, TransferPhase::Failed, Some(NOW))],
-    )
-    .await;
+    // One transaction: the start's own sweep may run at any moment.
+    let failed = record(2, TransferPhase::Failed, Some(NOW));
     agent
         .ctx
-        .store_call(move |store| store.put_volume(&volume))
+        .store_call(move |store| {
+            store.commit(vec![
+                Change::put(&volume)?,
+                Change::put(&aborting)?,
+                Change::put(&failed)?,
+            ])
+        })
         .await
         .unwrap();
     // The start's own sweep may have run meanwhile: what is left counts.
