@@ -14,7 +14,7 @@ use tracing::{info, warn};
 
 use crate::{
     context::Context,
-    dm::{kernel::Flush, status::ThinStatus},
+    dm::{names::DeviceName, status::ThinStatus},
     error::AgentError,
     failpoint,
     ids::{SnapshotId, ThinId, VolumeId},
@@ -141,8 +141,8 @@ impl Snapshots {
         let thin_id = record.thin_id;
         let taken = self
             .ctx
-            .snapshot_with_era(&mut origin, async |origin: &VolumeRecord| {
-                self.snapshot_thin(origin, thin_id).await
+            .snapshot_with_era(&mut origin, async |origin, era| {
+                self.snapshot_thin(origin, thin_id, era).await
             })
             .await;
         match taken {
@@ -267,7 +267,7 @@ impl Snapshots {
                 .await?;
             self.ctx
                 .pool
-                .snapshot(record.thin_id, source.thin_id)
+                .snapshot(record.thin_id, source.thin_id, &[])
                 .await?;
             self.ctx.ensure_era_metadata(&record).await?;
             self.ctx.ensure_thin_device(&record).await
@@ -321,7 +321,7 @@ impl Snapshots {
             .await?;
         failpoint::hit("clone.after_record");
         let made = async {
-            self.snapshot_thin(&origin, record.thin_id).await?;
+            self.snapshot_thin(&origin, record.thin_id, None).await?;
             self.ctx.ensure_era_metadata(&record).await?;
             self.ctx.ensure_thin_device(&record).await
         }
@@ -412,7 +412,7 @@ impl Snapshots {
         };
         self.ctx
             .pool
-            .snapshot(record.thin_id, snapshot_thin)
+            .snapshot(record.thin_id, snapshot_thin, &[])
             .await?;
         let thin = self.ctx.thin_name(record);
         self.ctx.remove_device_if_present(&thin).await?;
@@ -424,19 +424,24 @@ impl Snapshots {
 
     // ---- helpers -------------------------------------------------------
 
-    /// Snapshots the volume's thin device into `new_thin`, suspending the
-    /// origin only around the message; the origin resumes whatever happens.
+    /// Snapshots the volume's thin device into `new_thin`. The origin, and
+    /// `above` it (a published volume's dm-era), are suspended only around
+    /// the message, in one kernel step that resumes them whatever happens.
     async fn snapshot_thin(
         &self,
         origin: &VolumeRecord,
         new_thin: ThinId,
+        above: Option<&DeviceName>,
     ) -> Result<(), AgentError> {
-        let thin = self.ctx.thin_name(origin);
-        self.ctx.dm.suspend(&thin, Flush::Flush).await?;
-        let made = self.ctx.pool.snapshot(new_thin, origin.thin_id).await;
-        let resumed = self.ctx.dm.resume(&thin).await;
-        made?;
-        resumed?;
+        let hold: Vec<DeviceName> = above
+            .cloned()
+            .into_iter()
+            .chain([self.ctx.thin_name(origin)])
+            .collect();
+        self.ctx
+            .pool
+            .snapshot(new_thin, origin.thin_id, &hold)
+            .await?;
         Ok(())
     }
 

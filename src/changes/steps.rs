@@ -10,7 +10,6 @@ use crate::{
     changes::{EraDevice, era_metadata_bytes, new_history_tag, public_era, tracking_of},
     context::Context,
     dm::{
-        kernel::Flush,
         names::DeviceName,
         status::EraStatus,
         table::{DevRef, Table},
@@ -117,31 +116,24 @@ impl Context {
 
     /// Takes a thin snapshot through `take` and returns the era it starts, or
     /// `None` when the volume does not track changes. A published volume's
-    /// dm-era is suspended around the snapshot, so its resume begins the new
-    /// era exactly at the snapshot; a probe begins it on activation.
+    /// dm-era is handed to `take` to be suspended around the snapshot, so its
+    /// resume begins the new era exactly at the snapshot; a probe begins it
+    /// on activation.
     pub(crate) async fn snapshot_with_era<F>(
         &self,
         record: &mut VolumeRecord,
         take: F,
     ) -> Result<Option<u64>, AgentError>
     where
-        F: AsyncFnOnce(&VolumeRecord) -> Result<(), AgentError>,
+        F: AsyncFnOnce(&VolumeRecord, Option<&DeviceName>) -> Result<(), AgentError>,
     {
         if record.tracking.is_none() {
-            take(record).await?;
+            take(record, None).await?;
             return Ok(None);
         }
         let era = self.era_device(record).await?;
         let result = async {
-            if era.probe {
-                take(record).await?;
-            } else {
-                self.dm.suspend(&era.name, Flush::Flush).await?;
-                let taken = take(record).await;
-                let resumed = self.dm.resume(&era.name).await;
-                taken?;
-                resumed?;
-            }
+            take(record, (!era.probe).then_some(&era.name)).await?;
             self.current_era(&era.name).await
         }
         .await;

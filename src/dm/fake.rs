@@ -266,6 +266,45 @@ impl FakeKernel {
         }
     }
 
+    fn suspend_now(&self, name: &DeviceName) -> Result<()> {
+        self.with("suspend", name, |state| {
+            state.device_mut(name)?.suspended = true;
+            state.journal.push(format!("suspend {name}"));
+            Ok(())
+        })
+    }
+
+    fn resume_now(&self, name: &DeviceName) -> Result<DeviceState> {
+        self.with("resume", name, |state| {
+            state.activate(name)?;
+            state.journal.push(format!("resume {name}"));
+            state.info(name)
+        })
+    }
+
+    fn message_now(&self, name: &DeviceName, sector: u64, message: &str) -> Result<Option<String>> {
+        self.with("message", name, |state| {
+            let table = state
+                .device(name)?
+                .live
+                .clone()
+                .ok_or_else(|| no_such(name))?;
+            let segment = table
+                .segments()
+                .iter()
+                .find(|s| s.start <= Sectors(sector) && Sectors(sector) < s.start + s.len)
+                .ok_or_else(|| ioctl("message", name.as_str(), Errno::EINVAL))?;
+            match &segment.target {
+                Target::ThinPool(_) => state.pool_message(name, message)?,
+                Target::Era(era) => state.era_message(name, era.metadata, message)?,
+                Target::Clone(_) => clone_message(name, message)?,
+                _ => return Err(ioctl("message", name.as_str(), Errno::EINVAL)),
+            }
+            state.journal.push(format!("message {name} {message}"));
+            Ok(None)
+        })
+    }
+
     /// Runs `call` on the state unless a fault is armed for (`op`, `name`).
     fn with<T>(
         &self,
@@ -626,11 +665,7 @@ impl Kernel for FakeKernel {
     }
 
     async fn suspend(&self, name: &DeviceName, _flush: Flush) -> Result<()> {
-        self.with("suspend", name, |state| {
-            state.device_mut(name)?.suspended = true;
-            state.journal.push(format!("suspend {name}"));
-            Ok(())
-        })
+        self.suspend_now(name)
     }
 
     async fn clear_inactive(&self, name: &DeviceName) -> Result<()> {
@@ -641,11 +676,7 @@ impl Kernel for FakeKernel {
     }
 
     async fn resume(&self, name: &DeviceName) -> Result<DeviceState> {
-        self.with("resume", name, |state| {
-            state.activate(name)?;
-            state.journal.push(format!("resume {name}"));
-            state.info(name)
-        })
+        self.resume_now(name)
     }
 
     async fn swap_table(&self, name: &DeviceName, table: &Table) -> Result<DeviceState> {
@@ -694,26 +725,22 @@ impl Kernel for FakeKernel {
         sector: u64,
         message: &str,
     ) -> Result<Option<String>> {
-        self.with("message", name, |state| {
-            let table = state
-                .device(name)?
-                .live
-                .clone()
-                .ok_or_else(|| no_such(name))?;
-            let segment = table
-                .segments()
-                .iter()
-                .find(|s| s.start <= Sectors(sector) && Sectors(sector) < s.start + s.len)
-                .ok_or_else(|| ioctl("message", name.as_str(), Errno::EINVAL))?;
-            match &segment.target {
-                Target::ThinPool(_) => state.pool_message(name, message)?,
-                Target::Era(era) => state.era_message(name, era.metadata, message)?,
-                Target::Clone(_) => clone_message(name, message)?,
-                _ => return Err(ioctl("message", name.as_str(), Errno::EINVAL)),
-            }
-            state.journal.push(format!("message {name} {message}"));
-            Ok(None)
-        })
+        self.message_now(name, sector, message)
+    }
+
+    async fn message_while_suspended(
+        &self,
+        hold: &[DeviceName],
+        target: &DeviceName,
+        sector: u64,
+        message: &str,
+    ) -> Result<Option<String>> {
+        super::held::while_suspended(
+            hold,
+            |name| self.suspend_now(name),
+            |name| self.resume_now(name).map(drop),
+            || self.message_now(target, sector, message),
+        )
     }
 
     async fn remove(&self, name: &DeviceName) -> Result<()> {

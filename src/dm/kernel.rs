@@ -325,6 +325,32 @@ impl DeviceMapper {
         .await
     }
 
+    /// Sends a target message while each device of `hold` is suspended with
+    /// flush, in one blocking call that resumes them on every path (see
+    /// [`super::held`]).
+    pub async fn message_while_suspended(
+        &self,
+        hold: &[DeviceName],
+        target: &DeviceName,
+        sector: u64,
+        message: &str,
+    ) -> Result<Option<String>> {
+        let (hold, target, message) = (hold.to_vec(), target.clone(), message.to_owned());
+        self.blocking(move |dm| {
+            super::held::while_suspended(
+                &hold,
+                |name| suspend_device(dm, name, Flush::Flush),
+                |name| resume_device(dm, name),
+                || {
+                    dm.target_msg(&dev_id(&target)?, Some(sector), &message)
+                        .map(|(_, reply)| reply)
+                        .map_err(|err| ioctl_error("message", target.as_str(), err))
+                },
+            )
+        })
+        .await
+    }
+
     /// Removes the device and its `/dev/mapper` node. The crate retries EBUSY
     /// (5 tries, 200 ms apart); a device still open after that is reported as
     /// [`Error::DeviceBusy`] and left alone.

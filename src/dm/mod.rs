@@ -3,6 +3,7 @@
 pub mod events;
 #[cfg(any(test, feature = "kernel-fake"))]
 pub mod fake;
+pub mod held;
 pub mod kernel;
 pub mod names;
 pub mod seam;

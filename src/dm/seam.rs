@@ -58,6 +58,16 @@ pub trait Kernel: Send + Sync + fmt::Debug {
         sector: u64,
         message: &str,
     ) -> Result<Option<String>>;
+    /// Sends a target message while every device of `hold` is suspended
+    /// with flush (in order), resuming them on every path, as one step that
+    /// no caller can stop half-way.
+    async fn message_while_suspended(
+        &self,
+        hold: &[DeviceName],
+        target: &DeviceName,
+        sector: u64,
+        message: &str,
+    ) -> Result<Option<String>>;
     /// Removes the device; [`Error::DeviceBusy`] while it is open.
     async fn remove(&self, name: &DeviceName) -> Result<()>;
     /// The device's state, or `None` if it does not exist.
@@ -169,6 +179,18 @@ impl Kernel for LiveKernel {
         message: &str,
     ) -> Result<Option<String>> {
         self.dm.message(name, sector, message).await
+    }
+
+    async fn message_while_suspended(
+        &self,
+        hold: &[DeviceName],
+        target: &DeviceName,
+        sector: u64,
+        message: &str,
+    ) -> Result<Option<String>> {
+        self.dm
+            .message_while_suspended(hold, target, sector, message)
+            .await
     }
 
     async fn remove(&self, name: &DeviceName) -> Result<()> {

@@ -153,24 +153,35 @@ impl Pool {
     /// Creates thin device `thin_id`; finding it there already is fine (a
     /// retried step after a crash).
     pub async fn create_thin(&self, thin_id: ThinId) -> Result<ThinCreated, AgentError> {
-        self.make_thin(&format!("create_thin {thin_id}")).await
+        self.make_thin(&format!("create_thin {thin_id}"), &[]).await
     }
 
-    /// Creates thin device `thin_id` as a snapshot of `origin` (suspend an
-    /// active origin around this); finding it there already is fine.
+    /// Creates thin device `thin_id` as a snapshot of `origin`; finding it
+    /// there already is fine. `hold` names the origin's active devices (its
+    /// thin device, and any dm-era above it, outermost first): they are
+    /// suspended around the message and resumed whatever happens.
     pub async fn snapshot(
         &self,
         thin_id: ThinId,
         origin: ThinId,
+        hold: &[DeviceName],
     ) -> Result<ThinCreated, AgentError> {
-        self.make_thin(&format!("create_snap {thin_id} {origin}"))
+        self.make_thin(&format!("create_snap {thin_id} {origin}"), hold)
             .await
     }
 
     /// Sends a pool message that makes a thin device; EEXIST means a retried
     /// step finds it made.
-    async fn make_thin(&self, message: &str) -> Result<ThinCreated, AgentError> {
-        match self.dm.message(&self.name, 0, message).await {
+    async fn make_thin(
+        &self,
+        message: &str,
+        hold: &[DeviceName],
+    ) -> Result<ThinCreated, AgentError> {
+        match self
+            .dm
+            .message_while_suspended(hold, &self.name, 0, message)
+            .await
+        {
             Ok(_) => Ok(ThinCreated::Created),
             Err(Error::Ioctl {
                 errno: Errno::EEXIST,

@@ -67,6 +67,30 @@ async fn a_snapshot_is_taken_with_its_origin_suspended_and_starts_an_era() {
     assert_eq!(thin_ids(&host).len(), 3);
 }
 
+/// The pool refuses the snapshot while the origin and its dm-era are held:
+/// both resume in the same kernel step, the call fails, nothing is left.
+#[tokio::test]
+async fn a_refused_snapshot_leaves_its_origin_running() {
+    let host = TestHost::new();
+    let (agent, id) = published_volume(&host).await;
+    host.kernel
+        .fail_next("message", "dmt-pool", nix::errno::Errno::ENOSPC);
+    let refused = agent.snapshots.create_snapshot(&snapshot_id(1), &id).await;
+    assert!(refused.is_err(), "{refused:?}");
+    for device in [format!("dmt-{id}"), format!("dmt-thin-{id}")] {
+        assert_eq!(host.kernel.is_suspended(&device), Some(false), "{device}");
+    }
+    assert!(
+        agent
+            .snapshots
+            .list_snapshots(None)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(thin_ids(&host).len(), 2, "the volume's and its era's");
+}
+
 #[tokio::test]
 async fn a_volume_with_snapshots_is_not_deleted_until_they_are() {
     let host = TestHost::new();
