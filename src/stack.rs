@@ -16,18 +16,15 @@
 //! layers beneath ([`thin_table`], [`local_table`], [`clone_table`]); the
 //! routines below them talk to the kernel only through [`Kernel`].
 
-use std::{
-    future::Future,
-    pin::Pin,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use tracing::warn;
 
 use crate::{
     dm::{
         Kernel,
-        kernel::Flush,
+        held::SwitchCheck,
+        kernel::SegmentStatus,
         names::{DeviceName, Naming},
         status::{CloneMode, CloneStatus, Health},
         table::{CloneParams, DevRef, Era, Linear, Segment, Table, Target},
@@ -204,9 +201,6 @@ pub async fn tear_down(
     free_thin_ids(pool, thin_ids).await
 }
 
-/// The question a swap asks while the device is suspended.
-pub type ReadyCheck<'a> = Pin<Box<dyn Future<Output = bool> + Send + 'a>>;
-
 /// How a swap under I/O went, timed.
 #[derive(Debug, Clone, Copy)]
 pub struct SwapTimings {
@@ -237,57 +231,60 @@ pub enum SwapOutcome {
 
 /// Replaces the live table of `name` with `table`, holding I/O only for
 /// the swap: load beside the live table (constructors run outside the
-/// pause), suspend with flush (the old target drains and commits), ask
-/// `ready` while suspended, then resume onto the new table, or drop it and
-/// resume the old one when `ready` says no.
-pub async fn swap_under_io<'a>(
-    dm: &'a dyn Kernel,
-    name: &'a DeviceName,
+/// pause), then in one kernel step suspend with flush (the old target drains
+/// and commits), ask `ready` of the status read while suspended, and resume
+/// onto the new table, or drop it and resume the old one when `ready` says
+/// no.
+pub async fn swap_under_io(
+    dm: &dyn Kernel,
+    name: &DeviceName,
     table: &Table,
-    ready: impl FnOnce(&'a dyn Kernel, &'a DeviceName) -> ReadyCheck<'a>,
+    ready: SwitchCheck,
 ) -> Result<SwapOutcome, AgentError> {
     let preload_started = Instant::now();
     dm.load(name, table).await?;
     let preload = preload_started.elapsed();
-    let started = Instant::now();
-    if let Err(err) = dm.suspend(name, Flush::Flush).await {
-        dm.clear_inactive(name).await?;
-        return Err(err.into());
-    }
-    let suspended = Instant::now();
-    let go = ready(dm, name).await;
-    let checked = Instant::now();
-    if !go {
-        let cleared = dm.clear_inactive(name).await;
-        dm.resume(name).await?;
-        cleared?;
+    let held = match dm.resume_loaded_if(name, ready).await {
+        Ok(held) => held,
+        Err(err) => {
+            // A suspend that failed resumed nothing and left the table
+            // loaded: drop it so no later resume picks it up.
+            if let Err(cleared) = dm.clear_inactive(name).await {
+                warn!(device = %name, error = %cleared, "cannot drop the loaded table after a failed swap");
+            }
+            return Err(err.into());
+        }
+    };
+    if !held.switched {
         return Ok(SwapOutcome::Kept);
     }
-    dm.resume(name).await?;
-    let resumed = Instant::now();
     Ok(SwapOutcome::Swapped(SwapTimings {
         preload,
-        started,
-        resumed,
-        suspend: suspended - started,
-        check: checked - suspended,
-        resume: resumed - checked,
+        started: held.started,
+        resumed: held.resumed,
+        suspend: held.suspended - held.started,
+        check: held.checked - held.suspended,
+        resume: held.resumed - held.checked,
     }))
 }
 
-/// Whether the clone at the top of `name` has copied every region and its
-/// metadata is writable: the condition for switching to the local copy.
-pub async fn clone_complete(dm: &dyn Kernel, name: &DeviceName) -> bool {
-    match dm.status_of::<Health<CloneStatus>>(name, 0).await {
+/// Whether the clone whose status is `segments` (its top segment first) has
+/// copied every region and its metadata is writable: the condition for
+/// switching to the local copy.
+pub fn clone_ready(segments: &[SegmentStatus]) -> bool {
+    let Some(top) = segments.first() else {
+        return false;
+    };
+    match top.text.parse::<Health<CloneStatus>>() {
         Ok(Health::Running(status)) => {
             status.is_fully_hydrated() && status.mode == CloneMode::ReadWrite
         }
         Ok(other) => {
-            warn!(device = %name, status = %other, "the clone is not running");
+            warn!(status = %other, "the clone is not running");
             false
         }
         Err(err) => {
-            warn!(device = %name, error = %err, "cannot read the clone's status");
+            warn!(error = %err, "cannot read the clone's status");
             false
         }
     }

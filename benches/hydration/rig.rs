@@ -444,15 +444,14 @@ impl Rig {
 
     /// The agent's finalize, through the agent's own swap routine
     /// (stack::swap_under_io): the local table (dm-era over the
-    /// destination) loaded beside the live clone, then suspend with flush,
-    /// the clone's completeness checked while suspended, resume (which
-    /// swaps the tables); an incomplete clone resumes unchanged.
+    /// destination) loaded beside the live clone, then, in one kernel step,
+    /// suspend with flush, the clone's completeness checked while
+    /// suspended, resume (which swaps the tables); an incomplete clone
+    /// resumes unchanged.
     pub(crate) async fn finalize(&self) -> BenchResult<Swap> {
         let local = local_table(self.size, self.local_meta, self.dest_dev)?;
-        let outcome = stack::swap_under_io(&self.kernel, &self.public, &local, |dm, name| {
-            Box::pin(stack::clone_complete(dm, name))
-        })
-        .await?;
+        let outcome =
+            stack::swap_under_io(&self.kernel, &self.public, &local, stack::clone_ready).await?;
         let SwapOutcome::Swapped(timings) = outcome else {
             return Err("the clone was not complete when suspended for the swap".into());
         };
@@ -501,7 +500,10 @@ impl Rig {
     }
 
     pub(crate) async fn clone_complete(&self) -> bool {
-        stack::clone_complete(&self.kernel, &self.public).await
+        match self.dm.status(&self.public).await {
+            Ok(status) => stack::clone_ready(&status),
+            Err(_) => false,
+        }
     }
 
     pub(crate) async fn check_local(&self) -> BenchResult<()> {

@@ -266,6 +266,32 @@ impl FakeKernel {
         }
     }
 
+    fn status_now(&self, name: &DeviceName) -> Result<Vec<SegmentStatus>> {
+        self.with("status", name, |state| {
+            state.status_reads += 1;
+            let table = state.device(name)?.live.clone();
+            table
+                .iter()
+                .flat_map(|t| t.segments())
+                .map(|segment| {
+                    Ok(SegmentStatus {
+                        start: segment.start.0,
+                        len: segment.len.0,
+                        target_type: segment.target.type_name().to_owned(),
+                        text: state.segment_status(name, &segment.target, segment.len)?,
+                    })
+                })
+                .collect()
+        })
+    }
+
+    fn clear_inactive_now(&self, name: &DeviceName) -> Result<()> {
+        self.with("clear", name, |state| {
+            state.device_mut(name)?.inactive = None;
+            Ok(())
+        })
+    }
+
     fn suspend_now(&self, name: &DeviceName) -> Result<()> {
         self.with("suspend", name, |state| {
             state.device_mut(name)?.suspended = true;
@@ -669,10 +695,7 @@ impl Kernel for FakeKernel {
     }
 
     async fn clear_inactive(&self, name: &DeviceName) -> Result<()> {
-        self.with("clear", name, |state| {
-            state.device_mut(name)?.inactive = None;
-            Ok(())
-        })
+        self.clear_inactive_now(name)
     }
 
     async fn resume(&self, name: &DeviceName) -> Result<DeviceState> {
@@ -691,22 +714,7 @@ impl Kernel for FakeKernel {
     }
 
     async fn status(&self, name: &DeviceName) -> Result<Vec<SegmentStatus>> {
-        self.with("status", name, |state| {
-            state.status_reads += 1;
-            let table = state.device(name)?.live.clone();
-            table
-                .iter()
-                .flat_map(|t| t.segments())
-                .map(|segment| {
-                    Ok(SegmentStatus {
-                        start: segment.start.0,
-                        len: segment.len.0,
-                        target_type: segment.target.type_name().to_owned(),
-                        text: state.segment_status(name, &segment.target, segment.len)?,
-                    })
-                })
-                .collect()
-        })
+        self.status_now(name)
     }
 
     async fn table(&self, name: &DeviceName) -> Result<Table> {
@@ -726,6 +734,20 @@ impl Kernel for FakeKernel {
         message: &str,
     ) -> Result<Option<String>> {
         self.message_now(name, sector, message)
+    }
+
+    async fn resume_loaded_if(
+        &self,
+        name: &DeviceName,
+        switch: super::held::SwitchCheck,
+    ) -> Result<super::held::HeldSwap> {
+        let steps = super::held::SwapSteps {
+            suspend: |name: &DeviceName| self.suspend_now(name),
+            resume: |name: &DeviceName| self.resume_now(name).map(drop),
+            status: || self.status_now(name),
+            drop_loaded: || self.clear_inactive_now(name),
+        };
+        super::held::resume_loaded_if(name, steps, switch)
     }
 
     async fn message_while_suspended(

@@ -4,9 +4,86 @@
 //! their suspend → step → resume through here, inside one blocking call, so
 //! no caller can stop between a suspend and its resume.
 
+use std::time::Instant;
+
 use tracing::warn;
 
+use super::kernel::SegmentStatus;
 use crate::error::Error;
+
+/// Whether a device should resume onto its loaded table, judged from its
+/// status read while it is suspended.
+pub type SwitchCheck = fn(&[SegmentStatus]) -> bool;
+
+/// How a swap held under one suspend went, timed inside the kernel step.
+#[derive(Debug, Clone, Copy)]
+pub struct HeldSwap {
+    /// The device resumed onto the loaded table.
+    pub switched: bool,
+    /// When I/O stopped being served (the suspend began).
+    pub started: Instant,
+    pub suspended: Instant,
+    pub checked: Instant,
+    /// When the device served I/O again.
+    pub resumed: Instant,
+}
+
+/// The operations a held swap needs from a kernel, on one device.
+#[allow(missing_debug_implementations)] // closures
+pub struct SwapSteps<S, R, St, D> {
+    pub suspend: S,
+    pub resume: R,
+    pub status: St,
+    pub drop_loaded: D,
+}
+
+/// Suspends the device (a table waits in its inactive slot), reads its
+/// status, and resumes: onto the loaded table when `switch` accepts the
+/// status, else onto the live one after dropping the loaded table. A status
+/// that cannot be read keeps the live table. One piece, like
+/// [`while_suspended`].
+pub fn resume_loaded_if<N, S, R, St, D>(
+    name: &N,
+    steps: SwapSteps<S, R, St, D>,
+    switch: SwitchCheck,
+) -> Result<HeldSwap, Error>
+where
+    N: std::fmt::Display,
+    S: FnMut(&N) -> Result<(), Error>,
+    R: FnMut(&N) -> Result<(), Error>,
+    St: FnOnce() -> Result<Vec<SegmentStatus>, Error>,
+    D: FnOnce() -> Result<(), Error>,
+{
+    let started = Instant::now();
+    let mut inside = (started, started);
+    let switched = while_suspended(
+        std::slice::from_ref(name),
+        steps.suspend,
+        steps.resume,
+        || {
+            let suspended = Instant::now();
+            let switched = match (steps.status)() {
+                Ok(status) => switch(&status),
+                Err(err) => {
+                    warn!(device = %name, error = %err, "cannot read the status while suspended; keeping the live table");
+                    false
+                }
+            };
+            if !switched {
+                (steps.drop_loaded)()?;
+            }
+            inside = (suspended, Instant::now());
+            Ok(switched)
+        },
+    )?;
+    Ok(HeldSwap {
+        switched,
+        started,
+        suspended: inside.0,
+        checked: inside.1,
+        resumed: Instant::now(),
+    })
+}
 
 /// Suspends each of `names` in order, runs `step`, and resumes them in
 /// reverse order on every path. The step's error comes first; a resume that

@@ -218,13 +218,8 @@ impl DeviceMapper {
     /// that the next resume keeps the live one.
     pub async fn clear_inactive(&self, name: &DeviceName) -> Result<()> {
         let name = name.clone();
-        self.blocking(move |dm| {
-            debug!(device = %name, "clear inactive table");
-            dm.table_clear(&dev_id(&name)?)
-                .map(drop)
-                .map_err(|err| ioctl_error("table clear", name.as_str(), err))
-        })
-        .await
+        self.blocking(move |dm| clear_inactive_table(dm, &name))
+            .await
     }
 
     /// Resumes the device, swapping in the inactive table if one is loaded.
@@ -290,22 +285,8 @@ impl DeviceMapper {
 
     async fn read_status(&self, name: &DeviceName, flags: DmFlags) -> Result<Vec<SegmentStatus>> {
         let name = name.clone();
-        self.blocking(move |dm| {
-            let options = DmOptions::default().set_flags(flags);
-            let (_, lines) = dm
-                .table_status(&dev_id(&name)?, options)
-                .map_err(|err| ioctl_error("status", name.as_str(), err))?;
-            Ok(lines
-                .into_iter()
-                .map(|(start, len, target_type, text)| SegmentStatus {
-                    start,
-                    len,
-                    target_type,
-                    text,
-                })
-                .collect())
-        })
-        .await
+        self.blocking(move |dm| status_lines(dm, &name, flags))
+            .await
     }
 
     /// Sends `message` to the target covering `sector`; returns its reply.
@@ -321,6 +302,25 @@ impl DeviceMapper {
             dm.target_msg(&dev_id(&name)?, Some(sector), &message)
                 .map(|(_, reply)| reply)
                 .map_err(|err| ioctl_error("message", name.as_str(), err))
+        })
+        .await
+    }
+
+    /// See [`super::seam::Kernel::resume_loaded_if`].
+    pub async fn resume_loaded_if(
+        &self,
+        name: &DeviceName,
+        switch: super::held::SwitchCheck,
+    ) -> Result<super::held::HeldSwap> {
+        let name = name.clone();
+        self.blocking(move |dm| {
+            let steps = super::held::SwapSteps {
+                suspend: |name: &DeviceName| suspend_device(dm, name, Flush::Flush),
+                resume: |name: &DeviceName| resume_device(dm, name),
+                status: || status_lines(dm, &name, DmFlags::DM_NOFLUSH),
+                drop_loaded: || clear_inactive_table(dm, &name),
+            };
+            super::held::resume_loaded_if(&name, steps, switch)
         })
         .await
     }
@@ -530,6 +530,29 @@ fn suspend_device(dm: &DM, name: &DeviceName, flush: Flush) -> Result<()> {
     dm.device_suspend(&dev_id(name)?, DmOptions::default().set_flags(flags))
         .map(|_| ())
         .map_err(|err| ioctl_error("suspend", name.as_str(), err))
+}
+
+fn clear_inactive_table(dm: &DM, name: &DeviceName) -> Result<()> {
+    debug!(device = %name, "clear inactive table");
+    dm.table_clear(&dev_id(name)?)
+        .map(drop)
+        .map_err(|err| ioctl_error("table clear", name.as_str(), err))
+}
+
+fn status_lines(dm: &DM, name: &DeviceName, flags: DmFlags) -> Result<Vec<SegmentStatus>> {
+    let options = DmOptions::default().set_flags(flags);
+    let (_, lines) = dm
+        .table_status(&dev_id(name)?, options)
+        .map_err(|err| ioctl_error("status", name.as_str(), err))?;
+    Ok(lines
+        .into_iter()
+        .map(|(start, len, target_type, text)| SegmentStatus {
+            start,
+            len,
+            target_type,
+            text,
+        })
+        .collect())
 }
 
 fn resume_device(dm: &DM, name: &DeviceName) -> Result<()> {

@@ -58,6 +58,15 @@ pub trait Kernel: Send + Sync + fmt::Debug {
         sector: u64,
         message: &str,
     ) -> Result<Option<String>>;
+    /// Suspends `name` (with flush; a table waits in its inactive slot),
+    /// reads its status and resumes, onto the loaded table if `switch`
+    /// accepts the status, else onto the live one: one step that resumes on
+    /// every path (see [`super::held::resume_loaded_if`]).
+    async fn resume_loaded_if(
+        &self,
+        name: &DeviceName,
+        switch: super::held::SwitchCheck,
+    ) -> Result<super::held::HeldSwap>;
     /// Sends a target message while every device of `hold` is suspended
     /// with flush (in order), resuming them on every path, as one step that
     /// no caller can stop half-way.
@@ -179,6 +188,14 @@ impl Kernel for LiveKernel {
         message: &str,
     ) -> Result<Option<String>> {
         self.dm.message(name, sector, message).await
+    }
+
+    async fn resume_loaded_if(
+        &self,
+        name: &DeviceName,
+        switch: super::held::SwitchCheck,
+    ) -> Result<super::held::HeldSwap> {
+        self.dm.resume_loaded_if(name, switch).await
     }
 
     async fn message_while_suspended(

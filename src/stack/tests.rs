@@ -1,7 +1,7 @@
 #![allow(clippy::unwrap_used)]
 
 use super::*;
-use crate::dm::fake::FakeKernel;
+use crate::dm::{fake::FakeKernel, kernel::SegmentStatus};
 use crate::units::Sectors;
 
 const MIB: u64 = 1 << 20;
@@ -189,8 +189,9 @@ async fn a_swap_loads_before_the_pause_and_resumes_onto_the_new_table() {
     let fake = FakeKernel::new();
     let (device, _, new) = swap_fixture(&fake).await;
     let dm: &dyn Kernel = &fake;
-    let outcome = swap_under_io(dm, &device, &new, |dm, name| {
-        Box::pin(async move { dm.info(name).await.unwrap().is_some_and(|s| s.suspended) })
+    let outcome = swap_under_io(dm, &device, &new, |status| {
+        // The status of the live (old) table, read while suspended.
+        status.len() == 1 && status[0].target_type == "linear"
     })
     .await
     .unwrap();
@@ -209,9 +210,20 @@ async fn a_swap_whose_check_fails_keeps_the_old_table_serving() {
     let fake = FakeKernel::new();
     let (device, old, new) = swap_fixture(&fake).await;
     let dm: &dyn Kernel = &fake;
-    let outcome = swap_under_io(dm, &device, &new, |_, _| Box::pin(async { false }))
-        .await
-        .unwrap();
+    let outcome = swap_under_io(dm, &device, &new, |_| false).await.unwrap();
+    assert!(matches!(outcome, SwapOutcome::Kept));
+    assert_eq!(dm.table(&device).await.unwrap(), old);
+    let state = dm.info(&device).await.unwrap().unwrap();
+    assert!(!state.suspended && !state.inactive_table);
+}
+
+#[tokio::test]
+async fn a_swap_whose_status_cannot_be_read_keeps_the_old_table_serving() {
+    let fake = FakeKernel::new();
+    let (device, old, new) = swap_fixture(&fake).await;
+    fake.fail_next("status", "t-swap", nix::errno::Errno::EIO);
+    let dm: &dyn Kernel = &fake;
+    let outcome = swap_under_io(dm, &device, &new, |_| true).await.unwrap();
     assert!(matches!(outcome, SwapOutcome::Kept));
     assert_eq!(dm.table(&device).await.unwrap(), old);
     let state = dm.info(&device).await.unwrap().unwrap();
@@ -224,8 +236,31 @@ async fn a_failed_suspend_drops_the_loaded_table() {
     let (device, old, new) = swap_fixture(&fake).await;
     fake.fail_next("suspend", "t-swap", nix::errno::Errno::EIO);
     let dm: &dyn Kernel = &fake;
-    let result = swap_under_io(dm, &device, &new, |_, _| Box::pin(async { true })).await;
+    let result = swap_under_io(dm, &device, &new, |_| true).await;
     assert!(result.is_err());
     assert_eq!(dm.table(&device).await.unwrap(), old);
     assert!(!dm.info(&device).await.unwrap().unwrap().inactive_table);
+}
+
+#[test]
+fn a_clone_is_ready_when_every_region_is_copied_and_it_writes() {
+    let clone = |text: &str| {
+        vec![SegmentStatus {
+            start: 0,
+            len: 2048,
+            target_type: "clone".into(),
+            text: text.into(),
+        }]
+    };
+    let status = |hydrated: u64, mode: &str| {
+        clone(&format!(
+            "8 17/2048 64 {hydrated}/16 0 0 4 hydration_threshold 1 hydration_batch_size 1 {mode}"
+        ))
+    };
+    assert!(clone_ready(&status(16, "rw")));
+    assert!(!clone_ready(&status(15, "rw")));
+    assert!(!clone_ready(&status(16, "ro")));
+    assert!(!clone_ready(&clone("Fail")));
+    assert!(!clone_ready(&clone("not a status")));
+    assert!(!clone_ready(&[]));
 }

@@ -299,10 +299,8 @@ impl Transfers {
         let public = self.ctx.naming.public(&volume.id);
         let destination = self.ctx.ensure_thin_device(volume).await?;
         let local = self.ctx.local_table(volume, destination).await?;
-        let outcome = stack::swap_under_io(self.ctx.dm.as_ref(), &public, &local, |dm, name| {
-            Box::pin(stack::clone_complete(dm, name))
-        })
-        .await?;
+        let outcome =
+            stack::swap_under_io(self.ctx.dm.as_ref(), &public, &local, stack::clone_ready).await?;
         let SwapOutcome::Swapped(timings) = outcome else {
             warn!(transfer = %transfer.id, "finalize found regions still to copy; hydration continues");
             return Ok(false);
