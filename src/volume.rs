@@ -277,7 +277,10 @@ impl Volumes {
         self.ctx.ensure_thin_device(&record).await?;
         self.ctx.ensure_public_device(&record).await?;
         self.ctx
-            .note_history_start(&mut record, &self.ctx.naming.public(id))
+            .note_history_start(
+                &mut record,
+                &crate::changes::EraDevice::public(self.ctx.naming.public(id)),
+            )
             .await?;
         if record.pending.is_some() {
             self.ctx.settle(record).await?;

@@ -202,3 +202,62 @@ async fn a_snapshot_without_an_era_is_refused_as_a_starting_point() {
         "{refused:?}"
     );
 }
+
+/// An export serves the thin device below dm-era, so what the other host
+/// writes is never tracked: the history ends when the export opens, no
+/// question is answered while it lasts, and after it closes a new history
+/// begins with a fresh era.
+#[tokio::test]
+async fn an_export_ends_the_history_it_would_make_wrong() {
+    const HOST: &str = "nqn.2014-08.org.nvmexpress:uuid:aaaaaaaa-0000-4000-8000-000000000001";
+    let host = TestHost::new().with_export_address("192.0.2.1:4420");
+    let agent = host.start().await.unwrap();
+    let id = volume_id(1);
+    agent.volumes.create_volume(&id, 4 * MIB).await.unwrap();
+    agent.volumes.publish_volume(&id).await.unwrap();
+    let before = agent.changes.mark_checkpoint(&id).await.unwrap();
+    agent.exports.export_volume(&id, HOST).await.unwrap();
+
+    let checkpoint = agent.changes.mark_checkpoint(&id).await;
+    assert_eq!(
+        refusal(&checkpoint),
+        Some("VOLUME_EXPORTED"),
+        "{checkpoint:?}"
+    );
+    let asked = agent.changes.changed_blocks(&id, &Since::Era(before)).await;
+    assert_eq!(refusal(&asked), Some("VOLUME_EXPORTED"), "{asked:?}");
+    let snapshot = crate::ids::SnapshotId::parse("50000000-0000-4000-8000-000000000001").unwrap();
+    let taken = agent
+        .snapshots
+        .create_snapshot(&snapshot, &id)
+        .await
+        .unwrap();
+    assert_eq!(
+        taken.era, None,
+        "a snapshot taken while exported has no era"
+    );
+
+    agent.exports.unexport_volume(&id).await.unwrap();
+    let unexported = host.kernel.journal().len();
+    let asked = agent.changes.changed_blocks(&id, &Since::Era(before)).await;
+    assert_eq!(refusal(&asked), Some("ERA_OTHER_HISTORY"), "{asked:?}");
+    let since_snapshot = agent
+        .changes
+        .changed_blocks(&id, &Since::Snapshot(snapshot))
+        .await;
+    assert_eq!(
+        refusal(&since_snapshot),
+        Some("SNAPSHOT_NOT_TRACKED"),
+        "{since_snapshot:?}"
+    );
+    let after = agent.changes.mark_checkpoint(&id).await.unwrap();
+    assert_ne!(history_of(after), history_of(before));
+    let checkpoints = host.kernel.journal()[unexported..]
+        .iter()
+        .filter(|e| **e == format!("message dmt-{id} checkpoint"))
+        .count();
+    assert_eq!(
+        checkpoints, 2,
+        "one begins the new history, one is asked for"
+    );
+}

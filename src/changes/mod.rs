@@ -110,6 +110,13 @@ pub(crate) struct EraDevice {
     pub(crate) probe: bool,
 }
 
+impl EraDevice {
+    /// A published volume's dm-era: its public device.
+    pub(crate) fn public(name: DeviceName) -> Self {
+        Self { name, probe: false }
+    }
+}
+
 /// Checkpoints and changed blocks of tracked volumes.
 #[derive(Debug, Clone)]
 pub struct Changes {

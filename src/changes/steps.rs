@@ -100,7 +100,7 @@ impl Context {
     pub(crate) async fn note_history_start(
         &self,
         record: &mut VolumeRecord,
-        era_device: &DeviceName,
+        era: &EraDevice,
     ) -> Result<(), AgentError> {
         let Some(tracking) = record.tracking.as_mut() else {
             return Ok(());
@@ -108,7 +108,14 @@ impl Context {
         if tracking.known_from_era.is_some() {
             return Ok(());
         }
-        let current = self.current_era(era_device).await?;
+        // The history begins with an era that begins now: the current one
+        // may have seen what the history must not answer for (writes over
+        // an export that has since closed). A probe's activation already
+        // began one.
+        if !era.probe {
+            self.dm.message(&era.name, 0, "checkpoint").await?;
+        }
+        let current = self.current_era(&era.name).await?;
         tracking.known_from_era = Some(current);
         info!(volume = %record.id, era = current, "changed-block tracking starts");
         self.put(record).await
@@ -127,7 +134,8 @@ impl Context {
     where
         F: AsyncFnOnce(&VolumeRecord, Option<&DeviceName>) -> Result<(), AgentError>,
     {
-        if record.tracking.is_none() {
+        // An exported volume has no history to place the snapshot in.
+        if record.tracking.is_none() || record.export.is_some() {
             take(record, None).await?;
             return Ok(None);
         }
@@ -164,12 +172,17 @@ impl Context {
             }
             .into());
         }
+        if let Some(export) = &record.export {
+            return Err(Refusal::VolumeExported {
+                volume: id,
+                host_nqn: export.host_nqn.clone(),
+                hint: "writes arriving over NVMe/TCP bypass change tracking, so none is answered while it is exported; ask again from a checkpoint taken after it is unexported",
+            }
+            .into());
+        }
         let era = if record.published {
             self.ensure_public_device(record).await?;
-            EraDevice {
-                name: self.naming.public(&id),
-                probe: false,
-            }
+            EraDevice::public(self.naming.public(&id))
         } else {
             let name = self.naming.era_probe(&id);
             self.remove_device_if_present(&name).await?;
@@ -178,7 +191,7 @@ impl Context {
             self.dm.create(&name, None, &table).await?;
             EraDevice { name, probe: true }
         };
-        if let Err(err) = self.note_history_start(record, &era.name).await {
+        if let Err(err) = self.note_history_start(record, &era).await {
             self.release_era_device(era).await;
             return Err(err);
         }

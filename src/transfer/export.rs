@@ -90,6 +90,9 @@ impl Exports {
                     host_nqn: host.to_string(),
                     subsystem_nqn: subsystem.to_string(),
                 });
+                // The export serves the thin device below dm-era: what the
+                // other host writes is never tracked, so the history ends.
+                crate::changes::restart_history(&mut record);
                 self.ctx.put(&record).await?;
             }
         }

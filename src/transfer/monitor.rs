@@ -251,7 +251,12 @@ impl Transfers {
             self.ctx.put_transfer(&transfer).await?;
         }
         failpoint::hit("finalize.after_swap");
-        self.ctx.note_history_start(&mut volume, &public).await?;
+        self.ctx
+            .note_history_start(
+                &mut volume,
+                &crate::changes::EraDevice::public(public.clone()),
+            )
+            .await?;
         self.ctx
             .remove_device_if_present(&self.ctx.metadata_name(&volume))
             .await?;

@@ -8,15 +8,24 @@ use std::{
     time::{Duration, Instant},
 };
 
-use dmclone::api::proto::v1::{
-    Export, ExportVolumeRequest, GetNodeInfoRequest, NvmeTcpSource, StartTransferRequest, Transfer,
-    TransferRef, TransferState, UnexportVolumeRequest, VolumeState, start_transfer_request::Source,
-    transfers_client::TransfersClient,
+use dmclone::{
+    api::proto::v1::{
+        Export, ExportVolumeRequest, GetNodeInfoRequest, NvmeTcpSource, StartTransferRequest,
+        Transfer, TransferRef, TransferState, UnexportVolumeRequest, VolumeState,
+        get_changed_blocks_request::Since, start_transfer_request::Source,
+        transfers_client::TransfersClient,
+    },
+    ids::VolumeId,
+    nvme::{
+        ConnectOptions, ConnectRequest, ConnectTimeouts, Host, HostId, Nqn, TcpAddress,
+        namespace_ids,
+    },
 };
 use tonic::{Code, transport::Channel};
 
 use super::{
     api::{create, get, publish, unpublish},
+    changes::{BLOCK, changed, checkpoint},
     fixture::AgentProcess,
 };
 use crate::support::*;
@@ -493,5 +502,87 @@ async fn an_export_admits_only_the_host_it_names() {
         .unwrap();
     c.destroy().await;
     b.destroy().await;
+    a.destroy().await;
+}
+
+/// A host without an agent attaches a volume over NVMe/TCP and writes it:
+/// those writes never pass dm-era, so the agent answers no changed-blocks
+/// question that would leave them out. While exported it refuses; after,
+/// the old history is gone and a new one reports exactly what follows.
+#[tokio::test(flavor = "multi_thread")]
+async fn writes_over_an_export_are_never_missing_from_an_answer() {
+    let volume = "8c9d1c3e-5f1a-4f7e-9a57-3f0c2b8f6d14";
+    let a = agent("dmctexwa", 4441, "0a000000-0000-4000-8000-00000000000b").await;
+    create(&mut a.volumes().await, volume, 64 * MIB)
+        .await
+        .unwrap();
+    let before = checkpoint(&a, volume).await.unwrap();
+    let initiator_uuid = "0d000000-0000-4000-8000-00000000000c";
+    let initiator = format!("nqn.2014-08.org.nvmexpress:uuid:{initiator_uuid}");
+    let exported = transfers(&a)
+        .await
+        .export_volume(ExportVolumeRequest {
+            volume_id: volume.into(),
+            host_nqn: initiator.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+
+    let nvme = Host::open().unwrap();
+    let connection = nvme
+        .connect(&ConnectRequest {
+            options: ConnectOptions {
+                address: TcpAddress::new("127.0.0.1".parse().unwrap(), 4441),
+                subsystem_nqn: Nqn::parse("subsystem_nqn", &exported.subsystem_nqn).unwrap(),
+                host_nqn: Nqn::parse("host_nqn", &initiator).unwrap(),
+                host_id: HostId::parse(initiator_uuid).unwrap(),
+                timeouts: ConnectTimeouts::default(),
+            },
+            expected_namespace: Some(namespace_ids(&VolumeId::parse(volume).unwrap())),
+            namespace_timeout: Duration::from_secs(30),
+        })
+        .await
+        .unwrap();
+    for block in [3, 10] {
+        write_at(
+            &connection.namespace.path,
+            block * BLOCK,
+            &pattern(7, block, 4096),
+        );
+    }
+    let refused = checkpoint(&a, volume).await.unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert_eq!(refusal_reason(&refused).as_deref(), Some("VOLUME_EXPORTED"));
+    let refused = changed(&a, volume, Since::Era(before)).await.unwrap_err();
+    assert_eq!(refusal_reason(&refused).as_deref(), Some("VOLUME_EXPORTED"));
+    nvme.disconnect(&connection.controller).await.unwrap();
+    transfers(&a)
+        .await
+        .unexport_volume(UnexportVolumeRequest {
+            volume_id: volume.into(),
+        })
+        .await
+        .unwrap();
+
+    // The history that missed the remote writes is over.
+    let refused = changed(&a, volume, Since::Era(before)).await.unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert_eq!(
+        refusal_reason(&refused).as_deref(),
+        Some("ERA_OTHER_HISTORY")
+    );
+    // The remote writes are on the volume; a new history reports exactly
+    // what is written after it begins.
+    let device = publish(&mut a.volumes().await, volume).await.unwrap();
+    assert_eq!(
+        read_at(Path::new(&device), 3 * BLOCK, 4096),
+        pattern(7, 3, 4096)
+    );
+    let after = checkpoint(&a, volume).await.unwrap();
+    write_at(Path::new(&device), 5 * BLOCK, &pattern(8, 5, 4096));
+    let written = changed(&a, volume, Since::Era(after)).await.unwrap();
+    assert_eq!(written, [5].into_iter().collect());
+    unpublish(&mut a.volumes().await, volume).await.unwrap();
     a.destroy().await;
 }
