@@ -142,6 +142,7 @@ impl Agent {
             metrics: Metrics::new(),
             source_releaser,
             background: Background::default(),
+            unsettled: Default::default(),
         });
         let volumes = Volumes::new(ctx.clone());
         let transfers = Transfers::new(ctx.clone());
@@ -156,14 +157,14 @@ impl Agent {
             ctx,
         };
         let started = Instant::now();
-        agent.reconcile = Reconciler::new(
+        let reconciler = Reconciler::new(
             agent.ctx.clone(),
             agent.snapshots.clone(),
             agent.transfers.clone(),
             agent.exports.clone(),
-        )
-        .reconcile_all()
-        .await?;
+        );
+        agent.reconcile = reconciler.reconcile_all().await?;
+        reconciler.spawn_unsettled_retries();
         agent.reconcile.duration = started.elapsed();
         agent
             .ctx
@@ -177,6 +178,7 @@ impl Agent {
             rolled_back = agent.reconcile.rolled_back,
             quarantined = agent.reconcile.quarantined,
             degraded = agent.reconcile.degraded,
+            unsettled = agent.reconcile.unsettled,
             unknown_devices = agent.reconcile.unknown_devices.len(),
             millis = agent.reconcile.duration.as_millis() as u64,
             "reconciled the kernel with the store"

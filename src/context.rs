@@ -6,12 +6,16 @@
 //! [`crate::stack::steps`], change-tracking steps in
 //! [`crate::changes::steps`]), never in one of the services.
 
-use std::sync::Arc;
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
+};
 
 use crate::{
     config::Settings,
     dm::{Kernel, names::Naming},
     error::AgentError,
+    ids::VolumeId,
     locks::Locks,
     metrics::Metrics,
     nvme::{Fabric, HostId, Nqn},
@@ -38,6 +42,35 @@ pub struct Context {
     /// Asks source agents to drop their copies once a move here is done.
     pub(crate) source_releaser: Arc<dyn SourceReleaser>,
     pub(crate) background: Background,
+    /// Volumes whose devices did not come back at start, and why.
+    pub(crate) unsettled: Unsettled,
+}
+
+/// Volumes reconciliation could not bring back for a reason that may pass;
+/// in memory only, since every start looks again.
+#[derive(Debug, Default)]
+pub(crate) struct Unsettled(Mutex<BTreeMap<VolumeId, String>>);
+
+impl Unsettled {
+    fn map(&self) -> MutexGuard<'_, BTreeMap<VolumeId, String>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(crate) fn mark(&self, id: &VolumeId, reason: String) {
+        self.map().insert(id.clone(), reason);
+    }
+
+    pub(crate) fn clear(&self, id: &VolumeId) {
+        self.map().remove(id);
+    }
+
+    pub(crate) fn reason(&self, id: &VolumeId) -> Option<String> {
+        self.map().get(id).cloned()
+    }
+
+    pub(crate) fn ids(&self) -> Vec<VolumeId> {
+        self.map().keys().cloned().collect()
+    }
 }
 
 /// This agent on NVMe/TCP.

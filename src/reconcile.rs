@@ -14,6 +14,7 @@ use crate::{
     context::Context,
     dm::names::DeviceRole,
     error::AgentError,
+    ids::VolumeId,
     snapshot::Snapshots,
     store::{Change, Pending, SnapshotRecord, TransferPhase, TransferRecord, VolumeRecord},
     transfer::{Exports, Transfers},
@@ -33,10 +34,16 @@ pub struct ReconcileReport {
     /// Transfers whose devices could not be brought back at start; their
     /// monitors keep trying.
     pub degraded: usize,
+    /// Volumes whose devices could not be brought back at start for a
+    /// reason that may pass; the agent keeps trying.
+    pub unsettled: usize,
     /// Devices with our prefix that no record explains, left in place.
     pub unknown_devices: Vec<String>,
     pub duration: Duration,
 }
+
+/// The longest pause between two tries of a volume that did not come back.
+const UNSETTLED_RETRY_MAX: Duration = Duration::from_secs(300);
 
 /// Brings the kernel in line with the store at start.
 #[derive(Debug, Clone)]
@@ -142,7 +149,63 @@ impl Reconciler {
                 report.quarantined += 1;
                 self.quarantine(record, err.to_string()).await
             }
-            Err(err) => Err(err),
+            // One volume that cannot come back now (a device the kernel
+            // refuses, a full pool) must not keep the host's others down.
+            Err(err) => {
+                report.unsettled += 1;
+                let reason = format!("its devices did not come back at start: {err}; retrying");
+                warn!(volume = %id, %reason, "volume degraded");
+                self.ctx.unsettled.mark(&id, reason);
+                Ok(())
+            }
+        }
+    }
+
+    /// Tries the volumes that did not come back at start again, less often
+    /// each round (1 s doubling to 5 min), until none is left.
+    pub(crate) fn spawn_unsettled_retries(&self) {
+        if self.ctx.unsettled.ids().is_empty() {
+            return;
+        }
+        let reconciler = self.clone();
+        self.ctx.background.spawn(async move {
+            let mut pause = Duration::from_secs(1);
+            while !reconciler.ctx.unsettled.ids().is_empty() {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(UNSETTLED_RETRY_MAX);
+                for id in reconciler.ctx.unsettled.ids() {
+                    reconciler.retry_unsettled(&id).await;
+                }
+            }
+        });
+    }
+
+    async fn retry_unsettled(&self, id: &VolumeId) {
+        let _held = self.ctx.locks.lock(id.as_str()).await;
+        let record = match self.ctx.record(id).await {
+            Ok(Some(record)) => record,
+            Ok(None) => return self.ctx.unsettled.clear(id),
+            Err(err) => {
+                return warn!(volume = %id, error = %err, "cannot read the volume's record; retrying");
+            }
+        };
+        let existing = match self.our_device_names().await {
+            Ok(names) => names,
+            Err(err) => return warn!(volume = %id, error = %err, "cannot list devices; retrying"),
+        };
+        // Marked again below if it still fails.
+        self.ctx.unsettled.clear(id);
+        let mut report = ReconcileReport::default();
+        match self.reconcile_volume(record, &existing, &mut report).await {
+            Ok(()) if report.unsettled == 0 => info!(volume = %id, "volume came back"),
+            Ok(()) => {}
+            Err(err) => {
+                warn!(volume = %id, error = %err, "volume still degraded");
+                self.ctx.unsettled.mark(
+                    id,
+                    format!("its devices did not come back: {err}; retrying"),
+                );
+            }
         }
     }
 

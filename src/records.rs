@@ -43,6 +43,9 @@ pub enum VolumeState {
     /// The kernel disagrees with the store; refuses changes until an operator
     /// looks. Holds the reason.
     Quarantined(String),
+    /// Its devices did not come back at start for a reason that may pass
+    /// (not a contradiction); the agent retries. Holds the reason.
+    Degraded(String),
 }
 
 impl VolumeState {
@@ -54,6 +57,7 @@ impl VolumeState {
             VolumeState::Deleting => "deleting",
             VolumeState::Hydrating => "hydrating",
             VolumeState::Quarantined(_) => "quarantined",
+            VolumeState::Degraded(_) => "degraded",
         }
     }
 }
@@ -167,6 +171,11 @@ impl Context {
 
     /// A record's state as callers see it.
     pub(crate) fn volume_state(&self, record: &VolumeRecord) -> VolumeState {
+        if record.quarantine.is_none()
+            && let Some(reason) = self.unsettled.reason(&record.id)
+        {
+            return VolumeState::Degraded(reason);
+        }
         match (&record.quarantine, &record.pending) {
             (Some(reason), _) => VolumeState::Quarantined(reason.clone()),
             (None, Some(Pending::Create)) => VolumeState::Creating,

@@ -72,6 +72,7 @@ fn volume_state(state: &VolumeState) -> pb::VolumeState {
         VolumeState::Available => pb::VolumeState::Available,
         VolumeState::Deleting => pb::VolumeState::Deleting,
         VolumeState::Quarantined(_) => pb::VolumeState::Quarantined,
+        VolumeState::Degraded(_) => pb::VolumeState::Degraded,
         VolumeState::Hydrating => pb::VolumeState::Hydrating,
     }
 }
@@ -85,6 +86,7 @@ pub fn volume_state_name(state: pb::VolumeState) -> &'static str {
         pb::VolumeState::Deleting => VolumeState::Deleting,
         // The reason travels in its own field; the name does not need it.
         pb::VolumeState::Quarantined => VolumeState::Quarantined(String::new()),
+        pb::VolumeState::Degraded => VolumeState::Degraded(String::new()),
         pb::VolumeState::Hydrating => VolumeState::Hydrating,
     };
     state.as_str()
@@ -130,7 +132,7 @@ pub fn volume(volume: Volume) -> pb::Volume {
         source_volume_id: volume.source_volume.map(String::from).unwrap_or_default(),
         change_tracking: volume.change_tracking,
         state_reason: match volume.state {
-            VolumeState::Quarantined(reason) => reason,
+            VolumeState::Quarantined(reason) | VolumeState::Degraded(reason) => reason,
             _ => String::new(),
         },
     }
@@ -185,6 +187,7 @@ mod tests {
             VolumeState::Deleting,
             VolumeState::Hydrating,
             VolumeState::Quarantined("metadata differs".into()),
+            VolumeState::Degraded("the pool refused".into()),
         ] {
             assert_eq!(volume_state_name(volume_state(&state)), state.as_str());
         }

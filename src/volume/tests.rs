@@ -501,3 +501,41 @@ async fn a_volume_in_the_middle_of_a_create_or_delete_refuses_other_calls() {
     agent.volumes.delete_volume(&id).await.unwrap();
     assert!(roles(&host, 1).is_empty());
 }
+
+/// After a reboot one volume's device is refused by the kernel (a fault
+/// that passes): the agent starts, serves the others, shows that one
+/// DEGRADED with the reason, and brings it back by itself.
+#[tokio::test]
+async fn a_volume_that_cannot_come_back_at_start_degrades_alone() {
+    let host = TestHost::new();
+    let agent = host.start().await.unwrap();
+    for n in 1..=2 {
+        agent
+            .volumes
+            .create_volume(&volume_id(n), 4 * MIB)
+            .await
+            .unwrap();
+        agent.volumes.publish_volume(&volume_id(n)).await.unwrap();
+    }
+    host.kernel.reboot();
+    let thin = format!("dmt-thin-{}", volume_id(1));
+    host.kernel
+        .fail_next("create", &thin, nix::errno::Errno::ENOMEM);
+    let agent = host.restart(agent).await.unwrap();
+    assert_eq!(agent.reconcile_report().unsettled, 1);
+    let degraded = agent.volumes.get_volume(&volume_id(1)).await.unwrap();
+    match &degraded.state {
+        VolumeState::Degraded(reason) => assert!(reason.contains("did not come back"), "{reason}"),
+        other => panic!("expected degraded, got {other:?}"),
+    }
+    assert_eq!(roles(&host, 2), ["public", "thin", "emeta"]);
+    let served = agent.volumes.get_volume(&volume_id(2)).await.unwrap();
+    assert_eq!(served.state, VolumeState::Available);
+
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while agent.volumes.get_volume(&volume_id(1)).await.unwrap().state != VolumeState::Available {
+        assert!(std::time::Instant::now() < deadline, "never came back");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(roles(&host, 1), ["public", "thin", "emeta"]);
+}
