@@ -267,8 +267,18 @@ impl Context {
         message: &str,
     ) -> Result<(), AgentError> {
         let public = self.naming.public(&transfer.volume_id);
-        self.dm.message(&public, 0, message).await?;
-        Ok(())
+        match self.dm.message(&public, 0, message).await {
+            Ok(_) => Ok(()),
+            // After a start that could not rebuild the clone (its source
+            // unreachable), the monitor keeps trying; so may the caller.
+            Err(crate::Error::NoSuchDevice { .. }) => Err(AgentError::Unavailable {
+                reason: format!(
+                    "transfer {} has no clone device yet: its devices did not come back (see the transfer's message) and are being rebuilt; try again",
+                    transfer.id
+                ),
+            }),
+            Err(err) => Err(err.into()),
+        }
     }
 
     /// The source's device number and size.

@@ -4,6 +4,9 @@
 //! cut off mid-hydration (no clean stop, devices still active); the second
 //! boot, on the same disks, must find every volume, rebuild every device,
 //! resume the move where the clone's metadata says and read the same data.
+//! A second move copies from a device-mapper device that the reboot takes
+//! away: that transfer comes back DEGRADED while everything else is served,
+//! and finishes with equal data once its source is there again.
 //!
 //! `tests/run-all` runs the two halves in two guests with
 //! `DMCLONE_REBOOT_STATE_DISK`, `DMCLONE_REBOOT_POOL_DISK` and
@@ -12,9 +15,16 @@
 
 use std::path::{Path, PathBuf};
 
-use dmclone::api::proto::v1::{
-    HydrationKnobs, StartTransferRequest, TransferRef, TransferState,
-    start_transfer_request::Source, transfers_client::TransfersClient,
+use dmclone::{
+    api::proto::v1::{
+        HydrationKnobs, StartTransferRequest, TransferRef, TransferState,
+        start_transfer_request::Source, transfers_client::TransfersClient,
+    },
+    dm::{
+        names::DeviceName,
+        table::{DevRef, Linear, Target},
+    },
+    units::Sectors,
 };
 
 use super::{
@@ -27,6 +37,14 @@ const MOVING: &str = "5a9d1c3e-5f1a-4f7e-9a57-3f0c2b8f6d04";
 const TRANSFER: &str = "5b9d1c3e-5f1a-4f7e-9a57-3f0c2b8f6d05";
 const MOVING_MIB: u64 = 96;
 const MOVING_SEED: u64 = 77;
+
+/// The move whose source the reboot takes away: a linear device over the
+/// source disk's last 32 MiB, with a name outside the agent's prefix.
+const LOST: &str = "5a9d1c3e-5f1a-4f7e-9a57-3f0c2b8f6d06";
+const LOST_TRANSFER: &str = "5b9d1c3e-5f1a-4f7e-9a57-3f0c2b8f6d07";
+const LOST_MIB: u64 = 32;
+const LOST_SEED: u64 = 78;
+const LOST_SOURCE: &str = "dmctrsrc-lost";
 
 const PREFIX: &str = "dmctreboot";
 const MOUNT: &str = "/tmp/reboot-state";
@@ -76,6 +94,87 @@ fn args(pool: &Path) -> Vec<String> {
     vec!["--pool-device".into(), pool.display().to_string()]
 }
 
+/// The lost move's source: the source disk's last `LOST_MIB` MiB, mapped
+/// again on each boot at the same place.
+async fn map_lost_source() -> PathBuf {
+    let disk = disk("DMCLONE_REBOOT_SOURCE_DISK");
+    let rdev = std::os::unix::fs::MetadataExt::rdev(&std::fs::metadata(&disk).unwrap());
+    let device = DevRef::from((
+        nix::sys::stat::major(rdev) as u32,
+        nix::sys::stat::minor(rdev) as u32,
+    ));
+    let target = Target::Linear(Linear {
+        device,
+        offset: Sectors(MOVING_MIB * MIB / 512),
+    });
+    let name = DeviceName::new(LOST_SOURCE).unwrap();
+    kernel()
+        .create(&name, None, &table(LOST_MIB * MIB / 512, target))
+        .await
+        .unwrap();
+    name.mapper_path()
+}
+
+async fn start_slow_move(
+    transfers: &mut TransfersClient<tonic::transport::Channel>,
+    (transfer, volume, mib): (&str, &str, u64),
+    source: &Path,
+    rate: u64,
+) {
+    transfers
+        .start_transfer(StartTransferRequest {
+            transfer_id: transfer.into(),
+            volume_id: volume.into(),
+            size_bytes: mib * MIB,
+            source: Some(Source::DevicePath(source.display().to_string())),
+            deferred: false,
+            knobs: Some(HydrationKnobs {
+                region_bytes: 64 * 1024,
+                hydration_threshold: 1,
+                hydration_batch_size: 1,
+                max_bytes_per_second: rate,
+            }),
+        })
+        .await
+        .unwrap();
+}
+
+async fn transfer_now(
+    transfers: &mut TransfersClient<tonic::transport::Channel>,
+    id: &str,
+) -> dmclone::api::proto::v1::Transfer {
+    transfers
+        .get_transfer(TransferRef {
+            transfer_id: id.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+async fn wait_done(transfers: &mut TransfersClient<tonic::transport::Channel>, id: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    loop {
+        let now = transfer_now(transfers, id).await;
+        if now.state() == TransferState::Done {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "{now:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+fn assert_moved(volume: &str, seed: u64, mib: u64) {
+    let path = Path::new("/dev/mapper").join(format!("{PREFIX}-{volume}"));
+    for offset in (0..mib * MIB).step_by(MIB as usize) {
+        assert_eq!(
+            read_at(&path, offset, MIB as usize),
+            pattern(seed, offset, MIB as usize),
+            "moved volume {volume} at {offset}"
+        );
+    }
+}
+
 fn fill(path: &Path, seed: u64, size: u64) {
     for offset in (0..size).step_by(MIB as usize) {
         write_at(path, offset, &pattern(seed, offset, MIB as usize));
@@ -106,22 +205,22 @@ async fn first_boot_leaves_volumes_on_the_disks() {
     let source = disk("DMCLONE_REBOOT_SOURCE_DISK");
     fill(&source, MOVING_SEED, MOVING_MIB * MIB);
     let mut transfers = TransfersClient::new(agent.channel().await);
-    transfers
-        .start_transfer(StartTransferRequest {
-            transfer_id: TRANSFER.into(),
-            volume_id: MOVING.into(),
-            size_bytes: MOVING_MIB * MIB,
-            source: Some(Source::DevicePath(source.display().to_string())),
-            deferred: false,
-            knobs: Some(HydrationKnobs {
-                region_bytes: 64 * 1024,
-                hydration_threshold: 1,
-                hydration_batch_size: 1,
-                max_bytes_per_second: 16 * MIB,
-            }),
-        })
-        .await
-        .unwrap();
+    let lost_source = map_lost_source().await;
+    fill(&lost_source, LOST_SEED, LOST_MIB * MIB);
+    start_slow_move(
+        &mut transfers,
+        (LOST_TRANSFER, LOST, LOST_MIB),
+        &lost_source,
+        MIB,
+    )
+    .await;
+    start_slow_move(
+        &mut transfers,
+        (TRANSFER, MOVING, MOVING_MIB),
+        &source,
+        16 * MIB,
+    )
+    .await;
     let hydrated = loop {
         let now = transfers
             .get_transfer(TransferRef {
@@ -162,10 +261,12 @@ async fn second_boot_rebuilds_every_volume_with_its_data() {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let agent = AgentProcess::start_in(&dir, PREFIX, &args).await;
     let log = agent.log();
-    // Three thin devices and two public devices, and the moving volume's
-    // clone stack, were rebuilt.
-    assert!(log.contains("rebuilt=6"), "{log}");
+    // Three thin devices and two public devices, the moving volume's clone
+    // stack, and the lost move's public device (counted as it was tried)
+    // were rebuilt; the lost move, whose source is gone, is degraded.
+    assert!(log.contains("rebuilt=7"), "{log}");
     assert!(log.contains("quarantined=0"), "{log}");
+    assert!(log.contains("degraded=1"), "{log}");
 
     // The move resumes from the clone's metadata, not from zero.
     let before: u64 = std::fs::read_to_string(dir.join("hydrated-before-reboot"))
@@ -173,6 +274,9 @@ async fn second_boot_rebuilds_every_volume_with_its_data() {
         .parse()
         .unwrap();
     let mut transfers = TransfersClient::new(agent.channel().await);
+    let lost = transfer_now(&mut transfers, LOST_TRANSFER).await;
+    assert_eq!(lost.state(), TransferState::Degraded, "{lost:?}");
+    assert!(lost.message.contains(LOST_SOURCE), "{lost:?}");
     let resumed = transfers
         .get_transfer(TransferRef {
             transfer_id: TRANSFER.into(),
@@ -197,32 +301,56 @@ async fn second_boot_rebuilds_every_volume_with_its_data() {
         })
         .await
         .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    wait_done(&mut transfers, TRANSFER).await;
+    assert_moved(MOVING, MOVING_SEED, MOVING_MIB);
+
+    // While its devices are not back, steering it says so and changes
+    // nothing.
+    let unavailable = transfers
+        .pause_transfer(TransferRef {
+            transfer_id: LOST_TRANSFER.into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        unavailable.code(),
+        tonic::Code::Unavailable,
+        "{unavailable:?}"
+    );
+    // The lost move's source is back: its monitor rebuilds the stack (it
+    // looks at most every 5 s), the copy resumes and ends with the source's
+    // data.
+    map_lost_source().await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     loop {
-        let now = transfers
-            .get_transfer(TransferRef {
-                transfer_id: TRANSFER.into(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        if now.state() == TransferState::Done {
+        let now = transfer_now(&mut transfers, LOST_TRANSFER).await;
+        if now.state() != TransferState::Degraded {
+            assert_eq!(now.state(), TransferState::Hydrating, "{now:?}");
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "{now:?}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never rebuilt: {now:?}"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
-    let moving = Path::new("/dev/mapper").join(format!("{PREFIX}-{MOVING}"));
-    for offset in (0..MOVING_MIB * MIB).step_by(MIB as usize) {
-        assert_eq!(
-            read_at(&moving, offset, MIB as usize),
-            pattern(MOVING_SEED, offset, MIB as usize),
-            "moved volume at {offset}"
-        );
-    }
+    transfers
+        .throttle_transfer(dmclone::api::proto::v1::ThrottleTransferRequest {
+            transfer_id: LOST_TRANSFER.into(),
+            knobs: Some(HydrationKnobs {
+                hydration_threshold: 64,
+                hydration_batch_size: 16,
+                max_bytes_per_second: u64::MAX,
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+    wait_done(&mut transfers, LOST_TRANSFER).await;
+    assert_moved(LOST, LOST_SEED, LOST_MIB);
 
     let mut volumes = agent.volumes().await;
-    assert_eq!(list(&mut volumes).await.len(), VOLUMES.len() + 1);
+    assert_eq!(list(&mut volumes).await.len(), VOLUMES.len() + 2);
     for (seed, (id, mib, published)) in VOLUMES.iter().enumerate() {
         let volume = get(&mut volumes, id).await.unwrap();
         assert_eq!(
@@ -240,4 +368,7 @@ async fn second_boot_rebuilds_every_volume_with_its_data() {
         }
     }
     agent.destroy().await;
+    let _ = kernel()
+        .remove(&DeviceName::new(LOST_SOURCE).unwrap())
+        .await;
 }
