@@ -152,6 +152,22 @@ async fn transfer_now(
         .into_inner()
 }
 
+/// Lifts a slow move's limits, so it ends soon.
+async fn copy_at_full_speed(transfers: &mut TransfersClient<tonic::transport::Channel>, id: &str) {
+    transfers
+        .throttle_transfer(dmclone::api::proto::v1::ThrottleTransferRequest {
+            transfer_id: id.into(),
+            knobs: Some(HydrationKnobs {
+                hydration_threshold: 64,
+                hydration_batch_size: 16,
+                max_bytes_per_second: u64::MAX,
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+}
+
 async fn wait_done(transfers: &mut TransfersClient<tonic::transport::Channel>, id: &str) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
     loop {
@@ -289,18 +305,7 @@ async fn second_boot_rebuilds_every_volume_with_its_data() {
         resumed.regions_hydrated + 300 >= before && resumed.regions_hydrated > 0,
         "{resumed:?} vs {before} before the reboot"
     );
-    transfers
-        .throttle_transfer(dmclone::api::proto::v1::ThrottleTransferRequest {
-            transfer_id: TRANSFER.into(),
-            knobs: Some(HydrationKnobs {
-                hydration_threshold: 64,
-                hydration_batch_size: 16,
-                max_bytes_per_second: u64::MAX,
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap();
+    copy_at_full_speed(&mut transfers, TRANSFER).await;
     wait_done(&mut transfers, TRANSFER).await;
     assert_moved(MOVING, MOVING_SEED, MOVING_MIB);
 
@@ -334,18 +339,7 @@ async fn second_boot_rebuilds_every_volume_with_its_data() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
-    transfers
-        .throttle_transfer(dmclone::api::proto::v1::ThrottleTransferRequest {
-            transfer_id: LOST_TRANSFER.into(),
-            knobs: Some(HydrationKnobs {
-                hydration_threshold: 64,
-                hydration_batch_size: 16,
-                max_bytes_per_second: u64::MAX,
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap();
+    copy_at_full_speed(&mut transfers, LOST_TRANSFER).await;
     wait_done(&mut transfers, LOST_TRANSFER).await;
     assert_moved(LOST, LOST_SEED, LOST_MIB);
 
