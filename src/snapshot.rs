@@ -146,7 +146,10 @@ impl Snapshots {
             })
             .await;
         match taken {
-            Ok(era) => record.era = era,
+            Ok(era) => {
+                failpoint::hit("snapshot.after_message");
+                record.era = era;
+            }
             Err(err) => {
                 self.roll_back_snapshot(&record).await;
                 return Err(err);

@@ -320,3 +320,25 @@ async fn cut_first_snapshot(agent: &Arc<Agent>, volume: &VolumeId) {
     })
     .await;
 }
+
+/// Cut after the pool made the snapshot but before its record says so: the
+/// next start rolls it back (its caller never heard of it), thin id and all.
+#[tokio::test]
+async fn a_snapshot_cut_after_the_pool_made_it_is_rolled_back() {
+    let host = TestHost::new();
+    let (agent, id) = published_volume(&host).await;
+    let (caller, volume) = (Arc::clone(&agent), id.clone());
+    crash("snapshot.after_message", async move {
+        caller
+            .snapshots
+            .create_snapshot(&snapshot_id(1), &volume)
+            .await
+    })
+    .await;
+    assert_eq!(thin_ids(&host).len(), 3, "the pool made it");
+    let agent = host.restart(agent).await.unwrap();
+    assert_no_snapshots_left(&agent, &host).await;
+    for device in [format!("dmt-{id}"), format!("dmt-thin-{id}")] {
+        assert_eq!(host.kernel.is_suspended(&device), Some(false), "{device}");
+    }
+}

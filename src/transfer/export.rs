@@ -9,6 +9,7 @@ use tracing::{info, warn};
 use crate::{
     context::Context,
     error::AgentError,
+    failpoint,
     ids::VolumeId,
     nvme::{
         Nqn, TcpAddress,
@@ -94,6 +95,7 @@ impl Exports {
                 // other host writes is never tracked, so the history ends.
                 crate::changes::restart_history(&mut record);
                 self.ctx.put(&record).await?;
+                failpoint::hit("export.after_record");
             }
         }
         let request = ExportRequest {
@@ -128,6 +130,7 @@ impl Exports {
                 id: id.to_string(),
             })?;
         self.remove_export(id).await?;
+        failpoint::hit("unexport.after_unexport");
         if record.export.take().is_some() {
             self.ctx.put(&record).await?;
             info!(volume = %id, "unexported");
@@ -176,6 +179,7 @@ impl Exports {
             .into());
         }
         self.remove_export(id).await?;
+        failpoint::hit("release.after_unexport");
         let mut record = record;
         record.export = None;
         self.ctx.put(&record).await?;

@@ -6,7 +6,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use super::*;
 use crate::{
@@ -300,4 +300,52 @@ async fn wait_until(done: impl AsyncFn() -> bool) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     panic!("not reached in 5 s");
+}
+
+/// A kill between each kernel step of export, unexport and release and its
+/// record: the next start restores what the record says, and a retry of the
+/// call converges.
+#[tokio::test]
+async fn crashes_inside_export_unexport_and_release_converge() {
+    use crate::testing::crash;
+    let host = exporting_host();
+    let agent = host.start().await.unwrap();
+    let id = volume_id(1);
+    agent.volumes.create_volume(&id, 8 * MIB).await.unwrap();
+    let subsystem = subsystem_of(&agent, &id).await;
+
+    let caller = Arc::clone(&agent);
+    let volume = id.clone();
+    crash("export.after_record", async move {
+        caller.exports.export_volume(&volume, HOST_A).await
+    })
+    .await;
+    assert!(
+        host.fabric.exports().is_empty(),
+        "the kernel step never ran"
+    );
+    let agent = host.restart(agent).await.unwrap();
+    assert_eq!(host.fabric.exports()[&subsystem].0, HOST_A, "restored");
+    agent.exports.export_volume(&id, HOST_A).await.unwrap();
+
+    let (caller, volume) = (Arc::clone(&agent), id.clone());
+    crash("unexport.after_unexport", async move {
+        caller.exports.unexport_volume(&volume).await
+    })
+    .await;
+    let agent = host.restart(agent).await.unwrap();
+    agent.exports.unexport_volume(&id).await.unwrap();
+    assert!(host.fabric.exports().is_empty());
+    agent.exports.export_volume(&id, HOST_A).await.unwrap();
+
+    let (caller, volume) = (Arc::clone(&agent), id.clone());
+    crash("release.after_unexport", async move {
+        caller.exports.release_volume(&volume, HOST_A).await
+    })
+    .await;
+    let agent = host.restart(agent).await.unwrap();
+    agent.exports.release_volume(&id, HOST_A).await.unwrap();
+    assert!(host.fabric.exports().is_empty());
+    assert!(agent.volumes.get_volume(&id).await.is_err(), "released");
+    assert!(!host.devices().iter().any(|d| d.contains(id.as_str())));
 }

@@ -586,3 +586,77 @@ async fn writes_over_an_export_are_never_missing_from_an_answer() {
     unpublish(&mut a.volumes().await, volume).await.unwrap();
     a.destroy().await;
 }
+
+/// `kill -9` between each kernel step of export, unexport and release and
+/// its record: after a restart the kernel's target holds what the record
+/// says, and a retry of the call converges.
+#[tokio::test(flavor = "multi_thread")]
+async fn kill9_inside_export_unexport_and_release() {
+    let ids = ids(
+        "8c9d1c3e-5f1a-4f7e-9a57-3f0c2b8f6d15",
+        "9c9d1c3e-5f1a-4f7e-9a57-3f0c2b8f6d15",
+    );
+    let mut a = agent("dmctexka", 4442, "0a000000-0000-4000-8000-00000000000d").await;
+    let b = agent("dmctexkb", 4443, "0b000000-0000-4000-8000-00000000000e").await;
+    create(&mut a.volumes().await, ids.volume, 16 * MIB)
+        .await
+        .unwrap();
+
+    a.crash_inside("export.after_record", async |a| {
+        assert!(export(ids, a, &b).await.is_err());
+    })
+    .await;
+    let exported = export(ids, &a, &b).await.unwrap().subsystem_nqn;
+    assert!(
+        configfs_has(&exported),
+        "restored at start, kept by the retry"
+    );
+
+    a.crash_inside("unexport.after_unexport", async |a| {
+        assert!(unexport(ids, a).await.is_err());
+    })
+    .await;
+    assert!(configfs_has(&exported), "the record still says exported");
+    unexport(ids, &a).await.unwrap();
+    assert!(!configfs_has(&exported));
+
+    export(ids, &a, &b).await.unwrap();
+    let to_b = host_nqn(&b).await;
+    a.crash_inside("release.after_unexport", async |a| {
+        assert!(release(ids, a, &to_b).await.is_err());
+    })
+    .await;
+    release(ids, &a, &to_b).await.unwrap();
+    assert!(!configfs_has(&exported));
+    assert_eq!(
+        get(&mut a.volumes().await, ids.volume)
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound,
+        "released"
+    );
+    b.destroy().await;
+    a.destroy().await;
+}
+
+async fn unexport(ids: Ids, source: &AgentProcess) -> Result<(), tonic::Status> {
+    transfers(source)
+        .await
+        .unexport_volume(UnexportVolumeRequest {
+            volume_id: ids.volume.into(),
+        })
+        .await
+        .map(drop)
+}
+
+async fn release(ids: Ids, source: &AgentProcess, host_nqn: &str) -> Result<(), tonic::Status> {
+    transfers(source)
+        .await
+        .release_volume(dmclone::api::proto::v1::ReleaseVolumeRequest {
+            volume_id: ids.volume.into(),
+            host_nqn: host_nqn.into(),
+        })
+        .await
+        .map(drop)
+}

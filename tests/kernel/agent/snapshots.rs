@@ -283,6 +283,20 @@ async fn kill9_inside_snapshot_clone_and_revert() {
     );
     // The origin was not left suspended: it still takes writes.
     write_at(Path::new(&path), 0, &pattern(11, 0, MIB as usize));
+    // Cut after the pool made it, before the record says so: rolled back too.
+    agent
+        .crash_inside("snapshot.after_message", async |agent| {
+            assert!(snapshot(agent, SNAP, VOL_A).await.is_err());
+        })
+        .await;
+    let gone = SnapshotsClient::new(agent.channel().await)
+        .get_snapshot(GetSnapshotRequest {
+            snapshot_id: SNAP.into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(gone.code(), Code::NotFound, "{gone:?}");
+    write_at(Path::new(&path), 0, &pattern(11, 0, MIB as usize));
     snapshot(&agent, SNAP, VOL_A).await.unwrap();
 
     agent
