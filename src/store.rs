@@ -228,6 +228,21 @@ pub enum SourceRecord {
     },
 }
 
+impl TransferRecord {
+    /// The endpoint of a source agent that has yet to confirm it dropped
+    /// its copy; `None` for a local source or one that confirmed.
+    pub fn source_to_release(&self) -> Option<&str> {
+        match &self.source {
+            SourceRecord::NvmeTcp { agent_endpoint, .. }
+                if !agent_endpoint.is_empty() && !self.source_released =>
+            {
+                Some(agent_endpoint)
+            }
+            _ => None,
+        }
+    }
+}
+
 impl Record for TransferRecord {
     const TABLE: Table = TRANSFERS;
     fn key(&self) -> &str {

@@ -9,7 +9,7 @@ use super::{TransferState, TransferView, Transfers};
 use crate::{
     error::AgentError,
     ids::{TransferId, VolumeId},
-    store::{SourceRecord, TransferRecord, VolumeRecord},
+    store::{TransferRecord, VolumeRecord},
 };
 
 /// The most transfers one page holds, and the size of a page not asked for.
@@ -72,7 +72,7 @@ pub fn page(mut views: Vec<TransferView>, query: &TransferQuery) -> TransferPage
 pub fn past_keeping(records: &[TransferRecord], now: i64, keep: Keeping) -> Vec<TransferId> {
     let mut finished: Vec<(i64, &TransferId)> = records
         .iter()
-        .filter(|record| record.phase.is_finished() && !awaits_release(record))
+        .filter(|record| forgettable(record, None))
         .filter_map(|record| Some((record.finished_unix?, &record.id)))
         .collect();
     // Newest first; ties by id so the choice is stable.
@@ -96,9 +96,7 @@ fn forgettable(record: &TransferRecord, volume: Option<&VolumeRecord>) -> bool {
 }
 
 fn awaits_release(record: &TransferRecord) -> bool {
-    matches!(&record.source, SourceRecord::NvmeTcp { agent_endpoint, .. }
-        if !agent_endpoint.is_empty() && !record.source_released)
-        && record.phase == crate::store::TransferPhase::Done
+    record.phase == crate::store::TransferPhase::Done && record.source_to_release().is_some()
 }
 
 impl Transfers {

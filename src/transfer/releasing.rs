@@ -14,7 +14,7 @@ use crate::{
     error::AgentError,
     ids::{TransferId, VolumeId},
     refusal::Refusal,
-    store::{SourceRecord, TransferRecord},
+    store::TransferRecord,
 };
 
 /// Release retries back off up to this.
@@ -25,17 +25,14 @@ impl Transfers {
     /// nothing is lost by asking again, and a source that is down now will
     /// be up later.
     pub(crate) fn spawn_release(&self, transfer: &TransferRecord) {
-        let SourceRecord::NvmeTcp { agent_endpoint, .. } = &transfer.source else {
+        let Some(agent_endpoint) = transfer.source_to_release() else {
             return;
         };
-        if agent_endpoint.is_empty() || transfer.source_released {
-            return;
-        }
         let transfers = self.clone();
         let (id, volume, endpoint) = (
             transfer.id.clone(),
             transfer.volume_id.clone(),
-            agent_endpoint.clone(),
+            agent_endpoint.to_owned(),
         );
         self.ctx.background.spawn(async move {
             let mut backoff = Duration::from_secs(1);

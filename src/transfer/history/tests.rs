@@ -3,7 +3,7 @@
 use super::*;
 use crate::{
     ids::ThinId,
-    store::{Change, TransferPhase},
+    store::{Change, SourceRecord, TransferPhase},
     testing::{TestHost, volume_id},
 };
 
