@@ -78,10 +78,11 @@ pub struct NvmeConfig {
     /// made once and kept in the store.
     pub host_id: Option<String>,
     /// Seconds without a connection to a source before the kernel gives up
-    /// on it (the transfer then waits, degraded, and reconnects).
+    /// on it: reads of regions not yet copied fail from then on, and the
+    /// agent reconnects by itself once the source answers again.
     pub ctrl_loss_timeout_seconds: Option<u32>,
     /// Seconds after which I/O to an unreachable source fails instead of
-    /// waiting.
+    /// waiting. Unset: it waits until `ctrl_loss_timeout_seconds`.
     pub fast_io_fail_timeout_seconds: Option<u32>,
 }
 
@@ -233,13 +234,15 @@ pub struct NvmeSettings {
     pub host_nqn: Option<String>,
     pub host_id: Option<String>,
     pub ctrl_loss_timeout_seconds: u32,
-    pub fast_io_fail_timeout_seconds: u32,
+    /// `None`: I/O waits for the whole `ctrl_loss_timeout_seconds`.
+    pub fast_io_fail_timeout_seconds: Option<u32>,
 }
 
 pub const DEFAULT_NVME_PORT: u16 = 4420;
 pub const DEFAULT_NVME_PORT_ID: u16 = 1;
-pub const DEFAULT_CTRL_LOSS_SECONDS: u32 = 60;
-pub const DEFAULT_FAST_IO_FAIL_SECONDS: u32 = 10;
+/// How long a guest's reads of regions not yet copied wait for a source
+/// that went away before they fail (README, "Source outages").
+pub const DEFAULT_CTRL_LOSS_SECONDS: u32 = 120;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerTls {
@@ -535,13 +538,22 @@ impl NvmeConfig {
         let ctrl_loss = self
             .ctrl_loss_timeout_seconds
             .unwrap_or(DEFAULT_CTRL_LOSS_SECONDS);
-        let fast_fail = self
-            .fast_io_fail_timeout_seconds
-            .unwrap_or(DEFAULT_FAST_IO_FAIL_SECONDS);
-        if ctrl_loss == 0 || fast_fail == 0 {
+        if ctrl_loss == 0 {
             return Err(invalid(
                 "nvme.ctrl_loss_timeout_seconds",
-                "timeouts must be at least 1 second",
+                "must be at least 1 second",
+            ));
+        }
+        let fast_fail = self.fast_io_fail_timeout_seconds;
+        if let Some(seconds) = fast_fail
+            && (seconds == 0 || seconds > ctrl_loss)
+        {
+            return Err(invalid(
+                "nvme.fast_io_fail_timeout_seconds",
+                format!(
+                    "must be 1 to ctrl_loss_timeout_seconds ({ctrl_loss}): I/O fails then anyway; \
+                     leave it unset to let I/O wait that long"
+                ),
             ));
         }
         Ok(NvmeSettings {

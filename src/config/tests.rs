@@ -141,6 +141,16 @@ fn every_bad_option_is_named_with_its_problem() {
             "at least 1",
         ),
         (
+            "[nvme]\nfast_io_fail_timeout_seconds = 0",
+            "nvme.fast_io_fail_timeout_seconds",
+            "must be 1 to",
+        ),
+        (
+            "[nvme]\nctrl_loss_timeout_seconds = 30\nfast_io_fail_timeout_seconds = 31",
+            "nvme.fast_io_fail_timeout_seconds",
+            "(30)",
+        ),
+        (
             "[nvme]\nexport_address = \"storage\"",
             "nvme.export_address",
             "not an IP",

@@ -100,18 +100,19 @@ pub struct ConnectTimeouts {
     pub ctrl_loss_tmo_secs: u32,
     /// Pause between reconnect attempts; at least 1.
     pub reconnect_delay_secs: u32,
-    /// After this long, I/O fails instead of waiting for a reconnect.
-    pub fast_io_fail_tmo_secs: u32,
+    /// After this long, I/O fails instead of waiting for a reconnect;
+    /// `None`: I/O waits until the controller is lost (`ctrl_loss_tmo`).
+    pub fast_io_fail_tmo_secs: Option<u32>,
 }
 
 impl Default for ConnectTimeouts {
-    /// Short enough that a vanished source fails I/O within seconds, long
-    /// enough to ride out a target restart.
+    /// I/O waits as long as the kernel retries (a guest rides out a hang;
+    /// an error on its root disk it does not), and that is bounded.
     fn default() -> Self {
         Self {
-            ctrl_loss_tmo_secs: 60,
+            ctrl_loss_tmo_secs: 120,
             reconnect_delay_secs: 2,
-            fast_io_fail_tmo_secs: 10,
+            fast_io_fail_tmo_secs: None,
         }
     }
 }
@@ -129,7 +130,7 @@ impl ConnectTimeouts {
         for (name, value) in [
             ("ctrl_loss_tmo", self.ctrl_loss_tmo_secs),
             ("reconnect_delay", self.reconnect_delay_secs),
-            ("fast_io_fail_tmo", self.fast_io_fail_tmo_secs),
+            ("fast_io_fail_tmo", self.fast_io_fail_tmo_secs.unwrap_or(0)),
         ] {
             if i32::try_from(value).is_err() {
                 return Err(invalid(format!("{name} {value} exceeds {}", i32::MAX)));
@@ -165,7 +166,8 @@ impl ConnectOptions {
             self.host_id,
             t.ctrl_loss_tmo_secs,
             t.reconnect_delay_secs,
-            t.fast_io_fail_tmo_secs,
+            // -1 is the kernel's "never fail early", written out like the rest.
+            t.fast_io_fail_tmo_secs.map_or(-1, i64::from),
         );
         if text.len() > MAX_OPTIONS_BYTES {
             return Err(AgentError::InvalidArgument {
@@ -276,7 +278,7 @@ mod tests {
             timeouts: ConnectTimeouts {
                 ctrl_loss_tmo_secs: 30,
                 reconnect_delay_secs: 2,
-                fast_io_fail_tmo_secs: 5,
+                fast_io_fail_tmo_secs: Some(5),
             },
         }
     }
@@ -290,6 +292,17 @@ mod tests {
              hostnqn=nqn.2014-08.io.dmclone:host-b,\
              hostid=0b9d1c3e-5f1a-4f7e-9a57-3f0c2b8f6d11,\
              ctrl_loss_tmo=30,reconnect_delay=2,fast_io_fail_tmo=5"
+        );
+    }
+
+    #[test]
+    fn io_that_never_fails_early_is_written_as_minus_one() {
+        let mut opts = options();
+        opts.timeouts.fast_io_fail_tmo_secs = None;
+        let text = opts.render().unwrap();
+        assert!(
+            text.ends_with(",ctrl_loss_tmo=30,reconnect_delay=2,fast_io_fail_tmo=-1"),
+            "{text}"
         );
     }
 

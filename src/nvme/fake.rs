@@ -12,8 +12,8 @@ use std::{
 use async_trait::async_trait;
 
 use super::{
-    ConnectRequest, Connection, Controller, EXPORT_NSID, ExportRequest, Fabric, NamespaceDevice,
-    Nqn,
+    ConnectRequest, Connection, Controller, EXPORT_NSID, ExportRequest, Fabric, Link,
+    NamespaceDevice, Nqn,
 };
 use crate::{dm::fake::FakeKernel, error::AgentError};
 
@@ -32,6 +32,8 @@ struct State {
     offered: BTreeMap<String, u64>,
     /// Connected subsystems and their namespaces.
     connections: BTreeMap<String, NamespaceDevice>,
+    /// Connected subsystems whose connection is broken (reconnecting).
+    interrupted: std::collections::BTreeSet<String>,
     next_controller: u32,
 }
 
@@ -64,6 +66,25 @@ impl FakeFabric {
     /// Another host stops exporting `subsystem` (or cannot be reached).
     pub fn withdraw(&self, subsystem: &str) {
         self.state().offered.remove(subsystem);
+    }
+
+    /// The network to `subsystem` breaks: its connection stays, reconnecting,
+    /// until [`Self::reconnect`] or [`Self::give_up`].
+    pub fn interrupt(&self, subsystem: &str) {
+        self.state().interrupted.insert(subsystem.to_owned());
+    }
+
+    /// The connection to `subsystem` works again.
+    pub fn reconnect(&self, subsystem: &str) {
+        self.state().interrupted.remove(subsystem);
+    }
+
+    /// The kernel gave up on `subsystem` (ctrl_loss_tmo): the connection is
+    /// gone, its namespace device stays behind, dead, while it is held.
+    pub fn give_up(&self, subsystem: &str) {
+        let mut state = self.state();
+        state.interrupted.remove(subsystem);
+        state.connections.remove(subsystem);
     }
 
     /// The host rebooted: no export and no connection survives.
@@ -194,5 +215,18 @@ impl Fabric for FakeFabric {
     async fn disconnect(&self, subsystem: &Nqn) -> Result<Option<String>, AgentError> {
         let removed = self.state().connections.remove(subsystem.as_str());
         Ok(removed.map(|namespace| namespace.name))
+    }
+
+    async fn link(&self, subsystem: &Nqn) -> Result<Link, AgentError> {
+        let state = self.state();
+        Ok(if !state.connections.contains_key(subsystem.as_str()) {
+            Link::Lost
+        } else if state.interrupted.contains(subsystem.as_str()) {
+            Link::Interrupted {
+                state: "connecting".into(),
+            }
+        } else {
+            Link::Live
+        })
     }
 }

@@ -23,5 +23,5 @@ pub use fabrics::{
 };
 pub use host::{ConnectRequest, Connection, Controller, Host, NamespaceDevice};
 pub use nqn::{HostId, Nqn, subsystem_nqn, volume_of_subsystem};
-pub use seam::{Fabric, LiveFabric};
+pub use seam::{Fabric, Link, LiveFabric};
 pub use target::{EXPORT_NSID, Export, ExportRequest, PortSpec, Target};

@@ -27,6 +27,33 @@ pub trait Fabric: Send + Sync + fmt::Debug {
     async fn connect(&self, request: &ConnectRequest) -> Result<Connection, AgentError>;
     /// Disconnects from a subsystem; returns the controller it deleted.
     async fn disconnect(&self, subsystem: &Nqn) -> Result<Option<String>, AgentError>;
+    /// How this host's connection to a subsystem stands.
+    async fn link(&self, subsystem: &Nqn) -> Result<Link, AgentError>;
+}
+
+/// This host's connection to a subsystem, as the kernel's NVMe host sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Link {
+    /// Connected: I/O flows.
+    Live,
+    /// The connection broke and the kernel is reconnecting; `state` is the
+    /// controller's (`connecting`, `resetting`).
+    Interrupted { state: String },
+    /// No controller: the kernel gave up after `ctrl_loss_tmo`, or there
+    /// never was one. Nothing reconnects unless the agent connects again.
+    Lost,
+}
+
+impl Link {
+    fn of(controller: Option<&super::Controller>) -> Self {
+        match controller {
+            None => Self::Lost,
+            Some(c) if c.state == "live" => Self::Live,
+            Some(c) => Self::Interrupted {
+                state: c.state.clone(),
+            },
+        }
+    }
 }
 
 /// The host's NVMe/TCP target and host, found at their usual places on
@@ -64,5 +91,40 @@ impl Fabric for LiveFabric {
         };
         host.disconnect(&controller).await?;
         Ok(Some(controller.name))
+    }
+
+    async fn link(&self, subsystem: &Nqn) -> Result<Link, AgentError> {
+        let controller = Host::open()?.find_connection(subsystem).await?;
+        Ok(Link::of(controller.as_ref()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn controller(state: &str) -> super::super::Controller {
+        super::super::Controller {
+            name: "nvme3".into(),
+            instance: 3,
+            cntlid: 1,
+            subsystem_nqn: "nqn.2014-08.io.dmclone:a:v".into(),
+            host_nqn: "nqn.2014-08.io.dmclone:b".into(),
+            address: None,
+            transport: "tcp".into(),
+            state: state.into(),
+        }
+    }
+
+    #[test]
+    fn a_link_is_live_only_while_its_controller_is() {
+        assert_eq!(Link::of(Some(&controller("live"))), Link::Live);
+        assert_eq!(
+            Link::of(Some(&controller("connecting"))),
+            Link::Interrupted {
+                state: "connecting".into()
+            }
+        );
+        assert_eq!(Link::of(None), Link::Lost);
     }
 }

@@ -156,12 +156,23 @@ impl Context {
                 volume.id
             ))
         })?;
-        let public = self.naming.public(&volume.id);
         if transfer.phase.is_finished() || !self.public_is_clone(volume).await? {
             self.ensure_public_device(volume).await?;
             return Ok(());
         }
-        let table = self.arriving_table(volume, &transfer).await?;
+        self.reload_arriving(volume, &transfer).await
+    }
+
+    /// Loads an arriving volume's clone table again where it differs from
+    /// the live one: a new size, or a new namespace of its source after the
+    /// connection was lost and made again.
+    pub(crate) async fn reload_arriving(
+        &self,
+        volume: &VolumeRecord,
+        transfer: &TransferRecord,
+    ) -> Result<(), AgentError> {
+        let public = self.naming.public(&volume.id);
+        let table = self.arriving_table(volume, transfer).await?;
         if self.dm.table(&public).await? != table {
             // swap_table suspends before loading: the clone's metadata stays
             // consistent across the reload.

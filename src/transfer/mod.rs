@@ -19,6 +19,7 @@ pub mod export;
 pub mod history;
 mod hydrate;
 mod monitor;
+mod outage;
 pub mod phase;
 pub mod progress;
 pub mod release;

@@ -7,7 +7,10 @@ use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 
-use super::hydrate::{TICK, Transfers};
+use super::{
+    hydrate::{TICK, Transfers},
+    outage::{SourceHealth, SourceWatch},
+};
 
 use crate::{
     dm::{
@@ -28,6 +31,36 @@ enum Next {
     Stop,
 }
 
+/// What one monitor carries from one look to the next.
+#[derive(Debug, Default)]
+struct Watch {
+    limiter: RateLimiter,
+    events: EventSource,
+    source: SourceWatch,
+    gate: CopyGate,
+}
+
+/// Background copying stops (threshold 0) while the byte budget is
+/// overdrawn or the source is unreachable, and starts again when neither
+/// holds. `stopped` is what the live table was last told.
+#[derive(Debug, Default)]
+struct CopyGate {
+    over_budget: bool,
+    source_down: bool,
+    stopped: bool,
+}
+
+impl CopyGate {
+    /// `Some(stop)` when the table must be told.
+    fn change(&mut self) -> Option<bool> {
+        let stop = self.over_budget || self.source_down;
+        (stop != self.stopped).then(|| {
+            self.stopped = stop;
+            stop
+        })
+    }
+}
+
 impl Transfers {
     pub(crate) fn spawn_monitor(&self, transfer_id: TransferId) {
         let transfers = self.clone();
@@ -43,8 +76,7 @@ impl Transfers {
     }
 
     async fn monitor(&self, id: &TransferId) -> Result<(), AgentError> {
-        let mut limiter = RateLimiter::default();
-        let mut events = EventSource::default();
+        let mut watch = Watch::default();
         loop {
             let Some(transfer) = self.ctx.transfer_record(id).await? else {
                 self.ctx.registry.forget(id);
@@ -53,7 +85,7 @@ impl Transfers {
             let volume_id = transfer.volume_id.clone();
             let public = self.ctx.naming.public(&volume_id);
             let seen = self.ctx.dm.event_counter(&public).unwrap_or(0);
-            match self.look(&transfer, &mut limiter, &events).await? {
+            match self.look(&transfer, &mut watch).await? {
                 Next::Stop => return Ok(()),
                 Next::Finalize => {
                     if self.finalize(id).await? {
@@ -71,7 +103,7 @@ impl Transfers {
                 TICK
             };
             let waited = wait_for_change(self.ctx.dm.as_ref(), &public, seen, &wake, tick).await;
-            if let Some(pause) = events.after_wait(waited, tick) {
+            if let Some(pause) = watch.events.after_wait(waited, tick) {
                 // The wait ended at once: look again only after a pause.
                 tokio::select! {
                     () = wake.notified() => {}
@@ -82,17 +114,17 @@ impl Transfers {
     }
 
     /// Reads the clone's status once and decides what comes next.
-    async fn look(
-        &self,
-        transfer: &TransferRecord,
-        limiter: &mut RateLimiter,
-        events: &EventSource,
-    ) -> Result<Next, AgentError> {
+    async fn look(&self, transfer: &TransferRecord, watch: &mut Watch) -> Result<Next, AgentError> {
         match transfer.phase {
             TransferPhase::Finalizing => return Ok(Next::Finalize),
             phase if phase.is_finished() => return Ok(Next::Stop),
             TransferPhase::Starting => return Ok(Next::Wait),
             _ => {}
+        }
+        let source = self.check_source(transfer, &mut watch.source).await;
+        if source == SourceHealth::Reattached {
+            // The reloaded table copies at its own threshold again.
+            watch.gate.stopped = false;
         }
         let public = self.ctx.naming.public(&transfer.volume_id);
         let now = Instant::now();
@@ -131,21 +163,24 @@ impl Transfers {
             }
             live.progress.stalled_for(now)
         });
-        let degraded = if status.mode == CloneMode::ReadOnly {
+        let degraded = if let SourceHealth::Down { reason } = &source {
+            Some(reason.clone())
+        } else if status.mode == CloneMode::ReadOnly {
             Some("the clone's metadata went read-only (a metadata write failed); hydrated regions still work, the rest needs repair".to_owned())
         } else if transfer.phase == TransferPhase::Hydrating
             && !status.is_fully_hydrated()
             && stalled >= stall_limit
         {
+            // The same words while the stall lasts: a change is logged.
             Some(format!(
-                "no region copied for {} s: the source may be unreachable or failing; hydration resumes by itself when it answers",
-                stalled.as_secs()
+                "no region copied for {} s or more: the source may be unreachable or failing, or the volume's own I/O leaves the copy no turn; hydration resumes by itself",
+                stall_limit.as_secs()
             ))
         } else {
-            events.failure.as_ref().map(|failure| {
+            watch.events.failure.as_ref().map(|failure| {
                 format!(
                     "device-mapper events do not reach the agent ({failure}): the transfer is looked at every {} ms instead, so its end may be seen late",
-                    events.pause.as_millis()
+                    watch.events.pause.as_millis()
                 )
             })
         };
@@ -159,7 +194,8 @@ impl Transfers {
             return Ok(Next::Finalize);
         }
         if transfer.phase == TransferPhase::Hydrating {
-            self.apply_rate_limit(transfer, limiter, status.hydrated_regions)
+            watch.gate.source_down = matches!(source, SourceHealth::Down { .. });
+            self.gate_copying(transfer, watch, status.hydrated_regions)
                 .await;
         }
         Ok(Next::Wait)
@@ -189,24 +225,25 @@ impl Transfers {
     }
 
     /// dm-clone has no rate limit of its own: the monitor stops background
-    /// copies (threshold 0) while the transfer's byte budget is overdrawn and
-    /// restores the threshold once it has been repaid (see `RateLimiter`).
-    /// Writes still hydrate the regions they touch.
-    async fn apply_rate_limit(
-        &self,
-        transfer: &TransferRecord,
-        limiter: &mut RateLimiter,
-        hydrated: u64,
-    ) {
+    /// copies (threshold 0) while the transfer's byte budget is overdrawn
+    /// (see `RateLimiter`) or its source is unreachable, and restores the
+    /// threshold once neither holds. Writes still hydrate the regions they
+    /// touch.
+    async fn gate_copying(&self, transfer: &TransferRecord, watch: &mut Watch, hydrated: u64) {
         let bytes = hydrated * transfer.region_bytes;
-        let action = limiter.step(Instant::now(), bytes, transfer.max_bytes_per_second);
-        let message = match action {
+        watch
+            .limiter
+            .step(Instant::now(), bytes, transfer.max_bytes_per_second);
+        watch.gate.over_budget = watch.limiter.holding;
+        let message = match watch.gate.change() {
             Some(true) => "hydration_threshold 0".to_owned(),
             Some(false) => format!("hydration_threshold {}", transfer.hydration_threshold),
             None => return,
         };
         if let Err(err) = self.ctx.message_clone(transfer, &message).await {
-            warn!(transfer = %transfer.id, error = %err, "cannot apply the rate limit");
+            // Told again at the next look.
+            watch.gate.stopped = !watch.gate.stopped;
+            warn!(transfer = %transfer.id, error = %err, "cannot stop or restart background copying");
         }
     }
 

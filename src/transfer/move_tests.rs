@@ -260,6 +260,74 @@ async fn a_source_unreachable_after_a_reboot_degrades_only_its_transfer() {
     transfer_reaches(&agent, &transfer, TransferState::Done).await;
 }
 
+/// The thresholds the clone of `public` was told, in order.
+fn thresholds_told(host: &TestHost, public: &str) -> Vec<String> {
+    let prefix = format!("message {public} hydration_threshold ");
+    host.kernel
+        .journal()
+        .iter()
+        .filter_map(|line| line.strip_prefix(&prefix).map(str::to_owned))
+        .collect()
+}
+
+async fn state_of(agent: &crate::agent::Agent, transfer: &TransferId) -> TransferView {
+    agent.transfers.get_transfer(transfer).await.unwrap()
+}
+
+/// The source's connection breaks mid-move: the transfer degrades, naming
+/// the source, and background copying stops while the kernel reconnects.
+/// Once the kernel has given up on the connection, the agent connects
+/// again itself and reloads the clone over the new namespace.
+#[tokio::test]
+async fn a_source_outage_stops_copying_and_a_lost_connection_is_made_again() {
+    let host = TestHost::new();
+    let (agent, id, transfer) = arriving_over_nvme(&host).await;
+    let public = format!("dmt-{id}");
+    let first_table = host.kernel.table_text(&public).unwrap();
+
+    host.fabric.interrupt(SOURCE_SUBSYSTEM);
+    wait_until(async || state_of(&agent, &transfer).await.state == TransferState::Degraded).await;
+    let message = state_of(&agent, &transfer).await.message;
+    assert!(
+        message.contains("192.0.2.7:4420 is connecting")
+            && message.contains("wait up to 120 s, then fail"),
+        "{message}"
+    );
+    assert_eq!(thresholds_told(&host, &public), ["0"], "copying stopped");
+
+    host.fabric.reconnect(SOURCE_SUBSYSTEM);
+    wait_until(async || state_of(&agent, &transfer).await.state == TransferState::Hydrating).await;
+    let told = thresholds_told(&host, &public);
+    assert_eq!(told.len(), 2, "{told:?}");
+    assert_ne!(told[1], "0", "copying goes on");
+    assert_eq!(host.kernel.table_text(&public).unwrap(), first_table);
+
+    host.fabric.withdraw(SOURCE_SUBSYSTEM);
+    host.fabric.give_up(SOURCE_SUBSYSTEM);
+    wait_until(async || {
+        state_of(&agent, &transfer)
+            .await
+            .message
+            .contains("gave up")
+    })
+    .await;
+    assert_eq!(
+        state_of(&agent, &transfer).await.state,
+        TransferState::Degraded
+    );
+    assert_eq!(thresholds_told(&host, &public).last().unwrap(), "0");
+
+    host.fabric.offer(SOURCE_SUBSYSTEM, 8 * MIB);
+    wait_until(async || state_of(&agent, &transfer).await.state == TransferState::Hydrating).await;
+    let reloaded = host.kernel.table_text(&public).unwrap();
+    assert_ne!(reloaded, first_table, "the clone reads the new namespace");
+    assert!(reloaded.starts_with("0 16384 clone "), "{reloaded}");
+    assert_eq!(host.fabric.connections(), [SOURCE_SUBSYSTEM]);
+    host.kernel.hydrate(&public);
+    transfer_reaches(&agent, &transfer, TransferState::Done).await;
+    assert!(host.fabric.connections().is_empty(), "the source is let go");
+}
+
 #[tokio::test]
 async fn a_move_from_a_source_nobody_exports_leaves_nothing() {
     let host = TestHost::new();

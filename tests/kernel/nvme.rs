@@ -227,7 +227,7 @@ fn fast_failing_timeouts() -> ConnectTimeouts {
     ConnectTimeouts {
         ctrl_loss_tmo_secs: 8,
         reconnect_delay_secs: 1,
-        fast_io_fail_tmo_secs: 2,
+        fast_io_fail_tmo_secs: Some(2),
     }
 }
 

@@ -87,6 +87,12 @@ struct Args {
     /// This host's NVMe host id, a UUID [config: nvme.host_id].
     #[arg(long, value_name = "UUID")]
     nvme_host_id: Option<String>,
+    /// Seconds before the kernel gives up on an unreachable source [config: nvme.ctrl_loss_timeout_seconds].
+    #[arg(long, value_name = "SECONDS")]
+    nvme_ctrl_loss_timeout_seconds: Option<u32>,
+    /// Seconds before I/O to an unreachable source fails [config: nvme.fast_io_fail_timeout_seconds].
+    #[arg(long, value_name = "SECONDS")]
+    nvme_fast_io_fail_timeout_seconds: Option<u32>,
     /// Serve the API over TCP with mutual TLS here [config: tcp.listen].
     #[arg(long, value_name = "ADDR:PORT")]
     listen: Option<String>,
@@ -170,6 +176,14 @@ impl Args {
         set(&mut config.nvme.export_port_id, &self.nvme_export_port_id);
         set(&mut config.nvme.host_nqn, &self.nvme_host_nqn);
         set(&mut config.nvme.host_id, &self.nvme_host_id);
+        set(
+            &mut config.nvme.ctrl_loss_timeout_seconds,
+            &self.nvme_ctrl_loss_timeout_seconds,
+        );
+        set(
+            &mut config.nvme.fast_io_fail_timeout_seconds,
+            &self.nvme_fast_io_fail_timeout_seconds,
+        );
         set(&mut config.tcp.listen, &self.listen);
         set(&mut config.tcp.tls_cert, &self.tls_cert);
         set(&mut config.tcp.tls_key, &self.tls_key);

@@ -34,13 +34,13 @@ const CALLS: u64 = 36;
 
 /// Reads 4 KiB with O_DIRECT in a loop until told to stop; returns the
 /// slowest read and how many it made.
-struct Reader {
+pub(super) struct Reader {
     stop: Arc<AtomicBool>,
     handle: thread::JoinHandle<(Duration, u64)>,
 }
 
 impl Reader {
-    fn start(path: PathBuf, blocks: u64) -> Self {
+    pub(super) fn start(path: PathBuf, blocks: u64) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&stop);
         let handle = thread::spawn(move || {
@@ -65,7 +65,7 @@ impl Reader {
         Self { stop, handle }
     }
 
-    fn finish(self) -> (Duration, u64) {
+    pub(super) fn finish(self) -> (Duration, u64) {
         self.stop.store(true, Ordering::Relaxed);
         self.handle.join().expect("reader thread")
     }
@@ -183,11 +183,11 @@ async fn listed_snapshots(agent: &AgentProcess) -> Vec<String> {
     ids
 }
 
-async fn suspended_devices() -> Vec<String> {
+async fn suspended_devices(prefix: &str) -> Vec<String> {
     let dm = kernel();
     let mut suspended = Vec::new();
     for device in dm.list().await.unwrap() {
-        if !device.name.starts_with(PREFIX) {
+        if !device.name.starts_with(prefix) {
             continue;
         }
         let name = dmclone::dm::names::DeviceName::new(&device.name).unwrap();
@@ -205,10 +205,10 @@ async fn suspended_devices() -> Vec<String> {
 
 /// Waits up to 3 s for no device of the agent to be suspended (a call cut
 /// short may still be finishing); returns those still suspended.
-async fn left_suspended() -> Vec<String> {
+pub(super) async fn left_suspended(prefix: &str) -> Vec<String> {
     let deadline = Instant::now() + Duration::from_secs(3);
     loop {
-        let suspended = suspended_devices().await;
+        let suspended = suspended_devices(prefix).await;
         if suspended.is_empty() || Instant::now() > deadline {
             return suspended;
         }
@@ -259,7 +259,7 @@ async fn cut_inside_suspends(channel: &Channel) -> (usize, Duration) {
             cut += 1;
         }
         assert_eq!(
-            left_suspended().await,
+            left_suspended(PREFIX).await,
             Vec::<String>::new(),
             "call {step} cut at {deadline:?}"
         );
@@ -301,7 +301,7 @@ async fn calls_whose_callers_give_up_finish_and_a_retry_converges() {
             .await
             .unwrap_or_else(|status| panic!("retry of call {n}: {status:?}"));
         assert_eq!(
-            left_suspended().await,
+            left_suspended(PREFIX).await,
             Vec::<String>::new(),
             "after call {n}"
         );

@@ -5,11 +5,13 @@ pub mod fixture;
 
 mod api;
 mod cancel;
+mod cancel_moves;
 mod changes;
 mod cli;
 mod crash;
 mod moves;
 mod observability;
+mod outage;
 mod reboot;
 mod scale;
 mod snapshots;

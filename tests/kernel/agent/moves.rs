@@ -34,43 +34,50 @@ use crate::support::*;
 /// tests run side by side in one kernel, and its NVMe host ignores a
 /// namespace whose UUID (the volume id) another connected subsystem shows.
 #[derive(Clone, Copy)]
-struct Ids {
-    volume: &'static str,
-    transfer: &'static str,
+pub(super) struct Ids {
+    pub volume: &'static str,
+    pub transfer: &'static str,
 }
 
-const fn ids(volume: &'static str, transfer: &'static str) -> Ids {
+pub(super) const fn ids(volume: &'static str, transfer: &'static str) -> Ids {
     Ids { volume, transfer }
 }
 
 /// An agent that exports on 127.0.0.1:`port` (configfs port id = port).
 async fn agent(prefix: &str, port: u16, host_uuid: &str) -> AgentProcess {
-    let port_text = port.to_string();
-    let nqn = format!("nqn.2014-08.org.nvmexpress:uuid:{host_uuid}");
-    AgentProcess::start_with(
-        prefix,
-        &[
-            "--pool-file-size",
-            "1G",
-            "--nvme-export-address",
-            "127.0.0.1",
-            "--nvme-export-port",
-            &port_text,
-            "--nvme-export-port-id",
-            &port_text,
-            "--nvme-host-nqn",
-            &nqn,
-            "--nvme-host-id",
-            host_uuid,
-            "--transfer-stall-seconds",
-            "3",
-        ],
-        &[],
-    )
-    .await
+    agent_with(prefix, port, host_uuid, &[]).await
 }
 
-async fn host_nqn(agent: &AgentProcess) -> String {
+/// [`agent`] with more arguments.
+pub(super) async fn agent_with(
+    prefix: &str,
+    port: u16,
+    host_uuid: &str,
+    more: &[&str],
+) -> AgentProcess {
+    let port_text = port.to_string();
+    let nqn = format!("nqn.2014-08.org.nvmexpress:uuid:{host_uuid}");
+    let mut args = vec![
+        "--pool-file-size",
+        "1G",
+        "--nvme-export-address",
+        "127.0.0.1",
+        "--nvme-export-port",
+        &port_text,
+        "--nvme-export-port-id",
+        &port_text,
+        "--nvme-host-nqn",
+        &nqn,
+        "--nvme-host-id",
+        host_uuid,
+        "--transfer-stall-seconds",
+        "3",
+    ];
+    args.extend_from_slice(more);
+    AgentProcess::start_with(prefix, &args, &[]).await
+}
+
+pub(super) async fn host_nqn(agent: &AgentProcess) -> String {
     agent
         .node()
         .await
@@ -81,11 +88,11 @@ async fn host_nqn(agent: &AgentProcess) -> String {
         .host_nqn
 }
 
-async fn transfers(agent: &AgentProcess) -> TransfersClient<Channel> {
+pub(super) async fn transfers(agent: &AgentProcess) -> TransfersClient<Channel> {
     TransfersClient::new(agent.channel().await)
 }
 
-async fn export(
+pub(super) async fn export(
     ids: Ids,
     source: &AgentProcess,
     to: &AgentProcess,
@@ -126,7 +133,7 @@ async fn start_move(
         .map(|r| r.into_inner())
 }
 
-async fn get_transfer(ids: Ids, agent: &AgentProcess) -> Transfer {
+pub(super) async fn get_transfer(ids: Ids, agent: &AgentProcess) -> Transfer {
     transfers(agent)
         .await
         .get_transfer(TransferRef {
@@ -158,7 +165,7 @@ async fn wait_released(ids: Ids, destination: &AgentProcess) -> Transfer {
     }
 }
 
-fn public(ids: Ids, agent: &AgentProcess) -> PathBuf {
+pub(super) fn public(ids: Ids, agent: &AgentProcess) -> PathBuf {
     PathBuf::from(format!("/dev/mapper/{}-{}", agent.prefix, ids.volume))
 }
 
@@ -168,7 +175,7 @@ fn configfs_has(subsystem: &str) -> bool {
         .exists()
 }
 
-fn nvme_controller_for(subsystem: &str) -> Option<String> {
+pub(super) fn nvme_controller_for(subsystem: &str) -> Option<String> {
     std::fs::read_dir("/sys/class/nvme")
         .ok()?
         .flatten()
@@ -178,7 +185,7 @@ fn nvme_controller_for(subsystem: &str) -> Option<String> {
         })
 }
 
-fn fill(path: &Path, seed: u64, size: u64) {
+pub(super) fn fill(path: &Path, seed: u64, size: u64) {
     for offset in (0..size).step_by(MIB as usize) {
         write_at(path, offset, &pattern(seed, offset, MIB as usize));
     }
