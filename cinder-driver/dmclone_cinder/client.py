@@ -338,23 +338,33 @@ class _Connection:
 class Transport:
     """Runs unary calls with a deadline, a concurrency cap and metadata."""
 
-    def __init__(self, tls, timeout, max_concurrent_calls):
+    def __init__(
+        self, tls, timeout, max_concurrent_calls, method_timeouts=None
+    ):
         self._tls = tls
         self._timeout = timeout
+        # Calls that wait inside the agent (StartTransfer waits for the
+        # source's NVMe namespace) need a deadline beyond that wait, or we
+        # give up while the agent still works on them.
+        self._method_timeouts = dict(method_timeouts or {})
         # Created after monkey patching, so under eventlet this is a green
         # semaphore: waiting for a slot parks a green thread, not the hub.
         self._slots = threading.BoundedSemaphore(max_concurrent_calls)
+
+    def timeout_of(self, method):
+        """The deadline in seconds of one call of method."""
+        return self._method_timeouts.get(method, self._timeout)
 
     def unary(self, endpoint, service, method, request, deadline=None):
         """The call's answer; with a deadline, it ends by that deadline."""
         call = (endpoint, service, method, request, _call_metadata())
         if deadline is None:
             with self._slots:
-                return self._run(self._invoke, *call, self._timeout)
+                return self._run(self._invoke, *call, self.timeout_of(method))
         if not self._slots.acquire(timeout=deadline.remaining()):
             raise _DeadlinePassed('no free call slot before the deadline')
         try:
-            timeout = min(self._timeout, deadline.remaining())
+            timeout = min(self.timeout_of(method), deadline.remaining())
             if timeout <= 0:
                 raise _DeadlinePassed('the deadline passed before the call')
             return self._run(self._invoke, *call, timeout)
@@ -377,8 +387,8 @@ class Transport:
 class SharedChannelTransport(Transport):
     """Native threads: one channel per agent, shared by every thread."""
 
-    def __init__(self, tls, timeout, max_concurrent_calls):
-        super().__init__(tls, timeout, max_concurrent_calls)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self._connections = {}
         self._lock = threading.Lock()
 
@@ -399,8 +409,8 @@ class PerThreadChannelTransport(Transport):
     so it is keyed by the native tpool thread, not by a green thread.
     """
 
-    def __init__(self, tls, timeout, max_concurrent_calls):
-        super().__init__(tls, timeout, max_concurrent_calls)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         from eventlet import patcher
         from eventlet import tpool
 
@@ -426,13 +436,18 @@ def eventlet_patched():
     return patcher.is_monkey_patched('thread')
 
 
-def make_transport(tls, timeout, max_concurrent_calls):
+def make_transport(tls, timeout, max_concurrent_calls, method_timeouts=None):
+    """The transport for this process's threading model.
+
+    timeout is the deadline of every call, method_timeouts overrides it
+    per RPC method name.
+    """
     if eventlet_patched():
         cls = PerThreadChannelTransport
     else:
         cls = SharedChannelTransport
     LOG.debug('dmclone agent calls use %s', cls.__name__)
-    return cls(tls, timeout, max_concurrent_calls)
+    return cls(tls, timeout, max_concurrent_calls, method_timeouts)
 
 
 class AgentClient:

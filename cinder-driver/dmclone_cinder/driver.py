@@ -52,6 +52,11 @@ SOURCE_LOCK = 'dmclone-{src_vref.name_id}'
 SNAPSHOT_VOLUME_LOCK = 'dmclone-{snapshot.volume.name_id}'
 
 SUPPORTED_API_PREFIX = 'dmclone.v'
+# An agent exports each volume as namespace 1 of its own subsystem
+# (EXPORT_NSID in src/nvme/target.rs), with the namespace UUID set to the
+# agent volume id (namespace_ids in src/nvme/fabrics.rs). A string: os-brick
+# compares it with the text of the namespace's sysfs nsid file.
+EXPORT_NAMESPACE_ID = '1'
 # PoolUsage.health values (node.proto) that matter here.
 HEALTHY = 'healthy'
 FAILED = 'failed'
@@ -140,6 +145,9 @@ class DMCloneDriver(driver.VolumeDriver):
             self._check_over_subscription_ratio(
                 conf.max_over_subscription_ratio
             )
+            start_timeout = options.check_transfer_start_timeout(
+                conf.dmclone_transfer_start_timeout
+            )
         except options.ConfigError as err:
             message = _('[%(section)s] %(error)s') % {
                 'section': conf.config_group,
@@ -148,7 +156,10 @@ class DMCloneDriver(driver.VolumeDriver):
             LOG.error('dmclone driver configuration: %s', message)
             raise exception.InvalidConfigurationValue(message=message) from err
         transport = client.make_transport(
-            tls, conf.dmclone_call_timeout, conf.dmclone_max_concurrent_calls
+            tls,
+            conf.dmclone_call_timeout,
+            conf.dmclone_max_concurrent_calls,
+            method_timeouts={'StartTransfer': start_timeout},
         )
         retry = client.RetryPolicy(total_seconds=conf.dmclone_retry_timeout)
         self._agents = client.Agents(endpoints, transport, retry)
@@ -647,9 +658,10 @@ class DMCloneDriver(driver.VolumeDriver):
                 data=_('agent %s reports no NVMe host NQN') % target
             )
         export = source.export_volume(volume.name_id, host_nqn)
+        transfer_id = str(uuid.uuid4())
         try:
             return destination.start_transfer(
-                transfer_id=str(uuid.uuid4()),
+                transfer_id=transfer_id,
                 volume_id=volume.name_id,
                 size_bytes=_gib_to_bytes(volume.size),
                 source=transfer_pb2.NvmeTcpSource(
@@ -663,7 +675,9 @@ class DMCloneDriver(driver.VolumeDriver):
             )
         except Exception:
             with excutils.save_and_reraise_exception():
-                self._unexport_quietly(source, volume)
+                self._undo_transfer_start(
+                    source, destination, transfer_id, volume
+                )
 
     def _knobs(self):
         return transfer_pb2.HydrationKnobs(
@@ -672,6 +686,32 @@ class DMCloneDriver(driver.VolumeDriver):
             hydration_batch_size=self._hydration.hydration_batch_size,
             max_bytes_per_second=self._hydration.max_bytes_per_second,
         )
+
+    def _undo_transfer_start(self, source, destination, transfer_id, volume):
+        """Withdraw what a failed StartTransfer may have left behind.
+
+        A call that failed here (a deadline, a cut connection) may still
+        have started the transfer on the destination. Left there, the next
+        attach would reuse it although its source export is gone, so it
+        is aborted first (NOT_FOUND counts as done). If that fails, the
+        transfer may be running from the export: the export stays.
+        """
+        try:
+            destination.abort_transfer(transfer_id)
+        except exception.CinderException as err:
+            LOG.warning(
+                'Could not abort transfer %(tid)s of %(id)s on %(host)s '
+                '(%(err)s); keeping its source export on %(source)s',
+                {
+                    'tid': transfer_id,
+                    'id': volume.name_id,
+                    'host': destination.name,
+                    'err': err,
+                    'source': source.name,
+                },
+            )
+            return
+        self._unexport_quietly(source, volume)
 
     @staticmethod
     def _unexport_quietly(agent, volume):
@@ -687,8 +727,9 @@ class DMCloneDriver(driver.VolumeDriver):
         export = self._agents[home].export_volume(
             volume.name_id, connector['nqn']
         )
-        # The new (v2) os-brick format; without a namespace id or UUID in
-        # the Export message os-brick finds the namespace that appears.
+        # os-brick's new (v2) format. vol_uuid lets os-brick pick the
+        # namespace by its UUID instead of guessing from devices that
+        # appeared while it connected; ns_id is the fallback.
         return {
             'driver_volume_type': 'nvmeof',
             'data': {
@@ -701,6 +742,8 @@ class DMCloneDriver(driver.VolumeDriver):
                     ]
                 ],
                 'host_nqn': connector['nqn'],
+                'vol_uuid': str(uuid.UUID(volume.name_id)),
+                'ns_id': EXPORT_NAMESPACE_ID,
             },
         }
 

@@ -25,6 +25,9 @@ MIN_REGION_BYTES = 4096
 MAX_REGION_BYTES = 1 << 30
 UINT32_MAX = (1 << 32) - 1
 UINT64_MAX = (1 << 64) - 1
+# How long a destination agent's StartTransfer waits for the source's NVMe
+# namespace to appear (NAMESPACE_TIMEOUT in src/stack/steps.rs).
+AGENT_NAMESPACE_WAIT_SECONDS = 30
 
 dmclone_opts = [
     cfg.Opt(
@@ -56,6 +59,18 @@ dmclone_opts = [
         default=30.0,
         min=1.0,
         help='Deadline in seconds of every call to an agent.',
+    ),
+    cfg.FloatOpt(
+        'dmclone_transfer_start_timeout',
+        default=90.0,
+        min=1.0,
+        help='Deadline in seconds of StartTransfer, which replaces '
+        'dmclone_call_timeout for it: the destination agent connects to '
+        'the source\'s NVMe/TCP export and waits up to '
+        f'{AGENT_NAMESPACE_WAIT_SECONDS} s for its namespace before it '
+        'answers, so this must be larger than that. After a failed or '
+        'timed-out StartTransfer the driver aborts the transfer on the '
+        'destination before it withdraws the source\'s export.',
     ),
     cfg.FloatOpt(
         'dmclone_stats_timeout',
@@ -233,6 +248,19 @@ def hydration_defaults(region_bytes, threshold, batch_size, bytes_per_s):
             f'{MIN_REGION_BYTES} and {MAX_REGION_BYTES}',
         )
     return HydrationDefaults(region_bytes, threshold, batch_size, bytes_per_s)
+
+
+def check_transfer_start_timeout(seconds):
+    """Refuse a deadline that would end while the agent still waits."""
+    if seconds <= AGENT_NAMESPACE_WAIT_SECONDS:
+        raise ConfigError(
+            'dmclone_transfer_start_timeout',
+            f'{seconds} s is not longer than the '
+            f'{AGENT_NAMESPACE_WAIT_SECONDS} s the agent may wait for the '
+            'source\'s NVMe namespace; the transfer would be given up '
+            'while it starts',
+        )
+    return seconds
 
 
 def _is_valid_region_size(size):

@@ -11,6 +11,8 @@ Behaviour, chosen for the tests:
 * GetNodeInfo echoes the caller's x-request-id in NodeInfo.hostname;
 * GetVolume of a volume id "code-<STATUS_CODE>" fails with that code, as
   does DeleteVolume (no status details: an agent before refusal reasons);
+* GetVolume of a volume id "flaky-<N>-<anything>" fails with UNAVAILABLE
+  the first N times it is asked for that id, then answers (retries);
 * GetVolume and DeleteVolume of a volume id "refused-<REASON>" fail with
   FAILED_PRECONDITION and a google.rpc.ErrorInfo of that reason in the
   grpc-status-details-bin trailer, as the real agent refuses;
@@ -18,8 +20,10 @@ Behaviour, chosen for the tests:
 """
 
 import argparse
+import collections
 from concurrent import futures
 import sys
+import threading
 import time
 
 from google.protobuf import any_pb2
@@ -37,6 +41,7 @@ GIB = 1 << 30
 REQUEST_ID_KEY = 'x-request-id'
 ERROR_PREFIX = 'code-'
 REFUSAL_PREFIX = 'refused-'
+FLAKY_PREFIX = 'flaky-'
 STATUS_DETAILS_KEY = 'grpc-status-details-bin'
 
 
@@ -91,9 +96,24 @@ def _fail_as_asked(volume_id, context):
 class Volumes(volume_pb2_grpc.VolumesServicer):
     def __init__(self, delay):
         self._delay = delay
+        self._asked = collections.Counter()
+        self._lock = threading.Lock()
+
+    def _unavailable_while_flaky(self, volume_id, context):
+        if not volume_id.startswith(FLAKY_PREFIX):
+            return
+        failures = int(volume_id[len(FLAKY_PREFIX) :].split('-')[0])
+        with self._lock:
+            self._asked[volume_id] += 1
+            asked = self._asked[volume_id]
+        if asked <= failures:
+            context.abort(
+                grpc.StatusCode.UNAVAILABLE, f'fake agent flaky ({asked})'
+            )
 
     def GetVolume(self, request, context):
         time.sleep(self._delay)
+        self._unavailable_while_flaky(request.volume_id, context)
         _fail_as_asked(request.volume_id, context)
         return volume_pb2.Volume(
             volume_id=request.volume_id,

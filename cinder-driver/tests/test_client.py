@@ -489,6 +489,28 @@ class TransportTestCase(base.TestCase):
             metadata=(('x-request-id', request_context.request_id),),
         )
 
+    def test_calls_that_wait_in_the_agent_get_their_own_deadline(self):
+        transport = client.SharedChannelTransport(
+            TLS, 12.5, 4, method_timeouts={'StartTransfer': 90.0}
+        )
+        stub_class = mock.Mock()
+        self.mock_object(client, 'STUB_CLASSES', {'Transfers': stub_class})
+
+        transport.unary('hv1:7443', 'Transfers', 'StartTransfer', 'r')
+        transport.unary('hv1:7443', 'Transfers', 'ExportVolume', 'r')
+
+        _args, kwargs = stub_class.return_value.StartTransfer.call_args
+        self.assertEqual(90.0, kwargs['timeout'])
+        _args, kwargs = stub_class.return_value.ExportVolume.call_args
+        self.assertEqual(12.5, kwargs['timeout'])
+
+    def test_make_transport_passes_the_per_call_deadlines(self):
+        transport = client.make_transport(
+            TLS, 30, 4, method_timeouts={'StartTransfer': 90.0}
+        )
+        self.assertEqual(90.0, transport.timeout_of('StartTransfer'))
+        self.assertEqual(30, transport.timeout_of('GetNodeInfo'))
+
     def test_a_deadline_shortens_the_call(self):
         transport = client.SharedChannelTransport(TLS, 12.5, 4)
         stub_class = mock.Mock()

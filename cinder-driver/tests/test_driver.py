@@ -60,6 +60,23 @@ class SetupTestCase(base.DriverTestCase):
         for call in client.AgentClient.call_args_list:
             self.assertEqual(0.0, call.args[3].total_seconds)
 
+    def test_transfer_start_outlasts_the_agents_namespace_wait(self):
+        transport = client.AgentClient.call_args.args[2]
+        self.assertEqual(90.0, transport.timeout_of('StartTransfer'))
+        self.assertEqual(30.0, transport.timeout_of('ExportVolume'))
+        client.AgentClient.reset_mock()
+        self._setup_with(dmclone_transfer_start_timeout=120)
+        transport = client.AgentClient.call_args.args[2]
+        self.assertEqual(120.0, transport.timeout_of('StartTransfer'))
+
+    def test_transfer_start_deadline_within_the_agents_wait_is_refused(self):
+        error = self.assertRaises(
+            exception.InvalidConfigurationValue,
+            self._setup_with,
+            dmclone_transfer_start_timeout=30,
+        )
+        self.assertIn('dmclone_transfer_start_timeout', str(error))
+
     def test_bad_configuration_is_rejected_naming_the_option(self):
         cases = {
             'dmclone_agents': {'dmclone_agents': {}},
@@ -749,6 +766,57 @@ class AttachTestCase(base.DriverTestCase):
         )
         self.assertEqual(f'{base.BACKEND}#hv1', volume.host)
 
+    def test_failed_transfer_start_aborts_it_before_withdrawing_export(self):
+        # A timed-out StartTransfer may have started on the destination:
+        # an orphan left there would be reused by the next attach although
+        # its source export is gone.
+        steps = []
+        self.agents[
+            'hv2'
+        ].start_transfer.side_effect = client.AgentUnavailable(
+            data='DEADLINE_EXCEEDED'
+        )
+        self.agents['hv2'].abort_transfer.side_effect = lambda transfer_id: (
+            steps.append(('abort', transfer_id))
+        )
+        self.agents['hv1'].unexport_volume.side_effect = lambda volume_id: (
+            steps.append(('unexport', volume_id))
+        )
+        volume = self.volume(pool='hv1')
+        self.assertRaises(
+            client.AgentUnavailable,
+            self.driver.initialize_connection,
+            volume,
+            {'host': 'hv2'},
+        )
+        named = self.agents['hv2'].start_transfer.call_args.kwargs[
+            'transfer_id'
+        ]
+        self.assertEqual(
+            [('abort', named), ('unexport', volume.name_id)], steps
+        )
+
+    def test_export_stays_when_the_failed_transfer_cannot_be_aborted(self):
+        # The transfer may be running from that export: keep its source.
+        self.agents[
+            'hv2'
+        ].start_transfer.side_effect = client.AgentUnavailable(
+            data='DEADLINE_EXCEEDED'
+        )
+        self.agents[
+            'hv2'
+        ].abort_transfer.side_effect = exception.InvalidVolume(
+            reason='TRANSFER_WRONG_STATE'
+        )
+        self.assertRaises(
+            client.AgentUnavailable,
+            self.driver.initialize_connection,
+            self.volume(pool='hv1'),
+            {'host': 'hv2'},
+        )
+        self.agents['hv2'].abort_transfer.assert_called_once()
+        self.agents['hv1'].unexport_volume.assert_not_called()
+
     def test_destination_without_host_nqn_cannot_receive(self):
         self.agents['hv2'].get_node_info.return_value.host_nqn = ''
         self.assertRaises(
@@ -798,6 +866,8 @@ class AttachTestCase(base.DriverTestCase):
                     'target_nqn': export.subsystem_nqn,
                     'portals': [[export.transport_address, '4420', 'tcp']],
                     'host_nqn': 'nqn.controller',
+                    'vol_uuid': volume.name_id,
+                    'ns_id': '1',
                 },
             },
             connection,
@@ -816,6 +886,28 @@ class AttachTestCase(base.DriverTestCase):
         (portal,) = target.portals
         self.assertEqual('tcp', portal.transport)
         self.assertEqual('4420', portal.port)
+
+    def test_os_brick_finds_the_namespace_by_the_agent_volume_uuid(self):
+        from os_brick.initiator.connectors import nvmeof
+
+        # A migrated or managed volume: the agent knows it by name_id, and
+        # the agent sets the namespace UUID to that id (fabrics.rs
+        # namespace_ids), exported as namespace 1 (target.rs EXPORT_NSID).
+        agent_volume_id = str(uuid.uuid4())
+        volume = self.volume(_name_id=agent_volume_id)
+        connection = self.driver.initialize_connection(
+            volume, {'host': 'controller', 'nqn': 'nqn.controller'}
+        )
+        (target,) = nvmeof.NVMeOFConnProps(connection['data']).targets
+        self.assertEqual(agent_volume_id, target.uuid)
+        # os-brick compares ns_id with the text of sysfs' nsid file.
+        self.assertEqual('1', target.ns_id)
+        portal = target.portals[0]
+        self.mock_object(portal, 'get_device_by_property')
+        portal.get_device()
+        portal.get_device_by_property.assert_called_once_with(
+            'uuid', agent_volume_id
+        )
 
 
 class DetachTestCase(base.DriverTestCase):

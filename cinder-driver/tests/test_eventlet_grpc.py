@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 
 from cinder import context
 from cinder import exception
@@ -201,6 +202,26 @@ class EventletClientTestCase(_AgentServerTestCase):
     def test_closed_port_is_agent_unavailable(self):
         agent = self.agent_client(endpoint='127.0.0.1:1', timeout=5)
         self.assertRaises(client.AgentUnavailable, agent.get_node_info)
+
+    def test_unavailable_then_answer_is_retried_over_the_wire(self):
+        transport = client.make_transport(self.tls_material(), 30, 2)
+        retry = client.RetryPolicy(
+            total_seconds=10.0, first_delay=0.05, max_delay=0.1
+        )
+        agent = client.AgentClient(
+            'hv1', self.agent.endpoint, transport, retry
+        )
+        volume_id = f'flaky-2-{uuid.uuid4()}'
+
+        self.assertEqual(volume_id, agent.get_volume(volume_id).volume_id)
+
+    def test_unavailable_without_retries_fails_over_the_wire(self):
+        agent = self.agent_client()
+        self.assertRaises(
+            client.AgentUnavailable,
+            agent.get_volume,
+            f'flaky-1-{uuid.uuid4()}',
+        )
 
     def test_retries_of_a_closed_port_wait_green_and_stop_in_time(self):
         transport = client.make_transport(self.tls_material(), 5, 2)
