@@ -159,6 +159,59 @@ pub struct TcpConfig {
     pub tls_key: Option<PathBuf>,
     /// PEM CA bundle that client certificates must chain to.
     pub client_ca: Option<PathBuf>,
+    /// Who may call: each client certificate identity and its role. A
+    /// certificate that chains to `client_ca` but is not listed may call
+    /// nothing.
+    pub client: Vec<ClientConfig>,
+}
+
+/// One client of the TCP API.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientConfig {
+    /// A DNS or URI subject alternative name, or the subject's common name,
+    /// of the client's certificate.
+    pub identity: String,
+    pub role: Role,
+    /// For a `peer`: the NVMe host NQN of that agent's host. It may release
+    /// only copies exported to this NQN.
+    pub host_nqn: Option<String>,
+}
+
+/// What a caller may do (README, "Security").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Every call: the Cinder driver, operators' tools.
+    Driver,
+    /// Another agent: node info, and the release of a copy exported to its
+    /// own host.
+    Peer,
+    /// Calls that change nothing: monitoring, backup readers.
+    Reader,
+}
+
+impl Role {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Driver => "driver",
+            Self::Peer => "peer",
+            Self::Reader => "reader",
+        }
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "driver" => Ok(Self::Driver),
+            "peer" => Ok(Self::Peer),
+            "reader" => Ok(Self::Reader),
+            other => Err(format!("{other:?} is not a role: driver, peer or reader")),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -283,6 +336,7 @@ pub struct TcpSettings {
     pub tls_cert: PathBuf,
     pub tls_key: PathBuf,
     pub client_ca: PathBuf,
+    pub clients: Vec<ClientConfig>,
 }
 
 pub const DEFAULT_POOL_FILE_SIZE: u64 = 8 * GIB;
@@ -588,12 +642,13 @@ impl TcpConfig {
     fn validate(&self) -> Result<Option<TcpSettings>, AgentError> {
         let Some(listen) = &self.listen else {
             let stray = [
-                ("tcp.tls_cert", &self.tls_cert),
-                ("tcp.tls_key", &self.tls_key),
-                ("tcp.client_ca", &self.client_ca),
+                ("tcp.tls_cert", self.tls_cert.is_some()),
+                ("tcp.tls_key", self.tls_key.is_some()),
+                ("tcp.client_ca", self.client_ca.is_some()),
+                ("tcp.client", !self.client.is_empty()),
             ]
             .into_iter()
-            .find(|(_, value)| value.is_some());
+            .find(|(_, set)| *set);
             if let Some((option, _)) = stray {
                 return Err(invalid(
                     option,
@@ -621,8 +676,75 @@ impl TcpConfig {
             tls_cert: file("tcp.tls_cert", &self.tls_cert)?,
             tls_key: file("tcp.tls_key", &self.tls_key)?,
             client_ca: file("tcp.client_ca", &self.client_ca)?,
+            clients: validate_clients(&self.client)?,
         }))
     }
+}
+
+/// A client as the agent's `--tcp-client` flag names it:
+/// `IDENTITY=driver`, `IDENTITY=reader` or `IDENTITY=peer@HOST_NQN`.
+pub fn parse_client(text: &str) -> Result<ClientConfig, String> {
+    let (identity, role) = text
+        .rsplit_once('=')
+        .ok_or_else(|| format!("{text:?} is not IDENTITY=ROLE"))?;
+    let (role, host_nqn) = match role.split_once('@') {
+        Some((role, nqn)) => (role, Some(nqn.to_owned())),
+        None => (role, None),
+    };
+    Ok(ClientConfig {
+        identity: identity.to_owned(),
+        role: role.parse()?,
+        host_nqn,
+    })
+}
+
+fn validate_clients(clients: &[ClientConfig]) -> Result<Vec<ClientConfig>, AgentError> {
+    if clients.is_empty() {
+        return Err(invalid(
+            "tcp.client",
+            "no client may call the TCP API: list each client certificate's identity with its \
+             role (driver, peer or reader), e.g. [[tcp.client]] identity = \"cinder-volume\" \
+             role = \"driver\"",
+        ));
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for client in clients {
+        if client.identity.trim().is_empty() {
+            return Err(invalid("tcp.client", "an identity is empty"));
+        }
+        if !seen.insert(client.identity.as_str()) {
+            return Err(invalid(
+                "tcp.client",
+                format!("{:?} is listed twice", client.identity),
+            ));
+        }
+        match (client.role, &client.host_nqn) {
+            (Role::Peer, None) => {
+                return Err(invalid(
+                    "tcp.client",
+                    format!(
+                        "peer {:?} needs host_nqn: the NVMe host NQN of its host, the only one whose copies it may release",
+                        client.identity
+                    ),
+                ));
+            }
+            (Role::Peer, Some(nqn)) => {
+                crate::nvme::Nqn::parse("tcp.client.host_nqn", nqn)?;
+            }
+            (role, Some(_)) => {
+                return Err(invalid(
+                    "tcp.client",
+                    format!(
+                        "{:?} is a {}: host_nqn is for peers only",
+                        client.identity,
+                        role.name()
+                    ),
+                ));
+            }
+            (_, None) => {}
+        }
+    }
+    Ok(clients.to_vec())
 }
 
 fn invalid(option: &str, reason: impl Into<String>) -> AgentError {

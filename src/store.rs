@@ -218,7 +218,14 @@ pub struct TransferRecord {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum SourceRecord {
     /// A block device already present on this host.
-    Device { path: String },
+    Device {
+        path: String,
+        /// What identified the device at the start (see
+        /// `dm::topology::identity`); a device found at `path` later must
+        /// be the same. Absent in records from before it was kept.
+        #[serde(default)]
+        identity: Option<String>,
+    },
     /// Another agent's NVMe/TCP export.
     NvmeTcp {
         subsystem_nqn: String,

@@ -7,6 +7,7 @@
 //! the answer. Every call runs in a span carrying the method, the object id
 //! and the caller's `x-request-id`, so one id links a Cinder log line to ours.
 
+pub mod access;
 mod convert;
 mod node;
 pub mod proto;
@@ -67,7 +68,9 @@ pub async fn serve(
     let unix = bind_unix(&agent.settings().socket)?;
     info!(socket = %agent.settings().socket.display(), "serving the API on the Unix socket");
     let mut servers = tokio::task::JoinSet::new();
+    // Root alone drives over the socket; TCP clients are whom tcp.client lists.
     let socket_server = Server::builder()
+        .layer(access::AccessLayer::new(Vec::new()))
         .add_routes(routes.clone())
         .serve_with_incoming_shutdown(UnixListenerStream::new(unix), stopped(stop_rx.clone()));
     servers.spawn(async move { socket_server.await.map_err(|err| err.to_string()) });
@@ -76,6 +79,7 @@ pub async fn serve(
         let tcp_server = Server::builder()
             .tls_config(tls)
             .map_err(|err| tls_error(tcp, err))?
+            .layer(access::AccessLayer::new(tcp.clients.clone()))
             .add_routes(routes)
             .serve_with_incoming_shutdown(
                 TcpListenerStream::new(listener),
@@ -262,7 +266,13 @@ where
         .get(REQUEST_ID_KEY)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
-    let span = info_span!("rpc", method, id = object_id.as_ref(), request_id);
+    let caller = metadata
+        .get(access::CALLER_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    let span = info_span!("rpc", method, id = object_id.as_ref(), request_id, caller);
+    let audited = !access::is_read(method);
     let call = call(Arc::clone(agent));
     let agent = Arc::clone(agent);
     let work = async move {
@@ -270,6 +280,13 @@ where
         let result = call.await;
         let millis = started.elapsed().as_millis() as u64;
         let seconds = started.elapsed().as_secs_f64();
+        if audited {
+            let outcome = match &result {
+                Ok(_) => "ok".to_owned(),
+                Err(err) => status::code_label(status::status_of(err).code()).to_owned(),
+            };
+            info!(target: "dmclone::audit", %caller, method, %outcome, "mutating call");
+        }
         match result {
             Ok(reply) => {
                 info!(millis, "ok");

@@ -7,7 +7,7 @@ use std::{path::PathBuf, sync::Arc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, codegen::BoxStream};
 
-use super::{convert, handle, parts, span_id};
+use super::{access, convert, handle, parts, span_id};
 use crate::{
     agent::Agent,
     api::proto::v1 as pb,
@@ -151,7 +151,9 @@ impl pb::transfers_server::Transfers for TransfersApi {
         &self,
         request: Request<pb::ReleaseVolumeRequest>,
     ) -> Result<Response<pb::ReleaseVolumeResponse>, Status> {
+        let caller = request.extensions().get::<access::Caller>().cloned();
         let (metadata, req) = parts(request);
+        access::bind_peer(caller.as_ref(), &req.host_nqn)?;
         handle(
             &self.agent,
             "ReleaseVolume",
@@ -170,7 +172,14 @@ impl pb::transfers_server::Transfers for TransfersApi {
         &self,
         request: Request<pb::StartTransferRequest>,
     ) -> Result<Response<pb::Transfer>, Status> {
+        let caller = request.extensions().get::<access::Caller>().cloned();
         let (metadata, req) = parts(request);
+        if matches!(
+            req.source,
+            Some(pb::start_transfer_request::Source::DevicePath(_))
+        ) {
+            access::from_this_host(caller.as_ref(), "a device_path source")?;
+        }
         handle(
             &self.agent,
             "StartTransfer",

@@ -179,6 +179,31 @@ fn every_bad_option_is_named_with_its_problem() {
             "tcp.listen is not",
         ),
         ("[log]\nlevel = \" \"", "log.level", "empty"),
+        (
+            "[tcp]\nlisten = \"0.0.0.0:7443\"\ntls_cert = \"/c\"\ntls_key = \"/k\"\nclient_ca = \"/ca\"",
+            "tcp.client",
+            "no client may call",
+        ),
+        (
+            "[tcp]\nlisten = \"0.0.0.0:7443\"\ntls_cert = \"/c\"\ntls_key = \"/k\"\nclient_ca = \"/ca\"\n[[tcp.client]]\nidentity = \"hv2\"\nrole = \"peer\"",
+            "tcp.client",
+            "needs host_nqn",
+        ),
+        (
+            "[tcp]\nlisten = \"0.0.0.0:7443\"\ntls_cert = \"/c\"\ntls_key = \"/k\"\nclient_ca = \"/ca\"\n[[tcp.client]]\nidentity = \"mon\"\nrole = \"reader\"\nhost_nqn = \"nqn.2014-08.org.nvmexpress:uuid:0a000000-0000-4000-8000-000000000001\"",
+            "tcp.client",
+            "for peers only",
+        ),
+        (
+            "[tcp]\nlisten = \"0.0.0.0:7443\"\ntls_cert = \"/c\"\ntls_key = \"/k\"\nclient_ca = \"/ca\"\n[[tcp.client]]\nidentity = \"a\"\nrole = \"driver\"\n[[tcp.client]]\nidentity = \"a\"\nrole = \"reader\"",
+            "tcp.client",
+            "listed twice",
+        ),
+        (
+            "[tcp]\n[[tcp.client]]\nidentity = \"a\"\nrole = \"driver\"",
+            "tcp.client",
+            "tcp.listen is not",
+        ),
     ];
     for (text, option, reason) in cases {
         let (got_option, got_reason) = config_error(text);
@@ -293,4 +318,33 @@ fn the_sample_config_is_valid_and_names_every_option() {
         .map(|line| format!("{line}\n"))
         .collect();
     Config::from_toml(&uncommented, &path).unwrap();
+}
+
+#[test]
+fn a_client_flag_names_an_identity_and_its_role() {
+    use super::{ClientConfig, Role, parse_client};
+    assert_eq!(
+        parse_client("cinder-volume=driver").unwrap(),
+        ClientConfig {
+            identity: "cinder-volume".into(),
+            role: Role::Driver,
+            host_nqn: None,
+        }
+    );
+    let peer = parse_client("agent-hv2=peer@nqn.2014-08.org.nvmexpress:uuid:0b").unwrap();
+    assert_eq!(peer.role, Role::Peer);
+    assert_eq!(
+        peer.host_nqn.as_deref(),
+        Some("nqn.2014-08.org.nvmexpress:uuid:0b")
+    );
+    assert!(
+        parse_client("cinder")
+            .unwrap_err()
+            .contains("IDENTITY=ROLE")
+    );
+    assert!(
+        parse_client("cinder=admin")
+            .unwrap_err()
+            .contains("not a role")
+    );
 }

@@ -125,6 +125,16 @@ impl FakeKernel {
         dev
     }
 
+    /// The path names `dev` from now on (a disk renamed by a reboot).
+    pub fn point_at(&self, path: &std::path::Path, dev: DevRef) {
+        self.state().paths.insert(path.to_owned(), dev);
+    }
+
+    /// The device at `path`, if the fake has one there.
+    pub fn device_at(&self, path: &std::path::Path) -> Option<DevRef> {
+        self.state().paths.get(path).copied()
+    }
+
     /// Something outside device-mapper opens the device (a VM attaches).
     pub fn open_device(&self, name: &str) {
         self.device_mut(name, |device| device.external_opens += 1);
@@ -832,6 +842,15 @@ impl Kernel for FakeKernel {
         path: &std::path::Path,
     ) -> std::result::Result<(DevRef, u64), crate::error::AgentError> {
         let state = self.state();
+        // A device-mapper device by its /dev/mapper path, as the kernel's.
+        let mapped = path
+            .strip_prefix("/dev/mapper")
+            .ok()
+            .and_then(|name| state.devices.get(name.to_str()?));
+        if let Some(device) = mapped {
+            let sectors = device.live.as_ref().map_or(0, |t| t.len_sectors().0);
+            return Ok((device.dev, sectors * 512));
+        }
         let dev = state.paths.get(path).copied().ok_or_else(|| {
             crate::error::AgentError::InvalidArgument {
                 field: "device",
@@ -839,6 +858,14 @@ impl Kernel for FakeKernel {
             }
         })?;
         Ok((dev, state.external.get(&dev).copied().unwrap_or(0) * 512))
+    }
+
+    async fn device_identity(
+        &self,
+        _path: &std::path::Path,
+        dev: DevRef,
+    ) -> std::result::Result<String, crate::error::AgentError> {
+        Ok(format!("fake device {}:{}", dev.major, dev.minor))
     }
 
     fn event_counter(&self, name: &DeviceName) -> Option<u32> {

@@ -9,6 +9,7 @@ pub mod names;
 pub mod seam;
 pub mod status;
 pub mod table;
+pub mod topology;
 
 pub(crate) use seam::block_device;
 pub use seam::{Kernel, LiveKernel, ensure_device};

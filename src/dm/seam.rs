@@ -95,6 +95,9 @@ pub trait Kernel: Send + Sync + fmt::Debug {
     /// The number and size in bytes of the block device at `path` (a
     /// transfer's local source).
     async fn block_device(&self, path: &Path) -> Result<(DevRef, u64), AgentError>;
+    /// What identifies the block device `dev` at `path` across reboots
+    /// (see [`super::topology::identity`]).
+    async fn device_identity(&self, path: &Path, dev: DevRef) -> Result<String, AgentError>;
     /// The device's event counter as last seen by the event watcher.
     fn event_counter(&self, name: &DeviceName) -> Option<u32>;
     /// Waits until the device's event counter differs from `seen`.
@@ -245,6 +248,20 @@ impl Kernel for LiveKernel {
         tokio::task::spawn_blocking(move || block_device(&path))
             .await
             .map_err(|err| AgentError::Internal(format!("block device worker failed: {err}")))?
+    }
+
+    async fn device_identity(&self, path: &Path, dev: DevRef) -> Result<String, AgentError> {
+        let path = path.to_owned();
+        tokio::task::spawn_blocking(move || {
+            super::topology::identity(&super::topology::Sysfs::default(), &path, dev).map_err(
+                |source| AgentError::Io {
+                    context: format!("cannot identify {}", path.display()),
+                    source,
+                },
+            )
+        })
+        .await
+        .map_err(|err| AgentError::Internal(format!("identity worker failed: {err}")))?
     }
 
     fn event_counter(&self, name: &DeviceName) -> Option<u32> {

@@ -101,6 +101,7 @@ impl Fabric for LiveFabric {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     fn controller(state: &str) -> super::super::Controller {

@@ -299,13 +299,17 @@ impl Context {
         volume: &VolumeId,
     ) -> Result<(DevRef, u64), AgentError> {
         match source {
-            SourceRecord::Device { path } => {
-                self.dm.block_device(Path::new(path)).await.map_err(|err| {
+            SourceRecord::Device { path, identity } => {
+                let found = self.dm.block_device(Path::new(path)).await.map_err(|err| {
                     AgentError::InvalidArgument {
                         field: "device_path",
                         reason: err.to_string(),
                     }
-                })
+                })?;
+                if let Some(recorded) = identity {
+                    self.check_identity(path, found.0, recorded).await?;
+                }
+                Ok(found)
             }
             SourceRecord::NvmeTcp {
                 subsystem_nqn,
@@ -317,6 +321,26 @@ impl Context {
                     .await
             }
         }
+    }
+
+    /// After a reboot a path may name another disk: a transfer copies only
+    /// from the device it started with.
+    async fn check_identity(
+        &self,
+        path: &str,
+        dev: DevRef,
+        recorded: &str,
+    ) -> Result<(), AgentError> {
+        let now = self.dm.device_identity(Path::new(path), dev).await?;
+        if now == recorded {
+            return Ok(());
+        }
+        Err(AgentError::Unavailable {
+            reason: format!(
+                "{path} is now another device ({now}) than the transfer's source ({recorded}): \
+                 nothing is copied from it; put the source back at {path}, or abort the transfer"
+            ),
+        })
     }
 
     /// Best effort: a source we cannot let go of is logged, not fatal.

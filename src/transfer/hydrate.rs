@@ -1,7 +1,7 @@
 //! The calls on a destination's transfers: start, commit, pause, resume,
 //! throttle, abort, get, list; and the clone stack they build and tear down.
 
-use std::{sync::Arc, time::Duration};
+use std::{path::Path, sync::Arc, time::Duration};
 
 use tracing::{info, warn};
 
@@ -10,7 +10,7 @@ use super::{KnobRequest, Source, StartRequest, TransferView, clone_metadata_byte
 use crate::{
     config::validate_region,
     context::Context,
-    dm::table::DevRef,
+    dm::{table::DevRef, topology},
     error::AgentError,
     failpoint,
     ids::{ThinId, TransferId},
@@ -69,8 +69,17 @@ impl Transfers {
                 },
             });
         }
-        let source = source_record(&request.source);
+        let mut source = source_record(&request.source);
         let (source_dev, source_bytes) = self.ctx.attach_source(&source, &request.volume).await?;
+        if let SourceRecord::Device { path, identity } = &mut source {
+            self.refuse_own_storage(path, source_dev).await?;
+            *identity = Some(
+                self.ctx
+                    .dm
+                    .device_identity(Path::new(path), source_dev)
+                    .await?,
+            );
+        }
         if source_bytes < size {
             self.ctx.detach_source(&source).await;
             return Err(AgentError::InvalidArgument {
@@ -129,6 +138,38 @@ impl Transfers {
         info!(transfer = %transfer.id, volume = %volume.id, size, deferred = request.deferred, region = knobs.region_bytes, "transfer started: the volume is presented");
         self.spawn_monitor(transfer.id.clone());
         Ok(self.ctx.transfer_view(&transfer))
+    }
+
+    /// A local source must lie outside this agent's storage: not one of its
+    /// devices, nor a device on top of one, nor a disk, partition or loop
+    /// file under its pool. Copying from there would hand one volume's
+    /// content (another tenant's) to another.
+    async fn refuse_own_storage(&self, path: &str, source: DevRef) -> Result<(), AgentError> {
+        let prefix = format!("{}-", self.ctx.naming.prefix());
+        let own: Vec<DevRef> = self
+            .ctx
+            .dm
+            .list()
+            .await?
+            .into_iter()
+            .filter(|device| device.name.starts_with(&prefix))
+            .map(|device| device.device)
+            .collect();
+        let meeting = tokio::task::spawn_blocking(move || {
+            topology::meeting_point(&topology::Sysfs::default(), source, &own)
+        })
+        .await
+        .map_err(|err| AgentError::Internal(format!("device topology: {err}")))?;
+        match meeting {
+            Some(point) => Err(AgentError::InvalidArgument {
+                field: "device_path",
+                reason: format!(
+                    "{path} is, or sits on, this agent's own storage ({point}): a transfer copies \
+                     from a device outside the agent's pool and devices"
+                ),
+            }),
+            None => Ok(()),
+        }
     }
 
     /// A start repeated with the same transfer id returns the transfer;
@@ -446,6 +487,7 @@ fn source_record(source: &Source) -> SourceRecord {
     match source {
         Source::Device(path) => SourceRecord::Device {
             path: path.display().to_string(),
+            identity: None,
         },
         Source::NvmeTcp {
             subsystem_nqn,

@@ -274,6 +274,36 @@ async fn a_source_smaller_than_the_volume_or_no_block_device_is_refused_untouche
     assert!(host.kernel.thin_ids("dmt-pool").is_empty());
 }
 
+/// Another volume's device, or this agent's pool, is no source: copying it
+/// would hand one tenant's data to another.
+#[tokio::test]
+async fn a_source_among_the_agents_own_devices_is_refused_untouched() {
+    let host = host();
+    let agent = host.start().await.unwrap();
+    let tenant = volume_id(7);
+    agent.volumes.create_volume(&tenant, 8 * MIB).await.unwrap();
+    agent.volumes.publish_volume(&tenant).await.unwrap();
+    let devices = host.devices();
+    for own in [
+        format!("/dev/mapper/dmt-{tenant}"),
+        format!("/dev/mapper/dmt-thin-{tenant}"),
+        "/dev/mapper/dmt-pool".to_owned(),
+    ] {
+        let mut request = request(1, &volume_id(1), false);
+        request.source = Source::Device(PathBuf::from(&own));
+        let refused = agent.transfers.start_transfer(request).await;
+        match refused {
+            Err(AgentError::InvalidArgument {
+                field: "device_path",
+                reason,
+            }) => assert!(reason.contains("own storage"), "{own}: {reason}"),
+            other => panic!("{own}: {other:?}"),
+        }
+    }
+    assert!(agent.transfers.list_transfers().await.unwrap().is_empty());
+    assert_eq!(host.devices(), devices, "nothing was made");
+}
+
 #[tokio::test]
 async fn a_start_cut_anywhere_is_rolled_back_at_the_next_start() {
     for point in ["transfer.after_record", "transfer.after_metadata"] {
@@ -318,6 +348,37 @@ async fn a_running_transfer_gets_its_clone_back_after_a_reboot_and_finishes() {
             .unwrap()
             .contains(" clone ")
     );
+    host.kernel.hydrate(&public(&id));
+    transfer_reaches(&agent, &transfer_id(1), TransferState::Done).await;
+}
+
+/// After a reboot the source's path names another disk: the transfer
+/// degrades, saying so, and builds nothing over that disk; once the path
+/// names the source again, it goes on.
+#[tokio::test]
+async fn a_source_path_that_names_another_disk_after_a_reboot_is_not_copied() {
+    let host = host();
+    let source = std::path::Path::new(SOURCE);
+    let original = host.kernel.device_at(source).unwrap();
+    let (agent, id) = arriving(&host).await;
+    host.kernel.reboot();
+    host.kernel.add_block_device_at(source, 8 * MIB / 512);
+    let agent = host.restart(agent).await.unwrap();
+    let view = agent.transfers.get_transfer(&transfer_id(1)).await.unwrap();
+    assert_eq!(view.state, TransferState::Degraded, "{view:?}");
+    assert!(
+        view.message.contains("is now another device"),
+        "{}",
+        view.message
+    );
+    assert_eq!(
+        host.kernel.table_text(&public(&id)),
+        None,
+        "no clone over the other disk"
+    );
+
+    host.kernel.point_at(source, original);
+    transfer_reaches(&agent, &transfer_id(1), TransferState::Hydrating).await;
     host.kernel.hydrate(&public(&id));
     transfer_reaches(&agent, &transfer_id(1), TransferState::Done).await;
 }

@@ -6,7 +6,9 @@ use clap::Parser;
 use dmclone::{
     agent::Agent,
     api,
-    config::{Config, DEFAULT_CONFIG_PATH, LogFormat, Settings, parse_size},
+    config::{
+        ClientConfig, Config, DEFAULT_CONFIG_PATH, LogFormat, Settings, parse_client, parse_size,
+    },
     dm::{kernel::DeviceMapper, missing_targets},
     error::AgentError,
 };
@@ -105,6 +107,10 @@ struct Args {
     /// PEM CA bundle client certificates must chain to [config: tcp.client_ca].
     #[arg(long, value_name = "FILE")]
     client_ca: Option<PathBuf>,
+    /// A client of the TCP API and its role: IDENTITY=driver, IDENTITY=reader or
+    /// IDENTITY=peer@HOST_NQN; repeatable, added to [config: tcp.client].
+    #[arg(long, value_name = "IDENTITY=ROLE", value_parser = parse_client)]
+    tcp_client: Vec<ClientConfig>,
     /// Serve Prometheus metrics at http://ADDR:PORT/metrics [config: metrics.listen].
     #[arg(long, value_name = "ADDR:PORT")]
     metrics_listen: Option<String>,
@@ -188,6 +194,7 @@ impl Args {
         set(&mut config.tcp.tls_cert, &self.tls_cert);
         set(&mut config.tcp.tls_key, &self.tls_key);
         set(&mut config.tcp.client_ca, &self.client_ca);
+        config.tcp.client.extend(self.tcp_client.iter().cloned());
         set(&mut config.metrics.listen, &self.metrics_listen);
         set(&mut config.log.level, &self.log_level);
         set(&mut config.log.format, &self.log_format);

@@ -77,7 +77,7 @@ def say(message):
 class Agent:
     """One agent: nova host `name` (its pool), number 1, 2, ..."""
 
-    def __init__(self, name, number, root, bins, authority, peer, pool):
+    def __init__(self, name, number, root, bins, authority, pool):
         self.name = name
         self.pool_device = pool
         self.prefix = f'dme2e{name}'
@@ -90,6 +90,12 @@ class Agent:
         self.host_nqn = f'nqn.2014-08.org.nvmexpress:uuid:{self.host_id}'
         self._bins = bins
         self._server = authority.issue(f'agent-{name}', server=True)
+        # Who this agent is when it asks another to release a copy; the
+        # others list it as a peer bound to this host's NQN.
+        self.peer_identity = f'peer-{name}'
+        peer = authority.issue(self.peer_identity)
+        # Who may call this agent over TCP (--tcp-client), besides peers.
+        self.clients = ['cinder-volume=driver']
         self._ca = authority.ca_file
         self._config = os.path.join(root, f'{name}.toml')
         with open(self._config, 'w') as config:
@@ -151,6 +157,11 @@ class Agent:
             self._server.key,
             '--client-ca',
             self._ca,
+            *(
+                flag
+                for client in self.clients
+                for flag in ('--tcp-client', client)
+            ),
         ]
 
     def start(self):

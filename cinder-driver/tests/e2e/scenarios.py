@@ -99,7 +99,6 @@ class _Bed:
         os.mkdir(pki_dir, 0o700)
         self.authority = pki.Authority(pki_dir)
         self.cinder_identity = self.authority.issue('cinder-volume')
-        peer = self.authority.issue('dmclone-peers')
         stranger_dir = os.path.join(self.root, 'stranger')
         os.mkdir(stranger_dir, 0o700)
         self.stranger = pki.Authority(stranger_dir, 'some other CA')
@@ -107,12 +106,18 @@ class _Bed:
         pools = agents.pool_devices(len(HOSTS))
         self.agents = {
             name: agents.Agent(
-                name, number, self.root, bins, self.authority, peer, pool
+                name, number, self.root, bins, self.authority, pool
             )
             for number, (name, pool) in enumerate(
                 zip(HOSTS, pools, strict=True), 1
             )
         }
+        for agent in self.agents.values():
+            agent.clients += [
+                f'{other.peer_identity}=peer@{other.host_nqn}'
+                for other in self.agents.values()
+                if other is not agent
+            ]
 
     def start(self):
         for agent in self.agents.values():

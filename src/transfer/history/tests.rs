@@ -20,6 +20,7 @@ fn record(n: u32, phase: TransferPhase, finished_unix: Option<i64>) -> TransferR
         volume_id: volume_id(n % 7 + 1),
         source: SourceRecord::Device {
             path: "/dev/fake-source".into(),
+            identity: None,
         },
         phase,
         clone_bytes: 1 << 20,

@@ -157,6 +157,8 @@ async fn tcp_admits_only_clients_certified_by_the_configured_ca() {
             &key,
             "--client-ca",
             &client_ca,
+            "--tcp-client",
+            "cinder-volume=driver",
         ],
         &[],
     )
@@ -199,5 +201,209 @@ async fn tcp_admits_only_clients_certified_by_the_configured_ca() {
     );
     assert_health_and_reflection(agent.channel().await).await;
     assert!(Path::new(&socket).exists());
+    agent.destroy().await;
+}
+
+/// Calls every RPC of the API with an empty request; returns each call's
+/// name and whether the agent refused it with PERMISSION_DENIED (an empty
+/// request changes nothing: it fails validation if it gets that far).
+async fn denied_calls(channel: Channel) -> Vec<(&'static str, bool)> {
+    use dmclone::api::proto::v1::{
+        self as pb, snapshots_client::SnapshotsClient, transfers_client::TransfersClient,
+        volumes_client::VolumesClient,
+    };
+    let mut node = NodeClient::new(channel.clone());
+    let mut volumes = VolumesClient::new(channel.clone());
+    let mut snapshots = SnapshotsClient::new(channel.clone());
+    let mut transfers = TransfersClient::new(channel);
+    let mut seen = Vec::new();
+    macro_rules! call {
+        ($($client:ident . $method:ident ($request:ident) => $name:literal),* $(,)?) => {$(
+            let outcome = $client.$method(pb::$request::default()).await.map(drop);
+            let denied = matches!(&outcome, Err(s) if s.code() == tonic::Code::PermissionDenied);
+            seen.push(($name, denied));
+        )*};
+    }
+    call!(
+        node.get_node_info(GetNodeInfoRequest) => "GetNodeInfo",
+        volumes.create_volume(CreateVolumeRequest) => "CreateVolume",
+        volumes.delete_volume(DeleteVolumeRequest) => "DeleteVolume",
+        volumes.extend_volume(ExtendVolumeRequest) => "ExtendVolume",
+        volumes.get_volume(GetVolumeRequest) => "GetVolume",
+        volumes.list_volumes(ListVolumesRequest) => "ListVolumes",
+        volumes.publish_volume(PublishVolumeRequest) => "PublishVolume",
+        volumes.unpublish_volume(UnpublishVolumeRequest) => "UnpublishVolume",
+        snapshots.create_snapshot(CreateSnapshotRequest) => "CreateSnapshot",
+        snapshots.delete_snapshot(DeleteSnapshotRequest) => "DeleteSnapshot",
+        snapshots.get_snapshot(GetSnapshotRequest) => "GetSnapshot",
+        snapshots.list_snapshots(ListSnapshotsRequest) => "ListSnapshots",
+        snapshots.revert_volume(RevertVolumeRequest) => "RevertVolume",
+        snapshots.mark_checkpoint(MarkCheckpointRequest) => "MarkCheckpoint",
+        snapshots.get_changed_blocks(GetChangedBlocksRequest) => "GetChangedBlocks",
+        transfers.export_volume(ExportVolumeRequest) => "ExportVolume",
+        transfers.unexport_volume(UnexportVolumeRequest) => "UnexportVolume",
+        transfers.release_volume(ReleaseVolumeRequest) => "ReleaseVolume",
+        transfers.start_transfer(StartTransferRequest) => "StartTransfer",
+        transfers.commit_transfer(TransferRef) => "CommitTransfer",
+        transfers.abort_transfer(TransferRef) => "AbortTransfer",
+        transfers.pause_transfer(TransferRef) => "PauseTransfer",
+        transfers.resume_transfer(TransferRef) => "ResumeTransfer",
+        transfers.throttle_transfer(ThrottleTransferRequest) => "ThrottleTransfer",
+        transfers.get_transfer(TransferRef) => "GetTransfer",
+        transfers.list_transfers(ListTransfersRequest) => "ListTransfers",
+        transfers.watch_transfers(WatchTransfersRequest) => "WatchTransfers",
+    );
+    seen
+}
+
+const PEER_NQN: &str = "nqn.2014-08.org.nvmexpress:uuid:0b000000-0000-4000-8000-0000000000a2";
+
+/// Roles over TCP with real certificates: a driver may call everything, a
+/// reader only what changes nothing, a peer node info and the release of a
+/// copy exported to its own host, a certificate not listed nothing; every
+/// refusal and every mutating call is in the audit log with its caller.
+#[tokio::test(flavor = "multi_thread")]
+async fn each_role_may_call_exactly_its_share() {
+    let dir = tempfile::tempdir().unwrap();
+    let trusted = ca("dmclone test CA");
+    let server = leaf(
+        &trusted,
+        &["localhost"],
+        ExtendedKeyUsagePurpose::ServerAuth,
+    );
+    let write = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path.display().to_string()
+    };
+    let (cert, key, client_ca) = (
+        write("agent.pem", &server.cert),
+        write("agent.key", &server.key),
+        write("ca.pem", &trusted.pem()),
+    );
+    let peer_flag = format!("agent-hv2=peer@{PEER_NQN}");
+    let address = format!("127.0.0.1:{}", free_port());
+    let agent = AgentProcess::start_with(
+        "dmctroles",
+        &[
+            "--pool-file-size",
+            "256M",
+            "--listen",
+            &address,
+            "--tls-cert",
+            &cert,
+            "--tls-key",
+            &key,
+            "--client-ca",
+            &client_ca,
+            "--tcp-client",
+            "cinder-volume=driver",
+            "--tcp-client",
+            "prometheus=reader",
+            "--tcp-client",
+            &peer_flag,
+        ],
+        &[],
+    )
+    .await;
+    let channel_for = async |name: &str| {
+        let pem = leaf(&trusted, &[name], ExtendedKeyUsagePurpose::ClientAuth);
+        let tls = ClientTls {
+            ca_pem: trusted.pem().into_bytes(),
+            cert_pem: Some(pem.cert.into_bytes()),
+            key_pem: Some(pem.key.into_bytes()),
+            server_name: "localhost".into(),
+        };
+        connect_tls(&address, &tls).await.unwrap()
+    };
+    let reads = [
+        "GetNodeInfo",
+        "GetVolume",
+        "ListVolumes",
+        "GetSnapshot",
+        "ListSnapshots",
+        "GetChangedBlocks",
+        "GetTransfer",
+        "ListTransfers",
+        "WatchTransfers",
+    ];
+    for (identity, allowed) in [
+        ("cinder-volume", None),
+        ("prometheus", Some(&reads[..])),
+        // ReleaseVolume naming no host is not its own host's: refused
+        // too (the peer's own host is tried below).
+        ("agent-hv2", Some(&["GetNodeInfo"][..])),
+        ("stranger", Some(&[][..])),
+    ] {
+        let calls = denied_calls(channel_for(identity).await).await;
+        assert_eq!(calls.len(), 27);
+        for (method, denied) in calls {
+            let may = allowed.is_none_or(|list| list.contains(&method));
+            assert_eq!(denied, !may, "{identity} calling {method}");
+        }
+    }
+
+    // A device of this host is named only from this host.
+    let local_source = dmclone::api::proto::v1::transfers_client::TransfersClient::new(
+        channel_for("cinder-volume").await,
+    )
+    .start_transfer(dmclone::api::proto::v1::StartTransferRequest {
+        transfer_id: "0d9d1c3e-5f1a-4f7e-9a57-3f0c2b8f6d41".into(),
+        volume_id: "0c9d1c3e-5f1a-4f7e-9a57-3f0c2b8f6d41".into(),
+        size_bytes: 4 << 20,
+        source: Some(
+            dmclone::api::proto::v1::start_transfer_request::Source::DevicePath(
+                "/dev/loop0".into(),
+            ),
+        ),
+        ..Default::default()
+    })
+    .await
+    .unwrap_err();
+    assert_eq!(
+        local_source.code(),
+        tonic::Code::PermissionDenied,
+        "{local_source:?}"
+    );
+    assert!(
+        local_source.message().contains("Unix socket"),
+        "{local_source:?}"
+    );
+
+    // A peer releases only what was exported to its own host.
+    let mut transfers = dmclone::api::proto::v1::transfers_client::TransfersClient::new(
+        channel_for("agent-hv2").await,
+    );
+    let release = |host_nqn: &str| dmclone::api::proto::v1::ReleaseVolumeRequest {
+        volume_id: "0c9d1c3e-5f1a-4f7e-9a57-3f0c2b8f6d40".into(),
+        host_nqn: host_nqn.into(),
+    };
+    let elsewhere = transfers
+        .release_volume(release(
+            "nqn.2014-08.org.nvmexpress:uuid:0b000000-0000-4000-8000-0000000000a3",
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        elsewhere.code(),
+        tonic::Code::PermissionDenied,
+        "{elsewhere:?}"
+    );
+    // Its own host passes: a copy that is not there counts as released.
+    transfers.release_volume(release(PEER_NQN)).await.unwrap();
+
+    let log = agent.log();
+    assert!(
+        log.lines().any(|l| l.contains("dmclone::audit")
+            && l.contains("permission denied")
+            && l.contains("stranger")),
+        "the refusal of an unlisted certificate names it"
+    );
+    assert!(
+        log.lines().any(|l| l.contains("dmclone::audit")
+            && l.contains("CreateVolume")
+            && l.contains("driver cinder-volume")),
+        "a mutating call is audited with its caller"
+    );
     agent.destroy().await;
 }

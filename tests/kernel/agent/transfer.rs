@@ -909,3 +909,182 @@ async fn bad_transfer_requests_get_precise_codes() {
     assert!(super::api::list(&mut agent.volumes().await).await.len() == 1);
     agent.destroy().await;
 }
+
+/// The device numbers a device sits on, from sysfs.
+fn slaves_of(dev: dmclone::dm::table::DevRef) -> Vec<String> {
+    let dir = format!("/sys/dev/block/{}:{}/slaves", dev.major, dev.minor);
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|entry| format!("/dev/{}", entry.file_name().to_string_lossy()))
+        .collect()
+}
+
+/// Another tenant's volume, the pool, the devices under it, and a device
+/// someone stacked on a volume are no source: each is refused with the
+/// reason and leaves nothing; a loop device of the test's own is accepted.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_source_on_the_agents_own_storage_is_refused() {
+    let prefix = "dmctownsrc";
+    let agent = AgentProcess::start(prefix).await;
+    let tenant = "8b9d1c3e-5f1a-4f7e-9a57-3f0c2b8f6d50";
+    let mut volumes = agent.volumes().await;
+    super::api::create(&mut volumes, tenant, 8 * MIB)
+        .await
+        .unwrap();
+    publish(&mut volumes, tenant).await.unwrap();
+    let dm = kernel();
+    let thin = name(prefix, &format!("thin-{tenant}"));
+    let stacked = name("dmctstacked", "on-a-volume");
+    remove_all_with_prefix(&dm, "dmctstacked").await;
+    let thin_dev = dm.info(&thin).await.unwrap().unwrap().device;
+    let over = table(
+        8 * MIB / SECTOR,
+        Target::Linear(Linear {
+            device: thin_dev,
+            offset: Sectors(0),
+        }),
+    );
+    dm.create(&stacked, None, &over).await.unwrap();
+    let pool_data = dm
+        .info(&name(prefix, "pool-data"))
+        .await
+        .unwrap()
+        .unwrap()
+        .device;
+    let mut candidates = vec![
+        format!("/dev/mapper/{prefix}-{tenant}"),
+        format!("/dev/mapper/{prefix}-thin-{tenant}"),
+        format!("/dev/mapper/{prefix}-pool"),
+        format!("/dev/mapper/{prefix}-pool-data"),
+        format!("/dev/mapper/{prefix}-pool-meta"),
+        format!("/dev/mapper/{}", stacked.as_str()),
+    ];
+    candidates.extend(slaves_of(pool_data));
+    assert!(
+        candidates.len() >= 7,
+        "the pool's data sits on a device: {candidates:?}"
+    );
+    let mut client = TransfersClient::new(agent.channel().await);
+    let listed = super::api::list(&mut volumes).await;
+    for (n, path) in candidates.iter().enumerate() {
+        let refused = start_as(
+            &mut client,
+            &format!("6b9d1c3e-5f1a-4f7e-9a57-{n:012}"),
+            Path::new(path),
+            4 * MIB,
+            true,
+            None,
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(refused.code(), Code::InvalidArgument, "{path}: {refused:?}");
+        assert!(
+            refused.message().contains("own storage"),
+            "{path}: {refused:?}"
+        );
+    }
+    assert_eq!(
+        super::api::list(&mut volumes).await,
+        listed,
+        "nothing was made"
+    );
+    let own_disk = LoopDisk::with_pattern(4 * MIB, 5);
+    let accepted = start_as(&mut client, TRANSFER, own_disk.path(), 4 * MIB, true, None)
+        .await
+        .unwrap();
+    assert_eq!(accepted.state(), TransferState::Deferred);
+    client
+        .abort_transfer(TransferRef {
+            transfer_id: TRANSFER.into(),
+        })
+        .await
+        .unwrap();
+    dm.remove(&stacked).await.unwrap();
+    agent.destroy().await;
+}
+
+/// Reads completed by a block device, from sysfs.
+fn reads_of(dev: dmclone::dm::table::DevRef) -> u64 {
+    let stat = std::fs::read_to_string(format!("/sys/dev/block/{}:{}/stat", dev.major, dev.minor))
+        .unwrap();
+    stat.split_whitespace().next().unwrap().parse().unwrap()
+}
+
+/// The source's path names another device when the agent comes back (as a
+/// reboot may rename disks): the transfer is DEGRADED saying so and reads
+/// nothing of that device; once the path names the source again, the move
+/// finishes with the source's content.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_source_path_naming_another_device_is_never_copied() {
+    let size = 8 * MIB;
+    let (disk_a, disk_b) = (
+        LoopDisk::with_pattern(size, 21),
+        LoopDisk::with_pattern(size, 22),
+    );
+    let dm = kernel();
+    remove_all_with_prefix(&dm, "dmctsrcid").await;
+    let source_name = name("dmctsrcid", "source");
+    let over = |disk: &LoopDisk| {
+        table(
+            size / SECTOR,
+            Target::Linear(Linear {
+                device: disk.dev,
+                offset: Sectors(0),
+            }),
+        )
+    };
+    dm.create(&source_name, Some("DMCTEST-source-a"), &over(&disk_a))
+        .await
+        .unwrap();
+    let prefix = "dmctsrcidag";
+    let mut agent = AgentProcess::start(prefix).await;
+    let mut client = TransfersClient::new(agent.channel().await);
+    let mut slow = knobs(4096, 1, 1);
+    slow.as_mut().unwrap().max_bytes_per_second = 256 * 1024;
+    start(&mut client, &source_name.mapper_path(), size, false, slow)
+        .await
+        .unwrap();
+    agent.kill9().await;
+    // What a reboot does: the agent's devices are gone, and another disk
+    // sits where the source was.
+    dm.remove(&name(prefix, VOLUME)).await.unwrap();
+    dm.remove(&source_name).await.unwrap();
+    dm.create(&source_name, Some("DMCTEST-source-b"), &over(&disk_b))
+        .await
+        .unwrap();
+    let reads_before = reads_of(disk_b.dev);
+    agent.restart().await;
+    let mut client = TransfersClient::new(agent.channel().await);
+    let degraded = transfer(&mut client).await;
+    assert_eq!(degraded.state(), TransferState::Degraded, "{degraded:?}");
+    assert!(
+        degraded.message.contains("is now another device"),
+        "{degraded:?}"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        dm.info(&name(prefix, VOLUME)).await.unwrap(),
+        None,
+        "no clone"
+    );
+    assert_eq!(
+        reads_of(disk_b.dev),
+        reads_before,
+        "nothing read from the other disk"
+    );
+
+    dm.remove(&source_name).await.unwrap();
+    dm.create(&source_name, Some("DMCTEST-source-a"), &over(&disk_a))
+        .await
+        .unwrap();
+    let (states, _) = watch_to_the_end(&agent).await;
+    assert_eq!(states.last(), Some(&TransferState::Done), "{states:?}");
+    assert_eq!(
+        sha256_of(&public_path(&agent), size),
+        sha256_of(disk_a.path(), size)
+    );
+    agent.destroy().await;
+    remove_all_with_prefix(&dm, "dmctsrcid").await;
+}

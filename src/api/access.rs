@@ -1,0 +1,344 @@
+//! Who may call what (README, "Security"). One tower layer in front of every
+//! service decides from the connection alone: over TCP by the identity of
+//! the client's certificate, mapped to a role by `tcp.client`; over the
+//! Unix socket by the caller's uid (root, or the agent's own user, is a
+//! driver). Anyone else gets PERMISSION_DENIED before any handler runs.
+//!
+//! The decision rides along with the request: as a [`Caller`] in its
+//! extensions (the release handler binds a peer to its host NQN) and in the
+//! [`CALLER_HEADER`] the layer sets, dropping any value a client sent, so
+//! every call's log lines and audit line name the caller.
+
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+};
+
+use tonic::{
+    Status,
+    body::Body,
+    codegen::http::{HeaderValue, Request, Response},
+    transport::server::{TcpConnectInfo, TlsConnectInfo, UdsConnectInfo},
+};
+use tower::{Layer, Service};
+use tracing::warn;
+
+use crate::config::{ClientConfig, Role};
+
+/// The header through which handlers learn who calls: `role identity`.
+pub const CALLER_HEADER: &str = "x-dmclone-caller";
+
+/// Calls that change nothing; a `reader` may make them.
+const READS: &[&str] = &[
+    "GetNodeInfo",
+    "GetVolume",
+    "ListVolumes",
+    "GetSnapshot",
+    "ListSnapshots",
+    "GetChangedBlocks",
+    "GetTransfer",
+    "ListTransfers",
+    "WatchTransfers",
+];
+
+/// What another agent needs: who this host is, and to release a copy that
+/// was exported to it (the handler checks the export is to the peer's host).
+const PEER_CALLS: &[&str] = &["GetNodeInfo", "ReleaseVolume"];
+
+/// The project's own services; anything else served (health, reflection)
+/// is open to every admitted caller.
+const OWN_SERVICES: &str = "/dmclone.v1.";
+
+/// Whether a call to `method` (its name, such as `GetVolume`) changes nothing.
+pub fn is_read(method: &str) -> bool {
+    READS.contains(&method)
+}
+
+/// Whether `role` may call `path`.
+pub fn may_call(role: Role, path: &str) -> bool {
+    let Some(rest) = path.strip_prefix(OWN_SERVICES) else {
+        return true;
+    };
+    let method = rest.rsplit('/').next().unwrap_or_default();
+    match role {
+        Role::Driver => true,
+        Role::Reader => is_read(method),
+        Role::Peer => PEER_CALLS.contains(&method),
+    }
+}
+
+/// Who made a call, as the layer established it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub identity: String,
+    pub role: Role,
+    /// A peer's host: the only host whose copies it may release.
+    pub host_nqn: Option<String>,
+    /// Whether the call came over the Unix socket (from this host).
+    pub on_socket: bool,
+}
+
+impl Caller {
+    fn header(&self) -> String {
+        format!("{} {}", self.role.name(), self.identity)
+    }
+}
+
+/// A peer may release only what was exported to its own host: the host
+/// NQN it names must be the one its identity is bound to.
+pub fn bind_peer(caller: Option<&Caller>, host_nqn: &str) -> Result<(), Status> {
+    match caller {
+        Some(Caller {
+            role: Role::Peer,
+            identity,
+            host_nqn: Some(bound),
+            ..
+        }) if bound != host_nqn => Err(Status::permission_denied(format!(
+            "peer {identity} may release only copies exported to its own host {bound}, not to \
+             {host_nqn:?}"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// Some requests may only come from this host: a `device_path` source
+/// names a device of this host, which no remote caller has any business
+/// choosing (it could name another tenant's disk).
+pub fn from_this_host(caller: Option<&Caller>, what: &str) -> Result<(), Status> {
+    match caller {
+        Some(caller) if !caller.on_socket => Err(Status::permission_denied(format!(
+            "{what} is accepted only on the agent's Unix socket, not from {} over TCP",
+            caller.identity
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// The names a certificate answers to, in the order they are matched: DNS
+/// and URI subject alternative names, then common names; and its subject
+/// for messages.
+pub fn certificate_names(der: &[u8]) -> Option<(Vec<String>, String)> {
+    use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+    let (_, cert) = X509Certificate::from_der(der).ok()?;
+    let mut names = Vec::new();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for name in &san.value.general_names {
+            match name {
+                GeneralName::DNSName(dns) => names.push((*dns).to_owned()),
+                GeneralName::URI(uri) => names.push((*uri).to_owned()),
+                _ => {}
+            }
+        }
+    }
+    for cn in cert.subject().iter_common_name() {
+        if let Ok(text) = cn.as_str() {
+            names.push(text.to_owned());
+        }
+    }
+    Some((names, cert.subject().to_string()))
+}
+
+/// The role table and the rule for the Unix socket.
+#[derive(Debug, Clone)]
+pub struct AccessLayer {
+    clients: Arc<Vec<ClientConfig>>,
+}
+
+impl AccessLayer {
+    pub fn new(clients: Vec<ClientConfig>) -> Self {
+        Self {
+            clients: Arc::new(clients),
+        }
+    }
+
+    /// Who calls over this connection, or why nobody may.
+    fn caller<B>(&self, request: &Request<B>) -> Result<Caller, String> {
+        let extensions = request.extensions();
+        if let Some(tls) = extensions.get::<TlsConnectInfo<TcpConnectInfo>>() {
+            return self.certified(tls);
+        }
+        if let Some(unix) = extensions.get::<UdsConnectInfo>() {
+            return socket_caller(unix);
+        }
+        Err("the connection is neither mutual TLS nor the Unix socket".into())
+    }
+
+    fn certified(&self, tls: &TlsConnectInfo<TcpConnectInfo>) -> Result<Caller, String> {
+        let certs = tls.peer_certs().unwrap_or_default();
+        let Some(cert) = certs.first() else {
+            return Err("the client presented no certificate".into());
+        };
+        let (names, subject) = certificate_names(cert.as_ref())
+            .ok_or_else(|| "the client's certificate cannot be parsed".to_owned())?;
+        let client = names
+            .iter()
+            .find_map(|name| self.clients.iter().find(|client| &client.identity == name));
+        match client {
+            Some(client) => Ok(Caller {
+                identity: client.identity.clone(),
+                role: client.role,
+                host_nqn: client.host_nqn.clone(),
+                on_socket: false,
+            }),
+            None => Err(format!(
+                "the client certificate (subject \"{subject}\", names {names:?}) is not listed in \
+                 the agent's tcp.client"
+            )),
+        }
+    }
+}
+
+/// Root, or the user the agent runs as, drives; nobody else may call. The
+/// socket's mode (0600) already keeps others out; this holds if it changes.
+fn socket_caller(unix: &UdsConnectInfo) -> Result<Caller, String> {
+    let Some(cred) = unix.peer_cred else {
+        return Err("the kernel did not say who is on the Unix socket".into());
+    };
+    let uid = cred.uid();
+    if uid == 0 || uid == nix::unistd::geteuid().as_raw() {
+        Ok(Caller {
+            identity: format!("uid {uid} on the Unix socket"),
+            role: Role::Driver,
+            host_nqn: None,
+            on_socket: true,
+        })
+    } else {
+        Err(format!(
+            "uid {uid} may not call on the Unix socket: only root may"
+        ))
+    }
+}
+
+impl<S> Layer<S> for AccessLayer {
+    type Service = Access<S>;
+
+    fn layer(&self, inner: S) -> Access<S> {
+        Access {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+/// [`AccessLayer`] around one service.
+#[derive(Debug, Clone)]
+pub struct Access<S> {
+    inner: S,
+    layer: AccessLayer,
+}
+
+type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
+
+impl<S, B> Service<Request<B>> for Access<S>
+where
+    S: Service<Request<B>, Response = Response<Body>> + Send,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<Response<Body>, S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request<B>) -> Self::Future {
+        request.headers_mut().remove(CALLER_HEADER);
+        let path = request.uri().path().to_owned();
+        let refusal = match self.layer.caller(&request) {
+            Ok(caller) if may_call(caller.role, &path) => {
+                if let Ok(value) = HeaderValue::from_str(&caller.header()) {
+                    request.headers_mut().insert(CALLER_HEADER, value);
+                }
+                request.extensions_mut().insert(caller);
+                return Box::pin(self.inner.call(request));
+            }
+            Ok(caller) => format!(
+                "{} is a {} and may not call {path}",
+                caller.identity,
+                caller.role.name()
+            ),
+            Err(reason) => reason,
+        };
+        warn!(target: "dmclone::audit", %path, reason = %refusal, "permission denied");
+        let status = Status::permission_denied(refusal);
+        Box::pin(async move { Ok(status.into_http()) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// Every RPC the API defines, from its descriptor: a new one must be
+    /// classified here, or this test fails.
+    fn every_rpc() -> Vec<String> {
+        use prost::Message;
+        let set = prost_types::FileDescriptorSet::decode(super::super::proto::FILE_DESCRIPTOR_SET)
+            .unwrap();
+        let mut paths = Vec::new();
+        for file in &set.file {
+            for service in &file.service {
+                for method in &service.method {
+                    paths.push(format!(
+                        "/{}.{}/{}",
+                        file.package(),
+                        service.name(),
+                        method.name()
+                    ));
+                }
+            }
+        }
+        paths
+    }
+
+    #[test]
+    fn each_role_may_call_exactly_its_share() {
+        let paths = every_rpc();
+        assert!(paths.len() >= 25, "{paths:?}");
+        for path in &paths {
+            let method = path.rsplit('/').next().unwrap();
+            assert!(may_call(Role::Driver, path), "{path}");
+            let read = method.starts_with("Get")
+                || method.starts_with("List")
+                || method.starts_with("Watch");
+            assert_eq!(may_call(Role::Reader, path), read, "{path}");
+            let peer = matches!(method, "GetNodeInfo" | "ReleaseVolume");
+            assert_eq!(may_call(Role::Peer, path), peer, "{path}");
+        }
+        for open in [
+            "/grpc.health.v1.Health/Check",
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        ] {
+            assert!(may_call(Role::Peer, open) && may_call(Role::Reader, open));
+        }
+    }
+
+    #[test]
+    fn certificate_names_are_sans_then_common_name() {
+        let mut params =
+            rcgen::CertificateParams::new(vec!["cinder.example.org".to_owned()]).unwrap();
+        params.subject_alt_names.push(rcgen::SanType::URI(
+            "spiffe://example.org/cinder".try_into().unwrap(),
+        ));
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "cinder-volume");
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        let (names, subject) = certificate_names(cert.der()).unwrap();
+        assert_eq!(
+            names,
+            [
+                "cinder.example.org",
+                "spiffe://example.org/cinder",
+                "cinder-volume"
+            ]
+        );
+        assert!(subject.contains("cinder-volume"), "{subject}");
+        assert_eq!(certificate_names(b"not a certificate"), None);
+    }
+}
