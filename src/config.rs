@@ -49,8 +49,87 @@ pub struct Config {
     pub nvme: NvmeConfig,
     pub peers: PeersConfig,
     pub tcp: TcpConfig,
+    pub limits: LimitsConfig,
     pub metrics: MetricsConfig,
     pub log: LogConfig,
+}
+
+/// What one caller, or all of them, may hold of the agent at once.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Calls served at once over all connections; more are refused with
+    /// RESOURCE_EXHAUSTED rather than queued.
+    pub max_calls: Option<usize>,
+    /// Calls (HTTP/2 streams) open at once on one connection.
+    pub max_calls_per_connection: Option<u32>,
+    /// Seconds a client may take to finish its TLS handshake.
+    pub tls_handshake_seconds: Option<u64>,
+    /// Seconds after which an unanswered call is answered
+    /// DEADLINE_EXCEEDED (its work still finishes, as when a client leaves).
+    pub call_timeout_seconds: Option<u64>,
+    /// WatchTransfers streams one caller may keep open.
+    pub max_watches_per_caller: Option<usize>,
+}
+
+/// [`LimitsConfig`] checked, with defaults.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub max_calls: usize,
+    pub max_calls_per_connection: u32,
+    pub tls_handshake: std::time::Duration,
+    pub call_timeout: std::time::Duration,
+    pub max_watches_per_caller: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_calls: 256,
+            max_calls_per_connection: 64,
+            tls_handshake: std::time::Duration::from_secs(10),
+            // Longer than any call's own wait (a transfer's start waits up
+            // to 30 s for its source's namespace).
+            call_timeout: std::time::Duration::from_secs(300),
+            max_watches_per_caller: 64,
+        }
+    }
+}
+
+impl LimitsConfig {
+    fn validate(&self) -> Result<Limits, AgentError> {
+        let defaults = Limits::default();
+        let at_least_one = |option: &str, value: Option<u64>| match value {
+            Some(0) => Err(invalid(option, "must be at least 1")),
+            _ => Ok(()),
+        };
+        at_least_one("limits.max_calls", self.max_calls.map(|v| v as u64))?;
+        at_least_one(
+            "limits.max_calls_per_connection",
+            self.max_calls_per_connection.map(u64::from),
+        )?;
+        at_least_one("limits.tls_handshake_seconds", self.tls_handshake_seconds)?;
+        at_least_one("limits.call_timeout_seconds", self.call_timeout_seconds)?;
+        at_least_one(
+            "limits.max_watches_per_caller",
+            self.max_watches_per_caller.map(|v| v as u64),
+        )?;
+        Ok(Limits {
+            max_calls: self.max_calls.unwrap_or(defaults.max_calls),
+            max_calls_per_connection: self
+                .max_calls_per_connection
+                .unwrap_or(defaults.max_calls_per_connection),
+            tls_handshake: self
+                .tls_handshake_seconds
+                .map_or(defaults.tls_handshake, std::time::Duration::from_secs),
+            call_timeout: self
+                .call_timeout_seconds
+                .map_or(defaults.call_timeout, std::time::Duration::from_secs),
+            max_watches_per_caller: self
+                .max_watches_per_caller
+                .unwrap_or(defaults.max_watches_per_caller),
+        })
+    }
 }
 
 /// The Prometheus endpoint: plain HTTP, off unless `listen` is set; keep it
@@ -257,6 +336,7 @@ pub struct Settings {
     pub nvme: NvmeSettings,
     pub peers: Option<PeerTls>,
     pub tcp: Option<TcpSettings>,
+    pub limits: Limits,
     pub metrics_listen: Option<SocketAddr>,
     pub log_level: String,
     pub log_format: LogFormat,
@@ -405,6 +485,7 @@ impl Config {
             nvme: self.nvme.validate()?,
             peers: self.peers.validate()?,
             tcp: self.tcp.validate()?,
+            limits: self.limits.validate()?,
             metrics_listen: self
                 .metrics
                 .listen

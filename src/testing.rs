@@ -208,3 +208,30 @@ pub async fn transfer_reaches(
         agent.transfers.get_transfer(id).await
     );
 }
+
+/// An agent on `host` whose one transfer (of volume 1, from an 8 MiB device)
+/// is done.
+pub async fn finished_transfer(host: &TestHost) -> (Arc<Agent>, crate::ids::TransferId) {
+    use crate::transfer::{KnobRequest, Source, StartRequest, TransferState};
+    let source = Path::new("/dev/finished-source");
+    host.kernel.add_block_device_at(source, 8 * MIB / 512);
+    let agent = host.start().await.expect("the agent starts");
+    let volume = volume_id(1);
+    let transfer = crate::ids::TransferId::parse("20000000-0000-4000-8000-0000000000ff")
+        .expect("a transfer id");
+    agent
+        .transfers
+        .start_transfer(StartRequest {
+            transfer: transfer.clone(),
+            volume: volume.clone(),
+            size_bytes: 8 * MIB,
+            source: Source::Device(source.to_owned()),
+            deferred: false,
+            knobs: KnobRequest::default(),
+        })
+        .await
+        .expect("the transfer starts");
+    host.kernel.hydrate(&format!("dmt-{volume}"));
+    transfer_reaches(&agent, &transfer, TransferState::Done).await;
+    (agent, transfer)
+}

@@ -140,16 +140,47 @@ pub fn certificate_names(der: &[u8]) -> Option<(Vec<String>, String)> {
     Some((names, cert.subject().to_string()))
 }
 
-/// The role table and the rule for the Unix socket.
+/// How many calls the agent serves at once, over every connection and
+/// both listeners: past that a call is refused at once with
+/// RESOURCE_EXHAUSTED (a client retries later) rather than queued, so a
+/// flood cannot pile up work or memory.
+#[derive(Debug, Clone)]
+pub struct CallGate {
+    slots: Arc<tokio::sync::Semaphore>,
+    max: usize,
+}
+
+impl CallGate {
+    pub fn new(max: usize) -> Self {
+        Self {
+            slots: Arc::new(tokio::sync::Semaphore::new(max)),
+            max,
+        }
+    }
+
+    fn enter(&self) -> Result<tokio::sync::OwnedSemaphorePermit, Status> {
+        Arc::clone(&self.slots).try_acquire_owned().map_err(|_| {
+            Status::resource_exhausted(format!(
+                "the agent is serving {} calls, the most it takes at once (limits.max_calls); \
+                 retry in a moment",
+                self.max
+            ))
+        })
+    }
+}
+
+/// The role table, the rule for the Unix socket, and the call gate.
 #[derive(Debug, Clone)]
 pub struct AccessLayer {
     clients: Arc<Vec<ClientConfig>>,
+    gate: CallGate,
 }
 
 impl AccessLayer {
-    pub fn new(clients: Vec<ClientConfig>) -> Self {
+    pub fn new(clients: Vec<ClientConfig>, gate: CallGate) -> Self {
         Self {
             clients: Arc::new(clients),
+            gate,
         }
     }
 
@@ -249,11 +280,23 @@ where
         let path = request.uri().path().to_owned();
         let refusal = match self.layer.caller(&request) {
             Ok(caller) if may_call(caller.role, &path) => {
+                let permit = match self.layer.gate.enter() {
+                    Ok(permit) => permit,
+                    Err(status) => {
+                        warn!(%path, caller = %caller.identity, "refused: too many calls at once");
+                        return Box::pin(async move { Ok(status.into_http()) });
+                    }
+                };
                 if let Ok(value) = HeaderValue::from_str(&caller.header()) {
                     request.headers_mut().insert(CALLER_HEADER, value);
                 }
                 request.extensions_mut().insert(caller);
-                return Box::pin(self.inner.call(request));
+                let call = self.inner.call(request);
+                return Box::pin(async move {
+                    let answer = call.await;
+                    drop(permit);
+                    answer
+                });
             }
             Ok(caller) => format!(
                 "{} is a {} and may not call {path}",

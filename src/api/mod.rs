@@ -16,6 +16,7 @@ mod snapshot;
 pub mod status;
 mod transfer;
 mod volume;
+mod watch;
 
 /// What clients print for the states they receive: the domain's names.
 pub use convert::{snapshot_state_name, transfer_state_name, volume_state_name};
@@ -68,18 +69,21 @@ pub async fn serve(
     let unix = bind_unix(&agent.settings().socket)?;
     info!(socket = %agent.settings().socket.display(), "serving the API on the Unix socket");
     let mut servers = tokio::task::JoinSet::new();
-    // Root alone drives over the socket; TCP clients are whom tcp.client lists.
-    let socket_server = Server::builder()
-        .layer(access::AccessLayer::new(Vec::new()))
+    // Root alone drives over the socket; TCP clients are whom tcp.client
+    // lists. Both share one gate on calls served at once.
+    let limits = agent.settings().limits;
+    let gate = access::CallGate::new(limits.max_calls);
+    let socket_server = limited(&limits)
+        .layer(access::AccessLayer::new(Vec::new(), gate.clone()))
         .add_routes(routes.clone())
         .serve_with_incoming_shutdown(UnixListenerStream::new(unix), stopped(stop_rx.clone()));
     servers.spawn(async move { socket_server.await.map_err(|err| err.to_string()) });
     if let Some(tcp) = &agent.settings().tcp {
         let (listener, tls) = bind_tcp(tcp).await?;
-        let tcp_server = Server::builder()
-            .tls_config(tls)
+        let tcp_server = limited(&limits)
+            .tls_config(tls.timeout(limits.tls_handshake))
             .map_err(|err| tls_error(tcp, err))?
-            .layer(access::AccessLayer::new(tcp.clients.clone()))
+            .layer(access::AccessLayer::new(tcp.clients.clone(), gate))
             .add_routes(routes)
             .serve_with_incoming_shutdown(
                 TcpListenerStream::new(listener),
@@ -160,6 +164,14 @@ fn routes(
         .add_service(TransfersServer::new(transfer::TransfersApi::new(
             agent.clone(),
         ))))
+}
+
+/// A server that holds callers to `limits`: streams per connection, and a
+/// deadline on every call (its work goes on in its own task).
+fn limited(limits: &crate::config::Limits) -> Server {
+    Server::builder()
+        .max_concurrent_streams(limits.max_calls_per_connection)
+        .timeout(limits.call_timeout)
 }
 
 async fn stopped(mut stop: tokio::sync::watch::Receiver<bool>) {

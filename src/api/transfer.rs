@@ -7,26 +7,27 @@ use std::{path::PathBuf, sync::Arc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, codegen::BoxStream};
 
-use super::{access, convert, handle, parts, span_id};
+use super::{access, convert, handle, parts, span_id, watch};
 use crate::{
     agent::Agent,
     api::proto::v1 as pb,
     error::AgentError,
     ids::{TransferId, VolumeId},
-    transfer::{
-        KnobRequest, Source, StartRequest, TransferQuery, TransferState, TransferView,
-        history::MAX_PAGE,
-    },
+    transfer::{KnobRequest, Source, StartRequest, TransferQuery, TransferView, history::MAX_PAGE},
 };
 
 #[derive(Debug)]
 pub struct TransfersApi {
     agent: Arc<Agent>,
+    watchers: watch::Watchers,
 }
 
 impl TransfersApi {
     pub fn new(agent: Arc<Agent>) -> Self {
-        Self { agent }
+        Self {
+            agent,
+            watchers: watch::Watchers::default(),
+        }
     }
 
     /// A call that names one transfer and answers with it.
@@ -296,6 +297,14 @@ impl pb::transfers_server::Transfers for TransfersApi {
         request: Request<pb::WatchTransfersRequest>,
     ) -> Result<Response<Self::WatchTransfersStream>, Status> {
         let (metadata, req) = parts(request);
+        let caller = metadata
+            .get(access::CALLER_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        let slot = self
+            .watchers
+            .admit(&caller, self.agent.settings().limits.max_watches_per_caller)?;
         handle(
             &self.agent,
             "WatchTransfers",
@@ -306,42 +315,10 @@ impl pb::transfers_server::Transfers for TransfersApi {
                     "" => None,
                     raw => Some(TransferId::parse(raw)?),
                 };
-                // Subscribe before reading the current state, so nothing falls
-                // between the snapshot and the updates.
-                let mut updates = agent.transfers.watch_transfers();
-                let current = match &only {
-                    Some(id) => vec![agent.transfers.get_transfer(id).await?],
-                    None => agent.transfers.list_transfers().await?,
-                };
+                let updates = agent.transfers.watch_transfers();
+                let first = watch::current(&agent, only.as_ref()).await?;
                 let (tx, rx) = tokio::sync::mpsc::channel(64);
-                tokio::spawn(async move {
-                    let is_final = |state| {
-                        matches!(
-                            state,
-                            TransferState::Done | TransferState::Failed | TransferState::Aborted
-                        )
-                    };
-                    for view in current {
-                        let done = only.is_some() && is_final(view.state);
-                        if tx.send(Ok(convert::transfer(view))).await.is_err() || done {
-                            return;
-                        }
-                    }
-                    loop {
-                        let view = match updates.recv().await {
-                            Ok(view) => view,
-                            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
-                            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
-                        };
-                        if only.as_ref().is_some_and(|id| view.id != id.as_str()) {
-                            continue;
-                        }
-                        let done = only.is_some() && is_final(view.state);
-                        if tx.send(Ok(convert::transfer(view))).await.is_err() || done {
-                            return;
-                        }
-                    }
-                });
+                tokio::spawn(watch::feed(agent, only, updates, first, tx, slot));
                 Ok(Box::pin(ReceiverStream::new(rx)) as Self::WatchTransfersStream)
             },
         )
@@ -418,7 +395,13 @@ mod tests {
         })
         .unwrap();
         assert_eq!(query.volume.unwrap().as_str(), VOLUME);
-        assert_eq!(query.states, [TransferState::Done, TransferState::Failed]);
+        assert_eq!(
+            query.states,
+            [
+                crate::transfer::TransferState::Done,
+                crate::transfer::TransferState::Failed
+            ]
+        );
         assert_eq!(query.page_size, 10);
         assert!(query.after.is_some());
         assert_eq!(

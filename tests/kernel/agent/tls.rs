@@ -4,6 +4,7 @@
 use std::{
     os::unix::fs::{MetadataExt, PermissionsExt},
     path::Path,
+    time::{Duration, Instant},
 };
 
 use dmclone::{
@@ -405,5 +406,138 @@ async fn each_role_may_call_exactly_its_share() {
             && l.contains("driver cinder-volume")),
         "a mutating call is audited with its caller"
     );
+    agent.destroy().await;
+}
+
+/// Callers cannot exhaust the agent: 500 connections that never finish
+/// their TLS handshake do not keep a well-behaved client out, and one
+/// caller's WatchTransfers streams are capped (the rest are refused with
+/// RESOURCE_EXHAUSTED, and a closed stream frees its place).
+#[tokio::test(flavor = "multi_thread")]
+async fn stalled_handshakes_and_watch_floods_are_bounded() {
+    use dmclone::api::proto::v1::{WatchTransfersRequest, transfers_client::TransfersClient};
+    let dir = tempfile::tempdir().unwrap();
+    let trusted = ca("dmclone test CA");
+    let server = leaf(
+        &trusted,
+        &["localhost"],
+        ExtendedKeyUsagePurpose::ServerAuth,
+    );
+    let client = leaf(
+        &trusted,
+        &["cinder-volume"],
+        ExtendedKeyUsagePurpose::ClientAuth,
+    );
+    let write = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path.display().to_string()
+    };
+    let (cert, key, client_ca) = (
+        write("agent.pem", &server.cert),
+        write("agent.key", &server.key),
+        write("ca.pem", &trusted.pem()),
+    );
+    let address = format!("127.0.0.1:{}", free_port());
+    let agent = AgentProcess::start_with(
+        "dmctlimits",
+        &[
+            "--pool-file-size",
+            "256M",
+            "--listen",
+            &address,
+            "--tls-cert",
+            &cert,
+            "--tls-key",
+            &key,
+            "--client-ca",
+            &client_ca,
+            "--tcp-client",
+            "cinder-volume=driver",
+        ],
+        &[],
+    )
+    .await;
+    let mut stalled = Vec::new();
+    for _ in 0..500 {
+        stalled.push(tokio::net::TcpStream::connect(&address).await.unwrap());
+    }
+    let started = Instant::now();
+    let tls = ClientTls {
+        ca_pem: trusted.pem().into_bytes(),
+        cert_pem: Some(client.cert.into_bytes()),
+        key_pem: Some(client.key.into_bytes()),
+        server_name: "localhost".into(),
+    };
+    let channel = connect_tls(&address, &tls).await.unwrap();
+    node_info_over(channel).await.unwrap();
+    let admitted_in = started.elapsed();
+    println!(
+        "MEASURED with 500 stalled handshakes open, a client connected and was answered in {} ms",
+        admitted_in.as_millis()
+    );
+    assert!(admitted_in < Duration::from_secs(1), "{admitted_in:?}");
+    drop(stalled);
+
+    // Watches over the socket, 16 connections of up to 64 streams each.
+    let mut channels = Vec::new();
+    for _ in 0..16 {
+        channels.push(agent.channel().await);
+    }
+    let attempts = 10_000usize;
+    let started = Instant::now();
+    let mut outcomes = Vec::with_capacity(attempts);
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..attempts {
+        if calls.len() >= 64 {
+            outcomes.push(calls.join_next().await.unwrap().unwrap());
+        }
+        let channel = channels[i % channels.len()].clone();
+        calls.spawn(async move {
+            TransfersClient::new(channel)
+                .watch_transfers(WatchTransfersRequest::default())
+                .await
+        });
+    }
+    while let Some(outcome) = calls.join_next().await {
+        outcomes.push(outcome.unwrap());
+    }
+    let (mut open, mut refused) = (Vec::new(), 0usize);
+    for outcome in outcomes {
+        match outcome {
+            Ok(stream) => open.push(stream),
+            Err(status) => {
+                assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+                refused += 1;
+            }
+        }
+    }
+    println!(
+        "MEASURED {attempts} WatchTransfers calls from one caller in {} ms: {} open, {refused} refused",
+        started.elapsed().as_millis(),
+        open.len()
+    );
+    assert_eq!(
+        open.len(),
+        64,
+        "the per-caller cap (limits.max_watches_per_caller)"
+    );
+    open.pop();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let again = TransfersClient::new(channels[0].clone())
+            .watch_transfers(WatchTransfersRequest::default())
+            .await;
+        if let Ok(stream) = again {
+            open.push(stream);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a closed stream never freed its place"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(open);
     agent.destroy().await;
 }
