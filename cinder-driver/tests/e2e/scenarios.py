@@ -55,6 +55,8 @@ from oslo_config import cfg
 
 from dmclone_cinder import client
 from dmclone_cinder import driver as dmclone_driver
+from dmclone_cinder._proto.dmclone.v1 import node_pb2
+from dmclone_cinder._proto.dmclone.v1 import node_pb2_grpc
 from dmclone_cinder._proto.dmclone.v1 import snapshot_pb2
 from dmclone_cinder._proto.dmclone.v1 import snapshot_pb2_grpc
 from tests import base
@@ -626,6 +628,17 @@ class DMCloneDriverE2E(DriverE2ETestCase):
         with self.assertRaises(client.AgentUnavailable) as caught:
             agent.get_node_info()
         say(f'a client of another CA gets: {caught.exception}')
+
+    def test_1_plain_grpcio_on_the_unix_socket_needs_one_option(self):
+        """grpcio sends a unix: target's socket path as :authority, which
+        the agent's HTTP/2 server (the h2 crate) rejects as malformed
+        before any handler runs; default_authority is the one option a
+        client needs (README, "Other clients on the socket")."""
+        socket = self.bed.agents['hv1'].socket
+        plain, with_option = tpool.execute(_node_info_over_socket, socket)
+        say(f'grpcio {grpc.__version__} on the socket, no option: {plain}')
+        self.assertEqual(grpc.StatusCode.INTERNAL, plain[0], plain)
+        self.assertEqual('hv1', with_option)
 
     def test_2_local_attach_then_attach_elsewhere_moves_the_volume(self):
         volume = self.create_volume('hv1')
@@ -1361,3 +1374,22 @@ def _wait_for_disk(controller):
                     return device
         time.sleep(0.2)
     raise AssertionError(f'no namespace block device for {controller}')
+
+
+def _node_info_over_socket(socket):
+    """GetNodeInfo with a plain grpcio channel to the agent's socket, and
+    with default_authority set: (status code and details of the first,
+    node id of the second)."""
+
+    def ask(options):
+        with grpc.insecure_channel(f'unix://{socket}', options) as channel:
+            stub = node_pb2_grpc.NodeStub(channel)
+            return stub.GetNodeInfo(node_pb2.GetNodeInfoRequest(), timeout=20)
+
+    try:
+        ask(())
+        plain = (grpc.StatusCode.OK, '')
+    except grpc.RpcError as err:
+        plain = (err.code(), err.details())
+    answer = ask((('grpc.default_authority', 'localhost'),))
+    return plain, answer.node_id

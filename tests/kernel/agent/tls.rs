@@ -114,40 +114,37 @@ async fn assert_health_and_reflection(channel: Channel) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn tcp_admits_only_clients_certified_by_the_configured_ca() {
-    let dir = tempfile::tempdir().unwrap();
-    let trusted = ca("dmclone test CA");
-    let other = ca("someone else's CA");
-    let server = leaf(
-        &trusted,
-        &["localhost", "127.0.0.1"],
-        ExtendedKeyUsagePurpose::ServerAuth,
-    );
-    let client = leaf(
-        &trusted,
-        &["cinder-volume"],
-        ExtendedKeyUsagePurpose::ClientAuth,
-    );
-    let rogue = leaf(
-        &other,
-        &["cinder-volume"],
-        ExtendedKeyUsagePurpose::ClientAuth,
-    );
-    let write = |name: &str, text: &str| {
-        let path = dir.path().join(name);
-        std::fs::write(&path, text).unwrap();
-        path.display().to_string()
-    };
-    let (cert, key, client_ca) = (
-        write("agent.pem", &server.cert),
-        write("agent.key", &server.key),
-        write("ca.pem", &trusted.pem()),
-    );
-    let address = format!("127.0.0.1:{}", free_port());
-    let agent = AgentProcess::start_with(
-        "dmcttls",
-        &[
+/// An agent serving TCP with mutual TLS under a CA of the test's own, and
+/// what a client needs to reach it.
+struct TlsAgent {
+    agent: AgentProcess,
+    trusted: CertifiedIssuer<'static, KeyPair>,
+    address: String,
+    _dir: tempfile::TempDir,
+}
+
+impl TlsAgent {
+    /// Starts one with these `--tcp-client` entries.
+    async fn start(prefix: &str, clients: &[&str]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let trusted = ca("dmclone test CA");
+        let server = leaf(
+            &trusted,
+            &["localhost", "127.0.0.1"],
+            ExtendedKeyUsagePurpose::ServerAuth,
+        );
+        let write = |name: &str, text: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).unwrap();
+            path.display().to_string()
+        };
+        let (cert, key, client_ca) = (
+            write("agent.pem", &server.cert),
+            write("agent.key", &server.key),
+            write("ca.pem", &trusted.pem()),
+        );
+        let address = format!("127.0.0.1:{}", free_port());
+        let mut args = vec![
             "--pool-file-size",
             "256M",
             "--listen",
@@ -158,20 +155,55 @@ async fn tcp_admits_only_clients_certified_by_the_configured_ca() {
             &key,
             "--client-ca",
             &client_ca,
-            "--tcp-client",
-            "cinder-volume=driver",
-        ],
-        &[],
-    )
-    .await;
+        ];
+        for client in clients {
+            args.extend(["--tcp-client", client]);
+        }
+        let agent = AgentProcess::start_with(prefix, &args, &[]).await;
+        Self {
+            agent,
+            trusted,
+            address,
+            _dir: dir,
+        }
+    }
 
-    let tls = |pem: Option<&Pem>| ClientTls {
-        ca_pem: trusted.pem().into_bytes(),
-        cert_pem: pem.map(|p| p.cert.clone().into_bytes()),
-        key_pem: pem.map(|p| p.key.clone().into_bytes()),
-        server_name: "localhost".into(),
-    };
-    let admitted = connect_tls(&address, &tls(Some(&client))).await.unwrap();
+    /// Client settings with `pem` as the client's identity, if any.
+    fn tls(&self, pem: Option<&Pem>) -> ClientTls {
+        ClientTls {
+            ca_pem: self.trusted.pem().into_bytes(),
+            cert_pem: pem.map(|p| p.cert.clone().into_bytes()),
+            key_pem: pem.map(|p| p.key.clone().into_bytes()),
+            server_name: "localhost".into(),
+        }
+    }
+
+    /// A channel as the client certified for `name` by the agent's CA.
+    async fn channel_as(&self, name: &str) -> Channel {
+        let pem = leaf(&self.trusted, &[name], ExtendedKeyUsagePurpose::ClientAuth);
+        connect_tls(&self.address, &self.tls(Some(&pem)))
+            .await
+            .unwrap()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tcp_admits_only_clients_certified_by_the_configured_ca() {
+    let bed = TlsAgent::start("dmcttls", &["cinder-volume=driver"]).await;
+    let other = ca("someone else's CA");
+    let client = leaf(
+        &bed.trusted,
+        &["cinder-volume"],
+        ExtendedKeyUsagePurpose::ClientAuth,
+    );
+    let rogue = leaf(
+        &other,
+        &["cinder-volume"],
+        ExtendedKeyUsagePurpose::ClientAuth,
+    );
+    let (address, agent) = (&bed.address, &bed.agent);
+    let tls = |pem: Option<&Pem>| bed.tls(pem);
+    let admitted = connect_tls(address, &tls(Some(&client))).await.unwrap();
     assert!(!node_info_over(admitted.clone()).await.unwrap().is_empty());
     assert_health_and_reflection(admitted).await;
 
@@ -181,7 +213,7 @@ async fn tcp_admits_only_clients_certified_by_the_configured_ca() {
     ] {
         // With TLS 1.3 the server checks the client's certificate after the
         // handshake, so the refusal may surface at connect or at the first call.
-        let refused = match connect_tls(&address, &tls(pem)).await {
+        let refused = match connect_tls(address, &tls(pem)).await {
             Err(err) => err.to_string(),
             Ok(channel) => node_info_over(channel).await.expect_err(who).to_string(),
         };
@@ -202,7 +234,7 @@ async fn tcp_admits_only_clients_certified_by_the_configured_ca() {
     );
     assert_health_and_reflection(agent.channel().await).await;
     assert!(Path::new(&socket).exists());
-    agent.destroy().await;
+    bed.agent.destroy().await;
 }
 
 /// Calls every RPC of the API with an empty request; returns each call's
@@ -265,58 +297,13 @@ const PEER_NQN: &str = "nqn.2014-08.org.nvmexpress:uuid:0b000000-0000-4000-8000-
 /// refusal and every mutating call is in the audit log with its caller.
 #[tokio::test(flavor = "multi_thread")]
 async fn each_role_may_call_exactly_its_share() {
-    let dir = tempfile::tempdir().unwrap();
-    let trusted = ca("dmclone test CA");
-    let server = leaf(
-        &trusted,
-        &["localhost"],
-        ExtendedKeyUsagePurpose::ServerAuth,
-    );
-    let write = |name: &str, text: &str| {
-        let path = dir.path().join(name);
-        std::fs::write(&path, text).unwrap();
-        path.display().to_string()
-    };
-    let (cert, key, client_ca) = (
-        write("agent.pem", &server.cert),
-        write("agent.key", &server.key),
-        write("ca.pem", &trusted.pem()),
-    );
     let peer_flag = format!("agent-hv2=peer@{PEER_NQN}");
-    let address = format!("127.0.0.1:{}", free_port());
-    let agent = AgentProcess::start_with(
+    let bed = TlsAgent::start(
         "dmctroles",
-        &[
-            "--pool-file-size",
-            "256M",
-            "--listen",
-            &address,
-            "--tls-cert",
-            &cert,
-            "--tls-key",
-            &key,
-            "--client-ca",
-            &client_ca,
-            "--tcp-client",
-            "cinder-volume=driver",
-            "--tcp-client",
-            "prometheus=reader",
-            "--tcp-client",
-            &peer_flag,
-        ],
-        &[],
+        &["cinder-volume=driver", "prometheus=reader", &peer_flag],
     )
     .await;
-    let channel_for = async |name: &str| {
-        let pem = leaf(&trusted, &[name], ExtendedKeyUsagePurpose::ClientAuth);
-        let tls = ClientTls {
-            ca_pem: trusted.pem().into_bytes(),
-            cert_pem: Some(pem.cert.into_bytes()),
-            key_pem: Some(pem.key.into_bytes()),
-            server_name: "localhost".into(),
-        };
-        connect_tls(&address, &tls).await.unwrap()
-    };
+    let channel_for = async |name: &str| bed.channel_as(name).await;
     let reads = [
         "GetNodeInfo",
         "GetVolume",
@@ -393,7 +380,7 @@ async fn each_role_may_call_exactly_its_share() {
     // Its own host passes: a copy that is not there counts as released.
     transfers.release_volume(release(PEER_NQN)).await.unwrap();
 
-    let log = agent.log();
+    let log = bed.agent.log();
     assert!(
         log.lines().any(|l| l.contains("dmclone::audit")
             && l.contains("permission denied")
@@ -406,7 +393,7 @@ async fn each_role_may_call_exactly_its_share() {
             && l.contains("driver cinder-volume")),
         "a mutating call is audited with its caller"
     );
-    agent.destroy().await;
+    bed.agent.destroy().await;
 }
 
 /// Callers cannot exhaust the agent: 500 connections that never finish
@@ -416,61 +403,16 @@ async fn each_role_may_call_exactly_its_share() {
 #[tokio::test(flavor = "multi_thread")]
 async fn stalled_handshakes_and_watch_floods_are_bounded() {
     use dmclone::api::proto::v1::{WatchTransfersRequest, transfers_client::TransfersClient};
-    let dir = tempfile::tempdir().unwrap();
-    let trusted = ca("dmclone test CA");
-    let server = leaf(
-        &trusted,
-        &["localhost"],
-        ExtendedKeyUsagePurpose::ServerAuth,
-    );
-    let client = leaf(
-        &trusted,
-        &["cinder-volume"],
-        ExtendedKeyUsagePurpose::ClientAuth,
-    );
-    let write = |name: &str, text: &str| {
-        let path = dir.path().join(name);
-        std::fs::write(&path, text).unwrap();
-        path.display().to_string()
-    };
-    let (cert, key, client_ca) = (
-        write("agent.pem", &server.cert),
-        write("agent.key", &server.key),
-        write("ca.pem", &trusted.pem()),
-    );
-    let address = format!("127.0.0.1:{}", free_port());
-    let agent = AgentProcess::start_with(
-        "dmctlimits",
-        &[
-            "--pool-file-size",
-            "256M",
-            "--listen",
-            &address,
-            "--tls-cert",
-            &cert,
-            "--tls-key",
-            &key,
-            "--client-ca",
-            &client_ca,
-            "--tcp-client",
-            "cinder-volume=driver",
-        ],
-        &[],
-    )
-    .await;
+    let bed = TlsAgent::start("dmctlimits", &["cinder-volume=driver"]).await;
+    let (address, agent) = (&bed.address, &bed.agent);
     let mut stalled = Vec::new();
     for _ in 0..500 {
-        stalled.push(tokio::net::TcpStream::connect(&address).await.unwrap());
+        stalled.push(tokio::net::TcpStream::connect(address).await.unwrap());
     }
     let started = Instant::now();
-    let tls = ClientTls {
-        ca_pem: trusted.pem().into_bytes(),
-        cert_pem: Some(client.cert.into_bytes()),
-        key_pem: Some(client.key.into_bytes()),
-        server_name: "localhost".into(),
-    };
-    let channel = connect_tls(&address, &tls).await.unwrap();
-    node_info_over(channel).await.unwrap();
+    node_info_over(bed.channel_as("cinder-volume").await)
+        .await
+        .unwrap();
     let admitted_in = started.elapsed();
     println!(
         "MEASURED with 500 stalled handshakes open, a client connected and was answered in {} ms",
@@ -539,5 +481,5 @@ async fn stalled_handshakes_and_watch_floods_are_bounded() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     drop(open);
-    agent.destroy().await;
+    bed.agent.destroy().await;
 }

@@ -28,6 +28,11 @@ use tonic::{Code, Status, transport::Channel};
 /// Exit status: 0 success; 2 usage error or a request the agent calls
 /// invalid; 3 the named object does not exist; 4 the agent cannot be
 /// reached; 1 any other error the agent reports.
+///
+/// Other gRPC clients on the socket must send a valid :authority such as
+/// "localhost": grpcio sends the socket's path unless given the channel
+/// option grpc.default_authority=localhost, and the agent refuses it as
+/// malformed (INTERNAL, RST_STREAM); grpcurl takes -authority localhost.
 #[derive(Debug, Parser)]
 #[command(version, about, long_about)]
 struct Args {
