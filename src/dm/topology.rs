@@ -121,12 +121,19 @@ fn read_dev(path: &Path) -> Option<DevRef> {
     Some(DevRef::from((major.parse().ok()?, minor.parse().ok()?)))
 }
 
-/// Where a candidate source meets the agent's own storage: a device both
-/// reach, or a file behind loop devices of both.
-pub fn meeting_point(sysfs: &Sysfs, candidate: DevRef, own: &[DevRef]) -> Option<String> {
+/// Where a candidate source meets the agent's own storage: its devices
+/// (`own`), and everything under its pool (`pool`: what the pool's devices
+/// sit on, a loop device's file among them). What the agent's clones read
+/// from (their sources) is not the agent's: two moves may read one disk.
+pub fn meeting_point(
+    sysfs: &Sysfs,
+    candidate: DevRef,
+    own: &[DevRef],
+    pool: &[DevRef],
+) -> Option<String> {
     let theirs = sysfs.reach(candidate, true);
-    let mut ours = BTreeSet::new();
-    for dev in own {
+    let mut ours: BTreeSet<DevRef> = own.iter().copied().collect();
+    for dev in pool {
         ours.extend(sysfs.reach(*dev, false));
     }
     if let Some(shared) = theirs.intersection(&ours).next() {
@@ -188,8 +195,11 @@ mod tests {
         // the pool (253:2) sits on 253:0 (metadata, on loop 7:0 over a file)
         // and 253:1 (data, on sda3); a volume (253:3) sits on the pool;
         // someone's linear (253:9) sits on the volume; 7:5 is another loop
-        // over the pool's metadata file; 7:6 a loop over an unrelated file.
+        // over the pool's metadata file; 7:6 a loop over an unrelated file;
+        // a clone of the agent's (253:5) reads from the disk 8:16.
         let dir = tree(&[
+            ("8:16", None, &[], None),
+            ("253:5", None, &["253:3", "8:16"], None),
             ("8:0", None, &[], None),
             ("8:1", Some("8:0"), &[], None),
             ("8:3", Some("8:0"), &[], None),
@@ -203,7 +213,14 @@ mod tests {
             ("7:6", None, &[], Some("/srv/image.raw")),
         ]);
         let sysfs = Sysfs::at(dir.path());
-        let own = [dev("253:0"), dev("253:1"), dev("253:2"), dev("253:3")];
+        let own = [
+            dev("253:0"),
+            dev("253:1"),
+            dev("253:2"),
+            dev("253:3"),
+            dev("253:5"),
+        ];
+        let pool = [dev("253:0"), dev("253:1"), dev("253:2")];
         for (candidate, meets) in [
             ("253:3", Some("device ")),
             ("253:2", Some("device ")),
@@ -214,8 +231,9 @@ mod tests {
             ("7:5", Some("the file /var/lib/dmclone/pool-meta")),
             ("8:1", None),
             ("7:6", None),
+            ("8:16", None),
         ] {
-            let found = meeting_point(&sysfs, dev(candidate), &own);
+            let found = meeting_point(&sysfs, dev(candidate), &own, &pool);
             match meets {
                 Some(prefix) => assert!(
                     found.as_deref().is_some_and(|f| f.starts_with(prefix)),

@@ -142,21 +142,23 @@ impl Transfers {
 
     /// A local source must lie outside this agent's storage: not one of its
     /// devices, nor a device on top of one, nor a disk, partition or loop
-    /// file under its pool. Copying from there would hand one volume's
+    /// file under its pool (another move's source is not the agent's). Copying from there would hand one volume's
     /// content (another tenant's) to another.
     async fn refuse_own_storage(&self, path: &str, source: DevRef) -> Result<(), AgentError> {
-        let prefix = format!("{}-", self.ctx.naming.prefix());
-        let own: Vec<DevRef> = self
-            .ctx
-            .dm
-            .list()
-            .await?
-            .into_iter()
-            .filter(|device| device.name.starts_with(&prefix))
-            .map(|device| device.device)
-            .collect();
+        let naming = &self.ctx.naming;
+        let prefix = format!("{}-", naming.prefix());
+        let pool_names = [naming.pool(), naming.pool_meta(), naming.pool_data()];
+        let (mut own, mut pool) = (Vec::new(), Vec::new());
+        for device in self.ctx.dm.list().await? {
+            if pool_names.iter().any(|name| name.as_str() == device.name) {
+                pool.push(device.device);
+            }
+            if device.name.starts_with(&prefix) {
+                own.push(device.device);
+            }
+        }
         let meeting = tokio::task::spawn_blocking(move || {
-            topology::meeting_point(&topology::Sysfs::default(), source, &own)
+            topology::meeting_point(&topology::Sysfs::default(), source, &own, &pool)
         })
         .await
         .map_err(|err| AgentError::Internal(format!("device topology: {err}")))?;
