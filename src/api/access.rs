@@ -95,7 +95,7 @@ pub fn bind_peer(caller: Option<&Caller>, host_nqn: &str) -> Result<(), Status> 
             identity,
             host_nqn: Some(bound),
             ..
-        }) if bound != host_nqn => Err(Status::permission_denied(format!(
+        }) if bound != host_nqn => Err(denied(format!(
             "peer {identity} may release only copies exported to its own host {bound}, not to \
              {host_nqn:?}"
         ))),
@@ -103,12 +103,19 @@ pub fn bind_peer(caller: Option<&Caller>, host_nqn: &str) -> Result<(), Status> 
     }
 }
 
+/// PERMISSION_DENIED for `reason`, written to the audit log as the layer's
+/// refusals are.
+fn denied(reason: String) -> Status {
+    warn!(target: "dmclone::audit", %reason, "permission denied");
+    Status::permission_denied(reason)
+}
+
 /// Some requests may only come from this host: a `device_path` source
 /// names a device of this host, which no remote caller has any business
 /// choosing (it could name another tenant's disk).
 pub fn from_this_host(caller: Option<&Caller>, what: &str) -> Result<(), Status> {
     match caller {
-        Some(caller) if !caller.on_socket => Err(Status::permission_denied(format!(
+        Some(caller) if !caller.on_socket => Err(denied(format!(
             "{what} is accepted only on the agent's Unix socket, not from {} over TCP",
             caller.identity
         ))),

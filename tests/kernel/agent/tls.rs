@@ -393,6 +393,12 @@ async fn each_role_may_call_exactly_its_share() {
             && l.contains("driver cinder-volume")),
         "a mutating call is audited with its caller"
     );
+    assert!(
+        log.lines().any(|l| l.contains("dmclone::audit")
+            && l.contains("permission denied")
+            && l.contains("may release only copies exported to its own host")),
+        "a refusal inside a handler is audited too"
+    );
     bed.agent.destroy().await;
 }
 
