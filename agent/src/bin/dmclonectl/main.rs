@@ -30,9 +30,9 @@ use tonic::{Code, Status, transport::Channel};
 /// reached; 1 any other error the agent reports.
 ///
 /// Other gRPC clients on the socket must send a valid :authority such as
-/// "localhost": grpcio sends the socket's path unless given the channel
-/// option grpc.default_authority=localhost, and the agent refuses it as
-/// malformed (INTERNAL, RST_STREAM); grpcurl takes -authority localhost.
+/// "localhost": grpcio derives one from the socket's path unless given the
+/// channel option grpc.default_authority=localhost, and the agent refuses it
+/// as malformed (INTERNAL, RST_STREAM); grpcurl takes -authority localhost.
 #[derive(Debug, Parser)]
 #[command(version, about, long_about)]
 struct Args {
