@@ -51,6 +51,16 @@ const PEER_CALLS: &[&str] = &["GetNodeInfo", "ReleaseVolume"];
 /// is open to every admitted caller.
 const OWN_SERVICES: &str = "/dmclone.v1.";
 
+/// Who the layer said makes this call (`role identity`), or "" where no
+/// layer ran.
+pub fn caller_of(metadata: &tonic::metadata::MetadataMap) -> String {
+    metadata
+        .get(CALLER_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned()
+}
+
 /// Whether a call to `method` (its name, such as `GetVolume`) changes nothing.
 pub fn is_read(method: &str) -> bool {
     READS.contains(&method)

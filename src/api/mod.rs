@@ -278,11 +278,7 @@ where
         .get(REQUEST_ID_KEY)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
-    let caller = metadata
-        .get(access::CALLER_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_owned();
+    let caller = access::caller_of(metadata);
     let span = info_span!("rpc", method, id = object_id.as_ref(), request_id, caller);
     let audited = !access::is_read(method);
     let call = call(Arc::clone(agent));

@@ -297,11 +297,7 @@ impl pb::transfers_server::Transfers for TransfersApi {
         request: Request<pb::WatchTransfersRequest>,
     ) -> Result<Response<Self::WatchTransfersStream>, Status> {
         let (metadata, req) = parts(request);
-        let caller = metadata
-            .get(access::CALLER_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_owned();
+        let caller = access::caller_of(&metadata);
         let slot = self
             .watchers
             .admit(&caller, self.agent.settings().limits.max_watches_per_caller)?;
