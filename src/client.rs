@@ -32,8 +32,20 @@ pub async fn connect_unix(socket: &Path) -> Result<Channel, AgentError> {
         }))
         .await
         .map_err(|err| AgentError::Unavailable {
-            reason: format!("cannot reach the agent at {shown}: {err}"),
+            reason: format!("cannot reach the agent at {shown}: {}", with_causes(&err)),
         })
+}
+
+/// An error and what caused it, outermost first: a transport error alone
+/// ("transport error") does not say that the socket refused permission.
+fn with_causes(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut cause = err.source();
+    while let Some(inner) = cause {
+        text = format!("{text}: {inner}");
+        cause = inner.source();
+    }
+    text
 }
 
 /// Client side of mutual TLS: the CA that signed the agent's certificate, and
@@ -56,7 +68,10 @@ pub async fn connect_tls(address: &str, tls: &ClientTls) -> Result<Channel, Agen
         config = config.identity(Identity::from_pem(cert, key));
     }
     let unreachable = |err: tonic::transport::Error| AgentError::Unavailable {
-        reason: format!("cannot reach the agent at {address} over TLS: {err}"),
+        reason: format!(
+            "cannot reach the agent at {address} over TLS: {}",
+            with_causes(&err)
+        ),
     };
     let endpoint = Endpoint::from_shared(format!("https://{address}"))
         .map_err(|err| AgentError::InvalidArgument {
@@ -116,5 +131,19 @@ mod tests {
             started.elapsed()
         );
         held.abort();
+    }
+
+    /// The reason a socket cannot be reached is in the message, not only
+    /// "transport error".
+    #[tokio::test]
+    async fn an_unreachable_socket_says_why() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = connect_unix(&dir.path().join("absent.sock"))
+            .await
+            .expect_err("nothing listens");
+        assert!(
+            err.to_string().contains("No such file or directory"),
+            "{err}"
+        );
     }
 }

@@ -40,6 +40,10 @@ pub struct Config {
     pub state_dir: Option<PathBuf>,
     /// The Unix socket of the API (mode 0600). Default: `<state_dir>/agent.sock`.
     pub socket: Option<PathBuf>,
+    /// A group (name or number) whose members may call the socket as
+    /// `reader`s: the socket becomes 0660 with that group. It must then live
+    /// outside `state_dir` (0700), e.g. `/run/dmclone/agent.sock`.
+    pub socket_readers: Option<String>,
     /// First word of every device-mapper name the agent owns. Only change it
     /// to run several agents on one host (tests do).
     pub dm_prefix: Option<String>,
@@ -327,6 +331,8 @@ pub struct Settings {
     pub node_id: Option<String>,
     pub state_dir: PathBuf,
     pub socket: PathBuf,
+    /// The group id of `socket_readers`.
+    pub socket_readers: Option<u32>,
     pub dm_prefix: String,
     pub pool: PoolSettings,
     pub max_volume_size: u64,
@@ -461,6 +467,11 @@ impl Config {
             .clone()
             .unwrap_or_else(|| state_dir.join(SOCKET_NAME));
         validate_socket(&socket)?;
+        let socket_readers = self
+            .socket_readers
+            .as_deref()
+            .map(|group| socket_readers(group, &socket, &state_dir))
+            .transpose()?;
         let dm_prefix = self
             .dm_prefix
             .clone()
@@ -501,6 +512,7 @@ impl Config {
                 .transpose()?,
             state_dir,
             socket,
+            socket_readers,
             dm_prefix,
             max_volume_size,
             change_block_bytes,
@@ -859,6 +871,36 @@ fn validate_socket(socket: &Path) -> Result<(), AgentError> {
         ));
     }
     Ok(())
+}
+
+/// The gid of the readers' group, named or numbered; their socket must be
+/// reachable, so not inside the private state directory.
+fn socket_readers(group: &str, socket: &Path, state_dir: &Path) -> Result<u32, AgentError> {
+    if socket.starts_with(state_dir) {
+        return Err(invalid(
+            "socket_readers",
+            format!(
+                "the socket {} is inside state_dir {} (mode 0700), where no group member can reach \
+                 it; set socket to a path outside it, such as /run/dmclone/agent.sock",
+                socket.display(),
+                state_dir.display()
+            ),
+        ));
+    }
+    if let Ok(gid) = group.parse::<u32>() {
+        return Ok(gid);
+    }
+    match nix::unistd::Group::from_name(group) {
+        Ok(Some(found)) => Ok(found.gid.as_raw()),
+        Ok(None) => Err(invalid(
+            "socket_readers",
+            format!("there is no group {group:?} on this host"),
+        )),
+        Err(err) => Err(invalid(
+            "socket_readers",
+            format!("cannot look up group {group:?}: {err}"),
+        )),
+    }
 }
 
 fn validate_prefix(prefix: &str) -> Result<(), AgentError> {

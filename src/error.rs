@@ -43,6 +43,8 @@ pub enum ErrorKind {
     AlreadyExists,
     /// The object's state forbids the call; change the state first.
     FailedPrecondition,
+    /// The caller proved no right to this object (a secret it lacks).
+    PermissionDenied,
     /// No room: the pool is (nearly) full.
     ResourceExhausted,
     /// The object is open or in use; retrying later may succeed.
@@ -167,6 +169,10 @@ pub enum AgentError {
     #[error("{reason}")]
     ResourceExhausted { reason: String },
 
+    /// The caller lacks what the object requires of it (a release token).
+    #[error("{reason}")]
+    PermissionDenied { reason: String },
+
     #[error("{reason}")]
     Unavailable { reason: String },
 
@@ -201,6 +207,7 @@ impl AgentError {
             AgentError::AlreadyExists { .. } => ErrorKind::AlreadyExists,
             AgentError::Refused(_) | AgentError::Conflict(_) => ErrorKind::FailedPrecondition,
             AgentError::ResourceExhausted { .. } => ErrorKind::ResourceExhausted,
+            AgentError::PermissionDenied { .. } => ErrorKind::PermissionDenied,
             AgentError::Unavailable { .. } => ErrorKind::Unavailable,
             AgentError::Unimplemented(_) => ErrorKind::Unimplemented,
             // Below the API, a caller never hands us tables, names or

@@ -52,6 +52,19 @@ pub enum Refusal {
         requester: String,
     },
 
+    /// An unexport without the release token of the move the export
+    /// serves: that move's destination would lose its source.
+    #[error(
+        "volume {volume} is exported to {host_nqn} as the source of a move; give the export's \
+         release token (the destination does after an abort), or force it if that move is over"
+    )]
+    ExportForTransfer { volume: VolumeId, host_nqn: String },
+
+    /// A release of a copy that was not exported for a move: nobody was
+    /// given a token that could release it.
+    #[error("volume {volume} {why}, so no host may release it; the copy stays")]
+    ExportNotForTransfer { volume: VolumeId, why: &'static str },
+
     /// The volume is still arriving here by a transfer (hydrating or about to).
     #[error("volume {volume} is still arriving by transfer {transfer}; {hint}")]
     VolumeArriving {
@@ -184,11 +197,13 @@ pub enum Refusal {
 impl Refusal {
     /// Every reason code, in the order of the variants (for documentation
     /// and tests).
-    pub const REASONS: [&'static str; 19] = [
+    pub const REASONS: [&'static str; 21] = [
         "VOLUME_PUBLISHED",
         "VOLUME_HAS_SNAPSHOTS",
         "VOLUME_EXPORTED",
         "VOLUME_EXPORTED_ELSEWHERE",
+        "EXPORT_FOR_TRANSFER",
+        "EXPORT_NOT_FOR_TRANSFER",
         "VOLUME_ARRIVING",
         "VOLUME_IN_USE",
         "DEVICE_IN_USE",
@@ -213,6 +228,8 @@ impl Refusal {
             Refusal::VolumeHasSnapshots { .. } => "VOLUME_HAS_SNAPSHOTS",
             Refusal::VolumeExported { .. } => "VOLUME_EXPORTED",
             Refusal::VolumeExportedElsewhere { .. } => "VOLUME_EXPORTED_ELSEWHERE",
+            Refusal::ExportForTransfer { .. } => "EXPORT_FOR_TRANSFER",
+            Refusal::ExportNotForTransfer { .. } => "EXPORT_NOT_FOR_TRANSFER",
             Refusal::VolumeArriving { .. } => "VOLUME_ARRIVING",
             Refusal::VolumeInUse { .. } => "VOLUME_IN_USE",
             Refusal::DeviceInUse { .. } => "DEVICE_IN_USE",
@@ -260,6 +277,13 @@ impl Refusal {
                 ("host_nqn", host_nqn.clone()),
                 ("requester_nqn", requester.clone()),
             ],
+            Refusal::ExportForTransfer {
+                volume: id,
+                host_nqn,
+            } => {
+                vec![volume(id), ("host_nqn", host_nqn.clone())]
+            }
+            Refusal::ExportNotForTransfer { volume: id, .. } => vec![volume(id)],
             Refusal::VolumeArriving {
                 volume: id,
                 transfer,
@@ -382,6 +406,14 @@ mod tests {
                 volume: volume(),
                 host_nqn: "nqn.b".into(),
                 requester: "nqn.c".into(),
+            },
+            Refusal::ExportForTransfer {
+                volume: volume(),
+                host_nqn: "nqn.b".into(),
+            },
+            Refusal::ExportNotForTransfer {
+                volume: volume(),
+                why: "is not exported",
             },
             Refusal::VolumeArriving {
                 volume: volume(),

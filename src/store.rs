@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     error::AgentError,
     ids::{SnapshotId, ThinId, TransferId, VolumeId},
+    transfer::token::ReleaseToken,
 };
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
@@ -95,6 +96,18 @@ pub struct ChangeTracking {
 pub struct ExportRecord {
     pub host_nqn: String,
     pub subsystem_nqn: String,
+    /// SHA-256 digests of the release tokens handed out with the export,
+    /// newest last (see `transfer::token`). Empty: an export for an
+    /// attachment, which nobody may release.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub release_token_digests: Vec<String>,
+}
+
+impl ExportRecord {
+    /// Whether the export is the source of a move.
+    pub fn for_transfer(&self) -> bool {
+        !self.release_token_digests.is_empty()
+    }
 }
 
 impl VolumeRecord {
@@ -207,6 +220,10 @@ pub struct TransferRecord {
     /// The source agent acknowledged releasing its copy.
     #[serde(default)]
     pub source_released: bool,
+    /// After an abort: the source agent acknowledged withdrawing its
+    /// export.
+    #[serde(default)]
+    pub export_withdrawn: bool,
     /// Finalizing has switched the public table to the local copy; the
     /// clone's metadata may already be gone.
     #[serde(default)]
@@ -232,6 +249,11 @@ pub enum SourceRecord {
         address: String,
         port: u32,
         agent_endpoint: String,
+        /// The export's release token, presented to the source agent.
+        /// Absent in records from before tokens, and when the caller gave
+        /// none.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        release_token: Option<ReleaseToken>,
     },
 }
 
@@ -246,6 +268,30 @@ impl TransferRecord {
                 Some(agent_endpoint)
             }
             _ => None,
+        }
+    }
+
+    /// After an abort: the source agent that has yet to confirm it
+    /// withdrew its export, and the token that lets us ask. `None` where
+    /// nobody can be asked (no endpoint or no token) or it confirmed.
+    pub fn export_to_withdraw(&self) -> Option<(&str, &ReleaseToken)> {
+        match &self.source {
+            SourceRecord::NvmeTcp {
+                agent_endpoint,
+                release_token: Some(token),
+                ..
+            } if !agent_endpoint.is_empty() && !self.export_withdrawn => {
+                Some((agent_endpoint, token))
+            }
+            _ => None,
+        }
+    }
+
+    /// The release token the source handed out with its export, if any.
+    pub fn release_token(&self) -> Option<&ReleaseToken> {
+        match &self.source {
+            SourceRecord::NvmeTcp { release_token, .. } => release_token.as_ref(),
+            SourceRecord::Device { .. } => None,
         }
     }
 }

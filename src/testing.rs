@@ -118,8 +118,12 @@ impl SourceAgents {
 
     /// The volumes whose release was asked for, in order, repeats included.
     pub fn asked(&self) -> Vec<String> {
-        let asked = self.asked.lock().unwrap_or_else(|p| p.into_inner());
-        asked.iter().map(|r| r.volume_id.clone()).collect()
+        self.requests().into_iter().map(|r| r.volume_id).collect()
+    }
+
+    /// Every request made, in order.
+    pub fn requests(&self) -> Vec<ReleaseRequest> {
+        self.asked.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 }
 

@@ -529,14 +529,18 @@ class AgentClient:
         self._call('Snapshots', 'RevertVolume', request, volume_id)
 
     # Transfers
-    def export_volume(self, volume_id, host_nqn):
+    def export_volume(self, volume_id, host_nqn, for_transfer=False):
+        """Export to one host; a move's export carries a release token."""
         request = transfer_pb2.ExportVolumeRequest(
-            volume_id=volume_id, host_nqn=host_nqn
+            volume_id=volume_id, host_nqn=host_nqn, for_transfer=for_transfer
         )
         return self._call('Transfers', 'ExportVolume', request, volume_id)
 
-    def unexport_volume(self, volume_id):
-        request = transfer_pb2.UnexportVolumeRequest(volume_id=volume_id)
+    def unexport_volume(self, volume_id, release_token='', force=False):
+        """Withdraw an export; a move's needs its token or force."""
+        request = transfer_pb2.UnexportVolumeRequest(
+            volume_id=volume_id, release_token=release_token, force=force
+        )
         self._call('Transfers', 'UnexportVolume', request, volume_id, True)
 
     def start_transfer(

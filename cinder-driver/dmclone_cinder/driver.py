@@ -657,7 +657,9 @@ class DMCloneDriver(driver.VolumeDriver):
             raise exception.VolumeBackendAPIException(
                 data=_('agent %s reports no NVMe host NQN') % target
             )
-        export = source.export_volume(volume.name_id, host_nqn)
+        export = source.export_volume(
+            volume.name_id, host_nqn, for_transfer=True
+        )
         transfer_id = str(uuid.uuid4())
         try:
             return destination.start_transfer(
@@ -669,6 +671,9 @@ class DMCloneDriver(driver.VolumeDriver):
                     transport_address=export.transport_address,
                     transport_service_id=export.transport_service_id,
                     source_agent_endpoint=source.endpoint,
+                    # Only the destination holds it from here: with it,
+                    # and only with it, the source lets go of its copy.
+                    release_token=export.release_token,
                 ),
                 deferred=deferred,
                 knobs=self._knobs(),
@@ -676,7 +681,7 @@ class DMCloneDriver(driver.VolumeDriver):
         except Exception:
             with excutils.save_and_reraise_exception():
                 self._undo_transfer_start(
-                    source, destination, transfer_id, volume
+                    source, destination, transfer_id, volume, export
                 )
 
     def _knobs(self):
@@ -687,7 +692,9 @@ class DMCloneDriver(driver.VolumeDriver):
             max_bytes_per_second=self._hydration.max_bytes_per_second,
         )
 
-    def _undo_transfer_start(self, source, destination, transfer_id, volume):
+    def _undo_transfer_start(
+        self, source, destination, transfer_id, volume, export
+    ):
         """Withdraw what a failed StartTransfer may have left behind.
 
         A call that failed here (a deadline, a cut connection) may still
@@ -711,12 +718,16 @@ class DMCloneDriver(driver.VolumeDriver):
                 },
             )
             return
-        self._unexport_quietly(source, volume)
+        self._unexport_quietly(
+            source, volume, release_token=export.release_token
+        )
 
     @staticmethod
-    def _unexport_quietly(agent, volume):
+    def _unexport_quietly(agent, volume, release_token='', force=False):
         try:
-            agent.unexport_volume(volume.name_id)
+            agent.unexport_volume(
+                volume.name_id, release_token=release_token, force=force
+            )
         except exception.CinderException as err:
             LOG.warning(
                 'Could not withdraw export of %(id)s on %(host)s: %(err)s',
@@ -813,8 +824,11 @@ class DMCloneDriver(driver.VolumeDriver):
             return
         if transfer.state == transfer_pb2.TRANSFER_STATE_DEFERRED:
             # Live migration aborted: the source never stopped serving.
+            # The destination agent asks the source to withdraw the export;
+            # with the move aborted nothing needs it, so it goes by force
+            # here too, in case that agent cannot reach the source.
             destination.abort_transfer(transfer.transfer_id)
-            self._unexport_quietly(self._agents[home], volume)
+            self._unexport_quietly(self._agents[home], volume, force=True)
             return
         # Hydration already started, so the destination has the newest
         # data: it is the home, whatever the pool said.
@@ -835,7 +849,8 @@ class DMCloneDriver(driver.VolumeDriver):
             self._agents[target].abort_transfer(transfer.transfer_id)
         source = self._agents[home]
         source.unpublish_volume(volume.name_id)
-        source.unexport_volume(volume.name_id)
+        # After the abort no move needs the export: it goes by force.
+        source.unexport_volume(volume.name_id, force=pending is not None)
 
     # Migration within this backend: a move without an attachment.
 

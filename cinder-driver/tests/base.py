@@ -58,12 +58,19 @@ def transfer(volume_id, state, host='hv2', transfer_id=None):
     )
 
 
-def export_of(volume_id, host='hv1'):
+def release_token_of(volume_id, host='hv1'):
+    return f'token-of-{volume_id}@{host}'
+
+
+def export_of(volume_id, host='hv1', for_transfer=False):
     return transfer_pb2.Export(
         volume_id=volume_id,
         subsystem_nqn=f'nqn.2024-01.io.dmclone:{volume_id}',
         transport_address=f'{host}.storage.example.org',
         transport_service_id=4420,
+        release_token=release_token_of(volume_id, host)
+        if for_transfer
+        else '',
     )
 
 
@@ -81,8 +88,10 @@ def fake_agent(host):
     agent.publish_volume.side_effect = lambda volume_id: (
         f'/dev/mapper/dmclone-{volume_id}@{host}'
     )
-    agent.export_volume.side_effect = lambda volume_id, host_nqn: export_of(
-        volume_id, host
+    agent.export_volume.side_effect = (
+        lambda volume_id, host_nqn, for_transfer=False: export_of(
+            volume_id, host, for_transfer
+        )
     )
     agent.start_transfer.side_effect = lambda volume_id, deferred, **kwargs: (
         transfer(

@@ -670,10 +670,10 @@ class AttachTestCase(base.DriverTestCase):
 
         source, destination = self.agents['hv1'], self.agents['hv2']
         source.export_volume.assert_called_once_with(
-            volume.name_id, base.nqn_of('hv2')
+            volume.name_id, base.nqn_of('hv2'), for_transfer=True
         )
         request = destination.start_transfer.call_args.kwargs
-        export = base.export_of(volume.name_id, 'hv1')
+        export = base.export_of(volume.name_id, 'hv1', for_transfer=True)
         self.assertEqual(volume.name_id, request['volume_id'])
         self.assertEqual(2 * GIB, request['size_bytes'])
         self.assertFalse(request['deferred'])
@@ -683,6 +683,7 @@ class AttachTestCase(base.DriverTestCase):
                 transport_address=export.transport_address,
                 transport_service_id=export.transport_service_id,
                 source_agent_endpoint=base.endpoint_of('hv1'),
+                release_token=base.release_token_of(volume.name_id, 'hv1'),
             ),
             request['source'],
         )
@@ -761,8 +762,11 @@ class AttachTestCase(base.DriverTestCase):
             volume,
             {'host': 'hv2'},
         )
+        # The token of the move's export withdraws it.
         self.agents['hv1'].unexport_volume.assert_called_once_with(
-            volume.name_id
+            volume.name_id,
+            release_token=base.release_token_of(volume.name_id, 'hv1'),
+            force=False,
         )
         self.assertEqual(f'{base.BACKEND}#hv1', volume.host)
 
@@ -779,8 +783,8 @@ class AttachTestCase(base.DriverTestCase):
         self.agents['hv2'].abort_transfer.side_effect = lambda transfer_id: (
             steps.append(('abort', transfer_id))
         )
-        self.agents['hv1'].unexport_volume.side_effect = lambda volume_id: (
-            steps.append(('unexport', volume_id))
+        self.agents['hv1'].unexport_volume.side_effect = (
+            lambda volume_id, **kwargs: steps.append(('unexport', volume_id))
         )
         volume = self.volume(pool='hv1')
         self.assertRaises(
@@ -989,8 +993,9 @@ class DetachTestCase(base.DriverTestCase):
         self.agents['hv2'].abort_transfer.assert_called_once_with(
             pending.transfer_id
         )
+        # The move is aborted: nothing needs its export any more.
         self.agents['hv1'].unexport_volume.assert_called_once_with(
-            volume.name_id
+            volume.name_id, release_token='', force=True
         )
         self.agents['hv1'].unpublish_volume.assert_not_called()
         self.assertEqual(f'{base.BACKEND}#hv1', volume.host)
@@ -1040,9 +1045,19 @@ class DetachTestCase(base.DriverTestCase):
             volume.name_id
         )
         self.agents['hv1'].unexport_volume.assert_called_once_with(
-            volume.name_id
+            volume.name_id, force=True
         )
         self.assertEqual(f'{base.BACKEND}#hv1', volume.host)
+
+    def test_force_detach_keeps_the_export_of_a_move_in_progress(self):
+        # No deferred move was aborted: an export for a move that is
+        # still copying is not forced away (the agent refuses without the
+        # token), only an attachment's export goes.
+        volume = self.volume(pool='hv1', attachments=[('hv1', ATTACHED)])
+        self.driver.terminate_connection(volume, None, force=True)
+        self.agents['hv1'].unexport_volume.assert_called_once_with(
+            volume.name_id, force=False
+        )
 
 
 class MigrateTestCase(base.DriverTestCase):

@@ -44,8 +44,9 @@ const READS: &[&str] = &[
 ];
 
 /// What another agent needs: who this host is, and to release a copy that
-/// was exported to it (the handler checks the export is to the peer's host).
-const PEER_CALLS: &[&str] = &["GetNodeInfo", "ReleaseVolume"];
+/// was exported to it after a move, or withdraw the export after an abort
+/// (the handlers check the export is to the peer's host, and its token).
+const PEER_CALLS: &[&str] = &["GetNodeInfo", "ReleaseVolume", "UnexportVolume"];
 
 /// The project's own services; anything else served (health, reflection)
 /// is open to every admitted caller.
@@ -96,8 +97,10 @@ impl Caller {
     }
 }
 
-/// A peer may release only what was exported to its own host: the host
-/// NQN it names must be the one its identity is bound to.
+/// A release comes from the destination the copy was exported to: over
+/// TCP only a peer, and the host NQN it names must be the one its identity
+/// is bound to. On the Unix socket root may name any host (an agent on
+/// this host releases that way).
 pub fn bind_peer(caller: Option<&Caller>, host_nqn: &str) -> Result<(), Status> {
     match caller {
         Some(Caller {
@@ -108,6 +111,34 @@ pub fn bind_peer(caller: Option<&Caller>, host_nqn: &str) -> Result<(), Status> 
         }) if bound != host_nqn => Err(denied(format!(
             "peer {identity} may release only copies exported to its own host {bound}, not to \
              {host_nqn:?}"
+        ))),
+        Some(Caller {
+            role,
+            identity,
+            on_socket: false,
+            ..
+        }) if *role != Role::Peer => Err(denied(format!(
+            "a {} ({identity}) releases no copy: only the agent the copy was exported to does, \
+             as a peer",
+            role.name()
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// A peer's own host, for calls that act only on what was exported to it.
+pub fn peer_host(caller: Option<&Caller>) -> Option<String> {
+    caller
+        .filter(|caller| caller.role == Role::Peer)
+        .and_then(|caller| caller.host_nqn.clone())
+}
+
+/// Forcing is for operators and the driver, never for a peer.
+pub fn no_force_by_peer(caller: Option<&Caller>, force: bool) -> Result<(), Status> {
+    match caller {
+        Some(caller) if force && caller.role == Role::Peer => Err(denied(format!(
+            "peer {} may not force an unexport; it withdraws an export with its release token",
+            caller.identity
         ))),
         _ => Ok(()),
     }
@@ -191,6 +222,7 @@ impl CallGate {
 pub struct AccessLayer {
     clients: Arc<Vec<ClientConfig>>,
     gate: CallGate,
+    socket_readers: Option<u32>,
 }
 
 impl AccessLayer {
@@ -198,7 +230,14 @@ impl AccessLayer {
         Self {
             clients: Arc::new(clients),
             gate,
+            socket_readers: None,
         }
+    }
+
+    /// Members of group `gid` may call the socket as readers.
+    pub fn with_socket_readers(mut self, gid: Option<u32>) -> Self {
+        self.socket_readers = gid;
+        self
     }
 
     /// Who calls over this connection, or why nobody may.
@@ -208,7 +247,7 @@ impl AccessLayer {
             return self.certified(tls);
         }
         if let Some(unix) = extensions.get::<UdsConnectInfo>() {
-            return socket_caller(unix);
+            return socket_caller(unix, self.socket_readers);
         }
         Err("the connection is neither mutual TLS nor the Unix socket".into())
     }
@@ -238,25 +277,48 @@ impl AccessLayer {
     }
 }
 
-/// Root, or the user the agent runs as, drives; nobody else may call. The
-/// socket's mode (0600) already keeps others out; this holds if it changes.
-fn socket_caller(unix: &UdsConnectInfo) -> Result<Caller, String> {
+/// Root, or the user the agent runs as, drives; a process in the readers'
+/// group (primary or supplementary) reads; nobody else may call. The
+/// socket's mode (0600, or 0660 with the readers' group) already keeps
+/// others out; this holds if it changes.
+fn socket_caller(unix: &UdsConnectInfo, readers: Option<u32>) -> Result<Caller, String> {
     let Some(cred) = unix.peer_cred else {
         return Err("the kernel did not say who is on the Unix socket".into());
     };
     let uid = cred.uid();
+    let caller = |role| Caller {
+        identity: format!("uid {uid} on the Unix socket"),
+        role,
+        host_nqn: None,
+        on_socket: true,
+    };
     if uid == 0 || uid == nix::unistd::geteuid().as_raw() {
-        Ok(Caller {
-            identity: format!("uid {uid} on the Unix socket"),
-            role: Role::Driver,
-            host_nqn: None,
-            on_socket: true,
-        })
-    } else {
-        Err(format!(
-            "uid {uid} may not call on the Unix socket: only root may"
-        ))
+        return Ok(caller(Role::Driver));
     }
+    if let Some(gid) = readers
+        && (cred.gid() == gid || cred.pid().is_some_and(|pid| in_group(pid, gid)))
+    {
+        return Ok(caller(Role::Reader));
+    }
+    let group = match readers {
+        Some(gid) => format!(", or a member of group {gid} as a reader"),
+        None => String::new(),
+    };
+    Err(format!(
+        "uid {uid} may not call on the Unix socket: only root may{group}"
+    ))
+}
+
+/// Whether process `pid` holds supplementary group `gid` (its status file
+/// lists them; a process that is gone holds none).
+fn in_group(pid: i32, gid: u32) -> bool {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return false;
+    };
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("Groups:"))
+        .is_some_and(|groups| groups.split_whitespace().any(|g| g == gid.to_string()))
 }
 
 impl<S> Layer<S> for AccessLayer {
@@ -366,7 +428,7 @@ mod tests {
                 || method.starts_with("List")
                 || method.starts_with("Watch");
             assert_eq!(may_call(Role::Reader, path), read, "{path}");
-            let peer = matches!(method, "GetNodeInfo" | "ReleaseVolume");
+            let peer = matches!(method, "GetNodeInfo" | "ReleaseVolume" | "UnexportVolume");
             assert_eq!(may_call(Role::Peer, path), peer, "{path}");
         }
         for open in [
@@ -375,6 +437,29 @@ mod tests {
         ] {
             assert!(may_call(Role::Peer, open) && may_call(Role::Reader, open));
         }
+    }
+
+    #[test]
+    fn only_the_peer_bound_to_the_exported_host_releases_over_tcp() {
+        let caller = |role, on_socket, host_nqn: Option<&str>| Caller {
+            identity: "someone".into(),
+            role,
+            host_nqn: host_nqn.map(str::to_owned),
+            on_socket,
+        };
+        let peer = caller(Role::Peer, false, Some("nqn.a"));
+        assert!(bind_peer(Some(&peer), "nqn.a").is_ok());
+        let other = bind_peer(Some(&peer), "nqn.b").unwrap_err();
+        assert_eq!(other.code(), tonic::Code::PermissionDenied);
+        let driver = bind_peer(Some(&caller(Role::Driver, false, None)), "nqn.a").unwrap_err();
+        assert_eq!(driver.code(), tonic::Code::PermissionDenied);
+        assert!(driver.message().contains("only the agent"), "{driver:?}");
+        assert!(bind_peer(Some(&caller(Role::Driver, true, None)), "nqn.a").is_ok());
+        assert_eq!(peer_host(Some(&peer)).as_deref(), Some("nqn.a"));
+        assert_eq!(peer_host(Some(&caller(Role::Driver, true, None))), None);
+        assert!(no_force_by_peer(Some(&peer), true).is_err());
+        assert!(no_force_by_peer(Some(&peer), false).is_ok());
+        assert!(no_force_by_peer(Some(&caller(Role::Driver, false, None)), true).is_ok());
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod proto;
 mod release;
 mod snapshot;
 pub mod status;
+mod tls;
 mod transfer;
 mod volume;
 mod watch;
@@ -31,13 +32,8 @@ use std::{
 };
 
 use tokio::net::{TcpListener, UnixListener};
-use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
-use tonic::{
-    Request, Response, Status,
-    metadata::MetadataMap,
-    service::Routes,
-    transport::{Certificate, Identity, Server, ServerTlsConfig},
-};
+use tokio_stream::wrappers::UnixListenerStream;
+use tonic::{Request, Response, Status, metadata::MetadataMap, service::Routes, transport::Server};
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::{
@@ -66,7 +62,7 @@ pub async fn serve(
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let (health, health_service) = tonic_health::server::health_reporter();
     let routes = routes(&agent, health_service)?;
-    let unix = bind_unix(&agent.settings().socket)?;
+    let unix = bind_unix(&agent.settings().socket, agent.settings().socket_readers)?;
     info!(socket = %agent.settings().socket.display(), "serving the API on the Unix socket");
     let mut servers = tokio::task::JoinSet::new();
     // Root alone drives over the socket; TCP clients are whom tcp.client
@@ -74,23 +70,28 @@ pub async fn serve(
     let limits = agent.settings().limits;
     let gate = access::CallGate::new(limits.max_calls);
     let socket_server = limited(&limits)
-        .layer(access::AccessLayer::new(Vec::new(), gate.clone()))
+        .layer(
+            access::AccessLayer::new(Vec::new(), gate.clone())
+                .with_socket_readers(agent.settings().socket_readers),
+        )
         .add_routes(routes.clone())
         .serve_with_incoming_shutdown(UnixListenerStream::new(unix), stopped(stop_rx.clone()));
     servers.spawn(async move { socket_server.await.map_err(|err| err.to_string()) });
+    let mut reloadable = None;
     if let Some(tcp) = &agent.settings().tcp {
-        let (listener, tls) = bind_tcp(tcp).await?;
+        let tls = Arc::new(tls::ReloadableTls::load(tcp)?);
+        let listener = bind_tcp(tcp).await?;
         let tcp_server = limited(&limits)
-            .tls_config(tls.timeout(limits.tls_handshake))
-            .map_err(|err| tls_error(tcp, err))?
             .layer(access::AccessLayer::new(tcp.clients.clone(), gate))
             .add_routes(routes)
             .serve_with_incoming_shutdown(
-                TcpListenerStream::new(listener),
+                Arc::clone(&tls).incoming(listener, limits.tls_handshake),
                 stopped(stop_rx.clone()),
             );
         servers.spawn(async move { tcp_server.await.map_err(|err| err.to_string()) });
+        reloadable = Some(tls);
     }
+    tls::reload_on_hangup(reloadable)?;
     if let Some(address) = agent.settings().metrics_listen {
         let listener = TcpListener::bind(address)
             .await
@@ -178,9 +179,10 @@ async fn stopped(mut stop: tokio::sync::watch::Receiver<bool>) {
     let _ = stop.wait_for(|stopped| *stopped).await;
 }
 
-/// Binds the socket with mode 0600. A stale socket file from a crashed agent
-/// is replaced; a live one (another agent answers) is an error.
-fn bind_unix(path: &Path) -> Result<UnixListener, AgentError> {
+/// Binds the socket with mode 0600, or 0660 with the readers' group. A
+/// stale socket file from a crashed agent is replaced; a live one (another
+/// agent answers) is an error.
+fn bind_unix(path: &Path, readers: Option<u32>) -> Result<UnixListener, AgentError> {
     let io = |context: &str, source| AgentError::Io {
         context: format!("{context} {}", path.display()),
         source,
@@ -199,36 +201,64 @@ fn bind_unix(path: &Path) -> Result<UnixListener, AgentError> {
         }
         std::fs::remove_file(path).map_err(|e| io("cannot remove the stale socket", e))?;
     }
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent).map_err(|e| io("cannot create the directory of", e))?;
-    }
+    let parent = path.parent().unwrap_or(Path::new("/"));
+    let made_parent = !parent.exists();
+    std::fs::create_dir_all(parent).map_err(|e| io("cannot create the directory of", e))?;
     // Nobody else may connect in the moment between bind and chmod.
     let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
     let bound = UnixListener::bind(path);
     nix::sys::stat::umask(old);
     let listener = bound.map_err(|e| io("cannot listen on", e))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| io("cannot restrict", e))?;
+    let Some(gid) = readers else {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| io("cannot restrict", e))?;
+        return Ok(listener);
+    };
+    std::os::unix::fs::chown(path, None, Some(gid))
+        .map_err(|e| io(&format!("cannot give group {gid}"), e))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+        .map_err(|e| io("cannot open to its group", e))?;
+    reachable_by_group(parent, gid, made_parent)?;
     Ok(listener)
 }
 
-async fn bind_tcp(tcp: &TcpSettings) -> Result<(TcpListener, ServerTlsConfig), AgentError> {
-    let read = |option: &str, path: &Path| {
-        std::fs::read(path).map_err(|err| AgentError::Config {
-            option: option.to_owned(),
-            reason: format!("cannot read {}: {err}", path.display()),
-        })
-    };
-    let identity = Identity::from_pem(
-        read("tcp.tls_cert", &tcp.tls_cert)?,
-        read("tcp.tls_key", &tcp.tls_key)?,
-    );
-    let client_ca = Certificate::from_pem(read("tcp.client_ca", &tcp.client_ca)?);
-    // Without client_auth_optional, a client must present a certificate
-    // that chains to client_ca: mutual TLS.
-    let tls = ServerTlsConfig::new()
-        .identity(identity)
-        .client_ca_root(client_ca);
+/// The readers' group can reach a socket in `dir`: the directory lets its
+/// group, or everyone, through. One the agent just `made` is opened to the
+/// group (0750); an operator's own directory is only checked.
+fn reachable_by_group(dir: &Path, gid: u32, made: bool) -> Result<(), AgentError> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(dir).map_err(|source| AgentError::Io {
+        context: format!("cannot look at {}", dir.display()),
+        source,
+    })?;
+    let traversable = meta.mode() & 0o001 != 0 || (meta.gid() == gid && meta.mode() & 0o010 != 0);
+    if traversable {
+        return Ok(());
+    }
+    if made {
+        std::os::unix::fs::chown(dir, None, Some(gid)).map_err(|source| AgentError::Io {
+            context: format!("cannot give {} to group {gid}", dir.display()),
+            source,
+        })?;
+        return std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o750)).map_err(
+            |source| AgentError::Io {
+                context: format!("cannot open {} to group {gid}", dir.display()),
+                source,
+            },
+        );
+    }
+    Err(AgentError::Config {
+        option: "socket_readers".into(),
+        reason: format!(
+            "group {gid} cannot reach the socket: {} lets neither that group nor everyone \
+             through (mode {:o}); give it to the group with mode 0750",
+            dir.display(),
+            meta.mode() & 0o7777
+        ),
+    })
+}
+
+async fn bind_tcp(tcp: &TcpSettings) -> Result<TcpListener, AgentError> {
     let listener = TcpListener::bind(tcp.listen)
         .await
         .map_err(|source| AgentError::Io {
@@ -239,19 +269,7 @@ async fn bind_tcp(tcp: &TcpSettings) -> Result<(TcpListener, ServerTlsConfig), A
         .local_addr()
         .map_or_else(|_| tcp.listen.to_string(), |a| a.to_string());
     info!(address = %local, "serving the API over TCP with mutual TLS");
-    Ok((listener, tls))
-}
-
-fn tls_error(tcp: &TcpSettings, err: impl std::fmt::Display) -> AgentError {
-    AgentError::Config {
-        option: "tcp.tls_cert".into(),
-        reason: format!(
-            "the TLS identity ({}, {}) or client CA ({}) is not usable: {err}",
-            tcp.tls_cert.display(),
-            tcp.tls_key.display(),
-            tcp.client_ca.display()
-        ),
-    }
+    Ok(listener)
 }
 
 /// Runs one RPC in a span with its method, object id and request id, logs
@@ -291,7 +309,10 @@ where
         if audited {
             let outcome = match &result {
                 Ok(_) => "ok".to_owned(),
-                Err(err) => status::code_label(status::status_of(err).code()).to_owned(),
+                Err(err) => format!(
+                    "{}: {err}",
+                    status::code_label(status::status_of(err).code())
+                ),
             };
             info!(target: "dmclone::audit", %caller, method, %outcome, "mutating call");
         }

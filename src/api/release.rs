@@ -1,14 +1,16 @@
 //! The domain's SourceReleaser over gRPC: the source agent's
-//! Transfers.ReleaseVolume.
+//! Transfers.ReleaseVolume, or UnexportVolume after an abort.
 
 use crate::{
     api::{
-        proto::v1::{ReleaseVolumeRequest, transfers_client::TransfersClient},
+        proto::v1::{
+            ReleaseVolumeRequest, UnexportVolumeRequest, transfers_client::TransfersClient,
+        },
         status::code_label,
     },
     client::{connect_tls, connect_unix},
     error::AgentError,
-    transfer::release::{ReleaseFuture, ReleaseRequest, SourceAgent, SourceReleaser},
+    transfer::release::{ReleaseFuture, ReleaseRequest, SourceAction, SourceAgent, SourceReleaser},
 };
 
 /// Calls ReleaseVolume on the source agent, over a new connection each time
@@ -30,21 +32,48 @@ async fn release_volume(request: &ReleaseRequest) -> Result<(), AgentError> {
         ),
         SourceAgent::Tls { address, tls } => (connect_tls(address, tls).await?, address.clone()),
     };
-    let message = ReleaseVolumeRequest {
-        volume_id: request.volume_id.clone(),
-        host_nqn: request.host_nqn.clone(),
+    let token = request
+        .token
+        .as_ref()
+        .map(|token| token.expose().to_owned())
+        .unwrap_or_default();
+    let mut client = TransfersClient::new(channel);
+    let answer = match request.action {
+        SourceAction::Release => client
+            .release_volume(ReleaseVolumeRequest {
+                volume_id: request.volume_id.clone(),
+                host_nqn: request.host_nqn.clone(),
+                release_token: token,
+            })
+            .await
+            .map(drop),
+        SourceAction::Withdraw => {
+            let withdrawn = client
+                .unexport_volume(UnexportVolumeRequest {
+                    volume_id: request.volume_id.clone(),
+                    release_token: token,
+                    force: false,
+                })
+                .await;
+            match withdrawn {
+                // The volume is gone from the source: nothing is exported.
+                Err(status) if status.code() == tonic::Code::NotFound => Ok(()),
+                other => other.map(drop),
+            }
+        }
     };
-    TransfersClient::new(channel)
-        .release_volume(message)
-        .await
-        .map(drop)
-        .map_err(|status| AgentError::Unavailable {
-            reason: format!(
-                "{endpoint} answered {}: {}",
-                code_label(status.code()),
-                status.message()
-            ),
-        })
+    answer.map_err(|status| {
+        let reason = format!(
+            "{endpoint} answered {}: {}",
+            code_label(status.code()),
+            status.message()
+        );
+        if status.code() == tonic::Code::PermissionDenied {
+            AgentError::PermissionDenied { reason }
+        } else {
+            AgentError::Unavailable { reason }
+        }
+    })
 }
 
 #[cfg(test)]
@@ -62,6 +91,8 @@ mod tests {
         let releaser: Arc<dyn SourceReleaser> = Arc::new(GrpcSourceReleaser);
         let request = ReleaseRequest {
             source: SourceAgent::Unix(socket),
+            action: SourceAction::Release,
+            token: None,
             volume_id: "00000000-0000-4000-8000-000000000001".into(),
             host_nqn: "nqn.2014-08.org.nvmexpress:uuid:00000000-0000-4000-9000-000000000001".into(),
         };

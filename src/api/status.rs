@@ -57,6 +57,7 @@ pub fn code_of(kind: ErrorKind) -> Code {
         ErrorKind::AlreadyExists => Code::AlreadyExists,
         ErrorKind::FailedPrecondition => Code::FailedPrecondition,
         ErrorKind::ResourceExhausted => Code::ResourceExhausted,
+        ErrorKind::PermissionDenied => Code::PermissionDenied,
         ErrorKind::Busy | ErrorKind::Unavailable => Code::Unavailable,
         ErrorKind::Unimplemented => Code::Unimplemented,
         ErrorKind::Internal => Code::Internal,
@@ -146,6 +147,12 @@ mod tests {
                     reason: "full".into(),
                 },
                 Code::ResourceExhausted,
+            ),
+            (
+                AgentError::PermissionDenied {
+                    reason: "wrong release token".into(),
+                },
+                Code::PermissionDenied,
             ),
             (
                 AgentError::Unavailable {

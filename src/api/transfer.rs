@@ -13,7 +13,10 @@ use crate::{
     api::proto::v1 as pb,
     error::AgentError,
     ids::{TransferId, VolumeId},
-    transfer::{KnobRequest, Source, StartRequest, TransferQuery, TransferView, history::MAX_PAGE},
+    transfer::{
+        KnobRequest, Source, StartRequest, TransferQuery, TransferView, export::UnexportRequest,
+        history::MAX_PAGE, token::ReleaseToken,
+    },
 };
 
 #[derive(Debug)]
@@ -84,6 +87,7 @@ fn start_request(req: pb::StartTransferRequest) -> Result<StartRequest, AgentErr
             address: nvme.transport_address,
             port: nvme.transport_service_id,
             agent_endpoint: nvme.source_agent_endpoint,
+            release_token: ReleaseToken::presented(&nvme.release_token),
         },
         None => {
             return Err(AgentError::InvalidArgument {
@@ -116,13 +120,20 @@ impl pb::transfers_server::Transfers for TransfersApi {
             span_id(&req.volume_id),
             |agent| async move {
                 let id = VolumeId::parse(&req.volume_id)?;
-                let export = agent.exports.export_volume(&id, &req.host_nqn).await?;
+                let export = agent
+                    .exports
+                    .export_volume(&id, &req.host_nqn, req.for_transfer)
+                    .await?;
                 Ok(pb::Export {
                     volume_id: export.volume_id,
                     subsystem_nqn: export.subsystem_nqn,
                     transport_address: export.address,
                     transport_service_id: u32::from(export.port),
                     allowed_host_nqn: export.host_nqn,
+                    release_token: export
+                        .release_token
+                        .map(|token| token.expose().to_owned())
+                        .unwrap_or_default(),
                 })
             },
         )
@@ -133,7 +144,14 @@ impl pb::transfers_server::Transfers for TransfersApi {
         &self,
         request: Request<pb::UnexportVolumeRequest>,
     ) -> Result<Response<pb::UnexportVolumeResponse>, Status> {
+        let caller = request.extensions().get::<access::Caller>().cloned();
         let (metadata, req) = parts(request);
+        access::no_force_by_peer(caller.as_ref(), req.force)?;
+        let unexport = UnexportRequest {
+            token: ReleaseToken::presented(&req.release_token),
+            force: req.force,
+            peer_host: access::peer_host(caller.as_ref()),
+        };
         handle(
             &self.agent,
             "UnexportVolume",
@@ -141,7 +159,7 @@ impl pb::transfers_server::Transfers for TransfersApi {
             span_id(&req.volume_id),
             |agent| async move {
                 let id = VolumeId::parse(&req.volume_id)?;
-                agent.exports.unexport_volume(&id).await?;
+                agent.exports.unexport_volume(&id, &unexport).await?;
                 Ok(pb::UnexportVolumeResponse {})
             },
         )
@@ -162,7 +180,11 @@ impl pb::transfers_server::Transfers for TransfersApi {
             span_id(&req.volume_id),
             |agent| async move {
                 let id = VolumeId::parse(&req.volume_id)?;
-                agent.exports.release_volume(&id, &req.host_nqn).await?;
+                let token = ReleaseToken::presented(&req.release_token);
+                agent
+                    .exports
+                    .release_volume(&id, &req.host_nqn, token.as_ref())
+                    .await?;
                 Ok(pb::ReleaseVolumeResponse {})
             },
         )

@@ -216,7 +216,7 @@ async fn an_export_ends_the_history_it_would_make_wrong() {
     agent.volumes.create_volume(&id, 4 * MIB).await.unwrap();
     agent.volumes.publish_volume(&id).await.unwrap();
     let before = agent.changes.mark_checkpoint(&id).await.unwrap();
-    agent.exports.export_volume(&id, HOST).await.unwrap();
+    agent.exports.export_volume(&id, HOST, false).await.unwrap();
 
     let checkpoint = agent.changes.mark_checkpoint(&id).await;
     assert_eq!(
@@ -237,7 +237,11 @@ async fn an_export_ends_the_history_it_would_make_wrong() {
         "a snapshot taken while exported has no era"
     );
 
-    agent.exports.unexport_volume(&id).await.unwrap();
+    agent
+        .exports
+        .unexport_volume(&id, &Default::default())
+        .await
+        .unwrap();
     let unexported = host.kernel.journal().len();
     let asked = agent.changes.changed_blocks(&id, &Since::Era(before)).await;
     assert_eq!(refusal(&asked), Some("ERA_OTHER_HISTORY"), "{asked:?}");

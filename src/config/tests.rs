@@ -262,6 +262,7 @@ fn the_sample_config_is_valid_and_names_every_option() {
         "node_id",
         "state_dir",
         "socket",
+        "socket_readers",
         "dm_prefix",
         "[pool]",
         "device",
@@ -353,4 +354,20 @@ fn a_client_flag_names_an_identity_and_its_role() {
             .unwrap_err()
             .contains("not a role")
     );
+}
+
+#[test]
+fn socket_readers_need_a_group_and_a_socket_they_can_reach() {
+    let numbered = settings("socket = \"/run/dmclone/agent.sock\"\nsocket_readers = \"4242\"");
+    assert_eq!(numbered.unwrap().socket_readers, Some(4242));
+    let named = settings("socket = \"/run/dmclone/agent.sock\"\nsocket_readers = \"root\"");
+    assert_eq!(named.unwrap().socket_readers, Some(0));
+    assert_eq!(settings("").unwrap().socket_readers, None);
+    let (option, reason) = config_error("socket_readers = \"4242\"");
+    assert_eq!(option, "socket_readers");
+    assert!(reason.contains("inside state_dir"), "{reason}");
+    let (_, reason) = config_error(
+        "socket = \"/run/dmclone/agent.sock\"\nsocket_readers = \"no-such-group-here\"",
+    );
+    assert!(reason.contains("no group"), "{reason}");
 }

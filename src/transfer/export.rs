@@ -20,8 +20,35 @@ use crate::{
     },
     refusal::Refusal,
     store::ExportRecord,
+    transfer::token::{ReleaseToken, TOKENS_KEPT},
     volume::Volumes,
 };
+
+/// Keeps `token`'s digest with the export's, dropping the oldest past
+/// [`TOKENS_KEPT`].
+fn remember_token(digests: &mut Vec<String>, token: &ReleaseToken) {
+    digests.push(token.digest());
+    let excess = digests.len().saturating_sub(TOKENS_KEPT);
+    digests.drain(..excess);
+}
+
+/// PERMISSION_DENIED unless `token` is one the export handed out.
+fn check_token(
+    id: &VolumeId,
+    token: &ReleaseToken,
+    export: &ExportRecord,
+) -> Result<(), AgentError> {
+    if token.matches(&export.release_token_digests) {
+        return Ok(());
+    }
+    Err(AgentError::PermissionDenied {
+        reason: format!(
+            "the release token does not match the one volume {id}'s export to {} was given; \
+             nothing changes",
+            export.host_nqn
+        ),
+    })
+}
 
 /// An export, as the source reports it to the destination.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,6 +58,19 @@ pub struct ExportView {
     pub address: String,
     pub port: u16,
     pub host_nqn: String,
+    /// A fresh release token, for an export for a move.
+    pub release_token: Option<ReleaseToken>,
+}
+
+/// Who asks to withdraw an export, and with what right.
+#[derive(Debug, Clone, Default)]
+pub struct UnexportRequest {
+    /// The export's release token, if the caller holds it.
+    pub token: Option<ReleaseToken>,
+    /// Withdraw an export for a move without its token.
+    pub force: bool,
+    /// A peer's own host: the only host whose exports it may withdraw.
+    pub peer_host: Option<String>,
 }
 
 /// The source side of a move: exporting a volume and releasing it.
@@ -51,10 +91,15 @@ impl Exports {
         format!("nqn.2014-08.io.dmclone:{}", self.ctx.node_id)
     }
 
+    /// Exports the volume to `host_nqn`; `for_transfer` makes it the
+    /// source of a move, answered with a fresh release token. Repeating
+    /// the call is harmless, and a repeat without `for_transfer` keeps the
+    /// tokens handed out before (restoring exports at start does that).
     pub async fn export_volume(
         &self,
         id: &VolumeId,
         host_nqn: &str,
+        for_transfer: bool,
     ) -> Result<ExportView, AgentError> {
         let host = Nqn::parse("host_nqn", host_nqn)?;
         let address = self.ctx.settings.nvme.export.ok_or_else(|| {
@@ -74,7 +119,8 @@ impl Exports {
             .into());
         }
         let subsystem = subsystem_nqn(&self.export_prefix(), id)?;
-        match &record.export {
+        let token = for_transfer.then(ReleaseToken::generate).transpose()?;
+        match &mut record.export {
             Some(existing) if existing.host_nqn != host.as_str() => {
                 return Err(AgentError::AlreadyExists {
                     what: "export of volume",
@@ -85,11 +131,21 @@ impl Exports {
                     ),
                 });
             }
-            Some(_) => {}
+            Some(existing) => {
+                if let Some(token) = &token {
+                    remember_token(&mut existing.release_token_digests, token);
+                    self.ctx.put(&record).await?;
+                }
+            }
             None => {
+                let mut digests = Vec::new();
+                if let Some(token) = &token {
+                    remember_token(&mut digests, token);
+                }
                 record.export = Some(ExportRecord {
                     host_nqn: host.to_string(),
                     subsystem_nqn: subsystem.to_string(),
+                    release_token_digests: digests,
                 });
                 // The export serves the thin device below dm-era: what the
                 // other host writes is never tracked, so the history ends.
@@ -109,17 +165,25 @@ impl Exports {
             },
         };
         self.ctx.fabric.export(&request).await?;
-        info!(volume = %id, host = %host, subsystem = %subsystem, %address, "exported");
+        info!(volume = %id, host = %host, subsystem = %subsystem, %address, for_transfer, "exported");
         Ok(ExportView {
             volume_id: id.to_string(),
             subsystem_nqn: subsystem.to_string(),
             address: address.ip().to_string(),
             port: address.port(),
             host_nqn: host.to_string(),
+            release_token: token,
         })
     }
 
-    pub async fn unexport_volume(&self, id: &VolumeId) -> Result<(), AgentError> {
+    /// Withdraws the volume's export. An export for a move goes only with
+    /// its release token or by force; a peer withdraws only exports to its
+    /// own host, and an export already gone counts as withdrawn for it.
+    pub async fn unexport_volume(
+        &self,
+        id: &VolumeId,
+        request: &UnexportRequest,
+    ) -> Result<(), AgentError> {
         let _held = self.ctx.locks.lock(id.as_str()).await;
         let mut record = self
             .ctx
@@ -129,6 +193,36 @@ impl Exports {
                 what: "volume",
                 id: id.to_string(),
             })?;
+        if let Some(export) = &record.export {
+            if let Some(peer_host) = &request.peer_host
+                && *peer_host != export.host_nqn
+            {
+                return Err(Refusal::VolumeExportedElsewhere {
+                    volume: id.clone(),
+                    host_nqn: export.host_nqn.clone(),
+                    requester: peer_host.clone(),
+                }
+                .into());
+            }
+            if export.for_transfer() {
+                if request.force {
+                    warn!(target: "dmclone::audit", volume = %id, host = %export.host_nqn, "forced unexport of a move's source: its destination loses the source");
+                } else {
+                    match &request.token {
+                        Some(token) => check_token(id, token, export)?,
+                        None => {
+                            return Err(Refusal::ExportForTransfer {
+                                volume: id.clone(),
+                                host_nqn: export.host_nqn.clone(),
+                            }
+                            .into());
+                        }
+                    }
+                }
+            }
+        } else if request.peer_host.is_some() {
+            return Ok(());
+        }
         self.remove_export(id).await?;
         failpoint::hit("unexport.after_unexport");
         if record.export.take().is_some() {
@@ -143,9 +237,16 @@ impl Exports {
         self.ctx.fabric.unexport(&subsystem).await
     }
 
-    /// The destination has every region: drop this host's copy, unless it
-    /// is still attached here or exported to someone else.
-    pub async fn release_volume(&self, id: &VolumeId, host_nqn: &str) -> Result<(), AgentError> {
+    /// The destination has every region: drop this host's copy. Only the
+    /// destination the copy was exported to for a move, holding one of the
+    /// export's release tokens, may ask; and not while the copy is attached
+    /// here.
+    pub async fn release_volume(
+        &self,
+        id: &VolumeId,
+        host_nqn: &str,
+        token: Option<&ReleaseToken>,
+    ) -> Result<(), AgentError> {
         let host = Nqn::parse("host_nqn", host_nqn)?;
         let _held = self.ctx.locks.lock(id.as_str()).await;
         let Some(record) = self.ctx.record(id).await? else {
@@ -160,9 +261,14 @@ impl Exports {
             }
             .into());
         }
-        if let Some(export) = &record.export
-            && export.host_nqn != host.as_str()
-        {
+        let not_for_transfer = |why| Refusal::ExportNotForTransfer {
+            volume: id.clone(),
+            why,
+        };
+        let Some(export) = &record.export else {
+            return Err(not_for_transfer("is not exported").into());
+        };
+        if export.host_nqn != host.as_str() {
             return Err(Refusal::VolumeExportedElsewhere {
                 volume: id.clone(),
                 host_nqn: export.host_nqn.clone(),
@@ -170,6 +276,16 @@ impl Exports {
             }
             .into());
         }
+        if !export.for_transfer() {
+            return Err(not_for_transfer("is exported for an attachment, not for a move").into());
+        }
+        let token = token.ok_or_else(|| AgentError::PermissionDenied {
+            reason: format!(
+                "a release of volume {id} needs the release token its export was given; the \
+                 copy stays"
+            ),
+        })?;
+        check_token(id, token, export)?;
         if record.published {
             return Err(Refusal::VolumePublished {
                 volume: id.clone(),
@@ -180,9 +296,9 @@ impl Exports {
         }
         self.remove_export(id).await?;
         failpoint::hit("release.after_unexport");
-        let mut record = record;
-        record.export = None;
-        self.ctx.put(&record).await?;
+        // The record keeps its export (and its tokens) until the delete
+        // removes it, so a release cut short here is repeated with the
+        // same token.
         self.volumes.delete_locked(id, record).await?;
         info!(volume = %id, host = %host, "released: the volume now lives on the destination only");
         Ok(())
@@ -222,7 +338,7 @@ impl Exports {
         for record in records {
             if let Some(export) = &record.export {
                 let id = record.id.clone();
-                if let Err(err) = self.export_volume(&id, &export.host_nqn).await {
+                if let Err(err) = self.export_volume(&id, &export.host_nqn, false).await {
                     warn!(volume = %id, error = %err, "cannot restore an export");
                 }
             }

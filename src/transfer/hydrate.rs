@@ -343,6 +343,7 @@ impl Transfers {
         failpoint::hit("abort.after_record");
         self.finish_abort(volume, &transfer).await?;
         self.ctx.registry.wake(&transfer.id);
+        self.spawn_withdraw(&transfer);
         info!(transfer = %transfer.id, volume = %volume_id, "aborted");
         Ok(self.ctx.transfer_view(&transfer))
     }
@@ -432,6 +433,7 @@ impl Transfers {
             finalize_pause_micros: None,
             done_to_finalized_micros: None,
             source_released: false,
+            export_withdrawn: false,
             switched_local: false,
         };
         let ids = self
@@ -496,11 +498,13 @@ fn source_record(source: &Source) -> SourceRecord {
             address,
             port,
             agent_endpoint,
+            release_token,
         } => SourceRecord::NvmeTcp {
             subsystem_nqn: subsystem_nqn.clone(),
             address: address.clone(),
             port: *port,
             agent_endpoint: agent_endpoint.clone(),
+            release_token: release_token.clone(),
         },
     }
 }

@@ -24,6 +24,7 @@ pub mod phase;
 pub mod progress;
 pub mod release;
 mod releasing;
+pub mod token;
 
 use std::{
     collections::HashMap,
@@ -98,6 +99,7 @@ pub enum Source {
         address: String,
         port: u32,
         agent_endpoint: String,
+        release_token: Option<token::ReleaseToken>,
     },
 }
 

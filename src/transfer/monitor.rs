@@ -363,6 +363,8 @@ impl Transfers {
                 self.spawn_monitor(transfer.id.clone());
             } else if transfer.phase == TransferPhase::Done {
                 self.spawn_release(transfer);
+            } else if transfer.phase == TransferPhase::Aborted {
+                self.spawn_withdraw(transfer);
             }
         }
     }

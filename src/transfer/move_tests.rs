@@ -14,6 +14,7 @@ use crate::{
     ids::{TransferId, VolumeId},
     nvme::{Fabric, Nqn, PortSpec, TcpAddress, namespace_ids, subsystem_nqn},
     testing::{MIB, TestHost, refusal, transfer_reaches, volume_id},
+    transfer::{export::UnexportRequest, release::SourceAction, token::ReleaseToken},
 };
 
 const HOST_A: &str = "nqn.2014-08.org.nvmexpress:uuid:aaaaaaaa-0000-4000-8000-000000000001";
@@ -38,7 +39,12 @@ async fn an_export_admits_one_host_and_unexport_leaves_nothing() {
     let agent = host.start().await.unwrap();
     let id = volume_id(1);
     agent.volumes.create_volume(&id, 8 * MIB).await.unwrap();
-    let view = agent.exports.export_volume(&id, HOST_A).await.unwrap();
+    let view = agent
+        .exports
+        .export_volume(&id, HOST_A, false)
+        .await
+        .unwrap();
+    assert_eq!(view.release_token, None, "an attachment's export has none");
     let subsystem = subsystem_of(&agent, &id).await;
     assert_eq!(view.subsystem_nqn, subsystem);
     assert_eq!((view.address.as_str(), view.port), ("192.0.2.1", 4420));
@@ -49,10 +55,14 @@ async fn an_export_admits_one_host_and_unexport_leaves_nothing() {
     );
     // A retry is the same export; another host is a conflict.
     assert_eq!(
-        agent.exports.export_volume(&id, HOST_A).await.unwrap(),
+        agent
+            .exports
+            .export_volume(&id, HOST_A, false)
+            .await
+            .unwrap(),
         view
     );
-    let other = agent.exports.export_volume(&id, HOST_B).await;
+    let other = agent.exports.export_volume(&id, HOST_B, false).await;
     assert!(
         matches!(other, Err(AgentError::AlreadyExists { .. })),
         "{other:?}"
@@ -63,8 +73,108 @@ async fn an_export_admits_one_host_and_unexport_leaves_nothing() {
     let extend = agent.volumes.extend_volume(&id, 16 * MIB).await;
     assert_eq!(refusal(&extend), Some("VOLUME_EXPORTED"), "{extend:?}");
 
-    agent.exports.unexport_volume(&id).await.unwrap();
-    agent.exports.unexport_volume(&id).await.unwrap();
+    let released = agent.exports.release_volume(&id, HOST_A, None).await;
+    assert_eq!(
+        refusal(&released),
+        Some("EXPORT_NOT_FOR_TRANSFER"),
+        "{released:?}"
+    );
+    let anyone = UnexportRequest::default();
+    agent.exports.unexport_volume(&id, &anyone).await.unwrap();
+    agent.exports.unexport_volume(&id, &anyone).await.unwrap();
+    assert!(host.fabric.exports().is_empty());
+    let released = agent.exports.release_volume(&id, HOST_A, None).await;
+    assert_eq!(
+        refusal(&released),
+        Some("EXPORT_NOT_FOR_TRANSFER"),
+        "{released:?}"
+    );
+    agent.volumes.delete_volume(&id).await.unwrap();
+}
+
+/// An export for a move answers with a fresh token each time, keeps only
+/// digests, and is withdrawn only with one of its tokens or by force; a
+/// peer withdraws only what was exported to its own host.
+#[tokio::test]
+async fn a_moves_export_is_withdrawn_only_with_its_token_or_by_force() {
+    let host = exporting_host();
+    let agent = host.start().await.unwrap();
+    let id = volume_id(1);
+    agent.volumes.create_volume(&id, 8 * MIB).await.unwrap();
+    let first = agent
+        .exports
+        .export_volume(&id, HOST_A, true)
+        .await
+        .unwrap();
+    let second = agent
+        .exports
+        .export_volume(&id, HOST_A, true)
+        .await
+        .unwrap();
+    let (first, second) = (first.release_token.unwrap(), second.release_token.unwrap());
+    assert_ne!(first, second);
+    let stored = serde_json::to_string(&agent.ctx.record(&id).await.unwrap().unwrap()).unwrap();
+    assert!(
+        !stored.contains(first.expose()) && !stored.contains(second.expose()),
+        "only digests are stored"
+    );
+    let restored = agent
+        .exports
+        .export_volume(&id, HOST_A, false)
+        .await
+        .unwrap();
+    assert_eq!(restored.release_token, None);
+
+    let without = agent
+        .exports
+        .unexport_volume(&id, &UnexportRequest::default())
+        .await;
+    assert_eq!(
+        refusal(&without),
+        Some("EXPORT_FOR_TRANSFER"),
+        "{without:?}"
+    );
+    let wrong = UnexportRequest {
+        token: ReleaseToken::presented("0123"),
+        ..UnexportRequest::default()
+    };
+    let refused = agent.exports.unexport_volume(&id, &wrong).await;
+    assert!(
+        matches!(refused, Err(AgentError::PermissionDenied { .. })),
+        "{refused:?}"
+    );
+    let other_peer = UnexportRequest {
+        token: Some(first.clone()),
+        peer_host: Some(HOST_B.into()),
+        ..UnexportRequest::default()
+    };
+    let refused = agent.exports.unexport_volume(&id, &other_peer).await;
+    assert_eq!(
+        refusal(&refused),
+        Some("VOLUME_EXPORTED_ELSEWHERE"),
+        "{refused:?}"
+    );
+    assert_eq!(host.fabric.exports().len(), 1, "refusals change nothing");
+
+    let peer = UnexportRequest {
+        token: Some(first),
+        peer_host: Some(HOST_A.into()),
+        ..UnexportRequest::default()
+    };
+    agent.exports.unexport_volume(&id, &peer).await.unwrap();
+    assert!(host.fabric.exports().is_empty());
+    agent.exports.unexport_volume(&id, &peer).await.unwrap();
+
+    agent
+        .exports
+        .export_volume(&id, HOST_A, true)
+        .await
+        .unwrap();
+    let forced = UnexportRequest {
+        force: true,
+        ..UnexportRequest::default()
+    };
+    agent.exports.unexport_volume(&id, &forced).await.unwrap();
     assert!(host.fabric.exports().is_empty());
     agent.volumes.delete_volume(&id).await.unwrap();
 }
@@ -75,7 +185,7 @@ async fn an_agent_without_an_export_address_exports_nothing() {
     let agent = host.start().await.unwrap();
     let id = volume_id(1);
     agent.volumes.create_volume(&id, 8 * MIB).await.unwrap();
-    let refused = agent.exports.export_volume(&id, HOST_A).await;
+    let refused = agent.exports.export_volume(&id, HOST_A, true).await;
     assert_eq!(
         refusal(&refused),
         Some("AGENT_NOT_CONFIGURED"),
@@ -94,17 +204,37 @@ async fn a_release_from_the_exported_host_deletes_the_source_copy() {
     agent.volumes.create_volume(&id, 8 * MIB).await.unwrap();
     // Published while the instance still runs here (a live migration).
     agent.volumes.publish_volume(&id).await.unwrap();
-    agent.exports.export_volume(&id, HOST_A).await.unwrap();
+    let token = agent
+        .exports
+        .export_volume(&id, HOST_A, true)
+        .await
+        .unwrap()
+        .release_token
+        .unwrap();
     let again = agent.volumes.publish_volume(&id).await;
     assert!(again.is_ok(), "publishing stays idempotent: {again:?}");
 
-    let elsewhere = agent.exports.release_volume(&id, HOST_B).await;
+    let elsewhere = agent
+        .exports
+        .release_volume(&id, HOST_B, Some(&token))
+        .await;
     assert_eq!(
         refusal(&elsewhere),
         Some("VOLUME_EXPORTED_ELSEWHERE"),
         "{elsewhere:?}"
     );
-    let published = agent.exports.release_volume(&id, HOST_A).await;
+    let wrong = ReleaseToken::generate().unwrap();
+    for presented in [None, Some(&wrong)] {
+        let denied = agent.exports.release_volume(&id, HOST_A, presented).await;
+        assert!(
+            matches!(denied, Err(AgentError::PermissionDenied { .. })),
+            "{denied:?}"
+        );
+    }
+    let published = agent
+        .exports
+        .release_volume(&id, HOST_A, Some(&token))
+        .await;
     assert_eq!(
         refusal(&published),
         Some("VOLUME_PUBLISHED"),
@@ -113,13 +243,21 @@ async fn a_release_from_the_exported_host_deletes_the_source_copy() {
     assert_eq!(host.fabric.exports().len(), 1, "refusals change nothing");
     agent.volumes.unpublish_volume(&id).await.unwrap();
 
-    agent.exports.release_volume(&id, HOST_A).await.unwrap();
+    agent
+        .exports
+        .release_volume(&id, HOST_A, Some(&token))
+        .await
+        .unwrap();
     assert!(host.fabric.exports().is_empty());
     assert!(agent.volumes.get_volume(&id).await.is_err());
     assert!(!host.devices().iter().any(|d| d.contains(id.as_str())));
     assert_eq!(host.kernel.thin_ids("dmt-pool").len(), thin_ids_before);
     // The destination asks until it hears back: a second ask is fine.
-    agent.exports.release_volume(&id, HOST_A).await.unwrap();
+    agent
+        .exports
+        .release_volume(&id, HOST_A, Some(&token))
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
@@ -128,7 +266,12 @@ async fn a_restart_restores_recorded_exports_and_removes_stray_ones() {
     let agent = host.start().await.unwrap();
     let (kept, stray) = (volume_id(1), volume_id(2));
     agent.volumes.create_volume(&kept, 8 * MIB).await.unwrap();
-    agent.exports.export_volume(&kept, HOST_A).await.unwrap();
+    let token = agent
+        .exports
+        .export_volume(&kept, HOST_A, true)
+        .await
+        .unwrap()
+        .release_token;
     let kept_subsystem = subsystem_of(&agent, &kept).await;
     let stray_subsystem = subsystem_of(&agent, &stray).await;
     // The recorded export is lost (a reboot); an unrecorded one of ours is
@@ -155,15 +298,43 @@ async fn a_restart_restores_recorded_exports_and_removes_stray_ones() {
     let exported = host.fabric.exports();
     assert_eq!(exported.keys().collect::<Vec<_>>(), [&kept_subsystem]);
     assert_eq!(exported[&kept_subsystem].0, HOST_A);
+    let without = agent
+        .exports
+        .unexport_volume(&kept, &UnexportRequest::default())
+        .await;
+    assert_eq!(
+        refusal(&without),
+        Some("EXPORT_FOR_TRANSFER"),
+        "a restored export is still a move's source: {without:?}"
+    );
+    let with_token = UnexportRequest {
+        token,
+        ..UnexportRequest::default()
+    };
+    agent
+        .exports
+        .unexport_volume(&kept, &with_token)
+        .await
+        .unwrap();
+    agent
+        .exports
+        .export_volume(&kept, HOST_A, false)
+        .await
+        .unwrap();
 
     // A kernel without the NVMe target: the agent starts, exports refuse.
     host.fabric.remove_target();
     let agent = host.restart(agent).await.unwrap();
-    let unavailable = agent.exports.export_volume(&kept, HOST_A).await;
+    let unavailable = agent.exports.export_volume(&kept, HOST_A, false).await;
     assert!(
         matches!(unavailable, Err(AgentError::Unavailable { .. })),
         "{unavailable:?}"
     );
+}
+
+/// The release token the source handed out in these tests.
+fn the_token() -> ReleaseToken {
+    ReleaseToken::presented("5eed70ce5eed70ce5eed70ce5eed70ce").unwrap()
 }
 
 fn nvme_request(n: u32, volume: &VolumeId, endpoint: &str) -> StartRequest {
@@ -176,6 +347,7 @@ fn nvme_request(n: u32, volume: &VolumeId, endpoint: &str) -> StartRequest {
             address: "192.0.2.7".into(),
             port: 4420,
             agent_endpoint: endpoint.into(),
+            release_token: Some(the_token()),
         },
         deferred: false,
         knobs: KnobRequest::default(),
@@ -211,6 +383,12 @@ async fn a_move_over_nvme_connects_then_lets_go_and_asks_the_source_to_release()
     host.releases.answer();
     wait_until(async || host.releases.asked().len() >= 2).await;
     assert!(host.releases.asked().iter().all(|v| v == id.as_str()));
+    assert!(
+        host.releases
+            .requests()
+            .iter()
+            .all(|r| { r.action == SourceAction::Release && r.token == Some(the_token()) })
+    );
     wait_until(async || {
         agent
             .ctx
@@ -346,17 +524,34 @@ async fn a_move_from_a_source_nobody_exports_leaves_nothing() {
     assert!(host.fabric.connections().is_empty());
 }
 
+/// An abort tears the destination down and asks the source, with the
+/// token, to withdraw its export (never to release its copy), until it
+/// answers; a restart asks again if it had not.
 #[tokio::test]
-async fn an_aborted_move_disconnects_and_asks_no_release() {
+async fn an_aborted_move_disconnects_and_asks_the_source_to_withdraw_its_export() {
     let host = TestHost::new();
     let (agent, id, transfer) = arriving_over_nvme(&host).await;
     agent.transfers.abort_transfer(&transfer).await.unwrap();
     assert!(host.fabric.connections().is_empty());
     assert!(!host.devices().iter().any(|d| d.contains(id.as_str())));
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    wait_until(async || !host.releases.asked().is_empty()).await;
+    let agent = host.restart(agent).await.unwrap();
+    wait_until(async || host.releases.asked().len() >= 2).await;
+    host.releases.answer();
+    wait_until(async || {
+        agent
+            .ctx
+            .transfer_record(&transfer)
+            .await
+            .unwrap()
+            .is_some_and(|t| t.export_withdrawn && !t.source_released)
+    })
+    .await;
     assert!(
-        host.releases.asked().is_empty(),
-        "the source keeps its copy"
+        host.releases
+            .requests()
+            .iter()
+            .all(|r| { r.action == SourceAction::Withdraw && r.token == Some(the_token()) })
     );
 }
 
@@ -385,7 +580,7 @@ async fn crashes_inside_export_unexport_and_release_converge() {
     let caller = Arc::clone(&agent);
     let volume = id.clone();
     crash("export.after_record", async move {
-        caller.exports.export_volume(&volume, HOST_A).await
+        caller.exports.export_volume(&volume, HOST_A, true).await
     })
     .await;
     assert!(
@@ -394,25 +589,52 @@ async fn crashes_inside_export_unexport_and_release_converge() {
     );
     let agent = host.restart(agent).await.unwrap();
     assert_eq!(host.fabric.exports()[&subsystem].0, HOST_A, "restored");
-    agent.exports.export_volume(&id, HOST_A).await.unwrap();
+    let token = agent
+        .exports
+        .export_volume(&id, HOST_A, true)
+        .await
+        .unwrap()
+        .release_token;
 
     let (caller, volume) = (Arc::clone(&agent), id.clone());
+    let with_token = UnexportRequest {
+        token,
+        ..UnexportRequest::default()
+    };
+    let unexport = with_token.clone();
     crash("unexport.after_unexport", async move {
-        caller.exports.unexport_volume(&volume).await
+        caller.exports.unexport_volume(&volume, &unexport).await
     })
     .await;
     let agent = host.restart(agent).await.unwrap();
-    agent.exports.unexport_volume(&id).await.unwrap();
+    agent
+        .exports
+        .unexport_volume(&id, &with_token)
+        .await
+        .unwrap();
     assert!(host.fabric.exports().is_empty());
-    agent.exports.export_volume(&id, HOST_A).await.unwrap();
+    let token = agent
+        .exports
+        .export_volume(&id, HOST_A, true)
+        .await
+        .unwrap()
+        .release_token
+        .unwrap();
 
-    let (caller, volume) = (Arc::clone(&agent), id.clone());
+    let (caller, volume, held) = (Arc::clone(&agent), id.clone(), token.clone());
     crash("release.after_unexport", async move {
-        caller.exports.release_volume(&volume, HOST_A).await
+        caller
+            .exports
+            .release_volume(&volume, HOST_A, Some(&held))
+            .await
     })
     .await;
     let agent = host.restart(agent).await.unwrap();
-    agent.exports.release_volume(&id, HOST_A).await.unwrap();
+    agent
+        .exports
+        .release_volume(&id, HOST_A, Some(&token))
+        .await
+        .unwrap();
     assert!(host.fabric.exports().is_empty());
     assert!(agent.volumes.get_volume(&id).await.is_err(), "released");
     assert!(!host.devices().iter().any(|d| d.contains(id.as_str())));

@@ -1,10 +1,11 @@
-//! Releasing the source's copy once a volume has moved here. The domain says
+//! Telling the source agent what became of a move: release your copy (the
+//! move is done) or withdraw your export (it was aborted). The domain says
 //! whom to ask and what; the API layer, which speaks the wire, does the
 //! asking (api::GrpcSourceReleaser), so nothing here knows gRPC.
 
 use std::{fmt, future::Future, path::PathBuf, pin::Pin};
 
-use crate::{client::ClientTls, error::AgentError};
+use crate::{client::ClientTls, error::AgentError, transfer::token::ReleaseToken};
 
 /// Where the source agent of a transfer listens.
 #[derive(Debug, Clone)]
@@ -15,13 +16,26 @@ pub enum SourceAgent {
     Tls { address: String, tls: ClientTls },
 }
 
-/// A request that the source drop its copy of a volume.
+/// What the source is asked to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceAction {
+    /// The move is done: drop the copy (Transfers.ReleaseVolume).
+    Release,
+    /// The move was aborted: withdraw the export, keep the copy
+    /// (Transfers.UnexportVolume).
+    Withdraw,
+}
+
+/// A request to the source agent of a move.
 #[derive(Debug, Clone)]
 pub struct ReleaseRequest {
     pub source: SourceAgent,
+    pub action: SourceAction,
     pub volume_id: String,
     /// This host's NQN: a source releases only to the host it exported to.
     pub host_nqn: String,
+    /// The export's release token, which proves the right to ask.
+    pub token: Option<ReleaseToken>,
 }
 
 pub type ReleaseFuture<'a> = Pin<Box<dyn Future<Output = Result<(), AgentError>> + Send + 'a>>;
@@ -29,7 +43,8 @@ pub type ReleaseFuture<'a> = Pin<Box<dyn Future<Output = Result<(), AgentError>>
 /// Sends release requests to source agents. It returns a boxed future so
 /// that the agent can hold any implementation as `dyn SourceReleaser`.
 pub trait SourceReleaser: fmt::Debug + Send + Sync {
-    /// Resolves once the source has acknowledged; an error says why not,
-    /// and the caller asks again later.
+    /// Resolves once the source has acknowledged; an error says why not.
+    /// The caller asks again later, except after PERMISSION_DENIED, which
+    /// no repeat changes.
     fn release<'a>(&'a self, request: &'a ReleaseRequest) -> ReleaseFuture<'a>;
 }

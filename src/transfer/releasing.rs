@@ -1,12 +1,14 @@
-//! After a move: asking the source agent to drop its copy, until it does.
+//! After a move: asking the source agent to drop its copy, until it does;
+//! after an abort: asking it to withdraw its export.
 
 use std::time::Duration;
 
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use super::{
     Transfers,
-    release::{ReleaseRequest, SourceAgent},
+    release::{ReleaseRequest, SourceAction, SourceAgent},
+    token::ReleaseToken,
 };
 
 use crate::{
@@ -25,37 +27,66 @@ impl Transfers {
     /// nothing is lost by asking again, and a source that is down now will
     /// be up later.
     pub(crate) fn spawn_release(&self, transfer: &TransferRecord) {
-        let Some(agent_endpoint) = transfer.source_to_release() else {
-            return;
-        };
+        if let Some(endpoint) = transfer.source_to_release() {
+            let token = transfer.release_token().cloned();
+            self.spawn_asking(transfer, endpoint, SourceAction::Release, token);
+        }
+    }
+
+    /// After an abort: tells the source agent to withdraw its export, with
+    /// the release token (without one the source would refuse).
+    pub(crate) fn spawn_withdraw(&self, transfer: &TransferRecord) {
+        if let Some((endpoint, token)) = transfer.export_to_withdraw() {
+            let token = Some(token.clone());
+            self.spawn_asking(transfer, endpoint, SourceAction::Withdraw, token);
+        }
+    }
+
+    fn spawn_asking(
+        &self,
+        transfer: &TransferRecord,
+        endpoint: &str,
+        action: SourceAction,
+        token: Option<ReleaseToken>,
+    ) {
         let transfers = self.clone();
         let (id, volume, endpoint) = (
             transfer.id.clone(),
             transfer.volume_id.clone(),
-            agent_endpoint.to_owned(),
+            endpoint.to_owned(),
         );
         self.ctx.background.spawn(async move {
             let mut backoff = Duration::from_secs(1);
             loop {
-                match transfers.ask_source_to_release(&endpoint, &volume).await {
+                match transfers
+                    .ask_source(&endpoint, &volume, action, token.clone())
+                    .await
+                {
                     Ok(()) => break,
+                    Err(err @ AgentError::PermissionDenied { .. }) => {
+                        // Asking again changes nothing; the next start asks once more.
+                        error!(transfer = %id, %endpoint, ?action, error = %err, "the source refused; its copy and export stay as they are until an operator acts");
+                        return;
+                    }
                     Err(err) => {
-                        warn!(transfer = %id, %endpoint, error = %err, retry_in = ?backoff, "the source did not release its copy yet");
+                        warn!(transfer = %id, %endpoint, ?action, error = %err, retry_in = ?backoff, "the source did not acknowledge yet");
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(RELEASE_BACKOFF_MAX);
                     }
                 }
             }
-            if let Err(err) = transfers.mark_released(&id).await {
-                warn!(transfer = %id, error = %err, "cannot record the source's release");
+            if let Err(err) = transfers.mark_acknowledged(&id, action).await {
+                warn!(transfer = %id, error = %err, "cannot record the source's answer");
             }
         });
     }
 
-    async fn ask_source_to_release(
+    async fn ask_source(
         &self,
         endpoint: &str,
         volume: &VolumeId,
+        action: SourceAction,
+        token: Option<ReleaseToken>,
     ) -> Result<(), AgentError> {
         let source = match endpoint.strip_prefix("unix:") {
             Some(path) => SourceAgent::Unix(path.into()),
@@ -66,8 +97,10 @@ impl Transfers {
         };
         let request = ReleaseRequest {
             source,
+            action,
             volume_id: volume.to_string(),
             host_nqn: self.ctx.nvme.host_nqn.to_string(),
+            token,
         };
         self.ctx.source_releaser.release(&request).await
     }
@@ -97,11 +130,21 @@ impl Transfers {
         })
     }
 
-    async fn mark_released(&self, id: &TransferId) -> Result<(), AgentError> {
+    async fn mark_acknowledged(
+        &self,
+        id: &TransferId,
+        action: SourceAction,
+    ) -> Result<(), AgentError> {
         let (mut record, _held) = self.ctx.locked_transfer(id).await?;
-        record.source_released = true;
+        match action {
+            SourceAction::Release => record.source_released = true,
+            SourceAction::Withdraw => record.export_withdrawn = true,
+        }
         self.ctx.put_transfer(&record).await?;
-        info!(transfer = %id, "the source released its copy");
+        match action {
+            SourceAction::Release => info!(transfer = %id, "the source released its copy"),
+            SourceAction::Withdraw => info!(transfer = %id, "the source withdrew its export"),
+        }
         Ok(())
     }
 }

@@ -29,6 +29,10 @@ struct Args {
     /// The API's Unix socket [config: socket].
     #[arg(long, value_name = "PATH")]
     socket: Option<PathBuf>,
+    /// A group whose members may call the socket as readers (the socket
+    /// becomes 0660 with that group) [config: socket_readers].
+    #[arg(long, value_name = "GROUP")]
+    socket_readers: Option<String>,
     /// This agent's identity [config: node_id].
     #[arg(long, value_name = "ID")]
     node_id: Option<String>,
@@ -141,6 +145,7 @@ impl Args {
         };
         set(&mut config.state_dir, &self.state_dir);
         set(&mut config.socket, &self.socket);
+        set(&mut config.socket_readers, &self.socket_readers);
         set(&mut config.node_id, &self.node_id);
         set(&mut config.dm_prefix, &self.dm_prefix);
         if self.pool_device.is_some() {

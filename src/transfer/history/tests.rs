@@ -36,6 +36,7 @@ fn record(n: u32, phase: TransferPhase, finished_unix: Option<i64>) -> TransferR
         finalize_pause_micros: None,
         done_to_finalized_micros: None,
         source_released: false,
+        export_withdrawn: false,
         switched_local: false,
     }
 }
@@ -46,6 +47,7 @@ fn moved_over_nvme(mut record: TransferRecord, released: bool) -> TransferRecord
         address: "10.0.0.1".into(),
         port: 4420,
         agent_endpoint: "10.0.0.1:9443".into(),
+        release_token: None,
     };
     record.source_released = released;
     record

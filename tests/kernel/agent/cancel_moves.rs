@@ -109,6 +109,7 @@ async fn call(channel: &Channel, source: &Path, n: u64, cut: bool) -> Result<(),
             ExportVolumeRequest {
                 volume_id: EXPORTED.into(),
                 host_nqn: EXPORT_TO.into(),
+                for_transfer: false,
             }
         ),
         5 => send!(
@@ -116,6 +117,7 @@ async fn call(channel: &Channel, source: &Path, n: u64, cut: bool) -> Result<(),
             unexport_volume,
             UnexportVolumeRequest {
                 volume_id: EXPORTED.into(),
+                ..UnexportVolumeRequest::default()
             }
         ),
         6 => send!(transfers, abort_transfer, this_transfer()),

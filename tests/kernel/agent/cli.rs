@@ -2,7 +2,10 @@
 //! exit statuses that tell usage errors, missing objects and an unreachable
 //! agent apart.
 
-use std::{path::PathBuf, process::Output};
+use std::{
+    path::{Path, PathBuf},
+    process::Output,
+};
 
 use super::{api::VOL_A, fixture::AgentProcess};
 use crate::support::{MIB, pattern, write_at};
@@ -150,8 +153,57 @@ async fn dmclonectl_drives_volumes_and_reports_with_exit_codes() {
         exported["subsystem_nqn"].as_str().unwrap().ends_with(VOL_A),
         "{exported}"
     );
+    assert_eq!(exported["release_token"], "", "an attachment's export");
     assert_eq!(
         json(&agent, &["volume", "unexport", VOL_A])["result"],
+        "unexported"
+    );
+    // A move's export: its token, or --force, withdraws it.
+    let for_move = json(
+        &agent,
+        &[
+            "volume",
+            "export",
+            VOL_A,
+            "--host-nqn",
+            host,
+            "--for-transfer",
+        ],
+    );
+    let token = for_move["release_token"].as_str().unwrap().to_owned();
+    assert_eq!(token.len(), 64, "{for_move}");
+    let refused = run(&agent, &["volume", "unexport", VOL_A]);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("release token"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    let with_token = std::process::Command::new(dmclonectl())
+        .arg("--socket")
+        .arg(agent.socket())
+        .args(["--json", "volume", "unexport", VOL_A])
+        .env("DMCLONE_RELEASE_TOKEN", &token)
+        .output()
+        .unwrap();
+    assert!(
+        with_token.status.success(),
+        "{}",
+        String::from_utf8_lossy(&with_token.stderr)
+    );
+    json(
+        &agent,
+        &[
+            "volume",
+            "export",
+            VOL_A,
+            "--host-nqn",
+            host,
+            "--for-transfer",
+        ],
+    );
+    assert_eq!(
+        json(&agent, &["volume", "unexport", VOL_A, "--force"])["result"],
         "unexported"
     );
     let snapshot = "5f9d1c3e-5f1a-4f7e-9a57-3f0c2b8f6d01";
@@ -370,6 +422,115 @@ async fn dmclonectl_checkpoints_and_reports_changed_blocks() {
     assert_eq!(
         json(&agent, &["volume", "changes", VOL_A, "--since-era", &since])["extents"],
         changes["extents"]
+    );
+    agent.destroy().await;
+}
+
+/// `dmclonectl node` and `volume create` as a process of `uid` with primary
+/// group `gid` and supplementary `groups` (util-linux setpriv sets them);
+/// whether each succeeded, and what the refusal said.
+#[allow(clippy::disallowed_types)] // the CLI under test is a process
+fn as_user(socket: &Path, uid: u32, gid: u32, groups: &[u32]) -> Vec<(bool, String)> {
+    let calls: [&[&str]; 2] = [&["node"], &["volume", "create", VOL_A, "8M"]];
+    let groups = match groups {
+        [] => "--clear-groups".to_owned(),
+        some => format!(
+            "--groups={}",
+            some.iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        ),
+    };
+    calls
+        .iter()
+        .map(|args| {
+            let output = std::process::Command::new("setpriv")
+                .args([
+                    &format!("--reuid={uid}"),
+                    &format!("--regid={gid}"),
+                    &groups,
+                ])
+                .arg(dmclonectl())
+                .arg("--socket")
+                .arg(socket)
+                .args(*args)
+                .output()
+                .expect("run setpriv (util-linux)");
+            (
+                output.status.success(),
+                String::from_utf8_lossy(&output.stderr).into_owned(),
+            )
+        })
+        .collect()
+}
+
+/// `socket_readers`: the socket becomes 0660 with the group; a process of
+/// that group (primary or supplementary) may read and nothing more; any
+/// other user may not call at all.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reader_group_reads_on_the_socket_and_nobody_else_calls() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    const READERS: u32 = 4242;
+    let run = tempfile::Builder::new()
+        .prefix("dmctgrp")
+        .tempdir_in("/run")
+        .unwrap();
+    std::fs::set_permissions(run.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let socket = run.path().join("dmclone").join("agent.sock");
+    let socket_text = socket.display().to_string();
+    let agent = AgentProcess::start_with(
+        "dmctgrp",
+        &[
+            "--pool-file-size",
+            "256M",
+            "--socket",
+            &socket_text,
+            "--socket-readers",
+            "4242",
+        ],
+        &[],
+    )
+    .await;
+    let meta = std::fs::metadata(&socket).unwrap();
+    assert_eq!(
+        (meta.mode() & 0o777, meta.gid()),
+        (0o660, READERS),
+        "socket mode and group"
+    );
+    let dir = std::fs::metadata(socket.parent().unwrap()).unwrap();
+    assert!(
+        dir.mode() & 0o001 != 0 || (dir.gid() == READERS && dir.mode() & 0o010 != 0),
+        "the group can reach the socket: {:o}",
+        dir.mode()
+    );
+
+    for (who, uid, gid, groups) in [
+        ("primary group", 1000, READERS, vec![]),
+        ("supplementary group", 1001, 1001, vec![READERS]),
+    ] {
+        let outcomes = as_user(&socket, uid, gid, &groups);
+        assert!(outcomes[0].0, "{who} reads: {}", outcomes[0].1);
+        assert!(!outcomes[1].0, "{who} may not create");
+        assert!(
+            outcomes[1].1.contains("reader") && outcomes[1].1.contains("may not call"),
+            "{who}: {}",
+            outcomes[1].1
+        );
+    }
+    let stranger = as_user(&socket, 1002, 1002, &[]);
+    assert!(stranger.iter().all(|(ok, _)| !ok), "{stranger:?}");
+    assert!(
+        stranger[0].1.contains("Permission denied") || stranger[0].1.contains("only root"),
+        "{}",
+        stranger[0].1
+    );
+    assert!(
+        json(&agent, &["volume", "list"])["volumes"]
+            .as_array()
+            .unwrap()
+            .is_empty(),
+        "nothing was created"
     );
     agent.destroy().await;
 }

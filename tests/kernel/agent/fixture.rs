@@ -101,8 +101,13 @@ impl AgentProcess {
         &self.dir
     }
 
+    /// The socket `--socket` names, or the one in the state directory.
     pub fn socket(&self) -> PathBuf {
-        self.dir.join("agent.sock")
+        self.extra_args
+            .iter()
+            .position(|arg| arg == "--socket")
+            .and_then(|at| self.extra_args.get(at + 1))
+            .map_or_else(|| self.dir.join("agent.sock"), PathBuf::from)
     }
 
     pub fn log_path(&self) -> PathBuf {

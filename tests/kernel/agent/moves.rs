@@ -102,6 +102,7 @@ pub(super) async fn export(
         .export_volume(ExportVolumeRequest {
             volume_id: ids.volume.into(),
             host_nqn: host_nqn(to).await,
+            for_transfer: true,
         })
         .await
         .map(|r| r.into_inner())
@@ -125,6 +126,7 @@ async fn start_move(
                 transport_address: export.transport_address.clone(),
                 transport_service_id: export.transport_service_id,
                 source_agent_endpoint: format!("unix:{}", source.socket().display()),
+                release_token: export.release_token.clone(),
             })),
             deferred,
             knobs: None,
@@ -162,6 +164,15 @@ async fn wait_released(ids: Ids, destination: &AgentProcess) -> Transfer {
             "not done and released in time: {now:?}"
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Polls `done` every 100 ms for up to 60 s.
+async fn wait_until(what: &str, done: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !done() {
+        assert!(Instant::now() < deadline, "not in 60 s: {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -216,8 +227,15 @@ async fn a_volume_moves_between_agents_and_the_source_copy_is_released() {
         ("127.0.0.1", 4431)
     );
     assert!(configfs_has(&exported.subsystem_nqn));
+    // Exporting again changes nothing but hands out another token; the
+    // move below presents the first one, which stays valid.
+    let again = export(ids, &a, &b).await.unwrap();
+    assert_ne!(again.release_token, exported.release_token);
     assert_eq!(
-        export(ids, &a, &b).await.unwrap(),
+        Export {
+            release_token: exported.release_token.clone(),
+            ..again
+        },
         exported,
         "exporting again is a no-op"
     );
@@ -343,14 +361,16 @@ async fn live_migration_prepare_then_commit_or_abort() {
     assert_eq!(aborted.state(), TransferState::Aborted);
     assert!(!public(ids, &b).exists());
     assert_eq!(nvme_controller_for(&exported.subsystem_nqn), None);
-    transfers(&a)
-        .await
-        .unexport_volume(UnexportVolumeRequest {
-            volume_id: ids.volume.into(),
-        })
-        .await
-        .unwrap();
-    assert!(!configfs_has(&exported.subsystem_nqn));
+    // B tells A, with the release token, to withdraw the export.
+    wait_until("A withdraws its export", || {
+        !configfs_has(&exported.subsystem_nqn)
+    })
+    .await;
+    let a_log = a.log();
+    assert!(
+        !a_log.contains(&exported.release_token) && !b.log().contains(&exported.release_token),
+        "the token is in no log"
+    );
     assert_eq!(
         read_at(&path_a, 0, 4096),
         pattern(91, 0, 4096),
@@ -487,6 +507,7 @@ async fn an_export_admits_only_the_host_it_names() {
         .export_volume(ExportVolumeRequest {
             volume_id: ids.volume.into(),
             host_nqn: host_nqn(&c).await,
+            for_transfer: true,
         })
         .await
         .unwrap_err();
@@ -500,10 +521,13 @@ async fn an_export_admits_only_the_host_it_names() {
         })
         .await
         .unwrap();
+    // Whether B's withdrawal came first or not, the token withdraws it.
     transfers(&a)
         .await
         .unexport_volume(UnexportVolumeRequest {
             volume_id: ids.volume.into(),
+            release_token: exported.release_token.clone(),
+            force: false,
         })
         .await
         .unwrap();
@@ -531,6 +555,7 @@ async fn writes_over_an_export_are_never_missing_from_an_answer() {
         .export_volume(ExportVolumeRequest {
             volume_id: volume.into(),
             host_nqn: initiator.clone(),
+            for_transfer: false,
         })
         .await
         .unwrap()
@@ -568,6 +593,7 @@ async fn writes_over_an_export_are_never_missing_from_an_answer() {
         .await
         .unexport_volume(UnexportVolumeRequest {
             volume_id: volume.into(),
+            ..UnexportVolumeRequest::default()
         })
         .await
         .unwrap();
@@ -613,27 +639,36 @@ async fn kill9_inside_export_unexport_and_release() {
         assert!(export(ids, a, &b).await.is_err());
     })
     .await;
-    let exported = export(ids, &a, &b).await.unwrap().subsystem_nqn;
+    let export_answer = export(ids, &a, &b).await.unwrap();
+    let (exported, token) = (export_answer.subsystem_nqn, export_answer.release_token);
     assert!(
         configfs_has(&exported),
         "restored at start, kept by the retry"
     );
 
+    let refused = unexport(ids, &a, "").await.unwrap_err();
+    assert_eq!(
+        refusal_reason(&refused).as_deref(),
+        Some("EXPORT_FOR_TRANSFER"),
+        "{refused:?}"
+    );
     a.crash_inside("unexport.after_unexport", async |a| {
-        assert!(unexport(ids, a).await.is_err());
+        assert!(unexport(ids, a, &token).await.is_err());
     })
     .await;
     assert!(configfs_has(&exported), "the record still says exported");
-    unexport(ids, &a).await.unwrap();
+    unexport(ids, &a, &token).await.unwrap();
     assert!(!configfs_has(&exported));
 
-    export(ids, &a, &b).await.unwrap();
+    let token = export(ids, &a, &b).await.unwrap().release_token;
     let to_b = host_nqn(&b).await;
     a.crash_inside("release.after_unexport", async |a| {
-        assert!(release(ids, a, &to_b).await.is_err());
+        assert!(release(ids, a, &to_b, &token).await.is_err());
     })
     .await;
-    release(ids, &a, &to_b).await.unwrap();
+    let denied = release(ids, &a, &to_b, "").await.unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied, "{denied:?}");
+    release(ids, &a, &to_b, &token).await.unwrap();
     assert!(!configfs_has(&exported));
     assert_eq!(
         get(&mut a.volumes().await, ids.volume)
@@ -647,22 +682,30 @@ async fn kill9_inside_export_unexport_and_release() {
     a.destroy().await;
 }
 
-async fn unexport(ids: Ids, source: &AgentProcess) -> Result<(), tonic::Status> {
+async fn unexport(ids: Ids, source: &AgentProcess, token: &str) -> Result<(), tonic::Status> {
     transfers(source)
         .await
         .unexport_volume(UnexportVolumeRequest {
             volume_id: ids.volume.into(),
+            release_token: token.into(),
+            force: false,
         })
         .await
         .map(drop)
 }
 
-async fn release(ids: Ids, source: &AgentProcess, host_nqn: &str) -> Result<(), tonic::Status> {
+async fn release(
+    ids: Ids,
+    source: &AgentProcess,
+    host_nqn: &str,
+    token: &str,
+) -> Result<(), tonic::Status> {
     transfers(source)
         .await
         .release_volume(dmclone::api::proto::v1::ReleaseVolumeRequest {
             volume_id: ids.volume.into(),
             host_nqn: host_nqn.into(),
+            release_token: token.into(),
         })
         .await
         .map(drop)

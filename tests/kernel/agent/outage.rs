@@ -177,6 +177,7 @@ async fn moving(ids: Ids, a: &AgentProcess, b: &AgentProcess, relay: &Relay, see
                 transport_address: exported.transport_address.clone(),
                 transport_service_id: u32::from(relay.port),
                 source_agent_endpoint: format!("unix:{}", a.socket().display()),
+                release_token: exported.release_token.clone(),
             })),
             deferred: false,
             knobs: Some(HydrationKnobs {

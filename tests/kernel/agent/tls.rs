@@ -126,6 +126,11 @@ struct TlsAgent {
 impl TlsAgent {
     /// Starts one with these `--tcp-client` entries.
     async fn start(prefix: &str, clients: &[&str]) -> Self {
+        Self::start_with(prefix, clients, &[]).await
+    }
+
+    /// Starts one with these `--tcp-client` entries and more arguments.
+    async fn start_with(prefix: &str, clients: &[&str], more: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let trusted = ca("dmclone test CA");
         let server = leaf(
@@ -159,6 +164,7 @@ impl TlsAgent {
         for client in clients {
             args.extend(["--tcp-client", client]);
         }
+        args.extend_from_slice(more);
         let agent = AgentProcess::start_with(prefix, &args, &[]).await;
         Self {
             agent,
@@ -176,6 +182,11 @@ impl TlsAgent {
             key_pem: pem.map(|p| p.key.clone().into_bytes()),
             server_name: "localhost".into(),
         }
+    }
+
+    /// Where the agent's certificate, key and client CA are.
+    fn file(&self, name: &str) -> std::path::PathBuf {
+        self._dir.path().join(name)
     }
 
     /// A channel as the client certified for `name` by the agent's CA.
@@ -316,17 +327,21 @@ async fn each_role_may_call_exactly_its_share() {
         "WatchTransfers",
     ];
     for (identity, allowed) in [
+        // Everything but ReleaseVolume: over TCP only a peer releases.
         ("cinder-volume", None),
         ("prometheus", Some(&reads[..])),
         // ReleaseVolume naming no host is not its own host's: refused
         // too (the peer's own host is tried below).
-        ("agent-hv2", Some(&["GetNodeInfo"][..])),
+        ("agent-hv2", Some(&["GetNodeInfo", "UnexportVolume"][..])),
         ("stranger", Some(&[][..])),
     ] {
         let calls = denied_calls(channel_for(identity).await).await;
         assert_eq!(calls.len(), 27);
         for (method, denied) in calls {
-            let may = allowed.is_none_or(|list| list.contains(&method));
+            let may = match allowed {
+                None => method != "ReleaseVolume",
+                Some(list) => list.contains(&method),
+            };
             assert_eq!(denied, !may, "{identity} calling {method}");
         }
     }
@@ -365,6 +380,7 @@ async fn each_role_may_call_exactly_its_share() {
     let release = |host_nqn: &str| dmclone::api::proto::v1::ReleaseVolumeRequest {
         volume_id: "0c9d1c3e-5f1a-4f7e-9a57-3f0c2b8f6d40".into(),
         host_nqn: host_nqn.into(),
+        release_token: String::new(),
     };
     let elsewhere = transfers
         .release_volume(release(
@@ -487,5 +503,243 @@ async fn stalled_handshakes_and_watch_floods_are_bounded() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     drop(open);
+    bed.agent.destroy().await;
+}
+
+const OTHER_PEER_NQN: &str = "nqn.2014-08.org.nvmexpress:uuid:0b000000-0000-4000-8000-0000000000a3";
+
+/// A move's source copy goes only to the destination it was exported to,
+/// with the release token of that export: no token, a wrong token, the
+/// driver's certificate or another peer's all leave the copy and its
+/// export exactly as they were (same sha256), and so does an unexport
+/// without the token; the token and the right peer release it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_copy_is_released_only_by_its_destination_with_the_token() {
+    use dmclone::api::proto::v1::{
+        ExportVolumeRequest, GetVolumeRequest, ReleaseVolumeRequest, UnexportVolumeRequest,
+        transfers_client::TransfersClient, volumes_client::VolumesClient,
+    };
+    const VOLUME: &str = "0c9d1c3e-5f1a-4f7e-9a57-3f0c2b8f6d50";
+    const SIZE: u64 = 16 << 20;
+    let port = free_port().to_string();
+    let (peer, other_peer) = (
+        format!("agent-hv2=peer@{PEER_NQN}"),
+        format!("agent-hv3=peer@{OTHER_PEER_NQN}"),
+    );
+    let bed = TlsAgent::start_with(
+        "dmctrel",
+        &["cinder-volume=driver", &peer, &other_peer],
+        &[
+            "--nvme-export-address",
+            "127.0.0.1",
+            "--nvme-export-port",
+            &port,
+            "--nvme-export-port-id",
+            &port,
+        ],
+    )
+    .await;
+    let mut volumes = bed.agent.volumes().await;
+    super::api::create(&mut volumes, VOLUME, SIZE)
+        .await
+        .unwrap();
+    let device = super::api::publish(&mut volumes, VOLUME).await.unwrap();
+    super::moves::fill(Path::new(&device), 50, SIZE);
+    super::api::unpublish(&mut volumes, VOLUME).await.unwrap();
+
+    let as_client = async |name: &str| TransfersClient::new(bed.channel_as(name).await);
+    let export = as_client("cinder-volume")
+        .await
+        .export_volume(ExportVolumeRequest {
+            volume_id: VOLUME.into(),
+            host_nqn: PEER_NQN.into(),
+            for_transfer: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(export.release_token.len(), 64, "256 bits in hex");
+    let exported_copy = format!("/dev/mapper/dmctrel-thin-{VOLUME}");
+    let before = crate::support::sha256_of(Path::new(&exported_copy), SIZE);
+    let release = |host_nqn: &str, token: &str| ReleaseVolumeRequest {
+        volume_id: VOLUME.into(),
+        host_nqn: host_nqn.into(),
+        release_token: token.into(),
+    };
+    let wrong = "00".repeat(32);
+    for (who, request, code) in [
+        (
+            "agent-hv2",
+            release(PEER_NQN, ""),
+            tonic::Code::PermissionDenied,
+        ),
+        (
+            "agent-hv2",
+            release(PEER_NQN, &wrong),
+            tonic::Code::PermissionDenied,
+        ),
+        (
+            "cinder-volume",
+            release(PEER_NQN, &export.release_token),
+            tonic::Code::PermissionDenied,
+        ),
+        (
+            "agent-hv3",
+            release(PEER_NQN, &export.release_token),
+            tonic::Code::PermissionDenied,
+        ),
+        (
+            "agent-hv3",
+            release(OTHER_PEER_NQN, &export.release_token),
+            tonic::Code::FailedPrecondition,
+        ),
+    ] {
+        let refused = as_client(who)
+            .await
+            .release_volume(request)
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), code, "{who}: {refused:?}");
+    }
+    let unexport = |token: &str, force: bool| UnexportVolumeRequest {
+        volume_id: VOLUME.into(),
+        release_token: token.into(),
+        force,
+    };
+    for (who, request) in [
+        ("cinder-volume", unexport("", false)),
+        ("agent-hv2", unexport("", false)),
+        ("agent-hv2", unexport("", true)),
+        ("agent-hv2", unexport(&wrong, false)),
+        ("agent-hv3", unexport(&export.release_token, false)),
+    ] {
+        let refused = as_client(who)
+            .await
+            .unexport_volume(request)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                refused.code(),
+                tonic::Code::PermissionDenied | tonic::Code::FailedPrecondition
+            ),
+            "{who}: {refused:?}"
+        );
+    }
+    assert!(
+        Path::new("/sys/kernel/config/nvmet/subsystems")
+            .join(&export.subsystem_nqn)
+            .exists(),
+        "still exported"
+    );
+    assert_eq!(
+        crate::support::sha256_of(Path::new(&exported_copy), SIZE),
+        before,
+        "the copy is untouched"
+    );
+
+    as_client("agent-hv2")
+        .await
+        .release_volume(release(PEER_NQN, &export.release_token))
+        .await
+        .unwrap();
+    let gone = VolumesClient::new(bed.agent.channel().await)
+        .get_volume(GetVolumeRequest {
+            volume_id: VOLUME.into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(gone.code(), tonic::Code::NotFound, "released");
+    assert!(
+        !Path::new("/sys/kernel/config/nvmet/subsystems")
+            .join(&export.subsystem_nqn)
+            .exists()
+    );
+    let log = bed.agent.log();
+    assert!(!log.contains(&export.release_token), "no token in the log");
+    assert!(
+        log.lines().any(|l| l.contains("dmclone::audit")
+            && l.contains("ReleaseVolume")
+            && l.contains("peer agent-hv2")
+            && l.contains("release token does not match")),
+        "a wrong token is audited with its caller"
+    );
+    bed.agent.destroy().await;
+}
+
+/// Rotation: new server certificate, key and client CA written in place,
+/// SIGHUP, and new clients must use the new CA while an established
+/// connection goes on; a file that does not load keeps the settings in use.
+#[tokio::test(flavor = "multi_thread")]
+async fn certificates_rotate_on_sighup_without_dropping_connections() {
+    let bed = TlsAgent::start("dmctrot", &["cinder-volume=driver"]).await;
+    let established = bed.channel_as("cinder-volume").await;
+    node_info_over(established.clone()).await.unwrap();
+
+    let rotated = ca("dmclone rotated CA");
+    let server = leaf(
+        &rotated,
+        &["localhost", "127.0.0.1"],
+        ExtendedKeyUsagePurpose::ServerAuth,
+    );
+    std::fs::write(bed.file("agent.pem"), &server.cert).unwrap();
+    std::fs::write(bed.file("agent.key"), &server.key).unwrap();
+    std::fs::write(bed.file("ca.pem"), rotated.pem()).unwrap();
+    let hangup = |agent: &AgentProcess| {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(agent.pid() as i32),
+            nix::sys::signal::Signal::SIGHUP,
+        )
+        .unwrap();
+    };
+    let log_has = async |agent: &AgentProcess, text: &str, times: usize| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while agent.log().matches(text).count() < times {
+            assert!(Instant::now() < deadline, "no {text:?} in the log");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    hangup(&bed.agent);
+    log_has(&bed.agent, "reloaded the TLS certificate", 1).await;
+
+    let client_of = |issuer: &CertifiedIssuer<'static, KeyPair>| {
+        let pem = leaf(
+            issuer,
+            &["cinder-volume"],
+            ExtendedKeyUsagePurpose::ClientAuth,
+        );
+        ClientTls {
+            ca_pem: issuer.pem().into_bytes(),
+            cert_pem: Some(pem.cert.into_bytes()),
+            key_pem: Some(pem.key.into_bytes()),
+            server_name: "localhost".into(),
+        }
+    };
+    let new_client = client_of(&rotated);
+    let channel = connect_tls(&bed.address, &new_client).await.unwrap();
+    node_info_over(channel).await.unwrap();
+    let old_client = client_of(&bed.trusted);
+    let refused = match connect_tls(&bed.address, &old_client).await {
+        Err(err) => err.to_string(),
+        Ok(channel) => node_info_over(channel)
+            .await
+            .expect_err("the old CA is no longer trusted")
+            .to_string(),
+    };
+    assert!(!refused.is_empty());
+    node_info_over(established.clone())
+        .await
+        .expect("an established connection survives the reload");
+
+    // A broken file: the rotated settings stay in use.
+    std::fs::write(bed.file("agent.pem"), "not a certificate").unwrap();
+    hangup(&bed.agent);
+    log_has(&bed.agent, "kept the TLS settings in use", 1).await;
+    assert!(
+        bed.agent.log().contains("agent.pem"),
+        "the log names the file that did not load"
+    );
+    let channel = connect_tls(&bed.address, &new_client).await.unwrap();
+    node_info_over(channel).await.unwrap();
     bed.agent.destroy().await;
 }

@@ -96,6 +96,10 @@ pub struct StartArgs {
     /// The source agent to tell to release its copy: host:port or unix:/path.
     #[arg(long, value_name = "ENDPOINT")]
     source_agent: Option<String>,
+    /// The release token the source's `volume export --for-transfer`
+    /// printed; without it the source keeps its copy after the move.
+    #[arg(long, env = "DMCLONE_RELEASE_TOKEN", hide_env_values = true)]
+    release_token: Option<String>,
     /// Present now, hydrate after `transfer commit` (live migration).
     #[arg(long)]
     deferred: bool,
@@ -190,6 +194,7 @@ fn start_request(args: StartArgs) -> Result<StartTransferRequest, Failure> {
             transport_address: args.address.unwrap_or_default(),
             transport_service_id: args.port.unwrap_or_default(),
             source_agent_endpoint: args.source_agent.unwrap_or_default(),
+            release_token: args.release_token.unwrap_or_default(),
         }),
         _ => {
             return Err(Failure::Usage(
@@ -226,15 +231,11 @@ fn start_request(args: StartArgs) -> Result<StartTransferRequest, Failure> {
 
 pub async fn export(
     channel: Channel,
-    id: String,
-    host_nqn: String,
+    request: ExportVolumeRequest,
     as_json: bool,
 ) -> Result<(), Failure> {
     let export = TransfersClient::new(channel)
-        .export_volume(ExportVolumeRequest {
-            volume_id: id,
-            host_nqn,
-        })
+        .export_volume(request)
         .await?
         .into_inner();
     let value = json!({
@@ -243,6 +244,7 @@ pub async fn export(
         "address": export.transport_address,
         "port": export.transport_service_id,
         "allowed_host_nqn": export.allowed_host_nqn,
+        "release_token": export.release_token,
     });
     if as_json {
         output::json(&value);
@@ -255,15 +257,21 @@ pub async fn export(
             export.transport_service_id,
             export.allowed_host_nqn
         );
+        if !export.release_token.is_empty() {
+            println!("release token: {}", export.release_token);
+        }
     }
     Ok(())
 }
 
-pub async fn unexport(channel: Channel, id: String, as_json: bool) -> Result<(), Failure> {
+pub async fn unexport(
+    channel: Channel,
+    request: UnexportVolumeRequest,
+    as_json: bool,
+) -> Result<(), Failure> {
+    let id = request.volume_id.clone();
     TransfersClient::new(channel)
-        .unexport_volume(UnexportVolumeRequest {
-            volume_id: id.clone(),
-        })
+        .unexport_volume(request)
         .await?;
     if as_json {
         output::json(&json!({ "volume_id": id, "result": "unexported" }));

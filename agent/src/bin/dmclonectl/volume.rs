@@ -3,9 +3,10 @@
 use clap::{ArgGroup, Subcommand};
 use dmclone::{
     api::proto::v1::{
-        CreateVolumeRequest, DeleteVolumeRequest, ExtendVolumeRequest, GetVolumeRequest,
-        ListVolumesRequest, PublishVolumeRequest, UnpublishVolumeRequest, Volume,
-        get_changed_blocks_request::Since, volumes_client::VolumesClient,
+        CreateVolumeRequest, DeleteVolumeRequest, ExportVolumeRequest, ExtendVolumeRequest,
+        GetVolumeRequest, ListVolumesRequest, PublishVolumeRequest, UnexportVolumeRequest,
+        UnpublishVolumeRequest, Volume, get_changed_blocks_request::Since,
+        volumes_client::VolumesClient,
     },
     api::volume_state_name,
     config::parse_size,
@@ -39,15 +40,28 @@ pub enum VolumeCommand {
     Publish { id: String },
     /// Remove the public device (refused while it is open).
     Unpublish { id: String },
-    /// Export over NVMe/TCP to the one host it moves to.
+    /// Export over NVMe/TCP to the one host it moves to (or that attaches it).
     Export {
         id: String,
         /// The destination's host NQN (`dmclonectl node` there).
         #[arg(long)]
         host_nqn: String,
+        /// The source of a move: print the release token the destination
+        /// needs (`transfer start --release-token`) to release this copy.
+        #[arg(long)]
+        for_transfer: bool,
     },
-    /// Remove the export.
-    Unexport { id: String },
+    /// Remove the export. A move's source needs its release token or --force.
+    Unexport {
+        id: String,
+        /// The release token `volume export --for-transfer` printed.
+        #[arg(long, env = "DMCLONE_RELEASE_TOKEN", hide_env_values = true)]
+        release_token: Option<String>,
+        /// Withdraw a move's source without its token: its destination
+        /// loses the source (audited).
+        #[arg(long)]
+        force: bool,
+    },
     /// Mark a point in the volume's change history; print its era.
     Checkpoint { id: String },
     /// Extents written since a checkpoint's era or a snapshot.
@@ -124,11 +138,29 @@ pub async fn run(channel: Channel, command: VolumeCommand, as_json: bool) -> Res
                 println!("{path}");
             }
         }
-        VolumeCommand::Export { id, host_nqn } => {
-            return crate::transfer::export(channel, id, host_nqn, as_json).await;
+        VolumeCommand::Export {
+            id,
+            host_nqn,
+            for_transfer,
+        } => {
+            let request = ExportVolumeRequest {
+                volume_id: id,
+                host_nqn,
+                for_transfer,
+            };
+            return crate::transfer::export(channel, request, as_json).await;
         }
-        VolumeCommand::Unexport { id } => {
-            return crate::transfer::unexport(channel, id, as_json).await;
+        VolumeCommand::Unexport {
+            id,
+            release_token,
+            force,
+        } => {
+            let request = UnexportVolumeRequest {
+                volume_id: id,
+                release_token: release_token.unwrap_or_default(),
+                force,
+            };
+            return crate::transfer::unexport(channel, request, as_json).await;
         }
         VolumeCommand::Checkpoint { id } => {
             return crate::changes::checkpoint(channel, id, as_json).await;

@@ -107,15 +107,18 @@ class TransfersServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UnexportVolume(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Withdraw an export. An export for a move is withdrawn only with its
+        release token (the destination, after an abort) or `force`.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ReleaseVolume(self, request, context):
         """Source side, called by the destination once a move is done: unexport
-        and delete this host's copy. Refused while the copy is attached here or
-        exported to another host; an absent volume counts as released.
+        and delete this host's copy. Only with the export's release token, and
+        over TCP only from the peer whose host the copy is exported to. Refused
+        while the copy is attached here; an absent volume counts as released.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
