@@ -10,11 +10,19 @@ mib=${DMCLONE_DEMO_MIB:-256}
 volume=5e8c1f2a-3b4d-4c6e-8f0a-1b2c3d4e5f60
 
 step() { printf '\n== %s\n' "$*"; }
+# DH-HMAC-CHAP where this kernel's NVMe target can authenticate hosts (a host
+# entry has dhchap_key); Debian 12's 6.1 cannot, so exports go without it.
+auth=none
+probe=/sys/kernel/config/nvmet/hosts/nqn.2014-08.io.dmclone:demo-probe-$$
+if mkdir "$probe" 2>/dev/null; then
+    [ -e "$probe/dhchap_key" ] && auth=required
+    rmdir "$probe"
+fi
 start_agent() { # NAME PORT
     dir=/tmp/dmclone-$1
     rm -rf "$dir" "$dir.log"
     "$bin/dmclone-agent" --config /dev/null --state-dir "$dir" --dm-prefix "dmclone$1" --pool-file-size 2G \
-        --nvme-export-address 127.0.0.1 --nvme-export-port "$2" --nvme-export-port-id "$2" \
+        --nvme-export-address 127.0.0.1 --nvme-export-port "$2" --nvme-export-port-id "$2" --nvme-auth "$auth" \
         --log-level warn >>"$dir.log" 2>&1 &
     echo $! >"$dir.pid"
     tries=0
@@ -40,11 +48,17 @@ want=$(dd if="$dev" bs=1M iflag=direct status=none | sha256sum | cut -c1-64)
 echo "sha256 on A: $want"
 a volume unpublish $volume
 
-step "A exports it over NVMe/TCP to B's host NQN only"
+step "A exports it over NVMe/TCP to B's host NQN only (authentication: $auth)"
 b_nqn=$(b --json node | json_field host_nqn)
-export_json=$(a --json volume export $volume --host-nqn "$b_nqn")
-echo "$export_json"
+export_json=$(a --json volume export $volume --host-nqn "$b_nqn" --for-transfer)
+echo "$export_json" | grep -vE '"(release_token|dhchap_host_secret|dhchap_ctrl_secret)"'
 nqn=$(echo "$export_json" | json_field subsystem_nqn)
+# What lets B alone release A's copy later, and connect at all: passed in the
+# environment, out of sight of ps.
+DMCLONE_RELEASE_TOKEN=$(echo "$export_json" | json_field release_token)
+DMCLONE_DHCHAP_HOST_SECRET=$(echo "$export_json" | json_field dhchap_host_secret)
+DMCLONE_DHCHAP_CTRL_SECRET=$(echo "$export_json" | json_field dhchap_ctrl_secret)
+export DMCLONE_RELEASE_TOKEN DMCLONE_DHCHAP_HOST_SECRET DMCLONE_DHCHAP_CTRL_SECRET
 
 step "B presents the volume at once and hydrates it in the background"
 b transfer start --volume $volume --size "${mib}M" --nqn "$nqn" --address 127.0.0.1 --port 4420 \

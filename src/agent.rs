@@ -82,6 +82,8 @@ impl Agent {
         let dm: Arc<dyn Kernel> = Arc::new(LiveKernel::open()?);
         // Before the pool's device is touched (a loop device attached).
         check_targets(dm.as_ref()).await?;
+        // The embedded pool file lives in the state directory.
+        prepare_state_dir(&settings.state_dir)?;
         let backing = Backing::open(&settings.pool.backing).await?;
         let surroundings = Surroundings {
             dm,

@@ -42,7 +42,11 @@ fn with_causes(err: &dyn std::error::Error) -> String {
     let mut text = err.to_string();
     let mut cause = err.source();
     while let Some(inner) = cause {
-        text = format!("{text}: {inner}");
+        let said = inner.to_string();
+        // Some errors repeat their source in their own message.
+        if !text.contains(&said) {
+            text = format!("{text}: {said}");
+        }
         cause = inner.source();
     }
     text

@@ -167,6 +167,10 @@ pub struct NvmeConfig {
     /// Seconds after which I/O to an unreachable source fails instead of
     /// waiting. Unset: it waits until `ctrl_loss_timeout_seconds`.
     pub fast_io_fail_timeout_seconds: Option<u32>,
+    /// "required" (default): every export authenticates its host and itself
+    /// with DH-HMAC-CHAP, and a kernel without NVMe in-band authentication
+    /// exports nothing. "none": exports admit the allowed host NQN alone.
+    pub auth: Option<crate::nvme::auth::AuthPolicy>,
 }
 
 /// How this agent calls other agents (to release a source after a move):
@@ -375,6 +379,7 @@ pub struct NvmeSettings {
     pub ctrl_loss_timeout_seconds: u32,
     /// `None`: I/O waits for the whole `ctrl_loss_timeout_seconds`.
     pub fast_io_fail_timeout_seconds: Option<u32>,
+    pub auth: crate::nvme::auth::AuthPolicy,
 }
 
 pub const DEFAULT_NVME_PORT: u16 = 4420;
@@ -710,6 +715,7 @@ impl NvmeConfig {
             host_id: self.host_id.clone(),
             ctrl_loss_timeout_seconds: ctrl_loss,
             fast_io_fail_timeout_seconds: fast_fail,
+            auth: self.auth.unwrap_or_default(),
         })
     }
 }

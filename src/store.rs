@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     error::AgentError,
     ids::{SnapshotId, ThinId, TransferId, VolumeId},
+    nvme::auth::DhchapKeys,
     transfer::token::ReleaseToken,
 };
 
@@ -101,6 +102,10 @@ pub struct ExportRecord {
     /// attachment, which nobody may release.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub release_token_digests: Vec<String>,
+    /// The DH-HMAC-CHAP secrets of the host entry (shared by every export
+    /// to that host); `None` without authentication.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<DhchapKeys>,
 }
 
 impl ExportRecord {
@@ -254,6 +259,10 @@ pub enum SourceRecord {
         /// none.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         release_token: Option<ReleaseToken>,
+        /// The DH-HMAC-CHAP secrets to connect with; `None` without
+        /// authentication.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        auth: Option<DhchapKeys>,
     },
 }
 

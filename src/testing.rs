@@ -56,6 +56,12 @@ impl TestHost {
         }
     }
 
+    /// The host's exports follow `policy` (nvme.auth).
+    pub fn with_auth(mut self, policy: crate::nvme::auth::AuthPolicy) -> Self {
+        self.settings.nvme.auth = policy;
+        self
+    }
+
     /// The host exports volumes at `address` (nvme.export_address).
     pub fn with_export_address(mut self, address: &str) -> Self {
         self.settings.nvme.export = Some(address.parse().expect("an address"));

@@ -234,6 +234,7 @@ impl Rig {
                 namespace: namespace_ids(&volume),
                 host_nqn: host_nqn.clone(),
                 port,
+                auth: None,
             })
             .await?;
         let connection = nvme_host
@@ -244,6 +245,7 @@ impl Rig {
                     host_nqn,
                     host_id: HostId::parse(HOST_ID)?,
                     timeouts: ConnectTimeouts::default(),
+                    auth: None,
                 },
                 expected_namespace: Some(namespace_ids(&volume)),
                 namespace_timeout: Duration::from_secs(60),

@@ -674,6 +674,10 @@ class DMCloneDriver(driver.VolumeDriver):
                     # Only the destination holds it from here: with it,
                     # and only with it, the source lets go of its copy.
                     release_token=export.release_token,
+                    # DH-HMAC-CHAP, where the source's kernel authenticates
+                    # hosts (empty otherwise).
+                    dhchap_host_secret=export.dhchap_host_secret,
+                    dhchap_ctrl_secret=export.dhchap_ctrl_secret,
                 ),
                 deferred=deferred,
                 knobs=self._knobs(),

@@ -71,6 +71,8 @@ def export_of(volume_id, host='hv1', for_transfer=False):
         release_token=release_token_of(volume_id, host)
         if for_transfer
         else '',
+        dhchap_host_secret=f'DHHC-1:00:host-of-{host}:',
+        dhchap_ctrl_secret=f'DHHC-1:00:ctrl-of-{host}:',
     )
 
 

@@ -684,6 +684,8 @@ class AttachTestCase(base.DriverTestCase):
                 transport_service_id=export.transport_service_id,
                 source_agent_endpoint=base.endpoint_of('hv1'),
                 release_token=base.release_token_of(volume.name_id, 'hv1'),
+                dhchap_host_secret='DHHC-1:00:host-of-hv1:',
+                dhchap_ctrl_secret='DHHC-1:00:ctrl-of-hv1:',
             ),
             request['source'],
         )

@@ -13,6 +13,7 @@ use crate::{
     api::proto::v1 as pb,
     error::AgentError,
     ids::{TransferId, VolumeId},
+    nvme::auth::{DhchapKeys, DhchapSecret},
     transfer::{
         KnobRequest, Source, StartRequest, TransferQuery, TransferView, export::UnexportRequest,
         history::MAX_PAGE, token::ReleaseToken,
@@ -71,6 +72,20 @@ fn knobs(knobs: Option<pb::HydrationKnobs>) -> KnobRequest {
     }
 }
 
+/// The DH-HMAC-CHAP secrets a start request carries: both or neither.
+fn connect_secrets(host: &str, ctrl: &str) -> Result<Option<DhchapKeys>, AgentError> {
+    let host = DhchapSecret::parse("nvme_tcp.dhchap_host_secret", host)?;
+    let ctrl = DhchapSecret::parse("nvme_tcp.dhchap_ctrl_secret", ctrl)?;
+    match (host, ctrl) {
+        (Some(host), Some(ctrl)) => Ok(Some(DhchapKeys { host, ctrl })),
+        (None, None) => Ok(None),
+        _ => Err(AgentError::InvalidArgument {
+            field: "nvme_tcp.dhchap_ctrl_secret",
+            reason: "give both secrets of the export (host and controller), or neither".into(),
+        }),
+    }
+}
+
 fn start_request(req: pb::StartTransferRequest) -> Result<StartRequest, AgentError> {
     let source = match req.source {
         Some(pb::start_transfer_request::Source::DevicePath(path)) => {
@@ -88,6 +103,7 @@ fn start_request(req: pb::StartTransferRequest) -> Result<StartRequest, AgentErr
             port: nvme.transport_service_id,
             agent_endpoint: nvme.source_agent_endpoint,
             release_token: ReleaseToken::presented(&nvme.release_token),
+            auth: connect_secrets(&nvme.dhchap_host_secret, &nvme.dhchap_ctrl_secret)?,
         },
         None => {
             return Err(AgentError::InvalidArgument {
@@ -133,6 +149,15 @@ impl pb::transfers_server::Transfers for TransfersApi {
                     release_token: export
                         .release_token
                         .map(|token| token.expose().to_owned())
+                        .unwrap_or_default(),
+                    dhchap_host_secret: export
+                        .auth
+                        .as_ref()
+                        .map(|keys| keys.host.expose().to_owned())
+                        .unwrap_or_default(),
+                    dhchap_ctrl_secret: export
+                        .auth
+                        .map(|keys| keys.ctrl.expose().to_owned())
                         .unwrap_or_default(),
                 })
             },

@@ -290,6 +290,7 @@ fn the_sample_config_is_valid_and_names_every_option() {
         "host_id",
         "ctrl_loss_timeout_seconds",
         "fast_io_fail_timeout_seconds",
+        "auth",
         "[peers]",
         "ca",
         "[tcp]",

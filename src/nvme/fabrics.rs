@@ -4,6 +4,7 @@
 
 use std::{fmt, net::IpAddr};
 
+use super::auth::{DhchapKeys, DhchapSecret};
 use crate::{
     error::{AgentError, ParseError},
     ids::VolumeId,
@@ -148,15 +149,28 @@ pub struct ConnectOptions {
     pub host_nqn: Nqn,
     pub host_id: HostId,
     pub timeouts: ConnectTimeouts,
+    /// DH-HMAC-CHAP secrets the export's host entry holds; `None` connects
+    /// without authentication.
+    pub auth: Option<DhchapKeys>,
 }
 
 impl ConnectOptions {
     /// The option string, every token explicit (`trsvcid` in particular: the
     /// kernel's default is the discovery port).
     pub fn render(&self) -> Result<String, AgentError> {
+        self.render_with(|secret| secret.expose().to_owned())
+    }
+
+    /// The option string as messages and logs may show it: secrets redacted.
+    pub fn shown(&self) -> String {
+        self.render_with(|_| "<redacted>".to_owned())
+            .unwrap_or_else(|err| err.to_string())
+    }
+
+    fn render_with(&self, secret: impl Fn(&DhchapSecret) -> String) -> Result<String, AgentError> {
         self.timeouts.validate()?;
         let t = &self.timeouts;
-        let text = format!(
+        let mut text = format!(
             "transport=tcp,traddr={},trsvcid={},nqn={},hostnqn={},hostid={},\
              ctrl_loss_tmo={},reconnect_delay={},fast_io_fail_tmo={}",
             self.address.traddr(),
@@ -169,6 +183,13 @@ impl ConnectOptions {
             // -1 is the kernel's "never fail early", written out like the rest.
             t.fast_io_fail_tmo_secs.map_or(-1, i64::from),
         );
+        if let Some(keys) = &self.auth {
+            text.push_str(&format!(
+                ",dhchap_secret={},dhchap_ctrl_secret={}",
+                secret(&keys.host),
+                secret(&keys.ctrl)
+            ));
+        }
         if text.len() > MAX_OPTIONS_BYTES {
             return Err(AgentError::InvalidArgument {
                 field: "connect options",
@@ -280,7 +301,26 @@ mod tests {
                 reconnect_delay_secs: 2,
                 fast_io_fail_tmo_secs: Some(5),
             },
+            auth: None,
         }
+    }
+
+    #[test]
+    fn secrets_are_written_to_the_kernel_and_shown_nowhere_else() {
+        let keys = DhchapKeys::generate().unwrap();
+        let opts = ConnectOptions {
+            auth: Some(keys.clone()),
+            ..options()
+        };
+        let text = opts.render().unwrap();
+        assert!(text.ends_with(&format!(
+            ",dhchap_secret={},dhchap_ctrl_secret={}",
+            keys.host.expose(),
+            keys.ctrl.expose()
+        )));
+        let shown = format!("{} {opts:?}", opts.shown());
+        assert!(!shown.contains(keys.host.expose()) && !shown.contains(keys.ctrl.expose()));
+        assert!(shown.contains("dhchap_secret=<redacted>"), "{shown}");
     }
 
     #[test]

@@ -35,6 +35,10 @@ struct State {
     /// Connected subsystems whose connection is broken (reconnecting).
     interrupted: std::collections::BTreeSet<String>,
     next_controller: u32,
+    /// The target cannot authenticate hosts.
+    without_auth: bool,
+    /// The secrets each subsystem's last connect presented.
+    presented: BTreeMap<String, Option<super::auth::DhchapKeys>>,
 }
 
 impl FakeFabric {
@@ -49,6 +53,24 @@ impl FakeFabric {
         self.state
             .lock()
             .unwrap_or_else(|poison| poison.into_inner())
+    }
+
+    /// This kernel's target cannot authenticate hosts (Debian 12's 6.1).
+    pub fn remove_auth(&self) {
+        self.state().without_auth = true;
+    }
+
+    /// The DH-HMAC-CHAP secrets an export's host entry holds.
+    pub fn secrets_of(&self, subsystem: &str) -> Option<super::auth::DhchapKeys> {
+        self.state()
+            .exports
+            .get(subsystem)
+            .and_then(|request| request.auth.clone())
+    }
+
+    /// The secrets the last connect to `subsystem` presented.
+    pub fn presented(&self, subsystem: &str) -> Option<super::auth::DhchapKeys> {
+        self.state().presented.get(subsystem).cloned().flatten()
     }
 
     /// This kernel has no nvmet (exports are unavailable).
@@ -137,6 +159,9 @@ impl Fabric for FakeFabric {
             });
         }
         let mut state = self.state();
+        if request.auth.is_some() && state.without_auth {
+            return Err(super::auth::unsupported());
+        }
         let nqn = request.subsystem_nqn.to_string();
         if let Some(existing) = state.exports.get(&nqn)
             && existing != request
@@ -159,6 +184,11 @@ impl Fabric for FakeFabric {
         Ok(())
     }
 
+    async fn authenticates_hosts(&self) -> Result<bool, AgentError> {
+        self.target_loaded()?;
+        Ok(!self.state().without_auth)
+    }
+
     async fn exported_subsystems(&self) -> Result<Vec<String>, AgentError> {
         self.target_loaded()?;
         Ok(self.state().exports.keys().cloned().collect())
@@ -176,6 +206,9 @@ impl Fabric for FakeFabric {
             (size, state.connections.get(&nqn).cloned())
         };
         let mut state = self.state();
+        state
+            .presented
+            .insert(nqn.clone(), request.options.auth.clone());
         state.next_controller += 1;
         let instance = state.next_controller;
         let namespace = match adopted.clone() {

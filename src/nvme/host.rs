@@ -268,8 +268,8 @@ impl Host {
             Err(err) if errno_of(&err) == Some(Errno::EALREADY) => self
                 .adoptable(options)?
                 .map(|existing| (existing, true))
-                .ok_or_else(|| connect_error(err, options, text)),
-            Err(err) => Err(connect_error(err, options, text)),
+                .ok_or_else(|| connect_error(err, options)),
+            Err(err) => Err(connect_error(err, options)),
         }
     }
 
@@ -602,7 +602,7 @@ fn namespace_timeout(controller: &Controller, timeout: Duration) -> AgentError {
 }
 
 /// A failed connect write, classified by what the caller can do about it.
-fn connect_error(err: io::Error, options: &ConnectOptions, text: &str) -> AgentError {
+fn connect_error(err: io::Error, options: &ConnectOptions) -> AgentError {
     let address = options.address;
     let nqn = &options.subsystem_nqn;
     match errno_of(&err) {
@@ -631,10 +631,23 @@ fn connect_error(err: io::Error, options: &ConnectOptions, text: &str) -> AgentE
             subsystem_nqn: nqn.to_string(),
         }
         .into(),
+        // ENOKEY: the target demands authentication and we offered none.
+        Some(
+            Errno::EKEYREJECTED | Errno::ENOKEY | Errno::EKEYEXPIRED | Errno::EACCES | Errno::EPERM,
+        ) => AgentError::PermissionDenied {
+            reason: format!(
+                "the target at {address} did not authenticate host {} for {nqn} ({}): the \
+                     DH-HMAC-CHAP secrets are not the export's; export again and pass the secrets \
+                     it answers",
+                options.host_nqn,
+                errno_name(&err)
+            ),
+        },
         _ => AgentError::Io {
             context: format!(
-                "connecting with {text:?} through {FABRICS_DEVICE} failed with {}; the kernel \
+                "connecting with {:?} through {FABRICS_DEVICE} failed with {}; the kernel \
                  log names the rejected option",
+                options.shown(),
                 errno_name(&err)
             ),
             source: err,

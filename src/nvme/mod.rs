@@ -8,6 +8,7 @@
 //! blocking pool. The text they exchange with the kernel is built and parsed
 //! by pure, unit-tested code ([`nqn`], [`fabrics`]).
 
+pub mod auth;
 pub mod fabrics;
 #[cfg(any(test, feature = "kernel-fake"))]
 pub mod fake;

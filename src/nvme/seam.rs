@@ -29,6 +29,9 @@ pub trait Fabric: Send + Sync + fmt::Debug {
     async fn disconnect(&self, subsystem: &Nqn) -> Result<Option<String>, AgentError>;
     /// How this host's connection to a subsystem stands.
     async fn link(&self, subsystem: &Nqn) -> Result<Link, AgentError>;
+    /// Whether the target can authenticate hosts (DH-HMAC-CHAP);
+    /// `Unavailable` without nvmet.
+    async fn authenticates_hosts(&self) -> Result<bool, AgentError>;
 }
 
 /// This host's connection to a subsystem, as the kernel's NVMe host sees it.
@@ -96,6 +99,10 @@ impl Fabric for LiveFabric {
     async fn link(&self, subsystem: &Nqn) -> Result<Link, AgentError> {
         let controller = Host::open()?.find_connection(subsystem).await?;
         Ok(Link::of(controller.as_ref()))
+    }
+
+    async fn authenticates_hosts(&self) -> Result<bool, AgentError> {
+        Target::open()?.authenticates_hosts().await
     }
 }
 

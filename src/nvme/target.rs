@@ -22,6 +22,7 @@ use tracing::{info, warn};
 use crate::{
     error::AgentError,
     nvme::{
+        auth::{DH_GROUP, DhchapKeys, HASH},
         fabrics::{NamespaceIds, TcpAddress},
         kfs::{
             blocking, entry_names, errno_of, exists, fs_error, join, read_attr,
@@ -64,6 +65,8 @@ pub struct ExportRequest {
     /// The only host allowed to connect.
     pub host_nqn: Nqn,
     pub port: PortSpec,
+    /// DH-HMAC-CHAP secrets for the host entry; `None`: no authentication.
+    pub auth: Option<DhchapKeys>,
 }
 
 /// An export as configfs describes it.
@@ -172,6 +175,27 @@ impl Target {
         blocking("nvmet unexport", move || tree.unexport_blocking(&nqn)).await
     }
 
+    /// Whether this kernel's target can authenticate hosts: a host entry
+    /// has DH-HMAC-CHAP attributes only with CONFIG_NVME_TARGET_AUTH. A
+    /// probe entry is made and removed to look.
+    pub async fn authenticates_hosts(&self) -> Result<bool, AgentError> {
+        let _serial = CONFIGFS_LOCK.lock().await;
+        let probe = join(
+            &self.root,
+            &[
+                "hosts",
+                &format!("nqn.2014-08.io.dmclone:auth-probe-{}", std::process::id()),
+            ],
+        );
+        blocking("nvmet auth probe", move || {
+            make_dir(&probe, KERNEL_LOG)?;
+            let found = exists(&probe.join("dhchap_key"));
+            remove_dir(&probe, KERNEL_LOG)?;
+            Ok(found)
+        })
+        .await
+    }
+
     /// Every subsystem in configfs, ours or not, for reconciliation.
     pub async fn list_exports(&self) -> Result<Vec<Export>, AgentError> {
         let _serial = CONFIGFS_LOCK.lock().await;
@@ -211,6 +235,7 @@ impl Target {
         let port_plan = plan_port(&ports, &request.port)?;
         self.ensure_subsystem(nqn)
             .and_then(|()| self.ensure_namespace(request))
+            .and_then(|()| self.ensure_host_entry(request))
             .and_then(|()| self.ensure_allowed_host(nqn, request.host_nqn.as_str()))
             .and_then(|()| self.ensure_port_link(nqn, port_plan, &request.port.address))
             .map_err(|err| {
@@ -301,9 +326,28 @@ impl Target {
         )
     }
 
+    /// The host's entry, with its DH-HMAC-CHAP secrets when the export has
+    /// them. Written before the host is admitted to the subsystem, so no
+    /// connect can slip in unauthenticated.
+    fn ensure_host_entry(&self, request: &ExportRequest) -> Result<(), AgentError> {
+        let host_dir = join(&self.root, &["hosts", request.host_nqn.as_str()]);
+        make_dir(&host_dir, KERNEL_LOG)?;
+        let Some(keys) = &request.auth else {
+            return Ok(());
+        };
+        if !exists(&host_dir.join("dhchap_key")) {
+            // Leave no host entry behind that nothing links.
+            self.remove_host_if_unused(request.host_nqn.as_str())?;
+            return Err(super::auth::unsupported());
+        }
+        ensure_attr(&host_dir.join("dhchap_hash"), HASH)?;
+        ensure_attr(&host_dir.join("dhchap_dhgroup"), DH_GROUP)?;
+        ensure_secret(&host_dir.join("dhchap_key"), keys.host.expose())?;
+        ensure_secret(&host_dir.join("dhchap_ctrl_key"), keys.ctrl.expose())
+    }
+
     fn ensure_allowed_host(&self, nqn: &str, host: &str) -> Result<(), AgentError> {
         let host_dir = join(&self.root, &["hosts", host]);
-        make_dir(&host_dir, KERNEL_LOG)?;
         let link = join(&self.subsystem_dir(nqn), &["allowed_hosts", host]);
         make_link(&host_dir, &link, "")
     }
@@ -606,6 +650,16 @@ fn ensure_attr(path: &Path, value: &str) -> Result<(), AgentError> {
     write_attr(path, value, KERNEL_LOG)
 }
 
+/// [`ensure_attr`] for a secret: neither it nor what the kernel holds
+/// appears in an error.
+fn ensure_secret(path: &Path, secret: &str) -> Result<(), AgentError> {
+    if read_attr(path)? == secret {
+        return Ok(());
+    }
+    std::fs::write(path, secret)
+        .map_err(|err| fs_error("writing a DH-HMAC-CHAP secret to", path, err, KERNEL_LOG))
+}
+
 /// mkdir that accepts an existing directory.
 fn make_dir(path: &Path, hint: &str) -> Result<(), AgentError> {
     match fs::create_dir(path) {
@@ -723,6 +777,7 @@ mod tests {
             },
             host_nqn: Nqn::parse("nqn", host).unwrap(),
             port: spec(1, 4420),
+            auth: None,
         }
     }
 

@@ -16,7 +16,10 @@ use crate::{
     },
     failpoint,
     ids::{TransferId, VolumeId},
-    nvme::{ConnectOptions, ConnectRequest, ConnectTimeouts, Nqn, TcpAddress, namespace_ids},
+    nvme::{
+        ConnectOptions, ConnectRequest, ConnectTimeouts, Nqn, TcpAddress, auth::DhchapKeys,
+        namespace_ids,
+    },
     stack::{self, CloneDevices, CloneLayer},
     store::{SnapshotRecord, SourceRecord, TransferPhase, TransferRecord, VolumeRecord},
 };
@@ -315,10 +318,11 @@ impl Context {
                 subsystem_nqn,
                 address,
                 port,
+                auth,
                 ..
             } => {
-                self.connect_source(volume, subsystem_nqn, address, *port)
-                    .await
+                let target = (subsystem_nqn.as_str(), address.as_str(), *port);
+                self.connect_source(volume, target, auth.clone()).await
             }
         }
     }
@@ -360,9 +364,8 @@ impl Context {
     pub(crate) async fn connect_source(
         &self,
         volume: &VolumeId,
-        subsystem: &str,
-        address: &str,
-        port: u32,
+        (subsystem, address, port): (&str, &str, u32),
+        auth: Option<DhchapKeys>,
     ) -> Result<(DevRef, u64), AgentError> {
         let ip: IpAddr = address.parse().map_err(|_| AgentError::InvalidArgument {
             field: "nvme_tcp.transport_address",
@@ -385,6 +388,7 @@ impl Context {
                 reconnect_delay_secs: RECONNECT_DELAY_SECONDS,
                 fast_io_fail_tmo_secs: self.settings.nvme.fast_io_fail_timeout_seconds,
             },
+            auth,
         };
         let connection = self
             .fabric

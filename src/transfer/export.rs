@@ -13,6 +13,7 @@ use crate::{
     ids::VolumeId,
     nvme::{
         Nqn, TcpAddress,
+        auth::{AuthPolicy, DhchapKeys},
         fabrics::namespace_ids,
         subsystem_nqn,
         target::{ExportRequest, PortSpec},
@@ -60,6 +61,8 @@ pub struct ExportView {
     pub host_nqn: String,
     /// A fresh release token, for an export for a move.
     pub release_token: Option<ReleaseToken>,
+    /// The secrets the host connects with (`nvme.auth = required`).
+    pub auth: Option<DhchapKeys>,
 }
 
 /// Who asks to withdraw an export, and with what right.
@@ -120,6 +123,7 @@ impl Exports {
         }
         let subsystem = subsystem_nqn(&self.export_prefix(), id)?;
         let token = for_transfer.then(ReleaseToken::generate).transpose()?;
+        let auth = self.host_secrets(&record, &host).await?;
         match &mut record.export {
             Some(existing) if existing.host_nqn != host.as_str() => {
                 return Err(AgentError::AlreadyExists {
@@ -132,8 +136,12 @@ impl Exports {
                 });
             }
             Some(existing) => {
+                let fresh_auth = existing.auth != auth;
+                existing.auth.clone_from(&auth);
                 if let Some(token) = &token {
                     remember_token(&mut existing.release_token_digests, token);
+                }
+                if token.is_some() || fresh_auth {
                     self.ctx.put(&record).await?;
                 }
             }
@@ -146,6 +154,7 @@ impl Exports {
                     host_nqn: host.to_string(),
                     subsystem_nqn: subsystem.to_string(),
                     release_token_digests: digests,
+                    auth: auth.clone(),
                 });
                 // The export serves the thin device below dm-era: what the
                 // other host writes is never tracked, so the history ends.
@@ -163,6 +172,7 @@ impl Exports {
                 id: self.ctx.settings.nvme.export_port_id,
                 address: TcpAddress::new(address.ip(), address.port()),
             },
+            auth: auth.clone(),
         };
         self.ctx.fabric.export(&request).await?;
         info!(volume = %id, host = %host, subsystem = %subsystem, %address, for_transfer, "exported");
@@ -173,7 +183,41 @@ impl Exports {
             port: address.port(),
             host_nqn: host.to_string(),
             release_token: token,
+            auth,
         })
+    }
+
+    /// The DH-HMAC-CHAP secrets of an export of `record` to `host`, under
+    /// `nvme.auth = required`: the ones it has, else those of another
+    /// export to the same host (nvmet keeps one host entry per host NQN,
+    /// shared by every subsystem that admits it), else fresh ones.
+    async fn host_secrets(
+        &self,
+        record: &crate::store::VolumeRecord,
+        host: &Nqn,
+    ) -> Result<Option<DhchapKeys>, AgentError> {
+        if self.ctx.settings.nvme.auth == AuthPolicy::None {
+            return Ok(None);
+        }
+        // Before anything is recorded: a kernel that cannot authenticate
+        // gets a refusal that changes nothing.
+        if !self.ctx.fabric.authenticates_hosts().await? {
+            return Err(crate::nvme::auth::unsupported());
+        }
+        if let Some(keys) = record.export.as_ref().and_then(|e| e.auth.clone()) {
+            return Ok(Some(keys));
+        }
+        let records = self.ctx.store_call(|store| store.volumes()).await?;
+        let shared = records.into_iter().find_map(|other| {
+            other
+                .export
+                .filter(|export| export.host_nqn == host.as_str())
+                .and_then(|export| export.auth)
+        });
+        match shared {
+            Some(keys) => Ok(Some(keys)),
+            None => DhchapKeys::generate().map(Some),
+        }
     }
 
     /// Withdraws the volume's export. An export for a move goes only with
@@ -304,6 +348,34 @@ impl Exports {
         Ok(())
     }
 
+    /// Tells the operator at start what protects this agent's exports.
+    async fn say_how_exports_authenticate(&self) {
+        if self.ctx.settings.nvme.export.is_none() {
+            return;
+        }
+        match (
+            self.ctx.settings.nvme.auth,
+            self.ctx.fabric.authenticates_hosts().await,
+        ) {
+            (AuthPolicy::None, _) => warn!(
+                "nvme.auth = none: NVMe/TCP exports admit their host NQN without authentication; \
+                 firewall the export port to the storage peers"
+            ),
+            (AuthPolicy::Required, Ok(true)) => info!(
+                hash = crate::nvme::auth::HASH,
+                dhgroup = crate::nvme::auth::DH_GROUP,
+                "NVMe/TCP exports authenticate host and target with DH-HMAC-CHAP (nvme.auth = required)"
+            ),
+            (AuthPolicy::Required, Ok(false)) => warn!(
+                "this kernel cannot authenticate NVMe/TCP hosts (no CONFIG_NVME_TARGET_AUTH): \
+                 every export is refused until nvme.auth = \"none\" is set"
+            ),
+            (AuthPolicy::Required, Err(err)) => {
+                warn!(error = %err, "cannot tell whether the NVMe target authenticates hosts")
+            }
+        }
+    }
+
     /// After a restart: every recorded export is in place, and exports of
     /// ours that no record names (an unexport cut short) are removed.
     pub(crate) async fn reconcile_exports(&self) -> Result<(), AgentError> {
@@ -315,6 +387,7 @@ impl Exports {
             }
             Err(err) => return Err(err),
         };
+        self.say_how_exports_authenticate().await;
         let records = self.ctx.store_call(|store| store.volumes()).await?;
         let prefix = self.export_prefix();
         for subsystem in exported {

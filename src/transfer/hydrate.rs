@@ -499,12 +499,14 @@ fn source_record(source: &Source) -> SourceRecord {
             port,
             agent_endpoint,
             release_token,
+            auth,
         } => SourceRecord::NvmeTcp {
             subsystem_nqn: subsystem_nqn.clone(),
             address: address.clone(),
             port: *port,
             agent_endpoint: agent_endpoint.clone(),
             release_token: release_token.clone(),
+            auth: auth.clone(),
         },
     }
 }

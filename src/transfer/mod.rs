@@ -100,6 +100,7 @@ pub enum Source {
         port: u32,
         agent_endpoint: String,
         release_token: Option<token::ReleaseToken>,
+        auth: Option<crate::nvme::auth::DhchapKeys>,
     },
 }
 

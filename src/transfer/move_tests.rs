@@ -179,6 +179,112 @@ async fn a_moves_export_is_withdrawn_only_with_its_token_or_by_force() {
     agent.volumes.delete_volume(&id).await.unwrap();
 }
 
+/// nvme.auth = required: every export carries DH-HMAC-CHAP secrets, one
+/// pair per destination host (nvmet shares the host entry), which the
+/// destination presents when it connects; a target that cannot
+/// authenticate exports nothing; nvme.auth = none exports without secrets.
+#[tokio::test]
+async fn exports_authenticate_their_host_unless_the_operator_says_none() {
+    let host = exporting_host();
+    let agent = host.start().await.unwrap();
+    let (one, two, three) = (volume_id(1), volume_id(2), volume_id(3));
+    for id in [&one, &two, &three] {
+        agent.volumes.create_volume(id, 8 * MIB).await.unwrap();
+    }
+    let first = agent
+        .exports
+        .export_volume(&one, HOST_A, true)
+        .await
+        .unwrap();
+    let keys = first
+        .auth
+        .clone()
+        .expect("secrets under nvme.auth = required");
+    assert_ne!(keys.host, keys.ctrl);
+    let subsystem = subsystem_of(&agent, &one).await;
+    assert_eq!(host.fabric.secrets_of(&subsystem), Some(keys.clone()));
+    let same_host = agent
+        .exports
+        .export_volume(&two, HOST_A, false)
+        .await
+        .unwrap();
+    assert_eq!(
+        same_host.auth,
+        Some(keys.clone()),
+        "one host entry, one pair"
+    );
+    let again = agent
+        .exports
+        .export_volume(&one, HOST_A, true)
+        .await
+        .unwrap();
+    assert_eq!(again.auth, Some(keys.clone()), "a repeat keeps them");
+    let other_host = agent
+        .exports
+        .export_volume(&three, HOST_B, true)
+        .await
+        .unwrap();
+    assert!(other_host.auth.is_some() && other_host.auth != Some(keys.clone()));
+    let stored = serde_json::to_string(&agent.ctx.record(&one).await.unwrap().unwrap()).unwrap();
+    assert!(
+        stored.contains(keys.host.expose()),
+        "kept to restore the export"
+    );
+
+    host.fabric.remove_auth();
+    let agent = host.restart(agent).await.unwrap();
+    agent
+        .volumes
+        .create_volume(&volume_id(4), 8 * MIB)
+        .await
+        .unwrap();
+    let refused = agent
+        .exports
+        .export_volume(&volume_id(4), HOST_A, true)
+        .await;
+    assert_eq!(
+        refusal(&refused),
+        Some("AGENT_NOT_CONFIGURED"),
+        "{refused:?}"
+    );
+    assert!(format!("{refused:?}").contains("nvme.auth"), "{refused:?}");
+    let untouched = agent.ctx.record(&volume_id(4)).await.unwrap().unwrap();
+    assert_eq!(untouched.export, None, "a refusal records nothing");
+
+    let host = exporting_host().with_auth(crate::nvme::auth::AuthPolicy::None);
+    host.fabric.remove_auth();
+    let agent = host.start().await.unwrap();
+    agent.volumes.create_volume(&one, 8 * MIB).await.unwrap();
+    let plain = agent
+        .exports
+        .export_volume(&one, HOST_A, true)
+        .await
+        .unwrap();
+    assert_eq!(plain.auth, None);
+}
+
+/// The destination connects with the secrets the start request carried,
+/// and again with them after a restart.
+#[tokio::test]
+async fn the_destination_presents_the_exports_secrets() {
+    let host = TestHost::new();
+    host.fabric.offer(SOURCE_SUBSYSTEM, 8 * MIB);
+    let agent = host.start().await.unwrap();
+    let keys = crate::nvme::auth::DhchapKeys::generate().unwrap();
+    let mut request = nvme_request(1, &volume_id(1), "");
+    let Source::NvmeTcp { auth, .. } = &mut request.source else {
+        unreachable!()
+    };
+    *auth = Some(keys.clone());
+    agent.transfers.start_transfer(request).await.unwrap();
+    assert_eq!(host.fabric.presented(SOURCE_SUBSYSTEM), Some(keys.clone()));
+    host.kernel.reboot();
+    host.fabric.reboot();
+    host.fabric.offer(SOURCE_SUBSYSTEM, 8 * MIB);
+    let _agent = host.restart(agent).await.unwrap();
+    assert_eq!(host.fabric.presented(SOURCE_SUBSYSTEM), Some(keys));
+}
+
 #[tokio::test]
 async fn an_agent_without_an_export_address_exports_nothing() {
     let host = TestHost::new();
@@ -290,6 +396,7 @@ async fn a_restart_restores_recorded_exports_and_removes_stray_ones() {
                 id: 1,
                 address: TcpAddress::new("192.0.2.1".parse().unwrap(), 4420),
             },
+            auth: None,
         })
         .await
         .unwrap();
@@ -348,6 +455,7 @@ fn nvme_request(n: u32, volume: &VolumeId, endpoint: &str) -> StartRequest {
             port: 4420,
             agent_endpoint: endpoint.into(),
             release_token: Some(the_token()),
+            auth: None,
         },
         deferred: false,
         knobs: KnobRequest::default(),

@@ -24,8 +24,8 @@ use dmclone::{
     ids::VolumeId,
     nvme::{
         ConnectOptions, ConnectRequest, ConnectTimeouts, Connection, Controller, ExportRequest,
-        Host, HostId, Nqn, PortSpec, Target, TcpAddress, namespace_ids, nqn::MAX_NQN_BYTES,
-        subsystem_nqn, target::NVMET_CONFIGFS,
+        Host, HostId, Nqn, PortSpec, Target, TcpAddress, auth::DhchapKeys, namespace_ids,
+        nqn::MAX_NQN_BYTES, subsystem_nqn, target::NVMET_CONFIGFS,
     },
 };
 use nix::errno::Errno;
@@ -103,6 +103,7 @@ impl TestNames {
             namespace: namespace_ids(&self.volume),
             host_nqn: self.host.clone(),
             port: self.port(),
+            auth: None,
         }
     }
 
@@ -114,6 +115,7 @@ impl TestNames {
                 host_nqn: self.host.clone(),
                 host_id: self.host_id.clone(),
                 timeouts: ConnectTimeouts::default(),
+                auth: None,
             },
             expected_namespace: Some(namespace_ids(&self.volume)),
             namespace_timeout: NAMESPACE_TIMEOUT,
@@ -819,4 +821,114 @@ fn the_host_driver_takes_222_byte_nqns_but_not_223() {
             .expect_err("nothing listens there");
         assert_eq!(err.raw_os_error(), Some(errno), "{len} bytes: {err}");
     }
+}
+
+/// DH-HMAC-CHAP on kernels whose target authenticates hosts (6.12 here):
+/// the allowed host with the export's secrets reads the namespace; the
+/// same host NQN without secrets, with a wrong host secret or a wrong
+/// controller secret gets nothing and leaves no controller. On a kernel
+/// without (Debian 12's 6.1) an export with secrets is refused, naming
+/// nvme.auth, and leaves configfs as it found it.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_authenticated_export_admits_only_the_host_holding_its_secrets() {
+    let (target, host) = (target(), host());
+    let names = TestNames::new("dhchap", 11);
+    let seed = 0x4E5A;
+    let disk = LoopDisk::with_pattern(4 * MIB, seed);
+    let keys = DhchapKeys::generate().unwrap();
+    let request = ExportRequest {
+        auth: Some(keys.clone()),
+        ..names.export_request(disk.path())
+    };
+    let authenticates = target.authenticates_hosts().await.unwrap();
+    assert_eq!(
+        authenticates,
+        crate::support::nvme_auth_policy() == "required"
+    );
+    if !authenticates {
+        let err = target.export(&request).await.unwrap_err();
+        eprintln!("an authenticated export on this kernel: {err}");
+        assert!(err.to_string().contains("nvme.auth"), "{err}");
+        target.unexport(&names.subsystem).await.unwrap();
+        let root = Path::new(NVMET_CONFIGFS);
+        assert!(
+            !root
+                .join("subsystems")
+                .join(names.subsystem.as_str())
+                .exists()
+        );
+        assert!(!root.join("hosts").join(names.host.as_str()).exists());
+        return;
+    }
+    target.export(&request).await.unwrap();
+    let host_entry = Path::new(NVMET_CONFIGFS)
+        .join("hosts")
+        .join(names.host.as_str());
+    assert_eq!(
+        std::fs::read_to_string(host_entry.join("dhchap_hash"))
+            .unwrap()
+            .trim(),
+        "hmac(sha256)"
+    );
+
+    let other = DhchapKeys::generate().unwrap();
+    for (case, auth) in [
+        ("no secrets", None),
+        (
+            "a wrong host secret",
+            Some(DhchapKeys {
+                host: other.host.clone(),
+                ctrl: keys.ctrl.clone(),
+            }),
+        ),
+        (
+            "a wrong controller secret",
+            Some(DhchapKeys {
+                host: keys.host.clone(),
+                ctrl: other.ctrl.clone(),
+            }),
+        ),
+    ] {
+        let mut connect = names.connect_request();
+        connect.options.auth = auth;
+        let err = host.connect(&connect).await.unwrap_err();
+        eprintln!("connect with {case}: {err}");
+        for secret in [&keys.host, &keys.ctrl, &other.host, &other.ctrl] {
+            assert!(
+                !err.to_string().contains(secret.expose()),
+                "{case}: a secret in {err}"
+            );
+        }
+        assert_eq!(
+            host.find_connection(&names.subsystem).await.unwrap(),
+            None,
+            "{case}: nothing stays connected"
+        );
+    }
+
+    let mut connect = names.connect_request();
+    connect.options.auth = Some(keys);
+    let Connection {
+        controller,
+        namespace,
+        ..
+    } = host.connect(&connect).await.unwrap();
+    assert_eq!(
+        read_block(namespace.path.clone(), MIB).await.unwrap(),
+        pattern(seed, MIB, 4096)
+    );
+    host.disconnect(&controller).await.unwrap();
+    target.unexport(&names.subsystem).await.unwrap();
+    // Agents of other tests may export meanwhile: look at ours only.
+    let root = Path::new(NVMET_CONFIGFS);
+    assert!(
+        !root
+            .join("subsystems")
+            .join(names.subsystem.as_str())
+            .exists()
+    );
+    assert!(
+        !host_entry.exists(),
+        "the host entry and its secrets are gone"
+    );
 }

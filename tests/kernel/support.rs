@@ -25,6 +25,24 @@ pub const MIB: u64 = 1024 * 1024;
 
 /// Opens device-mapper or fails the test with instructions: a real-kernel
 /// test that cannot reach a kernel must fail, never pass by skipping.
+/// `nvme.auth` for agents under test: "required" where this kernel's NVMe
+/// target authenticates hosts (a host entry has `dhchap_key`: Linux 6.12
+/// here), "none" where it cannot (Debian 12's 6.1).
+pub fn nvme_auth_policy() -> &'static str {
+    static PROBES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = PROBES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let probe = Path::new("/sys/kernel/config/nvmet/hosts").join(format!(
+        "nqn.2014-08.io.dmclone:test-probe-{}-{n}",
+        std::process::id()
+    ));
+    if std::fs::create_dir(&probe).is_err() && !probe.exists() {
+        return "none";
+    }
+    let authenticates = probe.join("dhchap_key").exists();
+    let _ = std::fs::remove_dir(&probe);
+    if authenticates { "required" } else { "none" }
+}
+
 pub fn kernel() -> DeviceMapper {
     DeviceMapper::open().unwrap_or_else(|err| {
         panic!(

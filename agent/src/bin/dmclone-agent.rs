@@ -11,6 +11,7 @@ use dmclone::{
     },
     dm::{kernel::DeviceMapper, missing_targets},
     error::AgentError,
+    nvme::auth::AuthPolicy,
 };
 use tracing::error;
 
@@ -99,6 +100,10 @@ struct Args {
     /// Seconds before I/O to an unreachable source fails [config: nvme.fast_io_fail_timeout_seconds].
     #[arg(long, value_name = "SECONDS")]
     nvme_fast_io_fail_timeout_seconds: Option<u32>,
+    /// DH-HMAC-CHAP on exports: required (default; a kernel without NVMe
+    /// in-band authentication then exports nothing) or none [config: nvme.auth].
+    #[arg(long, value_name = "POLICY", value_parser = ["required", "none"])]
+    nvme_auth: Option<String>,
     /// Serve the API over TCP with mutual TLS here [config: tcp.listen].
     #[arg(long, value_name = "ADDR:PORT")]
     listen: Option<String>,
@@ -195,6 +200,9 @@ impl Args {
             &mut config.nvme.fast_io_fail_timeout_seconds,
             &self.nvme_fast_io_fail_timeout_seconds,
         );
+        if let Some(policy) = &self.nvme_auth {
+            config.nvme.auth = AuthPolicy::from_name(policy);
+        }
         set(&mut config.tcp.listen, &self.listen);
         set(&mut config.tcp.tls_cert, &self.tls_cert);
         set(&mut config.tcp.tls_key, &self.tls_key);

@@ -69,6 +69,26 @@ def pool_devices(count):
     return devices
 
 
+def nvme_auth_policy():
+    """'required' where this kernel's NVMe target authenticates hosts.
+
+    A host entry has dhchap_key only with CONFIG_NVME_TARGET_AUTH (not in
+    Debian 12's 6.1): there the agents export with nvme.auth = none.
+    """
+    probe = (
+        '/sys/kernel/config/nvmet/hosts/'
+        f'nqn.2014-08.io.dmclone:e2e-probe-{os.getpid()}'
+    )
+    try:
+        os.mkdir(probe)
+    except OSError:
+        return 'none'
+    try:
+        return 'required' if os.path.exists(f'{probe}/dhchap_key') else 'none'
+    finally:
+        os.rmdir(probe)
+
+
 def say(message):
     sys.stderr.write(f'[e2e] {message}\n')
     sys.stderr.flush()
@@ -137,6 +157,8 @@ class Agent:
             # snapshots be promised on a small pool.
             '--max-oversubscription-ratio',
             '20',
+            '--nvme-auth',
+            nvme_auth_policy(),
             '--nvme-export-address',
             '127.0.0.1',
             '--nvme-export-port',

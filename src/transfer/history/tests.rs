@@ -48,6 +48,7 @@ fn moved_over_nvme(mut record: TransferRecord, released: bool) -> TransferRecord
         port: 4420,
         agent_endpoint: "10.0.0.1:9443".into(),
         release_token: None,
+        auth: None,
     };
     record.source_released = released;
     record

@@ -205,6 +205,8 @@ async fn transfer_export_and_volume_calls_whose_callers_give_up_converge() {
     let agent = AgentProcess::start_with(
         PREFIX,
         &[
+            "--nvme-auth",
+            crate::support::nvme_auth_policy(),
             "--nvme-export-address",
             "127.0.0.1",
             "--nvme-export-port",

@@ -47,6 +47,8 @@ async fn dmclonectl_drives_volumes_and_reports_with_exit_codes() {
     let agent = AgentProcess::start_with(
         "dmctcli",
         &[
+            "--nvme-auth",
+            crate::support::nvme_auth_policy(),
             "--pool-file-size",
             "1G",
             "--nvme-export-address",

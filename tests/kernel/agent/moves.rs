@@ -18,6 +18,7 @@ use dmclone::{
     ids::VolumeId,
     nvme::{
         ConnectOptions, ConnectRequest, ConnectTimeouts, Host, HostId, Nqn, TcpAddress,
+        auth::{DhchapKeys, DhchapSecret},
         namespace_ids,
     },
 };
@@ -57,7 +58,13 @@ pub(super) async fn agent_with(
 ) -> AgentProcess {
     let port_text = port.to_string();
     let nqn = format!("nqn.2014-08.org.nvmexpress:uuid:{host_uuid}");
-    let mut args = vec![
+    let auth = if more.contains(&"--nvme-auth") {
+        Vec::new()
+    } else {
+        vec!["--nvme-auth", nvme_auth_policy()]
+    };
+    let mut args = auth;
+    args.extend_from_slice(&[
         "--pool-file-size",
         "1G",
         "--nvme-export-address",
@@ -72,7 +79,7 @@ pub(super) async fn agent_with(
         host_uuid,
         "--transfer-stall-seconds",
         "3",
-    ];
+    ]);
     args.extend_from_slice(more);
     AgentProcess::start_with(prefix, &args, &[]).await
 }
@@ -127,6 +134,8 @@ async fn start_move(
                 transport_service_id: export.transport_service_id,
                 source_agent_endpoint: format!("unix:{}", source.socket().display()),
                 release_token: export.release_token.clone(),
+                dhchap_host_secret: export.dhchap_host_secret.clone(),
+                dhchap_ctrl_secret: export.dhchap_ctrl_secret.clone(),
             })),
             deferred,
             knobs: None,
@@ -165,6 +174,15 @@ async fn wait_released(ids: Ids, destination: &AgentProcess) -> Transfer {
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+}
+
+/// The DH-HMAC-CHAP secrets an export answered, if any.
+pub(super) fn secrets_of(export: &Export) -> Option<DhchapKeys> {
+    let parse = |text: &str| DhchapSecret::parse("secret", text).unwrap();
+    Some(DhchapKeys {
+        host: parse(&export.dhchap_host_secret)?,
+        ctrl: parse(&export.dhchap_ctrl_secret)?,
+    })
 }
 
 /// Polls `done` every 100 ms for up to 60 s.
@@ -326,6 +344,20 @@ async fn a_volume_moves_between_agents_and_the_source_copy_is_released() {
         None,
         "the destination disconnected"
     );
+    // With nvme.auth = required (kernels that authenticate: 6.12) the move
+    // ran over DH-HMAC-CHAP; no secret and no token is in either log.
+    assert_eq!(
+        exported.dhchap_host_secret.is_empty(),
+        nvme_auth_policy() == "none"
+    );
+    for secret in [
+        &exported.release_token,
+        &exported.dhchap_host_secret,
+        &exported.dhchap_ctrl_secret,
+    ] {
+        let shown = |agent: &AgentProcess| !secret.is_empty() && agent.log().contains(secret);
+        assert!(!shown(&a) && !shown(&b), "a secret is in a log");
+    }
     b.destroy().await;
     a.destroy().await;
 }
@@ -570,6 +602,7 @@ async fn writes_over_an_export_are_never_missing_from_an_answer() {
                 host_nqn: Nqn::parse("host_nqn", &initiator).unwrap(),
                 host_id: HostId::parse(initiator_uuid).unwrap(),
                 timeouts: ConnectTimeouts::default(),
+                auth: secrets_of(&exported),
             },
             expected_namespace: Some(namespace_ids(&VolumeId::parse(volume).unwrap())),
             namespace_timeout: Duration::from_secs(30),
@@ -709,4 +742,96 @@ async fn release(
         })
         .await
         .map(drop)
+}
+
+/// `nvme.auth`: `required` (the default) exports with DH-HMAC-CHAP secrets
+/// where the kernel authenticates hosts, and where it cannot (Debian 12's
+/// 6.1) refuses every export with the reason, recording nothing; the
+/// start says which. `none` exports without secrets and warns at start.
+#[tokio::test(flavor = "multi_thread")]
+async fn exports_follow_the_nvme_auth_policy_of_the_kernel() {
+    let ids = ids(
+        "8c9d1c3e-5f1a-4f7e-9a57-3f0c2b8f6d16",
+        "9c9d1c3e-5f1a-4f7e-9a57-3f0c2b8f6d16",
+    );
+    let peer = "nqn.2014-08.org.nvmexpress:uuid:0b000000-0000-4000-8000-0000000000f1";
+    let export_to_peer = async |agent: &AgentProcess| {
+        transfers(agent)
+            .await
+            .export_volume(ExportVolumeRequest {
+                volume_id: ids.volume.into(),
+                host_nqn: peer.into(),
+                for_transfer: true,
+            })
+            .await
+            .map(|r| r.into_inner())
+    };
+    let kernel_authenticates = nvme_auth_policy() == "required";
+    let required = agent_with(
+        "dmctauthr",
+        4451,
+        "0a000000-0000-4000-8000-0000000000f2",
+        &["--nvme-auth", "required"],
+    )
+    .await;
+    create(&mut required.volumes().await, ids.volume, 8 * MIB)
+        .await
+        .unwrap();
+    let answer = export_to_peer(&required).await;
+    let withdraw = async |agent: &AgentProcess, export: &Export| {
+        transfers(agent)
+            .await
+            .unexport_volume(UnexportVolumeRequest {
+                volume_id: ids.volume.into(),
+                release_token: export.release_token.clone(),
+                force: false,
+            })
+            .await
+            .unwrap();
+    };
+    if kernel_authenticates {
+        let export = answer.unwrap();
+        assert!(secrets_of(&export).is_some(), "{:?}", export.subsystem_nqn);
+        withdraw(&required, &export).await;
+        assert!(
+            required
+                .log()
+                .contains("authenticate host and target with DH-HMAC-CHAP")
+        );
+    } else {
+        let refused = answer.unwrap_err();
+        assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+        assert_eq!(
+            refusal_reason(&refused).as_deref(),
+            Some("AGENT_NOT_CONFIGURED")
+        );
+        assert!(refused.message().contains("nvme.auth"), "{refused:?}");
+        assert!(
+            required
+                .log()
+                .contains("every export is refused until nvme.auth")
+        );
+        // Not recorded as exported: it may be published (attached) here.
+        publish(&mut required.volumes().await, ids.volume)
+            .await
+            .unwrap();
+    }
+    required.destroy().await;
+
+    let none = agent_with(
+        "dmctauthn",
+        4452,
+        "0a000000-0000-4000-8000-0000000000f3",
+        &["--nvme-auth", "none"],
+    )
+    .await;
+    create(&mut none.volumes().await, ids.volume, 8 * MIB)
+        .await
+        .unwrap();
+    let export = export_to_peer(&none).await.unwrap();
+    assert_eq!(secrets_of(&export), None);
+    assert!(configfs_has(&export.subsystem_nqn));
+    assert!(none.log().contains("nvme.auth = none"));
+    withdraw(&none, &export).await;
+    none.destroy().await;
 }

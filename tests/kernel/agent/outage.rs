@@ -178,6 +178,8 @@ async fn moving(ids: Ids, a: &AgentProcess, b: &AgentProcess, relay: &Relay, see
                 transport_service_id: u32::from(relay.port),
                 source_agent_endpoint: format!("unix:{}", a.socket().display()),
                 release_token: exported.release_token.clone(),
+                dhchap_host_secret: exported.dhchap_host_secret.clone(),
+                dhchap_ctrl_secret: exported.dhchap_ctrl_secret.clone(),
             })),
             deferred: false,
             knobs: Some(HydrationKnobs {

@@ -530,6 +530,8 @@ async fn a_copy_is_released_only_by_its_destination_with_the_token() {
         "dmctrel",
         &["cinder-volume=driver", &peer, &other_peer],
         &[
+            "--nvme-auth",
+            crate::support::nvme_auth_policy(),
             "--nvme-export-address",
             "127.0.0.1",
             "--nvme-export-port",

@@ -41,7 +41,7 @@ pub enum TransferCommand {
         id: Option<String>,
     },
     /// Start moving a volume here (prints the transfer).
-    Start(StartArgs),
+    Start(Box<StartArgs>),
     /// Live migration: the source let go; start hydrating.
     Commit {
         id: String,
@@ -100,6 +100,13 @@ pub struct StartArgs {
     /// printed; without it the source keeps its copy after the move.
     #[arg(long, env = "DMCLONE_RELEASE_TOKEN", hide_env_values = true)]
     release_token: Option<String>,
+    /// The DH-HMAC-CHAP secrets the source's export printed (nvme.auth =
+    /// required there): the host's...
+    #[arg(long, env = "DMCLONE_DHCHAP_HOST_SECRET", hide_env_values = true)]
+    dhchap_host_secret: Option<String>,
+    /// ...and the controller's.
+    #[arg(long, env = "DMCLONE_DHCHAP_CTRL_SECRET", hide_env_values = true)]
+    dhchap_ctrl_secret: Option<String>,
     /// Present now, hydrate after `transfer commit` (live migration).
     #[arg(long)]
     deferred: bool,
@@ -152,7 +159,7 @@ pub async fn run(channel: Channel, command: TransferCommand, as_json: bool) -> R
         }
         TransferCommand::Watch { id } => return watch(client, id, as_json).await,
         TransferCommand::Show { id } => client.get_transfer(reference(id)).await?,
-        TransferCommand::Start(args) => client.start_transfer(start_request(args)?).await?,
+        TransferCommand::Start(args) => client.start_transfer(start_request(*args)?).await?,
         TransferCommand::Commit { id } => client.commit_transfer(reference(id)).await?,
         TransferCommand::Pause { id } => client.pause_transfer(reference(id)).await?,
         TransferCommand::Resume { id } => client.resume_transfer(reference(id)).await?,
@@ -195,6 +202,8 @@ fn start_request(args: StartArgs) -> Result<StartTransferRequest, Failure> {
             transport_service_id: args.port.unwrap_or_default(),
             source_agent_endpoint: args.source_agent.unwrap_or_default(),
             release_token: args.release_token.unwrap_or_default(),
+            dhchap_host_secret: args.dhchap_host_secret.unwrap_or_default(),
+            dhchap_ctrl_secret: args.dhchap_ctrl_secret.unwrap_or_default(),
         }),
         _ => {
             return Err(Failure::Usage(
@@ -245,6 +254,8 @@ pub async fn export(
         "port": export.transport_service_id,
         "allowed_host_nqn": export.allowed_host_nqn,
         "release_token": export.release_token,
+        "dhchap_host_secret": export.dhchap_host_secret,
+        "dhchap_ctrl_secret": export.dhchap_ctrl_secret,
     });
     if as_json {
         output::json(&value);
@@ -259,6 +270,13 @@ pub async fn export(
         );
         if !export.release_token.is_empty() {
             println!("release token: {}", export.release_token);
+        }
+        if !export.dhchap_host_secret.is_empty() {
+            println!("DH-HMAC-CHAP host secret: {}", export.dhchap_host_secret);
+            println!(
+                "DH-HMAC-CHAP controller secret: {}",
+                export.dhchap_ctrl_secret
+            );
         }
     }
     Ok(())
