@@ -123,6 +123,9 @@ impl Exports {
         }
         let subsystem = subsystem_nqn(&self.export_prefix(), id)?;
         let token = for_transfer.then(ReleaseToken::generate).transpose()?;
+        // Exports to one host share its secrets: two exports to it at
+        // once (a drain) must not each make their own pair.
+        let _host_held = self.ctx.locks.lock(format!("export-host {host}")).await;
         let auth = self.host_secrets(&record, &host).await?;
         match &mut record.export {
             Some(existing) if existing.host_nqn != host.as_str() => {

@@ -225,6 +225,21 @@ async fn exports_authenticate_their_host_unless_the_operator_says_none() {
         .await
         .unwrap();
     assert!(other_host.auth.is_some() && other_host.auth != Some(keys.clone()));
+    // Two exports to a host that has no secrets yet, at once: one pair.
+    let (five, six) = (volume_id(5), volume_id(6));
+    for id in [&five, &six] {
+        agent.volumes.create_volume(id, 8 * MIB).await.unwrap();
+    }
+    let third_host = "nqn.2014-08.org.nvmexpress:uuid:cccccccc-0000-4000-8000-000000000003";
+    let (a, b) = tokio::join!(
+        agent.exports.export_volume(&five, third_host, true),
+        agent.exports.export_volume(&six, third_host, true)
+    );
+    assert_eq!(
+        a.unwrap().auth,
+        b.unwrap().auth,
+        "concurrent exports share one pair"
+    );
     let stored = serde_json::to_string(&agent.ctx.record(&one).await.unwrap().unwrap()).unwrap();
     assert!(
         stored.contains(keys.host.expose()),

@@ -122,6 +122,15 @@ impl TestNames {
         }
     }
 
+    /// This test's subsystem and host entry (with any secrets) are gone.
+    fn assert_subsystem_and_host_gone(&self) {
+        let root = Path::new(NVMET_CONFIGFS);
+        let subsystem = root.join("subsystems").join(self.subsystem.as_str());
+        assert!(!subsystem.exists(), "{} is left", subsystem.display());
+        let host = root.join("hosts").join(self.host.as_str());
+        assert!(!host.exists(), "{} is left", host.display());
+    }
+
     /// nvmet's configfs tree without the objects of the other tests of this
     /// module, which may run concurrently: what this test must leave as found.
     fn nvmet_listing(&self) -> Vec<String> {
@@ -850,14 +859,7 @@ async fn an_authenticated_export_admits_only_the_host_holding_its_secrets() {
         eprintln!("an authenticated export on this kernel: {err}");
         assert!(err.to_string().contains("nvme.auth"), "{err}");
         target.unexport(&names.subsystem).await.unwrap();
-        let root = Path::new(NVMET_CONFIGFS);
-        assert!(
-            !root
-                .join("subsystems")
-                .join(names.subsystem.as_str())
-                .exists()
-        );
-        assert!(!root.join("hosts").join(names.host.as_str()).exists());
+        names.assert_subsystem_and_host_gone();
         return;
     }
     target.export(&request).await.unwrap();
@@ -920,15 +922,5 @@ async fn an_authenticated_export_admits_only_the_host_holding_its_secrets() {
     host.disconnect(&controller).await.unwrap();
     target.unexport(&names.subsystem).await.unwrap();
     // Agents of other tests may export meanwhile: look at ours only.
-    let root = Path::new(NVMET_CONFIGFS);
-    assert!(
-        !root
-            .join("subsystems")
-            .join(names.subsystem.as_str())
-            .exists()
-    );
-    assert!(
-        !host_entry.exists(),
-        "the host entry and its secrets are gone"
-    );
+    names.assert_subsystem_and_host_gone();
 }

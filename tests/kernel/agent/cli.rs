@@ -161,17 +161,20 @@ async fn dmclonectl_drives_volumes_and_reports_with_exit_codes() {
         "unexported"
     );
     // A move's export: its token, or --force, withdraws it.
-    let for_move = json(
-        &agent,
-        &[
-            "volume",
-            "export",
-            VOL_A,
-            "--host-nqn",
-            host,
-            "--for-transfer",
-        ],
-    );
+    let export_for_move = || {
+        json(
+            &agent,
+            &[
+                "volume",
+                "export",
+                VOL_A,
+                "--host-nqn",
+                host,
+                "--for-transfer",
+            ],
+        )
+    };
+    let for_move = export_for_move();
     let token = for_move["release_token"].as_str().unwrap().to_owned();
     assert_eq!(token.len(), 64, "{for_move}");
     let refused = run(&agent, &["volume", "unexport", VOL_A]);
@@ -193,17 +196,7 @@ async fn dmclonectl_drives_volumes_and_reports_with_exit_codes() {
         "{}",
         String::from_utf8_lossy(&with_token.stderr)
     );
-    json(
-        &agent,
-        &[
-            "volume",
-            "export",
-            VOL_A,
-            "--host-nqn",
-            host,
-            "--for-transfer",
-        ],
-    );
+    export_for_move();
     assert_eq!(
         json(&agent, &["volume", "unexport", VOL_A, "--force"])["result"],
         "unexported"
