@@ -128,13 +128,6 @@ impl AuthPolicy {
             _ => None,
         }
     }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Required => "required",
-            Self::None => "none",
-        }
-    }
 }
 
 #[cfg(test)]

@@ -33,6 +33,19 @@ fn remember_token(digests: &mut Vec<String>, token: &ReleaseToken) {
     digests.drain(..excess);
 }
 
+/// VOLUME_EXPORTED_ELSEWHERE unless `export` is to `requester`.
+fn exported_to(id: &VolumeId, export: &ExportRecord, requester: &str) -> Result<(), AgentError> {
+    if export.host_nqn == requester {
+        return Ok(());
+    }
+    Err(Refusal::VolumeExportedElsewhere {
+        volume: id.clone(),
+        host_nqn: export.host_nqn.clone(),
+        requester: requester.to_owned(),
+    }
+    .into())
+}
+
 /// PERMISSION_DENIED unless `token` is one the export handed out.
 fn check_token(
     id: &VolumeId,
@@ -241,15 +254,8 @@ impl Exports {
                 id: id.to_string(),
             })?;
         if let Some(export) = &record.export {
-            if let Some(peer_host) = &request.peer_host
-                && *peer_host != export.host_nqn
-            {
-                return Err(Refusal::VolumeExportedElsewhere {
-                    volume: id.clone(),
-                    host_nqn: export.host_nqn.clone(),
-                    requester: peer_host.clone(),
-                }
-                .into());
+            if let Some(peer_host) = &request.peer_host {
+                exported_to(id, export, peer_host)?;
             }
             if export.for_transfer() {
                 if request.force {
@@ -315,14 +321,7 @@ impl Exports {
         let Some(export) = &record.export else {
             return Err(not_for_transfer("is not exported").into());
         };
-        if export.host_nqn != host.as_str() {
-            return Err(Refusal::VolumeExportedElsewhere {
-                volume: id.clone(),
-                host_nqn: export.host_nqn.clone(),
-                requester: host.to_string(),
-            }
-            .into());
-        }
+        exported_to(id, export, host.as_str())?;
         if !export.for_transfer() {
             return Err(not_for_transfer("is exported for an attachment, not for a move").into());
         }
