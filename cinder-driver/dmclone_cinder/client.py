@@ -15,11 +15,11 @@
 Only blocking unary calls, each with a deadline. How they run depends on
 the process's threading model:
 
-* Under eventlet monkey patching, grpcio's Python layer would take green
-  locks from its native helper threads (a hang) or block the hub for the
-  whole call. Every call therefore runs in eventlet's native thread pool
-  (tpool.execute) on a channel that is created and used only by that
-  native thread.
+* Under eventlet monkey patching, a grpcio call would block the hub for
+  the whole call. Every call therefore runs in eventlet's native thread
+  pool (tpool.execute) on a channel that is created and used only by that
+  native thread; grpcio itself is imported with native threading
+  (grpc_import), so the locks it takes there are native ones.
 * With native threads (OS_CINDER_DISABLE_EVENTLET_PATCHING) one channel
   per agent is shared by all threads, as grpcio intends.
 
@@ -45,6 +45,7 @@ import grpc
 from oslo_context import context as oslo_context
 from oslo_log import log as logging
 
+from dmclone_cinder import grpc_import
 from dmclone_cinder._proto.dmclone.v1 import node_pb2
 from dmclone_cinder._proto.dmclone.v1 import node_pb2_grpc
 from dmclone_cinder._proto.dmclone.v1 import snapshot_pb2
@@ -415,10 +416,28 @@ class PerThreadChannelTransport(Transport):
         from eventlet import tpool
 
         self._execute = tpool.execute
-        self._native_local = patcher.original('threading').local()
+        native_threading = patcher.original('threading')
+        self._native_local = native_threading.local()
+        self._one_at_a_time = None
+        if not grpc_import.uses_native_locks():
+            # Something imported grpc before this package: its locks are
+            # green, and only calls that never overlap are safe in tpool.
+            LOG.warning(
+                'grpc was imported after eventlet patching, before the '
+                'dmclone driver; agent calls run one at a time. Load '
+                'dmclone_cinder before other users of grpc to run them '
+                'in parallel.'
+            )
+            self._one_at_a_time = native_threading.Lock()
 
     def _run(self, function, *args):
-        return self._execute(function, *args)
+        if self._one_at_a_time is None:
+            return self._execute(function, *args)
+        return self._execute(self._serialized, function, *args)
+
+    def _serialized(self, function, *args):
+        with self._one_at_a_time:
+            return function(*args)
 
     def _connection(self, endpoint):
         connections = self._native_local.__dict__.setdefault('by_endpoint', {})

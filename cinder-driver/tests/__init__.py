@@ -10,3 +10,7 @@ import warnings
 warnings.filterwarnings('ignore', message=r'\s*Eventlet is deprecated')
 
 import cinder.tests.unit  # noqa: E402,F401
+
+# As cinder-volume does: the driver's package is loaded before any test
+# module imports grpc, so grpcio is imported with native threading.
+import dmclone_cinder  # noqa: E402,F401

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from unittest import mock
 import uuid
 
 from cinder import context
@@ -21,6 +22,7 @@ from eventlet import patcher
 
 from dmclone_cinder import client
 from dmclone_cinder import driver
+from dmclone_cinder import grpc_import
 from dmclone_cinder import options
 from tests import agent_process
 from tests import base
@@ -34,10 +36,16 @@ PARALLEL_BOUND = 3 * CALL_SECONDS
 # A frozen hub stalls the ticker for a whole call.
 TICK_SECONDS = 0.02
 MAX_HUB_GAP = 0.6 * CALL_SECONDS
+# Immediate answers, many at once: long enough to hit grpcio's per-call
+# locks from several native threads at the same moment.
+CONTENDED_CALLS = 2000
+CONTENDED_CALLS_DEADLINE = 120
 
 
 class _AgentServerTestCase(base.TestCase):
     """One fake agent process for all tests of a class."""
+
+    call_seconds = CALL_SECONDS
 
     @classmethod
     def setUpClass(cls):
@@ -45,7 +53,7 @@ class _AgentServerTestCase(base.TestCase):
         cls._pki_dir = tempfile.TemporaryDirectory()
         cls.pki = tls.write_test_pki(cls._pki_dir.name)
         cls.agent = agent_process.FakeAgentProcess(
-            cls.pki['server'], CALL_SECONDS
+            cls.pki['server'], cls.call_seconds
         ).start()
 
     @classmethod
@@ -129,6 +137,21 @@ class EventletClientTestCase(_AgentServerTestCase):
         self.assertGreaterEqual(elapsed, 2 * CALL_SECONDS * 0.9)
         self.assertLess(elapsed, 3.5 * CALL_SECONDS)
         self.assertLess(ticker.longest_gap, MAX_HUB_GAP)
+
+    def test_green_grpcio_gets_calls_one_at_a_time(self):
+        with mock.patch.object(
+            grpc_import, 'uses_native_locks', return_value=False
+        ):
+            transport = client.make_transport(self.tls_material(), 30, 4)
+        agent = client.AgentClient('hv1', self.agent.endpoint, transport)
+        pool = eventlet.GreenPool(3)
+        started = time.monotonic()
+        infos = list(pool.imap(lambda _: agent.get_node_info(), range(3)))
+        elapsed = time.monotonic() - started
+
+        self.assertEqual(['fake-node'] * 3, [i.node_id for i in infos])
+        # Never two calls at once: three rounds of one call each.
+        self.assertGreaterEqual(elapsed, 3 * CALL_SECONDS * 0.9)
 
     def test_request_id_reaches_the_agent(self):
         request_context = context.RequestContext('user', 'project')
@@ -241,6 +264,62 @@ class EventletClientTestCase(_AgentServerTestCase):
         self.assertLess(elapsed, 1.5 + 1.0)
         # The waits were green sleeps: the hub kept running.
         self.assertLess(ticker.longest_gap, MAX_HUB_GAP)
+
+
+class ContendedCallsTestCase(_AgentServerTestCase):
+    """Many short calls at once: grpcio's own locks see contention."""
+
+    call_seconds = 0.0
+
+    def test_grpcio_takes_native_locks_under_eventlet(self):
+        # A green lock that two native (tpool) threads contend for makes
+        # eventlet switch across threads, which it refuses; the waiting
+        # call then never returns.
+        self.assertTrue(grpc_import.uses_native_locks())
+
+    def test_short_concurrent_calls_all_return(self):
+        agent = self.agent_client()
+        pool = eventlet.GreenPool(CONCURRENT_CALLS)
+        with eventlet.Timeout(CONTENDED_CALLS_DEADLINE):
+            infos = list(
+                pool.imap(
+                    lambda _: agent.get_node_info(), range(CONTENDED_CALLS)
+                )
+            )
+
+        self.assertEqual(
+            CONTENDED_CALLS, sum(i.node_id == 'fake-node' for i in infos)
+        )
+
+
+class GrpcImportOrderTestCase(base.TestCase):
+    """In fresh interpreters: who imports grpc first decides its locks."""
+
+    def _probe(self, imports):
+        code = (
+            'import warnings; warnings.simplefilter("ignore")\n'
+            'import eventlet; eventlet.monkey_patch()\n'
+            f'{imports}\n'
+            'from dmclone_cinder import grpc_import\n'
+            'print(grpc_import.uses_native_locks())\n'
+        )
+        result = subprocess.run(
+            [sys.executable, '-c', code],
+            capture_output=True,
+            check=True,
+            text=True,
+            env=dict(os.environ, PYTHONPATH=str(agent_process.DRIVER_ROOT)),
+            timeout=120,
+        )
+        return result.stdout.strip()
+
+    def test_the_driver_package_first_makes_grpcio_native(self):
+        self.assertEqual(
+            'True', self._probe('import dmclone_cinder; import grpc')
+        )
+
+    def test_grpc_imported_green_before_the_driver_is_detected(self):
+        self.assertEqual('False', self._probe('import grpc'))
 
 
 class EventletDriverTestCase(_AgentServerTestCase):
