@@ -14,6 +14,7 @@ pub mod proto;
 mod release;
 mod snapshot;
 pub mod status;
+mod tls;
 mod transfer;
 mod volume;
 mod watch;
@@ -31,13 +32,8 @@ use std::{
 };
 
 use tokio::net::{TcpListener, UnixListener};
-use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
-use tonic::{
-    Request, Response, Status,
-    metadata::MetadataMap,
-    service::Routes,
-    transport::{Certificate, Identity, Server, ServerTlsConfig},
-};
+use tokio_stream::wrappers::UnixListenerStream;
+use tonic::{Request, Response, Status, metadata::MetadataMap, service::Routes, transport::Server};
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::{
@@ -81,19 +77,21 @@ pub async fn serve(
         .add_routes(routes.clone())
         .serve_with_incoming_shutdown(UnixListenerStream::new(unix), stopped(stop_rx.clone()));
     servers.spawn(async move { socket_server.await.map_err(|err| err.to_string()) });
+    let mut reloadable = None;
     if let Some(tcp) = &agent.settings().tcp {
-        let (listener, tls) = bind_tcp(tcp).await?;
+        let tls = Arc::new(tls::ReloadableTls::load(tcp)?);
+        let listener = bind_tcp(tcp).await?;
         let tcp_server = limited(&limits)
-            .tls_config(tls.timeout(limits.tls_handshake))
-            .map_err(|err| tls_error(tcp, err))?
             .layer(access::AccessLayer::new(tcp.clients.clone(), gate))
             .add_routes(routes)
             .serve_with_incoming_shutdown(
-                TcpListenerStream::new(listener),
+                Arc::clone(&tls).incoming(listener, limits.tls_handshake),
                 stopped(stop_rx.clone()),
             );
         servers.spawn(async move { tcp_server.await.map_err(|err| err.to_string()) });
+        reloadable = Some(tls);
     }
+    tls::reload_on_hangup(reloadable)?;
     if let Some(address) = agent.settings().metrics_listen {
         let listener = TcpListener::bind(address)
             .await
@@ -260,23 +258,7 @@ fn reachable_by_group(dir: &Path, gid: u32, made: bool) -> Result<(), AgentError
     })
 }
 
-async fn bind_tcp(tcp: &TcpSettings) -> Result<(TcpListener, ServerTlsConfig), AgentError> {
-    let read = |option: &str, path: &Path| {
-        std::fs::read(path).map_err(|err| AgentError::Config {
-            option: option.to_owned(),
-            reason: format!("cannot read {}: {err}", path.display()),
-        })
-    };
-    let identity = Identity::from_pem(
-        read("tcp.tls_cert", &tcp.tls_cert)?,
-        read("tcp.tls_key", &tcp.tls_key)?,
-    );
-    let client_ca = Certificate::from_pem(read("tcp.client_ca", &tcp.client_ca)?);
-    // Without client_auth_optional, a client must present a certificate
-    // that chains to client_ca: mutual TLS.
-    let tls = ServerTlsConfig::new()
-        .identity(identity)
-        .client_ca_root(client_ca);
+async fn bind_tcp(tcp: &TcpSettings) -> Result<TcpListener, AgentError> {
     let listener = TcpListener::bind(tcp.listen)
         .await
         .map_err(|source| AgentError::Io {
@@ -287,19 +269,7 @@ async fn bind_tcp(tcp: &TcpSettings) -> Result<(TcpListener, ServerTlsConfig), A
         .local_addr()
         .map_or_else(|_| tcp.listen.to_string(), |a| a.to_string());
     info!(address = %local, "serving the API over TCP with mutual TLS");
-    Ok((listener, tls))
-}
-
-fn tls_error(tcp: &TcpSettings, err: impl std::fmt::Display) -> AgentError {
-    AgentError::Config {
-        option: "tcp.tls_cert".into(),
-        reason: format!(
-            "the TLS identity ({}, {}) or client CA ({}) is not usable: {err}",
-            tcp.tls_cert.display(),
-            tcp.tls_key.display(),
-            tcp.client_ca.display()
-        ),
-    }
+    Ok(listener)
 }
 
 /// Runs one RPC in a span with its method, object id and request id, logs

@@ -184,6 +184,11 @@ impl TlsAgent {
         }
     }
 
+    /// Where the agent's certificate, key and client CA are.
+    fn file(&self, name: &str) -> std::path::PathBuf {
+        self._dir.path().join(name)
+    }
+
     /// A channel as the client certified for `name` by the agent's CA.
     async fn channel_as(&self, name: &str) -> Channel {
         let pem = leaf(&self.trusted, &[name], ExtendedKeyUsagePurpose::ClientAuth);
@@ -661,5 +666,82 @@ async fn a_copy_is_released_only_by_its_destination_with_the_token() {
             && l.contains("release token does not match")),
         "a wrong token is audited with its caller"
     );
+    bed.agent.destroy().await;
+}
+
+/// Rotation: new server certificate, key and client CA written in place,
+/// SIGHUP, and new clients must use the new CA while an established
+/// connection goes on; a file that does not load keeps the settings in use.
+#[tokio::test(flavor = "multi_thread")]
+async fn certificates_rotate_on_sighup_without_dropping_connections() {
+    let bed = TlsAgent::start("dmctrot", &["cinder-volume=driver"]).await;
+    let established = bed.channel_as("cinder-volume").await;
+    node_info_over(established.clone()).await.unwrap();
+
+    let rotated = ca("dmclone rotated CA");
+    let server = leaf(
+        &rotated,
+        &["localhost", "127.0.0.1"],
+        ExtendedKeyUsagePurpose::ServerAuth,
+    );
+    std::fs::write(bed.file("agent.pem"), &server.cert).unwrap();
+    std::fs::write(bed.file("agent.key"), &server.key).unwrap();
+    std::fs::write(bed.file("ca.pem"), rotated.pem()).unwrap();
+    let hangup = |agent: &AgentProcess| {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(agent.pid() as i32),
+            nix::sys::signal::Signal::SIGHUP,
+        )
+        .unwrap();
+    };
+    let log_has = async |agent: &AgentProcess, text: &str, times: usize| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while agent.log().matches(text).count() < times {
+            assert!(Instant::now() < deadline, "no {text:?} in the log");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    hangup(&bed.agent);
+    log_has(&bed.agent, "reloaded the TLS certificate", 1).await;
+
+    let client_of = |issuer: &CertifiedIssuer<'static, KeyPair>| {
+        let pem = leaf(
+            issuer,
+            &["cinder-volume"],
+            ExtendedKeyUsagePurpose::ClientAuth,
+        );
+        ClientTls {
+            ca_pem: issuer.pem().into_bytes(),
+            cert_pem: Some(pem.cert.into_bytes()),
+            key_pem: Some(pem.key.into_bytes()),
+            server_name: "localhost".into(),
+        }
+    };
+    let new_client = client_of(&rotated);
+    let channel = connect_tls(&bed.address, &new_client).await.unwrap();
+    node_info_over(channel).await.unwrap();
+    let old_client = client_of(&bed.trusted);
+    let refused = match connect_tls(&bed.address, &old_client).await {
+        Err(err) => err.to_string(),
+        Ok(channel) => node_info_over(channel)
+            .await
+            .expect_err("the old CA is no longer trusted")
+            .to_string(),
+    };
+    assert!(!refused.is_empty());
+    node_info_over(established.clone())
+        .await
+        .expect("an established connection survives the reload");
+
+    // A broken file: the rotated settings stay in use.
+    std::fs::write(bed.file("agent.pem"), "not a certificate").unwrap();
+    hangup(&bed.agent);
+    log_has(&bed.agent, "kept the TLS settings in use", 1).await;
+    assert!(
+        bed.agent.log().contains("agent.pem"),
+        "the log names the file that did not load"
+    );
+    let channel = connect_tls(&bed.address, &new_client).await.unwrap();
+    node_info_over(channel).await.unwrap();
     bed.agent.destroy().await;
 }
