@@ -187,6 +187,7 @@ impl Agent {
         );
         watch_pool_events(&agent.ctx);
         agent.transfers.spawn_forgetting();
+        agent.exports.spawn_expiry();
         let transfers = agent
             .ctx
             .store_call(|store| store.all::<TransferRecord>())

@@ -171,6 +171,9 @@ pub struct NvmeConfig {
     /// with DH-HMAC-CHAP, and a kernel without NVMe in-band authentication
     /// exports nothing. "none": exports admit the allowed host NQN alone.
     pub auth: Option<crate::nvme::auth::AuthPolicy>,
+    /// Seconds an export for a move waits for its destination to connect
+    /// and claim it; unclaimed by then, it is withdrawn.
+    pub unclaimed_export_seconds: Option<u64>,
 }
 
 /// How this agent calls other agents (to release a source after a move):
@@ -380,6 +383,7 @@ pub struct NvmeSettings {
     /// `None`: I/O waits for the whole `ctrl_loss_timeout_seconds`.
     pub fast_io_fail_timeout_seconds: Option<u32>,
     pub auth: crate::nvme::auth::AuthPolicy,
+    pub unclaimed_export_seconds: u64,
 }
 
 pub const DEFAULT_NVME_PORT: u16 = 4420;
@@ -387,6 +391,10 @@ pub const DEFAULT_NVME_PORT_ID: u16 = 1;
 /// How long a guest's reads of regions not yet copied wait for a source
 /// that went away before they fail (README, "Source outages").
 pub const DEFAULT_CTRL_LOSS_SECONDS: u32 = 120;
+/// A destination connects within seconds of the export; ten minutes leave
+/// room for a live migration whose preparation is slow, and bound how long
+/// an export nobody uses stays open.
+pub const DEFAULT_UNCLAIMED_EXPORT_SECONDS: u64 = 600;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerTls {
@@ -716,6 +724,15 @@ impl NvmeConfig {
             ctrl_loss_timeout_seconds: ctrl_loss,
             fast_io_fail_timeout_seconds: fast_fail,
             auth: self.auth.unwrap_or_default(),
+            unclaimed_export_seconds: match self.unclaimed_export_seconds {
+                Some(0) => {
+                    return Err(invalid(
+                        "nvme.unclaimed_export_seconds",
+                        "must be at least 1 second",
+                    ));
+                }
+                seconds => seconds.unwrap_or(DEFAULT_UNCLAIMED_EXPORT_SECONDS),
+            },
         })
     }
 }

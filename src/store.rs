@@ -106,6 +106,10 @@ pub struct ExportRecord {
     /// to that host); `None` without authentication.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auth: Option<DhchapKeys>,
+    /// An export for a move not yet claimed by its destination: when it is
+    /// withdrawn (Unix seconds). `None`: claimed, or not for a move.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claim_deadline_unix: Option<i64>,
 }
 
 impl ExportRecord {
@@ -229,6 +233,10 @@ pub struct TransferRecord {
     /// export.
     #[serde(default)]
     pub export_withdrawn: bool,
+    /// The source agent acknowledged that this destination claimed its
+    /// export (connected), so the export no longer expires.
+    #[serde(default)]
+    pub export_claimed: bool,
     /// Finalizing has switched the public table to the local copy; the
     /// clone's metadata may already be gone.
     #[serde(default)]
@@ -290,6 +298,25 @@ impl TransferRecord {
                 release_token: Some(token),
                 ..
             } if !agent_endpoint.is_empty() && !self.export_withdrawn => {
+                Some((agent_endpoint, token))
+            }
+            _ => None,
+        }
+    }
+
+    /// While the transfer runs: the source agent that has yet to confirm
+    /// our claim of its export, and the token that proves it. `None` where
+    /// nobody can be asked or it confirmed.
+    pub fn export_to_claim(&self) -> Option<(&str, &ReleaseToken)> {
+        match &self.source {
+            SourceRecord::NvmeTcp {
+                agent_endpoint,
+                release_token: Some(token),
+                ..
+            } if !agent_endpoint.is_empty()
+                && !self.export_claimed
+                && !self.phase.is_finished() =>
+            {
                 Some((agent_endpoint, token))
             }
             _ => None,

@@ -12,7 +12,7 @@ use crate::{
     ids::VolumeId,
     nvme::fake::FakeFabric,
     pool::backing::Backing,
-    transfer::release::{ReleaseFuture, ReleaseRequest, SourceReleaser},
+    transfer::release::{ReleaseFuture, ReleaseRequest, SourceAction, SourceReleaser},
 };
 
 pub const MIB: u64 = 1 << 20;
@@ -59,6 +59,13 @@ impl TestHost {
     /// The host's exports follow `policy` (nvme.auth).
     pub fn with_auth(mut self, policy: crate::nvme::auth::AuthPolicy) -> Self {
         self.settings.nvme.auth = policy;
+        self
+    }
+
+    /// Exports for a move wait this long for their claim
+    /// (nvme.unclaimed_export_seconds).
+    pub fn with_unclaimed_export_seconds(mut self, seconds: u64) -> Self {
+        self.settings.nvme.unclaimed_export_seconds = seconds;
         self
     }
 
@@ -122,13 +129,29 @@ impl SourceAgents {
             .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
-    /// The volumes whose release was asked for, in order, repeats included.
+    /// The volumes whose release (or withdrawal) was asked for, in order,
+    /// repeats included.
     pub fn asked(&self) -> Vec<String> {
         self.requests().into_iter().map(|r| r.volume_id).collect()
     }
 
-    /// Every request made, in order.
+    /// Every release and withdrawal asked for, in order.
     pub fn requests(&self) -> Vec<ReleaseRequest> {
+        self.all()
+            .into_iter()
+            .filter(|r| r.action != SourceAction::Claim)
+            .collect()
+    }
+
+    /// Every claim of an export made, in order.
+    pub fn claims(&self) -> Vec<ReleaseRequest> {
+        self.all()
+            .into_iter()
+            .filter(|r| r.action == SourceAction::Claim)
+            .collect()
+    }
+
+    fn all(&self) -> Vec<ReleaseRequest> {
         self.asked.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 }

@@ -43,10 +43,16 @@ const READS: &[&str] = &[
     "WatchTransfers",
 ];
 
-/// What another agent needs: who this host is, and to release a copy that
-/// was exported to it after a move, or withdraw the export after an abort
-/// (the handlers check the export is to the peer's host, and its token).
-const PEER_CALLS: &[&str] = &["GetNodeInfo", "ReleaseVolume", "UnexportVolume"];
+/// What another agent needs: who this host is, and, for an export to it
+/// for a move, to claim it once connected, release the copy after the move
+/// or withdraw the export after an abort (the handlers check the export is
+/// to the peer's host, and its token).
+const PEER_CALLS: &[&str] = &[
+    "GetNodeInfo",
+    "ClaimExport",
+    "ReleaseVolume",
+    "UnexportVolume",
+];
 
 /// The project's own services; anything else served (health, reflection)
 /// is open to every admitted caller.
@@ -97,11 +103,39 @@ impl Caller {
     }
 }
 
-/// A release comes from the destination the copy was exported to: over
-/// TCP only a peer, and the host NQN it names must be the one its identity
-/// is bound to. On the Unix socket root may name any host (an agent on
-/// this host releases that way).
-pub fn bind_peer(caller: Option<&Caller>, host_nqn: &str) -> Result<(), Status> {
+/// What a move's destination does with its source's export.
+#[derive(Debug, Clone, Copy)]
+pub enum DestinationAct {
+    Release,
+    Claim,
+}
+
+impl DestinationAct {
+    fn object(self) -> &'static str {
+        match self {
+            Self::Release => "copies",
+            Self::Claim => "exports",
+        }
+    }
+
+    fn verb(self) -> &'static str {
+        match self {
+            Self::Release => "release",
+            Self::Claim => "claim",
+        }
+    }
+}
+
+/// A release or claim comes from the destination the volume was exported
+/// to: over TCP only a peer, and the host NQN it names must be the one its
+/// identity is bound to. On the Unix socket root may name any host (an
+/// agent on this host calls that way).
+pub fn bind_peer(
+    caller: Option<&Caller>,
+    host_nqn: &str,
+    act: DestinationAct,
+) -> Result<(), Status> {
+    let (verb, object) = (act.verb(), act.object());
     match caller {
         Some(Caller {
             role: Role::Peer,
@@ -109,7 +143,7 @@ pub fn bind_peer(caller: Option<&Caller>, host_nqn: &str) -> Result<(), Status> 
             host_nqn: Some(bound),
             ..
         }) if bound != host_nqn => Err(denied(format!(
-            "peer {identity} may release only copies exported to its own host {bound}, not to \
+            "peer {identity} may {verb} only {object} exported to its own host {bound}, not to \
              {host_nqn:?}"
         ))),
         Some(Caller {
@@ -118,8 +152,8 @@ pub fn bind_peer(caller: Option<&Caller>, host_nqn: &str) -> Result<(), Status> 
             on_socket: false,
             ..
         }) if *role != Role::Peer => Err(denied(format!(
-            "a {} ({identity}) releases no copy: only the agent the copy was exported to does, \
-             as a peer",
+            "a {} ({identity}) may not {verb} {object} over TCP: only the agent the volume was \
+             exported to does, as a peer",
             role.name()
         ))),
         _ => Ok(()),
@@ -428,7 +462,10 @@ mod tests {
                 || method.starts_with("List")
                 || method.starts_with("Watch");
             assert_eq!(may_call(Role::Reader, path), read, "{path}");
-            let peer = matches!(method, "GetNodeInfo" | "ReleaseVolume" | "UnexportVolume");
+            let peer = matches!(
+                method,
+                "GetNodeInfo" | "ClaimExport" | "ReleaseVolume" | "UnexportVolume"
+            );
             assert_eq!(may_call(Role::Peer, path), peer, "{path}");
         }
         for open in [
@@ -448,13 +485,25 @@ mod tests {
             on_socket,
         };
         let peer = caller(Role::Peer, false, Some("nqn.a"));
-        assert!(bind_peer(Some(&peer), "nqn.a").is_ok());
-        let other = bind_peer(Some(&peer), "nqn.b").unwrap_err();
+        assert!(bind_peer(Some(&peer), "nqn.a", DestinationAct::Release).is_ok());
+        let other = bind_peer(Some(&peer), "nqn.b", DestinationAct::Release).unwrap_err();
         assert_eq!(other.code(), tonic::Code::PermissionDenied);
-        let driver = bind_peer(Some(&caller(Role::Driver, false, None)), "nqn.a").unwrap_err();
+        let driver = bind_peer(
+            Some(&caller(Role::Driver, false, None)),
+            "nqn.a",
+            DestinationAct::Claim,
+        )
+        .unwrap_err();
         assert_eq!(driver.code(), tonic::Code::PermissionDenied);
         assert!(driver.message().contains("only the agent"), "{driver:?}");
-        assert!(bind_peer(Some(&caller(Role::Driver, true, None)), "nqn.a").is_ok());
+        assert!(
+            bind_peer(
+                Some(&caller(Role::Driver, true, None)),
+                "nqn.a",
+                DestinationAct::Claim
+            )
+            .is_ok()
+        );
         assert_eq!(peer_host(Some(&peer)).as_deref(), Some("nqn.a"));
         assert_eq!(peer_host(Some(&caller(Role::Driver, true, None))), None);
         assert!(no_force_by_peer(Some(&peer), true).is_err());

@@ -4,7 +4,8 @@
 use crate::{
     api::{
         proto::v1::{
-            ReleaseVolumeRequest, UnexportVolumeRequest, transfers_client::TransfersClient,
+            ClaimExportRequest, ReleaseVolumeRequest, UnexportVolumeRequest,
+            transfers_client::TransfersClient,
         },
         status::code_label,
     },
@@ -61,6 +62,14 @@ async fn release_volume(request: &ReleaseRequest) -> Result<(), AgentError> {
                 other => other.map(drop),
             }
         }
+        SourceAction::Claim => client
+            .claim_export(ClaimExportRequest {
+                volume_id: request.volume_id.clone(),
+                host_nqn: request.host_nqn.clone(),
+                release_token: token,
+            })
+            .await
+            .map(drop),
     };
     answer.map_err(|status| {
         let reason = format!(
@@ -68,10 +77,18 @@ async fn release_volume(request: &ReleaseRequest) -> Result<(), AgentError> {
             code_label(status.code()),
             status.message()
         );
-        if status.code() == tonic::Code::PermissionDenied {
-            AgentError::PermissionDenied { reason }
-        } else {
-            AgentError::Unavailable { reason }
+        match status.code() {
+            tonic::Code::PermissionDenied => AgentError::PermissionDenied { reason },
+            // No export to claim: no repeat brings it back.
+            tonic::Code::NotFound | tonic::Code::FailedPrecondition
+                if request.action == SourceAction::Claim =>
+            {
+                AgentError::NotFound {
+                    what: "export for this move",
+                    id: format!("of volume {} ({reason})", request.volume_id),
+                }
+            }
+            _ => AgentError::Unavailable { reason },
         }
     })
 }

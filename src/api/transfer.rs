@@ -159,6 +159,7 @@ impl pb::transfers_server::Transfers for TransfersApi {
                         .auth
                         .map(|keys| keys.ctrl.expose().to_owned())
                         .unwrap_or_default(),
+                    claim_deadline_unix: export.claim_deadline_unix.unwrap_or(0),
                 })
             },
         )
@@ -197,7 +198,11 @@ impl pb::transfers_server::Transfers for TransfersApi {
     ) -> Result<Response<pb::ReleaseVolumeResponse>, Status> {
         let caller = request.extensions().get::<access::Caller>().cloned();
         let (metadata, req) = parts(request);
-        access::bind_peer(caller.as_ref(), &req.host_nqn)?;
+        access::bind_peer(
+            caller.as_ref(),
+            &req.host_nqn,
+            access::DestinationAct::Release,
+        )?;
         handle(
             &self.agent,
             "ReleaseVolume",
@@ -211,6 +216,35 @@ impl pb::transfers_server::Transfers for TransfersApi {
                     .release_volume(&id, &req.host_nqn, token.as_ref())
                     .await?;
                 Ok(pb::ReleaseVolumeResponse {})
+            },
+        )
+        .await
+    }
+
+    async fn claim_export(
+        &self,
+        request: Request<pb::ClaimExportRequest>,
+    ) -> Result<Response<pb::ClaimExportResponse>, Status> {
+        let caller = request.extensions().get::<access::Caller>().cloned();
+        let (metadata, req) = parts(request);
+        access::bind_peer(
+            caller.as_ref(),
+            &req.host_nqn,
+            access::DestinationAct::Claim,
+        )?;
+        handle(
+            &self.agent,
+            "ClaimExport",
+            &metadata,
+            span_id(&req.volume_id),
+            |agent| async move {
+                let id = VolumeId::parse(&req.volume_id)?;
+                let token = ReleaseToken::presented(&req.release_token);
+                agent
+                    .exports
+                    .claim_export(&id, &req.host_nqn, token.as_ref())
+                    .await?;
+                Ok(pb::ClaimExportResponse {})
             },
         )
         .await

@@ -151,6 +151,11 @@ fn every_bad_option_is_named_with_its_problem() {
             "(30)",
         ),
         (
+            "[nvme]\nunclaimed_export_seconds = 0",
+            "nvme.unclaimed_export_seconds",
+            "at least 1",
+        ),
+        (
             "[nvme]\nexport_address = \"storage\"",
             "nvme.export_address",
             "not an IP",
@@ -291,6 +296,7 @@ fn the_sample_config_is_valid_and_names_every_option() {
         "ctrl_loss_timeout_seconds",
         "fast_io_fail_timeout_seconds",
         "auth",
+        "unclaimed_export_seconds",
         "[peers]",
         "ca",
         "[tcp]",

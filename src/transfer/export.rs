@@ -2,6 +2,8 @@
 //! host it moves to, unexporting, releasing the copy once the destination has
 //! all of it, and connecting to another agent's export as a destination.
 
+mod claim;
+
 use std::sync::Arc;
 
 use tracing::{info, warn};
@@ -19,6 +21,7 @@ use crate::{
         target::{ExportRequest, PortSpec},
         volume_of_subsystem,
     },
+    records::unix_now,
     refusal::Refusal,
     store::ExportRecord,
     transfer::token::{ReleaseToken, TOKENS_KEPT},
@@ -76,6 +79,9 @@ pub struct ExportView {
     pub release_token: Option<ReleaseToken>,
     /// The secrets the host connects with (`nvme.auth = required`).
     pub auth: Option<DhchapKeys>,
+    /// Unclaimed by its destination, the export is withdrawn then (Unix
+    /// seconds).
+    pub claim_deadline_unix: Option<i64>,
 }
 
 /// Who asks to withdraw an export, and with what right.
@@ -136,6 +142,7 @@ impl Exports {
         }
         let subsystem = subsystem_nqn(&self.export_prefix(), id)?;
         let token = for_transfer.then(ReleaseToken::generate).transpose()?;
+        let deadline = for_transfer.then(|| self.claim_deadline());
         // Exports to one host share its secrets: two exports to it at
         // once (a drain) must not each make their own pair.
         let _host_held = self.ctx.locks.lock(format!("export-host {host}")).await;
@@ -157,6 +164,12 @@ impl Exports {
                 if let Some(token) = &token {
                     remember_token(&mut existing.release_token_digests, token);
                 }
+                // A repeat gives an unclaimed export a fresh wait; a claimed
+                // one (its destination is connected) or one for an
+                // attachment never expires.
+                if existing.claim_deadline_unix.is_some() && deadline.is_some() {
+                    existing.claim_deadline_unix = deadline;
+                }
                 if token.is_some() || fresh_auth {
                     self.ctx.put(&record).await?;
                 }
@@ -171,6 +184,7 @@ impl Exports {
                     subsystem_nqn: subsystem.to_string(),
                     release_token_digests: digests,
                     auth: auth.clone(),
+                    claim_deadline_unix: deadline,
                 });
                 // The export serves the thin device below dm-era: what the
                 // other host writes is never tracked, so the history ends.
@@ -191,7 +205,8 @@ impl Exports {
             auth: auth.clone(),
         };
         self.ctx.fabric.export(&request).await?;
-        info!(volume = %id, host = %host, subsystem = %subsystem, %address, for_transfer, "exported");
+        let claim_deadline_unix = record.export.as_ref().and_then(|e| e.claim_deadline_unix);
+        info!(volume = %id, host = %host, subsystem = %subsystem, %address, for_transfer, ?claim_deadline_unix, "exported");
         Ok(ExportView {
             volume_id: id.to_string(),
             subsystem_nqn: subsystem.to_string(),
@@ -200,7 +215,14 @@ impl Exports {
             host_nqn: host.to_string(),
             release_token: token,
             auth,
+            claim_deadline_unix,
         })
+    }
+
+    fn claim_deadline(&self) -> i64 {
+        let wait =
+            i64::try_from(self.ctx.settings.nvme.unclaimed_export_seconds).unwrap_or(i64::MAX);
+        unix_now().saturating_add(wait)
     }
 
     /// The DH-HMAC-CHAP secrets of an export of `record` to `host`, under
@@ -390,6 +412,9 @@ impl Exports {
             Err(err) => return Err(err),
         };
         self.say_how_exports_authenticate().await;
+        // Before restoring: an export whose wait for its claim ran out while
+        // the agent was down does not come back.
+        self.expire_unclaimed(unix_now()).await?;
         let records = self.ctx.store_call(|store| store.volumes()).await?;
         let prefix = self.export_prefix();
         for subsystem in exported {

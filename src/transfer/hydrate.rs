@@ -137,6 +137,7 @@ impl Transfers {
         self.ctx.commit_pair(&volume, &transfer).await?;
         info!(transfer = %transfer.id, volume = %volume.id, size, deferred = request.deferred, region = knobs.region_bytes, "transfer started: the volume is presented");
         self.spawn_monitor(transfer.id.clone());
+        self.spawn_claim(&transfer);
         Ok(self.ctx.transfer_view(&transfer))
     }
 
@@ -434,6 +435,7 @@ impl Transfers {
             done_to_finalized_micros: None,
             source_released: false,
             export_withdrawn: false,
+            export_claimed: false,
             switched_local: false,
         };
         let ids = self

@@ -361,6 +361,7 @@ impl Transfers {
         for transfer in transfers {
             if !transfer.phase.is_finished() {
                 self.spawn_monitor(transfer.id.clone());
+                self.spawn_claim(transfer);
             } else if transfer.phase == TransferPhase::Done {
                 self.spawn_release(transfer);
             } else if transfer.phase == TransferPhase::Aborted {

@@ -762,3 +762,134 @@ async fn crashes_inside_export_unexport_and_release_converge() {
     assert!(agent.volumes.get_volume(&id).await.is_err(), "released");
     assert!(!host.devices().iter().any(|d| d.contains(id.as_str())));
 }
+
+/// The source's side of claims: an export for a move waits for its claim
+/// until its deadline, only the host it is exported to claims it, with its
+/// token, and an expired one is withdrawn with its tokens; an export for an
+/// attachment never expires.
+#[tokio::test]
+async fn an_export_for_a_move_expires_unless_its_destination_claims_it() {
+    let host = exporting_host();
+    let agent = host.start().await.unwrap();
+    let (claimed, unclaimed, attached) = (volume_id(1), volume_id(2), volume_id(3));
+    for id in [&claimed, &unclaimed, &attached] {
+        agent.volumes.create_volume(id, 8 * MIB).await.unwrap();
+    }
+    let before = crate::records::unix_now();
+    let view = agent
+        .exports
+        .export_volume(&claimed, HOST_A, true)
+        .await
+        .unwrap();
+    let deadline = view.claim_deadline_unix.expect("a move's export waits");
+    assert!(
+        (before + 600..=before + 601).contains(&deadline),
+        "{deadline}"
+    );
+    let token = view.release_token.unwrap();
+    agent
+        .exports
+        .export_volume(&unclaimed, HOST_A, true)
+        .await
+        .unwrap();
+    let attachment = agent
+        .exports
+        .export_volume(&attached, HOST_A, false)
+        .await
+        .unwrap();
+    assert_eq!(attachment.claim_deadline_unix, None);
+
+    let wrong = ReleaseToken::presented(&"00".repeat(32)).unwrap();
+    let denied = agent
+        .exports
+        .claim_export(&claimed, HOST_A, Some(&wrong))
+        .await;
+    assert!(
+        matches!(denied, Err(AgentError::PermissionDenied { .. })),
+        "{denied:?}"
+    );
+    let elsewhere = agent
+        .exports
+        .claim_export(&claimed, HOST_B, Some(&token))
+        .await;
+    assert_eq!(refusal(&elsewhere), Some("VOLUME_EXPORTED_ELSEWHERE"));
+    let not_a_move = agent
+        .exports
+        .claim_export(&attached, HOST_A, Some(&token))
+        .await;
+    assert_eq!(refusal(&not_a_move), Some("EXPORT_NOT_FOR_TRANSFER"));
+    for _repeat in 0..2 {
+        agent
+            .exports
+            .claim_export(&claimed, HOST_A, Some(&token))
+            .await
+            .unwrap();
+    }
+
+    let expired = agent.exports.expire_unclaimed(deadline + 1).await.unwrap();
+    assert_eq!(expired, 1);
+    let exported = host.fabric.exports();
+    assert!(exported.contains_key(&subsystem_of(&agent, &claimed).await));
+    assert!(exported.contains_key(&subsystem_of(&agent, &attached).await));
+    assert!(!exported.contains_key(&subsystem_of(&agent, &unclaimed).await));
+    let record = agent.ctx.record(&unclaimed).await.unwrap().unwrap();
+    assert_eq!(record.export, None, "the tokens went with it");
+    // A repeat export for the claimed volume keeps it claimed.
+    let again = agent
+        .exports
+        .export_volume(&claimed, HOST_A, true)
+        .await
+        .unwrap();
+    assert_eq!(again.claim_deadline_unix, None);
+}
+
+/// An export whose wait ran out while the agent was down is not restored.
+#[tokio::test]
+async fn a_restart_does_not_restore_an_export_whose_wait_ran_out() {
+    let host = exporting_host().with_unclaimed_export_seconds(1);
+    let agent = host.start().await.unwrap();
+    let id = volume_id(1);
+    agent.volumes.create_volume(&id, 8 * MIB).await.unwrap();
+    agent
+        .exports
+        .export_volume(&id, HOST_A, true)
+        .await
+        .unwrap();
+    let subsystem = subsystem_of(&agent, &id).await;
+    agent.stop_background();
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert!(
+        host.fabric.exports().contains_key(&subsystem),
+        "the kernel keeps it"
+    );
+    let agent = host.restart(agent).await.unwrap();
+    assert!(!host.fabric.exports().contains_key(&subsystem));
+    let record = agent.ctx.record(&id).await.unwrap().unwrap();
+    assert_eq!(record.export, None);
+}
+
+/// The destination claims its source's export once connected, with the
+/// token, until the source acknowledges; acknowledged, it never asks again.
+#[tokio::test]
+async fn the_destination_claims_its_sources_export_until_acknowledged() {
+    let host = TestHost::new();
+    let (agent, _id, transfer) = arriving_over_nvme(&host).await;
+    wait_until(async || !host.releases.claims().is_empty()).await;
+    let claim = &host.releases.claims()[0];
+    assert_eq!(claim.token, Some(the_token()));
+    assert_eq!(claim.host_nqn, agent.ctx.nvme.host_nqn.to_string());
+    host.releases.answer();
+    wait_until(async || {
+        agent
+            .ctx
+            .transfer_record(&transfer)
+            .await
+            .unwrap()
+            .is_some_and(|t| t.export_claimed)
+    })
+    .await;
+    let asked = host.releases.claims().len();
+    let _agent = host.restart(agent).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(host.releases.claims().len(), asked, "claimed once for all");
+}

@@ -24,6 +24,9 @@ pub enum SourceAction {
     /// The move was aborted: withdraw the export, keep the copy
     /// (Transfers.UnexportVolume).
     Withdraw,
+    /// The destination is connected: the export must not expire
+    /// (Transfers.ClaimExport).
+    Claim,
 }
 
 /// A request to the source agent of a move.
@@ -45,6 +48,7 @@ pub type ReleaseFuture<'a> = Pin<Box<dyn Future<Output = Result<(), AgentError>>
 pub trait SourceReleaser: fmt::Debug + Send + Sync {
     /// Resolves once the source has acknowledged; an error says why not.
     /// The caller asks again later, except after PERMISSION_DENIED, which
-    /// no repeat changes.
+    /// no repeat changes, and after `NotFound` for a claim: the source has
+    /// no export for the move (any more).
     fn release<'a>(&'a self, request: &'a ReleaseRequest) -> ReleaseFuture<'a>;
 }

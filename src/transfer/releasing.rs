@@ -1,5 +1,6 @@
-//! After a move: asking the source agent to drop its copy, until it does;
-//! after an abort: asking it to withdraw its export.
+//! While a move runs: telling the source agent we claim its export; after
+//! it: asking the source to drop its copy, until it does; after an abort:
+//! asking it to withdraw its export.
 
 use std::time::Duration;
 
@@ -42,6 +43,15 @@ impl Transfers {
         }
     }
 
+    /// Once connected: tells the source agent this destination claims its
+    /// export, so that the export does not expire under the move.
+    pub(crate) fn spawn_claim(&self, transfer: &TransferRecord) {
+        if let Some((endpoint, token)) = transfer.export_to_claim() {
+            let token = Some(token.clone());
+            self.spawn_asking(transfer, endpoint, SourceAction::Claim, token);
+        }
+    }
+
     fn spawn_asking(
         &self,
         transfer: &TransferRecord,
@@ -58,11 +68,18 @@ impl Transfers {
         self.ctx.background.spawn(async move {
             let mut backoff = Duration::from_secs(1);
             loop {
+                if action == SourceAction::Claim && !transfers.claim_wanted(&id).await {
+                    return;
+                }
                 match transfers
                     .ask_source(&endpoint, &volume, action, token.clone())
                     .await
                 {
                     Ok(()) => break,
+                    Err(err @ AgentError::NotFound { .. }) if action == SourceAction::Claim => {
+                        warn!(transfer = %id, %endpoint, error = %err, "the source has no export to claim (it may have expired): reads of regions not yet copied fail until it is exported again");
+                        return;
+                    }
                     Err(err @ AgentError::PermissionDenied { .. }) => {
                         // Asking again changes nothing; the next start asks once more.
                         error!(transfer = %id, %endpoint, ?action, error = %err, "the source refused; its copy and export stay as they are until an operator acts");
@@ -139,12 +156,24 @@ impl Transfers {
         match action {
             SourceAction::Release => record.source_released = true,
             SourceAction::Withdraw => record.export_withdrawn = true,
+            SourceAction::Claim => record.export_claimed = true,
         }
         self.ctx.put_transfer(&record).await?;
         match action {
             SourceAction::Release => info!(transfer = %id, "the source released its copy"),
             SourceAction::Withdraw => info!(transfer = %id, "the source withdrew its export"),
+            SourceAction::Claim => info!(transfer = %id, "the source knows its export is claimed"),
         }
         Ok(())
+    }
+
+    /// A claim is worth (re)sending while the transfer runs unclaimed; a
+    /// finished one releases or withdraws instead.
+    async fn claim_wanted(&self, id: &TransferId) -> bool {
+        match self.ctx.transfer_record(id).await {
+            Ok(Some(record)) => record.export_to_claim().is_some(),
+            Ok(None) => false,
+            Err(_) => true,
+        }
     }
 }

@@ -104,6 +104,10 @@ struct Args {
     /// in-band authentication then exports nothing) or none [config: nvme.auth].
     #[arg(long, value_name = "POLICY", value_parser = ["required", "none"])]
     nvme_auth: Option<String>,
+    /// Seconds an export for a move waits to be claimed by its destination
+    /// before it is withdrawn [config: nvme.unclaimed_export_seconds].
+    #[arg(long, value_name = "SECONDS")]
+    nvme_unclaimed_export_seconds: Option<u64>,
     /// Serve the API over TCP with mutual TLS here [config: tcp.listen].
     #[arg(long, value_name = "ADDR:PORT")]
     listen: Option<String>,
@@ -199,6 +203,10 @@ impl Args {
         set(
             &mut config.nvme.fast_io_fail_timeout_seconds,
             &self.nvme_fast_io_fail_timeout_seconds,
+        );
+        set(
+            &mut config.nvme.unclaimed_export_seconds,
+            &self.nvme_unclaimed_export_seconds,
         );
         if let Some(policy) = &self.nvme_auth {
             config.nvme.auth = AuthPolicy::from_name(policy);

@@ -37,6 +37,7 @@ fn record(n: u32, phase: TransferPhase, finished_unix: Option<i64>) -> TransferR
         done_to_finalized_micros: None,
         source_released: false,
         export_withdrawn: false,
+        export_claimed: false,
         switched_local: false,
     }
 }

@@ -835,3 +835,85 @@ async fn exports_follow_the_nvme_auth_policy_of_the_kernel() {
     withdraw(&none, &export).await;
     none.destroy().await;
 }
+
+/// An export for a move waits `nvme.unclaimed_export_seconds` for its
+/// destination. One nobody claims is withdrawn with its release token, and
+/// one whose wait ran out while the agent was down does not come back at
+/// start; one whose destination connected is claimed, outlives the wait,
+/// and the move releases through it.
+#[tokio::test(flavor = "multi_thread")]
+async fn exports_nobody_claims_expire_and_claimed_ones_stay() {
+    let ids = ids(
+        "8c9d1c3e-5f1a-4f7e-9a57-3f0c2b8f6d17",
+        "9c9d1c3e-5f1a-4f7e-9a57-3f0c2b8f6d17",
+    );
+    let mut a = agent_with(
+        "dmctclma",
+        4453,
+        "0a000000-0000-4000-8000-0000000000d1",
+        &["--nvme-unclaimed-export-seconds", "2"],
+    )
+    .await;
+    let b = agent("dmctclmb", 4454, "0b000000-0000-4000-8000-0000000000d2").await;
+    let mut volumes_a = a.volumes().await;
+    create(&mut volumes_a, ids.volume, 64 * MIB).await.unwrap();
+    let path_a = PathBuf::from(publish(&mut volumes_a, ids.volume).await.unwrap());
+    fill(&path_a, 93, 64 * MIB);
+
+    let unclaimed = export(ids, &a, &b).await.unwrap();
+    assert!(unclaimed.claim_deadline_unix > 0, "{unclaimed:?}");
+    wait_until("the unclaimed export is withdrawn", || {
+        !configfs_has(&unclaimed.subsystem_nqn)
+    })
+    .await;
+    let void = release(ids, &a, &host_nqn(&b).await, &unclaimed.release_token)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refusal_reason(&void).as_deref(),
+        Some("EXPORT_NOT_FOR_TRANSFER"),
+        "its token went with it: {void:?}"
+    );
+    assert!(a.log().contains("did not claim"), "audited");
+
+    let before_crash = export(ids, &a, &b).await.unwrap();
+    a.kill9().await;
+    assert!(
+        configfs_has(&before_crash.subsystem_nqn),
+        "the kernel keeps it"
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    a.restart().await;
+    assert!(
+        !configfs_has(&before_crash.subsystem_nqn),
+        "expired while the agent was down: not restored"
+    );
+
+    let mut volumes_a = a.volumes().await;
+    let exported = export(ids, &a, &b).await.unwrap();
+    start_move(ids, &a, &exported, &b, true).await.unwrap();
+    wait_until("B's claim is acknowledged", || {
+        b.log().contains("the source knows its export is claimed")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(
+        configfs_has(&exported.subsystem_nqn),
+        "claimed: exported past the wait"
+    );
+    unpublish(&mut volumes_a, ids.volume).await.unwrap();
+    transfers(&b)
+        .await
+        .commit_transfer(TransferRef {
+            transfer_id: ids.transfer.into(),
+        })
+        .await
+        .unwrap();
+    wait_released(ids, &b).await;
+    assert_eq!(
+        read_at(&public(ids, &b), 40 * MIB, MIB as usize),
+        pattern(93, 40 * MIB, MIB as usize)
+    );
+    b.destroy().await;
+    a.destroy().await;
+}

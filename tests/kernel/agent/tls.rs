@@ -287,6 +287,7 @@ async fn denied_calls(channel: Channel) -> Vec<(&'static str, bool)> {
         transfers.export_volume(ExportVolumeRequest) => "ExportVolume",
         transfers.unexport_volume(UnexportVolumeRequest) => "UnexportVolume",
         transfers.release_volume(ReleaseVolumeRequest) => "ReleaseVolume",
+        transfers.claim_export(ClaimExportRequest) => "ClaimExport",
         transfers.start_transfer(StartTransferRequest) => "StartTransfer",
         transfers.commit_transfer(TransferRef) => "CommitTransfer",
         transfers.abort_transfer(TransferRef) => "AbortTransfer",
@@ -327,19 +328,20 @@ async fn each_role_may_call_exactly_its_share() {
         "WatchTransfers",
     ];
     for (identity, allowed) in [
-        // Everything but ReleaseVolume: over TCP only a peer releases.
+        // Everything but ReleaseVolume and ClaimExport: over TCP only a
+        // peer releases or claims.
         ("cinder-volume", None),
         ("prometheus", Some(&reads[..])),
-        // ReleaseVolume naming no host is not its own host's: refused
-        // too (the peer's own host is tried below).
+        // ReleaseVolume or ClaimExport naming no host is not its own
+        // host's: refused too (the peer's own host is tried below).
         ("agent-hv2", Some(&["GetNodeInfo", "UnexportVolume"][..])),
         ("stranger", Some(&[][..])),
     ] {
         let calls = denied_calls(channel_for(identity).await).await;
-        assert_eq!(calls.len(), 27);
+        assert_eq!(calls.len(), 28);
         for (method, denied) in calls {
             let may = match allowed {
-                None => method != "ReleaseVolume",
+                None => !matches!(method, "ReleaseVolume" | "ClaimExport"),
                 Some(list) => list.contains(&method),
             };
             assert_eq!(denied, !may, "{identity} calling {method}");
@@ -516,8 +518,8 @@ const OTHER_PEER_NQN: &str = "nqn.2014-08.org.nvmexpress:uuid:0b000000-0000-4000
 #[tokio::test(flavor = "multi_thread")]
 async fn a_copy_is_released_only_by_its_destination_with_the_token() {
     use dmclone::api::proto::v1::{
-        ExportVolumeRequest, GetVolumeRequest, ReleaseVolumeRequest, UnexportVolumeRequest,
-        transfers_client::TransfersClient, volumes_client::VolumesClient,
+        ClaimExportRequest, ExportVolumeRequest, GetVolumeRequest, ReleaseVolumeRequest,
+        UnexportVolumeRequest, transfers_client::TransfersClient, volumes_client::VolumesClient,
     };
     const VOLUME: &str = "0c9d1c3e-5f1a-4f7e-9a57-3f0c2b8f6d50";
     const SIZE: u64 = 16 << 20;
@@ -561,6 +563,7 @@ async fn a_copy_is_released_only_by_its_destination_with_the_token() {
         .unwrap()
         .into_inner();
     assert_eq!(export.release_token.len(), 64, "256 bits in hex");
+    assert!(export.claim_deadline_unix > 0, "unclaimed, it expires");
     let exported_copy = format!("/dev/mapper/dmctrel-thin-{VOLUME}");
     let before = crate::support::sha256_of(Path::new(&exported_copy), SIZE);
     let release = |host_nqn: &str, token: &str| ReleaseVolumeRequest {
@@ -627,6 +630,53 @@ async fn a_copy_is_released_only_by_its_destination_with_the_token() {
             ),
             "{who}: {refused:?}"
         );
+    }
+    // The claim a destination makes once connected: the same share.
+    let claim = |host_nqn: &str, token: &str| ClaimExportRequest {
+        volume_id: VOLUME.into(),
+        host_nqn: host_nqn.into(),
+        release_token: token.into(),
+    };
+    for (who, request, code) in [
+        (
+            "agent-hv2",
+            claim(PEER_NQN, ""),
+            tonic::Code::PermissionDenied,
+        ),
+        (
+            "agent-hv2",
+            claim(PEER_NQN, &wrong),
+            tonic::Code::PermissionDenied,
+        ),
+        (
+            "cinder-volume",
+            claim(PEER_NQN, &export.release_token),
+            tonic::Code::PermissionDenied,
+        ),
+        (
+            "agent-hv3",
+            claim(PEER_NQN, &export.release_token),
+            tonic::Code::PermissionDenied,
+        ),
+        (
+            "agent-hv3",
+            claim(OTHER_PEER_NQN, &export.release_token),
+            tonic::Code::FailedPrecondition,
+        ),
+    ] {
+        let refused = as_client(who)
+            .await
+            .claim_export(request)
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), code, "claim by {who}: {refused:?}");
+    }
+    for _repeat in 0..2 {
+        as_client("agent-hv2")
+            .await
+            .claim_export(claim(PEER_NQN, &export.release_token))
+            .await
+            .unwrap();
     }
     assert!(
         Path::new("/sys/kernel/config/nvmet/subsystems")

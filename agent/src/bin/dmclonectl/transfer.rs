@@ -256,6 +256,7 @@ pub async fn export(
         "release_token": export.release_token,
         "dhchap_host_secret": export.dhchap_host_secret,
         "dhchap_ctrl_secret": export.dhchap_ctrl_secret,
+        "claim_deadline_unix": export.claim_deadline_unix,
     });
     if as_json {
         output::json(&value);
@@ -270,6 +271,13 @@ pub async fn export(
         );
         if !export.release_token.is_empty() {
             println!("release token: {}", export.release_token);
+        }
+        if export.claim_deadline_unix > 0 {
+            let wait = export.claim_deadline_unix - unix_now();
+            println!(
+                "withdrawn in {wait} s unless the destination agent connects and claims it \
+                 (nvme.unclaimed_export_seconds)"
+            );
         }
         if !export.dhchap_host_secret.is_empty() {
             println!("DH-HMAC-CHAP host secret: {}", export.dhchap_host_secret);
@@ -493,4 +501,12 @@ mod tests {
         assert_eq!(text_bar(100, 100), "[====================]");
         assert_eq!(text_bar(5, 0), "[>                   ]");
     }
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| {
+            i64::try_from(since.as_secs()).unwrap_or(i64::MAX)
+        })
 }

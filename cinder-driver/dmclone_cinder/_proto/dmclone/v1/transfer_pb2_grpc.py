@@ -49,6 +49,11 @@ class TransfersStub:
                 request_serializer=dmclone_dot_v1_dot_transfer__pb2.ReleaseVolumeRequest.SerializeToString,
                 response_deserializer=dmclone_dot_v1_dot_transfer__pb2.ReleaseVolumeResponse.FromString,
                 _registered_method=True)
+        self.ClaimExport = channel.unary_unary(
+                '/dmclone.v1.Transfers/ClaimExport',
+                request_serializer=dmclone_dot_v1_dot_transfer__pb2.ClaimExportRequest.SerializeToString,
+                response_deserializer=dmclone_dot_v1_dot_transfer__pb2.ClaimExportResponse.FromString,
+                _registered_method=True)
         self.StartTransfer = channel.unary_unary(
                 '/dmclone.v1.Transfers/StartTransfer',
                 request_serializer=dmclone_dot_v1_dot_transfer__pb2.StartTransferRequest.SerializeToString,
@@ -119,6 +124,17 @@ class TransfersServicer:
         and delete this host's copy. Only with the export's release token, and
         over TCP only from the peer whose host the copy is exported to. Refused
         while the copy is attached here; an absent volume counts as released.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ClaimExport(self, request, context):
+        """Source side, called by the destination once it has connected to an
+        export for a move: the export no longer expires (see
+        Export.claim_deadline_unix). Only with the export's release token, and
+        over TCP only from the peer whose host it is exported to. Repeating it is
+        harmless.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -199,6 +215,11 @@ def add_TransfersServicer_to_server(servicer, server):
                     servicer.ReleaseVolume,
                     request_deserializer=dmclone_dot_v1_dot_transfer__pb2.ReleaseVolumeRequest.FromString,
                     response_serializer=dmclone_dot_v1_dot_transfer__pb2.ReleaseVolumeResponse.SerializeToString,
+            ),
+            'ClaimExport': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClaimExport,
+                    request_deserializer=dmclone_dot_v1_dot_transfer__pb2.ClaimExportRequest.FromString,
+                    response_serializer=dmclone_dot_v1_dot_transfer__pb2.ClaimExportResponse.SerializeToString,
             ),
             'StartTransfer': grpc.unary_unary_rpc_method_handler(
                     servicer.StartTransfer,
@@ -327,6 +348,33 @@ class Transfers:
             '/dmclone.v1.Transfers/ReleaseVolume',
             dmclone_dot_v1_dot_transfer__pb2.ReleaseVolumeRequest.SerializeToString,
             dmclone_dot_v1_dot_transfer__pb2.ReleaseVolumeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClaimExport(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dmclone.v1.Transfers/ClaimExport',
+            dmclone_dot_v1_dot_transfer__pb2.ClaimExportRequest.SerializeToString,
+            dmclone_dot_v1_dot_transfer__pb2.ClaimExportResponse.FromString,
             options,
             channel_credentials,
             insecure,
