@@ -739,9 +739,27 @@ class DMCloneDriver(driver.VolumeDriver):
             )
 
     def _attach_over_nvme(self, volume, home, connector):
-        export = self._agents[home].export_volume(
-            volume.name_id, connector['nqn']
-        )
+        agent = self._agents[home]
+        export = agent.export_volume(volume.name_id, connector['nqn'])
+        if export.dhchap_host_secret:
+            # os-brick connects without DH-HMAC-CHAP; the kernel would
+            # refuse it (ENOKEY) only after os-brick's retries.
+            self._unexport_quietly(agent, volume)
+            raise exception.VolumeBackendAPIException(
+                data=_(
+                    'Agent %(agent)s exports only with DH-HMAC-CHAP '
+                    '(nvme.auth = "required"), which os-brick cannot '
+                    'use to attach volume %(id)s on %(host)s. Attach it on '
+                    'a host that runs a dmclone agent, or set nvme.auth = '
+                    '"none" on %(agent)s and firewall its NVMe/TCP port to '
+                    'the storage hosts.'
+                )
+                % {
+                    'agent': home,
+                    'id': volume.name_id,
+                    'host': connector.get('host'),
+                }
+            )
         # os-brick's new (v2) format. vol_uuid lets os-brick pick the
         # namespace by its UUID instead of guessing from devices that
         # appeared while it connected; ns_id is the fallback.

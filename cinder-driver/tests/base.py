@@ -62,7 +62,10 @@ def release_token_of(volume_id, host='hv1'):
     return f'token-of-{volume_id}@{host}'
 
 
-def export_of(volume_id, host='hv1', for_transfer=False):
+def export_of(volume_id, host='hv1', for_transfer=False, secrets=None):
+    """An agent's export; secrets (DH-HMAC-CHAP) by default for a move."""
+    if secrets is None:
+        secrets = for_transfer
     return transfer_pb2.Export(
         volume_id=volume_id,
         subsystem_nqn=f'nqn.2024-01.io.dmclone:{volume_id}',
@@ -71,8 +74,8 @@ def export_of(volume_id, host='hv1', for_transfer=False):
         release_token=release_token_of(volume_id, host)
         if for_transfer
         else '',
-        dhchap_host_secret=f'DHHC-1:00:host-of-{host}:',
-        dhchap_ctrl_secret=f'DHHC-1:00:ctrl-of-{host}:',
+        dhchap_host_secret=f'DHHC-1:00:host-of-{host}:' if secrets else '',
+        dhchap_ctrl_secret=f'DHHC-1:00:ctrl-of-{host}:' if secrets else '',
     )
 
 

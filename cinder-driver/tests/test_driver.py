@@ -880,6 +880,24 @@ class AttachTestCase(base.DriverTestCase):
         )
         self.assertEqual(f'{base.BACKEND}#hv3', volume.host)
 
+    def test_authenticated_export_is_refused_for_os_brick_and_withdrawn(self):
+        volume = self.volume(pool='hv3')
+        self.agents['hv3'].export_volume.side_effect = None
+        self.agents['hv3'].export_volume.return_value = base.export_of(
+            volume.name_id, 'hv3', secrets=True
+        )
+        error = self.assertRaises(
+            exception.VolumeBackendAPIException,
+            self.driver.initialize_connection,
+            volume,
+            {'host': 'controller', 'nqn': 'nqn.controller'},
+        )
+        self.assertIn('nvme.auth', str(error))
+        self.assertIn('os-brick', str(error))
+        self.agents['hv3'].unexport_volume.assert_called_once_with(
+            volume.name_id, release_token='', force=False
+        )
+
     def test_nvme_connection_is_understood_by_os_brick(self):
         from os_brick.initiator.connectors import nvmeof
 
