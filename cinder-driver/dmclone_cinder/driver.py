@@ -619,7 +619,7 @@ class DMCloneDriver(driver.VolumeDriver):
         if transfer is None:
             deferred = self._held_elsewhere(volume, target)
             transfer = self._start_transfer(volume, home, target, deferred)
-        if transfer.state != transfer_pb2.TRANSFER_STATE_DEFERRED:
+        if not transfer.deferred:
             # Hydration runs: the destination holds the newest data now.
             self._set_home(volume, target)
         return _local_connection(destination, transfer.device_path)
@@ -829,9 +829,7 @@ class DMCloneDriver(driver.VolumeDriver):
             if host == home:
                 continue
             transfer = self._unfinished_transfer(self._agents[host], volume)
-            if transfer and transfer.state == (
-                transfer_pb2.TRANSFER_STATE_DEFERRED
-            ):
+            if transfer and transfer.deferred:
                 return host, transfer
         return None
 
@@ -844,7 +842,7 @@ class DMCloneDriver(driver.VolumeDriver):
                 {'id': volume.id, 'host': host},
             )
             return
-        if transfer.state == transfer_pb2.TRANSFER_STATE_DEFERRED:
+        if transfer.deferred:
             # Live migration aborted: the source never stopped serving.
             # The destination agent asks the source to withdraw the export;
             # with the move aborted nothing needs it, so it goes by force

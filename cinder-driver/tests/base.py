@@ -49,12 +49,17 @@ def node_info(host, total_gib=100, used_gib=40, low_space=False):
     )
 
 
-def transfer(volume_id, state, host='hv2', transfer_id=None):
+def transfer(volume_id, state, host='hv2', transfer_id=None, deferred=None):
+    """A transfer as an agent reports it; deferred follows the state
+    unless given (a deferred one may show CONNECTING or DEGRADED)."""
+    if deferred is None:
+        deferred = state == transfer_pb2.TRANSFER_STATE_DEFERRED
     return transfer_pb2.Transfer(
         transfer_id=transfer_id or str(uuid.uuid4()),
         volume_id=volume_id,
         state=state,
         device_path=f'/dev/mapper/dmclone-{volume_id}@{host}',
+        deferred=deferred,
     )
 
 

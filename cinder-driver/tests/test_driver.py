@@ -19,6 +19,8 @@ from tests import base
 ATTACHED = fields.VolumeAttachStatus.ATTACHED
 DEFERRED = transfer_pb2.TRANSFER_STATE_DEFERRED
 HYDRATING = transfer_pb2.TRANSFER_STATE_HYDRATING
+DEGRADED = transfer_pb2.TRANSFER_STATE_DEGRADED
+CONNECTING = transfer_pb2.TRANSFER_STATE_CONNECTING
 GIB = base.GIB
 
 
@@ -742,6 +744,16 @@ class AttachTestCase(base.DriverTestCase):
         self.agents['hv2'].start_transfer.assert_not_called()
         volume.save.assert_not_called()
 
+    def test_repeated_attach_keeps_the_pool_of_a_degraded_deferred_move(self):
+        # A deferred transfer whose source is unreachable shows DEGRADED:
+        # still a live migration in progress, the source still the home.
+        volume = self.volume(pool='hv1', attachments=[('hv1', ATTACHED)])
+        pending = base.transfer(volume.name_id, DEGRADED, deferred=True)
+        self.agents['hv2'].active_transfers_of.return_value = [pending]
+        self.driver.initialize_connection(volume, {'host': 'hv2'})
+        self.assertEqual(f'{base.BACKEND}#hv1', volume.host)
+        volume.save.assert_not_called()
+
     def test_repeated_attach_during_hydration_settles_the_pool(self):
         volume = self.volume(pool='hv1')
         self.agents['hv2'].active_transfers_of.return_value = [
@@ -978,6 +990,18 @@ class DetachTestCase(base.DriverTestCase):
         self.assertEqual(f'{base.BACKEND}#hv2', volume.host)
         volume.save.assert_called_once_with()
 
+    def test_source_detach_commits_a_deferred_move_still_connecting(self):
+        volume = self.volume(
+            pool='hv1', attachments=[('hv1', ATTACHED), ('hv2', ATTACHED)]
+        )
+        pending = base.transfer(volume.name_id, CONNECTING, deferred=True)
+        self.agents['hv2'].active_transfers_of.return_value = [pending]
+        self.driver.terminate_connection(volume, {'host': 'hv1'})
+        self.agents['hv2'].commit_transfer.assert_called_once_with(
+            pending.transfer_id
+        )
+        self.assertEqual(f'{base.BACKEND}#hv2', volume.host)
+
     def test_no_commit_while_the_source_device_is_busy(self):
         volume = self.volume(
             pool='hv1', attachments=[('hv1', ATTACHED), ('hv2', ATTACHED)]
@@ -998,6 +1022,19 @@ class DetachTestCase(base.DriverTestCase):
         )
         self.agents['hv2'].commit_transfer.assert_not_called()
         self.assertEqual(f'{base.BACKEND}#hv1', volume.host)
+
+    def test_destination_detach_aborts_a_degraded_deferred_move(self):
+        volume = self.volume(
+            pool='hv1', attachments=[('hv1', ATTACHED), ('hv2', ATTACHED)]
+        )
+        pending = base.transfer(volume.name_id, DEGRADED, deferred=True)
+        self.agents['hv2'].active_transfers_of.return_value = [pending]
+        self.driver.terminate_connection(volume, {'host': 'hv2'})
+        self.agents['hv2'].abort_transfer.assert_called_once_with(
+            pending.transfer_id
+        )
+        self.assertEqual(f'{base.BACKEND}#hv1', volume.host)
+        volume.save.assert_not_called()
 
     def test_live_migration_abort_when_the_destination_detaches(self):
         volume = self.volume(

@@ -114,6 +114,7 @@ pub fn transfer(view: TransferView) -> pb::Transfer {
         finalize_pause_micros: view.finalize_pause_micros.unwrap_or(0),
         done_to_finalized_micros: view.done_to_finalized_micros.unwrap_or(0),
         source_released: view.source_released,
+        deferred: view.deferred,
     }
 }
 

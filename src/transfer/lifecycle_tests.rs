@@ -118,6 +118,7 @@ async fn a_deferred_transfer_copies_nothing_until_committed() {
         .await
         .unwrap();
     assert_eq!(view.state, TransferState::Deferred);
+    assert!(view.deferred, "the view says so, whatever its state");
     assert!(
         host.kernel
             .table_text(&public(&id))
@@ -130,6 +131,7 @@ async fn a_deferred_transfer_copies_nothing_until_committed() {
         .await
         .unwrap();
     assert_eq!(view.state, TransferState::Hydrating);
+    assert!(!view.deferred, "committed");
     assert!(journal_has(
         &host,
         &format!("message {} enable_hydration", public(&id))

@@ -135,6 +135,8 @@ pub struct TransferView {
     pub finalize_pause_micros: Option<u64>,
     pub done_to_finalized_micros: Option<u64>,
     pub source_released: bool,
+    /// Started deferred and not committed yet (phase `deferred`).
+    pub deferred: bool,
 }
 
 /// What the agent knows about a running transfer beyond its record.
@@ -259,6 +261,7 @@ pub(crate) fn view(
         finalize_pause_micros: record.finalize_pause_micros,
         done_to_finalized_micros: record.done_to_finalized_micros,
         source_released: record.source_released,
+        deferred: record.phase == crate::store::TransferPhase::Deferred,
     }
 }
 

@@ -121,6 +121,7 @@ fn view_of(n: u32, volume: u32, state: TransferState) -> TransferView {
         finalize_pause_micros: None,
         done_to_finalized_micros: None,
         source_released: false,
+        deferred: false,
     }
 }
 

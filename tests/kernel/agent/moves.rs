@@ -381,7 +381,9 @@ async fn live_migration_prepare_then_commit_or_abort() {
     // Abort first: B is torn down, A is untouched and can be unexported.
     let exported = export(ids, &a, &b).await.unwrap();
     start_move(ids, &a, &exported, &b, true).await.unwrap();
-    assert_eq!(get_transfer(ids, &b).await.state(), TransferState::Deferred);
+    let prepared = get_transfer(ids, &b).await;
+    assert_eq!(prepared.state(), TransferState::Deferred);
+    assert!(prepared.deferred, "{prepared:?}");
     let aborted = transfers(&b)
         .await
         .abort_transfer(TransferRef {
@@ -439,6 +441,7 @@ async fn live_migration_prepare_then_commit_or_abort() {
         committed.state(),
         TransferState::Hydrating | TransferState::Done
     ));
+    assert!(!committed.deferred, "{committed:?}");
     wait_released(ids, &b).await;
     assert_eq!(read_at(&public(ids, &b), 5 * MIB, MIB as usize), late);
     assert_eq!(
