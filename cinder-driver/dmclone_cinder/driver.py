@@ -23,10 +23,12 @@ import math
 import threading
 import uuid
 
+from cinder import context as cinder_context
 from cinder import coordination
 from cinder import exception
 from cinder import interface
 from cinder.common import constants
+from cinder.db import api as db
 from cinder.i18n import _
 from cinder.objects import fields
 from cinder.scheduler import sched_utils
@@ -404,17 +406,87 @@ class DMCloneDriver(driver.VolumeDriver):
     # Where things live
 
     @staticmethod
-    def _home(volume):
-        home = volume_utils.extract_host(volume.host, 'pool')
-        if not home:
+    def _home_of_record(volume):
+        """The pool volume.host names, read again from the database: a
+        call that waited for the volume's lock behind a move must not act
+        on the pool from before the move."""
+        try:
+            current = db.volume_get(
+                cinder_context.get_admin_context(), volume.id
+            ).host
+        except exception.VolumeNotFound:
+            current = None
+        if current and current != volume.host:
+            LOG.debug(
+                'Volume %(id)s moved while this call waited: %(old)s -> '
+                '%(new)s',
+                {'id': volume.id, 'old': volume.host, 'new': current},
+            )
+            volume.host = current
+        return volume_utils.extract_host(volume.host, 'pool')
+
+    def _home(self, volume):
+        home = self._home_of_record(volume)
+        if home:
+            return home
+        # The pool part was lost (cinder-manage volume update_host writes
+        # host@backend only): ask the agents, and write it back.
+        found = self._locate(volume) if volume.host else None
+        if found is None:
             raise exception.VolumeBackendAPIException(
                 data=_(
-                    'volume %(id)s has host %(host)r without a pool; '
-                    'dmclone volumes always live in a pool'
+                    'volume %(id)s has host %(host)r without a pool, and no '
+                    'agent holds it alone; dmclone volumes always live in a '
+                    'pool: set host to <host>@<backend>#<agent>'
                 )
                 % {'id': volume.id, 'host': volume.host}
             )
-        return home
+        self._set_home(volume, found)
+        return found
+
+    def get_pool(self, volume):
+        """The agent that holds the volume, asked of the agents.
+
+        cinder-volume asks at start for a volume whose host has no pool
+        (e.g. after cinder-manage volume update_host) and writes the answer
+        back into volume.host.
+        """
+        return self._locate(volume)
+
+    def _locate(self, volume):
+        """The one agent that is the volume's home, or None.
+
+        During a move two agents hold it: the destination is the home once
+        it hydrates, the source while the move is deferred.
+        """
+        holders = []
+        for name, agent in sorted(self._agents.items()):
+            try:
+                agent.get_volume(volume.name_id)
+            except client.AgentNotFound:
+                continue
+            except exception.CinderException as err:
+                LOG.warning(
+                    'Cannot ask %(host)s whether it holds volume %(id)s: '
+                    '%(err)s',
+                    {'host': name, 'id': volume.id, 'err': err},
+                )
+                continue
+            holders.append(name)
+        arriving = {
+            name: self._unfinished_transfer(self._agents[name], volume)
+            for name in holders
+        }
+        hydrating = [n for n, t in arriving.items() if t and not t.deferred]
+        settled = [n for n, t in arriving.items() if t is None]
+        for candidates in (hydrating, settled):
+            if len(candidates) == 1:
+                return candidates[0]
+        LOG.warning(
+            'Cannot tell where volume %(id)s lives: held by %(holders)s',
+            {'id': volume.id, 'holders': holders or 'no agent'},
+        )
+        return None
 
     def _home_agent(self, volume):
         return self._agents[self._home(volume)]

@@ -8,6 +8,7 @@ from cinder import context
 from cinder import exception
 from cinder.common import constants
 from cinder.objects import fields
+from cinder.tests.unit import utils as tests_utils
 from cinder.volume import volume_utils
 import eventlet
 
@@ -453,7 +454,7 @@ class VolumeTestCase(base.DriverTestCase):
             volume.name_id, 5 * GIB
         )
 
-    def test_volume_without_pool_is_an_error(self):
+    def test_volume_without_pool_held_by_no_agent_alone_is_an_error(self):
         volume = self.volume()
         volume.host = base.BACKEND
         error = self.assertRaises(
@@ -463,6 +464,57 @@ class VolumeTestCase(base.DriverTestCase):
             2,
         )
         self.assertIn('without a pool', str(error))
+        volume.save.assert_not_called()
+
+    def _held_only_by(self, *hosts):
+        for host in base.HOSTS:
+            if host not in hosts:
+                self.agents[
+                    host
+                ].get_volume.side_effect = client.AgentNotFound(
+                    agent=host, subject='volume', detail='none here'
+                )
+
+    def test_get_pool_asks_the_agents(self):
+        volume = self.volume(pool=None)
+        self._held_only_by('hv2')
+        self.assertEqual('hv2', self.driver.get_pool(volume))
+        self._held_only_by()
+        self.assertIsNone(self.driver.get_pool(volume))
+
+    def test_get_pool_during_a_move_follows_the_hydration(self):
+        volume = self.volume(pool=None)
+        self._held_only_by('hv1', 'hv2')
+        arriving = self.agents['hv2'].active_transfers_of
+        arriving.return_value = [base.transfer(volume.name_id, DEFERRED)]
+        self.assertEqual('hv1', self.driver.get_pool(volume))
+        arriving.return_value = [base.transfer(volume.name_id, HYDRATING)]
+        self.assertEqual('hv2', self.driver.get_pool(volume))
+
+    def test_a_host_that_lost_its_pool_is_repaired(self):
+        # cinder-manage volume update_host writes host@backend only.
+        volume = self.volume(pool=None)
+        volume.host = base.BACKEND
+        self._held_only_by('hv2')
+        self.driver.extend_volume(volume, 2)
+        self.agents['hv2'].extend_volume.assert_called_once_with(
+            volume.name_id, 2 * GIB
+        )
+        self.assertEqual(f'{base.BACKEND}#hv2', volume.host)
+        volume.save.assert_called_once_with()
+
+    def test_a_call_queued_behind_a_move_uses_the_pool_of_now(self):
+        # The volume object was loaded before a move took the lock and
+        # moved the pool to hv2 in the database.
+        stored = tests_utils.create_volume(
+            self.ctxt, host=f'{base.BACKEND}#hv2', size=1
+        )
+        stale = self.volume(pool='hv1', id=stored.id)
+        self.driver.extend_volume(stale, 2)
+        self.agents['hv2'].extend_volume.assert_called_once_with(
+            stale.name_id, 2 * GIB
+        )
+        self.agents['hv1'].extend_volume.assert_not_called()
 
     def test_volume_in_unknown_pool_names_the_known_hosts(self):
         error = self.assertRaises(

@@ -608,6 +608,22 @@ class DMCloneDriverE2E(DriverE2ETestCase):
         self.assertEqual('up', pools['hv2']['agent_state'])
         self.assertGreater(pools['hv2']['free_capacity_gb'], 3)
 
+    def test_1_update_host_without_pool_is_repaired(self):
+        # cinder-manage volume update_host --newhost writes host@backend:
+        # the pool part, where the volume lives, is gone.
+        volume = self.create_volume('hv2')
+        self.addCleanup(self.delete_volume, volume)
+        vref = self.reload(volume)
+        vref.host = volume_utils.extract_host(vref.host, 'backend')
+        vref.save()
+
+        # What cinder-volume asks at start for such a volume.
+        self.assertEqual('hv2', self.driver.get_pool(self.reload(volume)))
+        with self.attached(volume, 'hv2') as path:
+            self.assertEqual(GIB, blockdev.size_of(path))
+        self.assertEqual('hv2', self.pool_of(volume))
+        say('update_host lost the pool; the attach found and restored hv2')
+
     def test_1_untrusted_client_certificate_gets_down_pools(self):
         untrusted = dmclone_driver.DMCloneDriver(
             configuration=configuration.Configuration(
