@@ -169,6 +169,33 @@ impl Context {
         self.pool.check_room(&usage, provisioned, bytes)
     }
 
+    /// Refuses a move of `bytes` (its size and clone metadata) that the
+    /// pool could not write in full: the data below the low-space mark must
+    /// hold it and what the moves already arriving still have to write.
+    pub(crate) async fn check_room_to_hydrate(&self, bytes: u64) -> Result<(), AgentError> {
+        let usage = self.pool.usage().await?;
+        let pending = self.bytes_still_arriving().await?;
+        self.pool.check_fill(&usage, pending, bytes)
+    }
+
+    /// What arriving volumes have yet to write: their size less what their
+    /// thin device maps already (all of it where the kernel does not say).
+    async fn bytes_still_arriving(&self) -> Result<u64, AgentError> {
+        let records = self.store_call(|store| store.volumes()).await?;
+        let mut pending = 0u64;
+        for record in records.iter().filter(|record| record.transfer.is_some()) {
+            let mapped = self
+                .dm
+                .status_of::<ThinStatus>(&self.naming.thin(&record.id), 0)
+                .await
+                .ok()
+                .and_then(|status| status.mapped_sectors())
+                .map_or(0, bytes);
+            pending = pending.saturating_add(record.size_bytes.saturating_sub(mapped));
+        }
+        Ok(pending)
+    }
+
     /// A record's state as callers see it.
     pub(crate) fn volume_state(&self, record: &VolumeRecord) -> VolumeState {
         if record.quarantine.is_none()

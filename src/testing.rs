@@ -62,6 +62,13 @@ impl TestHost {
         self
     }
 
+    /// The pool promises up to `ratio` times its data
+    /// (pool.max_oversubscription_ratio).
+    pub fn with_oversubscription(mut self, ratio: f64) -> Self {
+        self.settings.pool.max_oversubscription_ratio = ratio;
+        self
+    }
+
     /// Exports for a move wait this long for their claim
     /// (nvme.unclaimed_export_seconds).
     pub fn with_unclaimed_export_seconds(mut self, seconds: u64) -> Self {

@@ -246,6 +246,42 @@ impl Pool {
         }
     }
 
+    /// Refuses to write `extra` more bytes of data (a move hydrates every
+    /// region it copies) when, with `pending` bytes other moves still have
+    /// to write, the data would pass the low-space mark.
+    pub fn check_fill(
+        &self,
+        usage: &PoolUsage,
+        pending: u64,
+        extra: u64,
+    ) -> Result<(), AgentError> {
+        let mark = u128::from(self.low_space_percent);
+        let limit =
+            u64::try_from(u128::from(usage.data_total_bytes) * mark / 100).unwrap_or(u64::MAX);
+        let due = usage
+            .data_used_bytes
+            .saturating_add(pending)
+            .saturating_add(extra);
+        if due <= limit {
+            return Ok(());
+        }
+        Err(AgentError::ResourceExhausted {
+            reason: format!(
+                "a move writes every region it copies, and the thin pool {} cannot take {} more: \
+                 {} of data is used and {} is still to arrive for moves under way, against {} \
+                 below its low-space mark of {}% of {}; free space, grow the pool, or move the \
+                 volume to another host",
+                self.name,
+                Size(extra),
+                Size(usage.data_used_bytes),
+                Size(pending),
+                Size(limit),
+                self.low_space_percent,
+                Size(usage.data_total_bytes)
+            ),
+        })
+    }
+
     /// Refuses a new allocation of `extra` bytes of volume when the pool is not
     /// healthy, has reached its low-space mark, or would promise more than
     /// `max_oversubscription_ratio` allows with `provisioned` bytes promised.

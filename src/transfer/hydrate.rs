@@ -88,7 +88,14 @@ impl Transfers {
             });
         }
         let metadata_bytes = clone_metadata_bytes(size, knobs.region_bytes);
-        if let Err(err) = self.ctx.check_room_for(size + metadata_bytes).await {
+        // One start at a time from the room check to its records: two
+        // moves must not both count on the same free space.
+        let room_held = self.ctx.locks.lock("room for moves").await;
+        let room = match self.ctx.check_room_for(size + metadata_bytes).await {
+            Ok(()) => self.ctx.check_room_to_hydrate(size + metadata_bytes).await,
+            Err(err) => Err(err),
+        };
+        if let Err(err) = room {
             self.ctx.detach_source(&source).await;
             return Err(err);
         }
@@ -102,6 +109,8 @@ impl Transfers {
                 return Err(err);
             }
         };
+        // Recorded, the volume counts among those still arriving.
+        drop(room_held);
         failpoint::hit("transfer.after_record");
         let hydrate = !request.deferred;
         if let Err(err) = self

@@ -530,3 +530,40 @@ async fn a_monitor_without_events_backs_off_and_still_finishes() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A move hydrates every region: one the pool could not write in full
+/// below its low-space mark is refused and leaves nothing, and so is one
+/// that fits only if the moves already arriving did not write theirs,
+/// however far the pool may over-commit.
+#[tokio::test]
+async fn a_move_the_pool_could_not_write_in_full_is_refused() {
+    let host = TestHost::new().with_oversubscription(20.0);
+    let big = std::path::Path::new("/dev/fake-big-source");
+    host.kernel.add_block_device_at(big, 400 * MIB / 512);
+    let agent = host.start().await.unwrap();
+    let sized = |n: u32, size: u64| StartRequest {
+        size_bytes: size,
+        source: Source::Device(big.to_path_buf()),
+        ..request(n, &volume_id(n), false)
+    };
+    let devices = host.devices();
+
+    let whole = agent.transfers.start_transfer(sized(1, 400 * MIB)).await;
+    let Err(AgentError::ResourceExhausted { reason }) = whole else {
+        panic!("{whole:?}");
+    };
+    assert!(reason.contains("writes every region"), "{reason}");
+    assert_eq!(host.devices(), devices, "nothing is left of it");
+    assert!(agent.ctx.record(&volume_id(1)).await.unwrap().is_none());
+
+    agent
+        .transfers
+        .start_transfer(sized(2, 120 * MIB))
+        .await
+        .unwrap();
+    let second = agent.transfers.start_transfer(sized(3, 120 * MIB)).await;
+    let Err(AgentError::ResourceExhausted { reason }) = second else {
+        panic!("{second:?}");
+    };
+    assert!(reason.contains("still to arrive"), "{reason}");
+}

@@ -1088,3 +1088,27 @@ async fn a_source_path_naming_another_device_is_never_copied() {
     agent.destroy().await;
     remove_all_with_prefix(&dm, "dmctsrcid").await;
 }
+
+/// A move hydrates every region it copies: one the pool could not write in
+/// full below its low-space mark is refused before anything is made
+/// (RESOURCE_EXHAUSTED, saying why), although the pool's promise limit
+/// alone would have let it in.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_move_the_pool_cannot_write_in_full_is_refused() {
+    let size = 920 * MIB;
+    let source = LoopDisk::new(size);
+    let agent = AgentProcess::start("dmctfill").await;
+    let mut client = TransfersClient::new(agent.channel().await);
+    let refused = start(&mut client, source.path(), size, false, None)
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(
+        refused.message().contains("writes every region"),
+        "{refused:?}"
+    );
+    let absent = get(&mut agent.volumes().await, VOLUME).await.unwrap_err();
+    assert_eq!(absent.code(), Code::NotFound, "nothing recorded");
+    assert!(!public_path(&agent).exists(), "nothing presented");
+    agent.destroy().await;
+}
