@@ -15,11 +15,13 @@ use dmclone::{
 };
 use tracing::error;
 
-/// Serves node-local volumes to OpenStack Cinder through device-mapper
-/// (dm-thin, dm-clone, dm-era). Every option overrides the same option of
+/// Serves node-local volumes to OpenStack Cinder through device-mapper.
+///
+/// dm-thin holds the volumes, dm-clone brings a volume from another host,
+/// dm-era tracks changed blocks. Every option overrides the same option of
 /// the config file (see the sample dmclone-agent.toml).
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(version)]
 struct Args {
     /// The TOML config file [default: /etc/dmclone/agent.toml if it exists].
     #[arg(long, value_name = "FILE")]
@@ -140,6 +142,9 @@ struct Args {
     /// Validate the configuration, print the settings in effect, and exit.
     #[arg(long)]
     check_config: bool,
+    /// Print this manual page (roff) and exit.
+    #[arg(long, hide = true)]
+    man_page: bool,
 }
 
 impl Args {
@@ -232,6 +237,9 @@ fn set<T: Clone>(option: &mut Option<T>, flag: &Option<T>) {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
+    if args.man_page {
+        return print_man_page();
+    }
     if args.check_kernel {
         init_tracing("warn", LogFormat::Human);
         return check_kernel().await;
@@ -253,6 +261,18 @@ async fn main() -> ExitCode {
         Err(err) => {
             error!(error = %err, "dmclone-agent stopped");
             eprintln!("dmclone-agent: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn print_man_page() -> ExitCode {
+    use clap::CommandFactory;
+    let man = clap_mangen::Man::new(Args::command()).section("8");
+    match man.render(&mut std::io::stdout()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("dmclone-agent: cannot write the manual page: {err}");
             ExitCode::FAILURE
         }
     }

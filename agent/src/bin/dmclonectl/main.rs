@@ -34,7 +34,7 @@ use tonic::{Code, Status, transport::Channel};
 /// channel option grpc.default_authority=localhost, and the agent refuses it
 /// as malformed (INTERNAL, RST_STREAM); grpcurl takes -authority localhost.
 #[derive(Debug, Parser)]
-#[command(version, about, long_about)]
+#[command(version)]
 struct Args {
     /// The agent's Unix socket.
     #[arg(
@@ -91,6 +91,9 @@ enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
+    /// Print the manual page (roff).
+    #[command(hide = true)]
+    ManPage,
 }
 
 /// Why a command failed, with the exit status that says so.
@@ -155,13 +158,18 @@ async fn run(args: Args) -> Result<(), Failure> {
         );
         return Ok(());
     }
+    if let Command::ManPage = &args.command {
+        return clap_mangen::Man::new(Args::command().name("dmclonectl"))
+            .render(&mut std::io::stdout())
+            .map_err(|err| Failure::Usage(format!("cannot write the manual page: {err}")));
+    }
     let channel = connect(&args).await?;
     match args.command {
         Command::Node => node::show(channel, args.json).await,
         Command::Volume(command) => volume::run(channel, command, args.json).await,
         Command::Transfer(command) => transfer::run(channel, command, args.json).await,
         Command::Snapshot(command) => snapshot::run(channel, command, args.json).await,
-        Command::Completions { .. } => Ok(()),
+        Command::Completions { .. } | Command::ManPage => Ok(()),
     }
 }
 
