@@ -146,6 +146,18 @@ pub enum Refusal {
         action: &'static str,
     },
 
+    /// A deferred transfer's destination was written: an abort would lose it.
+    #[error(
+        "transfer {transfer} of volume {volume} is deferred and its destination has written \
+         {regions} regions since it was presented; an abort would lose those writes: commit \
+         it once the source let go, or abort with force to drop them"
+    )]
+    DestinationWritten {
+        transfer: TransferId,
+        volume: VolumeId,
+        regions: u64,
+    },
+
     /// The volume has no dm-era: it does not track changed blocks.
     #[error(
         "volume {volume} does not track changed blocks (it was made while \
@@ -197,7 +209,7 @@ pub enum Refusal {
 impl Refusal {
     /// Every reason code, in the order of the variants (for documentation
     /// and tests).
-    pub const REASONS: [&'static str; 21] = [
+    pub const REASONS: [&'static str; 22] = [
         "VOLUME_PUBLISHED",
         "VOLUME_HAS_SNAPSHOTS",
         "VOLUME_EXPORTED",
@@ -214,6 +226,7 @@ impl Refusal {
         "VOLUME_BEING_DELETED",
         "SNAPSHOT_PENDING",
         "TRANSFER_WRONG_STATE",
+        "DESTINATION_WRITTEN",
         "VOLUME_NOT_TRACKED",
         "SNAPSHOT_NOT_TRACKED",
         "ERA_BEFORE_HISTORY",
@@ -240,6 +253,7 @@ impl Refusal {
             Refusal::VolumeBeingDeleted { .. } => "VOLUME_BEING_DELETED",
             Refusal::SnapshotPending { .. } => "SNAPSHOT_PENDING",
             Refusal::TransferWrongState { .. } => "TRANSFER_WRONG_STATE",
+            Refusal::DestinationWritten { .. } => "DESTINATION_WRITTEN",
             Refusal::VolumeNotTracked { .. } => "VOLUME_NOT_TRACKED",
             Refusal::SnapshotNotTracked { .. } => "SNAPSHOT_NOT_TRACKED",
             Refusal::EraBeforeHistory { .. } => "ERA_BEFORE_HISTORY",
@@ -335,6 +349,15 @@ impl Refusal {
             } => vec![
                 ("transfer_id", transfer.to_string()),
                 ("transfer_phase", phase.name().to_owned()),
+            ],
+            Refusal::DestinationWritten {
+                transfer,
+                volume: id,
+                regions,
+            } => vec![
+                volume(id),
+                ("transfer_id", transfer.to_string()),
+                ("regions_written", regions.to_string()),
             ],
             Refusal::SnapshotNotTracked {
                 snapshot,
@@ -459,6 +482,11 @@ mod tests {
                 phase: TransferPhase::Done,
                 action: "abort",
             },
+            Refusal::DestinationWritten {
+                transfer: transfer(),
+                volume: volume(),
+                regions: 3,
+            },
             Refusal::VolumeNotTracked { volume: volume() },
             Refusal::SnapshotNotTracked {
                 snapshot,
@@ -532,6 +560,7 @@ mod tests {
         assert!(message("NVME_NAMESPACE_IN_USE").contains("/dev/nvme1n2, which dm-3 still use"));
         assert!(message("NVME_HOST_REJECTED").contains("nqn.h"));
         assert!(message("VOLUME_NOT_TRACKED").contains("does not track changed blocks"));
+        assert!(message("DESTINATION_WRITTEN").contains("commit it once the source let go"));
         assert!(
             message("ERA_BEFORE_HISTORY").contains(&format!("known from era {}", 7u64 << 32 | 3))
         );

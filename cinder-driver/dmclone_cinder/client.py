@@ -580,7 +580,9 @@ class AgentClient:
         return self._call('Transfers', 'CommitTransfer', request, transfer_id)
 
     def abort_transfer(self, transfer_id):
-        request = transfer_pb2.TransferRef(transfer_id=transfer_id)
+        """Tear the destination down; never drops what it wrote (refused
+        with DESTINATION_WRITTEN for a deferred one that was written)."""
+        request = transfer_pb2.AbortTransferRequest(transfer_id=transfer_id)
         self._call('Transfers', 'AbortTransfer', request, transfer_id, True)
 
     def list_transfers(self, volume_id='', states=()):

@@ -915,12 +915,14 @@ class DMCloneDriver(driver.VolumeDriver):
             )
             return
         if transfer.deferred:
-            # Live migration aborted: the source never stopped serving.
-            # The destination agent asks the source to withdraw the export;
-            # with the move aborted nothing needs it, so it goes by force
-            # here too, in case that agent cannot reach the source.
-            destination.abort_transfer(transfer.transfer_id)
-            self._unexport_quietly(self._agents[home], volume, force=True)
+            if self._abort_unless_written(volume, home, host, transfer):
+                # Live migration aborted: the source never stopped serving.
+                # The destination agent asks the source to withdraw the
+                # export; with the move aborted nothing needs it, so it goes
+                # by force here too, in case that agent cannot reach it.
+                self._unexport_quietly(self._agents[home], volume, force=True)
+            else:
+                destination.unpublish_volume(volume.name_id)
             return
         # Hydration already started, so the destination has the newest
         # data: it is the home, whatever the pool said.
@@ -932,13 +934,43 @@ class DMCloneDriver(driver.VolumeDriver):
         self._set_home(volume, host)
         destination.unpublish_volume(volume.name_id)
 
+    def _abort_unless_written(self, volume, home, host, transfer):
+        """Abort the deferred move to host; True when aborted.
+
+        A destination that was written since it was presented (the guest
+        ran there) holds writes that exist nowhere else: its agent refuses
+        the abort (DESTINATION_WRITTEN), and the move commits instead. The
+        source lets go first; if it cannot (still open), the error goes to
+        the caller and the move stays deferred, losing nothing.
+        """
+        try:
+            self._agents[host].abort_transfer(transfer.transfer_id)
+            return True
+        except exception.CinderException as err:
+            if getattr(err, 'refusal_reason', None) != 'DESTINATION_WRITTEN':
+                raise
+        LOG.warning(
+            'Volume %(id)s was written on %(host)s during its uncommitted '
+            'live migration: committing the move to %(host)s instead of '
+            'aborting it, so that nothing written there is lost',
+            {'id': volume.id, 'host': host},
+        )
+        self._agents[home].unpublish_volume(volume.name_id)
+        self._agents[host].commit_transfer(transfer.transfer_id)
+        self._set_home(volume, host)
+        return False
+
     def _drop_all_connections(self, volume):
         # Force detach without a connector: withdraw every path we know.
         home = self._home(volume)
         pending = self._deferred_transfer_elsewhere(volume, home)
         if pending is not None:
             target, transfer = pending
-            self._agents[target].abort_transfer(transfer.transfer_id)
+            if not self._abort_unless_written(volume, home, target, transfer):
+                # Committed: the target is the home now; its export of the
+                # source stays until the move is done.
+                self._agents[target].unpublish_volume(volume.name_id)
+                return
         source = self._agents[home]
         source.unpublish_volume(volume.name_id)
         # After the abort no move needs the export: it goes by force.

@@ -1088,6 +1088,77 @@ class DetachTestCase(base.DriverTestCase):
         self.assertEqual(f'{base.BACKEND}#hv1', volume.host)
         volume.save.assert_not_called()
 
+    def _destination_written(self, host='hv2'):
+        refused = exception.InvalidVolume(reason='DESTINATION_WRITTEN: ...')
+        refused.refusal_reason = 'DESTINATION_WRITTEN'
+        self.agents[host].abort_transfer.side_effect = refused
+
+    def test_a_written_destination_commits_instead_of_aborting(self):
+        # The guest ran on hv2 before the migration was rolled back or
+        # the source attachment went: what it wrote exists only on hv2.
+        volume = self.volume(
+            pool='hv1', attachments=[('hv1', ATTACHED), ('hv2', ATTACHED)]
+        )
+        pending = base.transfer(volume.name_id, DEFERRED)
+        self.agents['hv2'].active_transfers_of.return_value = [pending]
+        self._destination_written()
+
+        self.assertFalse(
+            self.driver.terminate_connection(volume, {'host': 'hv2'})
+        )
+
+        self.agents['hv1'].unpublish_volume.assert_called_once_with(
+            volume.name_id
+        )
+        self.agents['hv2'].commit_transfer.assert_called_once_with(
+            pending.transfer_id
+        )
+        self.agents['hv2'].unpublish_volume.assert_called_once_with(
+            volume.name_id
+        )
+        self.agents['hv1'].unexport_volume.assert_not_called()
+        self.assertEqual(f'{base.BACKEND}#hv2', volume.host)
+
+    def test_a_written_destination_stays_deferred_while_the_source_is_open(
+        self,
+    ):
+        volume = self.volume(
+            pool='hv1', attachments=[('hv1', ATTACHED), ('hv2', ATTACHED)]
+        )
+        pending = base.transfer(volume.name_id, DEFERRED)
+        self.agents['hv2'].active_transfers_of.return_value = [pending]
+        self._destination_written()
+        self.agents[
+            'hv1'
+        ].unpublish_volume.side_effect = exception.VolumeIsBusy(
+            volume_name=volume.name_id
+        )
+        self.assertRaises(
+            exception.VolumeIsBusy,
+            self.driver.terminate_connection,
+            volume,
+            {'host': 'hv2'},
+        )
+        self.agents['hv2'].commit_transfer.assert_not_called()
+        self.agents['hv1'].unexport_volume.assert_not_called()
+        self.assertEqual(f'{base.BACKEND}#hv1', volume.host)
+
+    def test_force_detach_commits_a_written_destination(self):
+        volume = self.volume(
+            pool='hv1', attachments=[('hv1', ATTACHED), ('hv2', ATTACHED)]
+        )
+        pending = base.transfer(volume.name_id, DEFERRED)
+        self.agents['hv2'].active_transfers_of.return_value = [pending]
+        self._destination_written()
+
+        self.driver.terminate_connection(volume, None, force=True)
+
+        self.agents['hv2'].commit_transfer.assert_called_once_with(
+            pending.transfer_id
+        )
+        self.agents['hv1'].unexport_volume.assert_not_called()
+        self.assertEqual(f'{base.BACKEND}#hv2', volume.host)
+
     def test_live_migration_abort_when_the_destination_detaches(self):
         volume = self.volume(
             pool='hv1', attachments=[('hv1', ATTACHED), ('hv2', ATTACHED)]

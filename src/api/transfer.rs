@@ -6,6 +6,7 @@ use std::{path::PathBuf, sync::Arc};
 
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, codegen::BoxStream};
+use tracing::warn;
 
 use super::{access, convert, handle, parts, span_id, watch};
 use crate::{
@@ -289,10 +290,17 @@ impl pb::transfers_server::Transfers for TransfersApi {
 
     async fn abort_transfer(
         &self,
-        request: Request<pb::TransferRef>,
+        request: Request<pb::AbortTransferRequest>,
     ) -> Result<Response<pb::Transfer>, Status> {
-        self.on_transfer("AbortTransfer", request, |agent, id| async move {
-            agent.transfers.abort_transfer(&id).await
+        let force = request.get_ref().force;
+        let request = request.map(|req| pb::TransferRef {
+            transfer_id: req.transfer_id,
+        });
+        self.on_transfer("AbortTransfer", request, move |agent, id| async move {
+            if force {
+                warn!(target: "dmclone::audit", transfer = %id, "forced abort: writes made on the destination of a deferred transfer are dropped");
+            }
+            agent.transfers.abort_transfer(&id, force).await
         })
         .await
     }

@@ -156,6 +156,17 @@ impl FakeKernel {
         state.thins.entry(key).or_default().mapped_sectors += sectors;
     }
 
+    /// Writes through a clone device land in `regions` regions, which
+    /// dm-clone then counts hydrated (no event: the copy is not complete).
+    pub fn write_regions(&self, name: &str, regions: u64) {
+        let mut state = self.state();
+        let (clone, _) = state.clone_of(name).expect("a clone device");
+        let key = state
+            .thin_behind(clone.metadata)
+            .expect("clone metadata on a thin device");
+        state.thins.entry(key).or_default().hydrated_regions = Some(regions);
+    }
+
     /// dm-clone copies every region of the device's clone segment, then
     /// raises its event, as the kernel does when hydration completes.
     pub fn hydrate(&self, name: &str) {

@@ -10,7 +10,11 @@ use super::{KnobRequest, Source, StartRequest, TransferView, clone_metadata_byte
 use crate::{
     config::validate_region,
     context::Context,
-    dm::{table::DevRef, topology},
+    dm::{
+        status::{CloneStatus, Health},
+        table::DevRef,
+        topology,
+    },
     error::AgentError,
     failpoint,
     ids::{ThinId, TransferId},
@@ -315,7 +319,11 @@ impl Transfers {
     /// Tears the destination down; the source is never touched. Refused once
     /// finalizing (the local copy is then the volume) and while something
     /// holds the public device open.
-    pub async fn abort_transfer(&self, id: &TransferId) -> Result<TransferView, AgentError> {
+    pub async fn abort_transfer(
+        &self,
+        id: &TransferId,
+        force: bool,
+    ) -> Result<TransferView, AgentError> {
         let (mut transfer, _held) = self.ctx.locked_transfer(id).await?;
         match transfer.phase {
             TransferPhase::Aborted => return Ok(self.ctx.transfer_view(&transfer)),
@@ -345,6 +353,9 @@ impl Transfers {
             }
             .into());
         }
+        if transfer.phase == TransferPhase::Deferred && !force {
+            self.refuse_losing_writes(&transfer).await?;
+        }
         let volume = self.ctx.record(&volume_id).await?;
         transfer.phase = TransferPhase::Aborted;
         transfer.message = "aborted: the destination was torn down; the source is untouched".into();
@@ -356,6 +367,32 @@ impl Transfers {
         self.spawn_withdraw(&transfer);
         info!(transfer = %transfer.id, volume = %volume_id, "aborted");
         Ok(self.ctx.transfer_view(&transfer))
+    }
+
+    /// A deferred clone hydrates nothing in the background, so every region
+    /// it holds was written (or discarded) on the destination since it was
+    /// presented: those writes exist nowhere else. Where the clone cannot be
+    /// read (its stack is not up), nothing can write to it now either.
+    async fn refuse_losing_writes(&self, transfer: &TransferRecord) -> Result<(), AgentError> {
+        let public = self.ctx.naming.public(&transfer.volume_id);
+        let written = match self
+            .ctx
+            .dm
+            .status_of::<Health<CloneStatus>>(&public, 0)
+            .await
+        {
+            Ok(Health::Running(status)) => status.hydrated_regions,
+            Ok(_) | Err(_) => return Ok(()),
+        };
+        if written == 0 {
+            return Ok(());
+        }
+        Err(Refusal::DestinationWritten {
+            transfer: transfer.id.clone(),
+            volume: transfer.volume_id.clone(),
+            regions: written,
+        }
+        .into())
     }
 
     /// The steps after an abort's record: idempotent, repeated at start.

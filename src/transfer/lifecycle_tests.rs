@@ -187,7 +187,7 @@ async fn an_abort_removes_the_arriving_volume_and_frees_its_thin_ids() {
     let (agent, id) = arriving(&host).await;
     let view = agent
         .transfers
-        .abort_transfer(&transfer_id(1))
+        .abort_transfer(&transfer_id(1), false)
         .await
         .unwrap();
     assert_eq!(view.state, TransferState::Aborted);
@@ -426,7 +426,10 @@ async fn an_abort_cut_after_its_record_is_finished_at_the_next_start() {
     let (agent, id) = arriving(&host).await;
     let caller = Arc::clone(&agent);
     crash("abort.after_record", async move {
-        caller.transfers.abort_transfer(&transfer_id(1)).await
+        caller
+            .transfers
+            .abort_transfer(&transfer_id(1), false)
+            .await
     })
     .await;
     let agent = host.restart(agent).await.unwrap();
@@ -488,7 +491,7 @@ async fn a_finished_transfer_cannot_be_aborted_or_paused() {
     let (agent, id) = arriving(&host).await;
     host.kernel.hydrate(&public(&id));
     transfer_reaches(&agent, &transfer_id(1), TransferState::Done).await;
-    let abort = agent.transfers.abort_transfer(&transfer_id(1)).await;
+    let abort = agent.transfers.abort_transfer(&transfer_id(1), false).await;
     assert_eq!(refusal(&abort), Some("TRANSFER_WRONG_STATE"), "{abort:?}");
     let pause = agent.transfers.pause_transfer(&transfer_id(1)).await;
     assert_eq!(refusal(&pause), Some("TRANSFER_WRONG_STATE"), "{pause:?}");
@@ -566,4 +569,34 @@ async fn a_move_the_pool_could_not_write_in_full_is_refused() {
         panic!("{second:?}");
     };
     assert!(reason.contains("still to arrive"), "{reason}");
+}
+
+/// A deferred clone copies nothing by itself: regions it holds were written
+/// on the destination, and an abort that would drop them is refused unless
+/// forced. Untouched, it aborts as before.
+#[tokio::test]
+async fn a_deferred_transfer_whose_destination_was_written_aborts_only_by_force() {
+    let host = host();
+    let agent = host.start().await.unwrap();
+    let id = volume_id(1);
+    agent
+        .transfers
+        .start_transfer(request(1, &id, true))
+        .await
+        .unwrap();
+    host.kernel.write_regions(&public(&id), 2);
+    let refused = agent.transfers.abort_transfer(&transfer_id(1), false).await;
+    assert_eq!(
+        refusal(&refused),
+        Some("DESTINATION_WRITTEN"),
+        "{refused:?}"
+    );
+    let still = agent.transfers.get_transfer(&transfer_id(1)).await.unwrap();
+    assert!(still.deferred, "{still:?}");
+    let forced = agent
+        .transfers
+        .abort_transfer(&transfer_id(1), true)
+        .await
+        .unwrap();
+    assert_eq!(forced.state, TransferState::Aborted);
 }

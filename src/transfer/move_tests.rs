@@ -654,7 +654,11 @@ async fn a_move_from_a_source_nobody_exports_leaves_nothing() {
 async fn an_aborted_move_disconnects_and_asks_the_source_to_withdraw_its_export() {
     let host = TestHost::new();
     let (agent, id, transfer) = arriving_over_nvme(&host).await;
-    agent.transfers.abort_transfer(&transfer).await.unwrap();
+    agent
+        .transfers
+        .abort_transfer(&transfer, false)
+        .await
+        .unwrap();
     assert!(host.fabric.connections().is_empty());
     assert!(!host.devices().iter().any(|d| d.contains(id.as_str())));
     wait_until(async || !host.releases.asked().is_empty()).await;

@@ -798,6 +798,37 @@ class DMCloneDriverE2E(DriverE2ETestCase):
         self.detach(source)
         self.delete_volume(volume)
 
+    def test_4_a_destination_written_before_the_commit_keeps_its_writes(
+        self,
+    ):
+        # The instance ran on hv2 after the switch-over, but the source
+        # attachment never went (its delete failed, nova went on): the
+        # move is still deferred when the volume is detached on hv2.
+        volume = self.create_volume('hv1')
+        hv2 = self.hv['hv2']
+        instance = str(uuid.uuid4())
+        source, source_path = self.attach_locally(volume, 'hv1', instance)
+        blockdev.write_pattern(source_path, 8, OFFSETS)
+        target, path = self.attach_locally(volume, 'hv2', instance)
+        blockdev.write_pattern(path, 9, [MIDDLE])
+        expected = self.layout(8, {MIDDLE: 9})
+
+        # An abort would drop what hv2 wrote: the driver commits instead.
+        self.detach(target)
+        self.assertEqual('hv2', self.pool_of(volume))
+        transfer, took = self.wait_transfer(hv2, volume.name_id)
+        say(
+            f'detach of a written destination committed the move, '
+            f'hydrated in {took:.1f} s: {transfer["state"]}'
+        )
+        self.assert_no_export(volume)
+        self.assertIsNone(self.hv['hv1'].volume(volume.name_id))
+
+        self.detach(source)  # the stale one: nothing left on hv1
+        with self.attached(volume, 'hv2') as path:
+            self.assert_data(path, expected)
+        self.delete_volume(volume)
+
     def test_5_snapshots_clones_revert_extend_delete(self):
         hv1 = self.hv['hv1']
         volume = self.create_volume('hv1')

@@ -13,10 +13,11 @@ use std::{
 };
 
 use dmclone::api::proto::v1::{
-    CreateSnapshotRequest, CreateVolumeRequest, DeleteVolumeRequest, ExportVolumeRequest,
-    HydrationKnobs, RevertVolumeRequest, StartTransferRequest, TransferRef, TransferState,
-    UnexportVolumeRequest, snapshots_client::SnapshotsClient, start_transfer_request::Source,
-    transfers_client::TransfersClient, volumes_client::VolumesClient,
+    AbortTransferRequest, CreateSnapshotRequest, CreateVolumeRequest, DeleteVolumeRequest,
+    ExportVolumeRequest, HydrationKnobs, RevertVolumeRequest, StartTransferRequest, TransferRef,
+    TransferState, UnexportVolumeRequest, snapshots_client::SnapshotsClient,
+    start_transfer_request::Source, transfers_client::TransfersClient,
+    volumes_client::VolumesClient,
 };
 use tonic::{Code, Request, transport::Channel};
 
@@ -120,7 +121,14 @@ async fn call(channel: &Channel, source: &Path, n: u64, cut: bool) -> Result<(),
                 ..UnexportVolumeRequest::default()
             }
         ),
-        6 => send!(transfers, abort_transfer, this_transfer()),
+        6 => send!(
+            transfers,
+            abort_transfer,
+            AbortTransferRequest {
+                transfer_id: transfer(cycle),
+                force: false,
+            }
+        ),
         7 => send!(
             volumes,
             create_volume,

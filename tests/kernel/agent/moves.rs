@@ -10,9 +10,9 @@ use std::{
 
 use dmclone::{
     api::proto::v1::{
-        Export, ExportVolumeRequest, GetNodeInfoRequest, NvmeTcpSource, StartTransferRequest,
-        Transfer, TransferRef, TransferState, UnexportVolumeRequest, VolumeState,
-        get_changed_blocks_request::Since, start_transfer_request::Source,
+        AbortTransferRequest, Export, ExportVolumeRequest, GetNodeInfoRequest, NvmeTcpSource,
+        StartTransferRequest, Transfer, TransferRef, TransferState, UnexportVolumeRequest,
+        VolumeState, get_changed_blocks_request::Since, start_transfer_request::Source,
         transfers_client::TransfersClient,
     },
     ids::VolumeId,
@@ -386,8 +386,9 @@ async fn live_migration_prepare_then_commit_or_abort() {
     assert!(prepared.deferred, "{prepared:?}");
     let aborted = transfers(&b)
         .await
-        .abort_transfer(TransferRef {
+        .abort_transfer(AbortTransferRequest {
             transfer_id: ids.transfer.into(),
+            force: false,
         })
         .await
         .unwrap()
@@ -427,6 +428,24 @@ async fn live_migration_prepare_then_commit_or_abort() {
         0,
         "deferred: nothing copied yet"
     );
+    // The destination writes too (the guest ran there): an abort would
+    // lose that, so it is refused, and the transfer stays as it was.
+    let on_b = pattern(94, 0, MIB as usize);
+    write_at(&public(ids, &b), 9 * MIB, &on_b);
+    let refused = transfers(&b)
+        .await
+        .abort_transfer(AbortTransferRequest {
+            transfer_id: ids.transfer.into(),
+            force: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refusal_reason(&refused).as_deref(),
+        Some("DESTINATION_WRITTEN"),
+        "{refused:?}"
+    );
+    assert!(get_transfer(ids, &b).await.deferred);
     // The source lets go, then the destination commits.
     unpublish(&mut volumes_a, ids.volume).await.unwrap();
     let committed = transfers(&b)
@@ -444,6 +463,7 @@ async fn live_migration_prepare_then_commit_or_abort() {
     assert!(!committed.deferred, "{committed:?}");
     wait_released(ids, &b).await;
     assert_eq!(read_at(&public(ids, &b), 5 * MIB, MIB as usize), late);
+    assert_eq!(read_at(&public(ids, &b), 9 * MIB, MIB as usize), on_b);
     assert_eq!(
         read_at(&public(ids, &b), 40 * MIB, MIB as usize),
         pattern(91, 40 * MIB, MIB as usize)
@@ -551,8 +571,9 @@ async fn an_export_admits_only_the_host_it_names() {
     assert_eq!(refusal_reason(&chained).as_deref(), Some("VOLUME_ARRIVING"));
     transfers(&b)
         .await
-        .abort_transfer(TransferRef {
+        .abort_transfer(AbortTransferRequest {
             transfer_id: ids.transfer.into(),
+            force: false,
         })
         .await
         .unwrap();

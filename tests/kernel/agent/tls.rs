@@ -290,7 +290,7 @@ async fn denied_calls(channel: Channel) -> Vec<(&'static str, bool)> {
         transfers.claim_export(ClaimExportRequest) => "ClaimExport",
         transfers.start_transfer(StartTransferRequest) => "StartTransfer",
         transfers.commit_transfer(TransferRef) => "CommitTransfer",
-        transfers.abort_transfer(TransferRef) => "AbortTransfer",
+        transfers.abort_transfer(AbortTransferRequest) => "AbortTransfer",
         transfers.pause_transfer(TransferRef) => "PauseTransfer",
         transfers.resume_transfer(TransferRef) => "ResumeTransfer",
         transfers.throttle_transfer(ThrottleTransferRequest) => "ThrottleTransfer",

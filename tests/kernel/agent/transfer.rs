@@ -11,9 +11,10 @@ use std::{
 
 use dmclone::{
     api::proto::v1::{
-        HydrationKnobs, StartTransferRequest, ThrottleTransferRequest, Transfer, TransferRef,
-        TransferState, WatchTransfersRequest, get_changed_blocks_request::Since,
-        start_transfer_request::Source, transfers_client::TransfersClient,
+        AbortTransferRequest, HydrationKnobs, StartTransferRequest, ThrottleTransferRequest,
+        Transfer, TransferRef, TransferState, WatchTransfersRequest,
+        get_changed_blocks_request::Since, start_transfer_request::Source,
+        transfers_client::TransfersClient,
     },
     dm::table::{Linear, Target},
 };
@@ -72,6 +73,14 @@ async fn start_as(
 fn reference() -> TransferRef {
     TransferRef {
         transfer_id: TRANSFER.into(),
+    }
+}
+
+/// An abort of this file's transfer, without force.
+fn abort_request() -> AbortTransferRequest {
+    AbortTransferRequest {
+        transfer_id: TRANSFER.into(),
+        force: false,
     }
 }
 
@@ -294,7 +303,7 @@ async fn deferred_transfers_wait_for_commit_and_abort_leaves_the_source_alone() 
     assert_eq!(refused.code(), Code::FailedPrecondition);
 
     let aborted = client
-        .abort_transfer(reference())
+        .abort_transfer(abort_request())
         .await
         .unwrap()
         .into_inner();
@@ -314,7 +323,7 @@ async fn deferred_transfers_wait_for_commit_and_abort_leaves_the_source_alone() 
     });
     assert_eq!(
         client
-            .abort_transfer(reference())
+            .abort_transfer(abort_request())
             .await
             .unwrap()
             .into_inner()
@@ -347,7 +356,7 @@ async fn deferred_transfers_wait_for_commit_and_abort_leaves_the_source_alone() 
         sha256_of(&public_path(&agent), size),
         sha256_of(source.path(), size)
     );
-    let refused = client.abort_transfer(reference()).await.unwrap_err();
+    let refused = client.abort_transfer(abort_request()).await.unwrap_err();
     assert_eq!(
         refused.code(),
         Code::FailedPrecondition,
@@ -737,7 +746,7 @@ async fn kill9_inside_start_finalize_and_abort() {
         .await
         .unwrap();
     crash(&mut agent, "abort.after_record", |mut c| async move {
-        assert!(c.abort_transfer(reference()).await.is_err());
+        assert!(c.abort_transfer(abort_request()).await.is_err());
     })
     .await;
     assert_eq!(
@@ -995,12 +1004,7 @@ async fn a_source_on_the_agents_own_storage_is_refused() {
         .await
         .unwrap();
     assert_eq!(accepted.state(), TransferState::Deferred);
-    client
-        .abort_transfer(TransferRef {
-            transfer_id: TRANSFER.into(),
-        })
-        .await
-        .unwrap();
+    client.abort_transfer(abort_request()).await.unwrap();
     dm.remove(&stacked).await.unwrap();
     agent.destroy().await;
 }

@@ -6,10 +6,10 @@ use std::{collections::HashMap, io::IsTerminal, path::PathBuf, time::Instant};
 use clap::{Args, Subcommand};
 use dmclone::{
     api::proto::v1::{
-        ExportVolumeRequest, HydrationKnobs, ListTransfersRequest, NvmeTcpSource,
-        StartTransferRequest, ThrottleTransferRequest, Transfer, TransferRef, TransferState,
-        UnexportVolumeRequest, WatchTransfersRequest, start_transfer_request::Source,
-        transfers_client::TransfersClient,
+        AbortTransferRequest, ExportVolumeRequest, HydrationKnobs, ListTransfersRequest,
+        NvmeTcpSource, StartTransferRequest, ThrottleTransferRequest, Transfer, TransferRef,
+        TransferState, UnexportVolumeRequest, WatchTransfersRequest,
+        start_transfer_request::Source, transfers_client::TransfersClient,
     },
     api::transfer_state_name,
     config::parse_size,
@@ -66,9 +66,14 @@ pub enum TransferCommand {
         #[arg(long, value_parser = parse_size)]
         max_rate: Option<u64>,
     },
-    /// Tear the destination down; the source is untouched.
+    /// Tear the destination down; the source is untouched. A deferred
+    /// transfer whose destination was written is refused (those writes
+    /// exist only there) unless --force.
     Abort {
         id: String,
+        /// Drop what the destination of a deferred transfer wrote.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -163,7 +168,14 @@ pub async fn run(channel: Channel, command: TransferCommand, as_json: bool) -> R
         TransferCommand::Commit { id } => client.commit_transfer(reference(id)).await?,
         TransferCommand::Pause { id } => client.pause_transfer(reference(id)).await?,
         TransferCommand::Resume { id } => client.resume_transfer(reference(id)).await?,
-        TransferCommand::Abort { id } => client.abort_transfer(reference(id)).await?,
+        TransferCommand::Abort { id, force } => {
+            client
+                .abort_transfer(AbortTransferRequest {
+                    transfer_id: id,
+                    force,
+                })
+                .await?
+        }
         TransferCommand::Throttle {
             id,
             threshold,

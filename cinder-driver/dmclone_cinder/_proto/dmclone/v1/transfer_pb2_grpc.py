@@ -66,7 +66,7 @@ class TransfersStub:
                 _registered_method=True)
         self.AbortTransfer = channel.unary_unary(
                 '/dmclone.v1.Transfers/AbortTransfer',
-                request_serializer=dmclone_dot_v1_dot_transfer__pb2.TransferRef.SerializeToString,
+                request_serializer=dmclone_dot_v1_dot_transfer__pb2.AbortTransferRequest.SerializeToString,
                 response_deserializer=dmclone_dot_v1_dot_transfer__pb2.Transfer.FromString,
                 _registered_method=True)
         self.PauseTransfer = channel.unary_unary(
@@ -156,6 +156,8 @@ class TransfersServicer:
 
     def AbortTransfer(self, request, context):
         """Tear the destination down; the source stays untouched.
+        Refused (DESTINATION_WRITTEN) for a deferred transfer whose destination
+        was written since it was presented, unless `force`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -233,7 +235,7 @@ def add_TransfersServicer_to_server(servicer, server):
             ),
             'AbortTransfer': grpc.unary_unary_rpc_method_handler(
                     servicer.AbortTransfer,
-                    request_deserializer=dmclone_dot_v1_dot_transfer__pb2.TransferRef.FromString,
+                    request_deserializer=dmclone_dot_v1_dot_transfer__pb2.AbortTransferRequest.FromString,
                     response_serializer=dmclone_dot_v1_dot_transfer__pb2.Transfer.SerializeToString,
             ),
             'PauseTransfer': grpc.unary_unary_rpc_method_handler(
@@ -454,7 +456,7 @@ class Transfers:
             request,
             target,
             '/dmclone.v1.Transfers/AbortTransfer',
-            dmclone_dot_v1_dot_transfer__pb2.TransferRef.SerializeToString,
+            dmclone_dot_v1_dot_transfer__pb2.AbortTransferRequest.SerializeToString,
             dmclone_dot_v1_dot_transfer__pb2.Transfer.FromString,
             options,
             channel_credentials,
