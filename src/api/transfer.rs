@@ -59,6 +59,37 @@ impl TransfersApi {
         )
         .await
     }
+
+    /// A call a move's destination makes about its source's export
+    /// (release, claim): `(volume_id, host_nqn, release_token)`, bound over
+    /// TCP to the peer whose host it names.
+    async fn on_destination_call<T, F, Fut>(
+        &self,
+        method: &'static str,
+        act: access::DestinationAct,
+        request: Request<(String, String, String)>,
+        call: F,
+    ) -> Result<Response<T>, Status>
+    where
+        F: FnOnce(Arc<Agent>, VolumeId, String, Option<ReleaseToken>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Result<T, AgentError>> + Send,
+        T: Send + 'static,
+    {
+        let caller = request.extensions().get::<access::Caller>().cloned();
+        let (metadata, (volume_id, host_nqn, token)) = parts(request);
+        access::bind_peer(caller.as_ref(), &host_nqn, act)?;
+        handle(
+            &self.agent,
+            method,
+            &metadata,
+            span_id(&volume_id),
+            |agent| async move {
+                let id = VolumeId::parse(&volume_id)?;
+                call(agent, id, host_nqn, ReleaseToken::presented(&token)).await
+            },
+        )
+        .await
+    }
 }
 
 fn knobs(knobs: Option<pb::HydrationKnobs>) -> KnobRequest {
@@ -197,26 +228,17 @@ impl pb::transfers_server::Transfers for TransfersApi {
         &self,
         request: Request<pb::ReleaseVolumeRequest>,
     ) -> Result<Response<pb::ReleaseVolumeResponse>, Status> {
-        let caller = request.extensions().get::<access::Caller>().cloned();
-        let (metadata, req) = parts(request);
-        access::bind_peer(
-            caller.as_ref(),
-            &req.host_nqn,
-            access::DestinationAct::Release,
-        )?;
-        handle(
-            &self.agent,
+        let request = request.map(|r| (r.volume_id, r.host_nqn, r.release_token));
+        self.on_destination_call(
             "ReleaseVolume",
-            &metadata,
-            span_id(&req.volume_id),
-            |agent| async move {
-                let id = VolumeId::parse(&req.volume_id)?;
-                let token = ReleaseToken::presented(&req.release_token);
+            access::DestinationAct::Release,
+            request,
+            |agent, id, host, token| async move {
                 agent
                     .exports
-                    .release_volume(&id, &req.host_nqn, token.as_ref())
-                    .await?;
-                Ok(pb::ReleaseVolumeResponse {})
+                    .release_volume(&id, &host, token.as_ref())
+                    .await
+                    .map(|()| pb::ReleaseVolumeResponse {})
             },
         )
         .await
@@ -226,26 +248,17 @@ impl pb::transfers_server::Transfers for TransfersApi {
         &self,
         request: Request<pb::ClaimExportRequest>,
     ) -> Result<Response<pb::ClaimExportResponse>, Status> {
-        let caller = request.extensions().get::<access::Caller>().cloned();
-        let (metadata, req) = parts(request);
-        access::bind_peer(
-            caller.as_ref(),
-            &req.host_nqn,
-            access::DestinationAct::Claim,
-        )?;
-        handle(
-            &self.agent,
+        let request = request.map(|r| (r.volume_id, r.host_nqn, r.release_token));
+        self.on_destination_call(
             "ClaimExport",
-            &metadata,
-            span_id(&req.volume_id),
-            |agent| async move {
-                let id = VolumeId::parse(&req.volume_id)?;
-                let token = ReleaseToken::presented(&req.release_token);
+            access::DestinationAct::Claim,
+            request,
+            |agent, id, host, token| async move {
                 agent
                     .exports
-                    .claim_export(&id, &req.host_nqn, token.as_ref())
-                    .await?;
-                Ok(pb::ClaimExportResponse {})
+                    .claim_export(&id, &host, token.as_ref())
+                    .await
+                    .map(|()| pb::ClaimExportResponse {})
             },
         )
         .await

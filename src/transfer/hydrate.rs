@@ -317,8 +317,9 @@ impl Transfers {
     }
 
     /// Tears the destination down; the source is never touched. Refused once
-    /// finalizing (the local copy is then the volume) and while something
-    /// holds the public device open.
+    /// finalizing (the local copy is then the volume), while something
+    /// holds the public device open, and, unless `force`, for a deferred
+    /// transfer whose destination was written.
     pub async fn abort_transfer(
         &self,
         id: &TransferId,

@@ -245,13 +245,16 @@ async fn a_volume_moves_between_agents_and_the_source_copy_is_released() {
         ("127.0.0.1", 4431)
     );
     assert!(configfs_has(&exported.subsystem_nqn));
-    // Exporting again changes nothing but hands out another token; the
-    // move below presents the first one, which stays valid.
+    // Exporting again changes nothing but hands out another token (the
+    // move below presents the first one, which stays valid) and gives the
+    // unclaimed export a fresh wait.
     let again = export(ids, &a, &b).await.unwrap();
     assert_ne!(again.release_token, exported.release_token);
+    assert!(again.claim_deadline_unix >= exported.claim_deadline_unix);
     assert_eq!(
         Export {
             release_token: exported.release_token.clone(),
+            claim_deadline_unix: exported.claim_deadline_unix,
             ..again
         },
         exported,
