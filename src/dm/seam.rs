@@ -19,8 +19,10 @@ use crate::{
 };
 
 /// How long an open that is not a user's may last: see
-/// [`Kernel::settled_open_count`]. dmsetup retries a busy removal for 5 s.
-const TRANSIENT_OPEN: std::time::Duration = std::time::Duration::from_secs(3);
+/// [`Kernel::settled_open_count`]: as long as dmsetup retries a busy
+/// removal, and enough for a short-lived child that inherited the device to
+/// exit on a loaded host.
+const TRANSIENT_OPEN: std::time::Duration = std::time::Duration::from_secs(5);
 const TRANSIENT_OPEN_POLL: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// Everything the agent asks of device-mapper. Method semantics are those
