@@ -541,6 +541,21 @@ class AgentClient:
         request = snapshot_pb2.DeleteSnapshotRequest(snapshot_id=snapshot_id)
         self._call('Snapshots', 'DeleteSnapshot', request, snapshot_id, True)
 
+    def get_snapshot(self, snapshot_id):
+        request = snapshot_pb2.GetSnapshotRequest(snapshot_id=snapshot_id)
+        return self._call('Snapshots', 'GetSnapshot', request, snapshot_id)
+
+    def list_snapshots(self, deadline=None):
+        request = snapshot_pb2.ListSnapshotsRequest()
+        reply = self._call(
+            'Snapshots',
+            'ListSnapshots',
+            request,
+            'snapshot list',
+            deadline=deadline,
+        )
+        return list(reply.snapshots)
+
     def revert_volume(self, volume_id, snapshot_id):
         request = snapshot_pb2.RevertVolumeRequest(
             volume_id=volume_id, snapshot_id=snapshot_id

@@ -27,6 +27,7 @@ from cinder import context as cinder_context
 from cinder import coordination
 from cinder import exception
 from cinder import interface
+from cinder import objects
 from cinder.common import constants
 from cinder.db import api as db
 from cinder.i18n import _
@@ -40,7 +41,9 @@ from oslo_utils import units
 
 from dmclone_cinder import client
 from dmclone_cinder import options
+from dmclone_cinder._proto.dmclone.v1 import snapshot_pb2
 from dmclone_cinder._proto.dmclone.v1 import transfer_pb2
+from dmclone_cinder._proto.dmclone.v1 import volume_pb2
 
 LOG = logging.getLogger(__name__)
 
@@ -64,6 +67,13 @@ HEALTHY = 'healthy'
 FAILED = 'failed'
 UP = 'up'
 DOWN = 'down'
+
+# Volume admin metadata of a live migration whose commit waits for its
+# source to let go: "<destination> <transfer id>", and the last reason.
+COMMIT_PENDING = 'dmclone_commit_pending'
+COMMIT_ERROR = 'dmclone_commit_error'
+# Admin metadata values are at most 255 characters.
+_METADATA_VALUE_MAX = 255
 
 # Attachments in these states may still write through their host; a
 # failed detach may have left the instance connected.
@@ -95,6 +105,40 @@ def _attachment_host(attachment):
     return connector.get('host') or attachment.attached_host
 
 
+def _agent_snapshot_id(snapshot):
+    # A managed snapshot keeps the agent's id as its provider id; the
+    # snapshots Cinder takes have its own id on the agent too.
+    return snapshot.provider_id or snapshot.id
+
+
+def _why_not_manageable_volume(volume, cinder_id):
+    if cinder_id is not None:
+        return _('already managed')
+    if volume.published:
+        return _('published (in use) on its host')
+    if volume.state != volume_pb2.VOLUME_STATE_AVAILABLE:
+        return _('not available on its agent (%s)') % (
+            volume_pb2.VolumeState.Name(volume.state)
+        )
+    return None
+
+
+def _managed_snapshot_ids(agent_ids):
+    """Those of agent_ids some Cinder snapshot already stands for."""
+    admin = cinder_context.get_admin_context()
+    found = set()
+    for agent_id in agent_ids:
+        try:
+            db.snapshot_get(admin, agent_id)
+            found.add(agent_id)
+            continue
+        except exception.SnapshotNotFound:
+            pass
+        if db.snapshot_get_all(admin, filters={'provider_id': agent_id}):
+            found.add(agent_id)
+    return found
+
+
 def _local_connection(agent, device_path):
     if not device_path:
         raise exception.VolumeBackendAPIException(
@@ -121,6 +165,9 @@ class DMCloneDriver(driver.VolumeDriver):
         self.configuration.append_config_values(options.dmclone_opts)
         self._agents = None
         self._hydration = None
+        # {volume id: (destination, transfer id)} of commits to retry.
+        self._pending_commits = {}
+        self._retrying = threading.Lock()
 
     @staticmethod
     def get_driver_options():
@@ -165,6 +212,7 @@ class DMCloneDriver(driver.VolumeDriver):
         )
         retry = client.RetryPolicy(total_seconds=conf.dmclone_retry_timeout)
         self._agents = client.Agents(endpoints, transport, retry)
+        self._pending_commits = self._recorded_pending_commits(context)
 
     @staticmethod
     def _check_over_subscription_ratio(value):
@@ -310,6 +358,7 @@ class DMCloneDriver(driver.VolumeDriver):
             'sparse_copy_volume': True,
             'pools': pools,
         }
+        self._start_commit_retries()
 
     def _pool_capabilities(self, host):
         conf = self.configuration
@@ -319,8 +368,13 @@ class DMCloneDriver(driver.VolumeDriver):
             'thin_provisioning_support': True,
             'thick_provisioning_support': False,
             'multiattach': False,
-            # nova's 'local' volume driver cannot grow an attached disk.
-            'online_extend_support': False,
+            # The agents grow published volumes; see the option's help for
+            # what the guest sees.
+            'online_extend_support': conf.dmclone_online_extend_support,
+            # A clone of a volume in another pool is made there and moved
+            # (create_cloned_volume): one image-cache volume serves every
+            # hypervisor.
+            'clone_across_pools': True,
             'sparse_copy_volume': True,
             'QoS_support': False,
             'filter_function': self.get_filter_function(),
@@ -570,8 +624,35 @@ class DMCloneDriver(driver.VolumeDriver):
 
     @coordination.synchronized(VOLUME_LOCK)
     def extend_volume(self, volume, new_size):
-        self._home_agent(volume).extend_volume(
+        home = self._home(volume)
+        self._refuse_during_live_migration(volume, home, _('extend'))
+        self._agents[home].extend_volume(
             volume.name_id, _gib_to_bytes(new_size)
+        )
+
+    def _refuse_during_live_migration(self, volume, home, what):
+        """Until a live migration commits, the instance may write on the
+        destination while the home (the source) has the older data: what
+        reads or changes the volume at home must wait."""
+        pending = self._deferred_transfer_elsewhere(volume, home)
+        if pending is None:
+            return
+        target, transfer = pending
+        raise exception.InvalidVolume(
+            reason=_(
+                '%(what)s of volume %(id)s must wait: it is being '
+                'live-migrated from %(home)s to %(target)s (transfer '
+                '%(tid)s), and until that commits the copy on %(home)s may '
+                'miss what the instance wrote on %(target)s. Try again once '
+                'the migration is over.'
+            )
+            % {
+                'what': what,
+                'id': volume.id,
+                'home': home,
+                'target': target,
+                'tid': transfer.transfer_id,
+            }
         )
 
     def _create_from_source(self, volume, host, **source):
@@ -588,20 +669,62 @@ class DMCloneDriver(driver.VolumeDriver):
         return self._create_from_source(
             volume,
             self._snapshot_host(snapshot),
-            source_snapshot_id=snapshot.id,
+            source_snapshot_id=_agent_snapshot_id(snapshot),
         )
 
     @coordination.synchronized(VOLUME_LOCK, SOURCE_LOCK)
     def create_cloned_volume(self, volume, src_vref):
-        return self._create_from_source(
-            volume, self._home(src_vref), source_volume_id=src_vref.name_id
+        if not self._same_backend(volume, src_vref):
+            # With clone_across_pools the image cache offers volumes of any
+            # backend; NotImplementedError makes the manager download the
+            # image instead.
+            raise NotImplementedError(
+                _('volume %(src)s is on backend %(host)s, not this one')
+                % {'src': src_vref.id, 'host': src_vref.host}
+            )
+        home = self._home(src_vref)
+        self._refuse_during_live_migration(src_vref, home, _('a clone'))
+        wanted = self._home_of_record(volume)
+        update = self._create_from_source(
+            volume, home, source_volume_id=src_vref.name_id
         )
+        if wanted == home or wanted not in self._agents:
+            return update
+        # Made next to its source (a thin snapshot), usable at once on the
+        # hypervisor the scheduler chose, where it hydrates: one cached
+        # image volume serves every hypervisor.
+        try:
+            self._move_unattached(volume, home, wanted)
+        except Exception:
+            with excutils.save_and_reraise_exception():
+                self._delete_quietly(self._agents[home], volume)
+        return None
+
+    @staticmethod
+    def _same_backend(volume, other):
+        backend = volume_utils.extract_host(volume.host, 'backend')
+        return bool(other.host) and backend == volume_utils.extract_host(
+            other.host, 'backend'
+        )
+
+    @staticmethod
+    def _delete_quietly(agent, volume):
+        try:
+            agent.delete_volume(volume.name_id)
+        except exception.CinderException as err:
+            LOG.warning(
+                'Could not delete %(id)s on %(host)s: %(err)s',
+                {'id': volume.name_id, 'host': agent.name, 'err': err},
+            )
 
     # Snapshots
 
     @coordination.synchronized(SNAPSHOT_VOLUME_LOCK)
     def create_snapshot(self, snapshot):
         home = self._home(snapshot.volume)
+        self._refuse_during_live_migration(
+            snapshot.volume, home, _('a snapshot')
+        )
         self._agents[home].create_snapshot(
             snapshot.id, snapshot.volume.name_id
         )
@@ -610,7 +733,7 @@ class DMCloneDriver(driver.VolumeDriver):
     @coordination.synchronized(SNAPSHOT_VOLUME_LOCK)
     def delete_snapshot(self, snapshot):
         self._agents[self._snapshot_host(snapshot)].delete_snapshot(
-            snapshot.id
+            _agent_snapshot_id(snapshot)
         )
 
     @coordination.synchronized(VOLUME_LOCK)
@@ -633,7 +756,10 @@ class DMCloneDriver(driver.VolumeDriver):
                     'home': home,
                 }
             )
-        self._agents[home].revert_volume(volume.name_id, snapshot.id)
+        self._refuse_during_live_migration(volume, home, _('a revert'))
+        self._agents[home].revert_volume(
+            volume.name_id, _agent_snapshot_id(snapshot)
+        )
 
     # Exports: the agents keep their own durable state; the attach work
     # happens in initialize/terminate_connection, which know the host.
@@ -881,16 +1007,168 @@ class DMCloneDriver(driver.VolumeDriver):
         return len(on_host) > 1
 
     def _detach_at_home(self, volume, home):
-        source = self._agents[home]
         pending = self._deferred_transfer_elsewhere(volume, home)
-        # The instance left this host: nothing may write here any more.
-        source.unpublish_volume(volume.name_id)
         if pending is None:
+            self._agents[home].unpublish_volume(volume.name_id)
             return
-        # Live migration committed: the destination may hydrate now.
+        # Live migration succeeded: the instance left this host. The detach
+        # succeeds even when the source cannot let go yet (nova would only
+        # log the error and leave a stale attachment): the commit waits,
+        # recorded and retried, and nothing is written here any more.
         target, transfer = pending
-        self._agents[target].commit_transfer(transfer.transfer_id)
+        self._try_commit(volume, home, target, transfer)
+
+    def _try_commit(self, volume, home, target, transfer):
+        """Let the source go, then let the destination hydrate.
+
+        Returns None once committed, or the error that stopped it: the
+        source agent unreachable, its device still open, the destination
+        agent unreachable. Then nothing is lost: the move stays deferred,
+        the destination keeps serving the volume and what was written
+        there, and the commit is recorded (admin metadata, an error in the
+        log) and retried at every stats poll until it goes through.
+        """
+        try:
+            self._agents[home].unpublish_volume(volume.name_id)
+            self._agents[target].commit_transfer(transfer.transfer_id)
+        except (client.AgentUnavailable, exception.VolumeIsBusy) as err:
+            self._commit_stuck(volume, home, target, transfer, err)
+            return err
         self._set_home(volume, target)
+        self._commit_done(volume)
+        return None
+
+    def _commit_stuck(self, volume, home, target, transfer, err):
+        self._pending_commits[volume.id] = (target, transfer.transfer_id)
+        LOG.error(
+            'Live migration of volume %(id)s from %(home)s to %(target)s '
+            'cannot commit yet: %(err)s. Nothing is lost: %(target)s keeps '
+            'serving the volume and everything written there, and the '
+            'commit of transfer %(tid)s is retried at every stats poll. '
+            'Until then the volume cannot move again; its admin metadata '
+            '%(key)s says so.',
+            {
+                'id': volume.id,
+                'home': home,
+                'target': target,
+                'err': err,
+                'tid': transfer.transfer_id,
+                'key': COMMIT_PENDING,
+            },
+        )
+        self._update_admin_metadata(
+            volume,
+            {
+                COMMIT_PENDING: f'{target} {transfer.transfer_id}',
+                COMMIT_ERROR: str(err)[:_METADATA_VALUE_MAX],
+            },
+        )
+
+    def _commit_done(self, volume):
+        if self._pending_commits.pop(volume.id, None) is None:
+            return
+        LOG.info(
+            'Live migration of volume %(id)s committed after waiting',
+            {'id': volume.id},
+        )
+        self._update_admin_metadata(
+            volume, delete=(COMMIT_PENDING, COMMIT_ERROR)
+        )
+
+    @staticmethod
+    def _update_admin_metadata(volume, metadata=None, delete=()):
+        admin = cinder_context.get_admin_context()
+        try:
+            if metadata:
+                db.volume_admin_metadata_update(
+                    admin, volume.id, metadata, False
+                )
+            for key in delete:
+                db.volume_admin_metadata_delete(admin, volume.id, key)
+        except exception.VolumeNotFound:
+            pass  # deleted meanwhile: nothing to show any more
+
+    def _recorded_pending_commits(self, context):
+        """The commits a previous run of this service left waiting."""
+        try:
+            volumes = objects.VolumeList.get_all_by_host(context, self.host)
+            recorded = {
+                volume.id: volume.admin_metadata.get(COMMIT_PENDING, '')
+                for volume in volumes
+            }
+        except Exception as err:  # the database is not ours to fail on
+            LOG.warning(
+                'Cannot read live-migration commits left waiting: %s', err
+            )
+            return {}
+        pending = {}
+        for volume_id, value in recorded.items():
+            target, _sep, transfer_id = value.partition(' ')
+            if target and transfer_id:
+                pending[volume_id] = (target, transfer_id)
+        if pending:
+            LOG.warning(
+                '%d live-migration commits wait for their source; retrying '
+                'them at every stats poll',
+                len(pending),
+            )
+        return pending
+
+    def retry_pending_commits(self):
+        """Retry every waiting commit once; one failure stops no other."""
+        admin = cinder_context.get_admin_context()
+        for volume_id in list(self._pending_commits):
+            try:
+                self._retry_commit(objects.Volume.get_by_id(admin, volume_id))
+            except exception.VolumeNotFound:
+                self._pending_commits.pop(volume_id, None)
+            except Exception as err:  # logged; retried at the next poll
+                LOG.warning(
+                    'Retrying the commit of volume %(id)s failed: %(err)s',
+                    {'id': volume_id, 'err': err},
+                )
+
+    def _start_commit_retries(self):
+        if not self._pending_commits:
+            return
+        if not self._retrying.acquire(blocking=False):
+            return  # the previous poll's retries still run
+
+        def run():
+            try:
+                self.retry_pending_commits()
+            finally:
+                self._retrying.release()
+
+        # Not in the poll itself: a retry waits for the volume's lock.
+        thread = threading.Thread(target=run, name='dmclone-commits')
+        thread.daemon = True
+        thread.start()
+
+    @coordination.synchronized(VOLUME_LOCK)
+    def _retry_commit(self, volume):
+        target, transfer_id = self._pending_commits.get(
+            volume.id, (None, None)
+        )
+        if target is None:
+            return
+        transfer = None
+        if target in self._agents:
+            transfer = self._unfinished_transfer(self._agents[target], volume)
+        if (
+            transfer is None
+            or transfer.transfer_id != transfer_id
+            or not transfer.deferred
+        ):
+            # Committed or aborted another way (dmclonectl, a detach).
+            LOG.info(
+                'Volume %(id)s: transfer %(tid)s to %(target)s no longer '
+                'waits for a commit',
+                {'id': volume.id, 'tid': transfer_id, 'target': target},
+            )
+            self._commit_done(volume)
+            return
+        self._try_commit(volume, self._home(volume), target, transfer)
 
     def _deferred_transfer_elsewhere(self, volume, home):
         hosts = {
@@ -940,8 +1218,9 @@ class DMCloneDriver(driver.VolumeDriver):
         A destination that was written since it was presented (the guest
         ran there) holds writes that exist nowhere else: its agent refuses
         the abort (DESTINATION_WRITTEN), and the move commits instead. The
-        source lets go first; if it cannot (still open), the error goes to
-        the caller and the move stays deferred, losing nothing.
+        source lets go first; if it cannot (unreachable, still open), the
+        error goes to the caller, the move stays deferred, losing nothing,
+        and the commit is retried (_try_commit).
         """
         try:
             self._agents[host].abort_transfer(transfer.transfer_id)
@@ -955,9 +1234,10 @@ class DMCloneDriver(driver.VolumeDriver):
             'aborting it, so that nothing written there is lost',
             {'id': volume.id, 'host': host},
         )
-        self._agents[home].unpublish_volume(volume.name_id)
-        self._agents[host].commit_transfer(transfer.transfer_id)
-        self._set_home(volume, host)
+        err = self._try_commit(volume, home, host, transfer)
+        if err is not None:
+            # The destination stays attached, so the writes stay reachable.
+            raise err
         return False
 
     def _drop_all_connections(self, volume):
@@ -985,12 +1265,15 @@ class DMCloneDriver(driver.VolumeDriver):
             return False, None
         home = self._home(volume)
         if target != home:
-            self._start_transfer(volume, home, target, deferred=False)
-            # Nothing is attached: the agent removes the device it
-            # hydrates through once the volume has arrived.
-            self._agents[target].unpublish_volume(volume.name_id)
+            self._move_unattached(volume, home, target)
         # The manager itself sets volume.host to host['host'].
         return True, None
+
+    def _move_unattached(self, volume, home, target):
+        self._start_transfer(volume, home, target, deferred=False)
+        # Nothing is attached: the agent removes the device it hydrates
+        # through once the volume has arrived, and the source lets go.
+        self._agents[target].unpublish_volume(volume.name_id)
 
     @staticmethod
     def _pool_in_this_backend(volume, destination):
@@ -1055,3 +1338,141 @@ class DMCloneDriver(driver.VolumeDriver):
             'Volume %(id)s (agent volume %(name_id)s) unmanaged',
             {'id': volume.id, 'name_id': volume.name_id},
         )
+
+    def manage_existing_snapshot_get_size(self, snapshot, existing_ref):
+        _host, existing = self._find_manageable_snapshot(
+            snapshot, existing_ref
+        )
+        return _bytes_to_gib_rounded_up(existing.size_bytes)
+
+    @coordination.synchronized(SNAPSHOT_VOLUME_LOCK)
+    def manage_existing_snapshot(self, snapshot, existing_ref):
+        host, existing = self._find_manageable_snapshot(snapshot, existing_ref)
+        return {
+            'provider_id': existing.snapshot_id,
+            'provider_location': host,
+        }
+
+    def _find_manageable_snapshot(self, snapshot, existing_ref):
+        """(host, agent snapshot) that existing_ref names, of this volume.
+
+        Snapshots stay where they were taken, so every agent is asked,
+        the volume's home first.
+        """
+        snapshot_id = self._referenced_id(existing_ref)
+        home = self._home(snapshot.volume)
+        hosts = [home] + sorted(
+            h for h, _a in self._agents.items() if h != home
+        )
+        for host in hosts:
+            try:
+                existing = self._agents[host].get_snapshot(snapshot_id)
+            except client.AgentNotFound:
+                continue
+            self._check_manageable_snapshot(snapshot, existing_ref, existing)
+            return host, existing
+        raise exception.ManageExistingInvalidReference(
+            existing_ref=existing_ref,
+            reason=_('no agent has snapshot %s') % snapshot_id,
+        )
+
+    @staticmethod
+    def _check_manageable_snapshot(snapshot, existing_ref, existing):
+        reason = None
+        if existing.volume_id != snapshot.volume.name_id:
+            reason = _(
+                'snapshot %(snap)s is of agent volume %(of)s, not of volume '
+                '%(vol)s (agent volume %(name_id)s)'
+            ) % {
+                'snap': existing.snapshot_id,
+                'of': existing.volume_id,
+                'vol': snapshot.volume.id,
+                'name_id': snapshot.volume.name_id,
+            }
+        elif existing.state != snapshot_pb2.SNAPSHOT_STATE_AVAILABLE:
+            reason = _('snapshot %s is not available on its agent') % (
+                existing.snapshot_id
+            )
+        elif _managed_snapshot_ids([existing.snapshot_id]):
+            reason = _('snapshot %s is already managed') % (
+                existing.snapshot_id
+            )
+        if reason is not None:
+            raise exception.ManageExistingInvalidReference(
+                existing_ref=existing_ref, reason=reason
+            )
+
+    def unmanage_snapshot(self, snapshot):
+        # The agent keeps the snapshot; Cinder just forgets it.
+        LOG.info(
+            'Snapshot %(id)s (agent snapshot %(agent_id)s) unmanaged',
+            {'id': snapshot.id, 'agent_id': _agent_snapshot_id(snapshot)},
+        )
+
+    # What could be managed: every agent's volumes and snapshots.
+
+    def get_manageable_volumes(
+        self, cinder_volumes, marker, limit, offset, sort_keys, sort_dirs
+    ):
+        managed = {volume.name_id: volume.id for volume in cinder_volumes}
+        entries = []
+        for host, volume in self._everything_on_agents('list_volumes'):
+            entry = {
+                'reference': {'source-id': volume.volume_id},
+                'size': _bytes_to_gib_rounded_up(volume.size_bytes),
+                'cinder_id': managed.get(volume.volume_id),
+                'extra_info': _('pool %s') % host,
+            }
+            entry['reason_not_safe'] = _why_not_manageable_volume(
+                volume, entry['cinder_id']
+            )
+            entry['safe_to_manage'] = entry['reason_not_safe'] is None
+            entries.append(entry)
+        return volume_utils.paginate_entries_list(
+            entries, marker, limit, offset, sort_keys, sort_dirs
+        )
+
+    def get_manageable_snapshots(
+        self, cinder_snapshots, marker, limit, offset, sort_keys, sort_dirs
+    ):
+        managed = {}
+        for snapshot in cinder_snapshots:
+            managed[_agent_snapshot_id(snapshot)] = snapshot.id
+        entries = []
+        for host, snapshot in self._everything_on_agents('list_snapshots'):
+            cinder_id = managed.get(snapshot.snapshot_id)
+            reason = None
+            if cinder_id is not None:
+                reason = _('already managed')
+            elif snapshot.state != snapshot_pb2.SNAPSHOT_STATE_AVAILABLE:
+                reason = _('not available on its agent')
+            entries.append(
+                {
+                    'reference': {'source-id': snapshot.snapshot_id},
+                    'size': _bytes_to_gib_rounded_up(snapshot.size_bytes),
+                    'cinder_id': cinder_id,
+                    'extra_info': _('pool %s') % host,
+                    'safe_to_manage': reason is None,
+                    'reason_not_safe': reason,
+                    'source_reference': {'source-id': snapshot.volume_id},
+                }
+            )
+        return volume_utils.paginate_entries_list(
+            entries, marker, limit, offset, sort_keys, sort_dirs
+        )
+
+    def _everything_on_agents(self, listing):
+        """(host, item) of every agent's listing; an agent that cannot
+        answer is left out of the list and logged, as a pool that is down."""
+        answers = self._ask_every_agent(
+            lambda agent, deadline: getattr(agent, listing)(deadline=deadline)
+        )
+        for host, (items, err) in sorted(answers.items()):
+            if err is not None:
+                LOG.warning(
+                    'Agent %(host)s left out of the manageable list: %(err)s',
+                    {'host': host, 'err': err},
+                )
+                continue
+            for item in items:
+                yield host, item

@@ -82,6 +82,18 @@ dmclone_opts = [
         'below half of backend_stats_polling_interval, past which cinder '
         'warns about slow stats.',
     ),
+    cfg.BoolOpt(
+        'dmclone_online_extend_support',
+        default=True,
+        help='Report online_extend_support: whether Cinder may extend a '
+        'volume that is attached. The agents grow a published volume at '
+        'once. A guest attached over NVMe/TCP sees the new size at once '
+        "(nova's NVMe volume driver rescans); a guest on a hypervisor "
+        "with an agent does not, because nova's local volume driver cannot "
+        'resize a disk: it sees the new size after its next hard reboot, '
+        'or at once after virsh blockresize. Set False to make Cinder '
+        'refuse to extend attached volumes instead.',
+    ),
     cfg.FloatOpt(
         'dmclone_retry_timeout',
         default=10.0,

@@ -212,6 +212,8 @@ class DriverTestCase(TestCase):
             'get_node_info',
             'list_volumes',
             'get_volume',
+            'get_snapshot',
+            'list_snapshots',
             'list_transfers',
             'active_transfers_of',
         }

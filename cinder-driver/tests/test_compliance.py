@@ -17,6 +17,7 @@ from cinder import interface
 from cinder.interface import volume_driver
 from cinder.interface import volume_manageable_driver
 from cinder.interface import volume_snapshot_revert
+from cinder.interface import volume_snapshotmanagement_driver
 from cinder.volume import configuration
 from cinder.volume import driver as cinder_driver
 from oslo_utils import importutils
@@ -27,6 +28,8 @@ from tests import base
 INTERFACES = (
     volume_driver.VolumeDriverCore,
     volume_manageable_driver.VolumeManagementDriver,
+    volume_manageable_driver.VolumeListManageableDriver,
+    volume_snapshotmanagement_driver.VolumeSnapshotManagementDriver,
     volume_snapshot_revert.VolumeSnapshotRevertDriver,
 )
 
@@ -63,8 +66,8 @@ INHERITED_ON_PURPOSE = {
     'set_throttle': 'manager plumbing',
     'init_capabilities': 'manager plumbing around get_volume_stats',
     '_init_vendor_properties': 'no vendor-specific extra specs',
-    'update_provider_info': 'the agents know volumes by name id; there is '
-    'no provider id to update',
+    'update_provider_info': 'the agents know volumes by name id, and a '
+    "managed snapshot's provider id (the agent's snapshot id) never changes",
 }
 
 

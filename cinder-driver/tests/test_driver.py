@@ -6,13 +6,20 @@ import uuid
 
 from cinder import context
 from cinder import exception
+from cinder import objects
 from cinder.common import constants
+from cinder.db import api as db
 from cinder.objects import fields
 from cinder.tests.unit import utils as tests_utils
 from cinder.volume import volume_utils
 import eventlet
+import eventlet.event
+import fixtures
+from oslo_log import log as logging
 
 from dmclone_cinder import client
+from dmclone_cinder import driver
+from dmclone_cinder._proto.dmclone.v1 import snapshot_pb2
 from dmclone_cinder._proto.dmclone.v1 import transfer_pb2
 from dmclone_cinder._proto.dmclone.v1 import volume_pb2
 from tests import base
@@ -199,7 +206,8 @@ class StatsTestCase(base.DriverTestCase):
         self.assertTrue(pool['thin_provisioning_support'])
         self.assertFalse(pool['thick_provisioning_support'])
         self.assertFalse(pool['multiattach'])
-        self.assertFalse(pool['online_extend_support'])
+        self.assertTrue(pool['online_extend_support'])
+        self.assertTrue(pool['clone_across_pools'])
         self.assertEqual('up', pool['agent_state'])
         self.assertEqual(5, pool['reserved_percentage'])
         self.assertEqual(20.0, pool['max_over_subscription_ratio'])
@@ -589,18 +597,64 @@ class SnapshotTestCase(base.DriverTestCase):
             volume.name_id, 2 * GIB, source_volume_id=source.name_id
         )
 
-    def test_clone_follows_its_source_and_grows(self):
+    def test_clone_in_another_pool_is_made_at_its_source_and_moved(self):
+        # clone_across_pools: the image cache's volume is on hv3, the
+        # scheduler placed the new volume on hv1.
         source = self.volume(pool='hv3', size=1)
         volume = self.volume(pool='hv1', size=2)
         self.agents['hv3'].create_volume.side_effect = None
         self.agents['hv3'].create_volume.return_value = volume_pb2.Volume(
             size_bytes=GIB
         )
-        update = self.driver.create_cloned_volume(volume, source)
-        self.assertEqual({'host': f'{base.BACKEND}#hv3'}, update)
+        self.assertIsNone(self.driver.create_cloned_volume(volume, source))
+        self.agents['hv3'].create_volume.assert_called_once_with(
+            volume.name_id, 2 * GIB, source_volume_id=source.name_id
+        )
         self.agents['hv3'].extend_volume.assert_called_once_with(
             volume.name_id, 2 * GIB
         )
+        start = self.agents['hv1'].start_transfer.call_args.kwargs
+        self.assertEqual(
+            (volume.name_id, 2 * GIB, False),
+            (start['volume_id'], start['size_bytes'], start['deferred']),
+        )
+        self.agents['hv1'].unpublish_volume.assert_called_once_with(
+            volume.name_id
+        )
+        self.assertEqual(f'{base.BACKEND}#hv1', volume.host)
+        self.agents['hv3'].delete_volume.assert_not_called()
+
+    def test_a_clone_that_cannot_move_is_not_left_behind(self):
+        source = self.volume(pool='hv3')
+        volume = self.volume(pool='hv1')
+        self.agents['hv1'].start_transfer.side_effect = unavailable('hv1')
+        self.assertRaises(
+            client.AgentUnavailable,
+            self.driver.create_cloned_volume,
+            volume,
+            source,
+        )
+        self.agents['hv3'].delete_volume.assert_called_once_with(
+            volume.name_id
+        )
+
+    def test_clone_for_an_unknown_pool_stays_with_its_source(self):
+        source = self.volume(pool='hv3')
+        volume = self.volume(pool='hv9')
+        update = self.driver.create_cloned_volume(volume, source)
+        self.assertEqual({'host': f'{base.BACKEND}#hv3'}, update)
+        self.agents['hv3'].create_volume.assert_called_once()
+
+    def test_clone_of_another_backends_volume_is_left_to_cinder(self):
+        source = self.volume(pool='hv3')
+        source.host = 'ctl@other#hv3'
+        self.assertRaises(
+            NotImplementedError,
+            self.driver.create_cloned_volume,
+            self.volume(pool='hv1'),
+            source,
+        )
+        self.assert_no_agent_changes(*base.HOSTS)
 
     def test_revert_in_place(self):
         volume = self.volume(pool='hv1')
@@ -1054,26 +1108,26 @@ class DetachTestCase(base.DriverTestCase):
         )
         self.assertEqual(f'{base.BACKEND}#hv2', volume.host)
 
-    def test_no_commit_while_the_source_device_is_busy(self):
+    def test_a_busy_source_detaches_and_the_commit_waits(self):
         volume = self.volume(
             pool='hv1', attachments=[('hv1', ATTACHED), ('hv2', ATTACHED)]
         )
-        self.agents['hv2'].active_transfers_of.return_value = [
-            base.transfer(volume.name_id, DEFERRED)
-        ]
+        pending = base.transfer(volume.name_id, DEFERRED)
+        self.agents['hv2'].active_transfers_of.return_value = [pending]
         self.agents[
             'hv1'
         ].unpublish_volume.side_effect = exception.VolumeIsBusy(
             volume_name=volume.name_id
         )
-        self.assertRaises(
-            exception.VolumeIsBusy,
-            self.driver.terminate_connection,
-            volume,
-            {'host': 'hv1'},
+        self.assertFalse(
+            self.driver.terminate_connection(volume, {'host': 'hv1'})
         )
         self.agents['hv2'].commit_transfer.assert_not_called()
         self.assertEqual(f'{base.BACKEND}#hv1', volume.host)
+        self.assertEqual(
+            {volume.id: ('hv2', pending.transfer_id)},
+            self.driver._pending_commits,
+        )
 
     def test_destination_detach_aborts_a_degraded_deferred_move(self):
         volume = self.volume(
@@ -1240,6 +1294,208 @@ class DetachTestCase(base.DriverTestCase):
         )
 
 
+class WaitingCommitTestCase(base.DriverTestCase):
+    """A live migration whose source cannot let go commits later."""
+
+    def db_volume(self, pool='hv1', attachments=(), **fields_):
+        volume = tests_utils.create_volume(
+            self.ctxt, host=f'{base.BACKEND}#{pool}', **fields_
+        )
+        volume.volume_attachment = objects.VolumeAttachmentList(
+            objects=[
+                self._attachment(volume, host, status)
+                for host, status in attachments
+            ]
+        )
+        return volume
+
+    def admin_metadata(self, volume):
+        return db.volume_admin_metadata_get(self.ctxt, volume.id)
+
+    def migrating(self, state=DEFERRED):
+        volume = self.db_volume(
+            attachments=[('hv1', ATTACHED), ('hv2', ATTACHED)]
+        )
+        pending = base.transfer(volume.name_id, state, deferred=True)
+        self.agents['hv2'].active_transfers_of.return_value = [pending]
+        return volume, pending
+
+    def test_source_agent_down_the_detach_succeeds_and_the_commit_waits(
+        self,
+    ):
+        volume, pending = self.migrating()
+        self.agents['hv1'].unpublish_volume.side_effect = unavailable('hv1')
+        log = self.useFixture(fixtures.FakeLogger(level=logging.INFO))
+
+        self.assertFalse(
+            self.driver.terminate_connection(volume, {'host': 'hv1'})
+        )
+
+        self.agents['hv2'].commit_transfer.assert_not_called()
+        self.assertEqual('hv1', self.pool_of(volume))
+        metadata = self.admin_metadata(volume)
+        self.assertEqual(
+            f'hv2 {pending.transfer_id}', metadata[driver.COMMIT_PENDING]
+        )
+        self.assertIn('UNAVAILABLE', metadata[driver.COMMIT_ERROR])
+        self.assertIn('cannot commit yet', log.output)
+        self.assertIn('Nothing is lost', log.output)
+
+        # Still down at the next poll: still waiting, nothing changed.
+        self.driver.retry_pending_commits()
+        self.agents['hv2'].commit_transfer.assert_not_called()
+        self.assertIn(driver.COMMIT_PENDING, self.admin_metadata(volume))
+
+        # Back: the next poll commits, moves the pool, clears the record.
+        self.agents['hv1'].unpublish_volume.side_effect = None
+        self.driver.retry_pending_commits()
+        self.agents['hv2'].commit_transfer.assert_called_once_with(
+            pending.transfer_id
+        )
+        self.assertEqual('hv2', self.pool_of(volume))
+        self.assertEqual({}, self.admin_metadata(volume))
+        self.assertEqual({}, self.driver._pending_commits)
+
+    def pool_of(self, volume):
+        return volume_utils.extract_host(
+            db.volume_get(self.ctxt, volume.id).host, 'pool'
+        )
+
+    def test_a_written_destination_detach_fails_and_the_commit_waits(self):
+        volume, pending = self.migrating()
+        refused = exception.InvalidVolume(reason='DESTINATION_WRITTEN: ...')
+        refused.refusal_reason = 'DESTINATION_WRITTEN'
+        self.agents['hv2'].abort_transfer.side_effect = refused
+        self.agents['hv1'].unpublish_volume.side_effect = unavailable('hv1')
+
+        # The destination stays attached: its writes stay reachable.
+        self.assertRaises(
+            client.AgentUnavailable,
+            self.driver.terminate_connection,
+            volume,
+            {'host': 'hv2'},
+        )
+        self.agents['hv2'].unpublish_volume.assert_not_called()
+        self.assertIn(driver.COMMIT_PENDING, self.admin_metadata(volume))
+
+        self.agents['hv1'].unpublish_volume.side_effect = None
+        self.driver.retry_pending_commits()
+        self.agents['hv2'].commit_transfer.assert_called_once_with(
+            pending.transfer_id
+        )
+        self.assertEqual('hv2', self.pool_of(volume))
+
+    def test_a_commit_done_another_way_is_forgotten(self):
+        volume, pending = self.migrating()
+        self.agents['hv1'].unpublish_volume.side_effect = unavailable('hv1')
+        self.driver.terminate_connection(volume, {'host': 'hv1'})
+        # An operator committed (or aborted) it with dmclonectl.
+        self.agents['hv2'].active_transfers_of.return_value = [
+            base.transfer(volume.name_id, HYDRATING, deferred=False)
+        ]
+        self.driver.retry_pending_commits()
+        self.agents['hv2'].commit_transfer.assert_not_called()
+        self.assertEqual({}, self.admin_metadata(volume))
+        self.assertEqual({}, self.driver._pending_commits)
+
+    def test_a_deleted_volume_is_forgotten(self):
+        volume, _pending = self.migrating()
+        self.agents['hv1'].unpublish_volume.side_effect = unavailable('hv1')
+        self.driver.terminate_connection(volume, {'host': 'hv1'})
+        db.volume_destroy(self.ctxt, volume.id)
+        self.driver.retry_pending_commits()
+        self.assertEqual({}, self.driver._pending_commits)
+
+    def test_waiting_commits_survive_a_restart_of_the_service(self):
+        waiting = tests_utils.create_volume(
+            self.ctxt,
+            host=f'{base.BACKEND}#hv1',
+            admin_metadata={driver.COMMIT_PENDING: 'hv2 transfer-1'},
+        )
+        tests_utils.create_volume(
+            self.ctxt, host=f'{base.BACKEND}#hv2', admin_metadata={'x': 'y'}
+        )
+        tests_utils.create_volume(
+            self.ctxt,
+            host='other@backend#hv1',
+            admin_metadata={driver.COMMIT_PENDING: 'hv2 transfer-2'},
+        )
+        self.driver.do_setup(self.ctxt)
+        self.assertEqual(
+            {waiting.id: ('hv2', 'transfer-1')}, self.driver._pending_commits
+        )
+
+    def test_the_stats_poll_retries_in_the_background(self):
+        volume, pending = self.migrating()
+        self.agents['hv1'].unpublish_volume.side_effect = unavailable('hv1')
+        self.driver.terminate_connection(volume, {'host': 'hv1'})
+        self.agents['hv1'].unpublish_volume.side_effect = None
+        retried = eventlet.event.Event()
+        real_retry = self.driver.retry_pending_commits
+
+        def retry():
+            real_retry()
+            retried.send()
+
+        self.mock_object(self.driver, 'retry_pending_commits', retry)
+        self.driver.get_volume_stats(refresh=True)
+        with eventlet.Timeout(10):
+            retried.wait()
+        self.agents['hv2'].commit_transfer.assert_called_once_with(
+            pending.transfer_id
+        )
+
+    def test_no_retry_thread_while_nothing_waits(self):
+        self.mock_object(self.driver, 'retry_pending_commits')
+        self.driver.get_volume_stats(refresh=True)
+        self.driver.retry_pending_commits.assert_not_called()
+
+
+class LiveMigrationWindowTestCase(base.DriverTestCase):
+    """Until a live migration commits, the source may be behind."""
+
+    def setUp(self):
+        super().setUp()
+        self.volume_ = self.volume(
+            pool='hv1', attachments=[('hv1', ATTACHED), ('hv2', ATTACHED)]
+        )
+        self.agents['hv2'].active_transfers_of.return_value = [
+            base.transfer(self.volume_.name_id, DEFERRED)
+        ]
+
+    def assert_refused(self, call, *args):
+        error = self.assertRaises(exception.InvalidVolume, call, *args)
+        self.assertIn('live-migrated from hv1 to hv2', str(error))
+        self.assert_no_agent_changes(*base.HOSTS)
+
+    def test_snapshot_is_refused(self):
+        snapshot = self.snapshot(self.volume_)
+        snapshot.volume = self.volume_  # with its attachments
+        self.assert_refused(self.driver.create_snapshot, snapshot)
+
+    def test_clone_is_refused(self):
+        self.assert_refused(
+            self.driver.create_cloned_volume, self.volume(), self.volume_
+        )
+
+    def test_revert_is_refused(self):
+        snapshot = self.snapshot(self.volume_, location='hv1')
+        self.assert_refused(
+            self.driver.revert_to_snapshot, self.ctxt, self.volume_, snapshot
+        )
+
+    def test_extend_is_refused(self):
+        self.assert_refused(self.driver.extend_volume, self.volume_, 2)
+
+    def test_after_the_commit_they_run_on_the_new_home(self):
+        self.agents['hv2'].active_transfers_of.return_value = [
+            base.transfer(self.volume_.name_id, HYDRATING)
+        ]
+        self.volume_.host = f'{base.BACKEND}#hv2'
+        self.driver.create_snapshot(self.snapshot(self.volume_))
+        self.agents['hv2'].create_snapshot.assert_called_once()
+
+
 class MigrateTestCase(base.DriverTestCase):
     def test_other_backend_uses_generic_migration(self):
         moved = self.driver.migrate_volume(
@@ -1341,6 +1597,235 @@ class ManageTestCase(base.DriverTestCase):
     def test_unmanage_leaves_the_agent_volume(self):
         self.driver.unmanage(self.volume())
         self.assert_no_agent_changes(*base.HOSTS)
+
+
+def _not_found(host='hv1'):
+    return client.AgentNotFound(agent=host, subject='x', detail='not here')
+
+
+class ManageSnapshotTestCase(base.DriverTestCase):
+    def setUp(self):
+        super().setUp()
+        self.volume_ = self.volume(pool='hv2')
+        self.existing_id = str(uuid.uuid4())
+        for agent in self.agents.values():
+            agent.get_snapshot.side_effect = _not_found(agent.name)
+        self.on_agent = snapshot_pb2.Snapshot(
+            snapshot_id=self.existing_id,
+            volume_id=self.volume_.name_id,
+            size_bytes=GIB + 1,
+            state=snapshot_pb2.SNAPSHOT_STATE_AVAILABLE,
+        )
+
+    def kept_on(self, host):
+        self.agents[host].get_snapshot.side_effect = None
+        self.agents[host].get_snapshot.return_value = self.on_agent
+
+    def new_snapshot(self):
+        snapshot = self.snapshot(self.volume_)
+        snapshot.volume = self.volume_
+        return snapshot
+
+    def test_a_snapshot_left_on_another_host_is_found_there(self):
+        self.kept_on('hv3')
+        reference = {'source-id': self.existing_id}
+        snapshot = self.new_snapshot()
+        self.assertEqual(
+            2,
+            self.driver.manage_existing_snapshot_get_size(snapshot, reference),
+        )
+        update = self.driver.manage_existing_snapshot(snapshot, reference)
+        self.assertEqual(
+            {'provider_id': self.existing_id, 'provider_location': 'hv3'},
+            update,
+        )
+        # The volume's home is asked first.
+        self.agents['hv2'].get_snapshot.assert_called_with(self.existing_id)
+        self.assert_no_agent_changes(*base.HOSTS)
+
+    def test_a_managed_snapshot_is_used_by_its_agent_id(self):
+        snapshot = self.snapshot(
+            self.volume_, location='hv3', provider_id=self.existing_id
+        )
+        self.driver.delete_snapshot(snapshot)
+        self.agents['hv3'].delete_snapshot.assert_called_once_with(
+            self.existing_id
+        )
+        self.driver.create_volume_from_snapshot(
+            self.volume(pool='hv3'), snapshot
+        )
+        self.assertEqual(
+            self.existing_id,
+            self.agents['hv3'].create_volume.call_args.kwargs[
+                'source_snapshot_id'
+            ],
+        )
+
+    def test_snapshots_that_cannot_be_managed(self):
+        self.kept_on('hv2')
+        other = snapshot_pb2.Snapshot()
+        other.CopyFrom(self.on_agent)
+        other.volume_id = str(uuid.uuid4())
+        creating = snapshot_pb2.Snapshot()
+        creating.CopyFrom(self.on_agent)
+        creating.state = snapshot_pb2.SNAPSHOT_STATE_CREATING
+        for reason, answer in (
+            ('not of volume', other),
+            ('not available', creating),
+        ):
+            with self.subTest(reason=reason):
+                self.agents['hv2'].get_snapshot.return_value = answer
+                error = self.assertRaises(
+                    exception.ManageExistingInvalidReference,
+                    self.driver.manage_existing_snapshot,
+                    self.new_snapshot(),
+                    {'source-id': self.existing_id},
+                )
+                self.assertIn(reason, str(error))
+        self.agents['hv2'].get_snapshot.side_effect = _not_found('hv2')
+        nowhere = str(uuid.uuid4())
+        error = self.assertRaises(
+            exception.ManageExistingInvalidReference,
+            self.driver.manage_existing_snapshot,
+            self.new_snapshot(),
+            {'source-id': nowhere},
+        )
+        self.assertIn('no agent has', str(error))
+
+    def test_a_snapshot_cinder_already_knows_is_refused(self):
+        self.kept_on('hv2')
+        volume = tests_utils.create_volume(self.ctxt)
+        for fields_ in ({'id': self.existing_id}, {}):
+            with self.subTest(by='id' if fields_ else 'provider id'):
+                known = tests_utils.create_snapshot(
+                    self.ctxt,
+                    volume.id,
+                    provider_id=None if fields_ else self.existing_id,
+                    **fields_,
+                )
+                error = self.assertRaises(
+                    exception.ManageExistingInvalidReference,
+                    self.driver.manage_existing_snapshot,
+                    self.new_snapshot(),
+                    {'source-name': self.existing_id},
+                )
+                self.assertIn('already managed', str(error))
+                known.destroy()
+
+    def test_unmanage_snapshot_leaves_it_on_the_agent(self):
+        self.driver.unmanage_snapshot(self.snapshot(self.volume_))
+        self.assert_no_agent_changes(*base.HOSTS)
+
+
+class ManageableListTestCase(base.DriverTestCase):
+    def test_every_agents_volumes_with_what_makes_them_unsafe(self):
+        ids = sorted(str(uuid.uuid4()) for _ in range(4))
+        managed = self.volume(pool='hv1', id=ids[0])
+        self.agents['hv1'].list_volumes.return_value = [
+            volume_pb2.Volume(
+                volume_id=ids[0],
+                size_bytes=GIB,
+                state=volume_pb2.VOLUME_STATE_AVAILABLE,
+            ),
+            volume_pb2.Volume(
+                volume_id=ids[1],
+                size_bytes=GIB // 2,
+                state=volume_pb2.VOLUME_STATE_AVAILABLE,
+            ),
+        ]
+        self.agents['hv2'].list_volumes.return_value = [
+            volume_pb2.Volume(
+                volume_id=ids[2],
+                size_bytes=3 * GIB,
+                published=True,
+                state=volume_pb2.VOLUME_STATE_AVAILABLE,
+            ),
+            volume_pb2.Volume(
+                volume_id=ids[3],
+                size_bytes=GIB,
+                state=volume_pb2.VOLUME_STATE_HYDRATING,
+            ),
+        ]
+        self.agents['hv3'].list_volumes.side_effect = unavailable('hv3')
+
+        listed = self.driver.get_manageable_volumes(
+            [managed], None, 10, 0, ['reference'], ['asc']
+        )
+
+        got = {
+            entry['reference']['source-id']: (
+                entry['size'],
+                entry['safe_to_manage'],
+                entry['reason_not_safe'],
+                entry['cinder_id'],
+                entry['extra_info'],
+            )
+            for entry in listed
+        }
+        self.assertEqual(
+            {
+                ids[0]: (1, False, 'already managed', managed.id, 'pool hv1'),
+                ids[1]: (1, True, None, None, 'pool hv1'),
+                ids[2]: (
+                    3,
+                    False,
+                    'published (in use) on its host',
+                    None,
+                    'pool hv2',
+                ),
+                ids[3]: (
+                    1,
+                    False,
+                    'not available on its agent (VOLUME_STATE_HYDRATING)',
+                    None,
+                    'pool hv2',
+                ),
+            },
+            got,
+        )
+        # Cinder's pagination: two by size, largest first.
+        page = self.driver.get_manageable_volumes(
+            [managed], None, 2, 0, ['size'], ['desc']
+        )
+        self.assertEqual([3, 1], [entry['size'] for entry in page])
+
+    def test_every_agents_snapshots_with_their_volume(self):
+        volume_id = str(uuid.uuid4())
+        kept, managed = str(uuid.uuid4()), str(uuid.uuid4())
+        self.agents['hv3'].list_snapshots.return_value = [
+            snapshot_pb2.Snapshot(
+                snapshot_id=snapshot_id,
+                volume_id=volume_id,
+                size_bytes=GIB,
+                state=snapshot_pb2.SNAPSHOT_STATE_AVAILABLE,
+            )
+            for snapshot_id in (kept, managed)
+        ]
+        cinder_snapshot = self.snapshot(
+            self.volume(pool='hv3'), provider_id=managed
+        )
+        listed = self.driver.get_manageable_snapshots(
+            [cinder_snapshot], None, 10, 0, ['reference'], ['asc']
+        )
+        got = {
+            entry['reference']['source-id']: (
+                entry['safe_to_manage'],
+                entry['cinder_id'],
+                entry['source_reference'],
+            )
+            for entry in listed
+        }
+        self.assertEqual(
+            {
+                kept: (True, None, {'source-id': volume_id}),
+                managed: (
+                    False,
+                    cinder_snapshot.id,
+                    {'source-id': volume_id},
+                ),
+            },
+            got,
+        )
 
 
 class VolumeLockTestCase(base.DriverTestCase):
