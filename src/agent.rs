@@ -145,6 +145,7 @@ impl Agent {
             source_releaser,
             background: Background::default(),
             unsettled: Default::default(),
+            given_up: Default::default(),
         });
         let volumes = Volumes::new(ctx.clone());
         let transfers = Transfers::new(ctx.clone());

@@ -9,13 +9,14 @@
 use std::{
     collections::BTreeMap,
     sync::{Arc, Mutex, MutexGuard, PoisonError},
+    time::{Duration, Instant},
 };
 
 use crate::{
     config::Settings,
     dm::{Kernel, names::Naming},
     error::AgentError,
-    ids::VolumeId,
+    ids::{TransferId, VolumeId},
     locks::Locks,
     metrics::Metrics,
     nvme::{Fabric, HostId, Nqn},
@@ -44,6 +45,47 @@ pub struct Context {
     pub(crate) background: Background,
     /// Volumes whose devices did not come back at start, and why.
     pub(crate) unsettled: Unsettled,
+    /// Transfer ids aborted before their start was recorded.
+    pub(crate) given_up: GivenUp,
+}
+
+/// Transfer ids aborted before any start had recorded them. A caller that
+/// gave up on StartTransfer (its deadline passed while the source was
+/// connecting) aborts the transfer it named, and that abort can overtake
+/// the start: the start, on reaching its records, finds the id here and
+/// stops instead of leaving a move nobody will commit or abort. In memory
+/// only: a restart ends every start under way. Bounded, because any
+/// caller may abort ids that never existed.
+#[derive(Debug, Default)]
+pub(crate) struct GivenUp(Mutex<BTreeMap<TransferId, Instant>>);
+
+impl GivenUp {
+    /// Long past any start's deadline.
+    const KEEP: Duration = Duration::from_secs(600);
+    const MOST: usize = 10_000;
+
+    fn map(&self) -> MutexGuard<'_, BTreeMap<TransferId, Instant>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(crate) fn mark(&self, id: &TransferId) {
+        let mut map = self.map();
+        if map.len() >= Self::MOST {
+            map.retain(|_, marked| marked.elapsed() < Self::KEEP);
+        }
+        if map.len() >= Self::MOST
+            && let Some(oldest) = map.iter().min_by_key(|(_, marked)| **marked)
+        {
+            let oldest = oldest.0.clone();
+            map.remove(&oldest);
+        }
+        map.insert(id.clone(), Instant::now());
+    }
+
+    /// Whether id was given up (and forgets it: one start stops).
+    pub(crate) fn take(&self, id: &TransferId) -> bool {
+        self.map().remove(id).is_some()
+    }
 }
 
 /// Volumes reconciliation could not bring back for a reason that may pass;
@@ -121,4 +163,28 @@ where
     tokio::task::spawn_blocking(call)
         .await
         .map_err(|err| AgentError::Internal(format!("a blocking task failed: {err}")))?
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn transfer_id(n: usize) -> TransferId {
+        TransferId::parse(&format!("40000000-0000-4000-8000-{n:012}")).unwrap()
+    }
+
+    #[test]
+    fn a_given_up_id_stops_one_start_and_the_marks_stay_bounded() {
+        let given_up = GivenUp::default();
+        assert!(!given_up.take(&transfer_id(0)), "never marked");
+        for n in 0..=GivenUp::MOST {
+            given_up.mark(&transfer_id(n));
+        }
+        assert_eq!(given_up.map().len(), GivenUp::MOST);
+        assert!(!given_up.take(&transfer_id(0)), "the oldest made room");
+        assert!(given_up.take(&transfer_id(GivenUp::MOST)));
+        assert!(!given_up.take(&transfer_id(GivenUp::MOST)), "taken once");
+    }
 }

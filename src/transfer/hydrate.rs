@@ -23,6 +23,11 @@ use crate::{
     store::{Change, Pending, SourceRecord, TransferPhase, TransferRecord, VolumeRecord},
 };
 
+/// Held by a start from its room check to its records, and by an abort
+/// that looks for a record: one start at a time counts on the free space,
+/// and an abort either finds the start's records or marks its id.
+pub(crate) const ROOM_FOR_MOVES: &str = "room for moves";
+
 /// The knobs a transfer starts with: the request's, else the defaults.
 #[derive(Debug, Clone, Copy)]
 struct Knobs {
@@ -94,7 +99,19 @@ impl Transfers {
         let metadata_bytes = clone_metadata_bytes(size, knobs.region_bytes);
         // One start at a time from the room check to its records: two
         // moves must not both count on the same free space.
-        let room_held = self.ctx.locks.lock("room for moves").await;
+        let room_held = self.ctx.locks.lock(ROOM_FOR_MOVES).await;
+        if self.ctx.given_up.take(&request.transfer) {
+            drop(room_held);
+            self.ctx.detach_source(&source).await;
+            info!(transfer = %request.transfer, "start stopped: its transfer was aborted before it was recorded");
+            return Err(AgentError::AlreadyExists {
+                what: "transfer",
+                id: request.transfer.to_string(),
+                detail: "aborted before its start was recorded (its caller gave up); start the \
+                         move again with a new transfer id"
+                    .into(),
+            });
+        }
         let room = match self.ctx.check_room_for(size + metadata_bytes).await {
             Ok(()) => self.ctx.check_room_to_hydrate(size + metadata_bytes).await,
             Err(err) => Err(err),
@@ -325,6 +342,7 @@ impl Transfers {
         id: &TransferId,
         force: bool,
     ) -> Result<TransferView, AgentError> {
+        self.recorded_or_given_up(id).await?;
         let (mut transfer, _held) = self.ctx.locked_transfer(id).await?;
         match transfer.phase {
             TransferPhase::Aborted => return Ok(self.ctx.transfer_view(&transfer)),
@@ -368,6 +386,19 @@ impl Transfers {
         self.spawn_withdraw(&transfer);
         info!(transfer = %transfer.id, volume = %volume_id, "aborted");
         Ok(self.ctx.transfer_view(&transfer))
+    }
+
+    /// An abort may overtake the start it is meant for. Under the lock the
+    /// start takes before writing its records, either the record is there
+    /// (abort it as any other) or the id is marked given up, for the start
+    /// to find, and the abort answers NOT_FOUND as before.
+    async fn recorded_or_given_up(&self, id: &TransferId) -> Result<(), AgentError> {
+        let _room = self.ctx.locks.lock(ROOM_FOR_MOVES).await;
+        if self.ctx.transfer_record(id).await?.is_some() {
+            return Ok(());
+        }
+        self.ctx.given_up.mark(id);
+        Err(crate::records::transfer_not_found(id))
     }
 
     /// A deferred clone hydrates nothing in the background, so every region

@@ -682,6 +682,73 @@ async fn an_aborted_move_disconnects_and_asks_the_source_to_withdraw_its_export(
     );
 }
 
+/// A caller that gave up on StartTransfer (its deadline passed while the
+/// source was connecting) aborts the id it named, and the abort may come
+/// before the start has recorded anything: the start then stops at its
+/// records and lets the source go. An abort after the records aborts as
+/// always. Either way nothing is left that nobody would commit or abort.
+#[tokio::test]
+async fn an_abort_that_overtakes_its_start_stops_the_start() {
+    let host = TestHost::new();
+    host.fabric.offer(SOURCE_SUBSYSTEM, 8 * MIB);
+    let agent = host.start().await.unwrap();
+    let id = volume_id(1);
+    for abort_first in [true, false] {
+        let n = if abort_first { 1 } else { 2 };
+        let request = nvme_request(n, &id, "unix:/run/source-agent.sock");
+        let transfer = request.transfer.clone();
+        // The lock a start takes between connecting and recording.
+        let room = agent.ctx.locks.lock(hydrate::ROOM_FOR_MOVES).await;
+        let abort = {
+            let (agent, transfer) = (Arc::clone(&agent), transfer.clone());
+            async move { agent.transfers.abort_transfer(&transfer, false).await }
+        };
+        let start = {
+            let agent = Arc::clone(&agent);
+            async move { agent.transfers.start_transfer(request).await }
+        };
+        let (aborting, starting) = if abort_first {
+            let aborting = tokio::spawn(abort);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            (aborting, tokio::spawn(start))
+        } else {
+            let starting = tokio::spawn(start);
+            wait_until(async || host.fabric.connections() == [SOURCE_SUBSYSTEM]).await;
+            (tokio::spawn(abort), starting)
+        };
+        wait_until(async || host.fabric.connections() == [SOURCE_SUBSYSTEM]).await;
+        drop(room);
+        let (aborted, started) = (aborting.await.unwrap(), starting.await.unwrap());
+        if abort_first {
+            assert!(
+                matches!(aborted, Err(AgentError::NotFound { .. })),
+                "{aborted:?}"
+            );
+            assert!(
+                matches!(started, Err(AgentError::AlreadyExists { .. })),
+                "{started:?}"
+            );
+            assert!(
+                agent
+                    .ctx
+                    .transfer_record(&transfer)
+                    .await
+                    .unwrap()
+                    .is_none()
+            );
+        } else {
+            assert!(started.is_ok(), "{started:?}");
+            assert_eq!(aborted.unwrap().state, TransferState::Aborted);
+        }
+        assert!(host.fabric.connections().is_empty(), "the source is let go");
+        assert!(agent.ctx.record(&id).await.unwrap().is_none());
+        assert!(!host.devices().iter().any(|d| d.contains(id.as_str())));
+    }
+    // The volume can still move here, under a new transfer id.
+    let request = nvme_request(3, &id, "unix:/run/source-agent.sock");
+    agent.transfers.start_transfer(request).await.unwrap();
+}
+
 async fn wait_until(done: impl AsyncFn() -> bool) {
     for _ in 0..500 {
         if done().await {

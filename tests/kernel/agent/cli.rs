@@ -258,6 +258,7 @@ async fn dmclonectl_starts_watches_and_steers_a_transfer() {
         ],
     );
     assert_eq!(started["transfers"][0]["state"], "deferred");
+    assert_eq!(started["transfers"][0]["deferred"], true);
     assert_eq!(started["transfers"][0]["region_bytes"], 65536);
     let listed = json(&agent, &["transfer", "list"]);
     assert_eq!(listed["transfers"][0]["transfer_id"], transfer);
@@ -285,10 +286,9 @@ async fn dmclonectl_starts_watches_and_steers_a_transfer() {
     );
     assert_eq!(throttled["transfers"][0]["hydration_threshold"], 2);
     assert_eq!(throttled["transfers"][0]["max_bytes_per_second"], 4 * MIB);
-    assert_eq!(
-        json(&agent, &["transfer", "commit", transfer])["transfers"][0]["state"],
-        "hydrating"
-    );
+    let committed = json(&agent, &["transfer", "commit", transfer]);
+    assert_eq!(committed["transfers"][0]["state"], "hydrating");
+    assert_eq!(committed["transfers"][0]["deferred"], false);
     assert_eq!(
         json(&agent, &["transfer", "pause", transfer])["transfers"][0]["state"],
         "paused"

@@ -484,6 +484,7 @@ pub fn to_json(t: &Transfer) -> serde_json::Value {
         "transfer_id": t.transfer_id,
         "volume_id": t.volume_id,
         "state": transfer_state_name(t.state()),
+        "deferred": t.deferred,
         "regions_hydrated": t.regions_hydrated,
         "regions_total": t.regions_total,
         "bytes_hydrated": t.bytes_hydrated,

@@ -157,7 +157,10 @@ class TransfersServicer:
     def AbortTransfer(self, request, context):
         """Tear the destination down; the source stays untouched.
         Refused (DESTINATION_WRITTEN) for a deferred transfer whose destination
-        was written since it was presented, unless `force`.
+        was written since it was presented, unless `force`. An id with no
+        transfer answers NOT_FOUND and stops a StartTransfer of that id still
+        under way (its caller gave up on it): that start fails with
+        ALREADY_EXISTS and leaves nothing behind.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
