@@ -656,13 +656,16 @@ class DMCloneDriver(driver.VolumeDriver):
         )
 
     def _create_from_source(self, volume, host, **source):
+        self._create_at(volume, host, **source)
+        return self._relocation_update(volume, host)
+
+    def _create_at(self, volume, host, **source):
         agent = self._agents[host]
         wanted = _gib_to_bytes(volume.size)
         created = agent.create_volume(volume.name_id, wanted, **source)
         if created.size_bytes < wanted:
             # The agent may create a copy at the source's size.
             agent.extend_volume(volume.name_id, wanted)
-        return self._relocation_update(volume, host)
 
     @coordination.synchronized(VOLUME_LOCK)
     def create_volume_from_snapshot(self, volume, snapshot):
@@ -685,14 +688,14 @@ class DMCloneDriver(driver.VolumeDriver):
         home = self._home(src_vref)
         self._refuse_during_live_migration(src_vref, home, _('a clone'))
         wanted = self._home_of_record(volume)
-        update = self._create_from_source(
-            volume, home, source_volume_id=src_vref.name_id
-        )
         if wanted == home or wanted not in self._agents:
-            return update
+            return self._create_from_source(
+                volume, home, source_volume_id=src_vref.name_id
+            )
         # Made next to its source (a thin snapshot), usable at once on the
         # hypervisor the scheduler chose, where it hydrates: one cached
         # image volume serves every hypervisor.
+        self._create_at(volume, home, source_volume_id=src_vref.name_id)
         try:
             self._move_unattached(volume, home, wanted)
         except Exception:
@@ -937,6 +940,11 @@ class DMCloneDriver(driver.VolumeDriver):
             )
 
     def _attach_over_nvme(self, volume, home, connector):
+        # An image upload or a backup of an in-use volume attaches here
+        # (force): during a live migration the home may be behind.
+        self._refuse_during_live_migration(
+            volume, home, _('an attach on %s') % connector.get('host')
+        )
         agent = self._agents[home]
         export = agent.export_volume(volume.name_id, connector['nqn'])
         if export.dhchap_host_secret:

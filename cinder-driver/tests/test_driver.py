@@ -1487,6 +1487,13 @@ class LiveMigrationWindowTestCase(base.DriverTestCase):
     def test_extend_is_refused(self):
         self.assert_refused(self.driver.extend_volume, self.volume_, 2)
 
+    def test_an_attach_over_nvme_is_refused(self):
+        # copy_volume_to_image or a backup of the in-use volume (force).
+        connector = {'host': 'controller', 'nqn': 'nqn.controller'}
+        self.assert_refused(
+            self.driver.initialize_connection, self.volume_, connector
+        )
+
     def test_after_the_commit_they_run_on_the_new_home(self):
         self.agents['hv2'].active_transfers_of.return_value = [
             base.transfer(self.volume_.name_id, HYDRATING)

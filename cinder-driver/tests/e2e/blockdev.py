@@ -57,6 +57,23 @@ def read(path, offset, length=MIB):
         return bytes(buffer[:got])
 
 
+def sha256(path, length, chunk=4 * MIB):
+    """The SHA-256 of the device's first length bytes, read with
+    O_DIRECT."""
+    digest = hashlib.sha256()
+    with _aligned(chunk) as buffer:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+        try:
+            for offset in range(0, length, chunk):
+                got = os.preadv(fd, [buffer], offset)
+                if got != min(chunk, length - offset):
+                    raise OSError(f'{path}: short read at {offset}: {got}')
+                digest.update(buffer[:got])
+        finally:
+            os.close(fd)
+    return digest.hexdigest()
+
+
 def write_pattern(path, seed, offsets):
     for offset in offsets:
         write(path, offset, pattern(seed, offset))

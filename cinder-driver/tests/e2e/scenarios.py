@@ -35,12 +35,18 @@ import sys
 import tempfile
 import time
 import unittest
+from unittest import mock
 import uuid
 
 from cinder import context
 from cinder import exception
 from cinder import objects
+from cinder.compute import nova
+from cinder.db import api as db
 from cinder.objects import fields
+from cinder.scheduler import host_manager
+from cinder.scheduler.filters import capabilities_filter
+from cinder.scheduler.filters import capacity_filter
 from cinder.tests.unit import fake_constants as fake
 from cinder.tests.unit import utils as tests_utils
 from cinder.volume import api as volume_api
@@ -235,6 +241,8 @@ class DriverE2ETestCase(base.TestCase):
             service_name='local', host=BACKEND
         )
         self.driver = self.manager.driver
+        # What init_host sets up, which the manager's extend reads.
+        self.manager.stats.setdefault('pools', {})
         self.assertIsInstance(self.driver, dmclone_driver.DMCloneDriver)
         self.driver.do_setup(self.ctxt)
         self.driver.check_for_setup_error()
@@ -336,10 +344,8 @@ dmclone_call_timeout = 10
         snapshot.save()
         return objects.Snapshot.get_by_id(self.ctxt, snapshot.id)
 
-    def migrate(self, volume, pool):
-        """cinder migrate to another pool of this backend: the API's state
-        change, then the volume manager of the source, which lets the
-        driver move a volume without attachments itself."""
+    def ensure_service(self):
+        """The cinder-volume service row the scheduler and API read."""
         if not hasattr(self, '_service'):
             self._service = tests_utils.create_service(
                 self.ctxt,
@@ -349,6 +355,12 @@ dmclone_call_timeout = 10
                     'topic': 'cinder-volume',
                 },
             )
+
+    def migrate(self, volume, pool):
+        """cinder migrate to another pool of this backend: the API's state
+        change, then the volume manager of the source, which lets the
+        driver move a volume without attachments itself."""
+        self.ensure_service()
         volume = self.reload(volume)
         volume.update(
             {
@@ -379,9 +391,23 @@ dmclone_call_timeout = 10
         """Best-effort cleanup with dmclonectl, not with the driver."""
         for agent in self.hv.values():
             try:
+                for transfer in agent.transfers_of(volume.name_id):
+                    if transfer['state'] not in ('done', 'failed', 'aborted'):
+                        agent.ctl(
+                            'transfer',
+                            'abort',
+                            transfer['transfer_id'],
+                            '--force',
+                        )
+            except agents.CtlError as err:
+                say(f'cleanup of {volume.name_id} on {agent.name}: {err}')
+        for agent in self.hv.values():
+            try:
                 found = agent.volume(volume.name_id)
                 if found is None:
                     continue
+                if agents.nvmet_subsystems_of(volume.name_id):
+                    agent.ctl('volume', 'unexport', volume.name_id, '--force')
                 for snapshot in agent.snapshots():
                     if snapshot['volume_id'] == volume.name_id:
                         agent.ctl(
@@ -473,15 +499,21 @@ dmclone_call_timeout = 10
 
     # Agents
 
-    def wait_transfer(self, agent, volume_id, released=True):
+    def wait_transfer(self, agent, volume_id, released=True, ended=()):
         """Wait until the move of volume_id to agent is done (and the
-        source released its copy); fail on failed or aborted."""
+        source released its copy); fail on failed or aborted. Transfers
+        in ended (from before) are not that move."""
+        before = {transfer['transfer_id'] for transfer in ended}
         started = time.monotonic()
         deadline = started + (RELEASE_TIMEOUT if released else 0)
         deadline += TRANSFER_TIMEOUT
         shown = started
         while True:
-            transfers = agent.transfers_of(volume_id)
+            transfers = [
+                transfer
+                for transfer in agent.transfers_of(volume_id)
+                if transfer['transfer_id'] not in before
+            ]
             self.assertEqual(1, len(transfers), transfers)
             transfer = transfers[0]
             state = transfer['state']
@@ -576,6 +608,7 @@ class DMCloneDriverE2E(DriverE2ETestCase):
             {'up'}, {pool['backend_state'] for pool in stats['pools']}
         )
         self.assertEqual('up', pools['hv1']['agent_state'])
+        self._as_the_scheduler_and_service_list_see_it(stats)
         down = pools['hv2']
         self.assertEqual(
             ('down', 0, 0),
@@ -607,6 +640,49 @@ class DMCloneDriverE2E(DriverE2ETestCase):
         pools = {pool['pool_name']: pool for pool in stats['pools']}
         self.assertEqual('up', pools['hv2']['agent_state'])
         self.assertGreater(pools['hv2']['free_capacity_gb'], 3)
+
+    def _as_the_scheduler_and_service_list_see_it(self, stats):
+        """The stats through cinder's HostManager, as the scheduler gets
+        them, and the backend state `cinder service-list` (API 3.49)
+        computes from its pools (api/v3/services.py)."""
+        self.ensure_service()
+        manager = host_manager.HostManager()
+        manager.update_service_capabilities(
+            'volume', BACKEND, stats, None, None
+        )
+        pools = {
+            pool['name']: pool['capabilities']
+            for pool in manager.get_pools(self.ctxt)
+        }
+        self.assertEqual(
+            {volume_utils.append_host(BACKEND, host) for host in HOSTS},
+            set(pools),
+        )
+        backend_state = {}
+        for name, capabilities in pools.items():
+            backend_state[volume_utils.extract_host(name)] = capabilities.get(
+                'backend_state', 'up'
+            )
+        say(f'service list: {BACKEND} backend_state {backend_state}')
+        self.assertEqual({BACKEND: 'up'}, backend_state)
+        hv2 = pools[volume_utils.append_host(BACKEND, 'hv2')]
+        self.assertEqual(
+            ('down', 0), (hv2['agent_state'], hv2['free_capacity_gb'])
+        )
+        # The scheduler's capacity filter keeps new volumes off it.
+        backends = {
+            backend.backend_id: backend
+            for backend in manager.get_all_backend_states(self.ctxt)
+        }
+        capacity = capacity_filter.CapacityFilter()
+        request = {'size': 1, 'request_spec': {'volume_properties': {}}}
+        fits = {
+            volume_utils.extract_host(backend_id, 'pool'): (
+                capacity.backend_passes(backend, dict(request))
+            )
+            for backend_id, backend in backends.items()
+        }
+        self.assertEqual({'hv1': True, 'hv2': False}, fits)
 
     def test_1_update_host_without_pool_is_repaired(self):
         # cinder-manage volume update_host --newhost writes host@backend:
@@ -713,6 +789,63 @@ class DMCloneDriverE2E(DriverE2ETestCase):
         # Deleting it again (a retried delete) succeeds.
         self.driver.delete_volume(self.reload(volume))
 
+    def test_2_a_transfer_start_the_driver_gave_up_on_leaves_no_orphan(
+        self,
+    ):
+        """The driver's StartTransfer deadline passes while the agent is
+        still starting the move: the driver aborts what it named and
+        withdraws the export; nothing of that move may stay on hv2, and
+        the next attach works."""
+        volume = self.create_volume('hv1')
+        self.addCleanup(self._remove_everywhere, volume)
+        hv2 = self.hv['hv2']
+        with self.attached(volume, 'hv1') as path:
+            blockdev.write_pattern(path, 19, OFFSETS)
+        transport = self.driver._agents['hv2']._transport
+        timeout_of = transport.timeout_of
+        # Shorter than the agent needs to connect the source (0.3 s here).
+        self.mock_object(
+            transport,
+            'timeout_of',
+            side_effect=lambda method: (
+                0.05 if method == 'StartTransfer' else timeout_of(method)
+            ),
+        )
+        with self.assertRaises(exception.VolumeBackendAPIException) as err:
+            self.attach(volume, 'hv2')
+        say(f'attach with a StartTransfer given up on: {err.exception}')
+        self.assertIn('DEADLINE_EXCEEDED', str(err.exception))
+        self._drop_reserved_attachments(volume)
+        # The agent may finish what it began after the abort; it must not
+        # leave it running (its source export is gone).
+        time.sleep(5)
+        left = [
+            transfer
+            for transfer in hv2.transfers_of(volume.name_id)
+            if transfer['state'] not in ('aborted', 'failed')
+        ]
+        self.assertEqual([], left)
+        with open(hv2.log_path, errors='replace') as log:
+            stopped = 'start stopped' in log.read()
+        path_taken = (
+            'stopped the start the abort overtook'
+            if stopped
+            else 'had recorded the start'
+        )
+        states = [t['state'] for t in hv2.transfers_of(volume.name_id)]
+        say(f'hv2 {path_taken}; its transfers of the volume: {states}')
+        self.assertIsNone(hv2.volume(volume.name_id))
+        self.assert_no_export(volume)
+        self.assertEqual('hv1', self.pool_of(volume))
+
+        transport.timeout_of = timeout_of
+        ended = hv2.transfers_of(volume.name_id)
+        attachment, path = self.attach_locally(volume, 'hv2')
+        self.assert_data(path, self.layout(19))
+        self.wait_transfer(hv2, volume.name_id, ended=ended)
+        self.detach(attachment)
+        self.delete_volume(volume)
+
     def test_3_live_migration_defers_then_commits(self):
         volume = self.create_volume('hv2')
         hv1, hv2 = self.hv['hv1'], self.hv['hv2']
@@ -764,6 +897,88 @@ class DMCloneDriverE2E(DriverE2ETestCase):
         with self.attached(volume, 'hv1') as path:
             self.assert_data(path, expected)
         self.delete_volume(volume)
+
+    def test_3_source_agent_down_at_the_commit_loses_no_write(self):
+        """nova's sequence with the source agent down when nova deletes
+        the source attachment (post_live_migration), and still down when
+        the instance is deleted on the destination."""
+        volume = self.create_volume('hv1')
+        self.addCleanup(self._remove_everywhere, volume)
+        hv1, hv2 = self.hv['hv1'], self.hv['hv2']
+        instance = str(uuid.uuid4())
+        source, source_path = self.attach_locally(volume, 'hv1', instance)
+        blockdev.write_pattern(source_path, 14, OFFSETS)
+        # pre_live_migration: attachment_create with hv2's connector while
+        # hv1's attachment is attached; then attachment_complete.
+        target, path = self.attach_locally(volume, 'hv2', instance)
+        (transfer,) = hv2.transfers_of(volume.name_id)
+        self.assertTrue(transfer['deferred'], transfer)
+        # The instance runs on hv2 now and writes there.
+        blockdev.write_pattern(path, 15, [MIDDLE, OFFSETS[2]])
+        expected = self.layout(14, {MIDDLE: 15, OFFSETS[2]: 15})
+        written = blockdev.sha256(path, GIB)
+
+        hv1.stop()
+        self.addCleanup(lambda: hv1.running() or hv1.start())
+        # post_live_migration: the source attachment goes. The detach
+        # succeeds (nova would only log a failure); the commit waits.
+        self.detach(source)
+        self.assertEqual([], self._attachments_on(volume, 'hv1'))
+        metadata = self._admin_metadata(volume)
+        say(f'source agent down at the commit: {metadata}')
+        self.assertEqual(
+            f'hv2 {transfer["transfer_id"]}',
+            metadata.get(dmclone_driver.COMMIT_PENDING),
+        )
+        self.assertIn('UNAVAILABLE', metadata[dmclone_driver.COMMIT_ERROR])
+        self.assertEqual('hv1', self.pool_of(volume))
+        # A snapshot now would read hv1's stale copy: refused.
+        with self.assertRaises(exception.InvalidVolume) as caught:
+            self.driver.create_snapshot(
+                tests_utils.create_snapshot(self.ctxt, volume.id)
+            )
+        say(f'snapshot while the commit waits: {caught.exception}')
+
+        # The instance is deleted on hv2 while hv1 is still down: the
+        # detach cannot commit either, so it fails and hv2 keeps serving.
+        with self.assertRaises(exception.VolumeBackendAPIException):
+            self.detach(target)
+        self.assertEqual(written, blockdev.sha256(path, GIB))
+        (transfer,) = hv2.transfers_of(volume.name_id)
+        self.assertTrue(transfer['deferred'], transfer)
+
+        # hv1 back: the next stats poll commits in the background.
+        hv1.start()
+        self.driver.get_volume_stats(refresh=True)
+        started = time.monotonic()
+        while dmclone_driver.COMMIT_PENDING in self._admin_metadata(volume):
+            self.assertLess(time.monotonic() - started, 60, 'no commit')
+            time.sleep(0.5)
+        say(
+            f'commit went through {time.monotonic() - started:.1f} s after '
+            f'the poll that found hv1 back'
+        )
+        self.assertEqual('hv2', self.pool_of(volume))
+        transfer, took = self.wait_transfer(hv2, volume.name_id)
+        say(f'hydrated and released in {took:.1f} s')
+        self.assertIsNone(hv1.volume(volume.name_id), 'hv1 kept its copy')
+        self.assert_no_export(volume)
+        # nova's retried detach, then a new attach: every write is there.
+        self.detach(target)
+        with self.attached(volume, 'hv2') as path:
+            self.assertEqual(written, blockdev.sha256(path, GIB))
+            self.assert_data(path, expected)
+        self.delete_volume(volume)
+
+    def _admin_metadata(self, volume):
+        return db.volume_admin_metadata_get(self.ctxt, volume.id)
+
+    def _attachments_on(self, volume, host):
+        return [
+            attachment
+            for attachment in self.reload(volume).volume_attachment
+            if attachment.attached_host == host
+        ]
 
     def test_4_aborted_live_migration_leaves_the_source_untouched(self):
         volume = self.create_volume('hv1')
@@ -914,6 +1129,138 @@ class DMCloneDriverE2E(DriverE2ETestCase):
         self.driver.delete_volume(self.reload(volume))  # again: success
         with self.assertRaises(client.AgentNotFound):
             self.driver.ensure_export(self.ctxt, self.reload(clone))
+
+    def test_5_online_extend_while_published(self):
+        """cinder extend of an in-use volume: the volume manager's
+        extend_volume, as the scheduler hands it over, with nova's
+        volume-extended event recorded instead of sent."""
+        volume = self.create_volume('hv1')
+        self.addCleanup(self._remove_everywhere, volume)
+        stats = self.driver.get_volume_stats(refresh=True)
+        (pool,) = [p for p in stats['pools'] if p['pool_name'] == 'hv1']
+        # What the scheduler asks of the pool for an attached volume.
+        extend_in_use = {
+            'request_spec': {
+                'operation': 'extend_volume',
+                'volume_properties': {'attach_status': 'attached'},
+            }
+        }
+        self.assertTrue(
+            capabilities_filter.CapabilitiesFilter()._satisfies_extra_specs(
+                pool, extend_in_use
+            )
+        )
+        sent = self.mock_object(nova.API, 'extend_volume')
+        instance = str(uuid.uuid4())
+        attachment, path = self.attach_locally(volume, 'hv1', instance)
+        blockdev.write_pattern(path, 16, OFFSETS)
+        with open(path, 'rb') as held:  # as QEMU holds it
+            vref = self.reload(volume)
+            vref.status = 'extending'
+            vref.save()
+            self.manager.extend_volume(self.ctxt, self.reload(volume), 2, [])
+            self.assertEqual(2 * GIB, blockdev.size_of(path))
+            self.assertEqual(held.seek(0, os.SEEK_END), 2 * GIB)
+        vref = self.reload(volume)
+        self.assertEqual((2, 'in-use'), (vref.size, vref.status))
+        sent.assert_called_once_with(mock.ANY, [instance], volume.id)
+        self.assertEqual(
+            2 * GIB, self.hv['hv1'].volume(volume.name_id)['size_bytes']
+        )
+        end = 2 * GIB - MIB
+        blockdev.write_pattern(path, 17, [end])
+        self.assert_data(path, self.layout(16, {GIB + ZERO: None, end: 17}))
+        say(f'in-use extend: {path} is 2 GiB, written to its last MiB')
+        self.detach(attachment)
+        self.delete_volume(volume)
+
+    def test_5_clone_across_pools_and_what_operators_made_by_hand(self):
+        hv1, hv2 = self.hv['hv1'], self.hv['hv2']
+        # An image cache volume on hv1; the scheduler put the new volume
+        # on hv2 (clone_across_pools).
+        cached = self.create_volume('hv1')
+        self.addCleanup(self._remove_everywhere, cached)
+        with self.attached(cached, 'hv1') as path:
+            blockdev.write_pattern(path, 18, OFFSETS)
+        stats = self.driver.get_volume_stats(refresh=True)
+        self.assertTrue(
+            all(pool['clone_across_pools'] for pool in stats['pools'])
+        )
+        clone = self.new_volume('hv2', source_volid=cached.id)
+        self.addCleanup(self._remove_everywhere, clone)
+        update = self.driver.create_cloned_volume(clone, self.reload(cached))
+        self.assertIsNone(update)
+        clone = self.available(clone, update)
+        self.assertEqual('hv2', self.pool_of(clone))
+        attachment, path = self.attach_locally(clone, 'hv2')
+        self.assert_data(path, self.layout(18))
+        transfer, took = self.wait_transfer(hv2, clone.name_id)
+        say(f'clone made on hv1, moved to hv2, hydrated in {took:.1f} s')
+        self.detach(attachment)
+        self.assertIsNone(hv1.volume(clone.name_id), 'hv1 kept the clone')
+        self.assertIsNotNone(hv1.volume(cached.name_id))
+
+        # Made with dmclonectl on hv1: a volume and a snapshot of a
+        # Cinder volume, listed as manageable, then managed.
+        loose = str(uuid.uuid4())
+        hv1.ctl('volume', 'create', loose, '1GiB')
+        self.addCleanup(hv1.ctl, 'volume', 'delete', loose)
+        by_hand = str(uuid.uuid4())
+        hv1.ctl('snapshot', 'create', by_hand, '--volume', cached.name_id)
+        listed = {
+            entry['reference']['source-id']: entry
+            for entry in self.driver.get_manageable_volumes(
+                [self.reload(cached)], None, 100, 0, ['reference'], ['asc']
+            )
+        }
+        self.assertTrue(listed[loose]['safe_to_manage'], listed[loose])
+        self.assertEqual('pool hv1', listed[loose]['extra_info'])
+        self.assertEqual(cached.id, listed[cached.name_id]['cinder_id'])
+        snapshots = {
+            entry['reference']['source-id']: entry
+            for entry in self.driver.get_manageable_snapshots(
+                [], None, 100, 0, ['reference'], ['asc']
+            )
+        }
+        self.assertEqual(
+            {'source-id': cached.name_id},
+            snapshots[by_hand]['source_reference'],
+        )
+        snapshot = tests_utils.create_snapshot(
+            self.ctxt, cached.id, status='creating'
+        )
+        reference = {'source-id': by_hand}
+        self.assertEqual(
+            1,
+            self.driver.manage_existing_snapshot_get_size(snapshot, reference),
+        )
+        update = self.driver.manage_existing_snapshot(snapshot, reference)
+        self.assertEqual(
+            {'provider_id': by_hand, 'provider_location': 'hv1'}, update
+        )
+        snapshot.update(dict(update, status='available'))
+        snapshot.save()
+        with self.assertRaises(exception.ManageExistingInvalidReference):
+            self.driver.manage_existing_snapshot(
+                tests_utils.create_snapshot(self.ctxt, cached.id), reference
+            )
+        # A volume from the managed snapshot has its data.
+        restored = self.new_volume('hv1', snapshot_id=snapshot.id)
+        self.addCleanup(self._remove_everywhere, restored)
+        restored = self.available(
+            restored,
+            self.driver.create_volume_from_snapshot(
+                restored, objects.Snapshot.get_by_id(self.ctxt, snapshot.id)
+            ),
+        )
+        with self.attached(restored, 'hv1') as path:
+            self.assert_data(path, self.layout(18))
+        self.driver.delete_snapshot(
+            objects.Snapshot.get_by_id(self.ctxt, snapshot.id)
+        )
+        self.assertNotIn(by_hand, {s['snapshot_id'] for s in hv1.snapshots()})
+        for each in (restored, clone, cached):
+            self.delete_volume(each)
 
     def test_6_migration_between_pools_leaves_snapshots_behind(self):
         """cinder migrate to another pool (the driver moves the volume
