@@ -123,20 +123,15 @@ def _why_not_manageable_volume(volume, cinder_id):
     return None
 
 
-def _managed_snapshot_ids(agent_ids):
-    """Those of agent_ids some Cinder snapshot already stands for."""
+def _is_managed_snapshot(agent_id):
+    """Whether some Cinder snapshot already stands for this agent's one."""
     admin = cinder_context.get_admin_context()
-    found = set()
-    for agent_id in agent_ids:
-        try:
-            db.snapshot_get(admin, agent_id)
-            found.add(agent_id)
-            continue
-        except exception.SnapshotNotFound:
-            pass
-        if db.snapshot_get_all(admin, filters={'provider_id': agent_id}):
-            found.add(agent_id)
-    return found
+    try:
+        db.snapshot_get(admin, agent_id)
+        return True
+    except exception.SnapshotNotFound:
+        pass
+    return bool(db.snapshot_get_all(admin, filters={'provider_id': agent_id}))
 
 
 def _local_connection(agent, device_path):
@@ -1401,7 +1396,7 @@ class DMCloneDriver(driver.VolumeDriver):
             reason = _('snapshot %s is not available on its agent') % (
                 existing.snapshot_id
             )
-        elif _managed_snapshot_ids([existing.snapshot_id]):
+        elif _is_managed_snapshot(existing.snapshot_id):
             reason = _('snapshot %s is already managed') % (
                 existing.snapshot_id
             )

@@ -40,6 +40,13 @@ def unimplemented(rpc):
     return exception.NotSupportedOperation(operation=f'{rpc}: not yet')
 
 
+def destination_written(agent):
+    """The agent refuses to abort: its deferred destination was written."""
+    refused = exception.InvalidVolume(reason='DESTINATION_WRITTEN: ...')
+    refused.refusal_reason = 'DESTINATION_WRITTEN'
+    agent.abort_transfer.side_effect = refused
+
+
 def _slow_node_info(host):
     """An agent that answers GetNodeInfo after half a second."""
 
@@ -1142,11 +1149,6 @@ class DetachTestCase(base.DriverTestCase):
         self.assertEqual(f'{base.BACKEND}#hv1', volume.host)
         volume.save.assert_not_called()
 
-    def _destination_written(self, host='hv2'):
-        refused = exception.InvalidVolume(reason='DESTINATION_WRITTEN: ...')
-        refused.refusal_reason = 'DESTINATION_WRITTEN'
-        self.agents[host].abort_transfer.side_effect = refused
-
     def test_a_written_destination_commits_instead_of_aborting(self):
         # The guest ran on hv2 before the migration was rolled back or
         # the source attachment went: what it wrote exists only on hv2.
@@ -1155,7 +1157,7 @@ class DetachTestCase(base.DriverTestCase):
         )
         pending = base.transfer(volume.name_id, DEFERRED)
         self.agents['hv2'].active_transfers_of.return_value = [pending]
-        self._destination_written()
+        destination_written(self.agents['hv2'])
 
         self.assertFalse(
             self.driver.terminate_connection(volume, {'host': 'hv2'})
@@ -1181,7 +1183,7 @@ class DetachTestCase(base.DriverTestCase):
         )
         pending = base.transfer(volume.name_id, DEFERRED)
         self.agents['hv2'].active_transfers_of.return_value = [pending]
-        self._destination_written()
+        destination_written(self.agents['hv2'])
         self.agents[
             'hv1'
         ].unpublish_volume.side_effect = exception.VolumeIsBusy(
@@ -1203,7 +1205,7 @@ class DetachTestCase(base.DriverTestCase):
         )
         pending = base.transfer(volume.name_id, DEFERRED)
         self.agents['hv2'].active_transfers_of.return_value = [pending]
-        self._destination_written()
+        destination_written(self.agents['hv2'])
 
         self.driver.terminate_connection(volume, None, force=True)
 
@@ -1347,14 +1349,17 @@ class WaitingCommitTestCase(base.DriverTestCase):
         self.assertIn(driver.COMMIT_PENDING, self.admin_metadata(volume))
 
         # Back: the next poll commits, moves the pool, clears the record.
+        self.assert_committed_once_hv1_is_back(volume, pending)
+        self.assertEqual({}, self.admin_metadata(volume))
+        self.assertEqual({}, self.driver._pending_commits)
+
+    def assert_committed_once_hv1_is_back(self, volume, pending):
         self.agents['hv1'].unpublish_volume.side_effect = None
         self.driver.retry_pending_commits()
         self.agents['hv2'].commit_transfer.assert_called_once_with(
             pending.transfer_id
         )
         self.assertEqual('hv2', self.pool_of(volume))
-        self.assertEqual({}, self.admin_metadata(volume))
-        self.assertEqual({}, self.driver._pending_commits)
 
     def pool_of(self, volume):
         return volume_utils.extract_host(
@@ -1363,9 +1368,7 @@ class WaitingCommitTestCase(base.DriverTestCase):
 
     def test_a_written_destination_detach_fails_and_the_commit_waits(self):
         volume, pending = self.migrating()
-        refused = exception.InvalidVolume(reason='DESTINATION_WRITTEN: ...')
-        refused.refusal_reason = 'DESTINATION_WRITTEN'
-        self.agents['hv2'].abort_transfer.side_effect = refused
+        destination_written(self.agents['hv2'])
         self.agents['hv1'].unpublish_volume.side_effect = unavailable('hv1')
 
         # The destination stays attached: its writes stay reachable.
@@ -1377,13 +1380,7 @@ class WaitingCommitTestCase(base.DriverTestCase):
         )
         self.agents['hv2'].unpublish_volume.assert_not_called()
         self.assertIn(driver.COMMIT_PENDING, self.admin_metadata(volume))
-
-        self.agents['hv1'].unpublish_volume.side_effect = None
-        self.driver.retry_pending_commits()
-        self.agents['hv2'].commit_transfer.assert_called_once_with(
-            pending.transfer_id
-        )
-        self.assertEqual('hv2', self.pool_of(volume))
+        self.assert_committed_once_hv1_is_back(volume, pending)
 
     def test_a_commit_done_another_way_is_forgotten(self):
         volume, pending = self.migrating()
@@ -1718,6 +1715,11 @@ class ManageSnapshotTestCase(base.DriverTestCase):
                 )
                 self.assertIn('already managed', str(error))
                 known.destroy()
+        # Other snapshots in the database are not this one.
+        tests_utils.create_snapshot(self.ctxt, volume.id, provider_id='x')
+        self.driver.manage_existing_snapshot(
+            self.new_snapshot(), {'source-name': self.existing_id}
+        )
 
     def test_unmanage_snapshot_leaves_it_on_the_agent(self):
         self.driver.unmanage_snapshot(self.snapshot(self.volume_))
