@@ -571,6 +571,35 @@ async fn a_move_the_pool_could_not_write_in_full_is_refused() {
     assert!(reason.contains("still to arrive"), "{reason}");
 }
 
+/// A live migration's destination may write (or discard) every region before
+/// the commit: the clone then holds the whole volume, but it finalizes only
+/// after the commit, which says the source let go; until then it stays
+/// deferred, so the caller's commit finds it as it left it.
+#[tokio::test]
+async fn a_deferred_transfer_written_in_full_finalizes_only_after_its_commit() {
+    let host = host();
+    let agent = host.start().await.unwrap();
+    let id = volume_id(1);
+    agent
+        .transfers
+        .start_transfer(request(1, &id, true))
+        .await
+        .unwrap();
+    host.kernel.hydrate(&public(&id));
+    for _ in 0..3 {
+        agent.ctx.registry.wake(&transfer_id(1));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let waiting = agent.transfers.get_transfer(&transfer_id(1)).await.unwrap();
+    assert_eq!(waiting.state, TransferState::Deferred, "{waiting:?}");
+    agent
+        .transfers
+        .commit_transfer(&transfer_id(1))
+        .await
+        .unwrap();
+    transfer_reaches(&agent, &transfer_id(1), TransferState::Done).await;
+}
+
 /// A deferred clone copies nothing by itself: regions it holds were written
 /// on the destination, and an abort that would drop them is refused unless
 /// forced. Untouched, it aborts as before.

@@ -158,7 +158,10 @@ impl Transfers {
         let stalled = self.ctx.registry.with_live(&transfer.id, |live| {
             live.progress
                 .observe(now, status.hydrated_regions, status.total_regions);
-            if status.is_fully_hydrated() && live.completed_at.is_none() {
+            if status.is_fully_hydrated()
+                && transfer.phase != TransferPhase::Deferred
+                && live.completed_at.is_none()
+            {
                 live.completed_at = Some(now);
             }
             live.progress.stalled_for(now)
@@ -190,7 +193,13 @@ impl Transfers {
             .registry
             .updates
             .send(self.ctx.transfer_view(transfer));
-        if status.is_fully_hydrated() && status.mode == CloneMode::ReadWrite {
+        // A deferred clone whose destination wrote (or discarded) every
+        // region holds the whole volume, but only the commit says that the
+        // source let go and the volume's home may change: it waits for it.
+        if status.is_fully_hydrated()
+            && status.mode == CloneMode::ReadWrite
+            && transfer.phase != TransferPhase::Deferred
+        {
             return Ok(Next::Finalize);
         }
         if transfer.phase == TransferPhase::Hydrating {

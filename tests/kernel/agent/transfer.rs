@@ -367,6 +367,38 @@ async fn deferred_transfers_wait_for_commit_and_abort_leaves_the_source_alone() 
         Some("TRANSFER_WRONG_STATE")
     );
     agent.destroy().await;
+
+    // The destination rewrites the whole volume before the commit (a guest
+    // after the switch-over): every region is hydrated, yet the move waits
+    // for its commit, past dm-clone's 1 s metadata commit, and then ends
+    // with what the destination wrote.
+    let agent = AgentProcess::start("dmctwritten").await;
+    let mut client = TransfersClient::new(agent.channel().await);
+    start(&mut client, source.path(), size, true, None)
+        .await
+        .unwrap();
+    for offset in (0..size).step_by(MIB as usize) {
+        write_at(
+            &public_path(&agent),
+            offset,
+            &pattern(44, offset, MIB as usize),
+        );
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let waiting = transfer(&mut client).await;
+    assert_eq!(waiting.state(), TransferState::Deferred, "{waiting:?}");
+    assert_eq!(waiting.regions_hydrated, waiting.regions_total);
+    client.commit_transfer(reference()).await.unwrap();
+    let (states, _) = watch_to_the_end(&agent).await;
+    assert_eq!(states.last(), Some(&TransferState::Done));
+    for offset in (0..size).step_by(MIB as usize) {
+        assert_eq!(
+            read_at(&public_path(&agent), offset, MIB as usize),
+            pattern(44, offset, MIB as usize),
+            "at {offset}"
+        );
+    }
+    agent.destroy().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
