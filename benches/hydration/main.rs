@@ -19,11 +19,12 @@
 //!    metadata, hydration on) and stops it when the clone's completion event
 //!    arrives (status is read once right after creation in case it is already
 //!    complete). Every contender's copy is verified by sha256 once (untimed).
-//!    The completion event comes on dm-clone's 1 s commit tick, up to ~2 s
-//!    after the last copy, which at these sizes hides the knobs' differences;
-//!    so the destination's write counter is also sampled (a probe; completion
-//!    is still the event) and candidates are ranked by that copy phase, with
-//!    both figures and their ratios printed.
+//!    The wait is the agent monitor's: dm-clone raises the event when it
+//!    commits its metadata, on a 1 s tick, so close to the end the clone is
+//!    looked at every 20 ms and a flush makes it commit (and signal) once
+//!    every region is in. The destination's write counter is also sampled
+//!    (a probe; completion is still the event) and candidates are ranked by
+//!    that copy phase, with both figures and their ratios printed.
 //! 2. 4 KiB random-read IOPS through the public device during hydration (a
 //!    slow knob set) and after finalize (dm-era over the thin device, the
 //!    agent's stack for a change-tracking volume), each

@@ -24,6 +24,7 @@ use dmclone::{
         NamespaceDevice, Nqn, PortSpec, Target as NvmeTarget, TcpAddress, namespace_ids,
     },
     stack::{self, CloneDevices, CloneLayer, EraLayer, SwapOutcome},
+    transfer::progress::Progress,
 };
 use serde_json::{Value, json};
 use tempfile::TempDir;
@@ -389,8 +390,12 @@ impl Rig {
         }
     }
 
-    /// Waits for the clone's completion event (after one status read: a clone
-    /// complete before the wait starts raises nothing we could still see).
+    /// Waits for the clone's completion event as the agent's monitor does
+    /// (after one status read: a clone complete before the wait starts
+    /// raises nothing we could still see): on the event, or on the agent's
+    /// look interval (`Progress::next_look`: often close to the end), and
+    /// when a look finds every region in, the agent's flush makes the clone
+    /// commit and signal at once instead of on its 1 s tick.
     pub(crate) async fn wait_hydrated(&mut self, seen: u32) -> BenchResult<Completion> {
         let status = self.clone_status().await?;
         if status.is_fully_hydrated() {
@@ -398,48 +403,72 @@ impl Rig {
                 received: Instant::now(),
                 status,
                 via_event: false,
+                flushed: false,
                 other_events: 0,
             });
         }
         let deadline = Instant::now() + self.hydration_timeout;
+        let mut progress = Progress::default();
+        progress.observe(
+            Instant::now(),
+            status.hydrated_regions,
+            status.total_regions,
+        );
         let mut seen = seen;
         let mut other_events = 0;
+        let mut flushed = false;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            let waited = tokio::time::timeout(left, self.kernel.wait_for_event(&self.public, seen))
-                .await
-                .map_err(|_| {
-                    format!(
-                        "no completion event from {} within {:?}",
-                        self.public, self.hydration_timeout
-                    )
-                })?;
+            if left.is_zero() {
+                return Err(format!(
+                    "no completion event from {} within {:?}",
+                    self.public, self.hydration_timeout
+                )
+                .into());
+            }
+            let look = if flushed {
+                left
+            } else {
+                progress.next_look(LOOK_TICK).min(left)
+            };
+            let waited =
+                tokio::time::timeout(look, self.kernel.wait_for_event(&self.public, seen)).await;
             let received = Instant::now();
+            let signalled = waited.is_ok();
             match waited {
-                Ok(counter) => {
-                    let status = self.clone_status().await?;
-                    if status.is_fully_hydrated() {
-                        return Ok(Completion {
-                            received,
-                            status,
-                            via_event: true,
-                            other_events,
-                        });
-                    }
-                    if status.mode != CloneMode::ReadWrite {
-                        return Err(format!("the clone's metadata went {:?}", status.mode).into());
-                    }
-                    other_events += 1;
-                    seen = counter;
-                }
-                // The monitor has not listed the just-created device yet.
-                Err(DmError::NoSuchDevice { .. })
+                Ok(Ok(counter)) => seen = counter,
+                // The event watcher has not listed the just-created device yet.
+                Ok(Err(DmError::NoSuchDevice { .. }))
                     if self.dm.info(&self.public).await?.is_some() =>
                 {
                     self.event_retries += 1;
                     tokio::time::sleep(Duration::from_millis(1)).await;
+                    continue;
                 }
-                Err(err) => return Err(err.into()),
+                Ok(Err(err)) => return Err(err.into()),
+                Err(_look_over) => {}
+            }
+            let status = self.clone_status().await?;
+            progress.observe(received, status.hydrated_regions, status.total_regions);
+            if status.mode != CloneMode::ReadWrite {
+                return Err(format!("the clone's metadata went {:?}", status.mode).into());
+            }
+            match (signalled, status.is_fully_hydrated()) {
+                (true, true) => {
+                    return Ok(Completion {
+                        received,
+                        status,
+                        via_event: true,
+                        flushed,
+                        other_events,
+                    });
+                }
+                (true, false) => other_events += 1,
+                (false, true) if !flushed => {
+                    self.kernel.flush(&self.public).await?;
+                    flushed = true;
+                }
+                (false, _) => {}
             }
         }
     }
@@ -535,8 +564,13 @@ pub(crate) struct Completion {
     pub(crate) received: Instant,
     pub(crate) status: CloneStatus,
     pub(crate) via_event: bool,
+    /// The event came after the end-of-copy flush, not on the clone's tick.
+    pub(crate) flushed: bool,
     pub(crate) other_events: u32,
 }
+
+/// The agent monitor's look interval away from a copy's end.
+const LOOK_TICK: Duration = Duration::from_millis(500);
 
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Swap {

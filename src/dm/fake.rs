@@ -834,6 +834,14 @@ impl Kernel for FakeKernel {
             .collect())
     }
 
+    async fn flush(&self, name: &DeviceName) -> Result<()> {
+        self.with("flush", name, |state| {
+            state.device(name)?;
+            state.journal.push(format!("flush {name}"));
+            Ok(())
+        })
+    }
+
     async fn zero_first_block(&self, name: &DeviceName) -> Result<()> {
         self.with("zero", name, |state| {
             let key = state.thin_key_of(name.as_str()).ok_or_else(|| {

@@ -94,6 +94,10 @@ pub trait Kernel: Send + Sync + fmt::Debug {
     /// Overwrites the device's first 4 KiB with zeros, so that a target
     /// formats fresh metadata there instead of adopting old blocks.
     async fn zero_first_block(&self, name: &DeviceName) -> Result<()>;
+    /// Sends the device a cache flush (an fsync of its node). dm-clone
+    /// answers one by committing its metadata at once, which also raises
+    /// its completion event when every region is in.
+    async fn flush(&self, name: &DeviceName) -> Result<()>;
     /// The number and size in bytes of the block device at `path` (a
     /// transfer's local source).
     async fn block_device(&self, path: &Path) -> Result<(DevRef, u64), AgentError>;
@@ -245,6 +249,13 @@ impl Kernel for LiveKernel {
             .map_err(|err| Error::Other(format!("zeroing worker failed: {err}")))?
     }
 
+    async fn flush(&self, name: &DeviceName) -> Result<()> {
+        let path = name.mapper_path();
+        tokio::task::spawn_blocking(move || flush_device(&path))
+            .await
+            .map_err(|err| Error::Other(format!("flush worker failed: {err}")))?
+    }
+
     async fn block_device(&self, path: &Path) -> Result<(DevRef, u64), AgentError> {
         let path = path.to_owned();
         tokio::task::spawn_blocking(move || block_device(&path))
@@ -275,17 +286,26 @@ impl Kernel for LiveKernel {
     }
 }
 
+fn io_error(context: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Error {
+    let path = path.to_owned();
+    move |source| Error::Io {
+        context,
+        path,
+        source,
+    }
+}
+
+/// Flushes the device's write cache; reading rights suffice for that.
+fn flush_device(path: &Path) -> Result<()> {
+    std::fs::File::open(path)
+        .and_then(|file| file.sync_all())
+        .map_err(io_error("cannot flush", path))
+}
+
 /// Writes zeros over the first 4 KiB and syncs them to the device.
 fn zero_head(path: &Path) -> Result<()> {
     use std::io::Write;
-    let io_error = |context: &'static str| {
-        let path = path.to_owned();
-        move |source| Error::Io {
-            context,
-            path,
-            source,
-        }
-    };
+    let io_error = |context| io_error(context, path);
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .open(path)

@@ -94,6 +94,14 @@ async fn hydration_complete_raises_the_event_and_the_monitor_finalizes_onto_dm_e
     host.kernel.hydrate(&public(&id));
     let done = transfer_reaches(&agent, &transfer_id(1), TransferState::Done).await;
     assert!(done.finalize_pause_micros.is_some());
+    let journal = host.kernel.journal();
+    let at = |entry: String| journal.iter().position(|e| *e == entry);
+    let flushed = at(format!("flush {}", public(&id)));
+    let suspended = at(format!("suspend {}", public(&id)));
+    assert!(
+        flushed.is_some() && flushed < suspended,
+        "the clone commits its end before the swap: {journal:?}"
+    );
     let table = host.kernel.table_text(&public(&id)).unwrap();
     assert!(table.starts_with("0 16384 era "), "{table}");
     assert!(!host.devices().contains(&format!("dmt-cmeta-{id}")));

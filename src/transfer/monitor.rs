@@ -1,7 +1,8 @@
 //! One task per running transfer: it sleeps on the clone device's dm event
-//! (with a short tick for progress), keeps the progress and rate, notices a
-//! stalled or failing clone, applies a bytes-per-second limit, and finalizes
-//! the moment the kernel reports every region hydrated.
+//! (with a short tick for progress, shorter still close to the end), keeps
+//! the progress and rate, notices a stalled or failing clone, applies a
+//! bytes-per-second limit, and finalizes the moment the kernel reports every
+//! region hydrated.
 
 use std::time::{Duration, Instant};
 
@@ -94,7 +95,6 @@ impl Transfers {
                 }
                 Next::Wait => {}
             }
-            let wake = self.ctx.registry.with_live(id, |live| live.wake.clone());
             // A byte budget needs a close look; otherwise the kernel's event
             // wakes us and the tick only refreshes progress.
             let tick = if transfer.max_bytes_per_second > 0 {
@@ -102,6 +102,9 @@ impl Transfers {
             } else {
                 TICK
             };
+            let (wake, tick) = self.ctx.registry.with_live(id, |live| {
+                (live.wake.clone(), live.progress.next_look(tick))
+            });
             let waited = wait_for_change(self.ctx.dm.as_ref(), &public, seen, &wake, tick).await;
             if let Some(pause) = watch.events.after_wait(waited, tick) {
                 // The wait ended at once: look again only after a pause.
@@ -200,6 +203,11 @@ impl Transfers {
             && status.mode == CloneMode::ReadWrite
             && transfer.phase != TransferPhase::Deferred
         {
+            // The clone commits its metadata now rather than on its next
+            // tick: its end is on disk (and signalled) before the swap.
+            if let Err(err) = self.ctx.dm.flush(&public).await {
+                warn!(transfer = %transfer.id, error = %err, "cannot flush the finished clone; the swap's suspend commits it");
+            }
             return Ok(Next::Finalize);
         }
         if transfer.phase == TransferPhase::Hydrating {

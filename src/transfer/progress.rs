@@ -10,6 +10,13 @@ use std::{
 /// (a commit every second), short enough to follow a throttle change.
 const WINDOW: Duration = Duration::from_secs(5);
 
+/// How close to its end (at the current rate) a copy is looked at often.
+pub const ENDGAME_HORIZON: Duration = Duration::from_millis(1500);
+
+/// How often a copy is looked at close to its end: the most by which its
+/// end is seen late.
+pub const ENDGAME_TICK: Duration = Duration::from_millis(20);
+
 #[derive(Debug, Clone, Default)]
 pub struct Progress {
     pub hydrated_regions: u64,
@@ -66,6 +73,28 @@ impl Progress {
             .map_or(Duration::ZERO, |at| now.duration_since(at))
     }
 
+    /// Whether the rest should be copied within `horizon` at the current
+    /// rate (never while nothing moves).
+    pub fn ends_within(&self, horizon: Duration) -> bool {
+        let left = self.total_regions.saturating_sub(self.hydrated_regions);
+        let rate = self.regions_per_second();
+        left > 0 && rate > 0.0 && left as f64 / rate <= horizon.as_secs_f64()
+    }
+
+    /// The longest wait before the next look at a clone whose waits are
+    /// otherwise `tick` long. dm-clone signals its end only when it commits
+    /// its metadata, on a 1 s timer, so a watcher that only waits for the
+    /// event sees the end up to a second late: close to the end it looks
+    /// every [`ENDGAME_TICK`] instead, and a flush makes the clone commit
+    /// (and signal) the moment the last region is in.
+    pub fn next_look(&self, tick: Duration) -> Duration {
+        if self.ends_within(ENDGAME_HORIZON) {
+            tick.min(ENDGAME_TICK)
+        } else {
+            tick
+        }
+    }
+
     pub fn is_complete(&self) -> bool {
         self.total_regions > 0 && self.hydrated_regions == self.total_regions
     }
@@ -103,6 +132,37 @@ mod tests {
             "{}",
             p.regions_per_second()
         );
+    }
+
+    #[test]
+    fn looks_come_often_only_close_to_the_end() {
+        let start = Instant::now();
+        let tick = Duration::from_millis(500);
+        let mut p = Progress::default();
+        p.observe(start, 0, 1000);
+        // No rate yet: no guess about the end.
+        assert_eq!(p.next_look(tick), tick);
+        p.observe(start + Duration::from_secs(1), 100, 1000);
+        // 900 regions left at 100/s: 9 s away.
+        assert!(!p.ends_within(ENDGAME_HORIZON));
+        assert_eq!(p.next_look(tick), tick);
+        p.observe(start + Duration::from_secs(9), 900, 1000);
+        // 100 left at 100/s: 1 s away.
+        assert!(p.ends_within(ENDGAME_HORIZON));
+        assert_eq!(p.next_look(tick), ENDGAME_TICK);
+        // A shorter tick of its own (a byte budget) stays.
+        assert_eq!(
+            p.next_look(Duration::from_millis(5)),
+            Duration::from_millis(5)
+        );
+        // Stalled (the window holds no movement): not close to any end.
+        for s in 10..=20 {
+            p.observe(start + Duration::from_secs(s), 900, 1000);
+        }
+        assert!(!p.ends_within(ENDGAME_HORIZON));
+        // Done: nothing left to look for.
+        p.observe(start + Duration::from_secs(21), 1000, 1000);
+        assert!(!p.ends_within(ENDGAME_HORIZON));
     }
 
     #[test]

@@ -14,6 +14,7 @@ use std::{
 };
 
 use dmclone::dm::{
+    Kernel, LiveKernel,
     events::EventMonitor,
     kernel::DeviceMapper,
     names::DeviceName,
@@ -131,6 +132,53 @@ async fn clone_hydrates_and_completion_arrives_as_an_event() {
         sha256_of(fixture.dest.path(), size),
         source,
         "destination must hold the whole source after hydration"
+    );
+    remove_all_with_prefix(&dm, prefix).await;
+}
+
+/// dm-clone signals its end when it commits its metadata: on a 1 s timer, or
+/// at once for a flush. The agent flushes a clone it finds finished, so the
+/// event is out (and the end on disk) as soon as that flush returns.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flush_commits_a_finished_clone_and_raises_its_event_before_returning() {
+    let dm = kernel();
+    let prefix = "dmct-flush";
+    remove_all_with_prefix(&dm, prefix).await;
+    let size = 8 * MIB;
+    let fixture = CloneFixture::create(&dm, prefix, size, false).await;
+    let before = dm.info(&fixture.name).await.unwrap().unwrap().event_nr;
+    // Whole-region writes hydrate their regions without a copy; O_DIRECT
+    // and no fsync, so nothing but the flush below asks for a commit.
+    let mut device = OpenOptions::new()
+        .write(true)
+        .custom_flags(nix::libc::O_DIRECT)
+        .open(fixture.name.mapper_path())
+        .unwrap();
+    let mut chunk = AlignedBuf::new(MIB as usize);
+    for offset in (0..size).step_by(MIB as usize) {
+        chunk
+            .as_mut_slice()
+            .copy_from_slice(&pattern(0xF1u64, offset, MIB as usize));
+        device.write_all(chunk.as_mut_slice()).unwrap();
+    }
+    drop(device);
+    let status = fixture.status(&dm).await;
+    assert!(status.is_fully_hydrated(), "{status:?}");
+
+    let agent_kernel = LiveKernel::from_parts(kernel(), EventMonitor::start().unwrap());
+    // (Moved already only if the clone's 1 s timer committed in between.)
+    let unflushed = dm.info(&fixture.name).await.unwrap().unwrap().event_nr;
+    agent_kernel.flush(&fixture.name).await.unwrap();
+    let after = dm.info(&fixture.name).await.unwrap().unwrap().event_nr;
+    println!("MEASURED event counter: {before} at the start, {unflushed} before the flush, {after} after it");
+    assert!(
+        after > before,
+        "the completion event is raised by the time the flush returns (event counter {before} -> {after})"
+    );
+    assert_eq!(
+        sha256_of(&fixture.name.mapper_path(), size),
+        sha256_of(fixture.dest.path(), size),
+        "the writes went to the destination"
     );
     remove_all_with_prefix(&dm, prefix).await;
 }
