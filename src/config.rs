@@ -199,6 +199,11 @@ pub struct TransferConfig {
     /// A hydrating transfer whose count does not move for this long is
     /// reported degraded (the source may be gone).
     pub stall_seconds: Option<u64>,
+    /// What all moves to this host may copy per second together, shared
+    /// equally among those copying; a transfer's own limit still applies
+    /// when lower. Unset: no budget.
+    #[serde(deserialize_with = "de_opt_size")]
+    pub max_bytes_per_second: Option<u64>,
     /// Finished transfers are forgotten this long after they finished...
     pub keep_finished_seconds: Option<u64>,
     /// ...or when this many newer ones finished.
@@ -409,6 +414,8 @@ pub struct TransferSettings {
     pub hydration_threshold: u32,
     pub hydration_batch_size: u32,
     pub stall_seconds: u64,
+    /// The host's budget for all incoming copies; 0: none.
+    pub max_bytes_per_second: u64,
     pub keep_finished_seconds: u64,
     pub keep_finished: u32,
 }
@@ -636,6 +643,7 @@ impl TransferConfig {
                     .unwrap_or(DEFAULT_HYDRATION_BATCH_SIZE),
             )?,
             stall_seconds,
+            max_bytes_per_second: self.max_bytes_per_second.unwrap_or(0),
             keep_finished_seconds: self
                 .keep_finished_seconds
                 .unwrap_or(DEFAULT_KEEP_FINISHED_SECONDS),

@@ -285,6 +285,7 @@ fn the_sample_config_is_valid_and_names_every_option() {
         "hydration_threshold",
         "hydration_batch_size",
         "stall_seconds",
+        "max_bytes_per_second",
         "keep_finished_seconds",
         "keep_finished",
         "[nvme]",

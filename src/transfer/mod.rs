@@ -148,6 +148,9 @@ pub(crate) struct Live {
     pub wake: Arc<Notify>,
     /// When the monitor saw the kernel report completion.
     pub completed_at: Option<Instant>,
+    /// Copying in the background at the last look: one of those sharing
+    /// the host's byte budget.
+    pub copying: bool,
 }
 
 /// The running transfers and the stream of their updates.
@@ -180,6 +183,16 @@ impl Registry {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .remove(id);
+    }
+
+    /// How many transfers copied in the background at their last look.
+    pub fn copying(&self) -> usize {
+        self.live
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .values()
+            .filter(|live| live.copying)
+            .count()
     }
 
     pub fn wake(&self, id: &TransferId) {

@@ -71,6 +71,7 @@ impl Transfers {
                 transfers.ctx.registry.with_live(&transfer_id, |live| {
                     live.degraded =
                         Some(format!("the agent stopped watching this transfer: {err}"));
+                    live.copying = false;
                 });
             }
         });
@@ -97,7 +98,7 @@ impl Transfers {
             }
             // A byte budget needs a close look; otherwise the kernel's event
             // wakes us and the tick only refreshes progress.
-            let tick = if transfer.max_bytes_per_second > 0 {
+            let tick = if self.byte_limit(&transfer) > 0 {
                 LIMITED_TICK
             } else {
                 TICK
@@ -167,6 +168,8 @@ impl Transfers {
             {
                 live.completed_at = Some(now);
             }
+            live.copying =
+                transfer.phase == TransferPhase::Hydrating && !status.is_fully_hydrated();
             live.progress.stalled_for(now)
         });
         let degraded = if let SourceHealth::Down { reason } = &source {
@@ -241,6 +244,16 @@ impl Transfers {
         }
     }
 
+    /// The bytes per second this transfer may copy now: its own limit, or
+    /// its equal share of the host's budget when that is lower; 0: no limit.
+    fn byte_limit(&self, transfer: &TransferRecord) -> u64 {
+        byte_limit(
+            transfer.max_bytes_per_second,
+            self.ctx.settings.transfer.max_bytes_per_second,
+            self.ctx.registry.copying(),
+        )
+    }
+
     /// dm-clone has no rate limit of its own: the monitor stops background
     /// copies (threshold 0) while the transfer's byte budget is overdrawn
     /// (see `RateLimiter`) or its source is unreachable, and restores the
@@ -248,9 +261,8 @@ impl Transfers {
     /// touch.
     async fn gate_copying(&self, transfer: &TransferRecord, watch: &mut Watch, hydrated: u64) {
         let bytes = hydrated * transfer.region_bytes;
-        watch
-            .limiter
-            .step(Instant::now(), bytes, transfer.max_bytes_per_second);
+        let limit = self.byte_limit(transfer);
+        watch.limiter.step(Instant::now(), bytes, limit);
         watch.gate.over_budget = watch.limiter.holding;
         let message = match watch.gate.change() {
             Some(true) => "hydration_threshold 0".to_owned(),
@@ -450,6 +462,16 @@ impl EventSource {
     }
 }
 
+/// A transfer's own limit and the host's budget shared equally among the
+/// `copying` transfers, whichever is lower; 0 stands for no limit.
+fn byte_limit(own: u64, host_budget: u64, copying: usize) -> u64 {
+    if host_budget == 0 {
+        return own;
+    }
+    let share = host_budget / copying.max(1) as u64;
+    if own == 0 { share } else { own.min(share) }
+}
+
 /// How often a rate-limited transfer's bytes are checked: what is copied
 /// between two looks past the budget becomes debt that the next pause repays.
 const LIMITED_TICK: Duration = Duration::from_millis(20);
@@ -506,6 +528,16 @@ mod tests {
 
     fn ms(n: u64) -> Duration {
         Duration::from_millis(n)
+    }
+
+    #[test]
+    fn the_host_budget_is_shared_equally_and_a_lower_own_limit_stays() {
+        assert_eq!(byte_limit(0, 0, 5), 0, "no limit at all");
+        assert_eq!(byte_limit(7, 0, 5), 7, "no budget: the transfer's own");
+        assert_eq!(byte_limit(0, 100, 4), 25, "an equal share");
+        assert_eq!(byte_limit(0, 100, 0), 100, "alone before its first look");
+        assert_eq!(byte_limit(10, 100, 4), 10, "its own limit is lower");
+        assert_eq!(byte_limit(40, 100, 4), 25, "the share is lower");
     }
 
     #[test]

@@ -81,6 +81,9 @@ struct Args {
     /// Seconds without progress before a transfer is degraded [config: transfer.stall_seconds].
     #[arg(long, value_name = "SECONDS")]
     transfer_stall_seconds: Option<u64>,
+    /// Bytes per second all moves to this host may copy together [config: transfer.max_bytes_per_second].
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    transfer_max_bytes_per_second: Option<u64>,
     /// Address other hosts reach this one's NVMe/TCP exports at [config: nvme.export_address].
     #[arg(long, value_name = "IP")]
     nvme_export_address: Option<String>,
@@ -195,6 +198,10 @@ impl Args {
         set(
             &mut config.transfer.stall_seconds,
             &self.transfer_stall_seconds,
+        );
+        set(
+            &mut config.transfer.max_bytes_per_second,
+            &self.transfer_max_bytes_per_second,
         );
         set(&mut config.nvme.export_address, &self.nvme_export_address);
         set(&mut config.nvme.export_port, &self.nvme_export_port);

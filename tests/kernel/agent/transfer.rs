@@ -514,6 +514,104 @@ async fn pause_resume_and_throttle_change_the_rate() {
     agent.destroy().await;
 }
 
+/// The host's byte budget (transfer.max_bytes_per_second) holds for all
+/// moves to it together, shared so that each of them copies.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_host_byte_budget_holds_for_all_transfers_together() {
+    let size = 64 * MIB;
+    let moves = [
+        (
+            "6b9d1c3e-5f1a-4f7e-9a57-3f0c2b8f6d11",
+            "7b9d1c3e-5f1a-4f7e-9a57-3f0c2b8f6d12",
+            61,
+        ),
+        (
+            "6b9d1c3e-5f1a-4f7e-9a57-3f0c2b8f6d21",
+            "7b9d1c3e-5f1a-4f7e-9a57-3f0c2b8f6d22",
+            62,
+        ),
+    ];
+    let sources: Vec<LoopDisk> = moves
+        .iter()
+        .map(|(_, _, seed)| LoopDisk::with_pattern(size, *seed))
+        .collect();
+    let agent = AgentProcess::start_with(
+        "dmctbudget",
+        &["--transfer-max-bytes-per-second", "2M"],
+        &[],
+    )
+    .await;
+    let mut client = TransfersClient::new(agent.channel().await);
+    for ((transfer, volume, _), source) in moves.iter().zip(&sources) {
+        client
+            .start_transfer(StartTransferRequest {
+                transfer_id: (*transfer).into(),
+                volume_id: (*volume).into(),
+                size_bytes: size,
+                source: Some(Source::DevicePath(source.path().display().to_string())),
+                deferred: false,
+                knobs: knobs(64 * 1024, 1, 1),
+            })
+            .await
+            .unwrap();
+    }
+    let hydrated = |client: &mut TransfersClient<Channel>| {
+        let mut client = client.clone();
+        async move {
+            let mut bytes = Vec::new();
+            for (transfer, _, _) in &moves {
+                let view = client
+                    .get_transfer(TransferRef {
+                        transfer_id: (*transfer).into(),
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                assert_eq!(view.state(), TransferState::Hydrating, "{view:?}");
+                bytes.push(view.bytes_hydrated);
+            }
+            bytes
+        }
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let from = hydrated(&mut client).await;
+    let since = Instant::now();
+    // Eight seconds, as for one transfer's own limit: a late look overdraws
+    // a share, repaid after it; over a longer window that evens out.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let to = hydrated(&mut client).await;
+    let seconds = since.elapsed().as_secs_f64();
+    let rates: Vec<f64> = from
+        .iter()
+        .zip(&to)
+        .map(|(a, b)| (b - a) as f64 / seconds)
+        .collect();
+    let together: f64 = rates.iter().sum();
+    println!(
+        "MEASURED under a 2 MiB/s host budget: {:.2} MiB/s together, {:?} B/s each",
+        together / MIB as f64,
+        rates.iter().map(|r| *r as u64).collect::<Vec<_>>()
+    );
+    assert!(
+        together < 3.0 * MIB as f64,
+        "2 MiB/s for the host, measured {together:.0} B/s"
+    );
+    assert!(
+        rates.iter().all(|rate| *rate > 0.25 * MIB as f64),
+        "each transfer copies its share: {rates:?}"
+    );
+    for (transfer, _, _) in &moves {
+        client
+            .abort_transfer(AbortTransferRequest {
+                transfer_id: (*transfer).into(),
+                force: false,
+            })
+            .await
+            .unwrap();
+    }
+    agent.destroy().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn extending_while_hydrating_maps_the_new_range_locally() {
     let size = 32 * MIB;
