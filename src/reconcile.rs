@@ -233,7 +233,10 @@ impl Reconciler {
             self.ctx.remove_device_if_present(&probe).await?;
         }
         let mut record = record.clone();
+        // The start's listing answers for a device it did not see: no probe.
+        let public_exists = existing.iter().any(|e| e == public.as_str());
         if !record.published
+            && public_exists
             && self
                 .ctx
                 .open_count(&public)
@@ -252,7 +255,9 @@ impl Reconciler {
         } else {
             self.ctx.ensure_thin_device(&record).await?;
             self.ctx.ensure_era_metadata(&record).await?;
-            self.ctx.remove_device_if_present(&public).await?;
+            if public_exists {
+                self.ctx.remove_device_if_present(&public).await?;
+            }
         }
         if record.pending.is_some() {
             self.ctx.settle(record).await?;

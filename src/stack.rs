@@ -36,7 +36,10 @@ use crate::{
     units::{Sectors, sectors},
 };
 
-pub use crate::{dm::ensure_device, pool::thin_table};
+pub use crate::{
+    dm::{adopt, ensure_device},
+    pool::thin_table,
+};
 
 /// dm-era's place in a tracked volume's stack.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -49,15 +49,16 @@ impl Context {
         let table = self
             .pool
             .thin_table(tracking.metadata_thin_id, tracking.metadata_bytes)?;
-        if self.dm.info(&name).await?.is_none() {
+        let Some(found) = self.dm.live_table(&name).await? else {
             let created = self.pool.create_thin(tracking.metadata_thin_id).await?;
             let device = self.dm.create(&name, None, &table).await?.device;
             if created == ThinCreated::Created {
                 self.dm.zero_first_block(&name).await?;
             }
             return Ok(Some(device));
-        }
-        Ok(Some(self.ensure_device(&name, &table, |_| false).await?))
+        };
+        let adopted = stack::adopt(self.dm.as_ref(), &name, found, &table, |_| false).await?;
+        Ok(Some(adopted))
     }
 
     /// Lets dm-era format its metadata now, over the arriving volume's thin

@@ -748,6 +748,19 @@ impl Kernel for FakeKernel {
         })
     }
 
+    async fn live_table(&self, name: &DeviceName) -> Result<Option<(DevRef, Table)>> {
+        self.with("table", name, |state| {
+            let Some(device) = state.devices.get(name.as_str()) else {
+                return Ok(None);
+            };
+            let live = device
+                .live
+                .clone()
+                .ok_or_else(|| Error::Other(format!("device {name} has no live table")))?;
+            Ok(Some((device.dev, live)))
+        })
+    }
+
     async fn message(
         &self,
         name: &DeviceName,

@@ -275,12 +275,36 @@ impl DeviceMapper {
 
     /// The live table, read back from the kernel and parsed.
     pub async fn table(&self, name: &DeviceName) -> Result<Table> {
-        let lines = self.read_status(name, DmFlags::DM_STATUS_TABLE).await?;
-        let lines: Vec<(u64, u64, String, String)> = lines
-            .into_iter()
-            .map(|s| (s.start, s.len, s.target_type, s.text))
-            .collect();
-        Ok(Table::parse_lines(&lines)?)
+        self.live_table(name)
+            .await?
+            .map(|(_, table)| table)
+            .ok_or_else(|| Error::NoSuchDevice {
+                device: name.to_string(),
+            })
+    }
+
+    /// The device's number and live table, in one ioctl; `None` if it does
+    /// not exist.
+    pub async fn live_table(&self, name: &DeviceName) -> Result<Option<(DevRef, Table)>> {
+        let name = name.clone();
+        self.blocking(move |dm| {
+            let options = DmOptions::default().set_flags(DmFlags::DM_STATUS_TABLE);
+            let (info, lines) = match dm.table_status(&dev_id(&name)?, options) {
+                Ok(read) => read,
+                Err(err) => {
+                    return match ioctl_error("status", name.as_str(), err) {
+                        Error::NoSuchDevice { .. } => Ok(None),
+                        other => Err(other),
+                    };
+                }
+            };
+            let device = info.device();
+            Ok(Some((
+                DevRef::from((device.major, device.minor)),
+                Table::parse_lines(&lines)?,
+            )))
+        })
+        .await
     }
 
     async fn read_status(&self, name: &DeviceName, flags: DmFlags) -> Result<Vec<SegmentStatus>> {

@@ -12,7 +12,7 @@ pub mod table;
 pub mod topology;
 
 pub(crate) use seam::block_device;
-pub use seam::{Kernel, LiveKernel, ensure_device};
+pub use seam::{Kernel, LiveKernel, adopt, ensure_device};
 
 /// Target types the agent cannot work without.
 pub const REQUIRED_TARGETS: [&str; 5] = ["clone", "era", "thin-pool", "thin", "linear"];

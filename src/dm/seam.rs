@@ -53,6 +53,9 @@ pub trait Kernel: Send + Sync + fmt::Debug {
     async fn status(&self, name: &DeviceName) -> Result<Vec<SegmentStatus>>;
     /// The live table, parsed.
     async fn table(&self, name: &DeviceName) -> Result<Table>;
+    /// The device's number and live table in one call, or `None` if it does
+    /// not exist: what adopting a device needs.
+    async fn live_table(&self, name: &DeviceName) -> Result<Option<(DevRef, Table)>>;
     /// Sends a target message to the segment covering `sector`.
     async fn message(
         &self,
@@ -188,6 +191,10 @@ impl Kernel for LiveKernel {
 
     async fn table(&self, name: &DeviceName) -> Result<Table> {
         self.dm.table(name).await
+    }
+
+    async fn live_table(&self, name: &DeviceName) -> Result<Option<(DevRef, Table)>> {
+        self.dm.live_table(name).await
     }
 
     async fn message(
@@ -353,12 +360,23 @@ pub async fn ensure_device(
     table: &Table,
     may_swap: impl Fn(&Table) -> bool,
 ) -> Result<DevRef, AgentError> {
-    let Some(state) = dm.info(name).await? else {
-        return Ok(dm.create(name, None, table).await?.device);
-    };
-    let live = dm.table(name).await?;
+    match dm.live_table(name).await? {
+        None => Ok(dm.create(name, None, table).await?.device),
+        Some(found) => adopt(dm, name, found, table, may_swap).await,
+    }
+}
+
+/// Makes the existing device `name`, found as `device` with the live table
+/// `live`, carry `table` (see [`ensure_device`]).
+pub async fn adopt(
+    dm: &dyn Kernel,
+    name: &DeviceName,
+    (device, live): (DevRef, Table),
+    table: &Table,
+    may_swap: impl Fn(&Table) -> bool,
+) -> Result<DevRef, AgentError> {
     if live == *table {
-        return Ok(state.device);
+        return Ok(device);
     }
     if may_swap(&live) {
         return Ok(dm.swap_table(name, table).await?.device);

@@ -170,7 +170,9 @@ async fn a_flush_commits_a_finished_clone_and_raises_its_event_before_returning(
     let unflushed = dm.info(&fixture.name).await.unwrap().unwrap().event_nr;
     agent_kernel.flush(&fixture.name).await.unwrap();
     let after = dm.info(&fixture.name).await.unwrap().unwrap().event_nr;
-    println!("MEASURED event counter: {before} at the start, {unflushed} before the flush, {after} after it");
+    println!(
+        "MEASURED event counter: {before} at the start, {unflushed} before the flush, {after} after it"
+    );
     assert!(
         after > before,
         "the completion event is raised by the time the flush returns (event counter {before} -> {after})"
