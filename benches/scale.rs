@@ -72,7 +72,7 @@ use common::{BenchResult, FioJob, Stats, fio, open_direct, run_tool, stats, stat
 const PREFIX: &str = "dmbenchscale";
 const LIST_TARGET: f64 = 50.0;
 const RSS_TARGET_MIB: f64 = 64.0;
-const RECONCILE_TARGET_MS: f64 = 3000.0;
+const RECONCILE_TARGET_MS: f64 = 1500.0;
 const GIB: u64 = 1 << 30;
 /// The agent's default dm-era block: the granularity of changed extents.
 const ERA_BLOCK: u64 = DEFAULT_CHANGE_BLOCK_BYTES;
