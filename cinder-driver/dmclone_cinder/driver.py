@@ -848,13 +848,14 @@ class DMCloneDriver(driver.VolumeDriver):
     def _start_transfer(self, volume, home, target, deferred):
         source = self._agents[home]
         destination = self._agents[target]
-        host_nqn = destination.get_node_info().host_nqn
-        if not host_nqn:
+        info = destination.get_node_info()
+        if not info.host_nqn:
             raise exception.VolumeBackendAPIException(
                 data=_('agent %s reports no NVMe host NQN') % target
             )
+        self._check_room_for_move(volume, destination, info.pool)
         export = source.export_volume(
-            volume.name_id, host_nqn, for_transfer=True
+            volume.name_id, info.host_nqn, for_transfer=True
         )
         transfer_id = str(uuid.uuid4())
         try:
@@ -883,6 +884,51 @@ class DMCloneDriver(driver.VolumeDriver):
                 self._undo_transfer_start(
                     source, destination, transfer_id, volume, export
                 )
+
+    def _check_room_for_move(self, volume, destination, pool):
+        """Refuse a move the destination's pool cannot take.
+
+        The scheduler weighs a pool only when a volume is created there; a
+        move is the driver's choice, so the driver checks what cinder's
+        capacity filter would: the pool takes new data (healthy, below its
+        low-water mark), the whole volume fits its free space (hydration
+        writes every region, thin or not), and what the pool promised stays
+        within the over-subscription ratio. Nothing is exported before
+        that. The agent checks again when the transfer starts, together
+        with the moves already arriving.
+        """
+        host = destination.name
+        stats = self._capacity(host, pool)
+        stats.update(self._provisioned(host, destination, pool, None))
+        ratio = self._over_subscription(stats)
+        size_gb = volume.size
+        free_gb = stats['free_capacity_gb']
+        provisioned_gb = stats.get('provisioned_capacity_gb', 0)
+        promised_gb = stats['total_capacity_gb'] * ratio
+        reason = None
+        if size_gb > free_gb:
+            reason = _(
+                '%(size)s GiB do not fit the %(free)s GiB it can still write'
+            ) % {'size': size_gb, 'free': free_gb}
+        elif provisioned_gb + size_gb > promised_gb:
+            reason = _(
+                'it promised %(prov)s GiB of %(max)s GiB (%(total)s GiB '
+                'at over-subscription ratio %(ratio)s)'
+            ) % {
+                'prov': provisioned_gb,
+                'max': round(promised_gb, 2),
+                'total': stats['total_capacity_gb'],
+                'ratio': ratio,
+            }
+        if reason:
+            raise exception.VolumeBackendAPIException(
+                data=_(
+                    'Volume %(id)s cannot move to %(host)s: its pool has no '
+                    'room (%(reason)s). Free space there, or attach the '
+                    'volume on a host with room.'
+                )
+                % {'id': volume.name_id, 'host': host, 'reason': reason}
+            )
 
     def _knobs(self):
         return transfer_pb2.HydrationKnobs(

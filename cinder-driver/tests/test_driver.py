@@ -876,6 +876,56 @@ class AttachTestCase(base.DriverTestCase):
         self.agents['hv2'].start_transfer.assert_not_called()
         self.assertEqual(f'{base.BACKEND}#hv2', volume.host)
 
+    def test_a_move_into_a_pool_without_room_exports_nothing(self):
+        # hv2's pool: 100 GiB, 40 used: a 61 GiB volume cannot arrive.
+        volume = self.volume(pool='hv1', size=61)
+        error = self.assertRaises(
+            exception.VolumeBackendAPIException,
+            self.driver.initialize_connection,
+            volume,
+            {'host': 'hv2'},
+        )
+        self.assertIn('cannot move to hv2', str(error))
+        self.assertIn('61 GiB do not fit the 60.0 GiB', str(error))
+        self.agents['hv1'].export_volume.assert_not_called()
+        self.agents['hv2'].start_transfer.assert_not_called()
+        self.assertEqual(f'{base.BACKEND}#hv1', volume.host)
+
+    def test_a_move_into_a_pool_past_its_low_water_mark_is_refused(self):
+        self.agents['hv2'].get_node_info.return_value = base.node_info(
+            'hv2', low_space=True
+        )
+        self.assertRaises(
+            exception.VolumeBackendAPIException,
+            self.driver.initialize_connection,
+            self.volume(pool='hv1'),
+            {'host': 'hv2'},
+        )
+        self.agents['hv1'].export_volume.assert_not_called()
+
+    def test_a_move_past_the_over_subscription_ratio_is_refused(self):
+        self.flags(group='local', max_over_subscription_ratio=1.0)
+        self.agents['hv2'].list_volumes.return_value = [
+            volume_pb2.Volume(volume_id='a', size_bytes=95 * GIB),
+        ]
+        error = self.assertRaises(
+            exception.VolumeBackendAPIException,
+            self.driver.initialize_connection,
+            self.volume(pool='hv1', size=10),
+            {'host': 'hv2'},
+        )
+        self.assertIn('promised 95.0 GiB of 100.0 GiB', str(error))
+        self.agents['hv1'].export_volume.assert_not_called()
+
+    def test_a_move_that_fits_starts(self):
+        self.flags(group='local', max_over_subscription_ratio=1.0)
+        self.agents['hv2'].list_volumes.return_value = [
+            volume_pb2.Volume(volume_id='a', size_bytes=50 * GIB),
+        ]
+        volume = self.volume(pool='hv1', size=50)
+        self.driver.initialize_connection(volume, {'host': 'hv2'})
+        self.agents['hv2'].start_transfer.assert_called_once()
+
     def test_failed_transfer_start_withdraws_the_export(self):
         self.agents[
             'hv2'
