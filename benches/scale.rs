@@ -33,7 +33,12 @@
 //!    full read is faster than it would be on a written volume and the ratio
 //!    understates what the changed blocks save.
 //!
-//! Writes `scale.json` and `scale.txt`, `changes.json` and `changes.txt` to
+//! 5. Time until a moved volume is usable (`--parts usable`, two agents on
+//!    this host, the source exporting over NVMe/TCP loopback): see
+//!    `scale/usable.rs`.
+//!
+//! Writes `scale.json` and `scale.txt`, `changes.json` and `changes.txt`,
+//! `usable.json` and `usable.txt` to
 //! `--results-dir`. Under `cargo test --benches` (no `--bench`) it only checks
 //! its argument parsing. Without device-mapper, `dmsetup` or the agent
 //! binary it fails and prints no figures.
@@ -66,6 +71,8 @@ use serde_json::{Value, json};
 use tonic::transport::Channel;
 
 mod common;
+#[path = "scale/usable.rs"]
+mod usable;
 
 use common::{BenchResult, FioJob, Stats, fio, open_direct, run_tool, stats, stats_json};
 
@@ -82,9 +89,9 @@ const WRITE_BYTES: usize = 4096;
 const WRITERS: u64 = 8;
 const USAGE: &str = "\
 usage: scale --bench [--agent PATH] [--parts LIST] [--volumes N] [--reps N] [--results-dir DIR]
-                     [--changes-gib N] [--changes-stride N]
+                     [--changes-gib N] [--changes-stride N] [--usable-gib LIST] [--usable-reps N]
   --agent PATH       the dmclone-agent binary (or DMCLONE_BENCH_AGENT)
-  --parts LIST       scale,changes or one of them (both, or DMCLONE_BENCH_SCALE_PARTS)
+  --parts LIST       scale,changes,usable or some of them (all, or DMCLONE_BENCH_SCALE_PARTS)
   --volumes N        volumes to create (1000, or DMCLONE_BENCH_VOLUMES)
   --reps N           rounds of the status comparison and of the changed-blocks
                      comparison (3, or DMCLONE_BENCH_REPS)
@@ -93,7 +100,11 @@ usage: scale --bench [--agent PATH] [--parts LIST] [--volumes N] [--reps N] [--r
   --changes-gib N    size of the changed-blocks volume (10, or DMCLONE_BENCH_CHANGES_GIB)
   --changes-stride N 4 KiB written at every Nth era block, N >= 2 (64, or
                      DMCLONE_BENCH_CHANGES_STRIDE)
-  --results-dir DIR  where scale.json, scale.txt, changes.json and changes.txt go (default: .)";
+  --usable-gib LIST  sizes of the moved volume whose first read is timed, e.g. 1,10; the
+                     first is written in full, the others stay sparse (1, or
+                     DMCLONE_BENCH_USABLE_GIB)
+  --usable-reps N    moves timed per size (20, or DMCLONE_BENCH_USABLE_REPS)
+  --results-dir DIR  where <part>.json and <part>.txt go (default: .)";
 
 #[derive(Debug, PartialEq)]
 struct Params {
@@ -106,6 +117,9 @@ struct Params {
     sample: usize,
     changes_gib: u64,
     changes_stride: u64,
+    usable: bool,
+    usable_gib: Vec<u64>,
+    usable_reps: usize,
     results: PathBuf,
 }
 
@@ -133,6 +147,13 @@ impl Params {
                 64,
                 "changes-stride",
             )? as u64,
+            usable: true,
+            usable_gib: sizes_gib(env("DMCLONE_BENCH_USABLE_GIB").as_deref().unwrap_or("1"))?,
+            usable_reps: number(
+                env("DMCLONE_BENCH_USABLE_REPS").as_deref(),
+                20,
+                "usable-reps",
+            )?,
             results: PathBuf::from("."),
         };
         if let Some(parts) = env("DMCLONE_BENCH_SCALE_PARTS").filter(|p| !p.is_empty()) {
@@ -158,13 +179,18 @@ impl Params {
                 "--changes-stride" => {
                     params.changes_stride = number(Some(&value()?), 0, "changes-stride")? as u64;
                 }
+                "--usable-gib" => params.usable_gib = sizes_gib(&value()?)?,
+                "--usable-reps" => {
+                    params.usable_reps = number(Some(&value()?), 0, "usable-reps")?;
+                }
                 "--results-dir" => params.results = PathBuf::from(value()?),
                 other => return Err(format!("unknown argument {other}\n{USAGE}").into()),
             }
         }
-        if params.volumes == 0 || params.reps == 0 || params.sample == 0 {
+        if params.volumes == 0 || params.reps == 0 || params.sample == 0 || params.usable_reps == 0
+        {
             return Err(format!(
-                "--volumes, --reps and --dmsetup-sample must be at least 1\n{USAGE}"
+                "--volumes, --reps, --dmsetup-sample and --usable-reps must be at least 1\n{USAGE}"
             )
             .into());
         }
@@ -179,17 +205,18 @@ impl Params {
     }
 
     fn parts(&mut self, list: &str) -> BenchResult<()> {
-        (self.scale, self.changes) = (false, false);
+        (self.scale, self.changes, self.usable) = (false, false, false);
         for part in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             match part {
                 "scale" => self.scale = true,
                 "changes" => self.changes = true,
+                "usable" => self.usable = true,
                 other => {
                     return Err(format!("--parts: unknown part {other:?}\n{USAGE}").into());
                 }
             }
         }
-        if !(self.scale || self.changes) {
+        if !(self.scale || self.changes || self.usable) {
             return Err(format!("--parts names no part\n{USAGE}").into());
         }
         Ok(())
@@ -205,6 +232,20 @@ fn number(text: Option<&str>, default: usize, what: &str) -> BenchResult<usize> 
     }
 }
 
+/// A comma-separated list of sizes in GiB, each from 1 to 1024.
+fn sizes_gib(list: &str) -> BenchResult<Vec<u64>> {
+    let sizes = list
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| number(Some(s), 0, "usable-gib").map(|n| n as u64))
+        .collect::<BenchResult<Vec<u64>>>()?;
+    if sizes.is_empty() || sizes.iter().any(|gib| !(1..=1024).contains(gib)) {
+        return Err(format!("--usable-gib: sizes from 1 to 1024, not {list:?}\n{USAGE}").into());
+    }
+    Ok(sizes)
+}
+
 fn volume_id(i: usize) -> String {
     format!("5c000000-0000-4000-8000-{i:012x}")
 }
@@ -218,20 +259,38 @@ struct Agent {
     binary: PathBuf,
     /// `--pool-file-size`: a sparse file, so only what is written takes room.
     pool_file_size: String,
+    prefix: &'static str,
+    /// Flags beyond the state, prefix and pool ones.
+    extra: Vec<String>,
     dir: tempfile::TempDir,
     child: Option<Child>,
 }
 
 impl Agent {
     async fn start(binary: &Path, pool_file_size: &str) -> BenchResult<Self> {
+        Self::start_as(binary, pool_file_size, PREFIX, Vec::new()).await
+    }
+
+    async fn start_as(
+        binary: &Path,
+        pool_file_size: &str,
+        prefix: &'static str,
+        extra: Vec<String>,
+    ) -> BenchResult<Self> {
         let mut agent = Agent {
             binary: binary.to_owned(),
             pool_file_size: pool_file_size.to_owned(),
+            prefix,
+            extra,
             dir: tempfile::tempdir()?,
             child: None,
         };
         agent.spawn().await?;
         Ok(agent)
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.path().join("agent.sock")
     }
 
     fn log(&self) -> PathBuf {
@@ -249,10 +308,11 @@ impl Agent {
             .arg(self.dir.path())
             .args([
                 "--dm-prefix",
-                PREFIX,
+                self.prefix,
                 "--pool-file-size",
                 &self.pool_file_size,
             ])
+            .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -273,7 +333,7 @@ impl Agent {
                 )
                 .into());
             }
-            if let Ok(channel) = connect_unix(&self.dir.path().join("agent.sock")).await {
+            if let Ok(channel) = connect_unix(&self.socket()).await {
                 let mut client = VolumesClient::new(channel);
                 if client.list_volumes(ListVolumesRequest {}).await.is_ok() {
                     return Ok(());
@@ -285,7 +345,7 @@ impl Agent {
     }
 
     async fn channel(&self) -> BenchResult<Channel> {
-        Ok(connect_unix(&self.dir.path().join("agent.sock")).await?)
+        Ok(connect_unix(&self.socket()).await?)
     }
 
     async fn client(&self) -> BenchResult<VolumesClient<Channel>> {
@@ -327,7 +387,7 @@ impl Agent {
     /// Kills the agent and removes the devices it made.
     async fn remove(mut self, dm: &DeviceMapper) -> BenchResult<()> {
         self.kill9();
-        common::remove_devices_with_prefix(dm, PREFIX).await
+        common::remove_devices_with_prefix(dm, self.prefix).await
     }
 }
 
@@ -776,14 +836,19 @@ fn main() {
     }
     let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
     let mut failed = false;
-    for (part, wanted) in [("scale", params.scale), ("changes", params.changes)] {
+    for (part, wanted) in [
+        ("scale", params.scale),
+        ("changes", params.changes),
+        ("usable", params.usable),
+    ] {
         if !wanted {
             continue;
         }
         let measured = runtime.block_on(async {
             match part {
                 "scale" => measure_scale(&params).await,
-                _ => measure_changes(&params).await,
+                "changes" => measure_changes(&params).await,
+                _ => usable::measure(&params).await,
             }
         });
         match measured {
@@ -841,18 +906,26 @@ fn self_check() -> Result<(), String> {
         }
     }
     common::stats::self_check()?;
-    let parts =
-        |list: &str| Params::parse(&args(&["--parts", list]), none).map(|p| (p.scale, p.changes));
-    if parts("changes").ok() != Some((false, true))
-        || parts("scale,changes").ok() != Some((true, true))
+    let parts = |list: &str| {
+        Params::parse(&args(&["--parts", list]), none).map(|p| (p.scale, p.changes, p.usable))
+    };
+    if parts("changes").ok() != Some((false, true, false))
+        || parts("scale,changes").ok() != Some((true, true, false))
+        || parts("usable").ok() != Some((false, false, true))
     {
         return Err("--parts selects wrongly".into());
+    }
+    let sizes = Params::parse(&args(&["--usable-gib", "1, 10"]), none).map(|p| p.usable_gib);
+    if sizes.ok() != Some(vec![1, 10]) {
+        return Err("--usable-gib reads wrongly".into());
     }
     for (given, reason) in [
         (&["--parts", "era"][..], "unknown part"),
         (&["--parts", ","][..], "names no part"),
         (&["--changes-stride", "1"][..], "at least 2"),
         (&["--changes-gib", "0"][..], "from 1 to 1024"),
+        (&["--usable-gib", "0"][..], "sizes from 1 to 1024"),
+        (&["--usable-reps", "0"][..], "at least 1"),
     ] {
         match Params::parse(&args(given), none) {
             Err(err) if err.to_string().contains(reason) => {}
