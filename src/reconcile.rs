@@ -351,22 +351,21 @@ impl Reconciler {
     /// I/O. Every step records its intent before suspending, so resuming
     /// (and with it any table loaded meanwhile) is what the step wanted.
     async fn resume_suspended(&self, names: &[String]) -> Result<(), AgentError> {
-        for name in names {
-            let name = crate::dm::names::DeviceName::new(name)?;
-            if self
-                .ctx
-                .dm
-                .info(&name)
-                .await?
-                .is_some_and(|state| state.suspended)
-            {
-                warn!(device = %name, "resuming a device a crash left suspended");
-                // A table a crashed call loaded but did not check (finalize
-                // loads before it checks) must not go live here; the step
-                // that loaded it is redone by reconciliation.
-                self.ctx.dm.clear_inactive(&name).await?;
-                self.ctx.dm.resume(&name).await?;
-            }
+        let names = names
+            .iter()
+            .map(|name| crate::dm::names::DeviceName::new(name))
+            .collect::<Result<Vec<_>, _>>()?;
+        // One worker call for all: a thousand hops to the blocking pool
+        // cost more than the ioctls themselves.
+        let states = self.ctx.dm.infos(names).await?;
+        let suspended = states.into_iter().flatten().filter(|state| state.suspended);
+        for name in suspended.map(|state| state.name) {
+            warn!(device = %name, "resuming a device a crash left suspended");
+            // A table a crashed call loaded but did not check (finalize
+            // loads before it checks) must not go live here; the step
+            // that loaded it is redone by reconciliation.
+            self.ctx.dm.clear_inactive(&name).await?;
+            self.ctx.dm.resume(&name).await?;
         }
         Ok(())
     }

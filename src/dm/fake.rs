@@ -823,6 +823,14 @@ impl Kernel for FakeKernel {
         })
     }
 
+    async fn infos(&self, names: Vec<DeviceName>) -> Result<Vec<Option<DeviceState>>> {
+        let mut states = Vec::with_capacity(names.len());
+        for name in &names {
+            states.push(self.info(name).await?);
+        }
+        Ok(states)
+    }
+
     async fn settled_open_count(&self, name: &DeviceName) -> Result<Option<i32>> {
         self.with("info", name, |state| {
             let Ok(device) = state.device_mut(name) else {

@@ -410,6 +410,23 @@ impl DeviceMapper {
         .await
     }
 
+    /// The state of each device (`None`: it does not exist), read in one
+    /// worker call: many devices cost no more hops to the blocking pool
+    /// than one.
+    pub async fn infos(&self, names: Vec<DeviceName>) -> Result<Vec<Option<DeviceState>>> {
+        self.blocking(move |dm| {
+            names
+                .iter()
+                .map(|name| match device_state(dm, name) {
+                    Ok(state) => Ok(Some(state)),
+                    Err(Error::NoSuchDevice { .. }) => Ok(None),
+                    Err(err) => Err(err),
+                })
+                .collect()
+        })
+        .await
+    }
+
     /// Every device-mapper device on the host with its event counter.
     pub async fn list(&self) -> Result<Vec<ListedDevice>> {
         self.blocking(list_devices).await

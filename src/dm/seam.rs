@@ -86,6 +86,8 @@ pub trait Kernel: Send + Sync + fmt::Debug {
     async fn remove(&self, name: &DeviceName) -> Result<()>;
     /// The device's state, or `None` if it does not exist.
     async fn info(&self, name: &DeviceName) -> Result<Option<DeviceState>>;
+    /// The state of each device, as [`Kernel::info`], in one call.
+    async fn infos(&self, names: Vec<DeviceName>) -> Result<Vec<Option<DeviceState>>>;
     /// The device's open count once transient openers had time to let go,
     /// or `None` if it does not exist. A process forked while a caller held
     /// the device keeps a descriptor until it execs, and udev probes a
@@ -232,6 +234,10 @@ impl Kernel for LiveKernel {
 
     async fn info(&self, name: &DeviceName) -> Result<Option<DeviceState>> {
         self.dm.info(name).await
+    }
+
+    async fn infos(&self, names: Vec<DeviceName>) -> Result<Vec<Option<DeviceState>>> {
+        self.dm.infos(names).await
     }
 
     async fn settled_open_count(&self, name: &DeviceName) -> Result<Option<i32>> {
