@@ -42,11 +42,20 @@ fn host() -> TestHost {
 
 /// An agent on `host` with volume 1 arriving (transfer 1, hydrating).
 async fn arriving(host: &TestHost) -> (Arc<crate::agent::Agent>, VolumeId) {
+    started(host, false).await
+}
+
+/// A volume arriving by a deferred transfer (a live migration's prepare).
+async fn deferred(host: &TestHost) -> (Arc<crate::agent::Agent>, VolumeId) {
+    started(host, true).await
+}
+
+async fn started(host: &TestHost, deferred: bool) -> (Arc<crate::agent::Agent>, VolumeId) {
     let agent = host.start().await.unwrap();
     let id = volume_id(1);
     agent
         .transfers
-        .start_transfer(request(1, &id, false))
+        .start_transfer(request(1, &id, deferred))
         .await
         .unwrap();
     (agent, id)
@@ -586,13 +595,7 @@ async fn a_move_the_pool_could_not_write_in_full_is_refused() {
 #[tokio::test]
 async fn a_deferred_transfer_written_in_full_finalizes_only_after_its_commit() {
     let host = host();
-    let agent = host.start().await.unwrap();
-    let id = volume_id(1);
-    agent
-        .transfers
-        .start_transfer(request(1, &id, true))
-        .await
-        .unwrap();
+    let (agent, id) = deferred(&host).await;
     host.kernel.hydrate(&public(&id));
     for _ in 0..3 {
         agent.ctx.registry.wake(&transfer_id(1));
@@ -614,13 +617,7 @@ async fn a_deferred_transfer_written_in_full_finalizes_only_after_its_commit() {
 #[tokio::test]
 async fn a_deferred_transfer_whose_destination_was_written_aborts_only_by_force() {
     let host = host();
-    let agent = host.start().await.unwrap();
-    let id = volume_id(1);
-    agent
-        .transfers
-        .start_transfer(request(1, &id, true))
-        .await
-        .unwrap();
+    let (agent, id) = deferred(&host).await;
     host.kernel.write_regions(&public(&id), 2);
     let refused = agent.transfers.abort_transfer(&transfer_id(1), false).await;
     assert_eq!(
