@@ -4,8 +4,9 @@
 //! destination is told `StartTransfer` from that export (its release calls
 //! go to the source's Unix socket). A sample is one move: the clock starts
 //! before `StartTransfer` and stops when the first 4 KiB O_DIRECT read of
-//! the returned device returns (at a different offset each time, a region
-//! not yet copied); then the move is aborted and the next one starts. The
+//! the returned device returns (at a different offset each time, spread
+//! over the volume, so mostly a region not copied yet); then the move is
+//! aborted and the next one starts. The
 //! first size is written in full on the source; later sizes stay sparse,
 //! where only the first read's time matters.
 //!
