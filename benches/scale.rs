@@ -37,8 +37,11 @@
 //!    this host, the source exporting over NVMe/TCP loopback): see
 //!    `scale/usable.rs`.
 //!
-//! Writes `scale.json` and `scale.txt`, `changes.json` and `changes.txt`,
-//! `usable.json` and `usable.txt` to
+//! 6. A host drain (`--parts drain`, two agents): 16 volumes of 256 MiB
+//!    moving at once, then the host byte budget: see `scale/drain.rs`.
+//!
+//! Writes `<part>.json` and `<part>.txt` for each part (scale, changes,
+//! usable, drain) to
 //! `--results-dir`. Under `cargo test --benches` (no `--bench`) it only checks
 //! its argument parsing. Without device-mapper, `dmsetup` or the agent
 //! binary it fails and prints no figures.
@@ -71,6 +74,8 @@ use serde_json::{Value, json};
 use tonic::transport::Channel;
 
 mod common;
+#[path = "scale/drain.rs"]
+mod drain;
 #[path = "scale/usable.rs"]
 mod usable;
 
@@ -90,8 +95,10 @@ const WRITERS: u64 = 8;
 const USAGE: &str = "\
 usage: scale --bench [--agent PATH] [--parts LIST] [--volumes N] [--reps N] [--results-dir DIR]
                      [--changes-gib N] [--changes-stride N] [--usable-gib LIST] [--usable-reps N]
+                     [--drain-volumes N] [--drain-mib N]
   --agent PATH       the dmclone-agent binary (or DMCLONE_BENCH_AGENT)
-  --parts LIST       scale,changes,usable or some of them (all, or DMCLONE_BENCH_SCALE_PARTS)
+  --parts LIST       scale,changes,usable,drain or some of them (all, or
+                     DMCLONE_BENCH_SCALE_PARTS)
   --volumes N        volumes to create (1000, or DMCLONE_BENCH_VOLUMES)
   --reps N           rounds of the status comparison and of the changed-blocks
                      comparison (3, or DMCLONE_BENCH_REPS)
@@ -104,6 +111,8 @@ usage: scale --bench [--agent PATH] [--parts LIST] [--volumes N] [--reps N] [--r
                      first is written in full, the others stay sparse (1, or
                      DMCLONE_BENCH_USABLE_GIB)
   --usable-reps N    moves timed per size (20, or DMCLONE_BENCH_USABLE_REPS)
+  --drain-volumes N  volumes moved at once in the drain (16, or DMCLONE_BENCH_DRAIN_VOLUMES)
+  --drain-mib N      their size in MiB (256, or DMCLONE_BENCH_DRAIN_MIB)
   --results-dir DIR  where <part>.json and <part>.txt go (default: .)";
 
 #[derive(Debug, PartialEq)]
@@ -120,6 +129,9 @@ struct Params {
     usable: bool,
     usable_gib: Vec<u64>,
     usable_reps: usize,
+    drain: bool,
+    drain_volumes: usize,
+    drain_mib: u64,
     results: PathBuf,
 }
 
@@ -154,6 +166,13 @@ impl Params {
                 20,
                 "usable-reps",
             )?,
+            drain: true,
+            drain_volumes: number(
+                env("DMCLONE_BENCH_DRAIN_VOLUMES").as_deref(),
+                16,
+                "drain-volumes",
+            )?,
+            drain_mib: number(env("DMCLONE_BENCH_DRAIN_MIB").as_deref(), 256, "drain-mib")? as u64,
             results: PathBuf::from("."),
         };
         if let Some(parts) = env("DMCLONE_BENCH_SCALE_PARTS").filter(|p| !p.is_empty()) {
@@ -183,16 +202,28 @@ impl Params {
                 "--usable-reps" => {
                     params.usable_reps = number(Some(&value()?), 0, "usable-reps")?;
                 }
+                "--drain-volumes" => {
+                    params.drain_volumes = number(Some(&value()?), 0, "drain-volumes")?;
+                }
+                "--drain-mib" => params.drain_mib = number(Some(&value()?), 0, "drain-mib")? as u64,
                 "--results-dir" => params.results = PathBuf::from(value()?),
                 other => return Err(format!("unknown argument {other}\n{USAGE}").into()),
             }
         }
-        if params.volumes == 0 || params.reps == 0 || params.sample == 0 || params.usable_reps == 0
+        if params.volumes == 0
+            || params.reps == 0
+            || params.sample == 0
+            || params.usable_reps == 0
+            || params.drain_volumes == 0
         {
             return Err(format!(
-                "--volumes, --reps, --dmsetup-sample and --usable-reps must be at least 1\n{USAGE}"
+                "--volumes, --reps, --dmsetup-sample, --usable-reps and --drain-volumes must be at least 1\n{USAGE}"
             )
             .into());
+        }
+        // dm-clone's regions and the pool's blocks divide whole MiB.
+        if !(4..=65536).contains(&params.drain_mib) {
+            return Err(format!("--drain-mib must be from 4 to 65536\n{USAGE}").into());
         }
         if !(1..=1024).contains(&params.changes_gib) {
             return Err(format!("--changes-gib must be from 1 to 1024\n{USAGE}").into());
@@ -205,18 +236,19 @@ impl Params {
     }
 
     fn parts(&mut self, list: &str) -> BenchResult<()> {
-        (self.scale, self.changes, self.usable) = (false, false, false);
+        (self.scale, self.changes, self.usable, self.drain) = (false, false, false, false);
         for part in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             match part {
                 "scale" => self.scale = true,
                 "changes" => self.changes = true,
                 "usable" => self.usable = true,
+                "drain" => self.drain = true,
                 other => {
                     return Err(format!("--parts: unknown part {other:?}\n{USAGE}").into());
                 }
             }
         }
-        if !(self.scale || self.changes || self.usable) {
+        if !(self.scale || self.changes || self.usable || self.drain) {
             return Err(format!("--parts names no part\n{USAGE}").into());
         }
         Ok(())
@@ -361,6 +393,29 @@ impl Agent {
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
             .ok_or("no VmRSS in /proc/<pid>/status")?;
         Ok(kib / 1024.0)
+    }
+
+    /// The agent's CPU time so far, user and system, in seconds.
+    fn cpu_seconds(&self) -> BenchResult<f64> {
+        let pid = self.child.as_ref().ok_or("the agent is not running")?.id();
+        let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
+        // Fields after the command name (which may hold spaces): state is
+        // the 3rd field, utime and stime the 14th and 15th.
+        let after_name = stat
+            .rsplit_once(") ")
+            .ok_or("no command name in /proc/<pid>/stat")?
+            .1;
+        let fields: Vec<&str> = after_name.split_whitespace().collect();
+        let ticks = |i: usize| -> BenchResult<f64> {
+            Ok(fields
+                .get(i)
+                .ok_or("short /proc/<pid>/stat")?
+                .parse::<f64>()?)
+        };
+        let per_second: f64 = run_tool("getconf", &["CLK_TCK".to_owned()])?
+            .trim()
+            .parse()?;
+        Ok((ticks(11)? + ticks(12)?) / per_second)
     }
 
     fn kill9(&mut self) {
@@ -840,6 +895,7 @@ fn main() {
         ("scale", params.scale),
         ("changes", params.changes),
         ("usable", params.usable),
+        ("drain", params.drain),
     ] {
         if !wanted {
             continue;
@@ -848,7 +904,8 @@ fn main() {
             match part {
                 "scale" => measure_scale(&params).await,
                 "changes" => measure_changes(&params).await,
-                _ => usable::measure(&params).await,
+                "usable" => usable::measure(&params).await,
+                _ => drain::measure(&params).await,
             }
         });
         match measured {
@@ -907,11 +964,13 @@ fn self_check() -> Result<(), String> {
     }
     common::stats::self_check()?;
     let parts = |list: &str| {
-        Params::parse(&args(&["--parts", list]), none).map(|p| (p.scale, p.changes, p.usable))
+        Params::parse(&args(&["--parts", list]), none)
+            .map(|p| (p.scale, p.changes, p.usable, p.drain))
     };
-    if parts("changes").ok() != Some((false, true, false))
-        || parts("scale,changes").ok() != Some((true, true, false))
-        || parts("usable").ok() != Some((false, false, true))
+    if parts("changes").ok() != Some((false, true, false, false))
+        || parts("scale,changes").ok() != Some((true, true, false, false))
+        || parts("usable").ok() != Some((false, false, true, false))
+        || parts("drain").ok() != Some((false, false, false, true))
     {
         return Err("--parts selects wrongly".into());
     }
@@ -926,6 +985,8 @@ fn self_check() -> Result<(), String> {
         (&["--changes-gib", "0"][..], "from 1 to 1024"),
         (&["--usable-gib", "0"][..], "sizes from 1 to 1024"),
         (&["--usable-reps", "0"][..], "at least 1"),
+        (&["--drain-volumes", "0"][..], "at least 1"),
+        (&["--drain-mib", "2"][..], "from 4 to 65536"),
     ] {
         match Params::parse(&args(given), none) {
             Err(err) if err.to_string().contains(reason) => {}

@@ -249,14 +249,19 @@ impl Reconciler {
             record.published = true;
             record.pending = Some(Pending::Publish);
         }
+        if record.on_lower && !public_exists {
+            // Made again (after a reboot): dm-era goes straight over the
+            // thin device, and a layer beneath left alone goes.
+            self.ctx.remove_public_stack(&mut record).await?;
+        }
         if record.published {
             // The thin device and dm-era's metadata beneath it too.
             self.ctx.ensure_public_device(&record).await?;
         } else {
             self.ctx.ensure_thin_device(&record).await?;
             self.ctx.ensure_era_metadata(&record).await?;
-            if public_exists {
-                self.ctx.remove_device_if_present(&public).await?;
+            if public_exists || record.on_lower {
+                self.ctx.remove_public_stack(&mut record).await?;
             }
         }
         if record.pending.is_some() {
@@ -276,8 +281,10 @@ impl Reconciler {
     ) -> Result<(), AgentError> {
         let volume_id = transfer.volume_id.clone();
         let volume = self.ctx.record(&volume_id).await?;
-        let public = self.ctx.naming.public(&volume_id);
-        let public_missing = !existing.iter().any(|name| name == public.as_str());
+        let missing =
+            |name: crate::dm::names::DeviceName| !existing.iter().any(|e| e == name.as_str());
+        let public_missing = missing(self.ctx.naming.public(&volume_id));
+        let clone_missing = missing(self.ctx.clone_device(transfer));
         match (transfer.phase, volume) {
             (TransferPhase::Starting, volume) => {
                 info!(transfer = %transfer.id, "rolling back a transfer start interrupted by a crash");
@@ -303,7 +310,7 @@ impl Reconciler {
                 TransferPhase::Deferred | TransferPhase::Hydrating | TransferPhase::Paused,
                 Some(volume),
             ) => {
-                if public_missing {
+                if public_missing || clone_missing {
                     report.rebuilt += 1;
                 }
                 self.ctx.rebuild_stack(&volume, transfer).await
@@ -313,7 +320,7 @@ impl Reconciler {
                 // A crash between the swap and its record: the live local
                 // table says the switch happened.
                 let switched = transfer.switched_local
-                    || (!public_missing && !self.ctx.public_is_clone(&volume).await?);
+                    || (!clone_missing && !self.ctx.clone_is_live(transfer).await?);
                 if switched {
                     self.ctx.ensure_public_device(&volume).await.map(drop)
                 } else {
@@ -421,7 +428,8 @@ impl Reconciler {
                     | DeviceRole::Public(id)
                     | DeviceRole::CloneMetadata(id)
                     | DeviceRole::EraMetadata(id)
-                    | DeviceRole::EraProbe(id),
+                    | DeviceRole::EraProbe(id)
+                    | DeviceRole::Lower(id),
                 ) => records.iter().any(|r| r.id == id),
                 Some(DeviceRole::Snapshot(id)) => snapshots.iter().any(|s| s.id == id),
                 Some(DeviceRole::Other(_)) | None => false,

@@ -367,6 +367,7 @@ pub(crate) fn new_record(id: &VolumeId, size: u64) -> VolumeRecord {
         source_snapshot: None,
         source_volume: None,
         tracking: None,
+        on_lower: false,
     }
 }
 

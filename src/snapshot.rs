@@ -436,9 +436,13 @@ impl Snapshots {
         new_thin: ThinId,
         above: Option<&DeviceName>,
     ) -> Result<(), AgentError> {
+        // An arrived volume's layer beneath dm-era is its thin id activated
+        // a second time: held too.
+        let lower = origin.on_lower.then(|| self.ctx.naming.lower(&origin.id));
         let hold: Vec<DeviceName> = above
             .cloned()
             .into_iter()
+            .chain(lower)
             .chain([self.ctx.thin_name(origin)])
             .collect();
         self.ctx

@@ -6,11 +6,24 @@
 //! ```text
 //! local, untracked   <p>-<id>        linear(thin)
 //! local, tracked     <p>-<id>        era(<p>-emeta-<id>, thin)
-//! arriving           <p>-<id>        clone(<p>-cmeta-<id>, thin, source) [+ linear(thin) past the clone]
+//! arriving, tracked  <p>-<id>        era(emeta, <p>-lower-<id>)
+//!                    <p>-lower-<id>  clone(<p>-cmeta-<id>, thin, source) [+ linear(thin) past the clone]
+//! arrived, tracked   <p>-<id>        era(emeta, <p>-lower-<id>)
+//!                    <p>-lower-<id>  thin(pool, thin id), until the public device is next made
+//! arriving, untracked <p>-<id>       clone(cmeta, thin, source) [+ linear(thin) past the clone]
 //! unpublished, asked <p>-era-<id>    era(emeta, thin), for the length of one call
 //! always             <p>-thin-<id>   thin(pool, thin id);  <p>-emeta-<id> thin(pool, era metadata id)
 //! snapshot view      <p>-snap-<sid>  thin(pool, snapshot thin id), for the length of one read
 //! ```
+//!
+//! dm-era sits above an arriving volume's dm-clone from presentation on, so
+//! every write made here is tracked while the volume arrives, and finalize
+//! swaps only the layer beneath: dm-era is never reloaded in the pause. The
+//! clone's device then maps the volume's thin device itself (a second
+//! activation of the same thin id, as a reload makes for a moment), so no
+//! extra layer stays under dm-era: a linear map of `<p>-thin-<id>` there
+//! cost random reads about a tenth. Transfers recorded before this stack (`era_above` unset)
+//! keep the clone as their public device until they finish.
 //!
 //! Tables are pure functions of the records and the device numbers of the
 //! layers beneath ([`thin_table`], [`local_table`], [`clone_table`]); the
@@ -140,9 +153,10 @@ pub fn is_resize_of(live: &Table, wanted: &Table) -> bool {
 
 /// Every device a volume may have, in the order tear-down removes them (a
 /// device goes before the devices it maps).
-pub fn volume_devices(naming: &Naming, id: &VolumeId) -> [DeviceName; 5] {
+pub fn volume_devices(naming: &Naming, id: &VolumeId) -> [DeviceName; 6] {
     [
         naming.public(id),
+        naming.lower(id),
         naming.era_probe(id),
         naming.clone_metadata(id),
         naming.thin(id),

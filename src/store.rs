@@ -73,6 +73,15 @@ pub struct VolumeRecord {
     /// Changed-block tracking with dm-era; `None` for volumes made without.
     #[serde(default)]
     pub tracking: Option<ChangeTracking>,
+    /// The public device's dm-era maps `<prefix>-lower-<id>` (the volume
+    /// arrived with dm-era above its dm-clone) instead of the thin device,
+    /// until the public device is next made.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub on_lower: bool,
+}
+
+fn is_false(value: &bool) -> bool {
+    !*value
 }
 
 /// A volume's dm-era: its metadata lives in a thin device of the pool.
@@ -241,6 +250,12 @@ pub struct TransferRecord {
     /// clone's metadata may already be gone.
     #[serde(default)]
     pub switched_local: bool,
+    /// The clone is `<prefix>-lower-<id>`, beneath the public device's
+    /// dm-era, which tracks writes from presentation on; otherwise the
+    /// clone is the public device (transfers started before this existed,
+    /// and volumes without change tracking).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub era_above: bool,
 }
 
 /// Where a transfer copies from.

@@ -271,7 +271,7 @@ pub async fn finished_transfer(host: &TestHost) -> (Arc<Agent>, crate::ids::Tran
         })
         .await
         .expect("the transfer starts");
-    host.kernel.hydrate(&format!("dmt-{volume}"));
+    host.kernel.hydrate(&format!("dmt-lower-{volume}"));
     transfer_reaches(&agent, &transfer, TransferState::Done).await;
     (agent, transfer)
 }

@@ -321,7 +321,7 @@ impl Volumes {
             self.ctx.put(&record).await?;
             failpoint::hit("unpublish.after_record");
         }
-        if let Err(err) = self.ctx.remove_device_if_present(&public).await {
+        if let Err(err) = self.ctx.remove_public_stack(&mut record).await {
             // Opened between the check and the removal: it stays published.
             record.published = true;
             self.ctx.settle(record).await?;

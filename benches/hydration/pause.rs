@@ -91,9 +91,14 @@ impl Reader {
 /// How the finalize swap is ordered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum SwapOrder {
-    /// What the agent does: the local table loaded beside the live clone,
-    /// then suspend (flush), status check, resume.
+    /// What the agent does for a tracked volume: dm-era above the clone
+    /// from the start, and only the layer beneath swapped (clone to the
+    /// thin device, loaded beside it; suspend (flush), status check, resume).
     Agent,
+    /// The agent's order where the clone is the public device: the local
+    /// table (dm-era) loaded beside the live clone, then suspend (flush),
+    /// status check, resume.
+    Beside,
     /// The load inside the pause: suspend (flush), status check, load,
     /// resume; dm-era's constructor then runs while I/O waits.
     LoadInPause,
@@ -103,6 +108,7 @@ impl SwapOrder {
     pub(crate) fn name(self) -> &'static str {
         match self {
             SwapOrder::Agent => "agent",
+            SwapOrder::Beside => "beside",
             SwapOrder::LoadInPause => "in-pause",
         }
     }
@@ -122,11 +128,15 @@ pub(crate) async fn section_pause(
     );
     out!(
         report,
-        "   on the public device from 300 ms before to 300 ms after the swap. order agent: load era(meta, thin) beside the clone,"
+        "   on the public device from 300 ms before to 300 ms after the swap. order agent (the agent's finalize): public = era(meta,"
     );
     out!(
         report,
-        "   then suspend (flush), status check, resume (the agent's finalize); in-pause: suspend (flush), status check, load,"
+        "   clone) from the start, only the clone swapped for thin(pool, id), loaded beside it, then suspend (flush), status check,"
+    );
+    out!(
+        report,
+        "   resume; beside: public = the clone, era(meta, thin) loaded beside it, suspend, check, resume; in-pause: suspend (flush), status check, load,"
     );
     out!(
         report,
@@ -151,21 +161,29 @@ pub(crate) async fn section_pause(
     let mut runs = Vec::new();
     let mut pauses: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
     let mut swaps: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
-    let orders = [SwapOrder::Agent, SwapOrder::LoadInPause];
+    let orders = [SwapOrder::Agent, SwapOrder::Beside, SwapOrder::LoadInPause];
     for rep in 0..params.reps {
         for k in 0..orders.len() {
             let order = orders[(k + rep) % orders.len()];
             let started = rig.start_clone(&knobs, false, false).await?;
             rig.wait_hydrated(started.seen).await?;
-            let reader = Reader::start(&rig.public.mapper_path(), rig.size)?;
+            let read_from = match order {
+                SwapOrder::Agent => rig.era_above().await?,
+                _ => rig.public.clone(),
+            };
+            let reader = Reader::start(&read_from.mapper_path(), rig.size)?;
             tokio::time::sleep(Duration::from_millis(300)).await;
             let swap = match order {
-                SwapOrder::Agent => rig.finalize().await,
+                SwapOrder::Agent => rig.finalize_beneath_era().await,
+                SwapOrder::Beside => rig.finalize().await,
                 SwapOrder::LoadInPause => rig.finalize_loading_in_pause().await,
             };
             tokio::time::sleep(Duration::from_millis(300)).await;
             let reads = reader.finish()?;
             let swap = swap?;
+            if order == SwapOrder::Agent {
+                rig.remove_era_above().await?;
+            }
             rig.dm.remove(&rig.public).await?;
 
             let before: Vec<f64> = reads

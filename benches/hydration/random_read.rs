@@ -22,6 +22,7 @@ pub(crate) async fn section_iops(
     let mut raw_ns = Vec::new();
     let mut during = Vec::new();
     let mut after = Vec::new();
+    let mut collapsed = Vec::new();
     let mut hydrated = Vec::new();
     // Warm-up (untimed): emulation translates code paths on first use.
     fio(&rig.dest_path(), random_4k("randread", 1), size)?;
@@ -37,9 +38,11 @@ pub(crate) async fn section_iops(
         let started = rig
             .start_clone(&Knobs::KERNEL_DEFAULTS, false, false)
             .await?;
+        // The agent's public device: dm-era above the clone.
+        let public = rig.era_above().await?;
         let before = rig.clone_status().await?;
         steps.mark("clone");
-        let (_, iops) = fio(&rig.public.mapper_path(), job, size)?;
+        let (_, iops) = fio(&public.mapper_path(), job, size)?;
         let later = rig.clone_status().await?;
         during.push(iops);
         hydrated.push((before.hydrated_fraction(), later.hydrated_fraction()));
@@ -54,16 +57,24 @@ pub(crate) async fn section_iops(
             .await?;
         rig.wait_hydrated(started.seen).await?;
         steps.mark("rest of hydration");
-        rig.finalize().await?;
-        let (_, iops) = fio(&rig.public.mapper_path(), job, size)?;
+        rig.finalize_beneath_era().await?;
+        let (_, iops) = fio(&public.mapper_path(), job, size)?;
         after.push(iops);
         steps.mark("finalize + fio after");
+        // What the next publish makes: dm-era straight over the thin device.
+        rig.remove_era_above().await?;
+        rig.dm.remove(&rig.public).await?;
+        let table = crate::rig::local_table(size, rig.local_meta, rig.dest_dev)?;
+        rig.dm.create(&rig.public, None, &table).await?;
+        let (_, iops) = fio(&rig.public.mapper_path(), job, size)?;
+        collapsed.push(iops);
+        rig.dm.remove(&rig.public).await?;
+        steps.mark("fio era over thin");
         let (_, iops) = fio(&rig.dest_path(), job, size)?;
         raw_thin.push(iops);
-        rig.dm.remove(&rig.public).await?;
         steps.mark("fio thin");
         eprintln!(
-            "[bench] iops run {}/{}: raw thin {:.0}, namespace {:.0}, clone during hydration {:.0} (hydrated {:.1}% -> {:.1}%), era after finalize {:.0}; {}",
+            "[bench] iops run {}/{}: raw thin {:.0}, namespace {:.0}, era over clone during hydration {:.0} (hydrated {:.1}% -> {:.1}%), era over the thin id beneath after finalize {:.0}, era over thin {:.0}; {}",
             rep + 1,
             params.reps,
             raw_thin[raw_thin.len() - 2],
@@ -72,6 +83,7 @@ pub(crate) async fn section_iops(
             before.hydrated_fraction() * 100.0,
             later.hydrated_fraction() * 100.0,
             after[rep],
+            collapsed[rep],
             steps.text
         );
     }
@@ -92,11 +104,12 @@ pub(crate) async fn section_iops(
         "max",
         "×raw thin"
     );
-    let rows: [(&str, &Vec<f64>); 4] = [
+    let rows: [(&str, &Vec<f64>); 5] = [
         ("raw thin device (destination)", &raw_thin),
         ("raw namespace (NVMe/TCP source)", &raw_ns),
-        ("public = clone during hydration (4K/1/1)", &during),
-        ("public = era over thin after finalize", &after),
+        ("public = era over clone, hydrating (4K/1/1)", &during),
+        ("public = era over thin (2nd activation), finalized", &after),
+        ("public = era over thin, made again", &collapsed),
     ];
     for (label, values) in rows {
         let s = stats(values).ok_or("no samples")?;
@@ -130,7 +143,9 @@ pub(crate) async fn section_iops(
         "raw_thin_iops": stats_json(&raw_thin),
         "raw_namespace_iops": stats_json(&raw_ns),
         "clone_during_hydration_iops": stats_json(&during),
-        "linear_after_finalize_iops": stats_json(&after),
+        "era_over_lower_thin_after_finalize_iops": stats_json(&after),
+        "era_over_thin_iops": stats_json(&collapsed),
+        "era_over_thin_vs_raw_thin": ratio(&collapsed),
         "during_vs_raw_thin": ratio(&during),
         "after_vs_raw_thin": ratio(&after),
         "namespace_vs_raw_thin": ratio(&raw_ns),

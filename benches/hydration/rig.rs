@@ -53,6 +53,8 @@ pub(crate) struct Rig {
     pub(crate) size: u64,
     pub(crate) dest: DeviceName,
     pub(crate) dest_dev: DevRef,
+    /// The destination thin device's table.
+    pub(crate) dest_table: Table,
     pub(crate) pool_dev: DevRef,
     /// dm-era's metadata for the finalized public device, as the agent
     /// stacks a tracked volume: a thin device of the pool, formatted once.
@@ -278,6 +280,7 @@ impl Rig {
             local_meta,
             public: dm_name("public")?,
             dest,
+            dest_table,
             clone_meta,
             source_sha: String::new(),
             source,
@@ -473,7 +476,9 @@ impl Rig {
         }
     }
 
-    /// The agent's finalize, through the agent's own swap routine
+    /// The agent's finalize where the clone is the public device (untracked
+    /// volumes, and tracked ones that began arriving before dm-era went
+    /// above the clone), through the agent's own swap routine
     /// (stack::swap_under_io): the local table (dm-era over the
     /// destination) loaded beside the live clone, then, in one kernel step,
     /// suspend with flush, the clone's completeness checked while
@@ -498,8 +503,59 @@ impl Rig {
         })
     }
 
-    /// Section 3's variant, the agent's order before dm-era joined the
-    /// stack: suspend with flush, status check, load the local table (dm-era
+    /// The agent's public device over an arriving, tracked volume: dm-era
+    /// (the agent's own table builder) above the live clone. Returns its
+    /// name; [`Rig::remove_era_above`] takes it away.
+    pub(crate) async fn era_above(&self) -> BenchResult<DeviceName> {
+        let (clone, _) = self
+            .dm
+            .live_table(&self.public)
+            .await?
+            .ok_or("no clone to put dm-era above")?;
+        let name = dm_name("era-above")?;
+        let table = local_table(self.size, self.local_meta, clone)?;
+        self.dm.create(&name, None, &table).await?;
+        Ok(name)
+    }
+
+    pub(crate) async fn remove_era_above(&self) -> BenchResult<()> {
+        self.dm.remove(&dm_name("era-above")?).await?;
+        Ok(())
+    }
+
+    /// The agent's finalize with dm-era above the clone, through the agent's
+    /// own swap routine: only the layer beneath dm-era changes, from the
+    /// clone to the destination's thin device (its thin id activated a
+    /// second time; loaded beside the clone, suspend with flush,
+    /// completeness checked while suspended, resume). dm-era is not touched.
+    pub(crate) async fn finalize_beneath_era(&self) -> BenchResult<Swap> {
+        let outcome = stack::swap_under_io(
+            &self.kernel,
+            &self.public,
+            &self.dest_table,
+            stack::clone_ready,
+        )
+        .await?;
+        let SwapOutcome::Swapped(timings) = outcome else {
+            return Err("the clone was not complete when suspended for the swap".into());
+        };
+        let live = self.dm.table(&self.public).await?;
+        if live.segments()[0].target.type_name() != "thin" {
+            return Err(format!("after the swap the layer beneath dm-era is {live}").into());
+        }
+        Ok(Swap {
+            started: timings.started,
+            resumed: timings.resumed,
+            preload: Some(timings.preload),
+            suspend: timings.suspend,
+            status: timings.check,
+            load: None,
+            resume: timings.resume,
+        })
+    }
+
+    /// Section 3's variant, the agent's order before dm-era was loaded
+    /// beside the clone: suspend with flush, status check, load the local table (dm-era
     /// opens its metadata inside the pause), resume. Kept as the baseline
     /// the agent's order is measured against; it is not the agent's code.
     pub(crate) async fn finalize_loading_in_pause(&self) -> BenchResult<Swap> {

@@ -20,7 +20,7 @@
 use std::{
     fmt::Write as _,
     os::unix::fs::FileExt,
-    path::PathBuf,
+    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
@@ -31,6 +31,7 @@ use dmclone::{
         PublishVolumeRequest, StartTransferRequest, UnexportVolumeRequest, UnpublishVolumeRequest,
         start_transfer_request::Source, transfers_client::TransfersClient,
     },
+    client::connect_unix,
     dm::{names::DeviceName, table::Target},
 };
 use serde_json::{Value, json};
@@ -63,7 +64,13 @@ pub(crate) async fn measure(params: &Params) -> BenchResult<(Value, String)> {
     }
     let largest = params.usable_gib.iter().copied().max().unwrap_or(1);
     let pool = format!("{}G", params.usable_gib.iter().sum::<u64>() + largest + 2);
-    let source = Agent::start_as(&params.agent, &pool, SOURCE_PREFIX, source_flags()).await?;
+    let source = Agent::start_as(
+        &params.agent,
+        &pool,
+        SOURCE_PREFIX,
+        source_flags(EXPORT_PORT, SOURCE_NQN, SOURCE_HOST_ID),
+    )
+    .await?;
     let destination = Agent::start_as(
         &params.agent,
         &pool,
@@ -93,13 +100,14 @@ fn volume_of(gib: u64) -> String {
     format!("5ab1e000-0000-4000-9000-{gib:012x}")
 }
 
-fn host_flags(nqn: &str, host_id: &str) -> Vec<String> {
+pub(super) fn host_flags(nqn: &str, host_id: &str) -> Vec<String> {
     ["--nvme-host-nqn", nqn, "--nvme-host-id", host_id]
         .map(str::to_owned)
         .to_vec()
 }
 
-fn source_flags() -> Vec<String> {
+/// A source agent's flags: exports on 127.0.0.1:`port`, its own host NQN.
+pub(super) fn source_flags(port: &str, nqn: &str, host_id: &str) -> Vec<String> {
     let mut flags: Vec<String> = [
         // Debian 12's 6.1 target cannot authenticate hosts; on loopback
         // nothing else can reach the port.
@@ -108,13 +116,13 @@ fn source_flags() -> Vec<String> {
         "--nvme-export-address",
         "127.0.0.1",
         "--nvme-export-port",
-        EXPORT_PORT,
+        port,
         "--nvme-export-port-id",
-        EXPORT_PORT,
+        port,
     ]
     .map(str::to_owned)
     .to_vec();
-    flags.extend(host_flags(SOURCE_NQN, SOURCE_HOST_ID));
+    flags.extend(host_flags(nqn, host_id));
     flags
 }
 
@@ -194,7 +202,12 @@ fn nearest_rank(samples: &[f64], fraction: f64) -> f64 {
 }
 
 /// A volume on the source; `written` fills it (fio, 1 MiB sequential).
-async fn create(source: &Agent, volume: &str, size: u64, written: bool) -> BenchResult<()> {
+pub(super) async fn create(
+    source: &Agent,
+    volume: &str,
+    size: u64,
+    written: bool,
+) -> BenchResult<()> {
     let mut volumes = source.client().await?;
     volumes
         .create_volume(CreateVolumeRequest {
@@ -227,11 +240,11 @@ async fn create(source: &Agent, volume: &str, size: u64, written: bool) -> Bench
     Ok(())
 }
 
-async fn export(source: &Agent, volume: &str) -> BenchResult<Export> {
-    Ok(TransfersClient::new(source.channel().await?)
+async fn export(source: &Path, volume: &str, host_nqn: &str) -> BenchResult<Export> {
+    Ok(TransfersClient::new(connect_unix(source).await?)
         .export_volume(ExportVolumeRequest {
             volume_id: volume.into(),
-            host_nqn: DESTINATION_NQN.into(),
+            host_nqn: host_nqn.into(),
             for_transfer: true,
         })
         .await?
@@ -239,23 +252,41 @@ async fn export(source: &Agent, volume: &str) -> BenchResult<Export> {
 }
 
 /// A started move: the destination's device and the source's subsystem.
-struct Started {
-    device: PathBuf,
+pub(super) struct Started {
+    pub(super) device: PathBuf,
     subsystem: String,
 }
 
+/// Two agents on this host, by their sockets: the source exports to the
+/// destination's host NQN, over NVMe/TCP loopback.
+#[derive(Debug, Clone)]
+pub(super) struct Route {
+    source: PathBuf,
+    destination: PathBuf,
+    destination_nqn: &'static str,
+}
+
+impl Route {
+    pub(super) fn new(source: &Agent, destination: &Agent, destination_nqn: &'static str) -> Self {
+        Self {
+            source: source.socket(),
+            destination: destination.socket(),
+            destination_nqn,
+        }
+    }
+}
+
 /// Starts a move of `volume` to the destination.
-async fn start(
-    source: &Agent,
-    destination: &Agent,
+pub(super) async fn start(
+    route: &Route,
     transfer_id: &str,
     volume: &str,
     size: u64,
     deferred: bool,
 ) -> BenchResult<Started> {
-    let export = export(source, volume).await?;
+    let export = export(&route.source, volume, route.destination_nqn).await?;
     let subsystem = export.subsystem_nqn.clone();
-    let transfer = TransfersClient::new(destination.channel().await?)
+    let transfer = TransfersClient::new(connect_unix(&route.destination).await?)
         .start_transfer(StartTransferRequest {
             transfer_id: transfer_id.into(),
             volume_id: volume.into(),
@@ -264,7 +295,7 @@ async fn start(
                 subsystem_nqn: export.subsystem_nqn,
                 transport_address: export.transport_address,
                 transport_service_id: export.transport_service_id,
-                source_agent_endpoint: format!("unix:{}", source.socket().display()),
+                source_agent_endpoint: format!("unix:{}", route.source.display()),
                 release_token: export.release_token,
                 dhchap_host_secret: export.dhchap_host_secret,
                 dhchap_ctrl_secret: export.dhchap_ctrl_secret,
@@ -283,7 +314,11 @@ async fn start(
 /// Aborts the move and waits until the destination had the source withdraw
 /// its export (in the background, with the release token): an export made
 /// for the next move before that would be withdrawn under it.
-async fn abort(destination: &Agent, transfer_id: &str, started: &Started) -> BenchResult<()> {
+pub(super) async fn abort(
+    destination: &Agent,
+    transfer_id: &str,
+    started: &Started,
+) -> BenchResult<()> {
     TransfersClient::new(destination.channel().await?)
         .abort_transfer(AbortTransferRequest {
             transfer_id: transfer_id.into(),
@@ -320,7 +355,8 @@ async fn usable_once(
     let offset = (rep as u64 * 7919 * MIB + 12 * 4096) % size;
     let mut buf = AlignedBuf::new(READ_BYTES);
     let began = Instant::now();
-    let started = start(source, destination, &id, volume, size, false).await?;
+    let route = Route::new(source, destination, DESTINATION_NQN);
+    let started = start(&route, &id, volume, size, false).await?;
     open_direct(&started.device, false)?.read_exact_at(buf.as_mut_slice(), offset)?;
     let elapsed = began.elapsed();
     abort(destination, &id, &started).await?;
@@ -338,8 +374,9 @@ async fn precopy_seconds(
     let mut seconds = Vec::new();
     for rep in 0..PRECOPY_REPS {
         let id = transfer_id(0xdd0 + size / GIB, rep);
-        let started = start(source, destination, &id, volume, size, true).await?;
-        let namespace = source_namespace(volume).await;
+        let route = Route::new(source, destination, DESTINATION_NQN);
+        let started = start(&route, &id, volume, size, true).await?;
+        let namespace = source_namespace(DESTINATION_PREFIX, volume).await;
         let timed = namespace.and_then(|path| {
             let began = Instant::now();
             run_tool(
@@ -361,10 +398,16 @@ async fn precopy_seconds(
     summary(&seconds)
 }
 
-/// The NVMe namespace the destination's clone reads from.
-async fn source_namespace(volume: &str) -> BenchResult<PathBuf> {
+/// The NVMe namespace the clone of the destination (devices named with
+/// `prefix`) reads from.
+pub(super) async fn source_namespace(prefix: &str, volume: &str) -> BenchResult<PathBuf> {
     let dm = dmclone::dm::kernel::DeviceMapper::open()?;
-    let public = DeviceName::new(&format!("{DESTINATION_PREFIX}-{volume}"))?;
+    // The clone sits beneath dm-era when the volume tracks changes.
+    let lower = DeviceName::new(&format!("{prefix}-lower-{volume}"))?;
+    let public = match dm.live_table(&lower).await? {
+        Some(_) => lower,
+        None => DeviceName::new(&format!("{prefix}-{volume}"))?,
+    };
     let table = dm.table(&public).await?;
     let source = table
         .segments()

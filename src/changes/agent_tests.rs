@@ -79,24 +79,45 @@ async fn with_tracking_off_a_volume_is_linear_and_refuses_checkpoints() {
     assert_eq!(host.kernel.thin_ids("dmt-pool").len(), 1, "no era metadata");
 }
 
+/// dm-era sits above an arriving volume's clone from presentation on:
+/// checkpoints work while it arrives (changed blocks: the kernel tests). Without change
+/// tracking it is still refused, as it is for a local volume.
 #[tokio::test]
-async fn an_arriving_volume_refuses_checkpoints_until_it_is_local() {
-    let host = TestHost::new();
-    let source = PathBuf::from("/dev/fake-source");
-    host.kernel.add_block_device_at(&source, 8 * MIB / 512);
-    let agent = host.start().await.unwrap();
-    let id = volume_id(1);
-    let request = StartRequest {
-        transfer: TransferId::parse("20000000-0000-4000-8000-000000000001").unwrap(),
-        volume: id.clone(),
-        size_bytes: 8 * MIB,
-        source: Source::Device(source),
-        deferred: true,
-        knobs: KnobRequest::default(),
-    };
-    agent.transfers.start_transfer(request).await.unwrap();
-    let refused = agent.changes.mark_checkpoint(&id).await;
-    assert_eq!(refusal(&refused), Some("VOLUME_ARRIVING"), "{refused:?}");
+async fn an_arriving_volume_tracks_changes_from_presentation_on() {
+    for tracked in [true, false] {
+        let host = if tracked {
+            TestHost::new()
+        } else {
+            TestHost::with_config("[volumes]\nchange_tracking = false")
+        };
+        let source = PathBuf::from("/dev/fake-source");
+        host.kernel.add_block_device_at(&source, 8 * MIB / 512);
+        let agent = host.start().await.unwrap();
+        let id = volume_id(1);
+        let request = StartRequest {
+            transfer: TransferId::parse("20000000-0000-4000-8000-000000000001").unwrap(),
+            volume: id.clone(),
+            size_bytes: 8 * MIB,
+            source: Source::Device(source),
+            deferred: true,
+            knobs: KnobRequest::default(),
+        };
+        agent.transfers.start_transfer(request).await.unwrap();
+        let checkpoint = agent.changes.mark_checkpoint(&id).await;
+        if !tracked {
+            assert_eq!(
+                refusal(&checkpoint),
+                Some("VOLUME_NOT_TRACKED"),
+                "{checkpoint:?}"
+            );
+            continue;
+        }
+        let era = checkpoint.unwrap();
+        let again = agent.changes.mark_checkpoint(&id).await.unwrap();
+        assert!(again > era, "{again} after {era}");
+        let table = host.kernel.table_text(&format!("dmt-{id}")).unwrap();
+        assert!(table.starts_with("0 16384 era "), "{table}");
+    }
 }
 
 #[tokio::test]

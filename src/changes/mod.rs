@@ -25,8 +25,11 @@
 //! one whose content came from elsewhere (a snapshot, a clone, a revert,
 //! another host) knows writes from the first era dm-era ran over it, and a
 //! question about an earlier era is refused rather than answered wrongly.
-//! While a volume is still arriving, dm-clone sits where dm-era would, so
-//! tracking starts when its transfer finishes.
+//! An arriving volume has dm-era above its dm-clone from presentation on:
+//! its history starts then, and every write made on this host while it
+//! arrives is tracked (hydration's copies are not writes through dm-era).
+//! Transfers recorded before that stack existed keep the clone as their
+//! public device, and their volumes' tracking starts when they finish.
 
 pub mod era_metadata;
 #[doc(hidden)]

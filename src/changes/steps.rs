@@ -103,11 +103,24 @@ impl Context {
         record: &mut VolumeRecord,
         era: &EraDevice,
     ) -> Result<(), AgentError> {
+        if self.begin_history(record, era).await? {
+            self.put(record).await?;
+        }
+        Ok(())
+    }
+
+    /// Sets the start of a history that has none, in `record` only; returns
+    /// whether it did (see [`Context::note_history_start`]).
+    pub(crate) async fn begin_history(
+        &self,
+        record: &mut VolumeRecord,
+        era: &EraDevice,
+    ) -> Result<bool, AgentError> {
         let Some(tracking) = record.tracking.as_mut() else {
-            return Ok(());
+            return Ok(false);
         };
         if tracking.known_from_era.is_some() {
-            return Ok(());
+            return Ok(false);
         }
         // The history begins with an era that begins now: the current one
         // may have seen what the history must not answer for (writes over
@@ -119,7 +132,7 @@ impl Context {
         let current = self.current_era(&era.name).await?;
         tracking.known_from_era = Some(current);
         info!(volume = %record.id, era = current, "changed-block tracking starts");
-        self.put(record).await
+        Ok(true)
     }
 
     /// Takes a thin snapshot through `take` and returns the era it starts, or
@@ -165,7 +178,9 @@ impl Context {
     ) -> Result<EraDevice, AgentError> {
         let id = record.id.clone();
         tracking_of(record)?;
-        if let Some(transfer) = &record.transfer {
+        if let Some(transfer) = &record.transfer
+            && !record.on_lower
+        {
             return Err(Refusal::VolumeArriving {
                 volume: id,
                 transfer: transfer.clone(),
@@ -181,7 +196,10 @@ impl Context {
             }
             .into());
         }
-        let era = if record.published {
+        let era = if record.transfer.is_some() {
+            // dm-era above the clone: the transfer keeps the stack up.
+            EraDevice::public(self.naming.public(&id))
+        } else if record.published {
             self.ensure_public_device(record).await?;
             EraDevice::public(self.naming.public(&id))
         } else {

@@ -98,6 +98,9 @@ pub enum DeviceRole {
     Snapshot(String),
     /// The dm-era metadata device of the volume with this id.
     EraMetadata(String),
+    /// The device dm-era sits on while the volume with this id arrives (its
+    /// dm-clone), and after it arrived until its public device is next made.
+    Lower(String),
     /// dm-era over an unpublished volume, activated for a moment.
     EraProbe(String),
     /// Our prefix, but a role this agent version does not know.
@@ -146,6 +149,12 @@ impl Naming {
         self.name(&format!("emeta-{volume}"))
     }
 
+    /// The layer beneath an arriving volume's dm-era: its dm-clone, a
+    /// linear map of the thin device once the volume is local.
+    pub fn lower(&self, volume: &VolumeId) -> DeviceName {
+        self.name(&format!("lower-{volume}"))
+    }
+
     /// dm-era over an unpublished volume, activated only for a moment.
     pub fn era_probe(&self, volume: &VolumeId) -> DeviceName {
         self.name(&format!("era-{volume}"))
@@ -177,6 +186,8 @@ impl Naming {
                     DeviceRole::EraMetadata(id.to_owned())
                 } else if let Some(id) = with_id("era-") {
                     DeviceRole::EraProbe(id.to_owned())
+                } else if let Some(id) = with_id("lower-") {
+                    DeviceRole::Lower(id.to_owned())
                 } else {
                     DeviceRole::Other(other.to_owned())
                 }
@@ -251,6 +262,7 @@ mod tests {
                 DeviceRole::EraMetadata(id.to_string()),
             ),
             (naming.era_probe(&id), DeviceRole::EraProbe(id.to_string())),
+            (naming.lower(&id), DeviceRole::Lower(id.to_string())),
             (
                 naming.snapshot(&SnapshotId::parse(id.as_str()).unwrap()),
                 DeviceRole::Snapshot(id.to_string()),

@@ -46,16 +46,54 @@ impl Context {
     }
 
     /// Creates the public device over the thin device (through dm-era when
-    /// the volume tracks changes), or resizes it.
+    /// the volume tracks changes), or resizes it. A volume that arrived with
+    /// dm-era above its clone keeps the layer beneath, now the volume's thin
+    /// device activated a second time, until its public device is next made.
     pub(crate) async fn ensure_public_device(
         &self,
         record: &VolumeRecord,
     ) -> Result<DevRef, AgentError> {
         let thin = self.ensure_thin_device(record).await?;
-        let table = self.local_table(record, thin).await?;
+        let origin = if record.on_lower {
+            let table = self.pool.thin_table(record.thin_id, record.size_bytes)?;
+            self.ensure_device(&self.naming.lower(&record.id), &table, |live| {
+                stack::is_resize_of(live, &table)
+            })
+            .await?
+        } else {
+            thin
+        };
+        self.ensure_era_above(record, origin).await
+    }
+
+    /// Makes the public device the volume's local table over `origin` (the
+    /// thin device, or the layer beneath dm-era), or resizes it.
+    pub(crate) async fn ensure_era_above(
+        &self,
+        record: &VolumeRecord,
+        origin: DevRef,
+    ) -> Result<DevRef, AgentError> {
+        let table = self.local_table(record, origin).await?;
         let public = self.naming.public(&record.id);
         self.ensure_device(&public, &table, |live| stack::is_resize_of(live, &table))
             .await
+    }
+
+    /// Removes the public device, and the layer beneath it if the volume
+    /// still has one (its next public device maps the thin device).
+    pub(crate) async fn remove_public_stack(
+        &self,
+        record: &mut VolumeRecord,
+    ) -> Result<(), AgentError> {
+        self.remove_device_if_present(&self.naming.public(&record.id))
+            .await?;
+        if record.on_lower {
+            self.remove_device_if_present(&self.naming.lower(&record.id))
+                .await?;
+            record.on_lower = false;
+            self.put(record).await?;
+        }
+        Ok(())
     }
 
     /// Makes `name` carry `table` (see [`stack::ensure_device`]).
@@ -126,9 +164,8 @@ impl Context {
             return Ok(());
         }
         let id = record.id.clone();
-        let public = self.naming.public(&id);
         // The kernel refuses to remove an open device: busy means opened.
-        match self.remove_device_if_present(&public).await {
+        match self.remove_public_stack(&mut record).await {
             Ok(()) => {
                 info!(volume = %id, "unpublished volume");
                 Ok(())
@@ -159,7 +196,7 @@ impl Context {
                 volume.id
             ))
         })?;
-        if transfer.phase.is_finished() || !self.public_is_clone(volume).await? {
+        if transfer.phase.is_finished() || !self.clone_is_live(&transfer).await? {
             self.ensure_public_device(volume).await?;
             return Ok(());
         }
@@ -168,18 +205,23 @@ impl Context {
 
     /// Loads an arriving volume's clone table again where it differs from
     /// the live one: a new size, or a new namespace of its source after the
-    /// connection was lost and made again.
+    /// connection was lost and made again. dm-era above it follows a new
+    /// size.
     pub(crate) async fn reload_arriving(
         &self,
         volume: &VolumeRecord,
         transfer: &TransferRecord,
     ) -> Result<(), AgentError> {
-        let public = self.naming.public(&volume.id);
+        let clone = self.clone_device(transfer);
         let table = self.arriving_table(volume, transfer).await?;
-        if self.dm.table(&public).await? != table {
+        if self.dm.table(&clone).await? != table {
             // swap_table suspends before loading: the clone's metadata stays
             // consistent across the reload.
-            self.dm.swap_table(&public, &table).await?;
+            self.dm.swap_table(&clone, &table).await?;
+        }
+        if transfer.era_above {
+            let lower = self.ensure_device(&clone, &table, |_| false).await?;
+            self.ensure_era_above(volume, lower).await?;
         }
         Ok(())
     }
@@ -192,9 +234,34 @@ impl Context {
         transfer: &TransferRecord,
     ) -> Result<(), AgentError> {
         let table = self.arriving_table(volume, transfer).await?;
-        let public = self.naming.public(&volume.id);
-        self.ensure_device(&public, &table, |_| false).await?;
+        let clone = self
+            .ensure_device(&self.clone_device(transfer), &table, |_| false)
+            .await?;
+        if transfer.era_above {
+            self.ensure_era_above(volume, clone).await?;
+        }
         Ok(())
+    }
+
+    /// The bytes per second the transfer may copy now: its own limit, or its
+    /// equal share of the host's budget among the transfers copying (and
+    /// `joining` more) when that is lower; 0: no limit.
+    pub(crate) fn byte_limit(&self, transfer: &TransferRecord, joining: usize) -> u64 {
+        crate::transfer::byte_limit(
+            transfer.max_bytes_per_second,
+            self.settings.transfer.max_bytes_per_second,
+            self.registry.copying() + joining,
+        )
+    }
+
+    /// The device carrying a transfer's dm-clone: the layer beneath dm-era,
+    /// or the public device itself (see [`TransferRecord::era_above`]).
+    pub(crate) fn clone_device(&self, transfer: &TransferRecord) -> DeviceName {
+        if transfer.era_above {
+            self.naming.lower(&transfer.volume_id)
+        } else {
+            self.naming.public(&transfer.volume_id)
+        }
     }
 
     /// The clone table of an arriving volume, over its source, clone
@@ -243,11 +310,15 @@ impl Context {
         devices: CloneDevices,
         hydrate: bool,
     ) -> Result<Table, AgentError> {
+        // Counted among the copying transfers from the start: its share of
+        // a host budget bounds its first burst too.
+        let (threshold, batch) =
+            crate::transfer::knobs_within(transfer, self.byte_limit(transfer, 1));
         let layer = CloneLayer {
             clone_bytes: transfer.clone_bytes,
             region_bytes: transfer.region_bytes,
-            hydration_threshold: Some(transfer.hydration_threshold),
-            hydration_batch_size: Some(transfer.hydration_batch_size),
+            hydration_threshold: Some(threshold),
+            hydration_batch_size: Some(batch),
             hydrate,
         };
         stack::clone_table(volume.size_bytes, &layer, devices)
@@ -274,14 +345,17 @@ impl Context {
         Ok(())
     }
 
-    /// Sends a message to the clone segment of the volume's public device.
+    /// Sends a message to the transfer's dm-clone.
     pub(crate) async fn message_clone(
         &self,
         transfer: &TransferRecord,
         message: &str,
     ) -> Result<(), AgentError> {
-        let public = self.naming.public(&transfer.volume_id);
-        match self.dm.message(&public, 0, message).await {
+        match self
+            .dm
+            .message(&self.clone_device(transfer), 0, message)
+            .await
+        {
             Ok(_) => Ok(()),
             // After a start that could not rebuild the clone (its source
             // unreachable), the monitor keeps trying; so may the caller.
@@ -416,7 +490,12 @@ impl Context {
         Ok(())
     }
 
-    pub(crate) async fn public_is_clone(&self, volume: &VolumeRecord) -> Result<bool, AgentError> {
-        stack::is_clone(self.dm.as_ref(), &self.naming.public(&volume.id)).await
+    /// Whether the transfer's clone device still maps dm-clone (finalize
+    /// has not switched it to the local copy).
+    pub(crate) async fn clone_is_live(
+        &self,
+        transfer: &TransferRecord,
+    ) -> Result<bool, AgentError> {
+        stack::is_clone(self.dm.as_ref(), &self.clone_device(transfer)).await
     }
 }

@@ -2,7 +2,8 @@
 //! reconciles and serves. The fixture holds: volume ...01 (4 MiB, published,
 //! tracked) with snapshot 10000000-...01, volume ...02 (8 MiB), and volume
 //! ...03 arriving by deferred transfer 20000000-...01 from a local device;
-//! thin ids 1-8 in the pool.
+//! thin ids 1-8 in the pool. Its transfer predates dm-era above the clone:
+//! it keeps the clone as its public device until it finishes.
 
 #![allow(clippy::unwrap_used)]
 

@@ -134,8 +134,9 @@ impl Transfers {
         drop(room_held);
         failpoint::hit("transfer.after_record");
         let hydrate = !request.deferred;
+        let mut volume = volume;
         if let Err(err) = self
-            .build_new_stack(&volume, &transfer, source_dev, hydrate)
+            .build_new_stack(&mut volume, &transfer, source_dev, hydrate)
             .await
         {
             warn!(transfer = %transfer.id, error = %err, "could not build the clone stack; rolling back");
@@ -156,7 +157,6 @@ impl Transfers {
                 .await?;
             return Err(err);
         }
-        let mut volume = volume;
         let mut transfer = transfer;
         volume.pending = None;
         transfer.phase = if hydrate {
@@ -406,11 +406,11 @@ impl Transfers {
     /// presented: those writes exist nowhere else. Where the clone cannot be
     /// read (its stack is not up), nothing can write to it now either.
     async fn refuse_losing_writes(&self, transfer: &TransferRecord) -> Result<(), AgentError> {
-        let public = self.ctx.naming.public(&transfer.volume_id);
+        let clone = self.ctx.clone_device(transfer);
         let written = match self
             .ctx
             .dm
-            .status_of::<Health<CloneStatus>>(&public, 0)
+            .status_of::<Health<CloneStatus>>(&clone, 0)
             .await
         {
             Ok(Health::Running(status)) => status.hydrated_regions,
@@ -480,6 +480,9 @@ impl Transfers {
         metadata_bytes: u64,
     ) -> Result<(VolumeRecord, TransferRecord), AgentError> {
         let now = crate::records::unix_now();
+        let tracking = self.ctx.new_tracking(None);
+        // dm-era goes above the clone wherever the volume tracks changes.
+        let era_above = tracking.is_some();
         let volume = VolumeRecord {
             id: request.volume.clone(),
             size_bytes: size,
@@ -492,7 +495,8 @@ impl Transfers {
             export: None,
             source_snapshot: None,
             source_volume: None,
-            tracking: self.ctx.new_tracking(None),
+            tracking,
+            on_lower: era_above,
         };
         let transfer = TransferRecord {
             id: request.transfer.clone(),
@@ -515,6 +519,7 @@ impl Transfers {
             export_withdrawn: false,
             export_claimed: false,
             switched_local: false,
+            era_above,
         };
         let ids = self
             .ctx
@@ -532,9 +537,11 @@ impl Transfers {
         Ok(arriving_ids(volume, transfer, &ids))
     }
 
+    /// Makes the arriving stack: the clone over the source, and dm-era
+    /// above it when the transfer has it (its history starts at once).
     async fn build_new_stack(
         &self,
-        volume: &VolumeRecord,
+        volume: &mut VolumeRecord,
         transfer: &TransferRecord,
         source: DevRef,
         hydrate: bool,
@@ -550,15 +557,24 @@ impl Transfers {
             .await?;
         failpoint::hit("transfer.after_metadata");
         let destination = self.ctx.ensure_thin_device(volume).await?;
-        self.ctx.format_era_metadata(volume, destination).await?;
+        if !transfer.era_above {
+            self.ctx.format_era_metadata(volume, destination).await?;
+        }
         let devices = CloneDevices {
             metadata,
             destination,
             source,
         };
         let table = self.ctx.clone_table(volume, transfer, devices, hydrate)?;
-        let public = self.ctx.naming.public(&volume.id);
-        self.ctx.dm.create(&public, None, &table).await?;
+        let clone = self.ctx.clone_device(transfer);
+        let lower = self.ctx.dm.create(&clone, None, &table).await?.device;
+        if transfer.era_above {
+            self.ctx.ensure_era_above(volume, lower).await?;
+            let public = self.ctx.naming.public(&volume.id);
+            self.ctx
+                .begin_history(volume, &crate::changes::EraDevice::public(public))
+                .await?;
+        }
         Ok(())
     }
 

@@ -65,6 +65,11 @@ fn public(id: &VolumeId) -> String {
     format!("dmt-{id}")
 }
 
+/// The device beneath dm-era: the clone while arriving, the thin device after.
+fn lower(id: &VolumeId) -> String {
+    format!("dmt-lower-{id}")
+}
+
 fn journal_has(host: &TestHost, entry: &str) -> bool {
     host.kernel.journal().iter().any(|e| e == entry)
 }
@@ -84,9 +89,14 @@ async fn a_started_transfer_presents_the_volume_through_dm_clone() {
         view.device_path,
         PathBuf::from(format!("/dev/mapper/{}", public(&id)))
     );
-    let table = host.kernel.table_text(&public(&id)).unwrap();
+    let table = host.kernel.table_text(&lower(&id)).unwrap();
     assert!(table.starts_with("0 16384 clone "), "{table}");
     assert!(!table.contains("no_hydration"), "{table}");
+    let above = host.kernel.table_text(&public(&id)).unwrap();
+    assert!(
+        above.starts_with("0 16384 era "),
+        "dm-era above the clone: {above}"
+    );
     let volume = agent.volumes.get_volume(&id).await.unwrap();
     assert_eq!(volume.state, crate::volume::VolumeState::Hydrating);
     assert!(
@@ -100,19 +110,25 @@ async fn hydration_complete_raises_the_event_and_the_monitor_finalizes_onto_dm_e
     let host = host();
     let (agent, id) = arriving(&host).await;
     let ids_while_arriving = host.kernel.thin_ids("dmt-pool").len();
-    host.kernel.hydrate(&public(&id));
+    host.kernel.hydrate(&lower(&id));
     let done = transfer_reaches(&agent, &transfer_id(1), TransferState::Done).await;
     assert!(done.finalize_pause_micros.is_some());
     let journal = host.kernel.journal();
     let at = |entry: String| journal.iter().position(|e| *e == entry);
-    let flushed = at(format!("flush {}", public(&id)));
-    let suspended = at(format!("suspend {}", public(&id)));
+    let flushed = at(format!("flush {}", lower(&id)));
+    let suspended = at(format!("suspend {}", lower(&id)));
     assert!(
         flushed.is_some() && flushed < suspended,
         "the clone commits its end before the swap: {journal:?}"
     );
     let table = host.kernel.table_text(&public(&id)).unwrap();
     assert!(table.starts_with("0 16384 era "), "{table}");
+    let beneath = host.kernel.table_text(&lower(&id)).unwrap();
+    assert!(beneath.starts_with("0 16384 thin "), "{beneath}");
+    assert!(
+        !journal_has(&host, &format!("suspend {}", public(&id))),
+        "dm-era is not touched by the swap: {journal:?}"
+    );
     assert!(!host.devices().contains(&format!("dmt-cmeta-{id}")));
     assert_eq!(
         host.kernel.thin_ids("dmt-pool").len(),
@@ -138,7 +154,7 @@ async fn a_deferred_transfer_copies_nothing_until_committed() {
     assert!(view.deferred, "the view says so, whatever its state");
     assert!(
         host.kernel
-            .table_text(&public(&id))
+            .table_text(&lower(&id))
             .unwrap()
             .contains("no_hydration")
     );
@@ -151,7 +167,7 @@ async fn a_deferred_transfer_copies_nothing_until_committed() {
     assert!(!view.deferred, "committed");
     assert!(journal_has(
         &host,
-        &format!("message {} enable_hydration", public(&id))
+        &format!("message {} enable_hydration", lower(&id))
     ));
 }
 
@@ -167,7 +183,7 @@ async fn pause_resume_and_throttle_are_clone_messages() {
     assert_eq!(paused.state, TransferState::Paused);
     assert!(journal_has(
         &host,
-        &format!("message {} disable_hydration", public(&id))
+        &format!("message {} disable_hydration", lower(&id))
     ));
     let resumed = agent
         .transfers
@@ -194,7 +210,7 @@ async fn pause_resume_and_throttle_are_clone_messages() {
     );
     assert!(journal_has(
         &host,
-        &format!("message {} hydration_threshold 4", public(&id))
+        &format!("message {} hydration_threshold 4", lower(&id))
     ));
 }
 
@@ -363,11 +379,11 @@ async fn a_running_transfer_gets_its_clone_back_after_a_reboot_and_finishes() {
     let agent = host.restart(agent).await.unwrap();
     assert!(
         host.kernel
-            .table_text(&public(&id))
+            .table_text(&lower(&id))
             .unwrap()
             .contains(" clone ")
     );
-    host.kernel.hydrate(&public(&id));
+    host.kernel.hydrate(&lower(&id));
     transfer_reaches(&agent, &transfer_id(1), TransferState::Done).await;
 }
 
@@ -391,14 +407,15 @@ async fn a_source_path_that_names_another_disk_after_a_reboot_is_not_copied() {
         view.message
     );
     assert_eq!(
-        host.kernel.table_text(&public(&id)),
+        host.kernel.table_text(&lower(&id)),
         None,
         "no clone over the other disk"
     );
+    assert_eq!(host.kernel.table_text(&public(&id)), None);
 
     host.kernel.point_at(source, original);
     transfer_reaches(&agent, &transfer_id(1), TransferState::Hydrating).await;
-    host.kernel.hydrate(&public(&id));
+    host.kernel.hydrate(&lower(&id));
     transfer_reaches(&agent, &transfer_id(1), TransferState::Done).await;
 }
 
@@ -419,7 +436,7 @@ async fn a_finalize_cut_anywhere_is_finished_at_the_next_start() {
             .unwrap();
         // The finalize runs here, in the test's task, where the point is armed.
         agent.stop_background();
-        host.kernel.hydrate(&public(&id));
+        host.kernel.hydrate(&lower(&id));
         let caller = Arc::clone(&agent);
         crash(point, async move {
             caller.transfers.finalize(&transfer_id(1)).await
@@ -430,6 +447,8 @@ async fn a_finalize_cut_anywhere_is_finished_at_the_next_start() {
         transfer_reaches(&agent, &transfer_id(1), TransferState::Done).await;
         let table = host.kernel.table_text(&public(&id)).unwrap();
         assert!(table.starts_with("0 16384 era "), "{point}: {table}");
+        let beneath = host.kernel.table_text(&lower(&id)).unwrap();
+        assert!(beneath.starts_with("0 16384 thin "), "{point}: {beneath}");
         assert!(
             !host.devices().contains(&format!("dmt-cmeta-{id}")),
             "{point}"
@@ -469,15 +488,22 @@ async fn extending_an_arriving_volume_keeps_the_clone_and_maps_the_rest_locally(
     let (agent, id) = arriving(&host).await;
     let grown = agent.volumes.extend_volume(&id, 12 * MIB).await.unwrap();
     assert_eq!(grown.size_bytes, 12 * MIB);
-    let table = host.kernel.table_text(&public(&id)).unwrap();
+    let table = host.kernel.table_text(&lower(&id)).unwrap();
     let lines: Vec<&str> = table.lines().collect();
     assert_eq!(lines.len(), 2, "{table}");
     assert!(lines[0].starts_with("0 16384 clone "), "{table}");
     assert!(lines[1].starts_with("16384 8192 linear "), "{table}");
-    host.kernel.hydrate(&public(&id));
+    let above = host.kernel.table_text(&public(&id)).unwrap();
+    assert!(
+        above.starts_with("0 24576 era "),
+        "dm-era grew too: {above}"
+    );
+    host.kernel.hydrate(&lower(&id));
     transfer_reaches(&agent, &transfer_id(1), TransferState::Done).await;
     let table = host.kernel.table_text(&public(&id)).unwrap();
     assert!(table.starts_with("0 24576 era "), "{table}");
+    let beneath = host.kernel.table_text(&lower(&id)).unwrap();
+    assert!(beneath.starts_with("0 24576 thin "), "{beneath}");
 }
 
 #[tokio::test]
@@ -489,7 +515,7 @@ async fn an_arriving_volume_unpublished_loses_its_device_once_the_transfer_is_do
         host.devices().contains(&public(&id)),
         "hydration runs through the public device"
     );
-    host.kernel.hydrate(&public(&id));
+    host.kernel.hydrate(&lower(&id));
     transfer_reaches(&agent, &transfer_id(1), TransferState::Done).await;
     // The device goes right after the transfer is recorded done.
     for _ in 0..400 {
@@ -499,6 +525,10 @@ async fn an_arriving_volume_unpublished_loses_its_device_once_the_transfer_is_do
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert!(!host.devices().contains(&public(&id)));
+    assert!(
+        !host.devices().contains(&lower(&id)),
+        "nor the layer beneath"
+    );
     assert!(!agent.volumes.get_volume(&id).await.unwrap().published);
 }
 
@@ -506,7 +536,7 @@ async fn an_arriving_volume_unpublished_loses_its_device_once_the_transfer_is_do
 async fn a_finished_transfer_cannot_be_aborted_or_paused() {
     let host = host();
     let (agent, id) = arriving(&host).await;
-    host.kernel.hydrate(&public(&id));
+    host.kernel.hydrate(&lower(&id));
     transfer_reaches(&agent, &transfer_id(1), TransferState::Done).await;
     let abort = agent.transfers.abort_transfer(&transfer_id(1), false).await;
     assert_eq!(refusal(&abort), Some("TRANSFER_WRONG_STATE"), "{abort:?}");
@@ -536,7 +566,7 @@ async fn a_monitor_without_events_backs_off_and_still_finishes() {
         "{view:?}"
     );
 
-    host.kernel.hydrate(&public(&id));
+    host.kernel.hydrate(&lower(&id));
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         let view = agent.transfers.get_transfer(&transfer_id(1)).await.unwrap();
@@ -596,7 +626,7 @@ async fn a_move_the_pool_could_not_write_in_full_is_refused() {
 async fn a_deferred_transfer_written_in_full_finalizes_only_after_its_commit() {
     let host = host();
     let (agent, id) = deferred(&host).await;
-    host.kernel.hydrate(&public(&id));
+    host.kernel.hydrate(&lower(&id));
     for _ in 0..3 {
         agent.ctx.registry.wake(&transfer_id(1));
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -618,7 +648,7 @@ async fn a_deferred_transfer_written_in_full_finalizes_only_after_its_commit() {
 async fn a_deferred_transfer_whose_destination_was_written_aborts_only_by_force() {
     let host = host();
     let (agent, id) = deferred(&host).await;
-    host.kernel.write_regions(&public(&id), 2);
+    host.kernel.write_regions(&lower(&id), 2);
     let refused = agent.transfers.abort_transfer(&transfer_id(1), false).await;
     assert_eq!(
         refusal(&refused),

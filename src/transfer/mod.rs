@@ -19,6 +19,7 @@ pub mod export;
 pub mod history;
 mod hydrate;
 mod monitor;
+pub(crate) use monitor::{byte_limit, knobs_within};
 mod outage;
 pub mod phase;
 pub mod progress;

@@ -84,9 +84,9 @@ impl Transfers {
                 self.ctx.registry.forget(id);
                 return Ok(());
             };
-            let volume_id = transfer.volume_id.clone();
-            let public = self.ctx.naming.public(&volume_id);
-            let seen = self.ctx.dm.event_counter(&public).unwrap_or(0);
+            // dm-clone signals on the device that carries it.
+            let clone = self.ctx.clone_device(&transfer);
+            let seen = self.ctx.dm.event_counter(&clone).unwrap_or(0);
             match self.look(&transfer, &mut watch).await? {
                 Next::Stop => return Ok(()),
                 Next::Finalize => {
@@ -106,7 +106,7 @@ impl Transfers {
             let (wake, tick) = self.ctx.registry.with_live(id, |live| {
                 (live.wake.clone(), live.progress.next_look(tick))
             });
-            let waited = wait_for_change(self.ctx.dm.as_ref(), &public, seen, &wake, tick).await;
+            let waited = wait_for_change(self.ctx.dm.as_ref(), &clone, seen, &wake, tick).await;
             if let Some(pause) = watch.events.after_wait(waited, tick) {
                 // The wait ended at once: look again only after a pause.
                 tokio::select! {
@@ -130,12 +130,12 @@ impl Transfers {
             // The reloaded table copies at its own threshold again.
             watch.gate.stopped = false;
         }
-        let public = self.ctx.naming.public(&transfer.volume_id);
+        let clone = self.ctx.clone_device(transfer);
         let now = Instant::now();
         let status = match self
             .ctx
             .dm
-            .status_of::<Health<CloneStatus>>(&public, 0)
+            .status_of::<Health<CloneStatus>>(&clone, 0)
             .await
         {
             Ok(Health::Running(status)) => status,
@@ -208,7 +208,7 @@ impl Transfers {
         {
             // The clone commits its metadata now rather than on its next
             // tick: its end is on disk (and signalled) before the swap.
-            if let Err(err) = self.ctx.dm.flush(&public).await {
+            if let Err(err) = self.ctx.dm.flush(&clone).await {
                 warn!(transfer = %transfer.id, error = %err, "cannot flush the finished clone; the swap's suspend commits it");
             }
             return Ok(Next::Finalize);
@@ -244,14 +244,8 @@ impl Transfers {
         }
     }
 
-    /// The bytes per second this transfer may copy now: its own limit, or
-    /// its equal share of the host's budget when that is lower; 0: no limit.
     fn byte_limit(&self, transfer: &TransferRecord) -> u64 {
-        byte_limit(
-            transfer.max_bytes_per_second,
-            self.ctx.settings.transfer.max_bytes_per_second,
-            self.ctx.registry.copying(),
-        )
+        self.ctx.byte_limit(transfer, 0)
     }
 
     /// dm-clone has no rate limit of its own: the monitor stops background
@@ -264,15 +258,24 @@ impl Transfers {
         let limit = self.byte_limit(transfer);
         watch.limiter.step(Instant::now(), bytes, limit);
         watch.gate.over_budget = watch.limiter.holding;
-        let message = match watch.gate.change() {
-            Some(true) => "hydration_threshold 0".to_owned(),
-            Some(false) => format!("hydration_threshold {}", transfer.hydration_threshold),
+        let messages = match watch.gate.change() {
+            Some(true) => vec!["hydration_threshold 0".to_owned()],
+            Some(false) => {
+                let (threshold, batch) = knobs_within(transfer, limit);
+                vec![
+                    format!("hydration_batch_size {batch}"),
+                    format!("hydration_threshold {threshold}"),
+                ]
+            }
             None => return,
         };
-        if let Err(err) = self.ctx.message_clone(transfer, &message).await {
-            // Told again at the next look.
-            watch.gate.stopped = !watch.gate.stopped;
-            warn!(transfer = %transfer.id, error = %err, "cannot stop or restart background copying");
+        for message in messages {
+            if let Err(err) = self.ctx.message_clone(transfer, &message).await {
+                // Told again at the next look.
+                watch.gate.stopped = !watch.gate.stopped;
+                warn!(transfer = %transfer.id, error = %err, "cannot stop or restart background copying");
+                return;
+            }
         }
     }
 
@@ -304,7 +307,7 @@ impl Transfers {
         failpoint::hit("finalize.after_record");
         let public = self.ctx.naming.public(&volume_id);
         if !transfer.switched_local {
-            if self.ctx.public_is_clone(&volume).await?
+            if self.ctx.clone_is_live(&transfer).await?
                 && !self.swap_to_local(&volume, &mut transfer).await?
             {
                 transfer.phase = TransferPhase::Hydrating;
@@ -357,21 +360,30 @@ impl Transfers {
         Ok(true)
     }
 
-    /// Switches the public device to the local table while the clone is
+    /// Switches the clone's device to the local copy while the clone is
     /// complete, through the one swap routine (see [`stack::swap_under_io`]):
-    /// the local table (its dm-era opens its metadata outside the pause) is
-    /// loaded beside the clone, and the clone's completeness is checked
-    /// while suspended. An incomplete clone resumes unchanged.
+    /// the local table is loaded beside the clone, and the clone's
+    /// completeness is checked while suspended. An incomplete clone resumes
+    /// unchanged. Beneath dm-era the local table is the volume's thin device
+    /// (its thin id activated a second time), so dm-era is not touched;
+    /// otherwise the public device's own local table (its dm-era opens its
+    /// metadata outside the pause) replaces the clone.
     async fn swap_to_local(
         &self,
         volume: &VolumeRecord,
         transfer: &mut TransferRecord,
     ) -> Result<bool, AgentError> {
-        let public = self.ctx.naming.public(&volume.id);
-        let destination = self.ctx.ensure_thin_device(volume).await?;
-        let local = self.ctx.local_table(volume, destination).await?;
+        let clone = self.ctx.clone_device(transfer);
+        let local = if transfer.era_above {
+            self.ctx
+                .pool
+                .thin_table(volume.thin_id, volume.size_bytes)?
+        } else {
+            let destination = self.ctx.ensure_thin_device(volume).await?;
+            self.ctx.local_table(volume, destination).await?
+        };
         let outcome =
-            stack::swap_under_io(self.ctx.dm.as_ref(), &public, &local, stack::clone_ready).await?;
+            stack::swap_under_io(self.ctx.dm.as_ref(), &clone, &local, stack::clone_ready).await?;
         let SwapOutcome::Swapped(timings) = outcome else {
             warn!(transfer = %transfer.id, "finalize found regions still to copy; hydration continues");
             return Ok(false);
@@ -462,9 +474,32 @@ impl EventSource {
     }
 }
 
+/// The copy knobs (threshold, batch) a transfer runs with under `limit`
+/// bytes per second (0: its own). dm-clone cannot stop a copy it began, so
+/// what one start puts in flight (threshold x batch regions) stays within
+/// the limiter's quarter-second burst, or one region: the overshoot the
+/// bucket must repay stays small, even for a volume that one burst of the
+/// transfer's own knobs would copy whole.
+pub(crate) fn knobs_within(transfer: &TransferRecord, limit: u64) -> (u32, u32) {
+    bounded_knobs(
+        (transfer.hydration_threshold, transfer.hydration_batch_size),
+        transfer.region_bytes,
+        limit,
+    )
+}
+
+fn bounded_knobs((threshold, batch): (u32, u32), region_bytes: u64, limit: u64) -> (u32, u32) {
+    if limit == 0 {
+        return (threshold, batch);
+    }
+    let burst_regions = (limit / 4 / region_bytes.max(1)).max(1);
+    let within = u32::try_from(burst_regions).unwrap_or(u32::MAX);
+    (threshold.min(within).max(1), 1)
+}
+
 /// A transfer's own limit and the host's budget shared equally among the
 /// `copying` transfers, whichever is lower; 0 stands for no limit.
-fn byte_limit(own: u64, host_budget: u64, copying: usize) -> u64 {
+pub(crate) fn byte_limit(own: u64, host_budget: u64, copying: usize) -> u64 {
     if host_budget == 0 {
         return own;
     }
@@ -528,6 +563,15 @@ mod tests {
 
     fn ms(n: u64) -> Duration {
         Duration::from_millis(n)
+    }
+
+    #[test]
+    fn under_a_limit_one_start_puts_at_most_a_quarter_second_in_flight() {
+        let own = |limit| bounded_knobs((16, 8), 1 << 20, limit);
+        assert_eq!(own(0), (16, 8), "no limit: its own knobs");
+        assert_eq!(own(8 << 20), (2, 1), "2 MiB in a quarter second");
+        assert_eq!(own(1 << 20), (1, 1), "at least one region");
+        assert_eq!(own(1 << 30), (16, 1), "never above its own");
     }
 
     #[test]

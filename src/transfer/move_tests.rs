@@ -495,10 +495,10 @@ async fn a_move_over_nvme_connects_then_lets_go_and_asks_the_source_to_release()
     let host = TestHost::new();
     let (agent, id, transfer) = arriving_over_nvme(&host).await;
     assert_eq!(host.fabric.connections(), [SOURCE_SUBSYSTEM]);
-    let table = host.kernel.table_text(&format!("dmt-{id}")).unwrap();
+    let table = host.kernel.table_text(&format!("dmt-lower-{id}")).unwrap();
     assert!(table.starts_with("0 16384 clone "), "{table}");
 
-    host.kernel.hydrate(&format!("dmt-{id}"));
+    host.kernel.hydrate(&format!("dmt-lower-{id}"));
     transfer_reaches(&agent, &transfer, TransferState::Done).await;
     assert!(host.fabric.connections().is_empty(), "the source is let go");
     // The source does not answer at first; the destination asks again.
@@ -553,15 +553,15 @@ async fn a_source_unreachable_after_a_reboot_degrades_only_its_transfer() {
         view.state == TransferState::Hydrating
             && host
                 .kernel
-                .table_text(&format!("dmt-{id}"))
+                .table_text(&format!("dmt-lower-{id}"))
                 .is_some_and(|t| t.contains(" clone "))
     })
     .await;
-    host.kernel.hydrate(&format!("dmt-{id}"));
+    host.kernel.hydrate(&format!("dmt-lower-{id}"));
     transfer_reaches(&agent, &transfer, TransferState::Done).await;
 }
 
-/// The thresholds the clone of `public` was told, in order.
+/// The thresholds the clone on device `public` was told, in order.
 fn thresholds_told(host: &TestHost, public: &str) -> Vec<String> {
     let prefix = format!("message {public} hydration_threshold ");
     host.kernel
@@ -583,7 +583,7 @@ async fn state_of(agent: &crate::agent::Agent, transfer: &TransferId) -> Transfe
 async fn a_source_outage_stops_copying_and_a_lost_connection_is_made_again() {
     let host = TestHost::new();
     let (agent, id, transfer) = arriving_over_nvme(&host).await;
-    let public = format!("dmt-{id}");
+    let public = format!("dmt-lower-{id}");
     let first_table = host.kernel.table_text(&public).unwrap();
 
     host.fabric.interrupt(SOURCE_SUBSYSTEM);

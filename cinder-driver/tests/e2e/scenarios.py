@@ -1543,22 +1543,23 @@ class DMCloneDriverE2E(DriverE2ETestCase):
         )
 
         # Still arriving: the destination of a live migration back to hv1
-        # (a deferred transfer) has no history of its own yet.
+        # (a deferred transfer) tracks changes from its presentation on
+        # (dm-era above its clone): a checkpoint works there, and a question
+        # from before it arrived is refused.
         target, _ = self.attach_locally(volume, 'hv1', instance)
         self.assertEqual(
             ['deferred'], [t['state'] for t in hv1.transfers_of(name)]
         )
-        with self.assertRaises(exception.InvalidVolume) as caught:
-            self.mark_checkpoint('hv1', volume)
-        say(f'MarkCheckpoint on the arriving copy: {caught.exception}')
-        self.assertIn('still arriving', str(caught.exception))
-        # The reason code, read by the client from the agent's ErrorInfo.
-        self.assertEqual('VOLUME_ARRIVING', caught.exception.refusal_reason)
+        arrived = self.mark_checkpoint('hv1', volume)
+        say(f'MarkCheckpoint on the arriving copy: era {arrived}')
+        self.assertEqual(
+            set(), self.changed_since('hv1', name, era=arrived).blocks
+        )
         self.assert_changes_refused(
             grpc.StatusCode.FAILED_PRECONDITION,
             'hv1',
             name,
-            reason='VOLUME_ARRIVING',
+            reason='ERA_BEFORE_HISTORY',
             era=0,
         )
         self.detach(target)  # nova's rollback: the transfer is aborted

@@ -39,6 +39,7 @@ fn record(n: u32, phase: TransferPhase, finished_unix: Option<i64>) -> TransferR
         export_withdrawn: false,
         export_claimed: false,
         switched_local: false,
+        era_above: false,
     }
 }
 

@@ -189,7 +189,9 @@ async fn moving(ids: Ids, a: &AgentProcess, b: &AgentProcess, relay: &Relay, see
         })
         .await
         .unwrap();
-    wait_for(ids, b, "4 MiB copied", |t| t.bytes_hydrated >= 4 * MIB).await;
+    // Under a byte limit regions are copied one at a time, in order: the
+    // copied reader's 8 MiB are in once 8 MiB are.
+    wait_for(ids, b, "8 MiB copied", |t| t.bytes_hydrated >= 8 * MIB).await;
     source_sha
 }
 
@@ -357,8 +359,9 @@ async fn a_longer_outage_fails_only_uncopied_reads_and_the_move_resumes() {
     })
     .await;
     let lost_after = cut.elapsed();
+    // The clone sits beneath the public device's dm-era.
     let clone: CloneStatus = kernel()
-        .status_of(&name("dmctoutd", ids.volume), 0)
+        .status_of(&name("dmctoutd", &format!("lower-{}", ids.volume)), 0)
         .await
         .unwrap();
     // The byte budget has long been repaid: only the outage holds copying.

@@ -29,6 +29,8 @@ use crate::support::*;
 
 const TRANSFER: &str = "6b9d1c3e-5f1a-4f7e-9a57-3f0c2b8f6d01";
 const VOLUME: &str = "7b9d1c3e-5f1a-4f7e-9a57-3f0c2b8f6d02";
+const SNAPSHOT: &str = "8b9d1c3e-5f1a-4f7e-9a57-3f0c2b8f6d03";
+const COPY: &str = "9b9d1c3e-5f1a-4f7e-9a57-3f0c2b8f6d04";
 
 fn knobs(region: u32, threshold: u32, batch: u32) -> Option<HydrationKnobs> {
     Some(HydrationKnobs {
@@ -647,44 +649,144 @@ async fn extending_while_hydrating_maps_the_new_range_locally() {
     agent.destroy().await;
 }
 
-/// A volume moved without an attachment (Cinder's migrate) is unpublished
-/// while it arrives: the device hydration runs through stays until the
-/// transfer finishes, then goes, and the volume can be deleted.
-/// dm-clone sits where dm-era goes while the volume arrives: tracking is
-/// refused until the transfer finishes, then starts with the local copy.
+/// dm-era sits above the clone from presentation on: a checkpoint taken at
+/// arrival answers exactly the blocks written here while the volume arrives
+/// (deferred, then hydrating) and after it finalized, across a kill -9 of
+/// the agent mid-hydration; hydration's own copies are not changes.
+/// Finalize swaps only the layer beneath dm-era, and the next publish puts
+/// dm-era straight over the thin device with the same history.
 #[tokio::test(flavor = "multi_thread")]
-async fn an_arriving_volume_tracks_changes_once_it_is_local() {
+async fn an_arriving_volume_tracks_changes_from_presentation_on() {
     let size = 32 * MIB;
     let source = LoopDisk::with_pattern(size, 67);
-    let agent = AgentProcess::start("dmctarrcbt").await;
+    let mut agent = AgentProcess::start("dmctarrcbt").await;
     let mut client = TransfersClient::new(agent.channel().await);
-    start(&mut client, source.path(), size, true, None)
+    let mut slow = knobs(64 * 1024, 1, 1);
+    slow.as_mut().unwrap().max_bytes_per_second = 2 * MIB;
+    start(&mut client, source.path(), size, true, slow)
         .await
         .unwrap();
-    let refused = checkpoint(&agent, VOLUME).await.unwrap_err();
-    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
-    assert!(refused.message().contains("still arriving"), "{refused:?}");
-    assert_eq!(refusal_reason(&refused).as_deref(), Some("VOLUME_ARRIVING"));
-
-    client.commit_transfer(reference()).await.unwrap();
-    let (states, _) = watch_to_the_end(&agent).await;
-    assert_eq!(states.last(), Some(&TransferState::Done));
-    let unknown = changed(&agent, VOLUME, Since::Era(0)).await.unwrap_err();
-    assert_eq!(unknown.code(), Code::FailedPrecondition, "{unknown:?}");
-    let era = checkpoint(&agent, VOLUME).await.unwrap();
     let public = public_path(&agent);
-    write_at(&public, 3 * BLOCK + 4096, &[0x5A; 4096]);
-    write_at(&public, 17 * BLOCK - 4096, &[0x5A; 8192]);
+    let era = checkpoint(&agent, VOLUME).await.unwrap();
+    let before_arrival = changed(&agent, VOLUME, Since::Era(0)).await.unwrap_err();
+    assert_eq!(
+        before_arrival.code(),
+        Code::FailedPrecondition,
+        "{before_arrival:?}"
+    );
+    let mut expected = Expected {
+        seed: 67,
+        size,
+        writes: Vec::new(),
+    };
+    let mut write = |offset: u64, len: usize, byte: u8| {
+        let data = vec![byte; len];
+        write_at(&public, offset, &data);
+        expected.writes.push((offset, data));
+    };
+    write(3 * BLOCK + 4096, 4096, 0x5A);
+    write(17 * BLOCK - 4096, 8192, 0x5B);
     assert_eq!(
         changed(&agent, VOLUME, Since::Era(era)).await.unwrap(),
-        [3, 16, 17].into()
+        [3, 16, 17].into(),
+        "while deferred"
     );
+    client.commit_transfer(reference()).await.unwrap();
+    write(100 * BLOCK, 4096, 0x5C);
+    write(511 * BLOCK, BLOCK as usize, 0x5D);
+    agent.kill9().await;
+    agent.restart().await;
+    let mut client = TransfersClient::new(agent.channel().await);
+    write(300 * BLOCK + 4096, 4096, 0x5E);
+    let hydrating = transfer(&mut client).await;
+    assert_eq!(
+        changed(&agent, VOLUME, Since::Era(era)).await.unwrap(),
+        [3, 16, 17, 100, 300, 511].into(),
+        "mid-hydration, across a kill -9: exactly the blocks written here, none that \
+         hydration copied"
+    );
+    assert!(
+        hydrating.regions_hydrated < hydrating.regions_total,
+        "still hydrating when asked: {hydrating:?}"
+    );
+    client
+        .throttle_transfer(ThrottleTransferRequest {
+            transfer_id: TRANSFER.into(),
+            knobs: Some(HydrationKnobs {
+                hydration_threshold: 64,
+                hydration_batch_size: 16,
+                max_bytes_per_second: 1 << 40,
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+    let (states, last) = watch_to_the_end(&agent).await;
+    assert_eq!(states.last(), Some(&TransferState::Done), "{states:?}");
+    assert_eq!(
+        changed(&agent, VOLUME, Since::Era(era)).await.unwrap(),
+        [3, 16, 17, 100, 300, 511].into(),
+        "the finalize changes nothing in the history"
+    );
+    write(200 * BLOCK, 4096, 0x5F);
+    assert_eq!(
+        changed(&agent, VOLUME, Since::Era(era)).await.unwrap(),
+        [3, 16, 17, 100, 200, 300, 511].into(),
+        "after finalize, the same history"
+    );
+    assert_eq!(sha256_of(&public, size), expected.sha256());
+    // A snapshot holds the thin id's second activation beneath dm-era too:
+    // a volume made from it has the same content.
+    super::snapshots::snapshot(&agent, SNAPSHOT, VOLUME)
+        .await
+        .unwrap();
     let mut volumes = agent.volumes().await;
+    super::snapshots::from_snapshot(&mut volumes, COPY, size, SNAPSHOT)
+        .await
+        .unwrap();
+    let copy = publish(&mut volumes, COPY).await.unwrap();
+    assert_eq!(sha256_of(Path::new(&copy), size), expected.sha256());
+    unpublish(&mut volumes, COPY).await.unwrap();
+    delete(&mut volumes, COPY).await.unwrap();
+    let table = kernel()
+        .table(&dmclone::dm::names::DeviceName::new(&format!("{}-{VOLUME}", agent.prefix)).unwrap())
+        .await
+        .unwrap();
+    assert!(
+        matches!(table.segments()[0].target, Target::Era(_)),
+        "{table}"
+    );
+    println!(
+        "MEASURED finalize pause with dm-era above the clone: {} us; {} of {} regions copied \
+         when asked mid-hydration",
+        last.finalize_pause_micros, hydrating.regions_hydrated, hydrating.regions_total
+    );
     unpublish(&mut volumes, VOLUME).await.unwrap();
+    assert!(
+        our_devices_named(&agent.prefix, "lower-").await.is_empty(),
+        "the layer beneath dm-era goes with the public device"
+    );
+    let path = publish(&mut volumes, VOLUME).await.unwrap();
+    assert_eq!(sha256_of(Path::new(&path), size), expected.sha256());
+    assert_eq!(
+        changed(&agent, VOLUME, Since::Era(era)).await.unwrap(),
+        [3, 16, 17, 100, 200, 300, 511].into(),
+        "dm-era made again straight over the thin device keeps the history"
+    );
+    unpublish(&mut volumes, VOLUME).await.unwrap();
+    dmclone::api::proto::v1::snapshots_client::SnapshotsClient::new(agent.channel().await)
+        .delete_snapshot(dmclone::api::proto::v1::DeleteSnapshotRequest {
+            snapshot_id: SNAPSHOT.into(),
+        })
+        .await
+        .unwrap();
     delete(&mut volumes, VOLUME).await.unwrap();
     agent.destroy().await;
 }
 
+/// A volume moved without an attachment (Cinder's migrate) is unpublished
+/// while it arrives: the device hydration runs through stays until the
+/// transfer finishes, then goes, and the volume can be deleted.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_arriving_volume_unpublished_loses_its_device_when_finished() {
     let size = 32 * MIB;
@@ -1183,7 +1285,9 @@ async fn a_source_path_naming_another_device_is_never_copied() {
     agent.kill9().await;
     // What a reboot does: the agent's devices are gone, and another disk
     // sits where the source was.
+    let lower = name(prefix, &format!("lower-{VOLUME}"));
     dm.remove(&name(prefix, VOLUME)).await.unwrap();
+    dm.remove(&lower).await.unwrap();
     dm.remove(&source_name).await.unwrap();
     dm.create(&source_name, Some("DMCTEST-source-b"), &over(&disk_b))
         .await
@@ -1198,11 +1302,8 @@ async fn a_source_path_naming_another_device_is_never_copied() {
         "{degraded:?}"
     );
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(
-        dm.info(&name(prefix, VOLUME)).await.unwrap(),
-        None,
-        "no clone"
-    );
+    assert_eq!(dm.info(&lower).await.unwrap(), None, "no clone");
+    assert_eq!(dm.info(&name(prefix, VOLUME)).await.unwrap(), None);
     assert_eq!(
         reads_of(disk_b.dev),
         reads_before,
