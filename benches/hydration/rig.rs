@@ -488,19 +488,9 @@ impl Rig {
         let local = local_table(self.size, self.local_meta, self.dest_dev)?;
         let outcome =
             stack::swap_under_io(&self.kernel, &self.public, &local, stack::clone_ready).await?;
-        let SwapOutcome::Swapped(timings) = outcome else {
-            return Err("the clone was not complete when suspended for the swap".into());
-        };
+        let swap = Swap::of(outcome)?;
         self.check_local().await?;
-        Ok(Swap {
-            started: timings.started,
-            resumed: timings.resumed,
-            preload: Some(timings.preload),
-            suspend: timings.suspend,
-            status: timings.check,
-            load: None,
-            resume: timings.resume,
-        })
+        Ok(swap)
     }
 
     /// The agent's public device over an arriving, tracked volume: dm-era
@@ -536,22 +526,12 @@ impl Rig {
             stack::clone_ready,
         )
         .await?;
-        let SwapOutcome::Swapped(timings) = outcome else {
-            return Err("the clone was not complete when suspended for the swap".into());
-        };
+        let swap = Swap::of(outcome)?;
         let live = self.dm.table(&self.public).await?;
         if live.segments()[0].target.type_name() != "thin" {
             return Err(format!("after the swap the layer beneath dm-era is {live}").into());
         }
-        Ok(Swap {
-            started: timings.started,
-            resumed: timings.resumed,
-            preload: Some(timings.preload),
-            suspend: timings.suspend,
-            status: timings.check,
-            load: None,
-            resume: timings.resume,
-        })
+        Ok(swap)
     }
 
     /// Section 3's variant, the agent's order before dm-era was loaded
@@ -643,6 +623,23 @@ pub(crate) struct Swap {
 }
 
 impl Swap {
+    /// The timings of a swap through the agent's routine; a clone found
+    /// incomplete while suspended is an error here.
+    pub(crate) fn of(outcome: SwapOutcome) -> BenchResult<Self> {
+        let SwapOutcome::Swapped(timings) = outcome else {
+            return Err("the clone was not complete when suspended for the swap".into());
+        };
+        Ok(Swap {
+            started: timings.started,
+            resumed: timings.resumed,
+            preload: Some(timings.preload),
+            suspend: timings.suspend,
+            status: timings.check,
+            load: None,
+            resume: timings.resume,
+        })
+    }
+
     pub(crate) fn total(&self) -> Duration {
         self.resumed - self.started
     }

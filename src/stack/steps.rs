@@ -310,10 +310,16 @@ impl Context {
         devices: CloneDevices,
         hydrate: bool,
     ) -> Result<Table, AgentError> {
-        // Counted among the copying transfers from the start: its share of
-        // a host budget bounds its first burst too.
-        let (threshold, batch) =
-            crate::transfer::knobs_within(transfer, self.byte_limit(transfer, 1));
+        // Under a byte limit the clone starts one region at a time: its
+        // monitor does not know yet what share of a host budget is its own
+        // (the transfers copying count it only from its first look), and
+        // what a first burst puts in flight cannot be taken back. The first
+        // restart after a hold sets the knobs its share allows.
+        let (threshold, batch) = if self.byte_limit(transfer, 1) > 0 {
+            (1, 1)
+        } else {
+            (transfer.hydration_threshold, transfer.hydration_batch_size)
+        };
         let layer = CloneLayer {
             clone_bytes: transfer.clone_bytes,
             region_bytes: transfer.region_bytes,

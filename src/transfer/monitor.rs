@@ -256,6 +256,9 @@ impl Transfers {
     async fn gate_copying(&self, transfer: &TransferRecord, watch: &mut Watch, hydrated: u64) {
         let bytes = hydrated * transfer.region_bytes;
         let limit = self.byte_limit(transfer);
+        // Copies come in regions: a bucket that cannot hold two of them
+        // would hold copying back after every one.
+        watch.limiter.granule = 2 * transfer.region_bytes;
         watch.limiter.step(Instant::now(), bytes, limit);
         watch.gate.over_budget = watch.limiter.holding;
         let messages = match watch.gate.change() {
@@ -460,13 +463,19 @@ impl EventSource {
                 self.pause = Duration::ZERO;
                 None
             }
+            // A device the event monitor has not listed yet (it lists them
+            // at the next event of any device) or that is gone (a rebuild's
+            // business, which the look reports): look again after the tick,
+            // as often as with events, or a byte limit would be enforced
+            // seconds late.
+            Err(crate::Error::NoSuchDevice { .. }) => {
+                self.failure = None;
+                self.pause = Duration::ZERO;
+                Some(tick)
+            }
+            // Only a failing event source is this one's.
             Err(err) => {
-                // A device that is gone is a rebuild's business (the look
-                // reports it); only a failing event source is this one's.
-                self.failure = match err {
-                    crate::Error::NoSuchDevice { .. } => None,
-                    other => Some(other.to_string()),
-                };
+                self.failure = Some(err.to_string());
                 self.pause = (self.pause * 2).clamp(tick, MAX_EVENTLESS_PAUSE);
                 Some(self.pause)
             }
@@ -480,7 +489,7 @@ impl EventSource {
 /// the limiter's quarter-second burst, or one region: the overshoot the
 /// bucket must repay stays small, even for a volume that one burst of the
 /// transfer's own knobs would copy whole.
-pub(crate) fn knobs_within(transfer: &TransferRecord, limit: u64) -> (u32, u32) {
+fn knobs_within(transfer: &TransferRecord, limit: u64) -> (u32, u32) {
     bounded_knobs(
         (transfer.hydration_threshold, transfer.hydration_batch_size),
         transfer.region_bytes,
@@ -517,9 +526,13 @@ const LIMITED_TICK: Duration = Duration::from_millis(20);
 /// Copying stops while the balance is negative and starts again once it is
 /// back above half the cap, so an overshoot is repaid instead of forgiven and
 /// the long-run rate stays at the limit however slowly the monitor looks.
+/// The cap is at least `granule` bytes (two regions): below it, a bucket
+/// spent by one region's copy holds copying back after each one and the
+/// rate stays under the limit.
 #[derive(Debug, Default)]
 struct RateLimiter {
     last: Option<(Instant, u64)>,
+    granule: u64,
     balance: f64,
     holding: bool,
 }
@@ -531,7 +544,7 @@ impl RateLimiter {
             self.last = None;
             return self.set_holding(false);
         }
-        let cap = limit as f64 / 4.0;
+        let cap = (limit as f64 / 4.0).max(self.granule as f64);
         let (then, then_bytes) = self.last.unwrap_or((now, hydrated_bytes));
         if self.last.is_none() {
             self.balance = cap;
@@ -563,6 +576,36 @@ mod tests {
 
     fn ms(n: u64) -> Duration {
         Duration::from_millis(n)
+    }
+
+    #[test]
+    fn a_device_not_listed_yet_is_looked_at_every_tick_and_a_failing_source_less_often() {
+        let mut events = EventSource::default();
+        let unlisted = || {
+            Err(crate::Error::NoSuchDevice {
+                device: "dmt-lower-x".into(),
+            })
+        };
+        for _ in 0..4 {
+            assert_eq!(events.after_wait(unlisted(), ms(20)), Some(ms(20)));
+            assert!(events.failure.is_none(), "not a failure of the events");
+        }
+        let failing = || Err(crate::Error::Other("the monitor stopped".into()));
+        let pauses: Vec<_> = (0..4)
+            .map(|_| events.after_wait(failing(), ms(500)))
+            .collect();
+        assert_eq!(
+            pauses,
+            [
+                Some(ms(500)),
+                Some(ms(1000)),
+                Some(ms(2000)),
+                Some(ms(4000))
+            ]
+        );
+        assert!(events.failure.is_some());
+        assert_eq!(events.after_wait(Ok(()), ms(500)), None);
+        assert!(events.failure.is_none());
     }
 
     #[test]
@@ -598,6 +641,24 @@ mod tests {
             "below half the cap"
         );
         assert_eq!(limiter.step(t0 + ms(500), 600, 1000), Some(false));
+    }
+
+    #[test]
+    fn a_bucket_holds_at_least_its_granule() {
+        let t0 = Instant::now();
+        let mut limiter = RateLimiter {
+            granule: 2000,
+            ..RateLimiter::default()
+        };
+        limiter.step(t0, 0, 1000);
+        // A quarter second of 1000 B/s is 250 B; two 1000 B regions fit.
+        assert_eq!(limiter.step(t0 + ms(10), 1000, 1000), None, "one region in");
+        assert_eq!(limiter.step(t0 + ms(20), 2000, 1000), None, "two");
+        assert_eq!(
+            limiter.step(t0 + ms(30), 3000, 1000),
+            Some(true),
+            "past the bucket"
+        );
     }
 
     #[test]

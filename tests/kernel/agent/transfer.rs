@@ -127,6 +127,15 @@ fn public_path(agent: &AgentProcess) -> PathBuf {
     PathBuf::from(format!("/dev/mapper/{}-{VOLUME}", agent.prefix))
 }
 
+/// The volume's public device maps dm-era.
+async fn assert_public_is_era(agent: &AgentProcess, why: &str) {
+    let table = kernel().table(&name(&agent.prefix, VOLUME)).await.unwrap();
+    assert!(
+        matches!(table.segments()[0].target, Target::Era(_)),
+        "{why}: {table}"
+    );
+}
+
 async fn our_devices_named(prefix: &str, role: &str) -> Vec<String> {
     kernel()
         .list()
@@ -259,14 +268,7 @@ async fn a_volume_is_presented_at_once_hydrated_under_writes_and_finalized() {
         our_devices_named(&agent.prefix, "cmeta-").await.is_empty(),
         "clone metadata left behind"
     );
-    let table = kernel()
-        .table(&dmclone::dm::names::DeviceName::new(&format!("{}-{VOLUME}", agent.prefix)).unwrap())
-        .await
-        .unwrap();
-    assert!(
-        matches!(table.segments()[0].target, Target::Era(_)),
-        "finished: dm-era over the thin device (change tracking is on by default): {table}"
-    );
+    assert_public_is_era(&agent, "finished, with change tracking on by default").await;
     // A finished volume is an ordinary one.
     unpublish(&mut agent.volumes().await, VOLUME).await.unwrap();
     delete(&mut agent.volumes().await, VOLUME).await.unwrap();
@@ -748,14 +750,7 @@ async fn an_arriving_volume_tracks_changes_from_presentation_on() {
     assert_eq!(sha256_of(Path::new(&copy), size), expected.sha256());
     unpublish(&mut volumes, COPY).await.unwrap();
     delete(&mut volumes, COPY).await.unwrap();
-    let table = kernel()
-        .table(&dmclone::dm::names::DeviceName::new(&format!("{}-{VOLUME}", agent.prefix)).unwrap())
-        .await
-        .unwrap();
-    assert!(
-        matches!(table.segments()[0].target, Target::Era(_)),
-        "{table}"
-    );
+    assert_public_is_era(&agent, "dm-era stays through the finalize").await;
     println!(
         "MEASURED finalize pause with dm-era above the clone: {} us; {} of {} regions copied \
          when asked mid-hydration",
