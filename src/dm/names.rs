@@ -149,8 +149,8 @@ impl Naming {
         self.name(&format!("emeta-{volume}"))
     }
 
-    /// The layer beneath an arriving volume's dm-era: its dm-clone, a
-    /// linear map of the thin device once the volume is local.
+    /// The layer beneath an arriving volume's dm-era: its dm-clone, then the
+    /// volume's thin id activated a second time once the volume is local.
     pub fn lower(&self, volume: &VolumeId) -> DeviceName {
         self.name(&format!("lower-{volume}"))
     }

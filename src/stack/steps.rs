@@ -214,14 +214,18 @@ impl Context {
     ) -> Result<(), AgentError> {
         let clone = self.clone_device(transfer);
         let table = self.arriving_table(volume, transfer).await?;
-        if self.dm.table(&clone).await? != table {
-            // swap_table suspends before loading: the clone's metadata stays
-            // consistent across the reload.
-            self.dm.swap_table(&clone, &table).await?;
-        }
+        let found =
+            self.dm
+                .live_table(&clone)
+                .await?
+                .ok_or_else(|| crate::Error::NoSuchDevice {
+                    device: clone.to_string(),
+                })?;
+        // swap_table (through adopt) suspends before loading: the clone's
+        // metadata stays consistent across the reload.
+        let device = stack::adopt(self.dm.as_ref(), &clone, found, &table, |_| true).await?;
         if transfer.era_above {
-            let lower = self.ensure_device(&clone, &table, |_| false).await?;
-            self.ensure_era_above(volume, lower).await?;
+            self.ensure_era_above(volume, device).await?;
         }
         Ok(())
     }
@@ -241,17 +245,6 @@ impl Context {
             self.ensure_era_above(volume, clone).await?;
         }
         Ok(())
-    }
-
-    /// The bytes per second the transfer may copy now: its own limit, or its
-    /// equal share of the host's budget among the transfers copying (and
-    /// `joining` more) when that is lower; 0: no limit.
-    pub(crate) fn byte_limit(&self, transfer: &TransferRecord, joining: usize) -> u64 {
-        crate::transfer::byte_limit(
-            transfer.max_bytes_per_second,
-            self.settings.transfer.max_bytes_per_second,
-            self.registry.copying() + joining,
-        )
     }
 
     /// The device carrying a transfer's dm-clone: the layer beneath dm-era,

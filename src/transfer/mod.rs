@@ -19,7 +19,6 @@ pub mod export;
 pub mod history;
 mod hydrate;
 mod monitor;
-pub(crate) use monitor::byte_limit;
 mod outage;
 pub mod phase;
 pub mod progress;

@@ -14,6 +14,7 @@ use super::{
 };
 
 use crate::{
+    context::Context,
     dm::{
         Kernel,
         status::{CloneMode, CloneStatus, Health},
@@ -98,7 +99,7 @@ impl Transfers {
             }
             // A byte budget needs a close look; otherwise the kernel's event
             // wakes us and the tick only refreshes progress.
-            let tick = if self.byte_limit(&transfer) > 0 {
+            let tick = if self.ctx.byte_limit(&transfer, 0) > 0 {
                 LIMITED_TICK
             } else {
                 TICK
@@ -244,10 +245,6 @@ impl Transfers {
         }
     }
 
-    fn byte_limit(&self, transfer: &TransferRecord) -> u64 {
-        self.ctx.byte_limit(transfer, 0)
-    }
-
     /// dm-clone has no rate limit of its own: the monitor stops background
     /// copies (threshold 0) while the transfer's byte budget is overdrawn
     /// (see `RateLimiter`) or its source is unreachable, and restores the
@@ -255,7 +252,7 @@ impl Transfers {
     /// touch.
     async fn gate_copying(&self, transfer: &TransferRecord, watch: &mut Watch, hydrated: u64) {
         let bytes = hydrated * transfer.region_bytes;
-        let limit = self.byte_limit(transfer);
+        let limit = self.ctx.byte_limit(transfer, 0);
         // Copies come in regions: a bucket that cannot hold two of them
         // would hold copying back after every one.
         watch.limiter.granule = 2 * transfer.region_bytes;
@@ -506,9 +503,22 @@ fn bounded_knobs((threshold, batch): (u32, u32), region_bytes: u64, limit: u64) 
     (threshold.min(within).max(1), 1)
 }
 
+impl Context {
+    /// The bytes per second the transfer may copy now: its own limit, or
+    /// its equal share of the host's budget among the transfers copying
+    /// (and `joining` more) when that is lower; 0: no limit.
+    pub(crate) fn byte_limit(&self, transfer: &TransferRecord, joining: usize) -> u64 {
+        byte_limit(
+            transfer.max_bytes_per_second,
+            self.settings.transfer.max_bytes_per_second,
+            self.registry.copying() + joining,
+        )
+    }
+}
+
 /// A transfer's own limit and the host's budget shared equally among the
 /// `copying` transfers, whichever is lower; 0 stands for no limit.
-pub(crate) fn byte_limit(own: u64, host_budget: u64, copying: usize) -> u64 {
+fn byte_limit(own: u64, host_budget: u64, copying: usize) -> u64 {
     if host_budget == 0 {
         return own;
     }
