@@ -149,7 +149,7 @@ impl Agent {
         });
         let volumes = Volumes::new(ctx.clone());
         let transfers = Transfers::new(ctx.clone());
-        let exports = Exports::new(ctx.clone(), volumes.clone());
+        let exports = Exports::new(ctx.clone(), volumes.clone(), transfers.clone());
         let mut agent = Self {
             volumes,
             snapshots: Snapshots::new(ctx.clone()),

@@ -208,6 +208,10 @@ pub struct TransferConfig {
     pub keep_finished_seconds: Option<u64>,
     /// ...or when this many newer ones finished.
     pub keep_finished: Option<u32>,
+    /// How many moves may be in flight along one chain of hosts (A→B→C is
+    /// two): a volume still arriving here is exported onward only while
+    /// the chain stays within this.
+    pub max_chain_depth: Option<u32>,
 }
 
 /// Where the thin pool lives and how full it may get.
@@ -418,6 +422,8 @@ pub struct TransferSettings {
     pub max_bytes_per_second: u64,
     pub keep_finished_seconds: u64,
     pub keep_finished: u32,
+    /// Moves in flight along one chain of hosts, at most.
+    pub max_chain_depth: u32,
 }
 
 /// Measured by benches/run in the guest, 256 MiB over NVMe/TCP loopback, side
@@ -435,6 +441,13 @@ pub const DEFAULT_STALL_SECONDS: u64 = 30;
 /// for an operator to look back, bounded for the store and for listings.
 pub const DEFAULT_KEEP_FINISHED_SECONDS: u64 = 7 * 24 * 3600;
 pub const DEFAULT_KEEP_FINISHED: u32 = 1000;
+
+/// A→B→C→D: every host of a chain reads through the ones before it, so each
+/// hop adds a network round trip to a read not copied yet, and a host that
+/// fails stalls every one after it.
+pub const DEFAULT_MAX_CHAIN_DEPTH: u32 = 3;
+/// Beyond this a chain is a misconfiguration, not a plan.
+pub const MAX_CHAIN_DEPTH_LIMIT: u32 = 8;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TcpSettings {
@@ -630,6 +643,13 @@ impl TransferConfig {
         if stall_seconds == 0 {
             return Err(invalid("transfer.stall_seconds", "must be at least 1"));
         }
+        let max_chain_depth = self.max_chain_depth.unwrap_or(DEFAULT_MAX_CHAIN_DEPTH);
+        if !(1..=MAX_CHAIN_DEPTH_LIMIT).contains(&max_chain_depth) {
+            return Err(invalid(
+                "transfer.max_chain_depth",
+                format!("{max_chain_depth} is outside 1..={MAX_CHAIN_DEPTH_LIMIT}"),
+            ));
+        }
         Ok(TransferSettings {
             region_bytes,
             hydration_threshold: positive(
@@ -648,6 +668,7 @@ impl TransferConfig {
                 .keep_finished_seconds
                 .unwrap_or(DEFAULT_KEEP_FINISHED_SECONDS),
             keep_finished: self.keep_finished.unwrap_or(DEFAULT_KEEP_FINISHED),
+            max_chain_depth,
         })
     }
 }

@@ -43,6 +43,8 @@ pub const POINTS: &[&str] = &[
     "export.after_record",
     "unexport.after_unexport",
     "release.after_unexport",
+    "release.after_pass_on_record",
+    "release.after_pass_on_teardown",
     "snapshot.after_record",
     "snapshot.after_message",
     "snapshot.delete_after_record",

@@ -263,6 +263,10 @@ impl Reconciler {
             if public_exists || record.on_lower {
                 self.ctx.remove_public_stack(&mut record).await?;
             }
+            if record.on_lower {
+                // Kept for the export that serves it.
+                self.ctx.ensure_lower_device(&record).await?;
+            }
         }
         if record.pending.is_some() {
             self.ctx.settle(record).await?;
@@ -326,6 +330,13 @@ impl Reconciler {
                 } else {
                     self.ctx.rebuild_stack(&volume, transfer).await
                 }
+            }
+            (TransferPhase::Done, Some(volume))
+                if transfer.passed_on_to.is_some()
+                    && volume.transfer.as_ref() == Some(&transfer.id) =>
+            {
+                report.finished += 1;
+                self.exports.finish_pass_on(volume, transfer).await
             }
             (TransferPhase::Done, Some(volume)) if volume.transfer.is_some() => {
                 self.transfers.detach_finished(&volume).await

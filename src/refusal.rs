@@ -73,6 +73,19 @@ pub enum Refusal {
         hint: &'static str,
     },
 
+    /// Moving a volume that is still arriving would make its chain of
+    /// moves in flight longer than `transfer.max_chain_depth`.
+    #[error(
+        "moving volume {volume} on from here would make {depth} moves in flight along its chain \
+         (transfer.max_chain_depth = {max}); move it once a host before this one holds every \
+         byte (its transfer is done)"
+    )]
+    ChainTooDeep {
+        volume: VolumeId,
+        depth: usize,
+        max: u32,
+    },
+
     /// A device of the volume is open (an attached instance, a mount).
     #[error("volume {volume} is open at {device} ({open_count} users); {hint}")]
     VolumeInUse {
@@ -209,7 +222,7 @@ pub enum Refusal {
 impl Refusal {
     /// Every reason code, in the order of the variants (for documentation
     /// and tests).
-    pub const REASONS: [&'static str; 22] = [
+    pub const REASONS: [&'static str; 23] = [
         "VOLUME_PUBLISHED",
         "VOLUME_HAS_SNAPSHOTS",
         "VOLUME_EXPORTED",
@@ -217,6 +230,7 @@ impl Refusal {
         "EXPORT_FOR_TRANSFER",
         "EXPORT_NOT_FOR_TRANSFER",
         "VOLUME_ARRIVING",
+        "CHAIN_TOO_DEEP",
         "VOLUME_IN_USE",
         "DEVICE_IN_USE",
         "NVME_NAMESPACE_IN_USE",
@@ -244,6 +258,7 @@ impl Refusal {
             Refusal::ExportForTransfer { .. } => "EXPORT_FOR_TRANSFER",
             Refusal::ExportNotForTransfer { .. } => "EXPORT_NOT_FOR_TRANSFER",
             Refusal::VolumeArriving { .. } => "VOLUME_ARRIVING",
+            Refusal::ChainTooDeep { .. } => "CHAIN_TOO_DEEP",
             Refusal::VolumeInUse { .. } => "VOLUME_IN_USE",
             Refusal::DeviceInUse { .. } => "DEVICE_IN_USE",
             Refusal::NamespaceInUse { .. } => "NVME_NAMESPACE_IN_USE",
@@ -303,6 +318,15 @@ impl Refusal {
                 transfer,
                 ..
             } => vec![volume(id), ("transfer_id", transfer.to_string())],
+            Refusal::ChainTooDeep {
+                volume: id,
+                depth,
+                max,
+            } => vec![
+                volume(id),
+                ("chain_depth", depth.to_string()),
+                ("max_chain_depth", max.to_string()),
+            ],
             Refusal::VolumeInUse {
                 volume: id,
                 device,
@@ -443,6 +467,11 @@ mod tests {
                 transfer: transfer(),
                 hint: "abort the transfer to remove it",
             },
+            Refusal::ChainTooDeep {
+                volume: volume(),
+                depth: 4,
+                max: 3,
+            },
             Refusal::VolumeInUse {
                 volume: volume(),
                 device: "/dev/mapper/dmclone-x".into(),
@@ -556,6 +585,7 @@ mod tests {
         assert!(message("VOLUME_PUBLISHED").contains("unpublish it"));
         assert!(message("VOLUME_HAS_SNAPSHOTS").contains(SNAPSHOT));
         assert!(message("VOLUME_ARRIVING").contains("still arriving"));
+        assert!(message("CHAIN_TOO_DEEP").contains("transfer.max_chain_depth = 3"));
         assert!(message("VOLUME_IN_USE").contains("detach it first"));
         assert!(message("NVME_NAMESPACE_IN_USE").contains("/dev/nvme1n2, which dm-3 still use"));
         assert!(message("NVME_HOST_REJECTED").contains("nqn.h"));

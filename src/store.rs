@@ -119,6 +119,11 @@ pub struct ExportRecord {
     /// withdrawn (Unix seconds). `None`: claimed, or not for a move.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub claim_deadline_unix: Option<i64>,
+    /// Made while the volume was still arriving here: the export serves
+    /// the layer beneath dm-era (the clone, later the thin id activated a
+    /// second time), which must stay while the export does.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub serves_lower: bool,
 }
 
 impl ExportRecord {
@@ -256,6 +261,16 @@ pub struct TransferRecord {
     /// and volumes without change tracking).
     #[serde(default, skip_serializing_if = "is_false")]
     pub era_above: bool,
+    /// The hosts the volume comes from, nearest first: the source, then
+    /// whatever the source itself was still copying from when it answered
+    /// this destination's claim. `None` until the source answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<Vec<String>>,
+    /// Done without finalizing here: the host this copy was exported to
+    /// holds every byte and released it (a chain A→B→C: this is B). The
+    /// copy is dropped and the source released.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub passed_on_to: Option<String>,
 }
 
 /// Where a transfer copies from.
@@ -287,6 +302,22 @@ pub enum SourceRecord {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         auth: Option<DhchapKeys>,
     },
+}
+
+impl SourceRecord {
+    /// Where the copy comes from, for people: "nvme-tcp <address>:<port>
+    /// <subsystem NQN>" or "device <path>".
+    pub fn describe(&self) -> String {
+        match self {
+            SourceRecord::Device { path, .. } => format!("device {path}"),
+            SourceRecord::NvmeTcp {
+                subsystem_nqn,
+                address,
+                port,
+                ..
+            } => format!("nvme-tcp {address}:{port} {subsystem_nqn}"),
+        }
+    }
 }
 
 impl TransferRecord {
@@ -339,6 +370,11 @@ impl TransferRecord {
     }
 
     /// The release token the source handed out with its export, if any.
+    /// How many moves are in flight up to this destination, where known.
+    pub fn chain_depth(&self) -> Option<usize> {
+        self.upstream.as_ref().map(Vec::len)
+    }
+
     pub fn release_token(&self) -> Option<&ReleaseToken> {
         match &self.source {
             SourceRecord::NvmeTcp { release_token, .. } => release_token.as_ref(),

@@ -127,9 +127,17 @@ impl Default for TestHost {
 pub struct SourceAgents {
     asked: std::sync::Mutex<Vec<ReleaseRequest>>,
     answering: std::sync::atomic::AtomicBool,
+    /// What a claim is answered with: where the volume comes from.
+    upstream: std::sync::Mutex<Vec<String>>,
 }
 
 impl SourceAgents {
+    /// Claims are answered with this chain (the source first) from now on.
+    pub fn answer_claims_with(&self, upstream: &[&str]) {
+        *self.upstream.lock().unwrap_or_else(|p| p.into_inner()) =
+            upstream.iter().map(|host| (*host).to_owned()).collect();
+    }
+
     /// Source agents answer from now on.
     pub fn answer(&self) {
         self.answering
@@ -171,9 +179,17 @@ impl SourceReleaser for SourceAgents {
             .push(request.clone());
         let answering = self.answering.load(std::sync::atomic::Ordering::SeqCst);
         let volume = request.volume_id.clone();
+        let answer = match request.action {
+            SourceAction::Claim => self
+                .upstream
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+            _ => Vec::new(),
+        };
         Box::pin(async move {
             if answering {
-                return Ok(());
+                return Ok(answer);
             }
             Err(AgentError::Unavailable {
                 reason: format!("the source agent does not answer yet (release of {volume})"),

@@ -250,7 +250,7 @@ impl Rig {
                     timeouts: ConnectTimeouts::default(),
                     auth: None,
                 },
-                expected_namespace: Some(namespace_ids(&volume)),
+                expected_namespace: vec![namespace_ids(&volume)],
                 namespace_timeout: Duration::from_secs(60),
             })
             .await?;

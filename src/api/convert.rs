@@ -115,6 +115,9 @@ pub fn transfer(view: TransferView) -> pb::Transfer {
         done_to_finalized_micros: view.done_to_finalized_micros.unwrap_or(0),
         source_released: view.source_released,
         deferred: view.deferred,
+        source: view.source,
+        upstream: view.upstream,
+        passed_on_to: view.passed_on_to.unwrap_or_default(),
     }
 }
 

@@ -11,7 +11,9 @@ use crate::{
     },
     client::{connect_tls, connect_unix},
     error::AgentError,
-    transfer::release::{ReleaseFuture, ReleaseRequest, SourceAction, SourceAgent, SourceReleaser},
+    transfer::release::{
+        ReleaseFuture, ReleaseRequest, SourceAction, SourceAgent, SourceAnswer, SourceReleaser,
+    },
 };
 
 /// Calls ReleaseVolume on the source agent, over a new connection each time
@@ -25,7 +27,7 @@ impl SourceReleaser for GrpcSourceReleaser {
     }
 }
 
-async fn release_volume(request: &ReleaseRequest) -> Result<(), AgentError> {
+async fn release_volume(request: &ReleaseRequest) -> Result<SourceAnswer, AgentError> {
     let (channel, endpoint) = match &request.source {
         SourceAgent::Unix(path) => (
             connect_unix(path).await?,
@@ -47,7 +49,7 @@ async fn release_volume(request: &ReleaseRequest) -> Result<(), AgentError> {
                 release_token: token,
             })
             .await
-            .map(drop),
+            .map(|_| Vec::new()),
         SourceAction::Withdraw => {
             let withdrawn = client
                 .unexport_volume(UnexportVolumeRequest {
@@ -58,8 +60,8 @@ async fn release_volume(request: &ReleaseRequest) -> Result<(), AgentError> {
                 .await;
             match withdrawn {
                 // The volume is gone from the source: nothing is exported.
-                Err(status) if status.code() == tonic::Code::NotFound => Ok(()),
-                other => other.map(drop),
+                Err(status) if status.code() == tonic::Code::NotFound => Ok(Vec::new()),
+                other => other.map(|_| Vec::new()),
             }
         }
         SourceAction::Claim => client
@@ -69,7 +71,7 @@ async fn release_volume(request: &ReleaseRequest) -> Result<(), AgentError> {
                 release_token: token,
             })
             .await
-            .map(drop),
+            .map(|answer| answer.into_inner().upstream),
     };
     answer.map_err(|status| {
         let reason = format!(

@@ -258,7 +258,7 @@ impl pb::transfers_server::Transfers for TransfersApi {
                     .exports
                     .claim_export(&id, &host, token.as_ref())
                     .await
-                    .map(|()| pb::ClaimExportResponse {})
+                    .map(|upstream| pb::ClaimExportResponse { upstream })
             },
         )
         .await

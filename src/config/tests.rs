@@ -141,6 +141,11 @@ fn every_bad_option_is_named_with_its_problem() {
             "at least 1",
         ),
         (
+            "[transfer]\nmax_chain_depth = 0",
+            "transfer.max_chain_depth",
+            "outside 1..=8",
+        ),
+        (
             "[nvme]\nfast_io_fail_timeout_seconds = 0",
             "nvme.fast_io_fail_timeout_seconds",
             "must be 1 to",
@@ -288,6 +293,7 @@ fn the_sample_config_is_valid_and_names_every_option() {
         "max_bytes_per_second",
         "keep_finished_seconds",
         "keep_finished",
+        "max_chain_depth",
         "[nvme]",
         "export_address",
         "export_port",

@@ -91,6 +91,36 @@ pub fn namespace_ids(volume: &VolumeId) -> NamespaceIds {
     }
 }
 
+/// A volume that moves on while still arriving (a chained move, A→B→C) is
+/// exported by B under identities of its own, derived from the export's
+/// subsystem NQN (which names B and the volume): a kernel connected to both
+/// A's and B's export of the volume, as one test bed kernel playing three
+/// hosts is, would otherwise ignore the second namespace. The destination
+/// accepts these beside [`namespace_ids`], both computed from what it
+/// connects to.
+pub fn onward_namespace_ids(subsystem: &Nqn) -> NamespaceIds {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(format!("dmclone onward export {subsystem}").as_bytes());
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    // RFC 9562 version 8 (custom), variant 10.
+    bytes[6] = (bytes[6] & 0x0f) | 0x80;
+    bytes[8] = (bytes[8] & 0x3f) | 0x80;
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let uuid = format!(
+        "{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..]
+    );
+    NamespaceIds {
+        nguid: uuid.clone(),
+        uuid,
+    }
+}
+
 /// How long the host keeps a lost connection alive, in whole seconds (the
 /// kernel's units). Unbounded retrying (`ctrl_loss_tmo=-1`) is not offered: a
 /// dm-clone over a source that never returns would stall reads and a flushing
@@ -442,6 +472,30 @@ mod tests {
         assert_eq!(ids.uuid, "0b9d1c3e-5f1a-4f7e-9a57-3f0c2b8f6d11");
         assert_eq!(ids.nguid, ids.uuid);
         assert_eq!(namespace_ids(&volume), ids, "derivation is stable");
+    }
+
+    #[test]
+    fn onward_ids_are_a_stable_uuid_per_subsystem() {
+        let nqn = |node: &str| {
+            Nqn::parse(
+                "nqn",
+                &format!("nqn.2014-08.io.dmclone:{node}:0b9d1c3e-5f1a-4f7e-9a57-3f0c2b8f6d11"),
+            )
+            .unwrap()
+        };
+        let b = onward_namespace_ids(&nqn("node-b"));
+        assert_eq!(b, onward_namespace_ids(&nqn("node-b")), "stable");
+        assert_ne!(b.uuid, onward_namespace_ids(&nqn("node-c")).uuid);
+        assert_eq!(b.nguid, b.uuid);
+        let groups: Vec<usize> = b.uuid.split('-').map(str::len).collect();
+        assert_eq!(groups, [8, 4, 4, 4, 12], "{}", b.uuid);
+        assert_eq!(&b.uuid[14..15], "8", "version 8: {}", b.uuid);
+        assert!(
+            matches!(&b.uuid[19..20], "8" | "9" | "a" | "b"),
+            "{}",
+            b.uuid
+        );
+        assert!(VolumeId::parse(&b.uuid).is_ok(), "a UUID as volume ids are");
     }
 
     proptest! {

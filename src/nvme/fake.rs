@@ -222,7 +222,7 @@ impl Fabric for FakeFabric {
                     nsid: EXPORT_NSID,
                     uuid: request
                         .expected_namespace
-                        .as_ref()
+                        .first()
                         .map(|ids| ids.uuid.clone()),
                     size_bytes: size,
                 }

@@ -54,8 +54,9 @@ static CONNECT_LOCKS: LazyLock<Locks> = LazyLock::new(Locks::default);
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConnectRequest {
     pub options: ConnectOptions,
-    /// The identity namespace [`EXPORT_NSID`] must report; `None` accepts any.
-    pub expected_namespace: Option<NamespaceIds>,
+    /// The identities namespace [`EXPORT_NSID`] may report; empty accepts
+    /// any.
+    pub expected_namespace: Vec<NamespaceIds>,
     /// How long to wait for the namespace's block device after the connect.
     pub namespace_timeout: Duration,
 }
@@ -157,7 +158,7 @@ impl Host {
         let waited = self
             .wait_for_namespace(
                 &controller,
-                request.expected_namespace.as_ref(),
+                &request.expected_namespace,
                 request.namespace_timeout,
             )
             .await;
@@ -207,7 +208,7 @@ impl Host {
     pub async fn wait_for_namespace(
         &self,
         controller: &Controller,
-        expected: Option<&NamespaceIds>,
+        expected: &[NamespaceIds],
         timeout: Duration,
     ) -> Result<NamespaceDevice, AgentError> {
         let started = Instant::now();
@@ -565,18 +566,20 @@ fn read_disk(dir: &Path, name: &str) -> Result<Option<NamespaceDevice>, AgentErr
 fn check_identity(
     namespace: NamespaceDevice,
     controller: &Controller,
-    expected: Option<&NamespaceIds>,
+    expected: &[NamespaceIds],
 ) -> Result<NamespaceDevice, AgentError> {
-    let Some(expected) = expected else {
+    if expected.is_empty() {
         return Ok(namespace);
-    };
-    let matches = namespace
-        .uuid
-        .as_deref()
-        .is_some_and(|uuid| uuid.eq_ignore_ascii_case(&expected.uuid));
+    }
+    let matches = namespace.uuid.as_deref().is_some_and(|uuid| {
+        expected
+            .iter()
+            .any(|ids| uuid.eq_ignore_ascii_case(&ids.uuid))
+    });
     if matches {
         return Ok(namespace);
     }
+    let wanted: Vec<&str> = expected.iter().map(|ids| ids.uuid.as_str()).collect();
     Err(AgentError::Conflict(format!(
         "namespace {} of {} ({}) has uuid {}, expected {}: the subsystem exports another \
          volume; disconnect controller {} and check the source",
@@ -584,7 +587,7 @@ fn check_identity(
         controller.subsystem_nqn,
         namespace.path.display(),
         namespace.uuid.as_deref().unwrap_or("(none)"),
-        expected.uuid,
+        wanted.join(" or "),
         controller.name
     )))
 }
@@ -790,12 +793,12 @@ mod tests {
             uuid: UUID.into(),
             nguid: UUID.into(),
         };
-        assert!(check_identity(namespace.clone(), &controller, Some(&same)).is_ok());
+        assert!(check_identity(namespace.clone(), &controller, &[same]).is_ok());
         let other = NamespaceIds {
             uuid: "11111111-2222-3333-4444-555555555555".into(),
             nguid: String::new(),
         };
-        let err = check_identity(namespace, &controller, Some(&other)).unwrap_err();
+        let err = check_identity(namespace, &controller, &[other]).unwrap_err();
         assert!(matches!(err, AgentError::Conflict(_)), "{err:?}");
         assert!(err.to_string().contains("exports another volume"), "{err}");
     }

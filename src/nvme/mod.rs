@@ -20,7 +20,7 @@ pub mod target;
 
 pub use fabrics::{
     ConnectOptions, ConnectReply, ConnectTimeouts, DEFAULT_TRSVCID, NamespaceIds, TcpAddress,
-    namespace_ids,
+    namespace_ids, onward_namespace_ids,
 };
 pub use host::{ConnectRequest, Connection, Controller, Host, NamespaceDevice};
 pub use nqn::{HostId, Nqn, subsystem_nqn, volume_of_subsystem};

@@ -18,7 +18,7 @@ use crate::{
     ids::{TransferId, VolumeId},
     nvme::{
         ConnectOptions, ConnectRequest, ConnectTimeouts, Nqn, TcpAddress, auth::DhchapKeys,
-        namespace_ids,
+        namespace_ids, onward_namespace_ids,
     },
     stack::{self, CloneDevices, CloneLayer},
     store::{SnapshotRecord, SourceRecord, TransferPhase, TransferRecord, VolumeRecord},
@@ -55,15 +55,24 @@ impl Context {
     ) -> Result<DevRef, AgentError> {
         let thin = self.ensure_thin_device(record).await?;
         let origin = if record.on_lower {
-            let table = self.pool.thin_table(record.thin_id, record.size_bytes)?;
-            self.ensure_device(&self.naming.lower(&record.id), &table, |live| {
-                stack::is_resize_of(live, &table)
-            })
-            .await?
+            self.ensure_lower_device(record).await?
         } else {
             thin
         };
         self.ensure_era_above(record, origin).await
+    }
+
+    /// The layer beneath dm-era of a volume that arrived: its thin id
+    /// activated a second time (made again after a reboot).
+    pub(crate) async fn ensure_lower_device(
+        &self,
+        record: &VolumeRecord,
+    ) -> Result<DevRef, AgentError> {
+        let table = self.pool.thin_table(record.thin_id, record.size_bytes)?;
+        self.ensure_device(&self.naming.lower(&record.id), &table, |live| {
+            stack::is_resize_of(live, &table)
+        })
+        .await
     }
 
     /// Makes the public device the volume's local table over `origin` (the
@@ -80,14 +89,15 @@ impl Context {
     }
 
     /// Removes the public device, and the layer beneath it if the volume
-    /// still has one (its next public device maps the thin device).
+    /// still has one (its next public device maps the thin device), unless
+    /// an export serves that layer (a volume that moved on while arriving).
     pub(crate) async fn remove_public_stack(
         &self,
         record: &mut VolumeRecord,
     ) -> Result<(), AgentError> {
         self.remove_device_if_present(&self.naming.public(&record.id))
             .await?;
-        if record.on_lower {
+        if record.on_lower && !record.export.as_ref().is_some_and(|e| e.serves_lower) {
             self.remove_device_if_present(&self.naming.lower(&record.id))
                 .await?;
             record.on_lower = false;
@@ -243,6 +253,14 @@ impl Context {
             .await?;
         if transfer.era_above {
             self.ensure_era_above(volume, clone).await?;
+        }
+        // An export onward serves the clone: back with it (the start's
+        // restore of exports fails while the clone cannot be made).
+        if let Some(request) = self
+            .export_request(volume)?
+            .filter(|_| volume.export.as_ref().is_some_and(|e| e.serves_lower))
+        {
+            self.fabric.export(&request).await?;
         }
         Ok(())
     }
@@ -451,9 +469,13 @@ impl Context {
                 field: "nvme_tcp.transport_service_id",
                 reason: format!("{port} is not a TCP port"),
             })?;
+        let subsystem_nqn = Nqn::parse("nvme_tcp.subsystem_nqn", subsystem)?;
+        // The source exports the volume under its own ids, or, moving it on
+        // while it still arrives there, under the onward ids.
+        let expected_namespace = vec![namespace_ids(volume), onward_namespace_ids(&subsystem_nqn)];
         let options = ConnectOptions {
             address: TcpAddress::new(ip, port),
-            subsystem_nqn: Nqn::parse("nvme_tcp.subsystem_nqn", subsystem)?,
+            subsystem_nqn,
             host_nqn: self.nvme.host_nqn.clone(),
             host_id: self.nvme.host_id.clone(),
             timeouts: ConnectTimeouts {
@@ -467,7 +489,7 @@ impl Context {
             .fabric
             .connect(&ConnectRequest {
                 options,
-                expected_namespace: Some(namespace_ids(volume)),
+                expected_namespace,
                 namespace_timeout: NAMESPACE_TIMEOUT,
             })
             .await?;

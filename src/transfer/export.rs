@@ -2,6 +2,7 @@
 //! host it moves to, unexporting, releasing the copy once the destination has
 //! all of it, and connecting to another agent's export as a destination.
 
+mod chain;
 mod claim;
 
 use std::sync::Arc;
@@ -16,15 +17,18 @@ use crate::{
     nvme::{
         Nqn, TcpAddress,
         auth::{AuthPolicy, DhchapKeys},
-        fabrics::namespace_ids,
+        fabrics::{namespace_ids, onward_namespace_ids},
         subsystem_nqn,
         target::{ExportRequest, PortSpec},
         volume_of_subsystem,
     },
     records::unix_now,
     refusal::Refusal,
-    store::ExportRecord,
-    transfer::token::{ReleaseToken, TOKENS_KEPT},
+    store::{ExportRecord, VolumeRecord},
+    transfer::{
+        Transfers,
+        token::{ReleaseToken, TOKENS_KEPT},
+    },
     volume::Volumes,
 };
 
@@ -34,6 +38,52 @@ fn remember_token(digests: &mut Vec<String>, token: &ReleaseToken) {
     digests.push(token.digest());
     let excess = digests.len().saturating_sub(TOKENS_KEPT);
     digests.drain(..excess);
+}
+
+impl Context {
+    /// What the kernel's target is told for `record`'s recorded export, if
+    /// it has one: the thin device, or, for an export made while the
+    /// volume arrived, the layer beneath dm-era under the onward ids.
+    pub(crate) fn export_request(
+        &self,
+        record: &VolumeRecord,
+    ) -> Result<Option<ExportRequest>, AgentError> {
+        let Some(export) = &record.export else {
+            return Ok(None);
+        };
+        let address = self
+            .settings
+            .nvme
+            .export
+            .ok_or_else(|| Refusal::NotConfigured {
+                setting: "nvme.export_address",
+                explanation: format!(
+                    "volume {} is exported, but this agent no longer knows the storage network \
+                 address other hosts reach it at",
+                    record.id
+                ),
+            })?;
+        let subsystem = Nqn::parse("subsystem_nqn", &export.subsystem_nqn)?;
+        let (device, namespace) = if export.serves_lower {
+            (
+                self.naming.lower(&record.id),
+                onward_namespace_ids(&subsystem),
+            )
+        } else {
+            (self.thin_name(record), namespace_ids(&record.id))
+        };
+        Ok(Some(ExportRequest {
+            subsystem_nqn: subsystem,
+            device_path: device.mapper_path(),
+            namespace,
+            host_nqn: Nqn::parse("host_nqn", &export.host_nqn)?,
+            port: PortSpec {
+                id: self.settings.nvme.export_port_id,
+                address: TcpAddress::new(address.ip(), address.port()),
+            },
+            auth: export.auth.clone(),
+        }))
+    }
 }
 
 /// VOLUME_EXPORTED_ELSEWHERE unless `export` is to `requester`.
@@ -101,11 +151,17 @@ pub struct Exports {
     ctx: Arc<Context>,
     /// A released volume is deleted as a delete call would.
     volumes: Volumes,
+    /// A copy released while still arriving releases its own source.
+    transfers: Transfers,
 }
 
 impl Exports {
-    pub(crate) fn new(ctx: Arc<Context>, volumes: Volumes) -> Self {
-        Self { ctx, volumes }
+    pub(crate) fn new(ctx: Arc<Context>, volumes: Volumes, transfers: Transfers) -> Self {
+        Self {
+            ctx,
+            volumes,
+            transfers,
+        }
     }
 
     /// The NQN prefix of this node's exports.
@@ -132,14 +188,14 @@ impl Exports {
         })?;
         let _held = self.ctx.locks.lock(id.as_str()).await;
         let mut record = self.ctx.ready_record(id, "be exported").await?;
-        if let Some(transfer) = &record.transfer {
-            return Err(Refusal::VolumeArriving {
-                volume: id.clone(),
-                transfer: transfer.clone(),
-                hint: "it can move on once that transfer is done",
+        let serves_lower = match &record.transfer {
+            Some(transfer) => {
+                self.check_onward(&record, transfer, &host, for_transfer)
+                    .await?;
+                true
             }
-            .into());
-        }
+            None => record.export.as_ref().is_some_and(|e| e.serves_lower),
+        };
         let subsystem = subsystem_nqn(&self.export_prefix(), id)?;
         let token = for_transfer.then(ReleaseToken::generate).transpose()?;
         let deadline = for_transfer.then(|| self.claim_deadline());
@@ -185,6 +241,7 @@ impl Exports {
                     release_token_digests: digests,
                     auth: auth.clone(),
                     claim_deadline_unix: deadline,
+                    serves_lower,
                 });
                 // The export serves the thin device below dm-era: what the
                 // other host writes is never tracked, so the history ends.
@@ -193,17 +250,10 @@ impl Exports {
                 failpoint::hit("export.after_record");
             }
         }
-        let request = ExportRequest {
-            subsystem_nqn: subsystem.clone(),
-            device_path: self.ctx.thin_name(&record).mapper_path(),
-            namespace: namespace_ids(id),
-            host_nqn: host.clone(),
-            port: PortSpec {
-                id: self.ctx.settings.nvme.export_port_id,
-                address: TcpAddress::new(address.ip(), address.port()),
-            },
-            auth: auth.clone(),
-        };
+        let request = self
+            .ctx
+            .export_request(&record)?
+            .ok_or_else(|| AgentError::Internal(format!("volume {id}'s export is not recorded")))?;
         self.ctx.fabric.export(&request).await?;
         let claim_deadline_unix = record.export.as_ref().and_then(|e| e.claim_deadline_unix);
         info!(volume = %id, host = %host, subsystem = %subsystem, %address, for_transfer, ?claim_deadline_unix, "exported");
@@ -328,14 +378,6 @@ impl Exports {
             info!(volume = %id, "release of an absent volume: already released");
             return Ok(());
         };
-        if let Some(transfer) = &record.transfer {
-            return Err(Refusal::VolumeArriving {
-                volume: id.clone(),
-                transfer: transfer.clone(),
-                hint: "it is nobody's source yet",
-            }
-            .into());
-        }
         let not_for_transfer = |why| Refusal::ExportNotForTransfer {
             volume: id.clone(),
             why,
@@ -361,6 +403,9 @@ impl Exports {
                 hint: "the copy stays until it is unpublished here (detached)",
             }
             .into());
+        }
+        if let Some(transfer) = record.transfer.clone() {
+            return self.pass_on(record, &transfer, &host).await;
         }
         self.remove_export(id).await?;
         failpoint::hit("release.after_unexport");

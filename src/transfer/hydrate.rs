@@ -352,6 +352,16 @@ impl Transfers {
             _ => {}
         }
         let volume_id = transfer.volume_id.clone();
+        let volume = self.ctx.record(&volume_id).await?;
+        if let Some(export) = volume.as_ref().and_then(|v| v.export.as_ref()) {
+            return Err(Refusal::VolumeExported {
+                volume: volume_id,
+                host_nqn: export.host_nqn.clone(),
+                hint: "it moves on from here and that host reads through this copy: abort that \
+                       move on its destination first",
+            }
+            .into());
+        }
         if let Some(open) = self
             .ctx
             .open_count(&self.ctx.naming.public(&volume_id))
@@ -375,7 +385,6 @@ impl Transfers {
         if transfer.phase == TransferPhase::Deferred && !force {
             self.refuse_losing_writes(&transfer).await?;
         }
-        let volume = self.ctx.record(&volume_id).await?;
         transfer.phase = TransferPhase::Aborted;
         transfer.message = "aborted: the destination was torn down; the source is untouched".into();
         transfer.finished_unix = Some(crate::records::unix_now());
@@ -520,6 +529,12 @@ impl Transfers {
             export_claimed: false,
             switched_local: false,
             era_above,
+            upstream: None,
+            passed_on_to: None,
+        };
+        let transfer = TransferRecord {
+            upstream: upstream_at_start(&transfer),
+            ..transfer
         };
         let ids = self
             .ctx
@@ -605,6 +620,15 @@ fn source_record(source: &Source) -> SourceRecord {
             auth: auth.clone(),
         },
     }
+}
+
+/// Where a new transfer's volume comes from, as far as known before its
+/// source answers a claim: a source that will be claimed answers then.
+fn upstream_at_start(transfer: &TransferRecord) -> Option<Vec<String>> {
+    if transfer.export_to_claim().is_some() {
+        return None;
+    }
+    Some(vec![transfer.source.describe()])
 }
 
 fn wrong_phase(

@@ -137,6 +137,12 @@ pub struct TransferView {
     pub source_released: bool,
     /// Started deferred and not committed yet (phase `deferred`).
     pub deferred: bool,
+    /// Where the copy comes from (see [`crate::store::SourceRecord::describe`]).
+    pub source: String,
+    /// The hosts the volume comes from, nearest first (empty: not known yet).
+    pub upstream: Vec<String>,
+    /// Done by moving on: the host that holds every byte now.
+    pub passed_on_to: Option<String>,
 }
 
 /// What the agent knows about a running transfer beyond its record.
@@ -275,6 +281,9 @@ pub(crate) fn view(
         done_to_finalized_micros: record.done_to_finalized_micros,
         source_released: record.source_released,
         deferred: record.phase == crate::store::TransferPhase::Deferred,
+        source: record.source.describe(),
+        upstream: record.upstream.clone().unwrap_or_default(),
+        passed_on_to: record.passed_on_to.clone(),
     }
 }
 
@@ -293,6 +302,8 @@ mod tests {
     }
 }
 
+#[cfg(test)]
+mod chain_tests;
 #[cfg(test)]
 mod lifecycle_tests;
 #[cfg(test)]

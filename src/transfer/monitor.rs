@@ -225,10 +225,18 @@ impl Transfers {
     /// Builds a transfer's stack again, under its volume's lock.
     async fn rebuild(&self, transfer: &TransferRecord) -> Result<(), AgentError> {
         let _held = self.ctx.locks.lock(&transfer.volume_id).await;
+        // Read again under the lock: a call may have finished it meanwhile
+        // (an abort, or a pass-on that tore the stack down).
+        let Some(transfer) = self.ctx.transfer_record(&transfer.id).await? else {
+            return Ok(());
+        };
         let Some(volume) = self.ctx.record(&transfer.volume_id).await? else {
             return Ok(());
         };
-        self.ctx.rebuild_stack(&volume, transfer).await
+        if transfer.phase.is_finished() {
+            return Ok(());
+        }
+        self.ctx.rebuild_stack(&volume, &transfer).await
     }
 
     fn set_degraded(&self, transfer: &TransferRecord, reason: Option<String>) {

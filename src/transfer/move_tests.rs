@@ -17,8 +17,10 @@ use crate::{
     transfer::{export::UnexportRequest, release::SourceAction, token::ReleaseToken},
 };
 
-const HOST_A: &str = "nqn.2014-08.org.nvmexpress:uuid:aaaaaaaa-0000-4000-8000-000000000001";
-const HOST_B: &str = "nqn.2014-08.org.nvmexpress:uuid:bbbbbbbb-0000-4000-8000-000000000002";
+pub(super) const HOST_A: &str =
+    "nqn.2014-08.org.nvmexpress:uuid:aaaaaaaa-0000-4000-8000-000000000001";
+pub(super) const HOST_B: &str =
+    "nqn.2014-08.org.nvmexpress:uuid:bbbbbbbb-0000-4000-8000-000000000002";
 const SOURCE_SUBSYSTEM: &str =
     "nqn.2014-08.io.dmclone:node-src:00000000-0000-4000-8000-000000000001";
 
@@ -26,7 +28,7 @@ fn exporting_host() -> TestHost {
     TestHost::new().with_export_address("192.0.2.1:4420")
 }
 
-async fn subsystem_of(agent: &crate::agent::Agent, id: &VolumeId) -> String {
+pub(super) async fn subsystem_of(agent: &crate::agent::Agent, id: &VolumeId) -> String {
     let node = agent.node_info().await.unwrap().node_id;
     subsystem_nqn(&format!("nqn.2014-08.io.dmclone:{node}"), id)
         .unwrap()
@@ -455,7 +457,7 @@ async fn a_restart_restores_recorded_exports_and_removes_stray_ones() {
 }
 
 /// The release token the source handed out in these tests.
-fn the_token() -> ReleaseToken {
+pub(super) fn the_token() -> ReleaseToken {
     ReleaseToken::presented("5eed70ce5eed70ce5eed70ce5eed70ce").unwrap()
 }
 
@@ -478,7 +480,7 @@ fn nvme_request(n: u32, volume: &VolumeId, endpoint: &str) -> StartRequest {
 }
 
 /// A destination with volume 1 arriving over NVMe/TCP from another agent.
-async fn arriving_over_nvme(
+pub(super) async fn arriving_over_nvme(
     host: &TestHost,
 ) -> (std::sync::Arc<crate::agent::Agent>, VolumeId, TransferId) {
     host.fabric.offer(SOURCE_SUBSYSTEM, 8 * MIB);
@@ -749,7 +751,7 @@ async fn an_abort_that_overtakes_its_start_stops_the_start() {
     agent.transfers.start_transfer(request).await.unwrap();
 }
 
-async fn wait_until(done: impl AsyncFn() -> bool) {
+pub(super) async fn wait_until(done: impl AsyncFn() -> bool) {
     for _ in 0..500 {
         if done().await {
             return;

@@ -41,7 +41,13 @@ pub struct ReleaseRequest {
     pub token: Option<ReleaseToken>,
 }
 
-pub type ReleaseFuture<'a> = Pin<Box<dyn Future<Output = Result<(), AgentError>> + Send + 'a>>;
+/// What a source answers: to a claim, where the volume comes from (the
+/// source itself first, then the hosts it still copies from); to anything
+/// else, nothing.
+pub type SourceAnswer = Vec<String>;
+
+pub type ReleaseFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<SourceAnswer, AgentError>> + Send + 'a>>;
 
 /// Sends release requests to source agents. It returns a boxed future so
 /// that the agent can hold any implementation as `dyn SourceReleaser`.

@@ -8,7 +8,7 @@ use tracing::{error, info, warn};
 
 use super::{
     Transfers,
-    release::{ReleaseRequest, SourceAction, SourceAgent},
+    release::{ReleaseRequest, SourceAction, SourceAgent, SourceAnswer},
     token::ReleaseToken,
 };
 
@@ -19,6 +19,16 @@ use crate::{
     refusal::Refusal,
     store::TransferRecord,
 };
+
+/// A source that answers a claim without saying where the volume comes
+/// from (an agent from before chained moves) is the whole chain itself.
+fn answer_or(answer: SourceAnswer, endpoint: &str) -> SourceAnswer {
+    if answer.is_empty() {
+        vec![endpoint.to_owned()]
+    } else {
+        answer
+    }
+}
 
 /// Release retries back off up to this.
 const RELEASE_BACKOFF_MAX: Duration = Duration::from_secs(60);
@@ -67,7 +77,7 @@ impl Transfers {
         );
         self.ctx.background.spawn(async move {
             let mut backoff = Duration::from_secs(1);
-            loop {
+            let answer = loop {
                 if action == SourceAction::Claim && !transfers.claim_wanted(&id).await {
                     return;
                 }
@@ -75,7 +85,7 @@ impl Transfers {
                     .ask_source(&endpoint, &volume, action, token.clone())
                     .await
                 {
-                    Ok(()) => break,
+                    Ok(answer) => break answer,
                     Err(err @ AgentError::NotFound { .. }) if action == SourceAction::Claim => {
                         warn!(transfer = %id, %endpoint, error = %err, "the source has no export to claim (it may have expired): reads of regions not yet copied fail until it is exported again");
                         return;
@@ -91,8 +101,11 @@ impl Transfers {
                         backoff = (backoff * 2).min(RELEASE_BACKOFF_MAX);
                     }
                 }
-            }
-            if let Err(err) = transfers.mark_acknowledged(&id, action).await {
+            };
+            if let Err(err) = transfers
+                .mark_acknowledged(&id, action, answer_or(answer, &endpoint))
+                .await
+            {
                 warn!(transfer = %id, error = %err, "cannot record the source's answer");
             }
         });
@@ -104,7 +117,7 @@ impl Transfers {
         volume: &VolumeId,
         action: SourceAction,
         token: Option<ReleaseToken>,
-    ) -> Result<(), AgentError> {
+    ) -> Result<SourceAnswer, AgentError> {
         let source = match endpoint.strip_prefix("unix:") {
             Some(path) => SourceAgent::Unix(path.into()),
             None => SourceAgent::Tls {
@@ -151,12 +164,16 @@ impl Transfers {
         &self,
         id: &TransferId,
         action: SourceAction,
+        answer: SourceAnswer,
     ) -> Result<(), AgentError> {
         let (mut record, _held) = self.ctx.locked_transfer(id).await?;
         match action {
             SourceAction::Release => record.source_released = true,
             SourceAction::Withdraw => record.export_withdrawn = true,
-            SourceAction::Claim => record.export_claimed = true,
+            SourceAction::Claim => {
+                record.export_claimed = true;
+                record.upstream = Some(answer);
+            }
         }
         self.ctx.put_transfer(&record).await?;
         match action {

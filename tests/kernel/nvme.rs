@@ -117,7 +117,7 @@ impl TestNames {
                 timeouts: ConnectTimeouts::default(),
                 auth: None,
             },
-            expected_namespace: Some(namespace_ids(&self.volume)),
+            expected_namespace: vec![namespace_ids(&self.volume)],
             namespace_timeout: NAMESPACE_TIMEOUT,
         }
     }

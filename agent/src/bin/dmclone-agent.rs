@@ -84,6 +84,9 @@ struct Args {
     /// Bytes per second all moves to this host may copy together [config: transfer.max_bytes_per_second].
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     transfer_max_bytes_per_second: Option<u64>,
+    /// Moves in flight along one chain of hosts, at most [config: transfer.max_chain_depth].
+    #[arg(long, value_name = "N")]
+    transfer_max_chain_depth: Option<u32>,
     /// Address other hosts reach this one's NVMe/TCP exports at [config: nvme.export_address].
     #[arg(long, value_name = "IP")]
     nvme_export_address: Option<String>,
@@ -202,6 +205,10 @@ impl Args {
         set(
             &mut config.transfer.max_bytes_per_second,
             &self.transfer_max_bytes_per_second,
+        );
+        set(
+            &mut config.transfer.max_chain_depth,
+            &self.transfer_max_chain_depth,
         );
         set(&mut config.nvme.export_address, &self.nvme_export_address);
         set(&mut config.nvme.export_port, &self.nvme_export_port);

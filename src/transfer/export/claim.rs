@@ -12,8 +12,15 @@ use tracing::{info, warn};
 
 use super::{Exports, check_token, exported_to};
 use crate::{
-    context::Context, error::AgentError, ids::VolumeId, nvme::Nqn, records::unix_now,
-    refusal::Refusal, store::VolumeRecord, transfer::token::ReleaseToken, volume::Volumes,
+    context::Context,
+    error::AgentError,
+    ids::VolumeId,
+    nvme::Nqn,
+    records::unix_now,
+    refusal::Refusal,
+    store::VolumeRecord,
+    transfer::{Transfers, token::ReleaseToken},
+    volume::Volumes,
 };
 
 /// Whether `record`'s export waited for its claim past `now`.
@@ -35,13 +42,15 @@ fn sweep_interval(unclaimed_export_seconds: u64) -> Duration {
 impl Exports {
     /// The destination has connected to the export of `id` for a move, so
     /// the export no longer expires. Only for the host it is exported to,
-    /// with one of its release tokens; a repeat changes nothing.
+    /// with one of its release tokens; a repeat changes nothing. Answers
+    /// where the volume comes from, for the destination's record: this
+    /// host, then the hosts this one still copies it from, nearest first.
     pub async fn claim_export(
         &self,
         id: &VolumeId,
         host_nqn: &str,
         token: Option<&ReleaseToken>,
-    ) -> Result<(), AgentError> {
+    ) -> Result<Vec<String>, AgentError> {
         let host = Nqn::parse("host_nqn", host_nqn)?;
         let _held = self.ctx.locks.lock(id.as_str()).await;
         let mut record = self
@@ -74,7 +83,7 @@ impl Exports {
             self.ctx.put(&record).await?;
             info!(volume = %id, host = %host, "its destination claimed the export: it no longer expires");
         }
-        Ok(())
+        self.chain_from_here(&record).await
     }
 
     /// Withdraws every export for a move that was not claimed by its
@@ -127,7 +136,8 @@ impl Exports {
             loop {
                 tokio::time::sleep(every).await;
                 let Some(ctx) = weak.upgrade() else { return };
-                let exports = Exports::new(ctx.clone(), Volumes::new(ctx));
+                let exports =
+                    Exports::new(ctx.clone(), Volumes::new(ctx.clone()), Transfers::new(ctx));
                 if let Err(err) = exports.expire_unclaimed(unix_now()).await {
                     warn!(error = %err, "cannot look for unclaimed exports; trying again later");
                 }

@@ -40,6 +40,8 @@ fn record(n: u32, phase: TransferPhase, finished_unix: Option<i64>) -> TransferR
         export_claimed: false,
         switched_local: false,
         era_above: false,
+        upstream: None,
+        passed_on_to: None,
     }
 }
 
@@ -123,6 +125,9 @@ fn view_of(n: u32, volume: u32, state: TransferState) -> TransferView {
         done_to_finalized_micros: None,
         source_released: false,
         deferred: false,
+        source: "device /dev/x".into(),
+        upstream: Vec::new(),
+        passed_on_to: None,
     }
 }
 

@@ -6,6 +6,7 @@ pub mod fixture;
 mod api;
 mod cancel;
 mod cancel_moves;
+mod chain;
 mod changes;
 mod cli;
 mod crash;

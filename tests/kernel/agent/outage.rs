@@ -44,14 +44,18 @@ const COPIED: u64 = 0;
 const UNCOPIED: u64 = 56 * MIB;
 
 /// A TCP relay from 127.0.0.1:`port` to the source's NVMe/TCP port.
-struct Relay {
+pub(super) struct Relay {
     port: u16,
     upstream: u16,
     tasks: Arc<Mutex<Vec<AbortHandle>>>,
 }
 
 impl Relay {
-    async fn start(port: u16, upstream: u16) -> Self {
+    pub(super) fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub(super) async fn start(port: u16, upstream: u16) -> Self {
         let relay = Self {
             port,
             upstream,
@@ -62,7 +66,7 @@ impl Relay {
     }
 
     /// Listens again; every connection is relayed byte for byte.
-    async fn restore(&self) {
+    pub(super) async fn restore(&self) {
         let listener = TcpListener::bind(("127.0.0.1", self.port))
             .await
             .expect("bind the relay");
@@ -82,7 +86,7 @@ impl Relay {
 
     /// Drops every relayed connection and stops listening (connects are
     /// refused): the network between the two hosts is gone.
-    fn cut(&self) {
+    pub(super) fn cut(&self) {
         for task in self.tasks.lock().unwrap().drain(..) {
             task.abort();
         }

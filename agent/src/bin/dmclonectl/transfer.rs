@@ -201,7 +201,11 @@ pub async fn run(channel: Channel, command: TransferCommand, as_json: bool) -> R
                 .await?
         }
     };
-    show(&[transfer.into_inner()], as_json);
+    let transfer = transfer.into_inner();
+    show(std::slice::from_ref(&transfer), as_json);
+    if !as_json {
+        print!("{}", provenance(&transfer));
+    }
     Ok(())
 }
 
@@ -477,6 +481,31 @@ fn show(transfers: &[Transfer], as_json: bool) {
     );
 }
 
+/// Where one transfer's copy comes from, under its table row: the source,
+/// the chain of hosts it comes through, and where it went on to.
+fn provenance(t: &Transfer) -> String {
+    let mut text = format!("source: {}\n", t.source);
+    if !t.upstream.is_empty() {
+        text.push_str(&format!(
+            "upstream: {} ({} in flight)\n",
+            t.upstream.join(" <- "),
+            moves(t.upstream.len())
+        ));
+    }
+    if !t.passed_on_to.is_empty() {
+        text.push_str(&format!("passed on to: {}\n", t.passed_on_to));
+    }
+    text
+}
+
+fn moves(n: usize) -> String {
+    if n == 1 {
+        "1 move".into()
+    } else {
+        format!("{n} moves")
+    }
+}
+
 /// The documented, stable JSON shape of one transfer.
 pub fn to_json(t: &Transfer) -> serde_json::Value {
     let knobs = t.knobs.unwrap_or_default();
@@ -500,6 +529,9 @@ pub fn to_json(t: &Transfer) -> serde_json::Value {
         "finalize_pause_micros": t.finalize_pause_micros,
         "done_to_finalized_micros": t.done_to_finalized_micros,
         "source_released": t.source_released,
+        "source": t.source,
+        "upstream": t.upstream,
+        "passed_on_to": t.passed_on_to,
     })
 }
 
@@ -521,5 +553,27 @@ mod tests {
         assert_eq!(text_bar(50, 100), "[==========>         ]");
         assert_eq!(text_bar(100, 100), "[====================]");
         assert_eq!(text_bar(5, 0), "[>                   ]");
+    }
+
+    #[test]
+    fn provenance_shows_the_chain_nearest_first() {
+        let chained = Transfer {
+            source: "nvme-tcp 10.0.0.2:4420 nqn.b".into(),
+            upstream: vec!["node-b".into(), "node-a".into()],
+            ..Transfer::default()
+        };
+        assert_eq!(
+            provenance(&chained),
+            "source: nvme-tcp 10.0.0.2:4420 nqn.b\nupstream: node-b <- node-a (2 moves in flight)\n"
+        );
+        let passed = Transfer {
+            source: "device /dev/sdb".into(),
+            passed_on_to: "nqn.c".into(),
+            ..Transfer::default()
+        };
+        assert_eq!(
+            provenance(&passed),
+            "source: device /dev/sdb\npassed on to: nqn.c\n"
+        );
     }
 }
