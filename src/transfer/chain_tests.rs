@@ -26,24 +26,20 @@ fn middle_host() -> TestHost {
 async fn an_arriving_volume_moves_on_once_it_knows_its_chain() {
     let host = middle_host();
     let (agent, id, transfer) = arriving_over_nvme(&host).await;
+    // The source does not answer: the export onward cannot know the
+    // chain's depth (it asks the source itself, in vain).
     let early = agent.exports.export_volume(&id, HOST_B, true).await;
     assert!(
         matches!(early, Err(AgentError::Unavailable { .. })),
         "its source has not answered the claim: {early:?}"
     );
+    assert!(
+        host.fabric.exports().is_empty(),
+        "a refusal changes nothing"
+    );
     host.releases.answer_claims_with(&["node-a"]);
     host.releases.answer();
-    wait_until(async || {
-        agent
-            .ctx
-            .transfer_record(&transfer)
-            .await
-            .unwrap()
-            .is_some_and(|t| t.upstream.is_some())
-    })
-    .await;
     let view = agent.transfers.get_transfer(&transfer).await.unwrap();
-    assert_eq!(view.upstream, ["node-a"]);
     assert_eq!(
         view.source,
         "nvme-tcp 192.0.2.7:4420 nqn.2014-08.io.dmclone:node-src:00000000-0000-4000-8000-000000000001"
@@ -56,6 +52,17 @@ async fn an_arriving_volume_moves_on_once_it_knows_its_chain() {
         .export_volume(&id, HOST_B, true)
         .await
         .unwrap();
+    let recorded = agent.ctx.transfer_record(&transfer).await.unwrap().unwrap();
+    assert_eq!(recorded.upstream, Some(vec!["node-a".to_owned()]));
+    assert_eq!(
+        agent
+            .transfers
+            .get_transfer(&transfer)
+            .await
+            .unwrap()
+            .upstream,
+        ["node-a"]
+    );
     let subsystem = subsystem_of(&agent, &id).await;
     assert_eq!(
         host.fabric.exports()[&subsystem],

@@ -62,6 +62,29 @@ impl Transfers {
         }
     }
 
+    /// Claims the source's export now and records where the volume comes
+    /// from, for a caller that holds the volume's lock and needs the answer
+    /// (a chained move: the depth of the chain bounds it).
+    pub(crate) async fn claim_now(&self, transfer: &mut TransferRecord) -> Result<(), AgentError> {
+        let Some((endpoint, token)) = transfer.export_to_claim() else {
+            return Ok(());
+        };
+        let (endpoint, token) = (endpoint.to_owned(), token.clone());
+        let answer = self
+            .ask_source(
+                &endpoint,
+                &transfer.volume_id,
+                SourceAction::Claim,
+                Some(token),
+            )
+            .await?;
+        transfer.export_claimed = true;
+        transfer.upstream = Some(answer_or(answer, &endpoint));
+        self.ctx.put_transfer(transfer).await?;
+        info!(transfer = %transfer.id, "the source knows its export is claimed");
+        Ok(())
+    }
+
     fn spawn_asking(
         &self,
         transfer: &TransferRecord,

@@ -1,10 +1,10 @@
-"""The driver end to end: Cinder, the driver, two real agents, one kernel.
+"""The driver end to end: Cinder, the driver, three real agents, one kernel.
 
 What is real here:
-* two dmclone agents "hv1" and "hv2" (tests/e2e/agents.py), each with its
-  own pool, device-mapper prefix, NVMe/TCP export port and host NQN, and a
-  mutual-TLS API; they release moved volumes on each other over mTLS with
-  a [peers] identity. Certificates come from a CA made for this run;
+* three dmclone agents "hv1", "hv2" and "hv3" (tests/e2e/agents.py), each
+  with its own pool, device-mapper prefix, NVMe/TCP export port and host
+  NQN, and a mutual-TLS API; they release moved volumes on each other over
+  mTLS with a [peers] identity. Certificates come from a CA made for this run;
 * the driver, loaded by cinder's own VolumeManager from a cinder.conf
   backend section, as cinder-volume loads it, and talking gRPC to the
   agents (under eventlet, as cinder-volume does by default);
@@ -77,7 +77,7 @@ from tests.e2e.blockdev import MIB
 CONF = cfg.CONF
 SERVICE_HOST = 'cinder-local'
 BACKEND = f'{SERVICE_HOST}@local'
-HOSTS = ('hv1', 'hv2')
+HOSTS = ('hv1', 'hv2', 'hv3')
 # A host with no agent: the cinder-volume machine itself (image copy,
 # backup, generic migration attach over NVMe/TCP).
 CONTROLLER = 'cinder-ctl'
@@ -967,6 +967,74 @@ class DMCloneDriverE2E(DriverE2ETestCase):
         self.detach(target)
         with self.attached(volume, 'hv2') as path:
             self.assertEqual(written, blockdev.sha256(path, GIB))
+            self.assert_data(path, expected)
+        self.delete_volume(volume)
+
+    def test_3_live_migration_of_a_volume_still_arriving(self):
+        """nova live-migrates an instance whose volume is still being
+        copied to its host: hv1 -> hv2 by an attach (hydrating, slowed
+        down), then hv2 -> hv3 by nova's live migration sequence while
+        hv2 copies. hv3 reads what hv2 lacks through hv2 from hv1."""
+        volume = self.create_volume('hv1')
+        self.addCleanup(self._remove_everywhere, volume)
+        hv1, hv2, hv3 = (self.hv[host] for host in HOSTS)
+        with self.attached(volume, 'hv1') as path:
+            blockdev.write_pattern(path, 21, OFFSETS)
+        instance = str(uuid.uuid4())
+        # The instance starts on hv2: the volume moves there.
+        source, source_path = self.attach_locally(volume, 'hv2', instance)
+        (arriving,) = hv2.transfers_of(volume.name_id)
+        hv2.ctl(
+            'transfer', 'throttle', arriving['transfer_id'], '--max-rate', '2M'
+        )
+        self.assertEqual('hv2', self.pool_of(volume))
+        blockdev.write_pattern(source_path, 22, [MIDDLE])
+
+        # pre_live_migration on hv3 while hv2 still copies.
+        target, path = self.attach_locally(volume, 'hv3', instance)
+        (onward,) = hv3.transfers_of(volume.name_id)
+        self.assertTrue(onward['deferred'], onward)
+        (arriving,) = hv2.transfers_of(volume.name_id)
+        self.assertEqual('hydrating', arriving['state'], arriving)
+        self.assertLess(arriving['bytes_hydrated'], GIB)
+        self.assertEqual('hv2', self.pool_of(volume))
+        self.assert_data(path, self.layout(21, {MIDDLE: 22}))
+        # The source still writes; the destination reads it through.
+        blockdev.write_pattern(source_path, 23, [OFFSETS[1]])
+        self.assert_data(path, {OFFSETS[1]: 23})
+        # After the switch-over the instance writes on hv3.
+        blockdev.write_pattern(path, 24, [OFFSETS[2]])
+
+        # post_live_migration: hv2's attachment goes -> commit on hv3.
+        self.detach(source)
+        self.assertEqual('hv3', self.pool_of(volume))
+        transfer, took = self.wait_transfer(hv3, volume.name_id)
+        say(
+            f'live migration of an arriving volume hv2 -> hv3 committed, '
+            f'hydrated and released in {took:.1f} s; chain '
+            f'{transfer["upstream"]}'
+        )
+        self.assertEqual(
+            [hv2.node()['node_id'], hv1.node()['node_id']],
+            transfer['upstream'],
+        )
+        # hv2 passed the volume on without finishing, then released hv1.
+        started = time.monotonic()
+        while not hv2.transfers_of(volume.name_id)[0]['source_released']:
+            self.assertLess(time.monotonic() - started, RELEASE_TIMEOUT)
+            time.sleep(1)
+        (passed,) = hv2.transfers_of(volume.name_id)
+        self.assertEqual('done', passed['state'])
+        self.assertEqual(hv3.node()['host_nqn'], passed['passed_on_to'])
+        self.assertIsNone(hv2.volume(volume.name_id), 'hv2 kept its copy')
+        self.assertIsNone(hv1.volume(volume.name_id), 'hv1 kept its copy')
+        self.assert_no_export(volume)
+        expected = self.layout(
+            21, {MIDDLE: 22, OFFSETS[1]: 23, OFFSETS[2]: 24}
+        )
+        self.assert_data(path, expected)
+        self.detach(target)
+        with self.attached(volume, 'hv3') as path:
             self.assert_data(path, expected)
         self.delete_volume(volume)
 

@@ -54,7 +54,7 @@ impl Exports {
                  now (export it for a move)",
             ));
         }
-        let transfer = self
+        let mut transfer = self
             .ctx
             .transfer_record(transfer_id)
             .await?
@@ -80,16 +80,23 @@ impl Exports {
             }
             _ => return Err(arriving("it moves on once that transfer is done")),
         }
-        let depth = transfer
-            .chain_depth()
-            .ok_or_else(|| AgentError::Unavailable {
-                reason: format!(
-                    "volume {}'s source has not told this host yet where the volume comes from \
-                     (transfer {transfer_id} has not claimed its export); try again in a moment",
-                    record.id
-                ),
-            })?
-            + 1;
+        if transfer.upstream.is_none() {
+            // Its claim in the background has not been answered yet: ask
+            // now, the chain's depth depends on the answer.
+            self.transfers
+                .claim_now(&mut transfer)
+                .await
+                .map_err(|err| AgentError::Unavailable {
+                    reason: format!(
+                        "volume {}'s source has not told this host where the volume comes from \
+                         ({err}); it moves on once its source answers",
+                        record.id
+                    ),
+                })?;
+        }
+        let depth = transfer.chain_depth().ok_or_else(|| {
+            AgentError::Internal(format!("transfer {transfer_id} has no upstream"))
+        })? + 1;
         let max = self.ctx.settings.transfer.max_chain_depth;
         if depth > max as usize {
             return Err(Refusal::ChainTooDeep {

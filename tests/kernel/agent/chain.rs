@@ -183,7 +183,8 @@ async fn a_volume_moves_on_while_arriving_and_every_copy_is_released_in_order() 
     unpublish(&mut volumes_b, volume).await.unwrap();
 
     let to_c = export(bc, &b, &c).await.unwrap();
-    let onward = start_move_with(bc, &b, &to_c, &c, false, None)
+    // C copies slowly too until the chain has been looked at.
+    let onward = start_move_with(bc, &b, &to_c, &c, false, slow())
         .await
         .unwrap();
     assert_eq!(onward.device_path, public(bc, &c).display().to_string());
@@ -202,6 +203,7 @@ async fn a_volume_moves_on_while_arriving_and_every_copy_is_released_in_order() 
         get(&mut a.volumes().await, volume).await.is_ok(),
         "A keeps its copy while no host has every byte"
     );
+    full_speed(bc, &c).await;
 
     let done = wait_released(bc, &c).await;
     stop.store(true, Ordering::Relaxed);
