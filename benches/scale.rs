@@ -40,8 +40,11 @@
 //! 6. A host drain (`--parts drain`, two agents): 16 volumes of 256 MiB
 //!    moving at once, then the host byte budget: see `scale/drain.rs`.
 //!
+//! 7. A chained move (`--parts chain`, three agents): A→B→C while B still
+//!    copies, against a single move: see `scale/chain.rs`.
+//!
 //! Writes `<part>.json` and `<part>.txt` for each part (scale, changes,
-//! usable, drain) to
+//! usable, drain, chain) to
 //! `--results-dir`. Under `cargo test --benches` (no `--bench`) it only checks
 //! its argument parsing. Without device-mapper, `dmsetup` or the agent
 //! binary it fails and prints no figures.
@@ -73,6 +76,8 @@ use dmclone::{
 use serde_json::{Value, json};
 use tonic::transport::Channel;
 
+#[path = "scale/chain.rs"]
+mod chain;
 mod common;
 #[path = "scale/drain.rs"]
 mod drain;
@@ -95,9 +100,9 @@ const WRITERS: u64 = 8;
 const USAGE: &str = "\
 usage: scale --bench [--agent PATH] [--parts LIST] [--volumes N] [--reps N] [--results-dir DIR]
                      [--changes-gib N] [--changes-stride N] [--usable-gib LIST] [--usable-reps N]
-                     [--drain-volumes N] [--drain-mib N]
+                     [--drain-volumes N] [--drain-mib N] [--chain-mib N] [--chain-reps N]
   --agent PATH       the dmclone-agent binary (or DMCLONE_BENCH_AGENT)
-  --parts LIST       scale,changes,usable,drain or some of them (all, or
+  --parts LIST       scale,changes,usable,drain,chain or some of them (all, or
                      DMCLONE_BENCH_SCALE_PARTS)
   --volumes N        volumes to create (1000, or DMCLONE_BENCH_VOLUMES)
   --reps N           rounds of the status comparison and of the changed-blocks
@@ -113,6 +118,9 @@ usage: scale --bench [--agent PATH] [--parts LIST] [--volumes N] [--reps N] [--r
   --usable-reps N    moves timed per size (20, or DMCLONE_BENCH_USABLE_REPS)
   --drain-volumes N  volumes moved at once in the drain (16, or DMCLONE_BENCH_DRAIN_VOLUMES)
   --drain-mib N      their size in MiB (256, or DMCLONE_BENCH_DRAIN_MIB)
+  --chain-mib N      size of the volume moved A->B->C and A->B, in MiB (256, or
+                     DMCLONE_BENCH_CHAIN_MIB)
+  --chain-reps N     samples of each (3, or DMCLONE_BENCH_CHAIN_REPS)
   --results-dir DIR  where <part>.json and <part>.txt go (default: .)";
 
 #[derive(Debug, PartialEq)]
@@ -132,6 +140,9 @@ struct Params {
     drain: bool,
     drain_volumes: usize,
     drain_mib: u64,
+    chain: bool,
+    chain_mib: u64,
+    chain_reps: usize,
     results: PathBuf,
 }
 
@@ -173,6 +184,9 @@ impl Params {
                 "drain-volumes",
             )?,
             drain_mib: number(env("DMCLONE_BENCH_DRAIN_MIB").as_deref(), 256, "drain-mib")? as u64,
+            chain: true,
+            chain_mib: number(env("DMCLONE_BENCH_CHAIN_MIB").as_deref(), 256, "chain-mib")? as u64,
+            chain_reps: number(env("DMCLONE_BENCH_CHAIN_REPS").as_deref(), 3, "chain-reps")?,
             results: PathBuf::from("."),
         };
         if let Some(parts) = env("DMCLONE_BENCH_SCALE_PARTS").filter(|p| !p.is_empty()) {
@@ -206,6 +220,8 @@ impl Params {
                     params.drain_volumes = number(Some(&value()?), 0, "drain-volumes")?;
                 }
                 "--drain-mib" => params.drain_mib = number(Some(&value()?), 0, "drain-mib")? as u64,
+                "--chain-mib" => params.chain_mib = number(Some(&value()?), 0, "chain-mib")? as u64,
+                "--chain-reps" => params.chain_reps = number(Some(&value()?), 0, "chain-reps")?,
                 "--results-dir" => params.results = PathBuf::from(value()?),
                 other => return Err(format!("unknown argument {other}\n{USAGE}").into()),
             }
@@ -215,15 +231,19 @@ impl Params {
             || params.sample == 0
             || params.usable_reps == 0
             || params.drain_volumes == 0
+            || params.chain_reps == 0
         {
             return Err(format!(
-                "--volumes, --reps, --dmsetup-sample, --usable-reps and --drain-volumes must be at least 1\n{USAGE}"
+                "--volumes, --reps, --dmsetup-sample, --usable-reps, --drain-volumes and --chain-reps must be at least 1\n{USAGE}"
             )
             .into());
         }
         // dm-clone's regions and the pool's blocks divide whole MiB.
         if !(4..=65536).contains(&params.drain_mib) {
             return Err(format!("--drain-mib must be from 4 to 65536\n{USAGE}").into());
+        }
+        if !(4..=65536).contains(&params.chain_mib) {
+            return Err(format!("--chain-mib must be from 4 to 65536\n{USAGE}").into());
         }
         if !(1..=1024).contains(&params.changes_gib) {
             return Err(format!("--changes-gib must be from 1 to 1024\n{USAGE}").into());
@@ -236,19 +256,26 @@ impl Params {
     }
 
     fn parts(&mut self, list: &str) -> BenchResult<()> {
-        (self.scale, self.changes, self.usable, self.drain) = (false, false, false, false);
+        (
+            self.scale,
+            self.changes,
+            self.usable,
+            self.drain,
+            self.chain,
+        ) = (false, false, false, false, false);
         for part in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             match part {
                 "scale" => self.scale = true,
                 "changes" => self.changes = true,
                 "usable" => self.usable = true,
                 "drain" => self.drain = true,
+                "chain" => self.chain = true,
                 other => {
                     return Err(format!("--parts: unknown part {other:?}\n{USAGE}").into());
                 }
             }
         }
-        if !(self.scale || self.changes || self.usable || self.drain) {
+        if !(self.scale || self.changes || self.usable || self.drain || self.chain) {
             return Err(format!("--parts names no part\n{USAGE}").into());
         }
         Ok(())
@@ -896,6 +923,7 @@ fn main() {
         ("changes", params.changes),
         ("usable", params.usable),
         ("drain", params.drain),
+        ("chain", params.chain),
     ] {
         if !wanted {
             continue;
@@ -905,7 +933,8 @@ fn main() {
                 "scale" => measure_scale(&params).await,
                 "changes" => measure_changes(&params).await,
                 "usable" => usable::measure(&params).await,
-                _ => drain::measure(&params).await,
+                "drain" => drain::measure(&params).await,
+                _ => chain::measure(&params).await,
             }
         });
         match measured {
@@ -965,12 +994,13 @@ fn self_check() -> Result<(), String> {
     common::stats::self_check()?;
     let parts = |list: &str| {
         Params::parse(&args(&["--parts", list]), none)
-            .map(|p| (p.scale, p.changes, p.usable, p.drain))
+            .map(|p| (p.scale, p.changes, p.usable, p.drain, p.chain))
     };
-    if parts("changes").ok() != Some((false, true, false, false))
-        || parts("scale,changes").ok() != Some((true, true, false, false))
-        || parts("usable").ok() != Some((false, false, true, false))
-        || parts("drain").ok() != Some((false, false, false, true))
+    if parts("changes").ok() != Some((false, true, false, false, false))
+        || parts("scale,changes").ok() != Some((true, true, false, false, false))
+        || parts("usable").ok() != Some((false, false, true, false, false))
+        || parts("drain").ok() != Some((false, false, false, true, false))
+        || parts("chain").ok() != Some((false, false, false, false, true))
     {
         return Err("--parts selects wrongly".into());
     }
@@ -987,6 +1017,8 @@ fn self_check() -> Result<(), String> {
         (&["--usable-reps", "0"][..], "at least 1"),
         (&["--drain-volumes", "0"][..], "at least 1"),
         (&["--drain-mib", "2"][..], "from 4 to 65536"),
+        (&["--chain-reps", "0"][..], "at least 1"),
+        (&["--chain-mib", "2"][..], "from 4 to 65536"),
     ] {
         match Params::parse(&args(given), none) {
             Err(err) if err.to_string().contains(reason) => {}

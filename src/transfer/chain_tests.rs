@@ -10,12 +10,14 @@ use std::sync::Arc;
 
 use super::{
     TransferState,
-    move_tests::{HOST_A, HOST_B, arriving_over_nvme, subsystem_of, the_token, wait_until},
+    move_tests::{
+        HOST_A, HOST_B, arriving_over_nvme, subsystem_of, the_token, thresholds_told, wait_until,
+    },
 };
 use crate::{
     error::AgentError,
     testing::{TestHost, crash, refusal, transfer_reaches},
-    transfer::release::SourceAction,
+    transfer::{export::UnexportRequest, release::SourceAction},
 };
 
 fn middle_host() -> TestHost {
@@ -76,6 +78,18 @@ async fn an_arriving_volume_moves_on_once_it_knows_its_chain() {
         .await
         .unwrap();
     assert_eq!(chain, [agent.ctx.node_id.clone(), "node-a".to_owned()]);
+    // Claimed: the host it moves on to copies through this one, whose own
+    // copy waits (it is dropped once that host holds every byte).
+    let lower = format!("dmt-lower-{id}");
+    wait_until(async || {
+        thresholds_told(&host, &lower)
+            .last()
+            .is_some_and(|t| t == "0")
+    })
+    .await;
+    let waiting = agent.transfers.get_transfer(&transfer).await.unwrap();
+    assert_eq!(waiting.state, TransferState::Hydrating);
+    assert!(waiting.message.starts_with("moving on: "), "{waiting:?}");
     let other = agent.exports.export_volume(&id, HOST_A, true).await;
     assert!(
         matches!(other, Err(AgentError::AlreadyExists { .. })),
@@ -93,6 +107,21 @@ async fn an_arriving_volume_moves_on_once_it_knows_its_chain() {
         agent.transfers.get_transfer(&transfer).await.unwrap().state,
         TransferState::Hydrating
     );
+    // That move aborted (its destination withdraws the export): this copy
+    // goes on.
+    let withdraw = UnexportRequest {
+        token: Some(token),
+        ..UnexportRequest::default()
+    };
+    agent.exports.unexport_volume(&id, &withdraw).await.unwrap();
+    wait_until(async || {
+        thresholds_told(&host, &lower)
+            .last()
+            .is_some_and(|t| t != "0")
+    })
+    .await;
+    let copying = agent.transfers.get_transfer(&transfer).await.unwrap();
+    assert!(!copying.message.starts_with("moving on"), "{copying:?}");
 }
 
 #[tokio::test]

@@ -157,6 +157,9 @@ pub(crate) struct Live {
     /// Copying in the background at the last look: one of those sharing
     /// the host's byte budget.
     pub copying: bool,
+    /// Why the transfer does not copy although nothing is wrong (it moves
+    /// on from here), shown as its message.
+    pub note: Option<String>,
 }
 
 /// The running transfers and the stream of their updates.
@@ -236,6 +239,7 @@ pub(crate) fn view(
         Some(live) => (0, 0.0, None, live.degraded.clone()),
         None => (0, 0.0, None, None),
     };
+    let note = live.and_then(|live| live.note.clone());
     let hydrated = if record.phase == P::Done {
         total_regions
     } else {
@@ -252,8 +256,9 @@ pub(crate) fn view(
         (P::Aborted, _) => TransferState::Aborted,
         (P::Failed, _) => TransferState::Failed,
     };
-    let message = match (&degraded, record.phase) {
-        (Some(reason), P::Hydrating) => reason.clone(),
+    let message = match (&degraded, &note, record.phase) {
+        (Some(reason), _, P::Hydrating) => reason.clone(),
+        (None, Some(note), P::Hydrating) => note.clone(),
         _ => record.message.clone(),
     };
     TransferView {

@@ -43,19 +43,21 @@ struct Watch {
 }
 
 /// Background copying stops (threshold 0) while the byte budget is
-/// overdrawn or the source is unreachable, and starts again when neither
-/// holds. `stopped` is what the live table was last told.
+/// overdrawn, the source is unreachable or the volume moves on from here,
+/// and starts again when none holds. `stopped` is what the live table was
+/// last told.
 #[derive(Debug, Default)]
 struct CopyGate {
     over_budget: bool,
     source_down: bool,
+    moving_on: bool,
     stopped: bool,
 }
 
 impl CopyGate {
     /// `Some(stop)` when the table must be told.
     fn change(&mut self) -> Option<bool> {
-        let stop = self.over_budget || self.source_down;
+        let stop = self.over_budget || self.source_down || self.moving_on;
         (stop != self.stopped).then(|| {
             self.stopped = stop;
             stop
@@ -132,6 +134,7 @@ impl Transfers {
             watch.gate.stopped = false;
         }
         let clone = self.ctx.clone_device(transfer);
+        let moving_on = self.moving_on(transfer).await?;
         let now = Instant::now();
         let status = match self
             .ctx
@@ -169,8 +172,10 @@ impl Transfers {
             {
                 live.completed_at = Some(now);
             }
-            live.copying =
-                transfer.phase == TransferPhase::Hydrating && !status.is_fully_hydrated();
+            live.copying = transfer.phase == TransferPhase::Hydrating
+                && !status.is_fully_hydrated()
+                && moving_on.is_none();
+            live.note.clone_from(&moving_on);
             live.progress.stalled_for(now)
         });
         let degraded = if let SourceHealth::Down { reason } = &source {
@@ -179,6 +184,7 @@ impl Transfers {
             Some("the clone's metadata went read-only (a metadata write failed); hydrated regions still work, the rest needs repair".to_owned())
         } else if transfer.phase == TransferPhase::Hydrating
             && !status.is_fully_hydrated()
+            && moving_on.is_none()
             && stalled >= stall_limit
         {
             // The same words while the stall lasts: a change is logged.
@@ -216,10 +222,33 @@ impl Transfers {
         }
         if transfer.phase == TransferPhase::Hydrating {
             watch.gate.source_down = matches!(source, SourceHealth::Down { .. });
+            watch.gate.moving_on = moving_on.is_some();
             self.gate_copying(transfer, watch, status.hydrated_regions)
                 .await;
         }
         Ok(Next::Wait)
+    }
+
+    /// Why this copy waits, while the volume moves on from here: the host it
+    /// is exported to has connected (claimed the export) and copies it,
+    /// reading what this host lacks through it. This copy is dropped once
+    /// that host holds every byte, so copying here would only halve the
+    /// bandwidth that host gets; writes here still copy the regions they
+    /// touch, and the copy resumes if that move is aborted.
+    async fn moving_on(&self, transfer: &TransferRecord) -> Result<Option<String>, AgentError> {
+        let Some(volume) = self.ctx.record(&transfer.volume_id).await? else {
+            return Ok(None);
+        };
+        Ok(volume
+            .export
+            .filter(|e| e.serves_lower && e.for_transfer() && e.claim_deadline_unix.is_none())
+            .map(|e| {
+                format!(
+                    "moving on: {} copies the volume through this host, so this copy waits (it \
+                     is dropped once that host holds every byte)",
+                    e.host_nqn
+                )
+            }))
     }
 
     /// Builds a transfer's stack again, under its volume's lock.

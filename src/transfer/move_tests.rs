@@ -564,7 +564,7 @@ async fn a_source_unreachable_after_a_reboot_degrades_only_its_transfer() {
 }
 
 /// The thresholds the clone on device `public` was told, in order.
-fn thresholds_told(host: &TestHost, public: &str) -> Vec<String> {
+pub(super) fn thresholds_told(host: &TestHost, public: &str) -> Vec<String> {
     let prefix = format!("message {public} hydration_threshold ");
     host.kernel
         .journal()

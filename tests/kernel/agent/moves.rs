@@ -56,6 +56,14 @@ pub(super) async fn agent_with(
     host_uuid: &str,
     more: &[&str],
 ) -> AgentProcess {
+    let args = agent_args(port, host_uuid, more);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    AgentProcess::start_with(prefix, &args, &[]).await
+}
+
+/// The arguments of an agent that exports on 127.0.0.1:`port`, with its own
+/// host NQN and id: a 1 GiB pool file and a 3 s stall limit, then `more`.
+pub(super) fn agent_args(port: u16, host_uuid: &str, more: &[&str]) -> Vec<String> {
     let port_text = port.to_string();
     let nqn = format!("nqn.2014-08.org.nvmexpress:uuid:{host_uuid}");
     let auth = if more.contains(&"--nvme-auth") {
@@ -81,7 +89,7 @@ pub(super) async fn agent_with(
         "3",
     ]);
     args.extend_from_slice(more);
-    AgentProcess::start_with(prefix, &args, &[]).await
+    args.into_iter().map(str::to_owned).collect()
 }
 
 pub(super) async fn host_nqn(agent: &AgentProcess) -> String {

@@ -6,7 +6,9 @@
 //! resume the move where the clone's metadata says and read the same data.
 //! A second move copies from a device-mapper device that the reboot takes
 //! away: that transfer comes back DEGRADED while everything else is served,
-//! and finishes with equal data once its source is there again.
+//! and finishes with equal data once its source is there again. Beside
+//! them, a chain of three more agents (A→B→C, C copying through B while B
+//! copies from A) is cut off mid-copy and converges after the reboot.
 //!
 //! `tests/run-all` runs the two halves in two guests with
 //! `DMCLONE_REBOOT_STATE_DISK`, `DMCLONE_REBOOT_POOL_DISK` and
@@ -88,6 +90,138 @@ fn mount_state(device: &Path) -> PathBuf {
     )
     .unwrap_or_else(|err| panic!("mount {} on {MOUNT}: {err}", device.display()));
     Path::new(MOUNT).join("agent")
+}
+
+/// A chain A→B→C of three agents beside the main one, each with its state
+/// and a pool file under the state disk: cut off while B and C both copy
+/// (C through B), so that every host of the chain reboots mid-copy.
+mod chain {
+    use std::path::Path;
+
+    use dmclone::api::proto::v1::{HydrationKnobs, TransferState};
+
+    use super::super::{
+        api::{create, get, publish, unpublish},
+        fixture::AgentProcess,
+        moves::{
+            Ids, agent_args, export, fill, get_transfer, public, start_move_with, transfers,
+            wait_released,
+        },
+    };
+    use crate::support::*;
+
+    const IDS_AB: Ids = Ids {
+        volume: "5a9d1c3e-5f1a-4f7e-9a57-3f0c2b8f6d08",
+        transfer: "5b9d1c3e-5f1a-4f7e-9a57-3f0c2b8f6d08",
+    };
+    const IDS_BC: Ids = Ids {
+        volume: IDS_AB.volume,
+        transfer: "5b9d1c3e-5f1a-4f7e-9a57-3f0c2b8f6d09",
+    };
+    // What `start_move_with` moves.
+    const SIZE: u64 = 64 * MIB;
+    const SEED: u64 = 79;
+    /// Written on B while the volume arrives there.
+    const ON_B: (u64, u64) = (9 * MIB + 4096, 80);
+    const HOSTS: [(&str, u16, &str); 3] = [
+        ("dmctrcha", 4481, "0d000000-0000-4000-8000-000000000481"),
+        ("dmctrchb", 4482, "0d000000-0000-4000-8000-000000000482"),
+        ("dmctrchc", 4483, "0d000000-0000-4000-8000-000000000483"),
+    ];
+
+    /// The three agents, on their state under `root` (made on first use).
+    async fn start(root: &Path) -> Vec<AgentProcess> {
+        let mut agents = Vec::new();
+        for (prefix, port, uuid) in HOSTS {
+            let args = agent_args(port, uuid, &[]);
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            agents.push(AgentProcess::start_in(&root.join(prefix), prefix, &args).await);
+        }
+        agents
+    }
+
+    fn slow() -> Option<HydrationKnobs> {
+        Some(HydrationKnobs {
+            max_bytes_per_second: MIB,
+            ..HydrationKnobs::default()
+        })
+    }
+
+    /// First boot: A→B (slow), written on B, B→C (slow) while B copies.
+    /// The caller kills the agents when the guest goes down.
+    pub(super) async fn leave_mid_copy(root: &Path) -> Vec<AgentProcess> {
+        let agents = start(root).await;
+        let (a, b, c) = (&agents[0], &agents[1], &agents[2]);
+        let mut volumes_a = a.volumes().await;
+        create(&mut volumes_a, IDS_AB.volume, SIZE).await.unwrap();
+        let path = publish(&mut volumes_a, IDS_AB.volume).await.unwrap();
+        fill(Path::new(&path), SEED, SIZE);
+        unpublish(&mut volumes_a, IDS_AB.volume).await.unwrap();
+        let to_b = export(IDS_AB, a, b).await.unwrap();
+        start_move_with(IDS_AB, a, &to_b, b, false, slow())
+            .await
+            .unwrap();
+        write_at(&public(IDS_AB, b), ON_B.0, &pattern(ON_B.1, 0, 64 * 1024));
+        unpublish(&mut b.volumes().await, IDS_AB.volume)
+            .await
+            .unwrap();
+        let to_c = export(IDS_BC, b, c).await.unwrap();
+        start_move_with(IDS_BC, b, &to_c, c, false, slow())
+            .await
+            .unwrap();
+        while get_transfer(IDS_BC, c).await.bytes_hydrated < 4 * MIB {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        let (b_now, c_now) = (get_transfer(IDS_AB, b).await, get_transfer(IDS_BC, c).await);
+        assert_eq!(b_now.state(), TransferState::Hydrating, "{b_now:?}");
+        assert!(c_now.bytes_hydrated < SIZE, "{c_now:?}");
+        agents
+    }
+
+    /// Second boot: the three agents start again from their disks; the
+    /// chain resumes (B's clone comes back once A exports again, and C's
+    /// connection once B does), C ends with every byte, B passes on and A
+    /// is released.
+    pub(super) async fn finish(root: &Path) {
+        let agents = start(root).await;
+        let (a, b, c) = (&agents[0], &agents[1], &agents[2]);
+        transfers(c)
+            .await
+            .throttle_transfer(dmclone::api::proto::v1::ThrottleTransferRequest {
+                transfer_id: IDS_BC.transfer.into(),
+                knobs: Some(HydrationKnobs {
+                    max_bytes_per_second: 1 << 40,
+                    ..HydrationKnobs::default()
+                }),
+            })
+            .await
+            .unwrap();
+        wait_released(IDS_BC, c).await;
+        let mut expected = pattern(SEED, 0, SIZE as usize);
+        let at = ON_B.0 as usize;
+        expected[at..at + 64 * 1024].copy_from_slice(&pattern(ON_B.1, 0, 64 * 1024));
+        assert_eq!(
+            sha256_of(&public(IDS_BC, c), SIZE),
+            hex(&<sha2::Sha256 as sha2::Digest>::digest(&expected))
+        );
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        loop {
+            let passed = get_transfer(IDS_AB, b).await;
+            if passed.source_released {
+                assert!(!passed.passed_on_to.is_empty(), "{passed:?}");
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "{passed:?}");
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+        for holder in [a, b] {
+            let gone = get(&mut holder.volumes().await, IDS_AB.volume).await;
+            assert_eq!(gone.unwrap_err().code(), tonic::Code::NotFound);
+        }
+        for agent in agents {
+            agent.destroy().await;
+        }
+    }
 }
 
 fn args(pool: &Path) -> Vec<String> {
@@ -217,6 +351,7 @@ async fn first_boot_leaves_volumes_on_the_disks() {
             unpublish(&mut volumes, id).await.unwrap();
         }
     }
+    let chain = chain::leave_mid_copy(Path::new(MOUNT)).await;
     // A volume moving here from the third disk, slowly, cut off half-way.
     let source = disk("DMCLONE_REBOOT_SOURCE_DISK");
     fill(&source, MOVING_SEED, MOVING_MIB * MIB);
@@ -253,6 +388,9 @@ async fn first_boot_leaves_volumes_on_the_disks() {
     };
     // Cut off: no clean stop, devices stay active until the guest powers off.
     agent.kill9().await;
+    for mut chained in chain {
+        chained.kill9().await;
+    }
     std::fs::write(dir.join("hydrated-before-reboot"), hydrated.to_string()).unwrap();
     nix::unistd::sync();
 }
@@ -365,4 +503,5 @@ async fn second_boot_rebuilds_every_volume_with_its_data() {
     let _ = kernel()
         .remove(&DeviceName::new(LOST_SOURCE).unwrap())
         .await;
+    chain::finish(Path::new(MOUNT)).await;
 }

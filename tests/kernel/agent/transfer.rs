@@ -696,6 +696,9 @@ async fn an_arriving_volume_tracks_changes_from_presentation_on() {
     client.commit_transfer(reference()).await.unwrap();
     write(100 * BLOCK, 4096, 0x5C);
     write(511 * BLOCK, BLOCK as usize, 0x5D);
+    // Paused, so that the kernel does not finish the copy while no agent
+    // holds it to its byte limit (between the kill and the restart).
+    client.pause_transfer(reference()).await.unwrap();
     agent.kill9().await;
     agent.restart().await;
     let mut client = TransfersClient::new(agent.channel().await);
@@ -711,6 +714,7 @@ async fn an_arriving_volume_tracks_changes_from_presentation_on() {
         hydrating.regions_hydrated < hydrating.regions_total,
         "still hydrating when asked: {hydrating:?}"
     );
+    client.resume_transfer(reference()).await.unwrap();
     client
         .throttle_transfer(ThrottleTransferRequest {
             transfer_id: TRANSFER.into(),

@@ -1,0 +1,250 @@
+//! A chained move against a single move of the same volume.
+//!
+//! Three agents on this host, A and B exporting over NVMe/TCP loopback. A
+//! sample of the single move: a volume of `--chain-mib` (256 MiB), written
+//! in full on A, moves A→B; the clock runs from `StartTransfer` to B's
+//! transfer done (finalized). A sample of the chain: another such volume
+//! moves A→B and, as soon as B has started, on to C (B exports what it has
+//! and reads the rest through from A); the clock runs from A→B's
+//! `StartTransfer` to C's transfer done. Both use the agent's default knobs;
+//! samples alternate, single first. The ratio of the medians is the
+//! verdict: C holds every byte of a volume that was still arriving on B
+//! within 1.2x the time one move takes.
+
+use std::{
+    fmt::Write as _,
+    time::{Duration, Instant},
+};
+
+use dmclone::api::proto::v1::{
+    DeleteVolumeRequest, TransferRef, TransferState, UnpublishVolumeRequest,
+    transfers_client::TransfersClient,
+};
+use serde_json::{Value, json};
+
+use super::{
+    Agent, Params,
+    common::{self, BenchResult, stats_json},
+    preflight, summary,
+    usable::{Route, create, host_flags, source_flags, start},
+};
+
+const A_PREFIX: &str = "dmbenchca";
+const B_PREFIX: &str = "dmbenchcb";
+const C_PREFIX: &str = "dmbenchcc";
+const A_PORT: &str = "14941";
+const B_PORT: &str = "14942";
+const A_NQN: &str = "nqn.2014-08.org.nvmexpress:uuid:5ab1e000-0000-4000-8000-000000000005";
+const A_HOST_ID: &str = "5ab1e000-0000-4000-8000-000000000005";
+const B_NQN: &str = "nqn.2014-08.org.nvmexpress:uuid:5ab1e000-0000-4000-8000-000000000006";
+const B_HOST_ID: &str = "5ab1e000-0000-4000-8000-000000000006";
+const C_NQN: &str = "nqn.2014-08.org.nvmexpress:uuid:5ab1e000-0000-4000-8000-000000000007";
+const C_HOST_ID: &str = "5ab1e000-0000-4000-8000-000000000007";
+const MIB: u64 = 1 << 20;
+/// The chain's time against one move's.
+const TARGET: f64 = 1.2;
+const POLL: Duration = Duration::from_millis(20);
+const MOVE_TIMEOUT: Duration = Duration::from_secs(300);
+
+pub(crate) async fn measure(params: &Params) -> BenchResult<(Value, String)> {
+    let dm = preflight(params)?;
+    for prefix in [A_PREFIX, B_PREFIX, C_PREFIX] {
+        common::remove_devices_with_prefix(&dm, prefix).await?;
+    }
+    let size = params.chain_mib * MIB;
+    // Every sample's volume is written on A before it moves; B and C hold
+    // one at a time (a moved volume is deleted before the next sample).
+    let a_pool = format!("{}M", 2 * params.chain_reps as u64 * params.chain_mib + 512);
+    let pool = format!("{}M", 2 * params.chain_mib + 512);
+    let a = Agent::start_as(
+        &params.agent,
+        &a_pool,
+        A_PREFIX,
+        source_flags(A_PORT, A_NQN, A_HOST_ID),
+    )
+    .await?;
+    let b = Agent::start_as(
+        &params.agent,
+        &pool,
+        B_PREFIX,
+        source_flags(B_PORT, B_NQN, B_HOST_ID),
+    )
+    .await?;
+    let c = Agent::start_as(&params.agent, &pool, C_PREFIX, host_flags(C_NQN, C_HOST_ID)).await?;
+    let measured = measure_moves(params, size, [&a, &b, &c]).await;
+    // A failed measurement says why before what its end left behind.
+    let removed = [
+        c.remove(&dm).await,
+        b.remove(&dm).await,
+        a.remove(&dm).await,
+    ];
+    let report = measured?;
+    removed.into_iter().collect::<BenchResult<Vec<()>>>()?;
+    Ok(report)
+}
+
+fn volume_of(sample: usize) -> String {
+    format!("5ab1e000-0000-4000-d000-{sample:012x}")
+}
+
+fn transfer_of(sample: usize, hop: u8) -> String {
+    format!("5ab1e000-0000-4000-e{hop:03x}-{sample:012x}")
+}
+
+async fn measure_moves(
+    params: &Params,
+    size: u64,
+    [a, b, c]: [&Agent; 3],
+) -> BenchResult<(Value, String)> {
+    let reps = params.chain_reps;
+    for sample in 0..2 * reps {
+        create(a, &volume_of(sample), size, true).await?;
+    }
+    let (to_b, b_to_c) = (Route::new(a, b, B_NQN), Route::new(b, c, C_NQN));
+    let (mut single, mut chained, mut onward) = (Vec::new(), Vec::new(), Vec::new());
+    for rep in 0..reps {
+        let sample = 2 * rep;
+        let began = Instant::now();
+        begin(&to_b, sample, 1, size).await?;
+        wait_done(b, &transfer_of(sample, 1)).await?;
+        single.push(began.elapsed().as_secs_f64());
+        delete_when_released(b, &transfer_of(sample, 1), &volume_of(sample)).await?;
+
+        let sample = 2 * rep + 1;
+        let began = Instant::now();
+        begin(&to_b, sample, 1, size).await?;
+        let onward_began = Instant::now();
+        begin(&b_to_c, sample, 2, size).await?;
+        onward.push(onward_began.elapsed().as_secs_f64());
+        // Nothing is attached on B (arriving volumes start published): its
+        // copy may be released once C is done.
+        unpublish(b, &volume_of(sample)).await?;
+        wait_done(c, &transfer_of(sample, 2)).await?;
+        chained.push(began.elapsed().as_secs_f64());
+        delete_when_released(c, &transfer_of(sample, 2), &volume_of(sample)).await?;
+        // B let go of A too (it passed on, or finished first and released).
+        let passed = released(b, &transfer_of(sample, 1)).await?;
+        eprintln!(
+            "chain: rep {rep}: single {:.2} s, chain {:.2} s of which the start on C {:.2} s (B's own transfer {:?}{})",
+            single[rep],
+            chained[rep],
+            onward[rep],
+            passed.state(),
+            if passed.passed_on_to.is_empty() {
+                ", finished before C"
+            } else {
+                ", passed on"
+            }
+        );
+    }
+    let (single_s, chain_s, onward_s) = (summary(&single)?, summary(&chained)?, summary(&onward)?);
+    let ratio = chain_s.median / single_s.median;
+    let mut text = String::new();
+    writeln!(
+        text,
+        "chain A->B->C: a {} MiB volume, written, moved on from B while B still copies it; \
+         time until C is done {:.2} s against a single move's {:.2} s (medians of {reps}) = \
+         {ratio:.2}x (target <= {TARGET}x) {}; the start on C (B's export, C's connect) took \
+         {:.2} s of the chain's time",
+        params.chain_mib,
+        chain_s.median,
+        single_s.median,
+        if ratio <= TARGET { "pass" } else { "MISSED" },
+        onward_s.median
+    )?;
+    let report = json!({
+        "volume_mib": params.chain_mib,
+        "reps": reps,
+        "single_s": stats_json(&single),
+        "chain_s": stats_json(&chained),
+        "onward_start_s": stats_json(&onward),
+        "chain_vs_single": ratio,
+        "target": TARGET,
+    });
+    Ok((report, text))
+}
+
+async fn state_of(agent: &Agent, transfer: &str) -> BenchResult<dmclone::api::proto::v1::Transfer> {
+    Ok(TransfersClient::new(agent.channel().await?)
+        .get_transfer(TransferRef {
+            transfer_id: transfer.into(),
+        })
+        .await?
+        .into_inner())
+}
+
+async fn wait_done(agent: &Agent, transfer: &str) -> BenchResult<()> {
+    let began = Instant::now();
+    loop {
+        let now = state_of(agent, transfer).await?;
+        match now.state() {
+            TransferState::Done => return Ok(()),
+            TransferState::Failed | TransferState::Aborted => {
+                return Err(format!(
+                    "transfer {transfer} ended {:?}: {}",
+                    now.state(),
+                    now.message
+                )
+                .into());
+            }
+            _ if began.elapsed() > MOVE_TIMEOUT => {
+                return Err(format!("transfer {transfer} not done within {MOVE_TIMEOUT:?}").into());
+            }
+            _ => tokio::time::sleep(POLL).await,
+        }
+    }
+}
+
+/// Once `transfer` is done and its source released, deletes the moved
+/// volume on `agent`, so the next sample starts from the same pools.
+async fn delete_when_released(agent: &Agent, transfer: &str, volume: &str) -> BenchResult<()> {
+    released(agent, transfer).await?;
+    unpublish(agent, volume).await?;
+    agent
+        .client()
+        .await?
+        .delete_volume(DeleteVolumeRequest {
+            volume_id: volume.into(),
+        })
+        .await?;
+    Ok(())
+}
+
+async fn unpublish(agent: &Agent, volume: &str) -> BenchResult<()> {
+    agent
+        .client()
+        .await?
+        .unpublish_volume(UnpublishVolumeRequest {
+            volume_id: volume.into(),
+        })
+        .await?;
+    Ok(())
+}
+
+/// Waits until `transfer`'s source confirmed it let go of its copy.
+async fn released(agent: &Agent, transfer: &str) -> BenchResult<dmclone::api::proto::v1::Transfer> {
+    let began = Instant::now();
+    loop {
+        let now = state_of(agent, transfer).await?;
+        if now.source_released {
+            return Ok(now);
+        }
+        if began.elapsed() > MOVE_TIMEOUT {
+            return Err(format!("the source of {transfer} did not let go: {now:?}").into());
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// Starts hop `hop` (1: A->B, 2: B->C) of `sample`'s volume.
+async fn begin(route: &Route, sample: usize, hop: u8, size: u64) -> BenchResult<()> {
+    start(
+        route,
+        &transfer_of(sample, hop),
+        &volume_of(sample),
+        size,
+        false,
+    )
+    .await?;
+    Ok(())
+}
