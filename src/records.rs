@@ -269,6 +269,21 @@ impl Context {
             .await
     }
 
+    /// The transfer an arriving volume's record names; its absence is a
+    /// store that contradicts itself.
+    pub(crate) async fn arriving_transfer(
+        &self,
+        volume: &VolumeRecord,
+        transfer_id: &TransferId,
+    ) -> Result<TransferRecord, AgentError> {
+        self.transfer_record(transfer_id).await?.ok_or_else(|| {
+            AgentError::Internal(format!(
+                "volume {} names a missing transfer {transfer_id}",
+                volume.id
+            ))
+        })
+    }
+
     pub(crate) async fn put_transfer(&self, transfer: &TransferRecord) -> Result<(), AgentError> {
         let record = transfer.clone();
         self.store_call(move |store| store.commit(vec![Change::put(&record)?]))

@@ -200,12 +200,7 @@ impl Context {
         volume: &VolumeRecord,
         transfer_id: &TransferId,
     ) -> Result<(), AgentError> {
-        let transfer = self.transfer_record(transfer_id).await?.ok_or_else(|| {
-            AgentError::Internal(format!(
-                "volume {} names a missing transfer {transfer_id}",
-                volume.id
-            ))
-        })?;
+        let transfer = self.arriving_transfer(volume, transfer_id).await?;
         if transfer.phase.is_finished() || !self.clone_is_live(&transfer).await? {
             self.ensure_public_device(volume).await?;
             return Ok(());

@@ -15,13 +15,28 @@ use super::{
     },
 };
 use crate::{
+    agent::Agent,
     error::AgentError,
+    ids::TransferId,
     testing::{TestHost, crash, refusal, transfer_reaches},
     transfer::{export::UnexportRequest, release::SourceAction},
 };
 
 fn middle_host() -> TestHost {
     TestHost::new().with_export_address("192.0.2.1:4420")
+}
+
+/// Waits until the transfer's source answered its claim.
+async fn knows_its_upstream(agent: &Agent, transfer: &TransferId) {
+    wait_until(async || {
+        agent
+            .ctx
+            .transfer_record(transfer)
+            .await
+            .unwrap()
+            .is_some_and(|t| t.upstream.is_some())
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -131,15 +146,7 @@ async fn a_chain_is_bounded_by_its_depth() {
         .answer_claims_with(&["node-c", "node-b", "node-a"]);
     host.releases.answer();
     let (agent, id, transfer) = arriving_over_nvme(&host).await;
-    wait_until(async || {
-        agent
-            .ctx
-            .transfer_record(&transfer)
-            .await
-            .unwrap()
-            .is_some_and(|t| t.upstream.is_some())
-    })
-    .await;
+    knows_its_upstream(&agent, &transfer).await;
     let deeper = agent.exports.export_volume(&id, HOST_B, true).await;
     assert_eq!(refusal(&deeper), Some("CHAIN_TOO_DEEP"), "{deeper:?}");
     assert!(
@@ -170,15 +177,7 @@ async fn the_release_of_a_copy_still_arriving_passes_on_to_its_source() {
         host.releases.answer_claims_with(&["node-a"]);
         host.releases.answer();
         let (agent, id, transfer) = arriving_over_nvme(&host).await;
-        wait_until(async || {
-            agent
-                .ctx
-                .transfer_record(&transfer)
-                .await
-                .unwrap()
-                .is_some_and(|t| t.upstream.is_some())
-        })
-        .await;
+        knows_its_upstream(&agent, &transfer).await;
         let token = agent
             .exports
             .export_volume(&id, HOST_B, true)

@@ -682,7 +682,7 @@ class DMCloneDriverE2E(DriverE2ETestCase):
             )
             for backend_id, backend in backends.items()
         }
-        self.assertEqual({'hv1': True, 'hv2': False}, fits)
+        self.assertEqual({'hv1': True, 'hv2': False, 'hv3': True}, fits)
 
     def test_1_update_host_without_pool_is_repaired(self):
         # cinder-manage volume update_host --newhost writes host@backend:

@@ -54,16 +54,7 @@ impl Exports {
                  now (export it for a move)",
             ));
         }
-        let mut transfer = self
-            .ctx
-            .transfer_record(transfer_id)
-            .await?
-            .ok_or_else(|| {
-                AgentError::Internal(format!(
-                    "volume {} names a missing transfer {transfer_id}",
-                    record.id
-                ))
-            })?;
+        let mut transfer = self.ctx.arriving_transfer(record, transfer_id).await?;
         if !transfer.era_above {
             return Err(arriving(
                 "it arrives without dm-era above its clone (a transfer started before chained \
@@ -133,16 +124,7 @@ impl Exports {
         transfer_id: &TransferId,
         host: &Nqn,
     ) -> Result<(), AgentError> {
-        let mut transfer = self
-            .ctx
-            .transfer_record(transfer_id)
-            .await?
-            .ok_or_else(|| {
-                AgentError::Internal(format!(
-                    "volume {} names a missing transfer {transfer_id}",
-                    volume.id
-                ))
-            })?;
+        let mut transfer = self.ctx.arriving_transfer(&volume, transfer_id).await?;
         if matches!(
             transfer.phase,
             TransferPhase::Starting | TransferPhase::Finalizing

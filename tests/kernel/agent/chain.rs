@@ -148,6 +148,21 @@ async fn full_speed(ids: Ids, agent: &AgentProcess) {
         .unwrap();
 }
 
+/// B's transfer ended by passing the volume on, and A let go of its copy.
+async fn b_passed_on_and_released_a(ab: Ids, a: &AgentProcess, b: &AgentProcess) {
+    wait_for(ab, b, "A released", |t| {
+        t.source_released && !t.passed_on_to.is_empty()
+    })
+    .await;
+    assert_eq!(
+        get(&mut a.volumes().await, ab.volume)
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
+}
+
 /// Starts the slow move A→B and waits until B knows where it comes from.
 async fn arrive_slowly(ab: Ids, a: &AgentProcess, b: &AgentProcess) {
     let to_b = export(ab, a, b).await.unwrap();
@@ -231,14 +246,7 @@ async fn a_volume_moves_on_while_arriving_and_every_copy_is_released_in_order() 
         Code::NotFound
     );
     assert!(!configfs_has(&to_c.subsystem_nqn), "B's export is gone");
-    wait_for(ab, &b, "A released", |t| t.source_released).await;
-    assert_eq!(
-        get(&mut a.volumes().await, volume)
-            .await
-            .unwrap_err()
-            .code(),
-        Code::NotFound
-    );
+    b_passed_on_and_released_a(ab, &a, &b).await;
     let left: Vec<String> = std::fs::read_dir("/dev/mapper")
         .unwrap()
         .flatten()
@@ -322,17 +330,7 @@ async fn the_middle_of_a_chain_killed_and_an_onward_move_aborted_converge() {
     full_speed(bc, &c).await;
     wait_released(bc, &c).await;
     assert_eq!(sha256_of(&public(bc, &c), SIZE), expected.sha256());
-    wait_for(ab, &b, "A released", |t| {
-        t.source_released && !t.passed_on_to.is_empty()
-    })
-    .await;
-    assert_eq!(
-        get(&mut a.volumes().await, volume)
-            .await
-            .unwrap_err()
-            .code(),
-        Code::NotFound
-    );
+    b_passed_on_and_released_a(ab, &a, &b).await;
     c.destroy().await;
     b.destroy().await;
     a.destroy().await;
@@ -399,17 +397,7 @@ async fn the_first_host_of_a_chain_unreachable_degrades_the_chain_and_loses_noth
     full_speed(bc, &c).await;
     wait_released(bc, &c).await;
     assert_eq!(sha256_of(&public(bc, &c), SIZE), expected.sha256());
-    wait_for(ab, &b, "A released", |t| {
-        t.source_released && !t.passed_on_to.is_empty()
-    })
-    .await;
-    assert_eq!(
-        get(&mut a.volumes().await, volume)
-            .await
-            .unwrap_err()
-            .code(),
-        Code::NotFound
-    );
+    b_passed_on_and_released_a(ab, &a, &b).await;
     relay.cut();
     c.destroy().await;
     b.destroy().await;
