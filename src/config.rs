@@ -199,9 +199,9 @@ pub struct TransferConfig {
     /// A hydrating transfer whose count does not move for this long is
     /// reported degraded (the source may be gone).
     pub stall_seconds: Option<u64>,
-    /// What all moves to this host may copy per second together, shared
-    /// equally among those copying; a transfer's own limit still applies
-    /// when lower. Unset: no budget.
+    /// What all moves to this host may copy per second together: one
+    /// budget those copying spend from, in equal turns; a transfer's own
+    /// limit still applies when lower. Unset: no budget.
     #[serde(deserialize_with = "de_opt_size")]
     pub max_bytes_per_second: Option<u64>,
     /// Finished transfers are forgotten this long after they finished...

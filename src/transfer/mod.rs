@@ -167,6 +167,7 @@ pub(crate) struct Live {
 pub(crate) struct Registry {
     pub live: Mutex<HashMap<TransferId, Live>>,
     pub updates: broadcast::Sender<TransferView>,
+    budget: Mutex<monitor::HostBudget>,
 }
 
 impl Default for Registry {
@@ -174,6 +175,7 @@ impl Default for Registry {
         Self {
             live: Mutex::new(HashMap::new()),
             updates: broadcast::channel(1024).0,
+            budget: Mutex::new(monitor::HostBudget::default()),
         }
     }
 }
@@ -202,6 +204,16 @@ impl Registry {
             .values()
             .filter(|live| live.copying)
             .count()
+    }
+
+    /// Spends one look's copies from the host's byte budget, shared by
+    /// the transfers copying.
+    pub(crate) fn spend_budget(&self, spending: monitor::Spending) -> monitor::Allowance {
+        let copying = self.copying();
+        self.budget
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .spend(spending, copying)
     }
 
     pub fn wake(&self, id: &TransferId) {

@@ -37,6 +37,11 @@ enum Next {
 #[derive(Debug, Default)]
 struct Watch {
     limiter: RateLimiter,
+    pace: Pace,
+    /// The clone's hydrated bytes when it last spent from the host budget.
+    host_seen: Option<u64>,
+    /// The threshold the clone was last told; `None` before the first look.
+    told: Option<u32>,
     events: EventSource,
     source: SourceWatch,
     gate: CopyGate,
@@ -130,8 +135,9 @@ impl Transfers {
         }
         let source = self.check_source(transfer, &mut watch.source).await;
         if source == SourceHealth::Reattached {
-            // The reloaded table copies at its own threshold again.
+            // The reloaded table copies at the knobs it was built with.
             watch.gate.stopped = false;
+            watch.told = None;
         }
         let clone = self.ctx.clone_device(transfer);
         let moving_on = self.moving_on(transfer).await?;
@@ -283,26 +289,50 @@ impl Transfers {
     }
 
     /// dm-clone has no rate limit of its own: the monitor stops background
-    /// copies (threshold 0) while the transfer's byte budget is overdrawn
-    /// (see `RateLimiter`) or its source is unreachable, and restores the
-    /// threshold once neither holds. Writes still hydrate the regions they
-    /// touch.
+    /// copies (threshold 0) while the transfer's own limit or the host's
+    /// budget is overdrawn (see `RateLimiter`, `HostBudget`) or its source
+    /// is unreachable, and restores the threshold once none holds. Writes
+    /// still hydrate the regions they touch.
     async fn gate_copying(&self, transfer: &TransferRecord, watch: &mut Watch, hydrated: u64) {
+        let now = Instant::now();
         let bytes = hydrated * transfer.region_bytes;
-        let limit = self.ctx.byte_limit(transfer, 0);
-        // Copies come in regions: a bucket that cannot hold two of them
-        // would hold copying back after every one.
-        watch.limiter.granule = 2 * transfer.region_bytes;
-        watch.limiter.step(Instant::now(), bytes, limit);
-        watch.gate.over_budget = watch.limiter.holding;
+        let (own, region) = (own_knobs(transfer), transfer.region_bytes);
+        let own_limit = transfer.max_bytes_per_second;
+        // Copies come in starts of up to `in_flight` regions: a bucket that
+        // cannot hold two of them would hold copying back after every one.
+        let (in_flight, _) = watch.pace.knobs(own, region, own_limit);
+        watch.limiter.granule = 2 * region * u64::from(in_flight);
+        watch.limiter.step(now, bytes, own_limit);
+        let unspent = watch.limiter.take_unspent();
+        if !watch.gate.stopped {
+            watch.pace.widen(own, region, own_limit, unspent);
+        }
+        let copied = bytes.saturating_sub(watch.host_seen.replace(bytes).unwrap_or(bytes));
+        let host = self.ctx.registry.spend_budget(Spending {
+            now,
+            copied,
+            budget: self.ctx.settings.transfer.max_bytes_per_second,
+            own,
+            region,
+            copying: !watch.gate.stopped,
+        });
+        watch.gate.over_budget = watch.limiter.holding || host.holding;
+        let (threshold, batch) = tighter(watch.pace.knobs(own, region, own_limit), host.knobs);
+        let told = *watch
+            .told
+            .get_or_insert(if self.ctx.byte_limit(transfer, 0) > 0 {
+                1
+            } else {
+                own.0
+            });
         let messages = match watch.gate.change() {
             Some(true) => vec!["hydration_threshold 0".to_owned()],
-            Some(false) => {
-                let (threshold, batch) = knobs_within(transfer, limit);
-                vec![
-                    format!("hydration_batch_size {batch}"),
-                    format!("hydration_threshold {threshold}"),
-                ]
+            Some(false) => vec![
+                format!("hydration_batch_size {batch}"),
+                format!("hydration_threshold {threshold}"),
+            ],
+            None if !watch.gate.stopped && told != threshold => {
+                vec![format!("hydration_threshold {threshold}")]
             }
             None => return,
         };
@@ -310,10 +340,12 @@ impl Transfers {
             if let Err(err) = self.ctx.message_clone(transfer, &message).await {
                 // Told again at the next look.
                 watch.gate.stopped = !watch.gate.stopped;
+                watch.told = Some(u32::MAX);
                 warn!(transfer = %transfer.id, error = %err, "cannot stop or restart background copying");
                 return;
             }
         }
+        watch.told = Some(if watch.gate.stopped { 0 } else { threshold });
     }
 
     /// Switches the public device from the clone to the local thin device,
@@ -517,18 +549,139 @@ impl EventSource {
     }
 }
 
-/// The copy knobs (threshold, batch) a transfer runs with under `limit`
-/// bytes per second (0: its own). dm-clone cannot stop a copy it began, so
-/// what one start puts in flight (threshold x batch regions) stays within
-/// the limiter's quarter-second burst, or one region: the overshoot the
-/// bucket must repay stays small, even for a volume that one burst of the
-/// transfer's own knobs would copy whole.
-fn knobs_within(transfer: &TransferRecord, limit: u64) -> (u32, u32) {
-    bounded_knobs(
-        (transfer.hydration_threshold, transfer.hydration_batch_size),
-        transfer.region_bytes,
-        limit,
-    )
+/// How many regions a rate-limited transfer keeps in flight. A start puts
+/// at most a quarter second of its limit in flight (dm-clone cannot stop a
+/// copy it began, so the bucket must repay what one start overshoots), but
+/// one region at a time may copy slower than the limit when each takes long
+/// (many transfers sharing one path): credit then goes unspent and the
+/// transfer runs under its share. Each region's worth left unspent while
+/// copying was allowed doubles the regions in flight, up to the transfer's
+/// own threshold; an overshoot that brings is repaid like any other.
+#[derive(Debug, Default)]
+struct Pace {
+    in_flight: u32,
+    /// Credit left unspent since the regions in flight last grew.
+    unspent: f64,
+}
+
+impl Pace {
+    /// The copy knobs (threshold, batch) of a transfer whose own are `own`
+    /// under `limit` bytes per second (0: its own).
+    fn knobs(&self, own: (u32, u32), region_bytes: u64, limit: u64) -> (u32, u32) {
+        let (bounded, batch) = bounded_knobs(own, region_bytes, limit);
+        if limit == 0 {
+            return (bounded, batch);
+        }
+        (bounded.max(self.in_flight.min(own.0)), batch)
+    }
+
+    /// Notes credit left `unspent` while copying was allowed; true when the
+    /// regions in flight grew.
+    fn widen(&mut self, own: (u32, u32), region_bytes: u64, limit: u64, unspent: f64) -> bool {
+        if limit == 0 {
+            return false;
+        }
+        self.unspent += unspent;
+        if self.unspent < region_bytes as f64 {
+            return false;
+        }
+        self.unspent = 0.0;
+        let (now, _) = self.knobs(own, region_bytes, limit);
+        self.in_flight = now.saturating_mul(2).min(own.0.max(1));
+        self.in_flight > now
+    }
+}
+
+/// One look's spending from the host budget.
+pub(crate) struct Spending {
+    now: Instant,
+    /// Bytes the transfer copied since its last look.
+    copied: u64,
+    /// The host's budget in bytes per second; 0: none.
+    budget: u64,
+    own: (u32, u32),
+    region: u64,
+    /// Whether the transfer was allowed to copy since its last look.
+    copying: bool,
+}
+
+/// What the host budget allows one transfer now.
+pub(crate) struct Allowance {
+    holding: bool,
+    knobs: (u32, u32),
+}
+
+/// The host's byte budget (`transfer.max_bytes_per_second`) as one bucket
+/// that every transfer spends from: what one transfer leaves unspent (it
+/// ended with credit, waits for its source, copies slowly) is the others'
+/// to spend, where per-transfer shares of the budget would lose it. All
+/// hold while the bucket is overdrawn and copy again together; the regions
+/// in flight on the host (a quarter second of the budget, widened by
+/// `Pace` while the host leaves credit unspent) are split equally among the
+/// transfers copying, so they share the budget equally.
+#[derive(Debug, Default)]
+pub(crate) struct HostBudget {
+    bucket: RateLimiter,
+    pace: Pace,
+}
+
+impl HostBudget {
+    pub(crate) fn spend(&mut self, spending: Spending, copying: usize) -> Allowance {
+        let Spending {
+            now,
+            copied,
+            budget,
+            own,
+            region,
+            copying: allowed,
+        } = spending;
+        if budget == 0 {
+            self.bucket.spend(now, 0.0, 0);
+            return Allowance {
+                holding: false,
+                knobs: own,
+            };
+        }
+        if self
+            .bucket
+            .since
+            .is_some_and(|since| now.duration_since(since) > BUDGET_IDLE)
+        {
+            // Nothing copied under the budget for a while: start afresh
+            // rather than count the idle time as credit left unspent.
+            *self = HostBudget::default();
+        }
+        // The pace counts regions in flight on the whole host: a width
+        // found while few transfers copied is then split among more.
+        let copying = u32::try_from(copying.max(1)).unwrap_or(u32::MAX);
+        let all = (own.0.max(1).saturating_mul(copying), 1);
+        let (total, _) = self.pace.knobs(all, region, budget);
+        self.bucket.granule = 2 * region * u64::from(total);
+        self.bucket.spend(now, copied as f64, budget);
+        let unspent = self.bucket.take_unspent();
+        if allowed {
+            self.pace.widen(all, region, budget, unspent);
+        }
+        let (total, _) = self.pace.knobs(all, region, budget);
+        Allowance {
+            holding: self.bucket.holding,
+            knobs: (total.div_ceil(copying).clamp(1, own.0.max(1)), 1),
+        }
+    }
+}
+
+/// How long the host budget may go unspent before it starts afresh: limited
+/// transfers look every `LIMITED_TICK`, so a longer gap means none copied.
+const BUDGET_IDLE: Duration = Duration::from_secs(1);
+
+/// The lower threshold and batch of two sets of knobs.
+fn tighter(a: (u32, u32), b: (u32, u32)) -> (u32, u32) {
+    (a.0.min(b.0), a.1.min(b.1))
+}
+
+/// A transfer's own copy knobs (threshold, batch).
+fn own_knobs(transfer: &TransferRecord) -> (u32, u32) {
+    (transfer.hydration_threshold, transfer.hydration_batch_size)
 }
 
 fn bounded_knobs((threshold, batch): (u32, u32), region_bytes: u64, limit: u64) -> (u32, u32) {
@@ -573,33 +726,55 @@ const LIMITED_TICK: Duration = Duration::from_millis(20);
 /// Copying stops while the balance is negative and starts again once it is
 /// back above half the cap, so an overshoot is repaid instead of forgiven and
 /// the long-run rate stays at the limit however slowly the monitor looks.
-/// The cap is at least `granule` bytes (two regions): below it, a bucket
-/// spent by one region's copy holds copying back after each one and the
-/// rate stays under the limit.
+/// The cap is at least `granule` bytes (two starts' worth of regions):
+/// below it, a bucket spent by one start's copies holds copying back after
+/// each one and credit earned while they copy is lost at the cap.
 #[derive(Debug, Default)]
 struct RateLimiter {
-    last: Option<(Instant, u64)>,
+    since: Option<Instant>,
+    /// The hydrated bytes `step` saw last.
+    seen: u64,
     granule: u64,
     balance: f64,
     holding: bool,
+    /// Credit lost at the cap while copying was allowed (see `Pace`).
+    unspent: f64,
 }
 
 impl RateLimiter {
-    /// `Some(true)`: stop copying; `Some(false)`: copy again; `None`: leave it.
+    /// Spends what the clone hydrated since the last step (`hydrated_bytes`
+    /// counts from its start). `Some(true)`: stop copying; `Some(false)`:
+    /// copy again; `None`: leave it.
     fn step(&mut self, now: Instant, hydrated_bytes: u64, limit: u64) -> Option<bool> {
+        let spent = match self.since {
+            Some(_) => hydrated_bytes.saturating_sub(self.seen),
+            None => 0,
+        };
+        self.seen = hydrated_bytes;
+        self.spend(now, spent as f64, limit)
+    }
+
+    /// Spends `spent` bytes at `now`, as `step`.
+    fn spend(&mut self, now: Instant, spent: f64, limit: u64) -> Option<bool> {
         if limit == 0 {
-            self.last = None;
+            self.since = None;
             return self.set_holding(false);
         }
         let cap = (limit as f64 / 4.0).max(self.granule as f64);
-        let (then, then_bytes) = self.last.unwrap_or((now, hydrated_bytes));
-        if self.last.is_none() {
-            self.balance = cap;
-        }
-        self.last = Some((now, hydrated_bytes));
+        let then = match self.since {
+            Some(then) => then,
+            None => {
+                self.balance = cap;
+                now
+            }
+        };
+        self.since = Some(now);
         let earned = now.duration_since(then).as_secs_f64() * limit as f64;
-        let spent = hydrated_bytes.saturating_sub(then_bytes) as f64;
-        self.balance = (self.balance + earned - spent).min(cap);
+        let balance = self.balance + earned - spent;
+        if !self.holding && balance > cap {
+            self.unspent += balance - cap;
+        }
+        self.balance = balance.min(cap);
         if self.balance < 0.0 {
             self.set_holding(true)
         } else if self.balance >= cap / 2.0 {
@@ -607,6 +782,11 @@ impl RateLimiter {
         } else {
             None
         }
+    }
+
+    /// The credit lost at the cap since the last call.
+    fn take_unspent(&mut self) -> f64 {
+        std::mem::take(&mut self.unspent)
     }
 
     fn set_holding(&mut self, hold: bool) -> Option<bool> {
@@ -662,6 +842,144 @@ mod tests {
         assert_eq!(own(8 << 20), (2, 1), "2 MiB in a quarter second");
         assert_eq!(own(1 << 20), (1, 1), "at least one region");
         assert_eq!(own(1 << 30), (16, 1), "never above its own");
+    }
+
+    #[test]
+    fn credit_left_unspent_widens_the_regions_in_flight_up_to_the_transfers_own() {
+        let (own, region, limit) = ((16, 8), 1 << 20, 2 << 20);
+        let mut pace = Pace::default();
+        assert_eq!(
+            pace.knobs(own, region, limit),
+            (1, 1),
+            "a quarter second is under a region"
+        );
+        assert!(
+            !pace.widen(own, region, limit, 1000.0),
+            "less than a region unspent"
+        );
+        assert!(
+            !pace.widen(own, region, 0, 1e12),
+            "no limit, nothing to widen"
+        );
+        assert!(
+            pace.widen(own, region, limit, region as f64 - 1000.0),
+            "a region in all"
+        );
+        assert_eq!(pace.knobs(own, region, limit), (2, 1));
+        for _ in 0..10 {
+            pace.widen(own, region, limit, 1e12);
+        }
+        assert_eq!(
+            pace.knobs(own, region, limit),
+            (16, 1),
+            "never above its own"
+        );
+        assert!(
+            !pace.widen(own, region, limit, 1e12),
+            "nothing left to widen"
+        );
+        assert_eq!(
+            pace.knobs(own, region, 0),
+            (16, 8),
+            "no limit: its own knobs"
+        );
+    }
+
+    /// Copies `seconds` under `limit` where each region takes `latency`, as
+    /// the monitor looks every 20 ms; returns the bytes copied.
+    fn copy_with_slow_regions(limit: u64, latency: f64, seconds: u64, widening: bool) -> f64 {
+        let (own, region) = ((16, 1), 1000);
+        let t0 = Instant::now();
+        let (mut limiter, mut pace) = (RateLimiter::default(), Pace::default());
+        let (mut bytes, mut copying) = (0.0f64, true);
+        for tick in 0..=seconds * 50 {
+            limiter.granule = 2 * region * u64::from(pace.knobs(own, region, limit).0);
+            if let Some(hold) = limiter.step(t0 + ms(tick * 20), bytes as u64, limit) {
+                copying = !hold;
+            }
+            let unspent = limiter.take_unspent();
+            if widening {
+                pace.widen(own, region, limit, unspent);
+            }
+            if copying {
+                let in_flight = f64::from(pace.knobs(own, region, limit).0);
+                bytes += in_flight * region as f64 / latency * 0.02;
+            }
+        }
+        bytes
+    }
+
+    #[test]
+    fn a_transfer_whose_regions_copy_slowly_still_reaches_its_limit() {
+        // One region in flight copies 2,000 B/s: half the limit.
+        let limit = 4000;
+        let alone = copy_with_slow_regions(limit, 0.5, 60, false);
+        assert!(
+            alone < 0.6 * 60.0 * limit as f64,
+            "one region at a time: {alone}"
+        );
+        let widened = copy_with_slow_regions(limit, 0.5, 60, true);
+        let ratio = widened / (60.0 * limit as f64);
+        assert!(
+            (0.95..=1.02).contains(&ratio),
+            "widened: {ratio:.3} of the limit"
+        );
+    }
+
+    #[test]
+    fn what_transfers_ending_early_leave_of_the_host_budget_the_others_spend() {
+        // Four moves of different sizes; one region in flight copies 2,000
+        // B/s, each one's equal share while all four copy.
+        let (own, region, budget, latency) = ((16, 1), 1000u64, 8000u64, 0.5);
+        let sizes = [20_000u64, 40_000, 60_000, 80_000];
+        let t0 = Instant::now();
+        let mut host = HostBudget::default();
+        let (mut copied, mut seen, mut allowed) = ([0.0f64; 4], [0u64; 4], [true; 4]);
+        let mut tick = 0u64;
+        while (0..4).any(|i| (copied[i] as u64) < sizes[i]) {
+            tick += 1;
+            assert!(tick < 10_000, "never finished: {copied:?}");
+            let now = t0 + ms(tick * 20);
+            let unfinished: Vec<usize> =
+                (0..4).filter(|&i| (copied[i] as u64) < sizes[i]).collect();
+            let copying = unfinished.len();
+            for i in unfinished {
+                let spending = Spending {
+                    now,
+                    copied: copied[i] as u64 - seen[i],
+                    budget,
+                    own,
+                    region,
+                    copying: allowed[i],
+                };
+                seen[i] = copied[i] as u64;
+                let allowance = host.spend(spending, copying);
+                allowed[i] = !allowance.holding;
+                if allowed[i] {
+                    let rate = f64::from(allowance.knobs.0) * region as f64 / latency;
+                    copied[i] = (copied[i] + rate * 0.02).min(sizes[i] as f64);
+                }
+            }
+        }
+        let seconds = tick as f64 * 0.02;
+        let ratio = sizes.iter().sum::<u64>() as f64 / budget as f64 / seconds;
+        assert!(
+            (0.95..=1.05).contains(&ratio),
+            "{seconds:.2} s: {ratio:.3} of the budget"
+        );
+        let mut none = HostBudget::default();
+        let free = none.spend(
+            Spending {
+                now: t0,
+                copied: 1 << 30,
+                budget: 0,
+                own,
+                region,
+                copying: true,
+            },
+            4,
+        );
+        assert!(!free.holding && free.knobs == own, "no budget: no hold");
     }
 
     #[test]
