@@ -54,14 +54,19 @@
 #![allow(clippy::disallowed_types)]
 
 use std::{
+    convert::Infallible,
+    ffi::OsStr,
     fmt::Write as _,
     fs,
+    ops::RangeInclusive,
     os::unix::fs::FileExt,
     path::{Path, PathBuf},
     process::{Child, Stdio},
+    str::FromStr,
     time::{Duration, Instant},
 };
 
+use clap::{CommandFactory, Parser};
 use dmclone::{
     aligned::AlignedBuf,
     api::proto::v1::{
@@ -97,210 +102,165 @@ const WRITE_BYTES: usize = 4096;
 /// Threads writing the changed blocks (each first write to an era block
 /// waits for a dm-era metadata commit; several in flight share commits).
 const WRITERS: u64 = 8;
-const USAGE: &str = "\
-usage: scale --bench [--agent PATH] [--parts LIST] [--volumes N] [--reps N] [--results-dir DIR]
-                     [--changes-gib N] [--changes-stride N] [--usable-gib LIST] [--usable-reps N]
-                     [--drain-volumes N] [--drain-mib N] [--chain-mib N] [--chain-reps N]
-  --agent PATH       the dmclone-agent binary (or DMCLONE_BENCH_AGENT)
-  --parts LIST       scale,changes,usable,drain,chain or some of them (all, or
-                     DMCLONE_BENCH_SCALE_PARTS)
-  --volumes N        volumes to create (1000, or DMCLONE_BENCH_VOLUMES)
-  --reps N           rounds of the status comparison and of the changed-blocks
-                     comparison (3, or DMCLONE_BENCH_REPS)
-  --dmsetup-sample N devices run through dmsetup per round, scaled to all
-                     (100, or DMCLONE_BENCH_DMSETUP_SAMPLE)
-  --changes-gib N    size of the changed-blocks volume (10, or DMCLONE_BENCH_CHANGES_GIB)
-  --changes-stride N 4 KiB written at every Nth era block, N >= 2 (64, or
-                     DMCLONE_BENCH_CHANGES_STRIDE)
-  --usable-gib LIST  sizes of the moved volume whose first read is timed, e.g. 1,10; the
-                     first is written in full, the others stay sparse (1, or
-                     DMCLONE_BENCH_USABLE_GIB)
-  --usable-reps N    moves timed per size (20, or DMCLONE_BENCH_USABLE_REPS)
-  --drain-volumes N  volumes moved at once in the drain (16, or DMCLONE_BENCH_DRAIN_VOLUMES)
-  --drain-mib N      their size in MiB (256, or DMCLONE_BENCH_DRAIN_MIB)
-  --chain-mib N      size of the volume moved A->B->C and A->B, in MiB (256, or
-                     DMCLONE_BENCH_CHAIN_MIB)
-  --chain-reps N     samples of each (3, or DMCLONE_BENCH_CHAIN_REPS)
-  --results-dir DIR  where <part>.json and <part>.txt go (default: .)";
 
-#[derive(Debug, PartialEq)]
+/// The scale bench: the status of many volumes, the agent's memory and
+/// restart, changed blocks, a moved volume's first read, a host drain and a
+/// chained move.
+///
+/// Without --bench (as under `cargo test --benches`) it only checks its
+/// argument parsing. Every option also reads the DMCLONE_BENCH_* variable
+/// shown; the flag wins, an empty variable counts as unset.
+#[derive(Debug, PartialEq, Parser)]
+// A repeated flag replaces the earlier one, as it always did, rather than
+// being clap's error (benches/suite-job puts the caller's options after its own).
+#[command(name = "scale", bin_name = "scale", args_override_self = true)]
 struct Params {
+    /// Measure (cargo bench and benches/run pass it)
+    #[arg(long = "bench")]
     measure: bool,
+    /// The dmclone-agent binary
+    #[arg(long, value_name = "PATH", default_value = "", value_parser = any_path)]
+    #[arg(env = "DMCLONE_BENCH_AGENT", hide_default_value = true)]
     agent: PathBuf,
-    scale: bool,
-    changes: bool,
+    /// The parts to run: any of scale, changes, usable, drain, chain
+    #[arg(long, value_name = "LIST", default_value = ALL_PARTS, value_parser = parts)]
+    #[arg(env = "DMCLONE_BENCH_SCALE_PARTS")]
+    parts: Parts,
+    /// Volumes to create
+    #[arg(long, value_name = "N", default_value_t = 1000, value_parser = count)]
+    #[arg(env = "DMCLONE_BENCH_VOLUMES")]
     volumes: usize,
+    /// Rounds of the status comparison and of the changed-blocks comparison
+    #[arg(long, value_name = "N", default_value_t = 3, value_parser = count)]
+    #[arg(env = "DMCLONE_BENCH_REPS")]
     reps: usize,
+    /// Devices run through dmsetup per round, the time scaled to all
+    #[arg(long = "dmsetup-sample", value_name = "N", default_value_t = 100, value_parser = count)]
+    #[arg(env = "DMCLONE_BENCH_DMSETUP_SAMPLE")]
     sample: usize,
+    /// Size of the changed-blocks volume in GiB, 1 to 1024
+    #[arg(long = "changes-gib", value_name = "N", default_value_t = 10, value_parser = gib)]
+    #[arg(env = "DMCLONE_BENCH_CHANGES_GIB")]
     changes_gib: u64,
+    /// 4 KiB written at every Nth era block, N at least 2
+    #[arg(long = "changes-stride", value_name = "N", default_value_t = 64, value_parser = stride)]
+    #[arg(env = "DMCLONE_BENCH_CHANGES_STRIDE")]
     changes_stride: u64,
-    usable: bool,
-    usable_gib: Vec<u64>,
+    /// Sizes in GiB of the moved volume whose first read is timed, e.g. 1,10;
+    /// the first is written in full, the others stay sparse
+    // The full path keeps clap from reading a Vec as a repeated flag: one
+    // value holds the whole list.
+    #[arg(long = "usable-gib", value_name = "LIST", default_value = "1", value_parser = sizes_gib)]
+    #[arg(env = "DMCLONE_BENCH_USABLE_GIB")]
+    usable_gib: ::std::vec::Vec<u64>,
+    /// Moves timed per size
+    #[arg(long = "usable-reps", value_name = "N", default_value_t = 20, value_parser = count)]
+    #[arg(env = "DMCLONE_BENCH_USABLE_REPS")]
     usable_reps: usize,
-    drain: bool,
+    /// Volumes moved at once in the drain
+    #[arg(long = "drain-volumes", value_name = "N", default_value_t = 16, value_parser = count)]
+    #[arg(env = "DMCLONE_BENCH_DRAIN_VOLUMES")]
     drain_volumes: usize,
+    /// Size of each drained volume in MiB, 4 to 65536
+    #[arg(long = "drain-mib", value_name = "N", default_value_t = 256, value_parser = mib)]
+    #[arg(env = "DMCLONE_BENCH_DRAIN_MIB")]
     drain_mib: u64,
-    chain: bool,
+    /// Size of the volume moved A->B->C and A->B, in MiB, 4 to 65536
+    #[arg(long = "chain-mib", value_name = "N", default_value_t = 256, value_parser = mib)]
+    #[arg(env = "DMCLONE_BENCH_CHAIN_MIB")]
     chain_mib: u64,
+    /// Samples of the chained move and of the single one
+    #[arg(long = "chain-reps", value_name = "N", default_value_t = 3, value_parser = count)]
+    #[arg(env = "DMCLONE_BENCH_CHAIN_REPS")]
     chain_reps: usize,
+    /// Where <part>.json and <part>.txt go
+    #[arg(long = "results-dir", value_name = "DIR", default_value = ".")]
     results: PathBuf,
 }
 
-impl Params {
-    fn parse(args: &[String], env: impl Fn(&str) -> Option<String>) -> BenchResult<Self> {
-        let mut params = Params {
-            measure: false,
-            agent: PathBuf::from(env("DMCLONE_BENCH_AGENT").unwrap_or_default()),
-            scale: true,
-            changes: true,
-            volumes: number(env("DMCLONE_BENCH_VOLUMES").as_deref(), 1000, "volumes")?,
-            reps: number(env("DMCLONE_BENCH_REPS").as_deref(), 3, "reps")?,
-            sample: number(
-                env("DMCLONE_BENCH_DMSETUP_SAMPLE").as_deref(),
-                100,
-                "dmsetup-sample",
-            )?,
-            changes_gib: number(
-                env("DMCLONE_BENCH_CHANGES_GIB").as_deref(),
-                10,
-                "changes-gib",
-            )? as u64,
-            changes_stride: number(
-                env("DMCLONE_BENCH_CHANGES_STRIDE").as_deref(),
-                64,
-                "changes-stride",
-            )? as u64,
-            usable: true,
-            usable_gib: sizes_gib(env("DMCLONE_BENCH_USABLE_GIB").as_deref().unwrap_or("1"))?,
-            usable_reps: number(
-                env("DMCLONE_BENCH_USABLE_REPS").as_deref(),
-                20,
-                "usable-reps",
-            )?,
-            drain: true,
-            drain_volumes: number(
-                env("DMCLONE_BENCH_DRAIN_VOLUMES").as_deref(),
-                16,
-                "drain-volumes",
-            )?,
-            drain_mib: number(env("DMCLONE_BENCH_DRAIN_MIB").as_deref(), 256, "drain-mib")? as u64,
-            chain: true,
-            chain_mib: number(env("DMCLONE_BENCH_CHAIN_MIB").as_deref(), 256, "chain-mib")? as u64,
-            chain_reps: number(env("DMCLONE_BENCH_CHAIN_REPS").as_deref(), 3, "chain-reps")?,
-            results: PathBuf::from("."),
+/// Which parts run (`--parts`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Parts {
+    scale: bool,
+    changes: bool,
+    usable: bool,
+    drain: bool,
+    chain: bool,
+}
+
+const ALL_PARTS: &str = "scale,changes,usable,drain,chain";
+
+fn parts(list: &str) -> BenchResult<Parts> {
+    let mut parts = Parts::default();
+    for part in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let wanted = match part {
+            "scale" => &mut parts.scale,
+            "changes" => &mut parts.changes,
+            "usable" => &mut parts.usable,
+            "drain" => &mut parts.drain,
+            "chain" => &mut parts.chain,
+            other => return Err(format!("unknown part {other:?} (of {ALL_PARTS})").into()),
         };
-        if let Some(parts) = env("DMCLONE_BENCH_SCALE_PARTS").filter(|p| !p.is_empty()) {
-            params.parts(&parts)?;
-        }
-        let mut args = args.iter();
-        while let Some(arg) = args.next() {
-            let mut value = || {
-                args.next()
-                    .cloned()
-                    .ok_or_else(|| format!("{arg} needs a value\n{USAGE}"))
-            };
-            match arg.as_str() {
-                "--bench" => params.measure = true,
-                "--agent" => params.agent = PathBuf::from(value()?),
-                "--volumes" => params.volumes = number(Some(&value()?), 0, "volumes")?,
-                "--reps" => params.reps = number(Some(&value()?), 0, "reps")?,
-                "--dmsetup-sample" => params.sample = number(Some(&value()?), 0, "dmsetup-sample")?,
-                "--parts" => params.parts(&value()?)?,
-                "--changes-gib" => {
-                    params.changes_gib = number(Some(&value()?), 0, "changes-gib")? as u64;
-                }
-                "--changes-stride" => {
-                    params.changes_stride = number(Some(&value()?), 0, "changes-stride")? as u64;
-                }
-                "--usable-gib" => params.usable_gib = sizes_gib(&value()?)?,
-                "--usable-reps" => {
-                    params.usable_reps = number(Some(&value()?), 0, "usable-reps")?;
-                }
-                "--drain-volumes" => {
-                    params.drain_volumes = number(Some(&value()?), 0, "drain-volumes")?;
-                }
-                "--drain-mib" => params.drain_mib = number(Some(&value()?), 0, "drain-mib")? as u64,
-                "--chain-mib" => params.chain_mib = number(Some(&value()?), 0, "chain-mib")? as u64,
-                "--chain-reps" => params.chain_reps = number(Some(&value()?), 0, "chain-reps")?,
-                "--results-dir" => params.results = PathBuf::from(value()?),
-                other => return Err(format!("unknown argument {other}\n{USAGE}").into()),
-            }
-        }
-        if params.volumes == 0
-            || params.reps == 0
-            || params.sample == 0
-            || params.usable_reps == 0
-            || params.drain_volumes == 0
-            || params.chain_reps == 0
-        {
-            return Err(format!(
-                "--volumes, --reps, --dmsetup-sample, --usable-reps, --drain-volumes and --chain-reps must be at least 1\n{USAGE}"
-            )
-            .into());
-        }
-        // dm-clone's regions and the pool's blocks divide whole MiB.
-        if !(4..=65536).contains(&params.drain_mib) {
-            return Err(format!("--drain-mib must be from 4 to 65536\n{USAGE}").into());
-        }
-        if !(4..=65536).contains(&params.chain_mib) {
-            return Err(format!("--chain-mib must be from 4 to 65536\n{USAGE}").into());
-        }
-        if !(1..=1024).contains(&params.changes_gib) {
-            return Err(format!("--changes-gib must be from 1 to 1024\n{USAGE}").into());
-        }
-        // A stride of 1 writes neighbouring blocks, which come back merged.
-        if params.changes_stride < 2 {
-            return Err(format!("--changes-stride must be at least 2\n{USAGE}").into());
-        }
-        Ok(params)
+        *wanted = true;
     }
+    if parts == Parts::default() {
+        return Err("names no part".into());
+    }
+    Ok(parts)
+}
 
-    fn parts(&mut self, list: &str) -> BenchResult<()> {
-        (
-            self.scale,
-            self.changes,
-            self.usable,
-            self.drain,
-            self.chain,
-        ) = (false, false, false, false, false);
-        for part in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            match part {
-                "scale" => self.scale = true,
-                "changes" => self.changes = true,
-                "usable" => self.usable = true,
-                "drain" => self.drain = true,
-                "chain" => self.chain = true,
-                other => {
-                    return Err(format!("--parts: unknown part {other:?}\n{USAGE}").into());
-                }
-            }
-        }
-        if !(self.scale || self.changes || self.usable || self.drain || self.chain) {
-            return Err(format!("--parts names no part\n{USAGE}").into());
-        }
-        Ok(())
+/// The agent's path, the empty one too (clap's own parser refuses it):
+/// unset, it is missed only when measuring, where `preflight` says so.
+fn any_path(text: &str) -> Result<PathBuf, Infallible> {
+    Ok(PathBuf::from(text))
+}
+
+fn whole<T: FromStr>(text: &str) -> BenchResult<T> {
+    text.parse().map_err(|_| "not a whole number".into())
+}
+
+/// Volumes, rounds, samples: none would measure nothing.
+fn count(text: &str) -> BenchResult<usize> {
+    match whole(text)? {
+        0 => Err("must be at least 1".into()),
+        n => Ok(n),
     }
 }
 
-fn number(text: Option<&str>, default: usize, what: &str) -> BenchResult<usize> {
-    match text {
-        None | Some("") => Ok(default),
-        Some(text) => text
-            .parse()
-            .map_err(|_| format!("{what}: {text:?} is not a whole number").into()),
+/// A stride of 1 writes neighbouring blocks, which come back merged.
+fn stride(text: &str) -> BenchResult<u64> {
+    match whole(text)? {
+        n @ 2.. => Ok(n),
+        _ => Err("must be at least 2".into()),
     }
 }
 
-/// A comma-separated list of sizes in GiB, each from 1 to 1024.
+fn gib(text: &str) -> BenchResult<u64> {
+    within(whole(text)?, 1..=1024)
+}
+
+/// dm-clone's regions and the pool's blocks divide whole MiB.
+fn mib(text: &str) -> BenchResult<u64> {
+    within(whole(text)?, 4..=65536)
+}
+
+fn within(n: u64, range: RangeInclusive<u64>) -> BenchResult<u64> {
+    if !range.contains(&n) {
+        return Err(format!("must be from {} to {}", range.start(), range.end()).into());
+    }
+    Ok(n)
+}
+
+/// A comma-separated list of sizes in GiB, spaces allowed ("1, 10").
 fn sizes_gib(list: &str) -> BenchResult<Vec<u64>> {
     let sizes = list
         .split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
-        .map(|s| number(Some(s), 0, "usable-gib").map(|n| n as u64))
+        .map(gib)
         .collect::<BenchResult<Vec<u64>>>()?;
-    if sizes.is_empty() || sizes.iter().any(|gib| !(1..=1024).contains(gib)) {
-        return Err(format!("--usable-gib: sizes from 1 to 1024, not {list:?}\n{USAGE}").into());
+    if sizes.is_empty() {
+        return Err("names no size".into());
     }
     Ok(sizes)
 }
@@ -898,13 +858,10 @@ async fn measure_scale(params: &Params) -> BenchResult<(Value, String)> {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let params = match Params::parse(&args, |name| std::env::var(name).ok()) {
+    let params = match common::parse_options::<Params, _, _>(std::env::args_os(), true) {
         Ok(params) => params,
-        Err(err) => {
-            eprintln!("scale: {err}");
-            std::process::exit(2);
-        }
+        // --help too: clap prints it (or the error) and exits 0 (or 2).
+        Err(err) => err.exit(),
     };
     if !params.measure {
         if let Err(err) = self_check() {
@@ -919,11 +876,11 @@ fn main() {
     let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
     let mut failed = false;
     for (part, wanted) in [
-        ("scale", params.scale),
-        ("changes", params.changes),
-        ("usable", params.usable),
-        ("drain", params.drain),
-        ("chain", params.chain),
+        ("scale", params.parts.scale),
+        ("changes", params.parts.changes),
+        ("usable", params.parts.usable),
+        ("drain", params.parts.drain),
+        ("chain", params.parts.chain),
     ] {
         if !wanted {
             continue;
@@ -970,61 +927,59 @@ fn main() {
 /// `cargo test --benches` runs bench targets without `--bench`: then the
 /// argument parsing is checked instead of measured.
 fn self_check() -> Result<(), String> {
-    let args = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-    let env = |name: &str| (name == "DMCLONE_BENCH_VOLUMES").then(|| "20".to_owned());
-    let parsed =
-        Params::parse(&args(&["--bench", "--reps", "5"]), env).map_err(|e| e.to_string())?;
-    if (parsed.measure, parsed.volumes, parsed.reps) != (true, 20, 5) {
-        return Err(format!(
-            "flags and environment combined wrongly: {parsed:?}"
-        ));
+    Params::command().debug_assert();
+    check_variables()?;
+    // Flags only: the caller's DMCLONE_BENCH_* variables must not decide.
+    let parse = |given: &[&str]| {
+        common::parse_options::<Params, _, _>(["scale"].iter().chain(given), false)
+    };
+    let parsed = parse(&["--bench", "--reps", "5"]).map_err(|e| e.to_string())?;
+    if (parsed.measure, parsed.volumes, parsed.reps) != (true, 1000, 5) {
+        return Err(format!("flags and defaults combined wrongly: {parsed:?}"));
     }
-    let none = |_: &str| None;
+    let parts = |given: &[&str]| {
+        parse(given)
+            .map(|p| p.parts)
+            .map(|p| (p.scale, p.changes, p.usable, p.drain, p.chain))
+            .ok()
+    };
+    if parts(&["--parts", "changes"]) != Some((false, true, false, false, false))
+        || parts(&["--parts", "scale, changes"]) != Some((true, true, false, false, false))
+        || parts(&["--parts", "usable"]) != Some((false, false, true, false, false))
+        || parts(&["--parts", "drain"]) != Some((false, false, false, true, false))
+        || parts(&["--parts", "chain"]) != Some((false, false, false, false, true))
+        || parts(&[]) != Some((true, true, true, true, true))
+    {
+        return Err("--parts selects wrongly".into());
+    }
+    let sizes = parse(&["--usable-gib", "1, 10"]).map(|p| p.usable_gib);
+    if sizes.ok() != Some(vec![1, 10]) {
+        return Err("--usable-gib reads wrongly".into());
+    }
+    // Each error names the flag, and what is wrong with its value.
     for (given, reason) in [
         (&["--volumes", "x"][..], "not a whole number"),
-        (&["--reps", "0"][..], "at least 1"),
-        (&["--frobnicate"][..], "unknown argument"),
-        (&["--agent"][..], "needs a value"),
+        (&["--reps", "0"][..], "must be at least 1"),
+        (&["--frobnicate"][..], "unexpected argument"),
+        (&["--agent"][..], "a value is required"),
+        (&["--parts", "era"][..], "unknown part \"era\""),
+        (&["--parts", ","][..], "names no part"),
+        (&["--changes-stride", "1"][..], "must be at least 2"),
+        (&["--changes-gib", "0"][..], "must be from 1 to 1024"),
+        (&["--usable-gib", "1,0"][..], "must be from 1 to 1024"),
+        (&["--usable-gib", " "][..], "names no size"),
+        (&["--usable-reps", "0"][..], "must be at least 1"),
+        (&["--drain-volumes", "0"][..], "must be at least 1"),
+        (&["--drain-mib", "2"][..], "must be from 4 to 65536"),
+        (&["--chain-reps", "0"][..], "must be at least 1"),
+        (&["--chain-mib", "2"][..], "must be from 4 to 65536"),
     ] {
-        match Params::parse(&args(given), none) {
-            Err(err) if err.to_string().contains(reason) => {}
+        match parse(given).map_err(|err| err.to_string()) {
+            Err(err) if err.contains(given[0]) && err.contains(reason) => {}
             other => return Err(format!("{given:?} should fail with {reason:?}: {other:?}")),
         }
     }
     common::stats::self_check()?;
-    let parts = |list: &str| {
-        Params::parse(&args(&["--parts", list]), none)
-            .map(|p| (p.scale, p.changes, p.usable, p.drain, p.chain))
-    };
-    if parts("changes").ok() != Some((false, true, false, false, false))
-        || parts("scale,changes").ok() != Some((true, true, false, false, false))
-        || parts("usable").ok() != Some((false, false, true, false, false))
-        || parts("drain").ok() != Some((false, false, false, true, false))
-        || parts("chain").ok() != Some((false, false, false, false, true))
-    {
-        return Err("--parts selects wrongly".into());
-    }
-    let sizes = Params::parse(&args(&["--usable-gib", "1, 10"]), none).map(|p| p.usable_gib);
-    if sizes.ok() != Some(vec![1, 10]) {
-        return Err("--usable-gib reads wrongly".into());
-    }
-    for (given, reason) in [
-        (&["--parts", "era"][..], "unknown part"),
-        (&["--parts", ","][..], "names no part"),
-        (&["--changes-stride", "1"][..], "at least 2"),
-        (&["--changes-gib", "0"][..], "from 1 to 1024"),
-        (&["--usable-gib", "0"][..], "sizes from 1 to 1024"),
-        (&["--usable-reps", "0"][..], "at least 1"),
-        (&["--drain-volumes", "0"][..], "at least 1"),
-        (&["--drain-mib", "2"][..], "from 4 to 65536"),
-        (&["--chain-reps", "0"][..], "at least 1"),
-        (&["--chain-mib", "2"][..], "from 4 to 65536"),
-    ] {
-        match Params::parse(&args(given), none) {
-            Err(err) if err.to_string().contains(reason) => {}
-            other => return Err(format!("{given:?} should fail with {reason:?}: {other:?}")),
-        }
-    }
     // The changed-blocks workload: one write in each of 2,560 distinct,
     // non-adjacent era blocks of 10 GiB, so a correct answer is 2,560 whole
     // blocks, none merged.
@@ -1052,6 +1007,36 @@ fn self_check() -> Result<(), String> {
             offsets.len(),
             &offsets[..offsets.len().min(3)]
         ));
+    }
+    Ok(())
+}
+
+/// benches/run and benches/suite-job set these variables (and pass the
+/// flags): their names are an interface.
+fn check_variables() -> Result<(), String> {
+    let command = Params::command();
+    for (flag, variable) in [
+        ("agent", "DMCLONE_BENCH_AGENT"),
+        ("parts", "DMCLONE_BENCH_SCALE_PARTS"),
+        ("volumes", "DMCLONE_BENCH_VOLUMES"),
+        ("reps", "DMCLONE_BENCH_REPS"),
+        ("dmsetup-sample", "DMCLONE_BENCH_DMSETUP_SAMPLE"),
+        ("changes-gib", "DMCLONE_BENCH_CHANGES_GIB"),
+        ("changes-stride", "DMCLONE_BENCH_CHANGES_STRIDE"),
+        ("usable-gib", "DMCLONE_BENCH_USABLE_GIB"),
+        ("usable-reps", "DMCLONE_BENCH_USABLE_REPS"),
+        ("drain-volumes", "DMCLONE_BENCH_DRAIN_VOLUMES"),
+        ("drain-mib", "DMCLONE_BENCH_DRAIN_MIB"),
+        ("chain-mib", "DMCLONE_BENCH_CHAIN_MIB"),
+        ("chain-reps", "DMCLONE_BENCH_CHAIN_REPS"),
+    ] {
+        let read = command
+            .get_arguments()
+            .find(|arg| arg.get_long() == Some(flag))
+            .and_then(|arg| arg.get_env());
+        if read != Some(OsStr::new(variable)) {
+            return Err(format!("--{flag} should read {variable}, reads {read:?}"));
+        }
     }
     Ok(())
 }

@@ -16,6 +16,25 @@ pub use stats::{Stats, stats, stats_json};
 
 pub type BenchResult<T> = Result<T, Box<dyn StdError + Send + Sync>>;
 
+/// Parses a bench's options from `args` (the program name first). The
+/// DMCLONE_BENCH_* variables are read only if `environment` (a self-check
+/// must not depend on the caller's); an empty one counts as unset, where
+/// clap would take "" as the value.
+pub fn parse_options<P, I, T>(args: I, environment: bool) -> Result<P, clap::Error>
+where
+    P: clap::Parser,
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let command = P::command().mut_args(|arg| {
+        let ignored = arg.get_env().is_some_and(|name| {
+            !environment || std::env::var_os(name).is_some_and(|v| v.is_empty())
+        });
+        if ignored { arg.env(None) } else { arg }
+    });
+    P::from_arg_matches(&command.try_get_matches_from(args)?)
+}
+
 /// Removes every device named `<prefix>-…`, those stacked on others first
 /// (a device is removable once nothing holds it open).
 pub async fn remove_devices_with_prefix(dm: &DeviceMapper, prefix: &str) -> BenchResult<()> {

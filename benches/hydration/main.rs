@@ -51,10 +51,13 @@
 
 use std::{
     fmt::Write as _,
-    fs, thread,
+    fs,
+    path::Path,
+    thread,
     time::{Duration, Instant},
 };
 
+use clap::CommandFactory;
 use serde_json::{Value, json};
 
 #[path = "../common/mod.rs"]
@@ -74,7 +77,7 @@ mod tools;
 use common::BenchResult;
 use done_to_finalized::section_done_to_finalized;
 use era_writes::section_era;
-use params::{Knobs, Params, Sections, USAGE};
+use params::{Knobs, Params, Sections};
 use pause::section_pause;
 use random_read::section_iops;
 use report::Report;
@@ -269,17 +272,10 @@ async fn run(params: Params) -> BenchResult<bool> {
 }
 
 fn main() -> std::process::ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.iter().any(|a| a == "-h" || a == "--help") {
-        println!("{USAGE}");
-        return std::process::ExitCode::SUCCESS;
-    }
-    let params = match Params::parse(&args) {
+    let params = match Params::parse_args(std::env::args_os(), true) {
         Ok(params) => params,
-        Err(err) => {
-            eprintln!("hydration bench: {err}");
-            return std::process::ExitCode::from(2);
-        }
+        // --help too: clap prints it (or the error) and exits 0 (or 2).
+        Err(err) => err.exit(),
     };
     if !params.measure {
         // `cargo test --benches` runs bench targets without --bench.
@@ -324,28 +320,59 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-/// Checks the section selection (under `cargo test --benches`).
+/// Checks the argument parsing (under `cargo test --benches`).
 fn self_check() -> Result<(), String> {
     common::stats::self_check()?;
-    let sections = |list: &str| {
-        Params::parse(&["--sections".to_owned(), list.to_owned()])
-            .map(|p| p.sections)
-            .map_err(|err| err.to_string())
-    };
+    Params::command().debug_assert();
+    // Flags only: the caller's DMCLONE_BENCH_* variables must not decide.
+    let parse = |given: &[&str]| Params::parse_args(["hydration"].iter().chain(given), false);
+    let sections = |list: &str| parse(&["--sections", list]).map(|p| p.sections).ok();
     let era_only = Sections {
         era: true,
         ..Sections::NONE
     };
-    if sections("era")? != era_only || sections("all")? != Sections::ALL {
+    if sections("era") != Some(era_only) || sections("all") != Some(Sections::ALL) {
         return Err("--sections selects wrongly".into());
     }
-    for (list, reason) in [("frob", "unknown section"), (",", "names no section")] {
-        match sections(list) {
-            Err(err) if err.contains(reason) => {}
+    let defaults = parse(&[]).map_err(|err| err.to_string())?;
+    if (defaults.size, defaults.reps, defaults.candidates.len()) != (256 * MIB, 3, 6)
+        || defaults.json != Path::new("/tmp/dmclone-hydration-bench.json")
+    {
+        return Err(format!("the defaults are wrong: {defaults:?}"));
+    }
+    let kdef = parse(&["--kernel-defaults-reps", "1"]).map(|p| p.kernel_defaults_reps);
+    if defaults.kernel_defaults_reps.is_some() || kdef.ok() != Some(Some(1)) {
+        return Err("--kernel-defaults-reps reads wrongly".into());
+    }
+    let json = parse(&["--results-dir", "/r"]).map(|p| p.json);
+    if json.ok().as_deref() != Some(Path::new("/r/hydration.json")) {
+        return Err("--results-dir does not hold the JSON result".into());
+    }
+    // Each error names the flag, and what is wrong with its value.
+    for (given, reason) in [
+        (&["--sections", "frob"][..], "unknown section \"frob\""),
+        (&["--sections", ","][..], "names no section"),
+        (&["--size-mib", "17"][..], "must be a multiple of 4"),
+        (&["--reps", "0"][..], "must be from 1 to 100"),
+        (
+            &["--kernel-defaults-reps", "0"][..],
+            "must be from 1 to 100",
+        ),
+        (&["--fio-seconds", "x"][..], "not a number"),
+        (&["--port", "65536"][..], "must be from 0 to 65535"),
+        (&["--candidates", "3K/1/1"][..], "must be a power of two"),
+        (
+            &["--candidates", "1M/16"][..],
+            "expected REGION/THRESHOLD/BATCH",
+        ),
+        (&["--candidates", ","][..], "names no candidate"),
+        (&["--frob"][..], "unexpected argument"),
+        (&["--json"][..], "a value is required"),
+    ] {
+        match parse(given).map_err(|err| err.to_string()) {
+            Err(err) if err.contains(given[0]) && err.contains(reason) => {}
             other => {
-                return Err(format!(
-                    "--sections {list:?} should fail with {reason:?}: {other:?}"
-                ));
+                return Err(format!("{given:?} should fail with {reason:?}: {other:?}"));
             }
         }
     }

@@ -1,10 +1,14 @@
 //! Command-line parameters: which sections run, sizes and the dm-clone knob candidates.
 
-use std::{collections::BTreeMap, path::PathBuf, time::Duration};
+use std::{ffi::OsString, ops::RangeInclusive, path::PathBuf, time::Duration};
 
+use clap::Parser;
 use serde_json::{Value, json};
 
-use crate::{DEFAULT_CANDIDATES, KIB, MIB, common::BenchResult};
+use crate::{
+    DEFAULT_CANDIDATES, KIB, MIB,
+    common::{self, BenchResult},
+};
 
 /// dm-clone knobs; `None` leaves the kernel default (1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -128,168 +132,154 @@ impl Sections {
     };
 }
 
-#[derive(Debug, Clone)]
+/// The hydration bench: decides the agent's default dm-clone knobs and
+/// measures what a move costs the volume's user.
+///
+/// Without --bench (as under `cargo test --benches`) nothing is measured.
+/// Every option also reads the DMCLONE_BENCH_* variable shown; the flag
+/// wins, an empty variable counts as unset.
+#[derive(Debug, Clone, Parser)]
+// A repeated flag replaces the earlier one, as it always did, rather than
+// being clap's error (benches/suite-job puts the caller's options after its own).
+#[command(name = "hydration", bin_name = "hydration", args_override_self = true)]
 pub(crate) struct Params {
-    /// `--bench` was given (cargo bench and benches/run pass it).
+    /// Measure (cargo bench and benches/run pass it)
+    #[arg(long = "bench")]
     pub(crate) measure: bool,
+    /// Volume size in MiB, a multiple of 4 from 16 to 65536
+    // Held in bytes.
+    #[arg(long = "size-mib", value_name = "N", default_value = "256", value_parser = size_mib)]
+    #[arg(env = "DMCLONE_BENCH_SIZE_MIB")]
     pub(crate) size: u64,
+    /// Repetitions of every contender, 1 to 100
+    #[arg(long = "reps", value_name = "N", default_value = "3", value_parser = reps)]
+    #[arg(env = "DMCLONE_BENCH_REPS")]
     pub(crate) reps: usize,
-    pub(crate) candidates: Vec<Knobs>,
+    /// Repetitions of the kernel defaults (4K/1/1), 1 to 100 [default: --reps]
+    // They copy 4 KiB at a time: a large volume takes minutes per run.
+    #[arg(long = "kernel-defaults-reps", value_name = "N", value_parser = reps)]
+    #[arg(env = "DMCLONE_BENCH_KERNEL_DEFAULTS_REPS")]
+    pub(crate) kernel_defaults_reps: Option<usize>,
+    /// Comma-separated REGION/THRESHOLD/BATCH, e.g. 1M/16/8
+    // The full path keeps clap from reading a Vec as a repeated flag: one
+    // value holds the whole list.
+    #[arg(long = "candidates", value_name = "LIST", value_parser = candidates)]
+    #[arg(env = "DMCLONE_BENCH_CANDIDATES", default_value = DEFAULT_CANDIDATES)]
+    pub(crate) candidates: ::std::vec::Vec<Knobs>,
+    /// Length of each 4 KiB random-read or -write run in seconds, 1 to 600
+    #[arg(long = "fio-seconds", value_name = "N", default_value = "4", value_parser = fio_seconds)]
+    #[arg(env = "DMCLONE_BENCH_FIO_SECONDS")]
     pub(crate) fio_seconds: u64,
+    /// NVMe/TCP port on 127.0.0.1
+    #[arg(long = "port", value_name = "N", default_value = "14900", value_parser = port)]
+    #[arg(env = "DMCLONE_BENCH_PORT")]
     pub(crate) port: u16,
-    pub(crate) json: PathBuf,
-    pub(crate) results_dir: Option<PathBuf>,
+    /// Any of hydration, iops, pause, era, or all
+    #[arg(long = "sections", value_name = "LIST", default_value = "all", value_parser = sections)]
+    #[arg(env = "DMCLONE_BENCH_SECTIONS")]
     pub(crate) sections: Sections,
+    /// JSON result [default: DIR/hydration.json with --results-dir, else
+    /// /tmp/dmclone-hydration-bench.json]
+    #[arg(long = "json", value_name = "PATH")]
+    #[arg(env = "DMCLONE_BENCH_JSON")]
+    json_flag: Option<PathBuf>,
+    /// Where the JSON result goes: `--json` or its default (see `parse_args`).
+    #[arg(skip)]
+    pub(crate) json: PathBuf,
+    /// Also write hydration.json and hydration.txt there
+    #[arg(long = "results-dir", value_name = "DIR")]
+    #[arg(env = "DMCLONE_BENCH_RESULTS")]
+    pub(crate) results_dir: Option<PathBuf>,
+    /// Fail if a clone does not complete in time
+    #[arg(long = "hydration-timeout", value_name = "SECONDS", value_parser = seconds)]
+    #[arg(env = "DMCLONE_BENCH_HYDRATION_TIMEOUT", default_value = "900")]
     pub(crate) hydration_timeout: Duration,
 }
 
-pub(crate) const USAGE: &str = "\
-usage: hydration --bench [--size-mib N] [--reps N] [--candidates LIST] [--fio-seconds N]
-                 [--port N] [--sections LIST] [--json PATH] [--results-dir DIR]
-                 [--hydration-timeout SECONDS]
-  --size-mib N        volume size (default 256; env DMCLONE_BENCH_SIZE_MIB)
-  --reps N            repetitions of every contender (default 3; DMCLONE_BENCH_REPS)
-  --candidates LIST   comma-separated REGION/THRESHOLD/BATCH, e.g. 1M/16/8
-                      (default 64K/64/16,256K/32/8,1M/16/8,1M/4/2,4M/4/1,4K/1024/256;
-                      DMCLONE_BENCH_CANDIDATES)
-  --fio-seconds N     length of each 4 KiB random-read or -write run (default 4; DMCLONE_BENCH_FIO_SECONDS)
-  --port N            NVMe/TCP port on 127.0.0.1 (default 14900; DMCLONE_BENCH_PORT)
-  --sections LIST     any of hydration,iops,pause,era (default all; DMCLONE_BENCH_SECTIONS)
-  --json PATH         JSON result (default /tmp/dmclone-hydration-bench.json, or
-                      DIR/hydration.json with --results-dir; DMCLONE_BENCH_JSON)
-  --results-dir DIR   also write hydration.json and hydration.txt there (DMCLONE_BENCH_RESULTS)
-  --hydration-timeout SECONDS  fail if a clone does not complete in time (default 900)
-Without --bench (as under `cargo test --benches`) nothing is measured.";
-
 impl Params {
-    pub(crate) fn parse(args: &[String]) -> BenchResult<Self> {
-        let mut values: BTreeMap<&'static str, String> = BTreeMap::new();
-        let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
-        for (flag, var) in [
-            ("size-mib", "DMCLONE_BENCH_SIZE_MIB"),
-            ("reps", "DMCLONE_BENCH_REPS"),
-            ("candidates", "DMCLONE_BENCH_CANDIDATES"),
-            ("fio-seconds", "DMCLONE_BENCH_FIO_SECONDS"),
-            ("port", "DMCLONE_BENCH_PORT"),
-            ("sections", "DMCLONE_BENCH_SECTIONS"),
-            ("json", "DMCLONE_BENCH_JSON"),
-            ("results-dir", "DMCLONE_BENCH_RESULTS"),
-            ("hydration-timeout", "DMCLONE_BENCH_HYDRATION_TIMEOUT"),
-        ] {
-            if let Some(value) = env(var) {
-                values.insert(flag, value);
-            }
-        }
-        let mut measure = false;
-        let mut iter = args.iter();
-        while let Some(arg) = iter.next() {
-            if arg == "--bench" {
-                measure = true;
-                continue;
-            }
-            if arg == "-h" || arg == "--help" {
-                return Err(USAGE.into());
-            }
-            let Some(flag) = arg.strip_prefix("--") else {
-                return Err(format!("unexpected argument {arg:?}\n{USAGE}").into());
-            };
-            let (flag, inline) = match flag.split_once('=') {
-                Some((flag, value)) => (flag, Some(value.to_owned())),
-                None => (flag, None),
-            };
-            let key = [
-                "size-mib",
-                "reps",
-                "candidates",
-                "fio-seconds",
-                "port",
-                "sections",
-                "json",
-                "results-dir",
-                "hydration-timeout",
-            ]
-            .into_iter()
-            .find(|k| *k == flag)
-            .ok_or_else(|| format!("unknown option --{flag}\n{USAGE}"))?;
-            let value = match inline {
-                Some(value) => value,
-                None => iter
-                    .next()
-                    .cloned()
-                    .ok_or_else(|| format!("--{flag} needs a value"))?,
-            };
-            values.insert(key, value);
-        }
-        let number = |key: &str, default: u64| -> BenchResult<u64> {
-            match values.get(key) {
-                Some(text) => text
-                    .parse()
-                    .map_err(|_| format!("--{key} {text:?} is not a number").into()),
-                None => Ok(default),
-            }
-        };
-        let size_mib = number("size-mib", 256)?;
-        if !(16..=64 * 1024).contains(&size_mib) || !size_mib.is_multiple_of(4) {
-            return Err("--size-mib must be a multiple of 4 from 16 to 65536".into());
-        }
-        let reps = number("reps", 3)?;
-        if !(1..=100).contains(&reps) {
-            return Err("--reps must be from 1 to 100".into());
-        }
-        let candidates = values
-            .get("candidates")
-            .map_or(DEFAULT_CANDIDATES, String::as_str)
-            .split(',')
-            .filter(|s| !s.trim().is_empty())
-            .map(Knobs::parse)
-            .collect::<BenchResult<Vec<_>>>()?;
-        if candidates.is_empty() {
-            return Err("--candidates is empty".into());
-        }
-        let fio_seconds = number("fio-seconds", 4)?;
-        if !(1..=600).contains(&fio_seconds) {
-            return Err("--fio-seconds must be from 1 to 600".into());
-        }
-        let port = u16::try_from(number("port", 14900)?).map_err(|_| "--port must fit u16")?;
-        let mut sections = Sections::ALL;
-        if let Some(list) = values.get("sections") {
-            sections = Sections::NONE;
-            for name in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-                match name {
-                    "hydration" => sections.hydration = true,
-                    "iops" => sections.iops = true,
-                    "pause" => sections.pause = true,
-                    "era" => sections.era = true,
-                    "all" => sections = Sections::ALL,
-                    other => {
-                        return Err(format!(
-                            "--sections: unknown section {other:?} (hydration, iops, pause, era)"
-                        )
-                        .into());
-                    }
-                }
-            }
-            if sections == Sections::NONE {
-                return Err("--sections names no section".into());
-            }
-        }
-        let results_dir = values.get("results-dir").map(PathBuf::from);
-        let json = match (values.get("json"), &results_dir) {
-            (Some(path), _) => PathBuf::from(path),
+    /// Parses `args` (the program name first), as `common::parse_options`.
+    pub(crate) fn parse_args<I, T>(args: I, environment: bool) -> Result<Self, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<OsString> + Clone,
+    {
+        let mut params: Self = common::parse_options(args, environment)?;
+        // The default depends on another option, beyond what clap defaults.
+        params.json = match (&params.json_flag, &params.results_dir) {
+            (Some(path), _) => path.clone(),
             (None, Some(dir)) => dir.join("hydration.json"),
             (None, None) => PathBuf::from("/tmp/dmclone-hydration-bench.json"),
         };
-        Ok(Params {
-            measure,
-            size: size_mib * MIB,
-            reps: reps as usize,
-            candidates,
-            fio_seconds,
-            port,
-            json,
-            results_dir,
-            sections,
-            hydration_timeout: Duration::from_secs(number("hydration-timeout", 900)?),
-        })
+        Ok(params)
     }
+}
+
+fn number(text: &str) -> BenchResult<u64> {
+    text.parse().map_err(|_| "not a number".into())
+}
+
+fn within(n: u64, range: RangeInclusive<u64>) -> BenchResult<u64> {
+    if !range.contains(&n) {
+        return Err(format!("must be from {} to {}", range.start(), range.end()).into());
+    }
+    Ok(n)
+}
+
+/// In bytes.
+fn size_mib(text: &str) -> BenchResult<u64> {
+    let mib = number(text)?;
+    if !(16..=64 * 1024).contains(&mib) || !mib.is_multiple_of(4) {
+        return Err("must be a multiple of 4 from 16 to 65536".into());
+    }
+    Ok(mib * MIB)
+}
+
+fn reps(text: &str) -> BenchResult<usize> {
+    Ok(usize::try_from(within(number(text)?, 1..=100)?)?)
+}
+
+fn fio_seconds(text: &str) -> BenchResult<u64> {
+    within(number(text)?, 1..=600)
+}
+
+fn port(text: &str) -> BenchResult<u16> {
+    Ok(u16::try_from(within(number(text)?, 0..=u16::MAX.into())?)?)
+}
+
+fn seconds(text: &str) -> BenchResult<Duration> {
+    Ok(Duration::from_secs(number(text)?))
+}
+
+fn candidates(list: &str) -> BenchResult<Vec<Knobs>> {
+    let candidates = list
+        .split(',')
+        .filter(|s| !s.trim().is_empty())
+        .map(Knobs::parse)
+        .collect::<BenchResult<Vec<_>>>()?;
+    if candidates.is_empty() {
+        return Err("names no candidate".into());
+    }
+    Ok(candidates)
+}
+
+fn sections(list: &str) -> BenchResult<Sections> {
+    let mut sections = Sections::NONE;
+    for name in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        match name {
+            "hydration" => sections.hydration = true,
+            "iops" => sections.iops = true,
+            "pause" => sections.pause = true,
+            "era" => sections.era = true,
+            "all" => sections = Sections::ALL,
+            other => {
+                return Err(
+                    format!("unknown section {other:?} (hydration, iops, pause, era)").into(),
+                );
+            }
+        }
+    }
+    if sections == Sections::NONE {
+        return Err("names no section".into());
+    }
+    Ok(sections)
 }

@@ -24,6 +24,10 @@ pub(crate) async fn section_iops(
     let mut after = Vec::new();
     let mut collapsed = Vec::new();
     let mut hydrated = Vec::new();
+    // After finalize against the raw thin device read just before and just
+    // after it, per run: the baseline drifts between runs (the emulated
+    // guest's speed moves more than the gap being measured).
+    let mut paired = Vec::new();
     // Warm-up (untimed): emulation translates code paths on first use.
     fio(&rig.dest_path(), random_4k("randread", 1), size)?;
     for rep in 0..params.reps {
@@ -58,9 +62,13 @@ pub(crate) async fn section_iops(
         rig.wait_hydrated(started.seen).await?;
         steps.mark("rest of hydration");
         rig.finalize_beneath_era().await?;
+        let (_, thin_before) = fio(&rig.dest_path(), job, size)?;
         let (_, iops) = fio(&public.mapper_path(), job, size)?;
+        let (_, thin_after) = fio(&rig.dest_path(), job, size)?;
         after.push(iops);
-        steps.mark("finalize + fio after");
+        raw_thin.extend([thin_before, thin_after]);
+        paired.push(iops * 2.0 / (thin_before + thin_after));
+        steps.mark("finalize + fio thin, after, thin");
         // What the next publish makes: dm-era straight over the thin device.
         rig.remove_era_above().await?;
         rig.dm.remove(&rig.public).await?;
@@ -74,15 +82,16 @@ pub(crate) async fn section_iops(
         raw_thin.push(iops);
         steps.mark("fio thin");
         eprintln!(
-            "[bench] iops run {}/{}: raw thin {:.0}, namespace {:.0}, era over clone during hydration {:.0} (hydrated {:.1}% -> {:.1}%), era over the thin id beneath after finalize {:.0}, era over thin {:.0}; {}",
+            "[bench] iops run {}/{}: raw thin {:.0}, namespace {:.0}, era over clone during hydration {:.0} (hydrated {:.1}% -> {:.1}%), era over the thin id beneath after finalize {:.0} ({:.3}x the raw thin device around it), era over thin {:.0}; {}",
             rep + 1,
             params.reps,
-            raw_thin[raw_thin.len() - 2],
+            raw_thin[raw_thin.len() - 4],
             raw_ns[rep],
             during[rep],
             before.hydrated_fraction() * 100.0,
             later.hydrated_fraction() * 100.0,
             after[rep],
+            paired[rep],
             collapsed[rep],
             steps.text
         );
@@ -137,6 +146,18 @@ pub(crate) async fn section_iops(
             "; hydration still running at the end of every run".to_owned()
         }
     );
+    let pairs = stats(&paired).ok_or("no paired samples")?;
+    out!(
+        report,
+        "after finalize / the raw thin device read just before and after it, per run: {:.3} / {:.3} / {:.3} (min / median / max); raw thin spread over all runs {:.0}-{:.0} IOPS ({:+.1} % / {:+.1} % of its median)",
+        pairs.min,
+        pairs.median,
+        pairs.max,
+        thin.min,
+        thin.max,
+        (thin.min / thin.median - 1.0) * 100.0,
+        (thin.max / thin.median - 1.0) * 100.0
+    );
     let ratio = |v: &[f64]| stats(v).map(|s| s.median / thin.median);
     Ok(json!({
         "fio": {"rw": "randread", "bs": 4096, "iodepth": 32, "ioengine": "libaio", "direct": true, "gtod_reduce": true, "seconds": params.fio_seconds},
@@ -148,6 +169,7 @@ pub(crate) async fn section_iops(
         "era_over_thin_vs_raw_thin": ratio(&collapsed),
         "during_vs_raw_thin": ratio(&during),
         "after_vs_raw_thin": ratio(&after),
+        "after_vs_raw_thin_paired": stats_json(&paired),
         "namespace_vs_raw_thin": ratio(&raw_ns),
         "hydrated_fraction_before_after": hydrated,
         "slow_knobs": Knobs::KERNEL_DEFAULTS.json(),

@@ -260,6 +260,11 @@ pub(crate) async fn section_hydration(
     for round in 0..params.reps {
         for k in 0..n {
             let index = (k + round) % n;
+            if contenders[index].role == Role::KernelDefaults
+                && round >= params.kernel_defaults_reps.unwrap_or(params.reps)
+            {
+                continue;
+            }
             let verify = contenders[index].verified.is_none();
             let sample = run_contender(rig, &contenders[index], verify).await?;
             after_run(rig, &mut contenders[index], verify).await?;

@@ -5,8 +5,10 @@
 //! in full on the source, are exported and started on the destination all at
 //! once with the agent's default knobs. Each transfer is watched until done
 //! (finalized): its rate is its size over the time from the drain's start to
-//! its end; the aggregate is every byte over the time to the last end.
-//! Sampled meanwhile every 50 ms: the destination agent's RSS; before and
+//! its end; the aggregate is every byte over the time from the first
+//! StartTransfer's answer (before it the host has nothing to copy) to the
+//! last end.
+//! Sampled meanwhile every 100 ms: the destination agent's RSS; before and
 //! after: its CPU time (user + system), per GiB moved.
 //!
 //! Baseline, in the same run: the physical limit of the path, the lower of
@@ -28,8 +30,8 @@ use std::{
 };
 
 use dmclone::api::proto::v1::{
-    DeleteVolumeRequest, PublishVolumeRequest, TransferRef, TransferState, UnpublishVolumeRequest,
-    transfers_client::TransfersClient,
+    DeleteVolumeRequest, ListTransfersRequest, PublishVolumeRequest, TransferState,
+    UnpublishVolumeRequest, transfers_client::TransfersClient,
 };
 use serde_json::{Value, json};
 
@@ -57,7 +59,7 @@ const FAIRNESS_TARGET: f64 = 0.5;
 const RSS_TARGET_MIB: f64 = 64.0;
 /// How far the budgeted aggregate may stray from the budget.
 const BUDGET_TOLERANCE: f64 = 0.05;
-const POLL: Duration = Duration::from_millis(50);
+const POLL: Duration = Duration::from_millis(100);
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(1800);
 
 pub(crate) async fn measure(params: &Params) -> BenchResult<(Value, String)> {
@@ -131,10 +133,13 @@ async fn measure_drains(
     let fairness = rate.min / rate.median;
     writeln!(
         text,
-        "aggregate {:.1} MiB/s = {aggregate_ratio:.2}x the physical limit (target >= {AGGREGATE_TARGET}x) {}; \
+        "aggregate {:.1} MiB/s = {aggregate_ratio:.2}x the physical limit (target >= {AGGREGATE_TARGET}x) {} \
+         (the starts answered {:.1}-{:.1} s after the calls); \
          per transfer {:.1} / {:.1} / {:.1} MiB/s (min / median / max), slowest {fairness:.2}x the median (target >= {FAIRNESS_TARGET}x) {}",
         drained.aggregate / MIB as f64,
         verdict(aggregate_ratio >= AGGREGATE_TARGET),
+        drained.starts.0,
+        drained.starts.1,
         rate.min / MIB as f64,
         rate.median / MIB as f64,
         rate.max / MIB as f64,
@@ -167,12 +172,16 @@ async fn measure_drains(
     writeln!(
         text,
         "host budget {:.1} MiB/s (half the aggregate): {count} sparse volumes of {} MiB moved at once at {:.1} MiB/s together = {budget_ratio:.3}x the budget (target within {:.0} %) {}; \
+         the starts answered {:.1}-{:.1} s after the calls, the last end came at {:.1} s; \
          while all {count} copied (after the last start, before the first end): {}",
         budget / MIB as f64,
         sparse / MIB,
         budgeted.aggregate / MIB as f64,
         BUDGET_TOLERANCE * 100.0,
         verdict(within),
+        budgeted.starts.0,
+        budgeted.starts.1,
+        budgeted.seconds.iter().copied().fold(0.0, f64::max),
         steady_ratio.map_or(
             "not seen (a transfer ended before every start returned)".to_owned(),
             |r| format!("{r:.3}x")
@@ -200,6 +209,9 @@ async fn measure_drains(
             "aggregate_mib_s": budgeted.aggregate / MIB as f64,
             "aggregate_vs_budget": budget_ratio,
             "steady_vs_budget": steady_ratio,
+            "starts_answered_s": [budgeted.starts.0, budgeted.starts.1],
+            "mib_per_second": budgeted.per_second,
+            "transfer_end_s": stats_json(&budgeted.seconds),
             "within": within,
         },
         "targets": {
@@ -286,8 +298,14 @@ struct Drain {
     /// Bytes/s of all together from the first look after every start
     /// returned to the first end: no transfer starting or finishing.
     steady: Option<f64>,
-    /// Every byte over the time to the last end, in bytes/s.
+    /// Every byte over the time from the first start's answer to the last
+    /// end, in bytes/s.
     aggregate: f64,
+    /// When the first and the last StartTransfer answered, in seconds
+    /// since the calls.
+    starts: (f64, f64),
+    /// MiB copied by all in each whole second since the calls.
+    per_second: Vec<f64>,
     cpu_seconds_per_gib: f64,
     rss_max_mib: f64,
 }
@@ -315,13 +333,18 @@ async fn drain(
                 false,
             )
             .await
-            .map(drop)
+            .map(|_| began.elapsed().as_secs_f64())
             .map_err(|err| err.to_string())
         });
     }
+    let mut answered = Vec::with_capacity(count);
     while let Some(started) = starts.join_next().await {
-        started??;
+        answered.push(started??);
     }
+    // Before the first answer the host has nothing to copy: the rate is
+    // the agent's from then on, not the callers' start-up.
+    let first_start = answered.iter().copied().fold(f64::INFINITY, f64::min);
+    let last_start = answered.iter().copied().fold(0.0, f64::max);
     let mut ended: Vec<Option<f64>> = vec![None; count];
     // (seconds since the drain began, bytes copied by all) at each round.
     let mut copied: Vec<(f64, u64)> = Vec::new();
@@ -333,18 +356,24 @@ async fn drain(
         }
         tokio::time::sleep(POLL).await;
         rss_max_mib = rss_max_mib.max(destination.rss_mib()?);
+        // One list per look, not one call per transfer: the watcher must
+        // not be what loads the host it measures.
+        let listed = transfers
+            .list_transfers(ListTransfersRequest::default())
+            .await?
+            .into_inner()
+            .transfers;
         let mut total = 0;
         for (i, end) in ended.iter_mut().enumerate() {
             if end.is_some() {
                 total += size;
                 continue;
             }
-            let transfer = transfers
-                .get_transfer(TransferRef {
-                    transfer_id: transfer_of(batch, i),
-                })
-                .await?
-                .into_inner();
+            let id = transfer_of(batch, i);
+            let transfer = listed
+                .iter()
+                .find(|t| t.transfer_id == id)
+                .ok_or_else(|| format!("transfer {id} is not listed"))?;
             total += transfer.bytes_hydrated;
             match transfer.state() {
                 TransferState::Done => *end = Some(began.elapsed().as_secs_f64()),
@@ -366,12 +395,32 @@ async fn drain(
     let last = seconds.iter().copied().fold(0.0, f64::max);
     let moved = count as f64 * size as f64;
     Ok(Drain {
-        aggregate: moved / last,
+        aggregate: moved / (last - first_start),
+        starts: (first_start, last_start),
         steady: steady_rate(&copied, first_end),
+        per_second: per_second(&copied),
         cpu_seconds_per_gib: (destination.cpu_seconds()? - cpu_before) / (moved / GIB_F),
         rss_max_mib,
         seconds,
     })
+}
+
+/// MiB copied in each whole second, from samples of (seconds, bytes so far).
+fn per_second(copied: &[(f64, u64)]) -> Vec<f64> {
+    let end = copied.last().map_or(0, |(t, _)| t.ceil() as u64);
+    let mut last = 0u64;
+    (1..=end)
+        .map(|second| {
+            let bytes = copied
+                .iter()
+                .rev()
+                .find(|(t, _)| *t < second as f64)
+                .map_or(0, |(_, b)| *b);
+            let mib = bytes.saturating_sub(last) as f64 / MIB as f64;
+            last = bytes;
+            mib
+        })
+        .collect()
 }
 
 /// The rate between the first sample and the last one before `until`.
