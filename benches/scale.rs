@@ -58,7 +58,6 @@ use std::{
     ffi::OsStr,
     fmt::Write as _,
     fs,
-    ops::RangeInclusive,
     os::unix::fs::FileExt,
     path::{Path, PathBuf},
     process::{Child, Stdio},
@@ -236,19 +235,12 @@ fn stride(text: &str) -> BenchResult<u64> {
 }
 
 fn gib(text: &str) -> BenchResult<u64> {
-    within(whole(text)?, 1..=1024)
+    common::within(whole(text)?, 1..=1024)
 }
 
 /// dm-clone's regions and the pool's blocks divide whole MiB.
 fn mib(text: &str) -> BenchResult<u64> {
-    within(whole(text)?, 4..=65536)
-}
-
-fn within(n: u64, range: RangeInclusive<u64>) -> BenchResult<u64> {
-    if !range.contains(&n) {
-        return Err(format!("must be from {} to {}", range.start(), range.end()).into());
-    }
-    Ok(n)
+    common::within(whole(text)?, 4..=65536)
 }
 
 /// A comma-separated list of sizes in GiB, spaces allowed ("1, 10").

@@ -16,6 +16,15 @@ pub use stats::{Stats, stats, stats_json};
 
 pub type BenchResult<T> = Result<T, Box<dyn StdError + Send + Sync>>;
 
+/// An option's value checked against its range (a clap value parser's
+/// error: it names the option).
+pub fn within(n: u64, range: std::ops::RangeInclusive<u64>) -> BenchResult<u64> {
+    if !range.contains(&n) {
+        return Err(format!("must be from {} to {}", range.start(), range.end()).into());
+    }
+    Ok(n)
+}
+
 /// Parses a bench's options from `args` (the program name first). The
 /// DMCLONE_BENCH_* variables are read only if `environment` (a self-check
 /// must not depend on the caller's); an empty one counts as unset, where

@@ -1,6 +1,6 @@
 //! Command-line parameters: which sections run, sizes and the dm-clone knob candidates.
 
-use std::{ffi::OsString, ops::RangeInclusive, path::PathBuf, time::Duration};
+use std::{ffi::OsString, path::PathBuf, time::Duration};
 
 use clap::Parser;
 use serde_json::{Value, json};
@@ -218,13 +218,6 @@ fn number(text: &str) -> BenchResult<u64> {
     text.parse().map_err(|_| "not a number".into())
 }
 
-fn within(n: u64, range: RangeInclusive<u64>) -> BenchResult<u64> {
-    if !range.contains(&n) {
-        return Err(format!("must be from {} to {}", range.start(), range.end()).into());
-    }
-    Ok(n)
-}
-
 /// In bytes.
 fn size_mib(text: &str) -> BenchResult<u64> {
     let mib = number(text)?;
@@ -235,15 +228,18 @@ fn size_mib(text: &str) -> BenchResult<u64> {
 }
 
 fn reps(text: &str) -> BenchResult<usize> {
-    Ok(usize::try_from(within(number(text)?, 1..=100)?)?)
+    Ok(usize::try_from(common::within(number(text)?, 1..=100)?)?)
 }
 
 fn fio_seconds(text: &str) -> BenchResult<u64> {
-    within(number(text)?, 1..=600)
+    common::within(number(text)?, 1..=600)
 }
 
 fn port(text: &str) -> BenchResult<u16> {
-    Ok(u16::try_from(within(number(text)?, 0..=u16::MAX.into())?)?)
+    Ok(u16::try_from(common::within(
+        number(text)?,
+        0..=u16::MAX.into(),
+    )?)?)
 }
 
 fn seconds(text: &str) -> BenchResult<Duration> {
