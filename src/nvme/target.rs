@@ -461,9 +461,10 @@ impl Target {
         };
         let mut namespaces = Vec::new();
         for name in entry_names(&dir.join("namespaces"))? {
-            if let Ok(nsid) = name.parse::<u32>() {
-                namespaces.push(self.read_namespace(nqn, nsid)?);
-            }
+            let Ok(nsid) = name.parse::<u32>() else {
+                continue;
+            };
+            namespaces.extend(self.read_namespace(nqn, nsid)?);
         }
         namespaces.sort_by_key(|ns| ns.nsid);
         Ok(Some(Export {
@@ -479,16 +480,31 @@ impl Target {
         }))
     }
 
-    fn read_namespace(&self, nqn: &str, nsid: u32) -> Result<ExportedNamespace, AgentError> {
+    /// `None` when the namespace went away after its directory was listed:
+    /// whoever else writes configfs (an operator, another agent's teardown)
+    /// must not stop this agent from reading the rest.
+    fn read_namespace(
+        &self,
+        nqn: &str,
+        nsid: u32,
+    ) -> Result<Option<ExportedNamespace>, AgentError> {
         let dir = self.namespace_dir(nqn, nsid);
-        let device_path = read_attr(&dir.join("device_path"))?;
-        Ok(ExportedNamespace {
+        let attr = |name: &str| read_attr_if_present(&dir.join(name));
+        let (Some(device_path), Some(uuid), Some(nguid), Some(enable)) = (
+            attr("device_path")?,
+            attr("device_uuid")?,
+            attr("device_nguid")?,
+            attr("enable")?,
+        ) else {
+            return Ok(None);
+        };
+        Ok(Some(ExportedNamespace {
             nsid,
             device_path: (!device_path.is_empty()).then(|| PathBuf::from(device_path)),
-            uuid: read_attr(&dir.join("device_uuid"))?,
-            nguid: read_attr(&dir.join("device_nguid"))?,
-            enabled: read_attr(&dir.join("enable"))? == "1",
-        })
+            uuid,
+            nguid,
+            enabled: enable == "1",
+        }))
     }
 
     fn subsystem_dir(&self, nqn: &str) -> PathBuf {
@@ -842,7 +858,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn list_exports_reads_a_tree_back() {
+    async fn list_exports_reads_a_tree_back_and_skips_what_vanished() {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path();
         let nqn = "nqn.2014-08.io.dmclone:n:v";
@@ -877,10 +893,14 @@ mod tests {
             fs::write(port.join(attr), value).unwrap();
         }
         symlink(&subsystem, join(&port, &["subsystems", nqn])).unwrap();
+        // Listed, then removed by someone else before its attributes were read.
+        fs::create_dir_all(join(&subsystem, &["namespaces", "2"])).unwrap();
+        fs::create_dir_all(join(root, &["subsystems", "nqn.2014-08.io.gone:x"])).unwrap();
 
         let exports = Target::at(root).unwrap().list_exports().await.unwrap();
-        assert_eq!(exports.len(), 1);
+        assert_eq!(exports.len(), 1, "{exports:?}");
         let export = &exports[0];
+        assert_eq!(export.namespaces.len(), 1, "{:?}", export.namespaces);
         assert_eq!(export.subsystem_nqn, nqn);
         assert!(!export.allow_any_host);
         assert_eq!(export.allowed_hosts, vec![host]);
