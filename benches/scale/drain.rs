@@ -173,7 +173,8 @@ async fn measure_drains(
         text,
         "host budget {:.1} MiB/s (half the aggregate): {count} sparse volumes of {} MiB moved at once at {:.1} MiB/s together = {budget_ratio:.3}x the budget (target within {:.0} %) {}; \
          the starts answered {:.1}-{:.1} s after the calls, the last end came at {:.1} s; \
-         while all {count} copied (after the last start, before the first end): {}",
+         while all {count} copied (after the last start, before the first end): {}; \
+         destination agent: {:.2} s of CPU per GiB, {:.0} % of a CPU, slowest ListTransfers {:.2} s",
         budget / MIB as f64,
         sparse / MIB,
         budgeted.aggregate / MIB as f64,
@@ -186,6 +187,9 @@ async fn measure_drains(
             "not seen (a transfer ended before every start returned)".to_owned(),
             |r| format!("{r:.3}x")
         ),
+        budgeted.cpu_seconds_per_gib,
+        budgeted.cpu_share * 100.0,
+        budgeted.slowest_list,
     )?;
     remove_moved(destination, 2, count).await?;
     let report = json!({
@@ -201,6 +205,8 @@ async fn measure_drains(
         "transfer_mib_s": stats_json(&rates.iter().map(|r| r / MIB as f64).collect::<Vec<_>>()),
         "slowest_vs_median": fairness,
         "cpu_seconds_per_gib": drained.cpu_seconds_per_gib,
+        "cpu_share": drained.cpu_share,
+        "slowest_list_s": drained.slowest_list,
         "rss_max_mib": drained.rss_max_mib,
         "budget": {
             "volumes": count,
@@ -211,6 +217,9 @@ async fn measure_drains(
             "steady_vs_budget": steady_ratio,
             "starts_answered_s": [budgeted.starts.0, budgeted.starts.1],
             "mib_per_second": budgeted.per_second,
+            "cpu_seconds_per_gib": budgeted.cpu_seconds_per_gib,
+            "cpu_share": budgeted.cpu_share,
+            "slowest_list_s": budgeted.slowest_list,
             "transfer_end_s": stats_json(&budgeted.seconds),
             "within": within,
         },
@@ -306,6 +315,10 @@ struct Drain {
     starts: (f64, f64),
     /// MiB copied by all in each whole second since the calls.
     per_second: Vec<f64>,
+    /// The slowest ListTransfers answer while watching, in seconds.
+    slowest_list: f64,
+    /// The destination agent's CPU time over the drain's wall time.
+    cpu_share: f64,
     cpu_seconds_per_gib: f64,
     rss_max_mib: f64,
 }
@@ -350,6 +363,7 @@ async fn drain(
     let mut copied: Vec<(f64, u64)> = Vec::new();
     let mut rss_max_mib = destination.rss_mib()?;
     let mut transfers = TransfersClient::new(destination.channel().await?);
+    let mut slowest_list = 0.0f64;
     while ended.iter().any(Option::is_none) {
         if began.elapsed() > DRAIN_TIMEOUT {
             return Err(format!("the drain did not end within {DRAIN_TIMEOUT:?}").into());
@@ -358,11 +372,13 @@ async fn drain(
         rss_max_mib = rss_max_mib.max(destination.rss_mib()?);
         // One list per look, not one call per transfer: the watcher must
         // not be what loads the host it measures.
+        let asked = Instant::now();
         let listed = transfers
             .list_transfers(ListTransfersRequest::default())
             .await?
             .into_inner()
             .transfers;
+        slowest_list = slowest_list.max(asked.elapsed().as_secs_f64());
         let mut total = 0;
         for (i, end) in ended.iter_mut().enumerate() {
             if end.is_some() {
@@ -394,12 +410,15 @@ async fn drain(
     let first_end = seconds.iter().copied().fold(f64::INFINITY, f64::min);
     let last = seconds.iter().copied().fold(0.0, f64::max);
     let moved = count as f64 * size as f64;
+    let cpu = destination.cpu_seconds()? - cpu_before;
     Ok(Drain {
         aggregate: moved / (last - first_start),
         starts: (first_start, last_start),
         steady: steady_rate(&copied, first_end),
         per_second: per_second(&copied),
-        cpu_seconds_per_gib: (destination.cpu_seconds()? - cpu_before) / (moved / GIB_F),
+        slowest_list,
+        cpu_share: cpu / began.elapsed().as_secs_f64(),
+        cpu_seconds_per_gib: cpu / (moved / GIB_F),
         rss_max_mib,
         seconds,
     })

@@ -390,6 +390,11 @@ impl Host {
             if instance_of(&name, "nvme").is_none() {
                 continue;
             }
+            // One attribute tells another subsystem's controller apart.
+            let nqn = read_attr_if_present(&self.class_nvme().join(&name).join("subsysnqn"))?;
+            if nqn.as_deref() != Some(subsystem_nqn) {
+                continue;
+            }
             if let Some(controller) = self.read_controller(&name)?
                 && controller.subsystem_nqn == subsystem_nqn
             {

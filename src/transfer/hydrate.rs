@@ -166,7 +166,7 @@ impl Transfers {
         };
         self.ctx.commit_pair(&volume, &transfer).await?;
         info!(transfer = %transfer.id, volume = %volume.id, size, deferred = request.deferred, region = knobs.region_bytes, "transfer started: the volume is presented");
-        self.spawn_monitor(transfer.id.clone());
+        self.spawn_monitor(transfer.id.clone(), hydrate);
         self.spawn_claim(&transfer);
         Ok(self.ctx.transfer_view(&transfer))
     }

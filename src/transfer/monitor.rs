@@ -38,7 +38,9 @@ enum Next {
 struct Watch {
     limiter: RateLimiter,
     pace: Pace,
-    /// The clone's hydrated bytes when it last spent from the host budget.
+    /// The clone's hydrated bytes when it last spent from the host budget;
+    /// `None` until the first look of a monitor that took over a transfer
+    /// started earlier (after a restart), whose past copies are not charged.
     host_seen: Option<u64>,
     /// The threshold the clone was last told; `None` before the first look.
     told: Option<u32>,
@@ -70,11 +72,25 @@ impl CopyGate {
     }
 }
 
+impl Watch {
+    /// `copying_from_zero`: the clone was just built to hydrate, so every
+    /// byte it copies, also before the first look, spends from the limits.
+    fn new(copying_from_zero: bool) -> Self {
+        Self {
+            host_seen: copying_from_zero.then_some(0),
+            ..Self::default()
+        }
+    }
+}
+
 impl Transfers {
-    pub(crate) fn spawn_monitor(&self, transfer_id: TransferId) {
+    /// Watches a transfer to its end. `copying_from_zero`: its clone was
+    /// just built and hydrates at once (not a deferred start, nor a
+    /// transfer taken over after a restart).
+    pub(crate) fn spawn_monitor(&self, transfer_id: TransferId, copying_from_zero: bool) {
         let transfers = self.clone();
         self.ctx.background.spawn(async move {
-            if let Err(err) = transfers.monitor(&transfer_id).await {
+            if let Err(err) = transfers.monitor(&transfer_id, copying_from_zero).await {
                 warn!(transfer = %transfer_id, error = %err, "transfer monitor stopped");
                 transfers.ctx.registry.with_live(&transfer_id, |live| {
                     live.degraded =
@@ -85,8 +101,8 @@ impl Transfers {
         });
     }
 
-    async fn monitor(&self, id: &TransferId) -> Result<(), AgentError> {
-        let mut watch = Watch::default();
+    async fn monitor(&self, id: &TransferId, copying_from_zero: bool) -> Result<(), AgentError> {
+        let mut watch = Watch::new(copying_from_zero);
         loop {
             let Some(transfer) = self.ctx.transfer_record(id).await? else {
                 self.ctx.registry.forget(id);
@@ -302,6 +318,9 @@ impl Transfers {
         // cannot hold two of them would hold copying back after every one.
         let (in_flight, _) = watch.pace.knobs(own, region, own_limit);
         watch.limiter.granule = 2 * region * u64::from(in_flight);
+        if watch.host_seen.is_none() {
+            watch.limiter.seen = bytes;
+        }
         watch.limiter.step(now, bytes, own_limit);
         let unspent = watch.limiter.take_unspent();
         if !watch.gate.stopped {
@@ -470,7 +489,7 @@ impl Transfers {
     pub(crate) fn resume_monitors(&self, transfers: &[TransferRecord]) {
         for transfer in transfers {
             if !transfer.phase.is_finished() {
-                self.spawn_monitor(transfer.id.clone());
+                self.spawn_monitor(transfer.id.clone(), false);
                 self.spawn_claim(transfer);
             } else if transfer.phase == TransferPhase::Done {
                 self.spawn_release(transfer);
@@ -742,14 +761,11 @@ struct RateLimiter {
 }
 
 impl RateLimiter {
-    /// Spends what the clone hydrated since the last step (`hydrated_bytes`
-    /// counts from its start). `Some(true)`: stop copying; `Some(false)`:
-    /// copy again; `None`: leave it.
+    /// Spends what the clone hydrated since the last step, or since `seen`
+    /// was set (`hydrated_bytes` counts from the clone's start).
+    /// `Some(true)`: stop copying; `Some(false)`: copy again; `None`: leave it.
     fn step(&mut self, now: Instant, hydrated_bytes: u64, limit: u64) -> Option<bool> {
-        let spent = match self.since {
-            Some(_) => hydrated_bytes.saturating_sub(self.seen),
-            None => 0,
-        };
+        let spent = hydrated_bytes.saturating_sub(self.seen);
         self.seen = hydrated_bytes;
         self.spend(now, spent as f64, limit)
     }
@@ -1023,6 +1039,26 @@ mod tests {
             limiter.step(t0 + ms(30), 3000, 1000),
             Some(true),
             "past the bucket"
+        );
+    }
+
+    #[test]
+    fn copies_made_before_the_first_look_are_charged() {
+        let t0 = Instant::now();
+        let mut limiter = RateLimiter::default();
+        assert_eq!(
+            limiter.step(t0, 3000, 1000),
+            Some(true),
+            "3 s worth copied before the monitor first looked is debt"
+        );
+        let mut taken_over = RateLimiter {
+            seen: 3000,
+            ..RateLimiter::default()
+        };
+        assert_eq!(
+            taken_over.step(t0, 3000, 1000),
+            None,
+            "a transfer taken over after a restart starts with credit"
         );
     }
 

@@ -20,11 +20,17 @@ use crate::{
 /// source: the kernel's own reconnect delay.
 const RECONNECT_EVERY: Duration = Duration::from_secs(2);
 
+/// How long a connection seen live is taken as live without looking again:
+/// a rate-limited transfer is looked at every few milliseconds, and each
+/// look at the connection reads every NVMe controller's attributes.
+const LIVE_FOR: Duration = Duration::from_millis(500);
+
 /// What one monitor remembers of its transfer's source between looks.
 #[derive(Debug, Default)]
 pub(super) struct SourceWatch {
     down: bool,
     last_connect: Option<Instant>,
+    seen_live: Option<Instant>,
 }
 
 /// The source's state as the monitor acts on it.
@@ -61,6 +67,12 @@ impl Transfers {
             return SourceHealth::Reachable;
         }
         let now = Instant::now();
+        if watch
+            .seen_live
+            .is_some_and(|at| now.duration_since(at) < LIVE_FOR)
+        {
+            return SourceHealth::Reachable;
+        }
         let link = match Nqn::parse("subsystem_nqn", subsystem_nqn) {
             Ok(nqn) => self.ctx.fabric.link(&nqn).await,
             Err(err) => Err(err),
@@ -93,6 +105,7 @@ impl Transfers {
                 reason: format!("cannot see the connection to the source {source}: {err}"),
             },
         };
+        watch.seen_live = (health == SourceHealth::Reachable).then_some(now);
         let down = matches!(health, SourceHealth::Down { .. });
         if watch.down && !down {
             info!(transfer = %transfer.id, %source, "the source answers again");
