@@ -316,13 +316,12 @@ impl Context {
         devices: CloneDevices,
         hydrate: bool,
     ) -> Result<Table, AgentError> {
-        // Under a byte limit the clone starts one region at a time: its
-        // monitor does not know yet what share of a host budget is its own
-        // (the transfers copying count it only from its first look), and
-        // what a first burst puts in flight cannot be taken back. The first
-        // restart after a hold sets the knobs its share allows.
+        // Under a byte limit the clone copies nothing until its monitor's
+        // first look sets the pace: until then nothing watches what it
+        // copies, and a fast source would copy seconds of the limit in one
+        // burst, repaid by as long a hold.
         let (threshold, batch) = if self.byte_limit(transfer, 1) > 0 {
-            (1, 1)
+            (0, 1)
         } else {
             (transfer.hydration_threshold, transfer.hydration_batch_size)
         };

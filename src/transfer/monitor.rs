@@ -42,7 +42,8 @@ struct Watch {
     /// `None` until the first look of a monitor that took over a transfer
     /// started earlier (after a restart), whose past copies are not charged.
     host_seen: Option<u64>,
-    /// The threshold the clone was last told; `None` before the first look.
+    /// The threshold the clone was last told; `None` before the first look
+    /// (then the clone's status says).
     told: Option<u32>,
     events: EventSource,
     source: SourceWatch,
@@ -245,8 +246,7 @@ impl Transfers {
         if transfer.phase == TransferPhase::Hydrating {
             watch.gate.source_down = matches!(source, SourceHealth::Down { .. });
             watch.gate.moving_on = moving_on.is_some();
-            self.gate_copying(transfer, watch, status.hydrated_regions)
-                .await;
+            self.gate_copying(transfer, watch, &status).await;
         }
         Ok(Next::Wait)
     }
@@ -309,9 +309,14 @@ impl Transfers {
     /// budget is overdrawn (see `RateLimiter`, `HostBudget`) or its source
     /// is unreachable, and restores the threshold once none holds. Writes
     /// still hydrate the regions they touch.
-    async fn gate_copying(&self, transfer: &TransferRecord, watch: &mut Watch, hydrated: u64) {
+    async fn gate_copying(
+        &self,
+        transfer: &TransferRecord,
+        watch: &mut Watch,
+        status: &CloneStatus,
+    ) {
         let now = Instant::now();
-        let bytes = hydrated * transfer.region_bytes;
+        let bytes = status.hydrated_regions * transfer.region_bytes;
         let (own, region) = (own_knobs(transfer), transfer.region_bytes);
         let own_limit = transfer.max_bytes_per_second;
         // Copies come in starts of up to `in_flight` regions: a bucket that
@@ -337,13 +342,10 @@ impl Transfers {
         });
         watch.gate.over_budget = watch.limiter.holding || host.holding;
         let (threshold, batch) = tighter(watch.pace.knobs(own, region, own_limit), host.knobs);
-        let told = *watch
-            .told
-            .get_or_insert(if self.ctx.byte_limit(transfer, 0) > 0 {
-                1
-            } else {
-                own.0
-            });
+        // The kernel's own word at first: a table built under a limit
+        // copies nothing until told, and one taken over after a restart
+        // keeps what it was last told.
+        let told = *watch.told.get_or_insert(status.hydration_threshold);
         let messages = match watch.gate.change() {
             Some(true) => vec!["hydration_threshold 0".to_owned()],
             Some(false) => vec![
