@@ -8,7 +8,7 @@ use std::{
     io::{Read, Seek, SeekFrom, Write},
     os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt},
     path::{Path, PathBuf},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use dmclone::dm::{
@@ -59,8 +59,12 @@ pub fn name(prefix: &str, role: &str) -> DeviceName {
 
 /// Removes every device whose name starts with `prefix`, each once nothing
 /// holds it open, so stacked devices go before the ones they sit on (minor
-/// numbers are reused, so creation order cannot be read from them).
+/// numbers are reused, so creation order cannot be read from them). A
+/// device written a moment ago may be open for a few milliseconds more
+/// (udev probes it once the writer closes it): that is waited out, up to
+/// [`BRIEF_OPENER`].
 pub async fn remove_all_with_prefix(dm: &DeviceMapper, prefix: &str) {
+    let mut held_since: Option<Instant> = None;
     loop {
         let mut ours = Vec::new();
         for device in dm.list().await.expect("list devices") {
@@ -83,12 +87,21 @@ pub async fn remove_all_with_prefix(dm: &DeviceMapper, prefix: &str) {
                 removed = true;
             }
         }
+        if removed {
+            held_since = None;
+            continue;
+        }
+        let since = *held_since.get_or_insert_with(Instant::now);
         assert!(
-            removed,
-            "test devices {ours:?} are all held open by something else"
+            since.elapsed() < BRIEF_OPENER,
+            "test devices {ours:?} are all held open by something else for {BRIEF_OPENER:?}"
         );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// How long a test waits out another opener of its devices (udev's probe).
+const BRIEF_OPENER: Duration = Duration::from_secs(5);
 
 /// A sparse file on a loop device that detaches itself once closed.
 #[derive(Debug)]
