@@ -151,6 +151,80 @@ pub fn is_resize_of(live: &Table, wanted: &Table) -> bool {
     }
 }
 
+/// Whether a live clone table is `wanted` but for what messages set: the
+/// copy knobs and the hydration switch. The kernel reads a clone's table
+/// back as it was built, while the records it is rendered from move on (a
+/// byte limit set or lifted, a deferred move committed, a pause); what the
+/// clone was told since shows in its status.
+pub fn differs_only_in_messages(live: &Table, wanted: &Table) -> bool {
+    live.segments().len() == wanted.segments().len()
+        && live
+            .segments()
+            .iter()
+            .zip(wanted.segments())
+            .all(|(found, want)| {
+                (found.start, found.len) == (want.start, want.len)
+                    && match (&found.target, &want.target) {
+                        (Target::Clone(found), Target::Clone(want)) => {
+                            let untold = CloneParams {
+                                hydration: want.hydration,
+                                hydration_threshold: want.hydration_threshold,
+                                hydration_batch_size: want.hydration_batch_size,
+                                ..found.clone()
+                            };
+                            untold == *want
+                        }
+                        (found, want) => found == want,
+                    }
+            })
+}
+
+/// [`ensure_device`] for a device carrying a clone (see [`adopt_clone`]).
+pub async fn ensure_clone(
+    dm: &dyn Kernel,
+    name: &DeviceName,
+    table: &Table,
+    may_swap: impl Fn(&Table) -> bool,
+) -> Result<DevRef, AgentError> {
+    match dm.live_table(name).await? {
+        None => Ok(dm.create(name, None, table).await?.device),
+        Some(found) => adopt_clone(dm, name, found, table, may_swap).await,
+    }
+}
+
+/// [`adopt`] for a device carrying a clone: one that differs from `table`
+/// only in what messages set is kept, with no pause of its I/O, and its
+/// hydration switch told again where its status disagrees with `table`
+/// (the transfer's phase, which the records hold). Its copy knobs are its
+/// monitor's, which reads them from the same status.
+pub async fn adopt_clone(
+    dm: &dyn Kernel,
+    name: &DeviceName,
+    (device, live): (DevRef, Table),
+    table: &Table,
+    may_swap: impl Fn(&Table) -> bool,
+) -> Result<DevRef, AgentError> {
+    if !differs_only_in_messages(&live, table) {
+        return adopt(dm, name, (device, live), table, may_swap).await;
+    }
+    let hydrate = table.segments().iter().any(|s| match &s.target {
+        Target::Clone(clone) => clone.hydration,
+        _ => false,
+    });
+    // A clone the kernel stopped is its monitor's to report.
+    if let Health::Running(status) = dm.status_of::<Health<CloneStatus>>(name, 0).await?
+        && status.features.no_hydration == hydrate
+    {
+        let switch = if hydrate {
+            "enable_hydration"
+        } else {
+            "disable_hydration"
+        };
+        dm.message(name, 0, switch).await?;
+    }
+    Ok(device)
+}
+
 /// Every device a volume may have, in the order tear-down removes them (a
 /// device goes before the devices it maps).
 pub fn volume_devices(naming: &Naming, id: &VolumeId) -> [DeviceName; 6] {

@@ -29,7 +29,7 @@ use crate::{
         kernel::{DeviceState, Flush, ListedDevice, SegmentStatus, TargetVersion},
         names::DeviceName,
         status::{CloneFeatures, CloneMode, CloneStatus, EraStatus, Usage},
-        table::{DevRef, Table, Target, Thin},
+        table::{CloneParams, DevRef, Table, Target, Thin},
     },
     error::{Error, Result},
 };
@@ -81,6 +81,9 @@ struct Device {
     /// count until someone waits for the device to settle.
     transient_opens: i32,
     event_nr: u32,
+    /// The live clone as messages left it: its status reports it, while its
+    /// table reads back as built (as the kernel's do), until the next load.
+    told: Option<CloneParams>,
 }
 
 /// What a thin id holds, as far as the domain can see it.
@@ -230,6 +233,7 @@ impl FakeKernel {
             external_opens: 0,
             transient_opens: 0,
             event_nr: 0,
+            told: None,
         };
         state.devices.insert(name.to_owned(), device);
     }
@@ -344,7 +348,11 @@ impl FakeKernel {
             match &segment.target {
                 Target::ThinPool(_) => state.pool_message(name, message)?,
                 Target::Era(era) => state.era_message(name, era.metadata, message)?,
-                Target::Clone(_) => clone_message(name, message)?,
+                Target::Clone(built) => {
+                    let device = state.device_mut(name)?;
+                    let live = device.told.as_ref().unwrap_or(built);
+                    device.told = Some(clone_message(name, live, message)?);
+                }
                 _ => return Err(ioctl("message", name.as_str(), Errno::EINVAL)),
             }
             state.journal.push(format!("message {name} {message}"));
@@ -445,6 +453,7 @@ impl State {
         let device = self.device_mut(name)?;
         if let Some(table) = device.inactive.take() {
             device.live = Some(table);
+            device.told = None;
         }
         device.suspended = false;
         let live = device.live.clone();
@@ -535,7 +544,8 @@ impl State {
                 }
                 .to_string()
             }
-            Target::Clone(clone) => {
+            Target::Clone(built) => {
+                let clone = device.told.as_ref().unwrap_or(built);
                 let hydrated = self
                     .thin_behind(clone.metadata)
                     .and_then(|key| self.thins.get(&key))
@@ -693,6 +703,7 @@ impl Kernel for FakeKernel {
                 external_opens: 0,
                 transient_opens: 0,
                 event_nr: 0,
+                told: None,
             };
             state.devices.insert(name.to_string(), device);
             state.activate(name)?;
@@ -934,18 +945,23 @@ impl Kernel for FakeKernel {
     }
 }
 
-fn clone_message(name: &DeviceName, message: &str) -> Result<()> {
+/// The clone as a message leaves it.
+fn clone_message(name: &DeviceName, clone: &CloneParams, message: &str) -> Result<CloneParams> {
+    let mut told = clone.clone();
     let mut words = message.split_whitespace();
-    let known = match (words.next(), words.next()) {
-        (Some("enable_hydration" | "disable_hydration"), None) => true,
-        (Some("hydration_threshold" | "hydration_batch_size"), Some(n)) => n.parse::<u32>().is_ok(),
-        _ => false,
-    };
-    if known {
-        Ok(())
-    } else {
-        Err(ioctl("message", name.as_str(), Errno::EINVAL))
+    let number = |word: Option<&str>| word.and_then(|n| n.parse::<u32>().ok());
+    match (words.next(), words.next(), words.next()) {
+        (Some("enable_hydration"), None, None) => told.hydration = true,
+        (Some("disable_hydration"), None, None) => told.hydration = false,
+        (Some("hydration_threshold"), n, None) if number(n).is_some() => {
+            told.hydration_threshold = number(n);
+        }
+        (Some("hydration_batch_size"), n, None) if number(n).is_some() => {
+            told.hydration_batch_size = number(n);
+        }
+        _ => return Err(ioctl("message", name.as_str(), Errno::EINVAL)),
     }
+    Ok(told)
 }
 
 /// The devices a target maps (and so holds open).

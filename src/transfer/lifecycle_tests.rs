@@ -506,6 +506,85 @@ async fn extending_an_arriving_volume_keeps_the_clone_and_maps_the_rest_locally(
     assert!(beneath.starts_with("0 24576 thin "), "{beneath}");
 }
 
+/// A byte limit's pace lives in the kernel: a clone loaded again (an
+/// extend builds it copying nothing until its monitor looks) is told its
+/// pace again, and once the limit is lifted, a restart takes over the clone
+/// built under it (the kernel reads a table back as built) as it is.
+#[tokio::test]
+async fn a_limited_clone_loaded_again_or_taken_over_goes_on_copying() {
+    use super::move_tests::{thresholds_told, wait_until};
+    let host = host();
+    let agent = host.start().await.unwrap();
+    let id = volume_id(1);
+    let mut limited = request(1, &id, false);
+    // A quarter second of it holds the transfer's own threshold of regions.
+    limited.knobs.max_bytes_per_second = Some(64 * MIB);
+    agent.transfers.start_transfer(limited).await.unwrap();
+    let own = agent.transfers.get_transfer(&transfer_id(1)).await.unwrap();
+    let own = own.hydration_threshold.to_string();
+    wait_until(async || thresholds_told(&host, &lower(&id)).last() == Some(&own)).await;
+    let before = thresholds_told(&host, &lower(&id)).len();
+
+    agent.volumes.extend_volume(&id, 12 * MIB).await.unwrap();
+    let reloaded = host.kernel.table_text(&lower(&id)).unwrap();
+    assert!(reloaded.contains("hydration_threshold 0"), "{reloaded}");
+    wait_until(async || {
+        let told = thresholds_told(&host, &lower(&id));
+        told.len() > before && told.last() == Some(&own)
+    })
+    .await;
+
+    let lifted = KnobRequest {
+        max_bytes_per_second: Some(0),
+        ..KnobRequest::default()
+    };
+    agent
+        .transfers
+        .throttle_transfer(&transfer_id(1), lifted)
+        .await
+        .unwrap();
+    let agent = host.restart(agent).await.unwrap();
+    assert_eq!(agent.reconcile_report().degraded, 0);
+    assert_eq!(host.kernel.table_text(&lower(&id)).unwrap(), reloaded);
+    assert_eq!(
+        agent
+            .transfers
+            .get_transfer(&transfer_id(1))
+            .await
+            .unwrap()
+            .state,
+        TransferState::Hydrating
+    );
+    host.kernel.hydrate(&lower(&id));
+    transfer_reaches(&agent, &transfer_id(1), TransferState::Done).await;
+}
+
+/// A deferred move committed: its clone, built not hydrating, is taken
+/// over at a restart as it is, and left hydrating.
+#[tokio::test]
+async fn a_committed_clone_is_taken_over_at_a_restart() {
+    let host = host();
+    let (agent, id) = deferred(&host).await;
+    agent
+        .transfers
+        .commit_transfer(&transfer_id(1))
+        .await
+        .unwrap();
+    let agent = host.restart(agent).await.unwrap();
+    assert_eq!(agent.reconcile_report().degraded, 0);
+    let table = host.kernel.table_text(&lower(&id)).unwrap();
+    assert!(table.contains("no_hydration"), "as built: {table}");
+    let enabled = format!("message {} enable_hydration", lower(&id));
+    let told = host.kernel.journal();
+    assert_eq!(
+        told.iter().filter(|l| **l == enabled).count(),
+        1,
+        "{told:?}"
+    );
+    host.kernel.hydrate(&lower(&id));
+    transfer_reaches(&agent, &transfer_id(1), TransferState::Done).await;
+}
+
 #[tokio::test]
 async fn an_arriving_volume_unpublished_loses_its_device_once_the_transfer_is_done() {
     let host = host();

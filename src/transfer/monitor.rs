@@ -42,9 +42,6 @@ struct Watch {
     /// `None` until the first look of a monitor that took over a transfer
     /// started earlier (after a restart), whose past copies are not charged.
     host_seen: Option<u64>,
-    /// The threshold the clone was last told; `None` before the first look
-    /// (then the clone's status says).
-    told: Option<u32>,
     events: EventSource,
     source: SourceWatch,
     gate: CopyGate,
@@ -52,24 +49,33 @@ struct Watch {
 
 /// Background copying stops (threshold 0) while the byte budget is
 /// overdrawn, the source is unreachable or the volume moves on from here,
-/// and starts again when none holds. `stopped` is what the live table was
-/// last told.
+/// and starts again when none holds. What the clone copies at is read from
+/// its status at every look, never remembered: a table loaded again (a
+/// resize, a new namespace of the source, an agent's restart) copies at what
+/// it was built with, and a message the kernel refused is simply told again.
 #[derive(Debug, Default)]
 struct CopyGate {
     over_budget: bool,
     source_down: bool,
     moving_on: bool,
-    stopped: bool,
 }
 
 impl CopyGate {
-    /// `Some(stop)` when the table must be told.
-    fn change(&mut self) -> Option<bool> {
-        let stop = self.over_budget || self.source_down || self.moving_on;
-        (stop != self.stopped).then(|| {
-            self.stopped = stop;
-            stop
-        })
+    fn closed(&self) -> bool {
+        self.over_budget || self.source_down || self.moving_on
+    }
+
+    /// The messages that bring a clone copying at threshold `live` to the
+    /// gate's word, copying at `threshold` and `batch` when open.
+    fn messages(&self, live: u32, threshold: u32, batch: u32) -> Vec<String> {
+        let tell = |n: u32| format!("hydration_threshold {n}");
+        match (self.closed(), live) {
+            (true, 0) => vec![],
+            (true, _) => vec![tell(0)],
+            (false, live) if live == threshold => vec![],
+            (false, 0) => vec![format!("hydration_batch_size {batch}"), tell(threshold)],
+            (false, _) => vec![tell(threshold)],
+        }
     }
 }
 
@@ -151,11 +157,6 @@ impl Transfers {
             _ => {}
         }
         let source = self.check_source(transfer, &mut watch.source).await;
-        if source == SourceHealth::Reattached {
-            // The reloaded table copies at the knobs it was built with.
-            watch.gate.stopped = false;
-            watch.told = None;
-        }
         let clone = self.ctx.clone_device(transfer);
         let moving_on = self.moving_on(transfer).await?;
         let now = Instant::now();
@@ -319,6 +320,7 @@ impl Transfers {
         let bytes = status.hydrated_regions * transfer.region_bytes;
         let (own, region) = (own_knobs(transfer), transfer.region_bytes);
         let own_limit = transfer.max_bytes_per_second;
+        let copying = status.hydration_threshold > 0;
         // Copies come in starts of up to `in_flight` regions: a bucket that
         // cannot hold two of them would hold copying back after every one.
         let (in_flight, _) = watch.pace.knobs(own, region, own_limit);
@@ -328,7 +330,7 @@ impl Transfers {
         }
         watch.limiter.step(now, bytes, own_limit);
         let unspent = watch.limiter.take_unspent();
-        if !watch.gate.stopped {
+        if copying {
             watch.pace.widen(own, region, own_limit, unspent);
         }
         let copied = bytes.saturating_sub(watch.host_seen.replace(bytes).unwrap_or(bytes));
@@ -338,35 +340,20 @@ impl Transfers {
             budget: self.ctx.settings.transfer.max_bytes_per_second,
             own,
             region,
-            copying: !watch.gate.stopped,
+            copying,
         });
         watch.gate.over_budget = watch.limiter.holding || host.holding;
         let (threshold, batch) = tighter(watch.pace.knobs(own, region, own_limit), host.knobs);
-        // The kernel's own word at first: a table built under a limit
-        // copies nothing until told, and one taken over after a restart
-        // keeps what it was last told.
-        let told = *watch.told.get_or_insert(status.hydration_threshold);
-        let messages = match watch.gate.change() {
-            Some(true) => vec!["hydration_threshold 0".to_owned()],
-            Some(false) => vec![
-                format!("hydration_batch_size {batch}"),
-                format!("hydration_threshold {threshold}"),
-            ],
-            None if !watch.gate.stopped && told != threshold => {
-                vec![format!("hydration_threshold {threshold}")]
-            }
-            None => return,
-        };
-        for message in messages {
+        for message in watch
+            .gate
+            .messages(status.hydration_threshold, threshold, batch)
+        {
             if let Err(err) = self.ctx.message_clone(transfer, &message).await {
-                // Told again at the next look.
-                watch.gate.stopped = !watch.gate.stopped;
-                watch.told = Some(u32::MAX);
+                // The status at the next look says it was not taken.
                 warn!(transfer = %transfer.id, error = %err, "cannot stop or restart background copying");
                 return;
             }
         }
-        watch.told = Some(if watch.gate.stopped { 0 } else { threshold });
     }
 
     /// Switches the public device from the clone to the local thin device,
@@ -821,6 +808,24 @@ mod tests {
 
     fn ms(n: u64) -> Duration {
         Duration::from_millis(n)
+    }
+
+    #[test]
+    fn the_gate_tells_the_clone_only_what_its_live_threshold_lacks() {
+        let open = CopyGate::default();
+        assert!(open.messages(16, 16, 8).is_empty());
+        assert_eq!(open.messages(4, 16, 8), ["hydration_threshold 16"]);
+        assert_eq!(
+            open.messages(0, 16, 8),
+            ["hydration_batch_size 8", "hydration_threshold 16"],
+            "a clone copying nothing (stopped, or a table loaded again) starts"
+        );
+        let closed = CopyGate {
+            moving_on: true,
+            ..CopyGate::default()
+        };
+        assert_eq!(closed.messages(16, 16, 8), ["hydration_threshold 0"]);
+        assert!(closed.messages(0, 16, 8).is_empty());
     }
 
     #[test]
