@@ -13,6 +13,7 @@ use crate::{
         events::EventMonitor,
         kernel::{DeviceMapper, DeviceState, Flush, ListedDevice, SegmentStatus, TargetVersion},
         names::DeviceName,
+        status::{CloneStatus, Health},
         table::{DevRef, Table},
     },
     error::{AgentError, Error, ParseError, Result},
@@ -358,6 +359,23 @@ pub(crate) fn block_device(path: &Path) -> Result<(DevRef, u64), AgentError> {
     Ok((dev, size))
 }
 
+/// Tells a clone to hydrate or not unless its status says it does; a
+/// clone the kernel stopped is left to its monitor to report.
+async fn switch_hydration(dm: &dyn Kernel, name: &DeviceName, hydrate: bool) -> Result<()> {
+    let status = dm.status_of::<Health<CloneStatus>>(name, 0).await?;
+    if let Health::Running(status) = status
+        && status.features.no_hydration == hydrate
+    {
+        let message = if hydrate {
+            "enable_hydration"
+        } else {
+            "disable_hydration"
+        };
+        dm.message(name, 0, message).await?;
+    }
+    Ok(())
+}
+
 /// Makes `name` carry `table`: creates it, adopts it when it already does,
 /// swaps the table when `may_swap` allows it, and refuses otherwise.
 pub async fn ensure_device(
@@ -373,7 +391,10 @@ pub async fn ensure_device(
 }
 
 /// Makes the existing device `name`, found as `device` with the live table
-/// `live`, carry `table` (see [`ensure_device`]).
+/// `live`, carry `table` (see [`ensure_device`]). A clone differing only in
+/// what messages set is kept, with no pause of its I/O, and told the
+/// hydration switch of `table` where its status says otherwise; its copy
+/// knobs are its monitor's, which reads them from the same status.
 pub async fn adopt(
     dm: &dyn Kernel,
     name: &DeviceName,
@@ -381,7 +402,10 @@ pub async fn adopt(
     table: &Table,
     may_swap: impl Fn(&Table) -> bool,
 ) -> Result<DevRef, AgentError> {
-    if live == *table {
+    if live.differs_only_in_messages(table) {
+        if let Some(hydrate) = table.clone_hydration() {
+            switch_hydration(dm, name, hydrate).await?;
+        }
         return Ok(device);
     }
     if may_swap(&live) {

@@ -686,6 +686,41 @@ impl Table {
         &self.segments
     }
 
+    /// Whether this table, read back from the kernel, is `wanted` but for
+    /// what messages set: a clone's copy knobs and hydration switch. The
+    /// kernel reads a clone's table back as it was built (its constructor's
+    /// words); what it was told since shows only in its status.
+    pub fn differs_only_in_messages(&self, wanted: &Table) -> bool {
+        self.segments.len() == wanted.segments.len()
+            && self
+                .segments
+                .iter()
+                .zip(&wanted.segments)
+                .all(|(found, want)| {
+                    (found.start, found.len) == (want.start, want.len)
+                        && match (&found.target, &want.target) {
+                            (Target::Clone(found), Target::Clone(want)) => {
+                                let untold = CloneParams {
+                                    hydration: want.hydration,
+                                    hydration_threshold: want.hydration_threshold,
+                                    hydration_batch_size: want.hydration_batch_size,
+                                    ..found.clone()
+                                };
+                                untold == *want
+                            }
+                            (found, want) => found == want,
+                        }
+                })
+    }
+
+    /// The hydration switch of the table's clone, if it has one.
+    pub fn clone_hydration(&self) -> Option<bool> {
+        self.segments.iter().find_map(|s| match &s.target {
+            Target::Clone(clone) => Some(clone.hydration),
+            _ => None,
+        })
+    }
+
     /// Total length in sectors.
     pub fn len_sectors(&self) -> Sectors {
         self.segments.iter().map(|s| s.len).sum()

@@ -228,7 +228,7 @@ impl Context {
                 })?;
         // swap_table (through adopt) suspends before loading: the clone's
         // metadata stays consistent across the reload.
-        let device = stack::adopt_clone(self.dm.as_ref(), &clone, found, &table, |_| true).await?;
+        let device = stack::adopt(self.dm.as_ref(), &clone, found, &table, |_| true).await?;
         if transfer.era_above {
             self.ensure_era_above(volume, device).await?;
         }
@@ -243,13 +243,9 @@ impl Context {
         transfer: &TransferRecord,
     ) -> Result<(), AgentError> {
         let table = self.arriving_table(volume, transfer).await?;
-        let clone = stack::ensure_clone(
-            self.dm.as_ref(),
-            &self.clone_device(transfer),
-            &table,
-            |_| false,
-        )
-        .await?;
+        let clone = self
+            .ensure_device(&self.clone_device(transfer), &table, |_| false)
+            .await?;
         if transfer.era_above {
             self.ensure_era_above(volume, clone).await?;
         }

@@ -66,7 +66,11 @@ fn only_a_change_of_length_counts_as_a_resize() {
     assert!(!is_resize_of(&small, &other));
 }
 
-fn arriving_clone(threshold: u32, hydrate: bool, source: DevRef) -> Table {
+fn arriving_clone(
+    threshold: u32,
+    hydrate: bool,
+    [metadata, destination, source]: [DevRef; 3],
+) -> Table {
     let layer = CloneLayer {
         clone_bytes: 4 * MIB,
         region_bytes: MIB,
@@ -75,8 +79,8 @@ fn arriving_clone(threshold: u32, hydrate: bool, source: DevRef) -> Table {
         hydrate,
     };
     let devices = CloneDevices {
-        metadata: dev(3),
-        destination: dev(1),
+        metadata,
+        destination,
         source,
     };
     clone_table(6 * MIB, &layer, devices).unwrap()
@@ -84,25 +88,22 @@ fn arriving_clone(threshold: u32, hydrate: bool, source: DevRef) -> Table {
 
 #[test]
 fn a_clone_built_at_another_pace_or_switch_is_the_same_device() {
-    let source = DevRef::from((259, 0));
-    let wanted = arriving_clone(0, true, source);
-    assert!(differs_only_in_messages(
-        &arriving_clone(16, false, source),
-        &wanted
-    ));
-    let elsewhere = arriving_clone(0, true, DevRef::from((259, 1)));
+    let devices = [dev(3), dev(1), DevRef::from((259, 0))];
+    let wanted = arriving_clone(0, true, devices);
+    assert!(arriving_clone(16, false, devices).differs_only_in_messages(&wanted));
+    let elsewhere = arriving_clone(0, true, [dev(3), dev(1), DevRef::from((259, 1))]);
     assert!(
-        !differs_only_in_messages(&elsewhere, &wanted),
+        !elsewhere.differs_only_in_messages(&wanted),
         "another source"
     );
     let [clone, _] = wanted.segments() else {
         panic!("{wanted}")
     };
     let shorter = Table::new(vec![clone.clone()]).unwrap();
-    assert!(!differs_only_in_messages(&shorter, &wanted), "another size");
+    assert!(!shorter.differs_only_in_messages(&wanted), "another size");
     let local = local_table(6 * MIB, dev(1), None).unwrap();
-    assert!(differs_only_in_messages(&local, &local));
-    assert!(!differs_only_in_messages(&local, &wanted));
+    assert!(local.differs_only_in_messages(&local));
+    assert!(!local.differs_only_in_messages(&wanted));
 }
 
 fn name(text: &str) -> DeviceName {
@@ -116,25 +117,9 @@ async fn a_clone_taken_over_keeps_its_table_and_is_told_only_its_switch() {
     let fake = FakeKernel::new();
     let disks = [1, 2, 3].map(|_| fake.add_block_device(16 << 11));
     let dm: &dyn Kernel = &fake;
-    let clone = |threshold: u32, hydrate: bool| {
-        let layer = CloneLayer {
-            clone_bytes: 4 * MIB,
-            region_bytes: MIB,
-            hydration_threshold: Some(threshold),
-            hydration_batch_size: Some(8),
-            hydrate,
-        };
-        let [metadata, destination, source] = disks;
-        let devices = CloneDevices {
-            metadata,
-            destination,
-            source,
-        };
-        clone_table(4 * MIB, &layer, devices).unwrap()
-    };
     let device = name("t-lower");
-    let built = clone(0, false);
-    ensure_clone(dm, &device, &built, |_| false).await.unwrap();
+    let built = arriving_clone(0, false, disks);
+    ensure_device(dm, &device, &built, |_| false).await.unwrap();
     dm.message(&device, 0, "hydration_threshold 4")
         .await
         .unwrap();
@@ -151,34 +136,33 @@ async fn a_clone_taken_over_keeps_its_table_and_is_told_only_its_switch() {
     };
     let before = switches();
 
-    ensure_clone(dm, &device, &clone(16, true), |_| false)
+    let wanted = arriving_clone(16, true, disks);
+    ensure_device(dm, &device, &wanted, |_| false)
         .await
         .unwrap();
     assert_eq!(switches(), before + 1, "{:?}", fake.journal());
     assert!(fake.journal().last().unwrap().ends_with("enable_hydration"));
     assert_eq!(fake.table_text("t-lower").unwrap(), built.to_string());
-    ensure_clone(dm, &device, &clone(16, true), |_| false)
+    ensure_device(dm, &device, &wanted, |_| false)
         .await
         .unwrap();
     assert_eq!(switches(), before + 1, "told once");
 
-    let stranger = clone_table(
-        4 * MIB,
-        &CloneLayer {
-            clone_bytes: 4 * MIB,
-            region_bytes: 2 * MIB,
-            hydration_threshold: None,
-            hydration_batch_size: None,
-            hydrate: true,
-        },
-        CloneDevices {
-            metadata: disks[0],
-            destination: disks[1],
-            source: disks[2],
-        },
-    )
-    .unwrap();
-    let refused = ensure_clone(dm, &device, &stranger, |_| false).await;
+    let [metadata, destination, source] = disks;
+    let other_regions = CloneLayer {
+        clone_bytes: 6 * MIB,
+        region_bytes: 2 * MIB,
+        hydration_threshold: None,
+        hydration_batch_size: None,
+        hydrate: true,
+    };
+    let devices = CloneDevices {
+        metadata,
+        destination,
+        source,
+    };
+    let stranger = clone_table(6 * MIB, &other_regions, devices).unwrap();
+    let refused = ensure_device(dm, &device, &stranger, |_| false).await;
     assert!(
         matches!(refused, Err(AgentError::Conflict(_))),
         "{refused:?}"

@@ -248,6 +248,12 @@ impl Transfers {
             watch.gate.source_down = matches!(source, SourceHealth::Down { .. });
             watch.gate.moving_on = moving_on.is_some();
             self.gate_copying(transfer, watch, &status).await;
+        } else {
+            // What is copied while paused or deferred (the copies in flight
+            // at a pause, the regions writes touch) is no limit's to charge.
+            let bytes = status.hydrated_regions * transfer.region_bytes;
+            watch.limiter.seen = bytes;
+            watch.host_seen = Some(bytes);
         }
         Ok(Next::Wait)
     }
