@@ -508,7 +508,7 @@ async fn a_source_agent_killed_mid_move_releases_when_it_returns() {
         "9c9d1c3e-5f1a-4f7e-9a57-3f0c2b8f6d12",
     );
     let mut a = agent("dmctska", 4436, "0a000000-0000-4000-8000-000000000006").await;
-    let b = agent("dmctskb", 4437, "0b000000-0000-4000-8000-000000000007").await;
+    let mut b = agent("dmctskb", 4437, "0b000000-0000-4000-8000-000000000007").await;
     let mut volumes_a = a.volumes().await;
     create(&mut volumes_a, ids.volume, 64 * MIB).await.unwrap();
     let path_a = publish(&mut volumes_a, ids.volume).await.unwrap();
@@ -530,11 +530,16 @@ async fn a_source_agent_killed_mid_move_releases_when_it_returns() {
         !get_transfer(ids, &b).await.source_released,
         "the source is down: nobody acknowledged"
     );
+    // The destination, stopped while the source restarts, cannot release the
+    // volume under the check that the restart kept the export.
+    b.kill9().await;
     a.restart().await;
     assert!(
-        configfs_has(&exported.subsystem_nqn)
-            || get(&mut a.volumes().await, ids.volume).await.is_err()
+        configfs_has(&exported.subsystem_nqn),
+        "the source's restart tore down an export its destination still reads"
     );
+    get(&mut a.volumes().await, ids.volume).await.unwrap();
+    b.restart().await;
     wait_released(ids, &b).await;
     assert_eq!(
         get(&mut a.volumes().await, ids.volume)
