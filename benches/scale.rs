@@ -172,6 +172,11 @@ struct Params {
     #[arg(long = "chain-reps", value_name = "N", default_value_t = 3, value_parser = count)]
     #[arg(env = "DMCLONE_BENCH_CHAIN_REPS")]
     chain_reps: usize,
+    /// The agents' log level (e.g. debug, to time a move's steps in the
+    /// logs the chain keeps beside its results)
+    #[arg(long = "agent-log-level", value_name = "LEVEL", default_value = "info")]
+    #[arg(env = "DMCLONE_BENCH_AGENT_LOG_LEVEL")]
+    agent_log_level: String,
     /// Where <part>.json and <part>.txt go
     #[arg(long = "results-dir", value_name = "DIR", default_value = ".")]
     results: PathBuf,
@@ -419,6 +424,17 @@ impl Agent {
     }
 
     /// Kills the agent and removes the devices it made.
+    /// Copies the agent's log beside the results, where the figures it
+    /// explains (e.g. a move's steps, by their timestamps) can be read.
+    fn keep_log(&self, results: &Path) -> BenchResult<()> {
+        fs::create_dir_all(results)?;
+        fs::copy(
+            self.log(),
+            results.join(format!("agent-{}.log", self.prefix)),
+        )?;
+        Ok(())
+    }
+
     async fn remove(mut self, dm: &DeviceMapper) -> BenchResult<()> {
         self.kill9();
         common::remove_devices_with_prefix(dm, self.prefix).await

@@ -60,18 +60,29 @@ pub(crate) async fn measure(params: &Params) -> BenchResult<(Value, String)> {
         &params.agent,
         &a_pool,
         A_PREFIX,
-        source_flags(A_PORT, A_NQN, A_HOST_ID),
+        logged(params, source_flags(A_PORT, A_NQN, A_HOST_ID)),
     )
     .await?;
     let b = Agent::start_as(
         &params.agent,
         &pool,
         B_PREFIX,
-        source_flags(B_PORT, B_NQN, B_HOST_ID),
+        logged(params, source_flags(B_PORT, B_NQN, B_HOST_ID)),
     )
     .await?;
-    let c = Agent::start_as(&params.agent, &pool, C_PREFIX, host_flags(C_NQN, C_HOST_ID)).await?;
+    let c = Agent::start_as(
+        &params.agent,
+        &pool,
+        C_PREFIX,
+        logged(params, host_flags(C_NQN, C_HOST_ID)),
+    )
+    .await?;
     let measured = measure_moves(params, size, [&a, &b, &c]).await;
+    for agent in [&a, &b, &c] {
+        if let Err(err) = agent.keep_log(&params.results) {
+            eprintln!("chain: the agent's log was not kept: {err}");
+        }
+    }
     // A failed measurement says why before what its end left behind.
     let removed = [
         c.remove(&dm).await,
@@ -81,6 +92,11 @@ pub(crate) async fn measure(params: &Params) -> BenchResult<(Value, String)> {
     let report = measured?;
     removed.into_iter().collect::<BenchResult<Vec<()>>>()?;
     Ok(report)
+}
+
+fn logged(params: &Params, mut flags: Vec<String>) -> Vec<String> {
+    flags.extend(["--log-level".to_owned(), params.agent_log_level.clone()]);
+    flags
 }
 
 fn volume_of(sample: usize) -> String {

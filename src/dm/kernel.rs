@@ -323,6 +323,7 @@ impl DeviceMapper {
         let name = name.clone();
         let message = message.to_owned();
         self.blocking(move |dm| {
+            debug!(device = %name, %message, "message");
             dm.target_msg(&dev_id(&name)?, Some(sector), &message)
                 .map(|(_, reply)| reply)
                 .map_err(|err| ioctl_error("message", name.as_str(), err))

@@ -320,6 +320,7 @@ fn flush_device(path: &Path) -> Result<()> {
 fn zero_head(path: &Path) -> Result<()> {
     use std::io::Write;
     let io_error = |context| io_error(context, path);
+    tracing::debug!(device = %path.display(), "zero the first block");
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .open(path)
