@@ -580,7 +580,10 @@ impl Transfers {
             destination,
             source,
         };
-        let table = self.ctx.clone_table(volume, transfer, devices, hydrate)?;
+        // The clone copies nothing until the stack above it is up: its
+        // copying would slow each later step, every flush committing the
+        // pool it fills, and keep the volume from being presented sooner.
+        let table = self.ctx.clone_table(volume, transfer, devices, false)?;
         let clone = self.ctx.clone_device(transfer);
         let lower = self.ctx.dm.create(&clone, None, &table).await?.device;
         if transfer.era_above {
@@ -589,6 +592,9 @@ impl Transfers {
             self.ctx
                 .begin_history(volume, &crate::changes::EraDevice::public(public))
                 .await?;
+        }
+        if hydrate {
+            self.ctx.dm.message(&clone, 0, "enable_hydration").await?;
         }
         Ok(())
     }

@@ -91,11 +91,20 @@ async fn a_started_transfer_presents_the_volume_through_dm_clone() {
     );
     let table = host.kernel.table_text(&lower(&id)).unwrap();
     assert!(table.starts_with("0 16384 clone "), "{table}");
-    assert!(!table.contains("no_hydration"), "{table}");
     let above = host.kernel.table_text(&public(&id)).unwrap();
     assert!(
         above.starts_with("0 16384 era "),
         "dm-era above the clone: {above}"
+    );
+    // The clone is built idle and told to copy once the stack above it is
+    // up: its copying would slow the steps that build it.
+    assert!(table.contains("no_hydration"), "{table}");
+    let journal = host.kernel.journal();
+    let at = |entry: &str| journal.iter().position(|e| e == entry);
+    let enabled = at(&format!("message {} enable_hydration", lower(&id)));
+    assert!(
+        enabled.is_some() && at(&format!("create {}", public(&id))) < enabled,
+        "{journal:?}"
     );
     let volume = agent.volumes.get_volume(&id).await.unwrap();
     assert_eq!(volume.state, crate::volume::VolumeState::Hydrating);
@@ -152,11 +161,14 @@ async fn a_deferred_transfer_copies_nothing_until_committed() {
         .unwrap();
     assert_eq!(view.state, TransferState::Deferred);
     assert!(view.deferred, "the view says so, whatever its state");
+    let enable = format!("message {} enable_hydration", lower(&id));
     assert!(
         host.kernel
             .table_text(&lower(&id))
             .unwrap()
             .contains("no_hydration")
+            && !journal_has(&host, &enable),
+        "a deferred clone copies nothing before the commit"
     );
     let view = agent
         .transfers
