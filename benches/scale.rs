@@ -423,7 +423,6 @@ impl Agent {
             .ok_or_else(|| "the agent logged no reconcile duration".into())
     }
 
-    /// Kills the agent and removes the devices it made.
     /// Copies the agent's log beside the results, where the figures it
     /// explains (e.g. a move's steps, by their timestamps) can be read.
     fn keep_log(&self, results: &Path) -> BenchResult<()> {
@@ -435,6 +434,7 @@ impl Agent {
         Ok(())
     }
 
+    /// Kills the agent and removes the devices it made.
     async fn remove(mut self, dm: &DeviceMapper) -> BenchResult<()> {
         self.kill9();
         common::remove_devices_with_prefix(dm, self.prefix).await

@@ -100,10 +100,15 @@ async fn a_started_transfer_presents_the_volume_through_dm_clone() {
     // up: its copying would slow the steps that build it.
     assert!(table.contains("no_hydration"), "{table}");
     let journal = host.kernel.journal();
-    let at = |entry: &str| journal.iter().position(|e| e == entry);
+    let at = |entry: &str| {
+        journal
+            .iter()
+            .position(|e| e == entry)
+            .unwrap_or_else(|| panic!("no {entry:?} in {journal:?}"))
+    };
     let enabled = at(&format!("message {} enable_hydration", lower(&id)));
     assert!(
-        enabled.is_some() && at(&format!("create {}", public(&id))) < enabled,
+        at(&format!("create {}", public(&id))) < enabled,
         "{journal:?}"
     );
     let volume = agent.volumes.get_volume(&id).await.unwrap();
