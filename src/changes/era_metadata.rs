@@ -595,8 +595,9 @@ impl BlockSource for DeviceBlocks {
 
     /// The device's size by seeking to its end: for a block device that is
     /// what BLKGETSIZE64 reports, for a regular file its length, and it
-    /// needs no ioctl (the crate forbids the `unsafe` nix's ioctl wrappers
-    /// take). Reads use offsets, so the file position does not matter.
+    /// needs no ioctl (the crate keeps the `unsafe` nix's ioctl wrappers
+    /// take to one module). Reads use offsets, so the file position does
+    /// not matter.
     fn block_count(&mut self) -> io::Result<u64> {
         use std::io::Seek;
         let bytes = (&self.file).seek(io::SeekFrom::End(0))?;

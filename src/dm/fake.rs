@@ -874,6 +874,20 @@ impl Kernel for FakeKernel {
         })
     }
 
+    async fn discard(&self, name: &DeviceName, ranges: Vec<std::ops::Range<u64>>) -> Result<()> {
+        self.with("discard", name, |state| {
+            state.device(name)?;
+            let spans: Vec<String> = ranges
+                .iter()
+                .map(|range| format!("{}..{}", range.start, range.end))
+                .collect();
+            state
+                .journal
+                .push(format!("discard {name} {}", spans.join(",")));
+            Ok(())
+        })
+    }
+
     async fn zero_first_block(&self, name: &DeviceName) -> Result<()> {
         self.with("zero", name, |state| {
             let key = state.thin_key_of(name.as_str()).ok_or_else(|| {

@@ -4,7 +4,7 @@
 //! in-memory fake in [`super::fake`] lets host tests drive every state
 //! transition of the domain in seconds. The real-kernel tests stay the proof.
 
-use std::{fmt, path::Path, str::FromStr};
+use std::{fmt, ops::Range, path::Path, str::FromStr};
 
 use async_trait::async_trait;
 
@@ -104,6 +104,12 @@ pub trait Kernel: Send + Sync + fmt::Debug {
     /// answers one by committing its metadata at once, which also raises
     /// its completion event when every region is in.
     async fn flush(&self, name: &DeviceName) -> Result<()>;
+    /// Discards the byte ranges of the device (BLKDISCARD), in order. A
+    /// dm-clone marks every region a discard covers whole as hydrated
+    /// without copying it, and with `no_discard_passdown` leaves the
+    /// destination's blocks as they are: how a clone over an older copy
+    /// of its source skips the regions known to be unchanged.
+    async fn discard(&self, name: &DeviceName, ranges: Vec<Range<u64>>) -> Result<()>;
     /// The number and size in bytes of the block device at `path` (a
     /// transfer's local source).
     async fn block_device(&self, path: &Path) -> Result<(DevRef, u64), AgentError>;
@@ -270,6 +276,13 @@ impl Kernel for LiveKernel {
             .map_err(|err| Error::Other(format!("flush worker failed: {err}")))?
     }
 
+    async fn discard(&self, name: &DeviceName, ranges: Vec<Range<u64>>) -> Result<()> {
+        let path = name.mapper_path();
+        tokio::task::spawn_blocking(move || discard_ranges(&path, &ranges))
+            .await
+            .map_err(|err| Error::Other(format!("discard worker failed: {err}")))?
+    }
+
     async fn block_device(&self, path: &Path) -> Result<(DevRef, u64), AgentError> {
         let path = path.to_owned();
         tokio::task::spawn_blocking(move || block_device(&path))
@@ -314,6 +327,39 @@ fn flush_device(path: &Path) -> Result<()> {
     std::fs::File::open(path)
         .and_then(|file| file.sync_all())
         .map_err(io_error("cannot flush", path))
+}
+
+/// Discards each range of the device at `path`.
+fn discard_ranges(path: &Path, ranges: &[Range<u64>]) -> Result<()> {
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(io_error("cannot open for discarding", path))?;
+    tracing::debug!(device = %path.display(), ranges = ranges.len(), "discard");
+    for range in ranges.iter().filter(|range| !range.is_empty()) {
+        block_ioctl::discard(&file, range).map_err(|errno| {
+            io_error("cannot discard a range of", path)(std::io::Error::from(errno))
+        })?;
+    }
+    Ok(())
+}
+
+/// The one block-layer ioctl the agent issues: nix declares it, and only
+/// as an `unsafe fn`; no maintained crate offers it safely.
+#[allow(unsafe_code)]
+mod block_ioctl {
+    use std::{fs::File, ops::Range, os::fd::AsRawFd};
+
+    // BLKDISCARD is _IO(0x12, 119) in <linux/fs.h>, taking a u64 pair.
+    nix::ioctl_write_ptr_bad!(blkdiscard, nix::request_code_none!(0x12, 119), [u64; 2]);
+
+    pub(super) fn discard(file: &File, range: &Range<u64>) -> nix::Result<()> {
+        let span = [range.start, range.end - range.start];
+        // SAFETY: BLKDISCARD reads two u64 (offset, length) through the
+        // pointer, which points at `span` for the whole call, and `file`
+        // keeps the descriptor open until the call returns.
+        unsafe { blkdiscard(file.as_raw_fd(), &span) }.map(drop)
+    }
 }
 
 /// Writes zeros over the first 4 KiB and syncs them to the device.

@@ -314,3 +314,142 @@ async fn finished_clone_swaps_to_linear_under_io_without_loss() {
     );
     remove_all_with_prefix(&dm, prefix).await;
 }
+
+/// Sectors read from a loop disk since it was attached (/sys/block/*/stat).
+fn sectors_read(disk: &LoopDisk) -> u64 {
+    let name = disk
+        .path()
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let stat = std::fs::read_to_string(format!("/sys/block/{name}/stat")).unwrap();
+    stat.split_whitespace().nth(2).unwrap().parse().unwrap()
+}
+
+/// A move onto a host holding an older copy of the volume: the clone is
+/// built idle over that copy with `no_discard_passdown`, the regions known
+/// unchanged are discarded, and hydration copies only the others. Under a
+/// discard the copy's blocks stay as they were (a region that differs from
+/// the source there keeps its difference: nothing was copied), and a write
+/// made through the clone before the discards survives them.
+#[tokio::test(flavor = "multi_thread")]
+async fn discards_let_a_clone_over_an_older_copy_copy_only_the_rest() {
+    const REGION: u64 = 64 * 1024;
+    let dm = kernel();
+    let prefix = "dmct-skip";
+    remove_all_with_prefix(&dm, prefix).await;
+    let size = 16 * MIB;
+    let regions = size / REGION;
+    let (copy_seed, changed_seed, canary_seed, write_seed) = (0x01D, 0x2E7, 0xCA7, 0x3E1);
+    // The source and the older copy agree but for the changed regions, and
+    // the canary region, which only the copy holds differently.
+    let source = LoopDisk::with_pattern(size, copy_seed);
+    let dest = LoopDisk::with_pattern(size, copy_seed);
+    let changed = [3u64, 100, 200];
+    for region in changed {
+        write_at(
+            source.path(),
+            region * REGION,
+            &pattern(changed_seed, region * REGION, REGION as usize),
+        );
+    }
+    let (canary, written) = (50u64, 120u64);
+    write_at(
+        dest.path(),
+        canary * REGION,
+        &pattern(canary_seed, canary * REGION, REGION as usize),
+    );
+    let meta = LoopDisk::metadata(8 * MIB);
+    let name = name(prefix, "clone");
+    let params = CloneParams {
+        metadata: meta.dev,
+        destination: dest.dev,
+        source: source.dev,
+        region_sectors: Sectors(REGION / SECTOR),
+        hydration: false,
+        discard_passdown: false,
+        hydration_threshold: Some(THRESHOLD),
+        hydration_batch_size: Some(BATCH),
+    };
+    dm.create(&name, None, &table(source.sectors(), Target::Clone(params)))
+        .await
+        .unwrap();
+    let fixture = CloneFixture {
+        source,
+        dest,
+        _meta: meta,
+        name,
+        seed: copy_seed,
+    };
+    // A guest's 4 KiB write into a region about to be discarded: dm-clone
+    // copies that region first, then writes.
+    let write_at_offset = written * REGION + 4096;
+    write_at(
+        &fixture.name.mapper_path(),
+        write_at_offset,
+        &pattern(write_seed, write_at_offset, 4096),
+    );
+
+    let read_before = sectors_read(&fixture.source);
+    let unchanged: Vec<_> = (0..regions)
+        .filter(|region| !changed.contains(region))
+        .map(|region| region * REGION..(region + 1) * REGION)
+        .collect();
+    let agent_kernel = LiveKernel::from_parts(kernel(), EventMonitor::start().unwrap());
+    agent_kernel
+        .discard(&fixture.name, unchanged)
+        .await
+        .unwrap();
+    let status = fixture.status(&dm).await;
+    assert_eq!(
+        status.hydrated_regions,
+        regions - changed.len() as u64,
+        "every region but the changed ones is marked hydrated: {status:?}"
+    );
+
+    let events = EventMonitor::start().unwrap();
+    let seen = dm.info(&fixture.name).await.unwrap().unwrap().event_nr;
+    dm.message(&fixture.name, 0, "enable_hydration")
+        .await
+        .unwrap();
+    wait_until_hydrated(&dm, &events, &fixture, seen).await;
+    let copied = (sectors_read(&fixture.source) - read_before) * SECTOR;
+    println!(
+        "MEASURED read from the source after the discards: {copied} bytes for {} changed regions of {REGION} bytes ({} regions in all)",
+        changed.len(),
+        regions
+    );
+    assert!(
+        copied <= changed.len() as u64 * REGION,
+        "only the changed regions are copied: {copied} bytes read from the source"
+    );
+
+    let mut expected = pattern(copy_seed, 0, size as usize);
+    let mut put = |offset: u64, bytes: Vec<u8>| {
+        expected[offset as usize..offset as usize + bytes.len()].copy_from_slice(&bytes)
+    };
+    for region in changed {
+        put(
+            region * REGION,
+            pattern(changed_seed, region * REGION, REGION as usize),
+        );
+    }
+    put(
+        canary * REGION,
+        pattern(canary_seed, canary * REGION, REGION as usize),
+    );
+    put(write_at_offset, pattern(write_seed, write_at_offset, 4096));
+    for device in [fixture.name.mapper_path(), fixture.dest.path().to_owned()] {
+        let got = read_at(&device, 0, size as usize);
+        let first_difference = got.iter().zip(&expected).position(|(a, b)| a != b);
+        assert_eq!(
+            first_difference,
+            None,
+            "{} differs from the expected image (region {:?})",
+            device.display(),
+            first_difference.map(|at| at as u64 / REGION)
+        );
+    }
+    remove_all_with_prefix(&dm, prefix).await;
+}
