@@ -351,7 +351,11 @@ impl Agent {
             }
             if let Ok(channel) = connect_unix(&self.socket()).await {
                 let mut client = VolumesClient::new(channel);
-                if client.list_volumes(ListVolumesRequest {}).await.is_ok() {
+                if client
+                    .list_volumes(ListVolumesRequest::default())
+                    .await
+                    .is_ok()
+                {
                     return Ok(());
                 }
             }
@@ -470,7 +474,7 @@ async fn list_once(agent: &Agent, count: usize) -> BenchResult<f64> {
     let mut client = agent.client().await?;
     let started = Instant::now();
     let listed = client
-        .list_volumes(ListVolumesRequest {})
+        .list_volumes(ListVolumesRequest::default())
         .await?
         .into_inner();
     let took = started.elapsed().as_secs_f64();

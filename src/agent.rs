@@ -297,15 +297,21 @@ fn watch_pool_events(ctx: &Arc<Context>) {
                 }
                 let Some(ctx) = weak.upgrade() else { return };
                 match ctx.pool.usage().await {
-                    Ok(usage) if usage.low_space => warn!(
-                        pool = %name,
-                        health = usage.health.as_str(),
-                        data_used = usage.data_used_bytes,
-                        data_total = usage.data_total_bytes,
-                        metadata_used = usage.metadata_used_bytes,
-                        metadata_total = usage.metadata_total_bytes,
-                        "the thin pool reached its low-space mark: new allocations are refused"
-                    ),
+                    Ok(usage) if usage.low_space => {
+                        warn!(
+                            pool = %name,
+                            health = usage.health.as_str(),
+                            data_used = usage.data_used_bytes,
+                            data_total = usage.data_total_bytes,
+                            metadata_used = usage.metadata_used_bytes,
+                            metadata_total = usage.metadata_total_bytes,
+                            "the thin pool reached its low-space mark: new allocations are refused"
+                        );
+                        let volumes = crate::volume::Volumes::new(Arc::clone(&ctx));
+                        if let Err(err) = volumes.drop_warm_copies_while_low().await {
+                            warn!(pool = %name, error = %err, "cannot drop warm copies for room");
+                        }
+                    }
                     Ok(usage) => {
                         info!(pool = %name, health = usage.health.as_str(), "thin pool event")
                     }

@@ -212,6 +212,9 @@ pub struct TransferConfig {
     /// two): a volume still arriving here is exported onward only while
     /// the chain stays within this.
     pub max_chain_depth: Option<u32>,
+    /// A volume that moved away leaves its copy here, read-only, for this
+    /// long (a warm copy for a move back). 0 or unset: released copies go.
+    pub keep_source_copy_seconds: Option<u64>,
 }
 
 /// Where the thin pool lives and how full it may get.
@@ -424,6 +427,8 @@ pub struct TransferSettings {
     pub keep_finished: u32,
     /// Moves in flight along one chain of hosts, at most.
     pub max_chain_depth: u32,
+    /// How long a released copy stays as a warm copy; 0: not at all.
+    pub keep_source_copy_seconds: u64,
 }
 
 /// Measured by benches/run in the guest, 256 MiB over NVMe/TCP loopback, side
@@ -669,6 +674,7 @@ impl TransferConfig {
                 .unwrap_or(DEFAULT_KEEP_FINISHED_SECONDS),
             keep_finished: self.keep_finished.unwrap_or(DEFAULT_KEEP_FINISHED),
             max_chain_depth,
+            keep_source_copy_seconds: self.keep_source_copy_seconds.unwrap_or(0),
         })
     }
 }

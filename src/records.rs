@@ -46,6 +46,9 @@ pub enum VolumeState {
     /// Its devices did not come back at start for a reason that may pass
     /// (not a contradiction); the agent retries. Holds the reason.
     Degraded(String),
+    /// The copy a volume left here when it moved away, kept read-only for
+    /// a move back. Holds where it went and until when it is kept.
+    Warm(String),
 }
 
 impl VolumeState {
@@ -58,6 +61,7 @@ impl VolumeState {
             VolumeState::Hydrating => "hydrating",
             VolumeState::Quarantined(_) => "quarantined",
             VolumeState::Degraded(_) => "degraded",
+            VolumeState::Warm(_) => "warm",
         }
     }
 }
@@ -116,6 +120,14 @@ impl Context {
             return Err(Refusal::VolumeQuarantined {
                 volume: id.clone(),
                 why: why.clone(),
+                action,
+            }
+            .into());
+        }
+        if let Some(warm) = &record.warm {
+            return Err(Refusal::VolumeWarm {
+                volume: id.clone(),
+                left_for: warm.left_for.clone(),
                 action,
             }
             .into());
@@ -208,7 +220,13 @@ impl Context {
             (None, Some(Pending::Create)) => VolumeState::Creating,
             (None, Some(Pending::Delete)) => VolumeState::Deleting,
             (None, _) if record.transfer.is_some() => VolumeState::Hydrating,
-            (None, _) => VolumeState::Available,
+            (None, _) => match &record.warm {
+                Some(warm) => VolumeState::Warm(format!(
+                    "moved to host {} at {}; this copy is kept until {} (Unix seconds) for a move back",
+                    warm.left_for, warm.left_unix, warm.until_unix
+                )),
+                None => VolumeState::Available,
+            },
         }
     }
 
@@ -383,6 +401,7 @@ pub(crate) fn new_record(id: &VolumeId, size: u64) -> VolumeRecord {
         source_volume: None,
         tracking: None,
         on_lower: false,
+        warm: None,
     }
 }
 

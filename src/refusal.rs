@@ -134,6 +134,16 @@ pub enum Refusal {
         action: &'static str,
     },
 
+    /// The volume moved away; this host keeps only its warm copy.
+    #[error(
+        "volume {volume} moved to host {left_for}; this host keeps only a read-only copy of it for a move back, which cannot {action}; move the volume back here, or delete the copy"
+    )]
+    VolumeWarm {
+        volume: VolumeId,
+        left_for: String,
+        action: &'static str,
+    },
+
     /// A create of the volume has not finished.
     #[error("volume {volume} is still being created; repeat the create first")]
     VolumeBeingCreated { volume: VolumeId },
@@ -222,7 +232,7 @@ pub enum Refusal {
 impl Refusal {
     /// Every reason code, in the order of the variants (for documentation
     /// and tests).
-    pub const REASONS: [&'static str; 23] = [
+    pub const REASONS: [&'static str; 24] = [
         "VOLUME_PUBLISHED",
         "VOLUME_HAS_SNAPSHOTS",
         "VOLUME_EXPORTED",
@@ -236,6 +246,7 @@ impl Refusal {
         "NVME_NAMESPACE_IN_USE",
         "NVME_HOST_REJECTED",
         "VOLUME_QUARANTINED",
+        "VOLUME_WARM",
         "VOLUME_BEING_CREATED",
         "VOLUME_BEING_DELETED",
         "SNAPSHOT_PENDING",
@@ -264,6 +275,7 @@ impl Refusal {
             Refusal::NamespaceInUse { .. } => "NVME_NAMESPACE_IN_USE",
             Refusal::HostRejected { .. } => "NVME_HOST_REJECTED",
             Refusal::VolumeQuarantined { .. } => "VOLUME_QUARANTINED",
+            Refusal::VolumeWarm { .. } => "VOLUME_WARM",
             Refusal::VolumeBeingCreated { .. } => "VOLUME_BEING_CREATED",
             Refusal::VolumeBeingDeleted { .. } => "VOLUME_BEING_DELETED",
             Refusal::SnapshotPending { .. } => "SNAPSHOT_PENDING",
@@ -362,6 +374,7 @@ impl Refusal {
                 ("subsystem_nqn", subsystem_nqn.clone()),
             ],
             Refusal::VolumeQuarantined { volume: id, .. }
+            | Refusal::VolumeWarm { volume: id, .. }
             | Refusal::VolumeBeingCreated { volume: id }
             | Refusal::VolumeBeingDeleted { volume: id, .. }
             | Refusal::VolumeNotTracked { volume: id } => vec![volume(id)],
@@ -497,6 +510,11 @@ mod tests {
                 volume: volume(),
                 why: "table differs".into(),
                 action: "extend",
+            },
+            Refusal::VolumeWarm {
+                volume: volume(),
+                left_for: "nqn.h".into(),
+                action: "publish",
             },
             Refusal::VolumeBeingCreated { volume: volume() },
             Refusal::VolumeBeingDeleted {

@@ -78,6 +78,20 @@ pub struct VolumeRecord {
     /// until the public device is next made.
     #[serde(default, skip_serializing_if = "is_false")]
     pub on_lower: bool,
+    /// The volume moved away and this host keeps its last copy, read-only,
+    /// for a move back (`transfer.keep_source_copy_seconds`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warm: Option<WarmCopy>,
+}
+
+/// The copy a volume left behind when it moved away: never written again,
+/// unexported, unpublished, dropped at `until_unix`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WarmCopy {
+    /// The host the volume left for (its NQN).
+    pub left_for: String,
+    pub left_unix: i64,
+    pub until_unix: i64,
 }
 
 fn is_false(value: &bool) -> bool {

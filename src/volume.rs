@@ -10,7 +10,7 @@
 
 use std::{path::PathBuf, sync::Arc};
 
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::{
     context::Context,
@@ -19,7 +19,7 @@ use crate::{
     ids::VolumeId,
     records::{new_record, not_found},
     refusal::Refusal,
-    store::{Pending, VolumeRecord},
+    store::{Pending, VolumeRecord, WarmCopy},
 };
 
 pub use crate::records::{Outcome, Volume, VolumeState};
@@ -174,6 +174,83 @@ impl Volumes {
         Ok(())
     }
 
+    /// Drops the warm copies kept past their time; returns how many.
+    pub async fn drop_expired_warm_copies(&self, now: i64) -> Result<usize, AgentError> {
+        let mut dropped = 0;
+        for (_, id) in self.warm_copies().await? {
+            let expired = |warm: &WarmCopy| warm.until_unix <= now;
+            if self
+                .drop_warm_copy_if(&id, expired, "past its keeping")
+                .await
+            {
+                dropped += 1;
+            }
+        }
+        Ok(dropped)
+    }
+
+    /// The pool reached its low-space mark: warm copies go first, oldest
+    /// first, until it is below the mark again. Returns how many went.
+    pub async fn drop_warm_copies_while_low(&self) -> Result<usize, AgentError> {
+        let mut dropped = 0;
+        for (_, id) in self.warm_copies().await? {
+            if !self.ctx.pool.usage().await?.low_space {
+                break;
+            }
+            if self
+                .drop_warm_copy_if(&id, |_| true, "for room: the pool is low on space")
+                .await
+            {
+                dropped += 1;
+            }
+        }
+        Ok(dropped)
+    }
+
+    /// Every warm copy's id, oldest first, but those with snapshots: they
+    /// stay as long as their snapshots do.
+    async fn warm_copies(&self) -> Result<Vec<(i64, VolumeId)>, AgentError> {
+        let records = self.ctx.store_call(|store| store.volumes()).await?;
+        let snapshots = self.ctx.snapshots_of(None).await?;
+        let mut copies: Vec<_> = records
+            .into_iter()
+            .filter(|record| !snapshots.iter().any(|s| s.volume_id == record.id.as_str()))
+            .filter_map(|record| Some((record.warm?.left_unix, record.id)))
+            .collect();
+        copies.sort();
+        Ok(copies)
+    }
+
+    /// Deletes the volume if it is still a warm copy that `drop` accepts
+    /// once its lock is held (a move back may have taken it meanwhile);
+    /// whether it went.
+    async fn drop_warm_copy_if(
+        &self,
+        id: &VolumeId,
+        drop: impl Fn(&WarmCopy) -> bool,
+        why: &'static str,
+    ) -> bool {
+        let _held = self.ctx.locks.lock(id.as_str()).await;
+        let record = match self.ctx.record(id).await {
+            Ok(Some(record)) if record.warm.as_ref().is_some_and(&drop) => record,
+            Ok(_) => return false,
+            Err(err) => {
+                warn!(volume = %id, error = %err, "cannot read a warm copy's record");
+                return false;
+            }
+        };
+        match self.delete_locked(id, record).await {
+            Ok(()) => {
+                info!(volume = %id, why, "dropped a warm copy");
+                true
+            }
+            Err(err) => {
+                warn!(volume = %id, why, error = %err, "cannot drop a warm copy; trying again later");
+                false
+            }
+        }
+    }
+
     pub async fn extend_volume(
         &self,
         id: &VolumeId,
@@ -234,10 +311,12 @@ impl Volumes {
         self.ctx.describe(&record).await
     }
 
-    pub async fn list_volumes(&self) -> Result<Vec<Volume>, AgentError> {
+    /// Every volume of this host; warm copies (of volumes that moved away)
+    /// only when asked for.
+    pub async fn list_volumes(&self, include_warm: bool) -> Result<Vec<Volume>, AgentError> {
         let records = self.ctx.store_call(|store| store.volumes()).await?;
         let mut volumes = Vec::with_capacity(records.len());
-        for record in &records {
+        for record in records.iter().filter(|r| include_warm || r.warm.is_none()) {
             volumes.push(self.ctx.describe(record).await?);
         }
         Ok(volumes)

@@ -511,7 +511,7 @@ class DMCloneDriver(driver.VolumeDriver):
         holders = []
         for name, agent in sorted(self._agents.items()):
             try:
-                agent.get_volume(volume.name_id)
+                found = agent.get_volume(volume.name_id)
             except client.AgentNotFound:
                 continue
             except exception.CinderException as err:
@@ -520,6 +520,9 @@ class DMCloneDriver(driver.VolumeDriver):
                     '%(err)s',
                     {'host': name, 'id': volume.id, 'err': err},
                 )
+                continue
+            if found.state == volume_pb2.VOLUME_STATE_WARM:
+                # The copy the volume left behind when it moved away.
                 continue
             holders.append(name)
         arriving = {

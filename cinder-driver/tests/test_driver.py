@@ -497,6 +497,14 @@ class VolumeTestCase(base.DriverTestCase):
         self._held_only_by()
         self.assertIsNone(self.driver.get_pool(volume))
 
+    def test_get_pool_passes_over_a_warm_copy_left_behind(self):
+        volume = self.volume(pool=None)
+        self._held_only_by('hv1', 'hv2')
+        self.agents['hv1'].get_volume.return_value = volume_pb2.Volume(
+            state=volume_pb2.VOLUME_STATE_WARM
+        )
+        self.assertEqual('hv2', self.driver.get_pool(volume))
+
     def test_get_pool_during_a_move_follows_the_hydration(self):
         volume = self.volume(pool=None)
         self._held_only_by('hv1', 'hv2')

@@ -74,6 +74,7 @@ fn volume_state(state: &VolumeState) -> pb::VolumeState {
         VolumeState::Quarantined(_) => pb::VolumeState::Quarantined,
         VolumeState::Degraded(_) => pb::VolumeState::Degraded,
         VolumeState::Hydrating => pb::VolumeState::Hydrating,
+        VolumeState::Warm(_) => pb::VolumeState::Warm,
     }
 }
 
@@ -88,6 +89,7 @@ pub fn volume_state_name(state: pb::VolumeState) -> &'static str {
         pb::VolumeState::Quarantined => VolumeState::Quarantined(String::new()),
         pb::VolumeState::Degraded => VolumeState::Degraded(String::new()),
         pb::VolumeState::Hydrating => VolumeState::Hydrating,
+        pb::VolumeState::Warm => VolumeState::Warm(String::new()),
     };
     state.as_str()
 }
@@ -136,7 +138,9 @@ pub fn volume(volume: Volume) -> pb::Volume {
         source_volume_id: volume.source_volume.map(String::from).unwrap_or_default(),
         change_tracking: volume.change_tracking,
         state_reason: match volume.state {
-            VolumeState::Quarantined(reason) | VolumeState::Degraded(reason) => reason,
+            VolumeState::Quarantined(reason)
+            | VolumeState::Degraded(reason)
+            | VolumeState::Warm(reason) => reason,
             _ => String::new(),
         },
     }

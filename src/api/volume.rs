@@ -130,14 +130,14 @@ impl pb::volumes_server::Volumes for VolumesApi {
         &self,
         request: Request<pb::ListVolumesRequest>,
     ) -> Result<Response<pb::ListVolumesResponse>, Status> {
-        let (metadata, _) = parts(request);
+        let (metadata, request) = parts(request);
         handle(
             &self.agent,
             "ListVolumes",
             &metadata,
             "",
             |agent| async move {
-                let volumes = agent.volumes.list_volumes().await?;
+                let volumes = agent.volumes.list_volumes(request.include_warm).await?;
                 Ok(pb::ListVolumesResponse {
                     volumes: volumes.into_iter().map(convert::volume).collect(),
                 })

@@ -24,7 +24,7 @@ use crate::{
     },
     records::unix_now,
     refusal::Refusal,
-    store::{ExportRecord, VolumeRecord},
+    store::{ExportRecord, VolumeRecord, WarmCopy},
     transfer::{
         Transfers,
         token::{ReleaseToken, TOKENS_KEPT},
@@ -374,10 +374,18 @@ impl Exports {
     ) -> Result<(), AgentError> {
         let host = Nqn::parse("host_nqn", host_nqn)?;
         let _held = self.ctx.locks.lock(id.as_str()).await;
-        let Some(record) = self.ctx.record(id).await? else {
+        let Some(mut record) = self.ctx.record(id).await? else {
             info!(volume = %id, "release of an absent volume: already released");
             return Ok(());
         };
+        if record
+            .warm
+            .as_ref()
+            .is_some_and(|warm| warm.left_for == host.as_str())
+        {
+            info!(volume = %id, "release of a warm copy: already released");
+            return Ok(());
+        }
         let not_for_transfer = |why| Refusal::ExportNotForTransfer {
             volume: id.clone(),
             why,
@@ -410,8 +418,22 @@ impl Exports {
         self.remove_export(id).await?;
         failpoint::hit("release.after_unexport");
         // The record keeps its export (and its tokens) until the delete
-        // removes it, so a release cut short here is repeated with the
-        // same token.
+        // removes it or the copy turns warm, so a release cut short here is
+        // repeated with the same token.
+        let keep_seconds = self.ctx.settings.transfer.keep_source_copy_seconds;
+        if keep_seconds > 0 && record.tracking.is_some() {
+            let now = unix_now();
+            let until = now.saturating_add(i64::try_from(keep_seconds).unwrap_or(i64::MAX));
+            record.export = None;
+            record.warm = Some(WarmCopy {
+                left_for: host.as_str().to_owned(),
+                left_unix: now,
+                until_unix: until,
+            });
+            self.ctx.put(&record).await?;
+            info!(volume = %id, host = %host, until_unix = until, "released: the volume now lives on the destination; this host keeps a warm copy");
+            return Ok(());
+        }
         self.volumes.delete_locked(id, record).await?;
         info!(volume = %id, host = %host, "released: the volume now lives on the destination only");
         Ok(())

@@ -135,18 +135,23 @@ impl Transfers {
         }
     }
 
-    /// Forgets finished transfers now and then, for as long as the agent
-    /// lives.
+    /// Forgets finished transfers, and drops warm copies past their
+    /// keeping, now and then, for as long as the agent lives.
     pub(crate) fn spawn_forgetting(&self) {
         let weak = Arc::downgrade(&self.ctx);
         self.ctx.background.spawn(async move {
             loop {
                 let Some(ctx) = weak.upgrade() else { return };
+                let now = crate::records::unix_now();
+                let volumes = crate::volume::Volumes::new(Arc::clone(&ctx));
+                if let Err(err) = volumes.drop_expired_warm_copies(now).await {
+                    warn!(error = %err, "cannot drop expired warm copies; trying again later");
+                }
                 let transfers = Transfers::new(ctx);
-                if let Err(err) = transfers.forget_finished(crate::records::unix_now()).await {
+                if let Err(err) = transfers.forget_finished(now).await {
                     warn!(error = %err, "cannot forget finished transfers; trying again later");
                 }
-                drop(transfers);
+                drop((volumes, transfers));
                 tokio::time::sleep(SWEEP_EVERY).await;
             }
         });

@@ -69,14 +69,18 @@ impl Transfers {
             return self.start_again(existing, &request).await;
         }
         if let Some(volume) = self.ctx.record(&request.volume).await? {
-            return Err(AgentError::AlreadyExists {
-                what: "volume",
-                id: volume.id.to_string(),
-                detail: match &volume.transfer {
-                    Some(other) => format!("here, arriving by transfer {other}"),
-                    None => "on this host, where a copy of it stays (e.g. one kept for its snapshots): a volume cannot move onto its own copy".into(),
-                },
-            });
+            if volume.warm.is_some() {
+                self.drop_warm_copy(volume).await?;
+            } else {
+                return Err(AgentError::AlreadyExists {
+                    what: "volume",
+                    id: volume.id.to_string(),
+                    detail: match &volume.transfer {
+                        Some(other) => format!("here, arriving by transfer {other}"),
+                        None => "on this host, where a copy of it stays (e.g. one kept for its snapshots): a volume cannot move onto its own copy".into(),
+                    },
+                });
+            }
         }
         let mut source = source_record(&request.source);
         let (source_dev, source_bytes) = self.ctx.attach_source(&source, &request.volume).await?;
@@ -169,6 +173,17 @@ impl Transfers {
         self.spawn_monitor(transfer.id.clone(), hydrate);
         self.spawn_claim(&transfer);
         Ok(self.ctx.transfer_view(&transfer))
+    }
+
+    /// A move back onto a host that kept a warm copy copies the whole
+    /// volume: the copy goes first (its space is counted for the move).
+    async fn drop_warm_copy(&self, copy: VolumeRecord) -> Result<(), AgentError> {
+        let id = copy.id.clone();
+        crate::volume::Volumes::new(Arc::clone(&self.ctx))
+            .delete_locked(&id, copy)
+            .await?;
+        info!(volume = %id, "the volume moves back here: its warm copy was dropped, the move copies it whole");
+        Ok(())
     }
 
     /// A local source must lie outside this agent's storage: not one of its
@@ -506,6 +521,7 @@ impl Transfers {
             source_volume: None,
             tracking,
             on_lower: era_above,
+            warm: None,
         };
         let transfer = TransferRecord {
             id: request.transfer.clone(),

@@ -375,7 +375,7 @@ async fn a_start_cut_anywhere_is_rolled_back_at_the_next_start() {
             "{point}"
         );
         assert!(
-            agent.volumes.list_volumes().await.unwrap().is_empty(),
+            agent.volumes.list_volumes(false).await.unwrap().is_empty(),
             "{point}"
         );
         assert!(host.kernel.thin_ids("dmt-pool").is_empty(), "{point}");

@@ -325,3 +325,5 @@ mod chain_tests;
 mod lifecycle_tests;
 #[cfg(test)]
 mod move_tests;
+#[cfg(test)]
+mod warm_tests;

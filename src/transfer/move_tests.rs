@@ -483,13 +483,22 @@ fn nvme_request(n: u32, volume: &VolumeId, endpoint: &str) -> StartRequest {
 pub(super) async fn arriving_over_nvme(
     host: &TestHost,
 ) -> (std::sync::Arc<crate::agent::Agent>, VolumeId, TransferId) {
-    host.fabric.offer(SOURCE_SUBSYSTEM, 8 * MIB);
     let agent = host.start().await.unwrap();
+    let (id, transfer) = start_arriving(host, &agent).await.unwrap();
+    (agent, id, transfer)
+}
+
+/// Volume 1 starts arriving on `agent` over NVMe/TCP from another agent.
+pub(super) async fn start_arriving(
+    host: &TestHost,
+    agent: &crate::agent::Agent,
+) -> Result<(VolumeId, TransferId), AgentError> {
+    host.fabric.offer(SOURCE_SUBSYSTEM, 8 * MIB);
     let id = volume_id(1);
     let request = nvme_request(1, &id, "unix:/run/source-agent.sock");
     let transfer = request.transfer.clone();
-    agent.transfers.start_transfer(request).await.unwrap();
-    (agent, id, transfer)
+    agent.transfers.start_transfer(request).await?;
+    Ok((id, transfer))
 }
 
 #[tokio::test]

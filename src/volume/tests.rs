@@ -116,7 +116,7 @@ async fn bad_sizes_are_refused_and_change_nothing() {
             "{size}: {refused:?}"
         );
     }
-    assert!(agent.volumes.list_volumes().await.unwrap().is_empty());
+    assert!(agent.volumes.list_volumes(false).await.unwrap().is_empty());
     assert!(thin_ids(&host).is_empty());
 }
 
@@ -240,7 +240,7 @@ async fn a_create_the_kernel_rejects_leaves_nothing_behind() {
     assert!(agent.volumes.create_volume(&id, 4 * MIB).await.is_err());
     assert!(roles(&host, 1).is_empty());
     assert!(thin_ids(&host).is_empty());
-    assert!(agent.volumes.list_volumes().await.unwrap().is_empty());
+    assert!(agent.volumes.list_volumes(false).await.unwrap().is_empty());
     agent.volumes.create_volume(&id, 4 * MIB).await.unwrap();
 }
 
@@ -262,7 +262,7 @@ async fn a_create_cut_anywhere_is_rolled_back_at_the_next_start() {
         let agent = host.restart(agent).await.unwrap();
         assert_eq!(agent.reconcile_report().rolled_back, 1, "{point}");
         assert!(
-            agent.volumes.list_volumes().await.unwrap().is_empty(),
+            agent.volumes.list_volumes(false).await.unwrap().is_empty(),
             "{point}"
         );
         assert!(roles(&host, 1).is_empty(), "{point}: {:?}", host.devices());
@@ -290,7 +290,7 @@ async fn a_delete_cut_anywhere_is_finished_at_the_next_start() {
         let agent = host.restart(agent).await.unwrap();
         assert_eq!(agent.reconcile_report().finished, 1, "{point}");
         assert!(
-            agent.volumes.list_volumes().await.unwrap().is_empty(),
+            agent.volumes.list_volumes(false).await.unwrap().is_empty(),
             "{point}"
         );
         assert!(roles(&host, 1).is_empty(), "{point}");

@@ -87,6 +87,9 @@ struct Args {
     /// Moves in flight along one chain of hosts, at most [config: transfer.max_chain_depth].
     #[arg(long, value_name = "N")]
     transfer_max_chain_depth: Option<u32>,
+    /// Seconds a volume that moved away leaves its copy here, read-only, for a move back; 0: not at all [config: transfer.keep_source_copy_seconds].
+    #[arg(long, value_name = "SECONDS")]
+    transfer_keep_source_copy_seconds: Option<u64>,
     /// Address other hosts reach this one's NVMe/TCP exports at [config: nvme.export_address].
     #[arg(long, value_name = "IP")]
     nvme_export_address: Option<String>,
@@ -205,6 +208,10 @@ impl Args {
         set(
             &mut config.transfer.max_bytes_per_second,
             &self.transfer_max_bytes_per_second,
+        );
+        set(
+            &mut config.transfer.keep_source_copy_seconds,
+            &self.transfer_keep_source_copy_seconds,
         );
         set(
             &mut config.transfer.max_chain_depth,

@@ -87,7 +87,7 @@ pub async fn delete(client: &mut VolumesClient<Channel>, id: &str) -> Result<(),
 
 pub async fn list(client: &mut VolumesClient<Channel>) -> BTreeMap<String, Volume> {
     client
-        .list_volumes(ListVolumesRequest {})
+        .list_volumes(ListVolumesRequest::default())
         .await
         .expect("list volumes")
         .into_inner()

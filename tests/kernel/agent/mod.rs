@@ -18,3 +18,4 @@ mod scale;
 mod snapshots;
 mod tls;
 mod transfer;
+mod warm;

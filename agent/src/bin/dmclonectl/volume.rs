@@ -19,7 +19,11 @@ use crate::{Failure, output};
 #[derive(Debug, Subcommand)]
 pub enum VolumeCommand {
     /// Every volume with its size, allocation and state.
-    List,
+    List {
+        /// Also the warm copies of volumes that moved away.
+        #[arg(long)]
+        all: bool,
+    },
     /// One volume.
     Show { id: String },
     /// Create an empty volume (SIZE like 10G; rounded up to whole MiB).
@@ -80,9 +84,9 @@ pub enum VolumeCommand {
 pub async fn run(channel: Channel, command: VolumeCommand, as_json: bool) -> Result<(), Failure> {
     let mut client = VolumesClient::new(channel.clone());
     match command {
-        VolumeCommand::List => {
+        VolumeCommand::List { all } => {
             let volumes = client
-                .list_volumes(ListVolumesRequest {})
+                .list_volumes(ListVolumesRequest { include_warm: all })
                 .await?
                 .into_inner()
                 .volumes;

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x64mclone/v1/volume.proto\x12\ndmclone.v1\"\xfd\x01\n\x06Volume\x12\x11\n\tvolume_id\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x04\x12&\n\x05state\x18\x03 \x01(\x0e\x32\x17.dmclone.v1.VolumeState\x12\x13\n\x0b\x64\x65vice_path\x18\x04 \x01(\t\x12\x11\n\tpublished\x18\x05 \x01(\x08\x12\x17\n\x0f\x61llocated_bytes\x18\x06 \x01(\x04\x12\x1a\n\x12source_snapshot_id\x18\x07 \x01(\t\x12\x18\n\x10source_volume_id\x18\x08 \x01(\t\x12\x17\n\x0f\x63hange_tracking\x18\t \x01(\x08\x12\x14\n\x0cstate_reason\x18\n \x01(\t\"r\n\x13\x43reateVolumeRequest\x12\x11\n\tvolume_id\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x04\x12\x1a\n\x12source_snapshot_id\x18\x03 \x01(\t\x12\x18\n\x10source_volume_id\x18\x04 \x01(\t\"(\n\x13\x44\x65leteVolumeRequest\x12\x11\n\tvolume_id\x18\x01 \x01(\t\"\x16\n\x14\x44\x65leteVolumeResponse\"@\n\x13\x45xtendVolumeRequest\x12\x11\n\tvolume_id\x18\x01 \x01(\t\x12\x16\n\x0enew_size_bytes\x18\x02 \x01(\x04\"%\n\x10GetVolumeRequest\x12\x11\n\tvolume_id\x18\x01 \x01(\t\"\x14\n\x12ListVolumesRequest\":\n\x13ListVolumesResponse\x12#\n\x07volumes\x18\x01 \x03(\x0b\x32\x12.dmclone.v1.Volume\")\n\x14PublishVolumeRequest\x12\x11\n\tvolume_id\x18\x01 \x01(\t\",\n\x15PublishVolumeResponse\x12\x13\n\x0b\x64\x65vice_path\x18\x01 \x01(\t\"+\n\x16UnpublishVolumeRequest\x12\x11\n\tvolume_id\x18\x01 \x01(\t\"\x19\n\x17UnpublishVolumeResponse*\xd2\x01\n\x0bVolumeState\x12\x1c\n\x18VOLUME_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15VOLUME_STATE_CREATING\x10\x01\x12\x1a\n\x16VOLUME_STATE_AVAILABLE\x10\x02\x12\x1a\n\x16VOLUME_STATE_HYDRATING\x10\x03\x12\x19\n\x15VOLUME_STATE_DELETING\x10\x04\x12\x1c\n\x18VOLUME_STATE_QUARANTINED\x10\x05\x12\x19\n\x15VOLUME_STATE_DEGRADED\x10\x06\x32\xa7\x04\n\x07Volumes\x12\x43\n\x0c\x43reateVolume\x12\x1f.dmclone.v1.CreateVolumeRequest\x1a\x12.dmclone.v1.Volume\x12Q\n\x0c\x44\x65leteVolume\x12\x1f.dmclone.v1.DeleteVolumeRequest\x1a .dmclone.v1.DeleteVolumeResponse\x12\x43\n\x0c\x45xtendVolume\x12\x1f.dmclone.v1.ExtendVolumeRequest\x1a\x12.dmclone.v1.Volume\x12=\n\tGetVolume\x12\x1c.dmclone.v1.GetVolumeRequest\x1a\x12.dmclone.v1.Volume\x12N\n\x0bListVolumes\x12\x1e.dmclone.v1.ListVolumesRequest\x1a\x1f.dmclone.v1.ListVolumesResponse\x12T\n\rPublishVolume\x12 .dmclone.v1.PublishVolumeRequest\x1a!.dmclone.v1.PublishVolumeResponse\x12Z\n\x0fUnpublishVolume\x12\".dmclone.v1.UnpublishVolumeRequest\x1a#.dmclone.v1.UnpublishVolumeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x64mclone/v1/volume.proto\x12\ndmclone.v1\"\xfd\x01\n\x06Volume\x12\x11\n\tvolume_id\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x04\x12&\n\x05state\x18\x03 \x01(\x0e\x32\x17.dmclone.v1.VolumeState\x12\x13\n\x0b\x64\x65vice_path\x18\x04 \x01(\t\x12\x11\n\tpublished\x18\x05 \x01(\x08\x12\x17\n\x0f\x61llocated_bytes\x18\x06 \x01(\x04\x12\x1a\n\x12source_snapshot_id\x18\x07 \x01(\t\x12\x18\n\x10source_volume_id\x18\x08 \x01(\t\x12\x17\n\x0f\x63hange_tracking\x18\t \x01(\x08\x12\x14\n\x0cstate_reason\x18\n \x01(\t\"r\n\x13\x43reateVolumeRequest\x12\x11\n\tvolume_id\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x04\x12\x1a\n\x12source_snapshot_id\x18\x03 \x01(\t\x12\x18\n\x10source_volume_id\x18\x04 \x01(\t\"(\n\x13\x44\x65leteVolumeRequest\x12\x11\n\tvolume_id\x18\x01 \x01(\t\"\x16\n\x14\x44\x65leteVolumeResponse\"@\n\x13\x45xtendVolumeRequest\x12\x11\n\tvolume_id\x18\x01 \x01(\t\x12\x16\n\x0enew_size_bytes\x18\x02 \x01(\x04\"%\n\x10GetVolumeRequest\x12\x11\n\tvolume_id\x18\x01 \x01(\t\"*\n\x12ListVolumesRequest\x12\x14\n\x0cinclude_warm\x18\x01 \x01(\x08\":\n\x13ListVolumesResponse\x12#\n\x07volumes\x18\x01 \x03(\x0b\x32\x12.dmclone.v1.Volume\")\n\x14PublishVolumeRequest\x12\x11\n\tvolume_id\x18\x01 \x01(\t\",\n\x15PublishVolumeResponse\x12\x13\n\x0b\x64\x65vice_path\x18\x01 \x01(\t\"+\n\x16UnpublishVolumeRequest\x12\x11\n\tvolume_id\x18\x01 \x01(\t\"\x19\n\x17UnpublishVolumeResponse*\xe9\x01\n\x0bVolumeState\x12\x1c\n\x18VOLUME_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15VOLUME_STATE_CREATING\x10\x01\x12\x1a\n\x16VOLUME_STATE_AVAILABLE\x10\x02\x12\x1a\n\x16VOLUME_STATE_HYDRATING\x10\x03\x12\x19\n\x15VOLUME_STATE_DELETING\x10\x04\x12\x1c\n\x18VOLUME_STATE_QUARANTINED\x10\x05\x12\x19\n\x15VOLUME_STATE_DEGRADED\x10\x06\x12\x15\n\x11VOLUME_STATE_WARM\x10\x07\x32\xa7\x04\n\x07Volumes\x12\x43\n\x0c\x43reateVolume\x12\x1f.dmclone.v1.CreateVolumeRequest\x1a\x12.dmclone.v1.Volume\x12Q\n\x0c\x44\x65leteVolume\x12\x1f.dmclone.v1.DeleteVolumeRequest\x1a .dmclone.v1.DeleteVolumeResponse\x12\x43\n\x0c\x45xtendVolume\x12\x1f.dmclone.v1.ExtendVolumeRequest\x1a\x12.dmclone.v1.Volume\x12=\n\tGetVolume\x12\x1c.dmclone.v1.GetVolumeRequest\x1a\x12.dmclone.v1.Volume\x12N\n\x0bListVolumes\x12\x1e.dmclone.v1.ListVolumesRequest\x1a\x1f.dmclone.v1.ListVolumesResponse\x12T\n\rPublishVolume\x12 .dmclone.v1.PublishVolumeRequest\x1a!.dmclone.v1.PublishVolumeResponse\x12Z\n\x0fUnpublishVolume\x12\".dmclone.v1.UnpublishVolumeRequest\x1a#.dmclone.v1.UnpublishVolumeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dmclone_cinder._proto.dmclone.v1.volume_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_VOLUMESTATE']._serialized_start=826
-  _globals['_VOLUMESTATE']._serialized_end=1036
+  _globals['_VOLUMESTATE']._serialized_start=848
+  _globals['_VOLUMESTATE']._serialized_end=1081
   _globals['_VOLUME']._serialized_start=40
   _globals['_VOLUME']._serialized_end=293
   _globals['_CREATEVOLUMEREQUEST']._serialized_start=295
@@ -46,17 +46,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETVOLUMEREQUEST']._serialized_start=543
   _globals['_GETVOLUMEREQUEST']._serialized_end=580
   _globals['_LISTVOLUMESREQUEST']._serialized_start=582
-  _globals['_LISTVOLUMESREQUEST']._serialized_end=602
-  _globals['_LISTVOLUMESRESPONSE']._serialized_start=604
-  _globals['_LISTVOLUMESRESPONSE']._serialized_end=662
-  _globals['_PUBLISHVOLUMEREQUEST']._serialized_start=664
-  _globals['_PUBLISHVOLUMEREQUEST']._serialized_end=705
-  _globals['_PUBLISHVOLUMERESPONSE']._serialized_start=707
-  _globals['_PUBLISHVOLUMERESPONSE']._serialized_end=751
-  _globals['_UNPUBLISHVOLUMEREQUEST']._serialized_start=753
-  _globals['_UNPUBLISHVOLUMEREQUEST']._serialized_end=796
-  _globals['_UNPUBLISHVOLUMERESPONSE']._serialized_start=798
-  _globals['_UNPUBLISHVOLUMERESPONSE']._serialized_end=823
-  _globals['_VOLUMES']._serialized_start=1039
-  _globals['_VOLUMES']._serialized_end=1590
+  _globals['_LISTVOLUMESREQUEST']._serialized_end=624
+  _globals['_LISTVOLUMESRESPONSE']._serialized_start=626
+  _globals['_LISTVOLUMESRESPONSE']._serialized_end=684
+  _globals['_PUBLISHVOLUMEREQUEST']._serialized_start=686
+  _globals['_PUBLISHVOLUMEREQUEST']._serialized_end=727
+  _globals['_PUBLISHVOLUMERESPONSE']._serialized_start=729
+  _globals['_PUBLISHVOLUMERESPONSE']._serialized_end=773
+  _globals['_UNPUBLISHVOLUMEREQUEST']._serialized_start=775
+  _globals['_UNPUBLISHVOLUMEREQUEST']._serialized_end=818
+  _globals['_UNPUBLISHVOLUMERESPONSE']._serialized_start=820
+  _globals['_UNPUBLISHVOLUMERESPONSE']._serialized_end=845
+  _globals['_VOLUMES']._serialized_start=1084
+  _globals['_VOLUMES']._serialized_end=1635
 # @@protoc_insertion_point(module_scope)
