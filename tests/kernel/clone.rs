@@ -31,6 +31,13 @@ const REGION_SECTORS: u64 = 8;
 const THRESHOLD: u32 = 1024;
 const BATCH: u32 = 256;
 
+/// How a fixture's clone is built.
+struct Shape {
+    region_sectors: u64,
+    hydration: bool,
+    discard_passdown: bool,
+}
+
 struct CloneFixture {
     source: LoopDisk,
     dest: LoopDisk,
@@ -43,16 +50,32 @@ impl CloneFixture {
     async fn create(dm: &DeviceMapper, prefix: &str, size: u64, hydration: bool) -> Self {
         let seed = 0xC10E;
         let source = LoopDisk::with_pattern(size, seed);
-        let dest = LoopDisk::new(size);
+        let shape = Shape {
+            region_sectors: REGION_SECTORS,
+            hydration,
+            discard_passdown: true,
+        };
+        Self::over(dm, prefix, source, LoopDisk::new(size), shape, seed).await
+    }
+
+    /// A clone of `source` onto `dest` (whatever it holds already).
+    async fn over(
+        dm: &DeviceMapper,
+        prefix: &str,
+        source: LoopDisk,
+        dest: LoopDisk,
+        shape: Shape,
+        seed: u64,
+    ) -> Self {
         let meta = LoopDisk::metadata(8 * MIB);
         let name = name(prefix, "clone");
         let params = CloneParams {
             metadata: meta.dev,
             destination: dest.dev,
             source: source.dev,
-            region_sectors: Sectors(REGION_SECTORS),
-            hydration,
-            discard_passdown: true,
+            region_sectors: Sectors(shape.region_sectors),
+            hydration: shape.hydration,
+            discard_passdown: shape.discard_passdown,
             hydration_threshold: Some(THRESHOLD),
             hydration_batch_size: Some(BATCH),
         };
@@ -360,28 +383,12 @@ async fn discards_let_a_clone_over_an_older_copy_copy_only_the_rest() {
         canary * REGION,
         &pattern(canary_seed, canary * REGION, REGION as usize),
     );
-    let meta = LoopDisk::metadata(8 * MIB);
-    let name = name(prefix, "clone");
-    let params = CloneParams {
-        metadata: meta.dev,
-        destination: dest.dev,
-        source: source.dev,
-        region_sectors: Sectors(REGION / SECTOR),
+    let shape = Shape {
+        region_sectors: REGION / SECTOR,
         hydration: false,
         discard_passdown: false,
-        hydration_threshold: Some(THRESHOLD),
-        hydration_batch_size: Some(BATCH),
     };
-    dm.create(&name, None, &table(source.sectors(), Target::Clone(params)))
-        .await
-        .unwrap();
-    let fixture = CloneFixture {
-        source,
-        dest,
-        _meta: meta,
-        name,
-        seed: copy_seed,
-    };
+    let fixture = CloneFixture::over(&dm, prefix, source, dest, shape, copy_seed).await;
     // A guest's 4 KiB write into a region about to be discarded: dm-clone
     // copies that region first, then writes.
     let write_at_offset = written * REGION + 4096;
