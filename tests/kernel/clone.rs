@@ -338,18 +338,6 @@ async fn finished_clone_swaps_to_linear_under_io_without_loss() {
     remove_all_with_prefix(&dm, prefix).await;
 }
 
-/// Sectors read from a loop disk since it was attached (/sys/block/*/stat).
-fn sectors_read(disk: &LoopDisk) -> u64 {
-    let name = disk
-        .path()
-        .file_name()
-        .unwrap()
-        .to_string_lossy()
-        .into_owned();
-    let stat = std::fs::read_to_string(format!("/sys/block/{name}/stat")).unwrap();
-    stat.split_whitespace().nth(2).unwrap().parse().unwrap()
-}
-
 /// A move onto a host holding an older copy of the volume: the clone is
 /// built idle over that copy with `no_discard_passdown`, the regions known
 /// unchanged are discarded, and hydration copies only the others. Under a
@@ -398,7 +386,7 @@ async fn discards_let_a_clone_over_an_older_copy_copy_only_the_rest() {
         &pattern(write_seed, write_at_offset, 4096),
     );
 
-    let read_before = sectors_read(&fixture.source);
+    let read_before = block_stat(fixture.source.dev)[2];
     let unchanged: Vec<_> = (0..regions)
         .filter(|region| !changed.contains(region))
         .map(|region| region * REGION..(region + 1) * REGION)
@@ -421,7 +409,7 @@ async fn discards_let_a_clone_over_an_older_copy_copy_only_the_rest() {
         .await
         .unwrap();
     wait_until_hydrated(&dm, &events, &fixture, seen).await;
-    let copied = (sectors_read(&fixture.source) - read_before) * SECTOR;
+    let copied = (block_stat(fixture.source.dev)[2] - read_before) * SECTOR;
     println!(
         "MEASURED read from the source after the discards: {copied} bytes for {} changed regions of {REGION} bytes ({} regions in all)",
         changed.len(),

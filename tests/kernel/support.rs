@@ -216,6 +216,16 @@ fn splitmix(mut x: u64) -> u64 {
     x ^ (x >> 31)
 }
 
+/// The counters of a block device's `/sys/dev/block/<major>:<minor>/stat`:
+/// reads completed, reads merged, sectors read, time reading, writes...
+pub fn block_stat(dev: DevRef) -> Vec<u64> {
+    let stat = std::fs::read_to_string(format!("/sys/dev/block/{}:{}/stat", dev.major, dev.minor))
+        .unwrap();
+    stat.split_whitespace()
+        .map(|field| field.parse().unwrap())
+        .collect()
+}
+
 pub fn write_at(path: &Path, offset: u64, data: &[u8]) {
     let mut file = OpenOptions::new()
         .write(true)

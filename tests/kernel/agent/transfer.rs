@@ -1266,13 +1266,6 @@ async fn a_source_on_the_agents_own_storage_is_refused() {
     agent.destroy().await;
 }
 
-/// Reads completed by a block device, from sysfs.
-fn reads_of(dev: dmclone::dm::table::DevRef) -> u64 {
-    let stat = std::fs::read_to_string(format!("/sys/dev/block/{}:{}/stat", dev.major, dev.minor))
-        .unwrap();
-    stat.split_whitespace().next().unwrap().parse().unwrap()
-}
-
 /// The source's path names another device when the agent comes back (as a
 /// reboot may rename disks): the transfer is DEGRADED saying so and reads
 /// nothing of that device; once the path names the source again, the move
@@ -1317,7 +1310,7 @@ async fn a_source_path_naming_another_device_is_never_copied() {
     dm.create(&source_name, Some("DMCTEST-source-b"), &over(&disk_b))
         .await
         .unwrap();
-    let reads_before = reads_of(disk_b.dev);
+    let reads_before = block_stat(disk_b.dev)[0];
     agent.restart().await;
     let mut client = TransfersClient::new(agent.channel().await);
     let degraded = transfer(&mut client).await;
@@ -1330,7 +1323,7 @@ async fn a_source_path_naming_another_device_is_never_copied() {
     assert_eq!(dm.info(&lower).await.unwrap(), None, "no clone");
     assert_eq!(dm.info(&name(prefix, VOLUME)).await.unwrap(), None);
     assert_eq!(
-        reads_of(disk_b.dev),
+        block_stat(disk_b.dev)[0],
         reads_before,
         "nothing read from the other disk"
     );

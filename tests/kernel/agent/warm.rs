@@ -5,17 +5,29 @@
 
 use std::path::Path;
 
-use dmclone::api::proto::v1::{ListVolumesRequest, VolumeState};
+use dmclone::api::proto::v1::{Export, ListVolumesRequest, VolumeState};
 use tonic::Code;
 
 use super::{
     api::{create, get, publish, unpublish},
+    fixture::AgentProcess,
     moves::{
-        agent, agent_with, configfs_has, export, fill, host_nqn, ids, public, start_move_with,
+        Ids, agent, agent_with, configfs_has, export, fill, host_nqn, ids, public, start_move_with,
         wait_released,
     },
 };
 use crate::support::*;
+
+/// Moves the volume from `from` to `to` and waits until `from` let go;
+/// returns `from`'s export.
+async fn move_between(ids: Ids, from: &AgentProcess, to: &AgentProcess) -> Export {
+    let exported = export(ids, from, to).await.unwrap();
+    start_move_with(ids, from, &exported, to, false, None)
+        .await
+        .unwrap();
+    wait_released(ids, to).await;
+    exported
+}
 
 const VOLUME: &str = "5a7e0c1d-2b3c-4d5e-8f60-7a8b9c0d1e2f";
 
@@ -38,14 +50,10 @@ async fn a_volume_that_moved_away_leaves_a_warm_copy_until_it_moves_back() {
     let left_behind = sha256_of(Path::new(&path), 64 * MIB);
     unpublish(&mut volumes_a, VOLUME).await.unwrap();
 
-    let exported = export(away, &a, &b).await.unwrap();
-    start_move_with(away, &a, &exported, &b, false, None)
-        .await
-        .unwrap();
-    wait_released(away, &b).await;
+    let exported = move_between(away, &a, &b).await;
 
     let b_nqn = host_nqn(&b).await;
-    let check_warm = async |a: &super::fixture::AgentProcess| {
+    let check_warm = async |a: &AgentProcess| {
         let mut volumes = a.volumes().await;
         let copy = get(&mut volumes, VOLUME).await.unwrap();
         assert_eq!(copy.state(), VolumeState::Warm, "{copy:?}");
@@ -82,11 +90,7 @@ async fn a_volume_that_moved_away_leaves_a_warm_copy_until_it_moves_back() {
     let moved_back = sha256_of(&on_b, 64 * MIB);
     let mut volumes_b = b.volumes().await;
     unpublish(&mut volumes_b, VOLUME).await.unwrap();
-    let exported = export(back, &b, &a).await.unwrap();
-    start_move_with(back, &b, &exported, &a, false, None)
-        .await
-        .unwrap();
-    wait_released(back, &a).await;
+    move_between(back, &b, &a).await;
     let volume = get(&mut a.volumes().await, VOLUME).await.unwrap();
     assert_eq!(volume.state(), VolumeState::Available, "{volume:?}");
     assert_eq!(sha256_of(&public(back, &a), 64 * MIB), moved_back);
