@@ -95,6 +95,10 @@ pub struct CloneLayer {
     pub hydration_batch_size: Option<u32>,
     /// Background hydration on (off while a move is deferred or paused).
     pub hydrate: bool,
+    /// Discards reach the destination. Off when the destination holds an
+    /// older copy whose unchanged regions are discarded on the clone to
+    /// mark them held: passed down, they would erase those very regions.
+    pub discard_passdown: bool,
 }
 
 /// The devices dm-clone stacks.
@@ -122,7 +126,7 @@ pub fn clone_table(
             source: devices.source,
             region_sectors: sectors(layer.region_bytes),
             hydration: layer.hydrate,
-            discard_passdown: true,
+            discard_passdown: layer.discard_passdown,
             hydration_threshold: layer.hydration_threshold,
             hydration_batch_size: layer.hydration_batch_size,
         }),

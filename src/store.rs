@@ -113,6 +113,19 @@ pub struct ChangeTracking {
     /// (the content came from a snapshot, a revert or another host). `None`
     /// until dm-era next runs over the volume, which fixes it.
     pub known_from_era: Option<u32>,
+    /// Where this history began: the volume arrived here from that node,
+    /// which held it under that history tag. What changed since is what
+    /// this history saw, so a return trip there copies only that. `None`
+    /// for a history that began here (made here, reverted, restarted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<HistoryOrigin>,
+}
+
+/// A node and the history tag a volume had there.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryOrigin {
+    pub node_id: String,
+    pub history: u32,
 }
 
 /// A volume exported to the one host it moves to.
@@ -138,6 +151,19 @@ pub struct ExportRecord {
     /// second time), which must stay while the export does.
     #[serde(default, skip_serializing_if = "is_false")]
     pub serves_lower: bool,
+    /// For a move: the volume's history as it was when exported, if it
+    /// began with a copy on another node. The export restarts the history
+    /// (writes through it would go unseen), but dm-era counts on, so a
+    /// return trip to that node still learns what changed since.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub history_before: Option<HistoryBefore>,
+}
+
+/// Where a history began and dm-era's first era of it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryBefore {
+    pub origin: HistoryOrigin,
+    pub from_era: u32,
 }
 
 impl ExportRecord {
@@ -285,6 +311,23 @@ pub struct TransferRecord {
     /// copy is dropped and the source released.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub passed_on_to: Option<String>,
+    /// The volume came back onto the copy it left here (a warm copy): the
+    /// clone's destination is that copy's thin device, and regions the
+    /// source says are unchanged are not copied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub return_trip: Option<ReturnTrip>,
+}
+
+/// What a return trip knows of the copy it lands on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReturnTrip {
+    /// The copy's history tag: the volume's history when it left.
+    pub history: u32,
+    /// The copy's size: regions beyond it are copied.
+    pub copy_bytes: u64,
+    /// Bytes of the regions marked as held without copying; `None` until
+    /// the source answered what changed.
+    pub skipped_bytes: Option<u64>,
 }
 
 /// Where a transfer copies from.
@@ -368,17 +411,27 @@ impl TransferRecord {
     /// our claim of its export, and the token that proves it. `None` where
     /// nobody can be asked or it confirmed.
     pub fn export_to_claim(&self) -> Option<(&str, &ReleaseToken)> {
+        self.source_agent()
+            .filter(|_| !self.export_claimed && !self.phase.is_finished())
+    }
+
+    /// Bytes a return trip marked held without copying (0 for any other).
+    pub fn skipped_bytes(&self) -> u64 {
+        self.return_trip
+            .as_ref()
+            .and_then(|trip| trip.skipped_bytes)
+            .unwrap_or(0)
+    }
+
+    /// The source agent's endpoint and the export's release token, for a
+    /// source that is another agent's export.
+    pub fn source_agent(&self) -> Option<(&str, &ReleaseToken)> {
         match &self.source {
             SourceRecord::NvmeTcp {
                 agent_endpoint,
                 release_token: Some(token),
                 ..
-            } if !agent_endpoint.is_empty()
-                && !self.export_claimed
-                && !self.phase.is_finished() =>
-            {
-                Some((agent_endpoint, token))
-            }
+            } if !agent_endpoint.is_empty() => Some((agent_endpoint, token)),
             _ => None,
         }
     }
@@ -863,6 +916,7 @@ mod tests {
             metadata_bytes: 17 << 20,
             block_bytes: 64 << 10,
             known_from_era: Some(0),
+            origin: None,
         });
         let a = store.insert_volume_with_new_thin_id(tracked).unwrap();
         let b = store.insert_volume_with_new_thin_id(record(B)).unwrap();

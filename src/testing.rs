@@ -12,7 +12,9 @@ use crate::{
     ids::VolumeId,
     nvme::fake::FakeFabric,
     pool::backing::Backing,
-    transfer::release::{ReleaseFuture, ReleaseRequest, SourceAction, SourceReleaser},
+    transfer::release::{
+        ReleaseFuture, ReleaseRequest, ReturnTripDelta, SourceAction, SourceAnswer, SourceReleaser,
+    },
 };
 
 pub const MIB: u64 = 1 << 20;
@@ -127,8 +129,11 @@ impl Default for TestHost {
 pub struct SourceAgents {
     asked: std::sync::Mutex<Vec<ReleaseRequest>>,
     answering: std::sync::atomic::AtomicBool,
-    /// What a claim is answered with: where the volume comes from.
+    /// What a claim is answered with: where the volume comes from, the
+    /// history tag there, and what a return trip asked.
     upstream: std::sync::Mutex<Vec<String>>,
+    history: std::sync::Mutex<Option<u32>>,
+    return_trip: std::sync::Mutex<Option<ReturnTripDelta>>,
 }
 
 impl SourceAgents {
@@ -136,6 +141,16 @@ impl SourceAgents {
     pub fn answer_claims_with(&self, upstream: &[&str]) {
         *self.upstream.lock().unwrap_or_else(|p| p.into_inner()) =
             upstream.iter().map(|host| (*host).to_owned()).collect();
+    }
+
+    /// Claims say the volume has history tag `history` at the source.
+    pub fn answer_history(&self, history: u32) {
+        *self.history.lock().unwrap_or_else(|p| p.into_inner()) = Some(history);
+    }
+
+    /// Claims that ask for a return trip are answered with `delta`.
+    pub fn answer_return_trips_with(&self, delta: ReturnTripDelta) {
+        *self.return_trip.lock().unwrap_or_else(|p| p.into_inner()) = Some(delta);
     }
 
     /// Source agents answer from now on.
@@ -180,12 +195,21 @@ impl SourceReleaser for SourceAgents {
         let answering = self.answering.load(std::sync::atomic::Ordering::SeqCst);
         let volume = request.volume_id.clone();
         let answer = match request.action {
-            SourceAction::Claim => self
-                .upstream
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone(),
-            _ => Vec::new(),
+            SourceAction::Claim => SourceAnswer {
+                upstream: self
+                    .upstream
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone(),
+                history: *self.history.lock().unwrap_or_else(|p| p.into_inner()),
+                return_trip: request.return_trip.as_ref().and_then(|_| {
+                    self.return_trip
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .clone()
+                }),
+            },
+            _ => SourceAnswer::default(),
         };
         Box::pin(async move {
             if answering {

@@ -337,6 +337,7 @@ impl Rig {
             hydration_threshold: knobs.threshold,
             hydration_batch_size: knobs.batch,
             hydrate: true,
+            discard_passdown: true,
         };
         let devices = CloneDevices {
             metadata: self.clone_meta.dev,

@@ -3,9 +3,15 @@
 use crate::{
     agent::NodeInfo,
     api::proto::v1 as pb,
+    config::validate_region,
+    error::AgentError,
     pool::PoolUsage,
     snapshot::SnapshotState,
-    transfer::{TransferState, TransferView},
+    store::HistoryOrigin,
+    transfer::{
+        TransferState, TransferView,
+        release::{ReturnTripAsk, ReturnTripDelta, SourceAnswer},
+    },
     volume::{Volume, VolumeState},
 };
 
@@ -120,6 +126,86 @@ pub fn transfer(view: TransferView) -> pb::Transfer {
         source: view.source,
         upstream: view.upstream,
         passed_on_to: view.passed_on_to.unwrap_or_default(),
+        bytes_skipped: view.bytes_skipped,
+    }
+}
+
+/// A return trip's question as the domain takes it, checked: a peer may
+/// send anything.
+pub fn return_trip_ask(ask: pb::ReturnTripAsk) -> Result<ReturnTripAsk, AgentError> {
+    let invalid = |field, reason: String| AgentError::InvalidArgument { field, reason };
+    if ask.origin_node_id.is_empty() || ask.origin_node_id.len() > 64 {
+        return Err(invalid(
+            "return_trip.origin_node_id",
+            "must be the asking node's id (1 to 64 characters)".into(),
+        ));
+    }
+    if ask.origin_history == 0 {
+        return Err(invalid(
+            "return_trip.origin_history",
+            "must be the copy's history tag (never 0)".into(),
+        ));
+    }
+    validate_region("return_trip.region_bytes", ask.region_bytes)
+        .map_err(|err| invalid("return_trip.region_bytes", err.to_string()))?;
+    Ok(ReturnTripAsk {
+        origin: HistoryOrigin {
+            node_id: ask.origin_node_id,
+            history: ask.origin_history,
+        },
+        region_bytes: ask.region_bytes,
+    })
+}
+
+pub fn return_trip_ask_message(ask: &ReturnTripAsk) -> pb::ReturnTripAsk {
+    pb::ReturnTripAsk {
+        origin_node_id: ask.origin.node_id.clone(),
+        origin_history: ask.origin.history,
+        region_bytes: ask.region_bytes,
+    }
+}
+
+pub fn claim_response(answer: SourceAnswer) -> pb::ClaimExportResponse {
+    pb::ClaimExportResponse {
+        upstream: answer.upstream,
+        history: answer.history.unwrap_or(0),
+        return_trip: answer.return_trip.map(|delta| match delta {
+            ReturnTripDelta::Changed(ranges) => pb::ReturnTripDelta {
+                changed: ranges
+                    .into_iter()
+                    .map(|range| pb::Extent {
+                        offset_bytes: range.start,
+                        length_bytes: range.end - range.start,
+                    })
+                    .collect(),
+                whole_copy_reason: String::new(),
+            },
+            ReturnTripDelta::WholeCopy(reason) => pb::ReturnTripDelta {
+                changed: Vec::new(),
+                whole_copy_reason: reason,
+            },
+        }),
+    }
+}
+
+/// A claim's answer in the domain's terms; history tag 0 is "none".
+pub fn source_answer(answer: pb::ClaimExportResponse) -> SourceAnswer {
+    SourceAnswer {
+        upstream: answer.upstream,
+        history: (answer.history != 0).then_some(answer.history),
+        return_trip: answer.return_trip.map(|delta| {
+            if delta.whole_copy_reason.is_empty() {
+                ReturnTripDelta::Changed(
+                    delta
+                        .changed
+                        .iter()
+                        .map(|e| e.offset_bytes..e.offset_bytes.saturating_add(e.length_bytes))
+                        .collect(),
+                )
+            } else {
+                ReturnTripDelta::WholeCopy(delta.whole_copy_reason)
+            }
+        }),
     }
 }
 

@@ -3,6 +3,7 @@
 
 use crate::{
     api::{
+        convert,
         proto::v1::{
             ClaimExportRequest, ReleaseVolumeRequest, UnexportVolumeRequest,
             transfers_client::TransfersClient,
@@ -49,7 +50,7 @@ async fn release_volume(request: &ReleaseRequest) -> Result<SourceAnswer, AgentE
                 release_token: token,
             })
             .await
-            .map(|_| Vec::new()),
+            .map(|_| SourceAnswer::default()),
         SourceAction::Withdraw => {
             let withdrawn = client
                 .unexport_volume(UnexportVolumeRequest {
@@ -60,8 +61,10 @@ async fn release_volume(request: &ReleaseRequest) -> Result<SourceAnswer, AgentE
                 .await;
             match withdrawn {
                 // The volume is gone from the source: nothing is exported.
-                Err(status) if status.code() == tonic::Code::NotFound => Ok(Vec::new()),
-                other => other.map(|_| Vec::new()),
+                Err(status) if status.code() == tonic::Code::NotFound => {
+                    Ok(SourceAnswer::default())
+                }
+                other => other.map(|_| SourceAnswer::default()),
             }
         }
         SourceAction::Claim => client
@@ -69,9 +72,13 @@ async fn release_volume(request: &ReleaseRequest) -> Result<SourceAnswer, AgentE
                 volume_id: request.volume_id.clone(),
                 host_nqn: request.host_nqn.clone(),
                 release_token: token,
+                return_trip: request
+                    .return_trip
+                    .as_ref()
+                    .map(convert::return_trip_ask_message),
             })
             .await
-            .map(|answer| answer.into_inner().upstream),
+            .map(|answer| convert::source_answer(answer.into_inner())),
     };
     answer.map_err(|status| {
         let reason = format!(
@@ -112,6 +119,7 @@ mod tests {
             source: SourceAgent::Unix(socket),
             action: SourceAction::Release,
             token: None,
+            return_trip: None,
             volume_id: "00000000-0000-4000-8000-000000000001".into(),
             host_nqn: "nqn.2014-08.org.nvmexpress:uuid:00000000-0000-4000-9000-000000000001".into(),
         };

@@ -248,17 +248,19 @@ impl pb::transfers_server::Transfers for TransfersApi {
         &self,
         request: Request<pb::ClaimExportRequest>,
     ) -> Result<Response<pb::ClaimExportResponse>, Status> {
+        let ask = request.get_ref().return_trip.clone();
         let request = request.map(|r| (r.volume_id, r.host_nqn, r.release_token));
         self.on_destination_call(
             "ClaimExport",
             access::DestinationAct::Claim,
             request,
             |agent, id, host, token| async move {
+                let ask = ask.map(convert::return_trip_ask).transpose()?;
                 agent
                     .exports
-                    .claim_export(&id, &host, token.as_ref())
+                    .claim_export(&id, &host, token.as_ref(), ask.as_ref())
                     .await
-                    .map(|upstream| pb::ClaimExportResponse { upstream })
+                    .map(convert::claim_response)
             },
         )
         .await

@@ -162,7 +162,28 @@ impl Changes {
         let mut record = self.ctx.ready_record(id, "report changed blocks").await?;
         let since_era = self.era_of(id, since).await?;
         let era = self.ctx.era_device(&mut record).await?;
-        let result = self.read_changes(&record, &era, since_era).await;
+        let result = self
+            .read_changes(&record, &era, Asked::Era(since_era))
+            .await;
+        self.ctx.release_era_device(era).await;
+        result
+    }
+
+    /// Every extent written since dm-era's own era `since_kernel`, under
+    /// whatever history tag: for a caller that knows dm-era saw every write
+    /// from there on (a return trip: the volume's history before its export
+    /// for the move, see `ExportRecord::history_before`).
+    pub(crate) async fn written_since_kernel_era(
+        &self,
+        id: &VolumeId,
+        since_kernel: u32,
+    ) -> Result<ChangedBlocks, AgentError> {
+        let _held = self.ctx.locks.lock(id.as_str()).await;
+        let mut record = self.ctx.ready_record(id, "say what changed").await?;
+        let era = self.ctx.era_device_while_exported(&mut record).await?;
+        let result = self
+            .read_changes(&record, &era, Asked::KernelEra(since_kernel))
+            .await;
         self.ctx.release_era_device(era).await;
         result
     }
@@ -202,13 +223,20 @@ impl Changes {
         &self,
         record: &VolumeRecord,
         era: &EraDevice,
-        since_era: u64,
+        asked: Asked,
     ) -> Result<ChangedBlocks, AgentError> {
         let id = record.id.clone();
         let tracking = tracking_of(record)?;
         let status: EraStatus = self.ctx.dm.status_of(&era.name, 0).await?;
-        let since_kernel = kernel_era(&id, tracking, since_era)?;
-        check_answerable(&id, tracking, since_kernel, status.current_era)?;
+        let (since_era, since_kernel, known_from) = match asked {
+            Asked::Era(era) => (
+                era,
+                kernel_era(&id, tracking, era)?,
+                tracking.known_from_era,
+            ),
+            Asked::KernelEra(era) => (0, era, Some(era)),
+        };
+        check_answerable(&id, tracking, since_kernel, status.current_era, known_from)?;
         if status.held_root.is_some() {
             // Left by a call that died half-way; only the agent takes one.
             warn!(volume = %id, "dropping a metadata snapshot left from an interrupted call");
@@ -263,12 +291,22 @@ fn tracking_of(record: &VolumeRecord) -> Result<&ChangeTracking, AgentError> {
     }
 }
 
+/// Where a changed-blocks question starts.
+#[derive(Debug, Clone, Copy)]
+enum Asked {
+    /// An era as callers write it, within the volume's history.
+    Era(u64),
+    /// dm-era's own era, from which the asker knows dm-era saw every write.
+    KernelEra(u32),
+}
+
 /// Refuses a question the history cannot answer.
 fn check_answerable(
     id: &VolumeId,
     tracking: &ChangeTracking,
     since_era: u32,
     current_era: u32,
+    known_from: Option<u32>,
 ) -> Result<(), AgentError> {
     if since_era > current_era {
         return Err(AgentError::InvalidArgument {
@@ -280,7 +318,7 @@ fn check_answerable(
             ),
         });
     }
-    match tracking.known_from_era {
+    match known_from {
         Some(start) if since_era >= start => Ok(()),
         start => Err(Refusal::EraBeforeHistory {
             volume: id.clone(),
@@ -345,6 +383,7 @@ pub(crate) fn restart_history(record: &mut VolumeRecord) {
     if let Some(tracking) = record.tracking.as_mut() {
         tracking.history = new_history_tag(Some(tracking.history));
         tracking.known_from_era = None;
+        tracking.origin = None;
     }
 }
 
@@ -434,6 +473,7 @@ mod tests {
             metadata_bytes: 32 * MIB,
             block_bytes: 64 << 10,
             known_from_era,
+            origin: None,
         }
     }
 
@@ -506,9 +546,9 @@ mod tests {
     #[test]
     fn questions_before_the_history_or_after_now_are_refused() {
         let id = VolumeId::parse("0b9d1c3e-5f1a-4f7e-9a57-3f0c2b8f6d11").unwrap();
-        assert!(check_answerable(&id, &tracking(Some(0)), 0, 5).is_ok());
-        assert!(check_answerable(&id, &tracking(Some(3)), 3, 5).is_ok());
-        let early = check_answerable(&id, &tracking(Some(3)), 2, 5).unwrap_err();
+        assert!(check_answerable(&id, &tracking(Some(0)), 0, 5, Some(0)).is_ok());
+        assert!(check_answerable(&id, &tracking(Some(3)), 3, 5, Some(3)).is_ok());
+        let early = check_answerable(&id, &tracking(Some(3)), 2, 5, Some(3)).unwrap_err();
         assert!(
             matches!(early, AgentError::Refused(Refusal::EraBeforeHistory { .. })),
             "{early}"
@@ -519,9 +559,9 @@ mod tests {
                 .contains(&format!("known from era {}", 7u64 << 32 | 3)),
             "{early}"
         );
-        let unknown = check_answerable(&id, &tracking(None), 0, 5).unwrap_err();
+        let unknown = check_answerable(&id, &tracking(None), 0, 5, None).unwrap_err();
         assert!(unknown.to_string().contains("not yet started"), "{unknown}");
-        let future = check_answerable(&id, &tracking(Some(0)), 6, 5).unwrap_err();
+        let future = check_answerable(&id, &tracking(Some(0)), 6, 5, Some(0)).unwrap_err();
         assert!(
             matches!(future, AgentError::InvalidArgument { field: "era", .. }),
             "{future}"

@@ -32,6 +32,7 @@ impl Context {
             metadata_bytes: era_metadata_bytes(self.settings.max_volume_size, block_bytes),
             block_bytes,
             known_from_era,
+            origin: None,
         })
     }
 
@@ -176,26 +177,49 @@ impl Context {
         &self,
         record: &mut VolumeRecord,
     ) -> Result<EraDevice, AgentError> {
-        let id = record.id.clone();
+        // The lasting reason first: a volume without tracking never answers.
         tracking_of(record)?;
-        if let Some(transfer) = &record.transfer
-            && !record.on_lower
-        {
-            return Err(Refusal::VolumeArriving {
-                volume: id,
-                transfer: transfer.clone(),
-                hint: "changed-block tracking starts when the transfer finishes",
-            }
-            .into());
-        }
         if let Some(export) = &record.export {
             return Err(Refusal::VolumeExported {
-                volume: id,
+                volume: record.id.clone(),
                 host_nqn: export.host_nqn.clone(),
                 hint: "writes arriving over NVMe/TCP bypass change tracking, so none is answered while it is exported; ask again from a checkpoint taken after it is unexported",
             }
             .into());
         }
+        let era = self.era_device_while_exported(record).await?;
+        if let Err(err) = self.note_history_start(record, &era).await {
+            self.release_era_device(era).await;
+            return Err(err);
+        }
+        Ok(era)
+    }
+
+    /// The volume's dm-era even while it is exported for a move, for what
+    /// dm-era saw before the export (see `ExportRecord::history_before`).
+    /// No new history begins here: none does while an export lasts.
+    pub(crate) async fn era_device_while_exported(
+        &self,
+        record: &mut VolumeRecord,
+    ) -> Result<EraDevice, AgentError> {
+        tracking_of(record)?;
+        if let Some(transfer) = &record.transfer
+            && !record.on_lower
+        {
+            return Err(Refusal::VolumeArriving {
+                volume: record.id.clone(),
+                transfer: transfer.clone(),
+                hint: "changed-block tracking starts when the transfer finishes",
+            }
+            .into());
+        }
+        self.open_era_device(record).await
+    }
+
+    /// The public device when it is up (or kept up by a transfer), else a
+    /// probe over the thin device.
+    async fn open_era_device(&self, record: &mut VolumeRecord) -> Result<EraDevice, AgentError> {
+        let id = record.id.clone();
         let era = if record.transfer.is_some() {
             // dm-era above the clone: the transfer keeps the stack up.
             EraDevice::public(self.naming.public(&id))
@@ -210,10 +234,6 @@ impl Context {
             self.dm.create(&name, None, &table).await?;
             EraDevice { name, probe: true }
         };
-        if let Err(err) = self.note_history_start(record, &era).await {
-            self.release_era_device(era).await;
-            return Err(err);
-        }
         Ok(era)
     }
 

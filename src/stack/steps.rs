@@ -331,6 +331,7 @@ impl Context {
             hydration_threshold: Some(threshold),
             hydration_batch_size: Some(batch),
             hydrate,
+            discard_passdown: transfer.return_trip.is_none(),
         };
         stack::clone_table(volume.size_bytes, &layer, devices)
     }

@@ -30,6 +30,7 @@ fn an_extended_arriving_volume_maps_its_new_range_to_the_thin_device() {
         hydration_threshold: Some(16),
         hydration_batch_size: Some(8),
         hydrate: false,
+        discard_passdown: true,
     };
     let devices = CloneDevices {
         metadata: dev(3),
@@ -77,6 +78,7 @@ fn arriving_clone(
         hydration_threshold: Some(threshold),
         hydration_batch_size: Some(8),
         hydrate,
+        discard_passdown: true,
     };
     let devices = CloneDevices {
         metadata,
@@ -155,6 +157,7 @@ async fn a_clone_taken_over_keeps_its_table_and_is_told_only_its_switch() {
         hydration_threshold: None,
         hydration_batch_size: None,
         hydrate: true,
+        discard_passdown: true,
     };
     let devices = CloneDevices {
         metadata,

@@ -89,9 +89,10 @@ async fn an_arriving_volume_moves_on_once_it_knows_its_chain() {
     let token = onward.release_token.unwrap();
     let chain = agent
         .exports
-        .claim_export(&id, HOST_B, Some(&token))
+        .claim_export(&id, HOST_B, Some(&token), None)
         .await
-        .unwrap();
+        .unwrap()
+        .upstream;
     assert_eq!(chain, [agent.ctx.node_id.clone(), "node-a".to_owned()]);
     // Claimed: the host it moves on to copies through this one, whose own
     // copy waits (it is dropped once that host holds every byte).

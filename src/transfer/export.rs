@@ -4,6 +4,7 @@
 
 mod chain;
 mod claim;
+mod return_trip;
 
 use std::sync::Arc;
 
@@ -24,7 +25,7 @@ use crate::{
     },
     records::unix_now,
     refusal::Refusal,
-    store::{ExportRecord, VolumeRecord, WarmCopy},
+    store::{ExportRecord, HistoryBefore, VolumeRecord, WarmCopy},
     transfer::{
         Transfers,
         token::{ReleaseToken, TOKENS_KEPT},
@@ -235,6 +236,17 @@ impl Exports {
                 if let Some(token) = &token {
                     remember_token(&mut digests, token);
                 }
+                let history_before =
+                    record
+                        .tracking
+                        .as_ref()
+                        .filter(|_| for_transfer)
+                        .and_then(|t| {
+                            Some(HistoryBefore {
+                                origin: t.origin.clone()?,
+                                from_era: t.known_from_era?,
+                            })
+                        });
                 record.export = Some(ExportRecord {
                     host_nqn: host.to_string(),
                     subsystem_nqn: subsystem.to_string(),
@@ -242,6 +254,7 @@ impl Exports {
                     auth: auth.clone(),
                     claim_deadline_unix: deadline,
                     serves_lower,
+                    history_before,
                 });
                 // The export serves the thin device below dm-era: what the
                 // other host writes is never tracked, so the history ends.

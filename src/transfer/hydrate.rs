@@ -20,7 +20,9 @@ use crate::{
     ids::{ThinId, TransferId},
     refusal::Refusal,
     stack::CloneDevices,
-    store::{Change, Pending, SourceRecord, TransferPhase, TransferRecord, VolumeRecord},
+    store::{
+        Change, Pending, ReturnTrip, SourceRecord, TransferPhase, TransferRecord, VolumeRecord,
+    },
 };
 
 /// Held by a start from its room check to its records, and by an abort
@@ -68,20 +70,10 @@ impl Transfers {
         if let Some(existing) = self.ctx.transfer_record(&request.transfer).await? {
             return self.start_again(existing, &request).await;
         }
-        if let Some(volume) = self.ctx.record(&request.volume).await? {
-            if volume.warm.is_some() {
-                self.drop_warm_copy(volume).await?;
-            } else {
-                return Err(AgentError::AlreadyExists {
-                    what: "volume",
-                    id: volume.id.to_string(),
-                    detail: match &volume.transfer {
-                        Some(other) => format!("here, arriving by transfer {other}"),
-                        None => "on this host, where a copy of it stays (e.g. one kept for its snapshots): a volume cannot move onto its own copy".into(),
-                    },
-                });
-            }
-        }
+        let landing = match self.ctx.record(&request.volume).await? {
+            Some(copy) => self.land_or_drop(copy, &request, size).await?,
+            None => Landing::Empty { why_whole: None },
+        };
         let mut source = source_record(&request.source);
         let (source_dev, source_bytes) = self.ctx.attach_source(&source, &request.volume).await?;
         if let SourceRecord::Device { path, identity } = &mut source {
@@ -116,8 +108,10 @@ impl Transfers {
                     .into(),
             });
         }
-        let room = match self.ctx.check_room_for(size + metadata_bytes).await {
-            Ok(()) => self.ctx.check_room_to_hydrate(size + metadata_bytes).await,
+        // A copy landed on is counted already, and holds its blocks.
+        let needed = size - landing.copy_bytes() + metadata_bytes;
+        let room = match self.ctx.check_room_for(needed).await {
+            Ok(()) => self.ctx.check_room_to_hydrate(needed).await,
             Err(err) => Err(err),
         };
         if let Err(err) = room {
@@ -125,7 +119,16 @@ impl Transfers {
             return Err(err);
         }
         let (volume, transfer) = match self
-            .write_start_records(&request, size, source.clone(), knobs, metadata_bytes)
+            .write_start_records(
+                &request,
+                size,
+                source.clone(),
+                StartShape {
+                    knobs,
+                    metadata_bytes,
+                    landing,
+                },
+            )
             .await
         {
             Ok(records) => records,
@@ -138,9 +141,9 @@ impl Transfers {
         drop(room_held);
         failpoint::hit("transfer.after_record");
         let hydrate = !request.deferred;
-        let mut volume = volume;
+        let (mut volume, mut transfer) = (volume, transfer);
         if let Err(err) = self
-            .build_new_stack(&mut volume, &transfer, source_dev, hydrate)
+            .build_new_stack(&mut volume, &mut transfer, source_dev, hydrate)
             .await
         {
             warn!(transfer = %transfer.id, error = %err, "could not build the clone stack; rolling back");
@@ -161,7 +164,6 @@ impl Transfers {
                 .await?;
             return Err(err);
         }
-        let mut transfer = transfer;
         volume.pending = None;
         transfer.phase = if hydrate {
             TransferPhase::Hydrating
@@ -175,14 +177,47 @@ impl Transfers {
         Ok(self.ctx.transfer_view(&transfer))
     }
 
-    /// A move back onto a host that kept a warm copy copies the whole
+    /// A move onto a host that holds a record of the volume: a return trip
+    /// when that is a warm copy it can land on; else the warm copy goes
+    /// first and the move copies everything; any other copy is a conflict.
+    async fn land_or_drop(
+        &self,
+        copy: VolumeRecord,
+        request: &StartRequest,
+        size: u64,
+    ) -> Result<Landing, AgentError> {
+        if copy.warm.is_none() {
+            return Err(AgentError::AlreadyExists {
+                what: "volume",
+                id: copy.id.to_string(),
+                detail: match &copy.transfer {
+                    Some(other) => format!("here, arriving by transfer {other}"),
+                    None => "on this host, where a copy of it stays (e.g. one kept for its snapshots): a volume cannot move onto its own copy".into(),
+                },
+            });
+        }
+        match self.landing_on(&copy, request, size).await? {
+            Ok(trip) => Ok(Landing::OnCopy {
+                copy: Box::new(copy),
+                trip,
+            }),
+            Err(why) => {
+                self.drop_warm_copy(copy, &why).await?;
+                Ok(Landing::Empty {
+                    why_whole: Some(why),
+                })
+            }
+        }
+    }
+
+    /// A move back that cannot land on the warm copy copies the whole
     /// volume: the copy goes first (its space is counted for the move).
-    async fn drop_warm_copy(&self, copy: VolumeRecord) -> Result<(), AgentError> {
+    async fn drop_warm_copy(&self, copy: VolumeRecord, why: &str) -> Result<(), AgentError> {
         let id = copy.id.clone();
         crate::volume::Volumes::new(Arc::clone(&self.ctx))
             .delete_locked(&id, copy)
             .await?;
-        info!(volume = %id, "the volume moves back here: its warm copy was dropped, the move copies it whole");
+        info!(volume = %id, why, "the volume moves back here: its warm copy was dropped, the move copies it whole");
         Ok(())
     }
 
@@ -296,6 +331,9 @@ impl Transfers {
         }
         if transfer.phase != from {
             return Err(wrong_phase(&transfer, action, transfer.phase));
+        }
+        if to == TransferPhase::Hydrating {
+            self.skip_unchanged(&mut transfer).await?;
         }
         self.ctx.message_clone(&transfer, message).await?;
         transfer.phase = to;
@@ -500,11 +538,22 @@ impl Transfers {
         request: &StartRequest,
         size: u64,
         source: SourceRecord,
-        knobs: Knobs,
-        metadata_bytes: u64,
+        shape: StartShape,
     ) -> Result<(VolumeRecord, TransferRecord), AgentError> {
+        let StartShape {
+            knobs,
+            metadata_bytes,
+            landing,
+        } = shape;
         let now = crate::records::unix_now();
-        let tracking = self.ctx.new_tracking(None);
+        let mut tracking = self.ctx.new_tracking(None);
+        if let (Landing::OnCopy { copy, .. }, Some(tracking)) = (&landing, tracking.as_mut())
+            && let Some(kept) = &copy.tracking
+        {
+            // The copy's era metadata is started afresh (see build_new_stack).
+            tracking.metadata_thin_id = kept.metadata_thin_id;
+            tracking.metadata_bytes = kept.metadata_bytes;
+        }
         // dm-era goes above the clone wherever the volume tracks changes.
         let era_above = tracking.is_some();
         let volume = VolumeRecord {
@@ -547,25 +596,44 @@ impl Transfers {
             era_above,
             upstream: None,
             passed_on_to: None,
+            return_trip: landing.trip(),
+        };
+        let transfer = TransferRecord {
+            message: landing.why_whole(),
+            ..transfer
         };
         let transfer = TransferRecord {
             upstream: upstream_at_start(&transfer),
             ..transfer
         };
+        let volume = match &landing {
+            Landing::OnCopy { copy, .. } => VolumeRecord {
+                thin_id: copy.thin_id,
+                ..volume
+            },
+            Landing::Empty { .. } => volume,
+        };
+        let on_copy = matches!(landing, Landing::OnCopy { .. });
         let ids = self
             .ctx
             .store_call({
                 let (volume, transfer) = (volume.clone(), transfer.clone());
                 move |store| {
-                    let count = volume.thin_ids_needed() + 1;
-                    store.allocate_and_commit(count, |ids| {
-                        let (volume, transfer) = arriving_ids(volume, transfer, ids);
-                        Ok(vec![Change::insert(&volume)?, Change::insert(&transfer)?])
+                    let fresh = if on_copy { 0 } else { volume.thin_ids_needed() };
+                    store.allocate_and_commit(fresh + 1, |ids| {
+                        let (volume, transfer) = arriving_ids(volume, transfer, ids, on_copy);
+                        // A return trip's record replaces the warm copy's.
+                        let volume = if on_copy {
+                            Change::put(&volume)?
+                        } else {
+                            Change::insert(&volume)?
+                        };
+                        Ok(vec![volume, Change::insert(&transfer)?])
                     })
                 }
             })
             .await?;
-        Ok(arriving_ids(volume, transfer, &ids))
+        Ok(arriving_ids(volume, transfer, &ids, on_copy))
     }
 
     /// Makes the arriving stack: the clone over the source, and dm-era
@@ -573,7 +641,7 @@ impl Transfers {
     async fn build_new_stack(
         &self,
         volume: &mut VolumeRecord,
-        transfer: &TransferRecord,
+        transfer: &mut TransferRecord,
         source: DevRef,
         hydrate: bool,
     ) -> Result<(), AgentError> {
@@ -588,6 +656,15 @@ impl Transfers {
             .await?;
         failpoint::hit("transfer.after_metadata");
         let destination = self.ctx.ensure_thin_device(volume).await?;
+        if transfer.return_trip.is_some() && transfer.era_above {
+            // The copy's history ends here: dm-era formats its metadata
+            // afresh and a new history begins with the move.
+            self.ctx.ensure_era_metadata(volume).await?;
+            self.ctx
+                .dm
+                .zero_first_block(&self.ctx.naming.era_metadata(&volume.id))
+                .await?;
+        }
         if !transfer.era_above {
             self.ctx.format_era_metadata(volume, destination).await?;
         }
@@ -610,6 +687,7 @@ impl Transfers {
                 .await?;
         }
         if hydrate {
+            self.skip_unchanged(transfer).await?;
             self.ctx.dm.message(&clone, 0, "enable_hydration").await?;
         }
         Ok(())
@@ -667,16 +745,65 @@ fn wrong_phase(
 }
 
 /// Hands fresh thin ids to an arriving volume (its own, its era
-/// metadata's) and then to its transfer's clone metadata.
+/// metadata's; none when it lands on a copy, whose ids it keeps) and then
+/// to its transfer's clone metadata.
 fn arriving_ids(
     mut volume: VolumeRecord,
     mut transfer: TransferRecord,
     ids: &[ThinId],
+    on_copy: bool,
 ) -> (VolumeRecord, TransferRecord) {
     let mut ids = ids.iter().copied();
-    volume.take_thin_ids(&mut ids);
+    if !on_copy {
+        volume.take_thin_ids(&mut ids);
+    }
     transfer.metadata_thin_id = ids.next().expect("one id allocated for the clone metadata");
     (volume, transfer)
+}
+
+/// What a start lands the volume on.
+#[derive(Debug)]
+enum Landing {
+    /// Fresh thin devices; why not on a warm copy, when there was one.
+    Empty { why_whole: Option<String> },
+    /// The warm copy this host kept: a return trip.
+    OnCopy {
+        copy: Box<VolumeRecord>,
+        trip: ReturnTrip,
+    },
+}
+
+impl Landing {
+    fn copy_bytes(&self) -> u64 {
+        match self {
+            Self::OnCopy { copy, .. } => copy.size_bytes,
+            Self::Empty { .. } => 0,
+        }
+    }
+
+    fn trip(&self) -> Option<ReturnTrip> {
+        match self {
+            Self::OnCopy { trip, .. } => Some(trip.clone()),
+            Self::Empty { .. } => None,
+        }
+    }
+
+    fn why_whole(&self) -> String {
+        match self {
+            Self::Empty {
+                why_whole: Some(why),
+            } => format!("full copy: {why}"),
+            _ => String::new(),
+        }
+    }
+}
+
+/// How a start's records are shaped beyond the request.
+#[derive(Debug)]
+struct StartShape {
+    knobs: Knobs,
+    metadata_bytes: u64,
+    landing: Landing,
 }
 
 /// How long a monitor sleeps between progress reads while hydrating.

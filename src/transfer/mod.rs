@@ -24,6 +24,7 @@ pub mod phase;
 pub mod progress;
 pub mod release;
 mod releasing;
+mod return_trip;
 pub mod token;
 
 use std::{
@@ -143,6 +144,9 @@ pub struct TransferView {
     pub upstream: Vec<String>,
     /// Done by moving on: the host that holds every byte now.
     pub passed_on_to: Option<String>,
+    /// A return trip: bytes known unchanged on this host's copy, not copied
+    /// (left out of `bytes_total` and `bytes_hydrated`).
+    pub bytes_skipped: u64,
 }
 
 /// What the agent knows about a running transfer beyond its record.
@@ -268,6 +272,8 @@ pub(crate) fn view(
         (P::Aborted, _) => TransferState::Aborted,
         (P::Failed, _) => TransferState::Failed,
     };
+    // Regions a return trip skipped count as hydrated in the kernel.
+    let skipped = record.skipped_bytes().min(record.clone_bytes);
     let message = match (&degraded, &note, record.phase) {
         (Some(reason), _, P::Hydrating) => reason.clone(),
         (None, Some(note), P::Hydrating) => note.clone(),
@@ -285,8 +291,10 @@ pub(crate) fn view(
             total_regions,
             record.region_bytes,
             record.clone_bytes,
-        ),
-        bytes_total: record.clone_bytes,
+        )
+        .saturating_sub(skipped),
+        bytes_total: record.clone_bytes - skipped,
+        bytes_skipped: skipped,
         bytes_per_second: rate * record.region_bytes as f64,
         eta_seconds: eta,
         hydration_threshold: record.hydration_threshold,
@@ -325,5 +333,7 @@ mod chain_tests;
 mod lifecycle_tests;
 #[cfg(test)]
 mod move_tests;
+#[cfg(test)]
+mod return_trip_tests;
 #[cfg(test)]
 mod warm_tests;

@@ -251,7 +251,7 @@ impl Transfers {
         } else {
             // What is copied while paused or deferred (the copies in flight
             // at a pause, the regions writes touch) is no limit's to charge.
-            let bytes = status.hydrated_regions * transfer.region_bytes;
+            let bytes = copied_bytes(transfer, &status);
             watch.limiter.seen = bytes;
             watch.host_seen = Some(bytes);
         }
@@ -323,7 +323,7 @@ impl Transfers {
         status: &CloneStatus,
     ) {
         let now = Instant::now();
-        let bytes = status.hydrated_regions * transfer.region_bytes;
+        let bytes = copied_bytes(transfer, status);
         let (own, region) = (own_knobs(transfer), transfer.region_bytes);
         let own_limit = transfer.max_bytes_per_second;
         let copying = status.hydration_threshold > 0;
@@ -561,6 +561,12 @@ impl EventSource {
             }
         }
     }
+}
+
+/// What the clone has copied: its hydrated regions less those a return
+/// trip marked held without copying, which no limit is to charge.
+fn copied_bytes(transfer: &TransferRecord, status: &CloneStatus) -> u64 {
+    (status.hydrated_regions * transfer.region_bytes).saturating_sub(transfer.skipped_bytes())
 }
 
 /// How many regions a rate-limited transfer keeps in flight. A start puts

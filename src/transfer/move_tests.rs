@@ -21,7 +21,7 @@ pub(super) const HOST_A: &str =
     "nqn.2014-08.org.nvmexpress:uuid:aaaaaaaa-0000-4000-8000-000000000001";
 pub(super) const HOST_B: &str =
     "nqn.2014-08.org.nvmexpress:uuid:bbbbbbbb-0000-4000-8000-000000000002";
-const SOURCE_SUBSYSTEM: &str =
+pub(super) const SOURCE_SUBSYSTEM: &str =
     "nqn.2014-08.io.dmclone:node-src:00000000-0000-4000-8000-000000000001";
 
 fn exporting_host() -> TestHost {
@@ -461,7 +461,7 @@ pub(super) fn the_token() -> ReleaseToken {
     ReleaseToken::presented("5eed70ce5eed70ce5eed70ce5eed70ce").unwrap()
 }
 
-fn nvme_request(n: u32, volume: &VolumeId, endpoint: &str) -> StartRequest {
+pub(super) fn nvme_request(n: u32, volume: &VolumeId, endpoint: &str) -> StartRequest {
     StartRequest {
         transfer: TransferId::parse(&format!("30000000-0000-4000-8000-{n:012}")).unwrap(),
         volume: volume.clone(),
@@ -884,7 +884,7 @@ async fn an_export_for_a_move_expires_unless_its_destination_claims_it() {
     let wrong = ReleaseToken::presented(&"00".repeat(32)).unwrap();
     let denied = agent
         .exports
-        .claim_export(&claimed, HOST_A, Some(&wrong))
+        .claim_export(&claimed, HOST_A, Some(&wrong), None)
         .await;
     assert!(
         matches!(denied, Err(AgentError::PermissionDenied { .. })),
@@ -892,18 +892,18 @@ async fn an_export_for_a_move_expires_unless_its_destination_claims_it() {
     );
     let elsewhere = agent
         .exports
-        .claim_export(&claimed, HOST_B, Some(&token))
+        .claim_export(&claimed, HOST_B, Some(&token), None)
         .await;
     assert_eq!(refusal(&elsewhere), Some("VOLUME_EXPORTED_ELSEWHERE"));
     let not_a_move = agent
         .exports
-        .claim_export(&attached, HOST_A, Some(&token))
+        .claim_export(&attached, HOST_A, Some(&token), None)
         .await;
     assert_eq!(refusal(&not_a_move), Some("EXPORT_NOT_FOR_TRANSFER"));
     for _repeat in 0..2 {
         agent
             .exports
-            .claim_export(&claimed, HOST_A, Some(&token))
+            .claim_export(&claimed, HOST_A, Some(&token), None)
             .await
             .unwrap();
     }

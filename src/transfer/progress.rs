@@ -45,6 +45,12 @@ impl Progress {
         }
     }
 
+    /// Starts the rate afresh: the count jumped without copying (a return
+    /// trip marked unchanged regions held).
+    pub fn forget_rate(&mut self) {
+        self.samples.clear();
+    }
+
     /// Regions per second over the window; 0 until two samples exist.
     pub fn regions_per_second(&self) -> f64 {
         let (Some((t0, r0)), Some((t1, r1))) = (self.samples.front(), self.samples.back()) else {

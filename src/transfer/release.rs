@@ -3,9 +3,11 @@
 //! whom to ask and what; the API layer, which speaks the wire, does the
 //! asking (api::GrpcSourceReleaser), so nothing here knows gRPC.
 
-use std::{fmt, future::Future, path::PathBuf, pin::Pin};
+use std::{fmt, future::Future, ops::Range, path::PathBuf, pin::Pin};
 
-use crate::{client::ClientTls, error::AgentError, transfer::token::ReleaseToken};
+use crate::{
+    client::ClientTls, error::AgentError, store::HistoryOrigin, transfer::token::ReleaseToken,
+};
 
 /// Where the source agent of a transfer listens.
 #[derive(Debug, Clone)]
@@ -39,12 +41,40 @@ pub struct ReleaseRequest {
     pub host_nqn: String,
     /// The export's release token, which proves the right to ask.
     pub token: Option<ReleaseToken>,
+    /// With a claim: what changed since the volume left this host's copy.
+    pub return_trip: Option<ReturnTripAsk>,
+}
+
+/// A destination's question about its warm copy: which regions changed
+/// since the volume left it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReturnTripAsk {
+    /// The copy: the node that kept it and the history it was written under.
+    pub origin: HistoryOrigin,
+    /// The answer is in whole regions of this size.
+    pub region_bytes: u64,
+}
+
+/// The source's answer to a [`ReturnTripAsk`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReturnTripDelta {
+    /// Byte ranges written since, in whole regions, merged and in order;
+    /// everything else is unchanged.
+    Changed(Vec<Range<u64>>),
+    /// The history does not reach back to the copy: copy the whole volume.
+    WholeCopy(String),
 }
 
 /// What a source answers: to a claim, where the volume comes from (the
-/// source itself first, then the hosts it still copies from); to anything
-/// else, nothing.
-pub type SourceAnswer = Vec<String>;
+/// source itself first, then the hosts it still copies from), its history
+/// tag there, and what a return trip asked; to anything else, nothing.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SourceAnswer {
+    pub upstream: Vec<String>,
+    /// `None`: the volume tracks no changes there (or the source is older).
+    pub history: Option<u32>,
+    pub return_trip: Option<ReturnTripDelta>,
+}
 
 pub type ReleaseFuture<'a> =
     Pin<Box<dyn Future<Output = Result<SourceAnswer, AgentError>> + Send + 'a>>;

@@ -8,7 +8,7 @@ use tracing::{error, info, warn};
 
 use super::{
     Transfers,
-    release::{ReleaseRequest, SourceAction, SourceAgent, SourceAnswer},
+    release::{ReleaseRequest, ReturnTripAsk, SourceAction, SourceAgent, SourceAnswer},
     token::ReleaseToken,
 };
 
@@ -17,16 +17,16 @@ use crate::{
     error::AgentError,
     ids::{TransferId, VolumeId},
     refusal::Refusal,
-    store::TransferRecord,
+    store::{HistoryOrigin, TransferRecord},
 };
 
 /// A source that answers a claim without saying where the volume comes
 /// from (an agent from before chained moves) is the whole chain itself.
-fn answer_or(answer: SourceAnswer, endpoint: &str) -> SourceAnswer {
-    if answer.is_empty() {
+fn upstream_or(answer: &SourceAnswer, endpoint: &str) -> Vec<String> {
+    if answer.upstream.is_empty() {
         vec![endpoint.to_owned()]
     } else {
-        answer
+        answer.upstream.clone()
     }
 }
 
@@ -76,10 +76,12 @@ impl Transfers {
                 &transfer.volume_id,
                 SourceAction::Claim,
                 Some(token),
+                None,
             )
             .await?;
         transfer.export_claimed = true;
-        transfer.upstream = Some(answer_or(answer, &endpoint));
+        transfer.upstream = Some(upstream_or(&answer, &endpoint));
+        self.record_origin(transfer, &answer).await?;
         self.ctx.put_transfer(transfer).await?;
         info!(transfer = %transfer.id, "the source knows its export is claimed");
         Ok(())
@@ -105,7 +107,7 @@ impl Transfers {
                     return;
                 }
                 match transfers
-                    .ask_source(&endpoint, &volume, action, token.clone())
+                    .ask_source(&endpoint, &volume, action, token.clone(), None)
                     .await
                 {
                     Ok(answer) => break answer,
@@ -126,7 +128,7 @@ impl Transfers {
                 }
             };
             if let Err(err) = transfers
-                .mark_acknowledged(&id, action, answer_or(answer, &endpoint))
+                .mark_acknowledged(&id, action, &answer, &endpoint)
                 .await
             {
                 warn!(transfer = %id, error = %err, "cannot record the source's answer");
@@ -140,6 +142,7 @@ impl Transfers {
         volume: &VolumeId,
         action: SourceAction,
         token: Option<ReleaseToken>,
+        return_trip: Option<ReturnTripAsk>,
     ) -> Result<SourceAnswer, AgentError> {
         let source = match endpoint.strip_prefix("unix:") {
             Some(path) => SourceAgent::Unix(path.into()),
@@ -154,6 +157,7 @@ impl Transfers {
             volume_id: volume.to_string(),
             host_nqn: self.ctx.nvme.host_nqn.to_string(),
             token,
+            return_trip,
         };
         self.ctx.source_releaser.release(&request).await
     }
@@ -187,7 +191,8 @@ impl Transfers {
         &self,
         id: &TransferId,
         action: SourceAction,
-        answer: SourceAnswer,
+        answer: &SourceAnswer,
+        endpoint: &str,
     ) -> Result<(), AgentError> {
         let (mut record, _held) = self.ctx.locked_transfer(id).await?;
         match action {
@@ -195,7 +200,8 @@ impl Transfers {
             SourceAction::Withdraw => record.export_withdrawn = true,
             SourceAction::Claim => {
                 record.export_claimed = true;
-                record.upstream = Some(answer);
+                record.upstream = Some(upstream_or(answer, endpoint));
+                self.record_origin(&record, answer).await?;
             }
         }
         self.ctx.put_transfer(&record).await?;
@@ -205,6 +211,58 @@ impl Transfers {
             SourceAction::Claim => info!(transfer = %id, "the source knows its export is claimed"),
         }
         Ok(())
+    }
+
+    /// Claims the source's export with a return trip's question, now, and
+    /// returns the answer.
+    pub(crate) async fn claim_asking(
+        &self,
+        transfer: &TransferRecord,
+        ask: ReturnTripAsk,
+    ) -> Result<SourceAnswer, AgentError> {
+        let (endpoint, token) = transfer.source_agent().ok_or_else(|| {
+            AgentError::Internal(format!("transfer {} has no source agent", transfer.id))
+        })?;
+        let (endpoint, token) = (endpoint.to_owned(), token.clone());
+        self.ask_source(
+            &endpoint,
+            &transfer.volume_id,
+            SourceAction::Claim,
+            Some(token),
+            Some(ask),
+        )
+        .await
+    }
+
+    /// The history of an arriving volume begins with the source's copy:
+    /// recorded, so that a return trip there can learn what changed. Only
+    /// while the volume still arrives by this transfer (nothing else has
+    /// restarted its history since).
+    async fn record_origin(
+        &self,
+        transfer: &TransferRecord,
+        answer: &SourceAnswer,
+    ) -> Result<(), AgentError> {
+        let (Some(history), Some(node_id)) = (answer.history, answer.upstream.first()) else {
+            return Ok(());
+        };
+        let Some(mut volume) = self.ctx.record(&transfer.volume_id).await? else {
+            return Ok(());
+        };
+        let origin = HistoryOrigin {
+            node_id: node_id.clone(),
+            history,
+        };
+        match volume.tracking.as_mut() {
+            Some(tracking)
+                if volume.transfer.as_ref() == Some(&transfer.id)
+                    && tracking.origin.as_ref() != Some(&origin) =>
+            {
+                tracking.origin = Some(origin);
+                self.ctx.put(&volume).await
+            }
+            _ => Ok(()),
+        }
     }
 
     /// A claim is worth (re)sending while the transfer runs unclaimed; a

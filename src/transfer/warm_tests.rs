@@ -1,10 +1,11 @@
 //! Warm copies: a source that keeps its copy of a volume that moved away
 //! (transfer.keep_source_copy_seconds), read-only and hidden, until its time
-//! runs out, the pool runs low, or the volume moves back.
+//! runs out, the pool runs low, or the volume moves back (see
+//! `return_trip_tests`).
 
 #![allow(clippy::unwrap_used)]
 
-use super::move_tests::{HOST_A, start_arriving};
+use super::move_tests::HOST_A;
 use crate::{
     ids::{SnapshotId, VolumeId},
     records::{VolumeState, unix_now},
@@ -126,20 +127,6 @@ async fn without_keeping_or_change_tracking_a_released_copy_goes() {
         assert!(agent.volumes.get_volume(&id).await.is_err(), "{extra:?}");
         assert!(agent.volumes.list_volumes(true).await.unwrap().is_empty());
     }
-}
-
-#[tokio::test]
-async fn a_move_back_onto_a_warm_copy_replaces_it() {
-    let host = keeping_host();
-    let (agent, id) = released(&host).await;
-    let thin_ids = host.kernel.thin_ids("dmt-pool").len();
-    let (arriving, _) = start_arriving(&host, &agent).await.unwrap();
-    assert_eq!(arriving, id);
-    let volume = agent.volumes.get_volume(&id).await.unwrap();
-    assert_eq!(volume.state, VolumeState::Hydrating, "{volume:?}");
-    // The warm copy's thin devices made way for the arriving volume's
-    // (and its clone metadata's).
-    assert_eq!(host.kernel.thin_ids("dmt-pool").len(), thin_ids + 1);
 }
 
 #[tokio::test]

@@ -226,6 +226,15 @@ pub fn block_stat(dev: DevRef) -> Vec<u64> {
         .collect()
 }
 
+/// Sectors read from the block device at `path` since it was made.
+pub fn sectors_read(path: &Path) -> u64 {
+    let rdev = std::fs::metadata(path).expect("stat block device").rdev();
+    block_stat(DevRef::from((
+        nix::sys::stat::major(rdev) as u32,
+        nix::sys::stat::minor(rdev) as u32,
+    )))[2]
+}
+
 pub fn write_at(path: &Path, offset: u64, data: &[u8]) {
     let mut file = OpenOptions::new()
         .write(true)

@@ -19,7 +19,11 @@ use crate::{
     records::unix_now,
     refusal::Refusal,
     store::VolumeRecord,
-    transfer::{Transfers, token::ReleaseToken},
+    transfer::{
+        Transfers,
+        release::{ReturnTripAsk, SourceAnswer},
+        token::ReleaseToken,
+    },
     volume::Volumes,
 };
 
@@ -44,13 +48,29 @@ impl Exports {
     /// the export no longer expires. Only for the host it is exported to,
     /// with one of its release tokens; a repeat changes nothing. Answers
     /// where the volume comes from, for the destination's record: this
-    /// host, then the hosts this one still copies it from, nearest first.
+    /// host, then the hosts this one still copies it from, nearest first;
+    /// the volume's history tag here; and, when `return_trip` asks, what
+    /// changed since the volume left the destination's copy.
     pub async fn claim_export(
         &self,
         id: &VolumeId,
         host_nqn: &str,
         token: Option<&ReleaseToken>,
-    ) -> Result<Vec<String>, AgentError> {
+        return_trip: Option<&ReturnTripAsk>,
+    ) -> Result<SourceAnswer, AgentError> {
+        let mut answer = self.claim(id, host_nqn, token).await?;
+        if let Some(ask) = return_trip {
+            answer.return_trip = Some(self.return_trip_delta(id, ask).await);
+        }
+        Ok(answer)
+    }
+
+    async fn claim(
+        &self,
+        id: &VolumeId,
+        host_nqn: &str,
+        token: Option<&ReleaseToken>,
+    ) -> Result<SourceAnswer, AgentError> {
         let host = Nqn::parse("host_nqn", host_nqn)?;
         let _held = self.ctx.locks.lock(id.as_str()).await;
         let mut record = self
@@ -83,7 +103,11 @@ impl Exports {
             self.ctx.put(&record).await?;
             info!(volume = %id, host = %host, "its destination claimed the export: it no longer expires");
         }
-        self.chain_from_here(&record).await
+        Ok(SourceAnswer {
+            upstream: self.chain_from_here(&record).await?,
+            history: record.tracking.as_ref().map(|t| t.history),
+            return_trip: None,
+        })
     }
 
     /// Withdraws every export for a move that was not claimed by its

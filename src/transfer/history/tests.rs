@@ -42,6 +42,7 @@ fn record(n: u32, phase: TransferPhase, finished_unix: Option<i64>) -> TransferR
         era_above: false,
         upstream: None,
         passed_on_to: None,
+        return_trip: None,
     }
 }
 
@@ -128,6 +129,7 @@ fn view_of(n: u32, volume: u32, state: TransferState) -> TransferView {
         source: "device /dev/x".into(),
         upstream: Vec::new(),
         passed_on_to: None,
+        bytes_skipped: 0,
     }
 }
 

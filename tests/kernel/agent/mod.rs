@@ -14,6 +14,7 @@ mod moves;
 mod observability;
 mod outage;
 mod reboot;
+mod return_trip;
 mod scale;
 mod snapshots;
 mod tls;

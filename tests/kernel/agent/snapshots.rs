@@ -82,6 +82,15 @@ pub async fn revert(agent: &AgentProcess, volume: &str, snap: &str) -> Result<()
         .map(drop)
 }
 
+pub async fn delete_snapshot(agent: &AgentProcess, id: &str) -> Result<(), tonic::Status> {
+    SnapshotsClient::new(agent.channel().await)
+        .delete_snapshot(DeleteSnapshotRequest {
+            snapshot_id: id.into(),
+        })
+        .await
+        .map(drop)
+}
+
 fn fill(path: &Path, seed: u64, size: u64) {
     for offset in (0..size).step_by(MIB as usize) {
         write_at(path, offset, &pattern(seed, offset, MIB as usize));
@@ -229,12 +238,7 @@ async fn snapshots_clones_and_revert_keep_their_content() {
         .into_inner()
         .snapshots;
     assert_eq!(listed.len(), 1);
-    SnapshotsClient::new(agent.channel().await)
-        .delete_snapshot(DeleteSnapshotRequest {
-            snapshot_id: SNAP.into(),
-        })
-        .await
-        .unwrap();
+    delete_snapshot(&agent, SNAP).await.unwrap();
     delete(&mut volumes, VOL_A).await.unwrap();
     assert!(
         volume_holds(&mut volumes, VOL_B, 1, SIZE).await,

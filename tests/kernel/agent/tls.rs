@@ -642,6 +642,7 @@ async fn a_copy_is_released_only_by_its_destination_with_the_token() {
         volume_id: VOLUME.into(),
         host_nqn: host_nqn.into(),
         release_token: token.into(),
+        return_trip: None,
     };
     for (who, request, code) in [
         (

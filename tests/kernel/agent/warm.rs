@@ -20,7 +20,7 @@ use crate::support::*;
 
 /// Moves the volume from `from` to `to` and waits until `from` let go;
 /// returns `from`'s export.
-async fn move_between(ids: Ids, from: &AgentProcess, to: &AgentProcess) -> Export {
+pub(super) async fn move_between(ids: Ids, from: &AgentProcess, to: &AgentProcess) -> Export {
     let exported = export(ids, from, to).await.unwrap();
     start_move_with(ids, from, &exported, to, false, None)
         .await

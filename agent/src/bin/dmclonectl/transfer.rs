@@ -495,6 +495,12 @@ fn provenance(t: &Transfer) -> String {
     if !t.passed_on_to.is_empty() {
         text.push_str(&format!("passed on to: {}\n", t.passed_on_to));
     }
+    if t.bytes_skipped > 0 {
+        text.push_str(&format!(
+            "return trip: {} unchanged here, not copied\n",
+            output::size(t.bytes_skipped)
+        ));
+    }
     text
 }
 
@@ -532,6 +538,7 @@ pub fn to_json(t: &Transfer) -> serde_json::Value {
         "source": t.source,
         "upstream": t.upstream,
         "passed_on_to": t.passed_on_to,
+        "bytes_skipped": t.bytes_skipped,
     })
 }
 
@@ -574,6 +581,15 @@ mod tests {
         assert_eq!(
             provenance(&passed),
             "source: device /dev/sdb\npassed on to: nqn.c\n"
+        );
+        let returned = Transfer {
+            source: "device /dev/sdb".into(),
+            bytes_skipped: 63 << 20,
+            ..Transfer::default()
+        };
+        assert_eq!(
+            provenance(&returned),
+            "source: device /dev/sdb\nreturn trip: 63.0MiB unchanged here, not copied\n"
         );
     }
 }

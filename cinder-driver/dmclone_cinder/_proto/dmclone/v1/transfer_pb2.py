@@ -22,53 +22,58 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from dmclone_cinder._proto.dmclone.v1 import common_pb2 as dmclone_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x64mclone/v1/transfer.proto\x12\ndmclone.v1\"\xf1\x01\n\x06\x45xport\x12\x11\n\tvolume_id\x18\x01 \x01(\t\x12\x15\n\rsubsystem_nqn\x18\x02 \x01(\t\x12\x19\n\x11transport_address\x18\x03 \x01(\t\x12\x1c\n\x14transport_service_id\x18\x04 \x01(\r\x12\x18\n\x10\x61llowed_host_nqn\x18\x05 \x01(\t\x12\x15\n\rrelease_token\x18\x06 \x01(\t\x12\x1a\n\x12\x64hchap_host_secret\x18\x07 \x01(\t\x12\x1a\n\x12\x64hchap_ctrl_secret\x18\x08 \x01(\t\x12\x1b\n\x13\x63laim_deadline_unix\x18\t \x01(\x03\"P\n\x13\x45xportVolumeRequest\x12\x11\n\tvolume_id\x18\x01 \x01(\t\x12\x10\n\x08host_nqn\x18\x02 \x01(\t\x12\x14\n\x0c\x66or_transfer\x18\x03 \x01(\x08\"P\n\x15UnexportVolumeRequest\x12\x11\n\tvolume_id\x18\x01 \x01(\t\x12\x15\n\rrelease_token\x18\x02 \x01(\t\x12\r\n\x05\x66orce\x18\x03 \x01(\x08\"\x18\n\x16UnexportVolumeResponse\"R\n\x14ReleaseVolumeRequest\x12\x11\n\tvolume_id\x18\x01 \x01(\t\x12\x10\n\x08host_nqn\x18\x02 \x01(\t\x12\x15\n\rrelease_token\x18\x03 \x01(\t\"\x17\n\x15ReleaseVolumeResponse\"P\n\x12\x43laimExportRequest\x12\x11\n\tvolume_id\x18\x01 \x01(\t\x12\x10\n\x08host_nqn\x18\x02 \x01(\t\x12\x15\n\rrelease_token\x18\x03 \x01(\t\"\'\n\x13\x43laimExportResponse\x12\x10\n\x08upstream\x18\x01 \x03(\t\"\xcd\x01\n\rNvmeTcpSource\x12\x15\n\rsubsystem_nqn\x18\x01 \x01(\t\x12\x19\n\x11transport_address\x18\x02 \x01(\t\x12\x1c\n\x14transport_service_id\x18\x03 \x01(\r\x12\x1d\n\x15source_agent_endpoint\x18\x04 \x01(\t\x12\x15\n\rrelease_token\x18\x05 \x01(\t\x12\x1a\n\x12\x64hchap_host_secret\x18\x06 \x01(\t\x12\x1a\n\x12\x64hchap_ctrl_secret\x18\x07 \x01(\t\"\xdf\x01\n\x14StartTransferRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x11\n\tvolume_id\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x04\x12-\n\x08nvme_tcp\x18\x04 \x01(\x0b\x32\x19.dmclone.v1.NvmeTcpSourceH\x00\x12\x15\n\x0b\x64\x65vice_path\x18\x05 \x01(\tH\x00\x12\x10\n\x08\x64\x65\x66\x65rred\x18\x06 \x01(\x08\x12)\n\x05knobs\x18\x07 \x01(\x0b\x32\x1a.dmclone.v1.HydrationKnobsB\x08\n\x06source\"\x7f\n\x0eHydrationKnobs\x12\x14\n\x0cregion_bytes\x18\x01 \x01(\r\x12\x1b\n\x13hydration_threshold\x18\x02 \x01(\r\x12\x1c\n\x14hydration_batch_size\x18\x03 \x01(\r\x12\x1c\n\x14max_bytes_per_second\x18\x04 \x01(\x04\"\"\n\x0bTransferRef\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\":\n\x14\x41\x62ortTransferRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\r\n\x05\x66orce\x18\x02 \x01(\x08\"Y\n\x17ThrottleTransferRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12)\n\x05knobs\x18\x02 \x01(\x0b\x32\x1a.dmclone.v1.HydrationKnobs\"\xde\x03\n\x08Transfer\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x11\n\tvolume_id\x18\x02 \x01(\t\x12(\n\x05state\x18\x03 \x01(\x0e\x32\x19.dmclone.v1.TransferState\x12\x18\n\x10regions_hydrated\x18\x04 \x01(\x04\x12\x15\n\rregions_total\x18\x05 \x01(\x04\x12\x16\n\x0e\x62ytes_hydrated\x18\x06 \x01(\x04\x12\x13\n\x0b\x62ytes_total\x18\x07 \x01(\x04\x12\x18\n\x10\x62ytes_per_second\x18\x08 \x01(\x01\x12\x13\n\x0b\x65ta_seconds\x18\t \x01(\x04\x12)\n\x05knobs\x18\n \x01(\x0b\x32\x1a.dmclone.v1.HydrationKnobs\x12\x13\n\x0b\x64\x65vice_path\x18\x0b \x01(\t\x12\x0f\n\x07message\x18\x0c \x01(\t\x12\x1d\n\x15\x66inalize_pause_micros\x18\r \x01(\x04\x12 \n\x18\x64one_to_finalized_micros\x18\x0e \x01(\x04\x12\x17\n\x0fsource_released\x18\x0f \x01(\x08\x12\x10\n\x08\x64\x65\x66\x65rred\x18\x10 \x01(\x08\x12\x0e\n\x06source\x18\x11 \x01(\t\x12\x10\n\x08upstream\x18\x12 \x03(\t\x12\x14\n\x0cpassed_on_to\x18\x13 \x01(\t\"{\n\x14ListTransfersRequest\x12\x11\n\tvolume_id\x18\x01 \x01(\t\x12)\n\x06states\x18\x02 \x03(\x0e\x32\x19.dmclone.v1.TransferState\x12\x11\n\tpage_size\x18\x03 \x01(\r\x12\x12\n\npage_token\x18\x04 \x01(\t\"Y\n\x15ListTransfersResponse\x12\'\n\ttransfers\x18\x01 \x03(\x0b\x32\x14.dmclone.v1.Transfer\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\",\n\x15WatchTransfersRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t*\xb0\x02\n\rTransferState\x12\x1e\n\x1aTRANSFER_STATE_UNSPECIFIED\x10\x00\x12\x1d\n\x19TRANSFER_STATE_CONNECTING\x10\x01\x12\x1b\n\x17TRANSFER_STATE_DEFERRED\x10\x02\x12\x1c\n\x18TRANSFER_STATE_HYDRATING\x10\x03\x12\x19\n\x15TRANSFER_STATE_PAUSED\x10\x04\x12\x1d\n\x19TRANSFER_STATE_FINALIZING\x10\x05\x12\x17\n\x13TRANSFER_STATE_DONE\x10\x06\x12\x1b\n\x17TRANSFER_STATE_DEGRADED\x10\x07\x12\x19\n\x15TRANSFER_STATE_FAILED\x10\x08\x12\x1a\n\x16TRANSFER_STATE_ABORTED\x10\t2\xd3\x07\n\tTransfers\x12\x43\n\x0c\x45xportVolume\x12\x1f.dmclone.v1.ExportVolumeRequest\x1a\x12.dmclone.v1.Export\x12W\n\x0eUnexportVolume\x12!.dmclone.v1.UnexportVolumeRequest\x1a\".dmclone.v1.UnexportVolumeResponse\x12T\n\rReleaseVolume\x12 .dmclone.v1.ReleaseVolumeRequest\x1a!.dmclone.v1.ReleaseVolumeResponse\x12N\n\x0b\x43laimExport\x12\x1e.dmclone.v1.ClaimExportRequest\x1a\x1f.dmclone.v1.ClaimExportResponse\x12G\n\rStartTransfer\x12 .dmclone.v1.StartTransferRequest\x1a\x14.dmclone.v1.Transfer\x12?\n\x0e\x43ommitTransfer\x12\x17.dmclone.v1.TransferRef\x1a\x14.dmclone.v1.Transfer\x12G\n\rAbortTransfer\x12 .dmclone.v1.AbortTransferRequest\x1a\x14.dmclone.v1.Transfer\x12>\n\rPauseTransfer\x12\x17.dmclone.v1.TransferRef\x1a\x14.dmclone.v1.Transfer\x12?\n\x0eResumeTransfer\x12\x17.dmclone.v1.TransferRef\x1a\x14.dmclone.v1.Transfer\x12M\n\x10ThrottleTransfer\x12#.dmclone.v1.ThrottleTransferRequest\x1a\x14.dmclone.v1.Transfer\x12<\n\x0bGetTransfer\x12\x17.dmclone.v1.TransferRef\x1a\x14.dmclone.v1.Transfer\x12T\n\rListTransfers\x12 .dmclone.v1.ListTransfersRequest\x1a!.dmclone.v1.ListTransfersResponse\x12K\n\x0eWatchTransfers\x12!.dmclone.v1.WatchTransfersRequest\x1a\x14.dmclone.v1.Transfer0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x64mclone/v1/transfer.proto\x12\ndmclone.v1\x1a\x17\x64mclone/v1/common.proto\"\xf1\x01\n\x06\x45xport\x12\x11\n\tvolume_id\x18\x01 \x01(\t\x12\x15\n\rsubsystem_nqn\x18\x02 \x01(\t\x12\x19\n\x11transport_address\x18\x03 \x01(\t\x12\x1c\n\x14transport_service_id\x18\x04 \x01(\r\x12\x18\n\x10\x61llowed_host_nqn\x18\x05 \x01(\t\x12\x15\n\rrelease_token\x18\x06 \x01(\t\x12\x1a\n\x12\x64hchap_host_secret\x18\x07 \x01(\t\x12\x1a\n\x12\x64hchap_ctrl_secret\x18\x08 \x01(\t\x12\x1b\n\x13\x63laim_deadline_unix\x18\t \x01(\x03\"P\n\x13\x45xportVolumeRequest\x12\x11\n\tvolume_id\x18\x01 \x01(\t\x12\x10\n\x08host_nqn\x18\x02 \x01(\t\x12\x14\n\x0c\x66or_transfer\x18\x03 \x01(\x08\"P\n\x15UnexportVolumeRequest\x12\x11\n\tvolume_id\x18\x01 \x01(\t\x12\x15\n\rrelease_token\x18\x02 \x01(\t\x12\r\n\x05\x66orce\x18\x03 \x01(\x08\"\x18\n\x16UnexportVolumeResponse\"R\n\x14ReleaseVolumeRequest\x12\x11\n\tvolume_id\x18\x01 \x01(\t\x12\x10\n\x08host_nqn\x18\x02 \x01(\t\x12\x15\n\rrelease_token\x18\x03 \x01(\t\"\x17\n\x15ReleaseVolumeResponse\"\x80\x01\n\x12\x43laimExportRequest\x12\x11\n\tvolume_id\x18\x01 \x01(\t\x12\x10\n\x08host_nqn\x18\x02 \x01(\t\x12\x15\n\rrelease_token\x18\x03 \x01(\t\x12.\n\x0breturn_trip\x18\x04 \x01(\x0b\x32\x19.dmclone.v1.ReturnTripAsk\"U\n\rReturnTripAsk\x12\x16\n\x0eorigin_node_id\x18\x01 \x01(\t\x12\x16\n\x0eorigin_history\x18\x02 \x01(\r\x12\x14\n\x0cregion_bytes\x18\x03 \x01(\x04\"j\n\x13\x43laimExportResponse\x12\x10\n\x08upstream\x18\x01 \x03(\t\x12\x0f\n\x07history\x18\x02 \x01(\r\x12\x30\n\x0breturn_trip\x18\x03 \x01(\x0b\x32\x1b.dmclone.v1.ReturnTripDelta\"Q\n\x0fReturnTripDelta\x12#\n\x07\x63hanged\x18\x01 \x03(\x0b\x32\x12.dmclone.v1.Extent\x12\x19\n\x11whole_copy_reason\x18\x02 \x01(\t\"\xcd\x01\n\rNvmeTcpSource\x12\x15\n\rsubsystem_nqn\x18\x01 \x01(\t\x12\x19\n\x11transport_address\x18\x02 \x01(\t\x12\x1c\n\x14transport_service_id\x18\x03 \x01(\r\x12\x1d\n\x15source_agent_endpoint\x18\x04 \x01(\t\x12\x15\n\rrelease_token\x18\x05 \x01(\t\x12\x1a\n\x12\x64hchap_host_secret\x18\x06 \x01(\t\x12\x1a\n\x12\x64hchap_ctrl_secret\x18\x07 \x01(\t\"\xdf\x01\n\x14StartTransferRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x11\n\tvolume_id\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x04\x12-\n\x08nvme_tcp\x18\x04 \x01(\x0b\x32\x19.dmclone.v1.NvmeTcpSourceH\x00\x12\x15\n\x0b\x64\x65vice_path\x18\x05 \x01(\tH\x00\x12\x10\n\x08\x64\x65\x66\x65rred\x18\x06 \x01(\x08\x12)\n\x05knobs\x18\x07 \x01(\x0b\x32\x1a.dmclone.v1.HydrationKnobsB\x08\n\x06source\"\x7f\n\x0eHydrationKnobs\x12\x14\n\x0cregion_bytes\x18\x01 \x01(\r\x12\x1b\n\x13hydration_threshold\x18\x02 \x01(\r\x12\x1c\n\x14hydration_batch_size\x18\x03 \x01(\r\x12\x1c\n\x14max_bytes_per_second\x18\x04 \x01(\x04\"\"\n\x0bTransferRef\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\":\n\x14\x41\x62ortTransferRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\r\n\x05\x66orce\x18\x02 \x01(\x08\"Y\n\x17ThrottleTransferRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12)\n\x05knobs\x18\x02 \x01(\x0b\x32\x1a.dmclone.v1.HydrationKnobs\"\xf5\x03\n\x08Transfer\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x11\n\tvolume_id\x18\x02 \x01(\t\x12(\n\x05state\x18\x03 \x01(\x0e\x32\x19.dmclone.v1.TransferState\x12\x18\n\x10regions_hydrated\x18\x04 \x01(\x04\x12\x15\n\rregions_total\x18\x05 \x01(\x04\x12\x16\n\x0e\x62ytes_hydrated\x18\x06 \x01(\x04\x12\x13\n\x0b\x62ytes_total\x18\x07 \x01(\x04\x12\x18\n\x10\x62ytes_per_second\x18\x08 \x01(\x01\x12\x13\n\x0b\x65ta_seconds\x18\t \x01(\x04\x12)\n\x05knobs\x18\n \x01(\x0b\x32\x1a.dmclone.v1.HydrationKnobs\x12\x13\n\x0b\x64\x65vice_path\x18\x0b \x01(\t\x12\x0f\n\x07message\x18\x0c \x01(\t\x12\x1d\n\x15\x66inalize_pause_micros\x18\r \x01(\x04\x12 \n\x18\x64one_to_finalized_micros\x18\x0e \x01(\x04\x12\x17\n\x0fsource_released\x18\x0f \x01(\x08\x12\x10\n\x08\x64\x65\x66\x65rred\x18\x10 \x01(\x08\x12\x0e\n\x06source\x18\x11 \x01(\t\x12\x10\n\x08upstream\x18\x12 \x03(\t\x12\x14\n\x0cpassed_on_to\x18\x13 \x01(\t\x12\x15\n\rbytes_skipped\x18\x14 \x01(\x04\"{\n\x14ListTransfersRequest\x12\x11\n\tvolume_id\x18\x01 \x01(\t\x12)\n\x06states\x18\x02 \x03(\x0e\x32\x19.dmclone.v1.TransferState\x12\x11\n\tpage_size\x18\x03 \x01(\r\x12\x12\n\npage_token\x18\x04 \x01(\t\"Y\n\x15ListTransfersResponse\x12\'\n\ttransfers\x18\x01 \x03(\x0b\x32\x14.dmclone.v1.Transfer\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\",\n\x15WatchTransfersRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t*\xb0\x02\n\rTransferState\x12\x1e\n\x1aTRANSFER_STATE_UNSPECIFIED\x10\x00\x12\x1d\n\x19TRANSFER_STATE_CONNECTING\x10\x01\x12\x1b\n\x17TRANSFER_STATE_DEFERRED\x10\x02\x12\x1c\n\x18TRANSFER_STATE_HYDRATING\x10\x03\x12\x19\n\x15TRANSFER_STATE_PAUSED\x10\x04\x12\x1d\n\x19TRANSFER_STATE_FINALIZING\x10\x05\x12\x17\n\x13TRANSFER_STATE_DONE\x10\x06\x12\x1b\n\x17TRANSFER_STATE_DEGRADED\x10\x07\x12\x19\n\x15TRANSFER_STATE_FAILED\x10\x08\x12\x1a\n\x16TRANSFER_STATE_ABORTED\x10\t2\xd3\x07\n\tTransfers\x12\x43\n\x0c\x45xportVolume\x12\x1f.dmclone.v1.ExportVolumeRequest\x1a\x12.dmclone.v1.Export\x12W\n\x0eUnexportVolume\x12!.dmclone.v1.UnexportVolumeRequest\x1a\".dmclone.v1.UnexportVolumeResponse\x12T\n\rReleaseVolume\x12 .dmclone.v1.ReleaseVolumeRequest\x1a!.dmclone.v1.ReleaseVolumeResponse\x12N\n\x0b\x43laimExport\x12\x1e.dmclone.v1.ClaimExportRequest\x1a\x1f.dmclone.v1.ClaimExportResponse\x12G\n\rStartTransfer\x12 .dmclone.v1.StartTransferRequest\x1a\x14.dmclone.v1.Transfer\x12?\n\x0e\x43ommitTransfer\x12\x17.dmclone.v1.TransferRef\x1a\x14.dmclone.v1.Transfer\x12G\n\rAbortTransfer\x12 .dmclone.v1.AbortTransferRequest\x1a\x14.dmclone.v1.Transfer\x12>\n\rPauseTransfer\x12\x17.dmclone.v1.TransferRef\x1a\x14.dmclone.v1.Transfer\x12?\n\x0eResumeTransfer\x12\x17.dmclone.v1.TransferRef\x1a\x14.dmclone.v1.Transfer\x12M\n\x10ThrottleTransfer\x12#.dmclone.v1.ThrottleTransferRequest\x1a\x14.dmclone.v1.Transfer\x12<\n\x0bGetTransfer\x12\x17.dmclone.v1.TransferRef\x1a\x14.dmclone.v1.Transfer\x12T\n\rListTransfers\x12 .dmclone.v1.ListTransfersRequest\x1a!.dmclone.v1.ListTransfersResponse\x12K\n\x0eWatchTransfers\x12!.dmclone.v1.WatchTransfersRequest\x1a\x14.dmclone.v1.Transfer0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dmclone_cinder._proto.dmclone.v1.transfer_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TRANSFERSTATE']._serialized_start=2201
-  _globals['_TRANSFERSTATE']._serialized_end=2505
-  _globals['_EXPORT']._serialized_start=42
-  _globals['_EXPORT']._serialized_end=283
-  _globals['_EXPORTVOLUMEREQUEST']._serialized_start=285
-  _globals['_EXPORTVOLUMEREQUEST']._serialized_end=365
-  _globals['_UNEXPORTVOLUMEREQUEST']._serialized_start=367
-  _globals['_UNEXPORTVOLUMEREQUEST']._serialized_end=447
-  _globals['_UNEXPORTVOLUMERESPONSE']._serialized_start=449
-  _globals['_UNEXPORTVOLUMERESPONSE']._serialized_end=473
-  _globals['_RELEASEVOLUMEREQUEST']._serialized_start=475
-  _globals['_RELEASEVOLUMEREQUEST']._serialized_end=557
-  _globals['_RELEASEVOLUMERESPONSE']._serialized_start=559
-  _globals['_RELEASEVOLUMERESPONSE']._serialized_end=582
-  _globals['_CLAIMEXPORTREQUEST']._serialized_start=584
-  _globals['_CLAIMEXPORTREQUEST']._serialized_end=664
-  _globals['_CLAIMEXPORTRESPONSE']._serialized_start=666
-  _globals['_CLAIMEXPORTRESPONSE']._serialized_end=705
-  _globals['_NVMETCPSOURCE']._serialized_start=708
-  _globals['_NVMETCPSOURCE']._serialized_end=913
-  _globals['_STARTTRANSFERREQUEST']._serialized_start=916
-  _globals['_STARTTRANSFERREQUEST']._serialized_end=1139
-  _globals['_HYDRATIONKNOBS']._serialized_start=1141
-  _globals['_HYDRATIONKNOBS']._serialized_end=1268
-  _globals['_TRANSFERREF']._serialized_start=1270
-  _globals['_TRANSFERREF']._serialized_end=1304
-  _globals['_ABORTTRANSFERREQUEST']._serialized_start=1306
-  _globals['_ABORTTRANSFERREQUEST']._serialized_end=1364
-  _globals['_THROTTLETRANSFERREQUEST']._serialized_start=1366
-  _globals['_THROTTLETRANSFERREQUEST']._serialized_end=1455
-  _globals['_TRANSFER']._serialized_start=1458
-  _globals['_TRANSFER']._serialized_end=1936
-  _globals['_LISTTRANSFERSREQUEST']._serialized_start=1938
-  _globals['_LISTTRANSFERSREQUEST']._serialized_end=2061
-  _globals['_LISTTRANSFERSRESPONSE']._serialized_start=2063
-  _globals['_LISTTRANSFERSRESPONSE']._serialized_end=2152
-  _globals['_WATCHTRANSFERSREQUEST']._serialized_start=2154
-  _globals['_WATCHTRANSFERSREQUEST']._serialized_end=2198
-  _globals['_TRANSFERS']._serialized_start=2508
-  _globals['_TRANSFERS']._serialized_end=3487
+  _globals['_TRANSFERSTATE']._serialized_start=2535
+  _globals['_TRANSFERSTATE']._serialized_end=2839
+  _globals['_EXPORT']._serialized_start=67
+  _globals['_EXPORT']._serialized_end=308
+  _globals['_EXPORTVOLUMEREQUEST']._serialized_start=310
+  _globals['_EXPORTVOLUMEREQUEST']._serialized_end=390
+  _globals['_UNEXPORTVOLUMEREQUEST']._serialized_start=392
+  _globals['_UNEXPORTVOLUMEREQUEST']._serialized_end=472
+  _globals['_UNEXPORTVOLUMERESPONSE']._serialized_start=474
+  _globals['_UNEXPORTVOLUMERESPONSE']._serialized_end=498
+  _globals['_RELEASEVOLUMEREQUEST']._serialized_start=500
+  _globals['_RELEASEVOLUMEREQUEST']._serialized_end=582
+  _globals['_RELEASEVOLUMERESPONSE']._serialized_start=584
+  _globals['_RELEASEVOLUMERESPONSE']._serialized_end=607
+  _globals['_CLAIMEXPORTREQUEST']._serialized_start=610
+  _globals['_CLAIMEXPORTREQUEST']._serialized_end=738
+  _globals['_RETURNTRIPASK']._serialized_start=740
+  _globals['_RETURNTRIPASK']._serialized_end=825
+  _globals['_CLAIMEXPORTRESPONSE']._serialized_start=827
+  _globals['_CLAIMEXPORTRESPONSE']._serialized_end=933
+  _globals['_RETURNTRIPDELTA']._serialized_start=935
+  _globals['_RETURNTRIPDELTA']._serialized_end=1016
+  _globals['_NVMETCPSOURCE']._serialized_start=1019
+  _globals['_NVMETCPSOURCE']._serialized_end=1224
+  _globals['_STARTTRANSFERREQUEST']._serialized_start=1227
+  _globals['_STARTTRANSFERREQUEST']._serialized_end=1450
+  _globals['_HYDRATIONKNOBS']._serialized_start=1452
+  _globals['_HYDRATIONKNOBS']._serialized_end=1579
+  _globals['_TRANSFERREF']._serialized_start=1581
+  _globals['_TRANSFERREF']._serialized_end=1615
+  _globals['_ABORTTRANSFERREQUEST']._serialized_start=1617
+  _globals['_ABORTTRANSFERREQUEST']._serialized_end=1675
+  _globals['_THROTTLETRANSFERREQUEST']._serialized_start=1677
+  _globals['_THROTTLETRANSFERREQUEST']._serialized_end=1766
+  _globals['_TRANSFER']._serialized_start=1769
+  _globals['_TRANSFER']._serialized_end=2270
+  _globals['_LISTTRANSFERSREQUEST']._serialized_start=2272
+  _globals['_LISTTRANSFERSREQUEST']._serialized_end=2395
+  _globals['_LISTTRANSFERSRESPONSE']._serialized_start=2397
+  _globals['_LISTTRANSFERSRESPONSE']._serialized_end=2486
+  _globals['_WATCHTRANSFERSREQUEST']._serialized_start=2488
+  _globals['_WATCHTRANSFERSREQUEST']._serialized_end=2532
+  _globals['_TRANSFERS']._serialized_start=2842
+  _globals['_TRANSFERS']._serialized_end=3821
 # @@protoc_insertion_point(module_scope)
