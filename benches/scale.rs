@@ -43,8 +43,12 @@
 //! 7. A chained move (`--parts chain`, three agents): A→B→C while B still
 //!    copies, against a single move: see `scale/chain.rs`.
 //!
+//! 8. Return trips (`--parts returns`, two agents): a volume moved back onto
+//!    the copy it left, 1 % and 10 % of it written while away, against the
+//!    full move: see `scale/returns.rs`.
+//!
 //! Writes `<part>.json` and `<part>.txt` for each part (scale, changes,
-//! usable, drain, chain) to
+//! usable, drain, chain, returns) to
 //! `--results-dir`. Under `cargo test --benches` (no `--bench`) it only checks
 //! its argument parsing. Without device-mapper, `dmsetup` or the agent
 //! binary it fails and prints no figures.
@@ -85,6 +89,8 @@ mod chain;
 mod common;
 #[path = "scale/drain.rs"]
 mod drain;
+#[path = "scale/returns.rs"]
+mod returns;
 #[path = "scale/usable.rs"]
 mod usable;
 
@@ -121,7 +127,7 @@ struct Params {
     #[arg(long, value_name = "PATH", default_value = "", value_parser = any_path)]
     #[arg(env = "DMCLONE_BENCH_AGENT", hide_default_value = true)]
     agent: PathBuf,
-    /// The parts to run: any of scale, changes, usable, drain, chain
+    /// The parts to run: any of scale, changes, usable, drain, chain, returns
     #[arg(long, value_name = "LIST", default_value = ALL_PARTS, value_parser = parts)]
     #[arg(env = "DMCLONE_BENCH_SCALE_PARTS")]
     parts: Parts,
@@ -172,6 +178,14 @@ struct Params {
     #[arg(long = "chain-reps", value_name = "N", default_value_t = 3, value_parser = count)]
     #[arg(env = "DMCLONE_BENCH_CHAIN_REPS")]
     chain_reps: usize,
+    /// Size of the volume of the return trips, in MiB, 4 to 65536
+    #[arg(long = "returns-mib", value_name = "N", default_value_t = 256, value_parser = mib)]
+    #[arg(env = "DMCLONE_BENCH_RETURNS_MIB")]
+    returns_mib: u64,
+    /// Return trips (and full moves) per share of regions written away
+    #[arg(long = "returns-reps", value_name = "N", default_value_t = 3, value_parser = count)]
+    #[arg(env = "DMCLONE_BENCH_RETURNS_REPS")]
+    returns_reps: usize,
     /// The agents' log level (e.g. debug, to time a move's steps in the
     /// logs the chain keeps beside its results)
     #[arg(long = "agent-log-level", value_name = "LEVEL", default_value = "info")]
@@ -190,9 +204,10 @@ struct Parts {
     usable: bool,
     drain: bool,
     chain: bool,
+    returns: bool,
 }
 
-const ALL_PARTS: &str = "scale,changes,usable,drain,chain";
+const ALL_PARTS: &str = "scale,changes,usable,drain,chain,returns";
 
 fn parts(list: &str) -> BenchResult<Parts> {
     let mut parts = Parts::default();
@@ -203,6 +218,7 @@ fn parts(list: &str) -> BenchResult<Parts> {
             "usable" => &mut parts.usable,
             "drain" => &mut parts.drain,
             "chain" => &mut parts.chain,
+            "returns" => &mut parts.returns,
             other => return Err(format!("unknown part {other:?} (of {ALL_PARTS})").into()),
         };
         *wanted = true;
@@ -893,6 +909,7 @@ fn main() {
         ("usable", params.parts.usable),
         ("drain", params.parts.drain),
         ("chain", params.parts.chain),
+        ("returns", params.parts.returns),
     ] {
         if !wanted {
             continue;
@@ -903,7 +920,8 @@ fn main() {
                 "changes" => measure_changes(&params).await,
                 "usable" => usable::measure(&params).await,
                 "drain" => drain::measure(&params).await,
-                _ => chain::measure(&params).await,
+                "chain" => chain::measure(&params).await,
+                _ => returns::measure(&params).await,
             }
         });
         match measured {
@@ -952,15 +970,17 @@ fn self_check() -> Result<(), String> {
     let parts = |given: &[&str]| {
         parse(given)
             .map(|p| p.parts)
-            .map(|p| (p.scale, p.changes, p.usable, p.drain, p.chain))
+            .map(|p| [p.scale, p.changes, p.usable, p.drain, p.chain, p.returns])
             .ok()
     };
-    if parts(&["--parts", "changes"]) != Some((false, true, false, false, false))
-        || parts(&["--parts", "scale, changes"]) != Some((true, true, false, false, false))
-        || parts(&["--parts", "usable"]) != Some((false, false, true, false, false))
-        || parts(&["--parts", "drain"]) != Some((false, false, false, true, false))
-        || parts(&["--parts", "chain"]) != Some((false, false, false, false, true))
-        || parts(&[]) != Some((true, true, true, true, true))
+    let only = |n: usize| Some(std::array::from_fn(|i| i == n));
+    if parts(&["--parts", "changes"]) != only(1)
+        || parts(&["--parts", "scale, changes"]) != Some([true, true, false, false, false, false])
+        || parts(&["--parts", "usable"]) != only(2)
+        || parts(&["--parts", "drain"]) != only(3)
+        || parts(&["--parts", "chain"]) != only(4)
+        || parts(&["--parts", "returns"]) != only(5)
+        || parts(&[]) != Some([true; 6])
     {
         return Err("--parts selects wrongly".into());
     }
@@ -985,6 +1005,8 @@ fn self_check() -> Result<(), String> {
         (&["--drain-mib", "2"][..], "must be from 4 to 65536"),
         (&["--chain-reps", "0"][..], "must be at least 1"),
         (&["--chain-mib", "2"][..], "must be from 4 to 65536"),
+        (&["--returns-reps", "0"][..], "must be at least 1"),
+        (&["--returns-mib", "2"][..], "must be from 4 to 65536"),
     ] {
         match parse(given).map_err(|err| err.to_string()) {
             Err(err) if err.contains(given[0]) && err.contains(reason) => {}
@@ -992,6 +1014,7 @@ fn self_check() -> Result<(), String> {
         }
     }
     common::stats::self_check()?;
+    returns::self_check()?;
     // The changed-blocks workload: one write in each of 2,560 distinct,
     // non-adjacent era blocks of 10 GiB, so a correct answer is 2,560 whole
     // blocks, none merged.
@@ -1041,6 +1064,8 @@ fn check_variables() -> Result<(), String> {
         ("drain-mib", "DMCLONE_BENCH_DRAIN_MIB"),
         ("chain-mib", "DMCLONE_BENCH_CHAIN_MIB"),
         ("chain-reps", "DMCLONE_BENCH_CHAIN_REPS"),
+        ("returns-mib", "DMCLONE_BENCH_RETURNS_MIB"),
+        ("returns-reps", "DMCLONE_BENCH_RETURNS_REPS"),
     ] {
         let read = command
             .get_arguments()

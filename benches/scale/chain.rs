@@ -94,7 +94,7 @@ pub(crate) async fn measure(params: &Params) -> BenchResult<(Value, String)> {
     Ok(report)
 }
 
-fn logged(params: &Params, mut flags: Vec<String>) -> Vec<String> {
+pub(super) fn logged(params: &Params, mut flags: Vec<String>) -> Vec<String> {
     flags.extend(["--log-level".to_owned(), params.agent_log_level.clone()]);
     flags
 }
@@ -180,7 +180,10 @@ async fn measure_moves(
     Ok((report, text))
 }
 
-async fn state_of(agent: &Agent, transfer: &str) -> BenchResult<dmclone::api::proto::v1::Transfer> {
+pub(super) async fn state_of(
+    agent: &Agent,
+    transfer: &str,
+) -> BenchResult<dmclone::api::proto::v1::Transfer> {
     Ok(TransfersClient::new(agent.channel().await?)
         .get_transfer(TransferRef {
             transfer_id: transfer.into(),
@@ -189,7 +192,7 @@ async fn state_of(agent: &Agent, transfer: &str) -> BenchResult<dmclone::api::pr
         .into_inner())
 }
 
-async fn wait_done(agent: &Agent, transfer: &str) -> BenchResult<()> {
+pub(super) async fn wait_done(agent: &Agent, transfer: &str) -> BenchResult<()> {
     let began = Instant::now();
     loop {
         let now = state_of(agent, transfer).await?;
@@ -213,7 +216,11 @@ async fn wait_done(agent: &Agent, transfer: &str) -> BenchResult<()> {
 
 /// Once `transfer` is done and its source released, deletes the moved
 /// volume on `agent`, so the next sample starts from the same pools.
-async fn delete_when_released(agent: &Agent, transfer: &str, volume: &str) -> BenchResult<()> {
+pub(super) async fn delete_when_released(
+    agent: &Agent,
+    transfer: &str,
+    volume: &str,
+) -> BenchResult<()> {
     released(agent, transfer).await?;
     unpublish(agent, volume).await?;
     agent
@@ -226,7 +233,7 @@ async fn delete_when_released(agent: &Agent, transfer: &str, volume: &str) -> Be
     Ok(())
 }
 
-async fn unpublish(agent: &Agent, volume: &str) -> BenchResult<()> {
+pub(super) async fn unpublish(agent: &Agent, volume: &str) -> BenchResult<()> {
     agent
         .client()
         .await?
@@ -238,7 +245,10 @@ async fn unpublish(agent: &Agent, volume: &str) -> BenchResult<()> {
 }
 
 /// Waits until `transfer`'s source confirmed it let go of its copy.
-async fn released(agent: &Agent, transfer: &str) -> BenchResult<dmclone::api::proto::v1::Transfer> {
+pub(super) async fn released(
+    agent: &Agent,
+    transfer: &str,
+) -> BenchResult<dmclone::api::proto::v1::Transfer> {
     let began = Instant::now();
     loop {
         let now = state_of(agent, transfer).await?;
