@@ -9,37 +9,12 @@ use super::{
     StartRequest,
     move_tests::{HOST_A, SOURCE_SUBSYSTEM, nvme_request, start_arriving, wait_until},
     release::{ReturnTripAsk, ReturnTripDelta},
+    warm_tests::{exported_for_move, keeping_host, released},
 };
 use crate::{
-    ids::VolumeId,
     store::HistoryOrigin,
-    testing::{MIB, TestHost, volume_id},
+    testing::{MIB, TestHost},
 };
-
-fn keeping_host() -> TestHost {
-    TestHost::with_config("[transfer]\nkeep_source_copy_seconds = 3600")
-        .with_export_address("192.0.2.1:4420")
-}
-
-/// Volume 1 made here (8 MiB), moved to HOST_A: a warm copy stays.
-async fn warm_copy(host: &TestHost) -> (std::sync::Arc<crate::agent::Agent>, VolumeId) {
-    let agent = host.start().await.unwrap();
-    let id = volume_id(1);
-    agent.volumes.create_volume(&id, 8 * MIB).await.unwrap();
-    let token = agent
-        .exports
-        .export_volume(&id, HOST_A, true)
-        .await
-        .unwrap()
-        .release_token
-        .unwrap();
-    agent
-        .exports
-        .release_volume(&id, HOST_A, Some(&token))
-        .await
-        .unwrap();
-    (agent, id)
-}
 
 fn journal_position(host: &TestHost, entry: &str) -> usize {
     host.kernel
@@ -52,7 +27,7 @@ fn journal_position(host: &TestHost, entry: &str) -> usize {
 #[tokio::test]
 async fn a_move_back_lands_on_the_warm_copy_and_discards_every_unchanged_region() {
     let host = keeping_host();
-    let (agent, id) = warm_copy(&host).await;
+    let (agent, id) = released(&host).await;
     let copy = agent.ctx.record(&id).await.unwrap().unwrap();
     let history = copy.tracking.as_ref().unwrap().history;
     let thin_ids = host.kernel.thin_ids("dmt-pool").len();
@@ -134,7 +109,7 @@ async fn a_move_back_lands_on_the_warm_copy_and_discards_every_unchanged_region(
 #[tokio::test]
 async fn a_source_that_cannot_tell_what_changed_makes_a_full_copy_that_says_why() {
     let host = keeping_host();
-    let (agent, id) = warm_copy(&host).await;
+    let (agent, id) = released(&host).await;
     host.releases.answer();
     host.releases
         .answer_return_trips_with(ReturnTripDelta::WholeCopy("it was reverted".into()));
@@ -156,7 +131,7 @@ async fn a_source_that_cannot_tell_what_changed_makes_a_full_copy_that_says_why(
 #[tokio::test]
 async fn a_deferred_return_trip_asks_what_changed_at_its_commit() {
     let host = keeping_host();
-    let (agent, id) = warm_copy(&host).await;
+    let (agent, id) = released(&host).await;
     host.releases.answer();
     host.releases
         .answer_return_trips_with(ReturnTripDelta::Changed(vec![0..MIB]));
@@ -216,13 +191,7 @@ async fn an_arriving_volume_records_where_its_history_began_and_a_source_checks_
 
     // Exported onward (to HOST_A, the origin's host here): a return trip
     // from another copy is told to copy everything, and why.
-    let token = agent
-        .exports
-        .export_volume(&id, HOST_A, true)
-        .await
-        .unwrap()
-        .release_token
-        .unwrap();
+    let token = exported_for_move(&agent, &id, HOST_A).await;
     let elsewhere = ReturnTripAsk {
         origin: HistoryOrigin {
             node_id: "node-b".into(),

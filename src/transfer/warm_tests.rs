@@ -15,7 +15,7 @@ use crate::{
 
 const KEEP_SECONDS: i64 = 3600;
 
-fn keeping_host() -> TestHost {
+pub(super) fn keeping_host() -> TestHost {
     TestHost::with_config(&format!(
         "[transfer]\nkeep_source_copy_seconds = {KEEP_SECONDS}"
     ))
@@ -23,7 +23,7 @@ fn keeping_host() -> TestHost {
 }
 
 /// Volume 1, created, exported for a move to HOST_A and released by it.
-async fn released(host: &TestHost) -> (std::sync::Arc<crate::agent::Agent>, VolumeId) {
+pub(super) async fn released(host: &TestHost) -> (std::sync::Arc<crate::agent::Agent>, VolumeId) {
     let agent = host.start().await.unwrap();
     let id = volume_id(1);
     agent.volumes.create_volume(&id, 8 * MIB).await.unwrap();
@@ -31,15 +31,24 @@ async fn released(host: &TestHost) -> (std::sync::Arc<crate::agent::Agent>, Volu
     (agent, id)
 }
 
-/// Exports `id` for a move to HOST_A, which releases it, twice.
-async fn release(agent: &crate::agent::Agent, id: &VolumeId) {
-    let token: ReleaseToken = agent
+/// Exports `id` for a move to `host`; returns the export's release token.
+pub(super) async fn exported_for_move(
+    agent: &crate::agent::Agent,
+    id: &VolumeId,
+    host: &str,
+) -> ReleaseToken {
+    agent
         .exports
-        .export_volume(id, HOST_A, true)
+        .export_volume(id, host, true)
         .await
         .unwrap()
         .release_token
-        .unwrap();
+        .unwrap()
+}
+
+/// Exports `id` for a move to HOST_A, which releases it, twice.
+async fn release(agent: &crate::agent::Agent, id: &VolumeId) {
+    let token = exported_for_move(agent, id, HOST_A).await;
     agent
         .exports
         .release_volume(id, HOST_A, Some(&token))

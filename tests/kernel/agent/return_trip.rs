@@ -1,7 +1,7 @@
 //! Return trips: a volume that moves back onto a host keeping its warm copy
 //! copies only the regions written while it was away (measured in sectors
-//! read from the other host's copy), also through a kill -9 of the
-//! destination agent mid-copy; after a revert on the other host, whose
+//! read from the other host's copy), also through a kill -9 of both agents
+//! mid-copy; after a revert on the other host, whose
 //! history then no longer reaches back to the copy, it copies everything
 //! and says why.
 
@@ -61,7 +61,7 @@ async fn a_return_trip_copies_only_what_changed_while_away() {
         &["--transfer-keep-source-copy-seconds", "3600"],
     )
     .await;
-    let b = agent("dmctrtb", 4494, "0b000000-0000-4000-8000-000000000094").await;
+    let mut b = agent("dmctrtb", 4494, "0b000000-0000-4000-8000-000000000094").await;
     let mut volumes_a = a.volumes().await;
     create(&mut volumes_a, VOLUME, SIZE).await.unwrap();
     let path = publish(&mut volumes_a, VOLUME).await.unwrap();
@@ -102,8 +102,12 @@ async fn a_return_trip_copies_only_what_changed_while_away() {
         "{started:?}"
     );
     assert!(started.message.contains("return trip"), "{started:?}");
+    // Both agents killed mid-copy: the kernel's clone and export go on,
+    // and the restarted agents take up where they were.
     a.kill9().await;
+    b.kill9().await;
     a.restart().await;
+    b.restart().await;
     wait_finalized(back, &a).await;
     let copied = (sectors_read(Path::new(&thin_b)) - read_before) * 512;
     println!(
