@@ -199,6 +199,9 @@ impl Transfers {
             live.copying = transfer.phase == TransferPhase::Hydrating
                 && !status.is_fully_hydrated()
                 && moving_on.is_none();
+            if !live.copying {
+                live.progress.not_stalled(now);
+            }
             live.note.clone_from(&moving_on);
             live.progress.stalled_for(now)
         });

@@ -73,6 +73,12 @@ impl Progress {
         (rate > 0.0).then(|| (left as f64 / rate).ceil() as u64)
     }
 
+    /// Copying is not expected now (held while the volume moves on,
+    /// paused, deferred): the time until it is again is no stall.
+    pub fn not_stalled(&mut self, now: Instant) {
+        self.last_change = Some(now);
+    }
+
     /// How long the count has not moved.
     pub fn stalled_for(&self, now: Instant) -> Duration {
         self.last_change
@@ -186,7 +192,14 @@ mod tests {
             p.stalled_for(start + Duration::from_secs(6)),
             Duration::from_secs(1)
         );
-        p.observe(start + Duration::from_secs(7), 10, 10);
+        // Held for 10 s (the volume moved on from here, then that stopped):
+        // the hold is no stall.
+        p.not_stalled(start + Duration::from_secs(16));
+        assert_eq!(
+            p.stalled_for(start + Duration::from_secs(17)),
+            Duration::from_secs(1)
+        );
+        p.observe(start + Duration::from_secs(17), 10, 10);
         assert!(p.is_complete());
         assert_eq!(p.eta_seconds(), Some(0));
     }
