@@ -586,7 +586,7 @@ impl Transfers {
             metadata_bytes,
             created_unix: now,
             finished_unix: None,
-            message: String::new(),
+            message: landing.why_whole(),
             finalize_pause_micros: None,
             done_to_finalized_micros: None,
             source_released: false,
@@ -597,10 +597,6 @@ impl Transfers {
             upstream: None,
             passed_on_to: None,
             return_trip: landing.trip(),
-        };
-        let transfer = TransferRecord {
-            message: landing.why_whole(),
-            ..transfer
         };
         let transfer = TransferRecord {
             upstream: upstream_at_start(&transfer),
