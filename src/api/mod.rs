@@ -62,8 +62,21 @@ pub async fn serve(
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let (health, health_service) = tonic_health::server::health_reporter();
     let routes = routes(&agent, health_service)?;
+    // Every listener is bound before any serves: a caller that reached the
+    // socket may count on TCP and metrics being there too.
     let unix = bind_unix(&agent.settings().socket, agent.settings().socket_readers)?;
-    info!(socket = %agent.settings().socket.display(), "serving the API on the Unix socket");
+    let tcp = match &agent.settings().tcp {
+        Some(tcp) => Some((
+            tcp,
+            Arc::new(tls::ReloadableTls::load(tcp)?),
+            bind_tcp(tcp).await?,
+        )),
+        None => None,
+    };
+    let metrics = match agent.settings().metrics_listen {
+        Some(address) => Some((bind_metrics(address).await?, address)),
+        None => None,
+    };
     let mut servers = tokio::task::JoinSet::new();
     // Root alone drives over the socket; TCP clients are whom tcp.client
     // lists. Both share one gate on calls served at once.
@@ -77,10 +90,10 @@ pub async fn serve(
         .add_routes(routes.clone())
         .serve_with_incoming_shutdown(UnixListenerStream::new(unix), stopped(stop_rx.clone()));
     servers.spawn(async move { socket_server.await.map_err(|err| err.to_string()) });
+    info!(socket = %agent.settings().socket.display(), "serving the API on the Unix socket");
     let mut reloadable = None;
-    if let Some(tcp) = &agent.settings().tcp {
-        let tls = Arc::new(tls::ReloadableTls::load(tcp)?);
-        let listener = bind_tcp(tcp).await?;
+    if let Some((tcp, tls, listener)) = tcp {
+        let address = bound_address(&listener, tcp.listen);
         let tcp_server = limited(&limits)
             .layer(access::AccessLayer::new(tcp.clients.clone(), gate))
             .add_routes(routes)
@@ -89,17 +102,12 @@ pub async fn serve(
                 stopped(stop_rx.clone()),
             );
         servers.spawn(async move { tcp_server.await.map_err(|err| err.to_string()) });
+        info!(address = %address, "serving the API over TCP with mutual TLS");
         reloadable = Some(tls);
     }
     tls::reload_on_hangup(reloadable)?;
-    if let Some(address) = agent.settings().metrics_listen {
-        let listener = TcpListener::bind(address)
-            .await
-            .map_err(|source| AgentError::Io {
-                context: format!("cannot listen on {address} (metrics.listen)"),
-                source,
-            })?;
-        info!(%address, "serving Prometheus metrics at /metrics");
+    if let Some((listener, wanted)) = metrics {
+        let address = bound_address(&listener, wanted);
         let app = axum::Router::new()
             .route("/metrics", axum::routing::get(metrics_page))
             .with_state(agent.clone());
@@ -110,6 +118,7 @@ pub async fn serve(
                 .await
                 .map_err(|err| err.to_string())
         });
+        info!(%address, "serving Prometheus metrics at /metrics");
     }
     health
         .set_service_status("", tonic_health::ServingStatus::Serving)
@@ -259,17 +268,26 @@ fn reachable_by_group(dir: &Path, gid: u32, made: bool) -> Result<(), AgentError
 }
 
 async fn bind_tcp(tcp: &TcpSettings) -> Result<TcpListener, AgentError> {
-    let listener = TcpListener::bind(tcp.listen)
+    TcpListener::bind(tcp.listen)
         .await
         .map_err(|source| AgentError::Io {
             context: format!("cannot listen on {} (tcp.listen)", tcp.listen),
             source,
-        })?;
-    let local = listener
-        .local_addr()
-        .map_or_else(|_| tcp.listen.to_string(), |a| a.to_string());
-    info!(address = %local, "serving the API over TCP with mutual TLS");
-    Ok(listener)
+        })
+}
+
+/// Where `listener` really listens (port 0 asks for any), for the log.
+fn bound_address(listener: &TcpListener, wanted: std::net::SocketAddr) -> std::net::SocketAddr {
+    listener.local_addr().unwrap_or(wanted)
+}
+
+async fn bind_metrics(address: std::net::SocketAddr) -> Result<TcpListener, AgentError> {
+    TcpListener::bind(address)
+        .await
+        .map_err(|source| AgentError::Io {
+            context: format!("cannot listen on {address} (metrics.listen)"),
+            source,
+        })
 }
 
 /// Runs one RPC in a span with its method, object id and request id, logs
