@@ -50,6 +50,7 @@ pub const POINTS: &[&str] = &[
     "snapshot.delete_after_record",
     "clone.after_record",
     "revert.after_record",
+    "travel.after_write",
 ];
 
 #[cfg(feature = "failpoints")]

@@ -409,11 +409,16 @@ impl Reconciler {
         self.ctx
             .remove_device_if_present(&self.ctx.snapshot_name(snapshot))
             .await?;
+        self.ctx
+            .remove_device_if_present(&self.ctx.naming.snapshot_read(&snapshot.id))
+            .await?;
         match snapshot.pending {
             Some(Pending::Create) => {
                 info!(snapshot = %snapshot.id, "rolling back a snapshot interrupted by a crash");
                 self.snapshots.finish_snapshot_delete(snapshot).await
             }
+            // Its travel starts it afresh once its volume's transfer resumes.
+            Some(Pending::Arrive { .. }) => Ok(()),
             Some(_) => {
                 info!(snapshot = %snapshot.id, "finishing a snapshot delete interrupted by a crash");
                 self.snapshots.finish_snapshot_delete(snapshot).await
@@ -442,7 +447,9 @@ impl Reconciler {
                     | DeviceRole::EraProbe(id)
                     | DeviceRole::Lower(id),
                 ) => records.iter().any(|r| r.id == id),
-                Some(DeviceRole::Snapshot(id)) => snapshots.iter().any(|s| s.id == id),
+                Some(DeviceRole::Snapshot(id) | DeviceRole::SnapshotRead(id)) => {
+                    snapshots.iter().any(|s| s.id == id)
+                }
                 Some(DeviceRole::Other(_)) | None => false,
             };
             if !explained {

@@ -157,8 +157,12 @@ pub enum Refusal {
         action: &'static str,
     },
 
-    /// A create or delete of the snapshot has not finished.
-    #[error("snapshot {snapshot} is being created or deleted")]
+    /// A create or delete of the snapshot has not finished, or it is still
+    /// travelling here with its volume.
+    #[error(
+        "snapshot {snapshot} is being created or deleted, or is still arriving with its volume \
+         from its previous host"
+    )]
     SnapshotPending { snapshot: SnapshotId },
 
     /// The transfer's phase does not allow the action.

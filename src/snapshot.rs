@@ -50,6 +50,8 @@ pub enum SnapshotState {
     Creating,
     Available,
     Deleting,
+    /// Travelling here with its volume; usable once it arrived.
+    Arriving,
 }
 
 impl SnapshotState {
@@ -57,6 +59,7 @@ impl SnapshotState {
         match record.pending {
             None => SnapshotState::Available,
             Some(Pending::Delete) => SnapshotState::Deleting,
+            Some(Pending::Arrive { .. }) => SnapshotState::Arriving,
             // A snapshot has no other steps; anything unfinished is unusable.
             Some(_) => SnapshotState::Creating,
         }
@@ -67,6 +70,7 @@ impl SnapshotState {
             SnapshotState::Creating => "creating",
             SnapshotState::Available => "available",
             SnapshotState::Deleting => "deleting",
+            SnapshotState::Arriving => "arriving",
         }
     }
 }
@@ -165,15 +169,33 @@ impl Snapshots {
             return Ok(());
         };
         let _held = self.ctx.locks.lock(&record.volume_id).await;
-        let Some(mut record) = self.ctx.snapshot_record(id).await? else {
+        let Some(record) = self.ctx.snapshot_record(id).await? else {
             return Ok(());
         };
+        if matches!(record.pending, Some(Pending::Arrive { .. })) {
+            return Err(Refusal::SnapshotPending {
+                snapshot: id.clone(),
+            }
+            .into());
+        }
+        self.delete_locked(record).await?;
+        drop(_held);
+        info!(snapshot = %id, "snapshot deleted");
+        // A copy that moved away and stayed only for its snapshots goes
+        // with the last of them, not at the next sweep.
+        let volumes = crate::volume::Volumes::new(Arc::clone(&self.ctx));
+        if let Err(err) = volumes.drop_expired_warm_copies(unix_now()).await {
+            warn!(error = %err, "cannot drop warm copies past their keeping; the next sweep does");
+        }
+        Ok(())
+    }
+
+    /// Deletes a snapshot whose volume's lock the caller holds.
+    pub(crate) async fn delete_locked(&self, mut record: SnapshotRecord) -> Result<(), AgentError> {
         record.pending = Some(Pending::Delete);
         self.put_snapshot(&record).await?;
         failpoint::hit("snapshot.delete_after_record");
-        self.finish_snapshot_delete(&record).await?;
-        info!(snapshot = %id, "snapshot deleted");
-        Ok(())
+        self.finish_snapshot_delete(&record).await
     }
 
     pub(crate) async fn finish_snapshot_delete(
@@ -355,6 +377,12 @@ impl Snapshots {
                 ),
             });
         }
+        if source.pending.is_some() {
+            return Err(Refusal::SnapshotPending {
+                snapshot: snapshot.clone(),
+            }
+            .into());
+        }
         if record.published {
             return Err(Refusal::VolumePublished {
                 volume: volume.clone(),
@@ -423,6 +451,22 @@ impl Snapshots {
         self.ctx.pool.delete_thin(old_thin).await?;
         self.ctx.settle(record.clone()).await?;
         Ok(())
+    }
+
+    /// Snapshots the volume's thin device into `new_thin`, which no record
+    /// names yet (a snapshot arriving with the volume is made from it).
+    /// Callers hold the volume's lock.
+    pub(crate) async fn snapshot_volume_into(
+        &self,
+        origin: &mut VolumeRecord,
+        new_thin: ThinId,
+    ) -> Result<(), AgentError> {
+        self.ctx
+            .snapshot_with_era(origin, async |origin, era| {
+                self.snapshot_thin(origin, new_thin, era).await
+            })
+            .await
+            .map(drop)
     }
 
     // ---- helpers -------------------------------------------------------

@@ -98,6 +98,10 @@ fn is_false(value: &bool) -> bool {
     !*value
 }
 
+fn is_zero(value: &u64) -> bool {
+    *value == 0
+}
+
 /// A volume's dm-era: its metadata lives in a thin device of the pool.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChangeTracking {
@@ -157,6 +161,11 @@ pub struct ExportRecord {
     /// return trip to that node still learns what changed since.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub history_before: Option<HistoryBefore>,
+    /// For a move: the history tag the export ended. A snapshot taken in
+    /// that history has an era dm-era can answer from: what changed since
+    /// it bounds where it differs from what is exported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended_history: Option<u32>,
 }
 
 /// Where a history began and dm-era's first era of it.
@@ -222,6 +231,9 @@ pub enum Pending {
         old_thin: ThinId,
         snapshot_thin: ThinId,
     },
+    /// A snapshot travelling here with its volume by this transfer: its
+    /// thin device is made and filled after the volume arrived.
+    Arrive { transfer: TransferId },
 }
 
 /// A thin snapshot of a volume.
@@ -316,6 +328,21 @@ pub struct TransferRecord {
     /// source says are unchanged are not copied.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub return_trip: Option<ReturnTrip>,
+    /// The caller asked to leave the volume's snapshots on the source.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub leave_snapshots: bool,
+    /// The volume's snapshots travelling here after it (oldest first), as
+    /// the source listed them; each has a record here, arriving until it
+    /// has arrived. Empty: none travel.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub snapshots: Vec<SnapshotId>,
+    /// Those that arrived here: the source deletes exactly these when it
+    /// is released.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub snapshots_arrived: Vec<SnapshotId>,
+    /// Bytes of snapshot content received from the source.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub snapshot_bytes: u64,
 }
 
 /// What a return trip knows of the copy it lands on.

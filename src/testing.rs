@@ -13,7 +13,9 @@ use crate::{
     nvme::fake::FakeFabric,
     pool::backing::Backing,
     transfer::release::{
-        ReleaseFuture, ReleaseRequest, ReturnTripDelta, SourceAction, SourceAnswer, SourceReleaser,
+        DeltaAsk, DeltaChunk, DeltaChunks, DeltaFuture, DeltaRequest, ReleaseFuture,
+        ReleaseRequest, ReturnTripDelta, SourceAction, SourceAnswer, SourceReleaser,
+        TravellingSnapshot,
     },
 };
 
@@ -134,6 +136,11 @@ pub struct SourceAgents {
     upstream: std::sync::Mutex<Vec<String>>,
     history: std::sync::Mutex<Option<u32>>,
     return_trip: std::sync::Mutex<Option<ReturnTripDelta>>,
+    /// The snapshots claims list, and what a delta of each sends.
+    snapshots: std::sync::Mutex<Vec<TravellingSnapshot>>,
+    deltas: std::sync::Mutex<std::collections::BTreeMap<String, Vec<DeltaChunk>>>,
+    delta_asks: std::sync::Mutex<Vec<DeltaAsk>>,
+    deltas_held: std::sync::atomic::AtomicBool,
 }
 
 impl SourceAgents {
@@ -151,6 +158,31 @@ impl SourceAgents {
     /// Claims that ask for a return trip are answered with `delta`.
     pub fn answer_return_trips_with(&self, delta: ReturnTripDelta) {
         *self.return_trip.lock().unwrap_or_else(|p| p.into_inner()) = Some(delta);
+    }
+
+    /// Claims list `snapshots`; a delta of each sends its chunks (a
+    /// snapshot without chunks is gone from the source: NOT_FOUND).
+    pub fn offer_snapshots(&self, snapshots: Vec<(TravellingSnapshot, Vec<DeltaChunk>)>) {
+        let mut deltas = self.deltas.lock().unwrap_or_else(|p| p.into_inner());
+        let mut offered = self.snapshots.lock().unwrap_or_else(|p| p.into_inner());
+        for (snapshot, chunks) in snapshots {
+            deltas.insert(snapshot.id.to_string(), chunks);
+            offered.push(snapshot);
+        }
+    }
+
+    /// Deltas are answered UNAVAILABLE while `held` (claims go on).
+    pub fn hold_deltas(&self, held: bool) {
+        self.deltas_held
+            .store(held, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Every delta asked for, in order.
+    pub fn delta_asks(&self) -> Vec<DeltaAsk> {
+        self.delta_asks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Source agents answer from now on.
@@ -187,6 +219,11 @@ impl SourceAgents {
 }
 
 impl SourceReleaser for SourceAgents {
+    fn snapshot_delta<'a>(&'a self, request: &'a DeltaRequest) -> DeltaFuture<'a> {
+        let delta = self.delta(request);
+        Box::pin(async move { delta })
+    }
+
     fn release<'a>(&'a self, request: &'a ReleaseRequest) -> ReleaseFuture<'a> {
         self.asked
             .lock()
@@ -208,6 +245,11 @@ impl SourceReleaser for SourceAgents {
                         .unwrap_or_else(|p| p.into_inner())
                         .clone()
                 }),
+                snapshots: self
+                    .snapshots
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone(),
             },
             _ => SourceAnswer::default(),
         };
@@ -219,6 +261,38 @@ impl SourceReleaser for SourceAgents {
                 reason: format!("the source agent does not answer yet (release of {volume})"),
             })
         })
+    }
+}
+
+impl SourceAgents {
+    fn delta(&self, request: &DeltaRequest) -> Result<DeltaChunks, AgentError> {
+        self.delta_asks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(request.ask.clone());
+        if !self.answering.load(std::sync::atomic::Ordering::SeqCst)
+            || self.deltas_held.load(std::sync::atomic::Ordering::SeqCst)
+        {
+            return Err(AgentError::Unavailable {
+                reason: "the source agent does not answer yet".into(),
+            });
+        }
+        let chunks = self
+            .deltas
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(request.ask.snapshot.as_str())
+            .filter(|chunks| !chunks.is_empty())
+            .cloned()
+            .ok_or_else(|| AgentError::NotFound {
+                what: "snapshot on the source",
+                id: request.ask.snapshot.to_string(),
+            })?;
+        let (tx, rx) = tokio::sync::mpsc::channel(chunks.len().max(1));
+        for chunk in chunks {
+            let _ = tx.try_send(Ok(chunk));
+        }
+        Ok(rx)
     }
 }
 
@@ -308,6 +382,7 @@ pub async fn finished_transfer(host: &TestHost) -> (Arc<Agent>, crate::ids::Tran
             source: Source::Device(source.to_owned()),
             deferred: false,
             knobs: KnobRequest::default(),
+            leave_snapshots: false,
         })
         .await
         .expect("the transfer starts");

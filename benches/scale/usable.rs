@@ -308,6 +308,7 @@ pub(super) async fn start(
             })),
             deferred,
             knobs: None,
+            leave_snapshots: false,
         })
         .await?
         .into_inner();

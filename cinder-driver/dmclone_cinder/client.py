@@ -587,6 +587,9 @@ class AgentClient:
             nvme_tcp=source,
             deferred=deferred,
             knobs=knobs,
+            # Snapshots stay on the host where they were taken: the driver
+            # finds them there (Snapshot.provider_location).
+            leave_snapshots=True,
         )
         return self._call('Transfers', 'StartTransfer', request, volume_id)
 

@@ -323,6 +323,7 @@ class AgentClientTestCase(base.TestCase):
                     nvme_tcp=source,
                     deferred=True,
                     knobs=knobs,
+                    leave_snapshots=True,
                 ),
             ),
             self._sent(),

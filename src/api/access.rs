@@ -50,6 +50,7 @@ const READS: &[&str] = &[
 const PEER_CALLS: &[&str] = &[
     "GetNodeInfo",
     "ClaimExport",
+    "ReadSnapshotDelta",
     "ReleaseVolume",
     "UnexportVolume",
 ];
@@ -108,6 +109,7 @@ impl Caller {
 pub enum DestinationAct {
     Release,
     Claim,
+    ReadSnapshot,
 }
 
 impl DestinationAct {
@@ -115,6 +117,7 @@ impl DestinationAct {
         match self {
             Self::Release => "copies",
             Self::Claim => "exports",
+            Self::ReadSnapshot => "snapshots of volumes",
         }
     }
 
@@ -122,6 +125,7 @@ impl DestinationAct {
         match self {
             Self::Release => "release",
             Self::Claim => "claim",
+            Self::ReadSnapshot => "read",
         }
     }
 }
@@ -464,7 +468,11 @@ mod tests {
             assert_eq!(may_call(Role::Reader, path), read, "{path}");
             let peer = matches!(
                 method,
-                "GetNodeInfo" | "ClaimExport" | "ReleaseVolume" | "UnexportVolume"
+                "GetNodeInfo"
+                    | "ClaimExport"
+                    | "ReadSnapshotDelta"
+                    | "ReleaseVolume"
+                    | "UnexportVolume"
             );
             assert_eq!(may_call(Role::Peer, path), peer, "{path}");
         }

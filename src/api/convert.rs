@@ -5,12 +5,15 @@ use crate::{
     api::proto::v1 as pb,
     config::validate_region,
     error::AgentError,
+    ids::SnapshotId,
     pool::PoolUsage,
     snapshot::SnapshotState,
     store::HistoryOrigin,
     transfer::{
         TransferState, TransferView,
-        release::{ReturnTripAsk, ReturnTripDelta, SourceAnswer},
+        release::{
+            DeltaAsk, DeltaChunk, ReturnTripAsk, ReturnTripDelta, SourceAnswer, TravellingSnapshot,
+        },
     },
     volume::{Volume, VolumeState},
 };
@@ -58,6 +61,7 @@ pub fn snapshot_state(state: SnapshotState) -> pb::SnapshotState {
         SnapshotState::Creating => pb::SnapshotState::Creating,
         SnapshotState::Available => pb::SnapshotState::Available,
         SnapshotState::Deleting => pb::SnapshotState::Deleting,
+        SnapshotState::Arriving => pb::SnapshotState::Arriving,
     }
 }
 
@@ -68,6 +72,7 @@ pub fn snapshot_state_name(state: pb::SnapshotState) -> &'static str {
         pb::SnapshotState::Creating => SnapshotState::Creating,
         pb::SnapshotState::Available => SnapshotState::Available,
         pb::SnapshotState::Deleting => SnapshotState::Deleting,
+        pb::SnapshotState::Arriving => SnapshotState::Arriving,
     };
     state.as_str()
 }
@@ -127,6 +132,9 @@ pub fn transfer(view: TransferView) -> pb::Transfer {
         upstream: view.upstream,
         passed_on_to: view.passed_on_to.unwrap_or_default(),
         bytes_skipped: view.bytes_skipped,
+        snapshots_total: view.snapshots_total,
+        snapshots_arrived: view.snapshots_arrived,
+        snapshot_bytes_received: view.snapshot_bytes_received,
     }
 }
 
@@ -185,8 +193,20 @@ pub fn claim_response(answer: SourceAnswer) -> pb::ClaimExportResponse {
                 whole_copy_reason: reason,
             },
         }),
+        snapshots: answer
+            .snapshots
+            .into_iter()
+            .map(|s| pb::TravellingSnapshot {
+                snapshot_id: s.id.to_string(),
+                size_bytes: s.size_bytes,
+                created_unix_seconds: s.created_unix,
+            })
+            .collect(),
     }
 }
+
+/// Past this many, a source's list of snapshots is not believed: none travel.
+const MAX_TRAVELLING_SNAPSHOTS: usize = 4096;
 
 /// A claim's answer in the domain's terms; history tag 0 is "none".
 pub fn source_answer(answer: pb::ClaimExportResponse) -> SourceAnswer {
@@ -206,6 +226,88 @@ pub fn source_answer(answer: pb::ClaimExportResponse) -> SourceAnswer {
                 ReturnTripDelta::WholeCopy(delta.whole_copy_reason)
             }
         }),
+        snapshots: travelling_snapshots(answer.snapshots),
+    }
+}
+
+/// The snapshots a source offers, those with valid ids; none from a source
+/// that lists implausibly many.
+fn travelling_snapshots(offered: Vec<pb::TravellingSnapshot>) -> Vec<TravellingSnapshot> {
+    if offered.len() > MAX_TRAVELLING_SNAPSHOTS {
+        return Vec::new();
+    }
+    offered
+        .into_iter()
+        .filter_map(|s| {
+            Some(TravellingSnapshot {
+                id: SnapshotId::parse(&s.snapshot_id).ok()?,
+                size_bytes: s.size_bytes,
+                created_unix: s.created_unix_seconds,
+            })
+        })
+        .collect()
+}
+
+/// A destination's request for a snapshot's delta, checked for shape (the
+/// source checks the rest against its records).
+pub fn delta_ask(request: &pb::ReadSnapshotDeltaRequest) -> Result<DeltaAsk, AgentError> {
+    let invalid = |field, reason: String| AgentError::InvalidArgument { field, reason };
+    let against = match request.against_snapshot_id.as_str() {
+        "" => None,
+        id => Some(SnapshotId::parse(id)?),
+    };
+    let also = request
+        .also
+        .iter()
+        .map(|e| {
+            e.offset_bytes
+                .checked_add(e.length_bytes)
+                .map(|end| e.offset_bytes..end)
+                .ok_or_else(|| invalid("also", format!("{e:?} ends past 2^64")))
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(DeltaAsk {
+        snapshot: SnapshotId::parse(&request.snapshot_id)?,
+        against,
+        block_bytes: request.block_bytes,
+        also,
+        everything: request.everything,
+    })
+}
+
+pub fn delta_request_message(
+    volume_id: &str,
+    host_nqn: &str,
+    release_token: String,
+    ask: &DeltaAsk,
+) -> pb::ReadSnapshotDeltaRequest {
+    pb::ReadSnapshotDeltaRequest {
+        volume_id: volume_id.to_owned(),
+        host_nqn: host_nqn.to_owned(),
+        release_token,
+        snapshot_id: ask.snapshot.to_string(),
+        against_snapshot_id: ask
+            .against
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
+        block_bytes: ask.block_bytes,
+        also: ask
+            .also
+            .iter()
+            .map(|r| pb::Extent {
+                offset_bytes: r.start,
+                length_bytes: r.end - r.start,
+            })
+            .collect(),
+        everything: ask.everything,
+    }
+}
+
+pub fn delta_chunk(chunk: DeltaChunk) -> pb::SnapshotDeltaChunk {
+    pb::SnapshotDeltaChunk {
+        offset_bytes: chunk.offset,
+        data: chunk.data,
     }
 }
 
@@ -302,6 +404,7 @@ mod tests {
             SnapshotState::Creating,
             SnapshotState::Available,
             SnapshotState::Deleting,
+            SnapshotState::Arriving,
         ] {
             assert_eq!(snapshot_state_name(snapshot_state(state)), state.as_str());
         }

@@ -48,7 +48,7 @@ mod tests {
         assert_eq!(rpcs("Node"), 1);
         assert_eq!(rpcs("Volumes"), 7);
         assert_eq!(rpcs("Snapshots"), 7);
-        assert_eq!(rpcs("Transfers"), 13);
+        assert_eq!(rpcs("Transfers"), 14);
     }
 
     /// Enums start with an UNSPECIFIED zero, so "unset" never means a state.

@@ -4,7 +4,7 @@
 
 use std::{path::PathBuf, sync::Arc};
 
-use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{StreamExt, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status, codegen::BoxStream};
 use tracing::warn;
 
@@ -13,7 +13,7 @@ use crate::{
     agent::Agent,
     api::proto::v1 as pb,
     error::AgentError,
-    ids::{TransferId, VolumeId},
+    ids::{SnapshotId, TransferId, VolumeId},
     nvme::auth::{DhchapKeys, DhchapSecret},
     transfer::{
         KnobRequest, Source, StartRequest, TransferQuery, TransferView, export::UnexportRequest,
@@ -151,6 +151,7 @@ fn start_request(req: pb::StartTransferRequest) -> Result<StartRequest, AgentErr
         source,
         deferred: req.deferred,
         knobs: knobs(req.knobs),
+        leave_snapshots: req.leave_snapshots,
     })
 }
 
@@ -228,15 +229,20 @@ impl pb::transfers_server::Transfers for TransfersApi {
         &self,
         request: Request<pb::ReleaseVolumeRequest>,
     ) -> Result<Response<pb::ReleaseVolumeResponse>, Status> {
+        let moved = request.get_ref().snapshots_moved.clone();
         let request = request.map(|r| (r.volume_id, r.host_nqn, r.release_token));
         self.on_destination_call(
             "ReleaseVolume",
             access::DestinationAct::Release,
             request,
             |agent, id, host, token| async move {
+                let moved = moved
+                    .iter()
+                    .map(|raw| SnapshotId::parse(raw))
+                    .collect::<Result<Vec<_>, _>>()?;
                 agent
                     .exports
-                    .release_volume(&id, &host, token.as_ref())
+                    .release_volume_and_snapshots(&id, &host, token.as_ref(), &moved)
                     .await
                     .map(|()| pb::ReleaseVolumeResponse {})
             },
@@ -261,6 +267,34 @@ impl pb::transfers_server::Transfers for TransfersApi {
                     .claim_export(&id, &host, token.as_ref(), ask.as_ref())
                     .await
                     .map(convert::claim_response)
+            },
+        )
+        .await
+    }
+
+    type ReadSnapshotDeltaStream = BoxStream<pb::SnapshotDeltaChunk>;
+
+    async fn read_snapshot_delta(
+        &self,
+        request: Request<pb::ReadSnapshotDeltaRequest>,
+    ) -> Result<Response<Self::ReadSnapshotDeltaStream>, Status> {
+        let ask = convert::delta_ask(request.get_ref());
+        let request = request.map(|r| (r.volume_id, r.host_nqn, r.release_token));
+        self.on_destination_call(
+            "ReadSnapshotDelta",
+            access::DestinationAct::ReadSnapshot,
+            request,
+            |agent, id, host, token| async move {
+                let chunks = agent
+                    .exports
+                    .read_snapshot_delta(&id, &host, token.as_ref(), ask?)
+                    .await?;
+                let stream = ReceiverStream::new(chunks).map(|chunk| {
+                    chunk
+                        .map(convert::delta_chunk)
+                        .map_err(|err| super::status::status_of(&err))
+                });
+                Ok(Box::pin(stream) as Self::ReadSnapshotDeltaStream)
             },
         )
         .await

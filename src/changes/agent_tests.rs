@@ -101,6 +101,7 @@ async fn an_arriving_volume_tracks_changes_from_presentation_on() {
             source: Source::Device(source),
             deferred: true,
             knobs: KnobRequest::default(),
+            leave_snapshots: false,
         };
         agent.transfers.start_transfer(request).await.unwrap();
         let checkpoint = agent.changes.mark_checkpoint(&id).await;

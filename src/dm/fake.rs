@@ -67,6 +67,8 @@ struct State {
     status_reads: u64,
     /// The event monitor failed: every wait for an event fails at once.
     events_failed: bool,
+    /// Bytes read through `read_at`.
+    bytes_read: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -95,6 +97,9 @@ struct ThinContent {
     held_metadata_snapshot: bool,
     /// dm-clone's hydrated regions when it holds clone metadata.
     hydrated_regions: Option<u64>,
+    /// What was written through `write_at`, by 4 KiB page; other pages
+    /// read as zeros.
+    pages: BTreeMap<u64, Vec<u8>>,
 }
 
 impl FakeKernel {
@@ -265,6 +270,21 @@ impl FakeKernel {
             .collect()
     }
 
+    /// Bytes read through `read_at` so far.
+    pub fn bytes_read(&self) -> u64 {
+        self.state().bytes_read
+    }
+
+    /// What `write_at` left in thin id `id` of the pool device `pool`, by
+    /// 4 KiB page (a snapshot starts with its origin's).
+    pub fn thin_pages(&self, pool: &str, id: u32) -> BTreeMap<u64, Vec<u8>> {
+        self.state()
+            .thins
+            .get(&(pool.to_owned(), id))
+            .map(|content| content.pages.clone())
+            .unwrap_or_default()
+    }
+
     /// What changed, in order: "create NAME", "suspend NAME", "message NAME TEXT", ...
     pub fn journal(&self) -> Vec<String> {
         self.state().journal.clone()
@@ -378,6 +398,21 @@ impl FakeKernel {
         }
         call(&mut state)
     }
+}
+
+/// The fake's unit of content.
+const PAGE: usize = 4096;
+
+/// The pages a read or write of `length` bytes at `offset` covers; both
+/// must be whole pages, as O_DIRECT wants.
+fn page_span(offset: u64, length: usize) -> Result<std::ops::Range<u64>> {
+    if !offset.is_multiple_of(PAGE as u64) || !length.is_multiple_of(PAGE) {
+        return Err(Error::Other(format!(
+            "unaligned direct I/O: {length} bytes at {offset}"
+        )));
+    }
+    let first = offset / PAGE as u64;
+    Ok(first..first + (length / PAGE) as u64)
 }
 
 impl State {
@@ -884,6 +919,42 @@ impl Kernel for FakeKernel {
             state
                 .journal
                 .push(format!("discard {name} {}", spans.join(",")));
+            Ok(())
+        })
+    }
+
+    async fn read_at(&self, name: &DeviceName, offset: u64, length: usize) -> Result<Vec<u8>> {
+        self.with("read", name, |state| {
+            let key = state.thin_key_of(name.as_str()).ok_or_else(|| {
+                Error::Other(format!("the fake reads thin devices only, not {name}"))
+            })?;
+            let pages = state.thins.get(&key).map(|c| &c.pages);
+            let mut data = Vec::with_capacity(length);
+            for page in page_span(offset, length)? {
+                match pages.and_then(|pages| pages.get(&page)) {
+                    Some(bytes) => data.extend_from_slice(bytes),
+                    None => data.extend_from_slice(&[0u8; PAGE]),
+                }
+            }
+            state.bytes_read += length as u64;
+            Ok(data)
+        })
+    }
+
+    async fn write_at(&self, name: &DeviceName, offset: u64, data: Vec<u8>) -> Result<()> {
+        self.with("write", name, |state| {
+            let key = state.thin_key_of(name.as_str()).ok_or_else(|| {
+                Error::Other(format!("the fake writes thin devices only, not {name}"))
+            })?;
+            let content = state.thins.entry(key).or_default();
+            for (page, bytes) in page_span(offset, data.len())?.zip(data.chunks(PAGE)) {
+                content.pages.insert(page, bytes.to_vec());
+            }
+            state.journal.push(format!(
+                "write {name} {}..{}",
+                offset,
+                offset + data.len() as u64
+            ));
             Ok(())
         })
     }

@@ -1,5 +1,6 @@
 //! Device-mapper: typed tables and status (pure), names, and the ioctl boundary.
 
+pub mod direct_io;
 pub mod events;
 #[cfg(any(test, feature = "kernel-fake"))]
 pub mod fake;

@@ -75,6 +75,8 @@ impl AsRef<str> for DeviceName {
 /// <prefix>-thin-<volume-id>   the volume's thin device
 /// <prefix>-emeta-<volume-id>  the thin device holding its dm-era metadata
 /// <prefix>-era-<volume-id>    dm-era over an unpublished volume, for a moment
+/// <prefix>-snap-<snapshot-id> a snapshot, activated for a moment
+/// <prefix>-sread-<snapshot-id> a snapshot a move's destination reads from
 /// <prefix>-pool, <prefix>-pool-meta, <prefix>-pool-data
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -96,6 +98,9 @@ pub enum DeviceRole {
     CloneMetadata(String),
     /// A snapshot with this id, activated for a moment.
     Snapshot(String),
+    /// A snapshot with this id, activated while the destination of its
+    /// volume's move reads what it must copy of it.
+    SnapshotRead(String),
     /// The dm-era metadata device of the volume with this id.
     EraMetadata(String),
     /// The device dm-era sits on while the volume with this id arrives (its
@@ -165,6 +170,11 @@ impl Naming {
         self.name(&format!("snap-{snapshot}"))
     }
 
+    /// A snapshot, activated while a move's destination reads from it.
+    pub fn snapshot_read(&self, snapshot: &SnapshotId) -> DeviceName {
+        self.name(&format!("sread-{snapshot}"))
+    }
+
     /// The role of a device name, or `None` if it is not ours.
     pub fn parse(&self, name: &str) -> Option<DeviceRole> {
         let rest = name.strip_prefix(&self.prefix)?.strip_prefix('-')?;
@@ -182,6 +192,8 @@ impl Naming {
                     DeviceRole::CloneMetadata(id.to_owned())
                 } else if let Some(id) = with_id("snap-") {
                     DeviceRole::Snapshot(id.to_owned())
+                } else if let Some(id) = with_id("sread-") {
+                    DeviceRole::SnapshotRead(id.to_owned())
                 } else if let Some(id) = with_id("emeta-") {
                     DeviceRole::EraMetadata(id.to_owned())
                 } else if let Some(id) = with_id("era-") {

@@ -110,6 +110,12 @@ pub trait Kernel: Send + Sync + fmt::Debug {
     /// destination's blocks as they are: how a clone over an older copy
     /// of its source skips the regions known to be unchanged.
     async fn discard(&self, name: &DeviceName, ranges: Vec<Range<u64>>) -> Result<()>;
+    /// `length` bytes of the device from `offset`, past the page cache
+    /// (both multiples of 4 KiB).
+    async fn read_at(&self, name: &DeviceName, offset: u64, length: usize) -> Result<Vec<u8>>;
+    /// Writes `data` to the device from `offset`, past the page cache (both
+    /// multiples of 4 KiB); on the device once it is flushed.
+    async fn write_at(&self, name: &DeviceName, offset: u64, data: Vec<u8>) -> Result<()>;
     /// The number and size in bytes of the block device at `path` (a
     /// transfer's local source).
     async fn block_device(&self, path: &Path) -> Result<(DevRef, u64), AgentError>;
@@ -281,6 +287,25 @@ impl Kernel for LiveKernel {
         tokio::task::spawn_blocking(move || discard_ranges(&path, &ranges))
             .await
             .map_err(|err| Error::Other(format!("discard worker failed: {err}")))?
+    }
+
+    async fn read_at(&self, name: &DeviceName, offset: u64, length: usize) -> Result<Vec<u8>> {
+        let path = name.mapper_path();
+        tokio::task::spawn_blocking(move || {
+            super::direct_io::read_at(&path, offset, length).map_err(io_error("cannot read", &path))
+        })
+        .await
+        .map_err(|err| Error::Other(format!("read worker failed: {err}")))?
+    }
+
+    async fn write_at(&self, name: &DeviceName, offset: u64, data: Vec<u8>) -> Result<()> {
+        let path = name.mapper_path();
+        tokio::task::spawn_blocking(move || {
+            super::direct_io::write_at(&path, offset, &data)
+                .map_err(io_error("cannot write", &path))
+        })
+        .await
+        .map_err(|err| Error::Other(format!("write worker failed: {err}")))?
     }
 
     async fn block_device(&self, path: &Path) -> Result<(DevRef, u64), AgentError> {

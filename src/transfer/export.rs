@@ -5,6 +5,7 @@
 mod chain;
 mod claim;
 mod return_trip;
+pub(super) mod snapshots;
 
 use std::sync::Arc;
 
@@ -14,7 +15,7 @@ use crate::{
     context::Context,
     error::AgentError,
     failpoint,
-    ids::VolumeId,
+    ids::{SnapshotId, VolumeId},
     nvme::{
         Nqn, TcpAddress,
         auth::{AuthPolicy, DhchapKeys},
@@ -195,7 +196,12 @@ impl Exports {
                     .await?;
                 true
             }
-            None => record.export.as_ref().is_some_and(|e| e.serves_lower),
+            None => {
+                if for_transfer {
+                    self.refuse_while_snapshots_arrive(id).await?;
+                }
+                record.export.as_ref().is_some_and(|e| e.serves_lower)
+            }
         };
         let subsystem = subsystem_nqn(&self.export_prefix(), id)?;
         let token = for_transfer.then(ReleaseToken::generate).transpose()?;
@@ -255,6 +261,11 @@ impl Exports {
                     claim_deadline_unix: deadline,
                     serves_lower,
                     history_before,
+                    ended_history: record
+                        .tracking
+                        .as_ref()
+                        .filter(|_| for_transfer)
+                        .map(|t| t.history),
                 });
                 // The export serves the thin device below dm-era: what the
                 // other host writes is never tracked, so the history ends.
@@ -385,6 +396,20 @@ impl Exports {
         host_nqn: &str,
         token: Option<&ReleaseToken>,
     ) -> Result<(), AgentError> {
+        self.release_volume_and_snapshots(id, host_nqn, token, &[])
+            .await
+    }
+
+    /// A release that also drops the volume's snapshots in `moved` (they
+    /// arrived on the destination). Snapshots not listed stay, and keep the
+    /// copy, as a warm copy, while they do.
+    pub async fn release_volume_and_snapshots(
+        &self,
+        id: &VolumeId,
+        host_nqn: &str,
+        token: Option<&ReleaseToken>,
+        moved: &[SnapshotId],
+    ) -> Result<(), AgentError> {
         let host = Nqn::parse("host_nqn", host_nqn)?;
         let _held = self.ctx.locks.lock(id.as_str()).await;
         let Some(mut record) = self.ctx.record(id).await? else {
@@ -430,11 +455,12 @@ impl Exports {
         }
         self.remove_export(id).await?;
         failpoint::hit("release.after_unexport");
+        let staying = self.drop_moved_snapshots(id, moved).await?;
         // The record keeps its export (and its tokens) until the delete
         // removes it or the copy turns warm, so a release cut short here is
         // repeated with the same token.
         let keep_seconds = self.ctx.settings.transfer.keep_source_copy_seconds;
-        if keep_seconds > 0 && record.tracking.is_some() {
+        if (keep_seconds > 0 && record.tracking.is_some()) || staying > 0 {
             let now = unix_now();
             let until = now.saturating_add(i64::try_from(keep_seconds).unwrap_or(i64::MAX));
             record.export = None;

@@ -186,7 +186,10 @@ impl Transfers {
         request: &StartRequest,
         size: u64,
     ) -> Result<Landing, AgentError> {
-        if copy.warm.is_none() {
+        // A copy kept for its snapshots shares their blocks: nothing may
+        // land on it or drop it while they stay.
+        let kept_for_snapshots = !self.ctx.snapshots_of(Some(&copy.id)).await?.is_empty();
+        if copy.warm.is_none() || kept_for_snapshots {
             return Err(AgentError::AlreadyExists {
                 what: "volume",
                 id: copy.id.to_string(),
@@ -495,6 +498,8 @@ impl Transfers {
         volume: Option<VolumeRecord>,
         transfer: &TransferRecord,
     ) -> Result<(), AgentError> {
+        // Snapshots that were to follow the volume stay on the source.
+        self.drop_arriving_snapshots(transfer).await?;
         if let Some(volume) = volume {
             self.ctx.tear_down(&volume, transfer).await?;
             let key = volume.id.clone();
@@ -597,6 +602,10 @@ impl Transfers {
             upstream: None,
             passed_on_to: None,
             return_trip: landing.trip(),
+            leave_snapshots: request.leave_snapshots,
+            snapshots: Vec::new(),
+            snapshots_arrived: Vec::new(),
+            snapshot_bytes: 0,
         };
         let transfer = TransferRecord {
             upstream: upstream_at_start(&transfer),

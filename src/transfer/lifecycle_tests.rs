@@ -29,6 +29,7 @@ fn request(n: u32, volume: &VolumeId, deferred: bool) -> StartRequest {
         source: Source::Device(PathBuf::from(SOURCE)),
         deferred,
         knobs: KnobRequest::default(),
+        leave_snapshots: false,
     }
 }
 

@@ -25,6 +25,7 @@ pub mod progress;
 pub mod release;
 mod releasing;
 mod return_trip;
+mod snapshots;
 pub mod token;
 
 use std::{
@@ -90,6 +91,8 @@ pub struct StartRequest {
     pub source: Source,
     pub deferred: bool,
     pub knobs: KnobRequest,
+    /// Leave the volume's snapshots on the source.
+    pub leave_snapshots: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -147,6 +150,11 @@ pub struct TransferView {
     /// A return trip: bytes known unchanged on this host's copy, not copied
     /// (left out of `bytes_total` and `bytes_hydrated`).
     pub bytes_skipped: u64,
+    /// Snapshots travelling with the volume, how many arrived, and the
+    /// bytes of their content received.
+    pub snapshots_total: u32,
+    pub snapshots_arrived: u32,
+    pub snapshot_bytes_received: u64,
 }
 
 /// What the agent knows about a running transfer beyond its record.
@@ -295,6 +303,9 @@ pub(crate) fn view(
         .saturating_sub(skipped),
         bytes_total: record.clone_bytes - skipped,
         bytes_skipped: skipped,
+        snapshots_total: u32::try_from(record.snapshots.len()).unwrap_or(u32::MAX),
+        snapshots_arrived: u32::try_from(record.snapshots_arrived.len()).unwrap_or(u32::MAX),
+        snapshot_bytes_received: record.snapshot_bytes,
         bytes_per_second: rate * record.region_bytes as f64,
         eta_seconds: eta,
         hydration_threshold: record.hydration_threshold,
@@ -335,5 +346,7 @@ mod lifecycle_tests;
 mod move_tests;
 #[cfg(test)]
 mod return_trip_tests;
+#[cfg(test)]
+mod snapshots_tests;
 #[cfg(test)]
 mod warm_tests;

@@ -434,7 +434,7 @@ impl Transfers {
             seconds(transfer.done_to_finalized_micros),
             seconds(transfer.finalize_pause_micros),
         );
-        self.spawn_release(&transfer);
+        self.after_arrival(&transfer).await;
         info!(
             transfer = %transfer.id,
             volume = %volume_id,
@@ -490,7 +490,10 @@ impl Transfers {
                 self.spawn_monitor(transfer.id.clone(), false);
                 self.spawn_claim(transfer);
             } else if transfer.phase == TransferPhase::Done {
-                self.spawn_release(transfer);
+                let (transfers, transfer) = (self.clone(), transfer.clone());
+                self.ctx
+                    .background
+                    .spawn(async move { transfers.after_arrival(&transfer).await });
             } else if transfer.phase == TransferPhase::Aborted {
                 self.spawn_withdraw(transfer);
             }

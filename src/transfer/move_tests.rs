@@ -476,6 +476,7 @@ pub(super) fn nvme_request(n: u32, volume: &VolumeId, endpoint: &str) -> StartRe
         },
         deferred: false,
         knobs: KnobRequest::default(),
+        leave_snapshots: false,
     }
 }
 

@@ -6,7 +6,8 @@
 use std::{fmt, future::Future, ops::Range, path::PathBuf, pin::Pin};
 
 use crate::{
-    client::ClientTls, error::AgentError, store::HistoryOrigin, transfer::token::ReleaseToken,
+    client::ClientTls, error::AgentError, ids::SnapshotId, store::HistoryOrigin,
+    transfer::token::ReleaseToken,
 };
 
 /// Where the source agent of a transfer listens.
@@ -43,6 +44,9 @@ pub struct ReleaseRequest {
     pub token: Option<ReleaseToken>,
     /// With a claim: what changed since the volume left this host's copy.
     pub return_trip: Option<ReturnTripAsk>,
+    /// With a release: the snapshots that arrived here, which the source
+    /// deletes with its copy.
+    pub snapshots_moved: Vec<SnapshotId>,
 }
 
 /// A destination's question about its warm copy: which regions changed
@@ -74,7 +78,56 @@ pub struct SourceAnswer {
     /// `None`: the volume tracks no changes there (or the source is older).
     pub history: Option<u32>,
     pub return_trip: Option<ReturnTripDelta>,
+    /// The volume's snapshots there, oldest first: they may travel too.
+    pub snapshots: Vec<TravellingSnapshot>,
 }
+
+/// A snapshot the source offers to send after the volume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TravellingSnapshot {
+    pub id: SnapshotId,
+    pub size_bytes: u64,
+    pub created_unix: i64,
+}
+
+/// What a destination asks of one snapshot (`ReadSnapshotDelta`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeltaAsk {
+    pub snapshot: SnapshotId,
+    /// The newer snapshot the destination holds already; `None`: the
+    /// volume as exported.
+    pub against: Option<SnapshotId>,
+    /// The comparison's granularity: a power of two, 4 KiB to 1 MiB.
+    pub block_bytes: u64,
+    /// Byte ranges sent whatever they hold, in order.
+    pub also: Vec<Range<u64>>,
+    /// Send every block: the destination compares each itself.
+    pub everything: bool,
+}
+
+/// Whole blocks of a snapshot from `offset`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeltaChunk {
+    pub offset: u64,
+    pub data: Vec<u8>,
+}
+
+/// A [`DeltaAsk`] sent to the source agent of a move.
+#[derive(Debug, Clone)]
+pub struct DeltaRequest {
+    pub source: SourceAgent,
+    pub volume_id: String,
+    /// This host's NQN: the host the volume is exported to.
+    pub host_nqn: String,
+    pub token: Option<ReleaseToken>,
+    pub ask: DeltaAsk,
+}
+
+/// The chunks of a snapshot's delta as they arrive; an error ends them.
+pub type DeltaChunks = tokio::sync::mpsc::Receiver<Result<DeltaChunk, AgentError>>;
+
+pub type DeltaFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<DeltaChunks, AgentError>> + Send + 'a>>;
 
 pub type ReleaseFuture<'a> =
     Pin<Box<dyn Future<Output = Result<SourceAnswer, AgentError>> + Send + 'a>>;
@@ -87,4 +140,8 @@ pub trait SourceReleaser: fmt::Debug + Send + Sync {
     /// no repeat changes, and after `NotFound` for a claim: the source has
     /// no export for the move (any more).
     fn release<'a>(&'a self, request: &'a ReleaseRequest) -> ReleaseFuture<'a>;
+
+    /// Opens the stream of a snapshot's delta; the chunks follow on the
+    /// receiver.
+    fn snapshot_delta<'a>(&'a self, request: &'a DeltaRequest) -> DeltaFuture<'a>;
 }

@@ -15,7 +15,7 @@ use super::{
 use crate::{
     client::ClientTls,
     error::AgentError,
-    ids::{TransferId, VolumeId},
+    ids::{SnapshotId, TransferId, VolumeId},
     refusal::Refusal,
     store::{HistoryOrigin, TransferRecord},
 };
@@ -28,6 +28,13 @@ fn upstream_or(answer: &SourceAnswer, endpoint: &str) -> Vec<String> {
     } else {
         answer.upstream.clone()
     }
+}
+
+/// What a request to the source carries besides its action.
+#[derive(Debug, Clone, Default)]
+struct Extra {
+    return_trip: Option<ReturnTripAsk>,
+    snapshots_moved: Vec<SnapshotId>,
 }
 
 /// Release retries back off up to this.
@@ -76,12 +83,13 @@ impl Transfers {
                 &transfer.volume_id,
                 SourceAction::Claim,
                 Some(token),
-                None,
+                Extra::default(),
             )
             .await?;
         transfer.export_claimed = true;
         transfer.upstream = Some(upstream_or(&answer, &endpoint));
         self.record_origin(transfer, &answer).await?;
+        self.plan_snapshots(transfer, &answer).await?;
         self.ctx.put_transfer(transfer).await?;
         info!(transfer = %transfer.id, "the source knows its export is claimed");
         Ok(())
@@ -100,6 +108,15 @@ impl Transfers {
             transfer.volume_id.clone(),
             endpoint.to_owned(),
         );
+        // A release names the snapshots that arrived here: the source drops
+        // exactly those with its copy.
+        let extra = Extra {
+            snapshots_moved: match action {
+                SourceAction::Release => transfer.snapshots_arrived.clone(),
+                _ => Vec::new(),
+            },
+            ..Extra::default()
+        };
         self.ctx.background.spawn(async move {
             let mut backoff = Duration::from_secs(1);
             let answer = loop {
@@ -107,7 +124,7 @@ impl Transfers {
                     return;
                 }
                 match transfers
-                    .ask_source(&endpoint, &volume, action, token.clone(), None)
+                    .ask_source(&endpoint, &volume, action, token.clone(), extra.clone())
                     .await
                 {
                     Ok(answer) => break answer,
@@ -142,24 +159,29 @@ impl Transfers {
         volume: &VolumeId,
         action: SourceAction,
         token: Option<ReleaseToken>,
-        return_trip: Option<ReturnTripAsk>,
+        extra: Extra,
     ) -> Result<SourceAnswer, AgentError> {
-        let source = match endpoint.strip_prefix("unix:") {
+        let request = ReleaseRequest {
+            source: self.source_agent_at(endpoint)?,
+            action,
+            volume_id: volume.to_string(),
+            host_nqn: self.ctx.nvme.host_nqn.to_string(),
+            token,
+            return_trip: extra.return_trip,
+            snapshots_moved: extra.snapshots_moved,
+        };
+        self.ctx.source_releaser.release(&request).await
+    }
+
+    /// How to reach the source agent at `endpoint`.
+    pub(super) fn source_agent_at(&self, endpoint: &str) -> Result<SourceAgent, AgentError> {
+        Ok(match endpoint.strip_prefix("unix:") {
             Some(path) => SourceAgent::Unix(path.into()),
             None => SourceAgent::Tls {
                 address: endpoint.to_owned(),
                 tls: self.peer_tls(endpoint)?,
             },
-        };
-        let request = ReleaseRequest {
-            source,
-            action,
-            volume_id: volume.to_string(),
-            host_nqn: self.ctx.nvme.host_nqn.to_string(),
-            token,
-            return_trip,
-        };
-        self.ctx.source_releaser.release(&request).await
+        })
     }
 
     fn peer_tls(&self, endpoint: &str) -> Result<ClientTls, AgentError> {
@@ -202,6 +224,7 @@ impl Transfers {
                 record.export_claimed = true;
                 record.upstream = Some(upstream_or(answer, endpoint));
                 self.record_origin(&record, answer).await?;
+                self.plan_snapshots(&mut record, answer).await?;
             }
         }
         self.ctx.put_transfer(&record).await?;
@@ -229,7 +252,10 @@ impl Transfers {
             &transfer.volume_id,
             SourceAction::Claim,
             Some(token),
-            Some(ask),
+            Extra {
+                return_trip: Some(ask),
+                ..Extra::default()
+            },
         )
         .await
     }

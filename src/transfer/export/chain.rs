@@ -145,6 +145,9 @@ impl Exports {
                 "passed on: {host}, which this copy was exported to, holds every byte; this \
                  host's partial copy was dropped and its source released"
             );
+            // Its snapshots never came: they stay on the source.
+            self.transfers.drop_arriving_snapshots(&transfer).await?;
+            transfer.snapshots.clear();
             self.ctx.put_transfer(&transfer).await?;
             failpoint::hit("release.after_pass_on_record");
         }

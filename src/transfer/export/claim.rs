@@ -74,6 +74,33 @@ impl Exports {
         let host = Nqn::parse("host_nqn", host_nqn)?;
         let _held = self.ctx.locks.lock(id.as_str()).await;
         let mut record = self
+            .exported_for_move_to(id, &host, token, "a claim of its export")
+            .await?;
+        if let Some(export) = record.export.as_mut()
+            && export.claim_deadline_unix.take().is_some()
+        {
+            self.ctx.put(&record).await?;
+            info!(volume = %id, host = %host, "its destination claimed the export: it no longer expires");
+        }
+        Ok(SourceAnswer {
+            upstream: self.chain_from_here(&record).await?,
+            history: record.tracking.as_ref().map(|t| t.history),
+            return_trip: None,
+            snapshots: self.travelling_snapshots(&record).await?,
+        })
+    }
+
+    /// The record of volume `id` when it is exported for a move to `host`
+    /// and `token` is one of the export's release tokens; `asking` names
+    /// the request for the refusal without one. Callers hold the lock.
+    pub(super) async fn exported_for_move_to(
+        &self,
+        id: &VolumeId,
+        host: &Nqn,
+        token: Option<&ReleaseToken>,
+        asking: &str,
+    ) -> Result<VolumeRecord, AgentError> {
+        let record = self
             .ctx
             .record(id)
             .await?
@@ -85,7 +112,7 @@ impl Exports {
             volume: id.clone(),
             why,
         };
-        let Some(export) = &mut record.export else {
+        let Some(export) = &record.export else {
             return Err(not_for_transfer(
                 "is not exported (an export not claimed in time is withdrawn)",
             )
@@ -96,18 +123,10 @@ impl Exports {
             return Err(not_for_transfer("is exported for an attachment, not for a move").into());
         }
         let token = token.ok_or_else(|| AgentError::PermissionDenied {
-            reason: format!("a claim of volume {id}'s export needs the release token it was given"),
+            reason: format!("{asking} of volume {id} needs the release token its export was given"),
         })?;
         check_token(id, token, export)?;
-        if export.claim_deadline_unix.take().is_some() {
-            self.ctx.put(&record).await?;
-            info!(volume = %id, host = %host, "its destination claimed the export: it no longer expires");
-        }
-        Ok(SourceAnswer {
-            upstream: self.chain_from_here(&record).await?,
-            history: record.tracking.as_ref().map(|t| t.history),
-            return_trip: None,
-        })
+        Ok(record)
     }
 
     /// Withdraws every export for a move that was not claimed by its

@@ -43,6 +43,10 @@ fn record(n: u32, phase: TransferPhase, finished_unix: Option<i64>) -> TransferR
         upstream: None,
         passed_on_to: None,
         return_trip: None,
+        leave_snapshots: false,
+        snapshots: Vec::new(),
+        snapshots_arrived: Vec::new(),
+        snapshot_bytes: 0,
     }
 }
 
@@ -130,6 +134,9 @@ fn view_of(n: u32, volume: u32, state: TransferState) -> TransferView {
         upstream: Vec::new(),
         passed_on_to: None,
         bytes_skipped: 0,
+        snapshots_total: 0,
+        snapshots_arrived: 0,
+        snapshot_bytes_received: 0,
     }
 }
 

@@ -99,6 +99,7 @@ async fn call(channel: &Channel, source: &Path, n: u64, cut: bool) -> Result<(),
                     hydration_batch_size: 1,
                     max_bytes_per_second: 256 * 1024,
                 }),
+                leave_snapshots: false,
             }
         ),
         1 => send!(transfers, commit_transfer, this_transfer()),

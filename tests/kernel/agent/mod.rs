@@ -19,4 +19,5 @@ mod scale;
 mod snapshots;
 mod tls;
 mod transfer;
+mod travel;
 mod warm;

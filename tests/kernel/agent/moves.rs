@@ -159,6 +159,7 @@ pub(super) async fn start_move_with(
             })),
             deferred,
             knobs,
+            leave_snapshots: false,
         })
         .await
         .map(|r| r.into_inner())
@@ -794,6 +795,7 @@ async fn release(
             volume_id: ids.volume.into(),
             host_nqn: host_nqn.into(),
             release_token: token.into(),
+            snapshots_moved: Vec::new(),
         })
         .await
         .map(drop)

@@ -85,6 +85,7 @@ async fn metrics_follow_a_transfer_and_match_the_api() {
                 hydration_batch_size: 1,
                 max_bytes_per_second: 8 * MIB,
             }),
+            leave_snapshots: false,
         })
         .await
         .unwrap();

@@ -190,6 +190,7 @@ async fn moving(ids: Ids, a: &AgentProcess, b: &AgentProcess, relay: &Relay, see
                 max_bytes_per_second: COPY_RATE,
                 ..HydrationKnobs::default()
             }),
+            leave_snapshots: false,
         })
         .await
         .unwrap();

@@ -268,6 +268,7 @@ async fn start_slow_move(
                 hydration_batch_size: 1,
                 max_bytes_per_second: rate,
             }),
+            leave_snapshots: false,
         })
         .await
         .unwrap();

@@ -354,6 +354,7 @@ async fn a_snapshot_of_an_arriving_volume_waits_for_hydration() {
             hydration_batch_size: 1,
             max_bytes_per_second: 16 * MIB,
         }),
+        leave_snapshots: false,
     };
     transfers.start_transfer(start(true)).await.unwrap();
     let refused = snapshot(&agent, SNAP, VOL_D).await.unwrap_err();

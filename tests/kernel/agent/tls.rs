@@ -288,6 +288,7 @@ async fn denied_calls(channel: Channel) -> Vec<(&'static str, bool)> {
         transfers.unexport_volume(UnexportVolumeRequest) => "UnexportVolume",
         transfers.release_volume(ReleaseVolumeRequest) => "ReleaseVolume",
         transfers.claim_export(ClaimExportRequest) => "ClaimExport",
+        transfers.read_snapshot_delta(ReadSnapshotDeltaRequest) => "ReadSnapshotDelta",
         transfers.start_transfer(StartTransferRequest) => "StartTransfer",
         transfers.commit_transfer(TransferRef) => "CommitTransfer",
         transfers.abort_transfer(AbortTransferRequest) => "AbortTransfer",
@@ -328,20 +329,24 @@ async fn each_role_may_call_exactly_its_share() {
         "WatchTransfers",
     ];
     for (identity, allowed) in [
-        // Everything but ReleaseVolume and ClaimExport: over TCP only a
-        // peer releases or claims.
+        // Everything but ReleaseVolume, ClaimExport and ReadSnapshotDelta:
+        // over TCP only a peer releases, claims or reads a snapshot's delta.
         ("cinder-volume", None),
         ("prometheus", Some(&reads[..])),
-        // ReleaseVolume or ClaimExport naming no host is not its own
-        // host's: refused too (the peer's own host is tried below).
+        // ReleaseVolume, ClaimExport or ReadSnapshotDelta naming no host is
+        // not its own host's: refused too (the peer's own host is tried
+        // below).
         ("agent-hv2", Some(&["GetNodeInfo", "UnexportVolume"][..])),
         ("stranger", Some(&[][..])),
     ] {
         let calls = denied_calls(channel_for(identity).await).await;
-        assert_eq!(calls.len(), 28);
+        assert_eq!(calls.len(), 29);
         for (method, denied) in calls {
             let may = match allowed {
-                None => !matches!(method, "ReleaseVolume" | "ClaimExport"),
+                None => !matches!(
+                    method,
+                    "ReleaseVolume" | "ClaimExport" | "ReadSnapshotDelta"
+                ),
                 Some(list) => list.contains(&method),
             };
             assert_eq!(denied, !may, "{identity} calling {method}");
@@ -383,6 +388,7 @@ async fn each_role_may_call_exactly_its_share() {
         volume_id: "0c9d1c3e-5f1a-4f7e-9a57-3f0c2b8f6d40".into(),
         host_nqn: host_nqn.into(),
         release_token: String::new(),
+        snapshots_moved: Vec::new(),
     };
     let elsewhere = transfers
         .release_volume(release(
@@ -576,6 +582,7 @@ async fn a_copy_is_released_only_by_its_destination_with_the_token() {
         volume_id: VOLUME.into(),
         host_nqn: host_nqn.into(),
         release_token: token.into(),
+        snapshots_moved: Vec::new(),
     };
     let wrong = "00".repeat(32);
     for (who, request, code) in [

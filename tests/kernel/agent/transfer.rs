@@ -67,6 +67,7 @@ async fn start_as(
             source: Some(Source::DevicePath(source.display().to_string())),
             deferred,
             knobs,
+            leave_snapshots: false,
         })
         .await
         .map(|r| r.into_inner())
@@ -580,6 +581,7 @@ async fn the_host_byte_budget_holds_for_all_transfers_together() {
                 source: Some(Source::DevicePath(source.path().display().to_string())),
                 deferred: false,
                 knobs: knobs(64 * 1024, 1, 1),
+                leave_snapshots: false,
             })
             .await
             .unwrap();
@@ -1113,6 +1115,7 @@ async fn bad_transfer_requests_get_precise_codes() {
         source: Some(Source::DevicePath(path.into())),
         deferred: true,
         knobs: None,
+        leave_snapshots: false,
     };
     let path = source.path().display().to_string();
     let cases = [

@@ -115,6 +115,10 @@ pub struct StartArgs {
     /// Present now, hydrate after `transfer commit` (live migration).
     #[arg(long)]
     deferred: bool,
+    /// Leave the volume's snapshots on the source (by default they follow
+    /// it once it has arrived).
+    #[arg(long)]
+    leave_snapshots: bool,
     #[arg(long, value_parser = parse_size)]
     region: Option<u64>,
     #[arg(long)]
@@ -251,6 +255,7 @@ fn start_request(args: StartArgs) -> Result<StartTransferRequest, Failure> {
             hydration_batch_size: args.batch.unwrap_or(0),
             max_bytes_per_second: 0,
         }),
+        leave_snapshots: args.leave_snapshots,
     })
 }
 
@@ -501,6 +506,14 @@ fn provenance(t: &Transfer) -> String {
             output::size(t.bytes_skipped)
         ));
     }
+    if t.snapshots_total > 0 {
+        text.push_str(&format!(
+            "snapshots: {} of {} arrived, {} received\n",
+            t.snapshots_arrived,
+            t.snapshots_total,
+            output::size(t.snapshot_bytes_received)
+        ));
+    }
     text
 }
 
@@ -539,6 +552,9 @@ pub fn to_json(t: &Transfer) -> serde_json::Value {
         "upstream": t.upstream,
         "passed_on_to": t.passed_on_to,
         "bytes_skipped": t.bytes_skipped,
+        "snapshots_total": t.snapshots_total,
+        "snapshots_arrived": t.snapshots_arrived,
+        "snapshot_bytes_received": t.snapshot_bytes_received,
     })
 }
 
@@ -590,6 +606,17 @@ mod tests {
         assert_eq!(
             provenance(&returned),
             "source: device /dev/sdb\nreturn trip: 63.0MiB unchanged here, not copied\n"
+        );
+        let with_snapshots = Transfer {
+            source: "device /dev/sdb".into(),
+            snapshots_total: 3,
+            snapshots_arrived: 2,
+            snapshot_bytes_received: 5 << 20,
+            ..Transfer::default()
+        };
+        assert_eq!(
+            provenance(&with_snapshots),
+            "source: device /dev/sdb\nsnapshots: 2 of 3 arrived, 5.0MiB received\n"
         );
     }
 }

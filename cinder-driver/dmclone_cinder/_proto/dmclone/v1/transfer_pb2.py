@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from dmclone_cinder._proto.dmclone.v1 import common_pb2 as dmclone_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x64mclone/v1/transfer.proto\x12\ndmclone.v1\x1a\x17\x64mclone/v1/common.proto\"\xf1\x01\n\x06\x45xport\x12\x11\n\tvolume_id\x18\x01 \x01(\t\x12\x15\n\rsubsystem_nqn\x18\x02 \x01(\t\x12\x19\n\x11transport_address\x18\x03 \x01(\t\x12\x1c\n\x14transport_service_id\x18\x04 \x01(\r\x12\x18\n\x10\x61llowed_host_nqn\x18\x05 \x01(\t\x12\x15\n\rrelease_token\x18\x06 \x01(\t\x12\x1a\n\x12\x64hchap_host_secret\x18\x07 \x01(\t\x12\x1a\n\x12\x64hchap_ctrl_secret\x18\x08 \x01(\t\x12\x1b\n\x13\x63laim_deadline_unix\x18\t \x01(\x03\"P\n\x13\x45xportVolumeRequest\x12\x11\n\tvolume_id\x18\x01 \x01(\t\x12\x10\n\x08host_nqn\x18\x02 \x01(\t\x12\x14\n\x0c\x66or_transfer\x18\x03 \x01(\x08\"P\n\x15UnexportVolumeRequest\x12\x11\n\tvolume_id\x18\x01 \x01(\t\x12\x15\n\rrelease_token\x18\x02 \x01(\t\x12\r\n\x05\x66orce\x18\x03 \x01(\x08\"\x18\n\x16UnexportVolumeResponse\"R\n\x14ReleaseVolumeRequest\x12\x11\n\tvolume_id\x18\x01 \x01(\t\x12\x10\n\x08host_nqn\x18\x02 \x01(\t\x12\x15\n\rrelease_token\x18\x03 \x01(\t\"\x17\n\x15ReleaseVolumeResponse\"\x80\x01\n\x12\x43laimExportRequest\x12\x11\n\tvolume_id\x18\x01 \x01(\t\x12\x10\n\x08host_nqn\x18\x02 \x01(\t\x12\x15\n\rrelease_token\x18\x03 \x01(\t\x12.\n\x0breturn_trip\x18\x04 \x01(\x0b\x32\x19.dmclone.v1.ReturnTripAsk\"U\n\rReturnTripAsk\x12\x16\n\x0eorigin_node_id\x18\x01 \x01(\t\x12\x16\n\x0eorigin_history\x18\x02 \x01(\r\x12\x14\n\x0cregion_bytes\x18\x03 \x01(\x04\"j\n\x13\x43laimExportResponse\x12\x10\n\x08upstream\x18\x01 \x03(\t\x12\x0f\n\x07history\x18\x02 \x01(\r\x12\x30\n\x0breturn_trip\x18\x03 \x01(\x0b\x32\x1b.dmclone.v1.ReturnTripDelta\"Q\n\x0fReturnTripDelta\x12#\n\x07\x63hanged\x18\x01 \x03(\x0b\x32\x12.dmclone.v1.Extent\x12\x19\n\x11whole_copy_reason\x18\x02 \x01(\t\"\xcd\x01\n\rNvmeTcpSource\x12\x15\n\rsubsystem_nqn\x18\x01 \x01(\t\x12\x19\n\x11transport_address\x18\x02 \x01(\t\x12\x1c\n\x14transport_service_id\x18\x03 \x01(\r\x12\x1d\n\x15source_agent_endpoint\x18\x04 \x01(\t\x12\x15\n\rrelease_token\x18\x05 \x01(\t\x12\x1a\n\x12\x64hchap_host_secret\x18\x06 \x01(\t\x12\x1a\n\x12\x64hchap_ctrl_secret\x18\x07 \x01(\t\"\xdf\x01\n\x14StartTransferRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x11\n\tvolume_id\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x04\x12-\n\x08nvme_tcp\x18\x04 \x01(\x0b\x32\x19.dmclone.v1.NvmeTcpSourceH\x00\x12\x15\n\x0b\x64\x65vice_path\x18\x05 \x01(\tH\x00\x12\x10\n\x08\x64\x65\x66\x65rred\x18\x06 \x01(\x08\x12)\n\x05knobs\x18\x07 \x01(\x0b\x32\x1a.dmclone.v1.HydrationKnobsB\x08\n\x06source\"\x7f\n\x0eHydrationKnobs\x12\x14\n\x0cregion_bytes\x18\x01 \x01(\r\x12\x1b\n\x13hydration_threshold\x18\x02 \x01(\r\x12\x1c\n\x14hydration_batch_size\x18\x03 \x01(\r\x12\x1c\n\x14max_bytes_per_second\x18\x04 \x01(\x04\"\"\n\x0bTransferRef\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\":\n\x14\x41\x62ortTransferRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\r\n\x05\x66orce\x18\x02 \x01(\x08\"Y\n\x17ThrottleTransferRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12)\n\x05knobs\x18\x02 \x01(\x0b\x32\x1a.dmclone.v1.HydrationKnobs\"\xf5\x03\n\x08Transfer\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x11\n\tvolume_id\x18\x02 \x01(\t\x12(\n\x05state\x18\x03 \x01(\x0e\x32\x19.dmclone.v1.TransferState\x12\x18\n\x10regions_hydrated\x18\x04 \x01(\x04\x12\x15\n\rregions_total\x18\x05 \x01(\x04\x12\x16\n\x0e\x62ytes_hydrated\x18\x06 \x01(\x04\x12\x13\n\x0b\x62ytes_total\x18\x07 \x01(\x04\x12\x18\n\x10\x62ytes_per_second\x18\x08 \x01(\x01\x12\x13\n\x0b\x65ta_seconds\x18\t \x01(\x04\x12)\n\x05knobs\x18\n \x01(\x0b\x32\x1a.dmclone.v1.HydrationKnobs\x12\x13\n\x0b\x64\x65vice_path\x18\x0b \x01(\t\x12\x0f\n\x07message\x18\x0c \x01(\t\x12\x1d\n\x15\x66inalize_pause_micros\x18\r \x01(\x04\x12 \n\x18\x64one_to_finalized_micros\x18\x0e \x01(\x04\x12\x17\n\x0fsource_released\x18\x0f \x01(\x08\x12\x10\n\x08\x64\x65\x66\x65rred\x18\x10 \x01(\x08\x12\x0e\n\x06source\x18\x11 \x01(\t\x12\x10\n\x08upstream\x18\x12 \x03(\t\x12\x14\n\x0cpassed_on_to\x18\x13 \x01(\t\x12\x15\n\rbytes_skipped\x18\x14 \x01(\x04\"{\n\x14ListTransfersRequest\x12\x11\n\tvolume_id\x18\x01 \x01(\t\x12)\n\x06states\x18\x02 \x03(\x0e\x32\x19.dmclone.v1.TransferState\x12\x11\n\tpage_size\x18\x03 \x01(\r\x12\x12\n\npage_token\x18\x04 \x01(\t\"Y\n\x15ListTransfersResponse\x12\'\n\ttransfers\x18\x01 \x03(\x0b\x32\x14.dmclone.v1.Transfer\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\",\n\x15WatchTransfersRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t*\xb0\x02\n\rTransferState\x12\x1e\n\x1aTRANSFER_STATE_UNSPECIFIED\x10\x00\x12\x1d\n\x19TRANSFER_STATE_CONNECTING\x10\x01\x12\x1b\n\x17TRANSFER_STATE_DEFERRED\x10\x02\x12\x1c\n\x18TRANSFER_STATE_HYDRATING\x10\x03\x12\x19\n\x15TRANSFER_STATE_PAUSED\x10\x04\x12\x1d\n\x19TRANSFER_STATE_FINALIZING\x10\x05\x12\x17\n\x13TRANSFER_STATE_DONE\x10\x06\x12\x1b\n\x17TRANSFER_STATE_DEGRADED\x10\x07\x12\x19\n\x15TRANSFER_STATE_FAILED\x10\x08\x12\x1a\n\x16TRANSFER_STATE_ABORTED\x10\t2\xd3\x07\n\tTransfers\x12\x43\n\x0c\x45xportVolume\x12\x1f.dmclone.v1.ExportVolumeRequest\x1a\x12.dmclone.v1.Export\x12W\n\x0eUnexportVolume\x12!.dmclone.v1.UnexportVolumeRequest\x1a\".dmclone.v1.UnexportVolumeResponse\x12T\n\rReleaseVolume\x12 .dmclone.v1.ReleaseVolumeRequest\x1a!.dmclone.v1.ReleaseVolumeResponse\x12N\n\x0b\x43laimExport\x12\x1e.dmclone.v1.ClaimExportRequest\x1a\x1f.dmclone.v1.ClaimExportResponse\x12G\n\rStartTransfer\x12 .dmclone.v1.StartTransferRequest\x1a\x14.dmclone.v1.Transfer\x12?\n\x0e\x43ommitTransfer\x12\x17.dmclone.v1.TransferRef\x1a\x14.dmclone.v1.Transfer\x12G\n\rAbortTransfer\x12 .dmclone.v1.AbortTransferRequest\x1a\x14.dmclone.v1.Transfer\x12>\n\rPauseTransfer\x12\x17.dmclone.v1.TransferRef\x1a\x14.dmclone.v1.Transfer\x12?\n\x0eResumeTransfer\x12\x17.dmclone.v1.TransferRef\x1a\x14.dmclone.v1.Transfer\x12M\n\x10ThrottleTransfer\x12#.dmclone.v1.ThrottleTransferRequest\x1a\x14.dmclone.v1.Transfer\x12<\n\x0bGetTransfer\x12\x17.dmclone.v1.TransferRef\x1a\x14.dmclone.v1.Transfer\x12T\n\rListTransfers\x12 .dmclone.v1.ListTransfersRequest\x1a!.dmclone.v1.ListTransfersResponse\x12K\n\x0eWatchTransfers\x12!.dmclone.v1.WatchTransfersRequest\x1a\x14.dmclone.v1.Transfer0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x64mclone/v1/transfer.proto\x12\ndmclone.v1\x1a\x17\x64mclone/v1/common.proto\"\xf1\x01\n\x06\x45xport\x12\x11\n\tvolume_id\x18\x01 \x01(\t\x12\x15\n\rsubsystem_nqn\x18\x02 \x01(\t\x12\x19\n\x11transport_address\x18\x03 \x01(\t\x12\x1c\n\x14transport_service_id\x18\x04 \x01(\r\x12\x18\n\x10\x61llowed_host_nqn\x18\x05 \x01(\t\x12\x15\n\rrelease_token\x18\x06 \x01(\t\x12\x1a\n\x12\x64hchap_host_secret\x18\x07 \x01(\t\x12\x1a\n\x12\x64hchap_ctrl_secret\x18\x08 \x01(\t\x12\x1b\n\x13\x63laim_deadline_unix\x18\t \x01(\x03\"P\n\x13\x45xportVolumeRequest\x12\x11\n\tvolume_id\x18\x01 \x01(\t\x12\x10\n\x08host_nqn\x18\x02 \x01(\t\x12\x14\n\x0c\x66or_transfer\x18\x03 \x01(\x08\"P\n\x15UnexportVolumeRequest\x12\x11\n\tvolume_id\x18\x01 \x01(\t\x12\x15\n\rrelease_token\x18\x02 \x01(\t\x12\r\n\x05\x66orce\x18\x03 \x01(\x08\"\x18\n\x16UnexportVolumeResponse\"k\n\x14ReleaseVolumeRequest\x12\x11\n\tvolume_id\x18\x01 \x01(\t\x12\x10\n\x08host_nqn\x18\x02 \x01(\t\x12\x15\n\rrelease_token\x18\x03 \x01(\t\x12\x17\n\x0fsnapshots_moved\x18\x04 \x03(\t\"\x17\n\x15ReleaseVolumeResponse\"\x80\x01\n\x12\x43laimExportRequest\x12\x11\n\tvolume_id\x18\x01 \x01(\t\x12\x10\n\x08host_nqn\x18\x02 \x01(\t\x12\x15\n\rrelease_token\x18\x03 \x01(\t\x12.\n\x0breturn_trip\x18\x04 \x01(\x0b\x32\x19.dmclone.v1.ReturnTripAsk\"U\n\rReturnTripAsk\x12\x16\n\x0eorigin_node_id\x18\x01 \x01(\t\x12\x16\n\x0eorigin_history\x18\x02 \x01(\r\x12\x14\n\x0cregion_bytes\x18\x03 \x01(\x04\"\x9d\x01\n\x13\x43laimExportResponse\x12\x10\n\x08upstream\x18\x01 \x03(\t\x12\x0f\n\x07history\x18\x02 \x01(\r\x12\x30\n\x0breturn_trip\x18\x03 \x01(\x0b\x32\x1b.dmclone.v1.ReturnTripDelta\x12\x31\n\tsnapshots\x18\x04 \x03(\x0b\x32\x1e.dmclone.v1.TravellingSnapshot\"[\n\x12TravellingSnapshot\x12\x13\n\x0bsnapshot_id\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x04\x12\x1c\n\x14\x63reated_unix_seconds\x18\x03 \x01(\x03\"\xd3\x01\n\x18ReadSnapshotDeltaRequest\x12\x11\n\tvolume_id\x18\x01 \x01(\t\x12\x10\n\x08host_nqn\x18\x02 \x01(\t\x12\x15\n\rrelease_token\x18\x03 \x01(\t\x12\x13\n\x0bsnapshot_id\x18\x04 \x01(\t\x12\x1b\n\x13\x61gainst_snapshot_id\x18\x05 \x01(\t\x12\x13\n\x0b\x62lock_bytes\x18\x06 \x01(\x04\x12 \n\x04\x61lso\x18\x07 \x03(\x0b\x32\x12.dmclone.v1.Extent\x12\x12\n\neverything\x18\x08 \x01(\x08\"8\n\x12SnapshotDeltaChunk\x12\x14\n\x0coffset_bytes\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"Q\n\x0fReturnTripDelta\x12#\n\x07\x63hanged\x18\x01 \x03(\x0b\x32\x12.dmclone.v1.Extent\x12\x19\n\x11whole_copy_reason\x18\x02 \x01(\t\"\xcd\x01\n\rNvmeTcpSource\x12\x15\n\rsubsystem_nqn\x18\x01 \x01(\t\x12\x19\n\x11transport_address\x18\x02 \x01(\t\x12\x1c\n\x14transport_service_id\x18\x03 \x01(\r\x12\x1d\n\x15source_agent_endpoint\x18\x04 \x01(\t\x12\x15\n\rrelease_token\x18\x05 \x01(\t\x12\x1a\n\x12\x64hchap_host_secret\x18\x06 \x01(\t\x12\x1a\n\x12\x64hchap_ctrl_secret\x18\x07 \x01(\t\"\xf8\x01\n\x14StartTransferRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x11\n\tvolume_id\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x04\x12-\n\x08nvme_tcp\x18\x04 \x01(\x0b\x32\x19.dmclone.v1.NvmeTcpSourceH\x00\x12\x15\n\x0b\x64\x65vice_path\x18\x05 \x01(\tH\x00\x12\x10\n\x08\x64\x65\x66\x65rred\x18\x06 \x01(\x08\x12)\n\x05knobs\x18\x07 \x01(\x0b\x32\x1a.dmclone.v1.HydrationKnobs\x12\x17\n\x0fleave_snapshots\x18\x08 \x01(\x08\x42\x08\n\x06source\"\x7f\n\x0eHydrationKnobs\x12\x14\n\x0cregion_bytes\x18\x01 \x01(\r\x12\x1b\n\x13hydration_threshold\x18\x02 \x01(\r\x12\x1c\n\x14hydration_batch_size\x18\x03 \x01(\r\x12\x1c\n\x14max_bytes_per_second\x18\x04 \x01(\x04\"\"\n\x0bTransferRef\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\":\n\x14\x41\x62ortTransferRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\r\n\x05\x66orce\x18\x02 \x01(\x08\"Y\n\x17ThrottleTransferRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12)\n\x05knobs\x18\x02 \x01(\x0b\x32\x1a.dmclone.v1.HydrationKnobs\"\xca\x04\n\x08Transfer\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x11\n\tvolume_id\x18\x02 \x01(\t\x12(\n\x05state\x18\x03 \x01(\x0e\x32\x19.dmclone.v1.TransferState\x12\x18\n\x10regions_hydrated\x18\x04 \x01(\x04\x12\x15\n\rregions_total\x18\x05 \x01(\x04\x12\x16\n\x0e\x62ytes_hydrated\x18\x06 \x01(\x04\x12\x13\n\x0b\x62ytes_total\x18\x07 \x01(\x04\x12\x18\n\x10\x62ytes_per_second\x18\x08 \x01(\x01\x12\x13\n\x0b\x65ta_seconds\x18\t \x01(\x04\x12)\n\x05knobs\x18\n \x01(\x0b\x32\x1a.dmclone.v1.HydrationKnobs\x12\x13\n\x0b\x64\x65vice_path\x18\x0b \x01(\t\x12\x0f\n\x07message\x18\x0c \x01(\t\x12\x1d\n\x15\x66inalize_pause_micros\x18\r \x01(\x04\x12 \n\x18\x64one_to_finalized_micros\x18\x0e \x01(\x04\x12\x17\n\x0fsource_released\x18\x0f \x01(\x08\x12\x10\n\x08\x64\x65\x66\x65rred\x18\x10 \x01(\x08\x12\x0e\n\x06source\x18\x11 \x01(\t\x12\x10\n\x08upstream\x18\x12 \x03(\t\x12\x14\n\x0cpassed_on_to\x18\x13 \x01(\t\x12\x15\n\rbytes_skipped\x18\x14 \x01(\x04\x12\x17\n\x0fsnapshots_total\x18\x15 \x01(\r\x12\x19\n\x11snapshots_arrived\x18\x16 \x01(\r\x12\x1f\n\x17snapshot_bytes_received\x18\x17 \x01(\x04\"{\n\x14ListTransfersRequest\x12\x11\n\tvolume_id\x18\x01 \x01(\t\x12)\n\x06states\x18\x02 \x03(\x0e\x32\x19.dmclone.v1.TransferState\x12\x11\n\tpage_size\x18\x03 \x01(\r\x12\x12\n\npage_token\x18\x04 \x01(\t\"Y\n\x15ListTransfersResponse\x12\'\n\ttransfers\x18\x01 \x03(\x0b\x32\x14.dmclone.v1.Transfer\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\",\n\x15WatchTransfersRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t*\xb0\x02\n\rTransferState\x12\x1e\n\x1aTRANSFER_STATE_UNSPECIFIED\x10\x00\x12\x1d\n\x19TRANSFER_STATE_CONNECTING\x10\x01\x12\x1b\n\x17TRANSFER_STATE_DEFERRED\x10\x02\x12\x1c\n\x18TRANSFER_STATE_HYDRATING\x10\x03\x12\x19\n\x15TRANSFER_STATE_PAUSED\x10\x04\x12\x1d\n\x19TRANSFER_STATE_FINALIZING\x10\x05\x12\x17\n\x13TRANSFER_STATE_DONE\x10\x06\x12\x1b\n\x17TRANSFER_STATE_DEGRADED\x10\x07\x12\x19\n\x15TRANSFER_STATE_FAILED\x10\x08\x12\x1a\n\x16TRANSFER_STATE_ABORTED\x10\t2\xb0\x08\n\tTransfers\x12\x43\n\x0c\x45xportVolume\x12\x1f.dmclone.v1.ExportVolumeRequest\x1a\x12.dmclone.v1.Export\x12W\n\x0eUnexportVolume\x12!.dmclone.v1.UnexportVolumeRequest\x1a\".dmclone.v1.UnexportVolumeResponse\x12T\n\rReleaseVolume\x12 .dmclone.v1.ReleaseVolumeRequest\x1a!.dmclone.v1.ReleaseVolumeResponse\x12N\n\x0b\x43laimExport\x12\x1e.dmclone.v1.ClaimExportRequest\x1a\x1f.dmclone.v1.ClaimExportResponse\x12[\n\x11ReadSnapshotDelta\x12$.dmclone.v1.ReadSnapshotDeltaRequest\x1a\x1e.dmclone.v1.SnapshotDeltaChunk0\x01\x12G\n\rStartTransfer\x12 .dmclone.v1.StartTransferRequest\x1a\x14.dmclone.v1.Transfer\x12?\n\x0e\x43ommitTransfer\x12\x17.dmclone.v1.TransferRef\x1a\x14.dmclone.v1.Transfer\x12G\n\rAbortTransfer\x12 .dmclone.v1.AbortTransferRequest\x1a\x14.dmclone.v1.Transfer\x12>\n\rPauseTransfer\x12\x17.dmclone.v1.TransferRef\x1a\x14.dmclone.v1.Transfer\x12?\n\x0eResumeTransfer\x12\x17.dmclone.v1.TransferRef\x1a\x14.dmclone.v1.Transfer\x12M\n\x10ThrottleTransfer\x12#.dmclone.v1.ThrottleTransferRequest\x1a\x14.dmclone.v1.Transfer\x12<\n\x0bGetTransfer\x12\x17.dmclone.v1.TransferRef\x1a\x14.dmclone.v1.Transfer\x12T\n\rListTransfers\x12 .dmclone.v1.ListTransfersRequest\x1a!.dmclone.v1.ListTransfersResponse\x12K\n\x0eWatchTransfers\x12!.dmclone.v1.WatchTransfersRequest\x1a\x14.dmclone.v1.Transfer0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dmclone_cinder._proto.dmclone.v1.transfer_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TRANSFERSTATE']._serialized_start=2535
-  _globals['_TRANSFERSTATE']._serialized_end=2839
+  _globals['_TRANSFERSTATE']._serialized_start=3087
+  _globals['_TRANSFERSTATE']._serialized_end=3391
   _globals['_EXPORT']._serialized_start=67
   _globals['_EXPORT']._serialized_end=308
   _globals['_EXPORTVOLUMEREQUEST']._serialized_start=310
@@ -43,37 +43,43 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_UNEXPORTVOLUMERESPONSE']._serialized_start=474
   _globals['_UNEXPORTVOLUMERESPONSE']._serialized_end=498
   _globals['_RELEASEVOLUMEREQUEST']._serialized_start=500
-  _globals['_RELEASEVOLUMEREQUEST']._serialized_end=582
-  _globals['_RELEASEVOLUMERESPONSE']._serialized_start=584
-  _globals['_RELEASEVOLUMERESPONSE']._serialized_end=607
-  _globals['_CLAIMEXPORTREQUEST']._serialized_start=610
-  _globals['_CLAIMEXPORTREQUEST']._serialized_end=738
-  _globals['_RETURNTRIPASK']._serialized_start=740
-  _globals['_RETURNTRIPASK']._serialized_end=825
-  _globals['_CLAIMEXPORTRESPONSE']._serialized_start=827
-  _globals['_CLAIMEXPORTRESPONSE']._serialized_end=933
-  _globals['_RETURNTRIPDELTA']._serialized_start=935
-  _globals['_RETURNTRIPDELTA']._serialized_end=1016
-  _globals['_NVMETCPSOURCE']._serialized_start=1019
-  _globals['_NVMETCPSOURCE']._serialized_end=1224
-  _globals['_STARTTRANSFERREQUEST']._serialized_start=1227
-  _globals['_STARTTRANSFERREQUEST']._serialized_end=1450
-  _globals['_HYDRATIONKNOBS']._serialized_start=1452
-  _globals['_HYDRATIONKNOBS']._serialized_end=1579
-  _globals['_TRANSFERREF']._serialized_start=1581
-  _globals['_TRANSFERREF']._serialized_end=1615
-  _globals['_ABORTTRANSFERREQUEST']._serialized_start=1617
-  _globals['_ABORTTRANSFERREQUEST']._serialized_end=1675
-  _globals['_THROTTLETRANSFERREQUEST']._serialized_start=1677
-  _globals['_THROTTLETRANSFERREQUEST']._serialized_end=1766
-  _globals['_TRANSFER']._serialized_start=1769
-  _globals['_TRANSFER']._serialized_end=2270
-  _globals['_LISTTRANSFERSREQUEST']._serialized_start=2272
-  _globals['_LISTTRANSFERSREQUEST']._serialized_end=2395
-  _globals['_LISTTRANSFERSRESPONSE']._serialized_start=2397
-  _globals['_LISTTRANSFERSRESPONSE']._serialized_end=2486
-  _globals['_WATCHTRANSFERSREQUEST']._serialized_start=2488
-  _globals['_WATCHTRANSFERSREQUEST']._serialized_end=2532
-  _globals['_TRANSFERS']._serialized_start=2842
-  _globals['_TRANSFERS']._serialized_end=3821
+  _globals['_RELEASEVOLUMEREQUEST']._serialized_end=607
+  _globals['_RELEASEVOLUMERESPONSE']._serialized_start=609
+  _globals['_RELEASEVOLUMERESPONSE']._serialized_end=632
+  _globals['_CLAIMEXPORTREQUEST']._serialized_start=635
+  _globals['_CLAIMEXPORTREQUEST']._serialized_end=763
+  _globals['_RETURNTRIPASK']._serialized_start=765
+  _globals['_RETURNTRIPASK']._serialized_end=850
+  _globals['_CLAIMEXPORTRESPONSE']._serialized_start=853
+  _globals['_CLAIMEXPORTRESPONSE']._serialized_end=1010
+  _globals['_TRAVELLINGSNAPSHOT']._serialized_start=1012
+  _globals['_TRAVELLINGSNAPSHOT']._serialized_end=1103
+  _globals['_READSNAPSHOTDELTAREQUEST']._serialized_start=1106
+  _globals['_READSNAPSHOTDELTAREQUEST']._serialized_end=1317
+  _globals['_SNAPSHOTDELTACHUNK']._serialized_start=1319
+  _globals['_SNAPSHOTDELTACHUNK']._serialized_end=1375
+  _globals['_RETURNTRIPDELTA']._serialized_start=1377
+  _globals['_RETURNTRIPDELTA']._serialized_end=1458
+  _globals['_NVMETCPSOURCE']._serialized_start=1461
+  _globals['_NVMETCPSOURCE']._serialized_end=1666
+  _globals['_STARTTRANSFERREQUEST']._serialized_start=1669
+  _globals['_STARTTRANSFERREQUEST']._serialized_end=1917
+  _globals['_HYDRATIONKNOBS']._serialized_start=1919
+  _globals['_HYDRATIONKNOBS']._serialized_end=2046
+  _globals['_TRANSFERREF']._serialized_start=2048
+  _globals['_TRANSFERREF']._serialized_end=2082
+  _globals['_ABORTTRANSFERREQUEST']._serialized_start=2084
+  _globals['_ABORTTRANSFERREQUEST']._serialized_end=2142
+  _globals['_THROTTLETRANSFERREQUEST']._serialized_start=2144
+  _globals['_THROTTLETRANSFERREQUEST']._serialized_end=2233
+  _globals['_TRANSFER']._serialized_start=2236
+  _globals['_TRANSFER']._serialized_end=2822
+  _globals['_LISTTRANSFERSREQUEST']._serialized_start=2824
+  _globals['_LISTTRANSFERSREQUEST']._serialized_end=2947
+  _globals['_LISTTRANSFERSRESPONSE']._serialized_start=2949
+  _globals['_LISTTRANSFERSRESPONSE']._serialized_end=3038
+  _globals['_WATCHTRANSFERSREQUEST']._serialized_start=3040
+  _globals['_WATCHTRANSFERSREQUEST']._serialized_end=3084
+  _globals['_TRANSFERS']._serialized_start=3394
+  _globals['_TRANSFERS']._serialized_end=4466
 # @@protoc_insertion_point(module_scope)

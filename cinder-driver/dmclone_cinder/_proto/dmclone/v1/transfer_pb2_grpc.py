@@ -54,6 +54,11 @@ class TransfersStub:
                 request_serializer=dmclone_dot_v1_dot_transfer__pb2.ClaimExportRequest.SerializeToString,
                 response_deserializer=dmclone_dot_v1_dot_transfer__pb2.ClaimExportResponse.FromString,
                 _registered_method=True)
+        self.ReadSnapshotDelta = channel.unary_stream(
+                '/dmclone.v1.Transfers/ReadSnapshotDelta',
+                request_serializer=dmclone_dot_v1_dot_transfer__pb2.ReadSnapshotDeltaRequest.SerializeToString,
+                response_deserializer=dmclone_dot_v1_dot_transfer__pb2.SnapshotDeltaChunk.FromString,
+                _registered_method=True)
         self.StartTransfer = channel.unary_unary(
                 '/dmclone.v1.Transfers/StartTransfer',
                 request_serializer=dmclone_dot_v1_dot_transfer__pb2.StartTransferRequest.SerializeToString,
@@ -135,6 +140,19 @@ class TransfersServicer:
         Export.claim_deadline_unix). Only with the export's release token, and
         over TCP only from the peer whose host it is exported to. Repeating it is
         harmless.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReadSnapshotDelta(self, request, context):
+        """Source side, called by a move's destination once it holds the whole
+        volume, for each snapshot that travels with it (newest first): the
+        snapshot's content where it differs from `against_snapshot_id` (the
+        destination already holds that one), or from the volume as exported
+        when that is empty, plus wherever `also` says, in blocks of
+        `block_bytes`. Only with the export's release token, and over TCP only
+        from the peer whose host the volume is exported to.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -225,6 +243,11 @@ def add_TransfersServicer_to_server(servicer, server):
                     servicer.ClaimExport,
                     request_deserializer=dmclone_dot_v1_dot_transfer__pb2.ClaimExportRequest.FromString,
                     response_serializer=dmclone_dot_v1_dot_transfer__pb2.ClaimExportResponse.SerializeToString,
+            ),
+            'ReadSnapshotDelta': grpc.unary_stream_rpc_method_handler(
+                    servicer.ReadSnapshotDelta,
+                    request_deserializer=dmclone_dot_v1_dot_transfer__pb2.ReadSnapshotDeltaRequest.FromString,
+                    response_serializer=dmclone_dot_v1_dot_transfer__pb2.SnapshotDeltaChunk.SerializeToString,
             ),
             'StartTransfer': grpc.unary_unary_rpc_method_handler(
                     servicer.StartTransfer,
@@ -380,6 +403,33 @@ class Transfers:
             '/dmclone.v1.Transfers/ClaimExport',
             dmclone_dot_v1_dot_transfer__pb2.ClaimExportRequest.SerializeToString,
             dmclone_dot_v1_dot_transfer__pb2.ClaimExportResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadSnapshotDelta(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/dmclone.v1.Transfers/ReadSnapshotDelta',
+            dmclone_dot_v1_dot_transfer__pb2.ReadSnapshotDeltaRequest.SerializeToString,
+            dmclone_dot_v1_dot_transfer__pb2.SnapshotDeltaChunk.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,536 @@
+//! Snapshots travelling with their volume, on the destination. The
+//! source lists the volume's snapshots when it answers the claim; each gets
+//! a record here at once (arriving: listed, not usable). Once the volume has
+//! arrived, they come newest first, each made as a thin snapshot of what
+//! is here already, so they share blocks as they did on the source:
+//!
+//! - the newest from the volume itself, then made equal to the snapshot:
+//!   the source sends the blocks where the snapshot differs from the
+//!   volume as it was exported, and those this host wrote since it
+//!   presented the volume (its own dm-era says which);
+//! - each older one from the next newer one that arrived, and the source
+//!   sends the blocks where the two differ.
+//!
+//! A block is written only where it differs from what the new snapshot
+//! holds already, so unchanged blocks stay shared. The source's copies are
+//! released once every snapshot arrived; a step cut short (a crash, a lost
+//! connection) starts that snapshot afresh.
+
+use std::{ops::Range, sync::Arc, time::Duration};
+
+use tracing::{error, info, warn};
+
+use super::{
+    Transfers,
+    export::snapshots::MAX_ALSO_RANGES,
+    release::{DeltaAsk, DeltaRequest, SourceAnswer, TravellingSnapshot},
+};
+use crate::{
+    changes::Changes,
+    dm::names::DeviceName,
+    error::AgentError,
+    failpoint,
+    ids::{SnapshotId, ThinId, TransferId},
+    snapshot::Snapshots,
+    store::{Change, Pending, SnapshotRecord, TransferRecord},
+};
+
+/// Travel retries back off up to this.
+const TRAVEL_BACKOFF_MAX: Duration = Duration::from_secs(60);
+
+/// What a snapshot is made from here, and what the source is asked for.
+struct Base {
+    ask: DeltaAsk,
+    /// How the base was found, for the log.
+    from: String,
+}
+
+impl Transfers {
+    /// After the source answered the claim: records the snapshots it
+    /// offers as arriving, unless the caller leaves them there, they are
+    /// recorded already, or the pool has no room for them (then they stay
+    /// on the source, which keeps its copy while they do). Callers hold the
+    /// volume's lock and store `transfer` afterwards.
+    pub(super) async fn plan_snapshots(
+        &self,
+        transfer: &mut TransferRecord,
+        answer: &SourceAnswer,
+    ) -> Result<(), AgentError> {
+        if transfer.leave_snapshots
+            || !transfer.snapshots.is_empty()
+            || answer.snapshots.is_empty()
+            || transfer.phase.is_finished()
+        {
+            return Ok(());
+        }
+        let mut offered: Vec<&TravellingSnapshot> = Vec::new();
+        for snapshot in &answer.snapshots {
+            // A size this agent would not make a volume of is not believed.
+            let size_ok = self
+                .ctx
+                .volume_size("size_bytes", snapshot.size_bytes)
+                .is_ok_and(|size| size == snapshot.size_bytes);
+            if !size_ok {
+                warn!(transfer = %transfer.id, snapshot = %snapshot.id, size = snapshot.size_bytes, "the source offers a snapshot of a size this host does not make: it stays on the source");
+            } else if self.ctx.snapshot_record(&snapshot.id).await?.is_some() {
+                warn!(transfer = %transfer.id, snapshot = %snapshot.id, "a snapshot with this id is here already: it stays on the source");
+            } else {
+                offered.push(snapshot);
+            }
+        }
+        if offered.is_empty() {
+            return Ok(());
+        }
+        let bytes = offered
+            .iter()
+            .fold(0u64, |sum, s| sum.saturating_add(s.size_bytes));
+        if let Err(err) = self.ctx.check_room_for(bytes).await {
+            warn!(transfer = %transfer.id, error = %err, "no room promised for the volume's snapshots: they stay on the source");
+            transfer.leave_snapshots = true;
+            return Ok(());
+        }
+        let records: Vec<SnapshotRecord> = offered
+            .iter()
+            .map(|s| SnapshotRecord {
+                id: s.id.clone(),
+                volume_id: transfer.volume_id.clone(),
+                thin_id: ThinId(0),
+                size_bytes: s.size_bytes,
+                created_unix: s.created_unix,
+                pending: Some(Pending::Arrive {
+                    transfer: transfer.id.clone(),
+                }),
+                era: None,
+            })
+            .collect();
+        transfer.snapshots = records.iter().map(|r| r.id.clone()).collect();
+        let planned = transfer.clone();
+        let count = u32::try_from(records.len()).unwrap_or(u32::MAX);
+        self.ctx
+            .store_call(move |store| {
+                store.allocate_and_commit(count, |ids| {
+                    let mut changes = Vec::with_capacity(records.len() + 1);
+                    for (record, thin_id) in records.into_iter().zip(ids) {
+                        changes.push(Change::insert(&SnapshotRecord {
+                            thin_id: *thin_id,
+                            ..record
+                        })?);
+                    }
+                    changes.push(Change::put(&planned)?);
+                    Ok(changes)
+                })
+            })
+            .await?;
+        info!(transfer = %transfer.id, snapshots = transfer.snapshots.len(), bytes, "the volume's snapshots follow it once it has arrived");
+        Ok(())
+    }
+
+    /// Once the volume has arrived: its snapshots travel, then the source
+    /// is released; with none arriving, the source is released at once.
+    pub(crate) async fn after_arrival(&self, transfer: &TransferRecord) {
+        match self.arriving(transfer).await {
+            Ok(arriving) if !arriving.is_empty() => self.spawn_travel(transfer),
+            Ok(_) => self.spawn_release(transfer),
+            Err(err) => {
+                warn!(transfer = %transfer.id, error = %err, "cannot tell whether snapshots travel; the next start does");
+            }
+        }
+    }
+
+    /// The transfer's snapshots still arriving, newest first.
+    async fn arriving(&self, transfer: &TransferRecord) -> Result<Vec<SnapshotRecord>, AgentError> {
+        let mut arriving = Vec::new();
+        for id in transfer.snapshots.iter().rev() {
+            if let Some(record) = self.ctx.snapshot_record(id).await?
+                && record.pending
+                    == Some(Pending::Arrive {
+                        transfer: transfer.id.clone(),
+                    })
+            {
+                arriving.push(record);
+            }
+        }
+        Ok(arriving)
+    }
+
+    fn spawn_travel(&self, transfer: &TransferRecord) {
+        let transfers = self.clone();
+        let id = transfer.id.clone();
+        self.ctx.background.spawn(async move {
+            let mut backoff = Duration::from_secs(1);
+            loop {
+                match transfers.bring_snapshots(&id).await {
+                    Ok(()) => break,
+                    Err(err @ AgentError::PermissionDenied { .. }) => {
+                        error!(transfer = %id, error = %err, "the source refused to send the volume's snapshots; they stay arriving here and on the source until an operator acts");
+                        return;
+                    }
+                    Err(err) => {
+                        warn!(transfer = %id, error = %err, retry_in = ?backoff, "a snapshot could not be brought yet");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(TRAVEL_BACKOFF_MAX);
+                    }
+                }
+            }
+            match transfers.ctx.transfer_record(&id).await {
+                Ok(Some(record)) => transfers.spawn_release(&record),
+                Ok(None) => {}
+                Err(err) => warn!(transfer = %id, error = %err, "cannot read the transfer to release its source; the next start does"),
+            }
+        });
+    }
+
+    /// Brings every snapshot still arriving, newest first.
+    async fn bring_snapshots(&self, id: &TransferId) -> Result<(), AgentError> {
+        loop {
+            let Some(transfer) = self.ctx.transfer_record(id).await? else {
+                return Ok(());
+            };
+            let Some(snapshot) = self.arriving(&transfer).await?.into_iter().next() else {
+                return Ok(());
+            };
+            let brought = match self.bring(&transfer, &snapshot).await {
+                Ok(bytes) => Some(bytes),
+                Err(err @ AgentError::NotFound { .. }) => {
+                    warn!(transfer = %id, snapshot = %snapshot.id, error = %err, "the snapshot is gone from the source: dropped here too");
+                    None
+                }
+                Err(err) => return Err(err),
+            };
+            self.settle_arrival(id, snapshot, brought).await?;
+        }
+    }
+
+    /// Makes one snapshot here and fills in what differs; returns the bytes
+    /// received.
+    async fn bring(
+        &self,
+        transfer: &TransferRecord,
+        snapshot: &SnapshotRecord,
+    ) -> Result<u64, AgentError> {
+        let base = self.make_from_base(transfer, snapshot).await?;
+        info!(transfer = %transfer.id, snapshot = %snapshot.id, from = %base.from, everything = base.ask.everything, also = base.ask.also.len(), "bringing a snapshot");
+        let device = self.ctx.snapshot_name(snapshot);
+        let table = self
+            .ctx
+            .pool
+            .thin_table(snapshot.thin_id, snapshot.size_bytes)?;
+        self.ctx.dm.create(&device, None, &table).await?;
+        let filled = self.fill(transfer, snapshot, &device, base.ask).await;
+        if let Err(err) = self.ctx.remove_device_if_present(&device).await {
+            warn!(snapshot = %snapshot.id, error = %err, "cannot deactivate an arriving snapshot; the next start does");
+        }
+        filled
+    }
+
+    /// The snapshot's thin device, made afresh from the nearest newer
+    /// snapshot that arrived, else from the volume; and what to ask.
+    async fn make_from_base(
+        &self,
+        transfer: &TransferRecord,
+        snapshot: &SnapshotRecord,
+    ) -> Result<Base, AgentError> {
+        let newer = self.newest_arrived_after(transfer, &snapshot.id).await?;
+        let held = self.ctx.locks.lock(&transfer.volume_id).await;
+        self.ctx
+            .remove_device_if_present(&self.ctx.snapshot_name(snapshot))
+            .await?;
+        self.ctx.pool.delete_thin(snapshot.thin_id).await?;
+        let block_bytes = self.ctx.pool.layout.block_bytes.clamp(4096, 1 << 20);
+        if let Some(newer) = newer {
+            self.ctx
+                .remove_device_if_present(&self.ctx.snapshot_name(&newer))
+                .await?;
+            self.ctx
+                .pool
+                .snapshot(snapshot.thin_id, newer.thin_id, &[])
+                .await?;
+            return Ok(Base {
+                ask: DeltaAsk {
+                    snapshot: snapshot.id.clone(),
+                    against: Some(newer.id.clone()),
+                    block_bytes,
+                    also: Vec::new(),
+                    everything: false,
+                },
+                from: format!("snapshot {}", newer.id),
+            });
+        }
+        let mut volume = self
+            .ctx
+            .ready_record(&transfer.volume_id, "give its snapshots a base")
+            .await?;
+        Snapshots::new(Arc::clone(&self.ctx))
+            .snapshot_volume_into(&mut volume, snapshot.thin_id)
+            .await?;
+        drop(held);
+        let written = self.written_here(transfer, snapshot.size_bytes).await;
+        let from = match &written {
+            Ok(ranges) => format!("the volume, {} ranges written here", ranges.len()),
+            Err(why) => format!("the volume, every block compared: {why}"),
+        };
+        Ok(Base {
+            ask: DeltaAsk {
+                snapshot: snapshot.id.clone(),
+                against: None,
+                block_bytes,
+                everything: written.is_err(),
+                also: written.unwrap_or_default(),
+            },
+            from,
+        })
+    }
+
+    /// The nearest snapshot newer than `id` among the transfer's that has
+    /// arrived and is still here.
+    async fn newest_arrived_after(
+        &self,
+        transfer: &TransferRecord,
+        id: &SnapshotId,
+    ) -> Result<Option<SnapshotRecord>, AgentError> {
+        let position = transfer.snapshots.iter().position(|s| s == id);
+        let newer = position.map_or(&[][..], |p| &transfer.snapshots[p + 1..]);
+        for candidate in newer {
+            if let Some(record) = self.ctx.snapshot_record(candidate).await?
+                && record.pending.is_none()
+            {
+                return Ok(Some(record));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Where this host wrote the volume since presenting it, when its
+    /// history says so (it began with the claim of this transfer's source
+    /// and dm-era sat above the clone from the start); else why not.
+    async fn written_here(
+        &self,
+        transfer: &TransferRecord,
+        size_bytes: u64,
+    ) -> Result<Vec<Range<u64>>, String> {
+        let volume = self
+            .ctx
+            .record(&transfer.volume_id)
+            .await
+            .map_err(|err| err.to_string())?
+            .ok_or("the volume is gone")?;
+        let tracking = volume
+            .tracking
+            .as_ref()
+            .ok_or("this host tracks no changes of the volume")?;
+        let began_here = transfer.era_above
+            && tracking.origin.is_some()
+            && tracking.origin.as_ref().map(|o| &o.node_id)
+                == transfer.upstream.as_ref().and_then(|u| u.first());
+        let from = tracking
+            .known_from_era
+            .filter(|_| began_here)
+            .ok_or("the volume's history here does not begin with its arrival")?;
+        let changes = Changes::new(Arc::clone(&self.ctx))
+            .written_since_kernel_era(&transfer.volume_id, from)
+            .await
+            .map_err(|err| format!("cannot read what changed here: {err}"))?;
+        let ranges: Vec<Range<u64>> = changes
+            .extents()
+            .map(|e| e.offset_bytes..(e.offset_bytes + e.length_bytes).min(size_bytes))
+            .filter(|r| r.start < r.end)
+            .collect();
+        if ranges.len() > MAX_ALSO_RANGES {
+            return Err(format!(
+                "{} ranges written here: too many to list",
+                ranges.len()
+            ));
+        }
+        Ok(ranges)
+    }
+
+    /// Writes what the source sends into the snapshot's device, where it
+    /// differs; returns the bytes received.
+    async fn fill(
+        &self,
+        transfer: &TransferRecord,
+        snapshot: &SnapshotRecord,
+        device: &DeviceName,
+        ask: DeltaAsk,
+    ) -> Result<u64, AgentError> {
+        let (endpoint, token) = transfer.source_agent().ok_or_else(|| {
+            AgentError::Internal(format!("transfer {} has no source agent", transfer.id))
+        })?;
+        let block_bytes = ask.block_bytes;
+        let request = DeltaRequest {
+            source: self.source_agent_at(endpoint)?,
+            volume_id: transfer.volume_id.to_string(),
+            host_nqn: self.ctx.nvme.host_nqn.to_string(),
+            token: Some(token.clone()),
+            ask,
+        };
+        let mut chunks = self.ctx.source_releaser.snapshot_delta(&request).await?;
+        let (mut received, mut written) = (0u64, 0u64);
+        while let Some(chunk) = chunks.recv().await {
+            let chunk = chunk?;
+            check_chunk(
+                chunk.offset,
+                chunk.data.len(),
+                block_bytes,
+                snapshot.size_bytes,
+            )?;
+            received += chunk.data.len() as u64;
+            let here = self
+                .ctx
+                .dm
+                .read_at(device, chunk.offset, chunk.data.len())
+                .await?;
+            for (offset, data) in runs_differing(chunk.offset, &chunk.data, &here, block_bytes) {
+                written += data.len() as u64;
+                self.ctx.dm.write_at(device, offset, data).await?;
+                failpoint::hit("travel.after_write");
+            }
+        }
+        self.ctx.dm.flush(device).await?;
+        info!(snapshot = %snapshot.id, received, written, "snapshot arrived");
+        Ok(received)
+    }
+
+    /// Records a snapshot as arrived (usable), or drops it when the source
+    /// no longer has it (`brought` is `None`).
+    async fn settle_arrival(
+        &self,
+        id: &TransferId,
+        mut snapshot: SnapshotRecord,
+        brought: Option<u64>,
+    ) -> Result<(), AgentError> {
+        if brought.is_none() {
+            self.ctx
+                .remove_device_if_present(&self.ctx.snapshot_name(&snapshot))
+                .await?;
+            self.ctx.pool.delete_thin(snapshot.thin_id).await?;
+        }
+        let (mut transfer, _held) = self.ctx.locked_transfer(id).await?;
+        if brought.is_some() && !transfer.snapshots_arrived.contains(&snapshot.id) {
+            transfer.snapshots_arrived.push(snapshot.id.clone());
+        }
+        transfer.snapshot_bytes += brought.unwrap_or(0);
+        let change = match brought {
+            Some(_) => {
+                snapshot.pending = None;
+                Change::put(&snapshot)?
+            }
+            None => Change::remove::<SnapshotRecord>(&snapshot.id),
+        };
+        let changes = vec![change, Change::put(&transfer)?];
+        self.ctx
+            .store_call(move |store| store.commit(changes))
+            .await?;
+        let _ = self
+            .ctx
+            .registry
+            .updates
+            .send(self.ctx.transfer_view(&transfer));
+        Ok(())
+    }
+
+    /// The volume will not arrive here after all (an abort), or moved on
+    /// before its snapshots came (a chained move passed it on): they stay
+    /// on the source, and their records here go.
+    pub(crate) async fn drop_arriving_snapshots(
+        &self,
+        transfer: &TransferRecord,
+    ) -> Result<(), AgentError> {
+        for snapshot in self.arriving(transfer).await? {
+            self.ctx
+                .remove_device_if_present(&self.ctx.snapshot_name(&snapshot))
+                .await?;
+            self.ctx.pool.delete_thin(snapshot.thin_id).await?;
+            let key = snapshot.id.clone();
+            self.ctx
+                .store_call(move |store| store.commit(vec![Change::remove::<SnapshotRecord>(&key)]))
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+/// A chunk must be whole blocks inside the snapshot (the last may end at
+/// its end): anything else is a source that does not follow the protocol.
+fn check_chunk(
+    offset: u64,
+    length: usize,
+    block_bytes: u64,
+    size_bytes: u64,
+) -> Result<(), AgentError> {
+    let end = offset.checked_add(length as u64);
+    let whole = offset.is_multiple_of(block_bytes)
+        && length > 0
+        && length.is_multiple_of(crate::dm::direct_io::ALIGN)
+        && end.is_some_and(|end| {
+            end <= size_bytes && (end.is_multiple_of(block_bytes) || end == size_bytes)
+        });
+    if whole {
+        return Ok(());
+    }
+    Err(AgentError::Unavailable {
+        reason: format!(
+            "the source sent {length} bytes at {offset}: not whole blocks of {block_bytes} inside \
+             the snapshot's {size_bytes} bytes"
+        ),
+    })
+}
+
+/// The runs of `data` (at `offset`) whose blocks differ from `here`.
+fn runs_differing(offset: u64, data: &[u8], here: &[u8], block_bytes: u64) -> Vec<(u64, Vec<u8>)> {
+    let block = block_bytes as usize;
+    let mut runs: Vec<(u64, Vec<u8>)> = Vec::new();
+    for (index, (theirs, mine)) in data.chunks(block).zip(here.chunks(block)).enumerate() {
+        if theirs == mine {
+            continue;
+        }
+        let at = offset + (index * block) as u64;
+        match runs.last_mut() {
+            Some((start, run)) if *start + run.len() as u64 == at => run.extend_from_slice(theirs),
+            _ => runs.push((at, theirs.to_vec())),
+        }
+    }
+    runs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_blocks_that_differ_are_written_in_runs() {
+        let theirs = b"aaaabbbbccccdddd";
+        let here = b"aaaaXXXXccccYYYY";
+        assert_eq!(
+            runs_differing(8, theirs, here, 4),
+            vec![(12, b"bbbb".to_vec()), (20, b"dddd".to_vec())]
+        );
+        let here = b"aaaaXXXXYYYYdddd";
+        assert_eq!(
+            runs_differing(0, theirs, here, 4),
+            vec![(4, b"bbbbcccc".to_vec())]
+        );
+        assert!(runs_differing(0, theirs, theirs, 4).is_empty());
+    }
+
+    #[test]
+    fn chunks_outside_whole_blocks_of_the_snapshot_are_refused() {
+        let block = 65536;
+        assert!(check_chunk(0, 65536, block, 1 << 20).is_ok());
+        assert!(check_chunk(983040, 65536, block, 1 << 20).is_ok());
+        // The last block may end at the snapshot's end.
+        assert!(check_chunk(65536, 4096, block, 65536 + 4096).is_ok());
+        for (offset, length) in [
+            (4096, 65536),
+            (0, 0),
+            (0, 1000),
+            ((1 << 20) - 65536, 131072),
+        ] {
+            assert!(
+                check_chunk(offset, length, block, 1 << 20).is_err(),
+                "{offset} {length}"
+            );
+        }
+        assert!(check_chunk(u64::MAX - 4095, 4096, 4096, u64::MAX).is_err());
+    }
+}

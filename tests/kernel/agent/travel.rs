@@ -1,0 +1,165 @@
+//! Snapshots travel with their volume: a volume with three snapshots, each
+//! taken after known writes, moves A -> B while B writes to it; once it
+//! has arrived its snapshots follow, each made on B from the next newer one
+//! (the newest from the volume) with only the blocks where they differ
+//! sent, through a kill -9 of B in the middle of the first one. Every
+//! snapshot reads back on B as it was on A (sha256 of a volume made from
+//! it, and of a revert to one), B's pool holds about what A's held, and A
+//! keeps nothing.
+
+use std::path::Path;
+
+use dmclone::api::proto::v1::{
+    ListSnapshotsRequest, SnapshotState, snapshots_client::SnapshotsClient,
+};
+
+use super::{
+    api::{create, delete, get, pool_used, publish, unpublish},
+    fixture::AgentProcess,
+    moves::{Ids, agent, export, fill, ids, public, start_move_with, wait_released},
+    snapshots::{from_snapshot, revert, snapshot},
+};
+use crate::support::*;
+
+const VOLUME: &str = "5d7e0c1d-2b3c-4d5e-8f60-7a8b9c0d1e2f";
+const MOVE: Ids = ids(VOLUME, "6d7e0c1d-2b3c-4d5e-8f60-7a8b9c0d1e2f");
+const SNAPSHOTS: [&str; 3] = [
+    "5e7e0c1d-2b3c-4d5e-8f60-7a8b9c0d1e01",
+    "5e7e0c1d-2b3c-4d5e-8f60-7a8b9c0d1e02",
+    "5e7e0c1d-2b3c-4d5e-8f60-7a8b9c0d1e03",
+];
+/// Volumes made on B from each snapshot, to read it.
+const READERS: [&str; 3] = [
+    "5f7e0c1d-2b3c-4d5e-8f60-7a8b9c0d1e01",
+    "5f7e0c1d-2b3c-4d5e-8f60-7a8b9c0d1e02",
+    "5f7e0c1d-2b3c-4d5e-8f60-7a8b9c0d1e03",
+];
+const SIZE: u64 = 64 * MIB;
+/// Whole MiBs written after each snapshot: what differs between it and the
+/// next newer one (the last: between the newest snapshot and the volume).
+const WRITTEN_AFTER: [&[u64]; 3] = [&[4, 20], &[8], &[40, 41]];
+/// Written on B while the volume arrives.
+const WRITTEN_ON_B: u64 = 50 * MIB + 8192;
+
+async fn snapshots_on(agent: &AgentProcess) -> Vec<dmclone::api::proto::v1::Snapshot> {
+    SnapshotsClient::new(agent.channel().await)
+        .list_snapshots(ListSnapshotsRequest {
+            volume_id: VOLUME.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshots
+}
+
+/// The volume on A with its three snapshots; the sha256 of each snapshot
+/// (the volume's content when it was taken) and of the volume at the end.
+async fn volume_with_snapshots(a: &AgentProcess) -> (Vec<String>, String) {
+    let mut volumes = a.volumes().await;
+    create(&mut volumes, VOLUME, SIZE).await.unwrap();
+    let path = publish(&mut volumes, VOLUME).await.unwrap();
+    let path = Path::new(&path);
+    fill(path, 71, SIZE);
+    let mut taken = Vec::new();
+    for (n, (id, after)) in SNAPSHOTS.iter().zip(WRITTEN_AFTER).enumerate() {
+        taken.push(sha256_of(path, SIZE));
+        snapshot(a, id, VOLUME).await.unwrap();
+        for mib in after {
+            write_at(
+                path,
+                mib * MIB,
+                &pattern(72 + n as u64, mib * MIB, MIB as usize),
+            );
+        }
+    }
+    let last = sha256_of(path, SIZE);
+    unpublish(&mut volumes, VOLUME).await.unwrap();
+    (taken, last)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn snapshots_travel_with_their_volume_as_deltas() {
+    let a = agent("dmcttrva", 4495, "0a000000-0000-4000-8000-000000000095").await;
+    let mut b = agent("dmcttrvb", 4496, "0b000000-0000-4000-8000-000000000096").await;
+    let (taken, _) = volume_with_snapshots(&a).await;
+    let (used_a, _) = pool_used(&a).await;
+
+    // B dies in the middle of its first snapshot's delta, and starts it
+    // afresh when it is back.
+    b.crash_inside("travel.after_write", async |b| {
+        let exported = export(MOVE, &a, b).await.unwrap();
+        start_move_with(MOVE, &a, &exported, b, false, None)
+            .await
+            .unwrap();
+        write_at(
+            &public(MOVE, b),
+            WRITTEN_ON_B,
+            &pattern(79, WRITTEN_ON_B, 4096),
+        );
+    })
+    .await;
+    let done = wait_released(MOVE, &b).await;
+    let on_b = sha256_of(&public(MOVE, &b), SIZE);
+
+    let arrived = snapshots_on(&b).await;
+    assert_eq!(arrived.len(), 3, "{arrived:?}");
+    assert!(
+        arrived
+            .iter()
+            .all(|s| s.state() == SnapshotState::Available),
+        "{arrived:?}"
+    );
+    assert_eq!(
+        (done.snapshots_total, done.snapshots_arrived),
+        (3, 3),
+        "{done:?}"
+    );
+    let deltas: u64 = WRITTEN_AFTER.iter().map(|w| w.len() as u64 * MIB).sum();
+    let (used_b, _) = pool_used(&b).await;
+    println!(
+        "MEASURED 3 snapshots travelled: {} bytes received for {deltas} bytes of deltas (plus \
+         what B wrote while the volume arrived); pool data {used_a} bytes on A, {used_b} on B",
+        done.snapshot_bytes_received
+    );
+    // What B wrote while arriving is sent again, in dm-era's blocks.
+    assert!(
+        (deltas..=deltas + MIB).contains(&done.snapshot_bytes_received),
+        "only the deltas cross: {done:?}"
+    );
+    assert!(
+        used_b.abs_diff(used_a) * 10 <= used_a,
+        "B holds the volume and its snapshots in about A's space: {used_a} on A, {used_b} on B"
+    );
+    assert!(
+        snapshots_on(&a).await.is_empty(),
+        "A dropped the snapshots that arrived"
+    );
+    assert!(
+        get(&mut a.volumes().await, VOLUME).await.is_err(),
+        "A dropped its copy"
+    );
+
+    // Each snapshot reads on B as on A: through a volume made from it.
+    let mut volumes_b = b.volumes().await;
+    for ((snapshot, reader), sha) in SNAPSHOTS.iter().zip(READERS).zip(&taken) {
+        from_snapshot(&mut volumes_b, reader, SIZE, snapshot)
+            .await
+            .unwrap();
+        let path = publish(&mut volumes_b, reader).await.unwrap();
+        assert_eq!(
+            &sha256_of(Path::new(&path), SIZE),
+            sha,
+            "snapshot {snapshot}"
+        );
+        unpublish(&mut volumes_b, reader).await.unwrap();
+        delete(&mut volumes_b, reader).await.unwrap();
+    }
+    // A revert to a snapshot that travelled.
+    unpublish(&mut volumes_b, VOLUME).await.unwrap();
+    revert(&b, VOLUME, SNAPSHOTS[1]).await.unwrap();
+    let path = publish(&mut volumes_b, VOLUME).await.unwrap();
+    assert_eq!(sha256_of(Path::new(&path), SIZE), taken[1]);
+    assert_ne!(on_b, taken[1]);
+    b.destroy().await;
+    a.destroy().await;
+}
