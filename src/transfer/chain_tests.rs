@@ -11,7 +11,8 @@ use std::sync::Arc;
 use super::{
     TransferState,
     move_tests::{
-        HOST_A, HOST_B, arriving_over_nvme, subsystem_of, the_token, thresholds_told, wait_until,
+        HOST_A, HOST_B, arriving_over_nvme, subsystem_of, the_token, thresholds_told,
+        wait_source_released, wait_until,
     },
 };
 use crate::{
@@ -241,15 +242,7 @@ async fn the_release_of_a_copy_still_arriving_passes_on_to_its_source() {
                 .any(|r| r.action == SourceAction::Release && r.token == Some(the_token()))
         })
         .await;
-        wait_until(async || {
-            agent
-                .ctx
-                .transfer_record(&transfer)
-                .await
-                .unwrap()
-                .is_some_and(|t| t.source_released)
-        })
-        .await;
+        wait_source_released(&agent, &transfer).await;
         // C asking again (its acknowledgement lost) is answered as done.
         agent
             .exports

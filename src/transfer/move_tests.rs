@@ -524,15 +524,7 @@ async fn a_move_over_nvme_connects_then_lets_go_and_asks_the_source_to_release()
             .iter()
             .all(|r| { r.action == SourceAction::Release && r.token == Some(the_token()) })
     );
-    wait_until(async || {
-        agent
-            .ctx
-            .transfer_record(&transfer)
-            .await
-            .unwrap()
-            .is_some_and(|t| t.source_released)
-    })
-    .await;
+    wait_source_released(&agent, &transfer).await;
 }
 
 /// After a reboot the source cannot be reached: the transfer degrades and
@@ -759,6 +751,19 @@ async fn an_abort_that_overtakes_its_start_stops_the_start() {
     // The volume can still move here, under a new transfer id.
     let request = nvme_request(3, &id, "unix:/run/source-agent.sock");
     agent.transfers.start_transfer(request).await.unwrap();
+}
+
+/// Waits until the source acknowledged releasing `transfer`'s copy.
+pub(super) async fn wait_source_released(agent: &crate::agent::Agent, transfer: &TransferId) {
+    wait_until(async || {
+        agent
+            .ctx
+            .transfer_record(transfer)
+            .await
+            .unwrap()
+            .is_some_and(|t| t.source_released)
+    })
+    .await;
 }
 
 pub(super) async fn wait_until(done: impl AsyncFn() -> bool) {

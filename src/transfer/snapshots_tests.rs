@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 
 use super::{
     TransferState,
-    move_tests::{HOST_A, arriving_over_nvme, wait_until},
+    move_tests::{HOST_A, arriving_over_nvme, wait_source_released, wait_until},
     release::{DeltaAsk, DeltaChunk, TravellingSnapshot},
     warm_tests::exported_for_move,
 };
@@ -355,15 +355,7 @@ async fn snapshots_arrive_newest_first_each_from_the_next_and_the_source_learns_
     write(&agent, &format!("dmt-thin-{id}"), MIB, b'v').await;
     host.kernel.hydrate(&format!("dmt-lower-{id}"));
     transfer_reaches(&agent, &transfer, TransferState::Done).await;
-    wait_until(async || {
-        agent
-            .ctx
-            .transfer_record(&transfer)
-            .await
-            .unwrap()
-            .is_some_and(|t| t.source_released)
-    })
-    .await;
+    wait_source_released(&agent, &transfer).await;
 
     let asks = host.releases.delta_asks();
     let order: Vec<(SnapshotId, Option<SnapshotId>)> = asks
