@@ -463,7 +463,6 @@ impl TransferRecord {
         }
     }
 
-    /// The release token the source handed out with its export, if any.
     /// How many moves are in flight up to this destination, where known.
     pub fn chain_depth(&self) -> Option<usize> {
         self.upstream.as_ref().map(Vec::len)
