@@ -87,6 +87,14 @@ impl ChangedBlocks {
         extents(self.written.runs(), self.block_bytes, self.volume_bytes)
     }
 
+    /// The written byte ranges that start below `end`, cut there (a
+    /// snapshot smaller than the volume now is).
+    pub fn ranges_below(&self, end: u64) -> impl Iterator<Item = Range<u64>> + '_ {
+        self.extents()
+            .map(move |e| e.offset_bytes..(e.offset_bytes + e.length_bytes).min(end))
+            .filter(|r| r.start < r.end)
+    }
+
     /// The extents in batches of at most `max_extents`, made as they are
     /// asked for. An answer without extents is one empty batch, so that a
     /// caller always learns the eras.

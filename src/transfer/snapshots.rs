@@ -232,10 +232,7 @@ impl Transfers {
     ) -> Result<Base, AgentError> {
         let newer = self.newest_arrived_after(transfer, &snapshot.id).await?;
         let held = self.ctx.locks.lock(&transfer.volume_id).await;
-        self.ctx
-            .remove_device_if_present(&self.ctx.snapshot_name(snapshot))
-            .await?;
-        self.ctx.pool.delete_thin(snapshot.thin_id).await?;
+        self.unmake(snapshot).await?;
         let block_bytes = self.ctx.pool.layout.block_bytes.clamp(4096, 1 << 20);
         if let Some(newer) = newer {
             self.ctx
@@ -330,11 +327,7 @@ impl Transfers {
             .written_since_kernel_era(&transfer.volume_id, from)
             .await
             .map_err(|err| format!("cannot read what changed here: {err}"))?;
-        let ranges: Vec<Range<u64>> = changes
-            .extents()
-            .map(|e| e.offset_bytes..(e.offset_bytes + e.length_bytes).min(size_bytes))
-            .filter(|r| r.start < r.end)
-            .collect();
+        let ranges: Vec<Range<u64>> = changes.ranges_below(size_bytes).collect();
         if ranges.len() > MAX_ALSO_RANGES {
             return Err(format!(
                 "{} ranges written here: too many to list",
@@ -400,10 +393,7 @@ impl Transfers {
         brought: Option<u64>,
     ) -> Result<(), AgentError> {
         if brought.is_none() {
-            self.ctx
-                .remove_device_if_present(&self.ctx.snapshot_name(&snapshot))
-                .await?;
-            self.ctx.pool.delete_thin(snapshot.thin_id).await?;
+            self.unmake(&snapshot).await?;
         }
         let (mut transfer, _held) = self.ctx.locked_transfer(id).await?;
         if brought.is_some() && !transfer.snapshots_arrived.contains(&snapshot.id) {
@@ -429,6 +419,15 @@ impl Transfers {
         Ok(())
     }
 
+    /// Removes what an arriving snapshot has of a device and a thin device
+    /// (a try cut short leaves them; a retry starts afresh).
+    async fn unmake(&self, snapshot: &SnapshotRecord) -> Result<(), AgentError> {
+        self.ctx
+            .remove_device_if_present(&self.ctx.snapshot_name(snapshot))
+            .await?;
+        self.ctx.pool.delete_thin(snapshot.thin_id).await.map(drop)
+    }
+
     /// The volume will not arrive here after all (an abort), or moved on
     /// before its snapshots came (a chained move passed it on): they stay
     /// on the source, and their records here go.
@@ -437,10 +436,7 @@ impl Transfers {
         transfer: &TransferRecord,
     ) -> Result<(), AgentError> {
         for snapshot in self.arriving(transfer).await? {
-            self.ctx
-                .remove_device_if_present(&self.ctx.snapshot_name(&snapshot))
-                .await?;
-            self.ctx.pool.delete_thin(snapshot.thin_id).await?;
+            self.unmake(&snapshot).await?;
             let key = snapshot.id.clone();
             self.ctx
                 .store_call(move |store| store.commit(vec![Change::remove::<SnapshotRecord>(&key)]))

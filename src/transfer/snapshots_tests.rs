@@ -229,15 +229,11 @@ async fn a_release_drops_the_snapshots_that_arrived_and_keeps_the_rest_with_the_
         .release_volume_and_snapshots(&id, HOST_A, Some(&token), &[snapshot_id(2)])
         .await
         .unwrap();
-    let left: Vec<SnapshotId> = agent
-        .snapshots
-        .list_snapshots(Some(&id))
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|s| s.id)
-        .collect();
-    assert_eq!(left, vec![snapshot_id(1)], "only the one that arrived goes");
+    assert_eq!(
+        listed(&agent, Some(&id)).await,
+        vec![snapshot_id(1)],
+        "only the one that arrived goes"
+    );
     let copy = agent.ctx.record(&id).await.unwrap().unwrap();
     assert!(
         copy.warm.is_some(),
@@ -264,14 +260,13 @@ async fn a_release_drops_the_snapshots_that_arrived_and_keeps_the_rest_with_the_
         agent.ctx.record(&id).await.unwrap().is_none(),
         "all arrived: the copy goes"
     );
-    assert!(
-        agent
-            .snapshots
-            .list_snapshots(Some(&id))
-            .await
-            .unwrap()
-            .is_empty()
-    );
+    assert!(listed(&agent, Some(&id)).await.is_empty());
+}
+
+/// The ids of the snapshots `agent` lists (of `volume`, or all).
+async fn listed(agent: &Agent, volume: Option<&VolumeId>) -> Vec<SnapshotId> {
+    let views = agent.snapshots.list_snapshots(volume).await.unwrap();
+    views.into_iter().map(|s| s.id).collect()
 }
 
 fn offered(n: u32) -> TravellingSnapshot {
@@ -327,16 +322,7 @@ async fn snapshots_arrive_newest_first_each_from_the_next_and_the_source_learns_
         ),
     ]);
     let (agent, id, transfer) = arriving_over_nvme(&host).await;
-    wait_until(async || {
-        agent
-            .snapshots
-            .list_snapshots(Some(&id))
-            .await
-            .unwrap()
-            .len()
-            == 3
-    })
-    .await;
+    wait_until(async || listed(&agent, Some(&id)).await.len() == 3).await;
     let listed = agent.snapshots.list_snapshots(Some(&id)).await.unwrap();
     assert!(
         listed.iter().all(|s| s.state == SnapshotState::Arriving),
@@ -446,14 +432,7 @@ async fn a_move_that_leaves_the_snapshots_asks_for_none() {
     transfer_reaches(&agent, &transfer, TransferState::Done).await;
     wait_until(async || !host.releases.requests().is_empty()).await;
     assert!(host.releases.delta_asks().is_empty());
-    assert!(
-        agent
-            .snapshots
-            .list_snapshots(Some(&id))
-            .await
-            .unwrap()
-            .is_empty()
-    );
+    assert!(listed(&agent, Some(&id)).await.is_empty());
     assert!(host.releases.requests()[0].snapshots_moved.is_empty());
 }
 
@@ -499,19 +478,12 @@ async fn an_aborted_move_leaves_no_arriving_snapshot_behind() {
     let host = offering_one_snapshot();
     let agent = host.start().await.unwrap();
     let (_, transfer) = start_move(&host, &agent, |r| r.deferred = true).await;
-    wait_until(async || agent.snapshots.list_snapshots(None).await.unwrap().len() == 1).await;
+    wait_until(async || listed(&agent, None).await.len() == 1).await;
     agent
         .transfers
         .abort_transfer(&transfer, false)
         .await
         .unwrap();
-    assert!(
-        agent
-            .snapshots
-            .list_snapshots(None)
-            .await
-            .unwrap()
-            .is_empty()
-    );
+    assert!(listed(&agent, None).await.is_empty());
     assert!(host.releases.delta_asks().is_empty());
 }

@@ -102,13 +102,8 @@ impl Exports {
         let reading =
             SnapshotReading::activate(&self.ctx, &record, &snapshot, against.as_ref()).await?;
         let (tx, rx) = tokio::sync::mpsc::channel(4);
-        let plan = Plan {
-            candidates,
-            also: ask.also,
-            everything: ask.everything,
-            block_bytes: ask.block_bytes,
-        };
-        info!(volume = %id, snapshot = %snapshot.id, against = ?against.as_ref().map(|s| &s.id), candidate_bytes = plan.candidate_bytes(), "sending a snapshot's delta to the volume's new host");
+        let plan = Plan::new(candidates, ask.also, ask.everything, ask.block_bytes);
+        info!(volume = %id, snapshot = %snapshot.id, against = ?against.as_ref().map(|s| &s.id), candidate_bytes = plan.bytes(), "sending a snapshot's delta to the volume's new host");
         tokio::spawn(reading.send(plan, tx, held));
         Ok(rx)
     }
@@ -192,7 +187,7 @@ impl Exports {
         snapshot: &SnapshotRecord,
         ask: &DeltaAsk,
     ) -> Vec<Range<u64>> {
-        let everywhere: Vec<Range<u64>> = std::iter::once(0..snapshot.size_bytes).collect();
+        let everywhere = std::iter::once(0..snapshot.size_bytes).collect();
         if ask.everything {
             return everywhere;
         }
@@ -205,11 +200,7 @@ impl Exports {
             .written_since_kernel_era(&record.id, era as u32)
             .await
         {
-            Ok(changes) => changes
-                .extents()
-                .map(|e| e.offset_bytes..(e.offset_bytes + e.length_bytes).min(snapshot.size_bytes))
-                .filter(|r| r.start < r.end)
-                .collect(),
+            Ok(changes) => changes.ranges_below(snapshot.size_bytes).collect(),
             Err(err) => {
                 warn!(snapshot = %snapshot.id, error = %err, "cannot read what changed since the snapshot: every block is compared");
                 everywhere
@@ -260,25 +251,36 @@ fn check_also(also: &[Range<u64>], size_bytes: u64) -> Result<(), AgentError> {
     Ok(())
 }
 
-/// What to send: blocks in `candidates` that differ, and blocks in `also`
-/// (or every block) whatever they hold.
+/// What to send: blocks of `ranges` that differ, and blocks in `also` (or
+/// every block) whatever they hold.
 struct Plan {
-    candidates: Vec<Range<u64>>,
+    /// Every range to read: the candidates and `also`, in whole blocks,
+    /// merged, in order.
+    ranges: Vec<Range<u64>>,
     also: Vec<Range<u64>>,
     everything: bool,
     block_bytes: u64,
 }
 
 impl Plan {
-    /// Every range to read, in whole blocks, merged, in order.
-    fn ranges(&self) -> Vec<Range<u64>> {
-        let mut all: Vec<Range<u64>> = self.candidates.iter().chain(&self.also).cloned().collect();
+    fn new(
+        candidates: Vec<Range<u64>>,
+        also: Vec<Range<u64>>,
+        everything: bool,
+        block_bytes: u64,
+    ) -> Self {
+        let mut all: Vec<Range<u64>> = candidates.into_iter().chain(also.iter().cloned()).collect();
         all.sort_by_key(|r| r.start);
-        whole_regions(all.into_iter(), self.block_bytes)
+        Self {
+            ranges: whole_regions(all.into_iter(), block_bytes),
+            also,
+            everything,
+            block_bytes,
+        }
     }
 
-    fn candidate_bytes(&self) -> u64 {
-        self.ranges().iter().map(|r| r.end - r.start).sum()
+    fn bytes(&self) -> u64 {
+        self.ranges.iter().map(|r| r.end - r.start).sum()
     }
 
     /// Whether the block at `offset` goes whatever it holds.
@@ -373,7 +375,7 @@ impl SnapshotReading {
     ) -> Result<u64, AgentError> {
         let against = self.against.as_ref().unwrap_or(&self.volume_thin);
         let mut sent = 0;
-        for range in plan.ranges() {
+        for range in &plan.ranges {
             let mut offset = range.start;
             while offset < range.end.min(self.size_bytes) {
                 let length = (range.end.min(self.size_bytes) - offset).min(CHUNK_BYTES);
@@ -439,12 +441,7 @@ mod tests {
     use super::*;
 
     fn plan(also: Vec<Range<u64>>, everything: bool) -> Plan {
-        Plan {
-            candidates: vec![0..16],
-            also,
-            everything,
-            block_bytes: 4,
-        }
+        Plan::new(vec![0..16], also, everything, 4)
     }
 
     #[test]
@@ -480,14 +477,9 @@ mod tests {
 
     #[test]
     fn the_plan_reads_candidates_and_extras_in_whole_blocks() {
-        let plan = Plan {
-            candidates: vec![1..2, 30..33],
-            also: vec![9..10],
-            everything: false,
-            block_bytes: 8,
-        };
-        assert_eq!(plan.ranges(), vec![0..16, 24..40]);
-        assert_eq!(plan.candidate_bytes(), 32);
+        let plan = Plan::new(vec![1..2, 30..33], vec![9..10], false, 8);
+        assert_eq!(plan.ranges, vec![0..16, 24..40]);
+        assert_eq!(plan.bytes(), 32);
     }
 
     #[test]
