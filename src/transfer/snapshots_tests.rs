@@ -441,6 +441,8 @@ async fn a_volume_moves_on_only_once_its_snapshots_have_arrived() {
     let host = offering_one_snapshot();
     host.releases.hold_deltas(true);
     let (agent, id, transfer) = arriving_over_nvme(&host).await;
+    // The claim's answer, which lists the snapshot, comes first.
+    wait_until(async || listed(&agent, Some(&id)).await.len() == 1).await;
     host.kernel.hydrate(&format!("dmt-lower-{id}"));
     transfer_reaches(&agent, &transfer, TransferState::Done).await;
     wait_until(async || !host.releases.delta_asks().is_empty()).await;
