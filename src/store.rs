@@ -331,6 +331,11 @@ pub struct TransferRecord {
     /// The caller asked to leave the volume's snapshots on the source.
     #[serde(default, skip_serializing_if = "is_false")]
     pub leave_snapshots: bool,
+    /// The source's list of the volume's snapshots (its answer to the
+    /// claim) was considered here: planned to travel, none offered, or
+    /// left there. Until then the source is not released.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub snapshots_listed: bool,
     /// The volume's snapshots travelling here after it (oldest first), as
     /// the source listed them; each has a record here, arriving until it
     /// has arrived. Empty: none travel.
@@ -448,6 +453,18 @@ impl TransferRecord {
             .as_ref()
             .and_then(|trip| trip.skipped_bytes)
             .unwrap_or(0)
+    }
+
+    /// Done here while the source's list of the volume's snapshots was
+    /// never considered (the volume arrived before the claim's answer did):
+    /// the source is asked for it before it is released.
+    pub fn snapshots_unlisted(&self) -> bool {
+        !self.leave_snapshots
+            && !self.snapshots_listed
+            && self.snapshots.is_empty()
+            && self.passed_on_to.is_none()
+            && self.source_to_release().is_some()
+            && self.source_agent().is_some()
     }
 
     /// The source agent's endpoint and the export's release token, for a

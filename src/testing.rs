@@ -185,6 +185,12 @@ impl SourceAgents {
             .clone()
     }
 
+    /// Source agents answer UNAVAILABLE from now on.
+    pub fn stop_answering(&self) {
+        self.answering
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+
     /// Source agents answer from now on.
     pub fn answer(&self) {
         self.answering

@@ -603,6 +603,7 @@ impl Transfers {
             passed_on_to: None,
             return_trip: landing.trip(),
             leave_snapshots: request.leave_snapshots,
+            snapshots_listed: false,
             snapshots: Vec::new(),
             snapshots_arrived: Vec::new(),
             snapshot_bytes: 0,

@@ -236,12 +236,13 @@ impl Transfers {
         Ok(())
     }
 
-    /// Claims the source's export with a return trip's question, now, and
-    /// returns the answer.
+    /// Claims the source's export now, with a return trip's question if
+    /// any, and returns the answer; also after this destination is done,
+    /// while the source is not released yet.
     pub(crate) async fn claim_asking(
         &self,
         transfer: &TransferRecord,
-        ask: ReturnTripAsk,
+        ask: Option<ReturnTripAsk>,
     ) -> Result<SourceAnswer, AgentError> {
         let (endpoint, token) = transfer.source_agent().ok_or_else(|| {
             AgentError::Internal(format!("transfer {} has no source agent", transfer.id))
@@ -253,7 +254,7 @@ impl Transfers {
             SourceAction::Claim,
             Some(token),
             Extra {
-                return_trip: Some(ask),
+                return_trip: ask,
                 ..Extra::default()
             },
         )

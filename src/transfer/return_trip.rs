@@ -87,7 +87,7 @@ impl Transfers {
             },
             region_bytes: transfer.region_bytes,
         };
-        let delta = match self.claim_asking(transfer, ask).await {
+        let delta = match self.claim_asking(transfer, Some(ask)).await {
             Ok(answer) => answer.return_trip.unwrap_or_else(|| {
                 ReturnTripDelta::WholeCopy("the source does not answer return trips".into())
             }),

@@ -28,7 +28,7 @@ use super::{
 use crate::{
     changes::Changes,
     dm::names::DeviceName,
-    error::AgentError,
+    error::{AgentError, ErrorKind},
     failpoint,
     ids::{SnapshotId, ThinId, TransferId},
     snapshot::Snapshots,
@@ -37,6 +37,18 @@ use crate::{
 
 /// Travel retries back off up to this.
 const TRAVEL_BACKOFF_MAX: Duration = Duration::from_secs(60);
+
+/// A source that is down or failed asks for another try; one that refuses
+/// or does not know the volume answers the same again.
+fn worth_asking_again(err: &AgentError) -> bool {
+    matches!(
+        err.kind(),
+        ErrorKind::Unavailable
+            | ErrorKind::Busy
+            | ErrorKind::ResourceExhausted
+            | ErrorKind::Internal
+    )
+}
 
 /// What a snapshot is made from here, and what the source is asked for.
 struct Base {
@@ -49,20 +61,30 @@ impl Transfers {
     /// After the source answered the claim: records the snapshots it
     /// offers as arriving, unless the caller leaves them there, they are
     /// recorded already, or the pool has no room for them (then they stay
-    /// on the source, which keeps its copy while they do). Callers hold the
+    /// on the source, which keeps its copy while they do). An answer that
+    /// comes after the volume arrived is left to [`Self::after_arrival`],
+    /// which may have released the source already. Callers hold the
     /// volume's lock and store `transfer` afterwards.
     pub(super) async fn plan_snapshots(
         &self,
         transfer: &mut TransferRecord,
         answer: &SourceAnswer,
     ) -> Result<(), AgentError> {
-        if transfer.leave_snapshots
-            || !transfer.snapshots.is_empty()
-            || answer.snapshots.is_empty()
-            || transfer.phase.is_finished()
-        {
+        if transfer.phase.is_finished() {
             return Ok(());
         }
+        self.plan_offered(transfer, answer).await
+    }
+
+    async fn plan_offered(
+        &self,
+        transfer: &mut TransferRecord,
+        answer: &SourceAnswer,
+    ) -> Result<(), AgentError> {
+        if transfer.snapshots_listed || transfer.leave_snapshots || !transfer.snapshots.is_empty() {
+            return Ok(());
+        }
+        transfer.snapshots_listed = true;
         let mut offered: Vec<&TravellingSnapshot> = Vec::new();
         for snapshot in &answer.snapshots {
             // A size this agent would not make a volume of is not believed.
@@ -127,7 +149,17 @@ impl Transfers {
 
     /// Once the volume has arrived: its snapshots travel, then the source
     /// is released; with none arriving, the source is released at once.
+    /// When the volume arrived before the source's answer to the claim, the
+    /// source is asked for its snapshots first.
     pub(crate) async fn after_arrival(&self, transfer: &TransferRecord) {
+        if transfer.snapshots_unlisted() {
+            self.spawn_listing(transfer);
+        } else {
+            self.bring_or_release(transfer).await;
+        }
+    }
+
+    async fn bring_or_release(&self, transfer: &TransferRecord) {
         match self.arriving(transfer).await {
             Ok(arriving) if !arriving.is_empty() => self.spawn_travel(transfer),
             Ok(_) => self.spawn_release(transfer),
@@ -135,6 +167,54 @@ impl Transfers {
                 warn!(transfer = %transfer.id, error = %err, "cannot tell whether snapshots travel; the next start does");
             }
         }
+    }
+
+    /// Asks the source for the volume's snapshots (its claim answer) until
+    /// it answers, plans them, then brings them or releases the source. A
+    /// source that refuses (no export, no token) keeps them: it is released
+    /// as before, and keeps its copy while they stay.
+    fn spawn_listing(&self, transfer: &TransferRecord) {
+        let transfers = self.clone();
+        let transfer = transfer.clone();
+        self.ctx.background.spawn(async move {
+            let mut backoff = Duration::from_secs(1);
+            let answer = loop {
+                match transfers.claim_asking(&transfer, None).await {
+                    Ok(answer) => break Some(answer),
+                    Err(err) if worth_asking_again(&err) => {
+                        warn!(transfer = %transfer.id, error = %err, retry_in = ?backoff, "the source did not list the volume's snapshots yet");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(TRAVEL_BACKOFF_MAX);
+                    }
+                    Err(err) => {
+                        warn!(transfer = %transfer.id, error = %err, "the source does not list the volume's snapshots: they stay there");
+                        break None;
+                    }
+                }
+            };
+            match transfers.record_listing(&transfer.id, answer).await {
+                Ok(listed) => transfers.bring_or_release(&listed).await,
+                Err(err) => {
+                    warn!(transfer = %transfer.id, error = %err, "cannot record the source's snapshots; the next start asks again");
+                }
+            }
+        });
+    }
+
+    async fn record_listing(
+        &self,
+        id: &TransferId,
+        answer: Option<SourceAnswer>,
+    ) -> Result<TransferRecord, AgentError> {
+        let (mut transfer, _held) = self.ctx.locked_transfer(id).await?;
+        if transfer.snapshots_unlisted() {
+            match &answer {
+                Some(answer) => self.plan_offered(&mut transfer, answer).await?,
+                None => transfer.snapshots_listed = true,
+            }
+            self.ctx.put_transfer(&transfer).await?;
+        }
+        Ok(transfer)
     }
 
     /// The transfer's snapshots still arriving, newest first.

@@ -392,6 +392,35 @@ async fn snapshots_arrive_newest_first_each_from_the_next_and_the_source_learns_
     );
 }
 
+/// The volume arrives before the source answered the claim (it was down):
+/// the source is asked for its snapshots before it is released, and they
+/// travel all the same.
+#[tokio::test]
+async fn snapshots_travel_even_when_the_volume_arrived_before_the_claim_answer() {
+    let host = offering_one_snapshot();
+    host.releases.stop_answering();
+    let agent = host.start().await.unwrap();
+    let (id, transfer) = start_move(&host, &agent, |_| {}).await;
+    host.kernel.hydrate(&format!("dmt-lower-{id}"));
+    transfer_reaches(&agent, &transfer, TransferState::Done).await;
+    assert!(listed(&agent, Some(&id)).await.is_empty());
+    let claims = host.releases.claims().len();
+    wait_until(async || host.releases.claims().len() > claims).await;
+    assert!(
+        host.releases.requests().is_empty(),
+        "released before listed"
+    );
+
+    host.releases.answer();
+    wait_source_released(&agent, &transfer).await;
+    let release = &host.releases.requests()[0];
+    assert_eq!(release.snapshots_moved, vec![snapshot_id(1)]);
+    let one = pages(&host, &agent, 1).await;
+    assert_eq!(one.get(&0), Some(&vec![b'a'; 4096]));
+    let view = agent.transfers.get_transfer(&transfer).await.unwrap();
+    assert_eq!((view.snapshots_total, view.snapshots_arrived), (1, 1));
+}
+
 /// A host whose source agents answer, offering snapshot 1 (block 0 'a').
 fn offering_one_snapshot() -> TestHost {
     let host = TestHost::new().with_export_address("192.0.2.1:4420");

@@ -44,6 +44,7 @@ fn record(n: u32, phase: TransferPhase, finished_unix: Option<i64>) -> TransferR
         passed_on_to: None,
         return_trip: None,
         leave_snapshots: false,
+        snapshots_listed: false,
         snapshots: Vec::new(),
         snapshots_arrived: Vec::new(),
         snapshot_bytes: 0,
