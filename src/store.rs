@@ -313,6 +313,12 @@ pub struct TransferRecord {
     /// and volumes without change tracking).
     #[serde(default, skip_serializing_if = "is_false")]
     pub era_above: bool,
+    /// The volume's history tag here when dm-era came up above the clone:
+    /// while the volume's history is still this one, its dm-era saw every
+    /// write made here since it was presented. `None`: recorded before
+    /// this existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arrival_history: Option<u32>,
     /// The hosts the volume comes from, nearest first: the source, then
     /// whatever the source itself was still copying from when it answered
     /// this destination's claim. `None` until the source answered.
@@ -453,6 +459,13 @@ impl TransferRecord {
             .as_ref()
             .and_then(|trip| trip.skipped_bytes)
             .unwrap_or(0)
+    }
+
+    /// Whether `tracking` is the history that began when this transfer
+    /// presented the volume (dm-era above the clone from the start), so it
+    /// knows every write made here since.
+    pub fn history_began_with(&self, tracking: &ChangeTracking) -> bool {
+        self.era_above && self.arrival_history == Some(tracking.history)
     }
 
     /// Done here while the source's list of the volume's snapshots was

@@ -599,6 +599,11 @@ impl Transfers {
             export_claimed: false,
             switched_local: false,
             era_above,
+            arrival_history: volume
+                .tracking
+                .as_ref()
+                .filter(|_| era_above)
+                .map(|t| t.history),
             upstream: None,
             passed_on_to: None,
             return_trip: landing.trip(),

@@ -261,10 +261,27 @@ impl Transfers {
         .await
     }
 
+    /// What a claim's answer says, recorded after the volume arrived (the
+    /// answer came late): the claim, where the volume came from.
+    pub(super) async fn note_claim_answer(
+        &self,
+        transfer: &mut TransferRecord,
+        answer: &SourceAnswer,
+    ) -> Result<(), AgentError> {
+        let Some(endpoint) = transfer.source_agent().map(|(e, _)| e.to_owned()) else {
+            return Ok(());
+        };
+        transfer.export_claimed = true;
+        if transfer.upstream.is_none() {
+            transfer.upstream = Some(upstream_or(answer, &endpoint));
+        }
+        self.record_origin(transfer, answer).await
+    }
+
     /// The history of an arriving volume begins with the source's copy:
     /// recorded, so that a return trip there can learn what changed. Only
-    /// while the volume still arrives by this transfer (nothing else has
-    /// restarted its history since).
+    /// while the volume's history is the one that began with this transfer
+    /// (nothing has restarted it since).
     async fn record_origin(
         &self,
         transfer: &TransferRecord,
@@ -282,7 +299,8 @@ impl Transfers {
         };
         match volume.tracking.as_mut() {
             Some(tracking)
-                if volume.transfer.as_ref() == Some(&transfer.id)
+                if (volume.transfer.as_ref() == Some(&transfer.id)
+                    || transfer.history_began_with(tracking))
                     && tracking.origin.as_ref() != Some(&origin) =>
             {
                 tracking.origin = Some(origin);

@@ -209,7 +209,10 @@ impl Transfers {
         let (mut transfer, _held) = self.ctx.locked_transfer(id).await?;
         if transfer.snapshots_unlisted() {
             match &answer {
-                Some(answer) => self.plan_offered(&mut transfer, answer).await?,
+                Some(answer) => {
+                    self.note_claim_answer(&mut transfer, answer).await?;
+                    self.plan_offered(&mut transfer, answer).await?;
+                }
                 None => transfer.snapshots_listed = true,
             }
             self.ctx.put_transfer(&transfer).await?;
@@ -395,10 +398,14 @@ impl Transfers {
             .tracking
             .as_ref()
             .ok_or("this host tracks no changes of the volume")?;
-        let began_here = transfer.era_above
-            && tracking.origin.is_some()
-            && tracking.origin.as_ref().map(|o| &o.node_id)
-                == transfer.upstream.as_ref().and_then(|u| u.first());
+        // Transfers recorded before `arrival_history` prove it by the
+        // origin their claim's answer recorded.
+        let began_here = transfer.history_began_with(tracking)
+            || (transfer.era_above
+                && transfer.arrival_history.is_none()
+                && tracking.origin.is_some()
+                && tracking.origin.as_ref().map(|o| &o.node_id)
+                    == transfer.upstream.as_ref().and_then(|u| u.first()));
         let from = tracking
             .known_from_era
             .filter(|_| began_here)

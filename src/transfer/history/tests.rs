@@ -40,6 +40,7 @@ fn record(n: u32, phase: TransferPhase, finished_unix: Option<i64>) -> TransferR
         export_claimed: false,
         switched_local: false,
         era_above: false,
+        arrival_history: None,
         upstream: None,
         passed_on_to: None,
         return_trip: None,
