@@ -51,6 +51,7 @@ pub const POINTS: &[&str] = &[
     "clone.after_record",
     "revert.after_record",
     "travel.after_write",
+    "travel.after_send",
 ];
 
 #[cfg(feature = "failpoints")]

@@ -17,6 +17,7 @@ use crate::{
     context::Context,
     dm::names::DeviceName,
     error::AgentError,
+    failpoint,
     ids::{SnapshotId, VolumeId},
     locks::Held,
     nvme::Nqn,
@@ -399,6 +400,7 @@ impl SnapshotReading {
                             reason: "the destination stopped reading".into(),
                         });
                     }
+                    failpoint::hit("travel.after_send");
                 }
                 offset += length;
             }

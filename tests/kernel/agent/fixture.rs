@@ -205,11 +205,22 @@ impl AgentProcess {
     /// Restarts the agent with `point` armed, runs `call`, which must kill
     /// it there, then restarts it disarmed.
     pub async fn crash_inside(&mut self, point: &str, call: impl AsyncFnOnce(&AgentProcess)) {
-        use std::os::unix::process::ExitStatusExt;
+        self.arm(point).await;
+        call(self).await;
+        self.dies_at(point).await;
+    }
+
+    /// Restarts the agent with `point` armed.
+    pub async fn arm(&mut self, point: &str) {
         self.kill9().await;
         self.set_failpoint(Some(point));
         self.restart().await;
-        call(self).await;
+    }
+
+    /// Waits until the agent, armed at `point`, died there; restarts it
+    /// disarmed.
+    pub async fn dies_at(&mut self, point: &str) {
+        use std::os::unix::process::ExitStatusExt;
         let status = self.wait_exit().await;
         assert_eq!(
             status.signal(),

@@ -2,10 +2,10 @@
 //! taken after known writes, moves A -> B while B writes to it; once it
 //! has arrived its snapshots follow, each made on B from the next newer one
 //! (the newest from the volume) with only the blocks where they differ
-//! sent, through a kill -9 of B in the middle of the first one. Every
-//! snapshot reads back on B as it was on A (sha256 of a volume made from
-//! it, and of a revert to one), B's pool holds about what A's held, and A
-//! keeps nothing.
+//! sent, through a kill -9 of A and then of B in the middle of the first
+//! one. Every snapshot reads back on B as it was on A (sha256 of a volume
+//! made from it, and of a revert to one), B's pool holds about what A's
+//! held, and A keeps nothing.
 
 use std::path::Path;
 
@@ -79,25 +79,28 @@ async fn volume_with_snapshots(a: &AgentProcess) -> (Vec<String>, String) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn snapshots_travel_with_their_volume_as_deltas() {
-    let a = agent("dmcttrva", 4495, "0a000000-0000-4000-8000-000000000095").await;
+    let mut a = agent("dmcttrva", 4495, "0a000000-0000-4000-8000-000000000095").await;
     let mut b = agent("dmcttrvb", 4496, "0b000000-0000-4000-8000-000000000096").await;
     let (taken, _) = volume_with_snapshots(&a).await;
     let (used_a, _) = pool_used(&a).await;
 
-    // B dies in the middle of its first snapshot's delta, and starts it
-    // afresh when it is back.
-    b.crash_inside("travel.after_write", async |b| {
-        let exported = export(MOVE, &a, b).await.unwrap();
-        start_move_with(MOVE, &a, &exported, b, false, None)
-            .await
-            .unwrap();
-        write_at(
-            &public(MOVE, b),
-            WRITTEN_ON_B,
-            &pattern(79, WRITTEN_ON_B, 4096),
-        );
-    })
-    .await;
+    // Both die in the middle of the first snapshot's delta: A once it has
+    // sent a block of it, then B once it has written one it got from A back
+    // again; each starts that snapshot afresh. (B cannot finish a snapshot
+    // without writing: the newest differs from the volume.)
+    a.arm("travel.after_send").await;
+    b.arm("travel.after_write").await;
+    let exported = export(MOVE, &a, &b).await.unwrap();
+    start_move_with(MOVE, &a, &exported, &b, false, None)
+        .await
+        .unwrap();
+    write_at(
+        &public(MOVE, &b),
+        WRITTEN_ON_B,
+        &pattern(79, WRITTEN_ON_B, 4096),
+    );
+    a.dies_at("travel.after_send").await;
+    b.dies_at("travel.after_write").await;
     let done = wait_released(MOVE, &b).await;
     let on_b = sha256_of(&public(MOVE, &b), SIZE);
 
