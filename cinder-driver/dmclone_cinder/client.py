@@ -587,9 +587,9 @@ class AgentClient:
             nvme_tcp=source,
             deferred=deferred,
             knobs=knobs,
-            # Snapshots stay on the host where they were taken: the driver
-            # finds them there (Snapshot.provider_location).
-            leave_snapshots=True,
+            # The volume's snapshots follow it; the driver finds each where
+            # it is available (Snapshot.provider_location follows).
+            leave_snapshots=False,
         )
         return self._call('Transfers', 'StartTransfer', request, volume_id)
 

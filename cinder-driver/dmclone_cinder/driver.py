@@ -544,9 +544,62 @@ class DMCloneDriver(driver.VolumeDriver):
         return self._agents[self._home(volume)]
 
     def _snapshot_host(self, snapshot):
-        # Snapshots stay on the host where they were taken, even after the
-        # volume moved on; create_snapshot records that host.
-        return snapshot.provider_location or self._home(snapshot.volume)
+        """The agent that holds the snapshot's data, recorded on it.
+
+        A snapshot is taken where its volume lives (create_snapshot records
+        that host). When the volume moves, its snapshots follow it: each is
+        listed at the new home as arriving until its data is there, and
+        the old host drops it once the move is over. So the one agent that
+        has it available is asked for, the volume's home first; one that
+        could not travel stays where it was.
+        """
+        recorded = snapshot.provider_location
+        try:
+            home = self._home(snapshot.volume)
+        except exception.CinderException:
+            home = None
+        recorded = recorded or home
+        others = [host for host, _agent in self._agents.items()]
+        for host in dict.fromkeys([home, recorded, *others]):
+            if host in self._agents and self._holds_snapshot(host, snapshot):
+                if host != snapshot.provider_location:
+                    self._record_snapshot_host(snapshot, host)
+                return host
+        if recorded is None:
+            raise exception.VolumeBackendAPIException(
+                data=_('no agent holds snapshot %s') % snapshot.id
+            )
+        return recorded
+
+    def _holds_snapshot(self, host, snapshot):
+        try:
+            found = self._agents[host].get_snapshot(
+                _agent_snapshot_id(snapshot)
+            )
+        except client.AgentNotFound:
+            return False
+        except exception.CinderException as err:
+            LOG.warning(
+                'Cannot ask %(host)s whether it holds snapshot %(id)s: '
+                '%(err)s',
+                {'host': host, 'id': snapshot.id, 'err': err},
+            )
+            return False
+        return found.state == snapshot_pb2.SNAPSHOT_STATE_AVAILABLE
+
+    @staticmethod
+    def _record_snapshot_host(snapshot, host):
+        LOG.info(
+            'Snapshot %(id)s is now on %(host)s (was %(old)s): it moved '
+            'with its volume',
+            {
+                'id': snapshot.id,
+                'host': host,
+                'old': snapshot.provider_location,
+            },
+        )
+        snapshot.provider_location = host
+        snapshot.save()
 
     @staticmethod
     def _set_home(volume, host):

@@ -92,6 +92,9 @@ def fake_agent(host):
     agent.get_node_info.return_value = node_info(host)
     agent.list_volumes.return_value = []
     agent.active_transfers_of.return_value = []
+    agent.get_snapshot.side_effect = client.AgentNotFound(
+        agent=host, subject='snapshot', detail='not here'
+    )
     agent.create_volume.side_effect = lambda volume_id, size_bytes, **source: (
         volume_pb2.Volume(volume_id=volume_id, size_bytes=size_bytes)
     )
@@ -196,7 +199,7 @@ class DriverTestCase(TestCase):
         )
 
     def snapshot(self, volume, location=None, **fields):
-        return fake_snapshot.fake_snapshot_obj(
+        snapshot = fake_snapshot.fake_snapshot_obj(
             self.ctxt,
             id=str(uuid.uuid4()),
             volume=volume,
@@ -205,6 +208,8 @@ class DriverTestCase(TestCase):
             provider_location=location,
             **fields,
         )
+        self.mock_object(snapshot, 'save')
+        return snapshot
 
     def assert_no_agent_changes(self, *hosts):
         """None of the named agents got a mutating call."""

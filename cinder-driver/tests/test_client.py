@@ -323,7 +323,7 @@ class AgentClientTestCase(base.TestCase):
                     nvme_tcp=source,
                     deferred=True,
                     knobs=knobs,
-                    leave_snapshots=True,
+                    leave_snapshots=False,
                 ),
             ),
             self._sent(),

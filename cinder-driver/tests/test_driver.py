@@ -32,6 +32,9 @@ CONNECTING = transfer_pb2.TRANSFER_STATE_CONNECTING
 GIB = base.GIB
 
 
+SNAPSHOT_AVAILABLE = snapshot_pb2.SNAPSHOT_STATE_AVAILABLE
+
+
 def unavailable(host='hv2'):
     return client.AgentUnavailable(data=f'agent {host}: UNAVAILABLE')
 
@@ -603,6 +606,56 @@ class SnapshotTestCase(base.DriverTestCase):
         self.assertEqual({'host': f'{base.BACKEND}#hv1'}, update)
         self.agents['hv1'].create_volume.assert_called_once()
         self.assert_no_agent_changes('hv2', 'hv3')
+
+    def holding(self, host, snapshot, state=SNAPSHOT_AVAILABLE):
+        agent = self.agents[host]
+        agent.get_snapshot.side_effect = None
+        agent.get_snapshot.return_value = snapshot_pb2.Snapshot(
+            snapshot_id=snapshot.id,
+            volume_id=snapshot.volume.name_id,
+            state=state,
+        )
+
+    def test_a_snapshot_that_moved_with_its_volume_is_used_where_it_is(self):
+        # Taken on hv1; the volume moved to hv2 and the snapshot after it.
+        snapshot = self.snapshot(self.volume(pool='hv2'), location='hv1')
+        self.holding('hv2', snapshot)
+        self.driver.delete_snapshot(snapshot)
+        self.agents['hv2'].delete_snapshot.assert_called_once_with(snapshot.id)
+        self.assertEqual('hv2', snapshot.provider_location)
+        snapshot.save.assert_called_once_with()
+        self.assert_no_agent_changes('hv1', 'hv3')
+
+    def test_a_snapshot_still_arriving_is_used_where_it_was(self):
+        snapshot = self.snapshot(self.volume(pool='hv2'), location='hv1')
+        self.holding('hv2', snapshot, snapshot_pb2.SNAPSHOT_STATE_ARRIVING)
+        self.holding('hv1', snapshot)
+        volume = self.volume(pool='hv2')
+        update = self.driver.create_volume_from_snapshot(volume, snapshot)
+        self.assertEqual({'host': f'{base.BACKEND}#hv1'}, update)
+        self.agents['hv1'].create_volume.assert_called_once()
+        self.assertEqual('hv1', snapshot.provider_location)
+        snapshot.save.assert_not_called()
+        self.assert_no_agent_changes('hv2', 'hv3')
+
+    def test_a_snapshot_is_found_on_a_host_between_two_moves(self):
+        # hv1 -> hv2 (the snapshot arrived), then hv2 -> hv3 (arriving).
+        snapshot = self.snapshot(self.volume(pool='hv3'), location='hv1')
+        self.holding('hv3', snapshot, snapshot_pb2.SNAPSHOT_STATE_ARRIVING)
+        self.holding('hv2', snapshot)
+        self.driver.delete_snapshot(snapshot)
+        self.agents['hv2'].delete_snapshot.assert_called_once_with(snapshot.id)
+        self.assertEqual('hv2', snapshot.provider_location)
+        self.assert_no_agent_changes('hv1', 'hv3')
+
+    def test_revert_in_place_once_the_snapshot_followed_the_volume(self):
+        volume = self.volume(pool='hv2')
+        snapshot = self.snapshot(volume, location='hv1')
+        self.holding('hv2', snapshot)
+        self.driver.revert_to_snapshot(self.ctxt, volume, snapshot)
+        self.agents['hv2'].revert_volume.assert_called_once_with(
+            volume.name_id, snapshot.id
+        )
 
     def test_clone_on_the_source_host(self):
         source = self.volume(pool='hv3', size=2)

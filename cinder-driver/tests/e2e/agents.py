@@ -116,6 +116,8 @@ class Agent:
         peer = authority.issue(self.peer_identity)
         # Who may call this agent over TCP (--tcp-client), besides peers.
         self.clients = ['cinder-volume=driver']
+        # Flags a scenario adds for its own run (see Scenarios.restart_with).
+        self.extra_flags = []
         self._ca = authority.ca_file
         self._config = os.path.join(root, f'{name}.toml')
         with open(self._config, 'w') as config:
@@ -184,6 +186,7 @@ class Agent:
                 for client in self.clients
                 for flag in ('--tcp-client', client)
             ),
+            *self.extra_flags,
         ]
 
     def start(self):

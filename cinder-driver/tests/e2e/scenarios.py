@@ -1339,73 +1339,163 @@ class DMCloneDriverE2E(DriverE2ETestCase):
         for each in (restored, clone, cached):
             self.delete_volume(each)
 
-    def test_6_migration_between_pools_leaves_snapshots_behind(self):
+    def test_6_migration_between_pools_takes_the_snapshots_along(self):
         """cinder migrate to another pool (the driver moves the volume
-        without attachment); the snapshot stays on the old host, which
-        keeps its copy, warm, until the snapshot is gone."""
+        without attachment): its snapshot follows it, only where it
+        differs from the volume crossing, and is usable on the new host
+        (a volume from it, a revert in place, delete); the old host keeps
+        nothing."""
         hv1, hv2 = self.hv['hv1'], self.hv['hv2']
         volume = self.create_volume('hv1')
         self.addCleanup(self._remove_everywhere, volume)
         with self.attached(volume, 'hv1') as path:
             blockdev.write_pattern(path, 20, OFFSETS)
         snapshot = self.create_snapshot(volume)
+        with self.attached(volume, 'hv1') as path:
+            blockdev.write_pattern(path, 21, [MIDDLE])
 
         self.migrate(volume, 'hv2')
         self.assertEqual('hv2', self.pool_of(volume))
         transfer, took = self.wait_transfer(hv2, volume.name_id)
-        say(f'migrated hv1 -> hv2 in {took:.1f} s; hv1 holds a snapshot')
-        # hv1 released it but keeps the copy that carries the snapshot,
-        # warm (unexported, unusable) while the snapshot stays.
-        left = hv1.volume(volume.name_id)
-        self.assertIsNotNone(left, 'hv1 dropped the snapshot origin')
-        self.assertFalse(left['published'])
-        self.assertEqual('warm', left['state'], left)
+        received = transfer['snapshot_bytes_received']
+        say(
+            f'migrated hv1 -> hv2 with its snapshot in {took:.1f} s; '
+            f'{received} bytes of the snapshot received'
+        )
+        self.assert_snapshot_moved(transfer, snapshot, hv1, hv2)
+        # The snapshot differs from the volume in the MiB written after it.
+        self.assertEqual(MIB, received)
+        self.assertIsNone(hv1.volume(volume.name_id), 'hv1 kept its copy')
         self.assert_no_export(volume)
-        self.assertTrue(transfer['source_released'])
 
-        # A volume from the snapshot: the scheduler puts it where the
-        # snapshot's volume is now (hv2); the driver makes it where the
-        # snapshot is and moves the pool there.
+        # A volume from the snapshot: made on hv2, where the scheduler put
+        # it and where the snapshot is now.
         restored = self.new_volume('hv2', snapshot_id=snapshot.id)
         self.addCleanup(self._remove_everywhere, restored)
-        update = self.driver.create_volume_from_snapshot(restored, snapshot)
-        self.assertEqual({'host': f'{BACKEND}#hv1'}, update)
+        update = self.driver.create_volume_from_snapshot(
+            restored, self.reload_snapshot(snapshot)
+        )
+        self.assertIsNone(update)
+        self.assertEqual(
+            'hv2', self.reload_snapshot(snapshot).provider_location
+        )
         restored = self.available(restored, update)
-        self.assertIsNotNone(hv1.volume(restored.name_id))
-        self.assertIsNone(hv2.volume(restored.name_id))
-        with self.attached(restored, 'hv1') as restored_path:
-            self.assert_data(restored_path, self.layout(20))
+        self.assertIsNone(hv1.volume(restored.name_id))
+        with self.attached(restored, 'hv2') as restored_path:
+            self.assert_data(restored_path, self.layout(20, {MIDDLE: None}))
         self.delete_volume(restored)
 
-        # Revert in place is impossible: Cinder falls back to its generic
-        # revert.
-        with self.assertRaises(NotImplementedError):
-            self.driver.revert_to_snapshot(
-                self.ctxt, self.reload(volume), snapshot
-            )
-
-        # LIMITATION (pinned, see the report): moving the volume back to
-        # hv1 fails while hv1 still holds its old copy, and leaves nothing
-        # behind.
-        with self.assertRaises(exception.VolumeBackendAPIException) as err:
-            self.attach(volume, 'hv1')
-        say(f'attach on hv1 while hv1 holds the old copy: {err.exception}')
-        self._drop_reserved_attachments(volume)
-        self.assert_no_export(volume)
-        self.assertEqual('hv2', self.pool_of(volume))
-        say(f'hv1 transfers of it: {hv1.transfers_of(volume.name_id)}')
-
-        # The copy goes with the snapshot.
-        self.driver.delete_snapshot(snapshot)
-        self.assertIsNone(hv1.volume(volume.name_id))
-        on_hv2 = hv2.volume(volume.name_id)
-        self.assertEqual('available', on_hv2['state'])
+        # Revert in place, on hv2.
+        self.driver.revert_to_snapshot(
+            self.ctxt, self.reload(volume), self.reload_snapshot(snapshot)
+        )
         with self.attached(volume, 'hv2') as path:
-            self.assert_data(path, self.layout(20))
+            self.assert_data(path, self.layout(20, {MIDDLE: None}))
 
+        self.driver.delete_snapshot(self.reload_snapshot(snapshot))
+        self.assertNotIn(snapshot.id, self.snapshot_ids(hv2))
         # Migrated with nothing attached: no device stays behind on hv2.
-        self.assertFalse(on_hv2['published'], on_hv2)
+        self.assertFalse(hv2.volume(volume.name_id)['published'])
         self.assert_deletable(volume)
+
+    def test_6_snapshots_follow_the_instance_there_and_back(self):
+        """The instance moves hv1 -> hv2 (an attach elsewhere) with a
+        snapshot taken on hv1: the snapshot follows, and a volume from it
+        is made on hv2. The instance moves back: hv1 kept its old copy
+        (transfer.keep_source_copy_seconds), so only what changed on hv2
+        comes back (a return trip), and the snapshot comes back too."""
+        hv1, hv2 = self.hv['hv1'], self.hv['hv2']
+        self.restart_with(hv1, '--transfer-keep-source-copy-seconds', '900')
+        volume = self.create_volume('hv1')
+        self.addCleanup(self._remove_everywhere, volume)
+        with self.attached(volume, 'hv1') as path:
+            blockdev.write_pattern(path, 23, OFFSETS)
+        snapshot = self.create_snapshot(volume)
+
+        attachment, path = self.attach_locally(volume, 'hv2')
+        blockdev.write_pattern(path, 24, [MIDDLE])
+        transfer, took = self.wait_transfer(hv2, volume.name_id)
+        say(f'hv1 -> hv2 with the snapshot in {took:.1f} s')
+        self.assert_snapshot_moved(transfer, snapshot, hv1, hv2)
+        # The snapshot differs from the volume where hv2 wrote.
+        self.assertEqual(MIB, transfer['snapshot_bytes_received'], transfer)
+        self.assertEqual('warm', hv1.volume(volume.name_id)['state'])
+
+        restored = self.new_volume('hv2', snapshot_id=snapshot.id)
+        self.addCleanup(self._remove_everywhere, restored)
+        update = self.driver.create_volume_from_snapshot(
+            restored, self.reload_snapshot(snapshot)
+        )
+        self.assertIsNone(update)
+        restored = self.available(restored, update)
+        with self.attached(restored, 'hv2') as restored_path:
+            self.assert_data(restored_path, self.layout(23))
+        self.delete_volume(restored)
+        self.detach(attachment)
+
+        # Back to hv1, onto the copy it kept.
+        ended = hv1.transfers_of(volume.name_id)
+        attachment, path = self.attach_locally(volume, 'hv1')
+        self.assert_data(path, self.layout(23, {MIDDLE: 24}))
+        transfer, took = self.wait_transfer(hv1, volume.name_id, ended=ended)
+        say(
+            f'back hv2 -> hv1 in {took:.1f} s: {transfer["bytes_total"]} '
+            f'bytes to copy, {transfer["bytes_skipped"]} skipped; '
+            f'{transfer["message"]}'
+        )
+        self.assertGreaterEqual(
+            transfer['bytes_skipped'], GIB - 8 * MIB, transfer
+        )
+        self.assertLessEqual(transfer['bytes_total'], 8 * MIB, transfer)
+        self.assert_snapshot_moved(transfer, snapshot, hv2, hv1)
+        # Only where the snapshot differs from the volume (the MiB written
+        # on hv2) crosses, however early hv1 was done.
+        self.assertEqual(MIB, transfer['snapshot_bytes_received'], transfer)
+        self.assert_data(path, self.layout(23, {MIDDLE: 24}))
+        self.detach(attachment)
+
+        self.driver.delete_snapshot(self.reload_snapshot(snapshot))
+        self.assertEqual(
+            'hv1', self.reload_snapshot(snapshot).provider_location
+        )
+        self.assertNotIn(snapshot.id, self.snapshot_ids(hv1))
+        self.assert_deletable(volume)
+
+    def assert_snapshot_moved(self, transfer, snapshot, source, destination):
+        """The move's one snapshot arrived on destination, available, and
+        the source, released, keeps none."""
+        self.assertEqual(
+            (1, 1, True),
+            (
+                transfer['snapshots_total'],
+                transfer['snapshots_arrived'],
+                transfer['source_released'],
+            ),
+            transfer,
+        )
+        self.assertNotIn(snapshot.id, self.snapshot_ids(source))
+        arrived = {
+            s['snapshot_id']: s['state'] for s in destination.snapshots()
+        }
+        self.assertEqual('available', arrived.get(snapshot.id), arrived)
+
+    @staticmethod
+    def snapshot_ids(agent):
+        return {s['snapshot_id'] for s in agent.snapshots()}
+
+    def reload_snapshot(self, snapshot):
+        return objects.Snapshot.get_by_id(self.ctxt, snapshot.id)
+
+    def restart_with(self, agent, *flags):
+        """Runs agent with flags for this scenario, as before afterwards."""
+
+        def restart(extra):
+            agent.stop()
+            agent.extra_flags = list(extra)
+            agent.start()
+
+        restart(flags)
+        self.addCleanup(restart, ())
 
     def test_7_nvmeof_attach_for_a_host_without_agent(self):
         volume = self.create_volume('hv1')
