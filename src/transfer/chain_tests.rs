@@ -12,7 +12,7 @@ use super::{
     TransferState,
     move_tests::{
         HOST_A, HOST_B, arriving_over_nvme, subsystem_of, the_token, thresholds_told,
-        wait_source_released, wait_until,
+        wait_for_record, wait_source_released, wait_until,
     },
 };
 use crate::{
@@ -29,15 +29,7 @@ fn middle_host() -> TestHost {
 
 /// Waits until the transfer's source answered its claim.
 async fn knows_its_upstream(agent: &Agent, transfer: &TransferId) {
-    wait_until(async || {
-        agent
-            .ctx
-            .transfer_record(transfer)
-            .await
-            .unwrap()
-            .is_some_and(|t| t.upstream.is_some())
-    })
-    .await;
+    wait_for_record(agent, transfer, |t| t.upstream.is_some()).await;
 }
 
 #[tokio::test]

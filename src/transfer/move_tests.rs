@@ -759,13 +759,22 @@ async fn an_abort_that_overtakes_its_start_stops_the_start() {
 
 /// Waits until the source acknowledged releasing `transfer`'s copy.
 pub(super) async fn wait_source_released(agent: &crate::agent::Agent, transfer: &TransferId) {
+    wait_for_record(agent, transfer, |t| t.source_released).await;
+}
+
+/// Waits until `transfer`'s record satisfies `holds`.
+pub(super) async fn wait_for_record(
+    agent: &crate::agent::Agent,
+    transfer: &TransferId,
+    holds: impl Fn(&crate::store::TransferRecord) -> bool,
+) {
     wait_until(async || {
         agent
             .ctx
             .transfer_record(transfer)
             .await
             .unwrap()
-            .is_some_and(|t| t.source_released)
+            .is_some_and(|t| holds(&t))
     })
     .await;
 }

@@ -86,9 +86,7 @@ impl Transfers {
                 Extra::default(),
             )
             .await?;
-        transfer.export_claimed = true;
-        transfer.upstream = Some(upstream_or(&answer, &endpoint));
-        self.record_origin(transfer, &answer).await?;
+        self.note_claim_answer(transfer, &answer, &endpoint).await?;
         self.plan_snapshots(transfer, &answer).await?;
         self.ctx.put_transfer(transfer).await?;
         info!(transfer = %transfer.id, "the source knows its export is claimed");
@@ -221,9 +219,8 @@ impl Transfers {
             SourceAction::Release => record.source_released = true,
             SourceAction::Withdraw => record.export_withdrawn = true,
             SourceAction::Claim => {
-                record.export_claimed = true;
-                record.upstream = Some(upstream_or(answer, endpoint));
-                self.record_origin(&record, answer).await?;
+                self.note_claim_answer(&mut record, answer, endpoint)
+                    .await?;
                 self.plan_snapshots(&mut record, answer).await?;
             }
         }
@@ -261,20 +258,17 @@ impl Transfers {
         .await
     }
 
-    /// What a claim's answer says, recorded after the volume arrived (the
-    /// answer came late): the claim, where the volume came from.
+    /// What the answer of the source at `endpoint` to a claim says: the
+    /// claim holds, and where the volume comes from. Callers store
+    /// `transfer` afterwards.
     pub(super) async fn note_claim_answer(
         &self,
         transfer: &mut TransferRecord,
         answer: &SourceAnswer,
+        endpoint: &str,
     ) -> Result<(), AgentError> {
-        let Some(endpoint) = transfer.source_agent().map(|(e, _)| e.to_owned()) else {
-            return Ok(());
-        };
         transfer.export_claimed = true;
-        if transfer.upstream.is_none() {
-            transfer.upstream = Some(upstream_or(answer, &endpoint));
-        }
+        transfer.upstream = Some(upstream_or(answer, endpoint));
         self.record_origin(transfer, answer).await
     }
 

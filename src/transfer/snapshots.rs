@@ -210,7 +210,11 @@ impl Transfers {
         if transfer.snapshots_unlisted() {
             match &answer {
                 Some(answer) => {
-                    self.note_claim_answer(&mut transfer, answer).await?;
+                    if let Some((endpoint, _)) = transfer.source_agent() {
+                        let endpoint = endpoint.to_owned();
+                        self.note_claim_answer(&mut transfer, answer, &endpoint)
+                            .await?;
+                    }
                     self.plan_offered(&mut transfer, answer).await?;
                 }
                 None => transfer.snapshots_listed = true,
