@@ -139,6 +139,7 @@ impl Snapshots {
             created_unix: unix_now(),
             pending: Some(Pending::Create),
             era: None,
+            arrived_from: None,
         };
         let mut record = self.insert_snapshot(record).await?;
         failpoint::hit("snapshot.after_record");
@@ -454,19 +455,19 @@ impl Snapshots {
     }
 
     /// Snapshots the volume's thin device into `new_thin`, which no record
-    /// names yet (a snapshot arriving with the volume is made from it).
+    /// names yet (a snapshot arriving with the volume is made from it);
+    /// returns the era it starts, as [`Context::snapshot_with_era`] does.
     /// Callers hold the volume's lock.
     pub(crate) async fn snapshot_volume_into(
         &self,
         origin: &mut VolumeRecord,
         new_thin: ThinId,
-    ) -> Result<(), AgentError> {
+    ) -> Result<Option<u64>, AgentError> {
         self.ctx
             .snapshot_with_era(origin, async |origin, era| {
                 self.snapshot_thin(origin, new_thin, era).await
             })
             .await
-            .map(drop)
     }
 
     // ---- helpers -------------------------------------------------------

@@ -10,6 +10,7 @@
 //! state directory fails to open the store instead of fighting the first.
 
 use std::{
+    ops::Range,
     path::{Path, PathBuf},
     sync::Arc,
 };
@@ -252,6 +253,23 @@ pub struct SnapshotRecord {
     /// what changed since the snapshot is what was written in it or later.
     #[serde(default)]
     pub era: Option<u64>,
+    /// For a snapshot made here by travel (it has no era): where it may
+    /// differ from the volume. Unset for a snapshot taken here.
+    #[serde(default)]
+    pub arrived_from: Option<ArrivedFrom>,
+}
+
+/// Where a snapshot made here by travel may differ from its volume: what
+/// the volume had written to it since `era`, and `differs`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArrivedFrom {
+    /// The volume's first era (as callers see eras) after the volume was
+    /// snapshotted to begin the chain of arriving snapshots this one was
+    /// made along.
+    pub era: u64,
+    /// The byte ranges written to make this snapshot and those it was made
+    /// from, in order and merged.
+    pub differs: Vec<Range<u64>>,
 }
 
 impl Record for SnapshotRecord {

@@ -7,6 +7,8 @@ mod claim;
 mod return_trip;
 pub(super) mod snapshots;
 
+pub(super) use return_trip::whole_regions;
+
 use std::sync::Arc;
 
 use tracing::{info, warn};

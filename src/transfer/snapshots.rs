@@ -22,7 +22,7 @@ use tracing::{error, info, warn};
 
 use super::{
     Transfers,
-    export::snapshots::MAX_ALSO_RANGES,
+    export::{snapshots::MAX_ALSO_RANGES, whole_regions},
     release::{DeltaAsk, DeltaRequest, SourceAnswer, TravellingSnapshot},
 };
 use crate::{
@@ -32,7 +32,7 @@ use crate::{
     failpoint,
     ids::{SnapshotId, ThinId, TransferId},
     snapshot::Snapshots,
-    store::{Change, Pending, SnapshotRecord, TransferRecord},
+    store::{ArrivedFrom, Change, Pending, SnapshotRecord, TransferRecord},
 };
 
 /// Travel retries back off up to this.
@@ -50,11 +50,25 @@ fn worth_asking_again(err: &AgentError) -> bool {
     )
 }
 
+/// Past this many ranges a snapshot made here by travel no longer keeps
+/// where it differs from its volume (a move on compares it everywhere).
+const MAX_DIFFERS_RANGES: usize = 4096;
+
 /// What a snapshot is made from here, and what the source is asked for.
 struct Base {
     ask: DeltaAsk,
     /// How the base was found, for the log.
     from: String,
+    /// Where the base may differ from the volume, when that is known.
+    differs_from_volume: Option<ArrivedFrom>,
+}
+
+/// A snapshot filled in: the bytes the source sent, and where the
+/// snapshot now differs from the base it was made from (`None` past
+/// [`MAX_DIFFERS_RANGES`] ranges).
+struct Filled {
+    received: u64,
+    written: Option<Vec<Range<u64>>>,
 }
 
 impl Transfers {
@@ -123,6 +137,7 @@ impl Transfers {
                     transfer: transfer.id.clone(),
                 }),
                 era: None,
+                arrived_from: None,
             })
             .collect();
         transfer.snapshots = records.iter().map(|r| r.id.clone()).collect();
@@ -277,7 +292,7 @@ impl Transfers {
                 return Ok(());
             };
             let brought = match self.bring(&transfer, &snapshot).await {
-                Ok(bytes) => Some(bytes),
+                Ok(brought) => Some(brought),
                 Err(err @ AgentError::NotFound { .. }) => {
                     warn!(transfer = %id, snapshot = %snapshot.id, error = %err, "the snapshot is gone from the source: dropped here too");
                     None
@@ -289,12 +304,12 @@ impl Transfers {
     }
 
     /// Makes one snapshot here and fills in what differs; returns the bytes
-    /// received.
+    /// received and where the snapshot may differ from the volume.
     async fn bring(
         &self,
         transfer: &TransferRecord,
         snapshot: &SnapshotRecord,
-    ) -> Result<u64, AgentError> {
+    ) -> Result<Brought, AgentError> {
         let base = self.make_from_base(transfer, snapshot).await?;
         info!(transfer = %transfer.id, snapshot = %snapshot.id, from = %base.from, everything = base.ask.everything, also = base.ask.also.len(), "bringing a snapshot");
         let device = self.ctx.snapshot_name(snapshot);
@@ -307,7 +322,14 @@ impl Transfers {
         if let Err(err) = self.ctx.remove_device_if_present(&device).await {
             warn!(snapshot = %snapshot.id, error = %err, "cannot deactivate an arriving snapshot; the next start does");
         }
-        filled
+        let filled = filled?;
+        Ok(Brought {
+            bytes: filled.received,
+            arrived_from: base
+                .differs_from_volume
+                .zip(filled.written)
+                .and_then(|(base, written)| differing_further(base, written)),
+        })
     }
 
     /// The snapshot's thin device, made afresh from the nearest newer
@@ -330,6 +352,7 @@ impl Transfers {
                 .snapshot(snapshot.thin_id, newer.thin_id, &[])
                 .await?;
             return Ok(Base {
+                differs_from_volume: newer.arrived_from.clone(),
                 ask: DeltaAsk {
                     snapshot: snapshot.id.clone(),
                     against: Some(newer.id.clone()),
@@ -344,7 +367,7 @@ impl Transfers {
             .ctx
             .ready_record(&transfer.volume_id, "give its snapshots a base")
             .await?;
-        Snapshots::new(Arc::clone(&self.ctx))
+        let era = Snapshots::new(Arc::clone(&self.ctx))
             .snapshot_volume_into(&mut volume, snapshot.thin_id)
             .await?;
         drop(held);
@@ -354,6 +377,10 @@ impl Transfers {
             Err(why) => format!("the volume, every block compared: {why}"),
         };
         Ok(Base {
+            differs_from_volume: era.map(|era| ArrivedFrom {
+                era,
+                differs: Vec::new(),
+            }),
             ask: DeltaAsk {
                 snapshot: snapshot.id.clone(),
                 against: None,
@@ -429,14 +456,14 @@ impl Transfers {
     }
 
     /// Writes what the source sends into the snapshot's device, where it
-    /// differs; returns the bytes received.
+    /// differs.
     async fn fill(
         &self,
         transfer: &TransferRecord,
         snapshot: &SnapshotRecord,
         device: &DeviceName,
         ask: DeltaAsk,
-    ) -> Result<u64, AgentError> {
+    ) -> Result<Filled, AgentError> {
         let (endpoint, token) = transfer.source_agent().ok_or_else(|| {
             AgentError::Internal(format!("transfer {} has no source agent", transfer.id))
         })?;
@@ -449,7 +476,8 @@ impl Transfers {
             ask,
         };
         let mut chunks = self.ctx.source_releaser.snapshot_delta(&request).await?;
-        let (mut received, mut written) = (0u64, 0u64);
+        let (mut received, mut written_bytes) = (0u64, 0u64);
+        let mut written: Option<Vec<Range<u64>>> = Some(Vec::new());
         while let Some(chunk) = chunks.recv().await {
             let chunk = chunk?;
             check_chunk(
@@ -465,14 +493,20 @@ impl Transfers {
                 .read_at(device, chunk.offset, chunk.data.len())
                 .await?;
             for (offset, data) in runs_differing(chunk.offset, &chunk.data, &here, block_bytes) {
-                written += data.len() as u64;
+                written_bytes += data.len() as u64;
+                written = written
+                    .map(|mut ranges| {
+                        ranges.push(offset..offset + data.len() as u64);
+                        ranges
+                    })
+                    .filter(|ranges| ranges.len() <= MAX_DIFFERS_RANGES);
                 self.ctx.dm.write_at(device, offset, data).await?;
                 failpoint::hit("travel.after_write");
             }
         }
         self.ctx.dm.flush(device).await?;
-        info!(snapshot = %snapshot.id, received, written, "snapshot arrived");
-        Ok(received)
+        info!(snapshot = %snapshot.id, received, written = written_bytes, "snapshot arrived");
+        Ok(Filled { received, written })
     }
 
     /// Records a snapshot as arrived (usable), or drops it when the source
@@ -481,7 +515,7 @@ impl Transfers {
         &self,
         id: &TransferId,
         mut snapshot: SnapshotRecord,
-        brought: Option<u64>,
+        brought: Option<Brought>,
     ) -> Result<(), AgentError> {
         if brought.is_none() {
             self.unmake(&snapshot).await?;
@@ -490,10 +524,11 @@ impl Transfers {
         if brought.is_some() && !transfer.snapshots_arrived.contains(&snapshot.id) {
             transfer.snapshots_arrived.push(snapshot.id.clone());
         }
-        transfer.snapshot_bytes += brought.unwrap_or(0);
+        transfer.snapshot_bytes += brought.as_ref().map_or(0, |b| b.bytes);
         let change = match brought {
-            Some(_) => {
+            Some(brought) => {
                 snapshot.pending = None;
+                snapshot.arrived_from = brought.arrived_from;
                 Change::put(&snapshot)?
             }
             None => Change::remove::<SnapshotRecord>(&snapshot.id),
@@ -535,6 +570,26 @@ impl Transfers {
         }
         Ok(())
     }
+}
+
+/// A snapshot brought here: the bytes received, and where it may differ
+/// from the volume when that is known.
+struct Brought {
+    bytes: u64,
+    arrived_from: Option<ArrivedFrom>,
+}
+
+/// Where a snapshot made from `base` and then written at `written` may
+/// differ from the volume; `None` past [`MAX_DIFFERS_RANGES`].
+fn differing_further(base: ArrivedFrom, written: Vec<Range<u64>>) -> Option<ArrivedFrom> {
+    let mut all = base.differs;
+    all.extend(written);
+    all.sort_by_key(|r| r.start);
+    let differs = whole_regions(all.into_iter(), 1);
+    (differs.len() <= MAX_DIFFERS_RANGES).then_some(ArrivedFrom {
+        era: base.era,
+        differs,
+    })
 }
 
 /// A chunk must be whole blocks inside the snapshot (the last may end at
@@ -598,6 +653,31 @@ mod tests {
             vec![(4, b"bbbbcccc".to_vec())]
         );
         assert!(runs_differing(0, theirs, theirs, 4).is_empty());
+    }
+
+    #[test]
+    fn what_a_snapshot_differs_by_accumulates_along_the_chain() {
+        let base = ArrivedFrom {
+            era: (7 << 32) | 3,
+            differs: vec![0..4096, 65536..131072],
+        };
+        let further = differing_further(base, vec![131072..135168, 8192..12288, 2048..6144])
+            .expect("few ranges are kept");
+        assert_eq!(further.era, (7 << 32) | 3);
+        assert_eq!(further.differs, vec![0..6144, 8192..12288, 65536..135168]);
+    }
+
+    #[test]
+    fn too_many_ranges_are_not_kept() {
+        let base = ArrivedFrom {
+            era: 1,
+            differs: Vec::new(),
+        };
+        let written: Vec<Range<u64>> = (0..=MAX_DIFFERS_RANGES as u64)
+            .map(|i| i * 8192..i * 8192 + 4096)
+            .collect();
+        assert!(differing_further(base.clone(), written[1..].to_vec()).is_some());
+        assert!(differing_further(base, written).is_none());
     }
 
     #[test]

@@ -22,6 +22,7 @@ use crate::{
     error::AgentError,
     ids::{SnapshotId, TransferId, VolumeId},
     snapshot::SnapshotState,
+    store::{ArrivedFrom, Change, SnapshotRecord},
     testing::{MIB, TestHost, refusal, transfer_reaches, volume_id},
 };
 
@@ -170,6 +171,64 @@ async fn the_source_sends_only_the_blocks_where_a_snapshot_differs() {
         "the snapshots are deactivated after reading: {:?}",
         host.devices()
     );
+}
+
+async fn record_of(agent: &Agent, snapshot: u32) -> SnapshotRecord {
+    agent
+        .ctx
+        .snapshot_record(&snapshot_id(snapshot))
+        .await
+        .unwrap()
+        .unwrap()
+}
+
+async fn put_record(agent: &Agent, record: SnapshotRecord) {
+    agent
+        .ctx
+        .store_call(move |store| store.commit(vec![Change::put(&record)?]))
+        .await
+        .unwrap();
+}
+
+fn offsets(chunks: &[DeltaChunk]) -> Vec<u64> {
+    chunks.iter().map(|c| c.offset).collect()
+}
+
+/// A snapshot whose record does not bound where it differs from the
+/// volume (made here by travel in another history, or before such records
+/// were kept) is compared everywhere, and only what differs goes.
+#[tokio::test]
+async fn a_snapshot_that_arrived_without_bounds_is_compared_everywhere() {
+    let host = TestHost::new().with_export_address("192.0.2.1:4420");
+    let (agent, id, token) = source_with_two_snapshots(&host).await;
+    let since_two = record_of(&agent, 2)
+        .await
+        .era
+        .expect("a tracked volume's snapshot has an era");
+    put_record(
+        &agent,
+        SnapshotRecord {
+            era: None,
+            arrived_from: Some(ArrivedFrom {
+                era: since_two ^ (1 << 32),
+                differs: Vec::new(),
+            }),
+            ..record_of(&agent, 1).await
+        },
+    )
+    .await;
+    let elsewhere = delta(&agent, &id, &token, ask(1, Some(2))).await.unwrap();
+    assert_eq!(offsets(&elsewhere), vec![0, 2 * MIB]);
+    put_record(
+        &agent,
+        SnapshotRecord {
+            arrived_from: None,
+            ..record_of(&agent, 1).await
+        },
+    )
+    .await;
+    let unknown = delta(&agent, &id, &token, ask(1, None)).await.unwrap();
+    assert_eq!(offsets(&unknown), vec![0, 2 * MIB, 3 * MIB]);
 }
 
 #[tokio::test]
@@ -362,6 +421,22 @@ async fn snapshots_arrive_newest_first_each_from_the_next_and_the_source_learns_
     let one = pages(&host, &agent, 1).await;
     assert_eq!(one.get(&0), Some(&vec![b'a'; 4096]));
     assert_eq!(one.get(&(2 * MIB / 4096)), Some(&vec![b'c'; 4096]));
+
+    // Each keeps where it may differ from the volume: 2 where its delta
+    // was written, 1 there and where its own was; both from the era the
+    // volume was snapshotted at, and neither has an era of its own.
+    let two = record_of(&agent, 2).await;
+    let one = record_of(&agent, 1).await;
+    let (Some(two_from), Some(one_from)) = (&two.arrived_from, &one.arrived_from) else {
+        panic!("arrived snapshots keep where they differ: {two:?} {one:?}");
+    };
+    assert_eq!(two_from.differs, vec![2 * MIB..2 * MIB + BLOCK as u64]);
+    assert_eq!(
+        one_from.differs,
+        vec![0..BLOCK as u64, 2 * MIB..2 * MIB + BLOCK as u64]
+    );
+    assert_eq!(one_from.era, two_from.era);
+    assert_eq!((one.era, two.era), (None, None));
 
     let listed = agent.snapshots.list_snapshots(Some(&id)).await.unwrap();
     let ids: Vec<&SnapshotId> = listed.iter().map(|s| &s.id).collect();

@@ -90,7 +90,9 @@ impl Exports {
             (record, snapshot, against)
         };
         check_also(&ask.also, snapshot.size_bytes)?;
-        let candidates = self.candidates(&record, &snapshot, &ask).await;
+        let candidates = self
+            .candidates(&record, &snapshot, against.as_ref(), &ask)
+            .await;
         // One reader of a snapshot at a time: a destination that asks again
         // (its stream was cut) waits for the old reader to notice.
         let keys: Vec<String> = [Some(&snapshot), against.as_ref()]
@@ -179,13 +181,15 @@ impl Exports {
         Ok(record)
     }
 
-    /// Where the snapshot may differ from what the destination holds: what
-    /// was written since the snapshot, when the history the export ended
-    /// goes back to it; else everywhere.
+    /// Where the snapshot may differ from what the destination holds (the
+    /// volume as exported, or `against`): where either differs from the
+    /// volume, when the history the export ended goes back to both; else
+    /// everywhere.
     async fn candidates(
         &self,
         record: &VolumeRecord,
         snapshot: &SnapshotRecord,
+        against: Option<&SnapshotRecord>,
         ask: &DeltaAsk,
     ) -> Vec<Range<u64>> {
         let everywhere = std::iter::once(0..snapshot.size_bytes).collect();
@@ -193,20 +197,71 @@ impl Exports {
             return everywhere;
         }
         let ended = record.export.as_ref().and_then(|e| e.ended_history);
-        let Some(era) = snapshot.era.filter(|era| ended == Some((era >> 32) as u32)) else {
+        let Some(known) = known_differences(snapshot, against, ended) else {
             debug!(snapshot = %snapshot.id, "no history back to the snapshot: every block is compared");
             return everywhere;
         };
         match Changes::new(Arc::clone(&self.ctx))
-            .written_since_kernel_era(&record.id, era as u32)
+            .written_since_kernel_era(&record.id, known.era as u32)
             .await
         {
-            Ok(changes) => changes.ranges_below(snapshot.size_bytes).collect(),
+            Ok(changes) => changes
+                .ranges_below(snapshot.size_bytes)
+                .chain(known.differs)
+                .map(|r| r.start..r.end.min(snapshot.size_bytes))
+                .filter(|r| r.start < r.end)
+                .collect(),
             Err(err) => {
                 warn!(snapshot = %snapshot.id, error = %err, "cannot read what changed since the snapshot: every block is compared");
                 everywhere
             }
         }
+    }
+}
+
+/// Where snapshots may differ from their volume: what the volume had
+/// written to it since `era` (as callers see eras), and `differs`.
+#[derive(Debug, PartialEq)]
+struct KnownDifferences {
+    era: u64,
+    differs: Vec<Range<u64>>,
+}
+
+/// Where `snapshot` and `against` may differ from the volume (and so from
+/// each other), when the history the export `ended` reaches back to both.
+fn known_differences(
+    snapshot: &SnapshotRecord,
+    against: Option<&SnapshotRecord>,
+    ended: Option<u32>,
+) -> Option<KnownDifferences> {
+    let mut known: Option<KnownDifferences> = None;
+    for one in std::iter::once(snapshot).chain(against) {
+        let mine = differences_from_volume(one).filter(|k| ended == Some((k.era >> 32) as u32))?;
+        known = Some(match known {
+            None => mine,
+            Some(other) => KnownDifferences {
+                era: other.era.min(mine.era),
+                differs: other.differs.into_iter().chain(mine.differs).collect(),
+            },
+        });
+    }
+    known
+}
+
+/// A snapshot taken here differs from its volume where the volume was
+/// written since; one made here by travel, also where it was written to
+/// make it.
+fn differences_from_volume(snapshot: &SnapshotRecord) -> Option<KnownDifferences> {
+    match (&snapshot.era, &snapshot.arrived_from) {
+        (Some(era), _) => Some(KnownDifferences {
+            era: *era,
+            differs: Vec::new(),
+        }),
+        (None, Some(arrived)) => Some(KnownDifferences {
+            era: arrived.era,
+            differs: arrived.differs.clone(),
+        }),
+        (None, None) => None,
     }
 }
 
@@ -441,6 +496,64 @@ fn differing(plan: &Plan, offset: u64, mine: &[u8], theirs: &[u8]) -> Vec<DeltaC
 #[allow(clippy::single_range_in_vec_init)]
 mod tests {
     use super::*;
+
+    const HISTORY: u64 = 7 << 32;
+
+    fn snapshot(era: Option<u64>, arrived_from: Option<(u64, Vec<Range<u64>>)>) -> SnapshotRecord {
+        SnapshotRecord {
+            id: SnapshotId::parse("10000000-0000-4000-8000-000000000001").expect("an id"),
+            volume_id: VolumeId::parse("00000000-0000-4000-8000-000000000001").expect("an id"),
+            thin_id: crate::ids::ThinId(3),
+            size_bytes: 1 << 20,
+            created_unix: 0,
+            pending: None,
+            era,
+            arrived_from: arrived_from
+                .map(|(era, differs)| crate::store::ArrivedFrom { era, differs }),
+        }
+    }
+
+    #[test]
+    fn a_snapshot_taken_here_differs_where_the_volume_was_written_since() {
+        let taken = snapshot(Some(HISTORY | 5), None);
+        assert_eq!(
+            known_differences(&taken, None, Some(7)),
+            Some(KnownDifferences {
+                era: HISTORY | 5,
+                differs: vec![]
+            })
+        );
+        assert_eq!(known_differences(&taken, None, Some(8)), None);
+        assert_eq!(known_differences(&taken, None, None), None);
+    }
+
+    #[test]
+    fn a_snapshot_that_arrived_also_differs_where_it_was_written() {
+        let arrived = snapshot(None, Some((HISTORY | 3, vec![0..4096])));
+        let newer = snapshot(None, Some((HISTORY | 3, vec![8192..12288])));
+        let taken = snapshot(Some(HISTORY | 9), None);
+        assert_eq!(
+            known_differences(&arrived, Some(&newer), Some(7)),
+            Some(KnownDifferences {
+                era: HISTORY | 3,
+                differs: vec![0..4096, 8192..12288]
+            })
+        );
+        // Against a snapshot taken later: from the older era of the two.
+        assert_eq!(
+            known_differences(&arrived, Some(&taken), Some(7)),
+            Some(KnownDifferences {
+                era: HISTORY | 3,
+                differs: vec![0..4096]
+            })
+        );
+        // Either one unbounded, or from another history: everywhere.
+        let unknown = snapshot(None, None);
+        assert_eq!(known_differences(&arrived, Some(&unknown), Some(7)), None);
+        assert_eq!(known_differences(&unknown, Some(&taken), Some(7)), None);
+        let elsewhere = snapshot(None, Some(((8 << 32) | 3, vec![])));
+        assert_eq!(known_differences(&taken, Some(&elsewhere), Some(7)), None);
+    }
 
     fn plan(also: Vec<Range<u64>>, everything: bool) -> Plan {
         Plan::new(vec![0..16], also, everything, 4)

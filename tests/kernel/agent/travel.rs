@@ -3,9 +3,12 @@
 //! has arrived its snapshots follow, each made on B from the next newer one
 //! (the newest from the volume) with only the blocks where they differ
 //! sent, through a kill -9 of A and then of B in the middle of the first
-//! one. Every snapshot reads back on B as it was on A (sha256 of a volume
-//! made from it, and of a revert to one), B's pool holds about what A's
-//! held, and A keeps nothing.
+//! one. B's pool holds about what A's held, and A keeps nothing. Then the
+//! volume moves on, back to A, after a write on B: B compares each
+//! snapshot that arrived only where it may differ from the volume (its
+//! record of what was written to make it, and B's dm-era), not
+//! everywhere. Every snapshot reads back on A as it was at first (sha256
+//! of a volume made from it, and of a revert to one).
 
 use std::path::Path;
 
@@ -23,6 +26,7 @@ use crate::support::*;
 
 const VOLUME: &str = "5d7e0c1d-2b3c-4d5e-8f60-7a8b9c0d1e2f";
 const MOVE: Ids = ids(VOLUME, "6d7e0c1d-2b3c-4d5e-8f60-7a8b9c0d1e2f");
+const BACK: Ids = ids(VOLUME, "6d7e0c1d-2b3c-4d5e-8f60-7a8b9c0d1e30");
 const SNAPSHOTS: [&str; 3] = [
     "5e7e0c1d-2b3c-4d5e-8f60-7a8b9c0d1e01",
     "5e7e0c1d-2b3c-4d5e-8f60-7a8b9c0d1e02",
@@ -40,6 +44,21 @@ const SIZE: u64 = 64 * MIB;
 const WRITTEN_AFTER: [&[u64]; 3] = [&[4, 20], &[8], &[40, 41]];
 /// Written on B while the volume arrives.
 const WRITTEN_ON_B: u64 = 50 * MIB + 8192;
+/// The MiB written on B before the volume moves on.
+const WRITTEN_BEFORE_BACK: u64 = 30;
+
+/// The bytes a source compared to send snapshot deltas, from its log.
+fn compared_bytes(log: &str) -> u64 {
+    log.lines()
+        .filter(|l| l.contains("sending a snapshot's delta"))
+        .map(|l| {
+            l.split_whitespace()
+                .find_map(|w| w.strip_prefix("candidate_bytes="))
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or_else(|| panic!("no candidate_bytes in {l}"))
+        })
+        .sum()
+}
 
 async fn snapshots_on(agent: &AgentProcess) -> Vec<dmclone::api::proto::v1::Snapshot> {
     SnapshotsClient::new(agent.channel().await)
@@ -102,7 +121,6 @@ async fn snapshots_travel_with_their_volume_as_deltas() {
     a.dies_at("travel.after_send").await;
     b.dies_at("travel.after_write").await;
     let done = wait_released(MOVE, &b).await;
-    let on_b = sha256_of(&public(MOVE, &b), SIZE);
 
     let arrived = snapshots_on(&b).await;
     assert_eq!(arrived.len(), 3, "{arrived:?}");
@@ -142,25 +160,65 @@ async fn snapshots_travel_with_their_volume_as_deltas() {
         "A dropped its copy"
     );
 
-    // Each snapshot reads on B as on A: through a volume made from it.
-    let mut volumes_b = b.volumes().await;
+    // On again, back to A, after a MiB written on B.
+    write_at(
+        &public(MOVE, &b),
+        WRITTEN_BEFORE_BACK * MIB,
+        &pattern(80, WRITTEN_BEFORE_BACK * MIB, MIB as usize),
+    );
+    let on_b = sha256_of(&public(MOVE, &b), SIZE);
+    unpublish(&mut b.volumes().await, VOLUME).await.unwrap();
+    let exported = export(BACK, &b, &a).await.unwrap();
+    start_move_with(BACK, &b, &exported, &a, false, None)
+        .await
+        .unwrap();
+    let back = wait_released(BACK, &a).await;
+    assert_eq!((back.snapshots_total, back.snapshots_arrived), (3, 3));
+    let compared = compared_bytes(&b.log());
+    println!(
+        "MEASURED the snapshots moved on B -> A: B compared {compared} bytes (everywhere: {}), \
+         {} bytes received",
+        3 * SIZE,
+        back.snapshot_bytes_received
+    );
+    // Each snapshot's own deltas and those of the newer ones, what B wrote
+    // while the volume arrived and before it moved on, in whole blocks.
+    let bound: u64 = (0..SNAPSHOTS.len())
+        .map(|n| {
+            let deltas: u64 = WRITTEN_AFTER[n..].iter().map(|w| w.len() as u64).sum();
+            (deltas + 3) * MIB
+        })
+        .sum();
+    assert!(
+        compared <= bound,
+        "B compares only where the snapshots may differ: {compared} bytes, at most {bound}"
+    );
+    assert!(
+        (deltas + MIB..=deltas + 2 * MIB).contains(&back.snapshot_bytes_received),
+        "the deltas and the MiB written on B cross: {back:?}"
+    );
+
+    // Each snapshot reads on A as it was at first: through a volume made
+    // from it.
+    let mut volumes_a = a.volumes().await;
     for ((snapshot, reader), sha) in SNAPSHOTS.iter().zip(READERS).zip(&taken) {
-        from_snapshot(&mut volumes_b, reader, SIZE, snapshot)
+        from_snapshot(&mut volumes_a, reader, SIZE, snapshot)
             .await
             .unwrap();
-        let path = publish(&mut volumes_b, reader).await.unwrap();
+        let path = publish(&mut volumes_a, reader).await.unwrap();
         assert_eq!(
             &sha256_of(Path::new(&path), SIZE),
             sha,
             "snapshot {snapshot}"
         );
-        unpublish(&mut volumes_b, reader).await.unwrap();
-        delete(&mut volumes_b, reader).await.unwrap();
+        unpublish(&mut volumes_a, reader).await.unwrap();
+        delete(&mut volumes_a, reader).await.unwrap();
     }
-    // A revert to a snapshot that travelled.
-    unpublish(&mut volumes_b, VOLUME).await.unwrap();
-    revert(&b, VOLUME, SNAPSHOTS[1]).await.unwrap();
-    let path = publish(&mut volumes_b, VOLUME).await.unwrap();
+    assert_eq!(sha256_of(&public(BACK, &a), SIZE), on_b);
+    // A revert to a snapshot that travelled there and back.
+    unpublish(&mut volumes_a, VOLUME).await.unwrap();
+    revert(&a, VOLUME, SNAPSHOTS[1]).await.unwrap();
+    let path = publish(&mut volumes_a, VOLUME).await.unwrap();
     assert_eq!(sha256_of(Path::new(&path), SIZE), taken[1]);
     assert_ne!(on_b, taken[1]);
     b.destroy().await;
