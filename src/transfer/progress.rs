@@ -99,9 +99,21 @@ impl Progress {
     /// event sees the end up to a second late: close to the end it looks
     /// every [`ENDGAME_TICK`] instead, and a flush makes the clone commit
     /// (and signal) the moment the last region is in.
+    ///
+    /// Until a rate is known (the first look, or after the rate started
+    /// afresh) it looks again after [`ENDGAME_TICK`], then after as long
+    /// as it has watched, up to `tick`: a copy of a few regions (a return
+    /// trip's) ends before a whole tick would have passed.
     pub fn next_look(&self, tick: Duration) -> Duration {
         if self.ends_within(ENDGAME_HORIZON) {
-            tick.min(ENDGAME_TICK)
+            return tick.min(ENDGAME_TICK);
+        }
+        let watched = match (self.samples.front(), self.samples.back()) {
+            (Some((first, _)), Some((last, _))) => last.duration_since(*first),
+            _ => return tick,
+        };
+        if self.regions_per_second() == 0.0 && !self.is_complete() {
+            watched.max(ENDGAME_TICK).min(tick)
         } else {
             tick
         }
@@ -123,6 +135,32 @@ pub fn bytes_of(regions: u64, total_regions: u64, region_bytes: u64, total_bytes
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn until_a_rate_is_known_the_looks_come_soon_then_back_off() {
+        let tick = Duration::from_millis(500);
+        let start = Instant::now();
+        let mut p = Progress::default();
+        assert_eq!(p.next_look(tick), tick, "nothing observed yet");
+        p.observe(start, 0, 1000);
+        assert_eq!(p.next_look(tick), ENDGAME_TICK);
+        p.observe(start + ENDGAME_TICK, 0, 1000);
+        assert_eq!(p.next_look(tick), ENDGAME_TICK);
+        p.observe(start + Duration::from_millis(100), 0, 1000);
+        assert_eq!(p.next_look(tick), Duration::from_millis(100));
+        p.observe(start + Duration::from_millis(900), 0, 1000);
+        assert_eq!(p.next_look(tick), tick, "nothing moves: the tick");
+        // A copy far from its end: the tick.
+        p.observe(start + Duration::from_millis(1000), 10, 1000);
+        assert_eq!(p.next_look(tick), tick);
+        // A copy whose rate started afresh is looked at soon again; one
+        // that turns out to end soon, often.
+        p.forget_rate();
+        p.observe(start + Duration::from_millis(1100), 990, 1000);
+        assert_eq!(p.next_look(tick), ENDGAME_TICK);
+        p.observe(start + Duration::from_millis(1120), 995, 1000);
+        assert_eq!(p.next_look(tick), ENDGAME_TICK);
+    }
 
     #[test]
     fn rate_and_eta_follow_the_window() {
@@ -152,8 +190,9 @@ mod tests {
         let tick = Duration::from_millis(500);
         let mut p = Progress::default();
         p.observe(start, 0, 1000);
-        // No rate yet: no guess about the end.
-        assert_eq!(p.next_look(tick), tick);
+        // No rate yet: no guess about the end, a second look soon.
+        assert!(!p.ends_within(ENDGAME_HORIZON));
+        assert_eq!(p.next_look(tick), ENDGAME_TICK);
         p.observe(start + Duration::from_secs(1), 100, 1000);
         // 900 regions left at 100/s: 9 s away.
         assert!(!p.ends_within(ENDGAME_HORIZON));
