@@ -47,8 +47,12 @@
 //!    the copy it left, 1 % and 10 % of it written while away, against the
 //!    full move: see `scale/returns.rs`.
 //!
+//! 9. Snapshots travelling with their volume (`--parts travel`, two
+//!    agents): bytes received against the deltas, and the destination's
+//!    pool against the source's: see `scale/travel.rs`.
+//!
 //! Writes `<part>.json` and `<part>.txt` for each part (scale, changes,
-//! usable, drain, chain, returns) to
+//! usable, drain, chain, returns, travel) to
 //! `--results-dir`. Under `cargo test --benches` (no `--bench`) it only checks
 //! its argument parsing. Without device-mapper, `dmsetup` or the agent
 //! binary it fails and prints no figures.
@@ -91,6 +95,8 @@ mod common;
 mod drain;
 #[path = "scale/returns.rs"]
 mod returns;
+#[path = "scale/travel.rs"]
+mod travel;
 #[path = "scale/usable.rs"]
 mod usable;
 
@@ -127,7 +133,8 @@ struct Params {
     #[arg(long, value_name = "PATH", default_value = "", value_parser = any_path)]
     #[arg(env = "DMCLONE_BENCH_AGENT", hide_default_value = true)]
     agent: PathBuf,
-    /// The parts to run: any of scale, changes, usable, drain, chain, returns
+    /// The parts to run: any of scale, changes, usable, drain, chain,
+    /// returns, travel
     #[arg(long, value_name = "LIST", default_value = ALL_PARTS, value_parser = parts)]
     #[arg(env = "DMCLONE_BENCH_SCALE_PARTS")]
     parts: Parts,
@@ -186,6 +193,14 @@ struct Params {
     #[arg(long = "returns-reps", value_name = "N", default_value_t = 3, value_parser = count)]
     #[arg(env = "DMCLONE_BENCH_RETURNS_REPS")]
     returns_reps: usize,
+    /// Size of the volume moved with its snapshots, in MiB, 4 to 65536
+    #[arg(long = "travel-mib", value_name = "N", default_value_t = 256, value_parser = mib)]
+    #[arg(env = "DMCLONE_BENCH_TRAVEL_MIB")]
+    travel_mib: u64,
+    /// Moves of a volume with its snapshots
+    #[arg(long = "travel-reps", value_name = "N", default_value_t = 3, value_parser = count)]
+    #[arg(env = "DMCLONE_BENCH_TRAVEL_REPS")]
+    travel_reps: usize,
     /// The agents' log level (e.g. debug, to time a move's steps in the
     /// logs the chain keeps beside its results)
     #[arg(long = "agent-log-level", value_name = "LEVEL", default_value = "info")]
@@ -205,9 +220,10 @@ struct Parts {
     drain: bool,
     chain: bool,
     returns: bool,
+    travel: bool,
 }
 
-const ALL_PARTS: &str = "scale,changes,usable,drain,chain,returns";
+const ALL_PARTS: &str = "scale,changes,usable,drain,chain,returns,travel";
 
 fn parts(list: &str) -> BenchResult<Parts> {
     let mut parts = Parts::default();
@@ -219,6 +235,7 @@ fn parts(list: &str) -> BenchResult<Parts> {
             "drain" => &mut parts.drain,
             "chain" => &mut parts.chain,
             "returns" => &mut parts.returns,
+            "travel" => &mut parts.travel,
             other => return Err(format!("unknown part {other:?} (of {ALL_PARTS})").into()),
         };
         *wanted = true;
@@ -910,6 +927,7 @@ fn main() {
         ("drain", params.parts.drain),
         ("chain", params.parts.chain),
         ("returns", params.parts.returns),
+        ("travel", params.parts.travel),
     ] {
         if !wanted {
             continue;
@@ -921,7 +939,8 @@ fn main() {
                 "usable" => usable::measure(&params).await,
                 "drain" => drain::measure(&params).await,
                 "chain" => chain::measure(&params).await,
-                _ => returns::measure(&params).await,
+                "returns" => returns::measure(&params).await,
+                _ => travel::measure(&params).await,
             }
         });
         match measured {
@@ -970,17 +989,23 @@ fn self_check() -> Result<(), String> {
     let parts = |given: &[&str]| {
         parse(given)
             .map(|p| p.parts)
-            .map(|p| [p.scale, p.changes, p.usable, p.drain, p.chain, p.returns])
+            .map(|p| {
+                [
+                    p.scale, p.changes, p.usable, p.drain, p.chain, p.returns, p.travel,
+                ]
+            })
             .ok()
     };
     let only = |n: usize| Some(std::array::from_fn(|i| i == n));
     if parts(&["--parts", "changes"]) != only(1)
-        || parts(&["--parts", "scale, changes"]) != Some([true, true, false, false, false, false])
+        || parts(&["--parts", "scale, changes"])
+            != Some([true, true, false, false, false, false, false])
         || parts(&["--parts", "usable"]) != only(2)
         || parts(&["--parts", "drain"]) != only(3)
         || parts(&["--parts", "chain"]) != only(4)
         || parts(&["--parts", "returns"]) != only(5)
-        || parts(&[]) != Some([true; 6])
+        || parts(&["--parts", "travel"]) != only(6)
+        || parts(&[]) != Some([true; 7])
     {
         return Err("--parts selects wrongly".into());
     }
@@ -1007,6 +1032,8 @@ fn self_check() -> Result<(), String> {
         (&["--chain-mib", "2"][..], "must be from 4 to 65536"),
         (&["--returns-reps", "0"][..], "must be at least 1"),
         (&["--returns-mib", "2"][..], "must be from 4 to 65536"),
+        (&["--travel-reps", "0"][..], "must be at least 1"),
+        (&["--travel-mib", "2"][..], "must be from 4 to 65536"),
     ] {
         match parse(given).map_err(|err| err.to_string()) {
             Err(err) if err.contains(given[0]) && err.contains(reason) => {}
@@ -1015,6 +1042,7 @@ fn self_check() -> Result<(), String> {
     }
     common::stats::self_check()?;
     returns::self_check()?;
+    travel::self_check()?;
     // The changed-blocks workload: one write in each of 2,560 distinct,
     // non-adjacent era blocks of 10 GiB, so a correct answer is 2,560 whole
     // blocks, none merged.
@@ -1066,6 +1094,8 @@ fn check_variables() -> Result<(), String> {
         ("chain-reps", "DMCLONE_BENCH_CHAIN_REPS"),
         ("returns-mib", "DMCLONE_BENCH_RETURNS_MIB"),
         ("returns-reps", "DMCLONE_BENCH_RETURNS_REPS"),
+        ("travel-mib", "DMCLONE_BENCH_TRAVEL_MIB"),
+        ("travel-reps", "DMCLONE_BENCH_TRAVEL_REPS"),
     ] {
         let read = command
             .get_arguments()
