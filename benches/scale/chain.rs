@@ -16,9 +16,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use dmclone::api::proto::v1::{
-    DeleteVolumeRequest, TransferRef, TransferState, UnpublishVolumeRequest,
-    transfers_client::TransfersClient,
+use dmclone::{
+    api::proto::v1::{
+        DeleteVolumeRequest, TransferRef, TransferState, UnpublishVolumeRequest,
+        transfers_client::TransfersClient,
+    },
+    dm::kernel::DeviceMapper,
 };
 use serde_json::{Value, json};
 
@@ -56,47 +59,58 @@ pub(crate) async fn measure(params: &Params) -> BenchResult<(Value, String)> {
     // one at a time (a moved volume is deleted before the next sample).
     let a_pool = format!("{}M", 2 * params.chain_reps as u64 * params.chain_mib + 512);
     let pool = format!("{}M", 2 * params.chain_mib + 512);
-    let a = Agent::start_as(
-        &params.agent,
+    let a = start_logged(
+        params,
         &a_pool,
         A_PREFIX,
-        logged(params, source_flags(A_PORT, A_NQN, A_HOST_ID)),
+        source_flags(A_PORT, A_NQN, A_HOST_ID),
     )
     .await?;
-    let b = Agent::start_as(
-        &params.agent,
+    let b = start_logged(
+        params,
         &pool,
         B_PREFIX,
-        logged(params, source_flags(B_PORT, B_NQN, B_HOST_ID)),
+        source_flags(B_PORT, B_NQN, B_HOST_ID),
     )
     .await?;
-    let c = Agent::start_as(
-        &params.agent,
-        &pool,
-        C_PREFIX,
-        logged(params, host_flags(C_NQN, C_HOST_ID)),
-    )
-    .await?;
+    let c = start_logged(params, &pool, C_PREFIX, host_flags(C_NQN, C_HOST_ID)).await?;
     let measured = measure_moves(params, size, [&a, &b, &c]).await;
-    for agent in [&a, &b, &c] {
+    wind_up("chain", params, &dm, vec![a, b, c], measured).await
+}
+
+/// An agent of a part with several, logging at `--agent-log-level`.
+pub(super) async fn start_logged(
+    params: &Params,
+    pool: &str,
+    prefix: &'static str,
+    mut flags: Vec<String>,
+) -> BenchResult<Agent> {
+    flags.extend(["--log-level".to_owned(), params.agent_log_level.clone()]);
+    Agent::start_as(&params.agent, pool, prefix, flags).await
+}
+
+/// Keeps the agents' logs beside the results, then removes them, the last
+/// started first; a failed measurement says why before what its end left
+/// behind.
+pub(super) async fn wind_up<T>(
+    part: &str,
+    params: &Params,
+    dm: &DeviceMapper,
+    agents: Vec<Agent>,
+    measured: BenchResult<T>,
+) -> BenchResult<T> {
+    for agent in &agents {
         if let Err(err) = agent.keep_log(&params.results) {
-            eprintln!("chain: the agent's log was not kept: {err}");
+            eprintln!("{part}: the agent's log was not kept: {err}");
         }
     }
-    // A failed measurement says why before what its end left behind.
-    let removed = [
-        c.remove(&dm).await,
-        b.remove(&dm).await,
-        a.remove(&dm).await,
-    ];
+    let mut removed = Vec::new();
+    for agent in agents.into_iter().rev() {
+        removed.push(agent.remove(dm).await);
+    }
     let report = measured?;
     removed.into_iter().collect::<BenchResult<Vec<()>>>()?;
     Ok(report)
-}
-
-pub(super) fn logged(params: &Params, mut flags: Vec<String>) -> Vec<String> {
-    flags.extend(["--log-level".to_owned(), params.agent_log_level.clone()]);
-    flags
 }
 
 fn volume_of(sample: usize) -> String {

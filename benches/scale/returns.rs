@@ -26,7 +26,9 @@ use serde_json::{Value, json};
 
 use super::{
     Agent, Params,
-    chain::{delete_when_released, logged, released, state_of, unpublish, wait_done},
+    chain::{
+        delete_when_released, released, start_logged, state_of, unpublish, wait_done, wind_up,
+    },
     common::{self, BenchResult, open_direct, stats_json},
     preflight, summary,
     usable::{Route, create, source_flags, start},
@@ -59,25 +61,16 @@ pub(crate) async fn measure(params: &Params) -> BenchResult<(Value, String)> {
     let pool = format!("{}M", 2 * params.returns_mib + 512);
     let mut a_flags = source_flags(A_PORT, A_NQN, A_HOST_ID);
     a_flags.extend(["--transfer-keep-source-copy-seconds", "3600"].map(str::to_owned));
-    let a = Agent::start_as(&params.agent, &pool, A_PREFIX, logged(params, a_flags)).await?;
-    let b = Agent::start_as(
-        &params.agent,
+    let a = start_logged(params, &pool, A_PREFIX, a_flags).await?;
+    let b = start_logged(
+        params,
         &pool,
         B_PREFIX,
-        logged(params, source_flags(B_PORT, B_NQN, B_HOST_ID)),
+        source_flags(B_PORT, B_NQN, B_HOST_ID),
     )
     .await?;
     let measured = measure_trips(params, size, [&a, &b]).await;
-    for agent in [&a, &b] {
-        if let Err(err) = agent.keep_log(&params.results) {
-            eprintln!("returns: the agent's log was not kept: {err}");
-        }
-    }
-    // A failed measurement says why before what its end left behind.
-    let removed = [b.remove(&dm).await, a.remove(&dm).await];
-    let report = measured?;
-    removed.into_iter().collect::<BenchResult<Vec<()>>>()?;
-    Ok(report)
+    wind_up("returns", params, &dm, vec![a, b], measured).await
 }
 
 /// One sample's figures.

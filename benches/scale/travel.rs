@@ -36,7 +36,7 @@ use serde_json::{Value, json};
 
 use super::{
     Agent, Params,
-    chain::{logged, released, state_of, unpublish, wait_done},
+    chain::{released, start_logged, state_of, unpublish, wait_done, wind_up},
     common::{self, BenchResult, open_direct, stats_json},
     preflight, summary,
     usable::{Route, create, source_flags, start},
@@ -70,30 +70,22 @@ pub(crate) async fn measure(params: &Params) -> BenchResult<(Value, String)> {
     // snapshot, and on B the volume read from one, is promised the
     // volume's size (the pool files are sparse).
     let pool = format!("{}M", (SNAPSHOTS as u64 + 3) * params.travel_mib + 512);
-    let a = Agent::start_as(
-        &params.agent,
+    let a = start_logged(
+        params,
         &pool,
         A_PREFIX,
-        logged(params, source_flags(A_PORT, A_NQN, A_HOST_ID)),
+        source_flags(A_PORT, A_NQN, A_HOST_ID),
     )
     .await?;
-    let b = Agent::start_as(
-        &params.agent,
+    let b = start_logged(
+        params,
         &pool,
         B_PREFIX,
-        logged(params, source_flags(B_PORT, B_NQN, B_HOST_ID)),
+        source_flags(B_PORT, B_NQN, B_HOST_ID),
     )
     .await?;
     let measured = measure_samples(params, size, [&a, &b]).await;
-    for agent in [&a, &b] {
-        if let Err(err) = agent.keep_log(&params.results) {
-            eprintln!("travel: the agent's log was not kept: {err}");
-        }
-    }
-    let removed = [b.remove(&dm).await, a.remove(&dm).await];
-    let report = measured?;
-    removed.into_iter().collect::<BenchResult<Vec<()>>>()?;
-    Ok(report)
+    wind_up("travel", params, &dm, vec![a, b], measured).await
 }
 
 /// One sample's figures.
