@@ -268,8 +268,27 @@ pub struct ArrivedFrom {
     /// made along.
     pub era: u64,
     /// The byte ranges written to make this snapshot and those it was made
-    /// from, in order and merged.
+    /// from, in order and merged. Stored as `[start, end]` pairs: a
+    /// record may hold thousands.
+    #[serde(with = "range_pairs")]
     pub differs: Vec<Range<u64>>,
+}
+
+/// Ranges as `[start, end]` pairs, half the size of serde's own form.
+mod range_pairs {
+    use std::ops::Range;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(ranges: &[Range<u64>], to: S) -> Result<S::Ok, S::Error> {
+        let pairs: Vec<[u64; 2]> = ranges.iter().map(|r| [r.start, r.end]).collect();
+        pairs.serialize(to)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(from: D) -> Result<Vec<Range<u64>>, D::Error> {
+        let pairs = Vec::<[u64; 2]>::deserialize(from)?;
+        Ok(pairs.into_iter().map(|[start, end]| start..end).collect())
+    }
 }
 
 impl Record for SnapshotRecord {
@@ -1035,6 +1054,43 @@ mod tests {
         assert_eq!(
             decode::<VolumeRecord>(Path::new("x"), text.as_bytes()).unwrap(),
             r
+        );
+    }
+
+    #[test]
+    fn where_a_snapshot_that_arrived_differs_is_kept_as_pairs() {
+        let snapshot = SnapshotRecord {
+            id: SnapshotId::parse("10000000-0000-4000-8000-000000000001").unwrap(),
+            volume_id: VolumeId::parse(A).unwrap(),
+            thin_id: ThinId(4),
+            size_bytes: 1 << 20,
+            created_unix: 1,
+            pending: None,
+            era: None,
+            arrived_from: Some(ArrivedFrom {
+                era: (7 << 32) | 2,
+                differs: vec![0..4096, 65536..131072],
+            }),
+        };
+        let text = String::from_utf8(encode(&snapshot).unwrap()).unwrap();
+        assert!(
+            text.contains(r#""differs":[[0,4096],[65536,131072]]"#),
+            "{text}"
+        );
+        assert_eq!(
+            decode::<SnapshotRecord>(Path::new("x"), text.as_bytes()).unwrap(),
+            snapshot
+        );
+        // Records from before arrived snapshots kept anything read as none.
+        let older = text.replace(
+            &text[text.find(r#","arrived_from""#).unwrap()..text.len() - 1],
+            "",
+        );
+        assert_eq!(
+            decode::<SnapshotRecord>(Path::new("x"), older.as_bytes())
+                .unwrap()
+                .arrived_from,
+            None
         );
     }
 }
