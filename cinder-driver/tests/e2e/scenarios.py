@@ -857,11 +857,16 @@ class DMCloneDriverE2E(DriverE2ETestCase):
         self.delete_volume(volume)
 
     def test_3_live_migration_defers_then_commits(self):
+        """Live migration hv2 -> hv1 of an attached volume with a
+        snapshot: deferred until the source lets go, then committed; the
+        snapshot follows once the volume arrived, only where it differs
+        from the volume crossing (what either host wrote after it)."""
         volume = self.create_volume('hv2')
         hv1, hv2 = self.hv['hv1'], self.hv['hv2']
         instance = str(uuid.uuid4())
         source, source_path = self.attach_locally(volume, 'hv2', instance)
         blockdev.write_pattern(source_path, 3, OFFSETS)
+        snapshot = self.create_snapshot(volume)
 
         # pre_live_migration on hv1: the same instance attaches there
         # while its hv2 attachment is still attached.
@@ -895,11 +900,20 @@ class DMCloneDriverE2E(DriverE2ETestCase):
         self.assertFalse(os.path.exists(source_path))
         self.assertEqual('hv1', self.pool_of(volume))
         transfer, took = self.wait_transfer(hv1, volume.name_id)
-        say(f'live migration hv2 -> hv1 committed, hydrated in {took:.1f} s')
+        received = transfer['snapshot_bytes_received']
+        say(
+            f'live migration hv2 -> hv1 committed, hydrated in {took:.1f} s; '
+            f'{received} bytes of the snapshot received'
+        )
+        self.assert_snapshot_moved(transfer, snapshot, hv2, hv1)
+        # The MiB hv2 wrote while exported, and the one hv1 wrote.
+        self.assertEqual(2 * MIB, received, transfer)
         self.assertIsNone(hv2.volume(volume.name_id), 'hv2 kept its copy')
         self.assert_no_export(volume)
         expected = self.layout(3, {OFFSETS[1]: 4, MIDDLE: 5})
         self.assert_data(path, expected)
+        self.driver.delete_snapshot(self.reload_snapshot(snapshot))
+        self.assertNotIn(snapshot.id, self.snapshot_ids(hv1))
 
         self.detach(target)
         self.assertFalse(os.path.exists(path))
