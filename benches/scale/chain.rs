@@ -59,20 +59,8 @@ pub(crate) async fn measure(params: &Params) -> BenchResult<(Value, String)> {
     // one at a time (a moved volume is deleted before the next sample).
     let a_pool = format!("{}M", 2 * params.chain_reps as u64 * params.chain_mib + 512);
     let pool = format!("{}M", 2 * params.chain_mib + 512);
-    let a = start_logged(
-        params,
-        &a_pool,
-        A_PREFIX,
-        source_flags(A_PORT, A_NQN, A_HOST_ID),
-    )
-    .await?;
-    let b = start_logged(
-        params,
-        &pool,
-        B_PREFIX,
-        source_flags(B_PORT, B_NQN, B_HOST_ID),
-    )
-    .await?;
+    let a = start_source(params, &a_pool, A_PREFIX, [A_PORT, A_NQN, A_HOST_ID]).await?;
+    let b = start_source(params, &pool, B_PREFIX, [B_PORT, B_NQN, B_HOST_ID]).await?;
     let c = start_logged(params, &pool, C_PREFIX, host_flags(C_NQN, C_HOST_ID)).await?;
     let measured = measure_moves(params, size, [&a, &b, &c]).await;
     wind_up("chain", params, &dm, vec![a, b, c], measured).await
@@ -87,6 +75,17 @@ pub(super) async fn start_logged(
 ) -> BenchResult<Agent> {
     flags.extend(["--log-level".to_owned(), params.agent_log_level.clone()]);
     Agent::start_as(&params.agent, pool, prefix, flags).await
+}
+
+/// An agent of a part with several that exports over NVMe/TCP loopback
+/// on `port`, with its own host NQN and id.
+pub(super) async fn start_source(
+    params: &Params,
+    pool: &str,
+    prefix: &'static str,
+    [port, nqn, host_id]: [&str; 3],
+) -> BenchResult<Agent> {
+    start_logged(params, pool, prefix, source_flags(port, nqn, host_id)).await
 }
 
 /// Keeps the agents' logs beside the results, then removes them, the last

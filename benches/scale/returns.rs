@@ -27,7 +27,8 @@ use serde_json::{Value, json};
 use super::{
     Agent, Params,
     chain::{
-        delete_when_released, released, start_logged, state_of, unpublish, wait_done, wind_up,
+        delete_when_released, released, start_logged, start_source, state_of, unpublish, wait_done,
+        wind_up,
     },
     common::{self, BenchResult, open_direct, stats_json},
     preflight, summary,
@@ -62,13 +63,7 @@ pub(crate) async fn measure(params: &Params) -> BenchResult<(Value, String)> {
     let mut a_flags = source_flags(A_PORT, A_NQN, A_HOST_ID);
     a_flags.extend(["--transfer-keep-source-copy-seconds", "3600"].map(str::to_owned));
     let a = start_logged(params, &pool, A_PREFIX, a_flags).await?;
-    let b = start_logged(
-        params,
-        &pool,
-        B_PREFIX,
-        source_flags(B_PORT, B_NQN, B_HOST_ID),
-    )
-    .await?;
+    let b = start_source(params, &pool, B_PREFIX, [B_PORT, B_NQN, B_HOST_ID]).await?;
     let measured = measure_trips(params, size, [&a, &b]).await;
     wind_up("returns", params, &dm, vec![a, b], measured).await
 }

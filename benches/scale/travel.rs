@@ -36,10 +36,10 @@ use serde_json::{Value, json};
 
 use super::{
     Agent, Params,
-    chain::{released, start_logged, state_of, unpublish, wait_done, wind_up},
+    chain::{released, start_source, state_of, unpublish, wait_done, wind_up},
     common::{self, BenchResult, open_direct, stats_json},
     preflight, summary,
-    usable::{Route, create, source_flags, start},
+    usable::{Route, create, start},
 };
 
 const A_PREFIX: &str = "dmbenchta";
@@ -70,20 +70,8 @@ pub(crate) async fn measure(params: &Params) -> BenchResult<(Value, String)> {
     // snapshot, and on B the volume read from one, is promised the
     // volume's size (the pool files are sparse).
     let pool = format!("{}M", (SNAPSHOTS as u64 + 3) * params.travel_mib + 512);
-    let a = start_logged(
-        params,
-        &pool,
-        A_PREFIX,
-        source_flags(A_PORT, A_NQN, A_HOST_ID),
-    )
-    .await?;
-    let b = start_logged(
-        params,
-        &pool,
-        B_PREFIX,
-        source_flags(B_PORT, B_NQN, B_HOST_ID),
-    )
-    .await?;
+    let a = start_source(params, &pool, A_PREFIX, [A_PORT, A_NQN, A_HOST_ID]).await?;
+    let b = start_source(params, &pool, B_PREFIX, [B_PORT, B_NQN, B_HOST_ID]).await?;
     let measured = measure_samples(params, size, [&a, &b]).await;
     wind_up("travel", params, &dm, vec![a, b], measured).await
 }
