@@ -236,6 +236,10 @@ pub(super) async fn delete_when_released(
 ) -> BenchResult<()> {
     released(agent, transfer).await?;
     unpublish(agent, volume).await?;
+    delete_volume(agent, volume).await
+}
+
+pub(super) async fn delete_volume(agent: &Agent, volume: &str) -> BenchResult<()> {
     agent
         .client()
         .await?

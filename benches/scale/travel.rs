@@ -26,9 +26,8 @@ use std::{
 use dmclone::{
     aligned::AlignedBuf,
     api::proto::v1::{
-        CreateSnapshotRequest, CreateVolumeRequest, DeleteSnapshotRequest, DeleteVolumeRequest,
-        GetNodeInfoRequest, PublishVolumeRequest, node_client::NodeClient,
-        snapshots_client::SnapshotsClient,
+        CreateSnapshotRequest, CreateVolumeRequest, DeleteSnapshotRequest, GetNodeInfoRequest,
+        PublishVolumeRequest, node_client::NodeClient, snapshots_client::SnapshotsClient,
     },
     config::{DEFAULT_BLOCK_SIZE, DEFAULT_REGION_BYTES},
 };
@@ -36,7 +35,7 @@ use serde_json::{Value, json};
 
 use super::{
     Agent, Params,
-    chain::{released, start_source, state_of, unpublish, wait_done, wind_up},
+    chain::{delete_volume, released, start_source, state_of, unpublish, wait_done, wind_up},
     common::{self, BenchResult, open_direct, stats_json},
     preflight, summary,
     usable::{Route, create, start},
@@ -244,17 +243,6 @@ async fn delete_snapshot(agent: &Agent, snapshot: &str) -> BenchResult<()> {
     SnapshotsClient::new(agent.channel().await?)
         .delete_snapshot(DeleteSnapshotRequest {
             snapshot_id: snapshot.into(),
-        })
-        .await?;
-    Ok(())
-}
-
-async fn delete_volume(agent: &Agent, volume: &str) -> BenchResult<()> {
-    agent
-        .client()
-        .await?
-        .delete_volume(DeleteVolumeRequest {
-            volume_id: volume.into(),
         })
         .await?;
     Ok(())
