@@ -23,7 +23,7 @@ use crate::{
     nvme::Nqn,
     refusal::Refusal,
     snapshot::Snapshots,
-    store::{Pending, SnapshotRecord, VolumeRecord},
+    store::{ArrivedFrom, Pending, SnapshotRecord, VolumeRecord},
     transfer::{
         release::{DeltaAsk, DeltaChunk, DeltaChunks, TravellingSnapshot},
         token::ReleaseToken,
@@ -219,27 +219,21 @@ impl Exports {
     }
 }
 
-/// Where snapshots may differ from their volume: what the volume had
-/// written to it since `era` (as callers see eras), and `differs`.
-#[derive(Debug, PartialEq)]
-struct KnownDifferences {
-    era: u64,
-    differs: Vec<Range<u64>>,
-}
-
 /// Where `snapshot` and `against` may differ from the volume (and so from
-/// each other), when the history the export `ended` reaches back to both.
+/// each other), when the history the export `ended` reaches back to both:
+/// what the volume had written to it since the older era, and the ranges
+/// either was written at.
 fn known_differences(
     snapshot: &SnapshotRecord,
     against: Option<&SnapshotRecord>,
     ended: Option<u32>,
-) -> Option<KnownDifferences> {
-    let mut known: Option<KnownDifferences> = None;
+) -> Option<ArrivedFrom> {
+    let mut known: Option<ArrivedFrom> = None;
     for one in std::iter::once(snapshot).chain(against) {
         let mine = differences_from_volume(one).filter(|k| ended == Some((k.era >> 32) as u32))?;
         known = Some(match known {
             None => mine,
-            Some(other) => KnownDifferences {
+            Some(other) => ArrivedFrom {
                 era: other.era.min(mine.era),
                 differs: other.differs.into_iter().chain(mine.differs).collect(),
             },
@@ -249,19 +243,14 @@ fn known_differences(
 }
 
 /// A snapshot taken here differs from its volume where the volume was
-/// written since; one made here by travel, also where it was written to
-/// make it.
-fn differences_from_volume(snapshot: &SnapshotRecord) -> Option<KnownDifferences> {
+/// written since its era; one made here by travel, as its record says.
+fn differences_from_volume(snapshot: &SnapshotRecord) -> Option<ArrivedFrom> {
     match (&snapshot.era, &snapshot.arrived_from) {
-        (Some(era), _) => Some(KnownDifferences {
+        (Some(era), _) => Some(ArrivedFrom {
             era: *era,
             differs: Vec::new(),
         }),
-        (None, Some(arrived)) => Some(KnownDifferences {
-            era: arrived.era,
-            differs: arrived.differs.clone(),
-        }),
-        (None, None) => None,
+        (None, arrived) => arrived.clone(),
     }
 }
 
@@ -508,8 +497,7 @@ mod tests {
             created_unix: 0,
             pending: None,
             era,
-            arrived_from: arrived_from
-                .map(|(era, differs)| crate::store::ArrivedFrom { era, differs }),
+            arrived_from: arrived_from.map(|(era, differs)| ArrivedFrom { era, differs }),
         }
     }
 
@@ -518,7 +506,7 @@ mod tests {
         let taken = snapshot(Some(HISTORY | 5), None);
         assert_eq!(
             known_differences(&taken, None, Some(7)),
-            Some(KnownDifferences {
+            Some(ArrivedFrom {
                 era: HISTORY | 5,
                 differs: vec![]
             })
@@ -534,7 +522,7 @@ mod tests {
         let taken = snapshot(Some(HISTORY | 9), None);
         assert_eq!(
             known_differences(&arrived, Some(&newer), Some(7)),
-            Some(KnownDifferences {
+            Some(ArrivedFrom {
                 era: HISTORY | 3,
                 differs: vec![0..4096, 8192..12288]
             })
@@ -542,7 +530,7 @@ mod tests {
         // Against a snapshot taken later: from the older era of the two.
         assert_eq!(
             known_differences(&arrived, Some(&taken), Some(7)),
-            Some(KnownDifferences {
+            Some(ArrivedFrom {
                 era: HISTORY | 3,
                 differs: vec![0..4096]
             })
