@@ -113,10 +113,17 @@ pub struct FioJob {
 /// Runs one fio job over the first `size` bytes of `path` and returns
 /// (bytes/s, IOPS) of its direction.
 pub fn fio(path: &Path, job: FioJob, size: u64) -> BenchResult<(f64, f64)> {
+    Ok(fio_in_turn(&[path], job, size)?[0])
+}
+
+/// Runs `job` on each path one after another in one fio process (each run
+/// waits for the one before it), and returns (bytes/s, IOPS) of each run in
+/// order. Runs compared with each other follow each other closely this way:
+/// under emulation a fio process takes seconds to start, and the guest's
+/// speed drifts in between.
+pub fn fio_in_turn(paths: &[&Path], job: FioJob, size: u64) -> BenchResult<Vec<(f64, f64)>> {
     let mut args = vec![
-        "--name=bench".to_owned(),
-        format!("--filename={}", path.display()),
-        "--ioengine=libaio".into(),
+        "--ioengine=libaio".to_owned(),
         "--direct=1".into(),
         "--iodepth=32".into(),
         format!("--size={size}"),
@@ -135,19 +142,35 @@ pub fn fio(path: &Path, job: FioJob, size: u64) -> BenchResult<(f64, f64)> {
             "--randrepeat=0".into(),
         ]);
     }
-    let direction = if job.rw.contains("write") {
-        "write"
-    } else {
-        "read"
-    };
+    for (index, path) in paths.iter().enumerate() {
+        args.extend([
+            format!("--name=bench{index}"),
+            format!("--filename={}", path.display()),
+            "--stonewall".into(),
+        ]);
+    }
     let stdout = run_tool("fio", &args)?;
     let start = stdout
         .find('{')
         .ok_or_else(|| format!("fio printed no JSON: {stdout}"))?;
     let report: Value = serde_json::from_str(&stdout[start..])
         .map_err(|err| format!("fio JSON: {err}: {stdout}"))?;
-    let side = &report["jobs"][0][direction];
-    let errors = report["jobs"][0]["error"].as_i64().unwrap_or(0);
+    paths
+        .iter()
+        .enumerate()
+        .map(|(index, path)| fio_figures(&report["jobs"][index], job, path))
+        .collect()
+}
+
+/// (bytes/s, IOPS) of one job of fio's JSON report.
+fn fio_figures(report: &Value, job: FioJob, path: &Path) -> BenchResult<(f64, f64)> {
+    let direction = if job.rw.contains("write") {
+        "write"
+    } else {
+        "read"
+    };
+    let side = &report[direction];
+    let errors = report["error"].as_i64().unwrap_or(0);
     if errors != 0 {
         return Err(format!("fio on {} reported error {errors}", path.display()).into());
     }
