@@ -67,6 +67,7 @@ mod report;
 mod blockdev;
 mod done_to_finalized;
 mod era_writes;
+mod hot_reads;
 mod params;
 mod pause;
 mod random_read;

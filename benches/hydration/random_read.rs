@@ -3,13 +3,20 @@
 use serde_json::{Value, json};
 
 use crate::{
-    common::{BenchResult, fio, stats, stats_json},
+    common::{BenchResult, fio, fio_in_turn, stats, stats_json},
+    hot_reads::{self, HotReads},
     params::{Knobs, Params},
     pause::Steps,
     report::Report,
     rig::Rig,
     tools::random_4k,
 };
+
+/// Runs after finalize per rep, each between two runs of the raw thin
+/// device (the one after a run is the one before the next), all in one fio
+/// process: with one pair per rep, each its own fio process, the per-run
+/// ratios spread more than the gap being measured.
+const AFTER_ROUNDS: usize = 6;
 
 pub(crate) async fn section_iops(
     rig: &mut Rig,
@@ -32,8 +39,8 @@ pub(crate) async fn section_iops(
     fio(&rig.dest_path(), random_4k("randread", 1), size)?;
     for rep in 0..params.reps {
         let mut steps = Steps::default();
-        let (_, iops) = fio(&rig.dest_path(), job, size)?;
-        raw_thin.push(iops);
+        let (_, thin_first) = fio(&rig.dest_path(), job, size)?;
+        raw_thin.push(thin_first);
         steps.mark("fio thin");
         let (_, iops) = fio(&rig.namespace.path, job, size)?;
         raw_ns.push(iops);
@@ -62,13 +69,22 @@ pub(crate) async fn section_iops(
         rig.wait_hydrated(started.seen).await?;
         steps.mark("rest of hydration");
         rig.finalize_beneath_era().await?;
-        let (_, thin_before) = fio(&rig.dest_path(), job, size)?;
-        let (_, iops) = fio(&public.mapper_path(), job, size)?;
-        let (_, thin_after) = fio(&rig.dest_path(), job, size)?;
-        after.push(iops);
-        raw_thin.extend([thin_before, thin_after]);
-        paired.push(iops * 2.0 / (thin_before + thin_after));
-        steps.mark("finalize + fio thin, after, thin");
+        let rep_pairs = paired.len();
+        let (thin_path, public_path) = (rig.dest_path(), public.mapper_path());
+        let mut order = vec![thin_path.as_path()];
+        for _ in 0..AFTER_ROUNDS {
+            order.extend([public_path.as_path(), thin_path.as_path()]);
+        }
+        let runs: Vec<f64> = fio_in_turn(&order, job, size)?
+            .into_iter()
+            .map(|(_, iops)| iops)
+            .collect();
+        raw_thin.extend(runs.iter().step_by(2));
+        for around in runs.windows(3).step_by(2) {
+            after.push(around[1]);
+            paired.push(around[1] * 2.0 / (around[0] + around[2]));
+        }
+        steps.mark("finalize + fio thin, then after and thin in turn");
         // What the next publish makes: dm-era straight over the thin device.
         rig.remove_era_above().await?;
         rig.dm.remove(&rig.public).await?;
@@ -82,19 +98,23 @@ pub(crate) async fn section_iops(
         raw_thin.push(iops);
         steps.mark("fio thin");
         eprintln!(
-            "[bench] iops run {}/{}: raw thin {:.0}, namespace {:.0}, era over clone during hydration {:.0} (hydrated {:.1}% -> {:.1}%), era over the thin id beneath after finalize {:.0} ({:.3}x the raw thin device around it), era over thin {:.0}; {}",
+            "[bench] iops run {}/{}: raw thin {:.0}, namespace {:.0}, era over clone during hydration {:.0} (hydrated {:.1}% -> {:.1}%), era over the thin id beneath after finalize {} ({}x the raw thin device around each), era over thin {:.0}; {}",
             rep + 1,
             params.reps,
-            raw_thin[raw_thin.len() - 4],
+            thin_first,
             raw_ns[rep],
             during[rep],
             before.hydrated_fraction() * 100.0,
             later.hydrated_fraction() * 100.0,
-            after[rep],
-            paired[rep],
+            joined(&after[rep_pairs..], 0),
+            joined(&paired[rep_pairs..], 3),
             collapsed[rep],
             steps.text
         );
+    }
+    let mut hot = HotReads::default();
+    for rep in 0..params.reps {
+        hot_reads::probe(rig, rep as u64, &mut hot).await?;
     }
     let thin = stats(&raw_thin).ok_or("no raw thin samples")?;
     out!(report);
@@ -158,6 +178,13 @@ pub(crate) async fn section_iops(
         (thin.min / thin.median - 1.0) * 100.0,
         (thin.max / thin.median - 1.0) * 100.0
     );
+    out!(
+        report,
+        "4 KiB O_DIRECT reads one at a time during hydration (agent's knobs, dm-era above the clone), a region not yet copied against one copied: while copying {}; copy paused {}; hydrated share before→after each copying probe: {}",
+        hot.copying.line(),
+        hot.paused.line(),
+        hot.progress_text()
+    );
     let ratio = |v: &[f64]| stats(v).map(|s| s.median / thin.median);
     Ok(json!({
         "fio": {"rw": "randread", "bs": 4096, "iodepth": 32, "ioengine": "libaio", "direct": true, "gtod_reduce": true, "seconds": params.fio_seconds},
@@ -173,5 +200,11 @@ pub(crate) async fn section_iops(
         "namespace_vs_raw_thin": ratio(&raw_ns),
         "hydrated_fraction_before_after": hydrated,
         "slow_knobs": Knobs::KERNEL_DEFAULTS.json(),
+        "reads_by_region_during_hydration": hot.json(),
     }))
+}
+
+fn joined(values: &[f64], decimals: usize) -> String {
+    let parts: Vec<String> = values.iter().map(|v| format!("{v:.decimals$}")).collect();
+    parts.join("/")
 }
