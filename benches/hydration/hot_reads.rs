@@ -125,9 +125,11 @@ pub(crate) async fn probe(rig: &mut Rig, rep: u64, into: &mut HotReads) -> Bench
     let limit = copied_regions_bound(rig.size);
     read_pairs(&path, rig.size, rep * 2, &mut into.copying)?;
     let after = rig.clone_status().await?;
-    // Copies in flight are not counted as hydrated yet: the whole
-    // threshold may be on its way beyond the count.
-    let reach = after.hydrated_regions + u64::from(after.hydration_threshold);
+    // Copies in flight are not counted as hydrated yet: the threshold and
+    // one more batch may be on their way beyond the count.
+    let reach = after.hydrated_regions
+        + u64::from(after.hydration_threshold)
+        + u64::from(after.hydration_batch_size);
     if reach > limit {
         return Err(format!(
             "the copy reached region {reach} of {} during the probe: reads meant for regions not yet copied may have found them copied",

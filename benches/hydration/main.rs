@@ -28,7 +28,9 @@
 //! 2. 4 KiB random-read IOPS through the public device during hydration (a
 //!    slow knob set) and after finalize (dm-era over the thin device, the
 //!    agent's stack for a change-tracking volume), each
-//!    against the raw thin device in the same run.
+//!    against the raw thin device in the same run; then one 4 KiB read at
+//!    a time of a region not yet copied in turn with one of a copied region
+//!    (hot_reads.rs: what steering the copy toward read regions could save).
 //! 3. The I/O pause of the finalize swap (the local dm-era table loaded
 //!    beside the clone, then suspend with flush, status check, resume, as the
 //!    agent does it; alternating with a variant that loads inside the pause)
