@@ -1946,15 +1946,37 @@ def _controllers_of(subsystem_nqn):
 
 def _disconnect_with_brick(brick, data, device):
     """os-brick's disconnect. Debian 12's nvme-cli (libnvme 1.3) may abort
-    after it has removed the controller (a lookup of the removed
-    controller, linux-nvme/libnvme#951): that is accepted only when the
-    controller is really gone."""
-    try:
-        brick.disconnect_volume(data, device)
-    except Exception as err:  # os-brick chains the command's failure
-        if _controllers_of(data['target_nqn']):
-            raise
-        say(f'nvme-cli failed after disconnecting (controller gone): {err}')
+    (SIGABRT) in its disconnect: after it has removed the controller (a
+    lookup of the removed controller, linux-nvme/libnvme#951), accepted
+    when the controller is really gone; or, rarely, before, when the
+    detach is tried once more, as a retried detach of nova's would."""
+    for attempt in (1, 2):
+        try:
+            brick.disconnect_volume(data, device)
+            return
+        except Exception as err:  # os-brick chains the command's failure
+            left = _controllers_of(data['target_nqn'])
+            if not left:
+                say(f'nvme-cli failed after disconnecting (gone): {err}')
+                return
+            if attempt == 2:
+                raise
+            say(
+                f'nvme-cli failed and left {left} connected '
+                f'({_states(left)}), trying the disconnect once more: {err}'
+            )
+
+
+def _states(controllers):
+    """Each controller's state, for a failure's message."""
+    states = []
+    for controller in controllers:
+        try:
+            with open(f'/sys/class/nvme/{controller}/state') as state:
+                states.append(f'{controller} {state.read().strip()}')
+        except OSError as err:
+            states.append(f'{controller} {err.strerror}')
+    return ', '.join(states)
 
 
 def _namespace_parents(controller):
