@@ -1044,6 +1044,7 @@ fn self_check() -> Result<(), String> {
     common::stats::self_check()?;
     returns::self_check()?;
     travel::self_check()?;
+    chain::self_check()?;
     // The changed-blocks workload: one write in each of 2,560 distinct,
     // non-adjacent era blocks of 10 GiB, so a correct answer is 2,560 whole
     // blocks, none merged.

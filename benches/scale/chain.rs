@@ -10,6 +10,11 @@
 //! samples alternate, single first. The ratio of the medians is the
 //! verdict: C holds every byte of a volume that was still arriving on B
 //! within 1.2x the time one move takes.
+//!
+//! The three "hosts" share the guest's CPUs, so each sample also records
+//! the guest's CPU time (from /proc/stat) and which share of all CPUs was
+//! busy: B's forwarding (its NVMe host and target) costs the CPUs C copies
+//! with, where separate hosts would each bring their own.
 
 use std::{
     fmt::Write as _,
@@ -131,16 +136,20 @@ async fn measure_moves(
     }
     let (to_b, b_to_c) = (Route::new(a, b, B_NQN), Route::new(b, c, C_NQN));
     let (mut single, mut chained, mut onward) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut single_cpu, mut chain_cpu) = (CpuUse::default(), CpuUse::default());
     for rep in 0..reps {
         let sample = 2 * rep;
         let began = Instant::now();
+        let ticks = cpu_ticks()?;
         begin(&to_b, sample, 1, size).await?;
         wait_done(b, &transfer_of(sample, 1)).await?;
         single.push(began.elapsed().as_secs_f64());
+        single_cpu.add(ticks, cpu_ticks()?, single[rep]);
         delete_when_released(b, &transfer_of(sample, 1), &volume_of(sample)).await?;
 
         let sample = 2 * rep + 1;
         let began = Instant::now();
+        let ticks = cpu_ticks()?;
         begin(&to_b, sample, 1, size).await?;
         let onward_began = Instant::now();
         begin(&b_to_c, sample, 2, size).await?;
@@ -150,13 +159,18 @@ async fn measure_moves(
         unpublish(b, &volume_of(sample)).await?;
         wait_done(c, &transfer_of(sample, 2)).await?;
         chained.push(began.elapsed().as_secs_f64());
+        chain_cpu.add(ticks, cpu_ticks()?, chained[rep]);
         delete_when_released(c, &transfer_of(sample, 2), &volume_of(sample)).await?;
         // B let go of A too (it passed on, or finished first and released).
         let passed = released(b, &transfer_of(sample, 1)).await?;
         eprintln!(
-            "chain: rep {rep}: single {:.2} s, chain {:.2} s of which the start on C {:.2} s (B's own transfer {:?}{})",
+            "chain: rep {rep}: single {:.2} s ({:.2} CPU-s, {:.0} % busy), chain {:.2} s ({:.2} CPU-s, {:.0} % busy) of which the start on C {:.2} s (B's own transfer {:?}{})",
             single[rep],
+            single_cpu.seconds[rep],
+            100.0 * single_cpu.busy[rep],
             chained[rep],
+            chain_cpu.seconds[rep],
+            100.0 * chain_cpu.busy[rep],
             onward[rep],
             passed.state(),
             if passed.passed_on_to.is_empty() {
@@ -168,18 +182,27 @@ async fn measure_moves(
     }
     let (single_s, chain_s, onward_s) = (summary(&single)?, summary(&chained)?, summary(&onward)?);
     let ratio = chain_s.median / single_s.median;
+    let (single_work, chain_work) = (summary(&single_cpu.seconds)?, summary(&chain_cpu.seconds)?);
+    let (single_busy, chain_busy) = (summary(&single_cpu.busy)?, summary(&chain_cpu.busy)?);
     let mut text = String::new();
     writeln!(
         text,
         "chain A->B->C: a {} MiB volume, written, moved on from B while B still copies it; \
          time until C is done {:.2} s against a single move's {:.2} s (medians of {reps}) = \
          {ratio:.2}x (target <= {TARGET}x) {}; the start on C (B's export, C's connect) took \
-         {:.2} s of the chain's time",
+         {:.2} s of the chain's time; the guest's CPU time {:.2} s against {:.2} s = {:.2}x, \
+         its {} CPUs {:.0} % and {:.0} % busy",
         params.chain_mib,
         chain_s.median,
         single_s.median,
         if ratio <= TARGET { "pass" } else { "MISSED" },
-        onward_s.median
+        onward_s.median,
+        chain_work.median,
+        single_work.median,
+        chain_work.median / single_work.median,
+        cpu_count(),
+        100.0 * chain_busy.median,
+        100.0 * single_busy.median,
     )?;
     let report = json!({
         "volume_mib": params.chain_mib,
@@ -189,8 +212,68 @@ async fn measure_moves(
         "onward_start_s": stats_json(&onward),
         "chain_vs_single": ratio,
         "target": TARGET,
+        "cpus": cpu_count(),
+        "single_cpu_s": stats_json(&single_cpu.seconds),
+        "chain_cpu_s": stats_json(&chain_cpu.seconds),
+        "single_busy": stats_json(&single_cpu.busy),
+        "chain_busy": stats_json(&chain_cpu.busy),
+        "cpu_vs_single": chain_work.median / single_work.median,
     });
     Ok((report, text))
+}
+
+/// The guest's CPU time so far (the first line of /proc/stat).
+fn cpu_ticks() -> BenchResult<CpuTicks> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    Ok(parse_cpu_line(stat.lines().next().unwrap_or_default())?)
+}
+
+/// Busy and all clock ticks of all CPUs from /proc/stat's `cpu` line.
+fn parse_cpu_line(line: &str) -> Result<CpuTicks, String> {
+    let ticks = line
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .map(str::parse)
+        .collect::<Result<Vec<u64>, _>>()
+        .map_err(|err| format!("/proc/stat's cpu line {line:?}: {err}"))?;
+    let [user, nice, system, idle, iowait, irq, softirq, steal] = ticks[..] else {
+        return Err(format!("/proc/stat's cpu line is short: {line:?}"));
+    };
+    let busy = user + nice + system + irq + softirq + steal;
+    Ok(CpuTicks {
+        busy,
+        all: busy + idle + iowait,
+    })
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct CpuTicks {
+    busy: u64,
+    all: u64,
+}
+
+fn cpu_count() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
+}
+
+/// Per sample: the guest's busy CPU time in seconds and the busy share of
+/// all its CPUs.
+#[derive(Debug, Default)]
+struct CpuUse {
+    seconds: Vec<f64>,
+    busy: Vec<f64>,
+}
+
+impl CpuUse {
+    /// A sample of `elapsed` seconds between `before` and `after`: all
+    /// CPUs' ticks over it stand for `elapsed` seconds of each CPU.
+    fn add(&mut self, before: CpuTicks, after: CpuTicks, elapsed: f64) {
+        let all = after.all.saturating_sub(before.all).max(1) as f64;
+        let share = after.busy.saturating_sub(before.busy) as f64 / all;
+        self.busy.push(share);
+        self.seconds.push(share * elapsed * cpu_count() as f64);
+    }
 }
 
 pub(super) async fn state_of(
@@ -289,5 +372,37 @@ async fn begin(route: &Route, sample: usize, hop: u8, size: u64) -> BenchResult<
         false,
     )
     .await?;
+    Ok(())
+}
+
+/// The CPU accounting's arithmetic, checked without a kernel.
+pub(super) fn self_check() -> Result<(), String> {
+    // Guest (and guest_nice) come after steal and are counted in user.
+    let ticks = parse_cpu_line("cpu  100 5 50 800 20 3 2 1 7 0")?;
+    if ticks
+        != (CpuTicks {
+            busy: 161,
+            all: 981,
+        })
+    {
+        return Err(format!("/proc/stat parsed as {ticks:?}"));
+    }
+    if parse_cpu_line("cpu  1 2 3").is_ok() || parse_cpu_line("").is_ok() {
+        return Err("a short /proc/stat cpu line was accepted".into());
+    }
+    let mut used = CpuUse::default();
+    let before = CpuTicks { busy: 0, all: 0 };
+    used.add(
+        before,
+        CpuTicks {
+            busy: 150,
+            all: 200,
+        },
+        2.0,
+    );
+    let cpus = cpu_count() as f64;
+    if used.busy != [0.75] || (used.seconds[0] - 1.5 * cpus).abs() > 1e-9 {
+        return Err(format!("CPU use of a sample: {used:?}"));
+    }
     Ok(())
 }
