@@ -1946,10 +1946,10 @@ def _controllers_of(subsystem_nqn):
 
 def _disconnect_with_brick(brick, data, device):
     """os-brick's disconnect. Debian 12's nvme-cli (libnvme 1.3) may abort
-    (SIGABRT) in its disconnect: after it has removed the controller (a
-    lookup of the removed controller, linux-nvme/libnvme#951), accepted
-    when the controller is really gone; or, rarely, before, when the
-    detach is tried once more, as a retried detach of nova's would."""
+    (SIGABRT) in its disconnect: mostly after it has removed the controller
+    (a lookup of the removed controller, linux-nvme/libnvme#951), accepted
+    once the controller is really gone; rarely before, when the disconnect
+    is tried once more, as a detach nova retries would be."""
     for attempt in (1, 2):
         try:
             brick.disconnect_volume(data, device)
