@@ -649,12 +649,43 @@ impl Transfers {
 
     /// Makes the arriving stack: the clone over the source, and dm-era
     /// above it when the transfer has it (its history starts at once).
+    /// A return trip that hydrates at once asks its source what changed
+    /// while the devices are made: the answer is used only once the clone
+    /// exists, and nothing writes the source any more (a deferred start,
+    /// whose source still runs the instance, asks at its commit).
     async fn build_new_stack(
         &self,
         volume: &mut VolumeRecord,
         transfer: &mut TransferRecord,
         source: DevRef,
         hydrate: bool,
+    ) -> Result<(), AgentError> {
+        let making = &*transfer;
+        let asking = async {
+            match self.what_changed_ask(making).filter(|_| hydrate) {
+                Some(ask) => Some(self.claim_asking(making, Some(ask)).await),
+                None => None,
+            }
+        };
+        // Asked first, so the question is out before the first device.
+        let (answer, built) = tokio::join!(asking, self.make_devices(volume, making, source));
+        built?;
+        if hydrate {
+            if let Some(answer) = answer {
+                self.skip_as_answered(transfer, answer).await?;
+            }
+            let clone = self.ctx.clone_device(transfer);
+            self.ctx.dm.message(&clone, 0, "enable_hydration").await?;
+        }
+        Ok(())
+    }
+
+    /// The arriving stack's devices, the clone not copying yet.
+    async fn make_devices(
+        &self,
+        volume: &mut VolumeRecord,
+        transfer: &TransferRecord,
+        source: DevRef,
     ) -> Result<(), AgentError> {
         self.ctx.pool.create_thin(volume.thin_id).await?;
         self.ctx.pool.create_thin(transfer.metadata_thin_id).await?;
@@ -696,10 +727,6 @@ impl Transfers {
             self.ctx
                 .begin_history(volume, &crate::changes::EraDevice::public(public))
                 .await?;
-        }
-        if hydrate {
-            self.skip_unchanged(transfer).await?;
-            self.ctx.dm.message(&clone, 0, "enable_hydration").await?;
         }
         Ok(())
     }

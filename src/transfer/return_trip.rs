@@ -14,7 +14,7 @@ use tracing::{info, warn};
 
 use super::{
     Source, StartRequest, Transfers,
-    release::{ReturnTripAsk, ReturnTripDelta},
+    release::{ReturnTripAsk, ReturnTripDelta, SourceAnswer},
 };
 use crate::{
     error::AgentError,
@@ -74,20 +74,41 @@ impl Transfers {
         &self,
         transfer: &mut TransferRecord,
     ) -> Result<(), AgentError> {
-        let Some(mut trip) = transfer.return_trip.clone() else {
+        let Some(ask) = self.what_changed_ask(transfer) else {
             return Ok(());
         };
+        let answer = self.claim_asking(transfer, Some(ask)).await;
+        self.skip_as_answered(transfer, answer).await
+    }
+
+    /// The question a return trip still has to ask its source (none once
+    /// answered, nor for any other move).
+    pub(super) fn what_changed_ask(&self, transfer: &TransferRecord) -> Option<ReturnTripAsk> {
+        let trip = transfer.return_trip.as_ref()?;
         if trip.skipped_bytes.is_some() {
-            return Ok(());
+            return None;
         }
-        let ask = ReturnTripAsk {
+        Some(ReturnTripAsk {
             origin: HistoryOrigin {
                 node_id: self.ctx.node_id.clone(),
                 history: trip.history,
             },
             region_bytes: transfer.region_bytes,
+        })
+    }
+
+    /// Discards what the source's `answer` to [`Self::what_changed_ask`]
+    /// says is unchanged, on the clone of `transfer`, which must exist; an
+    /// answer that is missing, failed or unusable copies everything.
+    pub(super) async fn skip_as_answered(
+        &self,
+        transfer: &mut TransferRecord,
+        answer: Result<SourceAnswer, AgentError>,
+    ) -> Result<(), AgentError> {
+        let Some(mut trip) = transfer.return_trip.clone() else {
+            return Ok(());
         };
-        let delta = match self.claim_asking(transfer, Some(ask)).await {
+        let delta = match answer {
             Ok(answer) => answer.return_trip.unwrap_or_else(|| {
                 ReturnTripDelta::WholeCopy("the source does not answer return trips".into())
             }),

@@ -107,6 +107,41 @@ async fn a_move_back_lands_on_the_warm_copy_and_discards_every_unchanged_region(
 }
 
 #[tokio::test]
+async fn a_return_trip_asks_what_changed_before_it_makes_its_devices() {
+    let host = keeping_host();
+    let (agent, id) = released(&host).await;
+    host.releases.answer();
+    host.releases
+        .answer_return_trips_with(ReturnTripDelta::Changed(vec![0..MIB]));
+    // The first device the start makes: had the question waited for the
+    // stack, it would never be asked.
+    host.kernel.fail_next(
+        "create",
+        &format!("dmt-cmeta-{id}"),
+        nix::errno::Errno::ENOSPC,
+    );
+
+    assert!(start_arriving(&host, &agent).await.is_err());
+
+    assert!(
+        host.releases
+            .claims()
+            .iter()
+            .any(|c| c.return_trip.is_some()),
+        "the source is asked while the stack is made"
+    );
+    assert!(
+        !host
+            .kernel
+            .journal()
+            .iter()
+            .any(|e| e.starts_with("discard ")),
+        "nothing is discarded without a clone"
+    );
+    assert!(agent.transfers.list_transfers().await.unwrap().is_empty());
+}
+
+#[tokio::test]
 async fn a_source_that_cannot_tell_what_changed_makes_a_full_copy_that_says_why() {
     let host = keeping_host();
     let (agent, id) = released(&host).await;
