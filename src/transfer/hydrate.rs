@@ -680,36 +680,22 @@ impl Transfers {
         Ok(())
     }
 
-    /// The arriving stack's devices, the clone not copying yet.
+    /// The arriving stack's devices, the clone not copying yet. The clone's
+    /// metadata and its destination are independent until the clone
+    /// joins them: they are made side by side.
     async fn make_devices(
         &self,
         volume: &mut VolumeRecord,
         transfer: &TransferRecord,
         source: DevRef,
     ) -> Result<(), AgentError> {
-        self.ctx.pool.create_thin(volume.thin_id).await?;
-        self.ctx.pool.create_thin(transfer.metadata_thin_id).await?;
-        let metadata = self.ctx.ensure_metadata_device(volume, transfer).await?;
-        // A fresh clone must start from zeroed metadata, or the kernel
-        // would adopt whatever an earlier user of these blocks left.
-        self.ctx
-            .dm
-            .zero_first_block(&self.ctx.metadata_name(volume))
-            .await?;
-        failpoint::hit("transfer.after_metadata");
-        let destination = self.ctx.ensure_thin_device(volume).await?;
-        if transfer.return_trip.is_some() && transfer.era_above {
-            // The copy's history ends here: dm-era formats its metadata
-            // afresh and a new history begins with the move.
-            self.ctx.ensure_era_metadata(volume).await?;
-            self.ctx
-                .dm
-                .zero_first_block(&self.ctx.naming.era_metadata(&volume.id))
-                .await?;
-        }
-        if !transfer.era_above {
-            self.ctx.format_era_metadata(volume, destination).await?;
-        }
+        // Both run to their end, so that a rollback finds no step still
+        // under way.
+        let (metadata, destination) = tokio::join!(
+            self.make_clone_metadata(volume, transfer),
+            self.make_destination(volume, transfer),
+        );
+        let (metadata, destination) = (metadata?, destination?);
         let devices = CloneDevices {
             metadata,
             destination,
@@ -729,6 +715,47 @@ impl Transfers {
                 .await?;
         }
         Ok(())
+    }
+
+    /// The clone's metadata device, zeroed: a fresh clone must start from
+    /// zeroed metadata, or the kernel would adopt whatever an earlier user
+    /// of these blocks left.
+    async fn make_clone_metadata(
+        &self,
+        volume: &VolumeRecord,
+        transfer: &TransferRecord,
+    ) -> Result<DevRef, AgentError> {
+        self.ctx.pool.create_thin(transfer.metadata_thin_id).await?;
+        let metadata = self.ctx.ensure_metadata_device(volume, transfer).await?;
+        self.ctx
+            .dm
+            .zero_first_block(&self.ctx.metadata_name(volume))
+            .await?;
+        failpoint::hit("transfer.after_metadata");
+        Ok(metadata)
+    }
+
+    /// The thin device the clone copies into, with its era metadata ready.
+    async fn make_destination(
+        &self,
+        volume: &VolumeRecord,
+        transfer: &TransferRecord,
+    ) -> Result<DevRef, AgentError> {
+        self.ctx.pool.create_thin(volume.thin_id).await?;
+        let destination = self.ctx.ensure_thin_device(volume).await?;
+        if transfer.return_trip.is_some() && transfer.era_above {
+            // The copy's history ends here: dm-era formats its metadata
+            // afresh and a new history begins with the move.
+            self.ctx.ensure_era_metadata(volume).await?;
+            self.ctx
+                .dm
+                .zero_first_block(&self.ctx.naming.era_metadata(&volume.id))
+                .await?;
+        }
+        if !transfer.era_above {
+            self.ctx.format_era_metadata(volume, destination).await?;
+        }
+        Ok(destination)
     }
 
     // ---- sources -------------------------------------------------------

@@ -357,6 +357,38 @@ async fn a_source_among_the_agents_own_devices_is_refused_untouched() {
     assert_eq!(host.devices(), devices, "nothing was made");
 }
 
+/// The clone's metadata and its destination are made side by side: when
+/// either fails, the start takes back what both made.
+#[tokio::test]
+async fn a_start_whose_device_fails_takes_back_what_it_made() {
+    let host = host();
+    let agent = host.start().await.unwrap();
+    let devices = host.devices();
+    let id = volume_id(1);
+    for failing in [format!("dmt-cmeta-{id}"), format!("dmt-thin-{id}")] {
+        host.kernel
+            .fail_next("create", &failing, nix::errno::Errno::ENOMEM);
+        let failed = agent.transfers.start_transfer(request(1, &id, false)).await;
+        assert!(failed.is_err(), "{failing}: {failed:?}");
+        assert!(
+            agent.transfers.list_transfers().await.unwrap().is_empty(),
+            "{failing}"
+        );
+        assert!(
+            agent.volumes.list_volumes(false).await.unwrap().is_empty(),
+            "{failing}"
+        );
+        assert!(host.kernel.thin_ids("dmt-pool").is_empty(), "{failing}");
+        assert_eq!(host.devices(), devices, "{failing}");
+    }
+    // Nothing of the failures stays in the way of the next start.
+    agent
+        .transfers
+        .start_transfer(request(1, &id, false))
+        .await
+        .unwrap();
+}
+
 #[tokio::test]
 async fn a_start_cut_anywhere_is_rolled_back_at_the_next_start() {
     for point in ["transfer.after_record", "transfer.after_metadata"] {

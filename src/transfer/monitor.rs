@@ -412,11 +412,17 @@ impl Transfers {
                 &crate::changes::EraDevice::public(public.clone()),
             )
             .await?;
-        self.ctx
-            .remove_device_if_present(&self.ctx.metadata_name(&volume))
-            .await?;
-        self.ctx.pool.delete_thin(transfer.metadata_thin_id).await?;
-        self.ctx.detach_source(&transfer.source).await;
+        // The clone's metadata goes while the source is let go: the two
+        // are independent, and the transfer is done only after both.
+        let metadata = self.ctx.metadata_name(&volume);
+        let (dropped, ()) = tokio::join!(
+            async {
+                self.ctx.remove_device_if_present(&metadata).await?;
+                self.ctx.pool.delete_thin(transfer.metadata_thin_id).await
+            },
+            self.ctx.detach_source(&transfer.source),
+        );
+        dropped?;
         transfer.phase = TransferPhase::Done;
         transfer.finished_unix = Some(crate::records::unix_now());
         if transfer.message.is_empty() {

@@ -139,6 +139,12 @@ async fn a_return_trip_asks_what_changed_before_it_makes_its_devices() {
         "nothing is discarded without a clone"
     );
     assert!(agent.transfers.list_transfers().await.unwrap().is_empty());
+    let left: Vec<_> = host
+        .devices()
+        .into_iter()
+        .filter(|d| d.contains(id.as_str()))
+        .collect();
+    assert!(left.is_empty(), "the start took back its devices: {left:?}");
 }
 
 #[tokio::test]
