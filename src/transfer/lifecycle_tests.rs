@@ -363,23 +363,13 @@ async fn a_source_among_the_agents_own_devices_is_refused_untouched() {
 async fn a_start_whose_device_fails_takes_back_what_it_made() {
     let host = host();
     let agent = host.start().await.unwrap();
-    let devices = host.devices();
     let id = volume_id(1);
     for failing in [format!("dmt-cmeta-{id}"), format!("dmt-thin-{id}")] {
         host.kernel
             .fail_next("create", &failing, nix::errno::Errno::ENOMEM);
         let failed = agent.transfers.start_transfer(request(1, &id, false)).await;
         assert!(failed.is_err(), "{failing}: {failed:?}");
-        assert!(
-            agent.transfers.list_transfers().await.unwrap().is_empty(),
-            "{failing}"
-        );
-        assert!(
-            agent.volumes.list_volumes(false).await.unwrap().is_empty(),
-            "{failing}"
-        );
-        assert!(host.kernel.thin_ids("dmt-pool").is_empty(), "{failing}");
-        assert_eq!(host.devices(), devices, "{failing}");
+        assert_nothing_left(&host, &agent, &failing).await;
     }
     // Nothing of the failures stays in the way of the next start.
     agent
@@ -403,22 +393,27 @@ async fn a_start_cut_anywhere_is_rolled_back_at_the_next_start() {
         })
         .await;
         let agent = host.restart(agent).await.unwrap();
-        assert!(
-            agent.transfers.list_transfers().await.unwrap().is_empty(),
-            "{point}"
-        );
-        assert!(
-            agent.volumes.list_volumes(false).await.unwrap().is_empty(),
-            "{point}"
-        );
-        assert!(host.kernel.thin_ids("dmt-pool").is_empty(), "{point}");
-        assert_eq!(
-            host.devices().len(),
-            3,
-            "{point}: only the pool's: {:?}",
-            host.devices()
-        );
+        assert_nothing_left(&host, &agent, point).await;
     }
+}
+
+/// No transfer, volume, thin id or device is left beside the pool's.
+async fn assert_nothing_left(host: &TestHost, agent: &crate::agent::Agent, after: &str) {
+    assert!(
+        agent.transfers.list_transfers().await.unwrap().is_empty(),
+        "{after}"
+    );
+    assert!(
+        agent.volumes.list_volumes(false).await.unwrap().is_empty(),
+        "{after}"
+    );
+    assert!(host.kernel.thin_ids("dmt-pool").is_empty(), "{after}");
+    assert_eq!(
+        host.devices().len(),
+        3,
+        "{after}: only the pool's: {:?}",
+        host.devices()
+    );
 }
 
 #[tokio::test]

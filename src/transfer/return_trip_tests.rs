@@ -12,6 +12,7 @@ use super::{
     warm_tests::{exported_for_move, keeping_host, released},
 };
 use crate::{
+    ids::VolumeId,
     store::HistoryOrigin,
     testing::{MIB, TestHost},
 };
@@ -24,19 +25,45 @@ fn journal_position(host: &TestHost, entry: &str) -> usize {
         .unwrap_or_else(|| panic!("no {entry:?} in {:#?}", host.kernel.journal()))
 }
 
-#[tokio::test]
-async fn a_move_back_lands_on_the_warm_copy_and_discards_every_unchanged_region() {
+/// A host keeping volume 1's warm copy, whose source answers return trips
+/// with `delta`.
+async fn returning_to(
+    delta: ReturnTripDelta,
+) -> (TestHost, std::sync::Arc<crate::agent::Agent>, VolumeId) {
     let host = keeping_host();
     let (agent, id) = released(&host).await;
+    host.releases.answer();
+    host.releases.answer_return_trips_with(delta);
+    (host, agent, id)
+}
+
+/// Whether the source was asked what changed.
+fn asked_what_changed(host: &TestHost) -> bool {
+    host.releases
+        .claims()
+        .iter()
+        .any(|c| c.return_trip.is_some())
+}
+
+/// How many discards the clone was sent.
+fn discards(host: &TestHost) -> usize {
+    host.kernel
+        .journal()
+        .iter()
+        .filter(|e| e.starts_with("discard "))
+        .count()
+}
+
+#[tokio::test]
+async fn a_move_back_lands_on_the_warm_copy_and_discards_every_unchanged_region() {
+    let (host, agent, id) = returning_to(ReturnTripDelta::Changed(vec![
+        MIB..2 * MIB,
+        5 * MIB..6 * MIB,
+    ]))
+    .await;
     let copy = agent.ctx.record(&id).await.unwrap().unwrap();
     let history = copy.tracking.as_ref().unwrap().history;
     let thin_ids = host.kernel.thin_ids("dmt-pool").len();
-    host.releases.answer();
-    host.releases
-        .answer_return_trips_with(ReturnTripDelta::Changed(vec![
-            MIB..2 * MIB,
-            5 * MIB..6 * MIB,
-        ]));
 
     let (_, transfer) = start_arriving(&host, &agent).await.unwrap();
 
@@ -97,22 +124,12 @@ async fn a_move_back_lands_on_the_warm_copy_and_discards_every_unchanged_region(
     // A pause and a resume copy on: nothing is asked or discarded again.
     agent.transfers.pause_transfer(&transfer).await.unwrap();
     agent.transfers.resume_transfer(&transfer).await.unwrap();
-    let discards = host
-        .kernel
-        .journal()
-        .iter()
-        .filter(|e| e.starts_with("discard "))
-        .count();
-    assert_eq!(discards, 1);
+    assert_eq!(discards(&host), 1);
 }
 
 #[tokio::test]
 async fn a_return_trip_asks_what_changed_before_it_makes_its_devices() {
-    let host = keeping_host();
-    let (agent, id) = released(&host).await;
-    host.releases.answer();
-    host.releases
-        .answer_return_trips_with(ReturnTripDelta::Changed(vec![0..MIB]));
+    let (host, agent, id) = returning_to(ReturnTripDelta::Changed(vec![0..MIB])).await;
     // The first device the start makes: had the question waited for the
     // stack, it would never be asked.
     host.kernel.fail_next(
@@ -124,20 +141,10 @@ async fn a_return_trip_asks_what_changed_before_it_makes_its_devices() {
     assert!(start_arriving(&host, &agent).await.is_err());
 
     assert!(
-        host.releases
-            .claims()
-            .iter()
-            .any(|c| c.return_trip.is_some()),
+        asked_what_changed(&host),
         "the source is asked while the stack is made"
     );
-    assert!(
-        !host
-            .kernel
-            .journal()
-            .iter()
-            .any(|e| e.starts_with("discard ")),
-        "nothing is discarded without a clone"
-    );
+    assert_eq!(discards(&host), 0, "nothing is discarded without a clone");
     assert!(agent.transfers.list_transfers().await.unwrap().is_empty());
     let left: Vec<_> = host
         .devices()
@@ -149,20 +156,10 @@ async fn a_return_trip_asks_what_changed_before_it_makes_its_devices() {
 
 #[tokio::test]
 async fn a_source_that_cannot_tell_what_changed_makes_a_full_copy_that_says_why() {
-    let host = keeping_host();
-    let (agent, id) = released(&host).await;
-    host.releases.answer();
-    host.releases
-        .answer_return_trips_with(ReturnTripDelta::WholeCopy("it was reverted".into()));
+    let (host, agent, id) =
+        returning_to(ReturnTripDelta::WholeCopy("it was reverted".into())).await;
     let (_, transfer) = start_arriving(&host, &agent).await.unwrap();
-    assert!(
-        !host
-            .kernel
-            .journal()
-            .iter()
-            .any(|e| e.starts_with("discard ")),
-        "nothing is marked held"
-    );
+    assert_eq!(discards(&host), 0, "nothing is marked held");
     let view = agent.transfers.get_transfer(&transfer).await.unwrap();
     assert_eq!((view.bytes_skipped, view.bytes_total), (0, 8 * MIB));
     assert_eq!(view.message, "full copy: it was reverted");
@@ -171,11 +168,7 @@ async fn a_source_that_cannot_tell_what_changed_makes_a_full_copy_that_says_why(
 
 #[tokio::test]
 async fn a_deferred_return_trip_asks_what_changed_at_its_commit() {
-    let host = keeping_host();
-    let (agent, id) = released(&host).await;
-    host.releases.answer();
-    host.releases
-        .answer_return_trips_with(ReturnTripDelta::Changed(vec![0..MIB]));
+    let (host, agent, id) = returning_to(ReturnTripDelta::Changed(vec![0..MIB])).await;
     let request = nvme_request(1, &id, "unix:/run/source-agent.sock");
     let transfer = request.transfer.clone();
     host.fabric.offer(SOURCE_SUBSYSTEM, 8 * MIB);
@@ -188,20 +181,11 @@ async fn a_deferred_return_trip_asks_what_changed_at_its_commit() {
         .await
         .unwrap();
     assert!(
-        !host
-            .releases
-            .claims()
-            .iter()
-            .any(|c| c.return_trip.is_some()),
+        !asked_what_changed(&host),
         "not asked while the source may still be written"
     );
     agent.transfers.commit_transfer(&transfer).await.unwrap();
-    assert!(
-        host.releases
-            .claims()
-            .iter()
-            .any(|c| c.return_trip.is_some())
-    );
+    assert!(asked_what_changed(&host));
     let discard = format!("discard dmt-lower-{id} {}..{}", MIB, 8 * MIB);
     assert!(
         host.kernel.journal().contains(&discard),
