@@ -662,9 +662,10 @@ impl Transfers {
     ) -> Result<(), AgentError> {
         let making = &*transfer;
         let asking = async {
-            match self.what_changed_ask(making).filter(|_| hydrate) {
-                Some(ask) => Some(self.claim_asking(making, Some(ask)).await),
-                None => None,
+            if hydrate {
+                self.ask_what_changed(making).await
+            } else {
+                None
             }
         };
         // Asked first, so the question is out before the first device.

@@ -74,16 +74,25 @@ impl Transfers {
         &self,
         transfer: &mut TransferRecord,
     ) -> Result<(), AgentError> {
-        let Some(ask) = self.what_changed_ask(transfer) else {
+        let Some(answer) = self.ask_what_changed(transfer).await else {
             return Ok(());
         };
-        let answer = self.claim_asking(transfer, Some(ask)).await;
         self.skip_as_answered(transfer, answer).await
+    }
+
+    /// Claims the source's export with the return trip's question, when
+    /// one is still to be asked, and returns the answer.
+    pub(super) async fn ask_what_changed(
+        &self,
+        transfer: &TransferRecord,
+    ) -> Option<Result<SourceAnswer, AgentError>> {
+        let ask = self.what_changed_ask(transfer)?;
+        Some(self.claim_asking(transfer, Some(ask)).await)
     }
 
     /// The question a return trip still has to ask its source (none once
     /// answered, nor for any other move).
-    pub(super) fn what_changed_ask(&self, transfer: &TransferRecord) -> Option<ReturnTripAsk> {
+    fn what_changed_ask(&self, transfer: &TransferRecord) -> Option<ReturnTripAsk> {
         let trip = transfer.return_trip.as_ref()?;
         if trip.skipped_bytes.is_some() {
             return None;
@@ -97,7 +106,7 @@ impl Transfers {
         })
     }
 
-    /// Discards what the source's `answer` to [`Self::what_changed_ask`]
+    /// Discards what the source's `answer` to [`Self::ask_what_changed`]
     /// says is unchanged, on the clone of `transfer`, which must exist; an
     /// answer that is missing, failed or unusable copies everything.
     pub(super) async fn skip_as_answered(
